@@ -1,0 +1,95 @@
+"""Command line: ``python -m pipeline {run,build,join,sample-data} ...``.
+
+Flags are generated from :data:`pipeline.config.KEYS`, so every flag is also a YAML key. Logging
+and the progress display are configured here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Sequence
+
+from . import progress
+from .config import KEYS, load_config
+from .errors import PipelineError
+
+__all__ = ["main"]
+
+log = logging.getLogger("pipeline")
+
+BOOL_KEYS = {"exclude_self", "overwrite"}
+
+
+def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", metavar="YAML", help="YAML file of keys (flags override it)")
+    for key, (_, _, _, help_text) in KEYS.items():
+        flag = "--" + key.replace("_", "-")
+        if key in BOOL_KEYS:
+            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif key == "input":
+            parser.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=help_text)
+        else:
+            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=help_text)
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Batch k-NN joins over Parquet embeddings with FAISS and Dask.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, help_text in (
+        ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
+        ("build", "build the index only, into --index-dir"),
+        ("join", "search the --input queries against an existing --index-dir"),
+    ):
+        _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
+    sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
+    sample.add_argument("directory")
+    sample.add_argument("--rows", type=int, default=50_000)
+    sample.add_argument("--dim", type=int, default=64)
+    sample.add_argument("--shards", type=int, default=4)
+    sample.add_argument("--seed", type=int, default=0)
+    sample.add_argument("-q", "--quiet", action="store_true")
+    sample.add_argument("-v", "--verbose", action="store_true")
+    return parser
+
+
+def _setup_logging(verbose: bool, quiet: bool) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    root = logging.getLogger("pipeline")
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    root.propagate = False
+    progress.configure(live=sys.stderr.isatty() and not quiet)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging(args.verbose, args.quiet)
+    try:
+        if args.command == "sample-data":
+            from .sample_data import clustered_vectors, write_shards
+
+            paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
+            log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
+            return 0
+        from . import runner
+
+        overrides = {key: getattr(args, key) for key in KEYS}
+        config = load_config(args.config, overrides)
+        getattr(runner, args.command)(config)
+        return 0
+    except PipelineError as exc:
+        log.error("%s", exc)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; re-run the same command to resume")
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

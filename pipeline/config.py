@@ -1,0 +1,271 @@
+"""The job configuration: YAML and CLI flags, parsed once into frozen dataclasses.
+
+Every CLI flag is also a top-level YAML key of the same name (``--index-key`` is ``index_key``).
+Precedence: built-in defaults < YAML file < flags. Values such as ``"auto"`` and ``"128MiB"`` are
+parsed here and nowhere else; stages receive the typed section they need.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import yaml
+from dask.utils import parse_bytes
+
+from .errors import ConfigError
+
+__all__ = [
+    "DataSpec",
+    "IndexSpec",
+    "SearchSpec",
+    "ClusterSpec",
+    "Config",
+    "KEYS",
+    "load_config",
+    "parse_config",
+]
+
+METRICS = ("l2", "ip", "cosine")
+DEVICES = ("auto", "cpu", "gpu")
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where the vectors are and which columns hold them."""
+
+    paths: tuple[str, ...] = ()
+    id_column: str = "id"
+    vector_column: str = "embedding"
+
+
+@dataclass(frozen=True)
+class IndexSpec:
+    """How the index is built. ``key`` is a FAISS index_factory string or ``"auto"``."""
+
+    key: str = "auto"
+    metric: str | None = None  # None: cosine when building, the index's metric when joining
+    sample_size: int | None = None
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class SearchSpec:
+    """How queries are searched. ``None`` means: chosen from the index (see ``indexing``)."""
+
+    k: int = 10
+    nprobe: int | None = None
+    rerank: int | None = None
+    exclude_self: bool = False
+
+
+@dataclass(frozen=True)
+class ClusterSpec:
+    """Where the work runs: an embedded LocalCluster unless ``scheduler_address`` is given."""
+
+    device: str = "auto"
+    workers: int | None = None
+    threads_per_worker: int | None = None
+    memory_limit: str = "auto"
+    scheduler_address: str | None = None
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole job, validated. Built by :func:`parse_config` or :func:`load_config`."""
+
+    data: DataSpec = field(default_factory=DataSpec)
+    index: IndexSpec = field(default_factory=IndexSpec)
+    search: SearchSpec = field(default_factory=SearchSpec)
+    cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    output: str | None = None
+    index_dir: str | None = None
+    partition_bytes: int = parse_bytes("128MiB")
+    overwrite: bool = False
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# ---------------------------------------------------------------------------------------------
+# value parsers: each takes (key, raw value) and returns the typed value or raises ConfigError
+
+
+def _auto(value: Any) -> bool:
+    return value is None or (isinstance(value, str) and value.strip().lower() == "auto")
+
+
+def _int(key: str, value: Any, *, minimum: int, allow_auto: bool) -> int | None:
+    if allow_auto and _auto(value):
+        return None
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        hint = " or 'auto'" if allow_auto else ""
+        raise ConfigError(f"{key}: expected an integer{hint}, got {value!r}") from None
+    if out != value and not isinstance(value, str):
+        raise ConfigError(f"{key}: expected an integer, got {value!r}")
+    if out < minimum:
+        raise ConfigError(f"{key}: must be >= {minimum}, got {out}")
+    return out
+
+
+def _pos(key: str, v: Any) -> int:
+    out = _int(key, v, minimum=1, allow_auto=False)
+    assert out is not None
+    return out
+
+
+def _pos_or_auto(key: str, v: Any) -> int | None:
+    return _int(key, v, minimum=1, allow_auto=True)
+
+
+def _nonneg(key: str, v: Any) -> int:
+    out = _int(key, v, minimum=0, allow_auto=False)
+    assert out is not None
+    return out
+
+
+def _nonneg_or_auto(key: str, v: Any) -> int | None:
+    return _int(key, v, minimum=0, allow_auto=True)
+
+
+def _bool(key: str, v: Any) -> bool:
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, str) and v.strip().lower() in ("true", "yes", "1", "on", "false", "no", "0", "off"):
+        return v.strip().lower() in ("true", "yes", "1", "on")
+    raise ConfigError(f"{key}: expected true or false, got {v!r}")
+
+
+def _str(key: str, v: Any) -> str:
+    if not isinstance(v, str) or not v.strip():
+        raise ConfigError(f"{key}: expected a non-empty string, got {v!r}")
+    return v.strip()
+
+
+def _opt_str(key: str, v: Any) -> str | None:
+    return None if v is None or v == "" else _str(key, v)
+
+
+def _choice(*choices: str) -> Callable[[str, Any], str]:
+    def parse(key: str, v: Any) -> str:
+        s = _str(key, v).lower()
+        if s not in choices:
+            raise ConfigError(f"{key}: expected one of {', '.join(choices)}; got {v!r}")
+        return s
+
+    return parse
+
+
+def _paths(key: str, v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, (str, os.PathLike)) else v
+    if not isinstance(items, (list, tuple)) or not items:
+        raise ConfigError(f"{key}: expected a path, a glob or a list of them; got {v!r}")
+    return tuple(_str(key, os.fspath(p)) for p in items)
+
+
+def _bytes(key: str, v: Any) -> int:
+    try:
+        out = parse_bytes(v) if isinstance(v, str) else int(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a size such as '128MiB', got {v!r}") from None
+    if out <= 0:
+        raise ConfigError(f"{key}: must be positive, got {v!r}")
+    return out
+
+
+def _memory(key: str, v: Any) -> str:
+    if _auto(v):
+        return "auto"
+    _bytes(key, v)
+    return str(v)
+
+
+def _index_key(key: str, v: Any) -> str:
+    s = _str(key, v)
+    return "auto" if s.lower() == "auto" else s
+
+
+# flat key -> (section or "" for top level, field name, parser, help)
+KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
+    "input": ("data", "paths", _paths, "Parquet directory, glob or file (repeatable)"),
+    "id_column": ("data", "id_column", _str, "column holding the row ids (int64 or string)"),
+    "vector_column": ("data", "vector_column", _str, "column holding the vectors (list of float)"),
+    "metric": ("index", "metric", _choice(*METRICS), "l2, ip or cosine"),
+    "index_key": ("index", "key", _index_key, "FAISS index_factory string, or auto"),
+    "sample_size": ("index", "sample_size", _pos_or_auto, "training sample rows, or auto"),
+    "seed": ("index", "seed", _nonneg, "seed for sampling and training"),
+    "k": ("search", "k", _pos, "neighbours per query"),
+    "nprobe": ("search", "nprobe", _pos_or_auto, "inverted lists probed per query, or auto"),
+    "rerank": ("search", "rerank", _nonneg_or_auto, "re-rank k*FACTOR candidates exactly (0 = off)"),
+    "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
+    "device": ("cluster", "device", _choice(*DEVICES), "auto, cpu or gpu"),
+    "workers": ("cluster", "workers", _pos_or_auto, "Dask worker processes, or auto"),
+    "threads_per_worker": ("cluster", "threads_per_worker", _pos_or_auto, "FAISS threads per worker"),
+    "memory_limit": ("cluster", "memory_limit", _memory, "memory limit per worker, e.g. 4GiB"),
+    "scheduler_address": ("cluster", "scheduler_address", _opt_str, "join this Dask scheduler"),
+    "output": ("", "output", _opt_str, "output directory"),
+    "index_dir": ("", "index_dir", _opt_str, "index directory (default: OUTPUT/index)"),
+    "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
+    "overwrite": ("", "overwrite", _bool, "discard an existing run that does not match"),
+}
+
+
+def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config:
+    """Validate a flat mapping of keys (YAML keys / flag names) into a :class:`Config`."""
+    sections: dict[str, dict[str, Any]] = {"data": {}, "index": {}, "search": {}, "cluster": {}, "": {}}
+    for raw_key, value in values.items():
+        key = str(raw_key).replace("-", "_")
+        if key not in KEYS:
+            close = difflib.get_close_matches(key, KEYS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
+            raise ConfigError(f"{source}: unknown key {raw_key!r}{hint}")
+        section, name, parser, _ = KEYS[key]
+        sections[section][name] = parser(key, value)
+    top = sections.pop("")
+    return Config(
+        data=DataSpec(**sections["data"]),
+        index=IndexSpec(**sections["index"]),
+        search=SearchSpec(**sections["search"]),
+        cluster=ClusterSpec(**sections["cluster"]),
+        **top,
+    )
+
+
+def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read a YAML config file with the safe loader; its top level must be a mapping."""
+    p = Path(path)
+    try:
+        data = yaml.safe_load(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{p}: not valid YAML ({exc})") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{p}: the top level must be a mapping of keys, got {type(data).__name__}")
+    return data
+
+
+def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> Config:
+    """Defaults < YAML file at ``path`` < ``overrides`` (flags; ``None`` values are ignored)."""
+    merged: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    return parse_config(merged, source=str(path) if path else "flags")
+
+
+def dump_config(config: Config) -> str:
+    """The config as flat YAML keys, as a user would write it (stored beside the index)."""
+    flat: dict[str, Any] = {}
+    for key, (section, name, _, _) in KEYS.items():
+        holder = getattr(config, section) if section else config
+        value = getattr(holder, name)
+        flat[key] = list(value) if isinstance(value, tuple) else value
+    return yaml.safe_dump(flat, sort_keys=False)

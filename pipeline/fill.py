@@ -1,0 +1,139 @@
+"""Filling the trained index: pieces encoded in parallel on the workers, merged once.
+
+Three ways, chosen from the index type:
+
+* ``ondisk``: IVF indexes with plain inverted lists. Each piece becomes a partial index holding
+  its global rows as ids; their lists are merged into ``index.ivfdata``, memory-mapped by every
+  reader, so worker processes on a node share one copy through the page cache.
+* ``memory``: IVF indexes whose lists cannot live on disk (fast-scan's blocked lists, IVFPQR):
+  partial indexes are built the same way and merged in memory with ``merge_from``.
+* ``serial``: every other index (Flat, HNSW, PQ, ...) is filled by one task adding pieces in row
+  order, so positions equal global rows.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+from faiss.contrib.ondisk import merge_ondisk
+
+from .atomic import atomic_path
+from .backends import backend_named
+from .indexing import ivf_of
+from .manifest import Manifest
+from .progress import Progress, run_tasks
+from .shards import Piece
+from .store import RowStore
+
+__all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
+
+log = logging.getLogger(__name__)
+
+
+def fill_mode(index: faiss.Index) -> str:
+    ivf = ivf_of(index)
+    if ivf is None:
+        return "serial"
+    plain_lists = isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
+    if plain_lists and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQR):
+        return "ondisk"
+    return "memory"
+
+
+@lru_cache(maxsize=8)
+def _read(path: str, mtime_ns: int, flags: int) -> faiss.Index:
+    return faiss.read_index(path, flags)
+
+
+def read_cached(path: str | os.PathLike[str], flags: int = 0) -> faiss.Index:
+    """Read an index once per process (keyed by path and mtime); callers must not modify it."""
+    p = Path(path)
+    return _read(str(p), p.stat().st_mtime_ns, flags)
+
+
+def load_index(index_dir: str | os.PathLike[str]) -> faiss.Index:
+    """The finished index of ``index_dir``, once per process; on-disk lists are memory-mapped."""
+    d = Path(index_dir)
+    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if (d / "index.ivfdata").exists() else 0
+    return read_cached(d / "index.faiss", flags)
+
+
+def _write(index: faiss.Index, path: Path) -> None:
+    with atomic_path(path) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def _fill_piece(trained: str, store: RowStore, piece: Piece, out: str, backend: str, threads: int | None) -> int:
+    be = backend_named(backend)
+    if threads:
+        be.set_threads(threads)
+    index = faiss.clone_index(read_cached(trained))
+    x = np.ascontiguousarray(store.vectors(piece.index))
+    be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
+    _write(index, Path(out))
+    return piece.rows
+
+
+def _fill_serial(trained: str, store: RowStore, pieces: Sequence[Piece], out: str, backend: str, threads: int | None) -> int:
+    be = backend_named(backend)
+    if threads:
+        be.set_threads(threads)
+    index = faiss.clone_index(read_cached(trained))
+    progress = Progress("fill", sum(p.rows for p in pieces))
+    for piece in pieces:
+        be.add(index, np.ascontiguousarray(store.vectors(piece.index)), None)
+        progress.advance(piece.rows)
+    progress.close()
+    _write(index, Path(out))
+    return int(index.ntotal)
+
+
+def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int:
+    index = faiss.read_index(trained)
+    d = Path(index_dir)
+    if mode == "ondisk":
+        ivfdata = d / "index.ivfdata"
+        ivfdata.unlink(missing_ok=True)
+        merge_ondisk(index, list(parts), str(ivfdata))
+    else:
+        for part in parts:
+            index.merge_from(faiss.read_index(part), 0)
+    _write(index, d / "index.faiss")
+    return int(index.ntotal)
+
+
+def fill_index(
+    client: object, trained: Path, store: RowStore, pieces: Sequence[Piece], index_dir: Path,
+    manifest: Manifest, mode: str, backend: str, threads: int | None,
+) -> int:
+    """Add every piece to the trained index and write ``index.faiss``; return its size."""
+    info = manifest.stage_info("fill")
+    if info is not None:
+        return int(info["ntotal"])
+    if mode == "serial":
+        fut = client.submit(_fill_serial, str(trained), store, list(pieces), str(index_dir / "index.faiss"), backend, threads, pure=False)  # type: ignore[attr-defined]
+        ntotal = int(fut.result())
+    else:
+        parts_dir = index_dir / "parts"
+        part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
+        done = manifest.done_pieces("fill")
+        run_tasks(
+            client, _fill_piece, [p for p in pieces if p.index not in done], "fill",
+            args=lambda p: (str(trained), store, p, part[p.index], backend, threads),
+            on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
+        )
+        log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
+        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)  # type: ignore[attr-defined]
+        ntotal = int(fut.result())
+    manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode})
+    if (index_dir / "parts").exists():
+        for f in (index_dir / "parts").iterdir():
+            f.unlink()
+        (index_dir / "parts").rmdir()
+    return ntotal

@@ -1,0 +1,166 @@
+"""The k-NN join: query pieces searched on the workers, one neighbour table per piece.
+
+Each task takes its index from a per-process cache (loaded once per worker, not per task),
+searches its queries in batches sized from a memory budget, optionally re-ranks ``k * rerank``
+candidates exactly against the stored vectors, drops the query's own id (not position 0), maps
+global rows back to input ids and writes ``part-NNNNN.parquet`` atomically.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path
+from .backends import backend_named
+from .fill import load_index
+from .manifest import Manifest
+from .progress import run_tasks
+from .shards import Piece
+from .store import RowStore
+
+__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "BATCH_BYTES"]
+
+log = logging.getLogger(__name__)
+
+BATCH_BYTES = 256 << 20  # working memory for one search batch (candidates, gathered vectors)
+
+
+@dataclass(frozen=True)
+class SearchPlan:
+    """Resolved search settings (no ``auto`` left) and where the index lives."""
+
+    index_dir: str
+    metric: str
+    k: int
+    nprobe: int | None
+    rerank: int
+    exclude_self: bool
+    self_join: bool  # queries are the indexed rows: exclude by row, not by id
+    backend: str = "cpu"
+    threads: int | None = None
+
+
+def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
+    """How many results to ask the index for, before re-ranking and self-exclusion."""
+    want = plan.k * max(plan.rerank, 1) + (1 if plan.exclude_self else 0)
+    return min(want, ntotal)
+
+
+def _index_for(plan: SearchPlan) -> faiss.Index:
+    index = load_index(plan.index_dir)
+    if plan.nprobe is not None:
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
+    return index
+
+
+def search_batch(
+    index: faiss.Index, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
+    index_store: RowStore,
+) -> tuple[np.ndarray, np.ndarray, pa.Array]:
+    """Search one batch; return (row offsets, scores, neighbour ids) in list layout.
+
+    ``q_rows`` are the queries' global rows when the queries are the indexed rows (self-join);
+    otherwise self-exclusion compares ids.
+    """
+    be = backend_named(plan.backend)
+    width = candidates_per_query(plan, int(index.ntotal))
+    scores, rows = be.search(index, q, width)
+    higher_better = plan.metric != "l2"
+    valid = rows >= 0
+    if plan.rerank:
+        exact = be.exact_scores(q, index_store.gather_vectors(np.where(valid, rows, 0)), plan.metric)
+        exact[~valid] = -np.inf if higher_better else np.inf
+        order = np.argsort(-exact if higher_better else exact, axis=1, kind="stable")
+        rows = np.take_along_axis(rows, order, axis=1)
+        scores = np.take_along_axis(exact, order, axis=1)
+        valid = rows >= 0
+    if plan.exclude_self:
+        if plan.self_join:
+            assert q_rows is not None
+            valid &= rows != q_rows[:, None]
+        else:
+            cand_ids = index_store.gather_ids(np.where(valid, rows, 0))
+            own = q_ids.take(pa.array(np.repeat(np.arange(len(q_ids)), width)))
+            valid &= ~pc.equal(cand_ids, own).to_numpy(zero_copy_only=False).reshape(rows.shape)
+    # keep the first k valid entries of each row, in order
+    keep_order = np.argsort(~valid, axis=1, kind="stable")[:, : plan.k]
+    rows = np.take_along_axis(rows, keep_order, axis=1)
+    scores = np.take_along_axis(scores, keep_order, axis=1).astype(np.float32)
+    kept = np.take_along_axis(valid, keep_order, axis=1)
+    counts = kept.sum(axis=1)
+    offsets = np.zeros(len(q) + 1, dtype=np.int32)
+    np.cumsum(counts, out=offsets[1:])
+    flat_rows = rows[kept]
+    return offsets, scores[kept], index_store.gather_ids(flat_rows)
+
+
+def _join_piece(
+    plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, batch_rows: int,
+) -> int:
+    be = backend_named(plan.backend)
+    if plan.threads:
+        be.set_threads(plan.threads)
+    index = _index_for(plan)
+    q_all = query_store.vectors(piece.index)
+    q_ids_all = query_store.ids(piece.index)
+    short = 0
+    with atomic_path(out) as tmp:
+        writer: pq.ParquetWriter | None = None
+        for lo in range(0, piece.rows, batch_rows):
+            hi = min(piece.rows, lo + batch_rows)
+            q = np.ascontiguousarray(q_all[lo:hi])
+            q_ids = q_ids_all.slice(lo, hi - lo)
+            q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
+            offsets, scores, nbr_ids = search_batch(index, plan, q, q_rows, q_ids, index_store)
+            short += int((np.diff(offsets) < plan.k).sum())
+            table = pa.table({
+                "query_id": q_ids,
+                "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
+                "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
+            })
+            if writer is None:
+                writer = pq.ParquetWriter(str(tmp), table.schema)
+            writer.write_table(table)
+        if writer is None:
+            raise ValueError(f"empty query piece {piece.index}")
+        writer.close()
+    return short
+
+
+def join_pieces(
+    client: object, plan: SearchPlan, index_store: RowStore, query_store: RowStore, pieces: Sequence[Piece],
+    out_dir: Path, manifest: Manifest, dim: int,
+) -> float:
+    """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time."""
+    width = plan.k * max(plan.rerank, 1) + 1
+    per_query = width * (12 + (4 * dim if plan.rerank else 0)) + 4 * dim
+    batch_rows = int(max(1, min(65_536, BATCH_BYTES // per_query)))
+    out = {p.index: str(out_dir / f"part-{p.index:05d}.parquet") for p in pieces}
+    done = manifest.done_pieces("join")
+    short = [0]
+
+    def finished(p: Piece, n_short: int) -> None:
+        short[0] += n_short
+        manifest.mark_piece("join", p.index, [out[p.index]])
+
+    seconds = run_tasks(
+        client, _join_piece, [p for p in pieces if p.index not in done], "join",
+        args=lambda p: (plan, index_store, query_store, p, out[p.index], batch_rows),
+        on_done=finished,
+    )
+    if short[0]:
+        log.warning(
+            "%d queries got fewer than k=%d neighbours (the probed lists held too few); raise --nprobe",
+            short[0], plan.k,
+        )
+    manifest.finish_stage("join", {"seconds": seconds})
+    return seconds

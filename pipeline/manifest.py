@@ -1,0 +1,131 @@
+"""Run manifests: what a directory was built from, and which pieces of which stage are done.
+
+A piece counts as done when the manifest records it *and* its file exists with the recorded size;
+files are written atomically, so a crash leaves at worst an unrecorded piece, which is redone under
+the same name (no duplicate rows). A directory built from another input or configuration is
+refused with a list of what changed, unless ``overwrite`` is set.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from .atomic import remove_stale_temps, write_json
+from .errors import ResumeError
+
+__all__ = ["Manifest", "describe_changes"]
+
+log = logging.getLogger(__name__)
+
+VERSION = 1
+
+
+def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Human-readable differences between two JSON-like values."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for key in sorted(set(old) | set(new)):
+            out += describe_changes(old.get(key), new.get(key), f"{prefix}.{key}" if prefix else str(key))
+        return out
+    if old != new:
+        if prefix.endswith("files") and isinstance(old, list) and isinstance(new, list):
+            o = {f[0]: f[1:] for f in old}
+            n = {f[0]: f[1:] for f in new}
+            diffs = [f"{p} added" for p in n if p not in o] + [f"{p} removed" for p in o if p not in n]
+            diffs += [f"{p} changed (size/mtime)" for p in n if p in o and o[p] != n[p]]
+            return [f"input files: {', '.join(diffs[:5])}" + (" ..." if len(diffs) > 5 else "")]
+        return [f"{prefix}: {old!r} -> {new!r}"]
+    return []
+
+
+class Manifest:
+    """``manifest.json`` of one run directory (an index directory or an output directory)."""
+
+    def __init__(self, directory: str | os.PathLike[str]):
+        self.dir = Path(directory)
+        self.path = self.dir / "manifest.json"
+        self.data: dict[str, Any] = {"version": VERSION, "identity": None, "stages": {}}
+        self._last_save = 0.0
+        if self.path.exists():
+            self.data = json.loads(self.path.read_text())
+
+    def open(self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None) -> None:
+        """Start or resume this directory for ``identity``.
+
+        ``overwrite`` starts afresh (sub-directory ``keep`` excepted: it has its own manifest).
+        Otherwise a directory made from another identity, or a non-empty one without a manifest,
+        is refused with what changed.
+        """
+        new = json.loads(json.dumps(identity, default=str))
+        old = self.data.get("identity")
+        if overwrite:
+            self.reset(keep)
+        elif old is not None and old != new:
+            raise ResumeError(
+                f"{self.dir} holds a {what} made from other input or settings "
+                f"({'; '.join(describe_changes(old, new))}); pass --overwrite to discard it, or use another directory"
+            )
+        elif old is None and self.dir.exists() and any(c.name != keep for c in self.dir.iterdir()):
+            raise ResumeError(
+                f"{self.dir} is not empty and has no manifest.json; pass --overwrite to replace its "
+                "contents, or use another directory"
+            )
+        self.dir.mkdir(parents=True, exist_ok=True)
+        removed = remove_stale_temps(self.dir)
+        if removed:
+            log.info("removed %d partial file(s) left by an interrupted run in %s", removed, self.dir)
+        self.data["identity"] = new
+        self.save(force=True)
+
+    def reset(self, keep: str | None = None) -> None:
+        """Delete the directory's contents except ``keep`` (the caller asked to overwrite)."""
+        if self.dir.exists():
+            for child in self.dir.iterdir():
+                if child.name == keep:
+                    continue
+                if child.is_dir():
+                    shutil.rmtree(child)
+                else:
+                    child.unlink()
+        self.data = {"version": VERSION, "identity": None, "stages": {}}
+
+    # stages ------------------------------------------------------------------------------
+    def _stage(self, stage: str) -> dict[str, Any]:
+        return self.data["stages"].setdefault(stage, {"pieces": {}, "done": None})
+
+    def done_pieces(self, stage: str) -> set[int]:
+        """Pieces recorded done whose files still exist with their recorded sizes."""
+        out = set()
+        for key, files in self._stage(stage)["pieces"].items():
+            if all(Path(p).exists() and Path(p).stat().st_size == size for p, size in files):
+                out.add(int(key))
+        return out
+
+    def mark_piece(self, stage: str, piece: int, files: Iterable[str | os.PathLike[str]]) -> None:
+        self._stage(stage)["pieces"][str(piece)] = [[str(f), Path(f).stat().st_size] for f in files]
+        self.save()
+
+    def stage_info(self, stage: str) -> dict[str, Any] | None:
+        """What a finished stage recorded, or None if it has not finished."""
+        return self._stage(stage)["done"]
+
+    def finish_stage(self, stage: str, info: dict[str, Any] | None = None) -> None:
+        self._stage(stage)["done"] = info or {}
+        self.save(force=True)
+
+    def clear_stage(self, stage: str) -> None:
+        self.data["stages"].pop(stage, None)
+        self.save(force=True)
+
+    def save(self, force: bool = False) -> None:
+        """Write the manifest atomically; piece updates are throttled to one write a second."""
+        now = time.monotonic()
+        if force or now - self._last_save >= 1.0:
+            write_json(self.path, self.data)
+            self._last_save = now

@@ -1,0 +1,103 @@
+"""Progress of long phases: a live line on a terminal, plain log lines otherwise.
+
+The CLI decides whether a live line is wanted (:func:`configure`); library code only reports
+rows done through :class:`Progress` or :func:`run_tasks`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from typing import Any, Callable, Iterable, Sequence, TypeVar
+
+from distributed import as_completed
+
+__all__ = ["Progress", "configure", "run_tasks"]
+
+log = logging.getLogger(__name__)
+T = TypeVar("T")
+_LIVE = False
+
+
+def configure(live: bool) -> None:
+    """Show a live progress line on stderr (``True``) or log every 10 s (``False``)."""
+    global _LIVE
+    _LIVE = live
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(max(seconds, 0))
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+
+
+class Progress:
+    """Rows done out of ``total`` for one phase, with rows/s and ETA."""
+
+    def __init__(self, label: str, total: int, interval: float = 10.0):
+        self.label, self.total, self.interval = label, max(total, 0), interval
+        self.done = 0
+        self.start = self._last = time.monotonic()
+
+    def line(self) -> str:
+        elapsed = time.monotonic() - self.start
+        rate = self.done / elapsed if elapsed > 0 else 0.0
+        eta = (self.total - self.done) / rate if rate > 0 else 0.0
+        pct = 100.0 * self.done / self.total if self.total else 100.0
+        return (
+            f"{self.label}: {self.done:,}/{self.total:,} rows ({pct:.0f}%), {rate:,.0f} rows/s, "
+            f"elapsed {_duration(elapsed)}, ETA {_duration(eta)}"
+        )
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if _LIVE:
+            sys.stderr.write("\r" + self.line() + "\033[K")
+            sys.stderr.flush()
+        elif now - self._last >= self.interval:
+            log.info("%s", self.line())
+            self._last = now
+
+    def close(self) -> float:
+        """End the phase; return its wall time in seconds."""
+        if _LIVE:
+            sys.stderr.write("\r" + self.line() + "\033[K\n")
+            sys.stderr.flush()
+        else:
+            log.info("%s", self.line())
+        return time.monotonic() - self.start
+
+
+def run_tasks(
+    client: Any,
+    fn: Callable[..., Any],
+    items: Sequence[T],
+    label: str,
+    args: Callable[[T], tuple[Any, ...]],
+    on_done: Callable[[T, Any], None] | None = None,
+    rows: Callable[[T], int] = lambda item: int(getattr(item, "rows")),
+) -> float:
+    """Run ``fn(*args(item))`` for every item on the cluster, reporting rows done.
+
+    ``on_done(item, result)`` runs in this process as each task finishes (to record it in the
+    manifest). The first failure cancels the rest and is re-raised. Returns the wall time.
+    """
+    progress = Progress(label, sum(rows(i) for i in items))
+    if not items:
+        return progress.close()
+    futures = {client.submit(fn, *args(item), pure=False): item for item in items}
+    try:
+        for future in as_completed(list(futures)):
+            item = futures[future]
+            result = future.result()
+            if on_done is not None:
+                on_done(item, result)
+            progress.advance(rows(item))
+    except BaseException:
+        client.cancel(list(futures))
+        if _LIVE:
+            sys.stderr.write("\n")
+        raise
+    return progress.close()
+

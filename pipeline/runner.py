@@ -1,0 +1,292 @@
+"""The jobs (``build``, ``join``, ``run``): stages in order, each resumable from its manifest.
+
+Everything that can be checked from metadata and settings (columns, dimensions, the index key,
+``k``, ``nprobe``, the training sample size) is checked before the first heavy pass.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import faiss
+
+from .atomic import atomic_path, write_json
+from .backends import select_backend
+from .cluster import ClusterInfo, dask_client
+from .config import Config, IndexSpec, SearchSpec, dump_config
+from .errors import ConfigError, InputError, PipelineError
+from .fill import fill_index, fill_mode
+from .indexing import (
+    check_training_rows,
+    default_index_key,
+    default_nprobe,
+    default_rerank,
+    make_index,
+    nlist_of,
+    training_rows,
+)
+from .join import SearchPlan, join_pieces
+from .manifest import Manifest
+from .sampling import load_sample, sample_rows
+from .scan import scan_dataset
+from .shards import Dataset, plan_dataset
+from .store import RowStore
+
+__all__ = ["BuiltIndex", "build", "join", "run"]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BuiltIndex:
+    """A finished index directory, as later stages need it."""
+
+    dir: Path
+    dataset: Dataset
+    store: RowStore
+    dim: int
+    metric: str
+    key: str
+    ntotal: int
+    nlist: int | None
+    rerank_default: int
+    identity: dict[str, Any]
+
+
+@dataclass
+class Timings:
+    phases: dict[str, float] = field(default_factory=dict)
+
+    def add(self, phase: str, seconds: float) -> None:
+        self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 3)
+
+
+def _resolve_key(spec: IndexSpec, rows: int, dim: int) -> tuple[str, faiss.Index]:
+    key = default_index_key(rows, dim) if spec.key == "auto" else spec.key
+    return key, make_index(key, dim, spec.metric or "cosine")
+
+
+def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int) -> None:
+    """Refuse ``k`` or ``nprobe`` that the index cannot honour."""
+    need = search.k + (1 if search.exclude_self else 0)
+    if need > ntotal:
+        extra = " (+1 for --exclude-self)" if search.exclude_self else ""
+        raise ConfigError(f"--k {search.k}{extra} asks for more neighbours than the {ntotal} vectors indexed; lower --k")
+    nlist = nlist_of(index)
+    if search.nprobe is not None:
+        if nlist is None:
+            log.warning("--nprobe %d ignored: index %r has no inverted lists", search.nprobe, key)
+        elif search.nprobe > nlist:
+            raise ConfigError(
+                f"--nprobe {search.nprobe} is larger than the {nlist} lists of {key!r}; use at most {nlist}"
+            )
+
+
+def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: Any, seed: int, out: str, backend: str, threads: int | None) -> None:
+    from .backends import backend_named
+    from .indexing import ivf_of
+
+    be = backend_named(backend)
+    if threads:
+        be.set_threads(threads)
+    index = make_index(key, dim, metric)
+    ivf = ivf_of(index)
+    if ivf is not None:
+        ivf.cp.seed = seed
+    if len(rows):
+        be.train(index, load_sample(store, rows))
+    with atomic_path(out) as tmp:
+        faiss.write_index(index, str(tmp))
+
+
+def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path, backend: str,
+                timings: Timings, search: SearchSpec | None = None) -> BuiltIndex:
+    """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished)."""
+    spec = config.index
+    metric = spec.metric or "cosine"
+    t0 = time.monotonic()
+    dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
+    log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
+    if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim)
+        check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
+        if search is not None:
+            _check_search(search, empty, key, dataset.total_rows)
+    identity = {
+        "input": dataset.fingerprint(), "metric": metric, "index_key": spec.key,
+        "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
+    }
+    manifest = Manifest(index_dir)
+    manifest.open(identity, config.overwrite, "index")
+    store = RowStore(index_dir / "store", dataset.starts, dataset.total_rows)
+    timings.add("plan", time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    dim = scan_dataset(client, dataset, store, metric, manifest)
+    timings.add("scan", time.monotonic() - t0)
+    key, empty = _resolve_key(spec, dataset.total_rows, dim)
+    n_train = training_rows(empty, dataset.total_rows, dim, spec.sample_size)
+    check_training_rows(empty, key, n_train)
+    if search is not None:
+        _check_search(search, empty, key, dataset.total_rows)
+
+    trained = index_dir / "trained.faiss"
+    if manifest.stage_info("train") is None or not trained.exists():
+        t0 = time.monotonic()
+        log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
+        rows = sample_rows(dataset.total_rows, n_train, spec.seed)
+        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), backend,
+                      cluster.faiss_threads, pure=False).result()
+        manifest.finish_stage("train", {"key": key, "rows": n_train})
+        timings.add("train", time.monotonic() - t0)
+
+    t0 = time.monotonic()
+    ntotal = fill_index(client, trained, store, dataset.pieces, index_dir, manifest, fill_mode(empty), backend,
+                        cluster.faiss_threads)
+    timings.add("fill", time.monotonic() - t0)
+    if not (index_dir / "config.yaml").exists():
+        with atomic_path(index_dir / "config.yaml") as tmp:
+            tmp.write_text(dump_config(config))
+    info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
+            "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist()}
+    manifest.finish_stage("index", info)
+    log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, index_dir)
+    return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, info["nlist"], info["rerank_default"],
+                      manifest.data["identity"])
+
+
+def open_index(index_dir: Path) -> BuiltIndex:
+    """A finished index directory written by ``build`` or ``run``."""
+    manifest = Manifest(index_dir)
+    info = manifest.stage_info("index") if manifest.path.exists() else None
+    if info is None:
+        raise PipelineError(f"{index_dir}: no finished index here; run `build` (or `run`) with --index-dir {index_dir}")
+    ident = manifest.data["identity"]
+    files = ident["input"]["files"]
+    # the indexed dataset as recorded; its files are not re-read (only the row store is)
+    dataset = Dataset(files=(), pieces=(), id_column=ident["input"]["id_column"],
+                      vector_column=ident["input"]["vector_column"], dim=info["dim"], id_kind="",
+                      total_rows=info["ntotal"])
+    import numpy as np
+
+    store = RowStore(index_dir / "store", np.array(info["starts"], dtype=np.int64), info["ntotal"])
+    log.info("index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files))
+    return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],
+                      info["nlist"], info["rerank_default"], ident)
+
+
+def _search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
+    s = config.search
+    empty = make_index(built.key, built.dim, built.metric)
+    _check_search(s, empty, built.key, built.ntotal)
+    nprobe = s.nprobe if s.nprobe is not None else (default_nprobe(built.nlist) if built.nlist else None)
+    rerank = s.rerank if s.rerank is not None else built.rerank_default
+    return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join, backend, threads)
+
+
+def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path, backend: str,
+               timings: Timings, queries: Dataset | None = None) -> dict[str, Any]:
+    """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``."""
+    if config.index.metric and config.index.metric != built.metric:
+        raise ConfigError(
+            f"--metric {config.index.metric}: the index in {built.dir} was built with metric {built.metric}; "
+            "drop --metric or rebuild the index"
+        )
+    plan = _search_plan(config, built, queries is None, backend, cluster.faiss_threads)
+    identity = {
+        "index": built.identity, "queries": "self" if queries is None else queries.fingerprint(),
+        "k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self,
+    }
+    keep = built.dir.name if built.dir.parent.resolve() == output.resolve() else None
+    manifest = Manifest(output)
+    manifest.open(identity, config.overwrite, "neighbour table", keep=keep)
+    (output / "_SUCCESS").unlink(missing_ok=True)
+    if queries is None:
+        query_store, pieces, n_queries = built.store, built.dataset.pieces, built.ntotal
+    else:
+        if queries.dim is not None and queries.dim != built.dim:
+            raise InputError(
+                f"{queries.files[0].path}, column '{queries.vector_column}': query vectors have dimension "
+                f"{queries.dim} but the index holds dimension {built.dim}; embed the queries with the same model"
+            )
+        t0 = time.monotonic()
+        query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
+        qdim = scan_dataset(client, queries, query_store, built.metric, manifest, stage="scan_queries")
+        if qdim != built.dim:
+            raise InputError(
+                f"column '{queries.vector_column}': query vectors have dimension {qdim} but the index holds "
+                f"dimension {built.dim}; embed the queries with the same model"
+            )
+        timings.add("scan_queries", time.monotonic() - t0)
+        pieces, n_queries = queries.pieces, queries.total_rows
+    log.info("join: %d queries, k=%d, nprobe=%s, rerank=%s, exclude_self=%s", n_queries, plan.k, plan.nprobe,
+             plan.rerank, plan.exclude_self)
+    seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim)
+    timings.add("join", seconds)
+    summary = {
+        "index": {"dir": str(built.dir), "key": built.key, "ntotal": built.ntotal, "dim": built.dim,
+                  "metric": built.metric, "nlist": built.nlist},
+        "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self},
+        "queries": n_queries,
+        "neighbors": str(output / "neighbors"),
+    }
+    return summary
+
+
+def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:
+    wall = time.monotonic() - started
+    report = {
+        "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
+        "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
+    }
+    write_json(output / "report.json", report)
+    with atomic_path(output / "_SUCCESS") as tmp:
+        tmp.write_text("")
+    log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
+             ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
+    return report
+
+
+def _require(value: str | None, flag: str, command: str) -> Path:
+    if not value:
+        raise ConfigError(f"{command}: {flag} is required")
+    return Path(value).resolve()
+
+
+def build(config: Config) -> BuiltIndex:
+    """``build``: the index only, in ``--index-dir``."""
+    index_dir = _require(config.index_dir, "--index-dir", "build")
+    backend = select_backend(config.cluster.device).name
+    with dask_client(config.cluster) as (client, cluster):
+        return build_index(client, cluster, config, index_dir, backend, Timings())
+
+
+def join(config: Config) -> dict[str, Any]:
+    """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
+    started = time.monotonic()
+    index_dir = _require(config.index_dir, "--index-dir", "join")
+    output = _require(config.output, "--output", "join")
+    built = open_index(index_dir)
+    queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
+    backend = select_backend(config.cluster.device).name
+    timings = Timings()
+    with dask_client(config.cluster) as (client, cluster):
+        summary = join_index(client, cluster, config, built, output, backend, timings, queries)
+    return _finish(output, config, summary, timings, "join", started)
+
+
+def run(config: Config) -> dict[str, Any]:
+    """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
+    started = time.monotonic()
+    output = _require(config.output, "--output", "run")
+    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    backend = select_backend(config.cluster.device).name
+    timings = Timings()
+    with dask_client(config.cluster) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
+        summary = join_index(client, cluster, config, built, output, backend, timings)
+    return _finish(output, config, summary, timings, "run", started)

@@ -1,0 +1,118 @@
+"""The scan: the one pass over the Parquet input, before any heavy work.
+
+Each piece is read, validated (nulls, lengths, NaN/inf, zero vectors under cosine) and written to
+the row store as float32 (normalised for cosine), with its ids. Ids are then checked for
+duplicates across the whole input, bucket by bucket. Later stages read only the row store.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from .errors import InputError
+from .ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
+from .manifest import Manifest
+from .progress import run_tasks
+from .shards import Dataset, Piece, read_piece
+from .store import RowStore
+
+__all__ = ["scan_dataset", "prepare_vectors"]
+
+log = logging.getLogger(__name__)
+
+
+def prepare_vectors(x: np.ndarray, metric: str, where: str, column: str) -> np.ndarray:
+    """Vectors as the index sees them: L2-normalised for ``cosine``, unchanged otherwise."""
+    if metric != "cosine":
+        return x
+    norms = np.linalg.norm(x, axis=1)
+    zero = np.flatnonzero(norms == 0)
+    if zero.size:
+        raise InputError(
+            f"{where}, column '{column}': {zero.size} all-zero vector(s) (first at local row {int(zero[0])}); "
+            "cosine similarity is undefined for them: drop them or use --metric l2 or ip"
+        )
+    return x / norms[:, None]
+
+
+def _scan_piece(
+    piece: Piece, id_column: str, vector_column: str, dim: int | None, metric: str,
+    store: RowStore, key_dir: str, nbuckets: int,
+) -> int:
+    ids, x = read_piece(piece, id_column, vector_column, dim)
+    x = prepare_vectors(x, metric, piece.where(), vector_column)
+    store.write_piece(piece.index, ids, x)
+    write_key_buckets(id_keys(ids), piece.start, nbuckets, key_dir, piece.index)
+    return int(x.shape[1])
+
+
+def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
+    return [key_dir / f"b{b:04d}" / f"p{piece:05d}.npy" for b in range(nbuckets)]
+
+
+def scan_dataset(client: object, dataset: Dataset, store: RowStore, metric: str, manifest: Manifest, stage: str = "scan") -> int:
+    """Scan every piece not yet scanned; check ids; return the vector dimension."""
+    info = manifest.stage_info(stage)
+    if info is not None:
+        return int(info["dim"])
+    key_dir = store.root / "_idkeys"
+    nbuckets = n_buckets(dataset.total_rows)
+    done = manifest.done_pieces(stage)
+    todo = [p for p in dataset.pieces if p.index not in done]
+    dims: dict[int, int] = {int(k): int(v) for k, v in manifest.data.get("dims", {}).items()}
+
+    def finished(piece: Piece, dim: int) -> None:
+        dims[piece.index] = dim
+        manifest.data.setdefault("dims", {})[str(piece.index)] = dim
+        files = [store.vectors_path(piece.index), store.ids_path(piece.index), *_key_files(key_dir, piece.index, nbuckets)]
+        manifest.mark_piece(stage, piece.index, files)
+
+    run_tasks(
+        client, _scan_piece, todo, f"{stage}",
+        args=lambda p: (p, dataset.id_column, dataset.vector_column, dataset.dim, metric, store, str(key_dir), nbuckets),
+        on_done=finished,
+    )
+    distinct = sorted(set(dims.values()))
+    if len(distinct) > 1:
+        first = {d: next(p for p in dataset.pieces if dims[p.index] == d) for d in distinct}
+        a, b = (first[d] for d in distinct[:2])
+        raise InputError(
+            f"{b.where()}, column '{dataset.vector_column}': vectors have dimension {distinct[1]} but "
+            f"{distinct[0]} in {a.where()}; all shards must hold vectors of one dimension"
+        )
+    _check_duplicates(client, dataset, store, key_dir, nbuckets)
+    shutil.rmtree(key_dir, ignore_errors=True)
+    manifest.finish_stage(stage, {"dim": distinct[0], "rows": dataset.total_rows})
+    return distinct[0]
+
+
+def _check_duplicates(client: object, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
+    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), pure=False) for b in range(nbuckets)]  # type: ignore[attr-defined]
+    examples: list[str] = []
+    for groups in client.gather(futures):  # type: ignore[attr-defined]
+        for rows in groups:
+            ids = store.gather_ids(rows)
+            # string ids are hashed: confirm the collision is a real repeat
+            values = ids.to_pylist()
+            seen: dict[object, int] = {}
+            for row, value in zip(rows.tolist(), values):
+                if value in seen:
+                    examples.append(f"{value!r} at {_locate(dataset, seen[value])} and {_locate(dataset, row)}")
+                    break
+                seen[value] = row
+    if examples:
+        raise InputError(
+            f"column '{dataset.id_column}': duplicate ids, e.g. {examples[0]}"
+            + (f" ({len(examples)} examples found)" if len(examples) > 1 else "")
+            + "; ids must be unique: deduplicate the input or pass another --id-column"
+        )
+
+
+def _locate(dataset: Dataset, row: int) -> str:
+    piece = dataset.pieces[int(np.searchsorted(dataset.starts, row, side="right") - 1)]
+    return f"{Path(piece.path).name} row {piece.file_row + row - piece.start}"
+

@@ -1,0 +1,111 @@
+"""Row stores written by the scan: per-piece float32 vectors (``.npy``) and ids (Arrow IPC).
+
+Everything after the scan (training sample, fill, join queries, exact re-ranking, ground truth)
+reads these instead of re-parsing Parquet. Rows are addressed by global row number; a gather
+groups the requested rows by piece and reads each piece file once, memory-mapped.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from .atomic import atomic_path
+
+__all__ = ["RowStore"]
+
+
+class RowStore:
+    """The vectors and ids of one scanned dataset, stored piece by piece under ``root``."""
+
+    def __init__(self, root: str | os.PathLike[str], starts: np.ndarray, total_rows: int):
+        self.root = Path(root)
+        self.starts = np.asarray(starts, dtype=np.int64)
+        self.total_rows = int(total_rows)
+
+    # paths -------------------------------------------------------------------------------
+    def vectors_path(self, piece: int) -> Path:
+        return self.root / "vectors" / f"part-{piece:05d}.npy"
+
+    def ids_path(self, piece: int) -> Path:
+        return self.root / "ids" / f"part-{piece:05d}.arrow"
+
+    # writing -----------------------------------------------------------------------------
+    def write_piece(self, piece: int, ids: pa.Array, vectors: np.ndarray) -> None:
+        """Store one piece's ids and vectors, each file atomically."""
+        with atomic_path(self.vectors_path(piece)) as tmp:
+            with open(tmp, "wb") as fh:
+                np.save(fh, np.ascontiguousarray(vectors, dtype=np.float32))
+        with atomic_path(self.ids_path(piece)) as tmp:
+            table = pa.table({"id": ids})
+            with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
+                writer.write_table(table)
+
+    def has_piece(self, piece: int) -> bool:
+        return self.vectors_path(piece).exists() and self.ids_path(piece).exists()
+
+    # reading -----------------------------------------------------------------------------
+    def vectors(self, piece: int) -> np.ndarray:
+        """One piece's vectors, memory-mapped read-only."""
+        return _open_npy(*_stamp(self.vectors_path(piece)))
+
+    def ids(self, piece: int) -> pa.Array:
+        """One piece's ids as an Arrow array (memory-mapped)."""
+        return _open_ids(*_stamp(self.ids_path(piece)))
+
+    def _group(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        if rows.size and (rows.min() < 0 or rows.max() >= self.total_rows):
+            raise IndexError(f"row out of range [0, {self.total_rows}) in gather")
+        return rows, np.searchsorted(self.starts, rows, side="right") - 1
+
+    def gather_vectors(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of the given global rows (any order, repeats allowed), shape ``rows.shape + (d,)``."""
+        shape = np.shape(rows)
+        flat, piece_of = self._group(rows)
+        out: np.ndarray | None = None
+        for p in np.unique(piece_of):
+            sel = piece_of == p
+            mm = self.vectors(int(p))
+            if out is None:
+                out = np.empty((flat.size, mm.shape[1]), dtype=np.float32)
+            out[sel] = mm[flat[sel] - self.starts[p]]
+        if out is None:
+            out = np.empty((0, self.vectors(0).shape[1]), dtype=np.float32)
+        return out.reshape(*shape, -1)
+
+    def gather_ids(self, rows: np.ndarray) -> pa.Array:
+        """Ids of the given global rows (flattened, in the given order)."""
+        flat, piece_of = self._group(rows)
+        order = np.argsort(piece_of, kind="stable")
+        chunks = []
+        for p in np.unique(piece_of):
+            local = flat[order][piece_of[order] == p] - self.starts[p]
+            chunks.append(self.ids(int(p)).take(pa.array(local)))
+        if not chunks:
+            return self.ids(0).slice(0, 0)
+        grouped = pa.concat_arrays(chunks)
+        inverse = np.empty_like(order)
+        inverse[order] = np.arange(order.size)
+        return grouped.take(pa.array(inverse))
+
+
+def _stamp(path: Path) -> tuple[str, int, int]:
+    """Cache key: a rewritten file (same name, new content) is opened afresh."""
+    st = path.stat()
+    return str(path), st.st_mtime_ns, st.st_size
+
+
+@lru_cache(maxsize=256)
+def _open_npy(path: str, mtime_ns: int, size: int) -> np.ndarray:
+    return np.load(path, mmap_mode="r")
+
+
+@lru_cache(maxsize=256)
+def _open_ids(path: str, mtime_ns: int, size: int) -> pa.Array:
+    column = pa.ipc.open_file(pa.memory_map(path, "r")).read_all().column("id")
+    return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()

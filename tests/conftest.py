@@ -1,0 +1,71 @@
+"""Shared fixtures: small seeded datasets written as Parquet, and one Dask cluster per session."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pytest
+from distributed import LocalCluster
+
+from pipeline import parse_config
+from pipeline.sample_data import clustered_vectors, write_shards
+
+DIM = 32
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    from pipeline.backends import gpu_count
+
+    if gpu_count() == 0:
+        skip = pytest.mark.skip(reason="no GPU visible to faiss (CPU-only faiss build or no CUDA device)")
+        for item in items:
+            if "gpu" in item.keywords:
+                item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def dask_address() -> Any:
+    """One local cluster for the whole session (jobs join it with scheduler_address)."""
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.ERROR) as cluster:
+        yield cluster.scheduler_address
+
+
+@pytest.fixture(scope="session")
+def vectors() -> np.ndarray:
+    return clustered_vectors(6000, DIM, clusters=40, seed=1)
+
+
+@pytest.fixture(scope="session")
+def dataset_dir(tmp_path_factory: pytest.TempPathFactory, vectors: np.ndarray) -> Path:
+    """6,000 clustered 32-d float32 vectors with int64 ids, in 3 shards of 2 row groups each."""
+    d = tmp_path_factory.mktemp("data")
+    write_shards(d, vectors, shards=3, row_group_rows=1000)
+    return d
+
+
+@pytest.fixture
+def make_config(dask_address: str, tmp_path: Path) -> Callable[..., Any]:
+    """A Config on the shared cluster, writing under this test's tmp_path; keys override."""
+
+    def make(**values: Any) -> Any:
+        base = {"output": str(tmp_path / "out"), "scheduler_address": dask_address, "threads_per_worker": 1}
+        base.update(values)
+        return parse_config(base)
+
+    return make
+
+
+def exact_neighbours(x: np.ndarray, queries: np.ndarray, k: int, metric: str = "cosine") -> np.ndarray:
+    """Brute-force row numbers of the ``k`` nearest rows (NumPy, for checking the pipeline)."""
+    if metric == "cosine":
+        x = x / np.linalg.norm(x, axis=1, keepdims=True)
+        queries = queries / np.linalg.norm(queries, axis=1, keepdims=True)
+    if metric == "l2":
+        scores = -((queries**2).sum(1)[:, None] - 2 * queries @ x.T + (x**2).sum(1)[None, :])
+    else:
+        scores = queries @ x.T
+    return np.argsort(-scores, axis=1, kind="stable")[:, :k]

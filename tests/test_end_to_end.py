@@ -1,0 +1,145 @@
+"""The spine end to end on generated Parquet: recall, self-exclusion, id types, cross joins."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import join, run
+from pipeline.evaluate import recall_at_k
+from pipeline.sample_data import clustered_vectors, write_shards
+
+from .conftest import DIM, exact_neighbours
+
+IVFPQ = {"index_key": "IVF32,PQ16", "nprobe": 8}  # 16 bytes a vector: needs rerank for high recall
+IVFPQ_FINE = {"index_key": "IVF32,PQ32", "nprobe": 8}  # 32 bytes a vector: >= 0.90 on codes alone
+
+
+def read_neighbours(out: Path) -> dict:
+    table = pq.read_table(out / "neighbors")
+    return dict(zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()))
+
+
+def self_recall(out: Path, x: np.ndarray, k: int = 10, sample: int = 300) -> float:
+    found = read_neighbours(out)
+    rows = np.random.default_rng(0).choice(len(x), sample, replace=False)
+    truth = exact_neighbours(x, x[rows], k + 1)
+    truth = [[t for t in row if t != q][:k] for row, q in zip(truth.tolist(), rows)]
+    return recall_at_k([found[int(q)] for q in rows], truth, k)
+
+
+def test_self_join_recall_without_rerank(make_config, dataset_dir, vectors):
+    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, rerank=0, **IVFPQ_FINE))
+    assert report["search"]["rerank"] == 0
+    assert self_recall(Path(report["neighbors"]).parent, vectors) >= 0.90
+
+
+def test_self_join_recall_with_rerank(make_config, dataset_dir, vectors):
+    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, rerank=4, **IVFPQ))
+    assert self_recall(Path(report["neighbors"]).parent, vectors) >= 0.99
+
+
+def test_output_layout_and_types(make_config, dataset_dir, vectors, tmp_path):
+    run(make_config(input=str(dataset_dir), k=5, exclude_self=True, **IVFPQ))
+    out = tmp_path / "out"
+    assert (out / "_SUCCESS").exists() and (out / "report.json").exists()
+    parts = sorted((out / "neighbors").glob("part-*.parquet"))
+    assert len(parts) == 3  # one per piece (each shard fits one partition)
+    table = pq.read_table(out / "neighbors")
+    assert table.schema.field("query_id").type == pa.int64()
+    assert table.schema.field("neighbor_id").type == pa.list_(pa.int64())
+    assert table.schema.field("score").type == pa.list_(pa.float32())
+    assert sorted(table.column("query_id").to_pylist()) == list(range(len(vectors)))
+    scores = table.column("score").to_pylist()
+    assert all(len(s) == 5 for s in scores)
+    assert all(s == sorted(s, reverse=True) for s in scores)  # cosine: similarity, best first
+    assert not any(tmp.name for tmp in out.rglob("*.tmp-*"))
+
+
+def test_exclude_self_removes_own_id_not_position_zero(make_config, tmp_path):
+    # every vector appears twice (ids i and i + n): the exact copy ties with the row itself
+    base = clustered_vectors(500, DIM, clusters=10, seed=3)
+    data = tmp_path / "dups"
+    write_shards(data, np.concatenate([base, base]), shards=2)
+    run(make_config(input=str(data), k=3, exclude_self=True, index_key="Flat"))
+    found = read_neighbours(tmp_path / "out")
+    n = len(base)
+    for q, nbrs in found.items():
+        assert q not in nbrs
+        assert (q + n if q < n else q - n) in nbrs  # the copy is still found
+
+
+def test_l2_scores_are_squared_distances_ascending(make_config, dataset_dir, vectors, tmp_path):
+    run(make_config(input=str(dataset_dir), k=4, metric="l2", index_key="Flat", exclude_self=True))
+    table = pq.read_table(tmp_path / "out" / "neighbors")
+    q, nbrs, scores = (table.column(c).to_pylist()[0] for c in ("query_id", "neighbor_id", "score"))
+    expected = ((vectors[nbrs] - vectors[q]) ** 2).sum(1)
+    np.testing.assert_allclose(scores, expected, rtol=1e-4, atol=1e-4)
+    assert scores == sorted(scores)
+
+
+def test_string_ids_round_trip(make_config, tmp_path):
+    x = clustered_vectors(2000, DIM, clusters=20, seed=4)
+    ids = [f"doc-{i:05d}" for i in range(len(x))]
+    write_shards(tmp_path / "s", x, shards=2, ids=ids)
+    run(make_config(input=str(tmp_path / "s"), k=5, exclude_self=True, index_key="Flat"))
+    table = pq.read_table(tmp_path / "out" / "neighbors")
+    assert pa.types.is_string(table.schema.field("query_id").type)
+    assert table.schema.field("neighbor_id").type == pa.list_(pa.string())
+    found = dict(zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist()))
+    truth = exact_neighbours(x, x[:50], 6)
+    for q in range(50):
+        want = [ids[t] for t in truth[q] if t != q][:5]
+        assert found[ids[q]] == want
+
+
+@pytest.mark.parametrize("dtype", ["float16", "float64"])
+def test_float16_and_float64_inputs(make_config, tmp_path, dtype, caplog):
+    x = clustered_vectors(1500, DIM, clusters=15, seed=5)
+    write_shards(tmp_path / "d", x, shards=2, dtype=dtype)
+    with caplog.at_level("INFO", logger="pipeline"):
+        run(make_config(input=str(tmp_path / "d"), k=5, exclude_self=True, index_key="Flat"))
+    if dtype == "float64":
+        assert "converting to float32" in caplog.text
+    found = read_neighbours(tmp_path / "out")
+    truth = exact_neighbours(x.astype(dtype).astype(np.float32), x[:30].astype(dtype).astype(np.float32), 6)
+    assert recall_at_k([found[i] for i in range(30)], [[t for t in r if t != i][:5] for i, r in enumerate(truth.tolist())], 5) >= 0.97
+
+
+def test_variable_length_list_column(make_config, tmp_path):
+    x = clustered_vectors(1200, DIM, clusters=12, seed=6)
+    table = pa.table({"id": np.arange(1200), "embedding": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))})
+    (tmp_path / "v").mkdir()
+    pq.write_table(table, tmp_path / "v" / "a.parquet")
+    run(make_config(input=str(tmp_path / "v"), k=3, exclude_self=True, index_key="Flat"))
+    found = read_neighbours(tmp_path / "out")
+    truth = exact_neighbours(x, x[:20], 4)
+    assert all(found[i] == [t for t in truth[i] if t != i][:3] for i in range(20))
+
+
+def test_join_a_different_query_set(make_config, dataset_dir, vectors, tmp_path):
+    index_dir = tmp_path / "idx"
+    run(make_config(input=str(dataset_dir), index_dir=str(index_dir), output=str(tmp_path / "first"), k=5, **IVFPQ))
+    queries = clustered_vectors(400, DIM, clusters=40, seed=1)[::2] + 0.01
+    write_shards(tmp_path / "q", queries, shards=2, first_id=10_000_000)
+    report = join(make_config(input=str(tmp_path / "q"), index_dir=str(index_dir), k=5, rerank=4, nprobe=8))
+    assert report["queries"] == len(queries)
+    found = read_neighbours(tmp_path / "out")
+    truth = exact_neighbours(vectors, queries, 5)
+    ids = sorted(found)
+    assert ids[0] == 10_000_000 and len(ids) == len(queries)
+    assert recall_at_k([found[i] for i in ids], truth.tolist(), 5) >= 0.97
+
+
+def test_join_exclude_self_by_id_on_overlapping_queries(make_config, dataset_dir, vectors, tmp_path):
+    index_dir = tmp_path / "idx"
+    run(make_config(input=str(dataset_dir), index_dir=str(index_dir), output=str(tmp_path / "first"), k=3, index_key="Flat"))
+    write_shards(tmp_path / "q", vectors[:100], shards=1)  # same ids and vectors as indexed rows
+    join(make_config(input=str(tmp_path / "q"), index_dir=str(index_dir), k=3, exclude_self=True))
+    found = read_neighbours(tmp_path / "out")
+    truth = exact_neighbours(vectors, vectors[:100], 4)
+    assert all(found[i] == [t for t in truth[i] if t != i][:3] for i in range(100))
