@@ -1,0 +1,155 @@
+"""Crash and resume: kill -9 mid-fill and mid-join, then re-run; changed settings are refused."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ResumeError, run
+from pipeline.sample_data import clustered_vectors, write_shards
+
+ROWS, DIM, GROUP = 12_000, 32, 100  # 120 pieces of one 100-row group each
+
+
+@pytest.fixture(scope="module")
+def many_pieces(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    d = tmp_path_factory.mktemp("many")
+    write_shards(d, clustered_vectors(ROWS, DIM, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
+    return d
+
+
+def command(data: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
+            "--exclude-self", "--partition-size", str(GROUP * DIM * 4), "--workers", "1", "--threads-per-worker", "1",
+            *extra]
+
+
+def kill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
+    """Start ``cmd`` in its own process group and SIGKILL the whole group once ``ready()``."""
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + timeout
+    try:
+        while not ready():
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.01)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def finish(cmd: list[str]) -> str:
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    return proc.stderr
+
+
+def neighbours(out: Path) -> dict:
+    t = pq.read_table(out / "neighbors")
+    q = t.column("query_id").to_pylist()
+    assert len(q) == len(set(q)) == ROWS, "duplicate or missing query rows"
+    return dict(zip(q, t.column("neighbor_id").to_pylist()))
+
+
+def recorded(manifest: Path, stage: str) -> dict:
+    return json.loads(manifest.read_text())["stages"].get(stage, {}).get("pieces", {})
+
+
+def test_kill_mid_join_then_resume(many_pieces, tmp_path):
+    out = tmp_path / "out"
+    cmd = command(many_pieces, out, "--index-key", "Flat")
+    parts = out / "neighbors"
+    kill_when(cmd, lambda: len(recorded_safe(out / "manifest.json", "join")) >= 20)
+    assert not (out / "_SUCCESS").exists()
+    done = recorded(out / "manifest.json", "join")
+    assert 20 <= len(done) < ROWS // GROUP
+    before = {p: os.stat(p).st_mtime_ns for p, _ in (files[0] for files in done.values())}
+    log = finish(cmd)
+    assert (out / "_SUCCESS").exists()
+    after = {p: os.stat(p).st_mtime_ns for p in before}
+    assert before == after, "finished pieces were recomputed"
+    assert re.search(rf"join: {ROWS - len(done) * GROUP:,}/{ROWS - len(done) * GROUP:,} rows", log)
+    assert len(list(parts.glob("part-*.parquet"))) == ROWS // GROUP
+    clean = tmp_path / "clean"
+    finish(command(many_pieces, clean, "--index-key", "Flat"))
+    assert neighbours(out) == neighbours(clean)
+
+
+def test_kill_mid_fill_then_resume(many_pieces, tmp_path):
+    out = tmp_path / "out"
+    # IVF-Flat probing every list is exact, so the resumed output must equal a clean run's
+    cmd = command(many_pieces, out, "--index-key", "IVF64,Flat", "--nprobe", "64", "--rerank", "0")
+    kill_when(cmd, lambda: len(recorded_safe(out / "index" / "manifest.json", "fill")) >= 20)
+    assert not (out / "index" / "index.faiss").exists()
+    done = recorded(out / "index" / "manifest.json", "fill")
+    log = finish(cmd)
+    left = ROWS - len(done) * GROUP
+    assert re.search(rf"fill: {left:,}/{left:,} rows", log), log
+    assert "scan:" not in log  # the scan finished before the kill and is not repeated
+    clean = tmp_path / "clean"
+    finish(command(many_pieces, clean, "--index-key", "IVF64,Flat", "--nprobe", "64", "--rerank", "0"))
+    assert neighbours(out) == neighbours(clean)
+
+
+def recorded_safe(manifest: Path, stage: str) -> dict:
+    try:
+        return recorded(manifest, stage)
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def test_rerun_of_finished_job_is_a_no_op(make_config, dataset_dir, tmp_path):
+    config = make_config(input=str(dataset_dir), k=5, index_key="Flat")
+    run(config)
+    part = next((tmp_path / "out" / "neighbors").glob("part-*.parquet"))
+    stamp = part.stat().st_mtime_ns
+    run(config)
+    assert part.stat().st_mtime_ns == stamp
+
+
+def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir, tmp_path):
+    run(make_config(input=str(dataset_dir), k=5, index_key="Flat"))
+    with pytest.raises(ResumeError, match=r"neighbour table made from other input or settings \(k: 5 -> 3\); pass --overwrite"):
+        run(make_config(input=str(dataset_dir), k=3, index_key="Flat"))
+    with pytest.raises(ResumeError, match=r"index made from other input or settings \(index_key: 'Flat' -> 'IVF16,Flat'\)"):
+        run(make_config(input=str(dataset_dir), k=5, index_key="IVF16,Flat"))
+    report = run(make_config(input=str(dataset_dir), k=3, index_key="IVF16,Flat", overwrite=True))
+    assert report["index"]["key"] == "IVF16,Flat"
+    t = pq.read_table(tmp_path / "out" / "neighbors")
+    assert len(t) == 6000 and all(len(n) == 3 for n in t.column("neighbor_id").to_pylist())
+
+
+def test_changed_input_is_refused(make_config, tmp_path):
+    data = tmp_path / "d"
+    x = clustered_vectors(300, DIM, clusters=3, seed=2)
+    write_shards(data, x, shards=2)
+    run(make_config(input=str(data), k=2))
+    write_shards(data, x[::-1].copy(), shards=2)  # same names, new content
+    with pytest.raises(ResumeError, match=r"input files: .*part-00000\.parquet changed"):
+        run(make_config(input=str(data), k=2))
+
+
+def test_non_empty_directory_without_manifest_is_refused(make_config, dataset_dir, tmp_path):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "precious.txt").write_text("keep me")
+    with pytest.raises(ResumeError, match="is not empty and has no manifest.json"):
+        run(make_config(input=str(dataset_dir), k=2))
+    assert (tmp_path / "out" / "precious.txt").exists()
+
+
+def test_stale_temp_files_are_cleared(make_config, dataset_dir, tmp_path):
+    config = make_config(input=str(dataset_dir), k=2, index_key="Flat")
+    run(config)
+    stale = tmp_path / "out" / "neighbors" / "part-00000.parquet.tmp-deadbeef"
+    stale.write_bytes(b"half a file")
+    run(config)
+    assert not stale.exists()
