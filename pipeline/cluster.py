@@ -46,10 +46,12 @@ def dask_client(spec: ClusterSpec) -> Iterator[tuple[Client, ClusterInfo]]:
             yield client, ClusterInfo(n, spec.threads_per_worker, client.dashboard_link)
         return
     workers, threads = local_layout(spec)
+    # one worker gains nothing from its own process (FAISS and NumPy release the GIL) and would
+    # cost a nanny and a second interpreter; several workers get a process each
     with LocalCluster(
         n_workers=workers,
         threads_per_worker=1,
-        processes=True,
+        processes=workers > 1,
         memory_limit=spec.memory_limit,
         dashboard_address=":0",
         silence_logs=logging.ERROR,

@@ -1,8 +1,8 @@
 """Row stores written by the scan: per-piece float32 vectors (``.npy``) and ids (Arrow IPC).
 
 Everything after the scan (training sample, fill, join queries, exact re-ranking, ground truth)
-reads these instead of re-parsing Parquet. Rows are addressed by global row number; a gather
-groups the requested rows by piece and reads each piece file once, memory-mapped.
+reads these instead of re-parsing Parquet. Whole pieces are read with plain reads; gathers by
+global row number (re-ranking, samples) go through memory maps kept open per process.
 """
 
 from __future__ import annotations
@@ -50,8 +50,8 @@ class RowStore:
 
     # reading -----------------------------------------------------------------------------
     def vectors(self, piece: int) -> np.ndarray:
-        """One piece's vectors, memory-mapped read-only."""
-        return _open_npy(*_stamp(self.vectors_path(piece)))
+        """One piece's vectors, read into memory (a plain read: nothing stays mapped)."""
+        return np.load(self.vectors_path(piece))
 
     def ids(self, piece: int) -> pa.Array:
         """One piece's ids as an Arrow array (memory-mapped)."""
@@ -64,19 +64,25 @@ class RowStore:
         return rows, np.searchsorted(self.starts, rows, side="right") - 1
 
     def gather_vectors(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors of the given global rows (any order, repeats allowed), shape ``rows.shape + (d,)``."""
+        """Vectors of the given global rows (any order, repeats allowed), shape ``rows.shape + (d,)``.
+
+        Each distinct row is read once (k-NN candidates repeat a lot) through a memory map of its
+        piece file, kept open per process: page faults are paid once, and the pages are the
+        shared, reclaimable page cache rather than private memory.
+        """
         shape = np.shape(rows)
-        flat, piece_of = self._group(rows)
-        out: np.ndarray | None = None
-        for p in np.unique(piece_of):
+        flat, _ = self._group(rows)
+        unique, inverse = np.unique(flat, return_inverse=True)
+        piece_of = np.searchsorted(self.starts, unique, side="right") - 1
+        vecs: np.ndarray | None = None
+        for p in np.unique(piece_of) if unique.size else [0]:
+            mm = _open_npy(*_stamp(self.vectors_path(int(p))))
+            if vecs is None:
+                vecs = np.empty((unique.size, mm.shape[1]), dtype=np.float32)
             sel = piece_of == p
-            mm = self.vectors(int(p))
-            if out is None:
-                out = np.empty((flat.size, mm.shape[1]), dtype=np.float32)
-            out[sel] = mm[flat[sel] - self.starts[p]]
-        if out is None:
-            out = np.empty((0, self.vectors(0).shape[1]), dtype=np.float32)
-        return out.reshape(*shape, -1)
+            vecs[sel] = mm[unique[sel] - self.starts[p]]
+        assert vecs is not None
+        return vecs[inverse].reshape(*shape, vecs.shape[1])
 
     def gather_ids(self, rows: np.ndarray) -> pa.Array:
         """Ids of the given global rows (flattened, in the given order)."""
@@ -100,7 +106,7 @@ def _stamp(path: Path) -> tuple[str, int, int]:
     return str(path), st.st_mtime_ns, st.st_size
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=1024)
 def _open_npy(path: str, mtime_ns: int, size: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
