@@ -226,6 +226,8 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
             close = difflib.get_close_matches(key, KEYS, n=1)
             hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
             raise ConfigError(f"{source}: unknown key {raw_key!r}{hint}")
+        if value is None:  # YAML null: unset, the default applies
+            continue
         section, name, parser, _ = KEYS[key]
         sections[section][name] = parser(key, value)
     top = sections.pop("")

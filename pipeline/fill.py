@@ -1,14 +1,15 @@
 """Filling the trained index: pieces encoded in parallel on the workers, merged once.
 
-Three ways, chosen from the index type:
+Four ways, chosen from the index type:
 
 * ``ondisk``: IVF indexes with plain inverted lists. Each piece becomes a partial index holding
   its global rows as ids; their lists are merged into ``index.ivfdata``, memory-mapped by every
   reader, so worker processes on a node share one copy through the page cache.
-* ``memory``: IVF indexes whose lists cannot live on disk (fast-scan's blocked lists, IVFPQR):
-  partial indexes are built the same way and merged in memory with ``merge_from``.
-* ``serial``: every other index (Flat, HNSW, PQ, ...) is filled by one task adding pieces in row
-  order, so positions equal global rows.
+* ``fastscan``: ``IVFn,PQmx4fs``. Pieces are encoded with the plain 4-bit ``IndexIVFPQ`` twin
+  (see :func:`pipeline.indexing.encoding_key`), merged in memory, and converted to fast-scan once.
+* ``memory``: IVFPQR, whose lists cannot live on disk: merged in memory with ``merge_from``.
+* ``serial``: every other index (Flat, HNSW, PQ, other fast-scan layouts, ...) is filled by one
+  task adding pieces in row order, so positions equal global rows.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from faiss.contrib.ondisk import merge_ondisk
 
 from .atomic import atomic_path
 from .backends import backend_named
-from .indexing import ivf_of
+from .indexing import encoding_key, ivf_of
 from .manifest import Manifest
 from .progress import Progress, run_tasks
 from .shards import Piece
@@ -36,14 +37,14 @@ __all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
 log = logging.getLogger(__name__)
 
 
-def fill_mode(index: faiss.Index) -> str:
-    ivf = ivf_of(index)
-    if ivf is None:
+def fill_mode(key: str, encoder: faiss.Index) -> str:
+    """How to fill an index of ``key`` whose pieces are encoded by ``encoder`` (see module doc)."""
+    ivf = ivf_of(encoder)
+    if ivf is None or not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
         return "serial"
-    plain_lists = isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists)
-    if plain_lists and not isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQR):
-        return "ondisk"
-    return "memory"
+    if key != encoding_key(key):
+        return "fastscan"
+    return "memory" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQR) else "ondisk"
 
 
 @lru_cache(maxsize=8)
@@ -104,6 +105,8 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
     else:
         for part in parts:
             index.merge_from(faiss.read_index(part), 0)
+        if mode == "fastscan":
+            index = faiss.IndexIVFPQFastScan(index)
     _write(index, d / "index.faiss")
     return int(index.ntotal)
 

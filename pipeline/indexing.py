@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import math
+import re
 
 import faiss
 import numpy as np
@@ -23,6 +24,7 @@ import numpy as np
 from .errors import ConfigError
 
 __all__ = [
+    "encoding_key",
     "default_index_key",
     "make_index",
     "ivf_of",
@@ -59,6 +61,20 @@ def default_index_key(n: int, d: int) -> str:
         nlist //= 2
     codes = f"PQ{d // 2}x4fs" if d % 2 == 0 else "SQ8"
     return f"IVF{nlist},{codes}"
+
+
+_FASTSCAN_IVFPQ = re.compile(r"^(IVF\d+[^,]*,PQ\d+)x4fs$")
+
+
+def encoding_key(key: str) -> str:
+    """The key trained and filled for ``key``: fast-scan IVF-PQ is encoded as plain 4-bit IVF-PQ.
+
+    Fast-scan's blocked inverted lists cannot be merged safely (``merge_from`` crashed merging 8
+    partial ``IVF2048,PQ64x4fs`` indexes), so pieces are encoded with the ``IndexIVFPQ`` twin
+    (same quantizers, same codes), merged, and converted to fast-scan once at the end.
+    """
+    match = _FASTSCAN_IVFPQ.match(key)
+    return f"{match.group(1)}x4" if match else key
 
 
 def make_index(key: str, d: int, metric: str) -> faiss.Index:

@@ -1,0 +1,86 @@
+"""Config: YAML keys equal flag names, flags override the file, bad values are refused clearly."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ConfigError, load_config, parse_config
+from pipeline.cli import build_parser
+from pipeline.config import KEYS, dump_config
+
+
+def test_yaml_then_flags(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text("input: data/\nk: 7\nmetric: l2\nindex_key: IVF64,PQ8\nnprobe: 4\nexclude_self: true\npartition_size: 64MiB\n")
+    config = load_config(cfg, {"k": "12", "nprobe": None, "exclude_self": None})
+    assert config.search.k == 12  # flag wins
+    assert config.search.nprobe == 4 and config.search.exclude_self  # unset flags keep the file's
+    assert config.index.metric == "l2" and config.index.key == "IVF64,PQ8"
+    assert config.partition_bytes == 64 * 2**20
+    assert config.data.paths == ("data/",)
+
+
+def test_every_key_is_a_flag_of_run():
+    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions}
+    assert set(KEYS) <= flags
+
+
+def test_dumped_config_loads_back(tmp_path):
+    config = parse_config({"input": ["a", "b"], "k": 3, "rerank": 0, "memory_limit": "2GiB", "exclude_self": True})
+    (tmp_path / "c.yaml").write_text(dump_config(config))
+    assert load_config(tmp_path / "c.yaml", {}) == config
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"kk": 3}, r"unknown key 'kk'; did you mean 'k'\?"),
+        ({"k": 0}, r"k: must be >= 1, got 0"),
+        ({"k": "ten"}, r"k: expected an integer, got 'ten'"),
+        ({"k": 2.5}, r"k: expected an integer, got 2.5"),
+        ({"metric": "dot"}, r"metric: expected one of l2, ip, cosine; got 'dot'"),
+        ({"device": "tpu"}, r"device: expected one of auto, cpu, gpu"),
+        ({"exclude_self": "maybe"}, r"exclude_self: expected true or false"),
+        ({"partition_size": "lots"}, r"partition_size: expected a size such as '128MiB'"),
+        ({"memory_limit": "-1"}, r"memory_limit"),
+        ({"rerank": -1}, r"rerank: must be >= 0"),
+    ],
+)
+def test_bad_values(values, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_config(values)
+
+
+def test_auto_values():
+    config = parse_config({"nprobe": "auto", "rerank": "auto", "workers": "auto", "index_key": "AUTO"})
+    assert config.search.nprobe is None and config.search.rerank is None and config.cluster.workers is None
+    assert config.index.key == "auto"
+
+
+def test_yaml_must_be_a_mapping(tmp_path):
+    (tmp_path / "c.yaml").write_text("- k\n- 3\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(tmp_path / "c.yaml", {})
+
+
+def test_yaml_is_loaded_safely(tmp_path):
+    (tmp_path / "c.yaml").write_text("k: !!python/object/apply:os.system ['echo pwned']\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(tmp_path / "c.yaml", {})
+
+
+def test_cli_run_with_config_file_and_embedded_cluster(tmp_path, dataset_dir):
+    """The user's path: a YAML file, a flag on top, the tool's own LocalCluster."""
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: {dataset_dir}\noutput: {tmp_path / 'out'}\nk: 3\nexclude_self: true\nindex_key: Flat\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--k", "4"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "local Dask cluster: " in proc.stderr and "dashboard http" in proc.stderr
+    assert "join: 6,000/6,000 rows (100%)" in proc.stderr and "rows/s" in proc.stderr
+    table = pq.read_table(tmp_path / "out" / "neighbors")
+    assert len(table) == 6000 and all(len(n) == 4 for n in table.column("neighbor_id").to_pylist())

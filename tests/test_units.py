@@ -1,0 +1,133 @@
+"""Unit checks of the pieces the spine relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pytest
+from distributed import Client
+
+from pipeline.evaluate import exact_knn, merge_topk, recall_at_k
+from pipeline.ids import duplicate_rows, id_keys, write_key_buckets
+from pipeline.indexing import default_index_key, default_nprobe, make_index
+from pipeline.sampling import sample_rows
+from pipeline.shards import plan_dataset
+from pipeline.store import RowStore
+from pipeline.cluster import local_layout
+from pipeline.config import ClusterSpec
+
+from .conftest import exact_neighbours
+
+
+def test_sample_is_seeded_uniform_and_spans_all_shards():
+    a, b = sample_rows(100_000, 5_000, seed=3), sample_rows(100_000, 5_000, seed=3)
+    assert np.array_equal(a, b) and len(np.unique(a)) == 5_000
+    counts = np.bincount(a // 25_000, minlength=4)  # four "shards" of 25k rows
+    assert counts.min() > 1_100  # ~1,250 each, not all from the first
+    assert not np.array_equal(a, sample_rows(100_000, 5_000, seed=4))
+    assert np.array_equal(sample_rows(10, 20, seed=0), np.arange(10))
+
+
+def test_string_keys_distinguish_and_repeat():
+    ids = pa.array(["a", "b", "", "ab", "ba", "a", "long-" * 50])
+    keys = id_keys(ids)
+    assert keys[0] == keys[5]
+    assert len(set(keys.tolist())) == 6
+    assert id_keys(ids.slice(3, 2)).tolist() == keys[3:5].tolist()
+
+
+def test_duplicate_buckets_find_repeats_across_pieces(tmp_path):
+    first = pa.array(np.arange(0, 1000, dtype=np.int64))
+    second = pa.array(np.arange(990, 1500, dtype=np.int64))
+    write_key_buckets(id_keys(first), 0, 3, tmp_path, 0)
+    write_key_buckets(id_keys(second), 1000, 3, tmp_path, 1)
+    groups = [g for b in range(3) for g in duplicate_rows(tmp_path / f"b{b:04d}", limit=100)]
+    assert sorted(tuple(sorted(g)) for g in groups) == [(990 + i, 1000 + i) for i in range(10)]
+
+
+def test_exact_knn_matches_brute_force(dask_address, dataset_dir, vectors, tmp_path):
+    ds = plan_dataset([str(dataset_dir)], "id", "embedding", 1 << 30)
+    store = RowStore(tmp_path / "store", ds.starts, ds.total_rows)
+    from pipeline.shards import read_piece
+
+    for p in ds.pieces:
+        ids, x = read_piece(p, "id", "embedding", ds.dim)
+        store.write_piece(p.index, ids, x)
+    queries = vectors[::97]
+    with Client(dask_address) as client:
+        scores, rows = exact_knn(client, store, len(ds.pieces), queries, 7, "l2")
+    truth = exact_neighbours(vectors, queries, 7, metric="l2")
+    assert recall_at_k(rows.tolist(), truth.tolist(), 7) == 1.0
+    assert np.all(np.diff(scores, axis=1) >= 0)  # squared distances ascending
+    np.testing.assert_allclose(scores[:, 0], ((vectors[rows[:, 0]] - queries) ** 2).sum(1), rtol=1e-4, atol=1e-3)
+
+
+def test_merge_topk_is_exact():
+    rng = np.random.default_rng(0)
+    scores = rng.random((5, 30))
+    parts = [(scores[:, i : i + 10], np.tile(np.arange(i, i + 10), (5, 1))) for i in (0, 10, 20)]
+    top, rows = merge_topk(parts, 4)
+    assert np.array_equal(rows, np.argsort(-scores, axis=1)[:, :4])
+
+
+def test_gather_keeps_order_and_repeats(tmp_path):
+    store = RowStore(tmp_path, np.array([0, 3]), 5)
+    store.write_piece(0, pa.array(["a", "b", "c"]), np.arange(6, dtype=np.float32).reshape(3, 2))
+    store.write_piece(1, pa.array(["d", "e"]), np.arange(6, 10, dtype=np.float32).reshape(2, 2))
+    rows = np.array([[4, 0], [0, 2]])
+    assert store.gather_vectors(rows)[..., 0].tolist() == [[8.0, 0.0], [0.0, 4.0]]
+    assert store.gather_ids(rows).to_pylist() == ["e", "a", "a", "c"]
+    with pytest.raises(IndexError):
+        store.gather_vectors(np.array([5]))
+
+
+@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (30_000, 384, "IVF256,PQ192x4fs"),
+                                       (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8")])
+def test_default_index_rule(n, d, key):
+    assert default_index_key(n, d) == key
+    make_index(key, d, "cosine")  # a valid factory string
+
+
+def test_default_nprobe():
+    assert default_nprobe(256) == 64 and default_nprobe(16) == 16
+
+
+def test_local_layout():
+    assert local_layout(ClusterSpec(), cpus=2) == (1, 2)
+    assert local_layout(ClusterSpec(), cpus=16) == (4, 4)
+    assert local_layout(ClusterSpec(workers=3, threads_per_worker=2), cpus=16) == (3, 2)
+
+
+@pytest.mark.parametrize("key, enc, mode", [
+    ("IVF64,PQ8x4fs", "IVF64,PQ8x4", "fastscan"),
+    ("IVF64,PQ8", "IVF64,PQ8", "ondisk"),
+    ("IVF64,Flat", "IVF64,Flat", "ondisk"),
+    ("IVF64,PQ8+16", "IVF64,PQ8+16", "memory"),
+    ("PCA32,IVF64,PQ8x4fs", "PCA32,IVF64,PQ8x4fs", "serial"),
+    ("Flat", "Flat", "serial"),
+    ("HNSW16", "HNSW16", "serial"),
+])
+def test_fill_modes(key, enc, mode):
+    from pipeline.fill import fill_mode
+    from pipeline.indexing import encoding_key
+
+    assert encoding_key(key) == enc
+    assert fill_mode(key, make_index(enc, 32, "l2")) == mode
+
+
+@pytest.mark.parametrize("key, metric", [("IVF32,PQ32x4fs", "cosine"), ("IVF32,PQ8+16", "l2"),  # IVFPQR: L2 only
+                                         ("HNSW16", "cosine"), ("PCA32,IVF32,PQ32x4fs", "cosine")])
+def test_every_fill_mode_end_to_end(make_config, dataset_dir, vectors, key, metric, tmp_path):
+    """Each fill path gives a complete index whose neighbours (re-ranked) match exact search."""
+    import pyarrow.parquet as pq
+
+    from pipeline import run
+
+    report = run(make_config(input=str(dataset_dir), k=5, exclude_self=True, index_key=key, rerank=8, metric=metric,
+                             **({"nprobe": 32} if key.startswith(("IVF", "OPQ")) else {})))
+    assert report["index"]["ntotal"] == len(vectors)
+    t = pq.read_table(tmp_path / "out" / "neighbors")
+    found = dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
+    sample = np.arange(0, len(vectors), 37)
+    truth = exact_neighbours(vectors, vectors[sample], 6, metric=metric)
+    assert recall_at_k([found[int(q)] for q in sample], [[r for r in row if r != q][:5] for row, q in zip(truth.tolist(), sample)], 5) >= 0.95
