@@ -98,41 +98,24 @@ def _auto(value: Any) -> bool:
     return value is None or (isinstance(value, str) and value.strip().lower() == "auto")
 
 
-def _int(key: str, value: Any, *, minimum: int, allow_auto: bool) -> int | None:
-    if allow_auto and _auto(value):
-        return None
-    if isinstance(value, bool):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    try:
-        out = int(value)
-    except (TypeError, ValueError):
-        hint = " or 'auto'" if allow_auto else ""
-        raise ConfigError(f"{key}: expected an integer{hint}, got {value!r}") from None
-    if out != value and not isinstance(value, str):
-        raise ConfigError(f"{key}: expected an integer, got {value!r}")
-    if out < minimum:
-        raise ConfigError(f"{key}: must be >= {minimum}, got {out}")
-    return out
+def _integer(minimum: int, auto: bool = False) -> Callable[[str, Any], Any]:
+    """A parser of integers >= ``minimum`` (and of ``auto``/null as None when ``auto``)."""
 
+    def parse(key: str, value: Any) -> int | None:
+        if auto and _auto(value):
+            return None
+        hint = " or 'auto'" if auto else ""
+        try:
+            out = int(value)
+        except (TypeError, ValueError):
+            out = None
+        if out is None or isinstance(value, bool) or (out != value and not isinstance(value, str)):
+            raise ConfigError(f"{key}: expected an integer{hint}, got {value!r}")
+        if out < minimum:
+            raise ConfigError(f"{key}: must be >= {minimum}, got {out}")
+        return out
 
-def _pos(key: str, v: Any) -> int:
-    out = _int(key, v, minimum=1, allow_auto=False)
-    assert out is not None
-    return out
-
-
-def _pos_or_auto(key: str, v: Any) -> int | None:
-    return _int(key, v, minimum=1, allow_auto=True)
-
-
-def _nonneg(key: str, v: Any) -> int:
-    out = _int(key, v, minimum=0, allow_auto=False)
-    assert out is not None
-    return out
-
-
-def _nonneg_or_auto(key: str, v: Any) -> int | None:
-    return _int(key, v, minimum=0, allow_auto=True)
+    return parse
 
 
 def _bool(key: str, v: Any) -> bool:
@@ -199,15 +182,15 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "vector_column": ("data", "vector_column", _str, "column holding the vectors (list of float)"),
     "metric": ("index", "metric", _choice(*METRICS), "l2, ip or cosine"),
     "index_key": ("index", "key", _index_key, "FAISS index_factory string, or auto"),
-    "sample_size": ("index", "sample_size", _pos_or_auto, "training sample rows, or auto"),
-    "seed": ("index", "seed", _nonneg, "seed for sampling and training"),
-    "k": ("search", "k", _pos, "neighbours per query"),
-    "nprobe": ("search", "nprobe", _pos_or_auto, "inverted lists probed per query, or auto"),
-    "rerank": ("search", "rerank", _nonneg_or_auto, "re-rank k*FACTOR candidates exactly (0 = off)"),
+    "sample_size": ("index", "sample_size", _integer(1, auto=True), "training sample rows, or auto"),
+    "seed": ("index", "seed", _integer(0), "seed for sampling and training"),
+    "k": ("search", "k", _integer(1), "neighbours per query"),
+    "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
+    "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),
     "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
     "device": ("cluster", "device", _choice(*DEVICES), "auto, cpu or gpu"),
-    "workers": ("cluster", "workers", _pos_or_auto, "Dask worker processes, or auto"),
-    "threads_per_worker": ("cluster", "threads_per_worker", _pos_or_auto, "FAISS threads per worker"),
+    "workers": ("cluster", "workers", _integer(1, auto=True), "Dask worker processes, or auto"),
+    "threads_per_worker": ("cluster", "threads_per_worker", _integer(1, auto=True), "FAISS threads per worker"),
     "memory_limit": ("cluster", "memory_limit", _memory, "memory limit per worker, e.g. 4GiB"),
     "scheduler_address": ("cluster", "scheduler_address", _opt_str, "join this Dask scheduler"),
     "output": ("", "output", _opt_str, "output directory"),

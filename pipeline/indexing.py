@@ -19,7 +19,6 @@ import math
 import re
 
 import faiss
-import numpy as np
 
 from .errors import ConfigError
 

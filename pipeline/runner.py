@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import faiss
+import numpy as np
 
 from .atomic import atomic_path, write_json
-from .backends import select_backend
+from .backends import backend_named, select_backend
 from .cluster import ClusterInfo, dask_client
 from .config import Config, IndexSpec, SearchSpec, dump_config
 from .errors import ConfigError, InputError, PipelineError
@@ -26,6 +27,7 @@ from .indexing import (
     default_nprobe,
     default_rerank,
     encoding_key,
+    ivf_of,
     make_index,
     nlist_of,
     training_rows,
@@ -87,10 +89,7 @@ def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int)
             )
 
 
-def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: Any, seed: int, out: str, backend: str, threads: int | None) -> None:
-    from .backends import backend_named
-    from .indexing import ivf_of
-
+def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: np.ndarray, seed: int, out: str, backend: str, threads: int | None) -> None:
     be = backend_named(backend)
     if threads:
         be.set_threads(threads)
@@ -174,8 +173,6 @@ def open_index(index_dir: Path) -> BuiltIndex:
     dataset = Dataset(files=(), pieces=(), id_column=ident["input"]["id_column"],
                       vector_column=ident["input"]["vector_column"], dim=info["dim"], id_kind="",
                       total_rows=info["ntotal"])
-    import numpy as np
-
     store = RowStore(index_dir / "store", np.array(info["starts"], dtype=np.int64), info["ntotal"])
     log.info("index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files))
     return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],

@@ -6,13 +6,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, DeviceError, InputError, build, join, run
-from pipeline.sample_data import clustered_vectors, write_shards
+from pipeline.sample_data import clustered_vectors
 
 DIM = 8
 
