@@ -60,6 +60,8 @@ class SearchSpec:
     nprobe: int | None = None
     rerank: int | None = None
     exclude_self: bool = False
+    target_recall: float | None = None  # tune nprobe/rerank on a sample to reach this recall@k
+    recall_queries: int = 1000  # sample size for measuring (and tuning) recall; 0 = off
 
 
 @dataclass(frozen=True)
@@ -116,6 +118,18 @@ def _integer(minimum: int, auto: bool = False) -> Callable[[str, Any], Any]:
         return out
 
     return parse
+
+
+def _fraction(key: str, v: Any) -> float | None:
+    if _auto(v) or (isinstance(v, str) and v.strip().lower() == "off"):
+        return None
+    try:
+        out = float(v)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}: expected a recall between 0 and 1 (e.g. 0.95), got {v!r}") from None
+    if not 0.0 < out <= 1.0 or isinstance(v, bool):
+        raise ConfigError(f"{key}: expected a recall between 0 and 1 (e.g. 0.95), got {v!r}")
+    return out
 
 
 def _bool(key: str, v: Any) -> bool:
@@ -188,6 +202,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
     "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),
     "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
+    "target_recall": ("search", "target_recall", _fraction, "tune nprobe/rerank on a sample to reach this recall@k"),
+    "recall_queries": ("search", "recall_queries", _integer(0), "queries sampled to measure recall (0 = off)"),
     "device": ("cluster", "device", _choice(*DEVICES), "auto, cpu or gpu"),
     "workers": ("cluster", "workers", _integer(1, auto=True), "Dask worker processes, or auto"),
     "threads_per_worker": ("cluster", "threads_per_worker", _integer(1, auto=True), "FAISS threads per worker"),

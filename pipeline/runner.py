@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from .sampling import load_sample, sample_rows
 from .scan import scan_dataset
 from .shards import Dataset, plan_dataset
 from .store import RowStore
+from .tuning import choose, draw_sample, settings_grid, sweep
 
 __all__ = ["BuiltIndex", "build", "join", "run"]
 
@@ -196,10 +197,14 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
             f"--metric {config.index.metric}: the index in {built.dir} was built with metric {built.metric}; "
             "drop --metric or rebuild the index"
         )
+    s = config.search
+    if s.target_recall is not None and s.nprobe is not None:
+        raise ConfigError("--target-recall chooses nprobe itself: give either --nprobe or --target-recall, not both")
     plan = _search_plan(config, built, queries is None, backend, cluster.faiss_threads)
     identity = {
         "index": built.identity, "queries": "self" if queries is None else queries.fingerprint(),
-        "k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self,
+        "k": s.k, "nprobe": s.nprobe, "rerank": s.rerank, "exclude_self": s.exclude_self,
+        "target_recall": s.target_recall, "recall_queries": s.recall_queries,
     }
     keep = built.dir.name if built.dir.parent.resolve() == output.resolve() else None
     manifest = Manifest(output)
@@ -223,6 +228,12 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
             )
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
+    recall: dict[str, Any] | None = None
+    if s.recall_queries or s.target_recall is not None:
+        t0 = time.monotonic()
+        recall = _measure_recall(client, config, built, query_store, plan, manifest)
+        plan = replace(plan, nprobe=recall["nprobe"], rerank=recall["rerank"])
+        timings.add("recall", time.monotonic() - t0)
     log.info("join: %d queries, k=%d, nprobe=%s, rerank=%s, exclude_self=%s", n_queries, plan.k, plan.nprobe,
              plan.rerank, plan.exclude_self)
     seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim)
@@ -233,8 +244,46 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self},
         "queries": n_queries,
         "neighbors": str(output / "neighbors"),
+        "recall": recall,
     }
     return summary
+
+
+def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
+                    manifest: Manifest) -> dict[str, Any]:
+    """Tune to ``target_recall`` if asked, and measure the recall of the setting used on held-out queries.
+
+    The result is kept in the manifest: a resumed run reuses the setting rather than re-tuning
+    (timings differ run to run, and the finished pieces were searched with the stored one).
+    """
+    done = manifest.stage_info("recall")
+    if done is not None:
+        return done
+    s = config.search
+    target = s.target_recall
+    n = s.recall_queries or 1000
+    sample = draw_sample(client, built.store, query_store, 2 * n if target else n, plan.k, built.metric,
+                         plan.exclude_self, plan.self_join, config.index.seed)
+    curve = []
+    if target is not None:
+        tune, held = sample.split()
+        rerank_on = plan.rerank > 0
+        curve = sweep(client, plan, built.store, tune, settings_grid(built.nlist, rerank_on))
+        for p in curve:
+            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f  %.0f queries/s", p.nprobe, p.rerank, plan.k, p.recall, p.qps)
+        chosen = choose(curve, target, built.key)
+        plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
+        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning sample)", target,
+                 chosen.nprobe, chosen.rerank, chosen.recall)
+    else:
+        held = sample
+    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+    log.info("recall@%d %.3f measured on %d held-out queries against exact search (nprobe=%s, rerank=%d)",
+             plan.k, measured.recall, measured.queries, plan.nprobe, plan.rerank)
+    result = {"k": plan.k, "recall": round(measured.recall, 4), "queries": measured.queries, "nprobe": plan.nprobe,
+              "rerank": plan.rerank, "target": target, "curve": [p.to_dict() for p in curve]}
+    manifest.finish_stage("recall", result)
+    return result
 
 
 def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:

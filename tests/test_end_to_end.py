@@ -143,3 +143,29 @@ def test_join_exclude_self_by_id_on_overlapping_queries(make_config, dataset_dir
     found = read_neighbours(tmp_path / "out")
     truth = exact_neighbours(vectors, vectors[:100], 4)
     assert all(found[i] == [t for t in truth[i] if t != i][:3] for i in range(100))
+
+
+def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_dir, vectors, tmp_path):
+    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ16",
+                             target_recall=0.95, recall_queries=200))
+    rec = report["recall"]
+    assert rec["target"] == 0.95 and rec["queries"] == 200 and rec["recall"] >= 0.93
+    assert len(rec["curve"]) > 4 and all(p["recall"] < 0.95 for p in rec["curve"] if p["nprobe"] == 1)
+    chosen = [p for p in rec["curve"] if (p["nprobe"], p["rerank"]) == (rec["nprobe"], rec["rerank"])][0]
+    assert chosen["recall"] >= 0.95
+    assert report["search"]["nprobe"] == rec["nprobe"]
+    # the table written agrees with the measurement (independent check on other queries)
+    assert self_recall(tmp_path / "out", vectors) >= 0.93
+
+
+def test_target_recall_out_of_reach_says_what_is_reachable(make_config, dataset_dir):
+    from pipeline.tuning import TargetNotReached
+
+    with pytest.raises(TargetNotReached, match=r"--target-recall 1.0: the best setting swept .* reaches recall@k 0\.\d+ .*to go higher try"):
+        run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,
+                        target_recall=1.0, recall_queries=100))
+
+
+def test_every_run_measures_recall(make_config, dataset_dir):
+    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="Flat", recall_queries=100))
+    assert report["recall"]["recall"] == 1.0 and report["recall"]["queries"] == 100
