@@ -24,6 +24,7 @@ from .errors import ConfigError
 
 __all__ = [
     "encoding_key",
+    "make_encoder",
     "default_index_key",
     "make_index",
     "ivf_of",
@@ -62,7 +63,7 @@ def default_index_key(n: int, d: int) -> str:
     return f"IVF{nlist},{codes}"
 
 
-_FASTSCAN_IVFPQ = re.compile(r"^(IVF\d+[^,]*,PQ\d+)x4fs$")
+_FASTSCAN_IVFPQ = re.compile(r"^(IVF\d+[^,]*,PQ\d+)x4fsr?$")
 
 
 def encoding_key(key: str) -> str:
@@ -74,6 +75,20 @@ def encoding_key(key: str) -> str:
     """
     match = _FASTSCAN_IVFPQ.match(key)
     return f"{match.group(1)}x4" if match else key
+
+
+def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
+    """The empty index trained and filled for ``key`` (see :func:`encoding_key`).
+
+    The twin takes the real index's residual setting: ``PQmx4fs`` encodes raw vectors,
+    ``PQmx4fsr`` residuals, while a plain ``PQmx4`` would default to residuals and silently
+    build a different (3x slower) index than the one asked for.
+    """
+    encoder = make_index(encoding_key(key), d, metric)
+    if encoding_key(key) != key:
+        real = make_index(key, d, metric)  # keep the owner alive while reading its IVF layer
+        faiss.downcast_index(ivf_of(encoder)).by_residual = faiss.downcast_index(ivf_of(real)).by_residual
+    return encoder
 
 
 def make_index(key: str, d: int, metric: str) -> faiss.Index:

@@ -26,8 +26,8 @@ from .indexing import (
     default_index_key,
     default_nprobe,
     default_rerank,
-    encoding_key,
     ivf_of,
+    make_encoder,
     make_index,
     nlist_of,
     training_rows,
@@ -94,7 +94,7 @@ def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: np.ndarr
     be = backend_named(backend)
     if threads:
         be.set_threads(threads)
-    index = make_index(key, dim, metric)
+    index = make_encoder(key, dim, metric)
     ivf = ivf_of(index)
     if ivf is not None:
         ivf.cp.seed = seed
@@ -136,18 +136,17 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         _check_search(search, empty, key, dataset.total_rows)
 
     trained = index_dir / "trained.faiss"
-    enc_key = encoding_key(key)
     if manifest.stage_info("train") is None or not trained.exists():
         t0 = time.monotonic()
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
         rows = sample_rows(dataset.total_rows, n_train, spec.seed)
-        client.submit(_train_task, enc_key, dim, metric, store, rows, spec.seed, str(trained), backend,
+        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), backend,
                       cluster.faiss_threads, pure=False).result()
         manifest.finish_stage("train", {"key": key, "rows": n_train})
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
-    mode = fill_mode(key, make_index(enc_key, dim, metric))
+    mode = fill_mode(key, make_encoder(key, dim, metric))
     ntotal = fill_index(client, trained, store, dataset.pieces, index_dir, manifest, mode, backend,
                         cluster.faiss_threads)
     timings.add("fill", time.monotonic() - t0)

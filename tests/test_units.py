@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -100,6 +101,7 @@ def test_local_layout():
 
 @pytest.mark.parametrize("key, enc, mode", [
     ("IVF64,PQ8x4fs", "IVF64,PQ8x4", "fastscan"),
+    ("IVF64,PQ8x4fsr", "IVF64,PQ8x4", "fastscan"),
     ("IVF64,PQ8", "IVF64,PQ8", "ondisk"),
     ("IVF64,Flat", "IVF64,Flat", "ondisk"),
     ("IVF64,PQ8+16", "IVF64,PQ8+16", "memory"),
@@ -111,8 +113,14 @@ def test_fill_modes(key, enc, mode):
     from pipeline.fill import fill_mode
     from pipeline.indexing import encoding_key
 
+    from pipeline.indexing import ivf_of, make_encoder
+
     assert encoding_key(key) == enc
-    assert fill_mode(key, make_index(enc, 32, "l2")) == mode
+    encoder = make_encoder(key, 32, "l2")
+    assert fill_mode(key, encoder) == mode
+    if mode == "fastscan":  # the twin encodes exactly as the real index would
+        real = make_index(key, 32, "l2")
+        assert faiss.downcast_index(ivf_of(encoder)).by_residual == faiss.downcast_index(ivf_of(real)).by_residual
 
 
 @pytest.mark.parametrize("key, metric", [("IVF32,PQ32x4fs", "cosine"), ("IVF32,PQ8+16", "l2"),  # IVFPQR: L2 only
