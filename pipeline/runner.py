@@ -277,8 +277,9 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
     else:
         held = sample
     measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
-    log.info("recall@%d %.3f measured on %d held-out queries against exact search (nprobe=%s, rerank=%d)",
-             plan.k, measured.recall, measured.queries, plan.nprobe, plan.rerank)
+    log.info("recall@%d %.3f measured on %d %squeries against exact search (nprobe=%s, rerank=%d)",
+             plan.k, measured.recall, measured.queries, "held-out " if target is not None else "sampled ",
+             plan.nprobe, plan.rerank)
     result = {"k": plan.k, "recall": round(measured.recall, 4), "queries": measured.queries, "nprobe": plan.nprobe,
               "rerank": plan.rerank, "target": target, "curve": [p.to_dict() for p in curve]}
     manifest.finish_stage("recall", result)
