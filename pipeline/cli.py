@@ -7,6 +7,7 @@ and the progress display are configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from typing import Sequence
@@ -43,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
         ("build", "build the index only, into --index-dir"),
         ("join", "search the --input queries against an existing --index-dir"),
+        ("evaluate", "recall of --index-dir (or of the table in --output) against exact search on a sample"),
     ):
         _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
@@ -81,7 +83,9 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {key: getattr(args, key) for key in KEYS}
         config = load_config(args.config, overrides)
-        getattr(runner, args.command)(config)
+        result = getattr(runner, args.command)(config)
+        if args.command == "evaluate":
+            print(json.dumps(result, indent=2))
         return 0
     except PipelineError as exc:
         log.error("%s", exc)

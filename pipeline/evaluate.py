@@ -15,7 +15,7 @@ import numpy as np
 from .indexing import FAISS_METRICS
 from .store import RowStore
 
-__all__ = ["exact_knn", "merge_topk", "recall_at_k"]
+__all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary"]
 
 
 def _exact_piece(store: RowStore, piece: int, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
@@ -49,3 +49,27 @@ def recall_at_k(found: np.ndarray | list[Sequence[Any]], truth: np.ndarray | lis
     """Mean share of each query's true ``k`` neighbours present among its first ``k`` found."""
     hits = [len(set(list(f)[:k]) & set(list(t)[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
+                   k: int) -> dict[str, Any]:
+    """recall@1, @10 and @k, and how far inside the true top-k the misses were.
+
+    A miss's *score gap* is the distance between its exact score and the exact k-th score: a small
+    gap means a near-tie at the boundary (cheap to lose), a large one a true neighbour the index
+    did not find.
+    """
+    out: dict[str, Any] = {"queries": len(truth), "k": k}
+    for r in sorted({1, min(10, k), k}):
+        out[f"recall@{r}"] = round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
+    gaps = []
+    for f, t, s in zip(found, truth, truth_scores):
+        got = set(list(f)[:k])
+        kth = s[len(t) - 1] if len(t) else np.nan
+        gaps += [abs(float(s[j]) - float(kth)) for j, tid in enumerate(t) if tid not in got]
+    g = np.asarray(gaps, dtype=np.float64)
+    out["misses"] = int(g.size)
+    if g.size:
+        out["miss_score_gap"] = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
+                                 "max": round(float(g.max()), 5)}
+    return out

@@ -26,6 +26,7 @@ __all__ = [
     "encoding_key",
     "make_encoder",
     "default_index_key",
+    "explain_index_key",
     "make_index",
     "ivf_of",
     "nlist_of",
@@ -89,6 +90,17 @@ def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
         real = make_index(key, d, metric)  # keep the owner alive while reading its IVF layer
         faiss.downcast_index(ivf_of(encoder)).by_residual = faiss.downcast_index(ivf_of(real)).by_residual
     return encoder
+
+
+def explain_index_key(n: int, d: int) -> str:
+    """Why :func:`default_index_key` chose what it chose, for the report."""
+    key = default_index_key(n, d)
+    if key == "Flat":
+        return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
+    nlist = nlist_of(make_index(key, d, "l2"))
+    codes = f"4-bit fast-scan PQ, 2 dims per sub-quantizer ({d // 4} bytes a vector)" if d % 2 == 0 else "SQ8 (odd d)"
+    return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
+            f"list); d={d} -> {codes}; exact re-rank x4 recovers what the codes miss")
 
 
 def make_index(key: str, d: int, metric: str) -> faiss.Index:

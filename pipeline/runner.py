@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from .atomic import atomic_path, write_json
+from .atomic import atomic_path
 from .backends import backend_named, select_backend
 from .cluster import ClusterInfo, dask_client
 from .config import Config, IndexSpec, SearchSpec, dump_config
@@ -24,6 +24,7 @@ from .fill import fill_index, fill_mode
 from .indexing import (
     check_training_rows,
     default_index_key,
+    explain_index_key,
     default_nprobe,
     default_rerank,
     ivf_of,
@@ -34,13 +35,15 @@ from .indexing import (
 )
 from .join import SearchPlan, join_pieces
 from .manifest import Manifest
+from .report import peak_rss, write_report
 from .sampling import load_sample, sample_rows
 from .scan import scan_dataset
 from .shards import Dataset, plan_dataset
 from .store import RowStore
-from .tuning import choose, draw_sample, settings_grid, sweep
+from .evaluate import recall_summary
+from .tuning import choose, draw_sample, search_sample, settings_grid, sweep
 
-__all__ = ["BuiltIndex", "build", "join", "run"]
+__all__ = ["BuiltIndex", "build", "join", "run", "evaluate"]
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +62,7 @@ class BuiltIndex:
     nlist: int | None
     rerank_default: int
     identity: dict[str, Any]
+    why: str = "given by index_key"
 
 
 @dataclass
@@ -153,12 +157,13 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
+    why = explain_index_key(dataset.total_rows, dim) if spec.key == "auto" else "given by index_key"
     info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
-            "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist()}
+            "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
     manifest.finish_stage("index", info)
     log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, index_dir)
     return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, info["nlist"], info["rerank_default"],
-                      manifest.data["identity"])
+                      manifest.data["identity"], why)
 
 
 def open_index(index_dir: Path) -> BuiltIndex:
@@ -176,7 +181,7 @@ def open_index(index_dir: Path) -> BuiltIndex:
     store = RowStore(index_dir / "store", np.array(info["starts"], dtype=np.int64), info["ntotal"])
     log.info("index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files))
     return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],
-                      info["nlist"], info["rerank_default"], ident)
+                      info["nlist"], info["rerank_default"], ident, info.get("why", "given by index_key"))
 
 
 def _search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
@@ -239,11 +244,12 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     timings.add("join", seconds)
     summary = {
         "index": {"dir": str(built.dir), "key": built.key, "ntotal": built.ntotal, "dim": built.dim,
-                  "metric": built.metric, "nlist": built.nlist},
+                  "metric": built.metric, "nlist": built.nlist, "why": built.why},
         "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self},
         "queries": n_queries,
         "neighbors": str(output / "neighbors"),
         "recall": recall,
+        "memory": {"driver_peak_rss": peak_rss(), "workers_peak_rss": client.run(peak_rss)},
     }
     return summary
 
@@ -292,7 +298,7 @@ def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timi
         "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
         "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
     }
-    write_json(output / "report.json", report)
+    write_report(output, report, config.index.seed)
     with atomic_path(output / "_SUCCESS") as tmp:
         tmp.write_text("")
     log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
@@ -339,3 +345,53 @@ def run(config: Config) -> dict[str, Any]:
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary = join_index(client, cluster, config, built, output, backend, timings)
     return _finish(output, config, summary, timings, "run", started)
+
+
+def evaluate(config: Config) -> dict[str, Any]:
+    """``evaluate``: recall@1/@10/@k against exact search on a seeded sample of queries.
+
+    With ``--output`` pointing at a finished ``run`` or ``join``, the neighbour table written there
+    is evaluated; otherwise the index in ``--index-dir`` is searched (its own rows as queries) with
+    the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
+    """
+    import pyarrow.parquet as pq
+
+    index_dir = _require(config.index_dir, "--index-dir", "evaluate")
+    built = open_index(index_dir)
+    n = config.search.recall_queries or 1000
+    backend = select_backend(config.cluster.device).name
+    table = Path(config.output).resolve() / "neighbors" if config.output else None
+    with dask_client(config.cluster) as (client, cluster):
+        if table is not None:
+            manifest = Manifest(table.parent)
+            if manifest.stage_info("join") is None:
+                raise PipelineError(f"{table.parent}: no finished neighbour table here (run `run` or `join` first)")
+            ident = manifest.data["identity"]
+            k, exclude_self = int(ident["k"]), bool(ident["exclude_self"])
+            self_join = ident["queries"] == "self"
+            if self_join:
+                query_store = built.store
+            else:
+                info = manifest.stage_info("scan_queries")
+                query_store = RowStore(table.parent / "_queries", np.array(info["starts"]), info["rows"])
+            sample = draw_sample(client, built.store, query_store, n, k, built.metric, exclude_self, self_join,
+                                 config.index.seed)
+            wanted = sample.ids.to_pylist()
+            found_table = pq.read_table(table, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", wanted)])
+            by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
+            missing = [q for q in wanted if q not in by_id]
+            if missing:
+                raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
+                                    "the table is incomplete: re-run the job that wrote it")
+            found = [by_id[q] for q in wanted]
+            what: dict[str, Any] = {"table": str(table)}
+        else:
+            plan = _search_plan(config, built, True, backend, cluster.faiss_threads)
+            k = plan.k
+            sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
+                                 config.index.seed)
+            found = search_sample(client, plan, built.store, sample)
+            what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
+    summary = {**what, **recall_summary(found, sample.truth, sample.truth_scores, k)}
+    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.items() if key.startswith("recall@")))
+    return summary

@@ -86,7 +86,7 @@ def scan_dataset(client: object, dataset: Dataset, store: RowStore, metric: str,
         )
     _check_duplicates(client, dataset, store, key_dir, nbuckets)
     shutil.rmtree(key_dir, ignore_errors=True)
-    manifest.finish_stage(stage, {"dim": distinct[0], "rows": dataset.total_rows})
+    manifest.finish_stage(stage, {"dim": distinct[0], "rows": dataset.total_rows, "starts": dataset.starts.tolist()})
     return distinct[0]
 
 

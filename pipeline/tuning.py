@@ -16,11 +16,12 @@ from typing import Any, Sequence
 import numpy as np
 
 from .errors import PipelineError
-from .evaluate import exact_knn
+from .evaluate import exact_knn, recall_at_k
 from .join import SearchPlan, _index_for, search_batch
 from .store import RowStore
 
-__all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "choose", "settings_grid", "TargetNotReached"]
+__all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "search_sample", "choose", "settings_grid",
+           "TargetNotReached"]
 
 log = logging.getLogger(__name__)
 
@@ -53,7 +54,7 @@ class RecallSample:
     ids: Any  # pyarrow Array
     rows: np.ndarray | None
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
-    truth_scores: np.ndarray  # exact k-th score per query (for score-gap reports)
+    truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
 
     def split(self) -> tuple["RecallSample", "RecallSample"]:
         half = len(self.truth) // 2
@@ -79,13 +80,13 @@ def draw_sample(
     scores, nbr = exact_knn(client, index_store, len(index_store.starts), vectors, k + extra, metric)
     nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
     own = ids.to_pylist()
-    truth, kth = [], np.empty(n, dtype=np.float32)
+    truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
     for i in range(n):
         row_ids = nbr_ids[i * (k + extra) : (i + 1) * (k + extra)]
         keep = [j for j, v in enumerate(row_ids) if not (exclude_self and v == own[i])][:k]
         truth.append([row_ids[j] for j in keep])
-        kth[i] = scores[i, keep[-1]] if keep else np.nan
-    return RecallSample(vectors, ids, rows if self_join else None, truth, kth)
+        truth_scores[i, : len(keep)] = scores[i, keep]
+    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores)
 
 
 def settings_grid(nlist: int | None, rerank_on: bool, max_nprobe: int = 2048) -> list[tuple[int | None, int]]:
@@ -99,23 +100,28 @@ def settings_grid(nlist: int | None, rerank_on: bool, max_nprobe: int = 2048) ->
     return [(p, f) for p in probes for f in factors]
 
 
+def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> tuple[list[list[Any]], float]:
+    """The sample's neighbour ids under ``plan`` (one list per query) and the search time."""
+    index = _index_for(plan)
+    start = time.perf_counter()
+    offsets, _, nbr_ids = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
+    seconds = time.perf_counter() - start
+    flat = nbr_ids.to_pylist()
+    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)], seconds
+
+
 def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
              settings: Sequence[tuple[int | None, int]]) -> list[TunePoint]:
     points = []
     for nprobe, rerank in settings:
-        p = replace(plan, nprobe=nprobe, rerank=rerank)
-        index = _index_for(p)
-        start = time.perf_counter()
-        offsets, _, nbr_ids = search_batch(index, p, sample.vectors, sample.rows, sample.ids, index_store)
-        seconds = time.perf_counter() - start
-        found = nbr_ids.to_pylist()
-        points.append(TunePoint(nprobe, rerank, recall_of(found, offsets, sample.truth, p.k), seconds, len(sample.truth)))
+        found, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
+        points.append(TunePoint(nprobe, rerank, recall_at_k(found, sample.truth, plan.k), seconds, len(sample.truth)))
     return points
 
 
-def recall_of(found: list[Any], offsets: np.ndarray, truth: list[list[Any]], k: int) -> float:
-    hits = [len(set(found[offsets[i] : offsets[i + 1]][:k]) & set(t)) / max(1, len(t)) for i, t in enumerate(truth)]
-    return float(np.mean(hits)) if hits else float("nan")
+def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> list[list[Any]]:
+    """Neighbour ids of the sample's queries under ``plan``, searched on a worker."""
+    return client.submit(_search, plan, index_store, sample, pure=False).result()[0]
 
 
 def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample,

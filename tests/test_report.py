@@ -1,0 +1,66 @@
+"""The run report and the evaluate command."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from pipeline import run
+from pipeline.runner import evaluate
+
+
+@pytest.fixture
+def tuned_run(make_config, dataset_dir, tmp_path):
+    run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ16", target_recall=0.9,
+                    recall_queries=150))
+    return tmp_path / "out"
+
+
+def test_report_files_are_written_and_parse(tuned_run):
+    report = json.loads((tuned_run / "report.json").read_text())
+    assert report["recall"]["target"] == 0.9 and report["recall"]["curve"]
+    assert report["memory"]["driver_peak_rss"] > 0 and report["memory"]["workers_peak_rss"]
+    assert set(report["timings_s"]) >= {"scan", "train", "fill", "recall", "join"}
+    q = report["kth_score_quantiles"]
+    assert -1.0 <= q["p1"] <= q["p50"] <= q["p99"] <= 1.0  # cosine similarities
+    md = (tuned_run / "report.md").read_text()
+    assert "IVF64,PQ16" in md and "held-out queries" in md and "## Sweep" in md
+    for png in ("recall_curve.png", "kth_score.png", "timings.png"):
+        assert f"]({png})" in md
+        assert (tuned_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_evaluate_a_written_table_agrees_with_the_run(make_config, tuned_run):
+    report = json.loads((tuned_run / "report.json").read_text())
+    result = evaluate(make_config(index_dir=str(tuned_run / "index"), output=str(tuned_run), recall_queries=300))
+    assert result["queries"] == 300 and result["k"] == 10
+    assert abs(result["recall@10"] - report["recall"]["recall"]) < 0.05
+    assert 0 <= result["recall@1"] <= 1 and result["misses"] >= 0
+
+
+def test_evaluate_an_index_at_given_settings(make_config, tuned_run):
+    # output=None: evaluate the index itself, not the table the run wrote
+    low = evaluate(make_config(index_dir=str(tuned_run / "index"), output=None, k=10, exclude_self=True, nprobe=1,
+                               rerank=0, recall_queries=200))
+    high = evaluate(make_config(index_dir=str(tuned_run / "index"), output=None, k=10, exclude_self=True, nprobe=64,
+                                rerank=8, recall_queries=200))
+    assert low["index"] and low["nprobe"] == 1 and high["nprobe"] == 64
+    assert low["recall@10"] < high["recall@10"] and high["recall@10"] >= 0.97
+    assert low["miss_score_gap"]["median"] >= 0
+
+
+def test_flat_index_evaluates_exactly(make_config, dataset_dir, tmp_path):
+    run(make_config(input=str(dataset_dir), k=5, exclude_self=True, index_key="Flat", recall_queries=50))
+    result = evaluate(make_config(index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "out"), recall_queries=100))
+    assert result["recall@1"] == result["recall@5"] == 1.0 and result["misses"] == 0
+
+
+def test_evaluate_cli_prints_json(tuned_run, dask_address):
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--index-dir", str(tuned_run / "index"),
+                           "--output", str(tuned_run), "--recall-queries", "50", "--scheduler-address", dask_address, "-q"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(proc.stdout)["queries"] == 50
