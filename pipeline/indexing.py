@@ -53,14 +53,27 @@ def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(x, 1.0))))
 
 
-def default_index_key(n: int, d: int) -> str:
-    """The index_factory string used for ``index_key: auto`` (rule in the module docstring)."""
+def _code_size(n: int, d: int, budget: int | None) -> int:
+    """PQ sub-quantizers (4 bits each): d/2, halved while n codes (+ 8-byte ids) exceed half the budget."""
+    m = d // 2
+    while budget and n * (m / 2 + 8) > budget / 2 and m % 2 == 0 and m > 8:
+        m //= 2
+    return m
+
+
+def default_index_key(n: int, d: int, memory_budget: int | None = None) -> str:
+    """The index_factory string used for ``index_key: auto`` (rule in the module docstring).
+
+    ``memory_budget`` is one worker's memory: the fast-scan codes live in it, so they are kept to
+    half of it by using fewer, coarser sub-quantizers (re-ranking against the stored vectors
+    makes up the recall).
+    """
     if n <= FLAT_MAX_ROWS:
         return "Flat"
     nlist = _pow2(2 * math.sqrt(n))
     while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
         nlist //= 2
-    codes = f"PQ{d // 2}x4fs" if d % 2 == 0 else "SQ8"
+    codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 else "SQ8"
     return f"IVF{nlist},{codes}"
 
 
@@ -92,13 +105,16 @@ def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
     return encoder
 
 
-def explain_index_key(n: int, d: int) -> str:
+def explain_index_key(n: int, d: int, memory_budget: int | None = None) -> str:
     """Why :func:`default_index_key` chose what it chose, for the report."""
-    key = default_index_key(n, d)
+    key = default_index_key(n, d, memory_budget)
     if key == "Flat":
         return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
     nlist = nlist_of(make_index(key, d, "l2"))
-    codes = f"4-bit fast-scan PQ, 2 dims per sub-quantizer ({d // 4} bytes a vector)" if d % 2 == 0 else "SQ8 (odd d)"
+    m = _code_size(n, d, memory_budget)
+    shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
+              if memory_budget and m < d // 2 else "")
+    codes = (f"4-bit fast-scan PQ{m} ({m // 2} bytes a vector{shrunk})" if d % 2 == 0 else "SQ8 (odd d)")
     return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
             f"list); d={d} -> {codes}; exact re-rank x4 recovers what the codes miss")
 

@@ -73,9 +73,16 @@ class Timings:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 3)
 
 
-def _resolve_key(spec: IndexSpec, rows: int, dim: int) -> tuple[str, faiss.Index]:
-    key = default_index_key(rows, dim) if spec.key == "auto" else spec.key
+def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None) -> tuple[str, faiss.Index]:
+    key = default_index_key(rows, dim, budget) if spec.key == "auto" else spec.key
     return key, make_index(key, dim, spec.metric or "cosine")
+
+
+def worker_memory(client: Any) -> int | None:
+    """The smallest memory limit among the cluster's workers (bytes), if they have one."""
+    limits = [w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()]
+    limits = [int(m) for m in limits if m]
+    return min(limits) if limits else None
 
 
 def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int) -> None:
@@ -116,8 +123,9 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     t0 = time.monotonic()
     dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
     log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
+    budget = worker_memory(client)
     if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
-        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim)
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget)
         check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
         if search is not None:
             _check_search(search, empty, key, dataset.total_rows)
@@ -133,7 +141,11 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     t0 = time.monotonic()
     dim = scan_dataset(client, dataset, store, metric, manifest)
     timings.add("scan", time.monotonic() - t0)
-    key, empty = _resolve_key(spec, dataset.total_rows, dim)
+    trained_key = (manifest.stage_info("train") or {}).get("key")
+    if trained_key:  # resuming: keep the key already trained, whatever the memory now
+        key, empty = trained_key, make_index(trained_key, dim, metric)
+    else:
+        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget)
     n_train = training_rows(empty, dataset.total_rows, dim, spec.sample_size)
     check_training_rows(empty, key, n_train)
     if search is not None:
@@ -157,7 +169,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
-    why = explain_index_key(dataset.total_rows, dim) if spec.key == "auto" else "given by index_key"
+    why = explain_index_key(dataset.total_rows, dim, budget) if spec.key == "auto" else "given by index_key"
     info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
             "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
     manifest.finish_stage("index", info)

@@ -169,3 +169,17 @@ def test_target_recall_out_of_reach_says_what_is_reachable(make_config, dataset_
 def test_every_run_measures_recall(make_config, dataset_dir):
     report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="Flat", recall_queries=100))
     assert report["recall"]["recall"] == 1.0 and report["recall"]["queries"] == 100
+
+
+def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
+    """384-d float16 vectors with a low intrinsic dimension (like sentence embeddings), fast-scan PQ."""
+    x = clustered_vectors(5000, 384, clusters=25, seed=11, latent=24)
+    write_shards(tmp_path / "emb", x, shards=2, dtype="float16")
+    report = run(make_config(input=str(tmp_path / "emb"), k=10, exclude_self=True, index_key="IVF32,PQ192x4fs",
+                             target_recall=0.9, recall_queries=200))
+    assert report["recall"]["recall"] >= 0.88  # held-out: not the sample it was tuned on
+    found = read_neighbours(tmp_path / "out")
+    xs = x.astype("float16").astype(np.float32)
+    rows = np.random.default_rng(5).choice(len(x), 200, replace=False)
+    truth = exact_neighbours(xs, xs[rows], 11)
+    assert recall_at_k([found[int(q)] for q in rows], [[t for t in r if t != q][:10] for r, q in zip(truth.tolist(), rows)], 10) >= 0.88

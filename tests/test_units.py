@@ -89,6 +89,15 @@ def test_default_index_rule(n, d, key):
     make_index(key, d, "cosine")  # a valid factory string
 
 
+def test_default_rule_fits_codes_in_the_memory_budget():
+    # 100M x 768: PQ384x4fs codes are 19.2 GB; a 16 GiB worker gets codes of at most 8 GiB
+    key = default_index_key(100_000_000, 768, memory_budget=16 * 2**30)
+    m = int(key.split(",PQ")[1].split("x")[0])
+    assert m < 384 and 100_000_000 * (m / 2 + 8) <= 8 * 2**30
+    assert default_index_key(100_000_000, 768) == "IVF16384,PQ384x4fs"
+    assert default_index_key(1_000_000, 128, memory_budget=64 * 2**30) == "IVF2048,PQ64x4fs"  # fits: unchanged
+
+
 def test_default_nprobe():
     assert default_nprobe(256) == 64 and default_nprobe(16) == 16
 
