@@ -169,7 +169,11 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
-    why = explain_index_key(dataset.total_rows, dim, budget) if spec.key == "auto" else "given by index_key"
+    done = manifest.stage_info("index")
+    if done is not None:  # resumed: report the reason recorded when this key was chosen
+        why = done["why"]
+    else:
+        why = explain_index_key(dataset.total_rows, dim, budget) if spec.key == "auto" else "given by index_key"
     info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
             "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
     manifest.finish_stage("index", info)
