@@ -6,13 +6,13 @@ import contextlib
 import logging
 import os
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
 
 from .config import ClusterSpec
 
-__all__ = ["ClusterInfo", "local_layout", "dask_client"]
+__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory"]
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +61,10 @@ def dask_client(spec: ClusterSpec) -> Iterator[tuple[Client, ClusterInfo]]:
             workers, threads, cluster.dashboard_link,
         )
         yield client, ClusterInfo(workers, threads, cluster.dashboard_link)
+
+
+def worker_memory(client: Any) -> int | None:
+    """The smallest memory limit among the cluster's workers (bytes), if they have one."""
+    limits = [w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()]
+    limits = [int(m) for m in limits if m]
+    return min(limits) if limits else None

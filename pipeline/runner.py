@@ -14,10 +14,11 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 from .backends import backend_named, select_backend
-from .cluster import ClusterInfo, dask_client
+from .cluster import ClusterInfo, dask_client, worker_memory
 from .config import Config, IndexSpec, SearchSpec, dump_config
 from .errors import ConfigError, InputError, PipelineError
 from .fill import fill_index, fill_mode
@@ -76,13 +77,6 @@ class Timings:
 def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None) -> tuple[str, faiss.Index]:
     key = default_index_key(rows, dim, budget) if spec.key == "auto" else spec.key
     return key, make_index(key, dim, spec.metric or "cosine")
-
-
-def worker_memory(client: Any) -> int | None:
-    """The smallest memory limit among the cluster's workers (bytes), if they have one."""
-    limits = [w.get("memory_limit") for w in client.scheduler_info().get("workers", {}).values()]
-    limits = [int(m) for m in limits if m]
-    return min(limits) if limits else None
 
 
 def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int) -> None:
@@ -370,8 +364,6 @@ def evaluate(config: Config) -> dict[str, Any]:
     is evaluated; otherwise the index in ``--index-dir`` is searched (its own rows as queries) with
     the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
     """
-    import pyarrow.parquet as pq
-
     index_dir = _require(config.index_dir, "--index-dir", "evaluate")
     built = open_index(index_dir)
     n = config.search.recall_queries or 1000

@@ -136,11 +136,11 @@ def choose(points: Sequence[TunePoint], target: float, key: str) -> TunePoint:
     if ok:
         return min(ok, key=lambda p: (p.seconds, p.nprobe or 0, p.rerank))
     best = max(points, key=lambda p: p.recall)
-    advice = ["a larger code (more PQ bytes, or SQ8)", "re-ranking (--rerank 8)" if best.rerank == 0 else "a larger --rerank",
-              "a flat index (IVF...,Flat or Flat) for exact search"]
-    if best.nprobe is not None:
-        advice.insert(0, "more lists probed (already at the maximum swept)" if best.nprobe else "")
+    probes = [p.nprobe for p in points if p.nprobe is not None]
+    swept = f"nprobe swept up to {max(probes)}; " if probes else ""
+    rerank = "re-ranking (--rerank 8)" if best.rerank == 0 else "a larger --rerank"
     raise TargetNotReached(
         f"--target-recall {target}: the best setting swept (nprobe={best.nprobe}, rerank={best.rerank}) reaches "
-        f"recall@k {best.recall:.3f} with {key!r}; to go higher try {', '.join(a for a in advice if a)}"
+        f"recall@k {best.recall:.3f} with {key!r} ({swept}more probes cannot help); to go higher try a larger "
+        f"code (more PQ bytes, or SQ8), {rerank}, or a flat index (IVF...,Flat or Flat) for exact search"
     )
