@@ -20,7 +20,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("pipeline")
 
-BOOL_KEYS = {"exclude_self", "overwrite"}
+BOOL_KEYS = {"exclude_self", "overwrite", "explore"}
 
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:
@@ -45,6 +45,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("build", "build the index only, into --index-dir"),
         ("join", "search the --input queries against an existing --index-dir"),
         ("evaluate", "recall of --index-dir (or of the table in --output) against exact search on a sample"),
+        ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
     ):
         _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
@@ -86,6 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         result = getattr(runner, args.command)(config)
         if args.command == "evaluate":
             print(json.dumps(result, indent=2))
+        if args.command == "dedup" and "dedup_explore" in result:
+            print(f"{'threshold':>10} {'pairs':>10} {'rows dropped':>13} {'share':>7}")
+            for row in result["dedup_explore"]:
+                share = row["rows_dropped"] / max(1, row["rows_in"])
+                print(f"{row['threshold']:>10} {row['pairs']:>10} {row['rows_dropped']:>13} {share:>7.2%}")
         return 0
     except PipelineError as exc:
         log.error("%s", exc)

@@ -23,6 +23,8 @@ __all__ = [
     "IndexSpec",
     "SearchSpec",
     "ClusterSpec",
+    "DedupSpec",
+    "GraphSpec",
     "Config",
     "KEYS",
     "load_config",
@@ -76,6 +78,28 @@ class ClusterSpec:
 
 
 @dataclass(frozen=True)
+class DedupSpec:
+    """The ``dedup`` command: which pairs count as duplicates and which row of a group is kept."""
+
+    threshold: float | None = None  # similarity >= (cosine, ip) or squared distance <= (l2)
+    mode: str = "components"  # or greedy
+    keep_by: str | None = None  # a numeric/timestamp column of the input; None: the smallest id
+    keep_order: str = "max"  # keep the row with the max (or min) keep_by value
+    text_column: str | None = None  # shown beside the example pairs in the report
+    explore: bool = False  # print pairs/rows dropped over a range of thresholds; write no groups
+
+
+@dataclass(frozen=True)
+class GraphSpec:
+    """The ``graph`` command: which edges of the k-NN lists make the graph, and their weights."""
+
+    mode: str = "symmetric"  # directed | symmetric | mutual
+    min_score: float | None = None  # drop edges less close than this (similarity, or l2 squared distance)
+    weight: str = "score"  # score | gaussian (exp(-d^2 / (2 width^2)) of the distance)
+    kernel_width: float | None = None  # None: the median distance to the k-th neighbour
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole job, validated. Built by :func:`parse_config` or :func:`load_config`."""
 
@@ -83,6 +107,8 @@ class Config:
     index: IndexSpec = field(default_factory=IndexSpec)
     search: SearchSpec = field(default_factory=SearchSpec)
     cluster: ClusterSpec = field(default_factory=ClusterSpec)
+    dedup: DedupSpec = field(default_factory=DedupSpec)
+    graph: GraphSpec = field(default_factory=GraphSpec)
     output: str | None = None
     index_dir: str | None = None
     partition_bytes: int = parse_bytes("128MiB")
@@ -184,6 +210,21 @@ def _memory(key: str, v: Any) -> str:
     return str(v)
 
 
+def _float(positive: bool = False) -> Callable[[str, Any], float | None]:
+    def parse(key: str, v: Any) -> float | None:
+        if _auto(v):
+            return None
+        try:
+            out = float(v)
+        except (TypeError, ValueError):
+            out = float("nan")
+        if isinstance(v, bool) or out != out or out in (float("inf"), float("-inf")) or (positive and out <= 0):
+            raise ConfigError(f"{key}: expected a {'positive ' if positive else ''}number, got {v!r}")
+        return out
+
+    return parse
+
+
 def _index_key(key: str, v: Any) -> str:
     s = _str(key, v)
     return "auto" if s.lower() == "auto" else s
@@ -209,6 +250,16 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "threads_per_worker": ("cluster", "threads_per_worker", _integer(1, auto=True), "FAISS threads per worker"),
     "memory_limit": ("cluster", "memory_limit", _memory, "memory limit per worker, e.g. 4GiB"),
     "scheduler_address": ("cluster", "scheduler_address", _opt_str, "join this Dask scheduler"),
+    "threshold": ("dedup", "threshold", _float(), "dedup: pair score that makes a duplicate (cosine/ip >=, l2 squared distance <=)"),
+    "dedup_mode": ("dedup", "mode", _choice("components", "greedy"), "dedup grouping: components or greedy"),
+    "keep_by": ("dedup", "keep_by", _opt_str, "dedup: keep the row with the max/min of this column (default: smallest id)"),
+    "keep_order": ("dedup", "keep_order", _choice("max", "min"), "dedup: keep the max or min of --keep-by"),
+    "text_column": ("dedup", "text_column", _opt_str, "dedup: column shown beside the example pairs in the report"),
+    "explore": ("dedup", "explore", _bool, "dedup: print pairs and rows dropped over a range of thresholds, write no groups"),
+    "graph_mode": ("graph", "mode", _choice("directed", "symmetric", "mutual"), "graph edges: directed, symmetric or mutual"),
+    "min_score": ("graph", "min_score", _float(), "graph: drop edges less close than this (cosine/ip <, l2 squared distance >)"),
+    "weight": ("graph", "weight", _choice("score", "gaussian"), "graph edge weight: the score or a Gaussian kernel of the distance"),
+    "kernel_width": ("graph", "kernel_width", _float(positive=True), "graph: Gaussian kernel width, or auto (median k-th distance)"),
     "output": ("", "output", _opt_str, "output directory"),
     "index_dir": ("", "index_dir", _opt_str, "index directory (default: OUTPUT/index)"),
     "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
@@ -218,7 +269,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
 
 def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config:
     """Validate a flat mapping of keys (YAML keys / flag names) into a :class:`Config`."""
-    sections: dict[str, dict[str, Any]] = {"data": {}, "index": {}, "search": {}, "cluster": {}, "": {}}
+    sections: dict[str, dict[str, Any]] = {"data": {}, "index": {}, "search": {}, "cluster": {}, "dedup": {},
+                                           "graph": {}, "": {}}
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in KEYS:
@@ -235,6 +287,8 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
         index=IndexSpec(**sections["index"]),
         search=SearchSpec(**sections["search"]),
         cluster=ClusterSpec(**sections["cluster"]),
+        dedup=DedupSpec(**sections["dedup"]),
+        graph=GraphSpec(**sections["graph"]),
         **top,
     )
 

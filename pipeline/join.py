@@ -21,13 +21,14 @@ import pyarrow.parquet as pq
 
 from .atomic import atomic_path
 from .backends import backend_named
+from .edges import write_knn
 from .fill import load_index
 from .manifest import Manifest
 from .progress import run_tasks
 from .shards import Piece
 from .store import RowStore
 
-__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "BATCH_BYTES"]
+__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "BATCH_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +51,7 @@ class SearchPlan:
     self_join: bool  # queries are the indexed rows: exclude by row, not by id
     backend: str = "cpu"
     threads: int | None = None
+    knn_dir: str | None = None  # also write each piece's lists as global rows here (dedup, graph)
 
 
 def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
@@ -68,8 +70,8 @@ def _index_for(plan: SearchPlan) -> faiss.Index:
 def search_batch(
     index: faiss.Index, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
     index_store: RowStore,
-) -> tuple[np.ndarray, np.ndarray, pa.Array]:
-    """Search one batch; return (row offsets, scores, neighbour ids) in list layout.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Search one batch; return (row offsets, scores, neighbour global rows) in list layout.
 
     ``q_rows`` are the queries' global rows when the queries are the indexed rows (self-join);
     otherwise self-exclusion compares ids.
@@ -108,8 +110,7 @@ def search_batch(
     counts = kept.sum(axis=1)
     offsets = np.zeros(len(q) + 1, dtype=np.int32)
     np.cumsum(counts, out=offsets[1:])
-    flat_rows = rows[kept]
-    return offsets, scores[kept], index_store.gather_ids(flat_rows)
+    return offsets, scores[kept], rows[kept]
 
 
 def _join_piece(
@@ -123,6 +124,8 @@ def _join_piece(
     q_ids_all = query_store.ids(piece.index)
     short = 0
     buffered: list[pa.Table] = []
+    knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
+    knn_scores = np.full((piece.rows, plan.k), np.nan, dtype=np.float32) if plan.knn_dir else None
     with atomic_path(out) as tmp:
         writer: pq.ParquetWriter | None = None
         for lo in range(0, piece.rows, batch_rows):
@@ -130,8 +133,15 @@ def _join_piece(
             q = np.ascontiguousarray(q_all[lo:hi])
             q_ids = q_ids_all.slice(lo, hi - lo)
             q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
-            offsets, scores, nbr_ids = search_batch(index, plan, q, q_rows, q_ids, index_store)
-            short += int((np.diff(offsets) < plan.k).sum())
+            offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store)
+            nbr_ids = index_store.gather_ids(nbr_rows)
+            counts = np.diff(offsets)
+            short += int((counts < plan.k).sum())
+            if knn_rows is not None and knn_scores is not None:
+                slot = np.arange(len(nbr_rows)) - np.repeat(offsets[:-1], counts)
+                line = lo + np.repeat(np.arange(hi - lo), counts)
+                knn_rows[line, slot] = nbr_rows
+                knn_scores[line, slot] = scores
             table = pa.table({
                 "query_id": q_ids,
                 "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
@@ -146,7 +156,14 @@ def _join_piece(
         if writer is None:
             raise ValueError(f"empty query piece {piece.index}")
         writer.close()
+    if knn_rows is not None and knn_scores is not None:
+        write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
     return short
+
+
+def knn_path(knn_dir: str | Path | None, piece: int) -> Path:
+    """Where the join writes one piece's neighbour lists as global rows."""
+    return Path(str(knn_dir)) / f"part-{piece:05d}.npz"
 
 
 def join_pieces(
@@ -163,7 +180,8 @@ def join_pieces(
 
     def finished(p: Piece, n_short: int) -> None:
         short[0] += n_short
-        manifest.mark_piece("join", p.index, [out[p.index]])
+        files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
+        manifest.mark_piece("join", p.index, files)
 
     seconds = run_tasks(
         client, _join_piece, [p for p in pieces if p.index not in done], "join",

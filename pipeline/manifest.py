@@ -108,9 +108,18 @@ class Manifest:
                 out.add(int(key))
         return out
 
-    def mark_piece(self, stage: str, piece: int, files: Iterable[str | os.PathLike[str]]) -> None:
-        self._stage(stage)["pieces"][str(piece)] = [[str(f), Path(f).stat().st_size] for f in files]
+    def mark_piece(self, stage: str, piece: int, files: Iterable[str | os.PathLike[str]], result: Any = None) -> None:
+        """Record ``piece`` done with its files (and a small JSON-able result, kept for the summary)."""
+        st = self._stage(stage)
+        st["pieces"][str(piece)] = [[str(f), Path(f).stat().st_size] for f in files]
+        if result is not None:
+            st.setdefault("results", {})[str(piece)] = result
         self.save()
+
+    def piece_results(self, stage: str) -> dict[int, Any]:
+        """The results recorded with the pieces of ``stage`` that are still done."""
+        done = self.done_pieces(stage)
+        return {int(k): v for k, v in self._stage(stage).get("results", {}).items() if int(k) in done}
 
     def stage_info(self, stage: str) -> dict[str, Any] | None:
         """What a finished stage recorded, or None if it has not finished."""

@@ -41,10 +41,11 @@ from .sampling import load_sample, sample_rows
 from .scan import scan_dataset
 from .shards import Dataset, plan_dataset
 from .store import RowStore
+from .dedup import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
 from .evaluate import recall_summary
 from .tuning import choose, draw_sample, search_sample, settings_grid, sweep
 
-__all__ = ["BuiltIndex", "build", "join", "run", "evaluate"]
+__all__ = ["BuiltIndex", "build", "join", "run", "evaluate", "dedup"]
 
 log = logging.getLogger(__name__)
 
@@ -204,8 +205,12 @@ def _search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: st
 
 
 def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path, backend: str,
-               timings: Timings, queries: Dataset | None = None) -> dict[str, Any]:
-    """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``."""
+               timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
+               command: str = "join") -> tuple[dict[str, Any], Manifest]:
+    """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
+
+    ``knn_dir``: also write the lists as global rows there (self-joins feeding dedup or a graph).
+    """
     if config.index.metric and config.index.metric != built.metric:
         raise ConfigError(
             f"--metric {config.index.metric}: the index in {built.dir} was built with metric {built.metric}; "
@@ -215,7 +220,10 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     if s.target_recall is not None and s.nprobe is not None:
         raise ConfigError("--target-recall chooses nprobe itself: give either --nprobe or --target-recall, not both")
     plan = _search_plan(config, built, queries is None, backend, cluster.faiss_threads)
+    if knn_dir is not None:
+        plan = replace(plan, knn_dir=str(knn_dir))
     identity = {
+        "command": command,
         "index": built.identity, "queries": "self" if queries is None else queries.fingerprint(),
         "k": s.k, "nprobe": s.nprobe, "rerank": s.rerank, "exclude_self": s.exclude_self,
         "target_recall": s.target_recall, "recall_queries": s.recall_queries,
@@ -261,7 +269,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         "recall": recall,
         "memory": {"driver_peak_rss": peak_rss(), "workers_peak_rss": client.run(peak_rss)},
     }
-    return summary
+    return summary, manifest
 
 
 def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
@@ -340,7 +348,7 @@ def join(config: Config) -> dict[str, Any]:
     backend = select_backend(config.cluster.device).name
     timings = Timings()
     with dask_client(config.cluster) as (client, cluster):
-        summary = join_index(client, cluster, config, built, output, backend, timings, queries)
+        summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
     return _finish(output, config, summary, timings, "join", started)
 
 
@@ -353,8 +361,59 @@ def run(config: Config) -> dict[str, Any]:
     timings = Timings()
     with dask_client(config.cluster) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        summary = join_index(client, cluster, config, built, output, backend, timings)
+        summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
     return _finish(output, config, summary, timings, "run", started)
+
+
+def dedup(config: Config) -> dict[str, Any]:
+    """``dedup``: self-join ``--input``, then near-duplicate pairs, groups and the rows to keep.
+
+    With ``--explore``, stop after the join and report the pairs and rows dropped over a range of
+    thresholds instead (the join is kept: the real run then only groups).
+    """
+    started = time.monotonic()
+    output = _require(config.output, "--output", "dedup")
+    d = config.dedup
+    metric = config.index.metric or "cosine"
+    if d.threshold is None and not d.explore:
+        raise ConfigError("dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
+                          "the pairs and rows dropped over a range of thresholds")
+    plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order,
+                     select_backend(config.cluster.device).name)
+    if d.threshold is not None:
+        check_plan(plan)
+    if metric == "ip":
+        log.warning("dedup with --metric ip: scores grow with vector length; cosine is usual for duplicates")
+    config = replace(config, search=replace(config.search, exclude_self=True))
+    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    timings = Timings()
+    with dask_client(config.cluster) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search)
+        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
+                               config.partition_bytes)
+        summary, manifest = join_index(client, cluster, config, built, output, plan.backend, timings,
+                                       knn_dir=output / "knn", command="dedup")
+        t0 = time.monotonic()
+        if d.explore:
+            table = explore(client, plan, dataset, output, manifest, default_thresholds(metric, d.threshold))
+            summary["dedup_explore"] = table
+            timings.add("explore", time.monotonic() - t0)
+        else:
+            result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed)
+            timings.add("dedup", time.monotonic() - t0)
+            attach_examples(result["examples"], dataset, built.store, d.text_column)
+            if config.search.recall_queries:
+                t0 = time.monotonic()
+                result["exactness"] = pair_recall(client, plan, built.store, len(dataset.pieces), output,
+                                                  config.search.recall_queries, config.index.seed)
+                timings.add("pair_recall", time.monotonic() - t0)
+                ex = result["exactness"]
+                log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
+                         ex["pair_recall"], ex["queries"], ex["exact_pairs"], ex["below_threshold"])
+            summary["dedup"] = result
+            log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result["rows_in"],
+                     result["pairs"], result["groups"], result["rows_dropped"], plan.mode, plan.threshold)
+    return _finish(output, config, summary, timings, "dedup", started)
 
 
 def evaluate(config: Config) -> dict[str, Any]:

@@ -104,9 +104,9 @@ def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> tu
     """The sample's neighbour ids under ``plan`` (one list per query) and the search time."""
     index = _index_for(plan)
     start = time.perf_counter()
-    offsets, _, nbr_ids = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
+    offsets, _, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
     seconds = time.perf_counter() - start
-    flat = nbr_ids.to_pylist()
+    flat = index_store.gather_ids(nbr_rows).to_pylist()
     return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)], seconds
 
 

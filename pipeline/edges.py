@@ -1,0 +1,171 @@
+"""Edges between indexed rows: the self-join's neighbour lists, shuffled by source row.
+
+A self-join run for dedup or a graph also writes each piece's neighbours as global rows
+(``knn/part-NNNNN.npz``: ``rows`` and ``scores``, ``k`` columns, ``-1`` padded). From those, a
+file shuffle partitions edges by the piece that holds their source row: each *map* task writes
+its piece's edges (and, unless the graph is directed, the same edges reversed) sorted by target
+partition with a bounds array, and each *reduce* task reads its slice of every map output. So a
+task holds one piece's edges, never the whole edge list. The reduce combines the two directions
+of a pair: ``symmetric`` keeps either, ``mutual`` only pairs found from both ends.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .atomic import atomic_path
+
+__all__ = [
+    "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "write_partitioned", "read_partition",
+    "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram",
+    "merge_histograms",
+]
+
+FORWARD, REVERSE = 1, 2  # flag bits: the edge came from the source's list / from the target's list
+MODES = ("directed", "symmetric", "mutual")
+
+
+def passes(scores: np.ndarray, threshold: float | None, metric: str) -> np.ndarray:
+    """Scores at least as close as ``threshold``: similarity >= it, or (l2) squared distance <= it."""
+    if threshold is None:
+        return np.ones(np.shape(scores), dtype=bool)
+    return scores <= threshold if metric == "l2" else scores >= threshold
+
+
+# row-form neighbour lists, written by the join ---------------------------------------------
+def write_knn(path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray) -> None:
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, rows=rows.astype(np.int64), scores=scores.astype(np.float32))
+
+
+def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["rows"], z["scores"]
+
+
+# a file shuffle: columns partitioned by a target partition number -----------------------------
+def write_partitioned(directory: str | os.PathLike[str], part: np.ndarray, n_parts: int,
+                      columns: Mapping[str, np.ndarray]) -> None:
+    """Write ``columns`` sorted by ``part`` (0..n_parts-1) with the slice bounds of each partition.
+
+    The bounds file is written last: a directory without one is an unfinished map output.
+    """
+    d = Path(directory)
+    order = np.argsort(part, kind="stable")
+    bounds = np.searchsorted(part[order], np.arange(n_parts + 1), side="left").astype(np.int64)
+    for name, values in columns.items():
+        with atomic_path(d / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
+            np.save(fh, np.ascontiguousarray(values[order]))
+    with atomic_path(d / "bounds.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, bounds)
+
+
+def read_partition(sources: Sequence[str | os.PathLike[str]], part: int, names: Sequence[str]) -> dict[str, np.ndarray]:
+    """Partition ``part`` of every map output directory in ``sources``, concatenated."""
+    out: dict[str, list[np.ndarray]] = {n: [] for n in names}
+    for src in sources:
+        d = Path(src)
+        bounds = np.load(d / "bounds.npy")
+        lo, hi = int(bounds[part]), int(bounds[part + 1])
+        for n in names:
+            out[n].append(np.array(np.load(d / f"{n}.npy", mmap_mode="r")[lo:hi]))
+    return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
+
+
+def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Values at global ``rows`` of a per-piece array store (``part-NNNNN.npy`` files of 1-d arrays)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    out: np.ndarray | None = None
+    piece_of = np.searchsorted(starts, rows, side="right") - 1
+    for p in np.unique(piece_of):
+        sel = piece_of == p
+        mm = np.load(Path(directory) / f"part-{int(p):05d}.npy", mmap_mode="r")
+        if out is None:
+            out = np.empty(rows.shape, dtype=mm.dtype)
+        out[sel] = mm[rows[sel] - starts[p]]
+    return out if out is not None else np.zeros(rows.shape, dtype=np.int64)
+
+
+# edges -----------------------------------------------------------------------------------------
+def map_edges(knn_path: str, first_row: int, starts: np.ndarray, out_dir: str, metric: str,
+              min_score: float | None, mode: str) -> dict[str, int]:
+    """Shuffle one piece's passing edges to the partitions of their source rows.
+
+    Returns the edges kept and how many rows were *saturated*: all ``k`` neighbours passed the
+    threshold, so more may exist beyond ``k``.
+    """
+    rows, scores = read_knn(knn_path)
+    n, k = rows.shape
+    ok = (rows >= 0) & passes(scores, min_score, metric)
+    saturated = int((ok.all(axis=1) & (k > 0)).sum()) if min_score is not None else 0
+    src = np.repeat(np.arange(first_row, first_row + n, dtype=np.int64), k)[ok.ravel()]
+    dst = rows.ravel()[ok.ravel()]
+    sc = scores.ravel()[ok.ravel()].astype(np.float32)
+    if mode != "directed":
+        src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+        sc = np.concatenate([sc, sc])
+        flag = np.concatenate([np.full(len(sc) // 2, FORWARD, np.int8), np.full(len(sc) // 2, REVERSE, np.int8)])
+    else:
+        flag = np.full(len(sc), FORWARD, np.int8)
+    part = np.searchsorted(starts, src, side="right") - 1
+    write_partitioned(out_dir, part, len(starts), {"src": src, "dst": dst, "score": sc, "flag": flag})
+    return {"edges": int(ok.sum()), "saturated": saturated}
+
+
+def reduce_edges(map_dirs: Sequence[str], part: int, metric: str, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The edges whose source row lies in partition ``part``, one per (src, dst), sorted.
+
+    Returns (src, dst, score, flags); ``flags`` has FORWARD and/or REVERSE set. Where both
+    directions were found, the closer score is kept (they are equal after exact re-ranking).
+    """
+    cols = read_partition(map_dirs, part, ("src", "dst", "score", "flag"))
+    src, dst = cols["src"].astype(np.int64), cols["dst"].astype(np.int64)
+    score, flag = cols["score"].astype(np.float32), cols["flag"].astype(np.int8)
+    if src.size == 0:
+        return src, dst, score, flag
+    best_first = score if metric == "l2" else -score
+    order = np.lexsort((best_first, dst, src))
+    src, dst, score, flag = src[order], dst[order], score[order], flag[order]
+    first = np.ones(src.size, dtype=bool)
+    first[1:] = (src[1:] != src[:-1]) | (dst[1:] != dst[:-1])
+    starts = np.flatnonzero(first)
+    flags = np.bitwise_or.reduceat(flag, starts)
+    src, dst, score = src[starts], dst[starts], score[starts]  # the closest score comes first
+    if mode == "mutual":
+        keep = flags == FORWARD | REVERSE
+        src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
+    return src, dst, score, flags
+
+
+def write_edges(path: str | os.PathLike[str], src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> None:
+    table = pa.table({"src": pa.array(src, pa.int64()), "dst": pa.array(dst, pa.int64()),
+                      "weight": pa.array(weight, pa.float32())})
+    with atomic_path(path) as tmp:
+        pq.write_table(table, str(tmp))
+
+
+def read_edges(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    t = pq.read_table(path)
+    return (t.column("src").to_numpy(), t.column("dst").to_numpy(), t.column("weight").to_numpy())
+
+
+def degree_histogram(src: np.ndarray, first_row: int, rows: int) -> dict[int, int]:
+    """{degree: number of rows} over the rows ``[first_row, first_row + rows)``."""
+    deg = np.bincount(src - first_row, minlength=rows)
+    values, counts = np.unique(deg, return_counts=True)
+    return {int(v): int(c) for v, c in zip(values, counts)}
+
+
+def merge_histograms(parts: Sequence[Mapping[Any, int]]) -> dict[int, int]:
+    out: dict[int, int] = {}
+    for h in parts:
+        for key, count in h.items():
+            out[int(key)] = out.get(int(key), 0) + int(count)
+    return dict(sorted(out.items()))
