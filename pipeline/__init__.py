@@ -2,12 +2,13 @@
 
 The stages, each in its own module: ``shards`` (planning and reading Parquet), ``scan``
 (validation into the row ``store``), ``sampling`` and ``indexing`` (training), ``fill``, ``join``,
-with ``manifest`` for resuming, ``cluster`` for Dask and ``backends`` as the CPU/GPU seam.
+then ``edges``, ``components`` and ``dedup`` / ``graph`` on the self-join's lists, with
+``manifest`` for resuming, ``cluster`` for Dask and ``backends`` as the CPU/GPU seam.
 """
 
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
-from .runner import build, join, run
+from .runner import build, dedup, join, run
 
 __all__ = [
     "Config",
@@ -16,6 +17,7 @@ __all__ = [
     "build",
     "join",
     "run",
+    "dedup",
     "PipelineError",
     "InputError",
     "ConfigError",

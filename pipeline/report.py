@@ -102,6 +102,77 @@ def _plots(output: Path, report: dict[str, Any], kth: np.ndarray) -> list[tuple[
     return made
 
 
+def _count_plot(output: Path, png: str, counts: dict[str, int], xlabel: str, ylabel: str, title: str) -> None:
+    """A bar chart of ``{value: count}`` (log-scaled counts), as dedup group sizes and graph degrees are."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = sorted(int(x) for x in counts)
+    fig, ax = plt.subplots(figsize=(6.4, 3.4))
+    ax.bar(xs, [counts[str(x)] if str(x) in counts else counts[x] for x in xs], width=0.8)  # type: ignore[index]
+    ax.set_yscale("log")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(output / png, dpi=100)
+    plt.close(fig)
+
+
+def _esc(v: Any) -> str:
+    return str(v).replace("|", "\\|").replace("\n", " ")
+
+
+def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
+    lines: list[str] = []
+    explored = report.get("dedup_explore")
+    if explored:
+        lines += ["## Dedup thresholds (explore)", "", "| threshold | pairs | rows dropped (components) | share |",
+                  "|---|---|---|---|"]
+        lines += [f"| {r['threshold']} | {r['pairs']:,} | {r['rows_dropped']:,} | "
+                  f"{r['rows_dropped'] / max(1, r['rows_in']):.2%} |" for r in explored]
+        lines.append("")
+    d = report.get("dedup")
+    if not d:
+        return lines
+    op = "<=" if d["metric"] == "l2" else ">="
+    keep = f"max/min of `{d['keep_by']}` ({d['keep_order']}), then the smallest id" if d["keep_by"] else "the smallest id"
+    lines += [
+        "## Dedup", "", "| | |", "|---|---|",
+        f"| rule | {d['metric']} score {op} {d['threshold']}, {d['mode']} mode; keep {keep} |",
+        f"| rows in | {d['rows_in']:,} |",
+        f"| pairs | {d['pairs']:,} |",
+        f"| groups (2+ rows) | {d['groups']:,} holding {d['rows_in_groups']:,} rows |",
+        f"| rows dropped | {d['rows_dropped']:,} ({d['rows_dropped'] / max(1, d['rows_in']):.2%}); kept {d['rows_kept']:,} |",
+    ]
+    ex = d.get("exactness")
+    if ex:
+        pr = "n/a (no exact pairs in the sample)" if ex["pair_recall"] is None else f"{ex['pair_recall']:.4f}"
+        lines.append(f"| pair recall | {pr}: {ex['exact_pairs']:,} exact pairs among {ex['queries']:,} sampled rows; "
+                     f"{ex['below_threshold']} found pairs fail the threshold |")
+    if d.get("saturated_rows"):
+        lines.append(f"| rows at the k limit | {d['saturated_rows']:,} rows had all k neighbours above the threshold; "
+                     "raise --k to find their other duplicates |")
+    lines.append("")
+    if d["group_sizes"]:
+        _count_plot(output, "group_sizes.png", d["group_sizes"], "group size (rows)", "groups", "dedup group sizes")
+        lines += ["### Group sizes", "", "![group sizes](group_sizes.png)", ""]
+    if d.get("examples"):
+        has_text = any("text_a" in e for e in d["examples"])
+        lines += ["### Example pairs by score", "",
+                  "| score | id a | id b |" + (" text a | text b |" if has_text else ""),
+                  "|---|---|---|" + ("---|---|" if has_text else "")]
+        for e in d["examples"]:
+            row = f"| {e['score']:.4f} | {_esc(e.get('id_a'))} | {_esc(e.get('id_b'))} |"
+            if has_text:
+                row += f" {_esc(e.get('text_a'))} | {_esc(e.get('text_b'))} |"
+            lines.append(row)
+        lines.append("")
+    return lines
+
+
 def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
     """Write ``report.json`` and ``report.md`` (+ PNGs) into ``output``."""
     kth = kth_scores(output / "neighbors", seed)
@@ -131,6 +202,7 @@ def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
     lines.append("")
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
+    lines += _dedup_lines(output, report)
     if rec.get("curve"):
         lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]
         lines += [f"| {p['nprobe']} | {p['rerank']} | {p['recall']:.3f} | {p['qps']:,.0f} |" for p in rec["curve"]]

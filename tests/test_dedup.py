@@ -1,0 +1,212 @@
+"""Dedup end to end on planted duplicates: copies, perturbations and a chain, in both modes."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ConfigError, InputError, dedup
+from pipeline.components import connected_components
+from pipeline.edges import write_edges
+
+DIM = 48
+N_BACKGROUND = 3000
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+@pytest.fixture(scope="module")
+def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Random background (no pair near 0.95) plus planted groups, in 3 shards with a quality column.
+
+    - ids 0..4 have exact copies at ids 10000.. (one copy each; id 0 has three);
+    - ids 5..9 have a perturbed twin (cosine ~0.99) at ids 20000..;
+    - ids 30000, 30001, 30002 form a chain: a~b and b~c pass 0.95, a~c (0.85) does not.
+    """
+    rng = np.random.default_rng(7)
+    x = _unit(rng.standard_normal((N_BACKGROUND, DIM))).astype(np.float32)
+    ids = list(range(N_BACKGROUND))
+    rows, extra_ids = [], []
+    for i in range(5):
+        for c in range(3 if i == 0 else 1):
+            rows.append(x[i])
+            extra_ids.append(10000 + 10 * i + c)
+    for i in range(5, 10):
+        noise = _unit(rng.standard_normal(DIM)) * 0.12
+        rows.append(_unit(x[i] + noise))
+        extra_ids.append(20000 + i)
+    e1, e2 = np.zeros(DIM, np.float32), np.zeros(DIM, np.float32)
+    e1[0], e2[1] = 1, 1
+    base = _unit(rng.standard_normal(DIM)).astype(np.float32)
+    theta = np.deg2rad(16.0)  # cos 16 deg = 0.961 >= 0.95 > cos 32 deg = 0.848
+    for j in range(3):
+        rows.append(_unit(0.2 * base + np.cos(j * theta) * e1 + np.sin(j * theta) * e2))
+        extra_ids.append(30000 + j)
+    allx = np.vstack([x, np.array(rows, dtype=np.float32)])
+    allids = np.array(ids + extra_ids, dtype=np.int64)
+    perm = rng.permutation(len(allids))  # spread the planted rows over the shards
+    allx, allids = allx[perm], allids[perm]
+    quality = (allids % 7).astype(np.float64)
+    d = tmp_path_factory.mktemp("planted")
+    for s, part in enumerate(np.array_split(np.arange(len(allids)), 3)):
+        table = pa.table({
+            "id": pa.array(allids[part]), "quality": pa.array(quality[part]),
+            "text": pa.array([f"text {i}" for i in allids[part]]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(allx[part].ravel()), DIM),
+        })
+        pq.write_table(table, d / f"part-{s:05d}.parquet", row_group_size=500)
+    return {"dir": d, "x": allx, "ids": allids, "quality": dict(zip(allids.tolist(), quality.tolist()))}
+
+
+def groups_of(out: Path) -> dict[int, dict]:
+    t = pq.read_table(out / "groups").to_pylist()
+    return {r["id"]: r for r in t}
+
+
+def members(groups: dict[int, dict]) -> list[set[int]]:
+    by: dict[int, set[int]] = {}
+    for i, r in groups.items():
+        by.setdefault(r["group_id"], set()).add(i)
+    return sorted((m for m in by.values() if len(m) > 1), key=min)
+
+
+EXPECTED = [{0, 10000, 10001, 10002}, {1, 10010}, {2, 10020}, {3, 10030}, {4, 10040}, {5, 20005}, {6, 20006},
+            {7, 20007}, {8, 20008}, {9, 20009}]
+CHAIN = {30000, 30001, 30002}
+
+SETTINGS = {"threshold": 0.95, "index_key": "IVF16,Flat", "nprobe": 16, "recall_queries": 500}
+
+
+def test_components_groups_copies_perturbations_and_chains(make_config, planted, tmp_path):
+    report = dedup(make_config(input=str(planted["dir"]), **SETTINGS))
+    out = tmp_path / "out"
+    g = groups_of(out)
+    assert len(g) == len(planted["ids"])
+    assert members(g) == sorted(EXPECTED + [CHAIN], key=min)
+    for group in EXPECTED + [CHAIN]:
+        rep = min(group)  # default keep priority: the smallest id
+        assert all(g[i]["representative_id"] == rep for i in group)
+        assert [i for i in group if g[i]["is_kept"]] == [rep]
+    # the chain's ends are linked only through the middle: their own score is below the threshold
+    row = {i: r for r, i in enumerate(planted["ids"].tolist())}
+    x = _unit(planted["x"])
+    assert g[30002]["score_to_representative"] == pytest.approx(float(x[row[30002]] @ x[row[30000]]), abs=1e-5)
+    assert g[30002]["score_to_representative"] < 0.95
+    assert g[10001]["score_to_representative"] == pytest.approx(1.0, abs=1e-5)
+    assert g[123]["score_to_representative"] is None and g[123]["is_kept"]
+    kept = set(pq.read_table(out / "kept").column("id").to_pylist())
+    assert kept == {i for i, r in g.items() if r["is_kept"]}
+    pairs = pq.read_table(out / "pairs").to_pylist()
+    assert all(p["score"] >= 0.95 for p in pairs)
+    got = {frozenset((p["id_a"], p["id_b"])) for p in pairs}
+    assert frozenset((30000, 30002)) not in got and frozenset((30000, 30001)) in got
+    summary = report["dedup"]
+    assert summary["rows_dropped"] == sum(len(m) - 1 for m in EXPECTED) + 2
+    assert summary["group_sizes"] == {"2": 9, "3": 1, "4": 1}
+    assert summary["exactness"]["pair_recall"] == 1.0 and summary["exactness"]["below_threshold"] == 0
+    md = (out / "report.md").read_text()
+    assert "Dedup" in md and "group_sizes.png" in md and (out / "group_sizes.png").exists()
+
+
+def test_greedy_keeps_the_chain_end_that_no_kept_row_covers(make_config, planted, tmp_path):
+    dedup(make_config(input=str(planted["dir"]), dedup_mode="greedy", **SETTINGS))
+    g = groups_of(tmp_path / "out")
+    assert g[30000]["is_kept"] and not g[30001]["is_kept"] and g[30002]["is_kept"]
+    assert g[30001]["representative_id"] == 30000 and g[30002]["representative_id"] == 30002
+    for group in EXPECTED:  # complete groups: greedy and components agree
+        assert [i for i in group if g[i]["is_kept"]] == [min(group)]
+
+
+@pytest.mark.parametrize("order", ["max", "min"])
+def test_keep_by_column(make_config, planted, tmp_path, order):
+    dedup(make_config(input=str(planted["dir"]), keep_by="quality", keep_order=order, **SETTINGS))
+    g = groups_of(tmp_path / "out")
+    q = planted["quality"]
+    for group in EXPECTED + [CHAIN]:
+        pick = (max if order == "max" else min)(q[i] for i in group)
+        best = min(i for i in group if q[i] == pick)  # ties: the smallest id
+        assert [i for i in group if g[i]["is_kept"]] == [best]
+
+
+def test_rerun_is_a_no_op_and_a_new_threshold_regroups_from_the_join(make_config, planted, tmp_path, caplog):
+    cfg = make_config(input=str(planted["dir"]), **SETTINGS)
+    dedup(cfg)
+    out = tmp_path / "out"
+    files = sorted(p for p in out.rglob("*.parquet") if "index" not in p.parts)
+    before = {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files}
+    dedup(cfg)
+    assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in files} == before
+    join_files = sorted((out / "neighbors").glob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in join_files]
+    with caplog.at_level("INFO", logger="pipeline"):
+        report = dedup(make_config(input=str(planted["dir"]), **{**SETTINGS, "threshold": 0.999}))
+    assert [p.stat().st_mtime_ns for p in join_files] == stamps  # the join was reused
+    assert report["dedup"]["rows_dropped"] == 7  # exact copies only
+    assert "regrouping from the existing join" in caplog.text
+
+
+def test_explore_counts_match_a_real_run(make_config, planted, tmp_path):
+    table = dedup(make_config(input=str(planted["dir"]), explore=True, **SETTINGS))["dedup_explore"]
+    at = {row["threshold"]: row for row in table}
+    assert at[0.95]["rows_dropped"] == 14 and at[0.999]["rows_dropped"] == 7
+    assert at[0.95]["pairs"] >= at[0.96]["pairs"] >= at[0.999]["pairs"]
+    assert not (tmp_path / "out" / "groups").exists()
+    report = dedup(make_config(input=str(planted["dir"]), **SETTINGS))
+    assert report["dedup"]["rows_dropped"] == at[0.95]["rows_dropped"]
+    assert report["dedup"]["pairs"] == at[0.95]["pairs"]
+
+
+def test_report_shows_example_pairs_with_text(make_config, planted, tmp_path):
+    report = dedup(make_config(input=str(planted["dir"]), text_column="text", **SETTINGS))
+    ex = report["dedup"]["examples"]
+    assert ex and all(e["text_a"] == f"text {e['id_a']}" for e in ex)
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert f"text {ex[0]['id_a']}" in md
+
+
+def test_dedup_input_errors(make_config, planted):
+    with pytest.raises(ConfigError, match="--threshold is required"):
+        dedup(make_config(input=str(planted["dir"])))
+    with pytest.raises(InputError, match="no column 'score'.*--keep-by"):
+        dedup(make_config(input=str(planted["dir"]), keep_by="score", **SETTINGS))
+    with pytest.raises(InputError, match="column 'text'.*numeric"):
+        dedup(make_config(input=str(planted["dir"]), keep_by="text", overwrite=True, **SETTINGS))
+    with pytest.raises(ConfigError, match="cosine similarity lies in"):
+        dedup(make_config(input=str(planted["dir"]), **{**SETTINGS, "threshold": 1.5}))
+
+
+def test_components_follow_long_chains(dask_address, tmp_path):
+    """A 2,000-row path split over 4 partitions, plus a separate pair: labels are each component's minimum."""
+    from distributed import Client
+
+    n = 2003
+    starts = np.array([0, 500, 1000, 1500])
+    rng = np.random.default_rng(0)
+    path = rng.permutation(2000)  # the chain visits rows in random order
+    a, b = path[:-1], path[1:]
+    src = np.concatenate([a, b, [2000, 2001]])
+    dst = np.concatenate([b, a, [2001, 2000]])
+    ends = np.r_[starts[1:], n]
+    paths = []
+    for p in range(4):
+        sel = (src >= starts[p]) & (src < ends[p])
+        order = np.lexsort((dst[sel], src[sel]))
+        paths.append(str(tmp_path / f"e{p}.parquet"))
+        write_edges(paths[-1], src[sel][order], dst[sel][order], np.ones(sel.sum(), np.float32))
+    with Client(dask_address) as client:
+        labels_dir = connected_components(client, paths, starts, n, tmp_path / "cc")
+    labels = np.concatenate([np.load(labels_dir / f"part-{p:05d}.npy") for p in range(4)])
+    assert (labels[:2000] == 0).all() and list(labels[2000:]) == [2000, 2000, 2002]
+
+
+def test_report_json_is_valid(make_config, planted, tmp_path):
+    dedup(make_config(input=str(planted["dir"]), **SETTINGS))
+    data = json.loads((tmp_path / "out" / "report.json").read_text())
+    assert data["command"] == "dedup" and data["dedup"]["rows_in"] == len(planted["ids"])
