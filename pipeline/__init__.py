@@ -8,7 +8,7 @@ then ``edges``, ``components`` and ``dedup`` / ``graph`` on the self-join's list
 
 from .config import Config, load_config, parse_config
 from .errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
-from .runner import build, dedup, join, run
+from .runner import build, dedup, graph, join, run
 
 __all__ = [
     "Config",
@@ -18,6 +18,7 @@ __all__ = [
     "join",
     "run",
     "dedup",
+    "graph",
     "PipelineError",
     "InputError",
     "ConfigError",

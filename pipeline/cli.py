@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("join", "search the --input queries against an existing --index-dir"),
         ("evaluate", "recall of --index-dir (or of the table in --output) against exact search on a sample"),
         ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
+        ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):
         _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")

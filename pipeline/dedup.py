@@ -39,7 +39,7 @@ from .edges import (
 from .errors import ConfigError, InputError
 from .join import knn_path
 from .manifest import Manifest
-from .progress import run_tasks
+from .progress import run_stage
 from .shards import Dataset, Piece
 from .store import RowStore
 
@@ -111,7 +111,7 @@ def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, 
         names = pq.ParquetFile(f.path).schema_arrow.names
         if column not in names:
             raise InputError(f"{f.path}: no column '{column}' for --keep-by; columns are {', '.join(names)}")
-    _each_piece(client, manifest, "dedup_keep", dataset.pieces, _read_keep_piece,
+    run_stage(client, manifest, "dedup_keep", dataset.pieces, _read_keep_piece,
                 lambda p: (p, column, str(label_path(out_dir, p.index))), lambda p: [label_path(out_dir, p.index)])
 
 
@@ -255,20 +255,6 @@ def _groups_task(assign_dirs: Sequence[str], piece: Piece, plan: DedupPlan, stor
 
 
 # the stages -------------------------------------------------------------------------------------
-def _each_piece(client: Any, manifest: Manifest, stage: str, pieces: Sequence[Piece], fn: Any, args: Any,
-                files: Any, results: dict[int, Any] | None = None) -> None:
-    """Run ``fn`` for each piece not yet recorded done in ``stage``; record each as it finishes."""
-    done = manifest.done_pieces(stage)
-
-    def finished(p: Piece, result: Any) -> None:
-        manifest.mark_piece(stage, p.index, files(p), result)
-
-    run_tasks(client, fn, [p for p in pieces if p.index not in done], stage, args=args, on_done=finished)
-    manifest.finish_stage(stage, {})
-    if results is not None:
-        results.update(manifest.piece_results(stage))
-
-
 def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequence[str]) -> None:
     for s in stages:
         manifest.clear_stage(s)
@@ -295,14 +281,14 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
 
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in pieces]
     map_stats: dict[int, Any] = {}
-    _each_piece(client, manifest, "dedup_map", pieces, map_edges,
+    run_stage(client, manifest, "dedup_map", pieces, map_edges,
                 lambda p: (str(knn_path(output / "knn", p.index)), p.start, starts, maps[p.index], plan.metric,
-                           plan.threshold, "symmetric"),
+                           plan.threshold),
                 lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in pieces]
     pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in pieces]
     pair_stats: dict[int, Any] = {}
-    _each_piece(client, manifest, "dedup_pairs", pieces, _pairs_task,
+    run_stage(client, manifest, "dedup_pairs", pieces, _pairs_task,
                 lambda p: (maps, p.index, plan, store, adj[p.index], pair_out[p.index], seed),
                 lambda p: [adj[p.index], pair_out[p.index]], pair_stats)
 
@@ -314,17 +300,17 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
 
     members = [str(work / "members" / f"from-{p.index:05d}") for p in pieces]
     linked = [str(work / "linked" / f"from-{p.index:05d}") for p in pieces]
-    _each_piece(client, manifest, "dedup_members", pieces, _members_map,
+    run_stage(client, manifest, "dedup_members", pieces, _members_map,
                 lambda p: (adj[p.index], str(labels_dir), starts, p.index, members[p.index], linked[p.index]),
                 lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"])
     assign = [str(work / "assign" / f"from-{p.index:05d}") for p in pieces]
     size_parts: dict[int, Any] = {}
-    _each_piece(client, manifest, "dedup_assign", pieces, _choose_task,
+    run_stage(client, manifest, "dedup_assign", pieces, _choose_task,
                 lambda p: (members, linked, p.index, plan, store, str(keys_dir) if keys_dir else None, starts,
                            assign[p.index]),
                 lambda p: [Path(assign[p.index]) / "bounds.npy"], size_parts)
     dropped: dict[int, Any] = {}
-    _each_piece(client, manifest, "dedup_groups", pieces, _groups_task,
+    run_stage(client, manifest, "dedup_groups", pieces, _groups_task,
                 lambda p: (assign, p, plan, store, str(output / "groups" / f"part-{p.index:05d}.parquet"),
                            str(output / "kept" / f"part-{p.index:05d}.parquet")),
                 lambda p: [output / "groups" / f"part-{p.index:05d}.parquet",
@@ -369,7 +355,7 @@ def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, manife
     pieces, starts = dataset.pieces, dataset.starts
     maps = [str(work / f"from-{p.index:05d}") for p in pieces]
     client.gather([client.submit(map_edges, str(knn_path(output / "knn", p.index)), p.start, starts, maps[p.index],
-                                 plan.metric, loosest, "symmetric", pure=False) for p in pieces])
+                                 plan.metric, loosest, pure=False) for p in pieces])
     parts = client.gather([client.submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in pieces])
     shutil.rmtree(work)
     a = np.concatenate([p[0] for p in parts])

@@ -95,8 +95,8 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 # edges -----------------------------------------------------------------------------------------
 def map_edges(knn_path: str, first_row: int, starts: np.ndarray, out_dir: str, metric: str,
-              min_score: float | None, mode: str) -> dict[str, int]:
-    """Shuffle one piece's passing edges to the partitions of their source rows.
+              min_score: float | None) -> dict[str, int]:
+    """Shuffle one piece's passing edges, both ways round, to the partitions of their source rows.
 
     Returns the edges kept and how many rows were *saturated*: all ``k`` neighbours passed the
     threshold, so more may exist beyond ``k``.
@@ -108,12 +108,10 @@ def map_edges(knn_path: str, first_row: int, starts: np.ndarray, out_dir: str, m
     src = np.repeat(np.arange(first_row, first_row + n, dtype=np.int64), k)[ok.ravel()]
     dst = rows.ravel()[ok.ravel()]
     sc = scores.ravel()[ok.ravel()].astype(np.float32)
-    if mode != "directed":
-        src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
-        sc = np.concatenate([sc, sc])
-        flag = np.concatenate([np.full(len(sc) // 2, FORWARD, np.int8), np.full(len(sc) // 2, REVERSE, np.int8)])
-    else:
-        flag = np.full(len(sc), FORWARD, np.int8)
+    # reversed too: symmetric graphs need them, and they tell which directed edges are mutual
+    flag = np.concatenate([np.full(len(sc), FORWARD, np.int8), np.full(len(sc), REVERSE, np.int8)])
+    src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+    sc = np.concatenate([sc, sc])
     part = np.searchsorted(starts, src, side="right") - 1
     write_partitioned(out_dir, part, len(starts), {"src": src, "dst": dst, "score": sc, "flag": flag})
     return {"edges": int(ok.sum()), "saturated": saturated}
@@ -138,8 +136,8 @@ def reduce_edges(map_dirs: Sequence[str], part: int, metric: str, mode: str) -> 
     starts = np.flatnonzero(first)
     flags = np.bitwise_or.reduceat(flag, starts)
     src, dst, score = src[starts], dst[starts], score[starts]  # the closest score comes first
-    if mode == "mutual":
-        keep = flags == FORWARD | REVERSE
+    if mode != "symmetric":
+        keep = flags == FORWARD | REVERSE if mode == "mutual" else (flags & FORWARD) != 0
         src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
     return src, dst, score, flags
 

@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence, TypeVar
 
 from distributed import as_completed
 
-__all__ = ["Progress", "configure", "run_tasks"]
+__all__ = ["Progress", "configure", "run_tasks", "run_stage"]
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -101,3 +101,21 @@ def run_tasks(
         raise
     return progress.close()
 
+
+
+def run_stage(client: Any, manifest: Any, stage: str, items: Sequence[T], fn: Callable[..., Any],
+              args: Callable[[T], tuple[Any, ...]], files: Callable[[T], Sequence[Any]],
+              results: dict[int, Any] | None = None) -> None:
+    """:func:`run_tasks` for a resumable per-piece stage: skip the pieces ``manifest`` records done,
+    record each as it finishes (its ``files``, and its small JSON-able result), and collect every
+    piece's result (this run's and earlier runs') into ``results``.
+    """
+    done = manifest.done_pieces(stage)
+
+    def finished(item: T, result: Any) -> None:
+        manifest.mark_piece(stage, getattr(item, "index"), files(item), result)
+
+    run_tasks(client, fn, [p for p in items if getattr(p, "index") not in done], stage, args=args, on_done=finished)
+    manifest.finish_stage(stage, {})
+    if results is not None:
+        results.update(manifest.piece_results(stage))

@@ -43,9 +43,11 @@ from .shards import Dataset, plan_dataset
 from .store import RowStore
 from .dedup import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
 from .evaluate import recall_summary
+from .graph import GraphPlan, graph_recall, graph_stages
+from .graph import check_plan as check_graph_plan
 from .tuning import choose, draw_sample, search_sample, settings_grid, sweep
 
-__all__ = ["BuiltIndex", "build", "join", "run", "evaluate", "dedup"]
+__all__ = ["BuiltIndex", "build", "join", "run", "evaluate", "dedup", "graph"]
 
 log = logging.getLogger(__name__)
 
@@ -414,6 +416,44 @@ def dedup(config: Config) -> dict[str, Any]:
             log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result["rows_in"],
                      result["pairs"], result["groups"], result["rows_dropped"], plan.mode, plan.threshold)
     return _finish(output, config, summary, timings, "dedup", started)
+
+
+def graph(config: Config) -> dict[str, Any]:
+    """``graph``: self-join ``--input`` (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
+    started = time.monotonic()
+    output = _require(config.output, "--output", "graph")
+    g = config.graph
+    metric = config.index.metric or "cosine"
+    plan = GraphPlan(g.mode, metric, config.search.k, g.min_score, g.weight, g.kernel_width)
+    check_graph_plan(plan)
+    backend = select_backend(config.cluster.device).name
+    config = replace(config, search=replace(config.search, exclude_self=True))
+    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    timings = Timings()
+    with dask_client(config.cluster) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
+        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
+                               config.partition_bytes)
+        summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
+                                       knn_dir=output / "knn", command="graph")
+        t0 = time.monotonic()
+        result = graph_stages(client, plan, dataset.pieces, dataset.starts, built.store, output, manifest,
+                              config.index.seed)
+        timings.add("graph", time.monotonic() - t0)
+        if config.search.recall_queries:
+            t0 = time.monotonic()
+            sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
+                                 True, True, config.index.seed)
+            result["recall"] = {"k": plan.k, "queries": len(sample.truth),
+                                "graph_recall": round(graph_recall(client, sample, built.store, output, plan.k), 4)}
+            timings.add("graph_recall", time.monotonic() - t0)
+            log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
+                     result["recall"]["graph_recall"], plan.k)
+        log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
+                 result["nodes"], result["edges"], result["components"], result["largest_component"],
+                 result["mutual_share"])
+    summary["graph"] = result
+    return _finish(output, config, summary, timings, "graph", started)
 
 
 def evaluate(config: Config) -> dict[str, Any]:
