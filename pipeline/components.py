@@ -34,8 +34,12 @@ def _save(path: Path, values: np.ndarray) -> None:
         np.save(fh, values)
 
 
-def _init(labels_dir: str, piece: int, first_row: int, rows: int) -> None:
-    _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
+def _init(labels_dir: str, piece: int, first_row: int, rows: int, warm: str | None) -> None:
+    start = label_path(warm, piece) if warm else None
+    if start is not None and start.exists():  # labels of an earlier, smaller graph: still valid
+        _save(label_path(labels_dir, piece), np.load(start))
+    else:
+        _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
 
 
 def _round(edge_path: str, old_dir: str, new_dir: str, starts: np.ndarray, piece: int) -> int:
@@ -55,17 +59,24 @@ def _round(edge_path: str, old_dir: str, new_dir: str, starts: np.ndarray, piece
 
 
 def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndarray, total: int,
-                         work_dir: Path) -> Path:
+                         work_dir: Path, warm: Path | None = None) -> Path:
     """Label every row by the smallest row of its component; return the directory of labels.
 
     ``edge_paths[p]`` holds the edges whose source lies in piece ``p``, both directions present.
+    ``warm``: final labels of a subgraph (the same rows' earlier edges, before the input grew).
+    They are valid starting labels (each names a row of the same, larger component), so only
+    the components the new edges touch take more than one round to settle.
     """
     if work_dir.exists():
-        shutil.rmtree(work_dir)  # rounds are cheap to redo; partial ones are not trusted
+        for child in work_dir.iterdir():  # rounds are cheap to redo; partial ones are not trusted
+            if warm is None or child.resolve() != warm.resolve():
+                shutil.rmtree(child)
     ends = np.r_[starts[1:], total]
     old = work_dir / "round-0000"
-    client.gather([client.submit(_init, str(old), p, int(starts[p]), int(ends[p] - starts[p]), pure=False)
-                   for p in range(len(starts))])
+    client.gather([client.submit(_init, str(old), p, int(starts[p]), int(ends[p] - starts[p]),
+                                 str(warm) if warm else None, pure=False) for p in range(len(starts))])
+    if warm is not None:
+        shutil.rmtree(warm, ignore_errors=True)
     r = 0
     while True:
         r += 1

@@ -274,6 +274,18 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
                                   "dedup_groups"], ["_dedup", "pairs", "groups", "kept"])
     manifest.finish_stage("dedup_params", params)
     work = output / "_dedup"
+    warm = None
+    grown = manifest.stage_info("dedup_rows")
+    if grown is not None and grown["rows"] != n:
+        # the input grew: new pieces are mapped (their lists hold every new pair); partitions are
+        # reduced again to take in the new reverse edges; components start from the old labels
+        log.info("dedup: %d new rows since the last run; updating pairs and groups", n - grown["rows"])
+        warm = work / "components" / "previous"
+        if (work / "components" / "labels").exists():
+            (work / "components" / "labels").rename(warm)
+        _clear(manifest, output, ["dedup_pairs", "dedup_components", "dedup_members", "dedup_assign",
+                                  "dedup_groups"], ["_dedup/adj", "_dedup/members", "_dedup/linked", "_dedup/assign"])
+    manifest.finish_stage("dedup_rows", {"rows": n})
     keys_dir = None
     if plan.keep_by:
         keys_dir = work / "keep"
@@ -295,7 +307,8 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     info = manifest.stage_info("dedup_components")
     labels_dir = work / "components" / "labels"
     if info is None or not labels_dir.exists():
-        labels_dir = connected_components(client, adj, starts, n, work / "components")
+        labels_dir = connected_components(client, adj, starts, n, work / "components",
+                                          warm if warm is not None and warm.exists() else None)
         manifest.finish_stage("dedup_components", {"labels": str(labels_dir)})
 
     members = [str(work / "members" / f"from-{p.index:05d}") for p in pieces]

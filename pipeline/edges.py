@@ -73,6 +73,8 @@ def read_partition(sources: Sequence[str | os.PathLike[str]], part: int, names: 
     for src in sources:
         d = Path(src)
         bounds = np.load(d / "bounds.npy")
+        if part + 1 >= len(bounds):  # written before the input grew: nothing for the new partitions
+            continue
         lo, hi = int(bounds[part]), int(bounds[part + 1])
         for n in names:
             out[n].append(np.array(np.load(d / f"{n}.npy", mmap_mode="r")[lo:hi]))

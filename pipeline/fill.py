@@ -135,8 +135,6 @@ def fill_index(
         fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)  # type: ignore[attr-defined]
         ntotal = int(fut.result())
     manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode})
-    if (index_dir / "parts").exists():
-        for f in (index_dir / "parts").iterdir():
-            f.unlink()
-        (index_dir / "parts").rmdir()
+    # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new
+    # pieces and merges again; they hold the codes once more, small beside the row store
     return ntotal

@@ -19,7 +19,7 @@ from typing import Any, Iterable
 from .atomic import remove_stale_temps, write_json
 from .errors import ResumeError
 
-__all__ = ["Manifest", "describe_changes"]
+__all__ = ["Manifest", "describe_changes", "is_append"]
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +44,20 @@ def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
     return []
 
 
+def is_append(old: Any, new: Any) -> bool:
+    """``new`` equals ``old`` except that input file lists gained files at their end (and row counts grew)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if set(old) != set(new):
+            return False
+        if isinstance(old.get("files"), list) and isinstance(new.get("files"), list):
+            of, nf = old["files"], new["files"]
+            if nf[: len(of)] != of:
+                return False
+            return all(is_append(old[k], new[k]) for k in old if k not in ("files", "rows"))
+        return all(is_append(old[k], new[k]) for k in old)
+    return bool(old == new)
+
+
 class Manifest:
     """``manifest.json`` of one run directory (an index directory or an output directory)."""
 
@@ -56,17 +70,25 @@ class Manifest:
         if self.path.exists():
             self.data = json.loads(self.path.read_text())
 
-    def open(self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None) -> None:
-        """Start or resume this directory for ``identity``.
+    def open(self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None,
+             allow_append: bool = False) -> bool:
+        """Start or resume this directory for ``identity``; return True if the input grew.
 
         ``overwrite`` starts afresh (sub-directory ``keep`` excepted: it has its own manifest).
+        With ``allow_append``, an input that only gained files after the old ones is accepted
+        (incremental runs: the caller reopens the stages that must see the new pieces).
         Otherwise a directory made from another identity, or a non-empty one without a manifest,
         is refused with what changed.
         """
         new = json.loads(json.dumps(identity, default=str))
         old = self.data.get("identity")
+        appended = False
         if overwrite:
             self.reset(keep)
+        elif allow_append and old is not None and old != new and is_append(old, new):
+            appended = True
+            log.info("%s: the input gained files (%s); adding them incrementally", self.dir,
+                     "; ".join(describe_changes(old, new)))
         elif old is not None and old != new:
             raise ResumeError(
                 f"{self.dir} holds a {what} made from other input or settings "
@@ -83,6 +105,13 @@ class Manifest:
             log.info("removed %d partial file(s) left by an interrupted run in %s", removed, self.dir)
         self.data["identity"] = new
         self.save(force=True)
+        return appended
+
+    def reopen_stage(self, stage: str) -> None:
+        """Mark a finished stage unfinished, keeping its done pieces (new pieces are to be added)."""
+        if stage in self.data["stages"]:
+            self.data["stages"][stage]["done"] = None
+            self.save(force=True)
 
     def reset(self, keep: str | None = None) -> None:
         """Delete the directory's contents except ``keep`` (the caller asked to overwrite)."""

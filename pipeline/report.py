@@ -173,6 +173,32 @@ def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _graph_lines(output: Path, report: dict[str, Any]) -> list[str]:
+    g = report.get("graph")
+    if not g:
+        return []
+    rec = g.get("recall")
+    lines = [
+        "## Graph", "", "| | |", "|---|---|",
+        f"| edges | {g['mode']}, k={g['k']}" + (f", min score {g['min_score']}" if g["min_score"] is not None else "")
+        + f", weight {g['weight']}" + (f" (width {g['kernel_width']:.4g})" if g["weight"] == "gaussian" else "") + " |",
+        f"| size | {g['nodes']:,} nodes, {g['edges']:,} edges (directed entries) |",
+        f"| degree | mean {g['degree']['mean']}, max {g['degree']['max']}, {g['degree']['isolated']:,} isolated |",
+        f"| components | {g['components']:,}; the largest holds {g['largest_component']:,} nodes |",
+        f"| mutual edges | {g['mutual_share']:.1%} of edges are in both rows' lists |" if g["mutual_share"] is not None
+        else "| mutual edges | n/a (no edges) |",
+    ]
+    if rec:
+        lines.append(f"| graph recall | {rec['graph_recall']:.4f}: share of the exact {rec['k']} nearest neighbours "
+                     f"among a row's edges, {rec['queries']:,} sampled rows |")
+    lines.append("")
+    if g["degree"]["histogram"]:
+        _count_plot(output, "degrees.png", g["degree"]["histogram"], "degree (edges out of a node)", "nodes",
+                    "degree distribution")
+        lines += ["### Degree distribution", "", "![degrees](degrees.png)", ""]
+    return lines
+
+
 def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
     """Write ``report.json`` and ``report.md`` (+ PNGs) into ``output``."""
     kth = kth_scores(output / "neighbors", seed)
@@ -202,7 +228,7 @@ def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
     lines.append("")
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    lines += _dedup_lines(output, report)
+    lines += _dedup_lines(output, report) + _graph_lines(output, report)
     if rec.get("curve"):
         lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]
         lines += [f"| {p['nprobe']} | {p['rerank']} | {p['recall']:.3f} | {p['qps']:,.0f} |" for p in rec["curve"]]

@@ -113,8 +113,12 @@ def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: np.ndarr
 
 
 def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path, backend: str,
-                timings: Timings, search: SearchSpec | None = None) -> BuiltIndex:
-    """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished)."""
+                timings: Timings, search: SearchSpec | None = None, incremental: bool = False) -> BuiltIndex:
+    """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished).
+
+    ``incremental``: an index built from fewer files (the same ones, new files after them) is
+    extended with the new pieces: they are scanned, encoded with the trained index and merged in.
+    """
     spec = config.index
     metric = spec.metric or "cosine"
     t0 = time.monotonic()
@@ -131,7 +135,9 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
     }
     manifest = Manifest(index_dir)
-    manifest.open(identity, config.overwrite, "index")
+    if manifest.open(identity, config.overwrite, "index", allow_append=incremental):
+        for stage in ("scan", "fill", "index"):
+            manifest.reopen_stage(stage)
     store = RowStore(index_dir / "store", dataset.starts, dataset.total_rows)
     timings.add("plan", time.monotonic() - t0)
 
@@ -208,7 +214,7 @@ def _search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: st
 
 def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path, backend: str,
                timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
-               command: str = "join") -> tuple[dict[str, Any], Manifest]:
+               command: str = "join", incremental: bool = False) -> tuple[dict[str, Any], Manifest]:
     """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
 
     ``knn_dir``: also write the lists as global rows there (self-joins feeding dedup or a graph).
@@ -232,7 +238,8 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     }
     keep = built.dir.name if built.dir.parent.resolve() == output.resolve() else None
     manifest = Manifest(output)
-    manifest.open(identity, config.overwrite, "neighbour table", keep=keep)
+    if manifest.open(identity, config.overwrite, "neighbour table", keep=keep, allow_append=incremental):
+        manifest.reopen_stage("join")  # new rows are searched against all rows; old lists are kept
     (output / "_SUCCESS").unlink(missing_ok=True)
     if queries is None:
         query_store, pieces, n_queries = built.store, built.dataset.pieces, built.ntotal
@@ -390,11 +397,12 @@ def dedup(config: Config) -> dict[str, Any]:
     index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
     timings = Timings()
     with dask_client(config.cluster) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search)
+        built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
+                            incremental=True)
         dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
                                config.partition_bytes)
         summary, manifest = join_index(client, cluster, config, built, output, plan.backend, timings,
-                                       knn_dir=output / "knn", command="dedup")
+                                       knn_dir=output / "knn", command="dedup", incremental=True)
         t0 = time.monotonic()
         if d.explore:
             table = explore(client, plan, dataset, output, manifest, default_thresholds(metric, d.threshold))

@@ -50,6 +50,10 @@ def _scan_piece(
     return int(x.shape[1])
 
 
+def _store_keys(store: RowStore, piece: int, first_row: int, key_dir: str, nbuckets: int) -> None:
+    write_key_buckets(id_keys(store.ids(piece)), first_row, nbuckets, key_dir, piece)
+
+
 def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
     return [key_dir / f"b{b:04d}" / f"p{piece:05d}.npy" for b in range(nbuckets)]
 
@@ -68,14 +72,19 @@ def scan_dataset(client: object, dataset: Dataset, store: RowStore, metric: str,
     def finished(piece: Piece, dim: int) -> None:
         dims[piece.index] = dim
         manifest.data.setdefault("dims", {})[str(piece.index)] = dim
-        files = [store.vectors_path(piece.index), store.ids_path(piece.index), *_key_files(key_dir, piece.index, nbuckets)]
-        manifest.mark_piece(stage, piece.index, files)
+        manifest.mark_piece(stage, piece.index, [store.vectors_path(piece.index), store.ids_path(piece.index)])
 
     run_tasks(
         client, _scan_piece, todo, f"{stage}",
         args=lambda p: (p, dataset.id_column, dataset.vector_column, dataset.dim, metric, store, str(key_dir), nbuckets),
         on_done=finished,
     )
+    # the id keys of pieces scanned by an earlier run (resumed, or an input that grew) are
+    # rebuilt from the stored ids: the duplicate check always covers every piece
+    stale = [p for p in dataset.pieces if not all(f.exists() for f in _key_files(key_dir, p.index, nbuckets))]
+    if stale:
+        client.gather([client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, pure=False)  # type: ignore[attr-defined]
+                       for p in stale])
     distinct = sorted(set(dims.values()))
     if len(distinct) > 1:
         first = {d: next(p for p in dataset.pieces if dims[p.index] == d) for d in distinct}

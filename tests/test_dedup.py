@@ -210,3 +210,53 @@ def test_report_json_is_valid(make_config, planted, tmp_path):
     dedup(make_config(input=str(planted["dir"]), **SETTINGS))
     data = json.loads((tmp_path / "out" / "report.json").read_text())
     assert data["command"] == "dedup" and data["dedup"]["rows_in"] == len(planted["ids"])
+
+
+@pytest.fixture(scope="module")
+def six_shards(planted: dict, tmp_path_factory: pytest.TempPathFactory) -> list[str]:
+    """The planted rows as 6 shards: the first 3 are "yesterday's", the rest arrive later."""
+    d = tmp_path_factory.mktemp("six")
+    table = pq.read_table(planted["dir"])
+    paths = []
+    for s, part in enumerate(np.array_split(np.arange(table.num_rows), 6)):
+        paths.append(str(d / f"part-{s:05d}.parquet"))
+        pq.write_table(table.take(pa.array(part)), paths[-1], row_group_size=500)
+    return paths
+
+
+def _partition(out: Path) -> tuple[set[frozenset[int]], set[int]]:
+    g = groups_of(out)
+    by: dict[int, set[int]] = {}
+    for i, r in g.items():
+        by.setdefault(r["representative_id"], set()).add(i)
+    return {frozenset(m) for m in by.values()}, {i for i, r in g.items() if r["is_kept"]}
+
+
+@pytest.mark.parametrize("mode", ["components", "greedy"])
+def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_config, six_shards, tmp_path, caplog,
+                                                                       mode):
+    full = dedup(make_config(input=six_shards, output=str(tmp_path / "full"), dedup_mode=mode, **SETTINGS))
+    inc_out = tmp_path / "inc"
+    dedup(make_config(input=six_shards[:3], output=str(inc_out), dedup_mode=mode, **SETTINGS))
+    old_parts = sorted((inc_out / "neighbors").glob("*.parquet"))
+    stamps = [p.stat().st_mtime_ns for p in old_parts]
+    with caplog.at_level("INFO", logger="pipeline"):
+        inc = dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **SETTINGS))
+    assert "adding them incrementally" in caplog.text and "new rows since the last run" in caplog.text
+    assert [p.stat().st_mtime_ns for p in old_parts] == stamps  # old rows were not searched again
+    assert _partition(inc_out) == _partition(tmp_path / "full")
+    assert inc["dedup"]["rows_dropped"] == full["dedup"]["rows_dropped"] and inc["dedup"]["pairs"] == full["dedup"]["pairs"]
+    assert inc["dedup"]["exactness"]["pair_recall"] == 1.0
+    files = sorted(p for p in inc_out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".npy", ".npz", ".faiss"))
+    before = {p: p.stat().st_mtime_ns for p in files}
+    dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **SETTINGS))
+    assert {p: p.stat().st_mtime_ns for p in files} == before  # the same day twice: nothing rewritten
+
+
+def test_removed_old_shard_is_refused_not_appended(make_config, six_shards, tmp_path):
+    from pipeline import ResumeError
+
+    out = str(tmp_path / "out")
+    dedup(make_config(input=six_shards[:3], output=out, **SETTINGS))
+    with pytest.raises(ResumeError, match="input files"):
+        dedup(make_config(input=[six_shards[0], six_shards[2], six_shards[3]], output=out, **SETTINGS))
