@@ -1,11 +1,11 @@
 """Connected components of an edge list partitioned by source row, in rounds of bounded tasks.
 
-Min-label propagation with pointer jumping: every row starts labelled with itself; each round, one
-task per partition lowers each row's label to the smallest label among its neighbours, then to
-the label of that label (both read from the previous round's per-piece files through memory
-maps). Labels only decrease and always name a row of the same component, so the fixed point
-labels each component by its smallest row. Rounds grow with the log of the longest chain; a task
-holds one partition's edges and labels, never the whole graph.
+Every row points at a row of its component no larger than itself (at first, itself); the rows
+pointing at themselves are the roots of trees. Rounds of hooking (roots onto smaller roots they
+share an edge with, offers shuffled to the root's partition) and shortcutting (every row straight
+to its root, through memory-mapped per-piece label files) end when no edge joins two trees: each
+component is then one tree, labelled by its smallest row. A task holds one partition's edges and
+labels, never the whole graph.
 """
 
 from __future__ import annotations
@@ -42,56 +42,90 @@ def _init(labels_dir: str, piece: int, first_row: int, rows: int, warm: str | No
         _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
 
 
-def _round(edge_path: str, old_dir: str, new_dir: str, starts: np.ndarray, piece: int) -> int:
-    """One propagation round for one partition; returns how many labels changed."""
-    src, dst, _ = read_edges(edge_path)  # sorted by src
-    old = np.load(label_path(old_dir, piece))
-    new = old.copy()
-    if src.size:
-        lo = int(starts[piece])
-        nbr = gather_1d(old_dir, starts, dst)
-        first = np.flatnonzero(np.r_[True, src[1:] != src[:-1]])
-        local = src[first] - lo
-        new[local] = np.minimum(new[local], np.minimum.reduceat(nbr, first))
-        new = np.minimum(new, gather_1d(old_dir, starts, new))  # jump: the label of the label
-    _save(label_path(new_dir, piece), new)
-    return int((new != old).sum())
+def _hooks(edge_path: str, labels_dir: str, starts: np.ndarray, piece: int, out: str) -> int:
+    """For each edge joining two trees, ask the larger root to hook onto the smaller one."""
+    src, dst, _ = read_edges(edge_path)
+    labels = np.load(label_path(labels_dir, piece))
+    ru = labels[src - int(starts[piece])]
+    rv = gather_1d(labels_dir, starts, dst) if dst.size else dst
+    cross = ru != rv
+    hi, lo = np.maximum(ru[cross], rv[cross]), np.minimum(ru[cross], rv[cross])
+    write_partitioned(out, np.searchsorted(starts, hi, side="right") - 1, len(starts), {"hi": hi, "lo": lo})
+    return int(cross.sum())
+
+
+def _apply_hooks(hook_dirs: Sequence[str], labels_dir: str, starts: np.ndarray, piece: int, out: str) -> None:
+    """Each root of this partition hooks onto the smallest root that asked."""
+    labels = np.load(label_path(labels_dir, piece))
+    h = read_partition(hook_dirs, piece, ("hi", "lo"))
+    if h["hi"].size:
+        hi, lo = h["hi"].astype(np.int64), h["lo"].astype(np.int64)
+        order = np.argsort(hi, kind="stable")
+        hi, lo = hi[order], lo[order]
+        first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+        local = hi[first] - int(starts[piece])
+        labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, first))
+    _save(label_path(out, piece), labels)
+
+
+def _shortcut(hooked_dir: str, starts: np.ndarray, piece: int, out: str) -> None:
+    """Point every row straight at its tree's root (pointers only decrease, so this ends)."""
+    labels = np.load(label_path(hooked_dir, piece))
+    while True:
+        nxt = gather_1d(hooked_dir, starts, labels)
+        if np.array_equal(nxt, labels):
+            break
+        labels = nxt
+    _save(label_path(out, piece), labels)
 
 
 def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndarray, total: int,
                          work_dir: Path, warm: Path | None = None) -> Path:
     """Label every row by the smallest row of its component; return the directory of labels.
 
-    ``edge_paths[p]`` holds the edges whose source lies in piece ``p``, both directions present.
-    ``warm``: final labels of a subgraph (the same rows' earlier edges, before the input grew).
-    They are valid starting labels (each names a row of the same, larger component), so only
-    the components the new edges touch take more than one round to settle.
+    ``edge_paths[p]`` holds the edges whose source lies in piece ``p`` (both directions present,
+    or either: hooking is symmetric). ``warm``: final labels of a subgraph (the same rows'
+    earlier edges, before the input grew); they are valid starting trees, so only components the
+    new edges touch do any work.
+
+    Each round (Shiloach-Vishkin style, with every step a task per partition): every edge whose
+    ends lie in different trees asks the larger root to hook onto the smaller; each root takes
+    the smallest offer; then every row is pointed straight at its new root. Every tree that
+    touches another merges each round, so rounds grow with the log of the component size, not
+    with its diameter.
     """
     if work_dir.exists():
         for child in work_dir.iterdir():  # rounds are cheap to redo; partial ones are not trusted
             if warm is None or child.resolve() != warm.resolve():
                 shutil.rmtree(child)
     ends = np.r_[starts[1:], total]
-    old = work_dir / "round-0000"
-    client.gather([client.submit(_init, str(old), p, int(starts[p]), int(ends[p] - starts[p]),
-                                 str(warm) if warm else None, pure=False) for p in range(len(starts))])
+    n_parts = len(starts)
+    labels = work_dir / "round-0000"
+    client.gather([client.submit(_init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]),
+                                 str(warm) if warm else None, pure=False) for p in range(n_parts)])
     if warm is not None:
         shutil.rmtree(warm, ignore_errors=True)
     r = 0
     while True:
         r += 1
-        new = work_dir / f"round-{r:04d}"
-        changed = sum(client.gather([
-            client.submit(_round, edge_paths[p], str(old), str(new), starts, p, pure=False) for p in range(len(starts))
-        ]))
-        shutil.rmtree(old)
-        old = new
-        log.debug("components round %d: %d labels changed", r, changed)
-        if changed == 0:
+        hooks = [str(work_dir / f"hooks-{r:04d}" / f"from-{p:05d}") for p in range(n_parts)]
+        crossing = sum(client.gather([client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], pure=False)
+                                      for p in range(n_parts)]))
+        log.debug("components round %d: %d edges join different trees", r, crossing)
+        if crossing == 0:
+            shutil.rmtree(work_dir / f"hooks-{r:04d}")
             break
+        hooked = work_dir / f"hooked-{r:04d}"
+        client.gather([client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), pure=False)
+                       for p in range(n_parts)])
+        nxt = work_dir / f"round-{r:04d}"
+        client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), pure=False) for p in range(n_parts)])
+        for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
+            shutil.rmtree(d)
+        labels = nxt
     final = work_dir / "labels"
-    old.rename(final)
-    log.info("connected components: converged in %d rounds", r)
+    labels.rename(final)
+    log.info("connected components: %d round(s)", r)
     return final
 
 
