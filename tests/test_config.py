@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
@@ -84,3 +85,9 @@ def test_cli_run_with_config_file_and_embedded_cluster(tmp_path, dataset_dir):
     assert "join: 6,000/6,000 rows (100%)" in proc.stderr and "rows/s" in proc.stderr
     table = pq.read_table(tmp_path / "out" / "neighbors")
     assert len(table) == 6000 and all(len(n) == 4 for n in table.column("neighbor_id").to_pylist())
+
+
+@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_shipped_configs_load(path):
+    config = load_config(path, {})
+    assert config.output or config.index_dir  # the rest (input for join.yaml) may come as flags
