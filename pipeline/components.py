@@ -37,7 +37,9 @@ def _save(path: Path, values: np.ndarray) -> None:
 def _init(labels_dir: str, piece: int, first_row: int, rows: int, warm: str | None) -> None:
     start = label_path(warm, piece) if warm else None
     if start is not None and start.exists():  # labels of an earlier, smaller graph: still valid
-        _save(label_path(labels_dir, piece), np.load(start))
+        old = np.load(start)  # (a partition that took in new rows has them after its old ones)
+        new = np.arange(first_row + old.size, first_row + rows, dtype=np.int64)
+        _save(label_path(labels_dir, piece), np.concatenate([old, new]))
     else:
         _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
 

@@ -33,8 +33,8 @@ from .atomic import atomic_path
 from .backends import backend_named
 from .components import connected_components, label_path
 from .edges import (
-    gather_1d, map_edges, merge_histograms, passes, read_edges, read_partition, reduce_edges, write_edges,
-    write_partitioned,
+    Part, gather_1d, make_parts, map_edges, merge_histograms, part_starts, passes, pieces_per_part, read_edges,
+    read_partition, reduce_edges, write_edges, write_partitioned,
 )
 from .errors import ConfigError, InputError
 from .join import knn_path
@@ -194,7 +194,8 @@ def _greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: s
 
 
 def _choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: int, plan: DedupPlan,
-                 store: RowStore, keys_dir: str | None, starts: np.ndarray, assign: str) -> dict[int, int]:
+                 store: RowStore, keys_dir: str | None, piece_starts: np.ndarray, starts: np.ndarray,
+                 assign: str) -> dict[int, int]:
     """Representatives (and kept rows) of the components labelled in this partition."""
     m = read_partition(member_dirs, piece, ("label", "row"))
     rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
@@ -202,7 +203,7 @@ def _choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: in
         write_partitioned(assign, np.zeros(0, np.int64), len(starts),
                           {"row": rows, "rep": rows, "kept": np.zeros(0, bool)})
         return {}
-    order = _ranking(rows, labels, store, keys_dir, starts, plan.keep_order)
+    order = _ranking(rows, labels, store, keys_dir, piece_starts, plan.keep_order)
     rows, labels = rows[order], labels[order]
     if plan.mode == "components":
         first = np.r_[True, labels[1:] != labels[:-1]]
@@ -228,20 +229,20 @@ def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: 
     return backend_named(backend).exact_scores(x, y[:, None, :], metric)[:, 0] if rows.size else np.zeros(0, np.float32)
 
 
-def _groups_task(assign_dirs: Sequence[str], piece: Piece, plan: DedupPlan, store: RowStore, groups: str,
+def _groups_task(assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store: RowStore, groups: str,
                  kept_path: str) -> int:
-    a = read_partition(assign_dirs, piece.index, ("row", "rep", "kept"))
-    rows = np.arange(piece.start, piece.start + piece.rows, dtype=np.int64)
+    a = read_partition(assign_dirs, part.index, ("row", "rep", "kept"))
+    rows = np.arange(part.start, part.start + part.rows, dtype=np.int64)
     rep = rows.copy()
-    kept = np.ones(piece.rows, dtype=bool)
-    local = a["row"].astype(np.int64) - piece.start
+    kept = np.ones(part.rows, dtype=bool)
+    local = a["row"].astype(np.int64) - part.start
     rep[local] = a["rep"]
     kept[local] = a["kept"].astype(bool)
-    ids = store.ids(piece.index)
+    ids = pa.concat_arrays([store.ids(p) for p in part.pieces])
     linked = np.flatnonzero(rep != rows)
-    score = np.full(piece.rows, np.nan, dtype=np.float32)
+    score = np.full(part.rows, np.nan, dtype=np.float32)
     if linked.size:
-        x = store.vectors(piece.index)[linked]
+        x = store.gather_vectors(rows[linked])
         score[linked] = _exact_pair_scores(store, linked, x, rep[linked], plan.metric, plan.backend)
     table = pa.table({
         "id": ids, "group_id": pa.array(rep), "representative_id": store.gather_ids(rep),
@@ -263,9 +264,12 @@ def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequen
 
 
 def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                 seed: int) -> dict[str, Any]:
-    """Pairs, components and groups for the self-join in ``output``; returns the dedup summary."""
-    pieces, starts, n = dataset.pieces, dataset.starts, dataset.total_rows
+                 seed: int, k: int, budget: int) -> dict[str, Any]:
+    """Pairs, components and groups for the self-join in ``output``; returns the dedup summary.
+
+    The shuffles work on partitions of consecutive pieces whose edges fit ``budget`` bytes.
+    """
+    n = dataset.total_rows
     params = {"threshold": plan.threshold, "mode": plan.mode, "keep_by": plan.keep_by, "keep_order": plan.keep_order}
     if manifest.stage_info("dedup_params") not in (None, params):
         log.info("dedup settings changed (%s): regrouping from the existing join",
@@ -276,6 +280,11 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     work = output / "_dedup"
     warm = None
     grown = manifest.stage_info("dedup_rows")
+    # the grouping of pieces into partitions is fixed by the first run, so a grown input keeps
+    # the old partitions (only the last may take in new pieces) and their map outputs
+    per_part = grown["per_part"] if grown else pieces_per_part(dataset.pieces, k, budget)
+    parts = make_parts(dataset.pieces, per_part)
+    starts = part_starts(parts)
     if grown is not None and grown["rows"] != n:
         # the input grew: new pieces are mapped (their lists hold every new pair); partitions are
         # reduced again to take in the new reverse edges; components start from the old labels
@@ -285,22 +294,24 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
             (work / "components" / "labels").rename(warm)
         _clear(manifest, output, ["dedup_pairs", "dedup_components", "dedup_members", "dedup_assign",
                                   "dedup_groups"], ["_dedup/adj", "_dedup/members", "_dedup/linked", "_dedup/assign"])
-    manifest.finish_stage("dedup_rows", {"rows": n})
+        for part in parts:  # a partition that took in new pieces is mapped again
+            if manifest.piece_results("dedup_map").get(part.index, {}).get("pieces") != len(part.pieces):
+                manifest.forget_piece("dedup_map", part.index)
+    manifest.finish_stage("dedup_rows", {"rows": n, "per_part": per_part})
     keys_dir = None
     if plan.keep_by:
         keys_dir = work / "keep"
         read_keep_column(client, dataset, plan.keep_by, keys_dir, manifest)
 
-    maps = [str(work / "edges" / f"from-{p.index:05d}") for p in pieces]
+    maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]
     map_stats: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_map", pieces, map_edges,
-                lambda p: (str(knn_path(output / "knn", p.index)), p.start, starts, maps[p.index], plan.metric,
-                           plan.threshold),
-                lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
-    adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in pieces]
-    pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in pieces]
+    run_stage(client, manifest, "dedup_map", parts, _map_part,
+              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold),
+              lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
+    adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts]
+    pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_stats: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_pairs", pieces, _pairs_task,
+    run_stage(client, manifest, "dedup_pairs", parts, _pairs_task,
                 lambda p: (maps, p.index, plan, store, adj[p.index], pair_out[p.index], seed),
                 lambda p: [adj[p.index], pair_out[p.index]], pair_stats)
 
@@ -311,19 +322,19 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
                                           warm if warm is not None and warm.exists() else None)
         manifest.finish_stage("dedup_components", {"labels": str(labels_dir)})
 
-    members = [str(work / "members" / f"from-{p.index:05d}") for p in pieces]
-    linked = [str(work / "linked" / f"from-{p.index:05d}") for p in pieces]
-    run_stage(client, manifest, "dedup_members", pieces, _members_map,
+    members = [str(work / "members" / f"from-{p.index:05d}") for p in parts]
+    linked = [str(work / "linked" / f"from-{p.index:05d}") for p in parts]
+    run_stage(client, manifest, "dedup_members", parts, _members_map,
                 lambda p: (adj[p.index], str(labels_dir), starts, p.index, members[p.index], linked[p.index]),
                 lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"])
-    assign = [str(work / "assign" / f"from-{p.index:05d}") for p in pieces]
+    assign = [str(work / "assign" / f"from-{p.index:05d}") for p in parts]
     size_parts: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_assign", pieces, _choose_task,
-                lambda p: (members, linked, p.index, plan, store, str(keys_dir) if keys_dir else None, starts,
-                           assign[p.index]),
+    run_stage(client, manifest, "dedup_assign", parts, _choose_task,
+                lambda p: (members, linked, p.index, plan, store, str(keys_dir) if keys_dir else None,
+                           dataset.starts, starts, assign[p.index]),
                 lambda p: [Path(assign[p.index]) / "bounds.npy"], size_parts)
     dropped: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_groups", pieces, _groups_task,
+    run_stage(client, manifest, "dedup_groups", parts, _groups_task,
                 lambda p: (assign, p, plan, store, str(output / "groups" / f"part-{p.index:05d}.parquet"),
                            str(output / "kept" / f"part-{p.index:05d}.parquet")),
                 lambda p: [output / "groups" / f"part-{p.index:05d}.parquet",
@@ -351,11 +362,12 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         "saturated_rows": saturated,
         "examples": [dict(e, band_low=_bands(plan)[e["band"]]) for b in sorted(by_band) for e in by_band[b]],
         "outputs": {d: str(output / d) for d in ("groups", "kept", "pairs")},
+        "partition_starts": starts.tolist(),
     }
 
 
-def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, manifest: Manifest,
-            thresholds: Sequence[float]) -> list[dict[str, Any]]:
+def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, thresholds: Sequence[float], k: int,
+            budget: int) -> list[dict[str, Any]]:
     """Pairs and rows dropped (components mode) at each threshold, from one join.
 
     The pairs at the loosest threshold are shuffled and symmetrised like a real run; their union
@@ -365,11 +377,12 @@ def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, manife
     loosest = max(thresholds) if plan.metric == "l2" else min(thresholds)
     work = output / "_explore"
     shutil.rmtree(work, ignore_errors=True)
-    pieces, starts = dataset.pieces, dataset.starts
-    maps = [str(work / f"from-{p.index:05d}") for p in pieces]
-    client.gather([client.submit(map_edges, str(knn_path(output / "knn", p.index)), p.start, starts, maps[p.index],
-                                 plan.metric, loosest, pure=False) for p in pieces])
-    parts = client.gather([client.submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in pieces])
+    groups = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
+    starts = part_starts(groups)
+    maps = [str(work / f"from-{p.index:05d}") for p in groups]
+    client.gather([client.submit(_map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False)
+                   for p in groups])
+    parts = client.gather([client.submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in groups])
     shutil.rmtree(work)
     a = np.concatenate([p[0] for p in parts])
     b = np.concatenate([p[1] for p in parts])
@@ -404,6 +417,11 @@ def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, manife
     return out
 
 
+def _map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float) -> dict[str, int]:
+    paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
+    return {**map_edges(paths, part.start, starts, out, metric, threshold), "pieces": len(part.pieces)}
+
+
 def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     src, dst, score, _ = reduce_edges(map_dirs, piece, metric, "symmetric")
     one = src < dst
@@ -432,7 +450,7 @@ def _exact_pairs_piece(store: RowStore, piece: int, q_rows: np.ndarray, q: np.nd
 
 
 def pair_recall(client: Any, plan: DedupPlan, store: RowStore, n_pieces: int, output: Path, queries: int,
-                seed: int) -> dict[str, Any]:
+                seed: int, adj_starts: np.ndarray) -> dict[str, Any]:
     """Share of the exact above-threshold pairs of sampled rows that the dedup found.
 
     Exact pairs come from brute force over every stored piece (on the workers); found pairs are
@@ -446,8 +464,8 @@ def pair_recall(client: Any, plan: DedupPlan, store: RowStore, n_pieces: int, ou
                                          pure=False) for p in range(n_pieces)])
     exact = {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
     found = set()
-    piece_of = np.searchsorted(store.starts, rows, side="right") - 1
-    for p in np.unique(piece_of):
+    part_of = np.searchsorted(adj_starts, rows, side="right") - 1
+    for p in np.unique(part_of):
         src, dst, _ = read_edges(output / "_dedup" / "adj" / f"part-{int(p):05d}.parquet")
         sel = np.isin(src, rows)
         found |= {(int(a), int(b)) for a, b in zip(src[sel], dst[sel])}

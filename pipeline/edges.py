@@ -12,6 +12,7 @@ of a pair: ``symmetric`` keeps either, ``mutual`` only pairs found from both end
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
@@ -24,7 +25,7 @@ from .atomic import atomic_path
 __all__ = [
     "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "write_partitioned", "read_partition",
     "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram",
-    "merge_histograms",
+    "merge_histograms", "Part", "pieces_per_part", "make_parts", "part_starts",
 ]
 
 FORWARD, REVERSE = 1, 2  # flag bits: the edge came from the source's list / from the target's list
@@ -51,18 +52,55 @@ def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
 
 
 # a file shuffle: columns partitioned by a target partition number -----------------------------
+@dataclass(frozen=True)
+class Part:
+    """Consecutive pieces shuffled as one partition: global rows ``[start, start + rows)``."""
+
+    index: int
+    pieces: tuple[int, ...]
+    start: int
+    rows: int
+
+
+EDGE_BYTES = 21  # src, dst (int64), score (float32), flag (int8)
+
+
+def pieces_per_part(pieces: Sequence[Any], k: int, budget: int) -> int:
+    """How many consecutive pieces one shuffle partition takes: their edges (both ways) fit ``budget``.
+
+    Pieces are sized by vector bytes; edges are sized by ``k``. Grouping keeps the number of
+    partitions (and so of shuffle files, which grows with its square) in step with the edges.
+    """
+    biggest = max((int(p.rows) for p in pieces), default=1)
+    return max(1, int(budget) // max(1, biggest * max(1, k) * 2 * EDGE_BYTES))
+
+
+def make_parts(pieces: Sequence[Any], per_part: int) -> list[Part]:
+    parts = []
+    for g, lo in enumerate(range(0, len(pieces), per_part)):
+        group = pieces[lo : lo + per_part]
+        parts.append(Part(g, tuple(int(p.index) for p in group), int(group[0].start), int(sum(p.rows for p in group))))
+    return parts
+
+
+def part_starts(parts: Sequence[Part]) -> np.ndarray:
+    return np.array([p.start for p in parts], dtype=np.int64)
+
+
 def write_partitioned(directory: str | os.PathLike[str], part: np.ndarray, n_parts: int,
                       columns: Mapping[str, np.ndarray]) -> None:
-    """Write ``columns`` sorted by ``part`` (0..n_parts-1) with the slice bounds of each partition.
+    """Write ``columns`` sorted by ``part`` (0..n_parts-1), one structured array, with the bounds of each.
 
     The bounds file is written last: a directory without one is an unfinished map output.
     """
     d = Path(directory)
     order = np.argsort(part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(n_parts + 1), side="left").astype(np.int64)
+    rows = np.empty(order.size, dtype=[(name, np.asarray(v).dtype) for name, v in columns.items()])
     for name, values in columns.items():
-        with atomic_path(d / f"{name}.npy") as tmp, open(tmp, "wb") as fh:
-            np.save(fh, np.ascontiguousarray(values[order]))
+        rows[name] = np.asarray(values)[order]
+    with atomic_path(d / "data.npy") as tmp, open(tmp, "wb") as fh:
+        np.save(fh, rows)
     with atomic_path(d / "bounds.npy") as tmp, open(tmp, "wb") as fh:
         np.save(fh, bounds)
 
@@ -76,8 +114,10 @@ def read_partition(sources: Sequence[str | os.PathLike[str]], part: int, names: 
         if part + 1 >= len(bounds):  # written before the input grew: nothing for the new partitions
             continue
         lo, hi = int(bounds[part]), int(bounds[part + 1])
-        for n in names:
-            out[n].append(np.array(np.load(d / f"{n}.npy", mmap_mode="r")[lo:hi]))
+        if hi > lo:
+            block = np.load(d / "data.npy", mmap_mode="r")[lo:hi]
+            for n in names:
+                out[n].append(np.array(block[n]))
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
 
 
@@ -96,14 +136,17 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 
 # edges -----------------------------------------------------------------------------------------
-def map_edges(knn_path: str, first_row: int, starts: np.ndarray, out_dir: str, metric: str,
+def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: str,
               min_score: float | None) -> dict[str, int]:
-    """Shuffle one piece's passing edges, both ways round, to the partitions of their source rows.
+    """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
+    round, to the partitions (first rows ``starts``) of their source rows.
 
     Returns the edges kept and how many rows were *saturated*: all ``k`` neighbours passed the
     threshold, so more may exist beyond ``k``.
     """
-    rows, scores = read_knn(knn_path)
+    lists = [read_knn(p) for p in knn_paths]
+    rows = np.concatenate([r for r, _ in lists])
+    scores = np.concatenate([s for _, s in lists])
     n, k = rows.shape
     ok = (rows >= 0) & passes(scores, min_score, metric)
     saturated = int((ok.all(axis=1) & (k > 0)).sum()) if min_score is not None else 0

@@ -30,7 +30,8 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path
 from .components import component_sizes, connected_components
 from .edges import (
-    FORWARD, REVERSE, degree_histogram, map_edges, merge_histograms, read_edges, read_knn, reduce_edges, write_edges,
+    FORWARD, REVERSE, Part, degree_histogram, make_parts, map_edges, merge_histograms, part_starts, pieces_per_part,
+    read_edges, read_knn, reduce_edges, write_edges,
 )
 from .errors import ConfigError
 from .join import knn_path
@@ -80,7 +81,7 @@ def _kth_distances(path: str, limit: int, seed: int) -> np.ndarray:
     return last[pick]
 
 
-def _reduce_task(map_dirs: Sequence[str], piece: Piece, plan: GraphPlan, store: RowStore, edges: str, adj: str | None,
+def _reduce_task(map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: RowStore, edges: str, adj: str | None,
                  nodes: str) -> dict[str, Any]:
     src, dst, score, flags = reduce_edges(map_dirs, piece.index, plan.metric, "symmetric")
     if adj is not None:  # directed graphs: components are taken on the undirected version
@@ -91,7 +92,8 @@ def _reduce_task(map_dirs: Sequence[str], piece: Piece, plan: GraphPlan, store: 
     write_edges(edges, src, dst, _weights(score, plan))
     with atomic_path(nodes) as tmp:
         rows = pa.array(np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
-        pq.write_table(pa.table({"row": rows, "id": store.ids(piece.index)}), str(tmp))
+        ids = pa.concat_arrays([store.ids(p) for p in piece.pieces])
+        pq.write_table(pa.table({"row": rows, "id": ids}), str(tmp))
     return {"edges": int(src.size), "mutual": int((flags == FORWARD | REVERSE).sum()),
             "degrees": degree_histogram(src, piece.start, piece.rows)}
 
@@ -118,7 +120,7 @@ def write_npz_stream(path: Path, members: Sequence[tuple[str, np.dtype, tuple[in
                     raise RuntimeError(f"{path}: member {name} got {written} values, expected {expect}")
 
 
-def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Piece], n: int, nnz: int) -> None:
+def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n: int, nnz: int) -> None:
     index_type = np.int32 if max(n, nnz) < 2**31 else np.int64
 
     def indptr() -> Iterable[np.ndarray]:
@@ -160,10 +162,15 @@ def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: i
 
 
 # the stages -------------------------------------------------------------------------------------
-def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], starts: np.ndarray, store: RowStore,
-                 output: Path, manifest: Manifest, seed: int) -> dict[str, Any]:
-    """Edges, nodes, CSR, umap arrays and the graph summary for the self-join in ``output``."""
+def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: RowStore, output: Path,
+                 manifest: Manifest, seed: int, budget: int) -> dict[str, Any]:
+    """Edges, nodes, CSR, umap arrays and the graph summary for the self-join in ``output``.
+
+    The shuffle works on partitions of consecutive pieces whose edges fit ``budget`` bytes.
+    """
     n = store.total_rows
+    parts = make_parts(pieces, pieces_per_part(pieces, plan.k, budget))
+    starts = part_starts(parts)
     knn_dir = output / "knn"
     params = {"mode": plan.mode, "min_score": plan.min_score, "weight": plan.weight, "kernel_width": plan.kernel_width}
     if manifest.stage_info("graph_params") not in (None, params):
@@ -182,15 +189,16 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], starts: 
         log.info("gaussian kernel width %.4g: the median distance to the k-th neighbour", plan.kernel_width)
 
     work = output / "_graph"
-    maps = [str(work / "map" / f"from-{p.index:05d}") for p in pieces]
-    run_stage(client, manifest, "graph_map", pieces, map_edges,
-              lambda p: (str(knn_path(knn_dir, p.index)), p.start, starts, maps[p.index], plan.metric, plan.min_score),
+    maps = [str(work / "map" / f"from-{p.index:05d}") for p in parts]
+    run_stage(client, manifest, "graph_map", parts, map_edges,
+              lambda p: ([str(knn_path(knn_dir, i)) for i in p.pieces], p.start, starts, maps[p.index], plan.metric,
+                         plan.min_score),
               lambda p: [Path(maps[p.index]) / "bounds.npy"])
-    edges = [str(output / "edges" / f"part-{p.index:05d}.parquet") for p in pieces]
-    adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in pieces] if plan.mode == "directed" else edges
-    nodes = [str(output / "nodes" / f"part-{p.index:05d}.parquet") for p in pieces]
+    edges = [str(output / "edges" / f"part-{p.index:05d}.parquet") for p in parts]
+    adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts] if plan.mode == "directed" else edges
+    nodes = [str(output / "nodes" / f"part-{p.index:05d}.parquet") for p in parts]
     stats: dict[int, Any] = {}
-    run_stage(client, manifest, "graph_reduce", pieces, _reduce_task,
+    run_stage(client, manifest, "graph_reduce", parts, _reduce_task,
               lambda p: (maps, p, plan, store, edges[p.index], adj[p.index] if plan.mode == "directed" else None,
                          nodes[p.index]),
               lambda p: [edges[p.index], nodes[p.index]] + ([adj[p.index]] if plan.mode == "directed" else []), stats)
@@ -198,7 +206,7 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], starts: 
 
     files = manifest.stage_info("graph_files")
     if files is None or not (output / "graph.npz").exists():
-        _write_csr(output / "graph.npz", edges, pieces, n, nnz)
+        _write_csr(output / "graph.npz", edges, parts, n, nnz)
         if plan.metric != "ip":
             _write_umap(output / "umap_knn.npz", knn_dir, pieces, n, plan.k, plan.metric)
         else:
@@ -218,15 +226,16 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], starts: 
         "degree": {"mean": round(deg_total / max(n, 1), 3), "max": max(degrees) if degrees else 0,
                    "isolated": degrees.get(0, 0), "histogram": {str(d): c for d, c in degrees.items()}},
         "components": int(sum(sizes.values())), "largest_component": max(sizes) if sizes else 0,
+        "partition_starts": starts.tolist(),
         "outputs": {"edges": str(output / "edges"), "nodes": str(output / "nodes"), "csr": str(output / "graph.npz"),
                     "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None},
     }
 
 
-def graph_recall(client: Any, sample: Any, store: RowStore, output: Path, k: int) -> float:
+def graph_recall(client: Any, sample: Any, store: RowStore, output: Path, k: int, starts: np.ndarray) -> float:
     """Share of each sampled row's exact ``k`` neighbours that are its out-edges in the graph."""
     rows = np.asarray(sample.rows)
-    piece_of = np.searchsorted(store.starts, rows, side="right") - 1
+    piece_of = np.searchsorted(starts, rows, side="right") - 1
     found: dict[int, list[int]] = {int(r): [] for r in rows}
     for p in np.unique(piece_of):
         src, dst, _ = read_edges(output / "edges" / f"part-{int(p):05d}.parquet")

@@ -145,6 +145,13 @@ class Manifest:
             st.setdefault("results", {})[str(piece)] = result
         self.save()
 
+    def forget_piece(self, stage: str, piece: int) -> None:
+        """Drop a piece's record: it will be done again."""
+        st = self._stage(stage)
+        st["pieces"].pop(str(piece), None)
+        st.get("results", {}).pop(str(piece), None)
+        self.save(force=True)
+
     def piece_results(self, stage: str) -> dict[int, Any]:
         """The results recorded with the pieces of ``stage`` that are still done."""
         done = self.done_pieces(stage)

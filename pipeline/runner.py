@@ -405,17 +405,20 @@ def dedup(config: Config) -> dict[str, Any]:
                                        knn_dir=output / "knn", command="dedup", incremental=True)
         t0 = time.monotonic()
         if d.explore:
-            table = explore(client, plan, dataset, output, manifest, default_thresholds(metric, d.threshold))
+            table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
+                            2 * config.partition_bytes)
             summary["dedup_explore"] = table
             timings.add("explore", time.monotonic() - t0)
         else:
-            result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed)
+            result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
+                                  config.search.k, 2 * config.partition_bytes)
             timings.add("dedup", time.monotonic() - t0)
             attach_examples(result["examples"], dataset, built.store, d.text_column)
+            adj_starts = np.array(result.pop("partition_starts"))
             if config.search.recall_queries:
                 t0 = time.monotonic()
                 result["exactness"] = pair_recall(client, plan, built.store, len(dataset.pieces), output,
-                                                  config.search.recall_queries, config.index.seed)
+                                                  config.search.recall_queries, config.index.seed, adj_starts)
                 timings.add("pair_recall", time.monotonic() - t0)
                 ex = result["exactness"]
                 log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
@@ -445,15 +448,17 @@ def graph(config: Config) -> dict[str, Any]:
         summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
                                        knn_dir=output / "knn", command="graph")
         t0 = time.monotonic()
-        result = graph_stages(client, plan, dataset.pieces, dataset.starts, built.store, output, manifest,
-                              config.index.seed)
+        result = graph_stages(client, plan, dataset.pieces, built.store, output, manifest, config.index.seed,
+                              2 * config.partition_bytes)
+        edge_starts = np.array(result.pop("partition_starts"))
         timings.add("graph", time.monotonic() - t0)
         if config.search.recall_queries:
             t0 = time.monotonic()
             sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
                                  True, True, config.index.seed)
             result["recall"] = {"k": plan.k, "queries": len(sample.truth),
-                                "graph_recall": round(graph_recall(client, sample, built.store, output, plan.k), 4)}
+                                "graph_recall": round(graph_recall(client, sample, built.store, output, plan.k,
+                                                                   edge_starts), 4)}
             timings.add("graph_recall", time.monotonic() - t0)
             log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
                      result["recall"]["graph_recall"], plan.k)

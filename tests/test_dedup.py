@@ -81,7 +81,10 @@ EXPECTED = [{0, 10000, 10001, 10002}, {1, 10010}, {2, 10020}, {3, 10030}, {4, 10
             {7, 20007}, {8, 20008}, {9, 20009}]
 CHAIN = {30000, 30001, 30002}
 
-SETTINGS = {"threshold": 0.95, "index_key": "IVF16,Flat", "nprobe": 16, "recall_queries": 500}
+# 500-row pieces; each piece's edges overflow the shuffle budget (2 x partition_size), so the
+# pairs are shuffled between 9 partitions (3 shards of 500 + 500 + 5 rows)
+SETTINGS = {"threshold": 0.95, "index_key": "IVF16,Flat", "nprobe": 16, "recall_queries": 500,
+            "partition_size": 500 * DIM * 4}
 
 
 def test_components_groups_copies_perturbations_and_chains(make_config, planted, tmp_path):
@@ -101,6 +104,7 @@ def test_components_groups_copies_perturbations_and_chains(make_config, planted,
     assert g[30002]["score_to_representative"] < 0.95
     assert g[10001]["score_to_representative"] == pytest.approx(1.0, abs=1e-5)
     assert g[123]["score_to_representative"] is None and g[123]["is_kept"]
+    assert len(list((out / "groups").glob("part-*.parquet"))) == 9  # shuffled between 9 partitions
     kept = set(pq.read_table(out / "kept").column("id").to_pylist())
     assert kept == {i for i, r in g.items() if r["is_kept"]}
     pairs = pq.read_table(out / "pairs").to_pylist()
@@ -235,21 +239,25 @@ def _partition(out: Path) -> tuple[set[frozenset[int]], set[int]]:
 @pytest.mark.parametrize("mode", ["components", "greedy"])
 def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_config, six_shards, tmp_path, caplog,
                                                                        mode):
-    full = dedup(make_config(input=six_shards, output=str(tmp_path / "full"), dedup_mode=mode, **SETTINGS))
+    # one piece per shard, two pieces per shuffle partition: the first run's last partition holds
+    # one piece and takes in a new one when the input grows
+    settings = {**SETTINGS, "partition_size": 220_000}
+    full = dedup(make_config(input=six_shards, output=str(tmp_path / "full"), dedup_mode=mode, **settings))
     inc_out = tmp_path / "inc"
-    dedup(make_config(input=six_shards[:3], output=str(inc_out), dedup_mode=mode, **SETTINGS))
+    dedup(make_config(input=six_shards[:3], output=str(inc_out), dedup_mode=mode, **settings))
     old_parts = sorted((inc_out / "neighbors").glob("*.parquet"))
     stamps = [p.stat().st_mtime_ns for p in old_parts]
     with caplog.at_level("INFO", logger="pipeline"):
-        inc = dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **SETTINGS))
+        inc = dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **settings))
     assert "adding them incrementally" in caplog.text and "new rows since the last run" in caplog.text
     assert [p.stat().st_mtime_ns for p in old_parts] == stamps  # old rows were not searched again
     assert _partition(inc_out) == _partition(tmp_path / "full")
+    assert len(list((inc_out / "groups").glob("part-*.parquet"))) == 3
     assert inc["dedup"]["rows_dropped"] == full["dedup"]["rows_dropped"] and inc["dedup"]["pairs"] == full["dedup"]["pairs"]
     assert inc["dedup"]["exactness"]["pair_recall"] == 1.0
     files = sorted(p for p in inc_out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".npy", ".npz", ".faiss"))
     before = {p: p.stat().st_mtime_ns for p in files}
-    dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **SETTINGS))
+    dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **settings))
     assert {p: p.stat().st_mtime_ns for p in files} == before  # the same day twice: nothing rewritten
 
 

@@ -37,11 +37,14 @@ DIRECTED = {("p0", "p1"), ("p1", "p0"), ("p2", "p1"), ("p3", "p2"), ("p4", "p3")
 
 
 def test_directed_symmetric_and_mutual_by_hand(make_config, line_dir, tmp_path):
-    base = {"input": str(line_dir), "metric": "l2", "index_key": "Flat", "k": 1, "recall_queries": 0}
+    # tiny partitions: each shard is its own piece and shuffle partition, so edges cross partitions
+    base = {"input": str(line_dir), "metric": "l2", "index_key": "Flat", "k": 1, "recall_queries": 0,
+            "partition_size": 32}
     report = graph(make_config(graph_mode="directed", **base))
     out = tmp_path / "out"
     e = edges_of(out)
     assert set(e) == DIRECTED
+    assert len(list((out / "edges").glob("part-*.parquet"))) == 2
     assert e[("p2", "p1")] == pytest.approx(4.0)  # weight: the score, a squared l2 distance
     assert report["graph"]["mutual_share"] == pytest.approx(4 / 7, abs=1e-4)
 

@@ -153,3 +153,23 @@ def test_stale_temp_files_are_cleared(make_config, dataset_dir, tmp_path):
     stale.write_bytes(b"half a file")
     run(config)
     assert not stale.exists()
+
+
+def test_kill_mid_dedup_then_resume(many_pieces, tmp_path):
+    """kill -9 while groups are being chosen: the resumed run equals a clean one, with no duplicate rows."""
+    def dedup_command(out: Path) -> list[str]:
+        cmd = command(many_pieces, out, "--index-key", "Flat", "--threshold", "0.98")
+        cmd[3] = "dedup"
+        return cmd + ["--partition-size", str(4 * GROUP * DIM * 4)]  # 30 pieces and shuffle partitions
+
+    out = tmp_path / "out"
+    kill_when(dedup_command(out), lambda: len(recorded_safe(out / "manifest.json", "dedup_assign")) >= 3)
+    assert not (out / "_SUCCESS").exists()
+    log = finish(dedup_command(out))
+    assert "join: 0/0 rows" in log  # the join finished before the kill and is not repeated
+    clean = tmp_path / "clean"
+    finish(dedup_command(clean))
+    got, want = pq.read_table(out / "groups"), pq.read_table(clean / "groups")
+    assert got.num_rows == ROWS and len(set(got.column("id").to_pylist())) == ROWS
+    assert got.sort_by("id").equals(want.sort_by("id"))
+    assert json.loads((out / "report.json").read_text())["dedup"]["rows_dropped"] > 0
