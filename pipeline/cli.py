@@ -81,11 +81,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
             log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
             return 0
-        from . import runner
+        from . import jobs
 
         overrides = {key: getattr(args, key) for key in KEYS}
         config = load_config(args.config, overrides)
-        result = getattr(runner, args.command)(config)
+        result = getattr(jobs, args.command)(config)
         if args.command == "evaluate":
             print(json.dumps(result, indent=2))
         if args.command == "dedup" and "dedup_explore" in result:

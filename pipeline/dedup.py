@@ -52,6 +52,8 @@ EXAMPLES_PER_BAND = 3
 
 @dataclass(frozen=True)
 class DedupPlan:
+    """Resolved dedup settings, as the tasks need them."""
+
     threshold: float
     mode: str  # components | greedy
     metric: str

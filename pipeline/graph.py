@@ -47,6 +47,8 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class GraphPlan:
+    """Resolved graph settings (``kernel_width`` None until measured from the lists)."""
+
     mode: str
     metric: str
     k: int

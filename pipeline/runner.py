@@ -1,4 +1,4 @@
-"""The jobs (``build``, ``join``, ``run``): stages in order, each resumable from its manifest.
+"""The shared stages of every job: build (scan, train, fill) and join, each resumable from its manifest.
 
 Everything that can be checked from metadata and settings (columns, dimensions, the index key,
 ``k``, ``nprobe``, the training sample size) is checked before the first heavy pass.
@@ -14,11 +14,10 @@ from typing import Any
 
 import faiss
 import numpy as np
-import pyarrow.parquet as pq
 
 from .atomic import atomic_path
-from .backends import backend_named, select_backend
-from .cluster import ClusterInfo, dask_client, worker_memory
+from .backends import backend_named
+from .cluster import ClusterInfo, worker_memory
 from .config import Config, IndexSpec, SearchSpec, dump_config
 from .errors import ConfigError, InputError, PipelineError
 from .fill import fill_index, fill_mode
@@ -36,18 +35,14 @@ from .indexing import (
 )
 from .join import SearchPlan, join_pieces
 from .manifest import Manifest
-from .report import peak_rss, write_report
+from .report import peak_rss
 from .sampling import load_sample, sample_rows
 from .scan import scan_dataset
 from .shards import Dataset, plan_dataset
 from .store import RowStore
-from .dedup import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
-from .evaluate import recall_summary
-from .graph import GraphPlan, graph_recall, graph_stages
-from .graph import check_plan as check_graph_plan
-from .tuning import choose, draw_sample, search_sample, settings_grid, sweep
+from .tuning import choose, draw_sample, settings_grid, sweep
 
-__all__ = ["BuiltIndex", "build", "join", "run", "evaluate", "dedup", "graph"]
+__all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan"]
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +198,7 @@ def open_index(index_dir: Path) -> BuiltIndex:
                       info["nlist"], info["rerank_default"], ident, info.get("why", "given by index_key"))
 
 
-def _search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
+def search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
     s = config.search
     empty = make_index(built.key, built.dim, built.metric)
     _check_search(s, empty, built.key, built.ntotal)
@@ -227,7 +222,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     s = config.search
     if s.target_recall is not None and s.nprobe is not None:
         raise ConfigError("--target-recall chooses nprobe itself: give either --nprobe or --target-recall, not both")
-    plan = _search_plan(config, built, queries is None, backend, cluster.faiss_threads)
+    plan = search_plan(config, built, queries is None, backend, cluster.faiss_threads)
     if knn_dir is not None:
         plan = replace(plan, knn_dir=str(knn_dir))
     identity = {
@@ -317,201 +312,3 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
               "rerank": plan.rerank, "target": target, "curve": [p.to_dict() for p in curve]}
     manifest.finish_stage("recall", result)
     return result
-
-
-def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:
-    wall = time.monotonic() - started
-    report = {
-        "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
-        "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
-    }
-    write_report(output, report, config.index.seed)
-    with atomic_path(output / "_SUCCESS") as tmp:
-        tmp.write_text("")
-    log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
-             ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
-    return report
-
-
-def _require(value: str | None, flag: str, command: str) -> Path:
-    if not value:
-        raise ConfigError(f"{command}: {flag} is required")
-    return Path(value).resolve()
-
-
-def build(config: Config) -> BuiltIndex:
-    """``build``: the index only, in ``--index-dir``."""
-    index_dir = _require(config.index_dir, "--index-dir", "build")
-    backend = select_backend(config.cluster.device).name
-    with dask_client(config.cluster) as (client, cluster):
-        return build_index(client, cluster, config, index_dir, backend, Timings())
-
-
-def join(config: Config) -> dict[str, Any]:
-    """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
-    started = time.monotonic()
-    index_dir = _require(config.index_dir, "--index-dir", "join")
-    output = _require(config.output, "--output", "join")
-    built = open_index(index_dir)
-    queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
-    backend = select_backend(config.cluster.device).name
-    timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
-        summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
-    return _finish(output, config, summary, timings, "join", started)
-
-
-def run(config: Config) -> dict[str, Any]:
-    """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
-    started = time.monotonic()
-    output = _require(config.output, "--output", "run")
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
-    backend = select_backend(config.cluster.device).name
-    timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
-    return _finish(output, config, summary, timings, "run", started)
-
-
-def dedup(config: Config) -> dict[str, Any]:
-    """``dedup``: self-join ``--input``, then near-duplicate pairs, groups and the rows to keep.
-
-    With ``--explore``, stop after the join and report the pairs and rows dropped over a range of
-    thresholds instead (the join is kept: the real run then only groups).
-    """
-    started = time.monotonic()
-    output = _require(config.output, "--output", "dedup")
-    d = config.dedup
-    metric = config.index.metric or "cosine"
-    if d.threshold is None and not d.explore:
-        raise ConfigError("dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
-                          "the pairs and rows dropped over a range of thresholds")
-    plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order,
-                     select_backend(config.cluster.device).name)
-    if d.threshold is not None:
-        check_plan(plan)
-    if metric == "ip":
-        log.warning("dedup with --metric ip: scores grow with vector length; cosine is usual for duplicates")
-    config = replace(config, search=replace(config.search, exclude_self=True))
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
-    timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
-                            incremental=True)
-        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
-                               config.partition_bytes)
-        summary, manifest = join_index(client, cluster, config, built, output, plan.backend, timings,
-                                       knn_dir=output / "knn", command="dedup", incremental=True)
-        t0 = time.monotonic()
-        if d.explore:
-            table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
-                            2 * config.partition_bytes)
-            summary["dedup_explore"] = table
-            timings.add("explore", time.monotonic() - t0)
-        else:
-            result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                  config.search.k, 2 * config.partition_bytes)
-            timings.add("dedup", time.monotonic() - t0)
-            attach_examples(result["examples"], dataset, built.store, d.text_column)
-            adj_starts = np.array(result.pop("partition_starts"))
-            if config.search.recall_queries:
-                t0 = time.monotonic()
-                result["exactness"] = pair_recall(client, plan, built.store, len(dataset.pieces), output,
-                                                  config.search.recall_queries, config.index.seed, adj_starts)
-                timings.add("pair_recall", time.monotonic() - t0)
-                ex = result["exactness"]
-                log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
-                         ex["pair_recall"], ex["queries"], ex["exact_pairs"], ex["below_threshold"])
-            summary["dedup"] = result
-            log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result["rows_in"],
-                     result["pairs"], result["groups"], result["rows_dropped"], plan.mode, plan.threshold)
-    return _finish(output, config, summary, timings, "dedup", started)
-
-
-def graph(config: Config) -> dict[str, Any]:
-    """``graph``: self-join ``--input`` (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
-    started = time.monotonic()
-    output = _require(config.output, "--output", "graph")
-    g = config.graph
-    metric = config.index.metric or "cosine"
-    plan = GraphPlan(g.mode, metric, config.search.k, g.min_score, g.weight, g.kernel_width)
-    check_graph_plan(plan)
-    backend = select_backend(config.cluster.device).name
-    config = replace(config, search=replace(config.search, exclude_self=True))
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
-    timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
-                               config.partition_bytes)
-        summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
-                                       knn_dir=output / "knn", command="graph")
-        t0 = time.monotonic()
-        result = graph_stages(client, plan, dataset.pieces, built.store, output, manifest, config.index.seed,
-                              2 * config.partition_bytes)
-        edge_starts = np.array(result.pop("partition_starts"))
-        timings.add("graph", time.monotonic() - t0)
-        if config.search.recall_queries:
-            t0 = time.monotonic()
-            sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
-                                 True, True, config.index.seed)
-            result["recall"] = {"k": plan.k, "queries": len(sample.truth),
-                                "graph_recall": round(graph_recall(client, sample, built.store, output, plan.k,
-                                                                   edge_starts), 4)}
-            timings.add("graph_recall", time.monotonic() - t0)
-            log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
-                     result["recall"]["graph_recall"], plan.k)
-        log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
-                 result["nodes"], result["edges"], result["components"], result["largest_component"],
-                 result["mutual_share"])
-    summary["graph"] = result
-    return _finish(output, config, summary, timings, "graph", started)
-
-
-def evaluate(config: Config) -> dict[str, Any]:
-    """``evaluate``: recall@1/@10/@k against exact search on a seeded sample of queries.
-
-    With ``--output`` pointing at a finished ``run`` or ``join``, the neighbour table written there
-    is evaluated; otherwise the index in ``--index-dir`` is searched (its own rows as queries) with
-    the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
-    """
-    index_dir = _require(config.index_dir, "--index-dir", "evaluate")
-    built = open_index(index_dir)
-    n = config.search.recall_queries or 1000
-    backend = select_backend(config.cluster.device).name
-    table = Path(config.output).resolve() / "neighbors" if config.output else None
-    with dask_client(config.cluster) as (client, cluster):
-        if table is not None:
-            manifest = Manifest(table.parent)
-            if manifest.stage_info("join") is None:
-                raise PipelineError(f"{table.parent}: no finished neighbour table here (run `run` or `join` first)")
-            ident = manifest.data["identity"]
-            k, exclude_self = int(ident["k"]), bool(ident["exclude_self"])
-            self_join = ident["queries"] == "self"
-            if self_join:
-                query_store = built.store
-            else:
-                info = manifest.stage_info("scan_queries")
-                query_store = RowStore(table.parent / "_queries", np.array(info["starts"]), info["rows"])
-            sample = draw_sample(client, built.store, query_store, n, k, built.metric, exclude_self, self_join,
-                                 config.index.seed)
-            wanted = sample.ids.to_pylist()
-            found_table = pq.read_table(table, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", wanted)])
-            by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
-            missing = [q for q in wanted if q not in by_id]
-            if missing:
-                raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
-                                    "the table is incomplete: re-run the job that wrote it")
-            found = [by_id[q] for q in wanted]
-            what: dict[str, Any] = {"table": str(table)}
-        else:
-            plan = _search_plan(config, built, True, backend, cluster.faiss_threads)
-            k = plan.k
-            sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
-                                 config.index.seed)
-            found = search_sample(client, plan, built.store, sample)
-            what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
-    summary = {**what, **recall_summary(found, sample.truth, sample.truth_scores, k)}
-    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.items() if key.startswith("recall@")))
-    return summary

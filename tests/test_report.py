@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline import run
-from pipeline.runner import evaluate
+from pipeline.jobs import evaluate
 
 
 @pytest.fixture
