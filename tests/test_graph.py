@@ -99,3 +99,17 @@ def test_csr_and_umap_arrays(make_config, dataset_dir, vectors, tmp_path):
 def test_gaussian_weights_need_a_distance(make_config, line_dir):
     with pytest.raises(ConfigError, match="gaussian needs a distance"):
         graph(make_config(input=str(line_dir), metric="ip", weight="gaussian"))
+
+
+def test_graph_command_line(dask_address, line_dir, tmp_path):
+    import subprocess
+    import sys
+
+    out = tmp_path / "cli"
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "graph", "--input", str(line_dir), "--output", str(out),
+                           "--metric", "l2", "--index-key", "Flat", "--k", "1", "--graph-mode", "mutual",
+                           "--recall-queries", "0", "--scheduler-address", dask_address],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert set(edges_of(out)) == {("p0", "p1"), ("p1", "p0"), ("p5", "p6"), ("p6", "p5")}
+    assert "graph (mutual): 7 nodes, 4 edges" in proc.stderr
