@@ -173,3 +173,39 @@ def test_kill_mid_dedup_then_resume(many_pieces, tmp_path):
     assert got.num_rows == ROWS and len(set(got.column("id").to_pylist())) == ROWS
     assert got.sort_by("id").equals(want.sort_by("id"))
     assert json.loads((out / "report.json").read_text())["dedup"]["rows_dropped"] > 0
+
+
+def test_worker_killed_mid_join_costs_only_its_tasks(many_pieces, tmp_path):
+    """SIGKILL one worker process while the join runs: its tasks are retried elsewhere and the
+    output is complete, duplicate-free and equal to a clean run's."""
+    import logging
+    import threading
+
+    from distributed import Client, LocalCluster
+
+    from pipeline import parse_config
+
+    def config(out: Path, address: str) -> object:
+        return parse_config({"input": str(many_pieces), "output": str(out), "k": 5, "exclude_self": True,
+                             "index_key": "Flat", "partition_size": GROUP * DIM * 4, "recall_queries": 0,
+                             "scheduler_address": address, "threads_per_worker": 1})
+
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
+                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+        out = tmp_path / "out"
+        result: dict = {}
+        job = threading.Thread(target=lambda: result.setdefault("report", run(config(out, cluster.scheduler_address))))
+        job.start()
+        deadline = time.monotonic() + 120
+        while len(recorded_safe(out / "manifest.json", "join")) < 10:
+            assert job.is_alive() and time.monotonic() < deadline, "the join ended before a worker could be killed"
+            time.sleep(0.01)
+        victim = next(iter(client.run(os.getpid).values()))
+        os.kill(victim, signal.SIGKILL)
+        job.join(timeout=300)
+        assert "report" in result, "the job did not finish after losing a worker"
+        assert victim not in client.run(os.getpid).values()  # the nanny started a new worker
+    clean = tmp_path / "clean"
+    finish(command(many_pieces, clean, "--index-key", "Flat"))
+    assert neighbours(out) == neighbours(clean)
+    assert not list((out / "neighbors").glob("part-*.tmp-*"))  # a half-written part is never visible
