@@ -49,6 +49,12 @@ def build_parser() -> argparse.ArgumentParser:
         ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):
         _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
+    submit = sub.add_parser("submit", help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
+                            description="Write and submit one driver job script that runs JOB with this config; the "
+                            "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.")
+    submit.add_argument("job", choices=("run", "build", "join", "dedup", "graph", "evaluate"))
+    submit.add_argument("--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing")
+    _add_job_flags(submit)
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
     sample.add_argument("directory")
     sample.add_argument("--rows", type=int, default=50_000)
@@ -85,6 +91,19 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {key: getattr(args, key) for key in KEYS}
         config = load_config(args.config, overrides)
+        if args.command == "submit":
+            from .submit import prepare, submit
+
+            sub = prepare(args.job, config)
+            if args.dry_run:
+                print(f"# driver job script ({sub.script_path}):\n{sub.script}")
+                print(f"# each worker job the driver asks for:\n{sub.worker_script}")
+                print(f"# submit with: {' '.join(sub.argv)}")
+                return 0
+            job_id = submit(sub, config)
+            print(f"submitted {sub.kind} job {job_id}: driver log {sub.log_dir}/driver-{job_id}.log, "
+                  f"worker logs in {sub.log_dir}")
+            return 0
         result = getattr(jobs, args.command)(config)
         if args.command == "evaluate":
             print(json.dumps(result, indent=2))

@@ -1,18 +1,21 @@
-"""The Dask cluster a job runs on: an embedded LocalCluster, or an existing scheduler."""
+"""The Dask cluster a job runs on: an embedded LocalCluster, an existing scheduler, worker jobs on
+Slurm or PBS (dask-jobqueue), or one worker per local GPU (dask-cuda)."""
 
 from __future__ import annotations
 
 import contextlib
 import logging
 import os
+import sys
 from dataclasses import dataclass
 from typing import Any, Iterator
 
 from distributed import Client, LocalCluster
 
-from .config import ClusterSpec
+from .config import ClusterSpec, JobQueueSpec
+from .errors import ConfigError
 
-__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory"]
+__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options"]
 
 log = logging.getLogger(__name__)
 
@@ -36,9 +39,71 @@ def local_layout(spec: ClusterSpec, cpus: int | None = None) -> tuple[int, int]:
     return workers, threads
 
 
+def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
+    """dask-jobqueue keyword arguments for a worker job of profile ``jq``."""
+    directives = list(jq.directives)
+    if jq.gpus:
+        directives.append(f"--gres=gpu:{jq.gpus}" if jq.kind == "slurm" else f"-l ngpus={jq.gpus}")
+    opts: dict[str, Any] = {
+        "queue": jq.queue, "account": jq.account, "walltime": jq.walltime, "cores": jq.cores,
+        "memory": jq.memory, "processes": jq.processes, "job_extra_directives": directives,
+        "job_script_prologue": list(jq.setup), "python": jq.python or sys.executable, "name": "knn-worker",
+    }
+    if jq.interface:
+        opts["interface"] = jq.interface
+    return opts
+
+
+def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
+    try:
+        import dask_jobqueue
+    except ImportError:
+        raise ConfigError(f"profile kind {jq.kind} needs dask-jobqueue: pip install 'knn-pipeline[cluster]' "
+                          "(or pip install dask-jobqueue)") from None
+    cls = dask_jobqueue.SLURMCluster if jq.kind == "slurm" else dask_jobqueue.PBSCluster
+    opts = jobqueue_options(jq)
+    if log_dir:
+        opts["log_directory"] = log_dir
+    return cls(**opts, scheduler_options={"dashboard_address": ":0"})
+
+
 @contextlib.contextmanager
-def dask_client(spec: ClusterSpec) -> Iterator[tuple[Client, ClusterInfo]]:
-    """Start (and stop) the embedded cluster, or connect to ``spec.scheduler_address``."""
+def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
+    """Start (and stop) the cluster of ``spec.kind``, or connect to ``spec.scheduler_address``.
+
+    slurm / pbs: worker jobs are asked for through dask-jobqueue (fixed ``jobs``, or adaptive
+    between ``adaptive_min`` and ``adaptive_max``); the job waits until the first worker joins.
+    A worker lost mid-run (pre-empted, node killed) costs only its running tasks: Dask runs
+    them again on the others, and outputs are written atomically, so no row is lost or doubled.
+    """
+    if spec.kind in ("slurm", "pbs"):
+        assert spec.jobqueue is not None
+        jq = spec.jobqueue
+        with _jobqueue_cluster(jq, log_dir) as cluster, Client(cluster) as client:
+            if jq.adaptive_max is not None:
+                cluster.adapt(minimum_jobs=jq.adaptive_min, maximum_jobs=jq.adaptive_max)
+                want = max(1, jq.adaptive_min or 0)
+            else:
+                cluster.scale(jobs=jq.jobs)
+                want = jq.jobs
+            log.info("%s: asked for %s worker job(s) (%d cores, %s each); waiting for the first worker; "
+                     "dashboard %s", jq.kind, want if jq.adaptive_max is None else f"{jq.adaptive_min}-{jq.adaptive_max}",
+                     jq.cores, jq.memory, cluster.dashboard_link)
+            client.wait_for_workers(1)
+            threads = max(1, jq.cores // jq.processes)
+            yield client, ClusterInfo(want * jq.processes, threads, cluster.dashboard_link)
+        return
+    if spec.kind == "local-cuda":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError:
+            raise ConfigError("profile local-cuda needs dask-cuda (one worker per GPU): "
+                              "pip install dask-cuda, or use the conda environment.yml") from None
+        with LocalCUDACluster(dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+            n = len(client.scheduler_info().get("workers", {}))
+            log.info("local CUDA cluster: %d worker(s), one per GPU; dashboard %s", n, cluster.dashboard_link)
+            yield client, ClusterInfo(n, spec.threads_per_worker, cluster.dashboard_link)
+        return
     if spec.scheduler_address:
         with Client(spec.scheduler_address) as client:
             n = len(client.scheduler_info().get("workers", {}))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Mapping
@@ -23,6 +24,7 @@ __all__ = [
     "IndexSpec",
     "SearchSpec",
     "ClusterSpec",
+    "JobQueueSpec",
     "DedupSpec",
     "GraphSpec",
     "Config",
@@ -67,14 +69,43 @@ class SearchSpec:
 
 
 @dataclass(frozen=True)
+class JobQueueSpec:
+    """A batch-queue profile (``kind`` slurm or pbs): what each worker job asks for, and how many.
+
+    Values end up in job scripts, so they are checked here: names are plain words, and no value
+    can hold a line break (one directive or set-up line stays one line).
+    """
+
+    kind: str  # slurm | pbs
+    queue: str | None = None
+    account: str | None = None
+    walltime: str = "01:00:00"
+    cores: int = 4  # per worker job
+    memory: str = "16GiB"  # per worker job
+    processes: int = 1  # Dask worker processes per job
+    gpus: int = 0  # per worker job
+    jobs: int = 1  # worker jobs (fixed scaling)
+    adaptive_min: int | None = None  # with adaptive_max: adaptive scaling between these
+    adaptive_max: int | None = None
+    directives: tuple[str, ...] = ()  # extra #SBATCH / #PBS lines, e.g. "--constraint=a100"
+    setup: tuple[str, ...] = ()  # shell lines run first in every job (module load, activate a venv)
+    python: str | None = None  # interpreter on the nodes (default: this one)
+    interface: str | None = None  # network interface the workers use, e.g. ib0
+    driver_memory: str = "8GiB"  # the submitted driver job (``submit``)
+
+
+@dataclass(frozen=True)
 class ClusterSpec:
-    """Where the work runs: an embedded LocalCluster unless ``scheduler_address`` is given."""
+    """Where the work runs: the ``profile`` (local, address, slurm, pbs, local-cuda or a named one)."""
 
     device: str = "auto"
     workers: int | None = None
     threads_per_worker: int | None = None
     memory_limit: str = "auto"
     scheduler_address: str | None = None
+    profile: str = "local"
+    kind: str = "local"  # local | address | slurm | pbs | local-cuda
+    jobqueue: JobQueueSpec | None = None
 
 
 @dataclass(frozen=True)
@@ -250,6 +281,7 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "threads_per_worker": ("cluster", "threads_per_worker", _integer(1, auto=True), "FAISS threads per worker"),
     "memory_limit": ("cluster", "memory_limit", _memory, "memory limit per worker, e.g. 4GiB"),
     "scheduler_address": ("cluster", "scheduler_address", _opt_str, "join this Dask scheduler"),
+    "profile": ("cluster", "profile", _str, "cluster profile: local, address, slurm, pbs, local-cuda or one in profiles"),
     "threshold": ("dedup", "threshold", _float(), "dedup: pair score that makes a duplicate (cosine/ip >=, l2 squared distance <=)"),
     "dedup_mode": ("dedup", "mode", _choice("components", "greedy"), "dedup grouping: components or greedy"),
     "keep_by": ("dedup", "keep_by", _opt_str, "dedup: keep the row with the max/min of this column (default: smallest id)"),
@@ -267,10 +299,93 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
 }
 
 
+PROFILE_KINDS = ("local", "address", "slurm", "pbs", "local-cuda")
+_SAFE_WORD = re.compile(r"^[A-Za-z0-9_.:@/+=,%-]+$")
+
+
+def _word(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if not _SAFE_WORD.match(s):
+        raise ConfigError(f"{key}: {s!r} may hold only letters, digits and _ . : @ / + = , % -")
+    return s
+
+
+def _line(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if "\n" in s or "\r" in s or "\0" in s:
+        raise ConfigError(f"{key}: one line per entry, without line breaks; got {s!r}")
+    return s
+
+
+def _lines(key: str, v: Any) -> tuple[str, ...]:
+    items = [v] if isinstance(v, str) else v
+    if not isinstance(items, (list, tuple)):
+        raise ConfigError(f"{key}: expected a list of lines, got {v!r}")
+    return tuple(_line(key, i) for i in items)
+
+
+def _walltime(key: str, v: Any) -> str:
+    s = _str(key, v)
+    if not re.fullmatch(r"(\d+-)?\d{1,3}(:\d{2}){0,2}", s):
+        raise ConfigError(f"{key}: expected a walltime such as 04:00:00 or 1-00:00:00, got {v!r}")
+    return s
+
+
+PROFILE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
+    "kind": _choice("slurm", "pbs"), "queue": _word, "account": _word, "walltime": _walltime,
+    "cores": _integer(1), "memory": _memory, "processes": _integer(1), "gpus": _integer(0), "jobs": _integer(1),
+    "adaptive_min": _integer(0), "adaptive_max": _integer(1), "directives": _lines, "setup": _lines,
+    "python": _line, "interface": _word, "driver_memory": _memory,
+}
+
+
+def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
+    """(kind, job-queue settings) of the profile ``name``: a built-in kind or an entry of ``profiles``."""
+    if profiles is not None and not isinstance(profiles, Mapping):
+        raise ConfigError(f"profiles: expected a mapping of profile names to settings, got {type(profiles).__name__}")
+    entry = (profiles or {}).get(name)
+    if entry is None:
+        if name not in PROFILE_KINDS:
+            known = sorted(set(PROFILE_KINDS) | set(profiles or {}))
+            raise ConfigError(f"profile: no profile {name!r}; choose one of {', '.join(known)}")
+        entry = {"kind": name} if name in ("slurm", "pbs") else {}
+    if not isinstance(entry, Mapping):
+        raise ConfigError(f"profiles.{name}: expected a mapping of settings, got {entry!r}")
+    kind = str(entry.get("kind", name if name in PROFILE_KINDS else "")).lower()
+    if kind not in PROFILE_KINDS:
+        raise ConfigError(f"profiles.{name}.kind: expected one of {', '.join(PROFILE_KINDS)}, got {kind!r}")
+    if kind not in ("slurm", "pbs"):
+        if set(entry) - {"kind"}:
+            raise ConfigError(f"profiles.{name}: a {kind} profile takes no settings besides kind "
+                              f"(got {', '.join(sorted(set(entry) - {'kind'}))})")
+        return kind, None
+    fields: dict[str, Any] = {}
+    for raw, value in entry.items():
+        field_name = str(raw).replace("-", "_")
+        if field_name not in PROFILE_FIELDS:
+            close = difflib.get_close_matches(field_name, PROFILE_FIELDS, n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(PROFILE_FIELDS)}"
+            raise ConfigError(f"profiles.{name}: unknown setting {raw!r}{hint}")
+        if value is not None:
+            fields[field_name] = PROFILE_FIELDS[field_name](f"profiles.{name}.{field_name}", value)
+    fields["kind"] = kind
+    spec = JobQueueSpec(**fields)
+    if (spec.adaptive_min is None) != (spec.adaptive_max is None):
+        raise ConfigError(f"profiles.{name}: give both adaptive_min and adaptive_max, or neither (fixed jobs)")
+    if spec.adaptive_max is not None and spec.adaptive_min is not None and spec.adaptive_min > spec.adaptive_max:
+        raise ConfigError(f"profiles.{name}: adaptive_min {spec.adaptive_min} > adaptive_max {spec.adaptive_max}")
+    return kind, spec
+
+
 def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config:
-    """Validate a flat mapping of keys (YAML keys / flag names) into a :class:`Config`."""
+    """Validate a flat mapping of keys (YAML keys / flag names) into a :class:`Config`.
+
+    ``profiles`` (a mapping of named cluster profiles) is the one nested key; ``profile`` picks one.
+    """
     sections: dict[str, dict[str, Any]] = {"data": {}, "index": {}, "search": {}, "cluster": {}, "dedup": {},
                                            "graph": {}, "": {}}
+    values = dict(values)
+    profiles = values.pop("profiles", None)
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in KEYS:
@@ -282,6 +397,13 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
         section, name, parser, _ = KEYS[key]
         sections[section][name] = parser(key, value)
     top = sections.pop("")
+    cluster = sections["cluster"]
+    kind, jobqueue = _profile(cluster.get("profile", "local"), profiles)
+    if kind == "address" and not cluster.get("scheduler_address"):
+        raise ConfigError("profile address: give the scheduler with --scheduler-address tcp://HOST:8786")
+    if cluster.get("scheduler_address") and kind not in ("local", "address"):
+        raise ConfigError(f"--scheduler-address joins an existing scheduler; it cannot be combined with a {kind} profile")
+    cluster.update(kind="address" if cluster.get("scheduler_address") else kind, jobqueue=jobqueue)
     return Config(
         data=DataSpec(**sections["data"]),
         index=IndexSpec(**sections["index"]),
@@ -323,4 +445,8 @@ def dump_config(config: Config) -> str:
         holder = getattr(config, section) if section else config
         value = getattr(holder, name)
         flat[key] = list(value) if isinstance(value, tuple) else value
+    jq = config.cluster.jobqueue
+    if jq is not None:
+        flat["profiles"] = {config.cluster.profile: {k: list(v) if isinstance(v, tuple) else v
+                                                     for k, v in asdict(jq).items() if v is not None}}
     return yaml.safe_dump(flat, sort_keys=False)

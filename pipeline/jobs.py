@@ -24,7 +24,7 @@ from .errors import ConfigError, PipelineError
 from .evaluate import recall_summary
 from .graph import GraphPlan, graph_recall, graph_stages
 from .graph import check_plan as check_graph_plan
-from .manifest import Manifest
+from .manifest import LOG_DIR, Manifest
 from .report import write_report
 from .runner import BuiltIndex, Timings, search_plan, build_index, join_index, open_index
 from .shards import plan_dataset
@@ -34,6 +34,11 @@ from .tuning import draw_sample, search_sample
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 
 log = logging.getLogger(__name__)
+
+
+def _logs(config: Config) -> str | None:
+    """Where batch worker jobs write their logs: OUTPUT/logs."""
+    return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
 
 
 def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:
@@ -60,7 +65,7 @@ def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = _require(config.index_dir, "--index-dir", "build")
     backend = select_backend(config.cluster.device).name
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         return build_index(client, cluster, config, index_dir, backend, Timings())
 
 
@@ -73,7 +78,7 @@ def join(config: Config) -> dict[str, Any]:
     queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
     backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
     return _finish(output, config, summary, timings, "join", started)
 
@@ -85,7 +90,7 @@ def run(config: Config) -> dict[str, Any]:
     index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
     backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
     return _finish(output, config, summary, timings, "run", started)
@@ -113,7 +118,7 @@ def dedup(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
     timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
                             incremental=True)
         dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
@@ -158,7 +163,7 @@ def graph(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
     timings = Timings()
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
                                config.partition_bytes)
@@ -198,7 +203,7 @@ def evaluate(config: Config) -> dict[str, Any]:
     n = config.search.recall_queries or 1000
     backend = select_backend(config.cluster.device).name
     table = Path(config.output).resolve() / "neighbors" if config.output else None
-    with dask_client(config.cluster) as (client, cluster):
+    with dask_client(config.cluster, _logs(config)) as (client, cluster):
         if table is not None:
             manifest = Manifest(table.parent)
             if manifest.stage_info("join") is None:

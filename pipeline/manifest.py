@@ -19,11 +19,12 @@ from typing import Any, Iterable
 from .atomic import remove_stale_temps, write_json
 from .errors import ResumeError
 
-__all__ = ["Manifest", "describe_changes", "is_append"]
+__all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite, and not a sign of an unknown directory
 
 
 def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -94,7 +95,7 @@ class Manifest:
                 f"{self.dir} holds a {what} made from other input or settings "
                 f"({'; '.join(describe_changes(old, new))}); pass --overwrite to discard it, or use another directory"
             )
-        elif old is None and self.dir.exists() and any(c.name != keep for c in self.dir.iterdir()):
+        elif old is None and self.dir.exists() and any(c.name not in (keep, LOG_DIR) for c in self.dir.iterdir()):
             raise ResumeError(
                 f"{self.dir} is not empty and has no manifest.json; pass --overwrite to replace its "
                 "contents, or use another directory"
@@ -117,7 +118,7 @@ class Manifest:
         """Delete the directory's contents except ``keep`` (the caller asked to overwrite)."""
         if self.dir.exists():
             for child in self.dir.iterdir():
-                if child.name == keep:
+                if child.name in (keep, LOG_DIR):
                     continue
                 if child.is_dir():
                     shutil.rmtree(child)

@@ -1,0 +1,91 @@
+"""Cluster profiles and batch submission scripts: parsed once, checked, quoted; no shell involved."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from pipeline import ConfigError, parse_config
+from pipeline.submit import prepare
+
+SLURM = {"kind": "slurm", "queue": "gpu", "account": "ml-team", "cores": 8, "memory": "32GiB", "gpus": 1, "jobs": 4,
+         "walltime": "04:00:00", "directives": ["--constraint=a100"], "setup": ["module load cuda/12"]}
+
+
+def config(tmp_path: Path, **profile):
+    return parse_config({"input": "data/", "output": str(tmp_path / "out"), "profile": "hpc",
+                         "profiles": {"hpc": {**SLURM, **profile}}})
+
+
+def test_profiles_resolve_to_kinds(tmp_path):
+    c = config(tmp_path)
+    assert c.cluster.kind == "slurm" and c.cluster.jobqueue.jobs == 4 and c.cluster.jobqueue.setup == ("module load cuda/12",)
+    assert parse_config({"profile": "pbs"}).cluster.jobqueue.kind == "pbs"  # built-in names need no entry
+    assert parse_config({}).cluster.kind == "local"
+    assert parse_config({"scheduler_address": "tcp://h:8786"}).cluster.kind == "address"
+
+
+@pytest.mark.parametrize("profile, message", [
+    ({"queue": "gpu; rm -rf ~"}, "may hold only letters"),
+    ({"account": "$(id)"}, "may hold only letters"),
+    ({"directives": ["--qos=x\n#SBATCH --uid=0"]}, "without line breaks"),
+    ({"setup": ["source env\nrm -rf /"]}, "without line breaks"),
+    ({"walltime": "soon"}, "walltime such as"),
+    ({"adaptive_min": 1}, "both adaptive_min and adaptive_max"),
+    ({"adaptive_min": 5, "adaptive_max": 2}, "adaptive_min 5 > adaptive_max 2"),
+    ({"queus": "gpu"}, "did you mean 'queue'"),
+    ({"kind": "lsf"}, "expected one of local, address, slurm, pbs"),
+])
+def test_bad_profiles_are_refused(tmp_path, profile, message):
+    with pytest.raises(ConfigError, match=message):
+        config(tmp_path, **profile)
+
+
+def test_unknown_profile_and_address_without_scheduler():
+    with pytest.raises(ConfigError, match="no profile 'big'"):
+        parse_config({"profile": "big"})
+    with pytest.raises(ConfigError, match="--scheduler-address"):
+        parse_config({"profile": "address"})
+    with pytest.raises(ConfigError, match="cannot be combined"):
+        parse_config({"profile": "slurm", "scheduler_address": "tcp://h:8786"})
+
+
+def test_driver_script_for_slurm(tmp_path):
+    sub = prepare("dedup", config(tmp_path))
+    lines = sub.script.splitlines()
+    assert lines[0] == "#!/usr/bin/env bash"
+    assert "#SBATCH --partition=gpu" in lines and "#SBATCH --account=ml-team" in lines
+    assert "#SBATCH --time=04:00:00" in lines and "#SBATCH --constraint=a100" in lines
+    assert f"#SBATCH --output={tmp_path}/out/logs/driver-%j.log" in lines
+    assert lines.index("module load cuda/12") < len(lines) - 1  # set-up runs before the driver
+    assert lines[-1].endswith(f"-m pipeline dedup --config {tmp_path}/out/logs/submit-dedup.yaml")
+    assert sub.argv == ("sbatch", "--parsable", str(tmp_path / "out" / "logs" / "submit-dedup.sh"))
+    assert "--gres=gpu:1" in sub.worker_script and "--cpus-per-task=8" in sub.worker_script
+
+
+def test_driver_script_for_pbs_quotes_paths(tmp_path):
+    c = config(tmp_path, kind="pbs", python="/opt/my envs/bin/python")
+    sub = prepare("graph", c)
+    assert "#PBS -q gpu" in sub.script and "#PBS -l walltime=04:00:00" in sub.script
+    assert "exec '/opt/my envs/bin/python' -m pipeline graph" in sub.script
+    assert sub.argv[0] == "qsub"
+
+
+def test_submit_needs_a_batch_profile(tmp_path):
+    with pytest.raises(ConfigError, match="needs a slurm or pbs profile"):
+        prepare("run", parse_config({"input": "d", "output": str(tmp_path)}))
+    with pytest.raises(ConfigError, match="cannot hold spaces"):
+        prepare("run", parse_config({"input": "d", "output": str(tmp_path / "my out"), "profile": "slurm"}))
+
+
+def test_submit_dry_run_prints_both_scripts_and_writes_nothing(tmp_path):
+    cfg = tmp_path / "job.yaml"
+    cfg.write_text(f"input: data/\noutput: {tmp_path / 'out'}\nprofile: slurm\n")
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg), "--dry-run"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "# driver job script" in proc.stdout and "distributed.cli.dask_worker" in proc.stdout
+    assert not (tmp_path / "out").exists()
