@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import signal
 import sys
 from typing import Sequence
 
@@ -104,6 +105,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"submitted {sub.kind} job {job_id}: driver log {sub.log_dir}/driver-{job_id}.log, "
                   f"worker logs in {sub.log_dir}")
             return 0
+        signal.signal(signal.SIGTERM, _terminated)  # a batch walltime or scancel: close worker jobs on the way out
         result = getattr(jobs, args.command)(config)
         if args.command == "evaluate":
             print(json.dumps(result, indent=2))
@@ -116,9 +118,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         log.error("%s", exc)
         return 2
+    except Terminated:
+        log.error("terminated (SIGTERM: walltime, scancel or kill); run or submit the same command again to resume")
+        return 143
     except KeyboardInterrupt:
         log.error("interrupted; re-run the same command to resume")
         return 130
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread so the cluster (and any batch worker jobs) is closed."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise Terminated()
 
 
 if __name__ == "__main__":

@@ -133,3 +133,66 @@ def test_self_join_through_a_slurm_profile_equals_a_local_run(slurm, make_config
         return dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
 
     assert table(out) == table(tmp_path / "local")
+
+
+@pytest.mark.slurm
+def test_driver_cancelled_mid_join_resumes_on_resubmit(slurm, tmp_path):
+    """scancel the driver (as a walltime would) while it joins; submitting again completes the run
+    with every row once, equal to a local run."""
+    import json
+
+    from pipeline import parse_config
+    from pipeline.sample_data import clustered_vectors, write_shards
+
+    data = tmp_path / "data"
+    write_shards(data, clustered_vectors(8000, 16, clusters=20, seed=3), shards=2, row_group_rows=100)
+    out = tmp_path / "out"
+    cfg = tmp_path / "job.yaml"
+    settings = {"input": str(data), "output": str(out), "k": 5, "exclude_self": True, "index_key": "Flat",
+                "recall_queries": 0, "partition_size": 100 * 16 * 4}
+    cfg.write_text(yaml.safe_dump({**settings, "profile": "ci", "profiles": {"ci": {
+        "kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GiB", "jobs": 1, "walltime": "00:15:00",
+        "driver_memory": "1GiB", "python": sys.executable}}}))
+    env = {**slurm, "PYTHONPATH": str(ROOT)}
+
+    def submit() -> str:
+        proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg)],
+                              capture_output=True, text=True, env=env, timeout=120)
+        assert proc.returncode == 0, proc.stderr
+        return proc.stdout.split("job ")[1].split(":")[0]
+
+    def joined() -> int:
+        try:
+            return len(json.loads((out / "manifest.json").read_text())["stages"]["join"]["pieces"])
+        except (FileNotFoundError, KeyError, ValueError):
+            return 0
+
+    def wait_gone(job: str) -> None:
+        deadline = time.monotonic() + 300
+        while subprocess.run(["squeue", "-h", "-j", job], env=env, capture_output=True, text=True).stdout.strip():
+            assert time.monotonic() < deadline, f"job {job} did not end"
+            time.sleep(0.5)
+
+    first = submit()
+    deadline = time.monotonic() + 300
+    while joined() < 5:
+        assert time.monotonic() < deadline and not (out / "_SUCCESS").exists(), "no chance to cancel mid-join"
+        time.sleep(0.05)
+    subprocess.run(["scancel", first], env=env, check=True)
+    wait_gone(first)
+    assert not (out / "_SUCCESS").exists() and 5 <= joined() < 80
+    log = (out / "logs" / f"driver-{first}.log").read_text()
+    assert "terminated (SIGTERM" in log, log[-2000:]
+    second = submit()
+    wait_gone(second)
+    assert (out / "_SUCCESS").exists(), (out / "logs" / f"driver-{second}.log").read_text()[-3000:]
+    local = tmp_path / "local"
+    run(parse_config({**settings, "output": str(local), "threads_per_worker": 1, "workers": 1}))
+
+    def table(d: Path) -> dict:
+        t = pq.read_table(d / "neighbors")
+        q = t.column("query_id").to_pylist()
+        assert len(q) == len(set(q)) == 8000
+        return dict(zip(q, t.column("neighbor_id").to_pylist()))
+
+    assert table(out) == table(local)
