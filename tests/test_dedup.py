@@ -268,3 +268,21 @@ def test_removed_old_shard_is_refused_not_appended(make_config, six_shards, tmp_
     dedup(make_config(input=six_shards[:3], output=out, **SETTINGS))
     with pytest.raises(ResumeError, match="input files"):
         dedup(make_config(input=[six_shards[0], six_shards[2], six_shards[3]], output=out, **SETTINGS))
+
+
+def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, planted, tmp_path):
+    """Under l2 the threshold bounds the squared distance (<=); ids may be strings."""
+    table = pq.read_table(planted["dir"])
+    d = tmp_path / "strings"
+    d.mkdir()
+    ids = pa.array([f"doc-{i}" for i in table.column("id").to_pylist()])
+    pq.write_table(table.set_column(0, "id", ids), d / "part-00000.parquet", row_group_size=1000)
+    # unit vectors: squared l2 = 2 - 2 cos, so cos >= 0.95 is squared distance <= 0.1
+    report = dedup(make_config(input=str(d), metric="l2", threshold=0.1, index_key="IVF16,Flat", nprobe=16,
+                               recall_queries=500))
+    g = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "groups").to_pylist()}
+    assert report["dedup"]["rows_dropped"] == 14
+    assert g["doc-10001"]["representative_id"] == "doc-0" and not g["doc-10001"]["is_kept"]  # "doc-0" < "doc-10001"
+    assert g["doc-30002"]["score_to_representative"] > 0.1  # the chain's far end: a squared distance above it
+    assert all(p["score"] <= 0.1 for p in pq.read_table(tmp_path / "out" / "pairs").to_pylist())
+    assert report["dedup"]["exactness"]["pair_recall"] == 1.0
