@@ -1,7 +1,8 @@
 """Dedup: near-duplicate groups from the self-join, the rows to keep, and the pairs behind them.
 
 After the self-join (which also writes its lists as global rows), each stage runs as bounded
-tasks, one per piece, and is recorded in the output manifest:
+tasks, one per partition (consecutive pieces whose edges fit twice ``partition_size``), and is
+recorded in the output manifest, so a killed run resumes and a grown input adds its new pieces:
 
 - ``pairs``: the lists' above-threshold edges, shuffled by source row and made symmetric
   (``_adj/``, internal) and written once per unordered pair as ``pairs/`` (id_a, id_b, score).
@@ -11,7 +12,7 @@ tasks, one per piece, and is recorded in the output manifest:
   of each component; ``greedy`` walks the ranking and keeps a row unless a pair links it to a row
   already kept (as SemDeDup does), assigning it to the closest such row. Greedy never crosses
   components, so running it per component is exact. The assignments are shuffled back to their
-  rows' pieces and written as ``groups/`` (one row per input row) and ``kept/``.
+  rows' partitions and written as ``groups/`` (one row per input row) and ``kept/``.
 
 ``group_id`` is the representative's internal row number: an opaque, stable int64 key.
 """

@@ -2,11 +2,13 @@
 
 A self-join run for dedup or a graph also writes each piece's neighbours as global rows
 (``knn/part-NNNNN.npz``: ``rows`` and ``scores``, ``k`` columns, ``-1`` padded). From those, a
-file shuffle partitions edges by the piece that holds their source row: each *map* task writes
-its piece's edges (and, unless the graph is directed, the same edges reversed) sorted by target
-partition with a bounds array, and each *reduce* task reads its slice of every map output. So a
-task holds one piece's edges, never the whole edge list. The reduce combines the two directions
-of a pair: ``symmetric`` keeps either, ``mutual`` only pairs found from both ends.
+file shuffle partitions edges by source row. A *partition* is a run of consecutive pieces whose
+edges fit a byte budget (:func:`pieces_per_part`). Each *map* task writes its partition's edges,
+and the same edges reversed, as one array sorted by target partition with a bounds array. Each
+*reduce* task reads its slice of every map output. So a task holds one partition's edges, never
+the whole edge list. The reduce combines the two directions of a pair (flags say which were
+found): ``symmetric`` keeps either, ``mutual`` only pairs found from both ends, ``directed`` the
+lists as joined.
 """
 
 from __future__ import annotations
