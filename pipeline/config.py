@@ -339,6 +339,13 @@ PROFILE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
 }
 
 
+def _unknown(what: str, raw: Any, key: str, valid: Mapping[str, Any]) -> ConfigError:
+    """An unknown key, with the nearest valid one (or all of them)."""
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(valid)}"
+    return ConfigError(f"{what} {raw!r}{hint}")
+
+
 def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
     """(kind, job-queue settings) of the profile ``name``: a built-in kind or an entry of ``profiles``."""
     if profiles is not None and not isinstance(profiles, Mapping):
@@ -363,9 +370,7 @@ def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
     for raw, value in entry.items():
         field_name = str(raw).replace("-", "_")
         if field_name not in PROFILE_FIELDS:
-            close = difflib.get_close_matches(field_name, PROFILE_FIELDS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid: {', '.join(PROFILE_FIELDS)}"
-            raise ConfigError(f"profiles.{name}: unknown setting {raw!r}{hint}")
+            raise _unknown(f"profiles.{name}: unknown setting", raw, field_name, PROFILE_FIELDS)
         if value is not None:
             fields[field_name] = PROFILE_FIELDS[field_name](f"profiles.{name}.{field_name}", value)
     fields["kind"] = kind
@@ -389,9 +394,7 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in KEYS:
-            close = difflib.get_close_matches(key, KEYS, n=1)
-            hint = f"; did you mean {close[0]!r}?" if close else f"; valid keys: {', '.join(KEYS)}"
-            raise ConfigError(f"{source}: unknown key {raw_key!r}{hint}")
+            raise _unknown(f"{source}: unknown key", raw_key, key, KEYS)
         if value is None:  # YAML null: unset, the default applies
             continue
         section, name, parser, _ = KEYS[key]
