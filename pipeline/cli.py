@@ -53,7 +53,8 @@ def build_parser() -> argparse.ArgumentParser:
     submit = sub.add_parser("submit", help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
                             description="Write and submit one driver job script that runs JOB with this config; the "
                             "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.")
-    submit.add_argument("job", choices=("run", "build", "join", "dedup", "graph", "evaluate"))
+    submit.add_argument("job", nargs="?", default="run", choices=("run", "build", "join", "dedup", "graph", "evaluate"),
+                        help="the command the driver runs (default: run)")
     submit.add_argument("--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing")
     _add_job_flags(submit)
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")

@@ -84,8 +84,9 @@ def test_submit_needs_a_batch_profile(tmp_path):
 def test_submit_dry_run_prints_both_scripts_and_writes_nothing(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: data/\noutput: {tmp_path / 'out'}\nprofile: slurm\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg), "--dry-run"],
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--config", str(cfg), "--dry-run"],  # JOB: run
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert "# driver job script" in proc.stdout and "distributed.cli.dask_worker" in proc.stdout
+    assert "-m pipeline run --config" in proc.stdout
     assert not (tmp_path / "out").exists()
