@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -35,10 +35,10 @@ from .backends import backend_named
 from .components import connected_components, label_path
 from .edges import (
     Part, gather_1d, make_parts, map_edges, merge_histograms, part_starts, passes, pieces_per_part, read_edges,
-    read_partition, reduce_edges, write_edges, write_partitioned,
+    read_knn, read_partition, reduce_edges, write_edges, write_knn, write_partitioned,
 )
 from .errors import ConfigError, InputError
-from .join import knn_path
+from .join import SearchPlan, _index_for, knn_path, search_batch
 from .manifest import Manifest
 from .progress import run_stage
 from .shards import Dataset, Piece
@@ -49,6 +49,7 @@ __all__ = ["DedupPlan", "dedup_stages", "explore", "read_keep_column", "pair_rec
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_BAND = 3
+WIDEN_MAX = 1024  # rows with more duplicates than k are searched again with up to this many neighbours
 
 
 @dataclass(frozen=True)
@@ -267,18 +268,20 @@ def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequen
 
 
 def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                 seed: int, k: int, budget: int) -> dict[str, Any]:
+                 seed: int, k: int, budget: int, search: SearchPlan) -> dict[str, Any]:
     """Pairs, components and groups for the self-join in ``output``; returns the dedup summary.
 
     The shuffles work on partitions of consecutive pieces whose edges fit ``budget`` bytes.
+    Rows whose ``k`` neighbours all pass the threshold are first searched again with ``search``
+    and longer lists (up to ``WIDEN_MAX``), so a group larger than ``k`` is found whole.
     """
     n = dataset.total_rows
     params = {"threshold": plan.threshold, "mode": plan.mode, "keep_by": plan.keep_by, "keep_order": plan.keep_order}
     if manifest.stage_info("dedup_params") not in (None, params):
         log.info("dedup settings changed (%s): regrouping from the existing join",
                  ", ".join(f"{k}={v}" for k, v in params.items()))
-        _clear(manifest, output, ["dedup_keep", "dedup_map", "dedup_pairs", "dedup_components", "dedup_assign",
-                                  "dedup_groups"], ["_dedup", "pairs", "groups", "kept"])
+        _clear(manifest, output, ["dedup_keep", "dedup_widen", "dedup_map", "dedup_pairs", "dedup_components",
+                                  "dedup_members", "dedup_assign", "dedup_groups"], ["_dedup", "pairs", "groups", "kept"])
     manifest.finish_stage("dedup_params", params)
     work = output / "_dedup"
     warm = None
@@ -306,10 +309,19 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         keys_dir = work / "keep"
         read_keep_column(client, dataset, plan.keep_by, keys_dir, manifest)
 
+    wide_dir = work / "wide"
+    cap = min(WIDEN_MAX, n - 1)
+    widen_stats: dict[int, Any] = {}
+    run_stage(client, manifest, "dedup_widen", dataset.pieces, _widen_piece,
+              lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap),
+              lambda p: [knn_path(wide_dir, p.index)], widen_stats)
+    widened = sum(w["rows"] for w in widen_stats.values())
+    if widened:
+        log.info("%d rows had all k=%d neighbours above the threshold: searched again with up to %d", widened, k, cap)
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]
     map_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_map", parts, _map_part,
-              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold),
+              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir),
               lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in parts]
@@ -348,8 +360,8 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     rows_dropped = int(sum(dropped.values()))
     saturated = int(sum(s["saturated"] for s in map_stats.values()))
     if saturated:
-        log.warning("%d rows had all k neighbours above the threshold: they may have more duplicates than k; "
-                    "raise --k to be sure none are missed", saturated)
+        log.warning("%d rows still had all %d neighbours above the threshold: they may have more duplicates; "
+                    "those groups can be incomplete", saturated, cap)
     examples = sorted((e for r in pair_stats.values() for e in r["examples"]), key=lambda e: (e["band"], -e["score"]))
     by_band: dict[int, list[dict[str, Any]]] = {}
     for e in examples:
@@ -362,7 +374,7 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         "groups": int(sum(sizes.values())), "rows_in_groups": int(n_grouped),
         "rows_dropped": rows_dropped, "rows_kept": n - rows_dropped,
         "group_sizes": {str(k): v for k, v in sizes.items()},
-        "saturated_rows": saturated,
+        "saturated_rows": saturated, "searched_again": widened,
         "examples": [dict(e, band_low=_bands(plan)[e["band"]]) for b in sorted(by_band) for e in by_band[b]],
         "outputs": {d: str(output / d) for d in ("groups", "kept", "pairs")},
         "partition_starts": starts.tolist(),
@@ -420,9 +432,50 @@ def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, thresh
     return out
 
 
-def _map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float) -> dict[str, int]:
+def _map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float,
+              wide_dir: Path | None = None) -> dict[str, int]:
     paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
-    return {**map_edges(paths, part.start, starts, out, metric, threshold), "pieces": len(part.pieces)}
+    wide = [str(knn_path(wide_dir, p)) for p in part.pieces] if wide_dir is not None else []
+    return {**map_edges(paths, part.start, starts, out, metric, threshold, wide), "pieces": len(part.pieces)}
+
+
+# rows with more duplicates than k ----------------------------------------------------------------
+def _widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, out: str, threshold: float,
+                 cap: int) -> dict[str, int]:
+    """Search again, with 4x, 16x, ... the neighbours (up to ``cap``), the rows whose ``k`` neighbours
+    all passed the threshold, until each list ends below it; write the longer lists (with rows)."""
+    rows, scores = read_knn(knn_path(knn_dir, piece.index))
+    k = rows.shape[1]
+    sat = np.flatnonzero((rows[:, -1] >= 0) & passes(scores[:, -1], threshold, plan.metric)) if k else np.zeros(0, int)
+    todo = piece.start + sat
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    width = k
+    while todo.size and width < cap:
+        width = min(cap, width * 4)
+        wide = replace(plan, k=width, knn_dir=None)
+        index = _index_for(wide)
+        lists_rows = np.full((todo.size, width), -1, dtype=np.int64)
+        lists_scores = np.full((todo.size, width), np.nan, dtype=np.float32)
+        for lo in range(0, todo.size, 256):
+            q_rows = todo[lo : lo + 256]
+            offsets, sc, nbr = search_batch(index, wide, store.gather_vectors(q_rows), q_rows,
+                                            store.gather_ids(q_rows), store)
+            counts = np.diff(offsets)
+            line = lo + np.repeat(np.arange(q_rows.size), counts)
+            slot = np.arange(nbr.size) - np.repeat(offsets[:-1], counts)
+            lists_rows[line, slot], lists_scores[line, slot] = nbr, sc
+        for r, lr, ls in zip(todo.tolist(), lists_rows, lists_scores):
+            found[r] = (lr, ls)
+        still = (lists_rows[:, -1] >= 0) & passes(lists_scores[:, -1], threshold, plan.metric)
+        todo = todo[still]
+    src = np.array(sorted(found), dtype=np.int64)
+    out_rows = np.full((src.size, width), -1, dtype=np.int64)
+    out_scores = np.full((src.size, width), np.nan, dtype=np.float32)
+    for i, r in enumerate(src.tolist()):
+        lr, ls = found[r]
+        out_rows[i, : lr.size], out_scores[i, : ls.size] = lr, ls
+    write_knn(out, out_rows, out_scores, src=src)
+    return {"rows": int(src.size), "still": int(todo.size), "width": int(width)}
 
 
 def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path
 
 __all__ = [
-    "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "write_partitioned", "read_partition",
+    "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "read_knn_src", "write_partitioned", "read_partition",
     "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram",
     "merge_histograms", "Part", "pieces_per_part", "make_parts", "part_starts",
 ]
@@ -42,15 +42,22 @@ def passes(scores: np.ndarray, threshold: float | None, metric: str) -> np.ndarr
 
 
 # row-form neighbour lists, written by the join ---------------------------------------------
-def write_knn(path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray) -> None:
+def write_knn(path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray, src: np.ndarray | None = None) -> None:
+    """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole piece."""
+    extra = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
-            np.savez(fh, rows=rows.astype(np.int64), scores=scores.astype(np.float32))
+            np.savez(fh, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
 
 
 def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as z:
         return z["rows"], z["scores"]
+
+
+def read_knn_src(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    with np.load(path) as z:
+        return z["src"], z["rows"], z["scores"]
 
 
 # a file shuffle: columns partitioned by a target partition number -----------------------------
@@ -139,29 +146,40 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 # edges -----------------------------------------------------------------------------------------
 def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: str,
-              min_score: float | None) -> dict[str, int]:
+              min_score: float | None, wide_paths: Sequence[str] = ()) -> dict[str, int]:
     """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
     round, to the partitions (first rows ``starts``) of their source rows.
 
-    Returns the edges kept and how many rows were *saturated*: all ``k`` neighbours passed the
-    threshold, so more may exist beyond ``k``.
+    ``wide_paths``: longer lists (with their source rows) searched again for some rows; their
+    edges are added (repeats merge in the reduce). Returns the edges kept and how many rows
+    were *saturated*: all their neighbours passed the threshold, so more may exist beyond.
     """
     lists = [read_knn(p) for p in knn_paths]
     rows = np.concatenate([r for r, _ in lists])
-    scores = np.concatenate([s for _, s in lists])
-    n, k = rows.shape
-    ok = (rows >= 0) & passes(scores, min_score, metric)
-    saturated = int((ok.all(axis=1) & (k > 0)).sum()) if min_score is not None else 0
-    src = np.repeat(np.arange(first_row, first_row + n, dtype=np.int64), k)[ok.ravel()]
-    dst = rows.ravel()[ok.ravel()]
-    sc = scores.ravel()[ok.ravel()].astype(np.float32)
+    n = rows.shape[0]
+    blocks = [(np.arange(first_row, first_row + n, dtype=np.int64), rows, np.concatenate([s for _, s in lists]))]
+    blocks += [read_knn_src(p) for p in wide_paths]
+    widened = np.concatenate([b[0] for b in blocks[1:]]) if len(blocks) > 1 else np.zeros(0, np.int64)
+    src_parts, dst_parts, score_parts = [], [], []
+    saturated = 0
+    for i, (src_rows, nbr, scores) in enumerate(blocks):
+        ok = (nbr >= 0) & passes(scores, min_score, metric)
+        if min_score is not None and nbr.shape[1]:
+            full = ok.all(axis=1)
+            if i == 0:  # a row searched again counts by its longer list
+                full &= ~np.isin(src_rows, widened)
+            saturated += int(full.sum())
+        src_parts.append(np.repeat(src_rows, nbr.shape[1])[ok.ravel()])
+        dst_parts.append(nbr.ravel()[ok.ravel()])
+        score_parts.append(scores.ravel()[ok.ravel()].astype(np.float32))
+    src, dst, sc = np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(score_parts)
     # reversed too: symmetric graphs need them, and they tell which directed edges are mutual
     flag = np.concatenate([np.full(len(sc), FORWARD, np.int8), np.full(len(sc), REVERSE, np.int8)])
     src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
     sc = np.concatenate([sc, sc])
     part = np.searchsorted(starts, src, side="right") - 1
     write_partitioned(out_dir, part, len(starts), {"src": src, "dst": dst, "score": sc, "flag": flag})
-    return {"edges": int(ok.sum()), "saturated": saturated}
+    return {"edges": int(len(src) // 2), "saturated": saturated}
 
 
 def reduce_edges(map_dirs: Sequence[str], part: int, metric: str, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:

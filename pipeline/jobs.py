@@ -132,8 +132,10 @@ def dedup(config: Config) -> dict[str, Any]:
             summary["dedup_explore"] = table
             timings.add("explore", time.monotonic() - t0)
         else:
+            used = replace(search_plan(config, built, True, plan.backend, cluster.faiss_threads),
+                           nprobe=summary["search"]["nprobe"], rerank=summary["search"]["rerank"])
             result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                  config.search.k, 2 * config.partition_bytes)
+                                  config.search.k, 2 * config.partition_bytes, used)
             timings.add("dedup", time.monotonic() - t0)
             attach_examples(result["examples"], dataset, built.store, d.text_column)
             adj_starts = np.array(result.pop("partition_starts"))

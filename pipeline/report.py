@@ -152,9 +152,12 @@ def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
         pr = "n/a (no exact pairs in the sample)" if ex["pair_recall"] is None else f"{ex['pair_recall']:.4f}"
         lines.append(f"| pair recall | {pr}: {ex['exact_pairs']:,} exact pairs among {ex['queries']:,} sampled rows; "
                      f"{ex['below_threshold']} found pairs fail the threshold |")
+    if d.get("searched_again"):
+        lines.append(f"| rows searched again | {d['searched_again']:,} rows had all k neighbours above the threshold "
+                     "and were searched again with longer lists |")
     if d.get("saturated_rows"):
-        lines.append(f"| rows at the k limit | {d['saturated_rows']:,} rows had all k neighbours above the threshold; "
-                     "raise --k to find their other duplicates |")
+        lines.append(f"| rows at the limit | {d['saturated_rows']:,} rows still had every neighbour above the threshold "
+                     "at the longest list: their groups can be incomplete |")
     lines.append("")
     if d["group_sizes"]:
         _count_plot(output, "group_sizes.png", d["group_sizes"], "group size (rows)", "groups", "dedup group sizes")

@@ -286,3 +286,23 @@ def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, pla
     assert g["doc-30002"]["score_to_representative"] > 0.1  # the chain's far end: a squared distance above it
     assert all(p["score"] <= 0.1 for p in pq.read_table(tmp_path / "out" / "pairs").to_pylist())
     assert report["dedup"]["exactness"]["pair_recall"] == 1.0
+
+
+def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
+    """25 copies of one vector with k=10: the rows whose 10 neighbours all pass are searched again
+    with longer lists, so every pair is found and greedy keeps exactly one copy."""
+    rng = np.random.default_rng(3)
+    x = _unit(rng.standard_normal((800, DIM))).astype(np.float32)
+    x[100:125] = x[99]  # rows 99..124: 26 identical vectors
+    d = tmp_path / "data"
+    d.mkdir()
+    table = pa.table({"id": pa.array(np.arange(800, dtype=np.int64)),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
+    pq.write_table(table, d / "part-00000.parquet", row_group_size=200)
+    settings = {"input": str(d), "threshold": 0.99, "index_key": "Flat", "k": 10, "recall_queries": 800,
+                "partition_size": 200 * DIM * 4}
+    report = dedup(make_config(dedup_mode="greedy", **settings))
+    g = groups_of(tmp_path / "out")
+    assert [i for i in range(99, 125) if g[i]["is_kept"]] == [99]
+    assert report["dedup"]["pairs"] == 26 * 25 // 2 and report["dedup"]["searched_again"] == 26
+    assert report["dedup"]["saturated_rows"] == 0 and report["dedup"]["exactness"]["pair_recall"] == 1.0
