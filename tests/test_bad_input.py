@@ -77,19 +77,12 @@ def test_nan_or_inf(make_config, data, bad):
         run(make_config(input=str(data)))
 
 
-def test_null_vector(make_config, data):
+@pytest.mark.parametrize("column, row, message", [("embedding", 5, "null vector"), ("id", 9, "null id")])
+def test_null_vector_or_id(make_config, data, column, row, message):
     ids, vecs = good_rows(20)
-    vecs[5] = None
+    (vecs if column == "embedding" else ids)[row] = None
     write(data / "a.parquet", ids, vecs)
-    with pytest.raises(InputError, match=r"a\.parquet \(row 5\), column 'embedding': null vector"):
-        run(make_config(input=str(data)))
-
-
-def test_null_id(make_config, data):
-    ids, vecs = good_rows(20)
-    ids[9] = None
-    write(data / "a.parquet", ids, vecs)
-    with pytest.raises(InputError, match=r"a\.parquet \(row 9\), column 'id': null id"):
+    with pytest.raises(InputError, match=rf"a\.parquet \(row {row}\), column '{column}': {message}"):
         run(make_config(input=str(data)))
 
 
