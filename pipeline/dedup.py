@@ -38,7 +38,7 @@ from .edges import (
     read_knn, read_partition, reduce_edges, write_edges, write_knn, write_partitioned,
 )
 from .errors import ConfigError, InputError
-from .join import SearchPlan, _index_for, knn_path, search_batch
+from .join import SearchPlan, _index_for, knn_path, search_batch, to_padded
 from .manifest import Manifest
 from .progress import run_stage
 from .shards import Dataset, Piece
@@ -268,8 +268,10 @@ def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequen
 
 
 def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                 seed: int, k: int, budget: int, search: SearchPlan) -> dict[str, Any]:
-    """Pairs, components and groups for the self-join in ``output``; returns the dedup summary.
+                 seed: int, k: int, budget: int, search: SearchPlan) -> tuple[dict[str, Any], np.ndarray]:
+    """Pairs, components and groups for the self-join in ``output``.
+
+    Returns the dedup summary and the first rows of the shuffle partitions (which hold the pairs).
 
     The shuffles work on partitions of consecutive pieces whose edges fit ``budget`` bytes.
     Rows whose ``k`` neighbours all pass the threshold are first searched again with ``search``
@@ -355,7 +357,7 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
                 lambda p: [output / "groups" / f"part-{p.index:05d}.parquet",
                            output / "kept" / f"part-{p.index:05d}.parquet"], dropped)
 
-    sizes = merge_histograms([{int(k): v for k, v in h.items()} for h in size_parts.values()])
+    sizes = merge_histograms(list(size_parts.values()))
     n_grouped = sum(s * c for s, c in sizes.items())
     rows_dropped = int(sum(dropped.values()))
     saturated = int(sum(s["saturated"] for s in map_stats.values()))
@@ -367,7 +369,7 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     for e in examples:
         if len(by_band.setdefault(e["band"], [])) < EXAMPLES_PER_BAND:
             by_band[e["band"]].append(e)
-    return {
+    summary = {
         "threshold": plan.threshold, "mode": plan.mode, "metric": plan.metric,
         "keep_by": plan.keep_by, "keep_order": plan.keep_order if plan.keep_by else None,
         "rows_in": n, "pairs": int(sum(r["pairs"] for r in pair_stats.values())),
@@ -377,8 +379,8 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         "saturated_rows": saturated, "searched_again": widened,
         "examples": [dict(e, band_low=_bands(plan)[e["band"]]) for b in sorted(by_band) for e in by_band[b]],
         "outputs": {d: str(output / d) for d in ("groups", "kept", "pairs")},
-        "partition_starts": starts.tolist(),
     }
+    return summary, starts
 
 
 def explore(client: Any, plan: DedupPlan, dataset: Dataset, output: Path, thresholds: Sequence[float], k: int,
@@ -460,10 +462,7 @@ def _widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path,
             q_rows = todo[lo : lo + 256]
             offsets, sc, nbr = search_batch(index, wide, store.gather_vectors(q_rows), q_rows,
                                             store.gather_ids(q_rows), store)
-            counts = np.diff(offsets)
-            line = lo + np.repeat(np.arange(q_rows.size), counts)
-            slot = np.arange(nbr.size) - np.repeat(offsets[:-1], counts)
-            lists_rows[line, slot], lists_scores[line, slot] = nbr, sc
+            to_padded(lists_rows, lists_scores, lo, offsets, nbr, sc)
         for r, lr, ls in zip(todo.tolist(), lists_rows, lists_scores):
             found[r] = (lr, ls)
         still = (lists_rows[:, -1] >= 0) & passes(lists_scores[:, -1], threshold, plan.metric)
@@ -505,8 +504,8 @@ def _exact_pairs_piece(store: RowStore, piece: int, q_rows: np.ndarray, q: np.nd
     return np.concatenate(qa), np.concatenate(xb)
 
 
-def pair_recall(client: Any, plan: DedupPlan, store: RowStore, n_pieces: int, output: Path, queries: int,
-                seed: int, adj_starts: np.ndarray) -> dict[str, Any]:
+def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, queries: int, seed: int,
+                adj_starts: np.ndarray) -> dict[str, Any]:
     """Share of the exact above-threshold pairs of sampled rows that the dedup found.
 
     Exact pairs come from brute force over every stored piece (on the workers); found pairs are
@@ -517,7 +516,7 @@ def pair_recall(client: Any, plan: DedupPlan, store: RowStore, n_pieces: int, ou
     rows = np.sort(rng.choice(store.total_rows, size=min(queries, store.total_rows), replace=False))
     q = store.gather_vectors(rows)
     parts = client.gather([client.submit(_exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric,
-                                         pure=False) for p in range(n_pieces)])
+                                         pure=False) for p in range(len(store.starts))])
     exact = {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
     found = set()
     part_of = np.searchsorted(adj_starts, rows, side="right") - 1

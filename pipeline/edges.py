@@ -26,7 +26,7 @@ from .atomic import atomic_path
 
 __all__ = [
     "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "read_knn_src", "write_partitioned", "read_partition",
-    "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram",
+    "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram", "in_mode",
     "merge_histograms", "Part", "pieces_per_part", "make_parts", "part_starts",
 ]
 
@@ -202,9 +202,18 @@ def reduce_edges(map_dirs: Sequence[str], part: int, metric: str, mode: str) -> 
     flags = np.bitwise_or.reduceat(flag, starts)
     src, dst, score = src[starts], dst[starts], score[starts]  # the closest score comes first
     if mode != "symmetric":
-        keep = flags == FORWARD | REVERSE if mode == "mutual" else (flags & FORWARD) != 0
+        keep = in_mode(flags, mode)
         src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
     return src, dst, score, flags
+
+
+def in_mode(flags: np.ndarray, mode: str) -> np.ndarray:
+    """Which combined edges a graph of ``mode`` keeps, from their direction flags."""
+    if mode == "mutual":
+        return flags == FORWARD | REVERSE
+    if mode == "directed":
+        return (flags & FORWARD) != 0
+    return np.ones(flags.shape, dtype=bool)
 
 
 def write_edges(path: str | os.PathLike[str], src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> None:

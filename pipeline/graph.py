@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from .atomic import atomic_path
 from .components import component_sizes, connected_components
 from .edges import (
-    FORWARD, REVERSE, Part, degree_histogram, make_parts, map_edges, merge_histograms, part_starts, pieces_per_part,
+    FORWARD, REVERSE, Part, degree_histogram, in_mode, make_parts, map_edges, merge_histograms, part_starts, pieces_per_part,
     read_edges, read_knn, reduce_edges, write_edges,
 )
 from .errors import ConfigError
@@ -88,8 +88,7 @@ def _reduce_task(map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: R
     src, dst, score, flags = reduce_edges(map_dirs, piece.index, plan.metric, "symmetric")
     if adj is not None:  # directed graphs: components are taken on the undirected version
         write_edges(adj, src, dst, score)
-    keep = flags == FORWARD | REVERSE if plan.mode == "mutual" else (
-        (flags & FORWARD) != 0 if plan.mode == "directed" else np.ones(src.size, bool))
+    keep = in_mode(flags, plan.mode)
     src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
     write_edges(edges, src, dst, _weights(score, plan))
     with atomic_path(nodes) as tmp:
@@ -165,8 +164,10 @@ def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: i
 
 # the stages -------------------------------------------------------------------------------------
 def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: RowStore, output: Path,
-                 manifest: Manifest, seed: int, budget: int) -> dict[str, Any]:
+                 manifest: Manifest, seed: int, budget: int) -> tuple[dict[str, Any], np.ndarray]:
     """Edges, nodes, CSR, umap arrays and the graph summary for the self-join in ``output``.
+
+    Returns the summary and the first rows of the shuffle partitions (which hold the edges).
 
     The shuffle works on partitions of consecutive pieces whose edges fit ``budget`` bytes.
     """
@@ -221,20 +222,20 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
     degrees = merge_histograms([s["degrees"] for s in stats.values()])
     mutual = int(sum(s["mutual"] for s in stats.values()))
     deg_total = sum(d * c for d, c in degrees.items())
-    return {
+    summary = {
         "mode": plan.mode, "k": plan.k, "min_score": plan.min_score, "weight": plan.weight,
         "kernel_width": plan.kernel_width, "nodes": n, "edges": nnz,
         "mutual_share": round(mutual / nnz, 4) if nnz else None,
         "degree": {"mean": round(deg_total / max(n, 1), 3), "max": max(degrees) if degrees else 0,
                    "isolated": degrees.get(0, 0), "histogram": {str(d): c for d, c in degrees.items()}},
         "components": int(sum(sizes.values())), "largest_component": max(sizes) if sizes else 0,
-        "partition_starts": starts.tolist(),
         "outputs": {"edges": str(output / "edges"), "nodes": str(output / "nodes"), "csr": str(output / "graph.npz"),
                     "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None},
     }
+    return summary, starts
 
 
-def graph_recall(client: Any, sample: Any, store: RowStore, output: Path, k: int, starts: np.ndarray) -> float:
+def graph_recall(sample: Any, store: RowStore, output: Path, k: int, starts: np.ndarray) -> float:
     """Share of each sampled row's exact ``k`` neighbours that are its out-edges in the graph."""
     rows = np.asarray(sample.rows)
     piece_of = np.searchsorted(starts, rows, side="right") - 1

@@ -36,6 +36,11 @@ __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 log = logging.getLogger(__name__)
 
 
+def _index_dir(config: Config, output: Path) -> Path:
+    """``--index-dir``, or ``OUTPUT/index`` for the commands that build their own index."""
+    return Path(config.index_dir).resolve() if config.index_dir else output / "index"
+
+
 def _logs(config: Config) -> str | None:
     """Where batch worker jobs write their logs: OUTPUT/logs."""
     return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
@@ -87,7 +92,7 @@ def run(config: Config) -> dict[str, Any]:
     """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
     started = time.monotonic()
     output = _require(config.output, "--output", "run")
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    index_dir = _index_dir(config, output)
     backend = select_backend(config.cluster.device).name
     timings = Timings()
     with dask_client(config.cluster, _logs(config)) as (client, cluster):
@@ -116,13 +121,12 @@ def dedup(config: Config) -> dict[str, Any]:
     if metric == "ip":
         log.warning("dedup with --metric ip: scores grow with vector length; cosine is usual for duplicates")
     config = replace(config, search=replace(config.search, exclude_self=True))
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    index_dir = _index_dir(config, output)
     timings = Timings()
     with dask_client(config.cluster, _logs(config)) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
                             incremental=True)
-        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
-                               config.partition_bytes)
+        dataset = built.dataset
         summary, manifest = join_index(client, cluster, config, built, output, plan.backend, timings,
                                        knn_dir=output / "knn", command="dedup", incremental=True)
         t0 = time.monotonic()
@@ -134,15 +138,14 @@ def dedup(config: Config) -> dict[str, Any]:
         else:
             used = replace(search_plan(config, built, True, plan.backend, cluster.faiss_threads),
                            nprobe=summary["search"]["nprobe"], rerank=summary["search"]["rerank"])
-            result = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                  config.search.k, 2 * config.partition_bytes, used)
+            result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
+                                              config.search.k, 2 * config.partition_bytes, used)
             timings.add("dedup", time.monotonic() - t0)
             attach_examples(result["examples"], dataset, built.store, d.text_column)
-            adj_starts = np.array(result.pop("partition_starts"))
             if config.search.recall_queries:
                 t0 = time.monotonic()
-                result["exactness"] = pair_recall(client, plan, built.store, len(dataset.pieces), output,
-                                                  config.search.recall_queries, config.index.seed, adj_starts)
+                result["exactness"] = pair_recall(client, plan, built.store, output, config.search.recall_queries,
+                                                  config.index.seed, adj_starts)
                 timings.add("pair_recall", time.monotonic() - t0)
                 ex = result["exactness"]
                 log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
@@ -163,26 +166,22 @@ def graph(config: Config) -> dict[str, Any]:
     check_graph_plan(plan)
     backend = select_backend(config.cluster.device).name
     config = replace(config, search=replace(config.search, exclude_self=True))
-    index_dir = Path(config.index_dir).resolve() if config.index_dir else output / "index"
+    index_dir = _index_dir(config, output)
     timings = Timings()
     with dask_client(config.cluster, _logs(config)) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
-                               config.partition_bytes)
         summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
                                        knn_dir=output / "knn", command="graph")
         t0 = time.monotonic()
-        result = graph_stages(client, plan, dataset.pieces, built.store, output, manifest, config.index.seed,
-                              2 * config.partition_bytes)
-        edge_starts = np.array(result.pop("partition_starts"))
+        result, edge_starts = graph_stages(client, plan, built.dataset.pieces, built.store, output, manifest,
+                                           config.index.seed, 2 * config.partition_bytes)
         timings.add("graph", time.monotonic() - t0)
         if config.search.recall_queries:
             t0 = time.monotonic()
             sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
                                  True, True, config.index.seed)
             result["recall"] = {"k": plan.k, "queries": len(sample.truth),
-                                "graph_recall": round(graph_recall(client, sample, built.store, output, plan.k,
-                                                                   edge_starts), 4)}
+                                "graph_recall": round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4)}
             timings.add("graph_recall", time.monotonic() - t0)
             log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
                      result["recall"]["graph_recall"], plan.k)

@@ -28,7 +28,8 @@ from .progress import run_tasks
 from .shards import Piece
 from .store import RowStore
 
-__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "BATCH_BYTES"]
+__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
+           "BATCH_BYTES"]
 
 log = logging.getLogger(__name__)
 
@@ -135,13 +136,9 @@ def _join_piece(
             q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
             offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store)
             nbr_ids = index_store.gather_ids(nbr_rows)
-            counts = np.diff(offsets)
-            short += int((counts < plan.k).sum())
+            short += int((np.diff(offsets) < plan.k).sum())
             if knn_rows is not None and knn_scores is not None:
-                slot = np.arange(len(nbr_rows)) - np.repeat(offsets[:-1], counts)
-                line = lo + np.repeat(np.arange(hi - lo), counts)
-                knn_rows[line, slot] = nbr_rows
-                knn_scores[line, slot] = scores
+                to_padded(knn_rows, knn_scores, lo, offsets, nbr_rows, scores)
             table = pa.table({
                 "query_id": q_ids,
                 "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
@@ -159,6 +156,16 @@ def _join_piece(
     if knn_rows is not None and knn_scores is not None:
         write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
     return short
+
+
+def to_padded(rows_out: np.ndarray, scores_out: np.ndarray, first: int, offsets: np.ndarray, rows: np.ndarray,
+              scores: np.ndarray) -> None:
+    """Scatter lists in list layout (``offsets``) into ``-1``-padded arrays, from line ``first`` on."""
+    counts = np.diff(offsets)
+    line = first + np.repeat(np.arange(counts.size), counts)
+    slot = np.arange(rows.size) - np.repeat(offsets[:-1], counts)
+    rows_out[line, slot] = rows
+    scores_out[line, slot] = scores
 
 
 def knn_path(knn_dir: str | Path | None, piece: int) -> Path:

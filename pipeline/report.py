@@ -109,9 +109,9 @@ def _count_plot(output: Path, png: str, counts: dict[str, int], xlabel: str, yla
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    xs = sorted(int(x) for x in counts)
+    keys = sorted(counts, key=int)  # JSON keys: "2", "10", ...
     fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.bar(xs, [counts[str(x)] if str(x) in counts else counts[x] for x in xs], width=0.8)  # type: ignore[index]
+    ax.bar([int(x) for x in keys], [counts[x] for x in keys], width=0.8)
     ax.set_yscale("log")
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
