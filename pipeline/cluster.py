@@ -27,14 +27,15 @@ class ClusterInfo:
     dashboard: str | None
 
 
-def local_layout(spec: ClusterSpec, cpus: int | None = None) -> tuple[int, int]:
+def local_layout(spec: ClusterSpec, cpus: int | None = None, gpus: int = 0) -> tuple[int, int]:
     """(worker processes, FAISS threads per worker) for the embedded cluster.
 
     Default: one worker per 4 cores (at least 1, at most 8), the cores shared out as FAISS
     threads. FAISS parallelises each batch search itself; a few processes overlap I/O with it.
+    On the GPU backend: one worker per GPU (workers named 0..n-1 take GPUs round robin).
     """
     cpus = cpus or os.cpu_count() or 1
-    workers = spec.workers or max(1, min(8, cpus // 4))
+    workers = spec.workers or (gpus if gpus else max(1, min(8, cpus // 4)))
     threads = spec.threads_per_worker or max(1, cpus // workers)
     return workers, threads
 
@@ -68,7 +69,7 @@ def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
 
 
 @contextlib.contextmanager
-def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
+def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iterator[tuple[Client, ClusterInfo]]:
     """Start (and stop) the cluster of ``spec.kind``, or connect to ``spec.scheduler_address``.
 
     slurm / pbs: worker jobs are asked for through dask-jobqueue (fixed ``jobs``, or adaptive
@@ -110,7 +111,7 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple
             log.info("joined Dask scheduler %s (%d workers)", spec.scheduler_address, n)
             yield client, ClusterInfo(n, spec.threads_per_worker, client.dashboard_link)
         return
-    workers, threads = local_layout(spec)
+    workers, threads = local_layout(spec, gpus=gpus)
     # one worker gains nothing from its own process (FAISS and NumPy release the GIL) and would
     # cost a nanny and a second interpreter; several workers get a process each
     with LocalCluster(

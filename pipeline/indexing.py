@@ -7,6 +7,8 @@ embeddings (see README, "Choosing the index"):
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d`` uses ``SQ8``.
+* on the GPU backend the codes are 8-bit ``PQ{m}`` instead (the GPU kernels take no fast-scan):
+  the largest ``m`` the kernels support with ``m <= d/4`` (same ``d/4`` bytes a vector), else SQ8.
 * default ``nprobe``: the power of two nearest ``4*sqrt(nlist)``; default re-rank factor 4
   for lossy codes (PQ/SQ), 0 for exact codes. Codes alone miss many true neighbours on
   real embeddings; exact re-ranking of 4k candidates recovers them.
@@ -61,18 +63,28 @@ def _code_size(n: int, d: int, budget: int | None) -> int:
     return m
 
 
-def default_index_key(n: int, d: int, memory_budget: int | None = None) -> str:
+def _gpu_codes(d: int) -> str:
+    """8-bit PQ the GPU kernels can search, ``d/4`` bytes a vector or fewer; SQ8 when none fits."""
+    from .backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
+
+    fits = [m for m in PQ_SUBQUANTIZERS if m <= d // 4 and d % m == 0 and d // m in PQ_SUB_DIMS]
+    return f"PQ{max(fits)}" if fits else "SQ8"
+
+
+def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False) -> str:
     """The index_factory string used for ``index_key: auto`` (rule in the module docstring).
 
     ``memory_budget`` is one worker's memory: the fast-scan codes live in it, so they are kept to
     half of it by using fewer, coarser sub-quantizers (re-ranking against the stored vectors
-    makes up the recall).
+    makes up the recall). ``gpu``: codes the GPU kernels can search.
     """
     if n <= FLAT_MAX_ROWS:
         return "Flat"
     nlist = _pow2(2 * math.sqrt(n))
     while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
         nlist //= 2
+    if gpu:
+        return f"IVF{nlist},{_gpu_codes(d)}"
     codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 else "SQ8"
     return f"IVF{nlist},{codes}"
 
@@ -105,12 +117,15 @@ def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
     return encoder
 
 
-def explain_index_key(n: int, d: int, memory_budget: int | None = None) -> str:
+def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False) -> str:
     """Why :func:`default_index_key` chose what it chose, for the report."""
-    key = default_index_key(n, d, memory_budget)
+    key = default_index_key(n, d, memory_budget, gpu)
     if key == "Flat":
         return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
     nlist = nlist_of(make_index(key, d, "l2"))
+    if gpu:
+        return (f"auto (GPU): {n:,} rows -> nlist {nlist}; d={d} -> {key.split(',')[1]}, codes the GPU kernels "
+                "search (no fast-scan there); exact re-rank x4 recovers what the codes miss")
     m = _code_size(n, d, memory_budget)
     shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
               if memory_budget and m < d // 2 else "")

@@ -35,7 +35,6 @@ log = logging.getLogger(__name__)
 
 BATCH_BYTES = 256 << 20  # working memory for one search batch (candidates, gathered vectors)
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
-SEARCH_ROWS = 1024  # queries per FAISS call: measured fastest (cache-friendly) on fast-scan and IVF-PQ
 ROW_GROUP_ROWS = 65_536  # result rows buffered per Parquet row group
 
 
@@ -180,7 +179,7 @@ def join_pieces(
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time."""
     width = plan.k * max(plan.rerank, 1) + 1
     per_query = width * 16 + 4 * dim  # ids, scores and order per candidate, plus the query
-    batch_rows = int(max(1, min(SEARCH_ROWS, BATCH_BYTES // per_query)))
+    batch_rows = int(max(1, min(backend_named(plan.backend).search_rows, BATCH_BYTES // per_query)))
     out = {p.index: str(out_dir / f"part-{p.index:05d}.parquet") for p in pieces}
     done = manifest.done_pieces("join")
     short = [0]

@@ -72,8 +72,8 @@ class Timings:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 3)
 
 
-def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None) -> tuple[str, faiss.Index]:
-    key = default_index_key(rows, dim, budget) if spec.key == "auto" else spec.key
+def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None, backend: str) -> tuple[str, faiss.Index]:
+    key = default_index_key(rows, dim, budget, backend == "gpu") if spec.key == "auto" else spec.key
     return key, make_index(key, dim, spec.metric or "cosine")
 
 
@@ -121,7 +121,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
     budget = worker_memory(client)
     if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
-        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget)
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, backend)
         check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
         if search is not None:
             _check_search(search, empty, key, dataset.total_rows)
@@ -143,7 +143,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if trained_key:  # resuming: keep the key already trained, whatever the memory now
         key, empty = trained_key, make_index(trained_key, dim, metric)
     else:
-        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget)
+        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget, backend)
     n_train = training_rows(empty, dataset.total_rows, dim, spec.sample_size)
     check_training_rows(empty, key, n_train)
     if search is not None:
@@ -171,7 +171,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if done is not None:  # resumed: report the reason recorded when this key was chosen
         why = done["why"]
     else:
-        why = explain_index_key(dataset.total_rows, dim, budget) if spec.key == "auto" else "given by index_key"
+        why = explain_index_key(dataset.total_rows, dim, budget, backend == "gpu") if spec.key == "auto" else "given by index_key"
     info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
             "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
     manifest.finish_stage("index", info)
@@ -267,7 +267,8 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     summary = {
         "index": {"dir": str(built.dir), "key": built.key, "ntotal": built.ntotal, "dim": built.dim,
                   "metric": built.metric, "nlist": built.nlist, "why": built.why},
-        "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self},
+        "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self,
+                   "backend": plan.backend},
         "queries": n_queries,
         "neighbors": str(output / "neighbors"),
         "recall": recall,

@@ -13,14 +13,16 @@ import numpy as np
 
 from ..errors import DeviceError
 from .cpu import CpuBackend
+from .gpu import GpuBackend, gpu_runtime_problem
 
-__all__ = ["Backend", "select_backend", "backend_named", "CpuBackend"]
+__all__ = ["Backend", "select_backend", "backend_named", "gpu_count", "CpuBackend", "GpuBackend"]
 
 log = logging.getLogger(__name__)
 
 
 class Backend(Protocol):
     name: str
+    search_rows: int  # queries per search call
 
     def set_threads(self, n: int) -> None: ...
 
@@ -42,20 +44,17 @@ def gpu_count() -> int:
 
 
 def select_backend(device: str) -> Backend:
-    """``cpu``, ``gpu`` or ``auto`` (GPU when this build has a GPU backend and faiss sees a GPU)."""
-    n = gpu_count()
+    """``cpu``, ``gpu`` or ``auto`` (the GPU when faiss has GPU support and sees a GPU), saying why."""
+    if device == "cpu":
+        log.info("device: cpu (--device cpu)")
+        return CpuBackend()
+    problem = gpu_runtime_problem()
+    if problem is None:
+        log.info("device: gpu (faiss sees %d GPU(s))", gpu_count())
+        return GpuBackend()
     if device == "gpu":
-        if n == 0:
-            raise DeviceError(
-                "--device gpu: faiss reports no GPU (a CPU-only faiss build, or no visible CUDA device); "
-                "install faiss-gpu (pip install '.[gpu]' or the conda environment.yml) or use --device cpu"
-            )
-        raise DeviceError(
-            f"--device gpu: faiss sees {n} GPU(s) but this version has no GPU backend yet; use --device cpu"
-        )
-    if device == "auto":
-        reason = "faiss reports no GPU" if n == 0 else f"faiss sees {n} GPU(s) but no GPU backend is built in"
-        log.info("device: cpu (%s)", reason)
+        raise DeviceError(f"--device gpu: {problem}; or use --device cpu")
+    log.info("device: cpu (%s)", problem)
     return CpuBackend()
 
 
@@ -63,4 +62,6 @@ def backend_named(name: str) -> Backend:
     """The backend a driver chose, re-created by name inside a worker task."""
     if name == "cpu":
         return CpuBackend()
+    if name == "gpu":
+        return GpuBackend()
     raise DeviceError(f"unknown backend {name!r}")

@@ -10,6 +10,7 @@ __all__ = ["CpuBackend"]
 
 class CpuBackend:
     name = "cpu"
+    search_rows = 1024  # queries per FAISS call: measured fastest (cache-friendly) on fast-scan and IVF-PQ
 
     def set_threads(self, n: int) -> None:
         faiss.omp_set_num_threads(max(1, int(n)))

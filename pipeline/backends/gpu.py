@@ -1,0 +1,296 @@
+"""The GPU backend: faiss-gpu for k-means, coarse assignment and search, CuPy for exact scores.
+
+The only module that touches GPU faiss symbols or CuPy, and only inside functions, so it imports
+(and its pure rules are tested) on machines without either. What runs where:
+
+* **train**: the IVF k-means and the PQ codebook k-means assign points with a GPU flat index
+  (faiss's ``clustering_index`` / ``pq.assign_index`` hooks); the CPU index object is trained in
+  place, so what is written is an ordinary CPU index.
+* **add**: the coarse assignment (the heavy part: n x nlist distances) runs on the GPU in batches
+  sized from free GPU memory; the CPU index encodes with those assignments (``add_core``). Any IVF
+  key works this way, fast-scan twins included, and the partial indexes on disk are the same
+  files a CPU fill writes.
+* **search**: the finished index is cloned to the worker's GPU once and reused by every task.
+  What the GPU kernels cannot do (fast-scan codes, PQ sizes outside their set, k or nprobe above
+  2048, an index larger than the GPU's free memory) is searched on the CPU instead, logged once
+  with the reason.
+
+Unverified on a real GPU in this repository so far: see README, "GPUs".
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Any
+
+import faiss
+import numpy as np
+
+from ..indexing import ivf_of
+from .cpu import CpuBackend
+
+__all__ = [
+    "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",
+    "gpu_runtime_problem",
+]
+
+log = logging.getLogger(__name__)
+
+GPU_MAX_K = 2048  # k and nprobe on the classic GPU kernels (GPU_MAX_SELECTION_K)
+PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+FLOAT16_TABLES_FROM = 56  # 56, 64, 96 sub-quantizers need float16 lookup tables (shared memory)
+PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)  # without precomputed tables
+FREE_SHARE = 0.5  # of the GPU's free memory a batch may take (faiss keeps its own temp memory too)
+INDEX_SHARE = 0.8  # of the GPU's free memory a cloned index may take
+
+
+def gpu_search_limits(index: faiss.Index) -> tuple[str | None, bool]:
+    """(why the classic GPU kernels cannot search ``index``, or None; whether float16 tables are needed)."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform):
+        inner = faiss.downcast_index(inner.index)
+    if isinstance(inner, (faiss.IndexFlatL2, faiss.IndexFlatIP, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
+        return None, False
+    if isinstance(inner, faiss.IndexFlat):
+        return None, False
+    if isinstance(inner, faiss.IndexIVFPQ) and not isinstance(inner, faiss.IndexIVFPQR):
+        m, nbits, d = int(inner.pq.M), int(inner.pq.nbits), int(inner.d)
+        if nbits != 8:
+            return f"PQ codes of {nbits} bits (the GPU kernels take 8)", False
+        if not inner.by_residual:
+            return "PQ on raw vectors (the GPU kernels encode residuals)", False
+        if m not in PQ_SUBQUANTIZERS:
+            return f"PQ{m} (the GPU kernels take M in {PQ_SUBQUANTIZERS})", False
+        if d // m not in PQ_SUB_DIMS:
+            return f"{d // m} dimensions per sub-quantizer (the GPU kernels take {PQ_SUB_DIMS})", False
+        return None, m >= FLOAT16_TABLES_FROM
+    return f"{type(inner).__name__} has no GPU implementation", False
+
+
+def batch_rows(free_bytes: int, bytes_per_row: int, cap: int, share: float = FREE_SHARE) -> int:
+    """Rows per GPU batch: ``share`` of the free memory over the bytes one row needs, at most ``cap``."""
+    return int(max(1, min(cap, (free_bytes * share) // max(1, bytes_per_row))))
+
+
+def train_with_assigner(index: faiss.Index, x: np.ndarray, assigner: Any) -> None:
+    """Train ``index`` in place, its k-means assigning points with ``assigner(d, metric)`` indexes.
+
+    The coarse k-means uses faiss's ``clustering_index`` hook (same metric as the quantizer), the
+    PQ codebooks ``pq.assign_index`` (L2 on sub-vectors); the rest (OPQ rotation, SQ ranges)
+    trains on the CPU. With a CPU ``IndexFlat`` as the assigner the result is what ``train`` gives.
+    """
+    ivf = ivf_of(index)
+    keep: list[Any] = []  # the assigner indexes must outlive training (faiss holds raw pointers)
+    if ivf is not None:
+        ivf = faiss.downcast_index(ivf)
+        if not ivf.is_trained and ivf.quantizer.ntotal == 0:
+            keep.append(assigner(int(ivf.d), int(ivf.quantizer.metric_type)))
+            ivf.clustering_index = keep[-1]
+        pq = getattr(ivf, "pq", None)
+        if pq is not None and int(pq.nbits) <= 16:
+            keep.append(assigner(int(pq.dsub), faiss.METRIC_L2))
+            pq.assign_index = keep[-1]
+    try:
+        index.train(x)
+    finally:
+        if ivf is not None:
+            ivf.clustering_index = None
+            if getattr(ivf, "pq", None) is not None:
+                ivf.pq.assign_index = None
+
+
+def add_with_assignments(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any,
+                         rows_per_batch: int) -> None:
+    """Add ``x`` (with ``ids``, else sequential) to a trained index, coarse lists chosen by ``assign``.
+
+    ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in :class:`GpuBackend`; encoding
+    and list appends stay on the CPU index (``add_core``). Indexes without IVF are added directly
+    (a Flat index numbers rows by position; fill adds pieces in row order).
+    """
+    outer = faiss.downcast_index(index)
+    ivf = ivf_of(index)
+    if ids is None:
+        ids = np.arange(outer.ntotal, outer.ntotal + len(x), dtype=np.int64)
+    if ivf is None:  # Flat: nothing to assign (its ids are its positions)
+        outer.add(x)
+        return
+    ivf = faiss.downcast_index(ivf)
+    chain = ([faiss.downcast_VectorTransform(outer.chain.at(i)) for i in range(outer.chain.size())]
+             if isinstance(outer, faiss.IndexPreTransform) else [])
+    for lo in range(0, len(x), rows_per_batch):
+        xb = np.ascontiguousarray(x[lo : lo + rows_per_batch], dtype=np.float32)
+        for vt in chain:
+            xb = np.ascontiguousarray(vt.apply(xb))
+        idb = np.ascontiguousarray(ids[lo : lo + rows_per_batch], dtype=np.int64)
+        lists = np.ascontiguousarray(assign(ivf.quantizer, xb), dtype=np.int64)
+        ivf.add_core(len(xb), faiss.swig_ptr(xb), faiss.swig_ptr(idb), faiss.swig_ptr(lists))
+    if outer is not ivf:
+        outer.ntotal = ivf.ntotal
+
+
+def gpu_runtime_problem() -> str | None:
+    """Why this process cannot run the GPU backend (None when it can)."""
+    if not hasattr(faiss, "StandardGpuResources"):
+        import importlib.util
+
+        if importlib.util.find_spec("faiss._gpu_build") is not None:  # faiss-gpu's marker beside faiss-cpu's modules
+            return ("faiss-cpu and faiss-gpu are both installed and faiss-cpu's modules load: "
+                    "pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu")
+        return "this faiss is a CPU-only build (install faiss-gpu: README, \"GPUs\")"
+    n = faiss.get_num_gpus()
+    if n == 0:
+        return "this faiss build has GPU support but sees no CUDA device (driver, CUDA_VISIBLE_DEVICES)"
+    return None
+
+
+_resources: dict[int, Any] = {}
+_clones: dict[tuple[int, int], tuple[Any, Any]] = {}  # (id, device) -> (CPU index kept alive, GPU clone)
+_warned: set[str] = set()  # fallbacks already logged by this process (tasks make a backend each)
+_lock = threading.Lock()
+
+
+def _worker_device() -> int:
+    """This Dask worker's GPU: workers named 0..n-1 (the embedded cluster) take GPUs round robin;
+    under dask-cuda each worker sees one GPU, device 0."""
+    n = max(1, faiss.get_num_gpus())
+    try:
+        from distributed import get_worker
+
+        name = get_worker().name
+        return int(name) % n if isinstance(name, int) or str(name).isdigit() else 0
+    except (ImportError, ValueError):
+        return 0
+
+
+class GpuBackend:
+    """faiss-gpu and CuPy on this worker's GPU; the CPU backend for what the GPU cannot do."""
+
+    name = "gpu"
+    search_rows = 65_536  # queries per search call: the GPU wants large batches
+
+    def __init__(self, device: int | None = None, temp_memory: int | None = None) -> None:
+        self._device = device
+        self._temp_memory = temp_memory
+        self._cpu = CpuBackend()
+
+    @property
+    def device(self) -> int:
+        if self._device is None:
+            self._device = _worker_device()
+        return self._device
+
+    def resources(self) -> Any:
+        """One ``StandardGpuResources`` per device per process (streams, cuBLAS handle, temp memory)."""
+        with _lock:
+            res = _resources.get(self.device)
+            if res is None:
+                res = faiss.StandardGpuResources()
+                if self._temp_memory is not None:
+                    res.setTempMemory(int(self._temp_memory))
+                _resources[self.device] = res
+            return res
+
+    def free_memory(self) -> int:
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            free, _total = cupy.cuda.runtime.memGetInfo()
+        return int(free)
+
+    def _warn_once(self, what: str) -> None:
+        with _lock:
+            if what in _warned:
+                return
+            _warned.add(what)
+        log.warning("%s", what)
+
+    def set_threads(self, n: int) -> None:
+        self._cpu.set_threads(n)
+
+    def _flat(self, d: int, metric: int) -> Any:
+        return faiss.index_cpu_to_gpu(self.resources(), self.device, faiss.IndexFlat(d, metric))
+
+    def train(self, index: faiss.Index, x: np.ndarray) -> None:
+        train_with_assigner(index, x, self._flat)
+
+    def add(self, index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
+        ivf = ivf_of(index)
+        if ivf is None:
+            self._cpu.add(index, x, ids)
+            return
+        quantizer = faiss.downcast_index(faiss.downcast_index(ivf).quantizer)
+        if not isinstance(quantizer, faiss.IndexFlat):
+            self._warn_once(f"coarse quantizer {type(quantizer).__name__} has no GPU clone: assigning on the CPU")
+            self._cpu.add(index, x, ids)
+            return
+        gpu_q = faiss.index_cpu_to_gpu(self.resources(), self.device, quantizer)
+        per_row = 4 * (x.shape[1] + quantizer.ntotal // 64 + 4)  # the row, distance tiles, results
+
+        def assign(_q: Any, xb: np.ndarray) -> np.ndarray:
+            return gpu_q.search(xb, 1)[1].ravel()
+
+        add_with_assignments(index, x, ids, assign, batch_rows(self.free_memory(), per_row, 1 << 20))
+
+    def _clone(self, index: faiss.Index) -> Any | None:
+        """The GPU copy of ``index`` (made once per process and device), or None with the reason logged."""
+        key = (id(index), self.device)
+        with _lock:
+            if key in _clones:
+                return _clones[key][1]
+        why, float16 = gpu_search_limits(index)
+        if why is None:
+            need = _index_bytes(index)
+            free = self.free_memory()
+            if need > INDEX_SHARE * free:
+                why = f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free"
+        clone = None
+        if why is None:
+            co = faiss.GpuClonerOptions()
+            co.useFloat16LookupTables = float16
+            co.indicesOptions = faiss.INDICES_64_BIT
+            clone = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
+            log.info("index cloned to GPU %d (%d vectors%s)", self.device, index.ntotal,
+                     ", float16 lookup tables" if float16 else "")
+        else:
+            self._warn_once(f"searching on the CPU: {why}")
+        with _lock:
+            _clones[key] = (index, clone)
+        return clone
+
+    def search(self, index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        ivf = ivf_of(index)
+        nprobe = int(faiss.downcast_index(ivf).nprobe) if ivf is not None else 0
+        if k > GPU_MAX_K or nprobe > GPU_MAX_K:
+            self._warn_once(f"searching on the CPU: k={k}, nprobe={nprobe} (the GPU kernels take at most {GPU_MAX_K})")
+            return self._cpu.search(index, x, k)
+        clone = self._clone(index)
+        if clone is None:
+            return self._cpu.search(index, x, k)
+        if ivf is not None:
+            faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
+        return clone.search(x, k)
+
+    def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+        """As :meth:`CpuBackend.exact_scores`, as one batched matrix product on the GPU (CuPy)."""
+        try:
+            import cupy
+        except ImportError:
+            self._warn_once("CuPy is missing: exact scores on the CPU (pip install '.[gpu]')")
+            return self._cpu.exact_scores(q, candidates, metric)
+        with cupy.cuda.Device(self.device):
+            qd = cupy.asarray(q, dtype=cupy.float32)
+            cd = cupy.asarray(candidates, dtype=cupy.float32)
+            dots = cupy.matmul(cd, qd[:, :, None])[:, :, 0]
+            if metric == "l2":
+                dots = (cd * cd).sum(axis=2) - 2 * dots + (qd * qd).sum(axis=1)[:, None]
+            return cupy.asnumpy(dots.astype(cupy.float32))
+
+
+def _index_bytes(index: faiss.Index) -> int:
+    """Codes and ids the GPU clone holds (64-bit ids), plus the coarse centroids."""
+    ivf = ivf_of(index)
+    if ivf is None:
+        return int(index.ntotal) * (int(index.d) * 4 + 8)
+    ivf = faiss.downcast_index(ivf)
+    return int(ivf.ntotal) * (int(ivf.code_size) + 8) + int(ivf.nlist) * int(ivf.d) * 4

@@ -1,0 +1,155 @@
+"""The GPU backend's rules and its faiss plumbing, checked on the CPU.
+
+The GPU backend trains and fills through two faiss hooks (a k-means assignment index, and
+``add_core`` with precomputed lists). Driven here by CPU indexes, they must give exactly what
+plain ``train`` / ``add_with_ids`` give, so the GPU path differs only in where the distances run.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline.backends import CpuBackend, GpuBackend, select_backend
+from pipeline.backends.gpu import (
+    GPU_MAX_K, add_with_assignments, batch_rows, gpu_runtime_problem, gpu_search_limits, train_with_assigner,
+)
+from pipeline.errors import DeviceError
+from pipeline.indexing import FAISS_METRICS, default_index_key, make_index
+
+
+def _data(n: int = 10_000, d: int = 32, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.standard_normal((40, d)).astype(np.float32)
+    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+    faiss.normalize_L2(x)
+    return x
+
+
+def _codes(index: faiss.Index) -> list[bytes]:
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    inv = ivf.invlists
+    return [faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes() +
+            faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes() for i in range(ivf.nlist)]
+
+
+@pytest.mark.parametrize("key", ["IVF32,PQ8", "IVF32,PQ16x4", "IVF32,SQ8", "IVF32,Flat", "OPQ8,IVF32,PQ8"])
+def test_assigner_hooks_match_plain_faiss(key):
+    """Training with an outside assignment index and adding with precomputed lists change nothing."""
+    x = _data()
+    plain = make_index(key, 32, "cosine")
+    hooked = make_index(key, 32, "cosine")
+    plain.train(x)
+    used = []
+
+    def assigner(d: int, metric: int) -> faiss.Index:
+        used.append((d, metric))
+        return faiss.IndexFlat(d, metric)
+
+    train_with_assigner(hooked, x, assigner)
+    assert used[0] == (32, FAISS_METRICS["cosine"])  # the coarse k-means, in the quantizer's metric
+    if "PQ" in key and "SQ" not in key:
+        assert any(metric == faiss.METRIC_L2 for _, metric in used)  # the PQ codebooks' k-means
+    q = faiss.downcast_index(faiss.extract_index_ivf(hooked)).quantizer
+    q0 = faiss.downcast_index(faiss.extract_index_ivf(plain)).quantizer
+    np.testing.assert_array_equal(faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * 32),
+                                  faiss.rev_swig_ptr(faiss.downcast_index(q0).get_xb(), q0.ntotal * 32))
+    ids = np.arange(1000, 1000 + len(x), dtype=np.int64)
+    a, b = faiss.clone_index(plain), faiss.clone_index(plain)
+    a.add_with_ids(x, ids)
+    calls = []
+
+    def assign(quantizer: faiss.Index, xb: np.ndarray) -> np.ndarray:
+        calls.append(len(xb))
+        return quantizer.search(xb, 1)[1].ravel()
+
+    add_with_assignments(b, x, ids, assign, rows_per_batch=3000)
+    assert calls == [3000, 3000, 3000, 1000]
+    assert b.ntotal == a.ntotal == len(x)
+    assert _codes(a) == _codes(b)
+    np.testing.assert_array_equal(a.search(x[:50], 5)[1], b.search(x[:50], 5)[1])
+
+
+def test_hooks_are_cleared_after_training():
+    index = make_index("IVF32,PQ8", 32, "l2")
+    train_with_assigner(index, _data(), lambda d, m: faiss.IndexFlat(d, m))
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    assert ivf.clustering_index is None and ivf.pq.assign_index is None
+
+
+@pytest.mark.parametrize("key,dim,why,float16", [
+    ("Flat", 32, None, False),
+    ("IVF32,Flat", 32, None, False),
+    ("IVF32,SQ8", 32, None, False),
+    ("IVF32,PQ8", 32, None, False),
+    ("IVF32,PQ96", 384, None, True),            # float16 lookup tables from 56 sub-quantizers
+    ("IVF32,PQ16x4fs", 32, "no GPU implementation", False),
+    ("IVF32,PQ16x4", 32, "4 bits", False),
+    ("IVF32,PQ192", 384, "PQ192", False),
+    ("IVF32,PQ2", 128, "64 dimensions per sub-quantizer", False),
+    ("OPQ8,IVF32,PQ8", 32, None, False),
+])
+def test_gpu_search_limits(key, dim, why, float16):
+    got_why, got_f16 = gpu_search_limits(make_index(key, dim, "l2"))
+    assert (got_why is None) == (why is None)
+    if why:
+        assert why in got_why
+    assert got_f16 == float16
+
+
+def test_gpu_search_limits_raw_vector_pq():
+    index = make_index("IVF32,PQ8", 32, "l2")
+    faiss.downcast_index(faiss.extract_index_ivf(index)).by_residual = False
+    assert "raw vectors" in gpu_search_limits(index)[0]
+
+
+@pytest.mark.parametrize("n,d,key", [
+    (1_000_000, 128, "IVF2048,PQ32"),
+    (10_000_000, 128, "IVF8192,PQ32"),
+    (1_000_000, 768, "IVF2048,PQ96"),
+    (30_000, 384, "IVF256,PQ96"),
+    (1_000_000, 100, "IVF2048,SQ8"),   # no supported PQ splits 100 dimensions
+    (5_000, 128, "Flat"),
+])
+def test_default_gpu_keys_are_searchable_on_the_gpu(n, d, key):
+    assert default_index_key(n, d, gpu=True) == key
+    assert gpu_search_limits(make_index(key, d, "l2"))[0] is None
+
+
+def test_batch_rows_under_a_memory_cap():
+    assert batch_rows(free_bytes=1 << 30, bytes_per_row=1024, cap=1 << 20) == (1 << 30) // 2 // 1024
+    assert batch_rows(free_bytes=64 << 20, bytes_per_row=4096, cap=65_536) == 8192
+    assert batch_rows(free_bytes=100, bytes_per_row=4096, cap=65_536) == 1   # never zero
+    assert batch_rows(free_bytes=1 << 40, bytes_per_row=16, cap=65_536) == 65_536
+
+
+@pytest.mark.parametrize("case", ["k above the GPU limit", "fast-scan codes"])
+def test_gpu_backend_searches_on_the_cpu_with_the_reason(case, caplog):
+    """Decided before any GPU call, so it holds (and is checked) on machines without a GPU."""
+    x = _data()
+    if case.startswith("k"):
+        index, k, why = make_index("Flat", 32, "cosine"), GPU_MAX_K + 1, f"(the GPU kernels take at most {GPU_MAX_K})"
+        index.add(x)
+    else:
+        index, k, why = make_index("IVF32,PQ16x4fs", 32, "cosine"), 5, "IndexIVFPQFastScan has no GPU implementation"
+        index.train(x)
+        index.add(x)
+    with caplog.at_level(logging.WARNING, logger="pipeline.backends.gpu"):
+        _, rows = GpuBackend(device=0).search(index, x[:20], k)
+    np.testing.assert_array_equal(rows, CpuBackend().search(index, x[:20], k)[1])
+    assert "searching on the CPU" in caplog.text and why in caplog.text
+
+
+@pytest.mark.skipif(gpu_runtime_problem() is None, reason="a GPU is visible here")
+def test_device_choice_without_a_gpu(caplog):
+    problem = gpu_runtime_problem()
+    assert problem and ("CPU-only build" in problem or "no CUDA device" in problem)
+    with caplog.at_level("INFO", logger="pipeline.backends"):
+        assert isinstance(select_backend("auto"), CpuBackend)
+    assert f"device: cpu ({problem})" in caplog.text
+    with pytest.raises(DeviceError, match="--device gpu: .*--device cpu"):
+        select_backend("gpu")
+    assert isinstance(select_backend("cpu"), CpuBackend)
