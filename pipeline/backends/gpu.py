@@ -191,9 +191,13 @@ class GpuBackend:
                 _resources[self.device] = res
             return res
 
-    def free_memory(self) -> int:
-        import cupy
-
+    def free_memory(self) -> int | None:
+        """Free bytes on this worker's GPU (CuPy), or None without CuPy."""
+        try:
+            import cupy
+        except ImportError:
+            self._warn_once("CuPy is missing: GPU batches and the index-size check cannot see free memory")
+            return None
         with cupy.cuda.Device(self.device):
             free, _total = cupy.cuda.runtime.memGetInfo()
         return int(free)
@@ -230,7 +234,8 @@ class GpuBackend:
         def assign(_q: Any, xb: np.ndarray) -> np.ndarray:
             return gpu_q.search(xb, 1)[1].ravel()
 
-        add_with_assignments(index, x, ids, assign, batch_rows(self.free_memory(), per_row, 1 << 20))
+        free = self.free_memory()
+        add_with_assignments(index, x, ids, assign, batch_rows(free if free is not None else 1 << 30, per_row, 1 << 20))
 
     def _clone(self, index: faiss.Index) -> Any | None:
         """The GPU copy of ``index`` (made once per process and device), or None with the reason logged."""
@@ -242,7 +247,7 @@ class GpuBackend:
         if why is None:
             need = _index_bytes(index)
             free = self.free_memory()
-            if need > INDEX_SHARE * free:
+            if free is not None and need > INDEX_SHARE * free:
                 why = f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free"
         clone = None
         if why is None:
