@@ -46,9 +46,10 @@ def _logs(config: Config) -> str | None:
     return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
 
 
-def _gpus(backend: str) -> int:
-    """GPUs the embedded cluster lays one worker each on (0 on the CPU backend)."""
-    return gpu_count() if backend == "gpu" else 0
+def _cluster(config: Config, backend: str) -> Any:
+    """The job's Dask cluster: batch worker logs in OUTPUT/logs; on the GPU backend the embedded
+    cluster lays one worker per GPU."""
+    return dask_client(config.cluster, _logs(config), gpu_count() if backend == "gpu" else 0)
 
 
 def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:
@@ -75,7 +76,7 @@ def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = _require(config.index_dir, "--index-dir", "build")
     backend = select_backend(config.cluster.device).name
-    with dask_client(config.cluster, _logs(config), _gpus(backend)) as (client, cluster):
+    with _cluster(config, backend) as (client, cluster):
         return build_index(client, cluster, config, index_dir, backend, Timings())
 
 
@@ -88,7 +89,7 @@ def join(config: Config) -> dict[str, Any]:
     queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
     backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with dask_client(config.cluster, _logs(config), _gpus(backend)) as (client, cluster):
+    with _cluster(config, backend) as (client, cluster):
         summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
     return _finish(output, config, summary, timings, "join", started)
 
@@ -100,7 +101,7 @@ def run(config: Config) -> dict[str, Any]:
     index_dir = _index_dir(config, output)
     backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with dask_client(config.cluster, _logs(config), _gpus(backend)) as (client, cluster):
+    with _cluster(config, backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
     return _finish(output, config, summary, timings, "run", started)
@@ -128,7 +129,7 @@ def dedup(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with dask_client(config.cluster, _logs(config), _gpus(plan.backend)) as (client, cluster):
+    with _cluster(config, plan.backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
                             incremental=True)
         dataset = built.dataset
@@ -173,7 +174,7 @@ def graph(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with dask_client(config.cluster, _logs(config), _gpus(backend)) as (client, cluster):
+    with _cluster(config, backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
                                        knn_dir=output / "knn", command="graph")
@@ -209,7 +210,7 @@ def evaluate(config: Config) -> dict[str, Any]:
     n = config.search.recall_queries or 1000
     backend = select_backend(config.cluster.device).name
     table = Path(config.output).resolve() / "neighbors" if config.output else None
-    with dask_client(config.cluster, _logs(config), _gpus(backend)) as (client, cluster):
+    with _cluster(config, backend) as (client, cluster):
         if table is not None:
             manifest = Manifest(table.parent)
             if manifest.stage_info("join") is None:

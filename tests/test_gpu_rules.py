@@ -19,12 +19,11 @@ from pipeline.backends.gpu import (
 )
 from pipeline.errors import DeviceError
 from pipeline.indexing import FAISS_METRICS, default_index_key, make_index
+from pipeline.sample_data import clustered_vectors
 
 
-def _data(n: int = 10_000, d: int = 32, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    centers = rng.standard_normal((40, d)).astype(np.float32)
-    x = centers[rng.integers(0, 40, n)] + 0.3 * rng.standard_normal((n, d)).astype(np.float32)
+def _data(n: int = 10_000, d: int = 32) -> np.ndarray:
+    x = clustered_vectors(n, d, clusters=40, seed=0)
     faiss.normalize_L2(x)
     return x
 

@@ -50,9 +50,7 @@ def gpu_search_limits(index: faiss.Index) -> tuple[str | None, bool]:
     inner = faiss.downcast_index(index)
     if isinstance(inner, faiss.IndexPreTransform):
         inner = faiss.downcast_index(inner.index)
-    if isinstance(inner, (faiss.IndexFlatL2, faiss.IndexFlatIP, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
-        return None, False
-    if isinstance(inner, faiss.IndexFlat):
+    if isinstance(inner, (faiss.IndexFlat, faiss.IndexIVFFlat, faiss.IndexIVFScalarQuantizer)):
         return None, False
     if isinstance(inner, faiss.IndexIVFPQ) and not isinstance(inner, faiss.IndexIVFPQR):
         m, nbits, d = int(inner.pq.M), int(inner.pq.nbits), int(inner.d)
@@ -81,41 +79,35 @@ def train_with_assigner(index: faiss.Index, x: np.ndarray, assigner: Any) -> Non
     trains on the CPU. With a CPU ``IndexFlat`` as the assigner the result is what ``train`` gives.
     """
     ivf = ivf_of(index)
+    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    pq = getattr(ivf, "pq", None)
     keep: list[Any] = []  # the assigner indexes must outlive training (faiss holds raw pointers)
-    if ivf is not None:
-        ivf = faiss.downcast_index(ivf)
-        if not ivf.is_trained and ivf.quantizer.ntotal == 0:
-            keep.append(assigner(int(ivf.d), int(ivf.quantizer.metric_type)))
-            ivf.clustering_index = keep[-1]
-        pq = getattr(ivf, "pq", None)
-        if pq is not None and int(pq.nbits) <= 16:
-            keep.append(assigner(int(pq.dsub), faiss.METRIC_L2))
-            pq.assign_index = keep[-1]
+    if ivf is not None and not ivf.is_trained and ivf.quantizer.ntotal == 0:
+        keep.append(assigner(int(ivf.d), int(ivf.quantizer.metric_type)))
+        ivf.clustering_index = keep[-1]
+    if pq is not None and int(pq.nbits) <= 16:
+        keep.append(assigner(int(pq.dsub), faiss.METRIC_L2))
+        pq.assign_index = keep[-1]
     try:
         index.train(x)
     finally:
         if ivf is not None:
             ivf.clustering_index = None
-            if getattr(ivf, "pq", None) is not None:
-                ivf.pq.assign_index = None
+        if pq is not None:
+            pq.assign_index = None
 
 
 def add_with_assignments(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any,
                          rows_per_batch: int) -> None:
-    """Add ``x`` (with ``ids``, else sequential) to a trained index, coarse lists chosen by ``assign``.
+    """Add ``x`` (with ``ids``, else sequential) to a trained IVF index, coarse lists chosen by ``assign``.
 
     ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in :class:`GpuBackend`; encoding
-    and list appends stay on the CPU index (``add_core``). Indexes without IVF are added directly
-    (a Flat index numbers rows by position; fill adds pieces in row order).
+    and list appends stay on the CPU index (``add_core``).
     """
     outer = faiss.downcast_index(index)
-    ivf = ivf_of(index)
+    ivf = faiss.downcast_index(ivf_of(index))
     if ids is None:
         ids = np.arange(outer.ntotal, outer.ntotal + len(x), dtype=np.int64)
-    if ivf is None:  # Flat: nothing to assign (its ids are its positions)
-        outer.add(x)
-        return
-    ivf = faiss.downcast_index(ivf)
     chain = ([faiss.downcast_VectorTransform(outer.chain.at(i)) for i in range(outer.chain.size())]
              if isinstance(outer, faiss.IndexPreTransform) else [])
     for lo in range(0, len(x), rows_per_batch):
