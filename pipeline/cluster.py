@@ -3,21 +3,28 @@ Slurm or PBS (dask-jobqueue), or one worker per local GPU (dask-cuda)."""
 
 from __future__ import annotations
 
+import _thread
 import contextlib
 import logging
 import os
 import sys
+import threading
+import time
 from dataclasses import dataclass
 from typing import Any, Iterator
 
-from distributed import Client, LocalCluster
+import dask
+from dask.utils import format_bytes
+from distributed import Client, KilledWorker, LocalCluster
 
 from .config import ClusterSpec, JobQueueSpec
-from .errors import ConfigError
+from .errors import ConfigError, PipelineError
 
-__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options"]
+__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options", "check_memory_floor"]
 
 log = logging.getLogger(__name__)
+
+PAUSE_GRACE_S = 10.0  # a worker paused for memory this long ends the job
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,103 @@ def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
 
 @contextlib.contextmanager
 def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iterator[tuple[Client, ClusterInfo]]:
+    """The job's cluster (see :func:`_start`), watched for memory trouble.
+
+    A worker whose memory limit cannot even hold its imports is refused up front with the
+    minimum that works (the stages check again once they know their piece size). A worker that Dask pauses for memory
+    (it would wait forever: this job's tasks keep their memory) or that dies repeatedly (a nanny
+    restarts a worker over 95% of its limit) ends the job with one line saying so.
+    """
+    with _start(spec, log_dir, gpus) as (client, info):
+        check_memory_floor(client, 0)
+        watchdog = _PauseWatchdog(client)
+        watchdog.start()
+        try:
+            yield client, info
+        except KeyboardInterrupt:
+            if watchdog.reason:
+                raise PipelineError(watchdog.reason) from None
+            raise
+        except KilledWorker as exc:
+            key = str(exc.args[0]) if exc.args else "a task"
+            raise PipelineError(
+                f"a Dask worker died {dask.config.get('distributed.scheduler.allowed-failures') + 1} times running "
+                f"{key.split('-')[0]!r} (usually its memory: a worker over 95% of --memory-limit is restarted); raise "
+                "--memory-limit or lower --partition-size"
+            ) from None
+        finally:
+            watchdog.stop()
+
+
+def _baseline_rss() -> int:
+    """A worker's resident memory once the modules its tasks use are imported."""
+    import faiss  # noqa: F401
+    import pyarrow.parquet  # noqa: F401
+    import psutil
+
+    return int(psutil.Process().memory_info().rss)
+
+
+def check_memory_floor(client: Any, working_bytes: int) -> None:
+    """Refuse worker memory limits below their imports plus ``working_bytes`` (what one piece in
+    flight needs), naming the minimum."""
+    workers = client.scheduler_info(n_workers=-1).get("workers", {})
+    limits = {a: int(w["memory_limit"]) for a, w in workers.items() if w.get("memory_limit")}
+    if not limits:
+        return
+    memory = dask.config.get("distributed.worker.memory")
+    fraction = memory.get("pause") or memory.get("terminate") or 1.0
+    rss = client.run(_baseline_rss, workers=list(limits))
+    for address, limit in limits.items():
+        need = int((rss[address] + working_bytes) / fraction)
+        if limit < need:
+            raise ConfigError(
+                f"--memory-limit {format_bytes(limit)} per worker cannot work: a worker uses "
+                f"{format_bytes(rss[address])} before any data, a piece in flight and FAISS's working memory "
+                f"need about {format_bytes(working_bytes)} more, and Dask pauses a worker at {fraction:.0%} of its "
+                f"limit; give at least {format_bytes(need)} (or lower --partition-size)"
+            )
+
+
+class _PauseWatchdog(threading.Thread):
+    """Polls the scheduler; a worker paused for memory longer than ``grace`` seconds ends the job
+    (the main thread is interrupted and :func:`dask_client` turns that into one line)."""
+
+    def __init__(self, client: Any, grace: float | None = None, interval: float = 1.0):
+        super().__init__(daemon=True, name="knn-memory-watchdog")
+        self.client, self.interval = client, interval
+        self.grace = PAUSE_GRACE_S if grace is None else grace
+        self.reason: str | None = None
+        self._stop = threading.Event()
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def run(self) -> None:
+        since: dict[str, float] = {}
+        while not self._stop.wait(self.interval):
+            try:
+                workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
+            except Exception:  # the cluster is closing
+                return
+            now = time.monotonic()
+            for address, w in workers.items():
+                if w.get("status") != "paused":
+                    since.pop(address, None)
+                    continue
+                if now - since.setdefault(address, now) >= self.grace and not self._stop.is_set():
+                    used = w.get("metrics", {}).get("memory", 0)
+                    self.reason = (
+                        f"Dask worker {w.get('name', address)} is paused for memory: it uses {format_bytes(used)} of "
+                        f"its {format_bytes(w.get('memory_limit') or 0)} limit and this job cannot free it; raise "
+                        "--memory-limit or lower --partition-size, then run the same command again to resume"
+                    )
+                    _thread.interrupt_main()
+                    return
+
+
+@contextlib.contextmanager
+def _start(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iterator[tuple[Client, ClusterInfo]]:
     """Start (and stop) the cluster of ``spec.kind``, or connect to ``spec.scheduler_address``.
 
     slurm / pbs: worker jobs are asked for through dask-jobqueue (fixed ``jobs``, or adaptive

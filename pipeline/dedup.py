@@ -43,6 +43,7 @@ from .manifest import Manifest
 from .progress import run_stage
 from .shards import Dataset, Piece
 from .store import RowStore
+from .workdir import shown
 
 __all__ = ["DedupPlan", "dedup_stages", "explore", "read_keep_column", "pair_recall", "default_thresholds"]
 
@@ -103,7 +104,7 @@ def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
             bad = int(np.flatnonzero(np.isnan(values))[0])
             raise InputError(f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column")
     else:
-        raise InputError(f"{piece.path}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
+        raise InputError(f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
                          f"not {t}; choose another column")
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, values)
@@ -558,7 +559,7 @@ def attach_examples(examples: list[dict[str, Any]], dataset: Dataset, store: Row
             try:
                 col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
             except (pa.ArrowInvalid, KeyError) as exc:
-                raise InputError(f"{piece.path}: cannot read --text-column '{text_column}' ({exc}); "
+                raise InputError(f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); "
                                  "name an existing column") from None
             local = rows[piece_of == p] - piece.start
             for r, v in zip(rows[piece_of == p].tolist(), col.take(pa.array(local)).to_pylist()):

@@ -134,7 +134,8 @@ def fill_index(
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
         fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)  # type: ignore[attr-defined]
         ntotal = int(fut.result())
-    manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode})
+    written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
+    manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode, "files": manifest.record(written)})
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new
     # pieces and merges again; they hold the codes once more, small beside the row store
     return ntotal

@@ -6,6 +6,7 @@ and its own module, and writes the report and ``_SUCCESS`` beside its outputs.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from dataclasses import replace
@@ -26,10 +27,11 @@ from .graph import GraphPlan, graph_recall, graph_stages
 from .graph import check_plan as check_graph_plan
 from .manifest import LOG_DIR, Manifest
 from .report import write_report
-from .runner import BuiltIndex, Timings, search_plan, build_index, join_index, open_index
-from .shards import plan_dataset
+from .runner import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
+from .shards import plan_dataset, resolve_paths
 from .store import RowStore
 from .tuning import draw_sample, search_sample
+from .workdir import check_locations, locked
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 
@@ -72,11 +74,29 @@ def _require(value: str | None, flag: str, command: str) -> Path:
     return Path(value).resolve()
 
 
+def _guarded(config: Config, output: Path | None, index_dir: Path | None, index_read_only: bool = False,
+             output_read_only: bool = False) -> contextlib.ExitStack:
+    """Check that the job's directories overlap no input and each other, then lock them for the
+    job's duration: exclusively where it writes, shared where it only reads. Nothing is written
+    before this."""
+    files = resolve_paths(config.data.paths) if config.data.paths else []
+    check_locations(config.data.paths, files, output, index_dir)
+    stack = contextlib.ExitStack()
+    try:
+        for d, read_only in ((output, output_read_only), (index_dir, index_read_only)):
+            if d is not None:
+                stack.enter_context(locked(d, shared=read_only))
+    except BaseException:
+        stack.close()
+        raise
+    return stack
+
+
 def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = _require(config.index_dir, "--index-dir", "build")
     backend = select_backend(config.cluster.device).name
-    with _cluster(config, backend) as (client, cluster):
+    with _guarded(config, None, index_dir), _cluster(config, backend) as (client, cluster):
         return build_index(client, cluster, config, index_dir, backend, Timings())
 
 
@@ -85,13 +105,16 @@ def join(config: Config) -> dict[str, Any]:
     started = time.monotonic()
     index_dir = _require(config.index_dir, "--index-dir", "join")
     output = _require(config.output, "--output", "join")
-    built = open_index(index_dir)
-    queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
-    backend = select_backend(config.cluster.device).name
-    timings = Timings()
-    with _cluster(config, backend) as (client, cluster):
-        summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
-    return _finish(output, config, summary, timings, "join", started)
+    with _guarded(config, output, index_dir, index_read_only=True):
+        built = open_index(index_dir)
+        queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
+                               config.partition_bytes)
+        check_query_ids(built, queries, config.search.exclude_self)
+        backend = select_backend(config.cluster.device).name
+        timings = Timings()
+        with _cluster(config, backend) as (client, cluster):
+            summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
+        return _finish(output, config, summary, timings, "join", started)
 
 
 def run(config: Config) -> dict[str, Any]:
@@ -101,10 +124,10 @@ def run(config: Config) -> dict[str, Any]:
     index_dir = _index_dir(config, output)
     backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with _cluster(config, backend) as (client, cluster):
+    with _guarded(config, output, index_dir), _cluster(config, backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
-    return _finish(output, config, summary, timings, "run", started)
+        return _finish(output, config, summary, timings, "run", started)
 
 
 def dedup(config: Config) -> dict[str, Any]:
@@ -129,7 +152,7 @@ def dedup(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with _cluster(config, plan.backend) as (client, cluster):
+    with _guarded(config, output, index_dir), _cluster(config, plan.backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
                             incremental=True)
         dataset = built.dataset
@@ -159,7 +182,7 @@ def dedup(config: Config) -> dict[str, Any]:
             summary["dedup"] = result
             log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result["rows_in"],
                      result["pairs"], result["groups"], result["rows_dropped"], plan.mode, plan.threshold)
-    return _finish(output, config, summary, timings, "dedup", started)
+        return _finish(output, config, summary, timings, "dedup", started)
 
 
 def graph(config: Config) -> dict[str, Any]:
@@ -174,7 +197,7 @@ def graph(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with _cluster(config, backend) as (client, cluster):
+    with _guarded(config, output, index_dir), _cluster(config, backend) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
         summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
                                        knn_dir=output / "knn", command="graph")
@@ -194,8 +217,8 @@ def graph(config: Config) -> dict[str, Any]:
         log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
                  result["nodes"], result["edges"], result["components"], result["largest_component"],
                  result["mutual_share"])
-    summary["graph"] = result
-    return _finish(output, config, summary, timings, "graph", started)
+        summary["graph"] = result
+        return _finish(output, config, summary, timings, "graph", started)
 
 
 def evaluate(config: Config) -> dict[str, Any]:
@@ -206,13 +229,20 @@ def evaluate(config: Config) -> dict[str, Any]:
     the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
     """
     index_dir = _require(config.index_dir, "--index-dir", "evaluate")
+    table = Path(config.output).resolve() / "neighbors" if config.output else None
+    guard = _guarded(config, table.parent if table else None, index_dir, index_read_only=True, output_read_only=True)
+    with guard:
+        return _evaluate(config, index_dir, table)
+
+
+def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, Any]:
     built = open_index(index_dir)
     n = config.search.recall_queries or 1000
     backend = select_backend(config.cluster.device).name
-    table = Path(config.output).resolve() / "neighbors" if config.output else None
     with _cluster(config, backend) as (client, cluster):
         if table is not None:
             manifest = Manifest(table.parent)
+            manifest.check_readable("run the job that wrote it again")
             if manifest.stage_info("join") is None:
                 raise PipelineError(f"{table.parent}: no finished neighbour table here (run `run` or `join` first)")
             ident = manifest.data["identity"]

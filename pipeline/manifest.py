@@ -11,20 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
 import time
 from pathlib import Path
 from typing import Any, Iterable
 
 from .atomic import remove_stale_temps, write_json
 from .errors import ResumeError
+from .workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
 
 __all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
-LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite, and not a sign of an unknown directory
 
 
 def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -62,14 +61,28 @@ def is_append(old: Any, new: Any) -> bool:
 class Manifest:
     """``manifest.json`` of one run directory (an index directory or an output directory)."""
 
-    def __init__(self, directory: str | os.PathLike[str]):
+    def __init__(self, directory: str | os.PathLike[str], kind: str = "output"):
         self.dir = Path(directory)
         self.path = self.dir / "manifest.json"
+        self.owned = INDEX_NAMES if kind == "index" else OUTPUT_NAMES
         self.data: dict[str, Any] = {"version": VERSION, "identity": None, "stages": {}}
+        self.damaged: str | None = None  # why manifest.json could not be read
         self._last_save = 0.0
         self._min_interval = 0.0
         if self.path.exists():
-            self.data = json.loads(self.path.read_text())
+            try:
+                data = json.loads(self.path.read_bytes())
+                if not isinstance(data, dict) or not isinstance(data.get("stages"), dict) or "identity" not in data:
+                    raise ValueError("not a manifest of this tool")
+                self.data = data
+            except (ValueError, UnicodeDecodeError, OSError) as exc:
+                self.damaged = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+
+    def check_readable(self, fix: str) -> None:
+        """Refuse a damaged ``manifest.json`` in one line naming it and ``fix``."""
+        if self.damaged is not None:
+            raise ResumeError(f"{shown(self.path)}: damaged manifest ({self.damaged}), so what is finished here is "
+                              f"unknown; {fix}")
 
     def open(self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None,
              allow_append: bool = False) -> bool:
@@ -82,6 +95,8 @@ class Manifest:
         is refused with what changed.
         """
         new = json.loads(json.dumps(identity, default=str))
+        if not overwrite:
+            self.check_readable("pass --overwrite to redo this directory from scratch, or use another directory")
         old = self.data.get("identity")
         appended = False
         if overwrite:
@@ -95,10 +110,17 @@ class Manifest:
                 f"{self.dir} holds a {what} made from other input or settings "
                 f"({'; '.join(describe_changes(old, new))}); pass --overwrite to discard it, or use another directory"
             )
-        elif old is None and self.dir.exists() and any(c.name not in (keep, LOG_DIR) for c in self.dir.iterdir()):
+        elif old is None and unknown_entries(self.dir, frozenset(), keep):
+            unknown = unknown_entries(self.dir, self.owned, keep)
+            if unknown:
+                raise ResumeError(
+                    f"{shown(self.dir)} is not empty and was not written by this tool (it holds "
+                    f"{', '.join(shown(n) for n in unknown[:5])}{' ...' if len(unknown) > 5 else ''}); "
+                    "choose an empty or new directory"
+                )
             raise ResumeError(
-                f"{self.dir} is not empty and has no manifest.json; pass --overwrite to replace its "
-                "contents, or use another directory"
+                f"{shown(self.dir)} holds outputs of this tool but no manifest.json; pass --overwrite to replace "
+                "them, or use another directory"
             )
         self.dir.mkdir(parents=True, exist_ok=True)
         removed = remove_stale_temps(self.dir)
@@ -115,33 +137,77 @@ class Manifest:
             self.save(force=True)
 
     def reset(self, keep: str | None = None) -> None:
-        """Delete the directory's contents except ``keep`` (the caller asked to overwrite)."""
-        if self.dir.exists():
-            for child in self.dir.iterdir():
-                if child.name in (keep, LOG_DIR):
-                    continue
-                if child.is_dir():
-                    shutil.rmtree(child)
-                else:
-                    child.unlink()
+        """Delete what the tool wrote here except ``keep`` and the logs (the caller asked to overwrite).
+
+        A directory that also holds anything else is refused, naming it, before anything is removed.
+        """
+        remove_owned(self.dir, self.owned, keep)
         self.data = {"version": VERSION, "identity": None, "stages": {}}
+        self.damaged = None
 
     # stages ------------------------------------------------------------------------------
     def _stage(self, stage: str) -> dict[str, Any]:
         return self.data["stages"].setdefault(stage, {"pieces": {}, "done": None})
 
+    def _relative(self, path: str | os.PathLike[str]) -> str:
+        """``path`` as recorded: relative to this directory when it lies below it, so a copied
+        or moved directory checks its own files, not the original's."""
+        p = Path(path).absolute()
+        try:
+            return p.relative_to(self.dir.absolute()).as_posix()
+        except ValueError:
+            return str(p)
+
+    def files_intact(self, files: Iterable[Any]) -> bool:
+        """Whether every recorded ``[path, size]`` exists with that size (relative paths are below this directory)."""
+        for path, size in files:
+            p = self.dir / path
+            try:
+                if p.stat().st_size != size:
+                    return False
+            except OSError:
+                return False
+        return True
+
+    def record(self, files: Iterable[str | os.PathLike[str]]) -> list[list[Any]]:
+        """``[path, size]`` records of ``files`` as they are now, for :meth:`files_intact`."""
+        return [[self._relative(f), Path(f).stat().st_size] for f in files]
+
     def done_pieces(self, stage: str) -> set[int]:
         """Pieces recorded done whose files still exist with their recorded sizes."""
-        out = set()
-        for key, files in self._stage(stage)["pieces"].items():
-            if all(Path(p).exists() and Path(p).stat().st_size == size for p, size in files):
-                out.add(int(key))
-        return out
+        return {int(key) for key, files in self._stage(stage)["pieces"].items() if self.files_intact(files)}
+
+    def lost_pieces(self, stage: str) -> list[int]:
+        """Pieces recorded done whose files are gone or changed size (they must be done again)."""
+        return sorted(int(key) for key, files in self._stage(stage)["pieces"].items() if not self.files_intact(files))
+
+    def verify_stage(self, stage: str) -> bool:
+        """Reopen a finished stage some of whose recorded files are gone or truncated; True if it was.
+
+        Its intact pieces stay done; the lost ones are forgotten, so the stage redoes them.
+        """
+        lost = self.lost_pieces(stage)
+        info = self.stage_info(stage)
+        files = (info or {}).get("files")
+        if not lost and (files is None or self.files_intact(files)):
+            return False
+        if lost:
+            log.warning("%s: %d finished piece(s) of stage %s are missing or truncated (e.g. piece %d); redoing them",
+                        shown(self.dir), len(lost), stage, lost[0])
+            for piece in lost:
+                self._stage(stage)["pieces"].pop(str(piece), None)
+                self._stage(stage).get("results", {}).pop(str(piece), None)
+        else:
+            log.warning("%s: a file of finished stage %s is missing or truncated; redoing the stage",
+                        shown(self.dir), stage)
+        self._stage(stage)["done"] = None
+        self.save(force=True)
+        return True
 
     def mark_piece(self, stage: str, piece: int, files: Iterable[str | os.PathLike[str]], result: Any = None) -> None:
         """Record ``piece`` done with its files (and a small JSON-able result, kept for the summary)."""
         st = self._stage(stage)
-        st["pieces"][str(piece)] = [[str(f), Path(f).stat().st_size] for f in files]
+        st["pieces"][str(piece)] = self.record(files)
         if result is not None:
             st.setdefault("results", {})[str(piece)] = result
         self.save()

@@ -14,10 +14,11 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from .atomic import atomic_path
 from .backends import backend_named
-from .cluster import ClusterInfo, worker_memory
+from .cluster import ClusterInfo, check_memory_floor, worker_memory
 from .config import Config, IndexSpec, SearchSpec, dump_config
 from .errors import ConfigError, InputError, PipelineError
 from .fill import fill_index, fill_mode
@@ -41,10 +42,14 @@ from .scan import scan_dataset
 from .shards import Dataset, plan_dataset
 from .store import RowStore
 from .tuning import choose, draw_sample, settings_grid, sweep
+from .workdir import shown
 
-__all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan"]
+__all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
 log = logging.getLogger(__name__)
+
+WORKING_COPIES = 4  # a piece in flight: the Arrow column, its float32 copy, the normalised copy, the write
+FAISS_WORKING = 160 << 20  # k-means distance blocks, search batches: measured ~130 MiB on the demo data
 
 
 @dataclass(frozen=True)
@@ -119,6 +124,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     t0 = time.monotonic()
     dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
     log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
+    check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * dataset.max_piece_bytes(config.partition_bytes))
     budget = worker_memory(client)
     if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
         key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, backend)
@@ -129,10 +135,11 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         "input": dataset.fingerprint(), "metric": metric, "index_key": spec.key,
         "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
     }
-    manifest = Manifest(index_dir)
+    manifest = Manifest(index_dir, kind="index")
     if manifest.open(identity, config.overwrite, "index", allow_append=incremental):
         for stage in ("scan", "fill", "index"):
             manifest.reopen_stage(stage)
+    _verify_index_files(manifest)
     store = RowStore(index_dir / "store", dataset.starts, dataset.total_rows)
     timings.add("plan", time.monotonic() - t0)
 
@@ -150,13 +157,13 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         _check_search(search, empty, key, dataset.total_rows)
 
     trained = index_dir / "trained.faiss"
-    if manifest.stage_info("train") is None or not trained.exists():
+    if manifest.stage_info("train") is None:
         t0 = time.monotonic()
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
         rows = sample_rows(dataset.total_rows, n_train, spec.seed)
         client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), backend,
                       cluster.faiss_threads, pure=False).result()
-        manifest.finish_stage("train", {"key": key, "rows": n_train})
+        manifest.finish_stage("train", {"key": key, "rows": n_train, "files": manifest.record([trained])})
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
@@ -180,12 +187,30 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
                       manifest.data["identity"], why)
 
 
+def _verify_index_files(manifest: Manifest) -> None:
+    """Reopen what a resumed build finds damaged: lost store pieces are scanned again, a lost
+    ``trained.faiss`` is trained again (and everything encoded with it redone), lost partial
+    indexes or a lost ``index.faiss`` are encoded and merged again."""
+    manifest.verify_stage("scan")
+    if manifest.verify_stage("train"):
+        for stage in ("fill", "index"):
+            manifest.clear_stage(stage)
+    if manifest.verify_stage("fill"):
+        manifest.reopen_stage("index")
+
+
 def open_index(index_dir: Path) -> BuiltIndex:
-    """A finished index directory written by ``build`` or ``run``."""
-    manifest = Manifest(index_dir)
+    """A finished index directory written by ``build`` or ``run``, its files checked."""
+    manifest = Manifest(index_dir, kind="index")
+    manifest.check_readable(f"rebuild the index with `build --index-dir {shown(index_dir)} --overwrite`")
     info = manifest.stage_info("index") if manifest.path.exists() else None
     if info is None:
-        raise PipelineError(f"{index_dir}: no finished index here; run `build` (or `run`) with --index-dir {index_dir}")
+        raise PipelineError(f"{shown(index_dir)}: no finished index here; run `build` (or `run`) with --index-dir "
+                            f"{shown(index_dir)}")
+    fill = manifest.stage_info("fill") or {}
+    if manifest.lost_pieces("scan") or not manifest.files_intact(fill.get("files", [])):
+        raise PipelineError(f"{shown(index_dir)}: index or row-store files are missing or truncated; run `build` "
+                            "again with the same --input and settings to repair them (only the damaged parts are redone)")
     ident = manifest.data["identity"]
     files = ident["input"]["files"]
     # the indexed dataset as recorded; its files are not re-read (only the row store is)
@@ -196,6 +221,20 @@ def open_index(index_dir: Path) -> BuiltIndex:
     log.info("index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files))
     return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],
                       info["nlist"], info["rerank_default"], ident, info.get("why", "given by index_key"))
+
+
+def check_query_ids(built: BuiltIndex, queries: Dataset, exclude_self: bool) -> None:
+    """``--exclude-self`` compares query ids with indexed ids: refuse kinds that can never match."""
+    if not exclude_self or not built.ntotal:
+        return
+    indexed = built.store.ids(0).type
+    kind = "int" if pa.types.is_integer(indexed) else "string"
+    if queries.id_kind and queries.id_kind != kind:
+        raise InputError(
+            f"{shown(queries.files[0].path)}, column '{queries.id_column}': query ids are {queries.id_kind}s but the "
+            f"index in {shown(built.dir)} holds {kind} ids, so --exclude-self could never match them; use the same "
+            "id column as the indexed data, or drop --exclude-self"
+        )
 
 
 def search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
@@ -235,6 +274,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     manifest = Manifest(output)
     if manifest.open(identity, config.overwrite, "neighbour table", keep=keep, allow_append=incremental):
         manifest.reopen_stage("join")  # new rows are searched against all rows; old lists are kept
+    manifest.verify_stage("scan_queries")
     (output / "_SUCCESS").unlink(missing_ok=True)
     if queries is None:
         query_store, pieces, n_queries = built.store, built.dataset.pieces, built.ntotal
@@ -245,6 +285,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
                 f"{queries.dim} but the index holds dimension {built.dim}; embed the queries with the same model"
             )
         t0 = time.monotonic()
+        check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * queries.max_piece_bytes(config.partition_bytes))
         query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
         qdim = scan_dataset(client, queries, query_store, built.metric, manifest, stage="scan_queries")
         if qdim != built.dim:

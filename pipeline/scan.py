@@ -12,6 +12,7 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 
 from .errors import InputError
 from .ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
@@ -25,26 +26,47 @@ __all__ = ["scan_dataset", "prepare_vectors"]
 log = logging.getLogger(__name__)
 
 
-def prepare_vectors(x: np.ndarray, metric: str, where: str, column: str) -> np.ndarray:
-    """Vectors as the index sees them: L2-normalised for ``cosine``, unchanged otherwise."""
+MAX_NORM = 1e15  # squared distances and products of vectors up to this norm stay far inside float32
+
+
+def prepare_vectors(x: np.ndarray, metric: str, piece: Piece, column: str) -> np.ndarray:
+    """Vectors as the index sees them: L2-normalised for ``cosine``, unchanged otherwise.
+
+    Norms are taken in float64, so huge elements neither overflow the check nor the
+    normalisation. Under ``l2`` and ``ip`` a vector whose norm would overflow float32 scores
+    (FAISS aborts in k-means, or writes inf) is refused naming its row.
+    """
+    norms = np.sqrt(np.einsum("ij,ij->i", x, x, dtype=np.float64))
     if metric != "cosine":
+        big = np.flatnonzero(norms > MAX_NORM)
+        if big.size:
+            r = int(big[0])
+            raise InputError(
+                f"{piece.where(r)}, column '{column}': vector norm {norms[r]:.3g} ({big.size} such vector(s) in this "
+                f"piece) would overflow float32 {metric} scores (limit {MAX_NORM:.0e}); rescale the vectors or "
+                "normalise them (--metric cosine)"
+            )
         return x
-    norms = np.linalg.norm(x, axis=1)
     zero = np.flatnonzero(norms == 0)
     if zero.size:
         raise InputError(
-            f"{where}, column '{column}': {zero.size} all-zero vector(s) (first at local row {int(zero[0])}); "
+            f"{piece.where(int(zero[0]))}, column '{column}': {zero.size} all-zero vector(s) in this piece; "
             "cosine similarity is undefined for them: drop them or use --metric l2 or ip"
         )
-    return x / norms[:, None]
+    n32 = norms.astype(np.float32)
+    out = x / n32[:, None]
+    huge = ~np.isfinite(n32)  # norms past float32's range: divide those rows in float64
+    if huge.any():
+        out[huge] = (x[huge] / norms[huge, None]).astype(np.float32)
+    return out
 
 
 def _scan_piece(
-    piece: Piece, id_column: str, vector_column: str, dim: int | None, metric: str,
+    piece: Piece, id_column: str, vector_column: str, dim: int | None, id_type: pa.DataType | None, metric: str,
     store: RowStore, key_dir: str, nbuckets: int,
 ) -> int:
-    ids, x = read_piece(piece, id_column, vector_column, dim)
-    x = prepare_vectors(x, metric, piece.where(), vector_column)
+    ids, x = read_piece(piece, id_column, vector_column, dim, id_type)
+    x = prepare_vectors(x, metric, piece, vector_column)
     store.write_piece(piece.index, ids, x)
     write_key_buckets(id_keys(ids), piece.start, nbuckets, key_dir, piece.index)
     return int(x.shape[1])
@@ -76,7 +98,8 @@ def scan_dataset(client: object, dataset: Dataset, store: RowStore, metric: str,
 
     run_tasks(
         client, _scan_piece, todo, f"{stage}",
-        args=lambda p: (p, dataset.id_column, dataset.vector_column, dataset.dim, metric, store, str(key_dir), nbuckets),
+        args=lambda p: (p, dataset.id_column, dataset.vector_column, dataset.dim, dataset.id_type, metric, store,
+                        str(key_dir), nbuckets),
         on_done=finished,
     )
     # the id keys of pieces scanned by an earlier run (resumed, or an input that grew) are

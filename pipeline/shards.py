@@ -8,19 +8,21 @@ file order and each knows its first *global row*; global rows are the internal F
 from __future__ import annotations
 
 import glob
+import hashlib
 import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from .errors import InputError
+from .workdir import shown
 
-__all__ = ["FileInfo", "Piece", "Dataset", "resolve_paths", "plan_dataset", "read_piece"]
+__all__ = ["FileInfo", "Piece", "Dataset", "resolve_paths", "plan_dataset", "read_piece", "unify_id_types"]
 
 log = logging.getLogger(__name__)
 
@@ -33,6 +35,7 @@ class FileInfo:
     size: int
     mtime_ns: int
     rows: int
+    footer: str = ""  # hash of the Parquet footer: a rewrite of the same size and mtime still shows
 
 
 @dataclass(frozen=True)
@@ -49,8 +52,8 @@ class Piece:
     def where(self, local_row: int | None = None) -> str:
         """Human-readable location, for error messages."""
         if local_row is None:
-            return f"{self.path} (rows {self.file_row}-{self.file_row + self.rows - 1})"
-        return f"{self.path} (row {self.file_row + local_row})"
+            return f"{shown(self.path)} (rows {self.file_row}-{self.file_row + self.rows - 1})"
+        return f"{shown(self.path)} (row {self.file_row + local_row})"
 
 
 @dataclass(frozen=True)
@@ -64,44 +67,97 @@ class Dataset:
     dim: int | None  # None until scanned when the vector column is a variable-length list
     id_kind: str  # "int" or "string"
     total_rows: int
+    id_type: pa.DataType | None = None  # every file's ids are read as this type (unified at plan time)
 
     @property
     def starts(self) -> np.ndarray:
         """First global row of each piece, for mapping a global row to its piece."""
         return np.array([p.start for p in self.pieces], dtype=np.int64)
 
+    def max_piece_bytes(self, partition_bytes: int) -> int:
+        """float32 bytes of the largest piece (``partition_bytes`` where the dimension is not yet known)."""
+        if self.dim is None:
+            return partition_bytes
+        return 4 * self.dim * max((p.rows for p in self.pieces), default=0)
+
     def fingerprint(self) -> dict[str, Any]:
         """What identifies this input: a change in any of it makes old results stale."""
         return {
-            "files": [[f.path, f.size, f.mtime_ns] for f in self.files],
+            "files": [[f.path, f.size, f.mtime_ns, f.footer] for f in self.files],
             "id_column": self.id_column,
             "vector_column": self.vector_column,
             "rows": self.total_rows,
         }
 
 
+def _is_parquet(name: str) -> bool:
+    return name.lower().endswith(".parquet")
+
+
+def _walk(root: Path) -> Iterator[Path]:
+    """``*.parquet`` files below ``root``, following directory symlinks once each (loop-safe).
+
+    Files skipped on the way are logged with the reason: hidden or ``_``-prefixed names (the
+    convention of Spark, Dask and this tool for metadata and temporary files), broken links,
+    and entries that are not regular files.
+    """
+    seen: set[tuple[int, int]] = set()
+    for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
+        st = os.stat(dirpath)
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: directory already visited through another link; skipping it (symlink loop)",
+                        shown(dirpath))
+            dirnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        hidden = [d for d in dirnames if d.startswith((".", "_"))]
+        for d in hidden:
+            if any(_is_parquet(f) for _, _, fs in os.walk(os.path.join(dirpath, d), followlinks=False) for f in fs):
+                log.warning("%s: skipping this directory's Parquet files (names starting with '.' or '_' are "
+                            "metadata or temporary files)", shown(os.path.join(dirpath, d)))
+        dirnames[:] = sorted(d for d in dirnames if d not in hidden)
+        for name in sorted(filenames):
+            if not _is_parquet(name):
+                continue
+            path = Path(dirpath) / name
+            if name.startswith((".", "_")):
+                log.warning("%s: skipped (names starting with '.' or '_' are metadata or temporary files)", shown(path))
+            elif not path.exists():
+                log.warning("%s: skipped, a broken symbolic link (its target %s does not exist)", shown(path),
+                            shown(os.readlink(path)))
+            elif not path.is_file():
+                log.warning("%s: skipped, not a regular file", shown(path))
+            else:
+                yield path
+
+
 def resolve_paths(entries: Sequence[str]) -> list[str]:
-    """Expand directories (``*.parquet`` below them) and globs into a sorted list of files."""
+    """Expand directories (``*.parquet`` below them, any case) and globs into a sorted list of files."""
     if not entries:
         raise InputError("no input given; pass --input DIR|GLOB|FILE")
     found: list[str] = []
     for entry in entries:
         p = Path(entry)
         if p.is_dir():
-            matches = sorted(
-                str(f) for f in p.rglob("*.parquet")
-                if f.is_file() and not any(part.startswith((".", "_")) for part in f.relative_to(p).parts)
-            )
+            matches = sorted(str(f) for f in _walk(p))
             if not matches:
-                raise InputError(f"{entry}: directory holds no *.parquet files; point --input at the shards")
+                raise InputError(f"{shown(entry)}: directory holds no *.parquet files; point --input at the shards")
         elif any(ch in entry for ch in "*?["):
-            matches = sorted(f for f in glob.glob(entry, recursive=True) if os.path.isfile(f))
+            matches = []
+            for f in sorted(glob.glob(entry, recursive=True)):
+                if os.path.isfile(f):
+                    matches.append(f)
+                elif os.path.islink(f) and not os.path.exists(f):
+                    log.warning("%s: skipped, a broken symbolic link", shown(f))
             if not matches:
-                raise InputError(f"{entry}: glob matches no files; check the pattern given to --input")
+                raise InputError(f"{shown(entry)}: glob matches no files; check the pattern given to --input")
         elif p.is_file():
             matches = [str(p)]
+        elif p.is_symlink():
+            raise InputError(f"{shown(entry)}: a broken symbolic link (its target {shown(os.readlink(p))} does not "
+                             "exist); fix the link or remove it from --input")
         else:
-            raise InputError(f"{entry}: no such file or directory; check --input")
+            raise InputError(f"{shown(entry)}: no such file or directory; check --input")
         found.extend(os.path.abspath(m) for m in matches)
     return sorted(dict.fromkeys(found))
 
@@ -111,9 +167,57 @@ def _open(path: str) -> pq.ParquetFile:
         return pq.ParquetFile(path)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise InputError(
-            f"{path}: not a readable Parquet file ({str(exc).splitlines()[0]}); remove it from the input "
+            f"{shown(path)}: not a readable Parquet file ({_first_line(exc)}); remove it from the input "
             "or rewrite it as Parquet"
         ) from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).splitlines() or [type(exc).__name__])[0]
+
+
+def _footer_hash(path: str, size: int) -> str:
+    """A hash of the file's Parquet footer (schema, row groups, statistics): cheap, and it changes
+    when the data is rewritten even where size and mtime do not."""
+    with open(path, "rb") as fh:
+        fh.seek(max(0, size - 8))
+        tail = fh.read(8)
+        length = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
+        fh.seek(max(0, size - 8 - length))
+        return hashlib.blake2b(fh.read(length + 8), digest_size=12).hexdigest()
+
+
+def unify_id_types(types: dict[str, pa.DataType], column: str) -> pa.DataType:
+    """One Arrow type for ids of ``types`` (file -> type): the widest integer or large_string.
+
+    Refused: integers with strings, and unsigned integers as wide as the widest signed ones
+    (their values may not fit).
+    """
+    kinds = {path: ("int" if pa.types.is_integer(t) else "string") for path, t in types.items()}
+    if len(set(kinds.values())) > 1:
+        a = next(p for p, k in kinds.items() if k == "int")
+        b = next(p for p, k in kinds.items() if k == "string")
+        raise InputError(
+            f"{shown(b)}, column '{column}': ids are strings here but integers ({types[a]}) in {shown(a)}; "
+            "use one id type across all shards"
+        )
+    distinct = set(types.values())
+    if len(distinct) == 1:
+        return distinct.pop()
+    if "string" in kinds.values():
+        return pa.large_string()
+    signed = [t.bit_width for t in distinct if pa.types.is_signed_integer(t)]
+    unsigned = [t.bit_width for t in distinct if pa.types.is_unsigned_integer(t)]
+    if not signed:
+        return pa.from_numpy_dtype(np.dtype(f"uint{max(unsigned)}"))
+    if not unsigned or max(unsigned) < max(signed):
+        return pa.from_numpy_dtype(np.dtype(f"int{max(signed)}"))
+    u = next(p for p, t in types.items() if pa.types.is_unsigned_integer(t) and t.bit_width == max(unsigned))
+    s_ = next(p for p, t in types.items() if pa.types.is_signed_integer(t) and t.bit_width == max(signed))
+    raise InputError(
+        f"{shown(u)}, column '{column}': ids are {types[u]} here but {types[s_]} in {shown(s_)}, and not every "
+        f"{types[u]} fits {types[s_]}; cast the ids to one integer type in every shard"
+    )
 
 
 def _id_kind(path: str, column: str, typ: pa.DataType) -> str:
@@ -122,7 +226,7 @@ def _id_kind(path: str, column: str, typ: pa.DataType) -> str:
     if pa.types.is_string(typ) or pa.types.is_large_string(typ):
         return "string"
     raise InputError(
-        f"{path}, column '{column}': ids must be integers or strings, got {typ}; cast the column or pass "
+        f"{shown(path)}, column '{column}': ids must be integers or strings, got {typ}; cast the column or pass "
         "--id-column with another column"
     )
 
@@ -131,17 +235,22 @@ def _vector_layout(path: str, column: str, typ: pa.DataType) -> tuple[int | None
     """(fixed dimension or None for variable lists, element type name)."""
     if pa.types.is_fixed_size_list(typ):
         dim: int | None = typ.list_size
+        if dim == 0:
+            raise InputError(
+                f"{shown(path)}, column '{column}': vectors have dimension 0 (fixed_size_list of size 0); "
+                "store the embeddings themselves, or pass --vector-column with the right column"
+            )
     elif pa.types.is_list(typ) or pa.types.is_large_list(typ):
         dim = None
     else:
         raise InputError(
-            f"{path}, column '{column}': expected a list of floats (one vector per row), got {typ}; "
+            f"{shown(path)}, column '{column}': expected a list of floats (one vector per row), got {typ}; "
             "store each vector as list<float32> or pass --vector-column with the right column"
         )
     elem = typ.value_type
     if elem not in FLOAT_TYPES:
         raise InputError(
-            f"{path}, column '{column}': vector elements must be float16, float32 or float64, got {elem}; "
+            f"{shown(path)}, column '{column}': vector elements must be float16, float32 or float64, got {elem}; "
             "non-numeric or integer vectors are not converted silently: cast them to float32 first"
         )
     return dim, FLOAT_TYPES[elem]
@@ -163,8 +272,7 @@ def plan_dataset(
     pieces: list[Piece] = []
     dim: int | None = None
     dim_file = ""
-    id_kind = ""
-    id_file = ""
+    id_types: dict[str, pa.DataType] = {}
     float64_files: list[str] = []
     total = 0
     for path in resolve_paths(entries):
@@ -173,31 +281,28 @@ def plan_dataset(
         for col, flag in ((id_column, "--id-column"), (vector_column, "--vector-column")):
             if col not in schema.names:
                 raise InputError(
-                    f"{path}: column '{col}' not found (columns: {', '.join(schema.names)}); "
+                    f"{shown(path)}: column '{col}' not found (columns: {', '.join(schema.names)}); "
                     f"pass {flag} NAME"
                 )
-        kind = _id_kind(path, id_column, schema.field(id_column).type)
-        if id_kind and kind != id_kind:
-            raise InputError(
-                f"{path}, column '{id_column}': ids are {kind}s here but {id_kind}s in {id_file}; "
-                "use one id type across all shards"
-            )
-        id_kind, id_file = kind, id_file or path
+        id_type = schema.field(id_column).type
+        _id_kind(path, id_column, id_type)
+        id_types[path] = id_type
+        unify_id_types(id_types, id_column)  # refuse a clash at the first file that shows it
         fixed, elem = _vector_layout(path, vector_column, schema.field(vector_column).type)
         if elem == "float64":
             float64_files.append(path)
         if fixed is not None:
             if dim is not None and fixed != dim:
                 raise InputError(
-                    f"{path}, column '{vector_column}': vectors have dimension {fixed} but {dim} in "
-                    f"{dim_file}; all shards must hold vectors of one dimension"
+                    f"{shown(path)}, column '{vector_column}': vectors have dimension {fixed} but {dim} in "
+                    f"{shown(dim_file)}; all shards must hold vectors of one dimension"
                 )
             dim, dim_file = fixed, path
         st = os.stat(path)
         meta = pf.metadata
-        files.append(FileInfo(path, st.st_size, st.st_mtime_ns, meta.num_rows))
+        files.append(FileInfo(path, st.st_size, st.st_mtime_ns, meta.num_rows, _footer_hash(path, st.st_size)))
         if meta.num_rows == 0:
-            log.warning("%s holds no rows; skipping it", path)
+            log.warning("%s holds no rows; skipping it", shown(path))
             continue
         est_dim = fixed or _estimate_dim(meta, vector_column)
         max_rows = max(1, partition_bytes // (4 * max(est_dim, 1)))
@@ -219,13 +324,18 @@ def plan_dataset(
             pieces.append(Piece(len(pieces), path, tuple(group), file_row, total, group_rows))
             total += group_rows
     if total == 0:
-        raise InputError(f"{', '.join(entries)}: the input holds no rows; check --input")
+        raise InputError(f"{', '.join(shown(e) for e in entries)}: the input holds no rows; check --input")
     if float64_files:
         log.info(
             "column '%s' is float64 in %d file(s) (first: %s); converting to float32 on read, "
-            "which FAISS requires", vector_column, len(float64_files), float64_files[0],
+            "which FAISS requires", vector_column, len(float64_files), shown(float64_files[0]),
         )
-    return Dataset(tuple(files), tuple(pieces), id_column, vector_column, dim, id_kind, total)
+    id_type = unify_id_types(id_types, id_column)
+    if len(set(id_types.values())) > 1:
+        log.info("column '%s' has types %s across files; reading every file's ids as %s", id_column,
+                 ", ".join(sorted({str(t) for t in id_types.values()})), id_type)
+    kind = "int" if pa.types.is_integer(id_type) else "string"
+    return Dataset(tuple(files), tuple(pieces), id_column, vector_column, dim, kind, total, id_type)
 
 
 def _estimate_dim(meta: pq.FileMetaData, column: str) -> int:
@@ -238,7 +348,8 @@ def _estimate_dim(meta: pq.FileMetaData, column: str) -> int:
     return 1
 
 
-def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None) -> tuple[pa.Array, np.ndarray]:
+def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None,
+               id_type: pa.DataType | None = None) -> tuple[pa.Array, np.ndarray]:
     """Read one piece: its ids (Arrow array) and vectors (C-contiguous float32, rows x dim).
 
     Validates as it converts, raising :class:`InputError` with the file, row and column for
@@ -252,6 +363,8 @@ def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None
             "rewrite or remove it"
         ) from None
     ids = table.column(id_column).combine_chunks()
+    if id_type is not None and ids.type != id_type:
+        ids = ids.cast(id_type)  # unified at plan time: a widening cast, never a lossy one
     if ids.null_count:
         bad = int(np.flatnonzero(ids.is_null().to_numpy(zero_copy_only=False))[0])
         raise InputError(f"{piece.where(bad)}, column '{id_column}': null id; every row needs an id")
@@ -274,6 +387,11 @@ def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None
                 f"{piece.where(r)}, column '{vector_column}': vector of length {int(lengths[r])}, but "
                 f"{row_dim} at row {piece.file_row}; all vectors must have one dimension"
             )
+    if row_dim == 0:
+        raise InputError(
+            f"{piece.where(0)}, column '{vector_column}': empty vector (dimension 0); store the embeddings "
+            "themselves, or pass --vector-column with the right column"
+        )
     if dim is not None and row_dim != dim:
         raise InputError(
             f"{piece.where()}, column '{vector_column}': vectors have dimension {row_dim}, expected {dim}; "

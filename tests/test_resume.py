@@ -72,10 +72,10 @@ def test_kill_mid_join_then_resume(many_pieces, tmp_path):
     assert not (out / "_SUCCESS").exists()
     done = recorded(out / "manifest.json", "join")
     assert 20 <= len(done) < ROWS // GROUP
-    before = {p: os.stat(p).st_mtime_ns for p, _ in (files[0] for files in done.values())}
+    before = {p: os.stat(out / p).st_mtime_ns for p, _ in (files[0] for files in done.values())}
     log = finish(cmd)
     assert (out / "_SUCCESS").exists()
-    after = {p: os.stat(p).st_mtime_ns for p in before}
+    after = {p: os.stat(out / p).st_mtime_ns for p in before}
     assert before == after, "finished pieces were recomputed"
     assert re.search(rf"join: {ROWS - len(done) * GROUP:,}/{ROWS - len(done) * GROUP:,} rows", log)
     assert len(list(parts.glob("part-*.parquet"))) == ROWS // GROUP
@@ -141,9 +141,11 @@ def test_changed_input_is_refused(make_config, tmp_path):
 def test_non_empty_directory_without_manifest_is_refused(make_config, dataset_dir, tmp_path):
     (tmp_path / "out").mkdir()
     (tmp_path / "out" / "precious.txt").write_text("keep me")
-    with pytest.raises(ResumeError, match="is not empty and has no manifest.json"):
+    with pytest.raises(ResumeError, match=r"was not written by this tool \(it holds precious\.txt\)"):
         run(make_config(input=str(dataset_dir), k=2))
-    assert (tmp_path / "out" / "precious.txt").exists()
+    with pytest.raises(ResumeError, match=r"holds files this tool did not write \(precious\.txt\)"):
+        run(make_config(input=str(dataset_dir), k=2, overwrite=True))
+    assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
 
 
 def test_stale_temp_files_are_cleared(make_config, dataset_dir, tmp_path):
