@@ -6,11 +6,15 @@ A reader (or a resumed run) therefore sees either no file or a complete one, nev
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import uuid
 from pathlib import Path
 from typing import Any, Iterator
+
+from .errors import StorageError
+from .workdir import shown
 
 TMP_MARK = ".tmp-"
 
@@ -28,9 +32,40 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, final)
+    except OSError as exc:
+        raise storage_error(final, exc) from None
+    except RuntimeError as exc:  # FAISS reports a short write as "write error in ..."
+        if "write error" not in str(exc):
+            raise
+        raise storage_error(final, exc) from None
     finally:
         if tmp.exists():
             tmp.unlink()
+
+
+_FIX = {
+    errno.ENOSPC: "the disk is full: free space there or choose another directory",
+    errno.EDQUOT: "the quota is used up: free space there or choose another directory",
+    errno.EROFS: "the filesystem is read-only: choose another directory",
+    errno.EACCES: "the directory is not writable: fix its permissions or choose another directory",
+    errno.EPERM: "the directory is not writable: fix its permissions or choose another directory",
+    errno.EFBIG: "the file grew past the filesystem's or the process's file-size limit: lower --partition-size "
+                 "or choose another directory",
+}
+
+
+def storage_error(path: Path, exc: BaseException) -> StorageError:
+    """A failed write of ``path`` as one line naming it and the fix. A short write without an
+    errno (NumPy, FAISS) is a full disk or a file-size limit."""
+    code = getattr(exc, "errno", None)
+    if isinstance(exc, OSError) and code not in _FIX and code is not None:
+        fix = "check the directory, then"
+    else:
+        fix = _FIX.get(code or 0, "the disk is full or a file-size limit was hit: free space or choose another "
+                                  "directory") + "; then"
+    reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
+    return StorageError(code or errno.EIO, f"{shown(path)}: cannot be written ({reason}); {fix} run the same "
+                                           "command again to resume (finished parts are kept)")
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -7,6 +7,7 @@ and the progress display are configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import signal
@@ -16,6 +17,7 @@ from typing import Sequence
 from . import progress
 from .config import KEYS, load_config
 from .errors import PipelineError
+from .workdir import shown
 
 __all__ = ["main"]
 
@@ -128,12 +130,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     except PipelineError as exc:
         log.error("%s", exc)
         return 2
+    except OSError as exc:
+        if exc.errno not in _DISK_ERRORS:
+            raise
+        log.error("%s: %s; %s, then run the same command again to resume (finished parts are kept)",
+                  shown(exc.filename or "output"), exc.strerror, _DISK_ERRORS[exc.errno])
+        return 2
     except Terminated:
         log.error("terminated (SIGTERM: walltime, scancel or kill); run or submit the same command again to resume")
         return 143
     except KeyboardInterrupt:
         log.error("interrupted; re-run the same command to resume")
         return 130
+
+
+_FULL = "free space there (or raise the quota), or choose another --output / --index-dir"
+_READ_ONLY = "the directory is not writable: fix its permissions, or choose another --output / --index-dir"
+_DISK_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY,
+                errno.EPERM: _READ_ONLY,
+                errno.EFBIG: "a file grew past what this filesystem or the process's file-size limit allows; "
+                             "lower --partition-size or choose another --output / --index-dir"}
 
 
 class Terminated(Exception):

@@ -3,10 +3,13 @@ Slurm or PBS (dask-jobqueue), or one worker per local GPU (dask-cuda)."""
 
 from __future__ import annotations
 
-import _thread
 import contextlib
+import errno
 import logging
 import os
+import re
+import shlex
+import signal
 import sys
 import threading
 import time
@@ -15,7 +18,7 @@ from typing import Any, Iterator
 
 import dask
 from dask.utils import format_bytes
-from distributed import Client, KilledWorker, LocalCluster
+from distributed import Client, Future, KilledWorker, LocalCluster, WorkerPlugin
 
 from .config import ClusterSpec, JobQueueSpec
 from .errors import ConfigError, PipelineError
@@ -55,7 +58,7 @@ def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
     opts: dict[str, Any] = {
         "queue": jq.queue, "account": jq.account, "walltime": jq.walltime, "cores": jq.cores,
         "memory": jq.memory, "processes": jq.processes, "job_extra_directives": directives,
-        "job_script_prologue": list(jq.setup), "python": jq.python or sys.executable, "name": "knn-worker",
+        "job_script_prologue": list(jq.setup), "python": shlex.quote(jq.python or sys.executable), "name": "knn-worker",
     }
     if jq.interface:
         opts["interface"] = jq.interface
@@ -63,11 +66,14 @@ def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
 
 
 def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         import dask_jobqueue
     except ImportError:
         raise ConfigError(f"profile kind {jq.kind} needs dask-jobqueue: pip install 'knn-pipeline[cluster]' "
                           "(or pip install dask-jobqueue)") from None
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGINT, sigint)  # importing dask_jobqueue makes Ctrl-C a bare sys.exit()
     cls = dask_jobqueue.SLURMCluster if jq.kind == "slurm" else dask_jobqueue.PBSCluster
     opts = jobqueue_options(jq)
     if log_dir:
@@ -90,10 +96,6 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) ->
         watchdog.start()
         try:
             yield client, info
-        except KeyboardInterrupt:
-            if watchdog.reason:
-                raise PipelineError(watchdog.reason) from None
-            raise
         except KilledWorker as exc:
             key = str(exc.args[0]) if exc.args else "a task"
             raise PipelineError(
@@ -101,6 +103,10 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) ->
                 f"{key.split('-')[0]!r} (usually its memory: a worker over 95% of --memory-limit is restarted); raise "
                 "--memory-limit or lower --partition-size"
             ) from None
+        except BaseException:
+            if watchdog.reason:  # the watchdog cancelled the job's tasks: say why, in one line
+                raise PipelineError(watchdog.reason) from None
+            raise
         finally:
             watchdog.stop()
 
@@ -136,8 +142,9 @@ def check_memory_floor(client: Any, working_bytes: int) -> None:
 
 
 class _PauseWatchdog(threading.Thread):
-    """Polls the scheduler; a worker paused for memory longer than ``grace`` seconds ends the job
-    (the main thread is interrupted and :func:`dask_client` turns that into one line)."""
+    """Polls the scheduler; a worker paused for memory longer than ``grace`` seconds ends the job:
+    the client's tasks are cancelled, so whatever the job waits on fails at once, and
+    :func:`dask_client` turns that into one line."""
 
     def __init__(self, client: Any, grace: float | None = None, interval: float = 1.0):
         super().__init__(daemon=True, name="knn-memory-watchdog")
@@ -168,7 +175,10 @@ class _PauseWatchdog(threading.Thread):
                         f"its {format_bytes(w.get('memory_limit') or 0)} limit and this job cannot free it; raise "
                         "--memory-limit or lower --partition-size, then run the same command again to resume"
                     )
-                    _thread.interrupt_main()
+                    try:
+                        self.client.cancel([Future(key, self.client) for key in list(self.client.futures)])
+                    except Exception:  # the cluster is closing anyway
+                        pass
                     return
 
 
@@ -226,11 +236,49 @@ def _start(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iter
         dashboard_address=":0",
         silence_logs=logging.ERROR,
     ) as cluster, Client(cluster) as client:
+        client.register_plugin(_QuietFailures(), name="knn-quiet-failures")
         log.info(
             "local Dask cluster: %d worker(s) x %d FAISS thread(s); dashboard %s",
             workers, threads, cluster.dashboard_link,
         )
         yield client, ClusterInfo(workers, threads, cluster.dashboard_link)
+
+
+REPORTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+
+
+def is_reported(exception_text: str) -> bool:
+    """Whether a task's exception (its repr) is one the CLI reports in one line: ours, or a full
+    or read-only disk. Dask's "Compute Failed" dump of those would only repeat it."""
+    match = re.match(r"^(\w+)\((\d+)?", exception_text)
+    if match is None:
+        return False
+    name, number = match.groups()
+    ours = {c.__name__ for c in _subclasses(PipelineError)}
+    return name in ours or (number is not None and int(number) in REPORTED_ERRNOS)
+
+
+def _subclasses(cls: type) -> set[type]:
+    out = {cls}
+    for sub in cls.__subclasses__():
+        out |= _subclasses(sub)
+    return out
+
+
+class _DropReported(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("Compute Failed") and isinstance(record.args, tuple) and len(record.args) > 3:
+            return not is_reported(str(record.args[3]))
+        return True
+
+
+class _QuietFailures(WorkerPlugin):
+    """On the embedded cluster's workers: no "Compute Failed" dump for errors the CLI reports in one line."""
+
+    def setup(self, worker: Any) -> None:
+        logger = logging.getLogger("distributed.worker")
+        if not any(isinstance(f, _DropReported) for f in logger.filters):
+            logger.addFilter(_DropReported())
 
 
 def worker_memory(client: Any) -> int | None:

@@ -166,7 +166,7 @@ def _integer(minimum: int, auto: bool = False) -> Callable[[str, Any], Any]:
         hint = " or 'auto'" if auto else ""
         try:
             out = int(value)
-        except (TypeError, ValueError):
+        except (TypeError, ValueError, OverflowError):
             out = None
         if out is None or isinstance(value, bool) or (out != value and not isinstance(value, str)):
             raise ConfigError(f"{key}: expected an integer{hint}, got {value!r}")
@@ -219,18 +219,25 @@ def _choice(*choices: str) -> Callable[[str, Any], str]:
 
 def _paths(key: str, v: Any) -> tuple[str, ...]:
     items = [v] if isinstance(v, (str, os.PathLike)) else v
-    if not isinstance(items, (list, tuple)) or not items:
+    if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, (str, os.PathLike)) for p in items):
         raise ConfigError(f"{key}: expected a path, a glob or a list of them; got {v!r}")
     return tuple(_str(key, os.fspath(p)) for p in items)
 
 
+MAX_BYTES = 1 << 60  # an exbibyte: any larger size is a typo
+
+
 def _bytes(key: str, v: Any) -> int:
     try:
+        if isinstance(v, bool):
+            raise TypeError
         out = parse_bytes(v) if isinstance(v, str) else int(v)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ConfigError(f"{key}: expected a size such as '128MiB', got {v!r}") from None
     if out <= 0:
         raise ConfigError(f"{key}: must be positive, got {v!r}")
+    if out > MAX_BYTES:
+        raise ConfigError(f"{key}: {v!r} is larger than any machine's memory or disk; give a size such as '128MiB'")
     return out
 
 
@@ -331,11 +338,25 @@ def _walltime(key: str, v: Any) -> str:
     return s
 
 
+_SHELL_SPECIAL = set("$`\\\"';&|<>(){}*?[]!#~\n\r\0")
+
+
+def _interpreter(key: str, v: Any) -> str:
+    """A Python interpreter for the job scripts: a plain path (spaces allowed, quoted in the
+    scripts), never shell syntax, since it is pasted into dask-jobqueue's worker command."""
+    s = _str(key, v)
+    bad = sorted(set(s) & _SHELL_SPECIAL)
+    if bad:
+        raise ConfigError(f"{key}: {s!r} must be a plain interpreter path, without shell characters "
+                          f"({' '.join(repr(c) for c in bad)}); put set-up commands under setup:")
+    return s
+
+
 PROFILE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
     "kind": _choice("slurm", "pbs"), "queue": _word, "account": _word, "walltime": _walltime,
     "cores": _integer(1), "memory": _memory, "processes": _integer(1), "gpus": _integer(0), "jobs": _integer(1),
     "adaptive_min": _integer(0), "adaptive_max": _integer(1), "directives": _lines, "setup": _lines,
-    "python": _line, "interface": _word, "driver_memory": _memory,
+    "python": _interpreter, "interface": _word, "driver_memory": _memory,
 }
 
 

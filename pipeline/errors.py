@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-__all__ = ["PipelineError", "InputError", "ConfigError", "ResumeError", "DeviceError"]
+__all__ = ["PipelineError", "InputError", "ConfigError", "ResumeError", "DeviceError", "StorageError"]
 
 
 class PipelineError(Exception):
@@ -23,3 +23,13 @@ class ResumeError(PipelineError):
 
 class DeviceError(PipelineError, RuntimeError):
     """The requested device (GPU) is not available."""
+
+
+class StorageError(PipelineError, OSError):
+    """An output could not be written (disk full, quota, read-only, file-size limit).
+
+    Built as ``StorageError(errno, message)``; it reads as the message alone.
+    """
+
+    def __str__(self) -> str:
+        return str(self.strerror)

@@ -38,10 +38,21 @@ def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
             o = {f[0]: f[1:] for f in old}
             n = {f[0]: f[1:] for f in new}
             diffs = [f"{p} added" for p in n if p not in o] + [f"{p} removed" for p in o if p not in n]
-            diffs += [f"{p} changed (size/mtime)" for p in n if p in o and o[p] != n[p]]
+            diffs += [f"{p} changed (size, mtime or footer)" for p in n if p in o and o[p] != n[p]]
             return [f"input files: {', '.join(diffs[:5])}" + (" ..." if len(diffs) > 5 else "")]
         return [f"{prefix}: {old!r} -> {new!r}"]
     return []
+
+
+def upgrade_files(old: Any, new: Any) -> Any:
+    """``old`` with file entries recorded before footers were hashed (path, size, mtime) taking
+    the new entry's footer hash where path, size and mtime still match."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return {k: upgrade_files(v, new.get(k)) for k, v in old.items()}
+    if isinstance(old, list) and isinstance(new, list) and old and isinstance(old[0], list):
+        fresh = {tuple(f[:3]): f for f in new if isinstance(f, list) and len(f) > 3}
+        return [fresh.get(tuple(f), f) if len(f) == 3 else f for f in old]
+    return old
 
 
 def is_append(old: Any, new: Any) -> bool:
@@ -97,7 +108,7 @@ class Manifest:
         new = json.loads(json.dumps(identity, default=str))
         if not overwrite:
             self.check_readable("pass --overwrite to redo this directory from scratch, or use another directory")
-        old = self.data.get("identity")
+        old = upgrade_files(self.data.get("identity"), new)
         appended = False
         if overwrite:
             self.reset(keep)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -203,3 +205,155 @@ def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
     assert len(errors) == 1 and "column 'vec' not found" in errors[0]
+
+
+# ---- issue 12: overflow, id types, skipped files, zero dimensions, forged names, footers -------------
+@pytest.mark.parametrize("metric", ["l2", "ip"])
+def test_vectors_whose_scores_would_overflow_are_refused(make_config, data, metric):
+    ids, vecs = good_rows(60)
+    vecs[17] = [1e20] * DIM
+    write(data / "a.parquet", ids, vecs)
+    with pytest.raises(InputError, match=rf"a\.parquet \(row 17\), column 'embedding': vector norm 2\.83e\+20 .*"
+                                         rf"overflow float32 {metric} scores .*rescale the vectors"):
+        run(make_config(input=str(data), metric=metric))
+
+
+def test_huge_vectors_are_fine_under_cosine(make_config, data):
+    ids, vecs = good_rows(60)
+    vecs[17] = [v * 1e30 for v in vecs[3]]  # the same direction as row 3, at 1e30 scale
+    write(data / "a.parquet", ids, vecs)
+    run(make_config(input=str(data), metric="cosine", k=2, index_key="Flat", exclude_self=True))
+    table = pq.read_table(data.parent / "out" / "neighbors").to_pylist()
+    row = next(r for r in table if r["query_id"] == 17)
+    assert row["neighbor_id"][0] == 3 and row["score"][0] == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("types, unified", [
+    ((pa.int32(), pa.int64()), pa.int64()),
+    ((pa.int16(), pa.uint8()), pa.int16()),
+    ((pa.string(), pa.large_string()), pa.large_string()),
+])
+def test_compatible_id_types_across_shards_are_unified(make_config, data, types, unified):
+    data.mkdir()
+    for i, typ in enumerate(types):
+        ids, vecs = good_rows(40, start=40 * i, seed=i)
+        id_array = pa.array([str(x) for x in ids] if pa.types.is_string(typ) or pa.types.is_large_string(typ) else ids,
+                            type=typ)
+        pq.write_table(pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
+                       data / f"p{i}.parquet")
+    report = run(make_config(input=str(data), k=2, index_key="Flat"))
+    table = pq.read_table(data.parent / "out" / "neighbors")
+    assert report["queries"] == 80 and table.schema.field("query_id").type == unified
+
+
+@pytest.mark.parametrize("types, message", [
+    ((pa.int64(), pa.uint64()), r"ids are uint64 here but int64 in .*, and not every uint64 fits int64"),
+    ((pa.int64(), pa.string()), r"ids are strings here but integers \(int64\) in "),
+])
+def test_incompatible_id_types_are_refused_at_plan_time(data, types, message):
+    from pipeline.shards import plan_dataset
+
+    data.mkdir()
+    for i, typ in enumerate(types):
+        ids, vecs = good_rows(10, start=10 * i)
+        id_array = pa.array([str(x) for x in ids] if pa.types.is_string(typ) else ids, type=typ)
+        pq.write_table(pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
+                       data / f"p{i}.parquet")
+    with pytest.raises(InputError, match=rf"p1\.parquet, column 'id': {message}"):
+        plan_dataset([str(data)], "id", "embedding", 1 << 20)
+
+
+def test_symlinked_dirs_and_upper_case_names_are_read_and_skips_are_named(data, tmp_path, caplog):
+    from pipeline.shards import resolve_paths
+
+    write(data / "a.parquet", *good_rows(10))
+    write(data / "B.PARQUET", *good_rows(10, start=10))
+    other = write(tmp_path / "elsewhere" / "c.parquet", *good_rows(10, start=20)).parent
+    (data / "linked").symlink_to(other, target_is_directory=True)
+    (data / "loop").symlink_to(data, target_is_directory=True)  # a cycle: visited once
+    (data / "broken.parquet").symlink_to(tmp_path / "gone.parquet")
+    write(data / "_old.parquet", *good_rows(10, start=30))
+    with caplog.at_level("WARNING", logger="pipeline"):
+        found = resolve_paths([str(data)])
+    assert [Path(f).name for f in found] == ["B.PARQUET", "a.parquet", "c.parquet"]
+    assert "broken.parquet: skipped, a broken symbolic link" in caplog.text
+    assert "_old.parquet: skipped (names starting with '.' or '_'" in caplog.text
+    assert "symlink loop" in caplog.text
+
+
+def test_zero_dimension_vectors_are_refused_for_every_metric(data):
+    from pipeline.shards import plan_dataset, read_piece
+
+    write(data / "a.parquet", [1, 2], [[], []], pa.list_(pa.float32(), 0))
+    with pytest.raises(InputError, match=r"a\.parquet, column 'embedding': vectors have dimension 0"):
+        plan_dataset([str(data)], "id", "embedding", 1 << 20)
+    write(data / "a.parquet", [1, 2], [[], []], pa.list_(pa.float32()))
+    ds = plan_dataset([str(data)], "id", "embedding", 1 << 20)
+    with pytest.raises(InputError, match=r"a\.parquet \(row 0\), column 'embedding': empty vector \(dimension 0\)"):
+        read_piece(ds.pieces[0], "id", "embedding", ds.dim)
+
+
+def test_a_file_name_with_a_newline_cannot_forge_a_log_line(tmp_path):
+    d = tmp_path / "d"
+    write(d / "x.parquet\n12:00:00 INFO done: all good.parquet", *good_rows(20))
+    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(d), "--output",
+                           str(tmp_path / "o"), "--vector-column", "vec"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert not any(line.startswith("12:00:00 INFO done") for line in proc.stderr.splitlines())
+    assert "x.parquet\\n12:00:00 INFO done: all good.parquet: column 'vec' not found" in proc.stderr
+
+
+def test_rewritten_input_with_the_same_size_and_mtime_is_noticed(make_config, data):
+    from pipeline import ResumeError
+
+    def plain(vecs) -> None:  # uncompressed, no dictionary: a changed value keeps the file size
+        table = pa.table({"id": pa.array(range(50)), "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))})
+        pq.write_table(table, path, compression="none", use_dictionary=False)
+
+    _, vecs = good_rows(50)
+    data.mkdir()
+    path = data / "a.parquet"
+    plain(vecs)
+    run(make_config(input=str(data), k=2, index_key="Flat"))
+    st = path.stat()
+    vecs[7][0] = 99.0  # one element edited in place: the statistics in the footer change
+    plain(vecs)
+    assert path.stat().st_size == st.st_size
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    with pytest.raises(ResumeError, match=r"a\.parquet changed"):
+        run(make_config(input=str(data), k=2, index_key="Flat"))
+
+
+def test_join_string_queries_against_integer_index_with_exclude_self(make_config, dataset_dir, tmp_path):
+    build(make_config(input=str(dataset_dir), index_dir=str(tmp_path / "idx"), index_key="Flat"))
+    x = clustered_vectors(10, 32, clusters=2, seed=5)
+    q = tmp_path / "q"
+    q.mkdir()
+    pq.write_table(pa.table({"id": [f"q{i}" for i in range(10)],
+                             "embedding": pa.array(list(map(list, x)), type=pa.list_(pa.float32(), 32))}),
+                   q / "q.parquet")
+    with pytest.raises(InputError, match=r"q\.parquet, column 'id': query ids are strings but the index .* holds int "
+                                         r"ids, so --exclude-self could never match"):
+        join(make_config(input=str(q), index_dir=str(tmp_path / "idx"), exclude_self=True))
+
+
+def test_a_full_disk_mid_run_is_one_line_and_the_rerun_recovers(tmp_path):
+    import resource
+    import signal
+
+    d = tmp_path / "d"
+    write(d / "a.parquet", *good_rows(3000))
+
+    def small_files() -> None:  # writes past 20 kB fail as on a full disk
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
+
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(d), "--output", str(tmp_path / "o"), "--k", "2",
+           "--index-key", "Flat"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
+    assert len(errors) == 1 and re.search(r"o/index/store/vectors/part-00000\.npy: cannot be written .*file-size "
+                                          r"limit .*run the same command again to resume", errors[0])
+    assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
+    assert pq.read_table(tmp_path / "o" / "neighbors").num_rows == 3000

@@ -90,3 +90,24 @@ def test_submit_dry_run_prints_both_scripts_and_writes_nothing(tmp_path):
     assert "# driver job script" in proc.stdout and "distributed.cli.dask_worker" in proc.stdout
     assert "-m pipeline run --config" in proc.stdout
     assert not (tmp_path / "out").exists()
+
+
+def test_python_with_shell_syntax_is_refused():
+    with pytest.raises(ConfigError, match=r"python: .* must be a plain interpreter path, without shell characters"):
+        parse_config({"profile": "hpc", "profiles": {"hpc": {**SLURM, "python": "/usr/bin/python3 $(touch /tmp/x)"}}})
+
+
+@pytest.mark.parametrize("kind", ["slurm", "pbs"])
+def test_worker_script_run_under_bash_never_runs_the_interpreter_value_as_code(tmp_path, kind):
+    """Even a value that escaped validation is one quoted word in dask-jobqueue's worker command."""
+    from dataclasses import replace
+
+    from pipeline.submit import _worker_script
+
+    marker = tmp_path / "injected"
+    jq = replace(config(tmp_path, kind=kind).cluster.jobqueue, python=f"/usr/bin/python3 $(touch {marker})", setup=())
+    script = tmp_path / "worker.sh"
+    script.write_text(_worker_script(jq, tmp_path / "logs"))
+    proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 127 and "No such file or directory" in proc.stderr  # the whole value is the command
+    assert not marker.exists()
