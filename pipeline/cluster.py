@@ -99,9 +99,10 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) ->
         except KilledWorker as exc:
             key = str(exc.args[0]) if exc.args else "a task"
             raise PipelineError(
-                f"a Dask worker died {dask.config.get('distributed.scheduler.allowed-failures') + 1} times running "
-                f"{key.split('-')[0]!r} (usually its memory: a worker over 95% of --memory-limit is restarted); raise "
-                "--memory-limit or lower --partition-size"
+                f"Dask workers died running task {key.split('-')[0]!r} "
+                f"({dask.config.get('distributed.scheduler.allowed-failures') + 1} attempt(s)), usually for memory: a "
+                "worker over 95% of --memory-limit is restarted; raise --memory-limit or lower --partition-size, then "
+                "run the same command again to resume"
             ) from None
         except BaseException:
             if watchdog.reason:  # the watchdog cancelled the job's tasks: say why, in one line
@@ -260,6 +261,7 @@ def is_reported(exception_text: str) -> bool:
 
 def _subclasses(cls: type) -> set[type]:
     out = {cls}
+    sub: type
     for sub in cls.__subclasses__():
         out |= _subclasses(sub)
     return out

@@ -22,6 +22,13 @@ __all__ = ["peak_rss", "kth_scores", "write_report"]
 SCORE_SAMPLE = 200_000
 
 
+def _hist_range(values: np.ndarray) -> tuple[float, float]:
+    """The values' range, widened when it is too narrow for finite-sized bins (equal scores)."""
+    lo, hi = float(np.min(values)), float(np.max(values))
+    pad = 1e-3 * max(1.0, abs(lo), abs(hi))
+    return (lo, hi) if hi - lo > pad else (lo - pad, hi + pad)
+
+
 def peak_rss() -> int:
     """This process's peak resident memory in bytes (Linux reports KiB)."""
     return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
@@ -81,7 +88,7 @@ def _plots(output: Path, report: dict[str, Any], kth: np.ndarray) -> list[tuple[
         made.append(("Recall against nprobe, with throughput", "recall_curve.png"))
     if kth.size:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        ax.hist(kth, bins=60)
+        ax.hist(kth, bins=60, range=_hist_range(kth))
         ax.set_xlabel(f"score of the k-th neighbour ({report['index']['metric']})")
         ax.set_ylabel("queries")
         ax.set_title(f"k-th neighbour score ({kth.size:,} queries sampled)")

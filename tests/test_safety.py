@@ -179,3 +179,19 @@ def test_a_worker_paused_for_memory_fails_the_job_in_one_line(data, tmp_path, mo
         with pytest.raises(PipelineError, match=r"Dask worker .* is paused for memory: .*raise --memory-limit"):
             run(config)
         assert time.monotonic() - started < 60
+
+
+def _die() -> None:
+    os._exit(1)  # what a worker killed for memory looks like from the scheduler
+
+
+def test_a_worker_that_keeps_dying_fails_the_job_in_one_line():
+    import dask
+
+    from pipeline.cluster import dask_client
+    from pipeline.config import ClusterSpec
+
+    with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
+        with pytest.raises(PipelineError, match=r"Dask workers died running task '_die' \(1 attempt\(s\)\), usually for memory.*raise --memory-limit"):
+            with dask_client(ClusterSpec(workers=2, threads_per_worker=1)) as (client, _):
+                client.submit(_die, pure=False).result()
