@@ -1,15 +1,22 @@
 """Batch similarity search over Parquet embeddings: FAISS IVF-PQ indexes built and joined with Dask.
 
-The stages, each in its own module: ``shards`` (planning and reading Parquet), ``scan``
-(validation into the row ``store``), ``sampling`` and ``indexing`` (training), ``fill``, ``join``,
-then ``edges``, ``components`` and ``dedup`` / ``graph`` on the self-join's lists, with
-``manifest`` for resuming, ``cluster`` for Dask and ``backends`` as the CPU/GPU seam.
-``runner`` orders the shared stages (build, join); ``jobs`` holds the commands.
+Packages by concern, in the order data flows through them:
+
+* ``io``: planning Parquet input (``parquet``), the scan into the row ``store``, ``ids``, atomic
+  writes, run directories (``workdir``: locations, owned names, locks), generated sample data;
+* ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge;
+* ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``;
+* ``shuffle``: edge shuffles and connected components, shared by ``dedup`` and ``graph``;
+* ``stages``: the ``manifest`` that makes every stage resumable, and ``progress``;
+* ``cluster``: Dask clients (local, scheduler, Slurm/PBS, CUDA) and batch ``submit``;
+* ``backends``: the CPU/GPU seam;
+* ``jobs``: the shared build and join ``stages`` and the ``commands`` (run, build, join, dedup,
+  graph, evaluate).
 """
 
-from .config import Config, load_config, parse_config
-from .errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
-from .jobs import build, dedup, graph, join, run
+from pipeline.config import Config, load_config, parse_config
+from pipeline.errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
+from pipeline.jobs.commands import build, dedup, graph, join, run
 
 __all__ = [
     "Config",

@@ -14,10 +14,10 @@ import signal
 import sys
 from typing import Sequence
 
-from . import progress
-from .config import KEYS, load_config
-from .errors import PipelineError
-from .workdir import shown
+from pipeline.stages import progress
+from pipeline.config import KEYS, load_config
+from pipeline.errors import PipelineError
+from pipeline.io.workdir import shown
 
 __all__ = ["main"]
 
@@ -95,17 +95,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     _setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "sample-data":
-            from .sample_data import clustered_vectors, write_shards
+            from pipeline.io.sample_data import clustered_vectors, write_shards
 
             paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
             log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
             return 0
-        from . import jobs
+        from pipeline.jobs import commands as jobs
 
         overrides = {key: getattr(args, key) for key in KEYS}
         config = load_config(args.config, overrides)
         if args.command == "submit":
-            from .submit import prepare, submit
+            from pipeline.cluster.submit import prepare, submit
 
             sub = prepare(args.job, config)
             if args.dry_run:

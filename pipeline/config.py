@@ -17,7 +17,7 @@ from typing import Any, Callable, Mapping
 import yaml
 from dask.utils import parse_bytes
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = [
     "DataSpec",

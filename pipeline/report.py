@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path, write_json
+from pipeline.io.atomic import atomic_path, write_json
 
 __all__ = ["peak_rss", "kth_scores", "write_report"]
 

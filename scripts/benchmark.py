@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline.sample_data import clustered_vectors, write_shards  # noqa: E402
-from pipeline.shards import plan_dataset, read_piece  # noqa: E402
+from pipeline.io.sample_data import clustered_vectors, write_shards  # noqa: E402
+from pipeline.io.parquet import plan_dataset, read_piece  # noqa: E402
 
 
 def measure(cmd: list[str]) -> dict:

@@ -32,7 +32,7 @@ sys.path.insert(0, str(HERE))
 
 from benchmark import measure  # noqa: E402
 
-from pipeline.sample_data import clustered_vectors, write_shards  # noqa: E402
+from pipeline.io.sample_data import clustered_vectors, write_shards  # noqa: E402
 
 GENERATE_CHUNK = 1_000_000  # rows generated and written at a time (bounded memory)
 
@@ -55,8 +55,8 @@ def generate(path: Path, rows: int, dim: int) -> Path:
 
 def code_size(index_dir: Path) -> int | None:
     """Bytes a vector's code takes in the lists the join scans."""
-    from pipeline.fill import load_index
-    from pipeline.indexing import ivf_of
+    from pipeline.index.fill import load_index
+    from pipeline.index.choice import ivf_of
 
     ivf = ivf_of(load_index(index_dir))
     return int(ivf.code_size) if ivf is not None else None

@@ -11,7 +11,7 @@ import pytest
 from distributed import LocalCluster
 
 from pipeline import parse_config
-from pipeline.sample_data import clustered_vectors, write_shards
+from pipeline.io.sample_data import clustered_vectors, write_shards
 
 DIM = 32
 

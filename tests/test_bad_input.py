@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, DeviceError, InputError, build, join, run
-from pipeline.sample_data import clustered_vectors
+from pipeline.io.sample_data import clustered_vectors
 
 DIM = 8
 
@@ -251,7 +251,7 @@ def test_compatible_id_types_across_shards_are_unified(make_config, data, types,
     ((pa.int64(), pa.string()), r"ids are strings here but integers \(int64\) in "),
 ])
 def test_incompatible_id_types_are_refused_at_plan_time(data, types, message):
-    from pipeline.shards import plan_dataset
+    from pipeline.io.parquet import plan_dataset
 
     data.mkdir()
     for i, typ in enumerate(types):
@@ -264,7 +264,7 @@ def test_incompatible_id_types_are_refused_at_plan_time(data, types, message):
 
 
 def test_symlinked_dirs_and_upper_case_names_are_read_and_skips_are_named(data, tmp_path, caplog):
-    from pipeline.shards import resolve_paths
+    from pipeline.io.parquet import resolve_paths
 
     write(data / "a.parquet", *good_rows(10))
     write(data / "B.PARQUET", *good_rows(10, start=10))
@@ -282,7 +282,7 @@ def test_symlinked_dirs_and_upper_case_names_are_read_and_skips_are_named(data, 
 
 
 def test_zero_dimension_vectors_are_refused_for_every_metric(data):
-    from pipeline.shards import plan_dataset, read_piece
+    from pipeline.io.parquet import plan_dataset, read_piece
 
     write(data / "a.parquet", [1, 2], [[], []], pa.list_(pa.float32(), 0))
     with pytest.raises(InputError, match=r"a\.parquet, column 'embedding': vectors have dimension 0"):

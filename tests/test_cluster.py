@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from pipeline import ConfigError, parse_config
-from pipeline.submit import prepare
+from pipeline.cluster.submit import prepare
 
 SLURM = {"kind": "slurm", "queue": "gpu", "account": "ml-team", "cores": 8, "memory": "32GiB", "gpus": 1, "jobs": 4,
          "walltime": "04:00:00", "directives": ["--constraint=a100"], "setup": ["module load cuda/12"]}
@@ -102,7 +102,7 @@ def test_worker_script_run_under_bash_never_runs_the_interpreter_value_as_code(t
     """Even a value that escaped validation is one quoted word in dask-jobqueue's worker command."""
     from dataclasses import replace
 
-    from pipeline.submit import _worker_script
+    from pipeline.cluster.submit import _worker_script
 
     marker = tmp_path / "injected"
     jq = replace(config(tmp_path, kind=kind).cluster.jobqueue, python=f"/usr/bin/python3 $(touch {marker})", setup=())

@@ -11,8 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, InputError, dedup
-from pipeline.components import connected_components
-from pipeline.edges import write_edges
+from pipeline.shuffle.components import connected_components
+from pipeline.shuffle.edges import write_edges
 
 DIM = 48
 N_BACKGROUND = 3000

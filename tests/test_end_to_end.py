@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import join, run
-from pipeline.evaluate import recall_at_k
-from pipeline.sample_data import clustered_vectors, write_shards
+from pipeline.search.exact import recall_at_k
+from pipeline.io.sample_data import clustered_vectors, write_shards
 
 from .conftest import DIM, exact_neighbours
 
@@ -159,7 +159,7 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
 
 
 def test_target_recall_out_of_reach_says_what_is_reachable(make_config, dataset_dir):
-    from pipeline.tuning import TargetNotReached
+    from pipeline.search.tuning import TargetNotReached
 
     with pytest.raises(TargetNotReached, match=r"--target-recall 1.0: the best setting swept .* reaches recall@k 0\.\d+ .*to go higher try"):
         run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,

@@ -18,8 +18,8 @@ from pipeline.backends.gpu import (
     GPU_MAX_K, add_with_assignments, batch_rows, gpu_runtime_problem, gpu_search_limits, train_with_assigner,
 )
 from pipeline.errors import DeviceError
-from pipeline.indexing import FAISS_METRICS, default_index_key, make_index
-from pipeline.sample_data import clustered_vectors
+from pipeline.index.choice import FAISS_METRICS, default_index_key, make_index
+from pipeline.io.sample_data import clustered_vectors
 
 
 def _data(n: int = 10_000, d: int = 32) -> np.ndarray:

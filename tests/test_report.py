@@ -9,7 +9,7 @@ import sys
 import pytest
 
 from pipeline import run
-from pipeline.jobs import evaluate
+from pipeline.jobs.commands import evaluate
 
 
 @pytest.fixture

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ResumeError, run
-from pipeline.sample_data import clustered_vectors, write_shards
+from pipeline.io.sample_data import clustered_vectors, write_shards
 
 ROWS, DIM, GROUP = 12_000, 32, 100  # 120 pieces of one 100-row group each
 

@@ -15,8 +15,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, PipelineError, ResumeError, build, join, parse_config, run
-from pipeline.sample_data import clustered_vectors, write_shards
-from pipeline.workdir import LOCK_NAME, locked
+from pipeline.io.sample_data import clustered_vectors, write_shards
+from pipeline.io.workdir import LOCK_NAME, locked
 
 DIM = 16
 
@@ -166,9 +166,9 @@ def test_a_worker_paused_for_memory_fails_the_job_in_one_line(data, tmp_path, mo
     import dask
     from distributed import LocalCluster
 
-    import pipeline.cluster
+    import pipeline.cluster.clients
 
-    monkeypatch.setattr(pipeline.cluster, "PAUSE_GRACE_S", 1.0)
+    monkeypatch.setattr(pipeline.cluster.clients, "PAUSE_GRACE_S", 1.0)
     with dask.config.set({"distributed.worker.memory.pause": 0.001}):  # paused from the start
         cluster = LocalCluster(n_workers=1, processes=False, memory_limit="4GiB", dashboard_address=":0",
                                silence_logs=logging.ERROR)
@@ -188,7 +188,7 @@ def _die() -> None:
 def test_a_worker_that_keeps_dying_fails_the_job_in_one_line():
     import dask
 
-    from pipeline.cluster import dask_client
+    from pipeline.cluster.clients import dask_client
     from pipeline.config import ClusterSpec
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):

@@ -142,7 +142,7 @@ def test_driver_cancelled_mid_join_resumes_on_resubmit(slurm, tmp_path):
     import json
 
     from pipeline import parse_config
-    from pipeline.sample_data import clustered_vectors, write_shards
+    from pipeline.io.sample_data import clustered_vectors, write_shards
 
     data = tmp_path / "data"
     write_shards(data, clustered_vectors(8000, 16, clusters=20, seed=3), shards=2, row_group_rows=100)

@@ -8,13 +8,13 @@ import pyarrow as pa
 import pytest
 from distributed import Client
 
-from pipeline.evaluate import exact_knn, merge_topk, recall_at_k
-from pipeline.ids import duplicate_rows, id_keys, write_key_buckets
-from pipeline.indexing import default_index_key, default_nprobe, make_index
-from pipeline.sampling import sample_rows
-from pipeline.shards import plan_dataset
-from pipeline.store import RowStore
-from pipeline.cluster import local_layout
+from pipeline.search.exact import exact_knn, merge_topk, recall_at_k
+from pipeline.io.ids import duplicate_rows, id_keys, write_key_buckets
+from pipeline.index.choice import default_index_key, default_nprobe, make_index
+from pipeline.index.sampling import sample_rows
+from pipeline.io.parquet import plan_dataset
+from pipeline.io.store import RowStore
+from pipeline.cluster.clients import local_layout
 from pipeline.config import ClusterSpec
 
 from .conftest import exact_neighbours
@@ -49,7 +49,7 @@ def test_duplicate_buckets_find_repeats_across_pieces(tmp_path):
 def test_exact_knn_matches_brute_force(dask_address, dataset_dir, vectors, tmp_path):
     ds = plan_dataset([str(dataset_dir)], "id", "embedding", 1 << 30)
     store = RowStore(tmp_path / "store", ds.starts, ds.total_rows)
-    from pipeline.shards import read_piece
+    from pipeline.io.parquet import read_piece
 
     for p in ds.pieces:
         ids, x = read_piece(p, "id", "embedding", ds.dim)
@@ -119,10 +119,10 @@ def test_local_layout():
     ("HNSW16", "HNSW16", "serial"),
 ])
 def test_fill_modes(key, enc, mode):
-    from pipeline.fill import fill_mode
-    from pipeline.indexing import encoding_key
+    from pipeline.index.fill import fill_mode
+    from pipeline.index.choice import encoding_key
 
-    from pipeline.indexing import ivf_of, make_encoder
+    from pipeline.index.choice import ivf_of, make_encoder
 
     assert encoding_key(key) == enc
     encoder = make_encoder(key, 32, "l2")

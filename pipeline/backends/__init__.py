@@ -11,9 +11,9 @@ from typing import Protocol
 
 import numpy as np
 
-from ..errors import DeviceError
-from .cpu import CpuBackend
-from .gpu import GpuBackend, gpu_runtime_problem
+from pipeline.errors import DeviceError
+from pipeline.backends.cpu import CpuBackend
+from pipeline.backends.gpu import GpuBackend, gpu_runtime_problem
 
 __all__ = ["Backend", "select_backend", "backend_named", "gpu_count", "CpuBackend", "GpuBackend"]
 

@@ -27,8 +27,8 @@ from typing import Any
 import faiss
 import numpy as np
 
-from ..indexing import ivf_of
-from .cpu import CpuBackend
+from pipeline.index.choice import ivf_of
+from pipeline.backends.cpu import CpuBackend
 
 __all__ = [
     "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from pipeline.io.atomic import atomic_path
 
 __all__ = ["clustered_vectors", "write_shards"]
 

@@ -22,7 +22,7 @@ import re
 
 import faiss
 
-from .errors import ConfigError
+from pipeline.errors import ConfigError
 
 __all__ = [
     "encoding_key",
@@ -65,7 +65,7 @@ def _code_size(n: int, d: int, budget: int | None) -> int:
 
 def _gpu_codes(d: int) -> str:
     """8-bit PQ the GPU kernels can search, ``d/4`` bytes a vector or fewer; SQ8 when none fits."""
-    from .backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
+    from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
 
     fits = [m for m in PQ_SUBQUANTIZERS if m <= d // 4 and d % m == 0 and d // m in PQ_SUB_DIMS]
     return f"PQ{max(fits)}" if fits else "SQ8"

@@ -22,7 +22,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
+from pipeline.io.atomic import atomic_path
 
 __all__ = [
     "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "read_knn_src", "write_partitioned", "read_partition",

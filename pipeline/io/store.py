@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_path
+from pipeline.io.atomic import atomic_path
 
 __all__ = ["RowStore"]
 

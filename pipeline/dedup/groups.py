@@ -6,7 +6,7 @@ recorded in the output manifest, so a killed run resumes and a grown input adds 
 
 - ``pairs``: the lists' above-threshold edges, shuffled by source row and made symmetric
   (``_adj/``, internal) and written once per unordered pair as ``pairs/`` (id_a, id_b, score).
-- ``components``: connected components of those pairs (:mod:`pipeline.components`).
+- ``components``: connected components of those pairs (:mod:`pipeline.shuffle.components`).
 - ``groups``: members and pairs shuffled by component; each component's rows are ranked by the
   keep priority (``keep_by`` value, then the smallest id). ``components`` mode keeps the first row
   of each component; ``greedy`` walks the ranking and keeps a row unless a pair links it to a row
@@ -30,20 +30,20 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
-from .backends import backend_named
-from .components import connected_components, label_path
-from .edges import (
+from pipeline.io.atomic import atomic_path
+from pipeline.backends import backend_named
+from pipeline.shuffle.components import connected_components, label_path
+from pipeline.shuffle.edges import (
     Part, gather_1d, make_parts, map_edges, merge_histograms, part_starts, passes, pieces_per_part, read_edges,
     read_knn, read_partition, reduce_edges, write_edges, write_knn, write_partitioned,
 )
-from .errors import ConfigError, InputError
-from .join import SearchPlan, _index_for, knn_path, search_batch, to_padded
-from .manifest import Manifest
-from .progress import run_stage
-from .shards import Dataset, Piece
-from .store import RowStore
-from .workdir import shown
+from pipeline.errors import ConfigError, InputError
+from pipeline.search.join import SearchPlan, _index_for, knn_path, search_batch, to_padded
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_stage
+from pipeline.io.parquet import Dataset, Piece
+from pipeline.io.store import RowStore
+from pipeline.io.workdir import shown
 
 __all__ = ["DedupPlan", "dedup_stages", "explore", "read_keep_column", "pair_recall", "default_thresholds"]
 

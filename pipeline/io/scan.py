@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .errors import InputError
-from .ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
-from .manifest import Manifest
-from .progress import run_tasks
-from .shards import Dataset, Piece, read_piece
-from .store import RowStore
+from pipeline.errors import InputError
+from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_tasks
+from pipeline.io.parquet import Dataset, Piece, read_piece
+from pipeline.io.store import RowStore
 
 __all__ = ["scan_dataset", "prepare_vectors"]
 

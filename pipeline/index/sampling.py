@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .store import RowStore
+from pipeline.io.store import RowStore
 
 __all__ = ["sample_rows", "load_sample"]
 

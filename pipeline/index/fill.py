@@ -6,7 +6,7 @@ Four ways, chosen from the index type:
   its global rows as ids; their lists are merged into ``index.ivfdata``, memory-mapped by every
   reader, so worker processes on a node share one copy through the page cache.
 * ``fastscan``: ``IVFn,PQmx4fs``. Pieces are encoded with the plain 4-bit ``IndexIVFPQ`` twin
-  (see :func:`pipeline.indexing.encoding_key`), merged in memory, and converted to fast-scan once.
+  (see :func:`pipeline.index.choice.encoding_key`), merged in memory, and converted to fast-scan once.
 * ``memory``: IVFPQR, whose lists cannot live on disk: merged in memory with ``merge_from``.
 * ``serial``: every other index (Flat, HNSW, PQ, other fast-scan layouts, ...) is filled by one
   task adding pieces in row order, so positions equal global rows.
@@ -24,13 +24,13 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from .atomic import atomic_path
-from .backends import backend_named
-from .indexing import encoding_key, ivf_of
-from .manifest import Manifest
-from .progress import Progress, run_tasks
-from .shards import Piece
-from .store import RowStore
+from pipeline.io.atomic import atomic_path
+from pipeline.backends import backend_named
+from pipeline.index.choice import encoding_key, ivf_of
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import Progress, run_tasks
+from pipeline.io.parquet import Piece
+from pipeline.io.store import RowStore
 
 __all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
 

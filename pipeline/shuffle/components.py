@@ -17,8 +17,8 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .atomic import atomic_path
-from .edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
+from pipeline.io.atomic import atomic_path
+from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
 

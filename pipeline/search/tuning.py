@@ -3,7 +3,7 @@
 A seeded sample of queries is split in two: a *tuning* half on which ``nprobe`` (and the re-rank
 factor, when re-ranking is on) is swept, and a *held-out* half on which the chosen setting is
 measured, so the reported recall is not the one the choice was fitted to. Exact neighbours come
-from :func:`pipeline.evaluate.exact_knn` (piece by piece on the workers).
+from :func:`pipeline.search.exact.exact_knn` (piece by piece on the workers).
 """
 
 from __future__ import annotations
@@ -15,10 +15,10 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .errors import PipelineError
-from .evaluate import exact_knn, recall_at_k
-from .join import SearchPlan, _index_for, search_batch
-from .store import RowStore
+from pipeline.errors import PipelineError
+from pipeline.search.exact import exact_knn, recall_at_k
+from pipeline.search.join import SearchPlan, _index_for, search_batch
+from pipeline.io.store import RowStore
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "search_sample", "choose", "settings_grid",
            "TargetNotReached"]

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_path
+from pipeline.io.atomic import atomic_path
 
 __all__ = ["id_keys", "write_key_buckets", "duplicate_rows", "BUCKET_ROWS"]
 

@@ -20,8 +20,8 @@ import dask
 from dask.utils import format_bytes
 from distributed import Client, Future, KilledWorker, LocalCluster, WorkerPlugin
 
-from .config import ClusterSpec, JobQueueSpec
-from .errors import ConfigError, PipelineError
+from pipeline.config import ClusterSpec, JobQueueSpec
+from pipeline.errors import ConfigError, PipelineError
 
 __all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options", "check_memory_floor"]
 

@@ -13,8 +13,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import StorageError
-from .workdir import shown
+from pipeline.errors import StorageError
+from pipeline.io.workdir import shown
 
 TMP_MARK = ".tmp-"
 

@@ -1,6 +1,6 @@
 """The commands: ``build``, ``join``, ``run``, ``dedup``, ``graph`` and ``evaluate``.
 
-Each starts (or joins) the Dask cluster, runs the stages it needs from :mod:`pipeline.runner`
+Each starts (or joins) the Dask cluster, runs the stages it needs from :mod:`pipeline.jobs.stages`
 and its own module, and writes the report and ``_SUCCESS`` beside its outputs.
 """
 
@@ -16,22 +16,22 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
-from .backends import gpu_count, select_backend
-from .cluster import dask_client
-from .config import Config
-from .dedup import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
-from .errors import ConfigError, PipelineError
-from .evaluate import recall_summary
-from .graph import GraphPlan, graph_recall, graph_stages
-from .graph import check_plan as check_graph_plan
-from .manifest import LOG_DIR, Manifest
-from .report import write_report
-from .runner import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
-from .shards import plan_dataset, resolve_paths
-from .store import RowStore
-from .tuning import draw_sample, search_sample
-from .workdir import check_locations, locked
+from pipeline.io.atomic import atomic_path
+from pipeline.backends import gpu_count, select_backend
+from pipeline.cluster.clients import dask_client
+from pipeline.config import Config
+from pipeline.dedup.groups import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.search.exact import recall_summary
+from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
+from pipeline.graph.knn_graph import check_plan as check_graph_plan
+from pipeline.stages.manifest import LOG_DIR, Manifest
+from pipeline.report import write_report
+from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
+from pipeline.io.parquet import plan_dataset, resolve_paths
+from pipeline.io.store import RowStore
+from pipeline.search.tuning import draw_sample, search_sample
+from pipeline.io.workdir import check_locations, locked
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 

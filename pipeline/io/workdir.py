@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
-from .errors import ConfigError, ResumeError
+from pipeline.errors import ConfigError, ResumeError
 
 __all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "check_locations", "unknown_entries",
            "remove_owned", "locked", "shown"]

@@ -16,13 +16,13 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from .atomic import atomic_path
-from .backends import backend_named
-from .cluster import ClusterInfo, check_memory_floor, worker_memory
-from .config import Config, IndexSpec, SearchSpec, dump_config
-from .errors import ConfigError, InputError, PipelineError
-from .fill import fill_index, fill_mode
-from .indexing import (
+from pipeline.io.atomic import atomic_path
+from pipeline.backends import backend_named
+from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
+from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
+from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.index.fill import fill_index, fill_mode
+from pipeline.index.choice import (
     check_training_rows,
     default_index_key,
     explain_index_key,
@@ -34,15 +34,15 @@ from .indexing import (
     nlist_of,
     training_rows,
 )
-from .join import SearchPlan, join_pieces
-from .manifest import Manifest
-from .report import peak_rss
-from .sampling import load_sample, sample_rows
-from .scan import scan_dataset
-from .shards import Dataset, plan_dataset
-from .store import RowStore
-from .tuning import choose, draw_sample, settings_grid, sweep
-from .workdir import shown
+from pipeline.search.join import SearchPlan, join_pieces
+from pipeline.stages.manifest import Manifest
+from pipeline.report import peak_rss
+from pipeline.index.sampling import load_sample, sample_rows
+from pipeline.io.scan import scan_dataset
+from pipeline.io.parquet import Dataset, plan_dataset
+from pipeline.io.store import RowStore
+from pipeline.search.tuning import choose, draw_sample, settings_grid, sweep
+from pipeline.io.workdir import shown
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 

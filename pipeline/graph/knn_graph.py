@@ -1,7 +1,7 @@
 """k-NN graphs from the self-join, in the formats graph tools load without glue code.
 
 From the join's row-form lists (``knn/``), edges are shuffled by source row and combined per
-partition (:mod:`pipeline.edges`): ``directed`` keeps the lists as joined, ``symmetric`` the union
+partition (:mod:`pipeline.shuffle.edges`): ``directed`` keeps the lists as joined, ``symmetric`` the union
 of both directions (the closer score kept), ``mutual`` only pairs found from both ends. Written
 under the output directory:
 
@@ -27,18 +27,18 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
-from .components import component_sizes, connected_components
-from .edges import (
+from pipeline.io.atomic import atomic_path
+from pipeline.shuffle.components import component_sizes, connected_components
+from pipeline.shuffle.edges import (
     FORWARD, REVERSE, Part, degree_histogram, in_mode, make_parts, map_edges, merge_histograms, part_starts, pieces_per_part,
     read_edges, read_knn, reduce_edges, write_edges,
 )
-from .errors import ConfigError
-from .join import knn_path
-from .manifest import Manifest
-from .progress import run_stage
-from .shards import Piece
-from .store import RowStore
+from pipeline.errors import ConfigError
+from pipeline.search.join import knn_path
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_stage
+from pipeline.io.parquet import Piece
+from pipeline.io.store import RowStore
 
 __all__ = ["GraphPlan", "graph_stages", "distances", "write_npz_stream"]
 

@@ -19,8 +19,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import InputError
-from .workdir import shown
+from pipeline.errors import InputError
+from pipeline.io.workdir import shown
 
 __all__ = ["FileInfo", "Piece", "Dataset", "resolve_paths", "plan_dataset", "read_piece", "unify_id_types"]
 

@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from .atomic import atomic_path
-from .backends import backend_named
-from .edges import write_knn
-from .fill import load_index
-from .manifest import Manifest
-from .progress import run_tasks
-from .shards import Piece
-from .store import RowStore
+from pipeline.io.atomic import atomic_path
+from pipeline.backends import backend_named
+from pipeline.shuffle.edges import write_knn
+from pipeline.index.fill import load_index
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_tasks
+from pipeline.io.parquet import Piece
+from pipeline.io.store import RowStore
 
 __all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
            "BATCH_BYTES"]

@@ -12,8 +12,8 @@ from typing import Any, Sequence
 import faiss
 import numpy as np
 
-from .indexing import FAISS_METRICS
-from .store import RowStore
+from pipeline.index.choice import FAISS_METRICS
+from pipeline.io.store import RowStore
 
 __all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary"]
 

@@ -20,11 +20,11 @@ from pathlib import Path
 
 from dask.utils import parse_bytes
 
-from .atomic import atomic_path
-from .cluster import jobqueue_options
-from .config import Config, JobQueueSpec, dump_config
-from .errors import ConfigError, PipelineError
-from .manifest import LOG_DIR
+from pipeline.io.atomic import atomic_path
+from pipeline.cluster.clients import jobqueue_options
+from pipeline.config import Config, JobQueueSpec, dump_config
+from pipeline.errors import ConfigError, PipelineError
+from pipeline.stages.manifest import LOG_DIR
 
 __all__ = ["JOBS", "Submission", "prepare", "submit"]
 

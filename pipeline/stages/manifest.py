@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 from typing import Any, Iterable
 
-from .atomic import remove_stale_temps, write_json
-from .errors import ResumeError
-from .workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
+from pipeline.io.atomic import remove_stale_temps, write_json
+from pipeline.errors import ResumeError
+from pipeline.io.workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
 
 __all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
 
