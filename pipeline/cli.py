@@ -12,12 +12,12 @@ import json
 import logging
 import signal
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
-from pipeline.stages import progress
 from pipeline.config import KEYS, load_config
 from pipeline.errors import PipelineError
 from pipeline.io.workdir import shown
+from pipeline.stages import progress
 
 __all__ = ["main"]
 
@@ -41,7 +41,9 @@ def _add_job_flags(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m pipeline", description="Batch k-NN joins over Parquet embeddings with FAISS and Dask.")
+    parser = argparse.ArgumentParser(
+        prog="python -m pipeline", description="Batch k-NN joins over Parquet embeddings with FAISS and Dask."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
@@ -57,7 +59,9 @@ def build_parser() -> argparse.ArgumentParser:
                             "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.")
     submit.add_argument("job", nargs="?", default="run", choices=("run", "build", "join", "dedup", "graph", "evaluate"),
                         help="the command the driver runs (default: run)")
-    submit.add_argument("--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing")
+    submit.add_argument(
+        "--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing"
+    )
     _add_job_flags(submit)
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
     sample.add_argument("directory")

@@ -10,9 +10,10 @@ from __future__ import annotations
 import difflib
 import os
 import re
+from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any
 
 import yaml
 from dask.utils import parse_bytes
@@ -288,17 +289,57 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "threads_per_worker": ("cluster", "threads_per_worker", _integer(1, auto=True), "FAISS threads per worker"),
     "memory_limit": ("cluster", "memory_limit", _memory, "memory limit per worker, e.g. 4GiB"),
     "scheduler_address": ("cluster", "scheduler_address", _opt_str, "join this Dask scheduler"),
-    "profile": ("cluster", "profile", _str, "cluster profile: local, address, slurm, pbs, local-cuda or one in profiles"),
-    "threshold": ("dedup", "threshold", _float(), "dedup: pair score that makes a duplicate (cosine/ip >=, l2 squared distance <=)"),
+    "profile": (
+        "cluster",
+        "profile",
+        _str,
+        "cluster profile: local, address, slurm, pbs, local-cuda or one in profiles",
+    ),
+    "threshold": (
+        "dedup",
+        "threshold",
+        _float(),
+        "dedup: pair score that makes a duplicate (cosine/ip >=, l2 squared distance <=)",
+    ),
     "dedup_mode": ("dedup", "mode", _choice("components", "greedy"), "dedup grouping: components or greedy"),
-    "keep_by": ("dedup", "keep_by", _opt_str, "dedup: keep the row with the max/min of this column (default: smallest id)"),
+    "keep_by": (
+        "dedup",
+        "keep_by",
+        _opt_str,
+        "dedup: keep the row with the max/min of this column (default: smallest id)",
+    ),
     "keep_order": ("dedup", "keep_order", _choice("max", "min"), "dedup: keep the max or min of --keep-by"),
     "text_column": ("dedup", "text_column", _opt_str, "dedup: column shown beside the example pairs in the report"),
-    "explore": ("dedup", "explore", _bool, "dedup: print pairs and rows dropped over a range of thresholds, write no groups"),
-    "graph_mode": ("graph", "mode", _choice("directed", "symmetric", "mutual"), "graph edges: directed, symmetric or mutual"),
-    "min_score": ("graph", "min_score", _float(), "graph: drop edges less close than this (cosine/ip <, l2 squared distance >)"),
-    "weight": ("graph", "weight", _choice("score", "gaussian"), "graph edge weight: the score or a Gaussian kernel of the distance"),
-    "kernel_width": ("graph", "kernel_width", _float(positive=True), "graph: Gaussian kernel width, or auto (median k-th distance)"),
+    "explore": (
+        "dedup",
+        "explore",
+        _bool,
+        "dedup: print pairs and rows dropped over a range of thresholds, write no groups",
+    ),
+    "graph_mode": (
+        "graph",
+        "mode",
+        _choice("directed", "symmetric", "mutual"),
+        "graph edges: directed, symmetric or mutual",
+    ),
+    "min_score": (
+        "graph",
+        "min_score",
+        _float(),
+        "graph: drop edges less close than this (cosine/ip <, l2 squared distance >)",
+    ),
+    "weight": (
+        "graph",
+        "weight",
+        _choice("score", "gaussian"),
+        "graph edge weight: the score or a Gaussian kernel of the distance",
+    ),
+    "kernel_width": (
+        "graph",
+        "kernel_width",
+        _float(positive=True),
+        "graph: Gaussian kernel width, or auto (median k-th distance)",
+    ),
     "output": ("", "output", _opt_str, "output directory"),
     "index_dir": ("", "index_dir", _opt_str, "index directory (default: OUTPUT/index)"),
     "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
@@ -426,7 +467,9 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
     if kind == "address" and not cluster.get("scheduler_address"):
         raise ConfigError("profile address: give the scheduler with --scheduler-address tcp://HOST:8786")
     if cluster.get("scheduler_address") and kind not in ("local", "address"):
-        raise ConfigError(f"--scheduler-address joins an existing scheduler; it cannot be combined with a {kind} profile")
+        raise ConfigError(
+            f"--scheduler-address joins an existing scheduler; it cannot be combined with a {kind} profile"
+        )
     cluster.update(kind="address" if cluster.get("scheduler_address") else kind, jobqueue=jobqueue)
     return Config(
         data=DataSpec(**sections["data"]),

@@ -74,7 +74,7 @@ def _plots(output: Path, report: dict[str, Any], kth: np.ndarray) -> list[tuple[
         qps = [p for p in curve if p.get("qps")]
         if qps:
             ax2 = ax.twinx()
-            best = {}
+            best: dict[int, float] = {}
             for p in qps:
                 best[p["nprobe"]] = max(best.get(p["nprobe"], 0), p["qps"])
             xs = sorted(best)
@@ -145,14 +145,20 @@ def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
     if not d:
         return lines
     op = "<=" if d["metric"] == "l2" else ">="
-    keep = f"max/min of `{d['keep_by']}` ({d['keep_order']}), then the smallest id" if d["keep_by"] else "the smallest id"
+    keep = (
+        f"max/min of `{d['keep_by']}` ({d['keep_order']}), then the smallest id" if d["keep_by"] else "the smallest id"
+    )
     lines += [
-        "## Dedup", "", "| | |", "|---|---|",
+        "## Dedup",
+        "",
+        "| | |",
+        "|---|---|",
         f"| rule | {d['metric']} score {op} {d['threshold']}, {d['mode']} mode; keep {keep} |",
         f"| rows in | {d['rows_in']:,} |",
         f"| pairs | {d['pairs']:,} |",
         f"| groups (2+ rows) | {d['groups']:,} holding {d['rows_in_groups']:,} rows |",
-        f"| rows dropped | {d['rows_dropped']:,} ({d['rows_dropped'] / max(1, d['rows_in']):.2%}); kept {d['rows_kept']:,} |",
+        f"| rows dropped | {d['rows_dropped']:,} ({d['rows_dropped'] / max(1, d['rows_in']):.2%}); kept "
+        f"{d['rows_kept']:,} |",
     ]
     ex = d.get("exactness")
     if ex:
@@ -163,8 +169,10 @@ def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
         lines.append(f"| rows searched again | {d['searched_again']:,} rows had all k neighbours above the threshold "
                      "and were searched again with longer lists |")
     if d.get("saturated_rows"):
-        lines.append(f"| rows at the limit | {d['saturated_rows']:,} rows still had every neighbour above the threshold "
-                     "at the longest list: their groups can be incomplete |")
+        lines.append(
+            f"| rows at the limit | {d['saturated_rows']:,} rows still had every neighbour above the threshold "
+            "at the longest list: their groups can be incomplete |"
+        )
     lines.append("")
     if d["group_sizes"]:
         _count_plot(output, "group_sizes.png", d["group_sizes"], "group size (rows)", "groups", "dedup group sizes")
@@ -225,11 +233,13 @@ def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
         "|---|---|",
         f"| index | `{idx['key']}` ({idx['ntotal']:,} vectors × {idx['dim']}, {idx['metric']}) |",
         f"| why this index | {idx.get('why', 'given by index_key')} |",
-        f"| search | k={search['k']}, nprobe={search['nprobe']}, rerank={search['rerank']}, exclude_self={search['exclude_self']} |",
+        f"| search | k={search['k']}, nprobe={search['nprobe']}, rerank={search['rerank']}, "
+        f"exclude_self={search['exclude_self']} |",
         f"| queries | {report['queries']:,} |",
         f"| wall time | {report['wall_s']:.1f} s ({report['queries_per_s']:,.0f} queries/s) |",
         f"| peak memory | driver {report['memory']['driver_peak_rss'] / 2**20:,.0f} MiB; workers "
-        + ", ".join(f"{v / 2**20:,.0f}" for v in report["memory"]["workers_peak_rss"].values()) + " MiB |",
+        + ", ".join(f"{v / 2**20:,.0f}" for v in report["memory"]["workers_peak_rss"].values())
+        + " MiB |",
     ]
     if rec:
         lines.append(f"| recall@{rec['k']} | {rec['recall']:.3f} on {rec['queries']:,} "

@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
-from pipeline.io.sample_data import clustered_vectors, write_shards  # noqa: E402
 from pipeline.io.parquet import plan_dataset, read_piece  # noqa: E402
+from pipeline.io.sample_data import clustered_vectors, write_shards  # noqa: E402
 
 
 def measure(cmd: list[str]) -> dict:
@@ -81,7 +81,11 @@ def load_all(data: Path, metric: str) -> tuple[np.ndarray, np.ndarray]:
 def recall(path: Path, sample_ids: np.ndarray, truth_ids: np.ndarray, k: int) -> float:
     t = pq.read_table(path, columns=["query_id", "neighbor_id"])
     found = dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
-    hits = [len(set(found[int(q)][:k]) & set(truth.tolist())) / k for q, truth in zip(sample_ids, truth_ids) if int(q) in found]
+    hits = [
+        len(set(found[int(q)][:k]) & set(truth.tolist())) / k
+        for q, truth in zip(sample_ids, truth_ids)
+        if int(q) in found
+    ]
     return float(np.mean(hits)) if hits else float("nan")
 
 
@@ -154,19 +158,41 @@ def main() -> None:
     del x, flat
 
     rows_out = [
-        ("pipeline (ours)", pipe["wall"], pipe["peak_rss"], recall(pipe_out / "neighbors", sample_ids, truth_ids, args.k), ""),
-        ("plain FAISS script", plain["wall"], plain["peak_rss"], recall(work / "plain.parquet", sample_ids, truth_ids, args.k), ""),
-        ("exact (IndexFlat)", exact_wall, exact["peak_rss"],
-         recall(work / "exact.parquet", ids[exact_sample], truth_ids[np.isin(sample, exact_sample)], args.k),
-         "" if exact_q == n_rows else f"extrapolated from {exact_q:,} queries"),
+        (
+            "pipeline (ours)",
+            pipe["wall"],
+            pipe["peak_rss"],
+            recall(pipe_out / "neighbors", sample_ids, truth_ids, args.k),
+            "",
+        ),
+        (
+            "plain FAISS script",
+            plain["wall"],
+            plain["peak_rss"],
+            recall(work / "plain.parquet", sample_ids, truth_ids, args.k),
+            "",
+        ),
+        (
+            "exact (IndexFlat)",
+            exact_wall,
+            exact["peak_rss"],
+            recall(work / "exact.parquet", ids[exact_sample], truth_ids[np.isin(sample, exact_sample)], args.k),
+            "" if exact_q == n_rows else f"extrapolated from {exact_q:,} queries",
+        ),
     ]
     print()
     print(f"data: {data.name}, {n_rows:,} rows x {report['index']['dim']}, metric {args.metric}, k={args.k}; "
           f"index {key}, nprobe={nprobe}, rerank={rerank}; {os.cpu_count()} CPU cores")
-    print(f"{'method':22s} {'wall s':>9s} {'vs ours':>8s} {'rows/s':>10s} {'recall@' + str(args.k):>10s} {'peak RSS':>10s}  note")
+    print(
+        f"{'method':22s} {'wall s':>9s} {'vs ours':>8s} {'rows/s':>10s} {'recall@' + str(args.k):>10s} "
+        f"{'peak RSS':>10s}  note"
+    )
     results = []
     for name, wall, peak, rec, note in rows_out:
-        print(f"{name:22s} {wall:9.1f} {wall / pipe['wall']:7.2f}x {n_rows / wall:10,.0f} {rec:10.3f} {peak / 2**20:8.0f}MiB  {note}")
+        print(
+            f"{name:22s} {wall:9.1f} {wall / pipe['wall']:7.2f}x {n_rows / wall:10,.0f} {rec:10.3f} "
+            f"{peak / 2**20:8.0f}MiB  {note}"
+        )
         results.append({"method": name, "wall_s": wall, "peak_rss_bytes": peak, "recall": rec, "note": note})
     print(f"pipeline phases: {report['timings_s']}")
     if args.json:

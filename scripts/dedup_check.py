@@ -66,7 +66,9 @@ def main() -> None:
     theirs: dict = {}
     for r, lab in enumerate(labels.tolist()):
         theirs.setdefault(lab, set()).add(int(ids[r]))
-    same_groups = {frozenset(m) for m in ours.values() if len(m) > 1} == {frozenset(m) for m in theirs.values() if len(m) > 1}
+    same_groups = {frozenset(m) for m in ours.values() if len(m) > 1} == {
+        frozenset(m) for m in theirs.values() if len(m) > 1
+    }
     print(f"threshold {t} ({d['metric']}), {n:,} rows, mode {d['mode']}")
     print(f"pairs: exact {len(exact):,}; found {len(found):,}; recall {len(exact & found) / max(1, len(exact)):.4f}; "
           f"found but not exact (below the threshold) {len(found - exact):,}")

@@ -55,8 +55,8 @@ def generate(path: Path, rows: int, dim: int) -> Path:
 
 def code_size(index_dir: Path) -> int | None:
     """Bytes a vector's code takes in the lists the join scans."""
-    from pipeline.index.fill import load_index
     from pipeline.index.choice import ivf_of
+    from pipeline.index.fill import load_index
 
     ivf = ivf_of(load_index(index_dir))
     return int(ivf.code_size) if ivf is not None else None
@@ -84,7 +84,7 @@ class GpuSampler:
             self.samples.append((time.monotonic(), mem, util))
             self._stop.wait(self._every)
 
-    def __enter__(self) -> "GpuSampler":
+    def __enter__(self) -> GpuSampler:
         self._thread.start()
         return self
 
@@ -181,18 +181,27 @@ def main() -> None:
         n = min(rows, args.cpu_rows) if device == "cpu" and args.cpu_rows else rows
         data = generate(work / f"data-{n}x{dim}", n, dim)
         results.append(job(data, work / f"out-{device}-{n}", device, args))
-    print("\n| device | rows | key | nprobe | wall | scan | train | fill | tune + recall | join | join rows/s | recall@k | peak RSS | "
-          "GPU peak | GPU busy in join | join / bandwidth floor |")
+    print(
+        "\n| device | rows | key | nprobe | wall | scan | train | fill | tune + recall | join | join rows/s | "
+        "recall@k | peak RSS | "
+        "GPU peak | GPU busy in join | join / bandwidth floor |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         p = r["phases_s"]
-        print(f"| {r['device']} | {r['rows']:,} | {r['key']} | {r['nprobe']} | {r['wall_s']} s | {p.get('scan')} | "
-              f"{p.get('train')} | {p.get('fill')} | {p.get('recall')} | {p.get('join')} | {r['join_rows_per_s']:,} | {r['recall']} | "
-              f"{r['peak_rss_gib']} GiB | {r.get('gpu_peak_gib', '')} | {r.get('gpu_busy_share_in_join', '')} | "
-              f"{r.get('join_over_floor', '')} |")
+        print(
+            f"| {r['device']} | {r['rows']:,} | {r['key']} | {r['nprobe']} | {r['wall_s']} s | {p.get('scan')} | "
+            f"{p.get('train')} | {p.get('fill')} | {p.get('recall')} | {p.get('join')} | "
+            f"{r['join_rows_per_s']:,} | {r['recall']} | "
+            f"{r['peak_rss_gib']} GiB | {r.get('gpu_peak_gib', '')} | {r.get('gpu_busy_share_in_join', '')} | "
+            f"{r.get('join_over_floor', '')} |"
+        )
     by = {r["device"]: r for r in results}
     if "gpu" in by and "cpu" in by:
-        print(f"\nGPU join rows/s over CPU join rows/s: {by['gpu']['join_rows_per_s'] / by['cpu']['join_rows_per_s']:.1f}x")
+        print(
+            f"\nGPU join rows/s over CPU join rows/s: "
+            f"{by['gpu']['join_rows_per_s'] / by['cpu']['join_rows_per_s']:.1f}x"
+        )
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
 

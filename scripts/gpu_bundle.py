@@ -124,7 +124,10 @@ def build(out: Path, python: str, deps: bool) -> Path:
         _build_libs(root, work)
         bundle = out / BUNDLE
         tmp_bundle = out / f".{BUNDLE}.tmp"
-        with lzma.open(tmp_bundle, "wb", preset=9 | lzma.PRESET_EXTREME) as xz, tarfile.open(fileobj=xz, mode="w") as tar:
+        with (
+            lzma.open(tmp_bundle, "wb", preset=9 | lzma.PRESET_EXTREME) as xz,
+            tarfile.open(fileobj=xz, mode="w") as tar,
+        ):
             for path in sorted(root.rglob("*")):
                 tar.add(path, arcname=str(path.relative_to(root)), recursive=False)
         tmp_bundle.replace(bundle)

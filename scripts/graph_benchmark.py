@@ -78,8 +78,11 @@ def main() -> None:
     nnd_recall = recall([set(nnd_lists[s].tolist()) for s in sample])
 
     print()
-    print(f"data: {data.name}, {n:,} rows x {x.shape[1]}, cosine, k={args.k}; {os.cpu_count()} CPU cores; "
-          f"pipeline index {report['index']['key']}, nprobe={report['search']['nprobe']}, rerank={report['search']['rerank']}")
+    print(
+        f"data: {data.name}, {n:,} rows x {x.shape[1]}, cosine, k={args.k}; {os.cpu_count()} CPU cores; "
+        f"pipeline index {report['index']['key']}, nprobe={report['search']['nprobe']}, "
+        f"rerank={report['search']['rerank']}"
+    )
     print(f"{'method':34s} {'wall s':>8s} {'vs ours':>8s} {'graph recall':>13s} {'peak RSS':>10s}")
     rows = [
         ("pipeline graph (ours), lists", ours["wall"], ours_directed, ours["peak_rss"]),

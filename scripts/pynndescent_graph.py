@@ -31,7 +31,7 @@ def main() -> None:
     from pynndescent import NNDescent
 
     t0 = time.perf_counter()
-    NNDescent(x[:2000], n_neighbors=args.k + 1, metric=args.metric, random_state=0).neighbor_graph
+    _ = NNDescent(x[:2000], n_neighbors=args.k + 1, metric=args.metric, random_state=0).neighbor_graph
     t_warm = time.perf_counter() - t0
     t0 = time.perf_counter()
     index = NNDescent(x, n_neighbors=args.k + 1, metric=args.metric, random_state=0)

@@ -46,7 +46,9 @@ def test_mixed_fixed_dimensions_across_files(make_config, data):
     write(data / "a.parquet", *good_rows(50))
     ids, vecs = good_rows(50, start=50)
     write(data / "b.parquet", ids, [v[:4] for v in vecs], pa.list_(pa.float32(), 4))
-    with pytest.raises(InputError, match=r"b\.parquet, column 'embedding': vectors have dimension 4 but 8 in .*a\.parquet"):
+    with pytest.raises(
+        InputError, match=r"b\.parquet, column 'embedding': vectors have dimension 4 but 8 in .*a\.parquet"
+    ):
         run(make_config(input=str(data)))
 
 
@@ -60,7 +62,10 @@ def test_mixed_lengths_in_a_list_column(make_config, data):
 
 def test_non_numeric_vectors(make_config, data):
     write(data / "a.parquet", [1, 2], [["a", "b"], ["c", "d"]], pa.list_(pa.string()))
-    with pytest.raises(InputError, match=r"a\.parquet, column 'embedding': vector elements must be float16, float32 or float64, got string"):
+    with pytest.raises(
+        InputError,
+        match=r"a\.parquet, column 'embedding': vector elements must be float16, float32 or float64, got string",
+    ):
         run(make_config(input=str(data)))
 
 
@@ -91,7 +96,9 @@ def test_null_vector_or_id(make_config, data, column, row, message):
 def test_duplicate_ids_across_files(make_config, data, tmp_path):
     write(data / "a.parquet", *good_rows(40))
     write(data / "b.parquet", *good_rows(40, start=30, seed=1))  # ids 30..39 repeat
-    with pytest.raises(InputError, match=r"column 'id': duplicate ids, e\.g\. 3\d at a\.parquet row 3\d and b\.parquet row \d"):
+    with pytest.raises(
+        InputError, match=r"column 'id': duplicate ids, e\.g\. 3\d at a\.parquet row 3\d and b\.parquet row \d"
+    ):
         run(make_config(input=str(data)))
     assert not (tmp_path / "out" / "index" / "index.faiss").exists()
 
@@ -148,7 +155,9 @@ def test_missing_input(make_config, tmp_path):
 
 def test_k_larger_than_index(make_config, data, tmp_path):
     write(data / "a.parquet", *good_rows(20))
-    with pytest.raises(ConfigError, match=r"--k 20 \(\+1 for --exclude-self\) asks for more neighbours than the 20 vectors"):
+    with pytest.raises(
+        ConfigError, match=r"--k 20 \(\+1 for --exclude-self\) asks for more neighbours than the 20 vectors"
+    ):
         run(make_config(input=str(data), k=20, exclude_self=True))
     assert not (tmp_path / "out" / "index" / "store").exists()  # refused before the scan
 
@@ -175,7 +184,10 @@ def test_bad_index_key(make_config, dataset_dir):
 def test_query_dimension_differs_from_index(make_config, dataset_dir, tmp_path):
     build(make_config(input=str(dataset_dir), index_dir=str(tmp_path / "idx"), index_key="Flat"))
     write(tmp_path / "q" / "q.parquet", *good_rows(10))
-    with pytest.raises(InputError, match=r"q\.parquet, column 'embedding': query vectors have dimension 8 but the index holds dimension 32"):
+    with pytest.raises(
+        InputError,
+        match=r"q\.parquet, column 'embedding': query vectors have dimension 8 but the index holds dimension 32",
+    ):
         join(make_config(input=str(tmp_path / "q"), index_dir=str(tmp_path / "idx")))
 
 

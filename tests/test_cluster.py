@@ -22,7 +22,11 @@ def config(tmp_path: Path, **profile):
 
 def test_profiles_resolve_to_kinds(tmp_path):
     c = config(tmp_path)
-    assert c.cluster.kind == "slurm" and c.cluster.jobqueue.jobs == 4 and c.cluster.jobqueue.setup == ("module load cuda/12",)
+    assert (
+        c.cluster.kind == "slurm"
+        and c.cluster.jobqueue.jobs == 4
+        and c.cluster.jobqueue.setup == ("module load cuda/12",)
+    )
     assert parse_config({"profile": "pbs"}).cluster.jobqueue.kind == "pbs"  # built-in names need no entry
     assert parse_config({}).cluster.kind == "local"
     assert parse_config({"scheduler_address": "tcp://h:8786"}).cluster.kind == "address"

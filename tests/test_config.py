@@ -16,7 +16,9 @@ from pipeline.config import KEYS, dump_config
 
 def test_yaml_then_flags(tmp_path):
     cfg = tmp_path / "job.yaml"
-    cfg.write_text("input: data/\nk: 7\nmetric: l2\nindex_key: IVF64,PQ8\nnprobe: 4\nexclude_self: true\npartition_size: 64MiB\n")
+    cfg.write_text(
+        "input: data/\nk: 7\nmetric: l2\nindex_key: IVF64,PQ8\nnprobe: 4\nexclude_self: true\npartition_size: 64MiB\n"
+    )
     config = load_config(cfg, {"k": "12", "nprobe": None, "exclude_self": None})
     assert config.search.k == 12  # flag wins
     assert config.search.nprobe == 4 and config.search.exclude_self  # unset flags keep the file's
@@ -87,7 +89,9 @@ def test_cli_run_with_config_file_and_embedded_cluster(tmp_path, dataset_dir):
     assert len(table) == 6000 and all(len(n) == 4 for n in table.column("neighbor_id").to_pylist())
 
 
-@pytest.mark.parametrize("path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name)
+@pytest.mark.parametrize(
+    "path", sorted((Path(__file__).parent.parent / "configs").glob("*.yaml")), ids=lambda p: p.name
+)
 def test_shipped_configs_load(path):
     config = load_config(path, {})
     assert config.output or config.index_dir  # the rest (input for join.yaml) may come as flags

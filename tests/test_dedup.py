@@ -253,7 +253,10 @@ def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_conf
     assert [p.stat().st_mtime_ns for p in old_parts] == stamps  # old rows were not searched again
     assert _partition(inc_out) == _partition(tmp_path / "full")
     assert len(list((inc_out / "groups").glob("part-*.parquet"))) == 3
-    assert inc["dedup"]["rows_dropped"] == full["dedup"]["rows_dropped"] and inc["dedup"]["pairs"] == full["dedup"]["pairs"]
+    assert (
+        inc["dedup"]["rows_dropped"] == full["dedup"]["rows_dropped"]
+        and inc["dedup"]["pairs"] == full["dedup"]["pairs"]
+    )
     assert inc["dedup"]["exactness"]["pair_recall"] == 1.0
     files = sorted(p for p in inc_out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".npy", ".npz", ".faiss"))
     before = {p: p.stat().st_mtime_ns for p in files}

@@ -10,8 +10,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import join, run
-from pipeline.search.exact import recall_at_k
 from pipeline.io.sample_data import clustered_vectors, write_shards
+from pipeline.search.exact import recall_at_k
 
 from .conftest import DIM, exact_neighbours
 
@@ -107,12 +107,19 @@ def test_float16_and_float64_inputs(make_config, tmp_path, dtype, caplog):
         assert "converting to float32" in caplog.text
     found = read_neighbours(tmp_path / "out")
     truth = exact_neighbours(x.astype(dtype).astype(np.float32), x[:30].astype(dtype).astype(np.float32), 6)
-    assert recall_at_k([found[i] for i in range(30)], [[t for t in r if t != i][:5] for i, r in enumerate(truth.tolist())], 5) >= 0.97
+    assert (
+        recall_at_k(
+            [found[i] for i in range(30)], [[t for t in r if t != i][:5] for i, r in enumerate(truth.tolist())], 5
+        )
+        >= 0.97
+    )
 
 
 def test_variable_length_list_column(make_config, tmp_path):
     x = clustered_vectors(1200, DIM, clusters=12, seed=6)
-    table = pa.table({"id": np.arange(1200), "embedding": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))})
+    table = pa.table(
+        {"id": np.arange(1200), "embedding": pa.array(list(x.astype(np.float32)), type=pa.list_(pa.float32()))}
+    )
     (tmp_path / "v").mkdir()
     pq.write_table(table, tmp_path / "v" / "a.parquet")
     run(make_config(input=str(tmp_path / "v"), k=3, exclude_self=True, index_key="Flat"))
@@ -137,7 +144,11 @@ def test_join_a_different_query_set(make_config, dataset_dir, vectors, tmp_path)
 
 def test_join_exclude_self_by_id_on_overlapping_queries(make_config, dataset_dir, vectors, tmp_path):
     index_dir = tmp_path / "idx"
-    run(make_config(input=str(dataset_dir), index_dir=str(index_dir), output=str(tmp_path / "first"), k=3, index_key="Flat"))
+    run(
+        make_config(
+            input=str(dataset_dir), index_dir=str(index_dir), output=str(tmp_path / "first"), k=3, index_key="Flat"
+        )
+    )
     write_shards(tmp_path / "q", vectors[:100], shards=1)  # same ids and vectors as indexed rows
     join(make_config(input=str(tmp_path / "q"), index_dir=str(index_dir), k=3, exclude_self=True))
     found = read_neighbours(tmp_path / "out")
@@ -161,7 +172,10 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
 def test_target_recall_out_of_reach_says_what_is_reachable(make_config, dataset_dir):
     from pipeline.search.tuning import TargetNotReached
 
-    with pytest.raises(TargetNotReached, match=r"--target-recall 1.0: the best setting swept .* reaches recall@k 0\.\d+ .*to go higher try"):
+    with pytest.raises(
+        TargetNotReached,
+        match=r"--target-recall 1.0: the best setting swept .* reaches recall@k 0\.\d+ .*to go higher try",
+    ):
         run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,
                         target_recall=1.0, recall_queries=100))
 
@@ -182,4 +196,9 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
     xs = x.astype("float16").astype(np.float32)
     rows = np.random.default_rng(5).choice(len(x), 200, replace=False)
     truth = exact_neighbours(xs, xs[rows], 11)
-    assert recall_at_k([found[int(q)] for q in rows], [[t for t in r if t != q][:10] for r, q in zip(truth.tolist(), rows)], 10) >= 0.88
+    assert (
+        recall_at_k(
+            [found[int(q)] for q in rows], [[t for t in r if t != q][:10] for r, q in zip(truth.tolist(), rows)], 10
+        )
+        >= 0.88
+    )

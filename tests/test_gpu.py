@@ -16,9 +16,9 @@ import pytest
 
 from pipeline import run
 from pipeline.backends import CpuBackend, GpuBackend, select_backend
-from pipeline.search.exact import recall_at_k
-from pipeline.index.fill import load_index
 from pipeline.index.choice import make_index
+from pipeline.index.fill import load_index
+from pipeline.search.exact import recall_at_k
 
 from .conftest import DIM
 

@@ -15,7 +15,12 @@ import pytest
 
 from pipeline.backends import CpuBackend, GpuBackend, select_backend
 from pipeline.backends.gpu import (
-    GPU_MAX_K, add_with_assignments, batch_rows, gpu_runtime_problem, gpu_search_limits, train_with_assigner,
+    GPU_MAX_K,
+    add_with_assignments,
+    batch_rows,
+    gpu_runtime_problem,
+    gpu_search_limits,
+    train_with_assigner,
 )
 from pipeline.errors import DeviceError
 from pipeline.index.choice import FAISS_METRICS, default_index_key, make_index

@@ -177,7 +177,9 @@ def test_config_values_never_raise_anything_but_a_config_error() -> None:
     @given_(key=st.sampled_from(sorted(KEYS) + ["profiles"]), field=st.sampled_from(sorted(PROFILE_FIELDS)),
             value=values)
     def check(key: str, field: str, value: Any) -> None:
-        raw = {"profile": "x", "profiles": {"x": {"kind": "slurm", field: value}}} if key == "profiles" else {key: value}
+        raw = (
+            {"profile": "x", "profiles": {"x": {"kind": "slurm", field: value}}} if key == "profiles" else {key: value}
+        )
         try:
             parse_config(raw)
         except ConfigError as exc:

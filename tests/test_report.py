@@ -54,13 +54,32 @@ def test_evaluate_an_index_at_given_settings(make_config, tuned_run):
 
 def test_flat_index_evaluates_exactly(make_config, dataset_dir, tmp_path):
     run(make_config(input=str(dataset_dir), k=5, exclude_self=True, index_key="Flat", recall_queries=50))
-    result = evaluate(make_config(index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "out"), recall_queries=100))
+    result = evaluate(
+        make_config(index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "out"), recall_queries=100)
+    )
     assert result["recall@1"] == result["recall@5"] == 1.0 and result["misses"] == 0
 
 
 def test_evaluate_cli_prints_json(tuned_run, dask_address):
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "evaluate", "--index-dir", str(tuned_run / "index"),
-                           "--output", str(tuned_run), "--recall-queries", "50", "--scheduler-address", dask_address, "-q"],
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "evaluate",
+            "--index-dir",
+            str(tuned_run / "index"),
+            "--output",
+            str(tuned_run),
+            "--recall-queries",
+            "50",
+            "--scheduler-address",
+            dask_address,
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["queries"] == 50

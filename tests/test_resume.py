@@ -118,9 +118,13 @@ def test_rerun_of_finished_job_is_a_no_op(make_config, dataset_dir, tmp_path):
 
 def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir, tmp_path):
     run(make_config(input=str(dataset_dir), k=5, index_key="Flat"))
-    with pytest.raises(ResumeError, match=r"neighbour table made from other input or settings \(k: 5 -> 3\); pass --overwrite"):
+    with pytest.raises(
+        ResumeError, match=r"neighbour table made from other input or settings \(k: 5 -> 3\); pass --overwrite"
+    ):
         run(make_config(input=str(dataset_dir), k=3, index_key="Flat"))
-    with pytest.raises(ResumeError, match=r"index made from other input or settings \(index_key: 'Flat' -> 'IVF16,Flat'\)"):
+    with pytest.raises(
+        ResumeError, match=r"index made from other input or settings \(index_key: 'Flat' -> 'IVF16,Flat'\)"
+    ):
         run(make_config(input=str(dataset_dir), k=5, index_key="IVF16,Flat"))
     report = run(make_config(input=str(dataset_dir), k=3, index_key="IVF16,Flat", overwrite=True))
     assert report["index"]["key"] == "IVF16,Flat"

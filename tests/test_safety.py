@@ -192,6 +192,9 @@ def test_a_worker_that_keeps_dying_fails_the_job_in_one_line():
     from pipeline.config import ClusterSpec
 
     with dask.config.set({"distributed.scheduler.allowed-failures": 0}):
-        with pytest.raises(PipelineError, match=r"Dask workers died running task '_die' \(1 attempt\(s\)\), usually for memory.*raise --memory-limit"):
+        with pytest.raises(
+            PipelineError,
+            match=r"Dask workers died running task '_die' \(1 attempt\(s\)\), usually for memory.*raise --memory-limit",
+        ):
             with dask_client(ClusterSpec(workers=2, threads_per_worker=1)) as (client, _):
                 client.submit(_die, pure=False).result()

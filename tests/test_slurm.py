@@ -14,8 +14,8 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Iterator
 
 import pyarrow.parquet as pq
 import pytest
@@ -68,17 +68,39 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         (d / sub).mkdir()
     node = "knnci"
     conf = d / "slurm.conf"
-    conf.write_text("\n".join([
-        "ClusterName=knnci", f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)", f"SlurmctldPort={_free_port()}",
-        f"SlurmdPort={_free_port()}", "AuthType=auth/munge", "CredType=cred/munge", "ProctrackType=proctrack/linuxproc",
-        "TaskPlugin=task/none", "SlurmUser=root", "SlurmdUser=root", f"StateSaveLocation={d}/state",
-        f"SlurmdSpoolDir={d}/spool", f"SlurmctldPidFile={d}/slurmctld.pid", f"SlurmdPidFile={d}/slurmd.pid",
-        f"SlurmctldLogFile={d}/log/slurmctld.log", f"SlurmdLogFile={d}/log/slurmd.log", "SchedulerType=sched/backfill",
-        "SelectType=select/cons_tres", "SelectTypeParameters=CR_Core", "ReturnToService=2", "MpiDefault=none",
-        "JobAcctGatherType=jobacct_gather/none", "AccountingStorageType=accounting_storage/none",
-        f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory={_memory_mb() - 512} State=UNKNOWN",
-        f"PartitionName=ci Nodes={node} Default=YES MaxTime=INFINITE State=UP", "",
-    ]))
+    conf.write_text(
+        "\n".join(
+            [
+                "ClusterName=knnci",
+                f"SlurmctldHost={socket.gethostname().split('.')[0]}(127.0.0.1)",
+                f"SlurmctldPort={_free_port()}",
+                f"SlurmdPort={_free_port()}",
+                "AuthType=auth/munge",
+                "CredType=cred/munge",
+                "ProctrackType=proctrack/linuxproc",
+                "TaskPlugin=task/none",
+                "SlurmUser=root",
+                "SlurmdUser=root",
+                f"StateSaveLocation={d}/state",
+                f"SlurmdSpoolDir={d}/spool",
+                f"SlurmctldPidFile={d}/slurmctld.pid",
+                f"SlurmdPidFile={d}/slurmd.pid",
+                f"SlurmctldLogFile={d}/log/slurmctld.log",
+                f"SlurmdLogFile={d}/log/slurmd.log",
+                "SchedulerType=sched/backfill",
+                "SelectType=select/cons_tres",
+                "SelectTypeParameters=CR_Core",
+                "ReturnToService=2",
+                "MpiDefault=none",
+                "JobAcctGatherType=jobacct_gather/none",
+                "AccountingStorageType=accounting_storage/none",
+                f"NodeName={node} NodeAddr=127.0.0.1 CPUs={os.cpu_count() or 1} RealMemory={_memory_mb() - 512} "
+                f"State=UNKNOWN",
+                f"PartitionName=ci Nodes={node} Default=YES MaxTime=INFINITE State=UP",
+                "",
+            ]
+        )
+    )
     env = {**os.environ, "SLURM_CONF": str(conf)}
     subprocess.run(["slurmctld", "-f", str(conf)], env=env, check=True)
     subprocess.run(["slurmd", "-f", str(conf), "-N", node], env=env, check=True)

@@ -8,14 +8,14 @@ import pyarrow as pa
 import pytest
 from distributed import Client
 
-from pipeline.search.exact import exact_knn, merge_topk, recall_at_k
-from pipeline.io.ids import duplicate_rows, id_keys, write_key_buckets
-from pipeline.index.choice import default_index_key, default_nprobe, make_index
-from pipeline.index.sampling import sample_rows
-from pipeline.io.parquet import plan_dataset
-from pipeline.io.store import RowStore
 from pipeline.cluster.clients import local_layout
 from pipeline.config import ClusterSpec
+from pipeline.index.choice import default_index_key, default_nprobe, make_index
+from pipeline.index.sampling import sample_rows
+from pipeline.io.ids import duplicate_rows, id_keys, write_key_buckets
+from pipeline.io.parquet import plan_dataset
+from pipeline.io.store import RowStore
+from pipeline.search.exact import exact_knn, merge_topk, recall_at_k
 
 from .conftest import exact_neighbours
 
@@ -119,10 +119,8 @@ def test_local_layout():
     ("HNSW16", "HNSW16", "serial"),
 ])
 def test_fill_modes(key, enc, mode):
+    from pipeline.index.choice import encoding_key, ivf_of, make_encoder
     from pipeline.index.fill import fill_mode
-    from pipeline.index.choice import encoding_key
-
-    from pipeline.index.choice import ivf_of, make_encoder
 
     assert encoding_key(key) == enc
     encoder = make_encoder(key, 32, "l2")
@@ -147,4 +145,11 @@ def test_every_fill_mode_end_to_end(make_config, dataset_dir, vectors, key, metr
     found = dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
     sample = np.arange(0, len(vectors), 37)
     truth = exact_neighbours(vectors, vectors[sample], 6, metric=metric)
-    assert recall_at_k([found[int(q)] for q in sample], [[r for r in row if r != q][:5] for row, q in zip(truth.tolist(), sample)], 5) >= 0.95
+    assert (
+        recall_at_k(
+            [found[int(q)] for q in sample],
+            [[r for r in row if r != q][:5] for row, q in zip(truth.tolist(), sample)],
+            5,
+        )
+        >= 0.95
+    )

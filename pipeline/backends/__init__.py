@@ -9,11 +9,12 @@ from __future__ import annotations
 import logging
 from typing import Protocol
 
+import faiss
 import numpy as np
 
-from pipeline.errors import DeviceError
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.gpu import GpuBackend, gpu_runtime_problem
+from pipeline.errors import DeviceError
 
 __all__ = ["Backend", "select_backend", "backend_named", "gpu_count", "CpuBackend", "GpuBackend"]
 
@@ -26,11 +27,11 @@ class Backend(Protocol):
 
     def set_threads(self, n: int) -> None: ...
 
-    def train(self, index: object, x: np.ndarray) -> None: ...
+    def train(self, index: faiss.Index, x: np.ndarray) -> None: ...
 
-    def add(self, index: object, x: np.ndarray, ids: np.ndarray | None) -> None: ...
+    def add(self, index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None: ...
 
-    def search(self, index: object, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
+    def search(self, index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]: ...
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray: ...
 

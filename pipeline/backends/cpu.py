@@ -35,5 +35,7 @@ class CpuBackend:
         """
         dots = np.einsum("nd,ncd->nc", q, candidates, optimize=True)
         if metric == "l2":
-            return (np.einsum("ncd,ncd->nc", candidates, candidates) - 2 * dots + (q * q).sum(1)[:, None]).astype(np.float32)
+            return (np.einsum("ncd,ncd->nc", candidates, candidates) - 2 * dots + (q * q).sum(1)[:, None]).astype(
+                np.float32
+            )
         return dots.astype(np.float32, copy=False)

@@ -22,13 +22,13 @@ from __future__ import annotations
 
 import logging
 import threading
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
 
-from pipeline.index.choice import ivf_of
 from pipeline.backends.cpu import CpuBackend
+from pipeline.index.choice import ivf_of
 
 __all__ = [
     "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",
@@ -78,8 +78,8 @@ def train_with_assigner(index: faiss.Index, x: np.ndarray, assigner: Any) -> Non
     PQ codebooks ``pq.assign_index`` (L2 on sub-vectors); the rest (OPQ rotation, SQ ranges)
     trains on the CPU. With a CPU ``IndexFlat`` as the assigner the result is what ``train`` gives.
     """
-    ivf = ivf_of(index)
-    ivf = faiss.downcast_index(ivf) if ivf is not None else None
+    found = ivf_of(index)
+    ivf: Any = faiss.downcast_index(found) if found is not None else None  # SWIG: typed loosely
     pq = getattr(ivf, "pq", None)
     keep: list[Any] = []  # the assigner indexes must outlive training (faiss holds raw pointers)
     if ivf is not None and not ivf.is_trained and ivf.quantizer.ntotal == 0:
@@ -104,12 +104,15 @@ def add_with_assignments(index: faiss.Index, x: np.ndarray, ids: np.ndarray | No
     ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in :class:`GpuBackend`; encoding
     and list appends stay on the CPU index (``add_core``).
     """
-    outer = faiss.downcast_index(index)
-    ivf = faiss.downcast_index(ivf_of(index))
+    outer: Any = faiss.downcast_index(index)
+    ivf: Any = faiss.downcast_index(cast(Any, ivf_of(index)))
     if ids is None:
         ids = np.arange(outer.ntotal, outer.ntotal + len(x), dtype=np.int64)
-    chain = ([faiss.downcast_VectorTransform(outer.chain.at(i)) for i in range(outer.chain.size())]
-             if isinstance(outer, faiss.IndexPreTransform) else [])
+    transforms: Any = outer.chain if isinstance(outer, faiss.IndexPreTransform) else None  # a SWIG vector
+    chain = (
+        [faiss.downcast_VectorTransform(transforms.at(i)) for i in range(transforms.size())]
+        if transforms is not None else []
+    )
     for lo in range(0, len(x), rows_per_batch):
         xb = np.ascontiguousarray(x[lo : lo + rows_per_batch], dtype=np.float32)
         for vt in chain:
@@ -215,7 +218,7 @@ class GpuBackend:
         if ivf is None:
             self._cpu.add(index, x, ids)
             return
-        quantizer = faiss.downcast_index(faiss.downcast_index(ivf).quantizer)
+        quantizer = faiss.downcast_index(cast(Any, faiss.downcast_index(ivf)).quantizer)
         if not isinstance(quantizer, faiss.IndexFlat):
             self._warn_once(f"coarse quantizer {type(quantizer).__name__} has no GPU clone: assigning on the CPU")
             self._cpu.add(index, x, ids)
@@ -240,12 +243,13 @@ class GpuBackend:
             need = _index_bytes(index)
             free = self.free_memory()
             if free is not None and need > INDEX_SHARE * free:
-                why = f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free"
+                why = (f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's "
+                       f"{free / 2**30:.1f} GiB free")
         clone = None
         if why is None:
-            co = faiss.GpuClonerOptions()
+            co: Any = faiss.GpuClonerOptions()
             co.useFloat16LookupTables = float16
-            co.indicesOptions = faiss.INDICES_64_BIT
+            co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
             clone = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
             log.info("index cloned to GPU %d (%d vectors%s)", self.device, index.ntotal,
                      ", float16 lookup tables" if float16 else "")
@@ -257,7 +261,7 @@ class GpuBackend:
 
     def search(self, index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         ivf = ivf_of(index)
-        nprobe = int(faiss.downcast_index(ivf).nprobe) if ivf is not None else 0
+        nprobe = int(cast(Any, faiss.downcast_index(ivf)).nprobe) if ivf is not None else 0
         if k > GPU_MAX_K or nprobe > GPU_MAX_K:
             self._warn_once(f"searching on the CPU: k={k}, nprobe={nprobe} (the GPU kernels take at most {GPU_MAX_K})")
             return self._cpu.search(index, x, k)
@@ -286,8 +290,8 @@ class GpuBackend:
 
 def _index_bytes(index: faiss.Index) -> int:
     """Codes and ids the GPU clone holds (64-bit ids), plus the coarse centroids."""
-    ivf = ivf_of(index)
-    if ivf is None:
+    found = ivf_of(index)
+    if found is None:
         return int(index.ntotal) * (int(index.d) * 4 + 8)
-    ivf = faiss.downcast_index(ivf)
+    ivf: Any = faiss.downcast_index(found)
     return int(ivf.ntotal) * (int(ivf.code_size) + 8) + int(ivf.nlist) * int(ivf.d) * 4

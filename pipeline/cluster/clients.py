@@ -13,8 +13,9 @@ import signal
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import dask
 from dask.utils import format_bytes
@@ -115,8 +116,8 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) ->
 def _baseline_rss() -> int:
     """A worker's resident memory once the modules its tasks use are imported."""
     import faiss  # noqa: F401
-    import pyarrow.parquet  # noqa: F401
     import psutil
+    import pyarrow.parquet  # noqa: F401
 
     return int(psutil.Process().memory_info().rss)
 
@@ -202,9 +203,14 @@ def _start(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iter
             else:
                 cluster.scale(jobs=jq.jobs)
                 want = jq.jobs
-            log.info("%s: asked for %s worker job(s) (%d cores, %s each); waiting for the first worker; "
-                     "dashboard %s", jq.kind, want if jq.adaptive_max is None else f"{jq.adaptive_min}-{jq.adaptive_max}",
-                     jq.cores, jq.memory, cluster.dashboard_link)
+            log.info(
+                "%s: asked for %s worker job(s) (%d cores, %s each); waiting for the first worker; dashboard %s",
+                jq.kind,
+                want if jq.adaptive_max is None else f"{jq.adaptive_min}-{jq.adaptive_max}",
+                jq.cores,
+                jq.memory,
+                cluster.dashboard_link,
+            )
             client.wait_for_workers(1)
             threads = max(1, jq.cores // jq.processes)
             yield client, ClusterInfo(want * jq.processes, threads, cluster.dashboard_link)

@@ -20,10 +20,10 @@ from pathlib import Path
 
 from dask.utils import parse_bytes
 
-from pipeline.io.atomic import atomic_path
 from pipeline.cluster.clients import jobqueue_options
 from pipeline.config import Config, JobQueueSpec, dump_config
 from pipeline.errors import ConfigError, PipelineError
+from pipeline.io.atomic import atomic_path
 from pipeline.stages.manifest import LOG_DIR
 
 __all__ = ["JOBS", "Submission", "prepare", "submit"]
@@ -60,8 +60,14 @@ def _megabytes(memory: str) -> int:
 def _header(jq: JobQueueSpec, job: str, log_dir: Path) -> list[str]:
     logs = _plain_path(log_dir, "output")
     if jq.kind == "slurm":
-        lines = [f"#SBATCH --job-name=knn-{job}", f"#SBATCH --output={logs}/driver-%j.log", f"#SBATCH --time={jq.walltime}",
-                 "#SBATCH --ntasks=1", "#SBATCH --cpus-per-task=1", f"#SBATCH --mem={_megabytes(jq.driver_memory)}M"]
+        lines = [
+            f"#SBATCH --job-name=knn-{job}",
+            f"#SBATCH --output={logs}/driver-%j.log",
+            f"#SBATCH --time={jq.walltime}",
+            "#SBATCH --ntasks=1",
+            "#SBATCH --cpus-per-task=1",
+            f"#SBATCH --mem={_megabytes(jq.driver_memory)}M",
+        ]
         lines += [f"#SBATCH --partition={jq.queue}"] if jq.queue else []
         lines += [f"#SBATCH --account={jq.account}"] if jq.account else []
         return lines + [f"#SBATCH {d}" for d in jq.directives]
@@ -132,7 +138,9 @@ def submit(sub: Submission, config: Config) -> str:
         raise PipelineError(f"{sub.argv[0]} not found: run submit on a {sub.kind} login node "
                             "(or use --dry-run to see the scripts)") from None
     if proc.returncode:
-        raise PipelineError(f"{' '.join(sub.argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}")
+        raise PipelineError(
+            f"{' '.join(sub.argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"
+        )
     job_id = proc.stdout.strip().split(";")[0]
     log.info("submitted driver job %s (%s, %s): logs in %s", job_id, sub.kind, sub.job, sub.log_dir)
     return job_id

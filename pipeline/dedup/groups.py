@@ -21,29 +21,43 @@ from __future__ import annotations
 
 import logging
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path
 from pipeline.backends import backend_named
-from pipeline.shuffle.components import connected_components, label_path
-from pipeline.shuffle.edges import (
-    Part, gather_1d, make_parts, map_edges, merge_histograms, part_starts, passes, pieces_per_part, read_edges,
-    read_knn, read_partition, reduce_edges, write_edges, write_knn, write_partitioned,
-)
 from pipeline.errors import ConfigError, InputError
-from pipeline.search.join import SearchPlan, _index_for, knn_path, search_batch, to_padded
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
+from pipeline.search.join import SearchPlan, _index_for, knn_path, search_batch, to_padded
+from pipeline.shuffle.components import connected_components, label_path
+from pipeline.shuffle.edges import (
+    Part,
+    gather_1d,
+    make_parts,
+    map_edges,
+    merge_histograms,
+    part_starts,
+    passes,
+    pieces_per_part,
+    read_edges,
+    read_knn,
+    read_partition,
+    reduce_edges,
+    write_edges,
+    write_knn,
+    write_partitioned,
+)
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_stage
 
 __all__ = ["DedupPlan", "dedup_stages", "explore", "read_keep_column", "pair_recall", "default_thresholds"]
 
@@ -92,7 +106,9 @@ def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
     col = col.combine_chunks()
     if col.null_count:
         bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputError(f"{piece.where(bad)}, column '{column}': null --keep-by value; fill it or choose another column")
+        raise InputError(
+            f"{piece.where(bad)}, column '{column}': null --keep-by value; fill it or choose another column"
+        )
     t = col.type
     if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t) or pa.types.is_time(t):
         values = col.cast(pa.int64()).to_numpy()
@@ -102,10 +118,14 @@ def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
         values = col.cast(pa.float64()).to_numpy()
         if np.isnan(values).any():
             bad = int(np.flatnonzero(np.isnan(values))[0])
-            raise InputError(f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column")
+            raise InputError(
+                f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column"
+            )
     else:
-        raise InputError(f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
-                         f"not {t}; choose another column")
+        raise InputError(
+            f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
+            f"not {t}; choose another column"
+        )
     with atomic_path(out) as tmp, open(tmp, "wb") as fh:
         np.save(fh, values)
 
@@ -229,7 +249,9 @@ def _choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: in
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: str, backend: str) -> np.ndarray:
+def _exact_pair_scores(
+    store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: str, backend: str
+) -> np.ndarray:
     y = store.gather_vectors(other)
     return backend_named(backend).exact_scores(x, y[:, None, :], metric)[:, 0] if rows.size else np.zeros(0, np.float32)
 
@@ -283,8 +305,21 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     if manifest.stage_info("dedup_params") not in (None, params):
         log.info("dedup settings changed (%s): regrouping from the existing join",
                  ", ".join(f"{k}={v}" for k, v in params.items()))
-        _clear(manifest, output, ["dedup_keep", "dedup_widen", "dedup_map", "dedup_pairs", "dedup_components",
-                                  "dedup_members", "dedup_assign", "dedup_groups"], ["_dedup", "pairs", "groups", "kept"])
+        _clear(
+            manifest,
+            output,
+            [
+                "dedup_keep",
+                "dedup_widen",
+                "dedup_map",
+                "dedup_pairs",
+                "dedup_components",
+                "dedup_members",
+                "dedup_assign",
+                "dedup_groups",
+            ],
+            ["_dedup", "pairs", "groups", "kept"],
+        )
     manifest.finish_stage("dedup_params", params)
     work = output / "_dedup"
     warm = None
@@ -539,7 +574,9 @@ def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, que
 
 def check_plan(plan: DedupPlan) -> None:
     if plan.metric == "cosine" and not -1.0 <= plan.threshold <= 1.0:
-        raise ConfigError(f"--threshold {plan.threshold}: cosine similarity lies in [-1, 1]; near-duplicates are ~0.9-1.0")
+        raise ConfigError(
+            f"--threshold {plan.threshold}: cosine similarity lies in [-1, 1]; near-duplicates are ~0.9-1.0"
+        )
     if plan.metric == "l2" and plan.threshold < 0:
         raise ConfigError(f"--threshold {plan.threshold}: a squared l2 distance is >= 0")
 
@@ -557,10 +594,13 @@ def attach_examples(examples: list[dict[str, Any]], dataset: Dataset, store: Row
         for p in np.unique(piece_of):
             piece = dataset.pieces[int(p)]
             try:
-                col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
+                col = (
+                    pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
+                )
             except (pa.ArrowInvalid, KeyError) as exc:
-                raise InputError(f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); "
-                                 "name an existing column") from None
+                raise InputError(
+                    f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); name an existing column"
+                ) from None
             local = rows[piece_of == p] - piece.start
             for r, v in zip(rows[piece_of == p].tolist(), col.take(pa.array(local)).to_pylist()):
                 texts[r] = v if not isinstance(v, str) or len(v) <= limit else v[:limit] + "…"

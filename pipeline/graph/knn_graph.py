@@ -19,26 +19,39 @@ from __future__ import annotations
 import logging
 import shutil
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path
-from pipeline.shuffle.components import component_sizes, connected_components
-from pipeline.shuffle.edges import (
-    FORWARD, REVERSE, Part, degree_histogram, in_mode, make_parts, map_edges, merge_histograms, part_starts, pieces_per_part,
-    read_edges, read_knn, reduce_edges, write_edges,
-)
 from pipeline.errors import ConfigError
-from pipeline.search.join import knn_path
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.search.join import knn_path
+from pipeline.shuffle.components import component_sizes, connected_components
+from pipeline.shuffle.edges import (
+    FORWARD,
+    REVERSE,
+    Part,
+    degree_histogram,
+    in_mode,
+    make_parts,
+    map_edges,
+    merge_histograms,
+    part_starts,
+    pieces_per_part,
+    read_edges,
+    read_knn,
+    reduce_edges,
+    write_edges,
+)
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_stage
 
 __all__ = ["GraphPlan", "graph_stages", "distances", "write_npz_stream"]
 
@@ -100,7 +113,9 @@ def _reduce_task(map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: R
 
 
 # streaming .npz ---------------------------------------------------------------------------------
-def write_npz_stream(path: Path, members: Sequence[tuple[str, np.dtype, tuple[int, ...], Iterable[np.ndarray]]]) -> None:
+def write_npz_stream(
+    path: Path, members: Sequence[tuple[str, np.dtype, tuple[int, ...], Iterable[np.ndarray]]]
+) -> None:
     """Write an ``.npz`` whose arrays arrive in chunks: ``(name, dtype, shape, chunks)`` each.
 
     Each member is a ``.npy`` written header first, then its chunks in C order, so the whole
@@ -109,7 +124,11 @@ def write_npz_stream(path: Path, members: Sequence[tuple[str, np.dtype, tuple[in
     with atomic_path(path) as tmp, zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
         for name, dtype, shape, chunks in members:
             with zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
-                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
+                header = {
+                    "descr": np.lib.format.dtype_to_descr(np.dtype(dtype)),
+                    "fortran_order": False,
+                    "shape": shape,
+                }
                 np.lib.format.write_array_header_2_0(fh, header)
                 written = 0
                 for chunk in chunks:

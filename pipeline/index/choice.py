@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import math
 import re
+from typing import Any, cast
 
 import faiss
 
@@ -113,7 +114,10 @@ def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
     encoder = make_index(encoding_key(key), d, metric)
     if encoding_key(key) != key:
         real = make_index(key, d, metric)  # keep the owner alive while reading its IVF layer
-        faiss.downcast_index(ivf_of(encoder)).by_residual = faiss.downcast_index(ivf_of(real)).by_residual
+        twin, source = ivf_of(encoder), ivf_of(real)
+        if twin is not None and source is not None:
+            ivf: Any = faiss.downcast_index(twin)  # SWIG: by_residual lives on the IVF subclass
+            ivf.by_residual = cast(Any, faiss.downcast_index(source)).by_residual
     return encoder
 
 

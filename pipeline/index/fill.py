@@ -16,21 +16,22 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
-from typing import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from pipeline.io.atomic import atomic_path
 from pipeline.backends import backend_named
 from pipeline.index.choice import encoding_key, ivf_of
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import Progress, run_tasks
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import Progress, run_tasks
 
 __all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
 
@@ -40,7 +41,9 @@ log = logging.getLogger(__name__)
 def fill_mode(key: str, encoder: faiss.Index) -> str:
     """How to fill an index of ``key`` whose pieces are encoded by ``encoder`` (see module doc)."""
     ivf = ivf_of(encoder)
-    if ivf is None or not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+    if ivf is None or ivf.invlists is None:
+        return "serial"
+    if not isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
         return "serial"
     if key != encoding_key(key):
         return "fastscan"
@@ -81,7 +84,9 @@ def _fill_piece(trained: str, store: RowStore, piece: Piece, out: str, backend: 
     return piece.rows
 
 
-def _fill_serial(trained: str, store: RowStore, pieces: Sequence[Piece], out: str, backend: str, threads: int | None) -> int:
+def _fill_serial(
+    trained: str, store: RowStore, pieces: Sequence[Piece], out: str, backend: str, threads: int | None
+) -> int:
     be = backend_named(backend)
     if threads:
         be.set_threads(threads)
@@ -112,7 +117,7 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
 
 
 def fill_index(
-    client: object, trained: Path, store: RowStore, pieces: Sequence[Piece], index_dir: Path,
+    client: Any, trained: Path, store: RowStore, pieces: Sequence[Piece], index_dir: Path,
     manifest: Manifest, mode: str, backend: str, threads: int | None,
 ) -> int:
     """Add every piece to the trained index and write ``index.faiss``; return its size."""
@@ -120,7 +125,16 @@ def fill_index(
     if info is not None:
         return int(info["ntotal"])
     if mode == "serial":
-        fut = client.submit(_fill_serial, str(trained), store, list(pieces), str(index_dir / "index.faiss"), backend, threads, pure=False)  # type: ignore[attr-defined]
+        fut = client.submit(
+            _fill_serial,
+            str(trained),
+            store,
+            list(pieces),
+            str(index_dir / "index.faiss"),
+            backend,
+            threads,
+            pure=False,
+        )
         ntotal = int(fut.result())
     else:
         parts_dir = index_dir / "parts"
@@ -132,7 +146,7 @@ def fill_index(
             on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
-        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)  # type: ignore[attr-defined]
+        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)
         ntotal = int(fut.result())
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
     manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode, "files": manifest.record(written)})

@@ -10,8 +10,9 @@ import errno
 import json
 import os
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from pipeline.errors import StorageError
 from pipeline.io.workdir import shown

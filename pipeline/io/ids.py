@@ -55,7 +55,9 @@ def n_buckets(total_rows: int) -> int:
     return max(1, -(-total_rows // BUCKET_ROWS))
 
 
-def write_key_buckets(keys: np.ndarray, first_row: int, nbuckets: int, directory: str | os.PathLike[str], piece: int) -> None:
+def write_key_buckets(
+    keys: np.ndarray, first_row: int, nbuckets: int, directory: str | os.PathLike[str], piece: int
+) -> None:
     """Write this piece's (key, global row) pairs, one file per bucket."""
     rows = np.arange(first_row, first_row + keys.size, dtype=np.int64)
     bucket = (_mix(keys) % np.uint64(nbuckets)).astype(np.int64)

@@ -16,10 +16,10 @@ import pyarrow as pa
 
 from pipeline.errors import InputError
 from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_tasks
 
 __all__ = ["scan_dataset", "prepare_vectors"]
 
@@ -80,7 +80,9 @@ def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
     return [key_dir / f"b{b:04d}" / f"p{piece:05d}.npy" for b in range(nbuckets)]
 
 
-def scan_dataset(client: object, dataset: Dataset, store: RowStore, metric: str, manifest: Manifest, stage: str = "scan") -> int:
+def scan_dataset(
+    client: object, dataset: Dataset, store: RowStore, metric: str, manifest: Manifest, stage: str = "scan"
+) -> int:
     """Scan every piece not yet scanned; check ids; return the vector dimension."""
     info = manifest.stage_info(stage)
     if info is not None:

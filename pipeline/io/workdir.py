@@ -22,8 +22,8 @@ import os
 import shutil
 import socket
 import time
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
 
 from pipeline.errors import ConfigError, ResumeError
 
@@ -106,9 +106,13 @@ def remove_owned(directory: Path, owned: frozenset[str], keep: str | None = None
     """Delete what the tool wrote in ``directory`` (``keep`` and logs excepted); refuse if anything else is there."""
     unknown = unknown_entries(directory, owned, keep)
     if unknown:
-        listed = ", ".join(shown(n) for n in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
-        raise ResumeError(f"{shown(directory)} holds files this tool did not write ({listed}); --overwrite removes only "
-                          "its own outputs: move those away or choose another directory")
+        listed = ", ".join(shown(n) for n in unknown[:5]) + (
+            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+        )
+        raise ResumeError(
+            f"{shown(directory)} holds files this tool did not write ({listed}); --overwrite removes only "
+            "its own outputs: move those away or choose another directory"
+        )
     if not directory.is_dir():
         return
     for child in directory.iterdir():

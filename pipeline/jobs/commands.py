@@ -16,22 +16,30 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path
 from pipeline.backends import gpu_count, select_backend
 from pipeline.cluster.clients import dask_client
 from pipeline.config import Config
-from pipeline.dedup.groups import DedupPlan, attach_examples, check_plan, dedup_stages, default_thresholds, explore, pair_recall
+from pipeline.dedup.groups import (
+    DedupPlan,
+    attach_examples,
+    check_plan,
+    dedup_stages,
+    default_thresholds,
+    explore,
+    pair_recall,
+)
 from pipeline.errors import ConfigError, PipelineError
-from pipeline.search.exact import recall_summary
 from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
 from pipeline.graph.knn_graph import check_plan as check_graph_plan
-from pipeline.stages.manifest import LOG_DIR, Manifest
-from pipeline.report import write_report
-from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import plan_dataset, resolve_paths
 from pipeline.io.store import RowStore
-from pipeline.search.tuning import draw_sample, search_sample
 from pipeline.io.workdir import check_locations, locked
+from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
+from pipeline.report import write_report
+from pipeline.search.exact import recall_summary
+from pipeline.search.tuning import draw_sample, search_sample
+from pipeline.stages.manifest import LOG_DIR, Manifest
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 
@@ -54,7 +62,9 @@ def _cluster(config: Config, backend: str) -> Any:
     return dask_client(config.cluster, _logs(config), gpu_count() if backend == "gpu" else 0)
 
 
-def _finish(output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float) -> dict[str, Any]:
+def _finish(
+    output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float
+) -> dict[str, Any]:
     wall = time.monotonic() - started
     report = {
         "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
@@ -209,8 +219,11 @@ def graph(config: Config) -> dict[str, Any]:
             t0 = time.monotonic()
             sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
                                  True, True, config.index.seed)
-            result["recall"] = {"k": plan.k, "queries": len(sample.truth),
-                                "graph_recall": round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4)}
+            result["recall"] = {
+                "k": plan.k,
+                "queries": len(sample.truth),
+                "graph_recall": round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4),
+            }
             timings.add("graph_recall", time.monotonic() - t0)
             log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
                      result["recall"]["graph_recall"], plan.k)
@@ -252,11 +265,15 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, 
                 query_store = built.store
             else:
                 info = manifest.stage_info("scan_queries")
+                if info is None:
+                    raise PipelineError(f"{table.parent}: the query scan never finished; run the `join` again")
                 query_store = RowStore(table.parent / "_queries", np.array(info["starts"]), info["rows"])
             sample = draw_sample(client, built.store, query_store, n, k, built.metric, exclude_self, self_join,
                                  config.index.seed)
             wanted = sample.ids.to_pylist()
-            found_table = pq.read_table(table, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", wanted)])
+            found_table = pq.read_table(
+                table, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", wanted)]
+            )
             by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
             missing = [q for q in wanted if q not in by_id]
             if missing:

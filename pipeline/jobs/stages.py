@@ -16,33 +16,33 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.io.atomic import atomic_path
 from pipeline.backends import backend_named
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.index.fill import fill_index, fill_mode
 from pipeline.index.choice import (
     check_training_rows,
     default_index_key,
-    explain_index_key,
     default_nprobe,
     default_rerank,
+    explain_index_key,
     ivf_of,
     make_encoder,
     make_index,
     nlist_of,
     training_rows,
 )
-from pipeline.search.join import SearchPlan, join_pieces
-from pipeline.stages.manifest import Manifest
-from pipeline.report import peak_rss
+from pipeline.index.fill import fill_index, fill_mode
 from pipeline.index.sampling import load_sample, sample_rows
-from pipeline.io.scan import scan_dataset
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, plan_dataset
+from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
-from pipeline.search.tuning import choose, draw_sample, settings_grid, sweep
 from pipeline.io.workdir import shown
+from pipeline.report import peak_rss
+from pipeline.search.join import SearchPlan, join_pieces
+from pipeline.search.tuning import choose, draw_sample, settings_grid, sweep
+from pipeline.stages.manifest import Manifest
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
@@ -87,7 +87,9 @@ def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int)
     need = search.k + (1 if search.exclude_self else 0)
     if need > ntotal:
         extra = " (+1 for --exclude-self)" if search.exclude_self else ""
-        raise ConfigError(f"--k {search.k}{extra} asks for more neighbours than the {ntotal} vectors indexed; lower --k")
+        raise ConfigError(
+            f"--k {search.k}{extra} asks for more neighbours than the {ntotal} vectors indexed; lower --k"
+        )
     nlist = nlist_of(index)
     if search.nprobe is not None:
         if nlist is None:
@@ -98,7 +100,17 @@ def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int)
             )
 
 
-def _train_task(key: str, dim: int, metric: str, store: RowStore, rows: np.ndarray, seed: int, out: str, backend: str, threads: int | None) -> None:
+def _train_task(
+    key: str,
+    dim: int,
+    metric: str,
+    store: RowStore,
+    rows: np.ndarray,
+    seed: int,
+    out: str,
+    backend: str,
+    threads: int | None,
+) -> None:
     be = backend_named(backend)
     if threads:
         be.set_threads(threads)
@@ -178,7 +190,11 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if done is not None:  # resumed: report the reason recorded when this key was chosen
         why = done["why"]
     else:
-        why = explain_index_key(dataset.total_rows, dim, budget, backend == "gpu") if spec.key == "auto" else "given by index_key"
+        why = (
+            explain_index_key(dataset.total_rows, dim, budget, backend == "gpu")
+            if spec.key == "auto"
+            else "given by index_key"
+        )
     info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
             "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
     manifest.finish_stage("index", info)
@@ -209,8 +225,10 @@ def open_index(index_dir: Path) -> BuiltIndex:
                             f"{shown(index_dir)}")
     fill = manifest.stage_info("fill") or {}
     if manifest.lost_pieces("scan") or not manifest.files_intact(fill.get("files", [])):
-        raise PipelineError(f"{shown(index_dir)}: index or row-store files are missing or truncated; run `build` "
-                            "again with the same --input and settings to repair them (only the damaged parts are redone)")
+        raise PipelineError(
+            f"{shown(index_dir)}: index or row-store files are missing or truncated; run `build` "
+            "again with the same --input and settings to repair them (only the damaged parts are redone)"
+        )
     ident = manifest.data["identity"]
     files = ident["input"]["files"]
     # the indexed dataset as recorded; its files are not re-read (only the row store is)
@@ -218,7 +236,9 @@ def open_index(index_dir: Path) -> BuiltIndex:
                       vector_column=ident["input"]["vector_column"], dim=info["dim"], id_kind="",
                       total_rows=info["ntotal"])
     store = RowStore(index_dir / "store", np.array(info["starts"], dtype=np.int64), info["ntotal"])
-    log.info("index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files))
+    log.info(
+        "index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files)
+    )
     return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],
                       info["nlist"], info["rerank_default"], ident, info.get("why", "given by index_key"))
 
@@ -339,7 +359,9 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
         rerank_on = plan.rerank > 0
         curve = sweep(client, plan, built.store, tune, settings_grid(built.nlist, rerank_on))
         for p in curve:
-            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f  %.0f queries/s", p.nprobe, p.rerank, plan.k, p.recall, p.qps)
+            log.info(
+                "  nprobe=%-5s rerank=%-2d recall@%d=%.3f  %.0f queries/s", p.nprobe, p.rerank, plan.k, p.recall, p.qps
+            )
         chosen = choose(curve, target, built.key)
         plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
         log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning sample)", target,

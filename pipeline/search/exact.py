@@ -7,7 +7,8 @@ sample times k, never the dataset.
 
 from __future__ import annotations
 
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import faiss
 import numpy as np
@@ -18,7 +19,9 @@ from pipeline.io.store import RowStore
 __all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary"]
 
 
-def _exact_piece(store: RowStore, piece: int, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def _exact_piece(
+    store: RowStore, piece: int, queries: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one piece; higher scores first (l2 negated)."""
     x = store.vectors(piece)
     # faiss.knn works through the piece in blocks: memory stays bounded, BLAS does the work
@@ -35,7 +38,9 @@ def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
 
 
-def exact_knn(client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def exact_knn(
+    client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, k: int, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, global rows) of ``queries`` over every stored piece.
 
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
@@ -45,7 +50,9 @@ def exact_knn(client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, 
     return (-scores if metric == "l2" else scores), rows
 
 
-def recall_at_k(found: np.ndarray | list[Sequence[Any]], truth: np.ndarray | list[Sequence[Any]], k: int) -> float:
+def recall_at_k(
+    found: np.ndarray | Sequence[Sequence[Any]], truth: np.ndarray | Sequence[Sequence[Any]], k: int
+) -> float:
     """Mean share of each query's true ``k`` neighbours present among its first ``k`` found."""
     hits = [len(set(list(f)[:k]) & set(list(t)[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
     return float(np.mean(hits)) if hits else float("nan")

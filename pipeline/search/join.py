@@ -9,9 +9,9 @@ global rows back to input ids and writes ``part-NNNNN.parquet`` atomically.
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import faiss
 import numpy as np
@@ -19,14 +19,14 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path
 from pipeline.backends import backend_named
-from pipeline.shuffle.edges import write_knn
 from pipeline.index.fill import load_index
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
+from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.shuffle.edges import write_knn
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_tasks
 
 __all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
            "BATCH_BYTES"]

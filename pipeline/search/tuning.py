@@ -10,15 +10,16 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.io.store import RowStore
 from pipeline.search.exact import exact_knn, recall_at_k
 from pipeline.search.join import SearchPlan, _index_for, search_batch
-from pipeline.io.store import RowStore
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "search_sample", "choose", "settings_grid",
            "TargetNotReached"]
@@ -56,11 +57,11 @@ class RecallSample:
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
     truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
 
-    def split(self) -> tuple["RecallSample", "RecallSample"]:
+    def split(self) -> tuple[RecallSample, RecallSample]:
         half = len(self.truth) // 2
         return self.take(slice(0, half)), self.take(slice(half, None))
 
-    def take(self, sel: slice) -> "RecallSample":
+    def take(self, sel: slice) -> RecallSample:
         return RecallSample(self.vectors[sel], self.ids[sel], None if self.rows is None else self.rows[sel],
                             self.truth[sel], self.truth_scores[sel])
 

@@ -14,9 +14,10 @@ lists as joined.
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -25,9 +26,27 @@ import pyarrow.parquet as pq
 from pipeline.io.atomic import atomic_path
 
 __all__ = [
-    "FORWARD", "REVERSE", "MODES", "passes", "write_knn", "read_knn", "read_knn_src", "write_partitioned", "read_partition",
-    "map_edges", "reduce_edges", "write_edges", "read_edges", "gather_1d", "degree_histogram", "in_mode",
-    "merge_histograms", "Part", "pieces_per_part", "make_parts", "part_starts",
+    "FORWARD",
+    "REVERSE",
+    "MODES",
+    "passes",
+    "write_knn",
+    "read_knn",
+    "read_knn_src",
+    "write_partitioned",
+    "read_partition",
+    "map_edges",
+    "reduce_edges",
+    "write_edges",
+    "read_edges",
+    "gather_1d",
+    "degree_histogram",
+    "in_mode",
+    "merge_histograms",
+    "Part",
+    "pieces_per_part",
+    "make_parts",
+    "part_starts",
 ]
 
 FORWARD, REVERSE = 1, 2  # flag bits: the edge came from the source's list / from the target's list
@@ -42,9 +61,11 @@ def passes(scores: np.ndarray, threshold: float | None, metric: str) -> np.ndarr
 
 
 # row-form neighbour lists, written by the join ---------------------------------------------
-def write_knn(path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray, src: np.ndarray | None = None) -> None:
+def write_knn(
+    path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray, src: np.ndarray | None = None
+) -> None:
     """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole piece."""
-    extra = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
+    extra: dict[str, Any] = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
@@ -182,7 +203,9 @@ def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_
     return {"edges": int(len(src) // 2), "saturated": saturated}
 
 
-def reduce_edges(map_dirs: Sequence[str], part: int, metric: str, mode: str) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def reduce_edges(
+    map_dirs: Sequence[str], part: int, metric: str, mode: str
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The edges whose source row lies in partition ``part``, one per (src, dst), sorted.
 
     Returns (src, dst, score, flags); ``flags`` has FORWARD and/or REVERSE set. Where both

@@ -12,11 +12,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
-from pipeline.io.atomic import remove_stale_temps, write_json
 from pipeline.errors import ResumeError
+from pipeline.io.atomic import remove_stale_temps, write_json
 from pipeline.io.workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
 
 __all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]

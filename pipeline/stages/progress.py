@@ -9,14 +9,27 @@ from __future__ import annotations
 import logging
 import sys
 import time
-from typing import Any, Callable, Sequence, TypeVar
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
 
 __all__ = ["Progress", "configure", "run_tasks", "run_stage"]
 
 log = logging.getLogger(__name__)
-T = TypeVar("T")
+
+
+class WorkItem(Protocol):
+    """What a stage runs per task: a piece of the input or a partition of pieces."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+
+T = TypeVar("T", bound=WorkItem)
 _LIVE = False
 
 
@@ -28,7 +41,9 @@ def configure(live: bool) -> None:
 
 def _duration(seconds: float) -> str:
     seconds = int(max(seconds, 0))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    return (
+        f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
+    )
 
 
 class Progress:
@@ -76,7 +91,7 @@ def run_tasks(
     label: str,
     args: Callable[[T], tuple[Any, ...]],
     on_done: Callable[[T, Any], None] | None = None,
-    rows: Callable[[T], int] = lambda item: int(getattr(item, "rows")),
+    rows: Callable[[T], int] = lambda item: int(item.rows),
 ) -> float:
     """Run ``fn(*args(item))`` for every item on the cluster, reporting rows done.
 
@@ -113,9 +128,9 @@ def run_stage(client: Any, manifest: Any, stage: str, items: Sequence[T], fn: Ca
     done = manifest.done_pieces(stage)
 
     def finished(item: T, result: Any) -> None:
-        manifest.mark_piece(stage, getattr(item, "index"), files(item), result)
+        manifest.mark_piece(stage, item.index, files(item), result)
 
-    run_tasks(client, fn, [p for p in items if getattr(p, "index") not in done], stage, args=args, on_done=finished)
+    run_tasks(client, fn, [p for p in items if p.index not in done], stage, args=args, on_done=finished)
     manifest.finish_stage(stage, {})
     if results is not None:
         results.update(manifest.piece_results(stage))
