@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import faiss
 import numpy as np
 import pyarrow as pa
@@ -153,3 +156,63 @@ def test_every_fill_mode_end_to_end(make_config, dataset_dir, vectors, key, metr
         )
         >= 0.95
     )
+
+
+def test_gathers_over_many_pieces_stay_under_the_open_file_limit(tmp_path):
+    """Each mapped piece holds a descriptor: the per-process map caches are sized from RLIMIT_NOFILE."""
+    import numpy as np
+    import pyarrow as pa
+
+    from pipeline.io.store import RowStore
+
+    pieces, rows = 400, 3
+    store = RowStore(tmp_path / "store", np.arange(pieces) * rows, pieces * rows)
+    for p in range(pieces):
+        store.write_piece(p, pa.array(np.arange(p * rows, (p + 1) * rows)), np.full((rows, 4), p, dtype=np.float32))
+    script = f"""
+import resource
+resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
+import numpy as np
+from pipeline.io.store import RowStore
+store = RowStore({str(tmp_path / 'store')!r}, np.arange({pieces}) * {rows}, {pieces * rows})
+for _ in range(2):
+    got = store.gather_vectors(np.arange({pieces}) * {rows})
+    assert (got[:, 0] == np.arange({pieces})).all()
+    ids = store.gather_ids(np.arange({pieces}) * {rows} + 1)
+    assert ids.to_pylist() == list(np.arange({pieces}) * {rows} + 1)
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "ok" in proc.stdout, proc.stderr[-2000:]
+
+
+def test_searches_never_change_the_shared_index_and_run_concurrently_with_other_settings(tmp_path):
+    import threading
+
+    from pipeline.search.join import SearchPlan, search_batch, shared_index
+
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((4000, 16)).astype(np.float32)
+    index = faiss.index_factory(16, "IVF64,Flat")
+    index.train(x)
+    index.add(x)
+    faiss.write_index(index, str(tmp_path / "index.faiss"))
+    plans = [SearchPlan(str(tmp_path), "l2", 5, nprobe, 0, False, True) for nprobe in (1, 64)]
+    shared = shared_index(plans[0])
+    q, ids = x[:200], pa.array(np.arange(200))
+    alone = [search_batch(shared, p, q, np.arange(200), ids, None)[2] for p in plans]
+    assert not np.array_equal(alone[0], alone[1])  # the settings matter
+    assert faiss.extract_index_ivf(shared).nprobe == 1  # the cached index was not modified
+    mismatches = []
+
+    def worker(i: int) -> None:
+        for _ in range(25):
+            if not np.array_equal(search_batch(shared, plans[i], q, np.arange(200), ids, None)[2], alone[i]):
+                mismatches.append(i)
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not mismatches

@@ -24,8 +24,10 @@ class CpuBackend:
         else:
             index.add_with_ids(x, ids)
 
-    def search(self, index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return index.search(x, k)
+    def search(
+        self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        return index.search(x, k, params=params)
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
         """Scores of each query against its own candidates: ``q`` (n, d), ``candidates`` (n, c, d).

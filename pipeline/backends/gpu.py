@@ -259,18 +259,24 @@ class GpuBackend:
             _clones[key] = (index, clone)
         return clone
 
-    def search(self, index: faiss.Index, x: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def search(
+        self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
         ivf = ivf_of(index)
-        nprobe = int(cast(Any, faiss.downcast_index(ivf)).nprobe) if ivf is not None else 0
+        given = getattr(params, "nprobe", None)
+        nprobe = 0
+        if ivf is not None:
+            nprobe = int(given if given is not None else cast(Any, faiss.downcast_index(ivf)).nprobe)
         if k > GPU_MAX_K or nprobe > GPU_MAX_K:
             self._warn_once(f"searching on the CPU: k={k}, nprobe={nprobe} (the GPU kernels take at most {GPU_MAX_K})")
-            return self._cpu.search(index, x, k)
+            return self._cpu.search(index, x, k, params)
         clone = self._clone(index)
         if clone is None:
-            return self._cpu.search(index, x, k)
-        if ivf is not None:
-            faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
-        return clone.search(x, k)
+            return self._cpu.search(index, x, k, params)
+        with _search_lock(self.device):  # the clone is shared by the process: nprobe is set per call
+            if ivf is not None:
+                faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
+            return clone.search(x, k)
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
         """As :meth:`CpuBackend.exact_scores`, as one batched matrix product on the GPU (CuPy)."""
@@ -286,6 +292,14 @@ class GpuBackend:
             if metric == "l2":
                 dots = (cd * cd).sum(axis=2) - 2 * dots + (qd * qd).sum(axis=1)[:, None]
             return cupy.asnumpy(dots.astype(cupy.float32))
+
+
+_search_locks: dict[int, threading.Lock] = {}
+
+
+def _search_lock(device: int) -> threading.Lock:
+    with _lock:
+        return _search_locks.setdefault(device, threading.Lock())
 
 
 def _index_bytes(index: faiss.Index) -> int:

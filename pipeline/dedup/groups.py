@@ -37,7 +37,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
-from pipeline.search.join import SearchPlan, _index_for, knn_path, search_batch, to_padded
+from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.shuffle.components import connected_components, label_path
 from pipeline.shuffle.edges import (
     Part,
@@ -491,7 +491,7 @@ def _widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path,
     while todo.size and width < cap:
         width = min(cap, width * 4)
         wide = replace(plan, k=width, knn_dir=None)
-        index = _index_for(wide)
+        index = shared_index(wide)
         lists_rows = np.full((todo.size, width), -1, dtype=np.int64)
         lists_scores = np.full((todo.size, width), np.nan, dtype=np.float32)
         for lo in range(0, todo.size, 256):

@@ -8,6 +8,7 @@ global row number (re-ranking, samples) go through memory maps kept open per pro
 from __future__ import annotations
 
 import os
+import resource
 from functools import lru_cache
 from pathlib import Path
 
@@ -100,18 +101,29 @@ class RowStore:
         return grouped.take(pa.array(inverse))
 
 
+def _map_budget() -> tuple[int, int]:
+    """How many vector and id files a process keeps mapped: a quarter of its open-file limit
+    (each map holds a descriptor; sockets, Parquet readers and FAISS need the rest)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    maps = max(8, (4096 if soft == resource.RLIM_INFINITY else soft) // 4)
+    return max(4, maps * 3 // 4), max(2, maps // 4)
+
+
+_VECTOR_MAPS, _ID_MAPS = _map_budget()
+
+
 def _stamp(path: Path) -> tuple[str, int, int]:
     """Cache key: a rewritten file (same name, new content) is opened afresh."""
     st = path.stat()
     return str(path), st.st_mtime_ns, st.st_size
 
 
-@lru_cache(maxsize=1024)
+@lru_cache(maxsize=_VECTOR_MAPS)
 def _open_npy(path: str, mtime_ns: int, size: int) -> np.ndarray:
     return np.load(path, mmap_mode="r")
 
 
-@lru_cache(maxsize=256)
+@lru_cache(maxsize=_ID_MAPS)
 def _open_ids(path: str, mtime_ns: int, size: int) -> pa.Array:
     column = pa.ipc.open_file(pa.memory_map(path, "r")).read_all().column("id")
     return column.chunk(0) if column.num_chunks == 1 else column.combine_chunks()

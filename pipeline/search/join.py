@@ -12,6 +12,7 @@ import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, cast
 
 import faiss
 import numpy as np
@@ -29,7 +30,7 @@ from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
 
 __all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
-           "BATCH_BYTES"]
+           "BATCH_BYTES", "shared_index", "search_params"]
 
 log = logging.getLogger(__name__)
 
@@ -60,11 +61,27 @@ def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
     return min(want, ntotal)
 
 
-def _index_for(plan: SearchPlan) -> faiss.Index:
-    index = load_index(plan.index_dir)
-    if plan.nprobe is not None:
-        faiss.ParameterSpace().set_index_parameter(index, "nprobe", plan.nprobe)
-    return index
+def shared_index(plan: SearchPlan) -> faiss.Index:
+    """The plan's index, loaded once per process and shared by its tasks: never modified (the
+    search settings travel with each call, see :func:`search_params`)."""
+    return load_index(plan.index_dir)
+
+
+def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParameters | None:
+    """Per-call search settings for ``index``: ``nprobe`` for its IVF layer (through a refine
+    wrapper too), so concurrent searches with other settings never race on a shared index."""
+    if nprobe is None or faiss.try_extract_index_ivf(index) is None:
+        return None
+    ivf = faiss.SearchParametersIVF()
+    ivf.nprobe = int(nprobe)
+    outer = faiss.downcast_index(index)
+    if isinstance(outer, faiss.IndexRefine):
+        refine = faiss.IndexRefineSearchParameters()
+        refine.k_factor = float(outer.k_factor)
+        refine.base_index_params = ivf
+        cast(Any, refine).keep = ivf  # FAISS holds a raw pointer: the base parameters must live as long
+        return refine
+    return ivf
 
 
 def search_batch(
@@ -78,7 +95,7 @@ def search_batch(
     """
     be = backend_named(plan.backend)
     width = candidates_per_query(plan, int(index.ntotal))
-    scores, rows = be.search(index, q, width)
+    scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
     valid = rows >= 0
     if plan.rerank:
@@ -119,7 +136,7 @@ def _join_piece(
     be = backend_named(plan.backend)
     if plan.threads:
         be.set_threads(plan.threads)
-    index = _index_for(plan)
+    index = shared_index(plan)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
     short = 0

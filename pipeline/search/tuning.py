@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
 from pipeline.search.exact import exact_knn, recall_at_k
-from pipeline.search.join import SearchPlan, _index_for, search_batch
+from pipeline.search.join import SearchPlan, search_batch, shared_index
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "search_sample", "choose", "settings_grid",
            "TargetNotReached"]
@@ -103,7 +103,7 @@ def settings_grid(nlist: int | None, rerank_on: bool, max_nprobe: int = 2048) ->
 
 def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> tuple[list[list[Any]], float]:
     """The sample's neighbour ids under ``plan`` (one list per query) and the search time."""
-    index = _index_for(plan)
+    index = shared_index(plan)
     start = time.perf_counter()
     offsets, _, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
     seconds = time.perf_counter() - start
