@@ -201,8 +201,9 @@ def test_gpu_requested_without_gpu(make_config, dataset_dir):
 
     if gpu_count():
         pytest.skip("a GPU is present")
-    with pytest.raises(DeviceError, match=r"--device gpu: this faiss (is a CPU-only build|build has GPU support but "
-                                          r"sees no CUDA device).*--device cpu"):
+    with pytest.raises(DeviceError, match=r"--device gpu: Dask worker \S+ on \S+ has no usable GPU \(this faiss "
+                                          r"(is a CPU-only build|build has GPU support but sees no CUDA device).*\), "
+                                          r"nor do 1 other worker\(s\); .*--device auto or cpu"):
         run(make_config(input=str(dataset_dir), device="gpu"))
 
 

@@ -115,3 +115,31 @@ def test_worker_script_run_under_bash_never_runs_the_interpreter_value_as_code(t
     proc = subprocess.run(["bash", str(script)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 127 and "No such file or directory" in proc.stderr  # the whole value is the command
     assert not marker.exists()
+
+
+def test_each_worker_chooses_its_device_and_says_why(dask_address):
+    """The plugin runs on the workers: their answer counts, not the driver's."""
+    from distributed import Client
+
+    from pipeline.backends.gpu import gpu_runtime_problem
+    from pipeline.backends.worker import install_device
+
+    with Client(dask_address) as client:
+        devices = install_device(client, "auto", 1)
+        assert len(devices) == 2 and {d.backend for d in devices} == {"cpu"}
+        assert all(d.reason == gpu_runtime_problem() and d.faiss_threads == 1 for d in devices)
+        assert [d.backend for d in install_device(client, "cpu", None)] == ["cpu", "cpu"]
+
+
+def test_a_driver_that_sees_a_gpu_still_runs_what_the_workers_have(make_config, dataset_dir, monkeypatch):
+    """The driver's own environment decides nothing: here it claims a GPU, the workers have none."""
+    import pipeline.backends.gpu
+    import pipeline.cluster.clients
+    from pipeline import run
+
+    monkeypatch.setattr(pipeline.backends.gpu, "gpu_runtime_problem", lambda: None)
+    monkeypatch.setattr(pipeline.cluster.clients, "gpu_runtime_problem", lambda: None)
+    report = run(make_config(input=str(dataset_dir), k=3, index_key="Flat", device="auto"))
+    assert report["search"]["backend"] == "cpu"
+    assert len(report["devices"]) == 2 and all(d["backend"] == "cpu" for d in report["devices"])
+    assert all("CPU-only build" in d["reason"] or "no CUDA device" in d["reason"] for d in report["devices"])

@@ -13,7 +13,7 @@ import faiss
 import numpy as np
 import pytest
 
-from pipeline.backends import CpuBackend, GpuBackend, select_backend
+from pipeline.backends import CpuBackend, GpuBackend
 from pipeline.backends.gpu import (
     GPU_MAX_K,
     add_with_assignments,
@@ -22,7 +22,6 @@ from pipeline.backends.gpu import (
     gpu_search_limits,
     train_with_assigner,
 )
-from pipeline.errors import DeviceError
 from pipeline.index.choice import FAISS_METRICS, default_index_key, make_index
 from pipeline.io.sample_data import clustered_vectors
 
@@ -149,12 +148,10 @@ def test_gpu_backend_searches_on_the_cpu_with_the_reason(case, caplog):
 
 
 @pytest.mark.skipif(gpu_runtime_problem() is None, reason="a GPU is visible here")
-def test_device_choice_without_a_gpu(caplog):
+def test_device_choice_without_a_gpu():
+    from pipeline.backends.worker import choose
+
     problem = gpu_runtime_problem()
     assert problem and ("CPU-only build" in problem or "no CUDA device" in problem)
-    with caplog.at_level("INFO", logger="pipeline.backends"):
-        assert isinstance(select_backend("auto"), CpuBackend)
-    assert f"device: cpu ({problem})" in caplog.text
-    with pytest.raises(DeviceError, match="--device gpu: .*--device cpu"):
-        select_backend("gpu")
-    assert isinstance(select_backend("cpu"), CpuBackend)
+    assert choose("auto") == ("cpu", problem) and choose("gpu") == ("cpu", problem)
+    assert choose("cpu") == ("cpu", "--device cpu")

@@ -14,13 +14,16 @@ import sys
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import dask
 from dask.utils import format_bytes
 from distributed import Client, Future, KilledWorker, LocalCluster, WorkerPlugin
 
+from pipeline.backends import gpu_count
+from pipeline.backends.gpu import gpu_runtime_problem
+from pipeline.backends.worker import WorkerDevice, install_device
 from pipeline.config import ClusterSpec, JobQueueSpec
 from pipeline.errors import ConfigError, PipelineError
 
@@ -34,8 +37,14 @@ PAUSE_GRACE_S = 10.0  # a worker paused for memory this long ends the job
 @dataclass(frozen=True)
 class ClusterInfo:
     workers: int
-    faiss_threads: int | None  # per worker; None: leave FAISS's default (remote clusters)
+    faiss_threads: int | None  # per worker; None: the worker's Dask threads (remote clusters)
     dashboard: str | None
+    devices: tuple[WorkerDevice, ...] = ()  # what each worker runs on, decided on the worker
+
+    @property
+    def backend(self) -> str:
+        """``gpu`` when every worker runs on a GPU (the plan may assume GPU kernels), else ``cpu``."""
+        return "gpu" if self.devices and all(d.backend == "gpu" for d in self.devices) else "cpu"
 
 
 def local_layout(spec: ClusterSpec, cpus: int | None = None, gpus: int = 0) -> tuple[int, int]:
@@ -83,7 +92,7 @@ def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
 
 
 @contextlib.contextmanager
-def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iterator[tuple[Client, ClusterInfo]]:
+def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
     """The job's cluster (see :func:`_start`), watched for memory trouble.
 
     A worker whose memory limit cannot even hold its imports is refused up front with the
@@ -91,8 +100,9 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) ->
     (it would wait forever: this job's tasks keep their memory) or that dies repeatedly (a nanny
     restarts a worker over 95% of its limit) ends the job with one line saying so.
     """
-    with _start(spec, log_dir, gpus) as (client, info):
+    with _start(spec, log_dir) as (client, info):
         check_memory_floor(client, 0)
+        info = replace(info, devices=tuple(install_device(client, spec.device, info.faiss_threads)))
         watchdog = _PauseWatchdog(client)
         watchdog.start()
         try:
@@ -185,7 +195,7 @@ class _PauseWatchdog(threading.Thread):
 
 
 @contextlib.contextmanager
-def _start(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iterator[tuple[Client, ClusterInfo]]:
+def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Client, ClusterInfo]]:
     """Start (and stop) the cluster of ``spec.kind``, or connect to ``spec.scheduler_address``.
 
     slurm / pbs: worker jobs are asked for through dask-jobqueue (fixed ``jobs``, or adaptive
@@ -232,6 +242,8 @@ def _start(spec: ClusterSpec, log_dir: str | None = None, gpus: int = 0) -> Iter
             log.info("joined Dask scheduler %s (%d workers)", spec.scheduler_address, n)
             yield client, ClusterInfo(n, spec.threads_per_worker, client.dashboard_link)
         return
+    # the embedded cluster runs on this machine: one worker per GPU it can use
+    gpus = gpu_count() if spec.device != "cpu" and gpu_runtime_problem() is None else 0
     workers, threads = local_layout(spec, gpus=gpus)
     # one worker gains nothing from its own process (FAISS and NumPy release the GIL) and would
     # cost a nanny and a second interpreter; several workers get a process each

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.backends import backend_named
+from pipeline.backends.worker import worker_device
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece
@@ -76,7 +76,6 @@ class DedupPlan:
     metric: str
     keep_by: str | None
     keep_order: str  # max | min
-    backend: str = "cpu"
 
 
 def default_thresholds(metric: str, threshold: float | None) -> list[float]:
@@ -249,11 +248,12 @@ def _choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: in
     return {int(v): int(c) for v, c in zip(values, counts)}
 
 
-def _exact_pair_scores(
-    store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: str, backend: str
-) -> np.ndarray:
+def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: str) -> np.ndarray:
+    if not rows.size:
+        return np.zeros(0, np.float32)
     y = store.gather_vectors(other)
-    return backend_named(backend).exact_scores(x, y[:, None, :], metric)[:, 0] if rows.size else np.zeros(0, np.float32)
+    with worker_device() as be:
+        return be.exact_scores(x, y[:, None, :], metric)[:, 0]
 
 
 def _groups_task(assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store: RowStore, groups: str,
@@ -270,7 +270,7 @@ def _groups_task(assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store:
     score = np.full(part.rows, np.nan, dtype=np.float32)
     if linked.size:
         x = store.gather_vectors(rows[linked])
-        score[linked] = _exact_pair_scores(store, linked, x, rep[linked], plan.metric, plan.backend)
+        score[linked] = _exact_pair_scores(store, linked, x, rep[linked], plan.metric)
     table = pa.table({
         "id": ids, "group_id": pa.array(rep), "representative_id": store.gather_ids(rep),
         "is_kept": pa.array(kept), "score_to_representative": pa.array(score, mask=rep == rows),
@@ -564,8 +564,9 @@ def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, que
     if found:
         fa = np.array([a for a, _ in found])
         fb = np.array([b for _, b in found])
-        sc = backend_named(plan.backend).exact_scores(store.gather_vectors(fa), store.gather_vectors(fb)[:, None, :],
-                                                      plan.metric)[:, 0]
+        xa, xb = store.gather_vectors(fa), store.gather_vectors(fb)
+        with worker_device() as be:
+            sc = be.exact_scores(xa, xb[:, None, :], plan.metric)[:, 0]
         wrong = int((~passes(sc, plan.threshold, plan.metric)).sum())
     hit = len(exact & found)
     return {"queries": int(rows.size), "exact_pairs": len(exact), "found_pairs": len(found),

@@ -25,7 +25,7 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
-from pipeline.backends import backend_named
+from pipeline.backends.worker import worker_device
 from pipeline.index.choice import encoding_key, ivf_of
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
@@ -73,27 +73,22 @@ def _write(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def _fill_piece(trained: str, store: RowStore, piece: Piece, out: str, backend: str, threads: int | None) -> int:
-    be = backend_named(backend)
-    if threads:
-        be.set_threads(threads)
+def _fill_piece(trained: str, store: RowStore, piece: Piece, out: str) -> int:
     index = faiss.clone_index(read_cached(trained))
     x = np.ascontiguousarray(store.vectors(piece.index))
-    be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
+    with worker_device() as be:
+        be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
     _write(index, Path(out))
     return piece.rows
 
 
-def _fill_serial(
-    trained: str, store: RowStore, pieces: Sequence[Piece], out: str, backend: str, threads: int | None
-) -> int:
-    be = backend_named(backend)
-    if threads:
-        be.set_threads(threads)
+def _fill_serial(trained: str, store: RowStore, pieces: Sequence[Piece], out: str) -> int:
     index = faiss.clone_index(read_cached(trained))
     progress = Progress("fill", sum(p.rows for p in pieces))
     for piece in pieces:
-        be.add(index, np.ascontiguousarray(store.vectors(piece.index)), None)
+        x = np.ascontiguousarray(store.vectors(piece.index))
+        with worker_device() as be:
+            be.add(index, x, None)
         progress.advance(piece.rows)
     progress.close()
     _write(index, Path(out))
@@ -118,7 +113,7 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
 
 def fill_index(
     client: Any, trained: Path, store: RowStore, pieces: Sequence[Piece], index_dir: Path,
-    manifest: Manifest, mode: str, backend: str, threads: int | None,
+    manifest: Manifest, mode: str,
 ) -> int:
     """Add every piece to the trained index and write ``index.faiss``; return its size."""
     info = manifest.stage_info("fill")
@@ -131,8 +126,6 @@ def fill_index(
             store,
             list(pieces),
             str(index_dir / "index.faiss"),
-            backend,
-            threads,
             pure=False,
         )
         ntotal = int(fut.result())
@@ -142,7 +135,7 @@ def fill_index(
         done = manifest.done_pieces("fill")
         run_tasks(
             client, _fill_piece, [p for p in pieces if p.index not in done], "fill",
-            args=lambda p: (str(trained), store, p, part[p.index], backend, threads),
+            args=lambda p: (str(trained), store, p, part[p.index]),
             on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")

@@ -16,7 +16,6 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.backends import gpu_count, select_backend
 from pipeline.cluster.clients import dask_client
 from pipeline.config import Config
 from pipeline.dedup.groups import (
@@ -56,10 +55,9 @@ def _logs(config: Config) -> str | None:
     return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
 
 
-def _cluster(config: Config, backend: str) -> Any:
-    """The job's Dask cluster: batch worker logs in OUTPUT/logs; on the GPU backend the embedded
-    cluster lays one worker per GPU."""
-    return dask_client(config.cluster, _logs(config), gpu_count() if backend == "gpu" else 0)
+def _cluster(config: Config) -> Any:
+    """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device."""
+    return dask_client(config.cluster, _logs(config))
 
 
 def _finish(
@@ -105,9 +103,8 @@ def _guarded(config: Config, output: Path | None, index_dir: Path | None, index_
 def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = _require(config.index_dir, "--index-dir", "build")
-    backend = select_backend(config.cluster.device).name
-    with _guarded(config, None, index_dir), _cluster(config, backend) as (client, cluster):
-        return build_index(client, cluster, config, index_dir, backend, Timings())
+    with _guarded(config, None, index_dir), _cluster(config) as (client, cluster):
+        return build_index(client, cluster, config, index_dir, Timings())
 
 
 def join(config: Config) -> dict[str, Any]:
@@ -120,10 +117,9 @@ def join(config: Config) -> dict[str, Any]:
         queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
                                config.partition_bytes)
         check_query_ids(built, queries, config.search.exclude_self)
-        backend = select_backend(config.cluster.device).name
         timings = Timings()
-        with _cluster(config, backend) as (client, cluster):
-            summary, _ = join_index(client, cluster, config, built, output, backend, timings, queries)
+        with _cluster(config) as (client, cluster):
+            summary, _ = join_index(client, cluster, config, built, output, timings, queries)
         return _finish(output, config, summary, timings, "join", started)
 
 
@@ -132,11 +128,10 @@ def run(config: Config) -> dict[str, Any]:
     started = time.monotonic()
     output = _require(config.output, "--output", "run")
     index_dir = _index_dir(config, output)
-    backend = select_backend(config.cluster.device).name
     timings = Timings()
-    with _guarded(config, output, index_dir), _cluster(config, backend) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        summary, _ = join_index(client, cluster, config, built, output, backend, timings, command="run")
+    with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, timings, search=config.search)
+        summary, _ = join_index(client, cluster, config, built, output, timings, command="run")
         return _finish(output, config, summary, timings, "run", started)
 
 
@@ -153,8 +148,7 @@ def dedup(config: Config) -> dict[str, Any]:
     if d.threshold is None and not d.explore:
         raise ConfigError("dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
                           "the pairs and rows dropped over a range of thresholds")
-    plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order,
-                     select_backend(config.cluster.device).name)
+    plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order)
     if d.threshold is not None:
         check_plan(plan)
     if metric == "ip":
@@ -162,11 +156,11 @@ def dedup(config: Config) -> dict[str, Any]:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with _guarded(config, output, index_dir), _cluster(config, plan.backend) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, plan.backend, timings, search=config.search,
+    with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, timings, search=config.search,
                             incremental=True)
         dataset = built.dataset
-        summary, manifest = join_index(client, cluster, config, built, output, plan.backend, timings,
+        summary, manifest = join_index(client, cluster, config, built, output, timings,
                                        knn_dir=output / "knn", command="dedup", incremental=True)
         t0 = time.monotonic()
         if d.explore:
@@ -175,7 +169,7 @@ def dedup(config: Config) -> dict[str, Any]:
             summary["dedup_explore"] = table
             timings.add("explore", time.monotonic() - t0)
         else:
-            used = replace(search_plan(config, built, True, plan.backend, cluster.faiss_threads),
+            used = replace(search_plan(config, built, True),
                            nprobe=summary["search"]["nprobe"], rerank=summary["search"]["rerank"])
             result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
                                               config.search.k, 2 * config.partition_bytes, used)
@@ -203,13 +197,12 @@ def graph(config: Config) -> dict[str, Any]:
     metric = config.index.metric or "cosine"
     plan = GraphPlan(g.mode, metric, config.search.k, g.min_score, g.weight, g.kernel_width)
     check_graph_plan(plan)
-    backend = select_backend(config.cluster.device).name
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
     timings = Timings()
-    with _guarded(config, output, index_dir), _cluster(config, backend) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, backend, timings, search=config.search)
-        summary, manifest = join_index(client, cluster, config, built, output, backend, timings,
+    with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, timings, search=config.search)
+        summary, manifest = join_index(client, cluster, config, built, output, timings,
                                        knn_dir=output / "knn", command="graph")
         t0 = time.monotonic()
         result, edge_starts = graph_stages(client, plan, built.dataset.pieces, built.store, output, manifest,
@@ -251,8 +244,7 @@ def evaluate(config: Config) -> dict[str, Any]:
 def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, Any]:
     built = open_index(index_dir)
     n = config.search.recall_queries or 1000
-    backend = select_backend(config.cluster.device).name
-    with _cluster(config, backend) as (client, cluster):
+    with _cluster(config) as (client, cluster):
         if table is not None:
             manifest = Manifest(table.parent)
             manifest.check_readable("run the job that wrote it again")
@@ -282,7 +274,7 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, 
             found = [by_id[q] for q in wanted]
             what: dict[str, Any] = {"table": str(table)}
         else:
-            plan = search_plan(config, built, True, backend, cluster.faiss_threads)
+            plan = search_plan(config, built, True)
             k = plan.k
             sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
                                  config.index.seed)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +16,7 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.backends import backend_named
+from pipeline.backends.worker import worker_device
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
@@ -108,23 +108,20 @@ def _train_task(
     rows: np.ndarray,
     seed: int,
     out: str,
-    backend: str,
-    threads: int | None,
 ) -> None:
-    be = backend_named(backend)
-    if threads:
-        be.set_threads(threads)
     index = make_encoder(key, dim, metric)
     ivf = ivf_of(index)
     if ivf is not None:
         ivf.cp.seed = seed
     if len(rows):
-        be.train(index, load_sample(store, rows))
+        sample = load_sample(store, rows)
+        with worker_device() as be:
+            be.train(index, sample)
     with atomic_path(out) as tmp:
         faiss.write_index(index, str(tmp))
 
 
-def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path, backend: str,
+def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path,
                 timings: Timings, search: SearchSpec | None = None, incremental: bool = False) -> BuiltIndex:
     """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished).
 
@@ -139,7 +136,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * dataset.max_piece_bytes(config.partition_bytes))
     budget = worker_memory(client)
     if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
-        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, backend)
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, cluster.backend)
         check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
         if search is not None:
             _check_search(search, empty, key, dataset.total_rows)
@@ -162,7 +159,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if trained_key:  # resuming: keep the key already trained, whatever the memory now
         key, empty = trained_key, make_index(trained_key, dim, metric)
     else:
-        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget, backend)
+        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget, cluster.backend)
     n_train = training_rows(empty, dataset.total_rows, dim, spec.sample_size)
     check_training_rows(empty, key, n_train)
     if search is not None:
@@ -173,15 +170,13 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         t0 = time.monotonic()
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
         rows = sample_rows(dataset.total_rows, n_train, spec.seed)
-        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), backend,
-                      cluster.faiss_threads, pure=False).result()
+        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), pure=False).result()
         manifest.finish_stage("train", {"key": key, "rows": n_train, "files": manifest.record([trained])})
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
     mode = fill_mode(key, make_encoder(key, dim, metric))
-    ntotal = fill_index(client, trained, store, dataset.pieces, index_dir, manifest, mode, backend,
-                        cluster.faiss_threads)
+    ntotal = fill_index(client, trained, store, dataset.pieces, index_dir, manifest, mode)
     timings.add("fill", time.monotonic() - t0)
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
@@ -191,7 +186,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         why = done["why"]
     else:
         why = (
-            explain_index_key(dataset.total_rows, dim, budget, backend == "gpu")
+            explain_index_key(dataset.total_rows, dim, budget, cluster.backend == "gpu")
             if spec.key == "auto"
             else "given by index_key"
         )
@@ -257,16 +252,16 @@ def check_query_ids(built: BuiltIndex, queries: Dataset, exclude_self: bool) -> 
         )
 
 
-def search_plan(config: Config, built: BuiltIndex, self_join: bool, backend: str, threads: int | None) -> SearchPlan:
+def search_plan(config: Config, built: BuiltIndex, self_join: bool) -> SearchPlan:
     s = config.search
     empty = make_index(built.key, built.dim, built.metric)
     _check_search(s, empty, built.key, built.ntotal)
     nprobe = s.nprobe if s.nprobe is not None else (default_nprobe(built.nlist) if built.nlist else None)
     rerank = s.rerank if s.rerank is not None else built.rerank_default
-    return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join, backend, threads)
+    return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join)
 
 
-def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path, backend: str,
+def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path,
                timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
                command: str = "join", incremental: bool = False) -> tuple[dict[str, Any], Manifest]:
     """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
@@ -281,7 +276,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     s = config.search
     if s.target_recall is not None and s.nprobe is not None:
         raise ConfigError("--target-recall chooses nprobe itself: give either --nprobe or --target-recall, not both")
-    plan = search_plan(config, built, queries is None, backend, cluster.faiss_threads)
+    plan = search_plan(config, built, queries is None)
     if knn_dir is not None:
         plan = replace(plan, knn_dir=str(knn_dir))
     identity = {
@@ -329,7 +324,8 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         "index": {"dir": str(built.dir), "key": built.key, "ntotal": built.ntotal, "dim": built.dim,
                   "metric": built.metric, "nlist": built.nlist, "why": built.why},
         "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self,
-                   "backend": plan.backend},
+                   "backend": "+".join(sorted({d.backend for d in cluster.devices})) or "cpu"},
+        "devices": [asdict(d) for d in cluster.devices],
         "queries": n_queries,
         "neighbors": str(output / "neighbors"),
         "recall": recall,

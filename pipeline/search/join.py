@@ -20,7 +20,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.backends import backend_named
+from pipeline.backends import Backend
+from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
@@ -50,8 +51,6 @@ class SearchPlan:
     rerank: int
     exclude_self: bool
     self_join: bool  # queries are the indexed rows: exclude by row, not by id
-    backend: str = "cpu"
-    threads: int | None = None
     knn_dir: str | None = None  # also write each piece's lists as global rows here (dedup, graph)
 
 
@@ -93,7 +92,14 @@ def search_batch(
     ``q_rows`` are the queries' global rows when the queries are the indexed rows (self-join);
     otherwise self-exclusion compares ids.
     """
-    be = backend_named(plan.backend)
+    with worker_device() as be:  # the worker's device, one batch at a time
+        return _search_batch(be, index, plan, q, q_rows, q_ids, index_store)
+
+
+def _search_batch(
+    be: Backend, index: faiss.Index, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
+    index_store: RowStore,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = candidates_per_query(plan, int(index.ntotal))
     scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
@@ -131,11 +137,10 @@ def search_batch(
 
 
 def _join_piece(
-    plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, batch_rows: int,
+    plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, budget_rows: int,
 ) -> int:
-    be = backend_named(plan.backend)
-    if plan.threads:
-        be.set_threads(plan.threads)
+    with worker_device() as be:
+        batch_rows = max(1, min(be.search_rows, budget_rows))
     index = shared_index(plan)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
@@ -196,7 +201,7 @@ def join_pieces(
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time."""
     width = plan.k * max(plan.rerank, 1) + 1
     per_query = width * 16 + 4 * dim  # ids, scores and order per candidate, plus the query
-    batch_rows = int(max(1, min(backend_named(plan.backend).search_rows, BATCH_BYTES // per_query)))
+    budget_rows = int(max(1, BATCH_BYTES // per_query))  # each worker caps it at its backend's batch size
     out = {p.index: str(out_dir / f"part-{p.index:05d}.parquet") for p in pieces}
     done = manifest.done_pieces("join")
     short = [0]
@@ -208,7 +213,7 @@ def join_pieces(
 
     seconds = run_tasks(
         client, _join_piece, [p for p in pieces if p.index not in done], "join",
-        args=lambda p: (plan, index_store, query_store, p, out[p.index], batch_rows),
+        args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows),
         on_done=finished,
     )
     if short[0]:
