@@ -83,8 +83,8 @@ class JobQueueSpec:
     walltime: str = "01:00:00"
     cores: int = 4  # per worker job
     memory: str = "16GiB"  # per worker job
-    processes: int = 1  # Dask worker processes per job
-    gpus: int = 0  # per worker job
+    processes: int = 1  # Dask worker processes per job (with gpus: one per GPU)
+    gpus: int = 0  # per worker job; the driver job asks for none
     jobs: int = 1  # worker jobs (fixed scaling)
     adaptive_min: int | None = None  # with adaptive_max: adaptive scaling between these
     adaptive_max: int | None = None
@@ -436,6 +436,10 @@ def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
         if value is not None:
             fields[field_name] = PROFILE_FIELDS[field_name](f"profiles.{name}.{field_name}", value)
     fields["kind"] = kind
+    gpus = fields.get("gpus", 0)
+    if gpus and fields.setdefault("processes", gpus) != gpus:
+        raise ConfigError(f"profiles.{name}: processes {fields['processes']} with gpus {gpus}: each GPU gets one "
+                          f"worker process, so give processes: {gpus} (or leave it out)")
     spec = JobQueueSpec(**fields)
     if (spec.adaptive_min is None) != (spec.adaptive_max is None):
         raise ConfigError(f"profiles.{name}: give both adaptive_min and adaptive_max, or neither (fixed jobs)")

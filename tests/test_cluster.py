@@ -143,3 +143,31 @@ def test_a_driver_that_sees_a_gpu_still_runs_what_the_workers_have(make_config, 
     assert report["search"]["backend"] == "cpu"
     assert len(report["devices"]) == 2 and all(d["backend"] == "cpu" for d in report["devices"])
     assert all("CPU-only build" in d["reason"] or "no CUDA device" in d["reason"] for d in report["devices"])
+
+
+def test_gpus_are_asked_for_worker_jobs_only_one_process_each(tmp_path):
+    c = config(tmp_path, gpus=2, processes=None)
+    assert c.cluster.jobqueue.processes == 2
+    sub = prepare("run", c)
+    assert "--gres=gpu:2" in sub.worker_script and "--nworkers 2" in sub.worker_script
+    assert "--gres" not in sub.script  # the driver asks for no GPU
+    pbs = prepare("run", config(tmp_path, kind="pbs", gpus=1))
+    assert "-l ngpus=1" in pbs.worker_script and "ngpus" not in pbs.script
+    with pytest.raises(ConfigError, match=r"processes 4 with gpus 2: each GPU gets one worker process"):
+        config(tmp_path, gpus=2, processes=4)
+
+
+@pytest.mark.parametrize("name, gpus, device", [(0, 2, 0), (3, 2, 1), ("knn-worker-1", 4, 1), ("tcp-host", 2, 0)])
+def test_workers_take_gpus_round_robin_by_name(monkeypatch, name, gpus, device):
+    import faiss
+
+    import pipeline.backends.gpu as gpu
+
+    class FakeWorker:
+        pass
+
+    worker = FakeWorker()
+    worker.name = name
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
+    monkeypatch.setattr("distributed.get_worker", lambda: worker)
+    assert gpu._worker_device() == device

@@ -21,6 +21,7 @@ Unverified on a real GPU in this repository so far: see README, "GPUs".
 from __future__ import annotations
 
 import logging
+import re
 import threading
 from typing import Any, cast
 
@@ -146,16 +147,18 @@ _lock = threading.Lock()
 
 
 def _worker_device() -> int:
-    """This Dask worker's GPU: workers named 0..n-1 (the embedded cluster) take GPUs round robin;
-    under dask-cuda each worker sees one GPU, device 0."""
+    """This Dask worker's GPU, round robin by the number its name ends with: the embedded cluster
+    names workers 0..n-1, a Slurm/PBS job's worker processes end in -0..-(n-1). Under dask-cuda
+    each worker sees one GPU (CUDA_VISIBLE_DEVICES), device 0."""
     n = max(1, faiss.get_num_gpus())
     try:
         from distributed import get_worker
 
-        name = get_worker().name
-        return int(name) % n if isinstance(name, int) or str(name).isdigit() else 0
+        name = str(get_worker().name)
     except (ImportError, ValueError):
         return 0
+    number = re.search(r"(\d+)$", name)
+    return int(number.group(1)) % n if number else 0
 
 
 class GpuBackend:
