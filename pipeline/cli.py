@@ -23,7 +23,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("pipeline")
 
-BOOL_KEYS = {"exclude_self", "overwrite", "explore"}
+BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target"}
 
 
 def _add_job_flags(parser: argparse.ArgumentParser) -> None:

@@ -65,7 +65,8 @@ class SearchSpec:
     nprobe: int | None = None
     rerank: int | None = None
     exclude_self: bool = False
-    target_recall: float | None = None  # tune nprobe/rerank on a sample to reach this recall@k
+    target_recall: float | None = 0.95  # tie-aware recall@k every job must reach on held-out queries; None: off
+    allow_below_target: bool = False  # finish with exit 0 (and a warning) when the target is missed
     recall_queries: int = 1000  # sample size for measuring (and tuning) recall; 0 = off
 
 
@@ -178,9 +179,14 @@ def _integer(minimum: int, auto: bool = False) -> Callable[[str, Any], Any]:
     return parse
 
 
+DEFAULT_TARGET = 0.95
+
+
 def _fraction(key: str, v: Any) -> float | None:
-    if _auto(v) or (isinstance(v, str) and v.strip().lower() == "off"):
+    if isinstance(v, str) and v.strip().lower() in ("off", "none"):
         return None
+    if _auto(v):
+        return DEFAULT_TARGET
     try:
         out = float(v)
     except (TypeError, ValueError):
@@ -282,7 +288,10 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
     "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),
     "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
-    "target_recall": ("search", "target_recall", _fraction, "tune nprobe/rerank on a sample to reach this recall@k"),
+    "target_recall": ("search", "target_recall", _fraction,
+                      "tie-aware recall@k to reach on held-out queries (default 0.95), or off"),
+    "allow_below_target": ("search", "allow_below_target", _bool,
+                           "finish with exit 0 (and a warning) when the recall target is missed"),
     "recall_queries": ("search", "recall_queries", _integer(0), "queries sampled to measure recall (0 = off)"),
     "device": ("cluster", "device", _choice(*DEVICES), "auto, cpu or gpu"),
     "workers": ("cluster", "workers", _integer(1, auto=True), "Dask worker processes, or auto"),
@@ -515,6 +524,8 @@ def dump_config(config: Config) -> str:
     for key, (section, name, _, _) in KEYS.items():
         holder = getattr(config, section) if section else config
         value = getattr(holder, name)
+        if value is None and getattr(type(holder)(), name) is not None:
+            value = "off"  # turned off where the default is on (target_recall): null would mean the default
         flat[key] = list(value) if isinstance(value, tuple) else value
     jq = config.cluster.jobqueue
     if jq is not None:

@@ -44,8 +44,26 @@ def main() -> None:
     py = sys.executable
 
     print("pipeline graph ...", flush=True)
-    ours = measure([py, "-m", "pipeline", "graph", "--input", str(data), "--output", str(work / "pipeline"),
-                    "--k", str(args.k), "--overwrite", "--recall-queries", "0", *args.pipeline_args])
+    ours = measure(
+        [
+            py,
+            "-m",
+            "pipeline",
+            "graph",
+            "--input",
+            str(data),
+            "--output",
+            str(work / "pipeline"),
+            "--k",
+            str(args.k),
+            "--overwrite",
+            "--recall-queries",
+            "0",
+            "--target-recall",
+            "off",
+            *args.pipeline_args,
+        ]
+    )
     report = json.loads((work / "pipeline" / "report.json").read_text())
     print("pynndescent ...", flush=True)
     nnd = measure([py, str(HERE / "pynndescent_graph.py"), "--input", str(data), "--output", str(work / "nnd.npy"),

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 from pipeline import ConfigError, load_config, parse_config
 from pipeline.cli import build_parser
@@ -95,3 +96,11 @@ def test_cli_run_with_config_file_and_embedded_cluster(tmp_path, dataset_dir):
 def test_shipped_configs_load(path):
     config = load_config(path, {})
     assert config.output or config.index_dir  # the rest (input for join.yaml) may come as flags
+
+
+def test_dump_and_parse_round_trip_keeps_a_target_turned_off():
+    from pipeline.config import dump_config, parse_config
+
+    for extra in ({"target_recall": "off", "recall_queries": 0}, {"target_recall": 0.9}, {}):
+        config = parse_config({"input": "data/", "output": "out", **extra})
+        assert parse_config(yaml.safe_load(dump_config(config))) == config

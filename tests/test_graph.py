@@ -38,8 +38,15 @@ DIRECTED = {("p0", "p1"), ("p1", "p0"), ("p2", "p1"), ("p3", "p2"), ("p4", "p3")
 
 def test_directed_symmetric_and_mutual_by_hand(make_config, line_dir, tmp_path):
     # tiny partitions: each shard is its own piece and shuffle partition, so edges cross partitions
-    base = {"input": str(line_dir), "metric": "l2", "index_key": "Flat", "k": 1, "recall_queries": 0,
-            "partition_size": 32}
+    base = {
+        "input": str(line_dir),
+        "metric": "l2",
+        "index_key": "Flat",
+        "k": 1,
+        "recall_queries": 0,
+        "target_recall": "off",
+        "partition_size": 32,
+    }
     report = graph(make_config(graph_mode="directed", **base))
     out = tmp_path / "out"
     e = edges_of(out)
@@ -62,7 +69,14 @@ def test_directed_symmetric_and_mutual_by_hand(make_config, line_dir, tmp_path):
 
 
 def test_min_score_and_gaussian_weights(make_config, line_dir, tmp_path):
-    base = {"input": str(line_dir), "metric": "l2", "index_key": "Flat", "k": 2, "recall_queries": 0}
+    base = {
+        "input": str(line_dir),
+        "metric": "l2",
+        "index_key": "Flat",
+        "k": 2,
+        "recall_queries": 0,
+        "target_recall": "off",
+    }
     graph(make_config(graph_mode="directed", min_score=10.0, weight="gaussian", kernel_width=2.0, **base))
     e = edges_of(tmp_path / "out")
     assert all(w > np.exp(-10.0 / 8.0) - 1e-6 for w in e.values())  # only distances^2 <= 10 kept
@@ -108,7 +122,7 @@ def test_graph_command_line(dask_address, line_dir, tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run([sys.executable, "-m", "pipeline", "graph", "--input", str(line_dir), "--output", str(out),
                            "--metric", "l2", "--index-key", "Flat", "--k", "1", "--graph-mode", "mutual",
-                           "--recall-queries", "0", "--scheduler-address", dask_address],
+                           "--recall-queries", "0", "--target-recall", "off", "--scheduler-address", dask_address],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert set(edges_of(out)) == {("p0", "p1"), ("p1", "p0"), ("p5", "p6"), ("p6", "p5")}

@@ -192,9 +192,20 @@ def test_worker_killed_mid_join_costs_only_its_tasks(many_pieces, tmp_path):
     from pipeline import parse_config
 
     def config(out: Path, address: str) -> object:
-        return parse_config({"input": str(many_pieces), "output": str(out), "k": 5, "exclude_self": True,
-                             "index_key": "Flat", "partition_size": GROUP * DIM * 4, "recall_queries": 0,
-                             "scheduler_address": address, "threads_per_worker": 1})
+        return parse_config(
+            {
+                "input": str(many_pieces),
+                "output": str(out),
+                "k": 5,
+                "exclude_self": True,
+                "index_key": "Flat",
+                "partition_size": GROUP * DIM * 4,
+                "recall_queries": 0,
+                "target_recall": "off",
+                "scheduler_address": address,
+                "threads_per_worker": 1,
+            }
+        )
 
     with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
                       silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:

@@ -129,7 +129,7 @@ def test_self_join_through_a_slurm_profile_equals_a_local_run(slurm, make_config
     cfg = tmp_path / "job.yaml"
     cfg.write_text(yaml.safe_dump({
         "input": str(dataset_dir), "output": str(out), "k": 5, "exclude_self": True, "index_key": "Flat",
-        "recall_queries": 0, "profile": "ci",
+        "recall_queries": 0, "target_recall": "off", "profile": "ci",
         "profiles": {"ci": {"kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GiB", "jobs": 1,
                             "walltime": "00:15:00", "driver_memory": "1GiB", "python": sys.executable}},
     }))
@@ -148,7 +148,7 @@ def test_self_join_through_a_slurm_profile_equals_a_local_run(slurm, make_config
     assert "slurm: asked for 1 worker job(s)" in driver_log
     assert list((out / "logs").glob("dask-worker-*.out")), "no worker job ran"
     run(make_config(input=str(dataset_dir), output=str(tmp_path / "local"), k=5, exclude_self=True,
-                    index_key="Flat", recall_queries=0))
+                    index_key="Flat", recall_queries=0, target_recall="off"))
 
     def table(d: Path) -> dict:
         t = pq.read_table(d / "neighbors")
@@ -171,7 +171,7 @@ def test_driver_cancelled_mid_join_resumes_on_resubmit(slurm, tmp_path):
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"
     settings = {"input": str(data), "output": str(out), "k": 5, "exclude_self": True, "index_key": "Flat",
-                "recall_queries": 0, "partition_size": 100 * 16 * 4}
+                "recall_queries": 0, "target_recall": "off", "partition_size": 100 * 16 * 4}
     cfg.write_text(yaml.safe_dump({**settings, "profile": "ci", "profiles": {"ci": {
         "kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GiB", "jobs": 1, "walltime": "00:15:00",
         "driver_memory": "1GiB", "python": sys.executable}}}))

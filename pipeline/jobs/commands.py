@@ -37,7 +37,7 @@ from pipeline.io.workdir import check_locations, locked
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
 from pipeline.report import write_report
 from pipeline.search.exact import recall_summary
-from pipeline.search.tuning import draw_sample, search_sample
+from pipeline.search.tuning import BelowTarget, draw_sample, search_sample
 from pipeline.stages.manifest import LOG_DIR, Manifest
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
@@ -69,11 +69,33 @@ def _finish(
         "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
     }
     write_report(output, report, config.index.seed)
-    with atomic_path(output / "_SUCCESS") as tmp:
-        tmp.write_text("")
     log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
              ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
+    verdict = recall_verdict(report)
+    recall = report.get("recall") or {}
+    if recall.get("met") is False and not config.search.allow_below_target:
+        raise BelowTarget(f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
+                          "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
+                          "--allow-below-target")
+    (log.warning if recall.get("met") is False else log.info)("%s", verdict)
+    with atomic_path(output / "_SUCCESS") as tmp:
+        tmp.write_text("")
     return report
+
+
+def recall_verdict(report: dict[str, Any]) -> str:
+    """The job's last word: recall reached against its target, and the plan that reached it."""
+    recall, index = report.get("recall"), report.get("index") or {}
+    plan = f"{index.get('key')}, nprobe={recall.get('nprobe') if recall else None}, " \
+           f"rerank={recall.get('rerank') if recall else None}"
+    if not recall:
+        return f"recall not measured (--recall-queries 0); plan: {plan}"
+    target = recall.get("target")
+    got = f"recall@{recall['k']} {recall['recall']:.3f} (tie-aware; strict {recall['recall_strict']:.3f}) on " \
+          f"{recall['queries']} held-out queries"
+    if target is None:
+        return f"{got}, no target; plan: {plan}"
+    return f"{got}, target {target}: {'met' if recall['met'] else 'MISSED'}; plan: {plan}"
 
 
 def _require(value: str | None, flag: str, command: str) -> Path:

@@ -41,7 +41,7 @@ from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.report import peak_rss
 from pipeline.search.join import SearchPlan, join_pieces
-from pipeline.search.tuning import choose, draw_sample, settings_grid, sweep
+from pipeline.search.tuning import RERANK_FACTORS, choose, draw_sample, sweep, walk
 from pipeline.stages.manifest import Manifest
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
@@ -274,8 +274,9 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
             "drop --metric or rebuild the index"
         )
     s = config.search
-    if s.target_recall is not None and s.nprobe is not None:
-        raise ConfigError("--target-recall chooses nprobe itself: give either --nprobe or --target-recall, not both")
+    if s.target_recall is not None and not s.recall_queries:
+        raise ConfigError(f"--recall-queries 0 turns off the recall measurement that --target-recall {s.target_recall} "
+                          "is checked with; give a sample size, or pass --target-recall off as well")
     plan = search_plan(config, built, queries is None)
     if knn_dir is not None:
         plan = replace(plan, knn_dir=str(knn_dir))
@@ -311,7 +312,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
     recall: dict[str, Any] | None = None
-    if s.recall_queries or s.target_recall is not None:
+    if s.recall_queries:
         t0 = time.monotonic()
         recall = _measure_recall(client, config, built, query_store, plan, manifest)
         plan = replace(plan, nprobe=recall["nprobe"], rerank=recall["rerank"])
@@ -336,7 +337,8 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
 
 def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
                     manifest: Manifest) -> dict[str, Any]:
-    """Tune to ``target_recall`` if asked, and measure the recall of the setting used on held-out queries.
+    """Tune what was not given (nprobe, the re-rank factor) to the recall target, then measure the
+    setting used on held-out queries (tie-aware and strict recall).
 
     The result is kept in the manifest: a resumed run reuses the setting rather than re-tuning
     (timings differ run to run, and the finished pieces were searched with the stored one).
@@ -346,29 +348,35 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
         return done
     s = config.search
     target = s.target_recall
-    n = s.recall_queries or 1000
-    sample = draw_sample(client, built.store, query_store, 2 * n if target else n, plan.k, built.metric,
-                         plan.exclude_self, plan.self_join, config.index.seed)
-    curve = []
-    if target is not None:
+    tune_nprobe = target is not None and s.nprobe is None and bool(built.nlist)
+    tune_rerank = target is not None and s.rerank is None and plan.rerank > 0
+    tuning = tune_nprobe or tune_rerank
+    sample = draw_sample(client, built.store, query_store, 2 * s.recall_queries if tuning else s.recall_queries,
+                         plan.k, built.metric, plan.exclude_self, plan.self_join, config.index.seed)
+    curve: list[Any] = []
+    t0 = time.monotonic()
+    if tuning and target is not None:
         tune, held = sample.split()
-        rerank_on = plan.rerank > 0
-        curve = sweep(client, plan, built.store, tune, settings_grid(built.nlist, rerank_on))
+        factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
+        curve = walk(client, plan, built.store, tune, built.nlist, factors, target,
+                     nprobe=None if tune_nprobe else plan.nprobe)
         for p in curve:
-            log.info(
-                "  nprobe=%-5s rerank=%-2d recall@%d=%.3f  %.0f queries/s", p.nprobe, p.rerank, plan.k, p.recall, p.qps
-            )
-        chosen = choose(curve, target, built.key)
+            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %.0f queries/s", p.nprobe, p.rerank,
+                     plan.k, p.recall, p.strict, p.qps)
+        chosen = choose(curve, target)
         plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
-        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning sample)", target,
-                 chosen.nprobe, chosen.rerank, chosen.recall)
+        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings tried)",
+                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve))
     else:
         held = sample
+    tuned_s = time.monotonic() - t0
     measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
-    log.info("recall@%d %.3f measured on %d %squeries against exact search (nprobe=%s, rerank=%d)",
-             plan.k, measured.recall, measured.queries, "held-out " if target is not None else "sampled ",
-             plan.nprobe, plan.rerank)
-    result = {"k": plan.k, "recall": round(measured.recall, 4), "queries": measured.queries, "nprobe": plan.nprobe,
-              "rerank": plan.rerank, "target": target, "curve": [p.to_dict() for p in curve]}
+    log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (nprobe=%s, "
+             "rerank=%d)", plan.k, measured.recall, measured.strict, measured.queries,
+             "held-out " if tuning else "sampled ", plan.nprobe, plan.rerank)
+    result = {"k": plan.k, "recall": round(measured.recall, 4), "recall_strict": round(measured.strict, 4),
+              "queries": measured.queries, "nprobe": plan.nprobe, "rerank": plan.rerank, "target": target,
+              "met": target is None or measured.recall >= target, "tuning_s": round(tuned_s, 3),
+              "curve": [p.to_dict() for p in curve]}
     manifest.finish_stage("recall", result)
     return result

@@ -16,7 +16,7 @@ import numpy as np
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
-__all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary"]
+__all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary", "tie_aware_recall", "pair_scores"]
 
 
 def _exact_piece(
@@ -56,6 +56,38 @@ def recall_at_k(
     """Mean share of each query's true ``k`` neighbours present among its first ``k`` found."""
     hits = [len(set(list(f)[:k]) & set(list(t)[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
     return float(np.mean(hits)) if hits else float("nan")
+
+
+TIE_EPS = 1e-5  # relative: exact scores of one pair computed two ways (GEMM, einsum) agree far closer
+
+
+def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> float:
+    """Recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
+    least as good as the query's k-th true score (within a small epsilon), so rows that tie with
+    the k-th neighbour (exact duplicates) are not misses.
+
+    ``found_scores``: per query, the exact scores of the first ``k`` neighbours returned.
+    ``truth_scores``: (queries, k) exact top-k scores, NaN-padded where fewer than k exist.
+    """
+    hits = []
+    for got, truth in zip(found_scores, truth_scores):
+        valid = truth[~np.isnan(truth)]
+        if not valid.size:
+            continue
+        kth = float(valid[-1])
+        eps = TIE_EPS * max(1.0, abs(kth))
+        got = np.asarray(got, dtype=np.float64)[:k]
+        good = got <= kth + eps if metric == "l2" else got >= kth - eps
+        hits.append(min(int(good.sum()), valid.size) / valid.size)
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
+    """Exact score of each query row with the vector on the same row (FAISS's conventions)."""
+    if metric == "l2":
+        diff = queries - vectors
+        return np.einsum("ij,ij->i", diff, diff)
+    return np.einsum("ij,ij->i", queries, vectors)
 
 
 def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,

@@ -18,24 +18,25 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
-from pipeline.search.exact import exact_knn, recall_at_k
+from pipeline.search.exact import exact_knn, pair_scores, recall_at_k, tie_aware_recall
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 
-__all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "search_sample", "choose", "settings_grid",
-           "TargetNotReached"]
+__all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
+           "RERANK_FACTORS", "BelowTarget"]
 
 log = logging.getLogger(__name__)
 
 
-class TargetNotReached(PipelineError):
-    """No setting in the sweep reaches the requested recall."""
+class BelowTarget(PipelineError):
+    """The job finished, but its measured recall is below its target."""
 
 
 @dataclass(frozen=True)
 class TunePoint:
     nprobe: int | None
     rerank: int
-    recall: float  # recall@k on the queries it was measured on
+    recall: float  # tie-aware recall@k on the queries it was measured on (what targets are checked against)
+    strict: float  # recall@k counting only the exact ids of the true top k
     seconds: float  # search time for those queries on one worker
     queries: int
 
@@ -90,34 +91,87 @@ def draw_sample(
     return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores)
 
 
-def settings_grid(nlist: int | None, rerank_on: bool, max_nprobe: int = 2048) -> list[tuple[int | None, int]]:
-    """nprobe in powers of two up to ``nlist``; re-rank factors 2..16 when re-ranking is on."""
-    probes: list[int | None] = [None]
-    if nlist:
-        probes = [p for p in (2**i for i in range(12)) if p <= min(nlist, max_nprobe)]
-        if probes[-1] != min(nlist, max_nprobe):
-            probes.append(min(nlist, max_nprobe))
-    factors = [2, 4, 8, 16] if rerank_on else [0]
-    return [(p, f) for p in probes for f in factors]
+RERANK_FACTORS = (2, 4, 8, 16, 32)
 
 
-def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> tuple[list[list[Any]], float]:
-    """The sample's neighbour ids under ``plan`` (one list per query) and the search time."""
+def probe_steps(nlist: int | None, max_nprobe: int = 2048) -> list[int | None]:
+    """nprobe in powers of two up to ``nlist`` (and ``nlist`` itself); ``[None]`` without lists."""
+    if not nlist:
+        return [None]
+    top = min(nlist, max_nprobe)
+    probes: list[int | None] = [p for p in (2**i for i in range(12)) if p <= top]
+    if probes[-1] != top:
+        probes.append(top)
+    return probes
+
+
+def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
+            ) -> tuple[list[list[Any]], list[np.ndarray], float]:
+    """The sample's neighbour ids under ``plan`` (one list per query), their exact scores, and the
+    search time."""
     index = shared_index(plan)
     start = time.perf_counter()
     offsets, _, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
     seconds = time.perf_counter() - start
     flat = index_store.gather_ids(nbr_rows).to_pylist()
-    return [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)], seconds
+    line = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+    exact = pair_scores(sample.vectors[line], index_store.gather_vectors(nbr_rows), plan.metric)
+    ids = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    scores = [exact[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+    return ids, scores, seconds
+
+
+def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None,
+           rerank: int) -> TunePoint:
+    found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
+    return TunePoint(nprobe, rerank, tie_aware_recall(scores, sample.truth_scores, plan.k, plan.metric),
+                     recall_at_k(found, sample.truth, plan.k), seconds, len(sample.truth))
 
 
 def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
              settings: Sequence[tuple[int | None, int]]) -> list[TunePoint]:
-    points = []
-    for nprobe, rerank in settings:
-        found, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
-        points.append(TunePoint(nprobe, rerank, recall_at_k(found, sample.truth, plan.k), seconds, len(sample.truth)))
+    return [_point(plan, index_store, sample, nprobe, rerank) for nprobe, rerank in settings]
+
+
+def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
+          factors: Sequence[int], target: float) -> list[TunePoint]:
+    """The staircase walk: nprobe upwards, and at each the smallest re-rank factor that reaches
+    ``target``. The factor needed never grows with nprobe, so each step starts from the last
+    passing factor and only tries smaller ones: about ``len(probes) + len(factors)`` searches.
+    The walk stops once a passing setting is slower than the best one found (more lists only
+    cost more) or the smallest factor passes.
+    """
+    points: list[TunePoint] = []
+    fi = len(factors) - 1
+    best: TunePoint | None = None
+    for nprobe in probes:
+        point = _point(plan, index_store, sample, nprobe, factors[fi])
+        points.append(point)
+        if point.recall < target:
+            continue
+        while fi > 0:
+            lower = _point(plan, index_store, sample, nprobe, factors[fi - 1])
+            points.append(lower)
+            if lower.recall < target:
+                break
+            fi -= 1
+            point = lower
+        if best is not None and point.seconds > best.seconds:
+            break
+        best = point
+        if fi == 0:
+            break
     return points
+
+
+def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample, nlist: int | None,
+         factors: Sequence[int], target: float, nprobe: int | None = None) -> list[TunePoint]:
+    """Every setting the staircase walk measured on ``sample`` (on one worker), in order.
+
+    ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
+    """
+    probes = [nprobe] if nprobe is not None else probe_steps(nlist)
+    return list(client.submit(_walk, plan, index_store, sample, probes, list(factors), target, pure=False).result())
 
 
 def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> list[list[Any]]:
@@ -131,17 +185,13 @@ def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSa
     return list(client.submit(_measure, plan, index_store, sample, list(settings), pure=False).result())
 
 
-def choose(points: Sequence[TunePoint], target: float, key: str) -> TunePoint:
-    """The fastest setting whose recall reaches ``target``; else a clear error saying what is reachable."""
-    ok = [p for p in points if p.recall >= target]
-    if ok:
-        return min(ok, key=lambda p: (p.seconds, p.nprobe or 0, p.rerank))
-    best = max(points, key=lambda p: p.recall)
-    probes = [p.nprobe for p in points if p.nprobe is not None]
-    swept = f"nprobe swept up to {max(probes)}; " if probes else ""
-    rerank = "re-ranking (--rerank 8)" if best.rerank == 0 else "a larger --rerank"
-    raise TargetNotReached(
-        f"--target-recall {target}: the best setting swept (nprobe={best.nprobe}, rerank={best.rerank}) reaches "
-        f"recall@k {best.recall:.3f} with {key!r} ({swept}more probes cannot help); to go higher try a larger "
-        f"code (more PQ bytes, or SQ8), {rerank}, or a flat index (IVF...,Flat or Flat) for exact search"
-    )
+def choose(points: Sequence[TunePoint], target: float) -> TunePoint:
+    """The fastest setting whose (tie-aware) recall reaches ``target``; else the one with the best recall."""
+    ok = sorted((p for p in points if p.recall >= target), key=lambda p: (p.nprobe or 0, p.rerank))
+    if not ok:
+        return max(points, key=lambda p: (p.recall, -p.seconds))
+    best = ok[0]  # the least work; another wins only when clearly faster (timings of a sample are noisy)
+    for p in ok[1:]:
+        if p.seconds < 0.9 * best.seconds:
+            best = p
+    return best
