@@ -217,3 +217,31 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
         )
         >= 0.88
     )
+
+
+from pipeline.search.tuning import RERANK_FACTORS, WIDE_FACTORS, probe_steps  # noqa: E402
+
+
+def _shape(name: str, n: int = 20_000) -> np.ndarray:
+    rng = np.random.default_rng(21)
+    if name == "clustered":
+        return clustered_vectors(n, 32, clusters=400, seed=4, latent=32)
+    if name == "anisotropic":
+        return (rng.standard_normal((n, 16)) * np.geomspace(10.0, 0.01, 16)).astype(np.float32)
+    if name == "isotropic":
+        return rng.standard_normal((n, 24)).astype(np.float32)
+    if name == "low_dimensional":
+        return rng.standard_normal((n, 4)).astype(np.float32)
+    base = clustered_vectors(n // 4, 48, clusters=50, seed=6)  # duplicate-heavy: 4 near-copies of each row
+    return (np.repeat(base, 4, axis=0) + 1e-4 * rng.standard_normal((n, 48))).astype(np.float32)
+
+
+@pytest.mark.parametrize("shape", ["clustered", "anisotropic", "isotropic", "low_dimensional", "duplicate_heavy"])
+def test_the_default_run_reaches_its_target_on_held_out_queries(make_config, tmp_path, shape):
+    write_shards(tmp_path / shape, _shape(shape), shards=2)
+    report = run(make_config(input=str(tmp_path / shape), exclude_self=True, metric="l2"))
+    rec = report["recall"]
+    assert rec["target"] == 0.95 and rec["met"] and rec["recall"] >= 0.95, rec
+    assert report["index"]["key"] != "Flat" and (tmp_path / "out" / "_SUCCESS").exists()
+    # the walk: about one search per nprobe step and per re-rank factor, never the whole grid
+    assert len(rec["curve"]) <= len(probe_steps(report["index"]["nlist"])) + len(RERANK_FACTORS) + len(WIDE_FACTORS)

@@ -86,7 +86,8 @@ def test_gather_keeps_order_and_repeats(tmp_path):
 
 
 @pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (30_000, 384, "IVF256,PQ192x4fs"),
-                                       (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8")])
+                                       (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8"),
+                                       (500_000, 64, "IVF1024,SQ8")])
 def test_default_index_rule(n, d, key):
     assert default_index_key(n, d) == key
     make_index(key, d, "cosine")  # a valid factory string

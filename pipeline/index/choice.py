@@ -6,7 +6,9 @@ embeddings (see README, "Choosing the index"):
 * ``n <= 10,000`` rows: ``Flat``. Exact search costs less than training anything.
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
-  PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d`` uses ``SQ8``.
+  PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
+  use ``SQ8``: measured on generated 32-d and 64-d sets (60k, 50k, 500k rows), 4-bit PQ there
+  left recall@10 at 0.89 even re-ranking 320 candidates, while SQ8 reached 0.976 and ran faster.
 * on the GPU backend the codes are 8-bit ``PQ{m}`` instead (the GPU kernels take no fast-scan):
   the largest ``m`` the kernels support with ``m <= d/4`` (same ``d/4`` bytes a vector), else SQ8.
 * default ``nprobe``: the power of two nearest ``4*sqrt(nlist)``; default re-rank factor 4
@@ -56,6 +58,9 @@ def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(x, 1.0))))
 
 
+SQ8_MAX_DIM = 64  # at or below: 8-bit scalar codes (on-disk lists); 4-bit PQ on 2-d sub-vectors is too coarse
+
+
 def _code_size(n: int, d: int, budget: int | None) -> int:
     """PQ sub-quantizers (4 bits each): d/2, halved while n codes (+ 8-byte ids) exceed half the budget."""
     m = d // 2
@@ -86,7 +91,7 @@ def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
         nlist //= 2
     if gpu:
         return f"IVF{nlist},{_gpu_codes(d)}"
-    codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 else "SQ8"
+    codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 and d > SQ8_MAX_DIM else "SQ8"
     return f"IVF{nlist},{codes}"
 
 
@@ -133,7 +138,11 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     m = _code_size(n, d, memory_budget)
     shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
               if memory_budget and m < d // 2 else "")
-    codes = (f"4-bit fast-scan PQ{m} ({m // 2} bytes a vector{shrunk})" if d % 2 == 0 else "SQ8 (odd d)")
+    if d <= SQ8_MAX_DIM:
+        codes = (f"SQ8 ({d} bytes a vector, memory-mapped lists): at d <= {SQ8_MAX_DIM}, 4-bit PQ on 2-d "
+                 "sub-vectors ranks true neighbours too coarsely for the recall target")
+    else:
+        codes = f"4-bit fast-scan PQ{m} ({m // 2} bytes a vector{shrunk})" if d % 2 == 0 else "SQ8 (odd d)"
     return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
             f"list); d={d} -> {codes}; exact re-rank x4 recovers what the codes miss")
 

@@ -16,7 +16,15 @@ import numpy as np
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
-__all__ = ["exact_knn", "merge_topk", "recall_at_k", "recall_summary", "tie_aware_recall", "pair_scores"]
+__all__ = [
+    "exact_knn",
+    "merge_topk",
+    "recall_at_k",
+    "recall_summary",
+    "tie_aware_recall",
+    "tie_aware_hits",
+    "pair_scores",
+]
 
 
 def _exact_piece(
@@ -62,7 +70,13 @@ TIE_EPS = 1e-5  # relative: exact scores of one pair computed two ways (GEMM, ei
 
 
 def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> float:
-    """Recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
+    """Mean of :func:`tie_aware_hits` (NaN without queries)."""
+    hits = tie_aware_hits(found_scores, truth_scores, k, metric)
+    return float(hits.mean()) if hits.size else float("nan")
+
+
+def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Per query, recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
     least as good as the query's k-th true score (within a small epsilon), so rows that tie with
     the k-th neighbour (exact duplicates) are not misses.
 
@@ -79,7 +93,7 @@ def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarra
         got = np.asarray(got, dtype=np.float64)[:k]
         good = got <= kth + eps if metric == "l2" else got >= kth - eps
         hits.append(min(int(good.sum()), valid.size) / valid.size)
-    return float(np.mean(hits)) if hits else float("nan")
+    return np.asarray(hits, dtype=np.float64)
 
 
 def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:

@@ -18,7 +18,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
-from pipeline.search.exact import exact_knn, pair_scores, recall_at_k, tie_aware_recall
+from pipeline.search.exact import exact_knn, pair_scores, recall_at_k, tie_aware_hits
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
@@ -37,8 +37,14 @@ class TunePoint:
     rerank: int
     recall: float  # tie-aware recall@k on the queries it was measured on (what targets are checked against)
     strict: float  # recall@k counting only the exact ids of the true top k
+    stderr: float  # standard error of ``recall`` over the sample's queries
     seconds: float  # search time for those queries on one worker
     queries: int
+
+    def passes(self, target: float) -> bool:
+        """Whether ``target`` is reached with confidence: two standard errors below the sample's
+        recall, so the held-out half (and the whole join) lands above it too."""
+        return self.recall - CONFIDENCE_Z * self.stderr >= target
 
     @property
     def qps(self) -> float:
@@ -92,6 +98,8 @@ def draw_sample(
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)
+WIDE_FACTORS = (64, 128)  # tried only when the codes are too coarse for 32 (costly: k x 128 gathered rows)
+CONFIDENCE_Z = 2.0  # a setting passes when its sample recall minus two standard errors reaches the target
 
 
 def probe_steps(nlist: int | None, max_nprobe: int = 2048) -> list[int | None]:
@@ -124,8 +132,11 @@ def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
 def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None,
            rerank: int) -> TunePoint:
     found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
-    return TunePoint(nprobe, rerank, tie_aware_recall(scores, sample.truth_scores, plan.k, plan.metric),
-                     recall_at_k(found, sample.truth, plan.k), seconds, len(sample.truth))
+    hits = tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric)
+    recall = float(hits.mean()) if hits.size else float("nan")
+    stderr = float(hits.std(ddof=1) / np.sqrt(hits.size)) if hits.size > 1 else 0.0
+    return TunePoint(nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds,
+                     len(sample.truth))
 
 
 def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
@@ -147,12 +158,12 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     for nprobe in probes:
         point = _point(plan, index_store, sample, nprobe, factors[fi])
         points.append(point)
-        if point.recall < target:
+        if not point.passes(target):
             continue
         while fi > 0:
             lower = _point(plan, index_store, sample, nprobe, factors[fi - 1])
             points.append(lower)
-            if lower.recall < target:
+            if not lower.passes(target):
                 break
             fi -= 1
             point = lower
@@ -161,6 +172,16 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
         best = point
         if fi == 0:
             break
+    if best is None and tuple(factors) == RERANK_FACTORS:
+        # no setting passed: the codes rank true neighbours below k x 32 candidates. Widen the
+        # re-rank where more lists stopped helping (the smallest nprobe within 0.002 of the best)
+        top = max(p.recall for p in points)
+        plateau = min((p.nprobe or 0 for p in points if p.recall >= top - 0.002), default=0) or None
+        for factor in WIDE_FACTORS:
+            point = _point(plan, index_store, sample, plateau, factor)
+            points.append(point)
+            if point.passes(target):
+                break
     return points
 
 
@@ -187,7 +208,7 @@ def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSa
 
 def choose(points: Sequence[TunePoint], target: float) -> TunePoint:
     """The fastest setting whose (tie-aware) recall reaches ``target``; else the one with the best recall."""
-    ok = sorted((p for p in points if p.recall >= target), key=lambda p: (p.nprobe or 0, p.rerank))
+    ok = sorted((p for p in points if p.passes(target)), key=lambda p: (p.nprobe or 0, p.rerank))
     if not ok:
         return max(points, key=lambda p: (p.recall, -p.seconds))
     best = ok[0]  # the least work; another wins only when clearly faster (timings of a sample are noisy)
