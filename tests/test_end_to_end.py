@@ -11,7 +11,7 @@ import pytest
 
 from pipeline import join, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
-from pipeline.search.exact import recall_at_k
+from pipeline.search.recall import recall_at_k
 
 from .conftest import DIM, exact_neighbours
 

@@ -17,7 +17,7 @@ from pipeline import run
 from pipeline.backends import CpuBackend, GpuBackend
 from pipeline.index.choice import make_index
 from pipeline.index.fill import load_index
-from pipeline.search.exact import recall_at_k
+from pipeline.search.recall import recall_at_k
 
 from .conftest import DIM
 

@@ -18,7 +18,8 @@ from pipeline.index.sampling import sample_rows
 from pipeline.io.ids import duplicate_rows, id_keys, write_key_buckets
 from pipeline.io.parquet import plan_dataset
 from pipeline.io.store import RowStore
-from pipeline.search.exact import exact_knn, merge_topk, recall_at_k
+from pipeline.search.exact import exact_knn, merge_topk
+from pipeline.search.recall import recall_at_k
 
 from .conftest import exact_neighbours
 

@@ -36,7 +36,7 @@ from pipeline.io.store import RowStore
 from pipeline.io.workdir import check_locations, locked
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
 from pipeline.report import write_report
-from pipeline.search.exact import recall_summary
+from pipeline.search.recall import recall_summary
 from pipeline.search.tuning import BelowTarget, draw_sample, search_sample
 from pipeline.stages.manifest import LOG_DIR, Manifest
 
@@ -286,22 +286,27 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, 
                                  config.index.seed)
             wanted = sample.ids.to_pylist()
             found_table = pq.read_table(
-                table, columns=["query_id", "neighbor_id"], filters=[("query_id", "in", wanted)]
+                table, columns=["query_id", "neighbor_id", "score"], filters=[("query_id", "in", wanted)]
             )
             by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
+            score_of = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("score").to_pylist()))
+            used = manifest.stage_info("recall") or {}
+            # the table's scores are exact when the join re-ranked or the codes are exact
+            exact_scores = bool(used.get("rerank")) or built.rerank_default == 0
             missing = [q for q in wanted if q not in by_id]
             if missing:
                 raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
                                     "the table is incomplete: re-run the job that wrote it")
             found = [by_id[q] for q in wanted]
+            found_scores = [np.asarray(score_of[q], dtype=np.float64) for q in wanted] if exact_scores else None
             what: dict[str, Any] = {"table": str(table)}
         else:
             plan = search_plan(config, built, True)
             k = plan.k
             sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
                                  config.index.seed)
-            found = search_sample(client, plan, built.store, sample)
+            found, found_scores = search_sample(client, plan, built.store, sample)
             what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
-    summary = {**what, **recall_summary(found, sample.truth, sample.truth_scores, k)}
-    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.items() if key.startswith("recall@")))
+    summary = {**what, **recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric)}
+    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.items() if "recall@" in key))
     return summary

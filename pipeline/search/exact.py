@@ -1,4 +1,4 @@
-"""Exact ground truth on a sample of queries, and recall against it.
+"""Exact ground truth on a sample of queries (recall itself is counted in :mod:`pipeline.search.recall`).
 
 The exact search runs piece by piece on the workers (each task scores the sample against one
 stored piece and keeps its top k); the partial lists are merged exactly here. Memory is the
@@ -16,15 +16,7 @@ import numpy as np
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
-__all__ = [
-    "exact_knn",
-    "merge_topk",
-    "recall_at_k",
-    "recall_summary",
-    "tie_aware_recall",
-    "tie_aware_hits",
-    "pair_scores",
-]
+__all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
 
 def _exact_piece(
@@ -58,71 +50,9 @@ def exact_knn(
     return (-scores if metric == "l2" else scores), rows
 
 
-def recall_at_k(
-    found: np.ndarray | Sequence[Sequence[Any]], truth: np.ndarray | Sequence[Sequence[Any]], k: int
-) -> float:
-    """Mean share of each query's true ``k`` neighbours present among its first ``k`` found."""
-    hits = [len(set(list(f)[:k]) & set(list(t)[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
-    return float(np.mean(hits)) if hits else float("nan")
-
-
-TIE_EPS = 1e-5  # relative: exact scores of one pair computed two ways (GEMM, einsum) agree far closer
-
-
-def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> float:
-    """Mean of :func:`tie_aware_hits` (NaN without queries)."""
-    hits = tie_aware_hits(found_scores, truth_scores, k, metric)
-    return float(hits.mean()) if hits.size else float("nan")
-
-
-def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> np.ndarray:
-    """Per query, recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
-    least as good as the query's k-th true score (within a small epsilon), so rows that tie with
-    the k-th neighbour (exact duplicates) are not misses.
-
-    ``found_scores``: per query, the exact scores of the first ``k`` neighbours returned.
-    ``truth_scores``: (queries, k) exact top-k scores, NaN-padded where fewer than k exist.
-    """
-    hits = []
-    for got, truth in zip(found_scores, truth_scores):
-        valid = truth[~np.isnan(truth)]
-        if not valid.size:
-            continue
-        kth = float(valid[-1])
-        eps = TIE_EPS * max(1.0, abs(kth))
-        got = np.asarray(got, dtype=np.float64)[:k]
-        good = got <= kth + eps if metric == "l2" else got >= kth - eps
-        hits.append(min(int(good.sum()), valid.size) / valid.size)
-    return np.asarray(hits, dtype=np.float64)
-
-
 def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
     """Exact score of each query row with the vector on the same row (FAISS's conventions)."""
     if metric == "l2":
         diff = queries - vectors
         return np.einsum("ij,ij->i", diff, diff)
     return np.einsum("ij,ij->i", queries, vectors)
-
-
-def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
-                   k: int) -> dict[str, Any]:
-    """recall@1, @10 and @k, and how far inside the true top-k the misses were.
-
-    A miss's *score gap* is the distance between its exact score and the exact k-th score: a small
-    gap means a near-tie at the boundary (cheap to lose), a large one a true neighbour the index
-    did not find.
-    """
-    out: dict[str, Any] = {"queries": len(truth), "k": k}
-    for r in sorted({1, min(10, k), k}):
-        out[f"recall@{r}"] = round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
-    gaps = []
-    for f, t, s in zip(found, truth, truth_scores):
-        got = set(list(f)[:k])
-        kth = s[len(t) - 1] if len(t) else np.nan
-        gaps += [abs(float(s[j]) - float(kth)) for j, tid in enumerate(t) if tid not in got]
-    g = np.asarray(gaps, dtype=np.float64)
-    out["misses"] = int(g.size)
-    if g.size:
-        out["miss_score_gap"] = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
-                                 "max": round(float(g.max()), 5)}
-    return out

@@ -18,8 +18,9 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
-from pipeline.search.exact import exact_knn, pair_scores, recall_at_k, tie_aware_hits
+from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
+from pipeline.search.recall import recall_at_k, tie_aware_hits
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
            "RERANK_FACTORS", "BelowTarget"]
@@ -195,9 +196,11 @@ def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSam
     return list(client.submit(_walk, plan, index_store, sample, probes, list(factors), target, pure=False).result())
 
 
-def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample) -> list[list[Any]]:
-    """Neighbour ids of the sample's queries under ``plan``, searched on a worker."""
-    return client.submit(_search, plan, index_store, sample, pure=False).result()[0]
+def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
+                  ) -> tuple[list[list[Any]], list[np.ndarray]]:
+    """Neighbour ids of the sample's queries under ``plan`` and their exact scores, searched on a worker."""
+    ids, scores, _ = client.submit(_search, plan, index_store, sample, pure=False).result()
+    return ids, scores
 
 
 def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample,

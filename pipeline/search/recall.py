@@ -1,0 +1,80 @@
+"""Recall: how much of the exact answer a search returned, one home for the arithmetic.
+
+Two counts: *strict* (the ids of the true top k) and *tie-aware*, as big-ann-benchmarks counts it:
+a returned neighbour counts when its exact score is at least as good as the k-th true score,
+within a small relative epsilon, so exact duplicates that tie with the k-th neighbour are not
+misses. Targets are checked against the tie-aware count.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+__all__ = ["TIE_EPS", "recall_at_k", "tie_aware_hits", "tie_aware_recall", "recall_summary"]
+
+def recall_at_k(
+    found: np.ndarray | Sequence[Sequence[Any]], truth: np.ndarray | Sequence[Sequence[Any]], k: int
+) -> float:
+    """Mean share of each query's true ``k`` neighbours present among its first ``k`` found."""
+    hits = [len(set(list(f)[:k]) & set(list(t)[:k])) / max(1, min(k, len(t))) for f, t in zip(found, truth)]
+    return float(np.mean(hits)) if hits else float("nan")
+
+
+TIE_EPS = 1e-5  # relative: exact scores of one pair computed two ways (GEMM, einsum) agree far closer
+
+
+def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> float:
+    """Mean of :func:`tie_aware_hits` (NaN without queries)."""
+    hits = tie_aware_hits(found_scores, truth_scores, k, metric)
+    return float(hits.mean()) if hits.size else float("nan")
+
+
+def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> np.ndarray:
+    """Per query, recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
+    least as good as the query's k-th true score (within a small epsilon), so rows that tie with
+    the k-th neighbour (exact duplicates) are not misses.
+
+    ``found_scores``: per query, the exact scores of the first ``k`` neighbours returned.
+    ``truth_scores``: (queries, k) exact top-k scores, NaN-padded where fewer than k exist.
+    """
+    hits = []
+    for got, truth in zip(found_scores, truth_scores):
+        valid = truth[~np.isnan(truth)]
+        if not valid.size:
+            continue
+        kth = float(valid[-1])
+        eps = TIE_EPS * max(1.0, abs(kth))
+        got = np.asarray(got, dtype=np.float64)[:k]
+        good = got <= kth + eps if metric == "l2" else got >= kth - eps
+        hits.append(min(int(good.sum()), valid.size) / valid.size)
+    return np.asarray(hits, dtype=np.float64)
+
+
+def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
+                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: str = "") -> dict[str, Any]:
+    """recall@1, @10 and @k (strict), tie-aware recall@k when the found neighbours' exact scores are
+    known, and how far inside the true top-k the misses were.
+
+    A miss's *score gap* is the distance between its exact score and the exact k-th score: a small
+    gap means a near-tie at the boundary (cheap to lose), a large one a true neighbour the index
+    did not find.
+    """
+    out: dict[str, Any] = {"queries": len(truth), "k": k}
+    for r in sorted({1, min(10, k), k}):
+        out[f"recall@{r}"] = round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
+    if found_scores is not None:
+        out[f"tie_aware_recall@{k}"] = round(tie_aware_recall(found_scores, truth_scores, k, metric), 4)
+    gaps = []
+    for f, t, s in zip(found, truth, truth_scores):
+        got = set(list(f)[:k])
+        kth = s[len(t) - 1] if len(t) else np.nan
+        gaps += [abs(float(s[j]) - float(kth)) for j, tid in enumerate(t) if tid not in got]
+    g = np.asarray(gaps, dtype=np.float64)
+    out["misses"] = int(g.size)
+    if g.size:
+        out["miss_score_gap"] = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
+                                 "max": round(float(g.max()), 5)}
+    return out
