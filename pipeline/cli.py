@@ -10,11 +10,14 @@ import argparse
 import errno
 import json
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
+from typing import Any
 
-from pipeline.config import KEYS, load_config
+from pipeline import __version__
+from pipeline.config import DEVICES, KEYS, METRICS, Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.io.workdir import shown
 from pipeline.stages import progress
@@ -26,24 +29,69 @@ log = logging.getLogger("pipeline")
 BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target"}
 
 
-def _add_job_flags(parser: argparse.ArgumentParser) -> None:
+GROUPS = {"data": "input", "index": "index", "search": "search", "": "output", "cluster": "cluster",
+          "dedup": "dedup", "graph": "graph"}
+_SELF_JOIN = ("data", "index", "search", "", "cluster")
+# the sections of keys each command reads (submit forwards every key to the job it runs)
+COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
+    "run": _SELF_JOIN, "build": ("data", "index", "", "cluster"), "join": ("data", "search", "", "cluster"),
+    "evaluate": ("search", "", "cluster"), "dedup": (*_SELF_JOIN, "dedup"), "graph": (*_SELF_JOIN, "graph"),
+    "submit": tuple(GROUPS),
+}
+_ALSO = {"join": {"metric"}, "evaluate": {"seed"}}  # single keys of other sections a command reads
+_NOT = {"build": {"output"}, "evaluate": {"partition_size", "overwrite"}}
+CHOICES = {"metric": METRICS, "device": DEVICES, "dedup_mode": ("components", "greedy"), "keep_order": ("max", "min"),
+           "graph_mode": ("directed", "symmetric", "mutual"), "weight": ("score", "gaussian")}
+
+
+def _default(key: str) -> Any:
+    section, name, _, _ = KEYS[key]
+    defaults = Config()
+    value = getattr(getattr(defaults, section) if section else defaults, name)
+    if key == "partition_size":
+        return "128MiB"
+    if value is None:
+        return "off" if key == "target_recall" else None
+    return value
+
+
+def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
+    """The flags of ``command``'s keys, grouped by section, each with its default and choices."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of keys (flags override it)")
-    for key, (_, _, _, help_text) in KEYS.items():
+    sections = COMMAND_SECTIONS[command]
+    groups = {s: parser.add_argument_group(GROUPS[s]) for s in GROUPS if s in sections or any(
+        KEYS[k][0] == s for k in _ALSO.get(command, ()))}
+    for key, (section, _, _, help_text) in KEYS.items():
+        if (section not in sections and key not in _ALSO.get(command, ())) or key in _NOT.get(command, ()):
+            continue
+        group = groups[section]
         flag = "--" + key.replace("_", "-")
+        notes = [f"one of: {', '.join(CHOICES[key])}"] if key in CHOICES else []
+        default = _default(key)
+        if not (default is None or default is False or default == ()):
+            notes.append(f"default: {default}")
+        text = f"{help_text} ({'; '.join(notes)})" if notes else help_text
         if key in BOOL_KEYS:
-            parser.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+            group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
         elif key == "input":
-            parser.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=help_text)
+            group.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=text)
         else:
-            parser.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=help_text)
+            group.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=text)
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
+def _prog() -> str:
+    """How the user called us: ``knn-pipeline`` (the console script) or ``python -m pipeline``."""
+    name = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else ""
+    return "knn-pipeline" if name.startswith("knn-pipeline") else "python -m pipeline"
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m pipeline", description="Batch k-NN joins over Parquet embeddings with FAISS and Dask."
+        prog=_prog(), description="Batch k-NN joins over Parquet embeddings with FAISS and Dask."
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, help_text in (
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
@@ -53,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
         ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):
-        _add_job_flags(sub.add_parser(name, help=help_text, description=help_text))
+        _add_job_flags(sub.add_parser(name, help=help_text, description=help_text), name)
     submit = sub.add_parser("submit", help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
                             description="Write and submit one driver job script that runs JOB with this config; the "
                             "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.")
@@ -62,15 +110,15 @@ def build_parser() -> argparse.ArgumentParser:
     submit.add_argument(
         "--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing"
     )
-    _add_job_flags(submit)
+    _add_job_flags(submit, "submit")
     sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
-    sample.add_argument("directory")
-    sample.add_argument("--rows", type=int, default=50_000)
-    sample.add_argument("--dim", type=int, default=64)
-    sample.add_argument("--shards", type=int, default=4)
-    sample.add_argument("--seed", type=int, default=0)
-    sample.add_argument("-q", "--quiet", action="store_true")
-    sample.add_argument("-v", "--verbose", action="store_true")
+    sample.add_argument("directory", help="where to write part-NNNNN.parquet (id int64, embedding float32 lists)")
+    sample.add_argument("--rows", type=int, default=50_000, help="rows to generate (default: 50000)")
+    sample.add_argument("--dim", type=int, default=64, help="vector dimension (default: 64)")
+    sample.add_argument("--shards", type=int, default=4, help="Parquet files to split the rows into (default: 4)")
+    sample.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    sample.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
+    sample.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     return parser
 
 
@@ -106,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         from pipeline.jobs import commands as jobs
 
-        overrides = {key: getattr(args, key) for key in KEYS}
+        overrides = {key: getattr(args, key, None) for key in KEYS}
         config = load_config(args.config, overrides)
         if args.command == "submit":
             from pipeline.cluster.submit import prepare, submit

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import io
 import subprocess
 import sys
 from pathlib import Path
@@ -28,9 +30,31 @@ def test_yaml_then_flags(tmp_path):
     assert config.data.paths == ("data/",)
 
 
-def test_every_key_is_a_flag_of_run():
-    flags = {a.dest for a in build_parser()._subparsers._group_actions[0].choices["run"]._actions}
-    assert set(KEYS) <= flags
+def _help(*argv: str) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args([*argv, "--help"])
+    return out.getvalue()
+
+
+def test_each_command_lists_its_own_flags_grouped_with_defaults():
+    run_help, dedup_help, submit_help = _help("run"), _help("dedup"), _help("submit")
+    assert "--threshold" not in run_help and "--graph-mode" not in run_help and "--threshold" in dedup_help
+    assert all("--" + key.replace("_", "-") in submit_help for key in KEYS)  # submit forwards every key
+    for group in ("input:", "index:", "search:", "output:", "cluster:"):
+        assert f"\n{group}\n" in run_help
+    assert "(default: 0.95)" in run_help and "one of: l2, ip, cosine" in run_help
+    assert "--index-key" not in _help("join") and "--input" not in _help("evaluate")
+    assert "rows to generate (default: 50000)" in _help("sample-data")
+
+
+def test_version():
+    from pipeline import __version__
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit):
+        build_parser().parse_args(["--version"])
+    assert out.getvalue().strip().endswith(__version__)
 
 
 def test_dumped_config_loads_back(tmp_path):
