@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import signal
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +26,7 @@ from hypothesis import strategies as st
 from pipeline.cli import main
 from pipeline.config import parse_config
 
+CI = bool(os.environ.get("CI"))
 ID_TYPES = [pa.int64(), pa.int32(), pa.uint64(), pa.string(), pa.large_string()]
 ELEMENTS = [pa.float16(), pa.float32(), pa.float64(), pa.int32()]
 FLAWS = ["none", "null_id", "null_vector", "null_element", "nan", "inf", "ragged", "huge", "zero", "duplicate_id"]
@@ -119,8 +121,9 @@ def _alarm(signum: int, frame: Any) -> None:
     raise Hang("the run took over 90 s")
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                   HealthCheck.too_slow])
+# CI runs one fixed set of examples (reproducible); elsewhere each run explores new ones
+@settings(max_examples=80, deadline=None, derandomize=CI,
+          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 @given(drawn=inputs())
 # found by this test: two float16 rows whose k-th scores tie, which broke the report's histogram
 @example(drawn=([FileSpec(2, 1, pa.int64(), pa.float16(), "fixed", 2, "none", 0, "embedding", False)], "cosine", 0))
@@ -173,7 +176,7 @@ def test_config_values_never_raise_anything_but_a_config_error() -> None:
                                                                                                  inner, max_size=3),
                           max_leaves=6)
 
-    @settings(max_examples=300, deadline=None)
+    @settings(max_examples=300, deadline=None, derandomize=CI)
     @given_(key=st.sampled_from(sorted(KEYS) + ["profiles"]), field=st.sampled_from(sorted(PROFILE_FIELDS)),
             value=values)
     def check(key: str, field: str, value: Any) -> None:
