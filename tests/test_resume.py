@@ -110,10 +110,13 @@ def recorded_safe(manifest: Path, stage: str) -> dict:
 def test_rerun_of_finished_job_is_a_no_op(make_config, dataset_dir, tmp_path):
     config = make_config(input=str(dataset_dir), k=5, index_key="Flat")
     run(config)
-    part = next((tmp_path / "out" / "neighbors").glob("part-*.parquet"))
-    stamp = part.stat().st_mtime_ns
-    run(config)
-    assert part.stat().st_mtime_ns == stamp
+    out = tmp_path / "out"
+    part = next((out / "neighbors").glob("part-*.parquet"))
+    stamps = {p: p.stat().st_mtime_ns for p in (part, out / "report.json", out / "report.md")}
+    first = json.loads((out / "report.json").read_text())
+    again = run(config)
+    assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the report of the run that did the work stays
+    assert again == first and again["wall_s"] > 0.0 and (out / "_SUCCESS").exists()
 
 
 def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir, tmp_path):

@@ -7,9 +7,10 @@ and its own module, and writes the report and ``_SUCCESS`` beside its outputs.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from pipeline.report import write_report
 from pipeline.search.recall import recall_summary
 from pipeline.search.tuning import BelowTarget, draw_sample, search_sample
 from pipeline.stages.manifest import LOG_DIR, Manifest
+from pipeline.stages.progress import tasks_submitted
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate"]
 
@@ -60,10 +62,32 @@ def _cluster(config: Config) -> Any:
     return dask_client(config.cluster, _logs(config))
 
 
+@dataclass(frozen=True)
+class _Start:
+    """Where a command started: its clock, whether its output was already complete, tasks so far."""
+
+    clock: float
+    complete: bool
+    tasks: int
+
+
+def _start(output: Path) -> _Start:
+    return _Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
+
+
 def _finish(
-    output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, started: float
+    output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, start: _Start
 ) -> dict[str, Any]:
-    wall = time.monotonic() - started
+    report_path = output / "report.json"
+    if start.complete and tasks_submitted() == start.tasks and report_path.exists():
+        # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
+        report: dict[str, Any] = json.loads(report_path.read_text())
+        log.info("nothing to do: %s is complete; its report (from the run that did the work) is kept", output)
+        log.info("%s", recall_verdict(report))
+        with atomic_path(output / "_SUCCESS") as tmp:
+            tmp.write_text("")
+        return report
+    wall = time.monotonic() - start.clock
     report = {
         "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
         "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
@@ -131,9 +155,9 @@ def build(config: Config) -> BuiltIndex:
 
 def join(config: Config) -> dict[str, Any]:
     """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
-    started = time.monotonic()
     index_dir = _require(config.index_dir, "--index-dir", "join")
     output = _require(config.output, "--output", "join")
+    started = _start(output)
     with _guarded(config, output, index_dir, index_read_only=True):
         built = open_index(index_dir)
         queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
@@ -147,8 +171,8 @@ def join(config: Config) -> dict[str, Any]:
 
 def run(config: Config) -> dict[str, Any]:
     """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
-    started = time.monotonic()
     output = _require(config.output, "--output", "run")
+    started = _start(output)
     index_dir = _index_dir(config, output)
     timings = Timings()
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
@@ -163,8 +187,8 @@ def dedup(config: Config) -> dict[str, Any]:
     With ``--explore``, stop after the join and report the pairs and rows dropped over a range of
     thresholds instead (the join is kept: the real run then only groups).
     """
-    started = time.monotonic()
     output = _require(config.output, "--output", "dedup")
+    started = _start(output)
     d = config.dedup
     metric = config.index.metric or "cosine"
     if d.threshold is None and not d.explore:
@@ -213,8 +237,8 @@ def dedup(config: Config) -> dict[str, Any]:
 
 def graph(config: Config) -> dict[str, Any]:
     """``graph``: self-join ``--input`` (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
-    started = time.monotonic()
     output = _require(config.output, "--output", "graph")
+    started = _start(output)
     g = config.graph
     metric = config.index.metric or "cosine"
     plan = GraphPlan(g.mode, metric, config.search.k, g.min_score, g.weight, g.kernel_width)

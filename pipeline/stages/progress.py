@@ -14,7 +14,7 @@ from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
 
-__all__ = ["Progress", "configure", "run_tasks", "run_stage"]
+__all__ = ["Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +31,15 @@ class WorkItem(Protocol):
 
 T = TypeVar("T", bound=WorkItem)
 _LIVE = False
+
+
+_submitted = [0]  # tasks this process has submitted through run_tasks
+
+
+def tasks_submitted() -> int:
+    """Tasks submitted through :func:`run_tasks` so far in this process (a rerun that submits none
+    found everything done)."""
+    return _submitted[0]
 
 
 def configure(live: bool) -> None:
@@ -99,6 +108,7 @@ def run_tasks(
     manifest). The first failure cancels the rest and is re-raised. Returns the wall time.
     """
     progress = Progress(label, sum(rows(i) for i in items))
+    _submitted[0] += len(items)
     if not items:
         return progress.close()
     futures = {client.submit(fn, *args(item), pure=False): item for item in items}
