@@ -75,6 +75,9 @@ def test_kill_mid_join_then_resume(many_pieces, tmp_path):
     before = {p: os.stat(out / p).st_mtime_ns for p, _ in (files[0] for files in done.values())}
     log = finish(cmd)
     assert (out / "_SUCCESS").exists()
+    # the report covers the whole job: the build phases ran only before the kill
+    phases = json.loads((out / "report.json").read_text())["timings_s"]
+    assert {"scan", "train", "fill", "join"} <= set(phases) and not (out / ".timings.json").exists()
     after = {p: os.stat(out / p).st_mtime_ns for p in before}
     assert before == after, "finished pieces were recomputed"
     assert re.search(rf"join: {ROWS - len(done) * GROUP:,}/{ROWS - len(done) * GROUP:,} rows", log)

@@ -27,17 +27,18 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, ResumeError
 
-__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "check_locations", "unknown_entries",
+__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "unknown_entries",
            "remove_owned", "locked", "shown"]
 
 LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite
 LOCK_NAME = ".knn-pipeline.lock"
+TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its runs (written before the manifest)
 
 # everything run, join, dedup and graph write in an output directory
 OUTPUT_NAMES = frozenset({
     "manifest.json", "_SUCCESS", "report.json", "report.md", "neighbors", "knn", "_queries",
     "pairs", "groups", "kept", "_dedup", "_explore", "edges", "nodes", "_graph", "graph.npz", "umap_knn.npz",
-    "recall_curve.png", "kth_score.png", "timings.png", "group_sizes.png", "degrees.png",
+    "recall_curve.png", "kth_score.png", "timings.png", "group_sizes.png", "degrees.png", TIMINGS_NAME,
 })
 # everything build writes in an index directory
 INDEX_NAMES = frozenset({"manifest.json", "index.faiss", "index.ivfdata", "trained.faiss", "store", "parts",
@@ -98,7 +99,7 @@ def unknown_entries(directory: Path, owned: frozenset[str], keep: str | None = N
     """Names in ``directory`` the tool did not write (temporary files and the lock excepted)."""
     if not directory.is_dir():
         return []
-    allowed = owned | {LOG_DIR, LOCK_NAME} | ({keep} if keep else set())
+    allowed = owned | {LOG_DIR, LOCK_NAME, TIMINGS_NAME} | ({keep} if keep else set())
     return sorted(c.name for c in directory.iterdir() if c.name not in allowed and ".tmp-" not in c.name)
 
 

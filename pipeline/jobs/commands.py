@@ -34,7 +34,7 @@ from pipeline.graph.knn_graph import check_plan as check_graph_plan
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import plan_dataset, resolve_paths
 from pipeline.io.store import RowStore
-from pipeline.io.workdir import check_locations, locked
+from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
 from pipeline.report import write_report
 from pipeline.search.recall import recall_summary
@@ -87,7 +87,7 @@ def _finish(
         with atomic_path(output / "_SUCCESS") as tmp:
             tmp.write_text("")
         return report
-    wall = time.monotonic() - start.clock
+    wall = timings.earlier_wall + time.monotonic() - start.clock
     report = {
         "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
         "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
@@ -104,6 +104,7 @@ def _finish(
     (log.warning if recall.get("met") is False else log.info)("%s", verdict)
     with atomic_path(output / "_SUCCESS") as tmp:
         tmp.write_text("")
+    (output / TIMINGS_NAME).unlink(missing_ok=True)  # the job is complete: a later one starts its own
     return report
 
 
@@ -163,7 +164,7 @@ def join(config: Config) -> dict[str, Any]:
         queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
                                config.partition_bytes)
         check_query_ids(built, queries, config.search.exclude_self)
-        timings = Timings()
+        timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
         with _cluster(config) as (client, cluster):
             summary, _ = join_index(client, cluster, config, built, output, timings, queries)
         return _finish(output, config, summary, timings, "join", started)
@@ -174,7 +175,7 @@ def run(config: Config) -> dict[str, Any]:
     output = _require(config.output, "--output", "run")
     started = _start(output)
     index_dir = _index_dir(config, output)
-    timings = Timings()
+    timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
         summary, _ = join_index(client, cluster, config, built, output, timings, command="run")
@@ -201,7 +202,7 @@ def dedup(config: Config) -> dict[str, Any]:
         log.warning("dedup with --metric ip: scores grow with vector length; cosine is usual for duplicates")
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
-    timings = Timings()
+    timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search,
                             incremental=True)
@@ -245,7 +246,7 @@ def graph(config: Config) -> dict[str, Any]:
     check_graph_plan(plan)
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = _index_dir(config, output)
-    timings = Timings()
+    timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
         summary, manifest = join_index(client, cluster, config, built, output, timings,

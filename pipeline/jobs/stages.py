@@ -6,6 +6,7 @@ Everything that can be checked from metadata and settings (columns, dimensions, 
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field, replace
@@ -34,7 +35,7 @@ from pipeline.index.choice import (
 )
 from pipeline.index.fill import fill_index, fill_mode
 from pipeline.index.sampling import load_sample, sample_rows
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.parquet import Dataset, plan_dataset
 from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
@@ -71,10 +72,34 @@ class BuiltIndex:
 
 @dataclass
 class Timings:
+    """Seconds per phase of one job, across the runs it took: with a ``path``, every phase is
+    saved as it ends, so a job killed and resumed reports the time of all its runs."""
+
     phases: dict[str, float] = field(default_factory=dict)
+    path: Path | None = None
+    earlier_wall: float = 0.0  # wall time of the earlier, interrupted runs of this job
+    started: float = field(default_factory=time.monotonic)
+
+    @classmethod
+    def resume(cls, path: Path, fresh: bool) -> Timings:
+        """The job's timings so far (``fresh``: a new job, earlier ones forgotten)."""
+        saved: dict[str, Any] = {}
+        if not fresh and path.exists():
+            try:
+                saved = json.loads(path.read_text())
+            except ValueError:
+                saved = {}
+        phases = {str(k): float(v) for k, v in saved.get("phases", {}).items()}
+        return cls(phases, path, float(saved.get("wall", 0.0)))
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases[phase] = round(self.phases.get(phase, 0.0) + seconds, 3)
+        self.save()
+
+    def save(self) -> None:
+        if self.path is not None and self.path.parent.is_dir():
+            wall = self.earlier_wall + time.monotonic() - self.started
+            write_json(self.path, {"phases": self.phases, "wall": round(wall, 3)})
 
 
 def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None, backend: str) -> tuple[str, faiss.Index]:
