@@ -1,0 +1,112 @@
+"""Property-based tests (hypothesis) of the small kernels every job relies on: top-k merging,
+list-to-padded scatter, id keys, tie-aware recall and the config's dump/parse round trip."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pyarrow as pa
+import yaml
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra.numpy import arrays
+
+from pipeline.config import dump_config, parse_config
+from pipeline.io.ids import id_keys
+from pipeline.search.exact import merge_topk
+from pipeline.search.join import to_padded
+from pipeline.search.recall import recall_at_k, tie_aware_recall
+
+CI = bool(os.environ.get("CI"))
+small_floats = st.floats(-100, 100, allow_nan=False, width=32)
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(data=st.data(), queries=st.integers(1, 4), parts=st.integers(1, 4), width=st.integers(1, 6),
+       k=st.integers(1, 10))
+def test_merge_topk_equals_one_sort_of_everything(data, queries, parts, width, k):
+    """Merging per-piece lists gives what sorting all candidates at once gives (ties by row)."""
+    pieces, start = [], 0
+    for _ in range(parts):
+        scores = data.draw(arrays(np.float32, (queries, width), elements=small_floats))
+        rows = np.tile(np.arange(start, start + width, dtype=np.int64), (queries, 1))
+        pieces.append((scores, rows))
+        start += width
+    k = min(k, parts * width)
+    got_scores, got_rows = merge_topk(pieces, k)
+    all_scores = np.concatenate([p[0] for p in pieces], axis=1)
+    for q in range(queries):
+        expect = sorted(range(all_scores.shape[1]), key=lambda j: (-all_scores[q, j], j))[:k]
+        assert got_rows[q].tolist() == expect
+        assert np.array_equal(got_scores[q], all_scores[q, expect])
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(counts=st.lists(st.integers(0, 5), min_size=1, max_size=8), first=st.integers(0, 3))
+def test_to_padded_puts_each_list_on_its_line_and_pads_the_rest(counts, first):
+    k = 5
+    offsets = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
+    rows = np.arange(offsets[-1], dtype=np.int64) + 100
+    scores = rows.astype(np.float32) / 2
+    out_rows = np.full((first + len(counts), k), -1, dtype=np.int64)
+    out_scores = np.full(out_rows.shape, np.nan, dtype=np.float32)
+    to_padded(out_rows, out_scores, first, offsets, rows, scores)
+    assert (out_rows[:first] == -1).all()
+    for i, c in enumerate(counts):
+        line = out_rows[first + i]
+        assert line[:c].tolist() == rows[offsets[i] : offsets[i + 1]].tolist() and (line[c:] == -1).all()
+        assert np.isnan(out_scores[first + i, c:]).all()
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(values=st.lists(st.text(max_size=12), min_size=1, max_size=30), large=st.booleans())
+def test_string_id_keys_are_equal_exactly_for_equal_ids(values, large):
+    """Equal strings share a key (so duplicates are found); different strings colliding would only
+    cost a confirmation against the real ids, and do not happen on these small sets."""
+    keys = id_keys(pa.array(values, type=pa.large_string() if large else pa.string()))
+    by_value: dict[str, int] = {}
+    for value, key in zip(values, keys.tolist()):
+        assert by_value.setdefault(value, key) == key
+    assert len(set(by_value.values())) == len(by_value)
+
+
+@settings(max_examples=100, deadline=None, derandomize=CI)
+@given(values=st.lists(st.integers(-(2**63), 2**63 - 1), min_size=1, max_size=30))
+def test_integer_id_keys_are_the_values_themselves(values):
+    keys = id_keys(pa.array(values, type=pa.int64()))
+    assert keys.view(np.int64).tolist() == values
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(data=st.data(), k=st.integers(1, 6), queries=st.integers(1, 5))
+def test_tie_aware_recall_is_one_for_any_exact_answer_and_never_below_strict(data, k, queries):
+    """Any k rows scoring at least the k-th true score are a right answer, however ties are ordered."""
+    n = k + 4
+    levels = data.draw(st.lists(st.integers(0, 3), min_size=n, max_size=n))  # few levels: many ties
+    scores = np.asarray(levels, dtype=np.float64)
+    truth_order = sorted(range(n), key=lambda j: (-scores[j], j))[:k]
+    truth_scores = np.tile(scores[truth_order].astype(np.float32), (queries, 1))
+    kth = scores[truth_order[-1]]
+    tied = [j for j in range(n) if scores[j] >= kth]
+    found = [data.draw(st.permutations(tied))[:k] for _ in range(queries)]  # any exact answer
+    tie = tie_aware_recall([scores[f] for f in found], truth_scores, k, "ip")
+    strict = recall_at_k(found, [truth_order] * queries, k)
+    assert tie == 1.0 and strict <= tie
+
+
+config_values = st.fixed_dictionaries({}, optional={
+    "k": st.integers(1, 1000), "nprobe": st.integers(1, 4096) | st.just("auto"), "rerank": st.integers(0, 64),
+    "target_recall": st.sampled_from(["off", 0.5, 0.95, 0.999, 1.0]), "recall_queries": st.integers(1, 5000),
+    "metric": st.sampled_from(["l2", "ip", "cosine"]), "index_key": st.sampled_from(["auto", "Flat", "IVF64,SQ8"]),
+    "exclude_self": st.booleans(), "partition_size": st.sampled_from(["64MiB", "1GiB", 4096]),
+    "device": st.sampled_from(["auto", "cpu", "gpu"]), "threshold": small_floats, "graph_mode":
+    st.sampled_from(["directed", "symmetric", "mutual"]), "memory_limit": st.sampled_from(["auto", "4GiB"]),
+})
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(values=config_values)
+def test_config_dump_and_parse_round_trip(values):
+    config = parse_config({"input": ["data/"], "output": "out", **values})
+    assert parse_config(yaml.safe_load(dump_config(config))) == config
