@@ -22,6 +22,18 @@ __all__ = ["peak_rss", "kth_scores", "write_report"]
 SCORE_SAMPLE = 200_000
 
 
+def _verdict(rec: dict[str, Any], idx: dict[str, Any]) -> str:
+    """The report's first line: what recall the job reached, against which target, with which plan."""
+    plan = f"{idx.get('key')}, nprobe={rec.get('nprobe')}, rerank={rec.get('rerank')}"
+    if not rec:
+        return f"recall not measured; plan: {plan}"
+    target = rec.get("target")
+    got = f"recall@{rec['k']} {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries"
+    if target is None:
+        return f"{got}, no target; plan: {plan}"
+    return f"{got}, target {target}: {'met' if rec.get('met', True) else 'MISSED'}; plan: {plan}"
+
+
 def _hist_range(values: np.ndarray) -> tuple[float, float]:
     """The values' range, widened when it is too narrow for finite-sized bins (equal scores)."""
     lo, hi = float(np.min(values)), float(np.max(values))
@@ -229,6 +241,8 @@ def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
     lines = [
         f"# {report['command']} report",
         "",
+        f"**{_verdict(rec, idx)}**",
+        "",
         "| | |",
         "|---|---|",
         f"| index | `{idx['key']}` ({idx['ntotal']:,} vectors × {idx['dim']}, {idx['metric']}) |",
@@ -242,9 +256,15 @@ def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
         + " MiB |",
     ]
     if rec:
-        lines.append(f"| recall@{rec['k']} | {rec['recall']:.3f} on {rec['queries']:,} "
-                     f"{'held-out ' if rec.get('target') else ''}queries against exact search"
+        lines.append(f"| recall@{rec['k']} | {rec['recall']:.3f} tie-aware (strict {rec.get('recall_strict', 0):.3f}) "
+                     f"on {rec['queries']:,} {'held-out ' if rec.get('target') else ''}queries against exact search"
                      + (f" (target {rec['target']})" if rec.get("target") else "") + " |")
+    devices = report.get("devices") or []
+    for kind in sorted({d["backend"] for d in devices}):
+        group = [d for d in devices if d["backend"] == kind]
+        hosts = sorted({d["host"] for d in group})
+        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0]['reason']}), hosts "
+                     f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
     lines.append("")
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]

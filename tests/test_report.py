@@ -28,6 +28,11 @@ def test_report_files_are_written_and_parse(tuned_run):
     assert -1.0 <= q["p1"] <= q["p50"] <= q["p99"] <= 1.0  # cosine similarities
     md = (tuned_run / "report.md").read_text()
     assert "IVF64,PQ16" in md and "held-out queries" in md and "## Sweep" in md
+    rec = report["recall"]
+    first = md.splitlines()[2]  # under the title: recall, target and plan
+    assert first == (f"**recall@10 {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries, target 0.9: "
+                     f"met; plan: IVF64,PQ16, nprobe={rec['nprobe']}, rerank={rec['rerank']}**")
+    assert "| devices | 2 worker(s) on cpu (" in md
     for png in ("recall_curve.png", "kth_score.png", "timings.png"):
         assert f"]({png})" in md
         assert (tuned_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
