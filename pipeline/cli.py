@@ -20,6 +20,7 @@ from pipeline import __version__
 from pipeline.config import DEVICES, KEYS, METRICS, Config, load_config
 from pipeline.errors import PipelineError
 from pipeline.io.workdir import shown
+from pipeline.results import JobReport, RecallSummary
 from pipeline.stages import progress
 
 __all__ = ["main"]
@@ -171,13 +172,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         signal.signal(signal.SIGTERM, _terminated)  # a batch walltime or scancel: close worker jobs on the way out
         result = getattr(jobs, args.command)(config)
-        if args.command == "evaluate":
-            print(json.dumps(result, indent=2))
-        if args.command == "dedup" and "dedup_explore" in result:
+        if isinstance(result, RecallSummary):
+            print(json.dumps(result.to_json(), indent=2))
+        if isinstance(result, JobReport) and result.dedup_explore:
             print(f"{'threshold':>10} {'pairs':>10} {'rows dropped':>13} {'share':>7}")
-            for row in result["dedup_explore"]:
-                share = row["rows_dropped"] / max(1, row["rows_in"])
-                print(f"{row['threshold']:>10} {row['pairs']:>10} {row['rows_dropped']:>13} {share:>7.2%}")
+            for row in result.dedup_explore:
+                share = row.rows_dropped / max(1, row.rows_in)
+                print(f"{row.threshold:>10} {row.pairs:>10} {row.rows_dropped:>13} {share:>7.2%}")
         return 0
     except PipelineError as exc:
         log.error("%s", exc)

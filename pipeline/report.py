@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import resource
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -16,22 +17,23 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_json
+from pipeline.results import JobReport, RecallResult, TunePointRecord
 
 __all__ = ["peak_rss", "kth_scores", "write_report"]
 
 SCORE_SAMPLE = 200_000
 
 
-def _verdict(rec: dict[str, Any], idx: dict[str, Any]) -> str:
+def _verdict(report: JobReport) -> str:
     """The report's first line: what recall the job reached, against which target, with which plan."""
-    plan = f"{idx.get('key')}, nprobe={rec.get('nprobe')}, rerank={rec.get('rerank')}"
-    if not rec:
+    rec, search = report.recall, report.search
+    plan = f"{report.index.key}, nprobe={search.nprobe}, rerank={search.rerank}"
+    if rec is None:
         return f"recall not measured; plan: {plan}"
-    target = rec.get("target")
-    got = f"recall@{rec['k']} {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries"
-    if target is None:
+    got = f"recall@{rec.k} {rec.recall:.3f} (tie-aware) on {rec.queries:,} held-out queries"
+    if rec.target is None:
         return f"{got}, no target; plan: {plan}"
-    return f"{got}, target {target}: {'met' if rec.get('met', True) else 'MISSED'}; plan: {plan}"
+    return f"{got}, target {rec.target}: {'met' if rec.met else 'MISSED'}; plan: {plan}"
 
 
 def _hist_range(values: np.ndarray) -> tuple[float, float]:
@@ -63,32 +65,42 @@ def kth_scores(table_dir: Path, seed: int = 0, limit: int = SCORE_SAMPLE) -> np.
     return np.concatenate(out) if out else np.zeros(0, dtype=np.float32)
 
 
-def _plots(output: Path, report: dict[str, Any], kth: np.ndarray) -> list[tuple[str, str]]:
+def _curve(recall: RecallResult | None) -> list[TunePointRecord]:
+    """The tuning sweep, or the one setting measured when nothing was tuned."""
+    if recall is None:
+        return []
+    if recall.curve:
+        return list(recall.curve)
+    return [TunePointRecord(recall.nprobe, recall.rerank, recall.recall, recall.recall_strict, 0.0, 0.0,
+                            recall.queries, 0.0)]
+
+
+def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, str]]:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     made = []
-    recall = report.get("recall") or {}
-    curve = recall.get("curve") or ([{"nprobe": recall.get("nprobe"), "rerank": recall.get("rerank"),
-                                      "recall": recall.get("recall"), "qps": None}] if recall else [])
-    if curve and any(p["nprobe"] is not None for p in curve):
+    recall = report.recall
+    curve = [p for p in _curve(recall) if p.nprobe is not None]
+    if recall is not None and curve:
         fig, ax = plt.subplots(figsize=(6.4, 4))
-        for rerank in sorted({p["rerank"] for p in curve}):
-            pts = sorted((p for p in curve if p["rerank"] == rerank), key=lambda p: p["nprobe"])
-            ax.plot([p["nprobe"] for p in pts], [p["recall"] for p in pts], marker="o", label=f"rerank {rerank}")
+        for rerank in sorted({p.rerank for p in curve}):
+            pts = sorted((p for p in curve if p.rerank == rerank), key=lambda p: p.nprobe or 0)
+            ax.plot([p.nprobe or 0 for p in pts], [p.recall for p in pts], marker="o", label=f"rerank {rerank}")
         ax.set_xscale("log", base=2)
         ax.set_xlabel("nprobe")
-        ax.set_ylabel(f"recall@{recall.get('k')}")
-        if recall.get("target"):
-            ax.axhline(recall["target"], color="grey", linestyle="--", label=f"target {recall['target']}")
-        qps = [p for p in curve if p.get("qps")]
+        ax.set_ylabel(f"recall@{recall.k}")
+        if recall.target:
+            ax.axhline(recall.target, color="grey", linestyle="--", label=f"target {recall.target}")
+        qps = [p for p in curve if p.qps]
         if qps:
             ax2 = ax.twinx()
             best: dict[int, float] = {}
             for p in qps:
-                best[p["nprobe"]] = max(best.get(p["nprobe"], 0), p["qps"])
+                assert p.nprobe is not None
+                best[p.nprobe] = max(best.get(p.nprobe, 0), p.qps)
             xs = sorted(best)
             ax2.plot(xs, [best[x] for x in xs], color="black", linestyle=":", label="queries/s (best rerank)")
             ax2.set_ylabel("queries/s on one worker")
@@ -101,14 +113,14 @@ def _plots(output: Path, report: dict[str, Any], kth: np.ndarray) -> list[tuple[
     if kth.size:
         fig, ax = plt.subplots(figsize=(6.4, 3.6))
         ax.hist(kth, bins=60, range=_hist_range(kth))
-        ax.set_xlabel(f"score of the k-th neighbour ({report['index']['metric']})")
+        ax.set_xlabel(f"score of the k-th neighbour ({report.index.metric})")
         ax.set_ylabel("queries")
         ax.set_title(f"k-th neighbour score ({kth.size:,} queries sampled)")
         fig.tight_layout()
         fig.savefig(output / "kth_score.png", dpi=100)
         plt.close(fig)
         made.append(("Score of the k-th neighbour", "kth_score.png"))
-    timings = report.get("timings_s") or {}
+    timings = report.timings_s
     if timings:
         fig, ax = plt.subplots(figsize=(6.4, 3.2))
         ax.barh(list(timings), list(timings.values()))
@@ -144,135 +156,137 @@ def _esc(v: Any) -> str:
     return str(v).replace("|", "\\|").replace("\n", " ")
 
 
-def _dedup_lines(output: Path, report: dict[str, Any]) -> list[str]:
-    lines: list[str] = []
-    explored = report.get("dedup_explore")
-    if explored:
-        lines += ["## Dedup thresholds (explore)", "", "| threshold | pairs | rows dropped (components) | share |",
-                  "|---|---|---|---|"]
-        lines += [f"| {r['threshold']} | {r['pairs']:,} | {r['rows_dropped']:,} | "
-                  f"{r['rows_dropped'] / max(1, r['rows_in']):.2%} |" for r in explored]
-        lines.append("")
-    d = report.get("dedup")
-    if not d:
-        return lines
-    op = "<=" if d["metric"] == "l2" else ">="
-    keep = (
-        f"max/min of `{d['keep_by']}` ({d['keep_order']}), then the smallest id" if d["keep_by"] else "the smallest id"
-    )
-    lines += [
+def _explore_lines(report: JobReport) -> list[str]:
+    if not report.dedup_explore:
+        return []
+    lines = ["## Dedup thresholds (explore)", "", "| threshold | pairs | rows dropped (components) | share |",
+             "|---|---|---|---|"]
+    lines += [f"| {r.threshold} | {r.pairs:,} | {r.rows_dropped:,} | {r.rows_dropped / max(1, r.rows_in):.2%} |"
+              for r in report.dedup_explore]
+    return lines + [""]
+
+
+def _dedup_lines(output: Path, report: JobReport) -> list[str]:
+    d = report.dedup
+    if d is None:
+        return []
+    op = "<=" if d.metric == "l2" else ">="
+    keep = f"max/min of `{d.keep_by}` ({d.keep_order}), then the smallest id" if d.keep_by else "the smallest id"
+    lines = [
         "## Dedup",
         "",
         "| | |",
         "|---|---|",
-        f"| rule | {d['metric']} score {op} {d['threshold']}, {d['mode']} mode; keep {keep} |",
-        f"| rows in | {d['rows_in']:,} |",
-        f"| pairs | {d['pairs']:,} |",
-        f"| groups (2+ rows) | {d['groups']:,} holding {d['rows_in_groups']:,} rows |",
-        f"| rows dropped | {d['rows_dropped']:,} ({d['rows_dropped'] / max(1, d['rows_in']):.2%}); kept "
-        f"{d['rows_kept']:,} |",
+        f"| rule | {d.metric} score {op} {d.threshold}, {d.mode} mode; keep {keep} |",
+        f"| rows in | {d.rows_in:,} |",
+        f"| pairs | {d.pairs:,} |",
+        f"| groups (2+ rows) | {d.groups:,} holding {d.rows_in_groups:,} rows |",
+        f"| rows dropped | {d.rows_dropped:,} ({d.rows_dropped / max(1, d.rows_in):.2%}); kept {d.rows_kept:,} |",
     ]
-    ex = d.get("exactness")
-    if ex:
-        pr = "n/a (no exact pairs in the sample)" if ex["pair_recall"] is None else f"{ex['pair_recall']:.4f}"
-        lines.append(f"| pair recall | {pr}: {ex['exact_pairs']:,} exact pairs among {ex['queries']:,} sampled rows; "
-                     f"{ex['below_threshold']} found pairs fail the threshold |")
-    if d.get("searched_again"):
-        lines.append(f"| rows searched again | {d['searched_again']:,} rows had all k neighbours above the threshold "
+    ex = d.exactness
+    if ex is not None:
+        pr = "n/a (no exact pairs in the sample)" if ex.pair_recall is None else f"{ex.pair_recall:.4f}"
+        lines.append(f"| pair recall | {pr}: {ex.exact_pairs:,} exact pairs among {ex.queries:,} sampled rows; "
+                     f"{ex.below_threshold} found pairs fail the threshold |")
+    if d.searched_again:
+        lines.append(f"| rows searched again | {d.searched_again:,} rows had all k neighbours above the threshold "
                      "and were searched again with longer lists |")
-    if d.get("saturated_rows"):
-        lines.append(
-            f"| rows at the limit | {d['saturated_rows']:,} rows still had every neighbour above the threshold "
-            "at the longest list: their groups can be incomplete |"
-        )
+    if d.saturated_rows:
+        lines.append(f"| rows at the limit | {d.saturated_rows:,} rows still had every neighbour above the threshold "
+                     "at the longest list: their groups can be incomplete |")
     lines.append("")
-    if d["group_sizes"]:
-        _count_plot(output, "group_sizes.png", d["group_sizes"], "group size (rows)", "groups", "dedup group sizes")
+    if d.group_sizes:
+        _count_plot(output, "group_sizes.png", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
         lines += ["### Group sizes", "", "![group sizes](group_sizes.png)", ""]
-    if d.get("examples"):
-        has_text = any("text_a" in e for e in d["examples"])
+    if d.examples:
+        has_text = any(e.text_a is not None or e.text_b is not None for e in d.examples)
         lines += ["### Example pairs by score", "",
                   "| score | id a | id b |" + (" text a | text b |" if has_text else ""),
                   "|---|---|---|" + ("---|---|" if has_text else "")]
-        for e in d["examples"]:
-            row = f"| {e['score']:.4f} | {_esc(e.get('id_a'))} | {_esc(e.get('id_b'))} |"
+        for e in d.examples:
+            row = f"| {e.score:.4f} | {_esc(e.id_a)} | {_esc(e.id_b)} |"
             if has_text:
-                row += f" {_esc(e.get('text_a'))} | {_esc(e.get('text_b'))} |"
+                row += f" {_esc(e.text_a)} | {_esc(e.text_b)} |"
             lines.append(row)
         lines.append("")
     return lines
 
 
-def _graph_lines(output: Path, report: dict[str, Any]) -> list[str]:
-    g = report.get("graph")
-    if not g:
+def _graph_lines(output: Path, report: JobReport) -> list[str]:
+    g = report.graph
+    if g is None:
         return []
-    rec = g.get("recall")
+    rec = g.recall
+    width = f" (width {g.kernel_width:.4g})" if g.weight == "gaussian" and g.kernel_width else ""
     lines = [
         "## Graph", "", "| | |", "|---|---|",
-        f"| edges | {g['mode']}, k={g['k']}" + (f", min score {g['min_score']}" if g["min_score"] is not None else "")
-        + f", weight {g['weight']}" + (f" (width {g['kernel_width']:.4g})" if g["weight"] == "gaussian" else "") + " |",
-        f"| size | {g['nodes']:,} nodes, {g['edges']:,} edges (directed entries) |",
-        f"| degree | mean {g['degree']['mean']}, max {g['degree']['max']}, {g['degree']['isolated']:,} isolated |",
-        f"| components | {g['components']:,}; the largest holds {g['largest_component']:,} nodes |",
-        f"| mutual edges | {g['mutual_share']:.1%} of edges are in both rows' lists |" if g["mutual_share"] is not None
+        f"| edges | {g.mode}, k={g.k}" + (f", min score {g.min_score}" if g.min_score is not None else "")
+        + f", weight {g.weight}{width} |",
+        f"| size | {g.nodes:,} nodes, {g.edges:,} edges (directed entries) |",
+        f"| degree | mean {g.degree.mean}, max {g.degree.max}, {g.degree.isolated:,} isolated |",
+        f"| components | {g.components:,}; the largest holds {g.largest_component:,} nodes |",
+        f"| mutual edges | {g.mutual_share:.1%} of edges are in both rows' lists |" if g.mutual_share is not None
         else "| mutual edges | n/a (no edges) |",
     ]
-    if rec:
-        lines.append(f"| graph recall | {rec['graph_recall']:.4f}: share of the exact {rec['k']} nearest neighbours "
-                     f"among a row's edges, {rec['queries']:,} sampled rows |")
+    if rec is not None:
+        lines.append(f"| graph recall | {rec.graph_recall:.4f}: share of the exact {rec.k} nearest neighbours "
+                     f"among a row's edges, {rec.queries:,} sampled rows |")
     lines.append("")
-    if g["degree"]["histogram"]:
-        _count_plot(output, "degrees.png", g["degree"]["histogram"], "degree (edges out of a node)", "nodes",
+    if g.degree.histogram:
+        _count_plot(output, "degrees.png", g.degree.histogram, "degree (edges out of a node)", "nodes",
                     "degree distribution")
         lines += ["### Degree distribution", "", "![degrees](degrees.png)", ""]
     return lines
 
 
-def write_report(output: Path, report: dict[str, Any], seed: int = 0) -> None:
-    """Write ``report.json`` and ``report.md`` (+ PNGs) into ``output``."""
+def _summary_lines(report: JobReport) -> list[str]:
+    idx, search, rec, mem = report.index, report.search, report.recall, report.join.memory
+    qps = f" ({report.queries_per_s:,.0f} queries/s)" if report.queries_per_s else ""
+    lines = [
+        "| | |",
+        "|---|---|",
+        f"| index | `{idx.key}` ({idx.ntotal:,} vectors × {idx.dim}, {idx.metric}) |",
+        f"| why this index | {idx.why} |",
+        f"| search | k={search.k}, nprobe={search.nprobe}, rerank={search.rerank}, "
+        f"exclude_self={search.exclude_self} |",
+        f"| queries | {report.queries:,} |",
+        f"| wall time | {report.wall_s:.1f} s{qps} |",
+        f"| peak memory | driver {mem.driver_peak_rss / 2**20:,.0f} MiB; workers "
+        + ", ".join(f"{v / 2**20:,.0f}" for v in mem.workers_peak_rss.values()) + " MiB |",
+    ]
+    if rec is not None:
+        lines.append(f"| recall@{rec.k} | {rec.recall:.3f} tie-aware (strict {rec.recall_strict:.3f}) "
+                     f"on {rec.queries:,} {'held-out ' if rec.target else ''}queries against exact search"
+                     + (f" (target {rec.target})" if rec.target else "") + " |")
+    devices = report.join.devices
+    for kind in sorted({d.backend for d in devices}):
+        group = [d for d in devices if d.backend == kind]
+        hosts = sorted({d.host for d in group})
+        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason}), hosts "
+                     f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
+    return lines
+
+
+def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
+    """Write ``report.json`` and ``report.md`` (+ PNGs) into ``output``; return the report with the
+    k-th neighbour's score quantiles (read back from the written table) filled in."""
     kth = kth_scores(output / "neighbors", seed)
     if kth.size:
         q = np.quantile(kth, [0.01, 0.1, 0.5, 0.9, 0.99])
-        report["kth_score_quantiles"] = {k: round(float(v), 5) for k, v in zip(("p1", "p10", "p50", "p90", "p99"), q)}
-    write_json(output / "report.json", report)
+        report = replace(report, kth_score_quantiles={k: round(float(v), 5)
+                                                      for k, v in zip(("p1", "p10", "p50", "p90", "p99"), q)})
+    write_json(output / "report.json", report.to_json())
     plots = _plots(output, report, kth)
-    idx, search, rec = report["index"], report["search"], report.get("recall") or {}
-    lines = [
-        f"# {report['command']} report",
-        "",
-        f"**{_verdict(rec, idx)}**",
-        "",
-        "| | |",
-        "|---|---|",
-        f"| index | `{idx['key']}` ({idx['ntotal']:,} vectors × {idx['dim']}, {idx['metric']}) |",
-        f"| why this index | {idx.get('why', 'given by index_key')} |",
-        f"| search | k={search['k']}, nprobe={search['nprobe']}, rerank={search['rerank']}, "
-        f"exclude_self={search['exclude_self']} |",
-        f"| queries | {report['queries']:,} |",
-        f"| wall time | {report['wall_s']:.1f} s ({report['queries_per_s']:,.0f} queries/s) |",
-        f"| peak memory | driver {report['memory']['driver_peak_rss'] / 2**20:,.0f} MiB; workers "
-        + ", ".join(f"{v / 2**20:,.0f}" for v in report["memory"]["workers_peak_rss"].values())
-        + " MiB |",
-    ]
-    if rec:
-        lines.append(f"| recall@{rec['k']} | {rec['recall']:.3f} tie-aware (strict {rec.get('recall_strict', 0):.3f}) "
-                     f"on {rec['queries']:,} {'held-out ' if rec.get('target') else ''}queries against exact search"
-                     + (f" (target {rec['target']})" if rec.get("target") else "") + " |")
-    devices = report.get("devices") or []
-    for kind in sorted({d["backend"] for d in devices}):
-        group = [d for d in devices if d["backend"] == kind]
-        hosts = sorted({d["host"] for d in group})
-        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0]['reason']}), hosts "
-                     f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
-    lines.append("")
+    lines = [f"# {report.command} report", "", f"**{_verdict(report)}**", ""] + _summary_lines(report) + [""]
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
-    lines += _dedup_lines(output, report) + _graph_lines(output, report)
-    if rec.get("curve"):
+    lines += _explore_lines(report) + _dedup_lines(output, report) + _graph_lines(output, report)
+    curve = report.recall.curve if report.recall else ()
+    if curve:
         lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]
-        lines += [f"| {p['nprobe']} | {p['rerank']} | {p['recall']:.3f} | {p['qps']:,.0f} |" for p in rec["curve"]]
+        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | {p.qps:,.0f} |" for p in curve]
         lines.append("")
-    lines += ["## Settings", "", "```json", json.dumps(report["config"], indent=2, default=str), "```", ""]
+    lines += ["## Settings", "", "```json", json.dumps(report.config, indent=2, default=str), "```", ""]
     with atomic_path(output / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
+    return report

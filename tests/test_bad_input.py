@@ -131,7 +131,7 @@ def test_empty_shard_is_skipped(make_config, data, caplog):
     write(data / "b.parquet", *good_rows(30))
     with caplog.at_level("WARNING", logger="pipeline"):
         report = run(make_config(input=str(data), k=2, index_key="Flat"))
-    assert report["queries"] == 30 and "a.parquet holds no rows" in caplog.text
+    assert report.queries == 30 and "a.parquet holds no rows" in caplog.text
 
 
 def test_not_a_parquet_file(make_config, data):
@@ -256,7 +256,7 @@ def test_compatible_id_types_across_shards_are_unified(make_config, data, types,
                        data / f"p{i}.parquet")
     report = run(make_config(input=str(data), k=2, index_key="Flat"))
     table = pq.read_table(data.parent / "out" / "neighbors")
-    assert report["queries"] == 80 and table.schema.field("query_id").type == unified
+    assert report.queries == 80 and table.schema.field("query_id").type == unified
 
 
 @pytest.mark.parametrize("types, message", [

@@ -140,9 +140,9 @@ def test_a_driver_that_sees_a_gpu_still_runs_what_the_workers_have(make_config, 
     monkeypatch.setattr(pipeline.backends.gpu, "gpu_runtime_problem", lambda: None)
     monkeypatch.setattr(pipeline.cluster.clients, "gpu_runtime_problem", lambda: None)
     report = run(make_config(input=str(dataset_dir), k=3, index_key="Flat", device="auto"))
-    assert report["search"]["backend"] == "cpu"
-    assert len(report["devices"]) == 2 and all(d["backend"] == "cpu" for d in report["devices"])
-    assert all("CPU-only build" in d["reason"] or "no CUDA device" in d["reason"] for d in report["devices"])
+    assert report.search.backend == "cpu"
+    assert len(report.devices) == 2 and all(d.backend == "cpu" for d in report.devices)
+    assert all("CPU-only build" in d.reason or "no CUDA device" in d.reason for d in report.devices)
 
 
 def test_gpus_are_asked_for_worker_jobs_only_one_process_each(tmp_path):

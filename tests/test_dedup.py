@@ -111,10 +111,10 @@ def test_components_groups_copies_perturbations_and_chains(make_config, planted,
     assert all(p["score"] >= 0.95 for p in pairs)
     got = {frozenset((p["id_a"], p["id_b"])) for p in pairs}
     assert frozenset((30000, 30002)) not in got and frozenset((30000, 30001)) in got
-    summary = report["dedup"]
-    assert summary["rows_dropped"] == sum(len(m) - 1 for m in EXPECTED) + 2
-    assert summary["group_sizes"] == {"2": 9, "3": 1, "4": 1}
-    assert summary["exactness"]["pair_recall"] == 1.0 and summary["exactness"]["below_threshold"] == 0
+    summary = report.dedup
+    assert summary.rows_dropped == sum(len(m) - 1 for m in EXPECTED) + 2
+    assert summary.group_sizes == {"2": 9, "3": 1, "4": 1}
+    assert summary.exactness.pair_recall == 1.0 and summary.exactness.below_threshold == 0
     md = (out / "report.md").read_text()
     assert "Dedup" in md and "group_sizes.png" in md and (out / "group_sizes.png").exists()
 
@@ -152,27 +152,27 @@ def test_rerun_is_a_no_op_and_a_new_threshold_regroups_from_the_join(make_config
     with caplog.at_level("INFO", logger="pipeline"):
         report = dedup(make_config(input=str(planted["dir"]), **{**SETTINGS, "threshold": 0.999}))
     assert [p.stat().st_mtime_ns for p in join_files] == stamps  # the join was reused
-    assert report["dedup"]["rows_dropped"] == 7  # exact copies only
+    assert report.dedup.rows_dropped == 7  # exact copies only
     assert "regrouping from the existing join" in caplog.text
 
 
 def test_explore_counts_match_a_real_run(make_config, planted, tmp_path):
-    table = dedup(make_config(input=str(planted["dir"]), explore=True, **SETTINGS))["dedup_explore"]
-    at = {row["threshold"]: row for row in table}
-    assert at[0.95]["rows_dropped"] == 14 and at[0.999]["rows_dropped"] == 7
-    assert at[0.95]["pairs"] >= at[0.96]["pairs"] >= at[0.999]["pairs"]
+    table = dedup(make_config(input=str(planted["dir"]), explore=True, **SETTINGS)).dedup_explore
+    at = {row.threshold: row for row in table}
+    assert at[0.95].rows_dropped == 14 and at[0.999].rows_dropped == 7
+    assert at[0.95].pairs >= at[0.96].pairs >= at[0.999].pairs
     assert not (tmp_path / "out" / "groups").exists()
     report = dedup(make_config(input=str(planted["dir"]), **SETTINGS))
-    assert report["dedup"]["rows_dropped"] == at[0.95]["rows_dropped"]
-    assert report["dedup"]["pairs"] == at[0.95]["pairs"]
+    assert report.dedup.rows_dropped == at[0.95].rows_dropped
+    assert report.dedup.pairs == at[0.95].pairs
 
 
 def test_report_shows_example_pairs_with_text(make_config, planted, tmp_path):
     report = dedup(make_config(input=str(planted["dir"]), text_column="text", **SETTINGS))
-    ex = report["dedup"]["examples"]
-    assert ex and all(e["text_a"] == f"text {e['id_a']}" for e in ex)
+    ex = report.dedup.examples
+    assert ex and all(e.text_a == f"text {e.id_a}" for e in ex)
     md = (tmp_path / "out" / "report.md").read_text()
-    assert f"text {ex[0]['id_a']}" in md
+    assert f"text {ex[0].id_a}" in md
 
 
 def test_dedup_input_errors(make_config, planted):
@@ -253,11 +253,8 @@ def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_conf
     assert [p.stat().st_mtime_ns for p in old_parts] == stamps  # old rows were not searched again
     assert _partition(inc_out) == _partition(tmp_path / "full")
     assert len(list((inc_out / "groups").glob("part-*.parquet"))) == 3
-    assert (
-        inc["dedup"]["rows_dropped"] == full["dedup"]["rows_dropped"]
-        and inc["dedup"]["pairs"] == full["dedup"]["pairs"]
-    )
-    assert inc["dedup"]["exactness"]["pair_recall"] == 1.0
+    assert inc.dedup.rows_dropped == full.dedup.rows_dropped and inc.dedup.pairs == full.dedup.pairs
+    assert inc.dedup.exactness.pair_recall == 1.0
     files = sorted(p for p in inc_out.rglob("*") if p.is_file() and p.suffix in (".parquet", ".npy", ".npz", ".faiss"))
     before = {p: p.stat().st_mtime_ns for p in files}
     dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **settings))
@@ -284,11 +281,11 @@ def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, pla
     report = dedup(make_config(input=str(d), metric="l2", threshold=0.1, index_key="IVF16,Flat", nprobe=16,
                                recall_queries=500))
     g = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "groups").to_pylist()}
-    assert report["dedup"]["rows_dropped"] == 14
+    assert report.dedup.rows_dropped == 14
     assert g["doc-10001"]["representative_id"] == "doc-0" and not g["doc-10001"]["is_kept"]  # "doc-0" < "doc-10001"
     assert g["doc-30002"]["score_to_representative"] > 0.1  # the chain's far end: a squared distance above it
     assert all(p["score"] <= 0.1 for p in pq.read_table(tmp_path / "out" / "pairs").to_pylist())
-    assert report["dedup"]["exactness"]["pair_recall"] == 1.0
+    assert report.dedup.exactness.pair_recall == 1.0
 
 
 def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
@@ -307,5 +304,5 @@ def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
     report = dedup(make_config(dedup_mode="greedy", **settings))
     g = groups_of(tmp_path / "out")
     assert [i for i in range(99, 125) if g[i]["is_kept"]] == [99]
-    assert report["dedup"]["pairs"] == 26 * 25 // 2 and report["dedup"]["searched_again"] == 26
-    assert report["dedup"]["saturated_rows"] == 0 and report["dedup"]["exactness"]["pair_recall"] == 1.0
+    assert report.dedup.pairs == 26 * 25 // 2 and report.dedup.searched_again == 26
+    assert report.dedup.saturated_rows == 0 and report.dedup.exactness.pair_recall == 1.0

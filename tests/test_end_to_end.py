@@ -34,13 +34,13 @@ def self_recall(out: Path, x: np.ndarray, k: int = 10, sample: int = 300) -> flo
 
 def test_self_join_recall_without_rerank(make_config, dataset_dir, vectors):
     report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, rerank=0, **IVFPQ_FINE))
-    assert report["search"]["rerank"] == 0
-    assert self_recall(Path(report["neighbors"]).parent, vectors) >= 0.90
+    assert report.search.rerank == 0
+    assert self_recall(Path(report.neighbors).parent, vectors) >= 0.90
 
 
 def test_self_join_recall_with_rerank(make_config, dataset_dir, vectors):
     report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, rerank=4, **IVFPQ))
-    assert self_recall(Path(report["neighbors"]).parent, vectors) >= 0.99
+    assert self_recall(Path(report.neighbors).parent, vectors) >= 0.99
 
 
 def test_output_layout_and_types(make_config, dataset_dir, vectors, tmp_path):
@@ -134,7 +134,7 @@ def test_join_a_different_query_set(make_config, dataset_dir, vectors, tmp_path)
     queries = clustered_vectors(400, DIM, clusters=40, seed=1)[::2] + 0.01
     write_shards(tmp_path / "q", queries, shards=2, first_id=10_000_000)
     report = join(make_config(input=str(tmp_path / "q"), index_dir=str(index_dir), k=5, rerank=4, nprobe=8))
-    assert report["queries"] == len(queries)
+    assert report.queries == len(queries)
     found = read_neighbours(tmp_path / "out")
     truth = exact_neighbours(vectors, queries, 5)
     ids = sorted(found)
@@ -159,12 +159,12 @@ def test_join_exclude_self_by_id_on_overlapping_queries(make_config, dataset_dir
 def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_dir, vectors, tmp_path):
     report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ16",
                              target_recall=0.95, recall_queries=200))
-    rec = report["recall"]
-    assert rec["target"] == 0.95 and rec["queries"] == 200 and rec["recall"] >= 0.93
-    assert len(rec["curve"]) > 4 and all(p["recall"] < 0.95 for p in rec["curve"] if p["nprobe"] == 1)
-    chosen = [p for p in rec["curve"] if (p["nprobe"], p["rerank"]) == (rec["nprobe"], rec["rerank"])][0]
-    assert chosen["recall"] >= 0.95
-    assert report["search"]["nprobe"] == rec["nprobe"]
+    rec = report.recall
+    assert rec.target == 0.95 and rec.queries == 200 and rec.recall >= 0.93
+    assert len(rec.curve) > 4 and all(p.recall < 0.95 for p in rec.curve if p.nprobe == 1)
+    chosen = [p for p in rec.curve if (p.nprobe, p.rerank) == (rec.nprobe, rec.rerank)][0]
+    assert chosen.recall >= 0.95
+    assert report.search.nprobe == rec.nprobe
     # the table written agrees with the measurement (independent check on other queries)
     assert self_recall(tmp_path / "out", vectors) >= 0.93
 
@@ -180,7 +180,7 @@ def test_a_missed_target_finishes_the_table_but_fails_the_job(make_config, datas
     out = tmp_path / "out"
     assert not (out / "_SUCCESS").exists() and len(read_neighbours(out)) == 6000
     report = run(make_config(**settings, allow_below_target=True))  # accepted: finishes, resumed, marked done
-    assert report["recall"]["met"] is False and (out / "_SUCCESS").exists()
+    assert report.recall.met is False and (out / "_SUCCESS").exists()
 
 
 def test_ties_are_not_misses(make_config, tmp_path):
@@ -191,13 +191,13 @@ def test_ties_are_not_misses(make_config, tmp_path):
     write_shards(tmp_path / "dups", x, shards=2)
     report = run(make_config(input=str(tmp_path / "dups"), k=5, exclude_self=True, index_key="IVF8,Flat", nprobe=8,
                              recall_queries=200))
-    rec = report["recall"]  # exact search, so every answer is right; which of the ties comes first is not
-    assert rec["recall"] == 1.0 and rec["recall_strict"] < 1.0 and rec["met"]
+    rec = report.recall  # exact search, so every answer is right; which of the ties comes first is not
+    assert rec.recall == 1.0 and rec.recall_strict < 1.0 and rec.met
 
 
 def test_every_run_measures_recall(make_config, dataset_dir):
     report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="Flat", recall_queries=100))
-    assert report["recall"]["recall"] == 1.0 and report["recall"]["queries"] == 100
+    assert report.recall.recall == 1.0 and report.recall.queries == 100
 
 
 def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
@@ -206,7 +206,7 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
     write_shards(tmp_path / "emb", x, shards=2, dtype="float16")
     report = run(make_config(input=str(tmp_path / "emb"), k=10, exclude_self=True, index_key="IVF32,PQ192x4fs",
                              target_recall=0.9, recall_queries=200))
-    assert report["recall"]["recall"] >= 0.88  # held-out: not the sample it was tuned on
+    assert report.recall.recall >= 0.88  # held-out: not the sample it was tuned on
     found = read_neighbours(tmp_path / "out")
     xs = x.astype("float16").astype(np.float32)
     rows = np.random.default_rng(5).choice(len(x), 200, replace=False)
@@ -240,8 +240,8 @@ def _shape(name: str, n: int = 20_000) -> np.ndarray:
 def test_the_default_run_reaches_its_target_on_held_out_queries(make_config, tmp_path, shape):
     write_shards(tmp_path / shape, _shape(shape), shards=2)
     report = run(make_config(input=str(tmp_path / shape), exclude_self=True, metric="l2"))
-    rec = report["recall"]
-    assert rec["target"] == 0.95 and rec["met"] and rec["recall"] >= 0.95, rec
-    assert report["index"]["key"] != "Flat" and (tmp_path / "out" / "_SUCCESS").exists()
+    rec = report.recall
+    assert rec.target == 0.95 and rec.met and rec.recall >= 0.95, rec
+    assert report.index.key != "Flat" and (tmp_path / "out" / "_SUCCESS").exists()
     # the walk: about one search per nprobe step and per re-rank factor, never the whole grid
-    assert len(rec["curve"]) <= len(probe_steps(report["index"]["nlist"])) + len(RERANK_FACTORS) + len(WIDE_FACTORS)
+    assert len(rec.curve) <= len(probe_steps(report.index.nlist)) + len(RERANK_FACTORS) + len(WIDE_FACTORS)

@@ -92,13 +92,13 @@ def test_small_temp_memory_cap_still_searches_right(vectors):
 def test_run_on_the_gpu_matches_the_cpu_and_its_index_loads_on_the_cpu(make_config, dataset_dir, vectors, tmp_path):
     gpu_report = run(make_config(input=str(dataset_dir), output=str(tmp_path / "gpu"), device="gpu", k=10, **KEY))
     cpu_report = run(make_config(input=str(dataset_dir), output=str(tmp_path / "cpu"), device="cpu", k=10, **KEY))
-    assert gpu_report["search"]["backend"] == "gpu"
+    assert gpu_report.search.backend == "gpu"
 
     def lists(out: str) -> np.ndarray:
         t = pq.read_table(Path(out).parent / "neighbors").sort_by("query_id")
         return np.array(t.column("neighbor_id").to_pylist())
 
-    assert _overlap(lists(gpu_report["neighbors"]), lists(cpu_report["neighbors"])) >= 0.97
+    assert _overlap(lists(gpu_report.neighbors), lists(cpu_report.neighbors)) >= 0.97
     # the GPU-built index is an ordinary CPU index on disk
     index = load_index(tmp_path / "gpu" / "index")
     assert index.ntotal == len(vectors)

@@ -53,19 +53,19 @@ def test_directed_symmetric_and_mutual_by_hand(make_config, line_dir, tmp_path):
     assert set(e) == DIRECTED
     assert len(list((out / "edges").glob("part-*.parquet"))) == 2
     assert e[("p2", "p1")] == pytest.approx(4.0)  # weight: the score, a squared l2 distance
-    assert report["graph"]["mutual_share"] == pytest.approx(4 / 7, abs=1e-4)
+    assert report.graph.mutual_share == pytest.approx(4 / 7, abs=1e-4)
 
     report = graph(make_config(graph_mode="symmetric", **base))  # regraphed from the same join
     undirected = {frozenset(p) for p in DIRECTED}
     assert set(edges_of(out)) == {(a, b) for a, b in DIRECTED} | {(b, a) for a, b in DIRECTED}
-    assert report["graph"]["edges"] == 2 * len(undirected)
+    assert report.graph.edges == 2 * len(undirected)
     # components: p0..p4 are linked in a chain; p5-p6 apart
-    assert report["graph"]["components"] == 2 and report["graph"]["largest_component"] == 5
+    assert report.graph.components == 2 and report.graph.largest_component == 5
 
     report = graph(make_config(graph_mode="mutual", **base))
     assert set(edges_of(out)) == {("p0", "p1"), ("p1", "p0"), ("p5", "p6"), ("p6", "p5")}
-    assert report["graph"]["components"] == 5  # {p0, p1}, {p5, p6}, and p2, p3, p4 alone
-    assert report["graph"]["degree"]["isolated"] == 3
+    assert report.graph.components == 5  # {p0, p1}, {p5, p6}, and p2, p3, p4 alone
+    assert report.graph.degree.isolated == 3
 
 
 def test_min_score_and_gaussian_weights(make_config, line_dir, tmp_path):
@@ -91,7 +91,7 @@ def test_csr_and_umap_arrays(make_config, dataset_dir, vectors, tmp_path):
     m = sparse.load_npz(out / "graph.npz")
     e = pq.read_table(out / "edges")
     coo = m.tocoo()
-    assert m.shape == (6000, 6000) and m.nnz == e.num_rows == report["graph"]["edges"]
+    assert m.shape == (6000, 6000) and m.nnz == e.num_rows == report.graph.edges
     assert np.array_equal(coo.row, e.column("src").to_numpy()) and np.array_equal(coo.col, e.column("dst").to_numpy())
     assert np.allclose(coo.data, e.column("weight").to_numpy())
     assert (m != m.T).nnz == 0  # symmetric by default
@@ -105,9 +105,9 @@ def test_csr_and_umap_arrays(make_config, dataset_dir, vectors, tmp_path):
     nodes = pq.read_table(out / "nodes").column("id").to_numpy()  # row -> input id (here the row itself)
     i, j = 17, idx[17, 3]
     assert dist[17, 3] == pytest.approx(1 - float(x[nodes[i]] @ x[nodes[j]]), abs=1e-4)
-    g = report["graph"]
-    assert sum(g["degree"]["histogram"].values()) == 6000 and g["degree"]["isolated"] == 0
-    assert g["recall"]["graph_recall"] >= 0.95 and (out / "degrees.png").exists()
+    g = report.graph
+    assert sum(g.degree.histogram.values()) == 6000 and g.degree.isolated == 0
+    assert g.recall.graph_recall >= 0.95 and (out / "degrees.png").exists()
 
 
 def test_gaussian_weights_need_a_distance(make_config, line_dir):

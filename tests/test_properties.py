@@ -1,8 +1,10 @@
 """Property-based tests (hypothesis) of the small kernels every job relies on: top-k merging,
-list-to-padded scatter, id keys, tie-aware recall and the config's dump/parse round trip."""
+list-to-padded scatter, id keys, tie-aware recall, dedup's exact pairs and explore counts, and
+the round trips of the config and of report.json."""
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -13,6 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.config import dump_config, parse_config
+from pipeline.dedup.exactness import exact_pairs
+from pipeline.dedup.explore import rows_dropped
 from pipeline.io.ids import id_keys
 from pipeline.search.exact import merge_topk
 from pipeline.search.join import to_padded
@@ -110,3 +114,76 @@ config_values = st.fixed_dictionaries({}, optional={
 def test_config_dump_and_parse_round_trip(values):
     config = parse_config({"input": ["data/"], "output": "out", **values})
     assert parse_config(yaml.safe_load(dump_config(config))) == config
+
+
+def _union_find_drops(a: list[int], b: list[int]) -> int:
+    """Rows a components-mode dedup drops: linked rows minus their components (plain union-find)."""
+    parent: dict[int, int] = {}
+
+    def find(x: int) -> int:
+        while parent.setdefault(x, x) != x:
+            x = parent[x]
+        return x
+
+    merged = 0
+    for u, v in zip(a, b):
+        ru, rv = find(u), find(v)
+        if ru != rv:
+            parent[max(ru, rv)] = min(ru, rv)
+            merged += 1
+    return merged
+
+
+@settings(max_examples=150, deadline=None, derandomize=CI)
+@given(pairs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)).filter(lambda p: p[0] != p[1]),
+                      max_size=60))
+def test_explore_rows_dropped_equals_a_union_find(pairs):
+    a = np.array([p[0] for p in pairs], dtype=np.int64)
+    b = np.array([p[1] for p in pairs], dtype=np.int64)
+    assert rows_dropped(a, b) == _union_find_drops(a.tolist(), b.tolist())
+
+
+@settings(max_examples=100, deadline=None, derandomize=CI)
+@given(data=st.data(), n=st.integers(1, 30), queries=st.integers(1, 6), dim=st.integers(1, 5),
+       metric=st.sampled_from(["ip", "l2"]))
+def test_exact_pairs_are_every_pair_that_passes_the_threshold(data, n, queries, dim, metric):
+    grid = st.integers(-4, 4).map(lambda v: v / 4)  # coarse values: many scores land exactly on the threshold
+    x = data.draw(arrays(np.float32, (n, dim), elements=grid))
+    q = data.draw(arrays(np.float32, (queries, dim), elements=grid))
+    threshold = data.draw(st.sampled_from([0.0, 0.25, 0.5, 1.0]))
+    i, j, s = exact_pairs(q, x, threshold, metric)
+    scores = ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1) if metric == "l2" else q @ x.T
+    expect = set(zip(*np.nonzero(scores <= threshold if metric == "l2" else scores >= threshold)))
+    assert set(zip(i.tolist(), j.tolist())) == {(int(a), int(c)) for a, c in expect}
+    assert np.allclose(s, scores[i, j], atol=1e-5)
+
+
+def test_a_job_report_survives_its_json(tmp_path):
+    """report.json read back (a rerun of a finished job) gives the same typed report."""
+    from pipeline.results import (
+        DedupExample,
+        DedupResult,
+        IndexSummary,
+        JobReport,
+        JoinResult,
+        MemoryUse,
+        PairRecall,
+        RecallResult,
+        SearchSummary,
+        TunePointRecord,
+        WorkerDevice,
+    )
+
+    rec = RecallResult(10, 0.97, 0.95, 500, 8, 4, 0.95, True, 0.4,
+                       (TunePointRecord(8, 4, 0.97, 0.95, 0.01, 0.2, 500, 2500.0),))
+    join = JoinResult(IndexSummary("/i", "IVF64,SQ8", 1000, 16, "l2", 64, "auto"), SearchSummary(10, 8, 4, True, "cpu"),
+                      (WorkerDevice("w0", "h", "cpu", "--device cpu", 2, 0),), 1000, "/o/neighbors", rec,
+                      MemoryUse(1 << 20, {"tcp://w0": 2 << 20}))
+    dedup = DedupResult(0.95, "greedy", "cosine", "ts", "max", 1000, 12, 5, 11, 6, 994, {"2": 4, "3": 1}, 0, 2,
+                        (DedupExample(0, 1, 2, 0.99, 0.95, 7, "b", "x", None),), {"groups": "/o/groups"},
+                        PairRecall(100, 8, 8, 1.0, 0))
+    report = JobReport("dedup", join, {"k": 10}, {"join": 1.5}, 3.0, 333.3, dedup=dedup,
+                       kth_score_quantiles={"p50": 0.9})
+    text = json.dumps(report.to_json())
+    again = JobReport.from_json(json.loads(text))
+    assert again == report and again.to_json() == json.loads(text)

@@ -41,11 +41,11 @@ def test_report_files_are_written_and_parse(tuned_run):
 def test_evaluate_a_written_table_agrees_with_the_run(make_config, tuned_run):
     report = json.loads((tuned_run / "report.json").read_text())
     result = evaluate(make_config(index_dir=str(tuned_run / "index"), output=str(tuned_run), recall_queries=300))
-    assert result["queries"] == 300 and result["k"] == 10
-    assert abs(result["recall@10"] - report["recall"]["recall_strict"]) < 0.05
+    assert result.queries == 300 and result.k == 10
+    assert abs(result.strict[10] - report["recall"]["recall_strict"]) < 0.05
     # the run re-ranked, so the table's scores are exact: tie-aware recall is counted from them
-    assert abs(result["tie_aware_recall@10"] - report["recall"]["recall"]) < 0.05
-    assert result["tie_aware_recall@10"] >= result["recall@10"] - 1e-9 and result["misses"] >= 0
+    assert result.tie_aware is not None and abs(result.tie_aware - report["recall"]["recall"]) < 0.05
+    assert result.tie_aware >= result.strict[10] - 1e-9 and result.misses >= 0
 
 
 def test_evaluate_an_index_at_given_settings(make_config, tuned_run):
@@ -54,10 +54,11 @@ def test_evaluate_an_index_at_given_settings(make_config, tuned_run):
                                rerank=0, recall_queries=200))
     high = evaluate(make_config(index_dir=str(tuned_run / "index"), output=None, k=10, exclude_self=True, nprobe=64,
                                 rerank=8, recall_queries=200))
-    assert low["index"] and low["nprobe"] == 1 and high["nprobe"] == 64
-    assert low["recall@10"] < high["recall@10"] and high["recall@10"] >= 0.97
-    assert low["tie_aware_recall@10"] < high["tie_aware_recall@10"] and high["tie_aware_recall@10"] >= 0.97
-    assert low["miss_score_gap"]["median"] >= 0
+    assert low.source["index"] and low.source["nprobe"] == 1 and high.source["nprobe"] == 64
+    assert low.strict[10] < high.strict[10] and high.strict[10] >= 0.97
+    assert low.tie_aware is not None and high.tie_aware is not None
+    assert low.tie_aware < high.tie_aware and high.tie_aware >= 0.97
+    assert low.miss_score_gap is not None and low.miss_score_gap["median"] >= 0
 
 
 def test_flat_index_evaluates_exactly(make_config, dataset_dir, tmp_path):
@@ -65,7 +66,7 @@ def test_flat_index_evaluates_exactly(make_config, dataset_dir, tmp_path):
     result = evaluate(
         make_config(index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "out"), recall_queries=100)
     )
-    assert result["recall@1"] == result["recall@5"] == 1.0 and result["misses"] == 0
+    assert result.strict[1] == result.strict[5] == 1.0 and result.misses == 0
 
 
 def test_evaluate_cli_prints_json(tuned_run, dask_address):

@@ -119,7 +119,7 @@ def test_rerun_of_finished_job_is_a_no_op(make_config, dataset_dir, tmp_path):
     first = json.loads((out / "report.json").read_text())
     again = run(config)
     assert {p: p.stat().st_mtime_ns for p in stamps} == stamps  # the report of the run that did the work stays
-    assert again == first and again["wall_s"] > 0.0 and (out / "_SUCCESS").exists()
+    assert again.to_json() == first and again.wall_s > 0.0 and (out / "_SUCCESS").exists()
 
 
 def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir, tmp_path):
@@ -133,7 +133,7 @@ def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir,
     ):
         run(make_config(input=str(dataset_dir), k=5, index_key="IVF16,Flat"))
     report = run(make_config(input=str(dataset_dir), k=3, index_key="IVF16,Flat", overwrite=True))
-    assert report["index"]["key"] == "IVF16,Flat"
+    assert report.index.key == "IVF16,Flat"
     t = pq.read_table(tmp_path / "out" / "neighbors")
     assert len(t) == 6000 and all(len(n) == 3 for n in t.column("neighbor_id").to_pylist())
 

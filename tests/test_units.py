@@ -145,7 +145,7 @@ def test_every_fill_mode_end_to_end(make_config, dataset_dir, vectors, key, metr
 
     report = run(make_config(input=str(dataset_dir), k=5, exclude_self=True, index_key=key, rerank=8, metric=metric,
                              **({"nprobe": 32} if key.startswith(("IVF", "OPQ")) else {})))
-    assert report["index"]["ntotal"] == len(vectors)
+    assert report.index.ntotal == len(vectors)
     t = pq.read_table(tmp_path / "out" / "neighbors")
     found = dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
     sample = np.arange(0, len(vectors), 37)

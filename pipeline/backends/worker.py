@@ -15,7 +15,6 @@ import logging
 import socket
 import threading
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 from distributed import WorkerPlugin, get_worker
@@ -23,24 +22,13 @@ from distributed import WorkerPlugin, get_worker
 from pipeline.backends import Backend, CpuBackend, GpuBackend, gpu_count
 from pipeline.backends.gpu import gpu_runtime_problem
 from pipeline.errors import DeviceError
+from pipeline.results import WorkerDevice
 
 __all__ = ["DevicePlugin", "WorkerDevice", "install_device", "worker_device", "PLUGIN_NAME"]
 
 log = logging.getLogger(__name__)
 
 PLUGIN_NAME = "knn-device"
-
-
-@dataclass(frozen=True)
-class WorkerDevice:
-    """What one worker runs on, and why (recorded in report.json)."""
-
-    worker: str
-    host: str
-    backend: str  # cpu | gpu
-    reason: str
-    faiss_threads: int
-    gpus: int  # GPUs this worker's faiss sees
 
 
 def choose(device: str) -> tuple[str, str]:

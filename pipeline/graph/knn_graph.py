@@ -32,6 +32,7 @@ from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.results import DegreeStats, GraphResult
 from pipeline.search.join import knn_path
 from pipeline.shuffle.components import component_sizes, connected_components
 from pipeline.shuffle.edges import (
@@ -183,7 +184,7 @@ def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: i
 
 # the stages -------------------------------------------------------------------------------------
 def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: RowStore, output: Path,
-                 manifest: Manifest, seed: int, budget: int) -> tuple[dict[str, Any], np.ndarray]:
+                 manifest: Manifest, seed: int, budget: int) -> tuple[GraphResult, np.ndarray]:
     """Edges, nodes, CSR, umap arrays and the graph summary for the self-join in ``output``.
 
     Returns the summary and the first rows of the shuffle partitions (which hold the edges).
@@ -241,17 +242,16 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
     degrees = merge_histograms([s["degrees"] for s in stats.values()])
     mutual = int(sum(s["mutual"] for s in stats.values()))
     deg_total = sum(d * c for d, c in degrees.items())
-    summary = {
-        "mode": plan.mode, "k": plan.k, "min_score": plan.min_score, "weight": plan.weight,
-        "kernel_width": plan.kernel_width, "nodes": n, "edges": nnz,
-        "mutual_share": round(mutual / nnz, 4) if nnz else None,
-        "degree": {"mean": round(deg_total / max(n, 1), 3), "max": max(degrees) if degrees else 0,
-                   "isolated": degrees.get(0, 0), "histogram": {str(d): c for d, c in degrees.items()}},
-        "components": int(sum(sizes.values())), "largest_component": max(sizes) if sizes else 0,
-        "outputs": {"edges": str(output / "edges"), "nodes": str(output / "nodes"), "csr": str(output / "graph.npz"),
-                    "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None},
-    }
-    return summary, starts
+    result = GraphResult(
+        mode=plan.mode, k=plan.k, min_score=plan.min_score, weight=plan.weight, kernel_width=plan.kernel_width,
+        nodes=n, edges=nnz, mutual_share=round(mutual / nnz, 4) if nnz else None,
+        degree=DegreeStats(round(deg_total / max(n, 1), 3), max(degrees) if degrees else 0, degrees.get(0, 0),
+                           {str(d): c for d, c in degrees.items()}),
+        components=int(sum(sizes.values())), largest_component=max(sizes) if sizes else 0,
+        outputs={"edges": str(output / "edges"), "nodes": str(output / "nodes"), "csr": str(output / "graph.npz"),
+                 "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None},
+    )
+    return result, starts
 
 
 def graph_recall(sample: Any, store: RowStore, output: Path, k: int, starts: np.ndarray) -> float:

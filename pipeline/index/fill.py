@@ -30,6 +30,7 @@ from pipeline.index.choice import encoding_key, ivf_of
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.results import FillRecord
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import Progress, run_tasks
 
@@ -116,9 +117,9 @@ def fill_index(
     manifest: Manifest, mode: str,
 ) -> int:
     """Add every piece to the trained index and write ``index.faiss``; return its size."""
-    info = manifest.stage_info("fill")
+    info = manifest.stage_record("fill", FillRecord)
     if info is not None:
-        return int(info["ntotal"])
+        return info.ntotal
     if mode == "serial":
         fut = client.submit(
             _fill_serial,
@@ -142,7 +143,7 @@ def fill_index(
         fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)
         ntotal = int(fut.result())
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
-    manifest.finish_stage("fill", {"ntotal": ntotal, "mode": mode, "files": manifest.record(written)})
+    manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new
     # pieces and merges again; they hold the codes once more, small beside the row store
     return ntotal

@@ -18,6 +18,7 @@ from pipeline.errors import InputError
 from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
+from pipeline.results import ScanRecord
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
 
@@ -84,9 +85,9 @@ def scan_dataset(
     client: object, dataset: Dataset, store: RowStore, metric: str, manifest: Manifest, stage: str = "scan"
 ) -> int:
     """Scan every piece not yet scanned; check ids; return the vector dimension."""
-    info = manifest.stage_info(stage)
+    info = manifest.stage_record(stage, ScanRecord)
     if info is not None:
-        return int(info["dim"])
+        return info.dim
     key_dir = store.root / "_idkeys"
     nbuckets = n_buckets(dataset.total_rows)
     done = manifest.done_pieces(stage)
@@ -120,7 +121,7 @@ def scan_dataset(
         )
     _check_duplicates(client, dataset, store, key_dir, nbuckets)
     shutil.rmtree(key_dir, ignore_errors=True)
-    manifest.finish_stage(stage, {"dim": distinct[0], "rows": dataset.total_rows, "starts": dataset.starts.tolist()})
+    manifest.finish_stage(stage, ScanRecord(distinct[0], dataset.total_rows, tuple(dataset.starts.tolist())))
     return distinct[0]
 
 

@@ -19,15 +19,11 @@ import pyarrow.parquet as pq
 
 from pipeline.cluster.clients import dask_client
 from pipeline.config import Config
-from pipeline.dedup.groups import (
-    DedupPlan,
-    attach_examples,
-    check_plan,
-    dedup_stages,
-    default_thresholds,
-    explore,
-    pair_recall,
-)
+from pipeline.dedup.columns import attach_examples
+from pipeline.dedup.exactness import pair_recall
+from pipeline.dedup.explore import explore
+from pipeline.dedup.groups import dedup_stages
+from pipeline.dedup.plan import DedupPlan, check_plan, default_thresholds
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
 from pipeline.graph.knn_graph import check_plan as check_graph_plan
@@ -37,6 +33,16 @@ from pipeline.io.store import RowStore
 from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index, search_plan
 from pipeline.report import write_report
+from pipeline.results import (
+    DedupResult,
+    ExploreRow,
+    GraphRecall,
+    GraphResult,
+    JobReport,
+    JoinResult,
+    RecallResult,
+    RecallSummary,
+)
 from pipeline.search.recall import recall_summary
 from pipeline.search.tuning import BelowTarget, draw_sample, search_sample
 from pipeline.stages.manifest import LOG_DIR, Manifest
@@ -75,52 +81,48 @@ def _start(output: Path) -> _Start:
     return _Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
 
 
-def _finish(
-    output: Path, config: Config, summary: dict[str, Any], timings: Timings, command: str, start: _Start
-) -> dict[str, Any]:
+def _finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, start: _Start,
+            dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
+            graph: GraphResult | None = None) -> JobReport:
     report_path = output / "report.json"
     if start.complete and tasks_submitted() == start.tasks and report_path.exists():
         # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
-        report: dict[str, Any] = json.loads(report_path.read_text())
+        report = JobReport.from_json(json.loads(report_path.read_text()))
         log.info("nothing to do: %s is complete; its report (from the run that did the work) is kept", output)
-        log.info("%s", recall_verdict(report))
+        log.info("%s", recall_verdict(report.join))
         with atomic_path(output / "_SUCCESS") as tmp:
             tmp.write_text("")
         return report
     wall = timings.earlier_wall + time.monotonic() - start.clock
-    report = {
-        "command": command, **summary, "config": config.to_dict(), "timings_s": timings.phases,
-        "wall_s": round(wall, 3), "queries_per_s": round(summary["queries"] / wall, 1) if wall > 0 else None,
-    }
-    write_report(output, report, config.index.seed)
+    report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
+                       round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph)
+    report = write_report(output, report, config.index.seed)
     log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
              ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
-    verdict = recall_verdict(report)
-    recall = report.get("recall") or {}
-    if recall.get("met") is False and not config.search.allow_below_target:
+    verdict = recall_verdict(joined)
+    recall = joined.recall
+    if recall is not None and not recall.met and not config.search.allow_below_target:
         raise BelowTarget(f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
                           "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
                           "--allow-below-target")
-    (log.warning if recall.get("met") is False else log.info)("%s", verdict)
+    (log.warning if recall is not None and not recall.met else log.info)("%s", verdict)
     with atomic_path(output / "_SUCCESS") as tmp:
         tmp.write_text("")
     (output / TIMINGS_NAME).unlink(missing_ok=True)  # the job is complete: a later one starts its own
     return report
 
 
-def recall_verdict(report: dict[str, Any]) -> str:
+def recall_verdict(joined: JoinResult) -> str:
     """The job's last word: recall reached against its target, and the plan that reached it."""
-    recall, index = report.get("recall"), report.get("index") or {}
-    plan = f"{index.get('key')}, nprobe={recall.get('nprobe') if recall else None}, " \
-           f"rerank={recall.get('rerank') if recall else None}"
-    if not recall:
+    recall = joined.recall
+    plan = f"{joined.index.key}, nprobe={joined.search.nprobe}, rerank={joined.search.rerank}"
+    if recall is None:
         return f"recall not measured (--recall-queries 0); plan: {plan}"
-    target = recall.get("target")
-    got = f"recall@{recall['k']} {recall['recall']:.3f} (tie-aware; strict {recall['recall_strict']:.3f}) on " \
-          f"{recall['queries']} held-out queries"
-    if target is None:
+    got = f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on " \
+          f"{recall.queries} held-out queries"
+    if recall.target is None:
         return f"{got}, no target; plan: {plan}"
-    return f"{got}, target {target}: {'met' if recall['met'] else 'MISSED'}; plan: {plan}"
+    return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"
 
 
 def _require(value: str | None, flag: str, command: str) -> Path:
@@ -154,7 +156,7 @@ def build(config: Config) -> BuiltIndex:
         return build_index(client, cluster, config, index_dir, Timings())
 
 
-def join(config: Config) -> dict[str, Any]:
+def join(config: Config) -> JobReport:
     """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
     index_dir = _require(config.index_dir, "--index-dir", "join")
     output = _require(config.output, "--output", "join")
@@ -166,11 +168,11 @@ def join(config: Config) -> dict[str, Any]:
         check_query_ids(built, queries, config.search.exclude_self)
         timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
         with _cluster(config) as (client, cluster):
-            summary, _ = join_index(client, cluster, config, built, output, timings, queries)
-        return _finish(output, config, summary, timings, "join", started)
+            joined, _ = join_index(client, cluster, config, built, output, timings, queries)
+        return _finish(output, config, joined, timings, "join", started)
 
 
-def run(config: Config) -> dict[str, Any]:
+def run(config: Config) -> JobReport:
     """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
     output = _require(config.output, "--output", "run")
     started = _start(output)
@@ -178,11 +180,11 @@ def run(config: Config) -> dict[str, Any]:
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
-        summary, _ = join_index(client, cluster, config, built, output, timings, command="run")
-        return _finish(output, config, summary, timings, "run", started)
+        joined, _ = join_index(client, cluster, config, built, output, timings, command="run")
+        return _finish(output, config, joined, timings, "run", started)
 
 
-def dedup(config: Config) -> dict[str, Any]:
+def dedup(config: Config) -> JobReport:
     """``dedup``: self-join ``--input``, then near-duplicate pairs, groups and the rows to keep.
 
     With ``--explore``, stop after the join and report the pairs and rows dropped over a range of
@@ -207,36 +209,33 @@ def dedup(config: Config) -> dict[str, Any]:
         built = build_index(client, cluster, config, index_dir, timings, search=config.search,
                             incremental=True)
         dataset = built.dataset
-        summary, manifest = join_index(client, cluster, config, built, output, timings,
-                                       knn_dir=output / "knn", command="dedup", incremental=True)
+        joined, manifest = join_index(client, cluster, config, built, output, timings,
+                                      knn_dir=output / "knn", command="dedup", incremental=True)
         t0 = time.monotonic()
         if d.explore:
             table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
                             2 * config.partition_bytes)
-            summary["dedup_explore"] = table
             timings.add("explore", time.monotonic() - t0)
-        else:
-            used = replace(search_plan(config, built, True),
-                           nprobe=summary["search"]["nprobe"], rerank=summary["search"]["rerank"])
-            result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                              config.search.k, 2 * config.partition_bytes, used)
-            timings.add("dedup", time.monotonic() - t0)
-            attach_examples(result["examples"], dataset, built.store, d.text_column)
-            if config.search.recall_queries:
-                t0 = time.monotonic()
-                result["exactness"] = pair_recall(client, plan, built.store, output, config.search.recall_queries,
-                                                  config.index.seed, adj_starts)
-                timings.add("pair_recall", time.monotonic() - t0)
-                ex = result["exactness"]
-                log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
-                         ex["pair_recall"], ex["queries"], ex["exact_pairs"], ex["below_threshold"])
-            summary["dedup"] = result
-            log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result["rows_in"],
-                     result["pairs"], result["groups"], result["rows_dropped"], plan.mode, plan.threshold)
-        return _finish(output, config, summary, timings, "dedup", started)
+            return _finish(output, config, joined, timings, "dedup", started, explored=table)
+        used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank)
+        result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
+                                          config.search.k, 2 * config.partition_bytes, used)
+        timings.add("dedup", time.monotonic() - t0)
+        result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
+        if config.search.recall_queries:
+            t0 = time.monotonic()
+            ex = pair_recall(client, plan, built.store, output, config.search.recall_queries, config.index.seed,
+                             adj_starts)
+            result = replace(result, exactness=ex)
+            timings.add("pair_recall", time.monotonic() - t0)
+            log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
+                     ex.pair_recall, ex.queries, ex.exact_pairs, ex.below_threshold)
+        log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
+                 result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
+        return _finish(output, config, joined, timings, "dedup", started, dedup=result)
 
 
-def graph(config: Config) -> dict[str, Any]:
+def graph(config: Config) -> JobReport:
     """``graph``: self-join ``--input`` (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
     output = _require(config.output, "--output", "graph")
     started = _start(output)
@@ -249,8 +248,8 @@ def graph(config: Config) -> dict[str, Any]:
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with _guarded(config, output, index_dir), _cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
-        summary, manifest = join_index(client, cluster, config, built, output, timings,
-                                       knn_dir=output / "knn", command="graph")
+        joined, manifest = join_index(client, cluster, config, built, output, timings,
+                                      knn_dir=output / "knn", command="graph")
         t0 = time.monotonic()
         result, edge_starts = graph_stages(client, plan, built.dataset.pieces, built.store, output, manifest,
                                            config.index.seed, 2 * config.partition_bytes)
@@ -259,22 +258,18 @@ def graph(config: Config) -> dict[str, Any]:
             t0 = time.monotonic()
             sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
                                  True, True, config.index.seed)
-            result["recall"] = {
-                "k": plan.k,
-                "queries": len(sample.truth),
-                "graph_recall": round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4),
-            }
+            got = GraphRecall(plan.k, len(sample.truth),
+                              round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4))
+            result = replace(result, recall=got)
             timings.add("graph_recall", time.monotonic() - t0)
             log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
-                     result["recall"]["graph_recall"], plan.k)
+                     got.graph_recall, plan.k)
         log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
-                 result["nodes"], result["edges"], result["components"], result["largest_component"],
-                 result["mutual_share"])
-        summary["graph"] = result
-        return _finish(output, config, summary, timings, "graph", started)
+                 result.nodes, result.edges, result.components, result.largest_component, result.mutual_share)
+        return _finish(output, config, joined, timings, "graph", started, graph=result)
 
 
-def evaluate(config: Config) -> dict[str, Any]:
+def evaluate(config: Config) -> RecallSummary:
     """``evaluate``: recall@1/@10/@k against exact search on a seeded sample of queries.
 
     With ``--output`` pointing at a finished ``run`` or ``join``, the neighbour table written there
@@ -288,7 +283,7 @@ def evaluate(config: Config) -> dict[str, Any]:
         return _evaluate(config, index_dir, table)
 
 
-def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, Any]:
+def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSummary:
     built = open_index(index_dir)
     n = config.search.recall_queries or 1000
     with _cluster(config) as (client, cluster):
@@ -315,9 +310,9 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, 
             )
             by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
             score_of = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("score").to_pylist()))
-            used = manifest.stage_info("recall") or {}
+            used = manifest.stage_record("recall", RecallResult)
             # the table's scores are exact when the join re-ranked or the codes are exact
-            exact_scores = bool(used.get("rerank")) or built.rerank_default == 0
+            exact_scores = bool(used and used.rerank) or built.rerank_default == 0
             missing = [q for q in wanted if q not in by_id]
             if missing:
                 raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
@@ -332,6 +327,7 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> dict[str, 
                                  config.index.seed)
             found, found_scores = search_sample(client, plan, built.store, sample)
             what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
-    summary = {**what, **recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric)}
-    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.items() if "recall@" in key))
+    summary = replace(recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric),
+                      source=what)
+    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.to_json().items() if "recall@" in key))
     return summary

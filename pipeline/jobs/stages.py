@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -41,8 +41,18 @@ from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.report import peak_rss
+from pipeline.results import (
+    FillRecord,
+    IndexRecord,
+    IndexSummary,
+    JoinResult,
+    MemoryUse,
+    RecallResult,
+    SearchSummary,
+    TrainRecord,
+)
 from pipeline.search.join import SearchPlan, join_pieces
-from pipeline.search.tuning import RERANK_FACTORS, choose, draw_sample, sweep, walk
+from pipeline.search.tuning import RERANK_FACTORS, TunePoint, choose, draw_sample, sweep, walk
 from pipeline.stages.manifest import Manifest
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
@@ -180,7 +190,8 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     t0 = time.monotonic()
     dim = scan_dataset(client, dataset, store, metric, manifest)
     timings.add("scan", time.monotonic() - t0)
-    trained_key = (manifest.stage_info("train") or {}).get("key")
+    trained = manifest.stage_record("train", TrainRecord)
+    trained_key = trained.key if trained else None
     if trained_key:  # resuming: keep the key already trained, whatever the memory now
         key, empty = trained_key, make_index(trained_key, dim, metric)
     else:
@@ -190,36 +201,36 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if search is not None:
         _check_search(search, empty, key, dataset.total_rows)
 
-    trained = index_dir / "trained.faiss"
-    if manifest.stage_info("train") is None:
+    trained_path = index_dir / "trained.faiss"
+    if trained is None:
         t0 = time.monotonic()
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
         rows = sample_rows(dataset.total_rows, n_train, spec.seed)
-        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained), pure=False).result()
-        manifest.finish_stage("train", {"key": key, "rows": n_train, "files": manifest.record([trained])})
+        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained_path), pure=False).result()
+        manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([trained_path])))
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
     mode = fill_mode(key, make_encoder(key, dim, metric))
-    ntotal = fill_index(client, trained, store, dataset.pieces, index_dir, manifest, mode)
+    ntotal = fill_index(client, trained_path, store, dataset.pieces, index_dir, manifest, mode)
     timings.add("fill", time.monotonic() - t0)
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
-    done = manifest.stage_info("index")
+    done = manifest.stage_record("index", IndexRecord)
     if done is not None:  # resumed: report the reason recorded when this key was chosen
-        why = done["why"]
+        why = done.why
     else:
         why = (
             explain_index_key(dataset.total_rows, dim, budget, cluster.backend == "gpu")
             if spec.key == "auto"
             else "given by index_key"
         )
-    info = {"key": key, "dim": dim, "metric": metric, "ntotal": ntotal, "nlist": nlist_of(empty),
-            "rerank_default": default_rerank(empty), "starts": dataset.starts.tolist(), "why": why}
-    manifest.finish_stage("index", info)
+    record = IndexRecord(key, dim, metric, ntotal, nlist_of(empty), default_rerank(empty),
+                         tuple(dataset.starts.tolist()), why)
+    manifest.finish_stage("index", record)
     log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, index_dir)
-    return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, info["nlist"], info["rerank_default"],
+    return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, record.nlist, record.rerank_default,
                       manifest.data["identity"], why)
 
 
@@ -239,12 +250,12 @@ def open_index(index_dir: Path) -> BuiltIndex:
     """A finished index directory written by ``build`` or ``run``, its files checked."""
     manifest = Manifest(index_dir, kind="index")
     manifest.check_readable(f"rebuild the index with `build --index-dir {shown(index_dir)} --overwrite`")
-    info = manifest.stage_info("index") if manifest.path.exists() else None
+    info = manifest.stage_record("index", IndexRecord) if manifest.path.exists() else None
     if info is None:
         raise PipelineError(f"{shown(index_dir)}: no finished index here; run `build` (or `run`) with --index-dir "
                             f"{shown(index_dir)}")
-    fill = manifest.stage_info("fill") or {}
-    if manifest.lost_pieces("scan") or not manifest.files_intact(fill.get("files", [])):
+    fill = manifest.stage_record("fill", FillRecord)
+    if manifest.lost_pieces("scan") or not manifest.files_intact(fill.files if fill else ()):
         raise PipelineError(
             f"{shown(index_dir)}: index or row-store files are missing or truncated; run `build` "
             "again with the same --input and settings to repair them (only the damaged parts are redone)"
@@ -253,14 +264,12 @@ def open_index(index_dir: Path) -> BuiltIndex:
     files = ident["input"]["files"]
     # the indexed dataset as recorded; its files are not re-read (only the row store is)
     dataset = Dataset(files=(), pieces=(), id_column=ident["input"]["id_column"],
-                      vector_column=ident["input"]["vector_column"], dim=info["dim"], id_kind="",
-                      total_rows=info["ntotal"])
-    store = RowStore(index_dir / "store", np.array(info["starts"], dtype=np.int64), info["ntotal"])
-    log.info(
-        "index: %s, %d vectors of dimension %d (%d input files)", info["key"], info["ntotal"], info["dim"], len(files)
-    )
-    return BuiltIndex(index_dir, dataset, store, info["dim"], info["metric"], info["key"], info["ntotal"],
-                      info["nlist"], info["rerank_default"], ident, info.get("why", "given by index_key"))
+                      vector_column=ident["input"]["vector_column"], dim=info.dim, id_kind="",
+                      total_rows=info.ntotal)
+    store = RowStore(index_dir / "store", np.array(info.starts, dtype=np.int64), info.ntotal)
+    log.info("index: %s, %d vectors of dimension %d (%d input files)", info.key, info.ntotal, info.dim, len(files))
+    return BuiltIndex(index_dir, dataset, store, info.dim, info.metric, info.key, info.ntotal, info.nlist,
+                      info.rerank_default, ident, info.why)
 
 
 def check_query_ids(built: BuiltIndex, queries: Dataset, exclude_self: bool) -> None:
@@ -288,7 +297,7 @@ def search_plan(config: Config, built: BuiltIndex, self_join: bool) -> SearchPla
 
 def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path,
                timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
-               command: str = "join", incremental: bool = False) -> tuple[dict[str, Any], Manifest]:
+               command: str = "join", incremental: bool = False) -> tuple[JoinResult, Manifest]:
     """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
 
     ``knn_dir``: also write the lists as global rows there (self-joins feeding dedup or a graph).
@@ -336,39 +345,38 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
             )
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
-    recall: dict[str, Any] | None = None
+    recall: RecallResult | None = None
     if s.recall_queries:
         t0 = time.monotonic()
         recall = _measure_recall(client, config, built, query_store, plan, manifest)
-        plan = replace(plan, nprobe=recall["nprobe"], rerank=recall["rerank"])
+        plan = replace(plan, nprobe=recall.nprobe, rerank=recall.rerank)
         timings.add("recall", time.monotonic() - t0)
     log.info("join: %d queries, k=%d, nprobe=%s, rerank=%s, exclude_self=%s", n_queries, plan.k, plan.nprobe,
              plan.rerank, plan.exclude_self)
     seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim)
     timings.add("join", seconds)
-    summary = {
-        "index": {"dir": str(built.dir), "key": built.key, "ntotal": built.ntotal, "dim": built.dim,
-                  "metric": built.metric, "nlist": built.nlist, "why": built.why},
-        "search": {"k": plan.k, "nprobe": plan.nprobe, "rerank": plan.rerank, "exclude_self": plan.exclude_self,
-                   "backend": "+".join(sorted({d.backend for d in cluster.devices})) or "cpu"},
-        "devices": [asdict(d) for d in cluster.devices],
-        "queries": n_queries,
-        "neighbors": str(output / "neighbors"),
-        "recall": recall,
-        "memory": {"driver_peak_rss": peak_rss(), "workers_peak_rss": client.run(peak_rss)},
-    }
-    return summary, manifest
+    result = JoinResult(
+        index=IndexSummary(str(built.dir), built.key, built.ntotal, built.dim, built.metric, built.nlist, built.why),
+        search=SearchSummary(plan.k, plan.nprobe, plan.rerank, plan.exclude_self,
+                             "+".join(sorted({d.backend for d in cluster.devices})) or "cpu"),
+        devices=tuple(cluster.devices),
+        queries=n_queries,
+        neighbors=str(output / "neighbors"),
+        recall=recall,
+        memory=MemoryUse(peak_rss(), client.run(peak_rss)),
+    )
+    return result, manifest
 
 
 def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
-                    manifest: Manifest) -> dict[str, Any]:
+                    manifest: Manifest) -> RecallResult:
     """Tune what was not given (nprobe, the re-rank factor) to the recall target, then measure the
     setting used on held-out queries (tie-aware and strict recall).
 
     The result is kept in the manifest: a resumed run reuses the setting rather than re-tuning
     (timings differ run to run, and the finished pieces were searched with the stored one).
     """
-    done = manifest.stage_info("recall")
+    done = manifest.stage_record("recall", RecallResult)
     if done is not None:
         return done
     s = config.search
@@ -378,7 +386,7 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
     tuning = tune_nprobe or tune_rerank
     sample = draw_sample(client, built.store, query_store, 2 * s.recall_queries if tuning else s.recall_queries,
                          plan.k, built.metric, plan.exclude_self, plan.self_join, config.index.seed)
-    curve: list[Any] = []
+    curve: list[TunePoint] = []
     t0 = time.monotonic()
     if tuning and target is not None:
         tune, held = sample.split()
@@ -399,9 +407,8 @@ def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store:
     log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (nprobe=%s, "
              "rerank=%d)", plan.k, measured.recall, measured.strict, measured.queries,
              "held-out " if tuning else "sampled ", plan.nprobe, plan.rerank)
-    result = {"k": plan.k, "recall": round(measured.recall, 4), "recall_strict": round(measured.strict, 4),
-              "queries": measured.queries, "nprobe": plan.nprobe, "rerank": plan.rerank, "target": target,
-              "met": target is None or measured.recall >= target, "tuning_s": round(tuned_s, 3),
-              "curve": [p.to_dict() for p in curve]}
+    result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
+                          plan.nprobe, plan.rerank, target, target is None or measured.recall >= target,
+                          round(tuned_s, 3), tuple(p.record() for p in curve))
     manifest.finish_stage("recall", result)
     return result

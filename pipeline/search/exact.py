@@ -7,7 +7,7 @@ sample times k, never the dataset.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import faiss
@@ -29,13 +29,22 @@ def _exact_piece(
     return (-dist if metric == "l2" else dist), rows + store.starts[piece]
 
 
-def merge_topk(parts: Sequence[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge partial (scores, rows) lists, higher scores first, into the best ``k`` per query."""
-    scores = np.concatenate([p[0] for p in parts], axis=1)
-    rows = np.concatenate([p[1] for p in parts], axis=1)
-    order = np.lexsort((rows, -scores), axis=1)[:, :k] if scores.ndim == 2 else None
-    assert order is not None
-    return np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Merge partial (scores, rows) lists, higher scores first, into the best ``k`` per query.
+
+    Parts stream in: each is merged into the running top ``k`` and released, so memory is
+    queries x 2k whatever the number of parts. Equal scores keep the smaller row, as one sort of
+    everything would; ``faiss.ResultHeap`` drops an arbitrary one of tied rows at the boundary
+    (found by the property test), which would make the exact ground truth vary between runs.
+    """
+    top: tuple[np.ndarray, np.ndarray] | None = None
+    for scores, rows in parts:
+        if top is not None:
+            scores, rows = np.concatenate([top[0], scores], axis=1), np.concatenate([top[1], rows], axis=1)
+        order = np.lexsort((rows, -scores), axis=1)[:, :k]
+        top = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
+    assert top is not None, "merge_topk needs at least one part"
+    return top
 
 
 def exact_knn(
@@ -46,7 +55,8 @@ def exact_knn(
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
     futures = [client.submit(_exact_piece, store, p, queries, k, metric, pure=False) for p in range(n_pieces)]
-    scores, rows = merge_topk(client.gather(futures), k)
+    # streamed in piece order (deterministic ties), each part released once merged
+    scores, rows = merge_topk((futures.pop(0).result() for _ in range(n_pieces)), k)
     return (-scores if metric == "l2" else scores), rows
 
 

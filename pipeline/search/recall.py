@@ -13,6 +13,8 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.results import RecallSummary
+
 __all__ = ["TIE_EPS", "recall_at_k", "tie_aware_hits", "tie_aware_recall", "recall_summary"]
 
 def recall_at_k(
@@ -54,7 +56,7 @@ def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray,
 
 
 def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
-                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: str = "") -> dict[str, Any]:
+                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: str = "") -> RecallSummary:
     """recall@1, @10 and @k (strict), tie-aware recall@k when the found neighbours' exact scores are
     known, and how far inside the true top-k the misses were.
 
@@ -62,19 +64,15 @@ def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]
     gap means a near-tie at the boundary (cheap to lose), a large one a true neighbour the index
     did not find.
     """
-    out: dict[str, Any] = {"queries": len(truth), "k": k}
-    for r in sorted({1, min(10, k), k}):
-        out[f"recall@{r}"] = round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
-    if found_scores is not None:
-        out[f"tie_aware_recall@{k}"] = round(tie_aware_recall(found_scores, truth_scores, k, metric), 4)
+    strict = {r: round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
+              for r in sorted({1, min(10, k), k})}
+    tie = round(tie_aware_recall(found_scores, truth_scores, k, metric), 4) if found_scores is not None else None
     gaps = []
     for f, t, s in zip(found, truth, truth_scores):
         got = set(list(f)[:k])
         kth = s[len(t) - 1] if len(t) else np.nan
         gaps += [abs(float(s[j]) - float(kth)) for j, tid in enumerate(t) if tid not in got]
     g = np.asarray(gaps, dtype=np.float64)
-    out["misses"] = int(g.size)
-    if g.size:
-        out["miss_score_gap"] = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
-                                 "max": round(float(g.max()), 5)}
-    return out
+    gap = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
+           "max": round(float(g.max()), 5)} if g.size else None
+    return RecallSummary(len(truth), k, strict, tie, int(g.size), gap)

@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
+from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 from pipeline.search.recall import recall_at_k, tie_aware_hits
@@ -51,8 +52,8 @@ class TunePoint:
     def qps(self) -> float:
         return self.queries / self.seconds if self.seconds > 0 else float("inf")
 
-    def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "qps": round(self.qps, 1)}
+    def record(self) -> TunePointRecord:
+        return TunePointRecord(**asdict(self), qps=round(self.qps, 1))
 
 
 @dataclass(frozen=True)

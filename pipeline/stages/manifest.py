@@ -13,18 +13,21 @@ import logging
 import os
 import time
 from collections.abc import Iterable
+from dataclasses import is_dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from pipeline.errors import ResumeError
 from pipeline.io.atomic import remove_stale_temps, write_json
 from pipeline.io.workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
+from pipeline.results import Files, from_dict, to_dict
 
 __all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
 
 log = logging.getLogger(__name__)
 
 VERSION = 1
+R = TypeVar("R")
 
 
 def describe_changes(old: Any, new: Any, prefix: str = "") -> list[str]:
@@ -181,9 +184,9 @@ class Manifest:
                 return False
         return True
 
-    def record(self, files: Iterable[str | os.PathLike[str]]) -> list[list[Any]]:
-        """``[path, size]`` records of ``files`` as they are now, for :meth:`files_intact`."""
-        return [[self._relative(f), Path(f).stat().st_size] for f in files]
+    def record(self, files: Iterable[str | os.PathLike[str]]) -> Files:
+        """``(path, size)`` records of ``files`` as they are now, for :meth:`files_intact`."""
+        return tuple((self._relative(f), Path(f).stat().st_size) for f in files)
 
     def done_pieces(self, stage: str) -> set[int]:
         """Pieces recorded done whose files still exist with their recorded sizes."""
@@ -240,7 +243,16 @@ class Manifest:
         """What a finished stage recorded, or None if it has not finished."""
         return self._stage(stage)["done"]
 
-    def finish_stage(self, stage: str, info: dict[str, Any] | None = None) -> None:
+    def stage_record(self, stage: str, cls: type[R]) -> R | None:
+        """A finished stage's typed record (written by :meth:`finish_stage`), or None if unfinished."""
+        info = self.stage_info(stage)
+        return None if info is None else from_dict(cls, info)
+
+    def finish_stage(self, stage: str, info: Any = None) -> None:
+        """Mark ``stage`` finished with what it recorded: a typed record (a dataclass, stored with
+        its type's name) or a small JSON dict."""
+        if is_dataclass(info) and not isinstance(info, type):
+            info = {**to_dict(info), "record": type(info).__name__}
         self._stage(stage)["done"] = info or {}
         self.save(force=True)
 

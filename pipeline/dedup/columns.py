@@ -1,0 +1,93 @@
+"""Input columns dedup reads besides the vectors: the ``--keep-by`` priority and the example texts."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.errors import InputError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.parquet import Dataset, Piece
+from pipeline.io.store import RowStore
+from pipeline.io.workdir import shown
+from pipeline.results import DedupExample
+from pipeline.shuffle.components import label_path
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_stage
+
+__all__ = ["read_keep_column", "attach_examples"]
+
+
+def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
+    try:
+        col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[column]).column(column)
+    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, KeyError) as exc:
+        raise InputError(f"{piece.where()}, column '{column}': cannot be read for --keep-by ({exc})") from None
+    col = col.combine_chunks()
+    if col.null_count:
+        bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
+        raise InputError(
+            f"{piece.where(bad)}, column '{column}': null --keep-by value; fill it or choose another column"
+        )
+    t = col.type
+    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t) or pa.types.is_time(t):
+        values = col.cast(pa.int64()).to_numpy()
+    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+        values = col.cast(pa.int64()).to_numpy()
+    elif pa.types.is_floating(t):
+        values = col.cast(pa.float64()).to_numpy()
+        if np.isnan(values).any():
+            bad = int(np.flatnonzero(np.isnan(values))[0])
+            raise InputError(
+                f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column"
+            )
+    else:
+        raise InputError(
+            f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
+            f"not {t}; choose another column"
+        )
+    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, values)
+
+
+def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, manifest: Manifest) -> None:
+    """Store the ``keep_by`` column per piece (``out_dir/part-NNNNN.npy``), checked as it is read."""
+    for f in dataset.files:
+        names = pq.ParquetFile(f.path).schema_arrow.names
+        if column not in names:
+            raise InputError(f"{f.path}: no column '{column}' for --keep-by; columns are {', '.join(names)}")
+    run_stage(client, manifest, "dedup_keep", dataset.pieces, _read_keep_piece,
+                lambda p: (p, column, str(label_path(out_dir, p.index))), lambda p: [label_path(out_dir, p.index)])
+
+
+def attach_examples(examples: Sequence[DedupExample], dataset: Dataset, store: RowStore, text_column: str | None,
+                    limit: int = 300) -> tuple[DedupExample, ...]:
+    """The example pairs with their ids (and, with ``text_column``, their texts cut to ``limit`` characters)."""
+    rows = np.array(sorted({r for e in examples for r in (e.row_a, e.row_b)}), dtype=np.int64)
+    if rows.size == 0:
+        return tuple(examples)
+    ids = dict(zip(rows.tolist(), store.gather_ids(rows).to_pylist()))
+    texts: dict[int, Any] = {}
+    if text_column:
+        piece_of = np.searchsorted(dataset.starts, rows, side="right") - 1
+        for p in np.unique(piece_of):
+            piece = dataset.pieces[int(p)]
+            try:
+                col = (
+                    pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
+                )
+            except (pa.ArrowInvalid, KeyError) as exc:
+                raise InputError(
+                    f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); name an existing column"
+                ) from None
+            local = rows[piece_of == p] - piece.start
+            for r, v in zip(rows[piece_of == p].tolist(), col.take(pa.array(local)).to_pylist()):
+                texts[r] = v if not isinstance(v, str) or len(v) <= limit else v[:limit] + "…"
+    return tuple(replace(e, id_a=ids[e.row_a], id_b=ids[e.row_b], text_a=texts.get(e.row_a) if text_column else None,
+                         text_b=texts.get(e.row_b) if text_column else None) for e in examples)

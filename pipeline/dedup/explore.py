@@ -1,0 +1,71 @@
+"""``dedup --explore``: pairs and rows dropped over a range of thresholds, from one join."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+from scipy.sparse import coo_array
+from scipy.sparse.csgraph import connected_components
+
+from pipeline.dedup.plan import DedupPlan
+from pipeline.io.parquet import Dataset
+from pipeline.results import ExploreRow
+from pipeline.search.join import knn_path
+from pipeline.shuffle.edges import Part, make_parts, map_edges, part_starts, passes, pieces_per_part, reduce_edges
+
+__all__ = ["explore", "map_part"]
+
+
+def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float,
+             wide_dir: Path | None = None) -> dict[str, int]:
+    """Map one partition's lists (and their widened lists) to above-threshold edges by source row."""
+    paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
+    wide = [str(knn_path(wide_dir, p)) for p in part.pieces] if wide_dir is not None else []
+    return {**map_edges(paths, part.start, starts, out, metric, threshold, wide), "pieces": len(part.pieces)}
+
+
+def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    src, dst, score, _ = reduce_edges(map_dirs, piece, metric, "symmetric")
+    one = src < dst
+    return src[one], dst[one], score[one]
+
+
+def rows_dropped(a: np.ndarray, b: np.ndarray) -> int:
+    """Rows a components-mode dedup drops for the pairs ``(a, b)``: linked rows minus their components."""
+    if not a.size:
+        return 0
+    nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
+    graph = coo_array((np.ones(a.size, dtype=np.int8), (inv[: a.size], inv[a.size :])), shape=(nodes.size,) * 2)
+    n_components, _ = connected_components(graph, directed=False)
+    return int(nodes.size - n_components)
+
+
+def explore(client: object, plan: DedupPlan, dataset: Dataset, output: Path, thresholds: Sequence[float], k: int,
+            budget: int) -> tuple[ExploreRow, ...]:
+    """Pairs and rows dropped (components mode) at each threshold, from one join.
+
+    The pairs at the loosest threshold are shuffled and symmetrised like a real run, then counted
+    on the driver with scipy's connected components once per threshold. Memory is the pairs at
+    the loosest threshold, not the dataset.
+    """
+    loosest = max(thresholds) if plan.metric == "l2" else min(thresholds)
+    work = output / "_explore"
+    shutil.rmtree(work, ignore_errors=True)
+    parts = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
+    starts = part_starts(parts)
+    maps = [str(work / f"from-{p.index:05d}") for p in parts]
+    submit = client.submit  # type: ignore[attr-defined]
+    gather = client.gather  # type: ignore[attr-defined]
+    gather([submit(map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False)
+            for p in parts])
+    pairs = gather([submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in parts])
+    shutil.rmtree(work)
+    a, b, s = (np.concatenate([p[i] for p in pairs]) for i in range(3))
+    out = []
+    for t in sorted(thresholds, reverse=plan.metric != "l2"):
+        sel = passes(s, t, plan.metric)
+        out.append(ExploreRow(t, int(sel.sum()), rows_dropped(a[sel], b[sel]), dataset.total_rows))
+    return tuple(out)

@@ -1,0 +1,90 @@
+"""Which row of each near-duplicate group is kept, and which kept row each dropped row belongs to.
+
+Rows are ranked by component, then keep priority (the ``--keep-by`` value, then the smallest
+id). ``components`` mode keeps the first row of each component; ``greedy`` walks the ranking and
+keeps a row unless a pair links it to a row already kept (as SemDeDup does), assigning it to the
+closest such row. Greedy never crosses components, so running it per partition of components is exact.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from pipeline.dedup.plan import DedupPlan
+from pipeline.io.store import RowStore
+from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
+
+__all__ = ["choose_task", "greedy"]
+
+
+def _ranking(rows: np.ndarray, labels: np.ndarray, store: RowStore, keys_dir: str | None, starts: np.ndarray,
+             keep_order: str) -> np.ndarray:
+    """Order of ``rows``: by component, then keep priority (keep_by value, then the smallest id)."""
+    cols: dict[str, Any] = {"label": pa.array(labels), "id": store.gather_ids(rows), "row": pa.array(rows)}
+    sort = [("label", "ascending")]
+    if keys_dir is not None:
+        cols["key"] = pa.array(gather_1d(keys_dir, starts, rows))
+        sort.append(("key", "descending" if keep_order == "max" else "ascending"))
+    sort += [("id", "ascending"), ("row", "ascending")]
+    return pc.sort_indices(pa.table(cols), sort_keys=sort).to_numpy()
+
+
+def greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Walk ranks ``0..n-1`` in order: keep one unless a pair links it to a rank already kept.
+
+    ``ia``/``ib`` are the ranks of each pair's ends. Returns (representative rank, kept) per rank;
+    a dropped rank's representative is its closest kept partner.
+    """
+    u, v = np.concatenate([ia, ib]), np.concatenate([ib, ia])
+    s = np.concatenate([score, score])
+    by = np.argsort(u, kind="stable")
+    u, v, s = u[by], v[by], s[by]
+    indptr = np.searchsorted(u, np.arange(n + 1))
+    kept = np.zeros(n, dtype=bool)
+    rep = np.arange(n)
+    best = np.argmin if metric == "l2" else np.argmax  # the first of equally close rows, as ranked
+    for i in range(n):  # ranks: earlier rows first
+        nbr, ns = v[indptr[i] : indptr[i + 1]], s[indptr[i] : indptr[i + 1]]
+        mask = kept[nbr] & (nbr < i)
+        if mask.any():
+            cand, cs = nbr[mask], ns[mask]
+            rep[i] = cand[best(cs)]
+        else:
+            kept[i] = True
+    return rep, kept
+
+
+def choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: int, plan: DedupPlan,
+                 store: RowStore, keys_dir: str | None, piece_starts: np.ndarray, starts: np.ndarray,
+                 assign: str) -> dict[int, int]:
+    """Representatives (and kept rows) of the components labelled in this partition."""
+    m = read_partition(member_dirs, piece, ("label", "row"))
+    rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
+    if rows.size == 0:
+        write_partitioned(assign, np.zeros(0, np.int64), len(starts),
+                          {"row": rows, "rep": rows, "kept": np.zeros(0, bool)})
+        return {}
+    order = _ranking(rows, labels, store, keys_dir, piece_starts, plan.keep_order)
+    rows, labels = rows[order], labels[order]
+    if plan.mode == "components":
+        first = np.r_[True, labels[1:] != labels[:-1]]
+        rep = rows[np.maximum.accumulate(np.where(first, np.arange(rows.size), 0))]
+        kept = rep == rows
+    else:
+        p = read_partition(pair_dirs, piece, ("a", "b", "score"))
+        # rank within the partition = position in `rows` (ordered by component, then priority)
+        srt = np.argsort(rows)
+        ra = srt[np.searchsorted(rows[srt], p["a"].astype(np.int64))]
+        rb = srt[np.searchsorted(rows[srt], p["b"].astype(np.int64))]
+        rep_rank, kept = greedy(rows.size, ra, rb, p["score"].astype(np.float32), plan.metric)
+        rep = rows[rep_rank]
+    _, sizes = np.unique(rep, return_counts=True)
+    values, counts = np.unique(sizes, return_counts=True)
+    write_partitioned(assign, np.searchsorted(starts, rows, side="right") - 1, len(starts),
+                      {"row": rows, "rep": rep, "kept": kept})
+    return {int(v): int(c) for v, c in zip(values, counts)}

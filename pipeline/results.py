@@ -1,0 +1,354 @@
+"""Typed outcomes: what each stage and each job produced, as frozen dataclasses.
+
+Stages return these; ``report.py`` renders them; ``report.json`` is :meth:`JobReport.to_json`.
+Records stored in the manifest are the same classes, read back with :func:`from_dict`, so a
+resumed run gets the types a fresh one does.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+__all__ = [
+    "from_dict", "to_dict", "IndexSummary", "SearchSummary", "TunePointRecord", "RecallResult", "MemoryUse",
+    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DedupResult", "ExploreRow", "DegreeStats",
+    "GraphRecall", "GraphResult", "RecallSummary", "JobReport", "IndexRecord", "TrainRecord", "ScanRecord",
+    "FillRecord", "Files",
+]
+
+T = TypeVar("T")
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass as plain JSON-ready values (nested dataclasses, tuples as lists)."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    return obj
+
+
+def _convert(tp: Any, value: Any) -> Any:
+    if value is None:
+        return None
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        for arg in typing.get_args(tp):
+            if arg is not type(None):
+                return _convert(arg, value)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_dict(tp, value)
+    if origin is tuple:
+        (arg, *_) = typing.get_args(tp)
+        return tuple(_convert(arg, v) for v in value)
+    if origin is dict:
+        _, arg = typing.get_args(tp)
+        return {k: _convert(arg, v) for k, v in value.items()}
+    return value
+
+
+def from_dict(cls: type[T], data: dict[str, Any]) -> T:
+    """``cls`` rebuilt from :func:`to_dict`'s output (unknown keys ignored, missing ones defaulted)."""
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    return cls(**{k: _convert(hints[k], v) for k, v in data.items() if k in known})
+
+
+# build -------------------------------------------------------------------------------------------
+Files = tuple[tuple[Any, ...], ...]  # (path relative to the directory, size) per file
+
+
+@dataclass(frozen=True)
+class ScanRecord:
+    """The manifest's ``scan`` (or ``scan_queries``) stage: the stored rows."""
+
+    dim: int
+    rows: int
+    starts: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TrainRecord:
+    """The manifest's ``train`` stage: the key trained, on how many rows, its file."""
+
+    key: str
+    rows: int
+    files: Files = ()
+
+
+@dataclass(frozen=True)
+class FillRecord:
+    """The manifest's ``fill`` stage: the filled index's size, how it was merged, its files."""
+
+    ntotal: int
+    mode: str
+    files: Files = ()
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The manifest's ``index`` stage: the finished index as later commands open it."""
+
+    key: str
+    dim: int
+    metric: str
+    ntotal: int
+    nlist: int | None
+    rerank_default: int
+    starts: tuple[int, ...]
+    why: str = "given by index_key"
+
+
+# join ---------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class IndexSummary:
+    dir: str
+    key: str
+    ntotal: int
+    dim: int
+    metric: str
+    nlist: int | None
+    why: str
+
+
+@dataclass(frozen=True)
+class SearchSummary:
+    k: int
+    nprobe: int | None
+    rerank: int
+    exclude_self: bool
+    backend: str
+
+
+@dataclass(frozen=True)
+class TunePointRecord:
+    """One setting the tuner measured."""
+
+    nprobe: int | None
+    rerank: int
+    recall: float
+    strict: float
+    stderr: float
+    seconds: float
+    queries: int
+    qps: float
+
+
+@dataclass(frozen=True)
+class RecallResult:
+    """The recall a join reached on held-out queries, the setting and the target (manifest ``recall``)."""
+
+    k: int
+    recall: float  # tie-aware
+    recall_strict: float
+    queries: int
+    nprobe: int | None
+    rerank: int
+    target: float | None
+    met: bool
+    tuning_s: float = 0.0
+    curve: tuple[TunePointRecord, ...] = ()
+
+
+@dataclass(frozen=True)
+class MemoryUse:
+    driver_peak_rss: int
+    workers_peak_rss: dict[str, int]
+
+
+@dataclass(frozen=True)
+class WorkerDevice:
+    """What one worker runs on, and why (recorded in report.json)."""
+
+    worker: str
+    host: str
+    backend: str  # cpu | gpu
+    reason: str
+    faiss_threads: int
+    gpus: int  # GPUs this worker's faiss sees
+
+
+@dataclass(frozen=True)
+class JoinResult:
+    index: IndexSummary
+    search: SearchSummary
+    devices: tuple[WorkerDevice, ...]
+    queries: int
+    neighbors: str
+    recall: RecallResult | None
+    memory: MemoryUse
+
+
+# dedup --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PairRecall:
+    """Share of the exact above-threshold pairs of sampled rows that the dedup found."""
+
+    queries: int
+    exact_pairs: int
+    found_pairs: int
+    pair_recall: float | None
+    below_threshold: int
+
+
+@dataclass(frozen=True)
+class DedupExample:
+    band: int
+    row_a: int
+    row_b: int
+    score: float
+    band_low: float = 0.0
+    id_a: Any = None
+    id_b: Any = None
+    text_a: str | None = None
+    text_b: str | None = None
+
+
+@dataclass(frozen=True)
+class DedupResult:
+    threshold: float
+    mode: str
+    metric: str
+    keep_by: str | None
+    keep_order: str | None
+    rows_in: int
+    pairs: int
+    groups: int
+    rows_in_groups: int
+    rows_dropped: int
+    rows_kept: int
+    group_sizes: dict[str, int]
+    saturated_rows: int
+    searched_again: int
+    examples: tuple[DedupExample, ...]
+    outputs: dict[str, str]
+    exactness: PairRecall | None = None
+
+
+@dataclass(frozen=True)
+class ExploreRow:
+    threshold: float
+    pairs: int
+    rows_dropped: int
+    rows_in: int
+
+
+# graph --------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class DegreeStats:
+    mean: float
+    max: int
+    isolated: int
+    histogram: dict[str, int]
+
+
+@dataclass(frozen=True)
+class GraphRecall:
+    k: int
+    queries: int
+    graph_recall: float
+
+
+@dataclass(frozen=True)
+class GraphResult:
+    mode: str
+    k: int
+    min_score: float | None
+    weight: str
+    kernel_width: float | None
+    nodes: int
+    edges: int
+    mutual_share: float | None
+    degree: DegreeStats
+    components: int
+    largest_component: int
+    outputs: dict[str, str | None]
+    recall: GraphRecall | None = None
+
+
+# evaluate -----------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class RecallSummary:
+    """``evaluate``'s answer: strict recall@1/@10/@k, tie-aware recall@k when the scores are exact,
+    and how far inside the true top-k the misses were."""
+
+    queries: int
+    k: int
+    strict: dict[int, float]  # r -> recall@r
+    tie_aware: float | None
+    misses: int
+    miss_score_gap: dict[str, float] | None
+    source: dict[str, Any] = field(default_factory=dict)  # the table or index (and settings) evaluated
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {**self.source, "queries": self.queries, "k": self.k}
+        out.update({f"recall@{r}": v for r, v in sorted(self.strict.items())})
+        if self.tie_aware is not None:
+            out[f"tie_aware_recall@{self.k}"] = self.tie_aware
+        out["misses"] = self.misses
+        if self.miss_score_gap is not None:
+            out["miss_score_gap"] = self.miss_score_gap
+        return out
+
+
+# the job ------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class JobReport:
+    """A finished job, as ``report.json`` records it (the join's fields at the top level)."""
+
+    command: str
+    join: JoinResult
+    config: dict[str, Any]
+    timings_s: dict[str, float]
+    wall_s: float
+    queries_per_s: float | None
+    dedup: DedupResult | None = None
+    dedup_explore: tuple[ExploreRow, ...] | None = None
+    graph: GraphResult | None = None
+    kth_score_quantiles: dict[str, float] | None = None
+
+    # the join's fields, read through
+    @property
+    def index(self) -> IndexSummary:
+        return self.join.index
+
+    @property
+    def search(self) -> SearchSummary:
+        return self.join.search
+
+    @property
+    def recall(self) -> RecallResult | None:
+        return self.join.recall
+
+    @property
+    def queries(self) -> int:
+        return self.join.queries
+
+    @property
+    def neighbors(self) -> str:
+        return self.join.neighbors
+
+    @property
+    def devices(self) -> tuple[WorkerDevice, ...]:
+        return self.join.devices
+
+    def to_json(self) -> dict[str, Any]:
+        out = {"command": self.command, **to_dict(self.join)}
+        for f in dataclasses.fields(self):
+            if f.name not in ("command", "join"):
+                value = getattr(self, f.name)
+                if value is not None or f.name in ("config", "timings_s"):
+                    out[f.name] = to_dict(value)
+        return out
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> JobReport:
+        join = from_dict(JoinResult, data)
+        rest = {k: v for k, v in data.items() if k not in {f.name for f in dataclasses.fields(JoinResult)}}
+        return from_dict(cls, {**rest, "join": to_dict(join)})
