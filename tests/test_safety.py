@@ -149,9 +149,10 @@ def test_deleted_or_truncated_index_files_are_rebuilt(make_config, data, tmp_pat
     assert pq.read_table(out / "neighbors").sort_by("query_id").equals(clean)
 
 
-def test_join_against_a_damaged_index_says_what_to_do(make_config, data, tmp_path):
-    run(make_config(input=str(data), k=3, index_key="Flat"))
-    (tmp_path / "out" / "index" / "index.faiss").write_bytes(b"")
+@pytest.mark.parametrize("key, damaged", [("IVF8,Flat", "index.faiss"), ("Flat", "store/vectors/part-00000.npy")])
+def test_join_against_a_damaged_index_says_what_to_do(make_config, data, tmp_path, key, damaged):
+    run(make_config(input=str(data), k=3, index_key=key, **({"nprobe": 8} if key != "Flat" else {})))
+    (tmp_path / "out" / "index" / damaged).write_bytes(b"")
     with pytest.raises(PipelineError, match=r"missing or truncated; run `build` again with the same --input"):
         join(make_config(input=str(data), index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "j")))
 

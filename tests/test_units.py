@@ -120,7 +120,7 @@ def test_local_layout():
     ("IVF64,Flat", "IVF64,Flat", "ondisk"),
     ("IVF64,PQ8+16", "IVF64,PQ8+16", "memory"),
     ("PCA32,IVF64,PQ8x4fs", "PCA32,IVF64,PQ8x4fs", "serial"),
-    ("Flat", "Flat", "serial"),
+    ("Flat", "Flat", "none"),
     ("HNSW16", "HNSW16", "serial"),
 ])
 def test_fill_modes(key, enc, mode):

@@ -37,6 +37,8 @@ class Backend(Protocol):
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray: ...
 
+    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]: ...
+
 
 def gpu_count() -> int:
     """GPUs visible to faiss (0 for a CPU-only build of faiss)."""

@@ -41,3 +41,7 @@ class CpuBackend:
                 np.float32
             )
         return dots.astype(np.float32, copy=False)
+
+    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``q`` among the rows of ``x`` (FAISS's blocked GEMM and k-selection)."""
+        return faiss.knn(q, x, k, metric=metric)

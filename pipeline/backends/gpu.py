@@ -297,6 +297,15 @@ class GpuBackend:
             return cupy.asnumpy(dots.astype(cupy.float32))
 
 
+    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` with faiss's brute-force GPU search (cuBLAS GEMM tiles, on-device k-selection)."""
+        if k > GPU_MAX_K:
+            self._warn_once(f"exact search on the CPU: k={k} (the GPU kernels take at most {GPU_MAX_K})")
+            return self._cpu.knn(q, x, k, metric)
+        with _search_lock(self.device):
+            return faiss.knn_gpu(self.resources(), q, x, k, metric=metric, device=self.device)
+
+
 _search_locks: dict[int, threading.Lock] = {}
 
 

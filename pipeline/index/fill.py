@@ -1,6 +1,6 @@
 """Filling the trained index: pieces encoded in parallel on the workers, merged once.
 
-Four ways, chosen from the index type:
+Five ways, chosen from the index type:
 
 * ``ondisk``: IVF indexes with plain inverted lists. Each piece becomes a partial index holding
   its global rows as ids; their lists are merged into ``index.ivfdata``, memory-mapped by every
@@ -8,8 +8,10 @@ Four ways, chosen from the index type:
 * ``fastscan``: ``IVFn,PQmx4fs``. Pieces are encoded with the plain 4-bit ``IndexIVFPQ`` twin
   (see :func:`pipeline.index.choice.encoding_key`), merged in memory, and converted to fast-scan once.
 * ``memory``: IVFPQR, whose lists cannot live on disk: merged in memory with ``merge_from``.
-* ``serial``: every other index (Flat, HNSW, PQ, other fast-scan layouts, ...) is filled by one
-  task adding pieces in row order, so positions equal global rows.
+* ``serial``: every other index (HNSW, PQ, other fast-scan layouts, ...) is filled by one task
+  adding pieces in row order, so positions equal global rows.
+* ``none``: ``Flat``. Exact search reads the memory-mapped row store piece by piece
+  (:func:`pipeline.search.exact.exact_search`), so no copy of the vectors is built.
 """
 
 from __future__ import annotations
@@ -41,6 +43,8 @@ log = logging.getLogger(__name__)
 
 def fill_mode(key: str, encoder: faiss.Index) -> str:
     """How to fill an index of ``key`` whose pieces are encoded by ``encoder`` (see module doc)."""
+    if key == "Flat":
+        return "none"
     ivf = ivf_of(encoder)
     if ivf is None or ivf.invlists is None:
         return "serial"
@@ -120,6 +124,9 @@ def fill_index(
     info = manifest.stage_record("fill", FillRecord)
     if info is not None:
         return info.ntotal
+    if mode == "none":  # exact search reads the row store itself: no copy of the vectors to build
+        manifest.finish_stage("fill", FillRecord(store.total_rows, mode))
+        return store.total_rows
     if mode == "serial":
         fut = client.submit(
             _fill_serial,

@@ -290,6 +290,8 @@ def search_plan(config: Config, built: BuiltIndex, self_join: bool) -> SearchPla
     s = config.search
     empty = make_index(built.key, built.dim, built.metric)
     _check_search(s, empty, built.key, built.ntotal)
+    if built.key == "Flat":  # exact search over the row store: no settings to choose
+        return SearchPlan(str(built.dir), built.metric, s.k, None, 0, s.exclude_self, self_join, strategy="exact")
     nprobe = s.nprobe if s.nprobe is not None else (default_nprobe(built.nlist) if built.nlist else None)
     rerank = s.rerank if s.rerank is not None else built.rerank_default
     return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join)

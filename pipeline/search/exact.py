@@ -10,23 +10,38 @@ from __future__ import annotations
 from collections.abc import Iterable
 from typing import Any
 
-import faiss
 import numpy as np
 
+from pipeline.backends import Backend
+from pipeline.backends.worker import worker_device
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
-__all__ = ["exact_knn", "merge_topk", "pair_scores"]
+__all__ = ["exact_knn", "exact_search", "merge_topk", "pair_scores"]
 
 
 def _exact_piece(
     store: RowStore, piece: int, queries: np.ndarray, k: int, metric: str
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one piece; higher scores first (l2 negated)."""
+    with worker_device() as be:
+        return _piece_topk(be, store, piece, queries, k, metric)
+
+
+def _piece_topk(be: Backend, store: RowStore, piece: int, queries: np.ndarray, k: int,
+                metric: str) -> tuple[np.ndarray, np.ndarray]:
     x = store.vectors(piece)
-    # faiss.knn works through the piece in blocks: memory stays bounded, BLAS does the work
-    dist, rows = faiss.knn(queries, x, min(k, x.shape[0]), metric=FAISS_METRICS[metric])
+    # FAISS works through the piece in GEMM tiles: memory stays bounded, BLAS (or cuBLAS) does the work
+    dist, rows = be.knn(queries, x, min(k, x.shape[0]), FAISS_METRICS[metric])
     return (-dist if metric == "l2" else dist), rows + store.starts[piece]
+
+
+def exact_search(be: Backend, queries: np.ndarray, store: RowStore, k: int,
+                 metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
+    stored piece, streamed piece by piece from the memory-mapped row store: the exact plan's join."""
+    scores, rows = merge_topk((_piece_topk(be, store, p, queries, k, metric) for p in range(len(store.starts))), k)
+    return (-scores if metric == "l2" else scores), rows
 
 
 def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:

@@ -26,6 +26,7 @@ from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.search.exact import exact_search
 from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 BATCH_BYTES = 256 << 20  # working memory for one search batch (candidates, gathered vectors)
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 ROW_GROUP_ROWS = 65_536  # result rows buffered per Parquet row group
+EXACT_QUERY_ROWS = 4096  # queries per block under the exact plan (FAISS's own BLAS query block)
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,7 @@ class SearchPlan:
     exclude_self: bool
     self_join: bool  # queries are the indexed rows: exclude by row, not by id
     knn_dir: str | None = None  # also write each piece's lists as global rows here (dedup, graph)
+    strategy: str = "index"  # index: search the FAISS index; exact: GEMM over the row store, piece by piece
 
 
 def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
@@ -60,10 +63,11 @@ def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
     return min(want, ntotal)
 
 
-def shared_index(plan: SearchPlan) -> faiss.Index:
+def shared_index(plan: SearchPlan) -> faiss.Index | None:
     """The plan's index, loaded once per process and shared by its tasks: never modified (the
-    search settings travel with each call, see :func:`search_params`)."""
-    return load_index(plan.index_dir)
+    search settings travel with each call, see :func:`search_params`). None for the exact plan,
+    which searches the row store itself."""
+    return None if plan.strategy == "exact" else load_index(plan.index_dir)
 
 
 def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParameters | None:
@@ -84,7 +88,7 @@ def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParamet
 
 
 def search_batch(
-    index: faiss.Index, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
+    index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
     index_store: RowStore,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search one batch; return (row offsets, scores, neighbour global rows) in list layout.
@@ -97,14 +101,18 @@ def search_batch(
 
 
 def _search_batch(
-    be: Backend, index: faiss.Index, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
-    index_store: RowStore,
+    be: Backend, index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None,
+    q_ids: pa.Array, index_store: RowStore,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    width = candidates_per_query(plan, int(index.ntotal))
-    scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
+    if index is None:  # the exact plan: scores are exact already
+        width = min(plan.k + (1 if plan.exclude_self else 0), index_store.total_rows)
+        scores, rows = exact_search(be, q, index_store, width, plan.metric)
+    else:
+        width = candidates_per_query(plan, int(index.ntotal))
+        scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
     valid = rows >= 0
-    if plan.rerank:
+    if plan.rerank and index is not None:
         exact = np.empty(rows.shape, dtype=np.float32)
         # chunks of ~16 MiB of candidate vectors: small enough for the allocator to reuse warm
         # memory (a fresh multi-GB buffer per batch spends more time in page faults than in math)
@@ -140,7 +148,10 @@ def _join_piece(
     plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, budget_rows: int,
 ) -> int:
     with worker_device() as be:
-        batch_rows = max(1, min(be.search_rows, budget_rows))
+        # the exact plan scores whole query blocks against each stored piece: larger blocks keep
+        # the GEMM tiles full and read the store fewer times
+        rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
+        batch_rows = max(1, min(rows, budget_rows))
     index = shared_index(plan)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
