@@ -26,8 +26,7 @@ SCORE_SAMPLE = 200_000
 
 def _verdict(report: JobReport) -> str:
     """The report's first line: what recall the job reached, against which target, with which plan."""
-    rec, search = report.recall, report.search
-    plan = f"{report.index.key}, nprobe={search.nprobe}, rerank={search.rerank}"
+    rec, plan = report.recall, report.join.plan
     if rec is None:
         return f"recall not measured; plan: {plan}"
     got = f"recall@{rec.k} {rec.recall:.3f} (tie-aware) on {rec.queries:,} held-out queries"
@@ -247,8 +246,8 @@ def _summary_lines(report: JobReport) -> list[str]:
         "|---|---|",
         f"| index | `{idx.key}` ({idx.ntotal:,} vectors × {idx.dim}, {idx.metric}) |",
         f"| why this index | {idx.why} |",
-        f"| search | k={search.k}, nprobe={search.nprobe}, rerank={search.rerank}, "
-        f"exclude_self={search.exclude_self} |",
+        f"| search | k={search.k}, {report.join.plan}, exclude_self={search.exclude_self} |",
+        f"| why this plan | {search.why or 'settings given'} |",
         f"| queries | {report.queries:,} |",
         f"| wall time | {report.wall_s:.1f} s{qps} |",
         f"| peak memory | driver {mem.driver_peak_rss / 2**20:,.0f} MiB; workers "

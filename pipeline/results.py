@@ -124,6 +124,8 @@ class SearchSummary:
     rerank: int
     exclude_self: bool
     backend: str
+    strategy: str = "index"  # index: the FAISS index; exact: GEMM over the row store
+    why: str = ""
 
 
 @dataclass(frozen=True)
@@ -154,6 +156,8 @@ class RecallResult:
     met: bool
     tuning_s: float = 0.0
     curve: tuple[TunePointRecord, ...] = ()
+    strategy: str = "index"  # index | exact
+    why: str = ""  # why this plan: tuned, given, or exact search (and why)
 
 
 @dataclass(frozen=True)
@@ -183,6 +187,13 @@ class JoinResult:
     neighbors: str
     recall: RecallResult | None
     memory: MemoryUse
+
+    @property
+    def plan(self) -> str:
+        """The plan in a few words, as the last log line and the report's first line give it."""
+        if self.search.strategy == "exact":
+            return "exact search over the row store"
+        return f"{self.index.key}, nprobe={self.search.nprobe}, rerank={self.search.rerank}"
 
 
 # dedup --------------------------------------------------------------------------------------------

@@ -172,9 +172,10 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
 def test_a_missed_target_finishes_the_table_but_fails_the_job(make_config, dataset_dir, tmp_path):
     from pipeline.search.tuning import BelowTarget
 
-    settings = dict(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,
+    # both settings given: the target is checked, not tuned to (no switch to exact search)
+    settings = dict(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0, nprobe=4,
                     target_recall=1.0, recall_queries=100)
-    with pytest.raises(BelowTarget, match=r"recall@10 0\.\d+ .*target 1\.0: MISSED; plan: IVF64,PQ4, nprobe=\d+, "
+    with pytest.raises(BelowTarget, match=r"recall@10 0\.\d+ .*target 1\.0: MISSED; plan: IVF64,PQ4, nprobe=4, "
                                           r"rerank=0; .* not marked _SUCCESS.*--allow-below-target"):
         run(make_config(**settings))
     out = tmp_path / "out"
@@ -263,3 +264,24 @@ def test_the_exact_plan_streams_the_row_store_and_equals_brute_force(make_config
     truth = exact_neighbours(vectors, vectors[sample], 8, metric=metric)
     expect = [[r for r in row if r != q][:7] for row, q in zip(truth.tolist(), sample)]
     assert recall_at_k([found[int(q)] for q in sample], expect, 7) >= 0.999  # float rounding may swap a near-tie
+
+
+def test_a_target_the_index_cannot_reach_switches_to_exact_search(make_config, dataset_dir, vectors, tmp_path, caplog):
+    """4-bit codes without re-ranking top out far below 0.99: the job joins with exact search over
+    the row store instead, says why, and meets its target; --allow-below-target keeps the index."""
+    settings = dict(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,
+                    target_recall=0.99, recall_queries=200)
+    with caplog.at_level("WARNING", logger="pipeline"):
+        report = run(make_config(**settings))
+    assert "no setting of the index reached recall 0.990" in caplog.text
+    assert report.search.strategy == "exact" and "below the target" in report.search.why
+    assert report.recall.met and report.recall.recall == 1.0
+    found = read_neighbours(tmp_path / "out")
+    sample = np.arange(0, len(vectors), 41)
+    truth = exact_neighbours(vectors, vectors[sample], 11)
+    expect = [[r for r in row if r != q][:10] for row, q in zip(truth.tolist(), sample)]
+    assert recall_at_k([found[int(q)] for q in sample], expect, 10) >= 0.999
+    md = (tmp_path / "out" / "report.md").read_text()
+    assert "plan: exact search over the row store" in md.splitlines()[2]
+    accepted = run(make_config(**settings, output=str(tmp_path / "accepted"), allow_below_target=True))
+    assert accepted.search.strategy == "index" and not accepted.recall.met

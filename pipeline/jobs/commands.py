@@ -114,8 +114,7 @@ def _finish(output: Path, config: Config, joined: JoinResult, timings: Timings, 
 
 def recall_verdict(joined: JoinResult) -> str:
     """The job's last word: recall reached against its target, and the plan that reached it."""
-    recall = joined.recall
-    plan = f"{joined.index.key}, nprobe={joined.search.nprobe}, rerank={joined.search.rerank}"
+    recall, plan = joined.recall, joined.plan
     if recall is None:
         return f"recall not measured (--recall-queries 0); plan: {plan}"
     got = f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on " \
@@ -312,7 +311,7 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSumm
             score_of = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("score").to_pylist()))
             used = manifest.stage_record("recall", RecallResult)
             # the table's scores are exact when the join re-ranked or the codes are exact
-            exact_scores = bool(used and used.rerank) or built.rerank_default == 0
+            exact_scores = bool(used and (used.rerank or used.strategy == "exact")) or built.rerank_default == 0
             missing = [q for q in wanted if q not in by_id]
             if missing:
                 raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "

@@ -65,14 +65,16 @@ class RecallSample:
     rows: np.ndarray | None
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
     truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
+    exact_seconds: float = 0.0  # wall time of the exact search that found the truth (all workers)
 
     def split(self) -> tuple[RecallSample, RecallSample]:
         half = len(self.truth) // 2
         return self.take(slice(0, half)), self.take(slice(half, None))
 
     def take(self, sel: slice) -> RecallSample:
+        share = len(self.truth[sel]) / max(1, len(self.truth))
         return RecallSample(self.vectors[sel], self.ids[sel], None if self.rows is None else self.rows[sel],
-                            self.truth[sel], self.truth_scores[sel])
+                            self.truth[sel], self.truth_scores[sel], self.exact_seconds * share)
 
 
 def draw_sample(
@@ -87,7 +89,9 @@ def draw_sample(
     vectors = np.ascontiguousarray(query_store.gather_vectors(rows))
     ids = query_store.gather_ids(rows)
     extra = 1 if exclude_self else 0
+    started = time.perf_counter()
     scores, nbr = exact_knn(client, index_store, len(index_store.starts), vectors, k + extra, metric)
+    exact_seconds = time.perf_counter() - started
     nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
     own = ids.to_pylist()
     truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
@@ -96,7 +100,7 @@ def draw_sample(
         keep = [j for j, v in enumerate(row_ids) if not (exclude_self and v == own[i])][:k]
         truth.append([row_ids[j] for j in keep])
         truth_scores[i, : len(keep)] = scores[i, keep]
-    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores)
+    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, exact_seconds)
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)
