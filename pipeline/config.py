@@ -120,6 +120,7 @@ class DedupSpec:
     keep_order: str = "max"  # keep the row with the max (or min) keep_by value
     text_column: str | None = None  # shown beside the example pairs in the report
     explore: bool = False  # print pairs/rows dropped over a range of thresholds; write no groups
+    target_pair_recall: float | None = 0.99  # share of the exact above-threshold pairs to find (None: off)
 
 
 @dataclass(frozen=True)
@@ -194,6 +195,13 @@ def _fraction(key: str, v: Any) -> float | None:
     if not 0.0 < out <= 1.0 or isinstance(v, bool):
         raise ConfigError(f"{key}: expected a recall between 0 and 1 (e.g. 0.95), got {v!r}")
     return out
+
+
+DEFAULT_PAIR_TARGET = 0.99
+
+
+def _pair_fraction(key: str, v: Any) -> float | None:
+    return DEFAULT_PAIR_TARGET if _auto(v) else _fraction(key, v)
 
 
 def _bool(key: str, v: Any) -> bool:
@@ -325,6 +333,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
         _bool,
         "dedup: print pairs and rows dropped over a range of thresholds, write no groups",
     ),
+    "target_pair_recall": ("dedup", "target_pair_recall", _pair_fraction,
+                           "dedup: share of the exact above-threshold pairs to find, or off"),
     "graph_mode": (
         "graph",
         "mode",

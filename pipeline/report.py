@@ -185,11 +185,14 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
     ex = d.exactness
     if ex is not None:
         pr = "n/a (no exact pairs in the sample)" if ex.pair_recall is None else f"{ex.pair_recall:.4f}"
-        lines.append(f"| pair recall | {pr}: {ex.exact_pairs:,} exact pairs among {ex.queries:,} sampled rows; "
+        target = f" (target {d.target_pair_recall})" if d.target_pair_recall else ""
+        lines.append(f"| pair recall | {pr}{target}: {ex.exact_pairs:,} exact pairs among {ex.queries:,} sampled rows; "
                      f"{ex.below_threshold} found pairs fail the threshold |")
     if d.searched_again:
-        lines.append(f"| rows searched again | {d.searched_again:,} rows had all k neighbours above the threshold "
-                     "and were searched again with longer lists |")
+        wider = f"; rows with a pair over nprobe={d.pair_nprobe} to reach the pair-recall target" if d.pair_nprobe \
+            else ""
+        lines.append(f"| rows searched again | {d.searched_again:,}: rows whose k neighbours all passed the threshold, "
+                     f"with longer lists{wider} |")
     if d.saturated_rows:
         lines.append(f"| rows at the limit | {d.saturated_rows:,} rows still had every neighbour above the threshold "
                      "at the longest list: their groups can be incomplete |")

@@ -240,6 +240,8 @@ class DedupResult:
     examples: tuple[DedupExample, ...]
     outputs: dict[str, str]
     exactness: PairRecall | None = None
+    target_pair_recall: float | None = None
+    pair_nprobe: int | None = None  # lists linked rows were searched again with (None: the join's)
 
 
 @dataclass(frozen=True)

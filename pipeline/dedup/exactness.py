@@ -15,7 +15,7 @@ from pipeline.io.store import RowStore
 from pipeline.results import PairRecall
 from pipeline.shuffle.edges import passes, read_edges
 
-__all__ = ["pair_recall", "exact_pairs"]
+__all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
 
 
 def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metric: str) -> tuple[np.ndarray, ...]:
@@ -40,6 +40,15 @@ def _exact_pairs_piece(store: RowStore, piece: int, q_rows: np.ndarray, q: np.nd
     return q_rows[i[keep]], j[keep]
 
 
+def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.ndarray) -> set[tuple[int, int]]:
+    """Every (sampled row, other row) pair whose exact score passes the threshold, by range search
+    over every stored piece on the workers."""
+    q = store.gather_vectors(rows)
+    parts = client.gather([client.submit(_exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric,
+                                         pure=False) for p in range(len(store.starts))])
+    return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
+
+
 def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, queries: int, seed: int,
                 adj_starts: np.ndarray) -> PairRecall:
     """Share of the exact above-threshold pairs of sampled rows that the dedup found.
@@ -50,10 +59,7 @@ def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, que
     """
     rng = np.random.default_rng(seed)
     rows = np.sort(rng.choice(store.total_rows, size=min(queries, store.total_rows), replace=False))
-    q = store.gather_vectors(rows)
-    parts = client.gather([client.submit(_exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric,
-                                         pure=False) for p in range(len(store.starts))])
-    exact = {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
+    exact = sampled_exact_pairs(client, plan, store, rows)
     found = set()
     part_of = np.searchsorted(adj_starts, rows, side="right") - 1
     for p in np.unique(part_of):

@@ -20,11 +20,13 @@ __all__ = ["explore", "map_part"]
 
 
 def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float,
-             wide_dir: Path | None = None) -> dict[str, int]:
-    """Map one partition's lists (and their widened lists) to above-threshold edges by source row."""
+             wide_dir: Path | None = None, range_dir: Path | None = None) -> dict[str, int]:
+    """Map one partition's lists (and their widened lists and range pairs) to above-threshold
+    edges by source row."""
     paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
     wide = [str(knn_path(wide_dir, p)) for p in part.pieces] if wide_dir is not None else []
-    return {**map_edges(paths, part.start, starts, out, metric, threshold, wide), "pieces": len(part.pieces)}
+    ranged = [str(knn_path(range_dir, p)) for p in part.pieces] if range_dir is not None else []
+    return {**map_edges(paths, part.start, starts, out, metric, threshold, wide, ranged), "pieces": len(part.pieces)}
 
 
 def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

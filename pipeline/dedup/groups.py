@@ -195,14 +195,16 @@ def _examples(plan: DedupPlan, pair_stats: dict[int, Any]) -> tuple[DedupExample
 
 
 def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                 seed: int, k: int, budget: int, search: SearchPlan) -> tuple[DedupResult, np.ndarray]:
+                 seed: int, k: int, budget: int, search: SearchPlan,
+                 pair_nprobe: int | None = None) -> tuple[DedupResult, np.ndarray]:
     """Pairs, components and groups for the self-join in ``output``.
 
     Returns the dedup summary and the first rows of the shuffle partitions (which hold the pairs).
 
     The shuffles work on partitions of consecutive pieces whose edges fit ``budget`` bytes.
     Rows whose ``k`` neighbours all pass the threshold are first searched again with ``search``
-    and longer lists (up to ``WIDEN_MAX``), so a group larger than ``k`` is found whole.
+    and longer lists (up to ``WIDEN_MAX``), so a group larger than ``k`` is found whole; with
+    ``pair_nprobe``, every row with a pair is searched again over that many inverted lists.
     """
     n = dataset.total_rows
     parts, warm = _partitions(plan, dataset, output, manifest, k, budget)
@@ -213,19 +215,26 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         keys_dir = work / "keep"
         read_keep_column(client, dataset, plan.keep_by, keys_dir, manifest)
 
-    wide_dir = work / "wide"
+    wide_dir, range_dir = work / "wide", work / "range"
     cap = min(WIDEN_MAX, n - 1)
     widen_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_widen", dataset.pieces, widen_piece,
-              lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap),
-              lambda p: [knn_path(wide_dir, p.index)], widen_stats)
+              lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap,
+                         pair_nprobe, str(knn_path(range_dir, p.index))),
+              lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)], widen_stats)
     widened = sum(w["rows"] for w in widen_stats.values())
-    if widened:
-        log.info("%d rows had all k=%d neighbours above the threshold: searched again with up to %d", widened, k, cap)
+    full = sum(w.get("saturated", w["rows"]) for w in widen_stats.values())
+    at_cap = sum(w.get("at_cap", 0) for w in widen_stats.values())
+    if full:
+        log.info("%d rows had all k=%d neighbours above the threshold: searched again with up to %d", full, k, cap)
+    if at_cap:
+        log.info("%d rows had more than %d: every pair of theirs found by exact range search", at_cap, cap)
+    if widened > full:
+        log.info("%d rows with a pair searched again with nprobe=%s", widened - full, pair_nprobe)
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]
     map_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_map", parts, map_part,
-              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir),
+              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir, range_dir),
               lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in parts]
@@ -254,7 +263,7 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         pairs=int(sum(r["pairs"] for r in pair_stats.values())), groups=int(sum(sizes.values())),
         rows_in_groups=int(sum(s * c for s, c in sizes.items())), rows_dropped=rows_dropped,
         rows_kept=n - rows_dropped, group_sizes={str(k): v for k, v in sizes.items()}, saturated_rows=saturated,
-        searched_again=widened, examples=_examples(plan, pair_stats),
+        searched_again=widened, examples=_examples(plan, pair_stats), pair_nprobe=pair_nprobe,
         outputs={d: str(output / d) for d in ("groups", "kept", "pairs")},
     )
     return result, starts

@@ -1,48 +1,122 @@
-"""Rows with more near-duplicates than ``k``: searched again with longer lists until each list
-ends below the threshold (up to ``WIDEN_MAX`` neighbours), so a group larger than ``k`` is found whole."""
+"""Searching rows near the threshold more widely, so dedup finds (nearly) every above-threshold pair.
+
+Two kinds of rows are searched again after the join:
+
+* *saturated* rows, whose ``k`` neighbours all passed the threshold: they may have more
+  duplicates than ``k``, so they get 4x, 16x, ... the neighbours (up to ``WIDEN_MAX``) until each
+  list ends below the threshold; rows still full there get every pair by exact range search
+  over the row store (:func:`range_pairs`), however many there are;
+* *linked* rows, with at least one neighbour past the threshold, when the dedup's pair-recall
+  target needs more inverted lists than the join's recall target did (``pair_nprobe``): a
+  duplicate in a list the join did not probe is found there.
+
+:func:`tune_pair_nprobe` picks ``pair_nprobe`` on a sample of rows against their exact
+above-threshold pairs (range search), emulating exactly this re-search.
+"""
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
+from pipeline.backends.worker import worker_device
+from pipeline.dedup.exactness import exact_pairs, sampled_exact_pairs
+from pipeline.dedup.plan import DedupPlan
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
+from pipeline.search.tuning import probe_steps
 from pipeline.shuffle.edges import passes, read_knn, write_knn
 
-__all__ = ["widen_piece", "WIDEN_MAX"]
+__all__ = ["widen_piece", "tune_pair_nprobe", "WIDEN_MAX"]
+
+log = logging.getLogger(__name__)
 
 WIDEN_MAX = 1024  # rows with more duplicates than k are searched again with up to this many neighbours
+PAIR_SAMPLE = 1000  # rows whose exact pairs tune pair_nprobe
+
+
+def _lists(plan: SearchPlan, store: RowStore, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``rows``' lists under ``plan``, ``-1``/NaN-padded to ``plan.k``."""
+    index = shared_index(plan)
+    out_rows = np.full((rows.size, plan.k), -1, dtype=np.int64)
+    out_scores = np.full((rows.size, plan.k), np.nan, dtype=np.float32)
+    for lo in range(0, rows.size, 256):
+        q_rows = rows[lo : lo + 256]
+        offsets, sc, nbr = search_batch(index, plan, store.gather_vectors(q_rows), q_rows, store.gather_ids(q_rows),
+                                        store)
+        to_padded(out_rows, out_scores, lo, offsets, nbr, sc)
+    return out_rows, out_scores
+
+
+def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+    """Rows whose every neighbour passes the threshold (more may lie beyond the list)."""
+    if not rows.shape[1]:
+        return np.zeros(rows.shape[0], dtype=bool)
+    return (rows[:, -1] >= 0) & passes(scores[:, -1], threshold, metric)
+
+
+def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated: np.ndarray, threshold: float,
+                 cap: int, nprobe: int | None) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray]:
+    """Lists for ``rows`` under ``nprobe``: the join's ``k`` neighbours for linked rows, 4x that
+    for ``saturated`` ones, growing 4x while a list is still full, up to ``cap``. Returns the
+    lists by row, the longest width and the rows still full at ``cap``."""
+    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    widths = np.where(saturated, min(cap, 4 * plan.k), min(cap, plan.k))
+    longest, at_cap = plan.k, [np.zeros(0, np.int64)]
+    while rows.size:
+        again, again_widths = [], []
+        for width in np.unique(widths).tolist():
+            batch = rows[widths == width]
+            lr, ls = _lists(replace(plan, k=width, nprobe=nprobe, knn_dir=None), store, batch)
+            found.update(zip(batch.tolist(), zip(lr, ls)))
+            longest = max(longest, width)
+            full = _full(lr, ls, threshold, plan.metric)
+            if width >= cap:
+                at_cap.append(batch[full])
+            if width < cap:
+                again.append(batch[full])
+                again_widths.append(np.full(int(full.sum()), min(cap, 4 * width)))
+        rows = np.concatenate(again) if again else np.zeros(0, np.int64)
+        widths = np.concatenate(again_widths) if again_widths else np.zeros(0, np.int64)
+    return found, longest, np.concatenate(at_cap)
+
+
+def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str) -> tuple[np.ndarray, ...]:
+    """Every other row whose exact score with one of ``rows`` passes the threshold: FAISS's range
+    search over each stored piece in turn (no cap on how many). Returns (src, dst, score)."""
+    q = store.gather_vectors(rows)
+    src, dst, score = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
+    for piece in range(len(store.starts)):
+        with worker_device():
+            i, j, sc = exact_pairs(q, store.vectors(piece), threshold, metric)
+        j = j + int(store.starts[piece])
+        other = j != rows[i]
+        src.append(rows[i[other]])
+        dst.append(j[other])
+        score.append(sc[other].astype(np.float32))
+    return np.concatenate(src), np.concatenate(dst), np.concatenate(score)
 
 
 def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, out: str, threshold: float,
-                 cap: int) -> dict[str, int]:
-    """Search again, with 4x, 16x, ... the neighbours (up to ``cap``), the rows whose ``k`` neighbours
-    all passed the threshold, until each list ends below it; write the longer lists (with rows)."""
+                cap: int, pair_nprobe: int | None = None, range_out: str | None = None) -> dict[str, int]:
+    """Search this piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
+    the longer lists, with their rows, to ``out``. With ``range_out``, rows still full at ``cap``
+    get every pair past the threshold by exact range search, written there as one-column lists."""
     rows, scores = read_knn(knn_path(knn_dir, piece.index))
-    k = rows.shape[1]
-    sat = np.flatnonzero((rows[:, -1] >= 0) & passes(scores[:, -1], threshold, plan.metric)) if k else np.zeros(0, int)
-    todo = piece.start + sat
-    found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-    width = k
-    while todo.size and width < cap:
-        width = min(cap, width * 4)
-        wide = replace(plan, k=width, knn_dir=None)
-        index = shared_index(wide)
-        lists_rows = np.full((todo.size, width), -1, dtype=np.int64)
-        lists_scores = np.full((todo.size, width), np.nan, dtype=np.float32)
-        for lo in range(0, todo.size, 256):
-            q_rows = todo[lo : lo + 256]
-            offsets, sc, nbr = search_batch(index, wide, store.gather_vectors(q_rows), q_rows,
-                                            store.gather_ids(q_rows), store)
-            to_padded(lists_rows, lists_scores, lo, offsets, nbr, sc)
-        for r, lr, ls in zip(todo.tolist(), lists_rows, lists_scores):
-            found[r] = (lr, ls)
-        still = (lists_rows[:, -1] >= 0) & passes(lists_scores[:, -1], threshold, plan.metric)
-        todo = todo[still]
+    full = _full(rows, scores, threshold, plan.metric)
+    linked = (rows >= 0) & passes(scores, threshold, plan.metric)
+    pick = full | (linked.any(axis=1) if pair_nprobe is not None else False)
+    todo = piece.start + np.flatnonzero(pick)
+    found, width, still = search_again(plan, store, todo, full[pick], threshold, cap,
+                                       pair_nprobe if pair_nprobe is not None else plan.nprobe)
+    if range_out is not None:
+        src, dst, score = range_pairs(store, np.sort(still), threshold, plan.metric)
+        write_knn(range_out, dst[:, None], score[:, None], src=src)
     src = np.array(sorted(found), dtype=np.int64)
     out_rows = np.full((src.size, width), -1, dtype=np.int64)
     out_scores = np.full((src.size, width), np.nan, dtype=np.float32)
@@ -50,4 +124,58 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
         lr, ls = found[r]
         out_rows[i, : lr.size], out_scores[i, : ls.size] = lr, ls
     write_knn(out, out_rows, out_scores, src=src)
-    return {"rows": int(src.size), "still": int(todo.size), "width": int(width)}
+    return {"rows": int(src.size), "saturated": int(full.sum()), "at_cap": int(still.size), "width": int(width)}
+
+
+def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int,
+                 nprobe: int | None) -> set[tuple[int, int]]:
+    """The above-threshold pairs the sampled rows' own searches find: the join's list, then the
+    re-search of saturated and linked rows under ``nprobe`` (as :func:`widen_piece` does)."""
+    lr, ls = _lists(plan, store, rows)
+    full = _full(lr, ls, threshold, plan.metric)
+    linked = ((lr >= 0) & passes(ls, threshold, plan.metric)).any(axis=1)
+    pick = full | (linked if nprobe != plan.nprobe else False)
+    lists = dict(zip(rows.tolist(), zip(lr, ls)))
+    found, _, still = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
+    lists.update(found)
+    src, dst, score = range_pairs(store, np.sort(still), threshold, plan.metric)
+    lists.update({int(r): (dst[src == r], score[src == r]) for r in np.unique(src).tolist()})
+    pairs = set()
+    for r, (nbr, sc) in lists.items():
+        ok = (nbr >= 0) & passes(sc, threshold, plan.metric)
+        pairs |= {(r, int(b)) for b in nbr[ok].tolist()}
+    return pairs
+
+
+def _walk_pairs(plan: SearchPlan, store: RowStore, rows: np.ndarray, exact: set[tuple[int, int]], threshold: float,
+                cap: int, probes: list[int | None], target: float) -> list[tuple[int | None, float]]:
+    curve = []
+    for nprobe in probes:
+        found = _pairs_found(plan, store, rows, threshold, cap, nprobe)
+        curve.append((nprobe, len(exact & found) / len(exact)))
+        if curve[-1][1] >= target:
+            break
+    return curve
+
+
+def tune_pair_nprobe(client: Any, dplan: DedupPlan, search: SearchPlan, store: RowStore, nlist: int | None, seed: int,
+                     target: float) -> tuple[int | None, list[tuple[int | None, float]]]:
+    """The fewest inverted lists (``nprobe`` >= the join's) whose re-search of linked rows finds
+    ``target`` of a row sample's exact above-threshold pairs; None when the join's suffices (or
+    there is nothing to tune: exact search, no lists, no pairs in the sample). Also the curve."""
+    if search.strategy == "exact" or not nlist or search.nprobe is None:
+        return None, []
+    rng = np.random.default_rng(seed + 104_729)  # another sample than the pair recall reported
+    rows = np.sort(rng.choice(store.total_rows, size=min(PAIR_SAMPLE, store.total_rows), replace=False))
+    exact = sampled_exact_pairs(client, dplan, store, rows)
+    if not exact:
+        return None, []
+    cap = min(WIDEN_MAX, store.total_rows - 1)
+    probes = [p for p in probe_steps(nlist) if p is not None and p >= search.nprobe]
+    curve = client.submit(_walk_pairs, search, store, rows, exact, dplan.threshold, cap, probes, target,
+                          pure=False).result()
+    nprobe, reached = curve[-1]
+    if reached < target:
+        log.warning("dedup: even nprobe=%s finds only %.4f of the sampled rows' pairs (target %.2f)", nprobe,
+                    reached, target)
+    return (None if nprobe == search.nprobe else nprobe), curve

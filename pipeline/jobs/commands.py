@@ -24,6 +24,7 @@ from pipeline.dedup.exactness import pair_recall
 from pipeline.dedup.explore import explore
 from pipeline.dedup.groups import dedup_stages
 from pipeline.dedup.plan import DedupPlan, check_plan, default_thresholds
+from pipeline.dedup.widen import tune_pair_nprobe
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
 from pipeline.graph.knn_graph import check_plan as check_graph_plan
@@ -43,6 +44,7 @@ from pipeline.results import (
     RecallResult,
     RecallSummary,
 )
+from pipeline.search.join import SearchPlan
 from pipeline.search.recall import recall_summary
 from pipeline.search.tuning import BelowTarget, draw_sample, search_sample
 from pipeline.stages.manifest import LOG_DIR, Manifest
@@ -101,6 +103,15 @@ def _finish(output: Path, config: Config, joined: JoinResult, timings: Timings, 
              ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
     verdict = recall_verdict(joined)
     recall = joined.recall
+    pairs = dedup.exactness if dedup is not None else None
+    if (pairs is not None and pairs.pair_recall is not None and dedup is not None and dedup.target_pair_recall
+            and pairs.pair_recall < dedup.target_pair_recall):
+        below = f"dedup pair recall {pairs.pair_recall:.4f} on {pairs.queries} sampled rows, target " \
+                f"{dedup.target_pair_recall}: MISSED"
+        if not config.search.allow_below_target:
+            raise BelowTarget(f"{below}; the outputs in {output} are complete but not marked _SUCCESS. Use a "
+                              "richer --index-key (e.g. IVF...,Flat or Flat), or accept it with --allow-below-target")
+        log.warning("%s (accepted: --allow-below-target)", below)
     if recall is not None and not recall.met and not config.search.allow_below_target:
         raise BelowTarget(f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
                           "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
@@ -216,9 +227,14 @@ def dedup(config: Config) -> JobReport:
                             2 * config.partition_bytes)
             timings.add("explore", time.monotonic() - t0)
             return _finish(output, config, joined, timings, "dedup", started, explored=table)
-        used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank)
+        used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank,
+                       strategy=joined.search.strategy)
+        pair_nprobe = _pair_nprobe(client, config, plan, used, built, manifest)
+        timings.add("pair_tuning", time.monotonic() - t0)
+        t0 = time.monotonic()
         result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                          config.search.k, 2 * config.partition_bytes, used)
+                                          config.search.k, 2 * config.partition_bytes, used, pair_nprobe)
+        result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
         result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
         if config.search.recall_queries:
@@ -232,6 +248,26 @@ def dedup(config: Config) -> JobReport:
         log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
                  result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
         return _finish(output, config, joined, timings, "dedup", started, dedup=result)
+
+
+def _pair_nprobe(client: Any, config: Config, plan: DedupPlan, used: SearchPlan, built: BuiltIndex,
+                 manifest: Manifest) -> int | None:
+    """The inverted lists linked rows are searched again with to reach the pair-recall target
+    (None: the join's suffice); tuned once per threshold and kept in the manifest for resumes."""
+    target = config.dedup.target_pair_recall
+    key = {"threshold": plan.threshold, "target": target, "nprobe": used.nprobe, "strategy": used.strategy}
+    done = manifest.stage_info("dedup_pair_tuning")
+    if done is not None and done.get("key") == key:
+        return done["nprobe"]
+    nprobe, curve = (None, []) if target is None else tune_pair_nprobe(
+        client, plan, used, built.store, built.nlist, config.index.seed, target)
+    for probe, reached in curve:
+        log.info("  dedup pairs: nprobe=%s finds %.4f of the sampled rows' exact pairs", probe, reached)
+    if nprobe is not None:
+        log.info("dedup: rows with a pair are searched again with nprobe=%d (the join used %s) to find %.2f of "
+                 "the pairs", nprobe, used.nprobe, target)
+    manifest.finish_stage("dedup_pair_tuning", {"key": key, "nprobe": nprobe, "curve": curve})
+    return nprobe
 
 
 def graph(config: Config) -> JobReport:

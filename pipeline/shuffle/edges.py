@@ -167,12 +167,14 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 # edges -----------------------------------------------------------------------------------------
 def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: str,
-              min_score: float | None, wide_paths: Sequence[str] = ()) -> dict[str, int]:
+              min_score: float | None, wide_paths: Sequence[str] = (), range_paths: Sequence[str] = ()
+              ) -> dict[str, int]:
     """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
     round, to the partitions (first rows ``starts``) of their source rows.
 
     ``wide_paths``: longer lists (with their source rows) searched again for some rows; their
-    edges are added (repeats merge in the reduce). Returns the edges kept and how many rows
+    edges are added (repeats merge in the reduce). ``range_paths``: every passing pair of some
+    rows (one-column lists), complete by construction. Returns the edges kept and how many rows
     were *saturated*: all their neighbours passed the threshold, so more may exist beyond.
     """
     lists = [read_knn(p) for p in knn_paths]
@@ -180,13 +182,16 @@ def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_
     n = rows.shape[0]
     blocks = [(np.arange(first_row, first_row + n, dtype=np.int64), rows, np.concatenate([s for _, s in lists]))]
     blocks += [read_knn_src(p) for p in wide_paths]
-    widened = np.concatenate([b[0] for b in blocks[1:]]) if len(blocks) > 1 else np.zeros(0, np.int64)
+    n_listed = len(blocks)
+    blocks += [read_knn_src(p) for p in range_paths]
+    widened = np.concatenate([b[0] for b in blocks[1:n_listed]]) if n_listed > 1 else np.zeros(0, np.int64)
+    complete = np.concatenate([b[0] for b in blocks[n_listed:]]) if len(blocks) > n_listed else np.zeros(0, np.int64)
     src_parts, dst_parts, score_parts = [], [], []
     saturated = 0
     for i, (src_rows, nbr, scores) in enumerate(blocks):
         ok = (nbr >= 0) & passes(scores, min_score, metric)
-        if min_score is not None and nbr.shape[1]:
-            full = ok.all(axis=1)
+        if min_score is not None and nbr.shape[1] and i < n_listed:
+            full = ok.all(axis=1) & ~np.isin(src_rows, complete)
             if i == 0:  # a row searched again counts by its longer list
                 full &= ~np.isin(src_rows, widened)
             saturated += int(full.sum())
