@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline import ConfigError, InputError, dedup
+from pipeline.io.sample_data import clustered_vectors, write_shards
 from pipeline.shuffle.components import connected_components
 from pipeline.shuffle.edges import write_edges
 
@@ -306,3 +307,48 @@ def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
     assert [i for i in range(99, 125) if g[i]["is_kept"]] == [99]
     assert report.dedup.pairs == 26 * 25 // 2 and report.dedup.searched_again == 26
     assert report.dedup.saturated_rows == 0 and report.dedup.exactness.pair_recall == 1.0
+
+
+@pytest.mark.parametrize("range_budget", ["ample", "none"])
+def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(make_config, tmp_path, monkeypatch,
+                                                                               range_budget):
+    """121 identical rows with a 30-neighbour cap: the rows still full at the cap get all 120
+    partners by exact range search, so every pair is found and no row is left saturated. With no
+    memory for range pairs, they stay capped and are counted (memory is bounded by configuration)."""
+    from pipeline.dedup import groups
+
+    monkeypatch.setattr(groups, "WIDEN_MAX", 30)
+    if range_budget == "none":
+        monkeypatch.setattr(groups, "RANGE_PAIR_BYTES", 1 << 50)
+    rng = np.random.default_rng(4)
+    x = _unit(rng.standard_normal((900, DIM))).astype(np.float32)
+    x[300:420] = x[299]  # rows 299..419: 121 identical vectors
+    d = tmp_path / "data"
+    d.mkdir()
+    table = pa.table({"id": pa.array(np.arange(900, dtype=np.int64)),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
+    pq.write_table(table, d / "part-00000.parquet", row_group_size=300)
+    report = dedup(make_config(input=str(d), threshold=0.99, index_key="IVF8,Flat", nprobe=2, rerank=0, k=5,
+                               target_recall="off", recall_queries=900, partition_size=300 * DIM * 4,
+                               allow_below_target=range_budget == "none"))
+    if range_budget == "none":  # loud: the pair recall is below its target, accepted here
+        assert report.dedup.saturated_rows == 121 and report.dedup.pairs < 121 * 120 // 2
+        return
+    assert report.dedup.pairs == 121 * 120 // 2 and report.dedup.saturated_rows == 0
+    assert report.dedup.exactness.pair_recall == 1.0 and report.dedup.rows_dropped == 120
+    assert len(set(pq.read_table(tmp_path / "out" / "pairs").column("id_a").to_pylist())) == 120
+
+
+def test_the_pair_target_searches_linked_rows_over_more_lists(make_config, tmp_path, caplog):
+    """Dense near-duplicate clusters spread over many inverted lists: the join's nprobe (tuned to
+    recall@k) misses pairs; the dedup searches rows with a pair again over more lists and reaches
+    its pair-recall target, measured on another sample."""
+    x = clustered_vectors(20_000, 16, clusters=40, seed=2, latent=4)
+    write_shards(tmp_path / "dense", x, shards=2)
+    with caplog.at_level("INFO", logger="pipeline"):
+        report = dedup(make_config(input=str(tmp_path / "dense"), threshold=0.98, index_key="IVF256,Flat", k=5,
+                                   recall_queries=500))
+    ex = report.dedup.exactness
+    assert report.dedup.target_pair_recall == 0.99 and ex.pair_recall >= 0.99 and ex.exact_pairs > 1000
+    assert report.dedup.pair_nprobe is not None and report.dedup.pair_nprobe > report.search.nprobe
+    assert "rows with a pair are searched again with nprobe" in caplog.text

@@ -64,6 +64,9 @@ __all__ = ["dedup_stages"]
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_BAND = 3
+# range-search pairs a widening task may hold: each becomes two shuffled edges (src, dst, score,
+# flag) and is concatenated a few times on the way, ~64 bytes in all; the budget is the shuffle's
+RANGE_PAIR_BYTES = 64
 STAGES = ("dedup_keep", "dedup_widen", "dedup_map", "dedup_pairs", "dedup_components", "dedup_members",
           "dedup_assign", "dedup_groups")
 
@@ -220,15 +223,16 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     widen_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_widen", dataset.pieces, widen_piece,
               lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap,
-                         pair_nprobe, str(knn_path(range_dir, p.index))),
+                         pair_nprobe, str(knn_path(range_dir, p.index)), budget // RANGE_PAIR_BYTES),
               lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)], widen_stats)
     widened = sum(w["rows"] for w in widen_stats.values())
     full = sum(w.get("saturated", w["rows"]) for w in widen_stats.values())
     at_cap = sum(w.get("at_cap", 0) for w in widen_stats.values())
+    capped = sum(w.get("capped", 0) for w in widen_stats.values())
     if full:
         log.info("%d rows had all k=%d neighbours above the threshold: searched again with up to %d", full, k, cap)
-    if at_cap:
-        log.info("%d rows had more than %d: every pair of theirs found by exact range search", at_cap, cap)
+    if at_cap > capped:
+        log.info("%d rows had more than %d: every pair of theirs found by exact range search", at_cap - capped, cap)
     if widened > full:
         log.info("%d rows with a pair searched again with nprobe=%s", widened - full, pair_nprobe)
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]

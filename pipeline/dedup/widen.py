@@ -30,7 +30,7 @@ from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.search.tuning import probe_steps
-from pipeline.shuffle.edges import passes, read_knn, write_knn
+from pipeline.shuffle.edges import passes, read_knn, write_knn_blocks
 
 __all__ = ["widen_piece", "tune_pair_nprobe", "WIDEN_MAX"]
 
@@ -86,27 +86,37 @@ def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated:
     return found, longest, np.concatenate(at_cap)
 
 
-def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str) -> tuple[np.ndarray, ...]:
+def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str,
+                budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every other row whose exact score with one of ``rows`` passes the threshold: FAISS's range
-    search over each stored piece in turn (no cap on how many). Returns (src, dst, score)."""
-    q = store.gather_vectors(rows)
+    search over each stored piece in turn (no cap on how many per row). Rows are taken 256 at a
+    time until ``budget`` pairs are held. Returns (src, dst, score, the rows not searched)."""
     src, dst, score = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-    for piece in range(len(store.starts)):
-        with worker_device():
-            i, j, sc = exact_pairs(q, store.vectors(piece), threshold, metric)
-        j = j + int(store.starts[piece])
-        other = j != rows[i]
-        src.append(rows[i[other]])
-        dst.append(j[other])
-        score.append(sc[other].astype(np.float32))
-    return np.concatenate(src), np.concatenate(dst), np.concatenate(score)
+    held = 0
+    for lo in range(0, rows.size, 256):
+        if budget is not None and held >= budget:
+            return np.concatenate(src), np.concatenate(dst), np.concatenate(score), rows[lo:]
+        block = rows[lo : lo + 256]
+        q = store.gather_vectors(block)
+        for piece in range(len(store.starts)):
+            with worker_device():
+                i, j, sc = exact_pairs(q, store.vectors(piece), threshold, metric)
+            j = j + int(store.starts[piece])
+            other = j != block[i]
+            src.append(block[i[other]])
+            dst.append(j[other])
+            score.append(sc[other].astype(np.float32))
+            held += int(other.sum())
+    return np.concatenate(src), np.concatenate(dst), np.concatenate(score), rows[:0]
 
 
 def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, out: str, threshold: float,
-                cap: int, pair_nprobe: int | None = None, range_out: str | None = None) -> dict[str, int]:
+                cap: int, pair_nprobe: int | None = None, range_out: str | None = None,
+                range_budget: int | None = None) -> dict[str, int]:
     """Search this piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
-    the longer lists, with their rows, to ``out``. With ``range_out``, rows still full at ``cap``
-    get every pair past the threshold by exact range search, written there as one-column lists."""
+    the longer lists, with their rows, to ``out``, one block per width. With ``range_out``, rows
+    still full at ``cap`` get every pair past the threshold by exact range search, written there as
+    one-column lists, while they hold at most ``range_budget`` pairs (the rest stay capped)."""
     rows, scores = read_knn(knn_path(knn_dir, piece.index))
     full = _full(rows, scores, threshold, plan.metric)
     linked = (rows >= 0) & passes(scores, threshold, plan.metric)
@@ -114,17 +124,21 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
     todo = piece.start + np.flatnonzero(pick)
     found, width, still = search_again(plan, store, todo, full[pick], threshold, cap,
                                        pair_nprobe if pair_nprobe is not None else plan.nprobe)
+    capped = still
     if range_out is not None:
-        src, dst, score = range_pairs(store, np.sort(still), threshold, plan.metric)
-        write_knn(range_out, dst[:, None], score[:, None], src=src)
-    src = np.array(sorted(found), dtype=np.int64)
-    out_rows = np.full((src.size, width), -1, dtype=np.int64)
-    out_scores = np.full((src.size, width), np.nan, dtype=np.float32)
-    for i, r in enumerate(src.tolist()):
-        lr, ls = found[r]
-        out_rows[i, : lr.size], out_scores[i, : ls.size] = lr, ls
-    write_knn(out, out_rows, out_scores, src=src)
-    return {"rows": int(src.size), "saturated": int(full.sum()), "at_cap": int(still.size), "width": int(width)}
+        src, dst, score, capped = range_pairs(store, np.sort(still), threshold, plan.metric, range_budget)
+        write_knn_blocks(range_out, [(src, dst[:, None], score[:, None])])
+    by_width: dict[int, list[int]] = {}
+    for r, (lr, _) in found.items():
+        by_width.setdefault(lr.size, []).append(r)
+    blocks = []
+    for w, members in sorted(by_width.items()):
+        src = np.array(sorted(members), dtype=np.int64)
+        blocks.append((src, np.stack([found[r][0] for r in src.tolist()]).reshape(src.size, w),
+                       np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w)))
+    write_knn_blocks(out, blocks)
+    return {"rows": len(found), "saturated": int(full.sum()), "at_cap": int(still.size),
+            "capped": int(capped.size), "width": int(width)}
 
 
 def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int,
@@ -138,7 +152,7 @@ def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold:
     lists = dict(zip(rows.tolist(), zip(lr, ls)))
     found, _, still = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
     lists.update(found)
-    src, dst, score = range_pairs(store, np.sort(still), threshold, plan.metric)
+    src, dst, score, _ = range_pairs(store, np.sort(still), threshold, plan.metric)
     lists.update({int(r): (dst[src == r], score[src == r]) for r in np.unique(src).tolist()})
     pairs = set()
     for r, (nbr, sc) in lists.items():

@@ -134,7 +134,7 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     nlist = nlist_of(make_index(key, d, "l2"))
     if gpu:
         return (f"auto (GPU): {n:,} rows -> nlist {nlist}; d={d} -> {key.split(',')[1]}, codes the GPU kernels "
-                "search (no fast-scan there); exact re-rank x4 recovers what the codes miss")
+                "search (no fast-scan there); exact re-ranking recovers what the codes miss")
     m = _code_size(n, d, memory_budget)
     shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
               if memory_budget and m < d // 2 else "")
@@ -144,7 +144,7 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     else:
         codes = f"4-bit fast-scan PQ{m} ({m // 2} bytes a vector{shrunk})" if d % 2 == 0 else "SQ8 (odd d)"
     return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
-            f"list); d={d} -> {codes}; exact re-rank x4 recovers what the codes miss")
+            f"list); d={d} -> {codes}; exact re-ranking recovers what the codes miss")
 
 
 def make_index(key: str, d: int, metric: str) -> faiss.Index:

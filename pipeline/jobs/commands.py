@@ -99,8 +99,10 @@ def _finish(output: Path, config: Config, joined: JoinResult, timings: Timings, 
     report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
                        round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph)
     report = write_report(output, report, config.index.seed)
-    log.info("done in %.1f s: %s (%s)", wall, output / "neighbors",
-             ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
+    where = {"dedup": output / "groups", "graph": output / "graph.npz"}.get(command, output / "neighbors")
+    if explored is not None:
+        where = output / "report.md"
+    log.info("done in %.1f s: %s (%s)", wall, where, ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
     verdict = recall_verdict(joined)
     recall = joined.recall
     pairs = dedup.exactness if dedup is not None else None

@@ -204,7 +204,8 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     trained_path = index_dir / "trained.faiss"
     if trained is None:
         t0 = time.monotonic()
-        log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
+        if n_train:
+            log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
         rows = sample_rows(dataset.total_rows, n_train, spec.seed)
         client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained_path), pure=False).result()
         manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([trained_path])))

@@ -33,6 +33,7 @@ __all__ = [
     "write_knn",
     "read_knn",
     "read_knn_src",
+    "write_knn_blocks",
     "write_partitioned",
     "read_partition",
     "map_edges",
@@ -76,9 +77,24 @@ def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         return z["rows"], z["scores"]
 
 
-def read_knn_src(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
+    """Lists of several widths for some rows: ``(src, rows, scores)`` blocks, each ``-1`` padded to
+    its own width only (a few long lists do not pad every short one)."""
+    arrays: dict[str, np.ndarray] = {}
+    for i, (src, rows, scores) in enumerate(blocks):
+        arrays[f"src_{i}"] = np.asarray(src, dtype=np.int64)
+        arrays[f"rows_{i}"] = np.asarray(rows, dtype=np.int64)
+        arrays[f"scores_{i}"] = np.asarray(scores, dtype=np.float32)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs type savez's kwargs as its flags
+
+
+def read_knn_src(path: str | os.PathLike[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """The ``(src, rows, scores)`` blocks :func:`write_knn_blocks` wrote."""
     with np.load(path) as z:
-        return z["src"], z["rows"], z["scores"]
+        n = sum(1 for name in z.files if name.startswith("src_"))
+        return [(z[f"src_{i}"], z[f"rows_{i}"], z[f"scores_{i}"]) for i in range(n)]
 
 
 # a file shuffle: columns partitioned by a target partition number -----------------------------
@@ -181,9 +197,9 @@ def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_
     rows = np.concatenate([r for r, _ in lists])
     n = rows.shape[0]
     blocks = [(np.arange(first_row, first_row + n, dtype=np.int64), rows, np.concatenate([s for _, s in lists]))]
-    blocks += [read_knn_src(p) for p in wide_paths]
+    blocks += [b for p in wide_paths for b in read_knn_src(p)]
     n_listed = len(blocks)
-    blocks += [read_knn_src(p) for p in range_paths]
+    blocks += [b for p in range_paths for b in read_knn_src(p)]
     widened = np.concatenate([b[0] for b in blocks[1:n_listed]]) if n_listed > 1 else np.zeros(0, np.int64)
     complete = np.concatenate([b[0] for b in blocks[n_listed:]]) if len(blocks) > n_listed else np.zeros(0, np.int64)
     src_parts, dst_parts, score_parts = [], [], []
