@@ -313,13 +313,13 @@ def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
 def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(make_config, tmp_path, monkeypatch,
                                                                                range_budget):
     """121 identical rows with a 30-neighbour cap: the rows still full at the cap get all 120
-    partners by exact range search, so every pair is found and no row is left saturated. With no
-    memory for range pairs, they stay capped and are counted (memory is bounded by configuration)."""
+    partners by exact range search, so every pair is found and no row is left saturated. With a
+    small partition_size there is no room for them in the shuffle: they stay capped and are counted
+    (memory is bounded by configuration), and the missed pair-recall target is loud."""
     from pipeline.dedup import groups
 
     monkeypatch.setattr(groups, "WIDEN_MAX", 30)
-    if range_budget == "none":
-        monkeypatch.setattr(groups, "RANGE_PAIR_BYTES", 1 << 50)
+    monkeypatch.setattr(groups, "MIN_ROOM", 100)
     rng = np.random.default_rng(4)
     x = _unit(rng.standard_normal((900, DIM))).astype(np.float32)
     x[300:420] = x[299]  # rows 299..419: 121 identical vectors
@@ -329,10 +329,12 @@ def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(m
                       "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
     pq.write_table(table, d / "part-00000.parquet", row_group_size=300)
     report = dedup(make_config(input=str(d), threshold=0.99, index_key="IVF8,Flat", nprobe=2, rerank=0, k=5,
-                               target_recall="off", recall_queries=900, partition_size=300 * DIM * 4,
+                               target_recall="off", recall_queries=900,
+                               partition_size=300 * DIM * 4 * (1 if range_budget == "none" else 50),
                                allow_below_target=range_budget == "none"))
     if range_budget == "none":  # loud: the pair recall is below its target, accepted here
-        assert report.dedup.saturated_rows == 121 and report.dedup.pairs < 121 * 120 // 2
+        assert report.dedup.saturated_rows > 0 and report.dedup.pairs < 121 * 120 // 2
+        assert report.dedup.exactness.pair_recall < 0.99
         return
     assert report.dedup.pairs == 121 * 120 // 2 and report.dedup.saturated_rows == 0
     assert report.dedup.exactness.pair_recall == 1.0 and report.dedup.rows_dropped == 120

@@ -44,12 +44,12 @@ from pipeline.results import DedupExample, DedupResult
 from pipeline.search.join import SearchPlan, knn_path
 from pipeline.shuffle.components import connected_components, label_path
 from pipeline.shuffle.edges import (
+    EDGE_BYTES,
     Part,
     make_parts,
     merge_histograms,
     part_starts,
     passes,
-    pieces_per_part,
     read_edges,
     read_partition,
     reduce_edges,
@@ -64,9 +64,7 @@ __all__ = ["dedup_stages"]
 log = logging.getLogger(__name__)
 
 EXAMPLES_PER_BAND = 3
-# range-search pairs a widening task may hold: each becomes two shuffled edges (src, dst, score,
-# flag) and is concatenated a few times on the way, ~64 bytes in all; the budget is the shuffle's
-RANGE_PAIR_BYTES = 64
+MIN_ROOM = 1 << 20  # list entries a widening task may always add (~42 MiB of shuffled edges)
 STAGES = ("dedup_keep", "dedup_widen", "dedup_map", "dedup_pairs", "dedup_components", "dedup_members",
           "dedup_assign", "dedup_groups")
 
@@ -150,25 +148,30 @@ def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequen
         shutil.rmtree(output / d, ignore_errors=True)
 
 
-def _partitions(plan: DedupPlan, dataset: Dataset, output: Path, manifest: Manifest, k: int,
-                budget: int) -> tuple[list[Part], Path | None]:
-    """The shuffle partitions, after forgetting what changed settings or a grown input invalidate.
-
-    Returns the partitions and, for a grown input, the previous labels to start components from.
-    """
-    n = dataset.total_rows
+def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
+    """Changed dedup settings regroup from the existing join: every dedup stage is redone."""
     params = {"threshold": plan.threshold, "mode": plan.mode, "keep_by": plan.keep_by, "keep_order": plan.keep_order}
     if manifest.stage_info("dedup_params") not in (None, params):
         log.info("dedup settings changed (%s): regrouping from the existing join",
                  ", ".join(f"{k}={v}" for k, v in params.items()))
         _clear(manifest, output, STAGES, ["_dedup", "pairs", "groups", "kept"])
     manifest.finish_stage("dedup_params", params)
+
+
+def _partitions(dataset: Dataset, output: Path, manifest: Manifest, budget: int,
+                entries: dict[int, int]) -> tuple[list[Part], Path | None]:
+    """The shuffle partitions: consecutive pieces whose list entries (``entries`` per piece: the
+    join's lists, longer lists and range pairs) fit ``budget`` bytes of edges. A grown input keeps
+    the first run's grouping; its new pieces are mapped and the partitions reduced again.
+
+    Returns the partitions and, for a grown input, the previous labels to start components from.
+    """
+    n = dataset.total_rows
     work = output / "_dedup"
     warm = None
     grown = manifest.stage_info("dedup_rows")
-    # the grouping of pieces into partitions is fixed by the first run, so a grown input keeps
-    # the old partitions (only the last may take in new pieces) and their map outputs
-    per_part = grown["per_part"] if grown else pieces_per_part(dataset.pieces, k, budget)
+    most = max(entries.values(), default=1)
+    per_part = grown["per_part"] if grown else max(1, budget // (2 * EDGE_BYTES * max(1, most)))
     parts = make_parts(dataset.pieces, per_part)
     if grown is not None and grown["rows"] != n:
         # the input grew: new pieces are mapped (their lists hold every new pair); partitions are
@@ -210,8 +213,7 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     ``pair_nprobe``, every row with a pair is searched again over that many inverted lists.
     """
     n = dataset.total_rows
-    parts, warm = _partitions(plan, dataset, output, manifest, k, budget)
-    starts = part_starts(parts)
+    _forget_changed(plan, output, manifest)
     work = output / "_dedup"
     keys_dir = None
     if plan.keep_by:
@@ -220,11 +222,15 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
 
     wide_dir, range_dir = work / "wide", work / "range"
     cap = min(WIDEN_MAX, n - 1)
+    room = budget // (2 * EDGE_BYTES)  # list entries one partition's shuffle may hold (at least MIN_ROOM)
     widen_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_widen", dataset.pieces, widen_piece,
               lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap,
-                         pair_nprobe, str(knn_path(range_dir, p.index)), budget // RANGE_PAIR_BYTES),
+                         pair_nprobe, str(knn_path(range_dir, p.index)), max(MIN_ROOM, room - p.rows * k)),
               lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)], widen_stats)
+    entries = {p.index: widen_stats.get(p.index, {}).get("entries", p.rows * k) for p in dataset.pieces}
+    parts, warm = _partitions(dataset, output, manifest, budget, entries)
+    starts = part_starts(parts)
     widened = sum(w["rows"] for w in widen_stats.values())
     full = sum(w.get("saturated", w["rows"]) for w in widen_stats.values())
     at_cap = sum(w.get("at_cap", 0) for w in widen_stats.values())

@@ -61,29 +61,38 @@ def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str) -
 
 
 def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated: np.ndarray, threshold: float,
-                 cap: int, nprobe: int | None) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray]:
+                 cap: int, nprobe: int | None, budget: int | None = None
+                 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray, int]:
     """Lists for ``rows`` under ``nprobe``: the join's ``k`` neighbours for linked rows, 4x that
-    for ``saturated`` ones, growing 4x while a list is still full, up to ``cap``. Returns the
-    lists by row, the longest width and the rows still full at ``cap``."""
+    for ``saturated`` ones, growing 4x while a list is still full, up to ``cap``, holding at most
+    ``budget`` list entries (rows that would pass it keep their last list). Returns the lists by
+    row, the longest width, the rows still full at ``cap`` and the entries held."""
     found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
     widths = np.where(saturated, min(cap, 4 * plan.k), min(cap, plan.k))
-    longest, at_cap = plan.k, [np.zeros(0, np.int64)]
+    longest, held, at_cap = plan.k, 0, [np.zeros(0, np.int64)]
     while rows.size:
         again, again_widths = [], []
         for width in np.unique(widths).tolist():
             batch = rows[widths == width]
+            # each row's longer list replaces the one it holds
+            grow = width - np.array([found[r][0].size if r in found else 0 for r in batch.tolist()], dtype=np.int64)
+            if budget is not None:
+                batch = batch[np.cumsum(grow) <= budget - held]
+            held += int(grow[: batch.size].sum())
+            if not batch.size:
+                continue
             lr, ls = _lists(replace(plan, k=width, nprobe=nprobe, knn_dir=None), store, batch)
             found.update(zip(batch.tolist(), zip(lr, ls)))
             longest = max(longest, width)
             full = _full(lr, ls, threshold, plan.metric)
             if width >= cap:
                 at_cap.append(batch[full])
-            if width < cap:
+            else:
                 again.append(batch[full])
                 again_widths.append(np.full(int(full.sum()), min(cap, 4 * width)))
         rows = np.concatenate(again) if again else np.zeros(0, np.int64)
         widths = np.concatenate(again_widths) if again_widths else np.zeros(0, np.int64)
-    return found, longest, np.concatenate(at_cap)
+    return found, longest, np.concatenate(at_cap), held
 
 
 def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str,
@@ -112,22 +121,25 @@ def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str
 
 def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, out: str, threshold: float,
                 cap: int, pair_nprobe: int | None = None, range_out: str | None = None,
-                range_budget: int | None = None) -> dict[str, int]:
+                budget: int | None = None) -> dict[str, int]:
     """Search this piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
     the longer lists, with their rows, to ``out``, one block per width. With ``range_out``, rows
     still full at ``cap`` get every pair past the threshold by exact range search, written there as
-    one-column lists, while they hold at most ``range_budget`` pairs (the rest stay capped)."""
+    one-column lists. Lists and pairs together hold at most ``budget`` entries beyond the join's
+    (the shuffle holds a partition's entries in memory): rows past it stay capped, and counted."""
     rows, scores = read_knn(knn_path(knn_dir, piece.index))
     full = _full(rows, scores, threshold, plan.metric)
     linked = (rows >= 0) & passes(scores, threshold, plan.metric)
     pick = full | (linked.any(axis=1) if pair_nprobe is not None else False)
     todo = piece.start + np.flatnonzero(pick)
-    found, width, still = search_again(plan, store, todo, full[pick], threshold, cap,
-                                       pair_nprobe if pair_nprobe is not None else plan.nprobe)
-    capped = still
+    found, width, still, held = search_again(plan, store, todo, full[pick], threshold, cap,
+                                             pair_nprobe if pair_nprobe is not None else plan.nprobe, budget)
+    capped, n_range = still, 0
     if range_out is not None:
-        src, dst, score, capped = range_pairs(store, np.sort(still), threshold, plan.metric, range_budget)
+        room = None if budget is None else max(0, budget - held)
+        src, dst, score, capped = range_pairs(store, np.sort(still), threshold, plan.metric, room)
         write_knn_blocks(range_out, [(src, dst[:, None], score[:, None])])
+        n_range = int(src.size)
     by_width: dict[int, list[int]] = {}
     for r, (lr, _) in found.items():
         by_width.setdefault(lr.size, []).append(r)
@@ -138,7 +150,7 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
                        np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w)))
     write_knn_blocks(out, blocks)
     return {"rows": len(found), "saturated": int(full.sum()), "at_cap": int(still.size),
-            "capped": int(capped.size), "width": int(width)}
+            "capped": int(capped.size), "width": int(width), "entries": int(rows.size + held + n_range)}
 
 
 def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int,
@@ -150,7 +162,7 @@ def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold:
     linked = ((lr >= 0) & passes(ls, threshold, plan.metric)).any(axis=1)
     pick = full | (linked if nprobe != plan.nprobe else False)
     lists = dict(zip(rows.tolist(), zip(lr, ls)))
-    found, _, still = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
+    found, _, still, _ = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
     lists.update(found)
     src, dst, score, _ = range_pairs(store, np.sort(still), threshold, plan.metric)
     lists.update({int(r): (dst[src == r], score[src == r]) for r in np.unique(src).tolist()})

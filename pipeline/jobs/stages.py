@@ -40,6 +40,7 @@ from pipeline.io.parquet import Dataset, plan_dataset
 from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
+from pipeline.jobs.recall import measure_recall
 from pipeline.report import peak_rss
 from pipeline.results import (
     FillRecord,
@@ -52,7 +53,6 @@ from pipeline.results import (
     TrainRecord,
 )
 from pipeline.search.join import SearchPlan, join_pieces
-from pipeline.search.tuning import RERANK_FACTORS, RecallSample, TunePoint, choose, draw_sample, sweep, walk
 from pipeline.stages.manifest import Manifest
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
@@ -156,6 +156,33 @@ def _train_task(
         faiss.write_index(index, str(tmp))
 
 
+def _plan_build(client: Any, cluster: ClusterInfo, config: Config,
+                search: SearchSpec | None) -> tuple[Dataset, int | None]:
+    """The input's plan (from Parquet footers) and one worker's memory; everything that can be
+    checked before reading (memory floor, index key, training rows, k and nprobe) is checked."""
+    spec = config.index
+    dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
+    log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
+    check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * dataset.max_piece_bytes(config.partition_bytes))
+    budget = worker_memory(client)
+    if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, cluster.backend)
+        check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
+        if search is not None:
+            _check_search(search, empty, key, dataset.total_rows)
+    return dataset, budget
+
+
+def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int, metric: str, n_train: int,
+           seed: int, path: Path) -> None:
+    """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage."""
+    if n_train:
+        log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
+    rows = sample_rows(store.total_rows, n_train, seed)
+    client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), pure=False).result()
+    manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
+
+
 def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path,
                 timings: Timings, search: SearchSpec | None = None, incremental: bool = False) -> BuiltIndex:
     """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished).
@@ -166,15 +193,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     spec = config.index
     metric = spec.metric or "cosine"
     t0 = time.monotonic()
-    dataset = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes)
-    log.info("input: %d rows in %d file(s), %d piece(s)", dataset.total_rows, len(dataset.files), len(dataset.pieces))
-    check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * dataset.max_piece_bytes(config.partition_bytes))
-    budget = worker_memory(client)
-    if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
-        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, cluster.backend)
-        check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
-        if search is not None:
-            _check_search(search, empty, key, dataset.total_rows)
+    dataset, budget = _plan_build(client, cluster, config, search)
     identity = {
         "input": dataset.fingerprint(), "metric": metric, "index_key": spec.key,
         "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
@@ -204,11 +223,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     trained_path = index_dir / "trained.faiss"
     if trained is None:
         t0 = time.monotonic()
-        if n_train:
-            log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
-        rows = sample_rows(dataset.total_rows, n_train, spec.seed)
-        client.submit(_train_task, key, dim, metric, store, rows, spec.seed, str(trained_path), pure=False).result()
-        manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([trained_path])))
+        _train(client, manifest, store, key, dim, metric, n_train, spec.seed, trained_path)
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
@@ -298,6 +313,25 @@ def search_plan(config: Config, built: BuiltIndex, self_join: bool) -> SearchPla
     return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join)
 
 
+def _scan_queries(client: Any, config: Config, built: BuiltIndex, queries: Dataset, output: Path,
+                  manifest: Manifest) -> RowStore:
+    """Scan a query dataset (not the indexed rows) into ``output/_queries``, its dimension checked."""
+    if queries.dim is not None and queries.dim != built.dim:
+        raise InputError(
+            f"{queries.files[0].path}, column '{queries.vector_column}': query vectors have dimension "
+            f"{queries.dim} but the index holds dimension {built.dim}; embed the queries with the same model"
+        )
+    check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * queries.max_piece_bytes(config.partition_bytes))
+    query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
+    qdim = scan_dataset(client, queries, query_store, built.metric, manifest, stage="scan_queries")
+    if qdim != built.dim:
+        raise InputError(
+            f"column '{queries.vector_column}': query vectors have dimension {qdim} but the index holds "
+            f"dimension {built.dim}; embed the queries with the same model"
+        )
+    return query_store
+
+
 def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path,
                timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
                command: str = "join", incremental: bool = False) -> tuple[JoinResult, Manifest]:
@@ -332,26 +366,14 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     if queries is None:
         query_store, pieces, n_queries = built.store, built.dataset.pieces, built.ntotal
     else:
-        if queries.dim is not None and queries.dim != built.dim:
-            raise InputError(
-                f"{queries.files[0].path}, column '{queries.vector_column}': query vectors have dimension "
-                f"{queries.dim} but the index holds dimension {built.dim}; embed the queries with the same model"
-            )
         t0 = time.monotonic()
-        check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * queries.max_piece_bytes(config.partition_bytes))
-        query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
-        qdim = scan_dataset(client, queries, query_store, built.metric, manifest, stage="scan_queries")
-        if qdim != built.dim:
-            raise InputError(
-                f"column '{queries.vector_column}': query vectors have dimension {qdim} but the index holds "
-                f"dimension {built.dim}; embed the queries with the same model"
-            )
+        query_store = _scan_queries(client, config, built, queries, output, manifest)
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
     recall: RecallResult | None = None
     if s.recall_queries:
         t0 = time.monotonic()
-        recall = _measure_recall(client, config, built, query_store, plan, manifest)
+        recall = measure_recall(client, config, built, query_store, plan, manifest)
         plan = replace(plan, nprobe=recall.nprobe, rerank=recall.rerank, strategy=recall.strategy)
         timings.add("recall", time.monotonic() - t0)
     log.info("join: %d queries, k=%d, %s, exclude_self=%s", n_queries, plan.k,
@@ -371,77 +393,3 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         memory=MemoryUse(peak_rss(), client.run(peak_rss)),
     )
     return result, manifest
-
-
-def _measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
-                    manifest: Manifest) -> RecallResult:
-    """Tune what was not given (nprobe, the re-rank factor) to the recall target, switch to exact
-    search where the index cannot reach it or exact search is cheaper, then measure the plan used
-    on held-out queries (tie-aware and strict recall).
-
-    The result is kept in the manifest: a resumed run reuses the plan rather than re-tuning
-    (timings differ run to run, and the finished pieces were searched with the stored one).
-    """
-    done = manifest.stage_record("recall", RecallResult)
-    if done is not None:
-        return done
-    s = config.search
-    target = s.target_recall
-    tune_nprobe = target is not None and s.nprobe is None and bool(built.nlist)
-    tune_rerank = target is not None and s.rerank is None and plan.rerank > 0
-    tuning = tune_nprobe or tune_rerank
-    sample = draw_sample(client, built.store, query_store, 2 * s.recall_queries if tuning else s.recall_queries,
-                         plan.k, built.metric, plan.exclude_self, plan.self_join, config.index.seed)
-    curve: list[TunePoint] = []
-    why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
-    t0 = time.monotonic()
-    if tuning and target is not None:
-        tune, held = sample.split()
-        factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
-        curve = walk(client, plan, built.store, tune, built.nlist, factors, target,
-                     nprobe=None if tune_nprobe else plan.nprobe)
-        for p in curve:
-            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %.0f queries/s", p.nprobe, p.rerank,
-                     plan.k, p.recall, p.strict, p.qps)
-        chosen = choose(curve, target)
-        plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
-        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings tried)",
-                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve))
-        plan, why = _exact_or_index(plan, chosen, target, sample, len(client.scheduler_info()["workers"]),
-                                    s.allow_below_target)
-    else:
-        held = sample
-    tuned_s = time.monotonic() - t0
-    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
-    log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
-             measured.recall, measured.strict, measured.queries, "held-out " if tuning else "sampled ", why)
-    result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
-                          plan.nprobe, plan.rerank, target, target is None or measured.recall >= target,
-                          round(tuned_s, 3), tuple(p.record() for p in curve), plan.strategy, why)
-    manifest.finish_stage("recall", result)
-    return result
-
-
-def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, sample: RecallSample, workers: int,
-                    allow_below: bool) -> tuple[SearchPlan, str]:
-    """The plan to join with, and why: the tuned index setting, or exact search over the row store
-    when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs less
-    per query (the sample's ground truth measured its cost on every worker at once)."""
-    index_s = chosen.seconds / max(1, chosen.queries) / max(1, workers)  # one worker measured; all will join
-    exact_s = sample.exact_seconds / max(1, len(sample.truth))
-    setting = f"nprobe={chosen.nprobe}, rerank={chosen.rerank}"
-    exact = replace(plan, strategy="exact", nprobe=None, rerank=0)
-    if not chosen.passes(target):
-        if allow_below:
-            return plan, f"tuned to {setting}, the best the index reached (below the target, accepted)"
-        log.warning("no setting of the index reached recall %.3f (best %.3f at %s): joining with exact search over "
-                    "the row store instead, about %.1f ms per query against %.2f ms", target, chosen.recall, setting,
-                    1e3 * exact_s, 1e3 * index_s)
-        return exact, (f"exact search: the index reached at most {chosen.recall:.3f} on the tuning half "
-                       f"({setting}), below the target")
-    if exact_s <= index_s:
-        log.info("exact search costs %.2f ms per query, the tuned index %.2f ms: joining with exact search",
-                 1e3 * exact_s, 1e3 * index_s)
-        return exact, f"exact search: cheaper than the index at the target ({1e3 * exact_s:.2f} against " \
-                      f"{1e3 * index_s:.2f} ms per query)"
-    return plan, f"tuned to {setting}"

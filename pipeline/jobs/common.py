@@ -1,0 +1,137 @@
+"""What every command shares: its directories (checked and locked), its cluster, and its end (the
+report, the recall verdict, ``_SUCCESS``, or a loud failure below target)."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pipeline.cluster.clients import dask_client
+from pipeline.config import Config
+from pipeline.errors import ConfigError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.parquet import resolve_paths
+from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked
+from pipeline.jobs.stages import Timings
+from pipeline.report import write_report
+from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult
+from pipeline.search.tuning import BelowTarget
+from pipeline.stages.manifest import LOG_DIR
+from pipeline.stages.progress import tasks_submitted
+
+__all__ = ["Start", "job_cluster", "finish", "guarded", "index_dir_for", "recall_verdict", "require", "start"]
+
+log = logging.getLogger("pipeline.jobs.commands")
+
+
+def index_dir_for(config: Config, output: Path) -> Path:
+    """``--index-dir``, or ``OUTPUT/index`` for the commands that build their own index."""
+    return Path(config.index_dir).resolve() if config.index_dir else output / "index"
+
+
+def logs_dir(config: Config) -> str | None:
+    """Where batch worker jobs write their logs: OUTPUT/logs."""
+    return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
+
+
+def job_cluster(config: Config) -> Any:
+    """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device."""
+    return dask_client(config.cluster, logs_dir(config))
+
+
+@dataclass(frozen=True)
+class Start:
+    """Where a command started: its clock, whether its output was already complete, tasks so far."""
+
+    clock: float
+    complete: bool
+    tasks: int
+
+
+def start(output: Path) -> Start:
+    return Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
+
+
+def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, start: Start,
+            dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
+            graph: GraphResult | None = None) -> JobReport:
+    report_path = output / "report.json"
+    if start.complete and tasks_submitted() == start.tasks and report_path.exists():
+        # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
+        report = JobReport.from_json(json.loads(report_path.read_text()))
+        log.info("nothing to do: %s is complete; its report (from the run that did the work) is kept", output)
+        log.info("%s", recall_verdict(report.join))
+        with atomic_path(output / "_SUCCESS") as tmp:
+            tmp.write_text("")
+        return report
+    wall = timings.earlier_wall + time.monotonic() - start.clock
+    report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
+                       round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph)
+    report = write_report(output, report, config.index.seed)
+    where = {"dedup": output / "groups", "graph": output / "graph.npz"}.get(command, output / "neighbors")
+    if explored is not None:
+        where = output / "report.md"
+    log.info("done in %.1f s: %s (%s)", wall, where, ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
+    verdict = recall_verdict(joined)
+    recall = joined.recall
+    pairs = dedup.exactness if dedup is not None else None
+    if (pairs is not None and pairs.pair_recall is not None and dedup is not None and dedup.target_pair_recall
+            and pairs.pair_recall < dedup.target_pair_recall):
+        below = f"dedup pair recall {pairs.pair_recall:.4f} on {pairs.queries} sampled rows, target " \
+                f"{dedup.target_pair_recall}: MISSED"
+        if not config.search.allow_below_target:
+            fix = (f"{dedup.saturated_rows:,} rows have more duplicates than fit the shuffle: raise --partition-size"
+                   if dedup.saturated_rows else "use a richer --index-key (e.g. IVF...,Flat or Flat)")
+            raise BelowTarget(f"{below}; the outputs in {output} are complete but not marked _SUCCESS. To reach it, "
+                              f"{fix}; or accept it with --allow-below-target")
+        log.warning("%s (accepted: --allow-below-target)", below)
+    if recall is not None and not recall.met and not config.search.allow_below_target:
+        raise BelowTarget(f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
+                          "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
+                          "--allow-below-target")
+    (log.warning if recall is not None and not recall.met else log.info)("%s", verdict)
+    with atomic_path(output / "_SUCCESS") as tmp:
+        tmp.write_text("")
+    (output / TIMINGS_NAME).unlink(missing_ok=True)  # the job is complete: a later one starts its own
+    return report
+
+
+def recall_verdict(joined: JoinResult) -> str:
+    """The job's last word: recall reached against its target, and the plan that reached it."""
+    recall, plan = joined.recall, joined.plan
+    if recall is None:
+        return f"recall not measured (--recall-queries 0); plan: {plan}"
+    got = f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on " \
+          f"{recall.queries} held-out queries"
+    if recall.target is None:
+        return f"{got}, no target; plan: {plan}"
+    return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"
+
+
+def require(value: str | None, flag: str, command: str) -> Path:
+    if not value:
+        raise ConfigError(f"{command}: {flag} is required")
+    return Path(value).resolve()
+
+
+def guarded(config: Config, output: Path | None, index_dir: Path | None, index_read_only: bool = False,
+             output_read_only: bool = False) -> contextlib.ExitStack:
+    """Check that the job's directories overlap no input and each other, then lock them for the
+    job's duration: exclusively where it writes, shared where it only reads. Nothing is written
+    before this."""
+    files = resolve_paths(config.data.paths) if config.data.paths else []
+    check_locations(config.data.paths, files, output, index_dir)
+    stack = contextlib.ExitStack()
+    try:
+        for d, read_only in ((output, output_read_only), (index_dir, index_read_only)):
+            if d is not None:
+                stack.enter_context(locked(d, shared=read_only))
+    except BaseException:
+        stack.close()
+        raise
+    return stack

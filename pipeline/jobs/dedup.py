@@ -1,0 +1,103 @@
+"""``dedup``: self-join the input, then near-duplicate pairs, groups and the rows to keep."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import Any
+
+from pipeline.config import Config
+from pipeline.dedup.columns import attach_examples
+from pipeline.dedup.exactness import pair_recall
+from pipeline.dedup.explore import explore
+from pipeline.dedup.groups import dedup_stages
+from pipeline.dedup.plan import DedupPlan, check_plan, default_thresholds
+from pipeline.dedup.widen import tune_pair_nprobe
+from pipeline.errors import ConfigError
+from pipeline.io.workdir import TIMINGS_NAME
+from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
+from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index, search_plan
+from pipeline.results import JobReport
+from pipeline.search.join import SearchPlan
+from pipeline.stages.manifest import Manifest
+
+__all__ = ["dedup"]
+
+log = logging.getLogger("pipeline.jobs.commands")
+
+
+def dedup(config: Config) -> JobReport:
+    """``dedup``: self-join ``--input``, then near-duplicate pairs, groups and the rows to keep.
+
+    With ``--explore``, stop after the join and report the pairs and rows dropped over a range of
+    thresholds instead (the join is kept: the real run then only groups).
+    """
+    output = require(config.output, "--output", "dedup")
+    started = start(output)
+    d = config.dedup
+    metric = config.index.metric or "cosine"
+    if d.threshold is None and not d.explore:
+        raise ConfigError("dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
+                          "the pairs and rows dropped over a range of thresholds")
+    plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order)
+    if d.threshold is not None:
+        check_plan(plan)
+    if metric == "ip":
+        log.warning("dedup with --metric ip: scores grow with vector length; cosine is usual for duplicates")
+    config = replace(config, search=replace(config.search, exclude_self=True))
+    index_dir = index_dir_for(config, output)
+    timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
+    with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, timings, search=config.search,
+                            incremental=True)
+        dataset = built.dataset
+        joined, manifest = join_index(client, cluster, config, built, output, timings,
+                                      knn_dir=output / "knn", command="dedup", incremental=True)
+        t0 = time.monotonic()
+        if d.explore:
+            table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
+                            2 * config.partition_bytes)
+            timings.add("explore", time.monotonic() - t0)
+            return finish(output, config, joined, timings, "dedup", started, explored=table)
+        used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank,
+                       strategy=joined.search.strategy)
+        pair_nprobe = _pair_nprobe(client, config, plan, used, built, manifest)
+        timings.add("pair_tuning", time.monotonic() - t0)
+        t0 = time.monotonic()
+        result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
+                                          config.search.k, 2 * config.partition_bytes, used, pair_nprobe)
+        result = replace(result, target_pair_recall=d.target_pair_recall)
+        timings.add("dedup", time.monotonic() - t0)
+        result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
+        if config.search.recall_queries:
+            t0 = time.monotonic()
+            ex = pair_recall(client, plan, built.store, output, config.search.recall_queries, config.index.seed,
+                             adj_starts)
+            result = replace(result, exactness=ex)
+            timings.add("pair_recall", time.monotonic() - t0)
+            log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
+                     ex.pair_recall, ex.queries, ex.exact_pairs, ex.below_threshold)
+        log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
+                 result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
+        return finish(output, config, joined, timings, "dedup", started, dedup=result)
+
+
+def _pair_nprobe(client: Any, config: Config, plan: DedupPlan, used: SearchPlan, built: BuiltIndex,
+                 manifest: Manifest) -> int | None:
+    """The inverted lists linked rows are searched again with to reach the pair-recall target
+    (None: the join's suffice); tuned once per threshold and kept in the manifest for resumes."""
+    target = config.dedup.target_pair_recall
+    key = {"threshold": plan.threshold, "target": target, "nprobe": used.nprobe, "strategy": used.strategy}
+    done = manifest.stage_info("dedup_pair_tuning")
+    if done is not None and done.get("key") == key:
+        return done["nprobe"]
+    nprobe, curve = (None, []) if target is None else tune_pair_nprobe(
+        client, plan, used, built.store, built.nlist, config.index.seed, target)
+    for probe, reached in curve:
+        log.info("  dedup pairs: nprobe=%s finds %.4f of the sampled rows' exact pairs", probe, reached)
+    if nprobe is not None:
+        log.info("dedup: rows with a pair are searched again with nprobe=%d (the join used %s) to find %.2f of "
+                 "the pairs", nprobe, used.nprobe, target)
+    manifest.finish_stage("dedup_pair_tuning", {"key": key, "nprobe": nprobe, "curve": curve})
+    return nprobe

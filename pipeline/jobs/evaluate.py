@@ -1,0 +1,90 @@
+"""``evaluate``: recall of a written neighbour table, or of an index at given settings, against
+exact search on a seeded sample of queries."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+
+from pipeline.config import Config
+from pipeline.errors import PipelineError
+from pipeline.io.store import RowStore
+from pipeline.jobs.common import guarded, job_cluster, require
+from pipeline.jobs.stages import open_index, search_plan
+from pipeline.results import RecallResult, RecallSummary
+from pipeline.search.recall import recall_summary
+from pipeline.search.tuning import draw_sample, search_sample
+from pipeline.stages.manifest import Manifest
+
+__all__ = ["evaluate"]
+
+log = logging.getLogger("pipeline.jobs.commands")
+
+
+def evaluate(config: Config) -> RecallSummary:
+    """``evaluate``: recall@1/@10/@k against exact search on a seeded sample of queries.
+
+    With ``--output`` pointing at a finished ``run`` or ``join``, the neighbour table written there
+    is evaluated; otherwise the index in ``--index-dir`` is searched (its own rows as queries) with
+    the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
+    """
+    index_dir = require(config.index_dir, "--index-dir", "evaluate")
+    table = Path(config.output).resolve() / "neighbors" if config.output else None
+    guard = guarded(config, table.parent if table else None, index_dir, index_read_only=True, output_read_only=True)
+    with guard:
+        return _evaluate(config, index_dir, table)
+
+
+def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSummary:
+    built = open_index(index_dir)
+    n = config.search.recall_queries or 1000
+    with job_cluster(config) as (client, cluster):
+        if table is not None:
+            manifest = Manifest(table.parent)
+            manifest.check_readable("run the job that wrote it again")
+            if manifest.stage_info("join") is None:
+                raise PipelineError(f"{table.parent}: no finished neighbour table here (run `run` or `join` first)")
+            ident = manifest.data["identity"]
+            k, exclude_self = int(ident["k"]), bool(ident["exclude_self"])
+            self_join = ident["queries"] == "self"
+            if self_join:
+                query_store = built.store
+            else:
+                info = manifest.stage_info("scan_queries")
+                if info is None:
+                    raise PipelineError(f"{table.parent}: the query scan never finished; run the `join` again")
+                query_store = RowStore(table.parent / "_queries", np.array(info["starts"]), info["rows"])
+            sample = draw_sample(client, built.store, query_store, n, k, built.metric, exclude_self, self_join,
+                                 config.index.seed)
+            wanted = sample.ids.to_pylist()
+            found_table = pq.read_table(
+                table, columns=["query_id", "neighbor_id", "score"], filters=[("query_id", "in", wanted)]
+            )
+            by_id = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("neighbor_id").to_pylist()))
+            score_of = dict(zip(found_table.column("query_id").to_pylist(), found_table.column("score").to_pylist()))
+            used = manifest.stage_record("recall", RecallResult)
+            # the table's scores are exact when the join re-ranked or the codes are exact
+            exact_scores = bool(used and (used.rerank or used.strategy == "exact")) or built.rerank_default == 0
+            missing = [q for q in wanted if q not in by_id]
+            if missing:
+                raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
+                                    "the table is incomplete: re-run the job that wrote it")
+            found = [by_id[q] for q in wanted]
+            found_scores = [np.asarray(score_of[q], dtype=np.float64) for q in wanted] if exact_scores else None
+            what: dict[str, Any] = {"table": str(table)}
+        else:
+            plan = search_plan(config, built, True)
+            k = plan.k
+            sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
+                                 config.index.seed)
+            found, found_scores = search_sample(client, plan, built.store, sample)
+            what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
+    summary = replace(recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric),
+                      source=what)
+    log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.to_json().items() if "recall@" in key))
+    return summary

@@ -1,0 +1,54 @@
+"""``graph``: self-join the input (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+
+from pipeline.config import Config
+from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
+from pipeline.graph.knn_graph import check_plan as check_graph_plan
+from pipeline.io.workdir import TIMINGS_NAME
+from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
+from pipeline.jobs.stages import Timings, build_index, join_index
+from pipeline.results import GraphRecall, JobReport
+from pipeline.search.tuning import draw_sample
+
+__all__ = ["graph"]
+
+log = logging.getLogger("pipeline.jobs.commands")
+
+
+def graph(config: Config) -> JobReport:
+    """``graph``: self-join ``--input`` (``--k``), then the k-NN graph as edges, CSR and umap arrays."""
+    output = require(config.output, "--output", "graph")
+    started = start(output)
+    g = config.graph
+    metric = config.index.metric or "cosine"
+    plan = GraphPlan(g.mode, metric, config.search.k, g.min_score, g.weight, g.kernel_width)
+    check_graph_plan(plan)
+    config = replace(config, search=replace(config.search, exclude_self=True))
+    index_dir = index_dir_for(config, output)
+    timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
+    with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
+        built = build_index(client, cluster, config, index_dir, timings, search=config.search)
+        joined, manifest = join_index(client, cluster, config, built, output, timings,
+                                      knn_dir=output / "knn", command="graph")
+        t0 = time.monotonic()
+        result, edge_starts = graph_stages(client, plan, built.dataset.pieces, built.store, output, manifest,
+                                           config.index.seed, 2 * config.partition_bytes)
+        timings.add("graph", time.monotonic() - t0)
+        if config.search.recall_queries:
+            t0 = time.monotonic()
+            sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
+                                 True, True, config.index.seed)
+            got = GraphRecall(plan.k, len(sample.truth),
+                              round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4))
+            result = replace(result, recall=got)
+            timings.add("graph_recall", time.monotonic() - t0)
+            log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
+                     got.graph_recall, plan.k)
+        log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
+                 result.nodes, result.edges, result.components, result.largest_component, result.mutual_share)
+        return finish(output, config, joined, timings, "graph", started, graph=result)

@@ -1,0 +1,98 @@
+"""The recall stage of a join: tune what was not given to the recall target, choose the plan
+(the tuned index, or exact search over the row store where the index cannot reach the target or
+exact search is cheaper), and measure the plan on held-out queries."""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import replace
+from typing import TYPE_CHECKING, Any
+
+from pipeline.config import Config
+from pipeline.io.store import RowStore
+from pipeline.results import RecallResult
+from pipeline.search.join import SearchPlan
+from pipeline.search.tuning import RERANK_FACTORS, RecallSample, TunePoint, choose, draw_sample, sweep, walk
+from pipeline.stages.manifest import Manifest
+
+if TYPE_CHECKING:
+    from pipeline.jobs.stages import BuiltIndex
+
+__all__ = ["measure_recall"]
+
+log = logging.getLogger(__name__)
+
+
+def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
+                    manifest: Manifest) -> RecallResult:
+    """Tune what was not given (nprobe, the re-rank factor) to the recall target, switch to exact
+    search where the index cannot reach it or exact search is cheaper, then measure the plan used
+    on held-out queries (tie-aware and strict recall).
+
+    The result is kept in the manifest: a resumed run reuses the plan rather than re-tuning
+    (timings differ run to run, and the finished pieces were searched with the stored one).
+    """
+    done = manifest.stage_record("recall", RecallResult)
+    if done is not None:
+        return done
+    s = config.search
+    target = s.target_recall
+    tune_nprobe = target is not None and s.nprobe is None and bool(built.nlist)
+    tune_rerank = target is not None and s.rerank is None and plan.rerank > 0
+    tuning = tune_nprobe or tune_rerank
+    sample = draw_sample(client, built.store, query_store, 2 * s.recall_queries if tuning else s.recall_queries,
+                         plan.k, built.metric, plan.exclude_self, plan.self_join, config.index.seed)
+    curve: list[TunePoint] = []
+    why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
+    t0 = time.monotonic()
+    if tuning and target is not None:
+        tune, held = sample.split()
+        factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
+        curve = walk(client, plan, built.store, tune, built.nlist, factors, target,
+                     nprobe=None if tune_nprobe else plan.nprobe)
+        for p in curve:
+            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %.0f queries/s", p.nprobe, p.rerank,
+                     plan.k, p.recall, p.strict, p.qps)
+        chosen = choose(curve, target)
+        plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
+        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings tried)",
+                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve))
+        plan, why = _exact_or_index(plan, chosen, target, sample, len(client.scheduler_info()["workers"]),
+                                    s.allow_below_target)
+    else:
+        held = sample
+    tuned_s = time.monotonic() - t0
+    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+    log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
+             measured.recall, measured.strict, measured.queries, "held-out " if tuning else "sampled ", why)
+    result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
+                          plan.nprobe, plan.rerank, target, target is None or measured.recall >= target,
+                          round(tuned_s, 3), tuple(p.record() for p in curve), plan.strategy, why)
+    manifest.finish_stage("recall", result)
+    return result
+
+
+def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, sample: RecallSample, workers: int,
+                    allow_below: bool) -> tuple[SearchPlan, str]:
+    """The plan to join with, and why: the tuned index setting, or exact search over the row store
+    when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs less
+    per query (the sample's ground truth measured its cost on every worker at once)."""
+    index_s = chosen.seconds / max(1, chosen.queries) / max(1, workers)  # one worker measured; all will join
+    exact_s = sample.exact_seconds / max(1, len(sample.truth))
+    setting = f"nprobe={chosen.nprobe}, rerank={chosen.rerank}"
+    exact = replace(plan, strategy="exact", nprobe=None, rerank=0)
+    if not chosen.passes(target):
+        if allow_below:
+            return plan, f"tuned to {setting}, the best the index reached (below the target, accepted)"
+        log.warning("no setting of the index reached recall %.3f (best %.3f at %s): joining with exact search over "
+                    "the row store instead, about %.1f ms per query against %.2f ms", target, chosen.recall, setting,
+                    1e3 * exact_s, 1e3 * index_s)
+        return exact, (f"exact search: the index reached at most {chosen.recall:.3f} on the tuning half "
+                       f"({setting}), below the target")
+    if exact_s <= index_s:
+        log.info("exact search costs %.2f ms per query, the tuned index %.2f ms: joining with exact search",
+                 1e3 * exact_s, 1e3 * index_s)
+        return exact, f"exact search: cheaper than the index at the target ({1e3 * exact_s:.2f} against " \
+                      f"{1e3 * index_s:.2f} ms per query)"
+    return plan, f"tuned to {setting}"
