@@ -195,7 +195,8 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
                      f"with longer lists{wider} |")
     if d.saturated_rows:
         lines.append(f"| rows at the limit | {d.saturated_rows:,} rows still had every neighbour above the threshold "
-                     "at the longest list: their groups can be incomplete |")
+                     "at the longest list (1,024, or what partition_size lets the shuffle hold): their groups "
+                     "can be incomplete |")
     lines.append("")
     if d.group_sizes:
         _count_plot(output, "group_sizes.png", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")

@@ -223,7 +223,7 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
 from pipeline.search.tuning import RERANK_FACTORS, WIDE_FACTORS, probe_steps  # noqa: E402
 
 
-def _shape(name: str, n: int = 20_000) -> np.ndarray:
+def _shape(name: str, n: int = 24_000) -> np.ndarray:
     rng = np.random.default_rng(21)
     if name == "clustered":
         return clustered_vectors(n, 32, clusters=400, seed=4, latent=32)

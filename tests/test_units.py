@@ -86,7 +86,7 @@ def test_gather_keeps_order_and_repeats(tmp_path):
         store.gather_vectors(np.array([5]))
 
 
-@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (30_000, 384, "IVF256,PQ192x4fs"),
+@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF256,PQ192x4fs"),
                                        (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8"),
                                        (500_000, 64, "IVF1024,SQ8")])
 def test_default_index_rule(n, d, key):

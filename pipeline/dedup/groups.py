@@ -265,8 +265,9 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     rows_dropped = int(sum(dropped.values()))
     saturated = int(sum(s["saturated"] for s in map_stats.values()))
     if saturated:
-        log.warning("%d rows still had all %d neighbours above the threshold: they may have more duplicates; "
-                    "those groups can be incomplete", saturated, cap)
+        log.warning("%d rows still had every neighbour in their list above the threshold (the list was cut at %d, "
+                    "or at what partition_size lets the shuffle hold): they may have more duplicates; those groups "
+                    "can be incomplete", saturated, cap)
     result = DedupResult(
         threshold=plan.threshold, mode=plan.mode, metric=plan.metric, keep_by=plan.keep_by,
         keep_order=plan.keep_order if plan.keep_by else None, rows_in=n,
