@@ -14,11 +14,12 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline import __version__
 from pipeline.config import DEVICES, KEYS, METRICS, Config, load_config
-from pipeline.errors import PipelineError
+from pipeline.errors import ConfigError, PipelineError
 from pipeline.io.workdir import shown
 from pipeline.results import JobReport, RecallSummary
 from pipeline.stages import progress
@@ -150,6 +151,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sample-data":
             from pipeline.io.sample_data import clustered_vectors, write_shards
 
+            target = Path(args.directory)
+            if target.is_dir() and any(target.iterdir()):
+                raise ConfigError(f"sample-data: {shown(target)} is not empty (its files would mix with the new "
+                                  "shards, and nothing there is removed); choose a new or empty directory")
             paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
             log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
             return 0
@@ -179,6 +184,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in result.dedup_explore:
                 share = row.rows_dropped / max(1, row.rows_in)
                 print(f"{row.threshold:>10} {row.pairs:>10} {row.rows_dropped:>13} {share:>7.2%}")
+            print("(from each row's k nearest neighbours only: a real run also searches rows with more than k "
+                  "duplicates again, and rows with a pair over more lists, so it can find more pairs)")
         return 0
     except PipelineError as exc:
         log.error("%s", exc)

@@ -158,8 +158,10 @@ def _esc(v: Any) -> str:
 def _explore_lines(report: JobReport) -> list[str]:
     if not report.dedup_explore:
         return []
-    lines = ["## Dedup thresholds (explore)", "", "| threshold | pairs | rows dropped (components) | share |",
-             "|---|---|---|---|"]
+    lines = ["## Dedup thresholds (explore)", "",
+             "Counted from each row's k nearest neighbours only; a real run also searches rows with more than k "
+             "duplicates again (and rows with a pair over more lists), so it can find more pairs.", "",
+             "| threshold | pairs | rows dropped (components) | share |", "|---|---|---|---|"]
     lines += [f"| {r.threshold} | {r.pairs:,} | {r.rows_dropped:,} | {r.rows_dropped / max(1, r.rows_in):.2%} |"
               for r in report.dedup_explore]
     return lines + [""]

@@ -128,3 +128,17 @@ def test_dump_and_parse_round_trip_keeps_a_target_turned_off():
     for extra in ({"target_recall": "off", "recall_queries": 0}, {"target_recall": 0.9}, {}):
         config = parse_config({"input": "data/", "output": "out", **extra})
         assert parse_config(yaml.safe_load(dump_config(config))) == config
+
+
+def test_sample_data_refuses_a_non_empty_directory(tmp_path, capsys):
+    """Old shards would mix with the new ones (the next run then fails on dimensions): refused,
+    nothing there touched; a new directory works."""
+    from pipeline.cli import main
+
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "part-00000.parquet").write_bytes(b"old")
+    assert main(["sample-data", str(tmp_path / "d"), "--rows", "100", "--dim", "8"]) == 2
+    assert "is not empty" in capsys.readouterr().err
+    assert (tmp_path / "d" / "part-00000.parquet").read_bytes() == b"old"
+    assert main(["sample-data", str(tmp_path / "e"), "--rows", "100", "--dim", "8", "-q"]) == 0
+    assert len(list((tmp_path / "e").glob("part-*.parquet"))) == 4
