@@ -57,6 +57,25 @@ def _default(key: str) -> Any:
     return value
 
 
+def config_reference() -> str:
+    """The README's configuration table, generated from the config schema (``KEYS``) so it cannot
+    drift: every key with its flag, default, the commands that read it and what it means."""
+    readers = {key: [c for c in COMMAND_SECTIONS if c != "submit" and (KEYS[key][0] in COMMAND_SECTIONS[c]
+                                                                       or key in _ALSO.get(c, ()))
+                     and key not in _NOT.get(c, ())] for key in KEYS}
+    lines = ["| key / flag | default | commands | meaning |", "|---|---|---|---|"]
+    for key, (_, _, _, help_text) in KEYS.items():
+        default = _default(key)
+        if default is None and "auto" in help_text:
+            default = "auto"
+        shown_default = "" if default is None or default == () else f"`{str(default).lower()}`" \
+            if isinstance(default, bool) else f"`{default}`"
+        choices = f" (one of: {', '.join(f'`{c}`' for c in CHOICES[key])})" if key in CHOICES else ""
+        lines.append(f"| `{key}` / `--{key.replace('_', '-')}` | {shown_default} | {', '.join(readers[key])} | "
+                     f"{help_text}{choices} |")
+    return "\n".join(lines) + "\n"
+
+
 def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """The flags of ``command``'s keys, grouped by section, each with its default and choices."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of keys (flags override it)")

@@ -142,3 +142,21 @@ def test_sample_data_refuses_a_non_empty_directory(tmp_path, capsys):
     assert (tmp_path / "d" / "part-00000.parquet").read_bytes() == b"old"
     assert main(["sample-data", str(tmp_path / "e"), "--rows", "100", "--dim", "8", "-q"]) == 0
     assert len(list((tmp_path / "e").glob("part-*.parquet"))) == 4
+
+
+def test_the_readme_configuration_table_is_generated_from_the_schema():
+    """README's configuration reference equals what scripts/config_reference.py generates from KEYS:
+    a key added, renamed or re-defaulted without regenerating it fails here."""
+    import importlib.util
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("config_reference", root / "scripts" / "config_reference.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    readme = (root / "README.md").read_text()
+    assert module.render(readme) == readme, "README.md is stale: run python scripts/config_reference.py"
+    from pipeline.config import KEYS
+
+    assert all(f"`--{key.replace('_', '-')}`" in readme for key in KEYS)
