@@ -171,10 +171,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             from pipeline.io.sample_data import clustered_vectors, write_shards
 
             target = Path(args.directory)
+            marker = target / ".sample-data.json"
+            wanted = {"rows": args.rows, "dim": args.dim, "shards": args.shards, "seed": args.seed}
             if target.is_dir() and any(target.iterdir()):
+                if marker.exists() and json.loads(marker.read_text()) == wanted:
+                    log.info("%s already holds this sample (%d rows x %d dims): nothing to do", target, args.rows,
+                             args.dim)
+                    return 0
                 raise ConfigError(f"sample-data: {shown(target)} is not empty (its files would mix with the new "
                                   "shards, and nothing there is removed); choose a new or empty directory")
             paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
+            marker.write_text(json.dumps(wanted))
             log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
             return 0
         from pipeline.jobs import commands as jobs

@@ -142,6 +142,9 @@ def test_sample_data_refuses_a_non_empty_directory(tmp_path, capsys):
     assert (tmp_path / "d" / "part-00000.parquet").read_bytes() == b"old"
     assert main(["sample-data", str(tmp_path / "e"), "--rows", "100", "--dim", "8", "-q"]) == 0
     assert len(list((tmp_path / "e").glob("part-*.parquet"))) == 4
+    # the README's first command, run twice: the same sample is already there
+    assert main(["sample-data", str(tmp_path / "e"), "--rows", "100", "--dim", "8", "-q"]) == 0
+    assert main(["sample-data", str(tmp_path / "e"), "--rows", "200", "--dim", "8", "-q"]) == 2
 
 
 def test_the_readme_configuration_table_is_generated_from_the_schema():
