@@ -161,7 +161,7 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
                              target_recall=0.95, recall_queries=200))
     rec = report.recall
     assert rec.target == 0.95 and rec.queries == 200 and rec.recall >= 0.93
-    assert len(rec.curve) > 4 and all(p.recall < 0.95 for p in rec.curve if p.nprobe == 1)
+    assert len(rec.curve) >= 3 and all(p.recall < 0.95 for p in rec.curve if p.nprobe == 1)
     chosen = [p for p in rec.curve if (p.nprobe, p.rerank) == (rec.nprobe, rec.rerank)][0]
     assert chosen.recall >= 0.95
     assert report.search.nprobe == rec.nprobe

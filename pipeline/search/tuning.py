@@ -104,6 +104,7 @@ def draw_sample(
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)
+START_FACTOR = 4  # the factor the nprobe climb uses: most settings chosen use 2 or 4
 WIDE_FACTORS = (64, 128)  # tried only when the codes are too coarse for 32 (costly: k x 128 gathered rows)
 CONFIDENCE_Z = 2.0  # a setting passes when its sample recall minus two standard errors reaches the target
 
@@ -152,42 +153,43 @@ def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
 
 def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
           factors: Sequence[int], target: float) -> list[TunePoint]:
-    """The staircase walk: nprobe upwards, and at each the smallest re-rank factor that reaches
-    ``target``. The factor needed never grows with nprobe, so each step starts from the last
-    passing factor and only tries smaller ones: about ``len(probes) + len(factors)`` searches.
-    The walk stops once a passing setting is slower than the best one found (more lists only
-    cost more) or the smallest factor passes.
+    """The staircase walk: nprobe upwards at a modest re-rank factor until the target is reached,
+    then the factor downwards at that nprobe (and at twice the lists, where a smaller factor may
+    be cheaper); where no nprobe reaches it, larger factors at the plateau. About
+    ``len(probes) + len(factors)`` searches, almost all of them gathering few candidates: the
+    climb costs k x ``START_FACTOR`` exact scores a query, not k x 32.
     """
+    factors = sorted(factors)
+    start = min(len(factors) - 1, max(0, next((i for i, f in enumerate(factors) if f >= START_FACTOR), 0)))
     points: list[TunePoint] = []
-    fi = len(factors) - 1
-    best: TunePoint | None = None
+    found: TunePoint | None = None
     for nprobe in probes:
-        point = _point(plan, index_store, sample, nprobe, factors[fi])
+        point = _point(plan, index_store, sample, nprobe, factors[start])
         points.append(point)
-        if not point.passes(target):
-            continue
-        while fi > 0:
-            lower = _point(plan, index_store, sample, nprobe, factors[fi - 1])
-            points.append(lower)
-            if not lower.passes(target):
-                break
-            fi -= 1
-            point = lower
-        if best is not None and point.seconds > best.seconds:
+        if point.passes(target):
+            found = point
             break
-        best = point
-        if fi == 0:
-            break
-    if best is None and tuple(factors) == RERANK_FACTORS:
-        # no setting passed: the codes rank true neighbours below k x 32 candidates. Widen the
-        # re-rank where more lists stopped helping (the smallest nprobe within 0.002 of the best)
-        top = max(p.recall for p in points)
-        plateau = min((p.nprobe or 0 for p in points if p.recall >= top - 0.002), default=0) or None
-        for factor in WIDE_FACTORS:
-            point = _point(plan, index_store, sample, plateau, factor)
+    if found is not None:
+        at = found.nprobe
+        for f in reversed(factors[:start]):  # smaller factors at the passing nprobe
+            point = _point(plan, index_store, sample, at, f)
             points.append(point)
-            if point.passes(target):
+            if not point.passes(target):
+                more = [p for p in probes if p is not None and at is not None and p > at][:1]
+                if more:  # twice the lists may pass with the smaller factor, and cost less
+                    points.append(_point(plan, index_store, sample, more[0], f))
                 break
+        return points
+    # no nprobe reached the target at the start factor: the codes rank true neighbours too low;
+    # widen the re-rank where more lists stopped helping (the smallest nprobe within 0.002 of the best)
+    top = max(p.recall for p in points)
+    plateau = min((p.nprobe or 0 for p in points if p.recall >= top - 0.002), default=0) or None
+    wider = list(factors[start + 1 :]) + (list(WIDE_FACTORS) if tuple(sorted(factors)) == RERANK_FACTORS else [])
+    for factor in wider:
+        point = _point(plan, index_store, sample, plateau, factor)
+        points.append(point)
+        if point.passes(target):
+            break
     return points
 
 
