@@ -289,17 +289,22 @@ def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, pla
     assert report.dedup.exactness.pair_recall == 1.0
 
 
+def _copies(tmp_path: Path, rows: int, first: int, copies: int, seed: int, row_group: int) -> Path:
+    """Random unit rows in one file where rows ``first .. first + copies - 1`` are one vector."""
+    x = _unit(np.random.default_rng(seed).standard_normal((rows, DIM))).astype(np.float32)
+    x[first + 1 : first + copies] = x[first]
+    d = tmp_path / "data"
+    d.mkdir()
+    table = pa.table({"id": pa.array(np.arange(rows, dtype=np.int64)),
+                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
+    pq.write_table(table, d / "part-00000.parquet", row_group_size=row_group)
+    return d
+
+
 def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
     """25 copies of one vector with k=10: the rows whose 10 neighbours all pass are searched again
     with longer lists, so every pair is found and greedy keeps exactly one copy."""
-    rng = np.random.default_rng(3)
-    x = _unit(rng.standard_normal((800, DIM))).astype(np.float32)
-    x[100:125] = x[99]  # rows 99..124: 26 identical vectors
-    d = tmp_path / "data"
-    d.mkdir()
-    table = pa.table({"id": pa.array(np.arange(800, dtype=np.int64)),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
-    pq.write_table(table, d / "part-00000.parquet", row_group_size=200)
+    d = _copies(tmp_path, rows=800, first=99, copies=26, seed=3, row_group=200)
     settings = {"input": str(d), "threshold": 0.99, "index_key": "Flat", "k": 10, "recall_queries": 800,
                 "partition_size": 200 * DIM * 4}
     report = dedup(make_config(dedup_mode="greedy", **settings))
@@ -320,14 +325,7 @@ def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(m
 
     monkeypatch.setattr(groups, "WIDEN_MAX", 30)
     monkeypatch.setattr(groups, "MIN_ROOM", 100)
-    rng = np.random.default_rng(4)
-    x = _unit(rng.standard_normal((900, DIM))).astype(np.float32)
-    x[300:420] = x[299]  # rows 299..419: 121 identical vectors
-    d = tmp_path / "data"
-    d.mkdir()
-    table = pa.table({"id": pa.array(np.arange(900, dtype=np.int64)),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
-    pq.write_table(table, d / "part-00000.parquet", row_group_size=300)
+    d = _copies(tmp_path, rows=900, first=299, copies=121, seed=4, row_group=300)
     report = dedup(make_config(input=str(d), threshold=0.99, index_key="IVF8,Flat", nprobe=2, rerank=0, k=5,
                                target_recall="off", recall_queries=900,
                                partition_size=300 * DIM * 4 * (1 if range_budget == "none" else 50),
