@@ -256,6 +256,8 @@ def _summary_lines(report: JobReport) -> list[str]:
         f"| why this plan | {search.why or 'settings given'} |",
         f"| queries | {report.queries:,} |",
         f"| wall time | {report.wall_s:.1f} s{qps} |",
+        f"| peak memory | {mem.driver_peak_rss / 2**20:,.0f} MiB (the driver and its in-process worker) |"
+        if mem.in_process else
         f"| peak memory | driver {mem.driver_peak_rss / 2**20:,.0f} MiB; workers "
         + ", ".join(f"{v / 2**20:,.0f}" for v in mem.workers_peak_rss.values()) + " MiB |",
     ]

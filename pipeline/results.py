@@ -164,6 +164,7 @@ class RecallResult:
 class MemoryUse:
     driver_peak_rss: int
     workers_peak_rss: dict[str, int]
+    in_process: bool = False  # the one worker runs inside the driver's process: one figure, not two
 
 
 @dataclass(frozen=True)

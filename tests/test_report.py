@@ -92,3 +92,16 @@ def test_evaluate_cli_prints_json(tuned_run, dask_address):
     )
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["queries"] == 50
+
+
+@pytest.mark.parametrize("in_process", [True, False])
+def test_the_memory_line_says_one_figure_for_an_in_process_worker(in_process):
+    from pipeline.report import _summary_lines
+    from pipeline.results import IndexSummary, JobReport, JoinResult, MemoryUse, SearchSummary
+
+    mem = MemoryUse(300 << 20, {"w0": 300 << 20} if in_process else {"w0": 500 << 20, "w1": 600 << 20}, in_process)
+    join = JoinResult(IndexSummary("/i", "Flat", 10, 4, "l2", None, "auto"), SearchSummary(2, None, 0, True, "cpu"),
+                      (), 10, "/o/neighbors", None, mem)
+    line = next(x for x in _summary_lines(JobReport("run", join, {}, {}, 1.0, 10.0)) if "peak memory" in x)
+    expect = "300 MiB (the driver and its in-process worker)" if in_process else "driver 300 MiB; workers 500, 600 MiB"
+    assert expect in line

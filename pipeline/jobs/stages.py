@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -390,6 +391,6 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         queries=n_queries,
         neighbors=str(output / "neighbors"),
         recall=recall,
-        memory=MemoryUse(peak_rss(), client.run(peak_rss)),
+        memory=MemoryUse(peak_rss(), client.run(peak_rss), set(client.run(os.getpid).values()) == {os.getpid()}),
     )
     return result, manifest
