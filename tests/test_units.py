@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import faiss
 import numpy as np
@@ -218,3 +219,35 @@ def test_searches_never_change_the_shared_index_and_run_concurrently_with_other_
     for t in threads:
         t.join()
     assert not mismatches
+
+
+def _slow_piece(index: int, rows: int) -> int:
+    from pipeline.stages.progress import PieceProgress
+
+    progress = PieceProgress("probe", index)
+    for _ in range(5):
+        time.sleep(0.3)
+        progress.advance(rows // 5)
+    return rows
+
+
+def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
+    """Workers report rows done inside a piece (a Dask event at most once a second), so the
+    driver's progress line moves before the piece ends."""
+    from dataclasses import dataclass
+
+    from distributed import Client
+
+    from pipeline.stages import progress
+
+    seen: list[int] = []
+    monkeypatch.setattr(progress.Progress, "show", lambda self: seen.append(self.done))
+
+    @dataclass(frozen=True)
+    class Item:
+        index: int
+        rows: int
+
+    with Client(dask_address) as client:
+        progress.run_tasks(client, _slow_piece, [Item(0, 1000)], "probe", args=lambda i: (i.index, i.rows))
+    assert any(0 < done < 1000 for done in seen) and seen[-1] == 1000

@@ -29,7 +29,7 @@ from pipeline.io.store import RowStore
 from pipeline.search.exact import exact_search
 from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
+from pipeline.stages.progress import PieceProgress, run_tasks
 
 __all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
            "BATCH_BYTES", "shared_index", "search_params"]
@@ -159,6 +159,7 @@ def _join_piece(
     buffered: list[pa.Table] = []
     knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
     knn_scores = np.full((piece.rows, plan.k), np.nan, dtype=np.float32) if plan.knn_dir else None
+    progress = PieceProgress("join", piece.index)
     with atomic_path(out) as tmp:
         writer: pq.ParquetWriter | None = None
         for lo in range(0, piece.rows, batch_rows):
@@ -167,6 +168,7 @@ def _join_piece(
             q_ids = q_ids_all.slice(lo, hi - lo)
             q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
             offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store)
+            progress.advance(hi - lo)
             nbr_ids = index_store.gather_ids(nbr_rows)
             short += int((np.diff(offsets) < plan.k).sum())
             if knn_rows is not None and knn_scores is not None:

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
 
-__all__ = ["Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
+__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,32 @@ def _duration(seconds: float) -> str:
     )
 
 
+TOPIC = "knn-progress"  # worker -> driver events: rows done inside a running piece
+EVENT_INTERVAL = 1.0  # seconds between one task's events
+
+
+class PieceProgress:
+    """Rows done inside one running piece, sent from the worker to the driver (a Dask event) at
+    most once a second, so a long piece moves the driver's progress line before it ends.
+    Outside a Dask worker (tests, helpers run in the driver) it does nothing."""
+
+    def __init__(self, stage: str, index: int) -> None:
+        self.stage, self.index, self.done, self._last = stage, index, 0, 0.0
+        try:
+            from distributed import get_worker
+
+            self._worker: Any = get_worker()
+        except ValueError:
+            self._worker = None
+
+    def advance(self, rows: int) -> None:
+        self.done += rows
+        now = time.monotonic()
+        if self._worker is not None and now - self._last >= EVENT_INTERVAL:
+            self._last = now
+            self._worker.log_event(TOPIC, {"stage": self.stage, "index": self.index, "rows": self.done})
+
+
 class Progress:
     """Rows done out of ``total`` for one phase, with rows/s and ETA."""
 
@@ -75,6 +102,9 @@ class Progress:
 
     def advance(self, rows: int) -> None:
         self.done += rows
+        self.show()
+
+    def show(self) -> None:
         now = time.monotonic()
         if _LIVE:
             sys.stderr.write("\r" + self.line() + "\033[K")
@@ -111,6 +141,22 @@ def run_tasks(
     _submitted[0] += len(items)
     if not items:
         return progress.close()
+    partial: dict[int, int] = {}  # rows done inside running items, from the workers' events
+    finished = [0]
+    lock = threading.Lock()
+
+    def on_event(event: Any) -> None:
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("stage") != label:
+            return
+        with lock:
+            if msg["index"] in partial or msg["index"] in pending:
+                partial[msg["index"]] = int(msg["rows"])
+                progress.done = finished[0] + sum(partial.values())
+                progress.show()
+
+    pending = {item.index for item in items}
+    subscribed = _subscribe(client, on_event)
     futures = {client.submit(fn, *args(item), pure=False): item for item in items}
     try:
         for future in as_completed(list(futures)):
@@ -118,13 +164,30 @@ def run_tasks(
             result = future.result()
             if on_done is not None:
                 on_done(item, result)
-            progress.advance(rows(item))
+            with lock:
+                pending.discard(item.index)
+                partial.pop(item.index, None)
+                finished[0] += rows(item)
+                progress.done = finished[0] + sum(partial.values())
+                progress.show()
     except BaseException:
         client.cancel(list(futures))
         if _LIVE:
             sys.stderr.write("\n")
         raise
+    finally:
+        if subscribed:
+            client.unsubscribe_topic(TOPIC)
     return progress.close()
+
+
+def _subscribe(client: Any, handler: Callable[[Any], None]) -> bool:
+    """Receive the workers' in-piece progress events (clients without topics: no events)."""
+    subscribe = getattr(client, "subscribe_topic", None)
+    if subscribe is None:
+        return False
+    subscribe(TOPIC, handler)
+    return True
 
 
 
