@@ -13,8 +13,6 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
-from distributed import as_completed
-
 __all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
 
 log = logging.getLogger(__name__)
@@ -154,6 +152,8 @@ def run_tasks(
                 partial[msg["index"]] = int(msg["rows"])
                 progress.done = finished[0] + sum(partial.values())
                 progress.show()
+
+    from distributed import as_completed  # here, not at import: the CLI's quick commands need no Dask
 
     pending = {item.index for item in items}
     subscribed = _subscribe(client, on_event)
