@@ -1,4 +1,5 @@
-"""The run report: ``report.json`` (machine-readable) and ``report.md`` with PNG plots beside it.
+"""The run report: ``report.json`` (machine-readable), ``report.md`` with PNG plots beside it, and
+``report.html``, the same as one self-contained page (plots inlined).
 
 Plots: recall against nprobe with throughput (from the tuning sweep, or the one setting
 measured), the distribution of the k-th neighbour's score (a bounded sample read back from the
@@ -7,7 +8,10 @@ written tables), and wall time per phase.
 
 from __future__ import annotations
 
+import base64
+import html
 import json
+import re
 import resource
 from dataclasses import replace
 from pathlib import Path
@@ -19,7 +23,7 @@ import pyarrow.parquet as pq
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.results import JobReport, RecallResult, TunePointRecord
 
-__all__ = ["peak_rss", "kth_scores", "write_report"]
+__all__ = ["peak_rss", "kth_scores", "write_report", "to_html"]
 
 SCORE_SAMPLE = 200_000
 
@@ -296,4 +300,70 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     lines += ["## Settings", "", "```json", json.dumps(report.config, indent=2, default=str), "```", ""]
     with atomic_path(output / "report.md") as tmp:
         tmp.write_text("\n".join(lines))
+    with atomic_path(output / "report.html") as tmp:
+        tmp.write_text(to_html(lines, output, f"{report.command} report"))
     return report
+
+
+_CHECK = """<script>
+window.addEventListener("error", e => { document.documentElement.dataset.error = String(e.message); });
+window.addEventListener("load", () => {
+  const images = Array.from(document.images);
+  const drawn = images.filter(i => i.complete && i.naturalWidth > 0).length;
+  document.documentElement.dataset.images = drawn + "/" + images.length;
+});
+</script>"""
+_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+          "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+          "text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow:auto}")
+
+
+def _inline(text: str) -> str:
+    """Escaped text with the report's inline markdown: **bold** and `code`."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", out)
+
+
+def to_html(lines: list[str], output: Path, title: str) -> str:
+    """report.md's lines as one self-contained page: tables, headings, the plots inlined as data
+    URIs (the page opens anywhere, alone), and a check that every plot was drawn."""
+    body: list[str] = []
+    table: list[list[str]] = []
+    code: list[str] | None = None
+
+    def flush() -> None:
+        if table:
+            head, *rows = table
+            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
+                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                        + "</table>")
+            table.clear()
+
+    for line in lines:
+        if code is not None:
+            if line.startswith("```"):
+                body.append("<pre>" + html.escape("\n".join(code)) + "</pre>")
+                code = None
+            else:
+                code.append(line)
+            continue
+        if line.startswith("|"):
+            cells = [c.strip().replace("\\|", "|") for c in re.split(r"(?<!\\)\|", line.strip())[1:-1]]
+            if not all(set(c) <= {"-"} for c in cells):
+                table.append(cells)
+            continue
+        flush()
+        if line.startswith("```"):
+            code = []
+        elif image := re.fullmatch(r"!\[(.*)\]\((.+\.png)\)", line):
+            data = base64.b64encode((output / image.group(2)).read_bytes()).decode()
+            body.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
+        elif heading := re.match(r"(#{1,3}) (.*)", line):
+            level = len(heading.group(1))
+            body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")
+        elif line.strip():
+            body.append(f"<p>{_inline(line)}</p>")
+    flush()
+    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
+            f"<style>{_STYLE}</style>{_CHECK}</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")

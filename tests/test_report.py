@@ -105,3 +105,30 @@ def test_the_memory_line_says_one_figure_for_an_in_process_worker(in_process):
     line = next(x for x in _summary_lines(JobReport("run", join, {}, {}, 1.0, 10.0)) if "peak memory" in x)
     expect = "300 MiB (the driver and its in-process worker)" if in_process else "driver 300 MiB; workers 500, 600 MiB"
     assert expect in line
+
+
+def _chromium() -> str | None:
+    import shutil
+
+    return next((found for name in ("chromium", "chromium-browser", "google-chrome")
+                 if (found := shutil.which(name))), None)
+
+
+@pytest.mark.browser
+def test_report_html_opens_in_a_real_browser_with_every_plot_drawn(tuned_run, tmp_path):
+    """report.html is one self-contained page: Chromium loads it without a script error and draws
+    every inlined plot (the page's own check records drawn/total images on <html>)."""
+    chromium = _chromium()
+    if chromium is None:
+        pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does where it can)")
+    page = tuned_run / "report.html"
+    assert "report.md" not in page.read_text() and 'src="data:image/png;base64,' in page.read_text()
+    proc = subprocess.run(
+        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
+         "--disable-background-networking", "--disable-component-update", "--disable-quic",
+         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
+        capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert 'data-images="3/3"' in proc.stdout  # recall curve, k-th score, time per phase
+    assert "data-error" not in proc.stdout and "<h2>Sweep</h2>" in proc.stdout
