@@ -14,23 +14,12 @@ Packages by concern, in the order data flows through them:
   graph, evaluate).
 """
 
-from typing import Any
-
 from pipeline.config import Config, load_config, parse_config
 from pipeline.errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
 
-_COMMANDS = ("build", "join", "run", "dedup", "graph")
-
-
-def __getattr__(name: str) -> Any:
-    """The commands, imported on first use: ``--help``, ``--version`` and ``sample-data`` need
-    neither Dask nor FAISS (half a second of imports on a small machine)."""
-    if name in _COMMANDS:
-        from pipeline.jobs import commands
-
-        return getattr(commands, name)
-    raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
-
+# imported last: ``pipeline.dedup`` and ``pipeline.graph`` are also subpackages, and importing them
+# rebinds those names to the modules; the commands must be what the package exports
+from pipeline.jobs.commands import build, dedup, graph, join, run  # noqa: E402
 
 __all__ = [
     "Config",

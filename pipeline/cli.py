@@ -98,7 +98,8 @@ def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
             group.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=text)
         else:
             group.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=text)
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug logging: every task as it ends, batch sizes, and Dask's own log lines")
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
@@ -160,7 +161,14 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    progress.configure(live=sys.stderr.isatty() and not quiet)
+    if verbose:  # -v: Dask's own log lines too (silenced otherwise), and every task as it ends
+        dask_handler = logging.StreamHandler(sys.stderr)  # its own: Dask sets its handlers' levels
+        dask_handler.setFormatter(handler.formatter)
+        dask_log = logging.getLogger("distributed")
+        dask_log.handlers[:] = [dask_handler]
+        dask_log.setLevel(logging.INFO)
+        dask_log.propagate = False
+    progress.configure(live=sys.stderr.isatty() and not quiet and not verbose)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

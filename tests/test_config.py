@@ -163,3 +163,16 @@ def test_the_readme_configuration_table_is_generated_from_the_schema():
     from pipeline.config import KEYS
 
     assert all(f"`--{key.replace('_', '-')}`" in readme for key in KEYS)
+
+
+def test_verbose_logs_every_task_and_quiet_does_not(dataset_dir, dask_address, tmp_path, capsys):
+    """-v shows debug lines (every task as it ends); the default and -q do not."""
+    from pipeline.cli import main
+
+    base = ["run", "--input", str(dataset_dir), "--index-key", "Flat", "--k", "3", "--recall-queries", "50",
+            "--scheduler-address", dask_address]
+    assert main([*base, "--output", str(tmp_path / "v"), "-v"]) == 0
+    verbose = capsys.readouterr().err
+    assert " DEBUG scan: piece 0 done" in verbose and " DEBUG join: piece " in verbose
+    assert main([*base, "--output", str(tmp_path / "plain")]) == 0
+    assert " DEBUG " not in capsys.readouterr().err

@@ -251,3 +251,15 @@ def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
     with Client(dask_address) as client:
         progress.run_tasks(client, _slow_piece, [Item(0, 1000)], "probe", args=lambda i: (i.index, i.rows))
     assert any(0 < done < 1000 for done in seen) and seen[-1] == 1000
+
+
+def test_the_package_exports_the_commands_not_the_subpackages_of_the_same_name():
+    """``pipeline.dedup`` and ``pipeline.graph`` are also subpackages; the package's names must stay
+    the commands whatever is imported after it."""
+    import importlib
+
+    import pipeline
+
+    for module in ("pipeline.dedup.explore", "pipeline.dedup.groups", "pipeline.graph.knn_graph"):
+        importlib.import_module(module)
+    assert callable(pipeline.dedup) and callable(pipeline.graph) and callable(pipeline.run)

@@ -231,7 +231,8 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
         except ImportError:
             raise ConfigError("profile local-cuda needs dask-cuda (one worker per GPU): "
                               "pip install dask-cuda, or use the conda environment.yml") from None
-        with LocalCUDACluster(dashboard_address=":0", silence_logs=logging.ERROR) as cluster, Client(cluster) as client:
+        with LocalCUDACluster(dashboard_address=":0", silence_logs=_dask_log_level()) as cluster, \
+                Client(cluster) as client:
             n = len(client.scheduler_info().get("workers", {}))
             log.info("local CUDA cluster: %d worker(s), one per GPU; dashboard %s", n, cluster.dashboard_link)
             yield client, ClusterInfo(n, spec.threads_per_worker, cluster.dashboard_link)
@@ -253,7 +254,7 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
         processes=workers > 1,
         memory_limit=spec.memory_limit,
         dashboard_address=":0",
-        silence_logs=logging.ERROR,
+        silence_logs=_dask_log_level(),
     ) as cluster, Client(cluster) as client:
         client.register_plugin(_QuietFailures(), name="knn-quiet-failures")
         log.info(
@@ -261,6 +262,11 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
             workers, threads, cluster.dashboard_link,
         )
         yield client, ClusterInfo(workers, threads, cluster.dashboard_link)
+
+
+def _dask_log_level() -> int:
+    """Dask's own log lines are silenced below ERROR, unless ``-v`` asked for debug logging."""
+    return logging.INFO if logging.getLogger("pipeline").isEnabledFor(logging.DEBUG) else logging.ERROR
 
 
 REPORTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}

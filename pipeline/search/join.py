@@ -152,6 +152,7 @@ def _join_piece(
         # the GEMM tiles full and read the store fewer times
         rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
         batch_rows = max(1, min(rows, budget_rows))
+    log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
     index = shared_index(plan)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)

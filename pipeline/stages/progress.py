@@ -164,6 +164,7 @@ def run_tasks(
             result = future.result()
             if on_done is not None:
                 on_done(item, result)
+            log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
             with lock:
                 pending.discard(item.index)
                 partial.pop(item.index, None)
