@@ -161,13 +161,8 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     root.propagate = False
-    if verbose:  # -v: Dask's own log lines too (silenced otherwise), and every task as it ends
-        dask_handler = logging.StreamHandler(sys.stderr)  # its own: Dask sets its handlers' levels
-        dask_handler.setFormatter(handler.formatter)
-        dask_log = logging.getLogger("distributed")
-        dask_log.handlers[:] = [dask_handler]
-        dask_log.setLevel(logging.INFO)
-        dask_log.propagate = False
+    if verbose:  # -v: Dask's own log lines too, through its own handler (silenced otherwise)
+        logging.getLogger("distributed").setLevel(logging.INFO)
     progress.configure(live=sys.stderr.isatty() and not quiet and not verbose)
 
 

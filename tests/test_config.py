@@ -167,11 +167,18 @@ def test_the_readme_configuration_table_is_generated_from_the_schema():
 
 def test_verbose_logs_every_task_and_quiet_does_not(dataset_dir, dask_address, tmp_path, capsys):
     """-v shows debug lines (every task as it ends); the default and -q do not."""
+    import logging
+
     from pipeline.cli import main
 
     base = ["run", "--input", str(dataset_dir), "--index-key", "Flat", "--k", "3", "--recall-queries", "50",
             "--scheduler-address", dask_address]
-    assert main([*base, "--output", str(tmp_path / "v"), "-v"]) == 0
+    dask_log = logging.getLogger("distributed")
+    saved = (dask_log.handlers[:], dask_log.level, dask_log.propagate)
+    try:
+        assert main([*base, "--output", str(tmp_path / "v"), "-v"]) == 0
+    finally:  # -v points Dask's log at this test's captured stderr, which closes with the test
+        dask_log.handlers[:], dask_log.level, dask_log.propagate = saved
     verbose = capsys.readouterr().err
     assert " DEBUG scan: piece 0 done" in verbose and " DEBUG join: piece " in verbose
     assert main([*base, "--output", str(tmp_path / "plain")]) == 0
