@@ -319,12 +319,16 @@ def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(m
                                                                                range_budget):
     """121 identical rows with a 30-neighbour cap: the rows still full at the cap get all 120
     partners by exact range search, so every pair is found and no row is left saturated. With a
-    small partition_size there is no room for them in the shuffle: they stay capped and are counted
-    (memory is bounded by configuration), and the missed pair-recall target is loud."""
+    small partition_size and little worker memory there is no room for them in the shuffle: they stay
+    capped and are counted (memory is bounded by configuration), and the missed pair-recall target is
+    loud."""
     from pipeline.dedup import groups
+    from pipeline.jobs import dedup as dedup_job
 
     monkeypatch.setattr(groups, "WIDEN_MAX", 30)
     monkeypatch.setattr(groups, "MIN_ROOM", 100)
+    if range_budget == "none":  # as if the workers had almost no memory for the shuffle
+        monkeypatch.setattr(dedup_job, "SHUFFLE_COPIES", 1 << 40)
     d = _copies(tmp_path, rows=900, first=299, copies=121, seed=4, row_group=300)
     report = dedup(make_config(input=str(d), threshold=0.99, index_key="IVF8,Flat", nprobe=2, rerank=0, k=5,
                                target_recall="off", recall_queries=900,

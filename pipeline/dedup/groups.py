@@ -202,7 +202,7 @@ def _examples(plan: DedupPlan, pair_stats: dict[int, Any]) -> tuple[DedupExample
 
 def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
                  seed: int, k: int, budget: int, search: SearchPlan,
-                 pair_nprobe: int | None = None) -> tuple[DedupResult, np.ndarray]:
+                 pair_nprobe: int | None = None, room_bytes: int | None = None) -> tuple[DedupResult, np.ndarray]:
     """Pairs, components and groups for the self-join in ``output``.
 
     Returns the dedup summary and the first rows of the shuffle partitions (which hold the pairs).
@@ -210,7 +210,8 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     The shuffles work on partitions of consecutive pieces whose edges fit ``budget`` bytes.
     Rows whose ``k`` neighbours all pass the threshold are first searched again with ``search``
     and longer lists (up to ``WIDEN_MAX``), so a group larger than ``k`` is found whole; with
-    ``pair_nprobe``, every row with a pair is searched again over that many inverted lists.
+    ``pair_nprobe``, every row with a pair is searched again over that many inverted lists. The
+    longer lists of a piece hold at most ``room_bytes`` (default: ``budget``) of shuffled edges.
     """
     n = dataset.total_rows
     _forget_changed(plan, output, manifest)
@@ -222,7 +223,8 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
 
     wide_dir, range_dir = work / "wide", work / "range"
     cap = min(WIDEN_MAX, n - 1)
-    room = budget // (2 * EDGE_BYTES)  # list entries one partition's shuffle may hold (at least MIN_ROOM)
+    # list entries one piece's widening may hold, for the shuffle that later holds them (at least MIN_ROOM)
+    room = max(budget, room_bytes or 0) // (2 * EDGE_BYTES)
     widen_stats: dict[int, Any] = {}
     run_stage(client, manifest, "dedup_widen", dataset.pieces, widen_piece,
               lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap,

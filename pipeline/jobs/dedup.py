@@ -7,6 +7,7 @@ import time
 from dataclasses import replace
 from typing import Any
 
+from pipeline.cluster.clients import worker_memory
 from pipeline.config import Config
 from pipeline.dedup.columns import attach_examples
 from pipeline.dedup.exactness import pair_recall
@@ -66,7 +67,8 @@ def dedup(config: Config) -> JobReport:
         timings.add("pair_tuning", time.monotonic() - t0)
         t0 = time.monotonic()
         result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                          config.search.k, 2 * config.partition_bytes, used, pair_nprobe)
+                                          config.search.k, 2 * config.partition_bytes, used, pair_nprobe,
+                                          _shuffle_room(client))
         result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
         result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
@@ -81,6 +83,21 @@ def dedup(config: Config) -> JobReport:
         log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
                  result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
         return finish(output, config, joined, timings, "dedup", started, dedup=result)
+
+
+SHUFFLE_COPIES = 6  # a map or reduce task holds its edges a few times over (both directions, sort, concatenation)
+
+
+def _shuffle_room(client: Any) -> int | None:
+    """Bytes of shuffled edges one dedup task may hold: a share of the smallest worker's memory
+    limit, split between the tasks a worker runs at once (None without a limit: partition_size
+    alone bounds it). Memory stays bounded by configuration: --memory-limit and the workers' threads."""
+    limit = worker_memory(client)
+    if not limit:
+        return None
+    threads = max((int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values()),
+                  default=1)
+    return int(limit) // (SHUFFLE_COPIES * max(1, threads))
 
 
 def _pair_nprobe(client: Any, config: Config, plan: DedupPlan, used: SearchPlan, built: BuiltIndex,
