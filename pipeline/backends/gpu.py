@@ -296,7 +296,6 @@ class GpuBackend:
                 dots = (cd * cd).sum(axis=2) - 2 * dots + (qd * qd).sum(axis=1)[:, None]
             return cupy.asnumpy(dots.astype(cupy.float32))
 
-
     def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` with faiss's brute-force GPU search (cuBLAS GEMM tiles, on-device k-selection)."""
         if k > GPU_MAX_K:

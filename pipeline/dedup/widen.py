@@ -60,6 +60,16 @@ def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str) -
     return (rows[:, -1] >= 0) & passes(scores[:, -1], threshold, metric)
 
 
+def _to_search(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str,
+               linked_too: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Which rows of the join's lists are searched again: (saturated, picked) masks. Saturated rows
+    always; rows with any neighbour past the threshold too when ``linked_too``."""
+    full = _full(rows, scores, threshold, metric)
+    if not linked_too:
+        return full, full
+    return full, full | ((rows >= 0) & passes(scores, threshold, metric)).any(axis=1)
+
+
 def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated: np.ndarray, threshold: float,
                  cap: int, nprobe: int | None, budget: int | None = None
                  ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray, int]:
@@ -128,9 +138,7 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
     one-column lists. Lists and pairs together hold at most ``budget`` entries beyond the join's
     (the shuffle holds a partition's entries in memory): rows past it stay capped, and counted."""
     rows, scores = read_knn(knn_path(knn_dir, piece.index))
-    full = _full(rows, scores, threshold, plan.metric)
-    linked = (rows >= 0) & passes(scores, threshold, plan.metric)
-    pick = full | (linked.any(axis=1) if pair_nprobe is not None else False)
+    full, pick = _to_search(rows, scores, threshold, plan.metric, pair_nprobe is not None)
     todo = piece.start + np.flatnonzero(pick)
     found, width, still, held = search_again(plan, store, todo, full[pick], threshold, cap,
                                              pair_nprobe if pair_nprobe is not None else plan.nprobe, budget)
@@ -158,9 +166,7 @@ def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold:
     """The above-threshold pairs the sampled rows' own searches find: the join's list, then the
     re-search of saturated and linked rows under ``nprobe`` (as :func:`widen_piece` does)."""
     lr, ls = _lists(plan, store, rows)
-    full = _full(lr, ls, threshold, plan.metric)
-    linked = ((lr >= 0) & passes(ls, threshold, plan.metric)).any(axis=1)
-    pick = full | (linked if nprobe != plan.nprobe else False)
+    full, pick = _to_search(lr, ls, threshold, plan.metric, nprobe != plan.nprobe)
     lists = dict(zip(rows.tolist(), zip(lr, ls)))
     found, _, still, _ = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
     lists.update(found)

@@ -57,11 +57,11 @@ def start(output: Path) -> Start:
     return Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
 
 
-def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, start: Start,
-            dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
-            graph: GraphResult | None = None) -> JobReport:
+def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, started: Start,
+           dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
+           graph: GraphResult | None = None) -> JobReport:
     report_path = output / "report.json"
-    if start.complete and tasks_submitted() == start.tasks and report_path.exists():
+    if started.complete and tasks_submitted() == started.tasks and report_path.exists():
         # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
         report = JobReport.from_json(json.loads(report_path.read_text()))
         log.info("nothing to do: %s is complete; its report (from the run that did the work) is kept", output)
@@ -69,7 +69,7 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
         with atomic_path(output / "_SUCCESS") as tmp:
             tmp.write_text("")
         return report
-    wall = timings.earlier_wall + time.monotonic() - start.clock
+    wall = timings.earlier_wall + time.monotonic() - started.clock
     report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
                        round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph)
     report = write_report(output, report, config.index.seed)
@@ -80,7 +80,7 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
     verdict = recall_verdict(joined)
     recall = joined.recall
     pairs = dedup.exactness if dedup is not None else None
-    if (pairs is not None and pairs.pair_recall is not None and dedup is not None and dedup.target_pair_recall
+    if (dedup is not None and pairs is not None and pairs.pair_recall is not None and dedup.target_pair_recall
             and pairs.pair_recall < dedup.target_pair_recall):
         below = f"dedup pair recall {pairs.pair_recall:.4f} on {pairs.queries} sampled rows, target " \
                 f"{dedup.target_pair_recall}: MISSED"

@@ -104,11 +104,10 @@ def _search_batch(
     be: Backend, index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None,
     q_ids: pa.Array, index_store: RowStore,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    width = candidates_per_query(plan, index_store.total_rows if index is None else int(index.ntotal))
     if index is None:  # the exact plan: scores are exact already
-        width = min(plan.k + (1 if plan.exclude_self else 0), index_store.total_rows)
         scores, rows = exact_search(be, q, index_store, width, plan.metric)
     else:
-        width = candidates_per_query(plan, int(index.ntotal))
         scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
     valid = rows >= 0

@@ -160,7 +160,7 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     climb costs k x ``START_FACTOR`` exact scores a query, not k x 32.
     """
     factors = sorted(factors)
-    start = min(len(factors) - 1, max(0, next((i for i, f in enumerate(factors) if f >= START_FACTOR), 0)))
+    start = next((i for i, f in enumerate(factors) if f >= START_FACTOR), 0)
     points: list[TunePoint] = []
     found: TunePoint | None = None
     for nprobe in probes:
@@ -184,7 +184,7 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     # widen the re-rank where more lists stopped helping (the smallest nprobe within 0.002 of the best)
     top = max(p.recall for p in points)
     plateau = min((p.nprobe or 0 for p in points if p.recall >= top - 0.002), default=0) or None
-    wider = list(factors[start + 1 :]) + (list(WIDE_FACTORS) if tuple(sorted(factors)) == RERANK_FACTORS else [])
+    wider = list(factors[start + 1 :]) + (list(WIDE_FACTORS) if tuple(factors) == RERANK_FACTORS else [])
     for factor in wider:
         point = _point(plan, index_store, sample, plateau, factor)
         points.append(point)

@@ -13,6 +13,8 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
+from distributed import as_completed
+
 __all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
 
 log = logging.getLogger(__name__)
@@ -143,17 +145,18 @@ def run_tasks(
     finished = [0]
     lock = threading.Lock()
 
+    def refresh() -> None:  # under the lock
+        progress.done = finished[0] + sum(partial.values())
+        progress.show()
+
     def on_event(event: Any) -> None:
         _, msg = event
         if not isinstance(msg, dict) or msg.get("stage") != label:
             return
         with lock:
-            if msg["index"] in partial or msg["index"] in pending:
+            if msg["index"] in pending:  # an event that arrives after its task ended is stale
                 partial[msg["index"]] = int(msg["rows"])
-                progress.done = finished[0] + sum(partial.values())
-                progress.show()
-
-    from distributed import as_completed  # here, not at import: the CLI's quick commands need no Dask
+                refresh()
 
     pending = {item.index for item in items}
     subscribed = _subscribe(client, on_event)
@@ -169,8 +172,7 @@ def run_tasks(
                 pending.discard(item.index)
                 partial.pop(item.index, None)
                 finished[0] += rows(item)
-                progress.done = finished[0] + sum(partial.values())
-                progress.show()
+                refresh()
     except BaseException:
         client.cancel(list(futures))
         if _LIVE:
