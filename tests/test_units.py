@@ -253,6 +253,33 @@ def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
     assert any(0 < done < 1000 for done in seen) and seen[-1] == 1000
 
 
+def _stepping_task() -> str:
+    from pipeline.stages.progress import PieceProgress
+
+    progress = PieceProgress("train", 0)
+    for step in ("reading 10 sampled rows", "k-means into 4 lists on 10 rows"):
+        progress.note(step)
+        time.sleep(1.2)
+    return "trained"
+
+
+def test_long_single_tasks_report_their_steps(dask_address, caplog):
+    """Training and the tuning walk are one task each: the driver shows the steps the worker
+    reports (and the elapsed time) while it waits, then returns the task's result."""
+    import logging
+
+    from distributed import Client
+
+    from pipeline.stages import progress
+
+    with Client(dask_address) as client, caplog.at_level(logging.INFO, logger="pipeline.stages.progress"):
+        result = progress.watch(client, client.submit(_stepping_task, pure=False), "train", interval=0.5)
+    lines = [r.getMessage() for r in caplog.records]
+    assert result == "trained"
+    assert any(line.startswith("train: reading 10 sampled rows, elapsed") for line in lines), lines
+    assert any(line.startswith("train: k-means into 4 lists on 10 rows, elapsed") for line in lines), lines
+
+
 def test_the_package_exports_the_commands_not_the_subpackages_of_the_same_name():
     """``pipeline.dedup`` and ``pipeline.graph`` are also subpackages; the package's names must stay
     the commands whatever is imported after it."""

@@ -16,9 +16,12 @@ Five ways, chosen from the index type:
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
-from collections.abc import Sequence
+import sys
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -55,8 +58,33 @@ def fill_mode(key: str, encoder: faiss.Index) -> str:
     return "memory" if isinstance(faiss.downcast_index(ivf), faiss.IndexIVFPQR) else "ondisk"
 
 
+@contextmanager
+def _faiss_quiet() -> Iterator[None]:
+    """Drop what FAISS's on-disk lists print to stdout ("resizing ...", "IO_FLAG_ONDISK_SAME_DIR:
+    updating ondisk filename ...") while they are merged or opened: our output is logs on stderr
+    and files, and a user's stdout is theirs. C's buffer is flushed before fd 1 is restored."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 1)
+            try:
+                yield
+            finally:
+                _LIBC.fflush(None)
+                os.dup2(saved, 1)
+    finally:
+        os.close(saved)
+
+
+_LIBC = ctypes.CDLL(None)
+
+
 @lru_cache(maxsize=8)
 def _read(path: str, mtime_ns: int, flags: int) -> faiss.Index:
+    if flags & faiss.IO_FLAG_ONDISK_SAME_DIR:
+        with _faiss_quiet():
+            return faiss.read_index(path, flags)
     return faiss.read_index(path, flags)
 
 
@@ -106,7 +134,8 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
     if mode == "ondisk":
         ivfdata = d / "index.ivfdata"
         ivfdata.unlink(missing_ok=True)
-        merge_ondisk(index, list(parts), str(ivfdata))
+        with _faiss_quiet():
+            merge_ondisk(index, list(parts), str(ivfdata))
     else:
         for part in parts:
             index.merge_from(faiss.read_index(part), 0)

@@ -55,6 +55,7 @@ from pipeline.results import (
 )
 from pipeline.search.join import SearchPlan, join_pieces
 from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import PieceProgress, watch
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
@@ -150,9 +151,15 @@ def _train_task(
     if ivf is not None:
         ivf.cp.seed = seed
     if len(rows):
+        progress = PieceProgress("train", 0)
+        progress.note(f"reading {len(rows):,} sampled rows")
         sample = load_sample(store, rows)
+        ivf = ivf_of(index)
+        progress.note(f"k-means into {ivf.nlist:,} lists on {len(rows):,} rows" if ivf is not None
+                      else f"training {key} on {len(rows):,} rows")
         with worker_device() as be:
             be.train(index, sample)
+        progress.note("writing the trained index")
     with atomic_path(out) as tmp:
         faiss.write_index(index, str(tmp))
 
@@ -180,7 +187,7 @@ def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int,
     if n_train:
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
     rows = sample_rows(store.total_rows, n_train, seed)
-    client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), pure=False).result()
+    watch(client, client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), pure=False), "train")
     manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
 
 

@@ -7,7 +7,7 @@ sample times k, never the dataset.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -16,6 +16,7 @@ from pipeline.backends import Backend
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
+from pipeline.stages.progress import Progress
 
 __all__ = ["exact_knn", "exact_search", "merge_topk", "pair_scores"]
 
@@ -70,8 +71,17 @@ def exact_knn(
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
     futures = [client.submit(_exact_piece, store, p, queries, k, metric, pure=False) for p in range(n_pieces)]
-    # streamed in piece order (deterministic ties), each part released once merged
-    scores, rows = merge_topk((futures.pop(0).result() for _ in range(n_pieces)), k)
+    bounds = np.append(store.starts, store.total_rows)
+    progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.total_rows)
+
+    def parts() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        for p in range(n_pieces):  # in piece order (deterministic ties), each part released once merged
+            part = futures.pop(0).result()
+            progress.advance(int(bounds[p + 1] - bounds[p]))
+            yield part
+
+    scores, rows = merge_topk(parts(), k)
+    progress.close()
     return (-scores if metric == "l2" else scores), rows
 
 

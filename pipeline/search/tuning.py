@@ -22,6 +22,7 @@ from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 from pipeline.search.recall import recall_at_k, tie_aware_hits
+from pipeline.stages.progress import PieceProgress, watch
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
            "RERANK_FACTORS", "BelowTarget"]
@@ -163,21 +164,27 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     start = next((i for i, f in enumerate(factors) if f >= START_FACTOR), 0)
     points: list[TunePoint] = []
     found: TunePoint | None = None
-    for nprobe in probes:
-        point = _point(plan, index_store, sample, nprobe, factors[start])
+    progress = PieceProgress("tune", 0)
+
+    def measure(nprobe: int | None, rerank: int) -> TunePoint:
+        point = _point(plan, index_store, sample, nprobe, rerank)
         points.append(point)
+        progress.note(f"{len(points)} settings tried; last nprobe={nprobe} rerank={rerank}: recall {point.recall:.3f}")
+        return point
+
+    for nprobe in probes:
+        point = measure(nprobe, factors[start])
         if point.passes(target):
             found = point
             break
     if found is not None:
         at = found.nprobe
         for f in reversed(factors[:start]):  # smaller factors at the passing nprobe
-            point = _point(plan, index_store, sample, at, f)
-            points.append(point)
+            point = measure(at, f)
             if not point.passes(target):
                 more = [p for p in probes if p is not None and at is not None and p > at][:1]
                 if more:  # twice the lists may pass with the smaller factor, and cost less
-                    points.append(_point(plan, index_store, sample, more[0], f))
+                    measure(more[0], f)
                 break
         return points
     # no nprobe reached the target at the start factor: the codes rank true neighbours too low;
@@ -186,8 +193,7 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     plateau = min((p.nprobe or 0 for p in points if p.recall >= top - 0.002), default=0) or None
     wider = list(factors[start + 1 :]) + (list(WIDE_FACTORS) if tuple(factors) == RERANK_FACTORS else [])
     for factor in wider:
-        point = _point(plan, index_store, sample, plateau, factor)
-        points.append(point)
+        point = measure(plateau, factor)
         if point.passes(target):
             break
     return points
@@ -200,7 +206,8 @@ def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSam
     ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
     """
     probes = [nprobe] if nprobe is not None else probe_steps(nlist)
-    return list(client.submit(_walk, plan, index_store, sample, probes, list(factors), target, pure=False).result())
+    future = client.submit(_walk, plan, index_store, sample, probes, list(factors), target, pure=False)
+    return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
 
 
 def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample

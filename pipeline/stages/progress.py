@@ -15,7 +15,7 @@ from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
 
-__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted"]
+__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted", "watch"]
 
 log = logging.getLogger(__name__)
 
@@ -80,6 +80,12 @@ class PieceProgress:
         if self._worker is not None and now - self._last >= EVENT_INTERVAL:
             self._last = now
             self._worker.log_event(TOPIC, {"stage": self.stage, "index": self.index, "rows": self.done})
+
+    def note(self, text: str) -> None:
+        """Say what the task is doing now (a step with no row count: k-means, a tuning setting);
+        the driver shows it beside the phase's elapsed time (:func:`watch`)."""
+        if self._worker is not None:
+            self._worker.log_event(TOPIC, {"stage": self.stage, "index": self.index, "note": text})
 
 
 class Progress:
@@ -182,6 +188,57 @@ def run_tasks(
         if subscribed:
             client.unsubscribe_topic(TOPIC)
     return progress.close()
+
+
+def watch(client: Any, future: Any, label: str, note: str = "", interval: float = 10.0) -> Any:
+    """Wait for one long task (training, the tuning walk), showing the phase, its elapsed time and
+    the latest step the worker reported through :meth:`PieceProgress.note`; return its result.
+    Live: the line is redrawn every second and on every step; in logs: a line every ``interval``
+    seconds while the task runs (a quick phase logs nothing here)."""
+    state = {"note": note, "logged": ""}
+    start = last = time.monotonic()
+    lock = threading.Lock()
+
+    def line() -> str:
+        return f"{label}: {state['note'] or 'running'}, elapsed {_duration(time.monotonic() - start)}"
+
+    def show() -> None:
+        nonlocal last
+        now = time.monotonic()
+        if _LIVE:
+            sys.stderr.write("\r" + line() + "\033[K")
+            sys.stderr.flush()
+        elif now - last >= interval:
+            log.info("%s", line())
+            last = now
+
+    def on_event(event: Any) -> None:
+        _, msg = event
+        if isinstance(msg, dict) and msg.get("stage") == label and "note" in msg:
+            with lock:
+                state["note"] = str(msg["note"])
+                show()
+
+    subscribed = _subscribe(client, on_event)
+    try:
+        while True:
+            try:
+                result = future.result(timeout=1.0)
+                break
+            except TimeoutError:
+                with lock:
+                    show()
+    except BaseException:
+        if _LIVE:
+            sys.stderr.write("\n")
+        raise
+    finally:
+        if subscribed:
+            client.unsubscribe_topic(TOPIC)
+    if _LIVE:
+        sys.stderr.write("\r" + line() + "\033[K\n")
+        sys.stderr.flush()
+    return result
 
 
 def _subscribe(client: Any, handler: Callable[[Any], None]) -> bool:
