@@ -1,4 +1,4 @@
-"""Command line: ``python -m pipeline {run,build,join,sample-data} ...``.
+"""Command line: ``knn-pipeline {run,build,join,evaluate,dedup,graph,submit,sample-data} ...``.
 
 Flags are generated from :data:`pipeline.config.KEYS`, so every flag is also a YAML key. Logging
 and the progress display are configured here and nowhere else.
@@ -119,7 +119,8 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
         ("build", "build the index only, into --index-dir"),
         ("join", "search the --input queries against an existing --index-dir"),
-        ("evaluate", "recall of --index-dir (or of the table in --output) against exact search on a sample"),
+        ("evaluate", "recall of the neighbour table in --output, or of --index-dir at given settings, "
+                     "against exact search on a sample"),
         ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
         ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):

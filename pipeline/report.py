@@ -33,7 +33,7 @@ def _verdict(report: JobReport) -> str:
     rec, plan = report.recall, report.join.plan
     if rec is None:
         return f"recall not measured; plan: {plan}"
-    got = f"recall@{rec.k} {rec.recall:.3f} (tie-aware) on {rec.queries:,} held-out queries"
+    got = f"recall@{rec.k} {rec.recall:.3f} (tie-aware) on {rec.measured_on}"
     if rec.target is None:
         return f"{got}, no target; plan: {plan}"
     return f"{got}, target {rec.target}: {'met' if rec.met else 'MISSED'}; plan: {plan}"

@@ -144,7 +144,8 @@ class TunePointRecord:
 
 @dataclass(frozen=True)
 class RecallResult:
-    """The recall a join reached on held-out queries, the setting and the target (manifest ``recall``)."""
+    """The recall a join reached on sampled queries (held out from tuning when it tuned), the setting
+    and the target (manifest ``recall``)."""
 
     k: int
     recall: float  # tie-aware
@@ -158,6 +159,11 @@ class RecallResult:
     curve: tuple[TunePointRecord, ...] = ()
     strategy: str = "index"  # index | exact
     why: str = ""  # why this plan: tuned, given, or exact search (and why)
+
+    @property
+    def measured_on(self) -> str:
+        """The queries the recall was measured on: held out from tuning, or just sampled."""
+        return f"{self.queries:,} {'held-out' if self.curve else 'sampled'} queries"
 
 
 @dataclass(frozen=True)

@@ -6,7 +6,7 @@ finds connected components (scipy), and compares with the run in ``--output``: p
 missed, pairs below the threshold, rows dropped and the groups (components mode). Prints the
 brute-force time beside the run's own wall time and peak memory from its report.
 
-    python -m pipeline dedup --input ../shared/data/pydocs-minilm --output out --threshold 0.95
+    knn-pipeline dedup --input ../shared/data/pydocs-minilm --output out --threshold 0.95
     python scripts/dedup_check.py --data ../shared/data/pydocs-minilm --output out
 """
 

@@ -40,7 +40,8 @@ def test_report_files_are_written_and_parse(tuned_run):
 
 def test_evaluate_a_written_table_agrees_with_the_run(make_config, tuned_run):
     report = json.loads((tuned_run / "report.json").read_text())
-    result = evaluate(make_config(index_dir=str(tuned_run / "index"), output=str(tuned_run), recall_queries=300))
+    # no --index-dir: the run's own OUT/index is used
+    result = evaluate(make_config(index_dir=None, output=str(tuned_run), recall_queries=300))
     assert result.queries == 300 and result.k == 10
     assert abs(result.strict[10] - report["recall"]["recall_strict"]) < 0.05
     # the run re-ranked, so the table's scores are exact: tie-aware recall is counted from them

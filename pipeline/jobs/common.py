@@ -107,7 +107,7 @@ def recall_verdict(joined: JoinResult) -> str:
     if recall is None:
         return f"recall not measured (--recall-queries 0); plan: {plan}"
     got = f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on " \
-          f"{recall.queries} held-out queries"
+          f"{recall.measured_on}"
     if recall.target is None:
         return f"{got}, no target; plan: {plan}"
     return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"

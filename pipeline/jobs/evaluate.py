@@ -30,11 +30,16 @@ def evaluate(config: Config) -> RecallSummary:
     """``evaluate``: recall@1/@10/@k against exact search on a seeded sample of queries.
 
     With ``--output`` pointing at a finished ``run`` or ``join``, the neighbour table written there
-    is evaluated; otherwise the index in ``--index-dir`` is searched (its own rows as queries) with
-    the given ``--k``, ``--nprobe``, ``--rerank`` and ``--exclude-self``.
+    is evaluated against the index it was joined with (``--index-dir``, by default the ``index``
+    folder inside ``--output`` that ``run`` writes); otherwise the index in ``--index-dir`` is
+    searched (its own rows as queries) with the given ``--k``, ``--nprobe``, ``--rerank`` and
+    ``--exclude-self``.
     """
-    index_dir = require(config.index_dir, "--index-dir", "evaluate")
     table = Path(config.output).resolve() / "neighbors" if config.output else None
+    given = config.index_dir
+    if given is None and table is not None and (table.parent / "index" / "manifest.json").exists():
+        given = str(table.parent / "index")  # where `run` and `dedup` put it by default
+    index_dir = require(given, "--index-dir", "evaluate")
     guard = guarded(config, table.parent if table else None, index_dir, index_read_only=True, output_read_only=True)
     with guard:
         return _evaluate(config, index_dir, table)
