@@ -28,7 +28,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("pipeline")
 
-BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target"}
+BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target", "write_dataset"}
 
 
 GROUPS = {"data": "input", "index": "index", "search": "search", "": "output", "cluster": "cluster",

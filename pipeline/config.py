@@ -121,6 +121,7 @@ class DedupSpec:
     text_column: str | None = None  # shown beside the example pairs in the report
     explore: bool = False  # print pairs/rows dropped over a range of thresholds; write no groups
     target_pair_recall: float | None = 0.99  # share of the exact above-threshold pairs to find (None: off)
+    write_dataset: bool = True  # deduplicated/ (the input files minus dropped rows) and removed/
 
 
 @dataclass(frozen=True)
@@ -335,6 +336,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     ),
     "target_pair_recall": ("dedup", "target_pair_recall", _pair_fraction,
                            "dedup: share of the exact above-threshold pairs to find, or off"),
+    "write_dataset": ("dedup", "write_dataset", _bool,
+                      "dedup: write deduplicated/ (the input files minus the dropped rows) and removed/"),
     "graph_mode": (
         "graph",
         "mode",

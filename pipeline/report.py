@@ -188,6 +188,10 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
         f"| groups (2+ rows) | {d.groups:,} holding {d.rows_in_groups:,} rows |",
         f"| rows dropped | {d.rows_dropped:,} ({d.rows_dropped / max(1, d.rows_in):.2%}); kept {d.rows_kept:,} |",
     ]
+    if d.dataset is not None:
+        lines.append(f"| deduplicated dataset | `deduplicated/` (the input files minus the dropped rows) and "
+                     f"`removed/`: {d.dataset.files_written:,} file(s) written this run, "
+                     f"{d.dataset.files_unchanged:,} unchanged |")
     ex = d.exactness
     if ex is not None:
         pr = "n/a (no exact pairs in the sample)" if ex.pair_recall is None else f"{ex.pair_recall:.4f}"

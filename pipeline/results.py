@@ -15,9 +15,9 @@ from typing import Any, TypeVar
 
 __all__ = [
     "from_dict", "to_dict", "IndexSummary", "SearchSummary", "TunePointRecord", "RecallResult", "MemoryUse",
-    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DedupResult", "ExploreRow", "DegreeStats",
-    "GraphRecall", "GraphResult", "RecallSummary", "JobReport", "IndexRecord", "TrainRecord", "ScanRecord",
-    "FillRecord", "Files",
+    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "DedupResult", "ExploreRow",
+    "DegreeStats", "GraphRecall", "GraphResult", "RecallSummary", "JobReport", "IndexRecord", "TrainRecord",
+    "ScanRecord", "FillRecord", "Files",
 ]
 
 T = TypeVar("T")
@@ -229,6 +229,15 @@ class DedupExample:
 
 
 @dataclass(frozen=True)
+class DatasetWritten:
+    """What ``deduplicated/`` and ``removed/`` got this run (files are rewritten only when changed)."""
+
+    files_written: int
+    files_unchanged: int
+    rows_removed: int
+
+
+@dataclass(frozen=True)
 class DedupResult:
     threshold: float
     mode: str
@@ -249,6 +258,7 @@ class DedupResult:
     exactness: PairRecall | None = None
     target_pair_recall: float | None = None
     pair_nprobe: int | None = None  # lists linked rows were searched again with (None: the join's)
+    dataset: DatasetWritten | None = None  # deduplicated/ and removed/ (None: not written)
 
 
 @dataclass(frozen=True)

@@ -376,3 +376,78 @@ def test_incremental_dedup_with_a_tuned_index_agrees_with_a_full_run_on_clustere
     groups_full, _ = _partition(tmp_path / "full")
     groups_inc, _ = _partition(tmp_path / "inc")
     assert len(groups_full ^ groups_inc) <= 0.002 * len(groups_full)
+
+
+# the deduplicated dataset ------------------------------------------------------------------------
+def _digest_files(paths: list[Path]) -> dict[Path, bytes]:
+    return {p: p.read_bytes() for p in paths}
+
+
+def test_deduplicated_mirrors_the_input_files_minus_the_dropped_rows(make_config, planted, tmp_path):
+    """deduplicated/ has the input's file names (nested folders too), every column, the input's row
+    order, and exactly the kept rows; removed/ has the dropped rows with their representative and
+    score; the input is left byte for byte as it was."""
+    src = tmp_path / "in"
+    (src / "2026-12-01").mkdir(parents=True)
+    (src / "2026-12-02").mkdir()
+    names = ["2026-12-01/a.parquet", "2026-12-01/b.parquet", "2026-12-02/a.parquet"]
+    for name, shard in zip(names, sorted(Path(planted["dir"]).glob("*.parquet")), strict=True):
+        table = pq.read_table(shard)
+        pq.write_table(table.replace_schema_metadata({"origin": name}), src / name, row_group_size=400)
+    inputs = _digest_files(sorted(src.rglob("*.parquet")))
+    out = tmp_path / "out"
+    report = dedup(make_config(input=str(src), output=str(out), **SETTINGS))
+
+    groups = groups_of(out)
+    assert sorted(str(p.relative_to(out / "deduplicated")) for p in (out / "deduplicated").rglob("*.parquet")) == \
+        sorted(names)
+    for name in names:
+        original = pq.read_table(src / name)
+        kept = pq.read_table(out / "deduplicated" / name)
+        removed = pq.read_table(out / "removed" / name)
+        assert kept.schema == original.schema and kept.schema.metadata == original.schema.metadata
+        keep_mask = [groups[i]["is_kept"] for i in original.column("id").to_pylist()]
+        assert kept.equals(original.filter(pa.array(keep_mask)))  # same rows, same order, same values
+        dropped = original.filter(pa.array([not m for m in keep_mask]))
+        assert removed.select(original.schema.names).equals(dropped)
+        for r in removed.to_pylist():
+            assert r["representative_id"] == groups[r["id"]]["representative_id"] != r["id"]
+            assert r["score_to_representative"] == pytest.approx(groups[r["id"]]["score_to_representative"])
+    assert report.dedup.dataset.rows_removed == report.dedup.rows_dropped > 0
+    assert report.dedup.dataset.files_written == 3
+    assert _digest_files(sorted(src.rglob("*.parquet"))) == inputs
+
+
+def test_deduplicated_files_are_written_again_only_when_their_rows_change(make_config, six_shards, tmp_path):
+    """A rerun rewrites no file; a grown input writes the new files (and an old one only where new
+    rows changed which of its rows are kept); the result equals a full run's."""
+    out = tmp_path / "inc"
+    dedup(make_config(input=six_shards[:3], output=str(out), **SETTINGS))
+    old = sorted((out / "deduplicated").glob("*.parquet"))
+    stamps = {p.name: p.stat().st_mtime_ns for p in old}
+    old_kept = {p.name: pq.read_table(p).column("id").to_pylist() for p in old}
+    report = dedup(make_config(input=six_shards, output=str(out), **SETTINGS))
+    full = tmp_path / "full"
+    dedup(make_config(input=six_shards, output=str(full), **SETTINGS))
+    for name in (Path(p).name for p in six_shards):
+        assert pq.read_table(out / "deduplicated" / name).equals(pq.read_table(full / "deduplicated" / name))
+    rewritten = {n for n, t in stamps.items() if (out / "deduplicated" / n).stat().st_mtime_ns != t}
+    changed = {n for n in stamps if pq.read_table(out / "deduplicated" / n).column("id").to_pylist() != old_kept[n]}
+    assert rewritten == changed  # an old file is written again exactly when its kept rows changed
+    assert report.dedup.dataset.files_written == 3 + len(changed)
+    before = {p: p.stat().st_mtime_ns for p in (out / "deduplicated").glob("*.parquet")}
+    again = dedup(make_config(input=six_shards, output=str(out), **SETTINGS))
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+    assert again.dedup is None or again.dedup.dataset is None or again.dedup.dataset.files_written == 0
+
+
+def test_an_input_column_named_like_an_added_one_is_refused_up_front(make_config, planted, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    table = pq.read_table(sorted(Path(planted["dir"]).glob("*.parquet"))[0])
+    pq.write_table(table.append_column("representative_id", table.column("id")), src / "a.parquet")
+    with pytest.raises(ConfigError, match=r"a\.parquet: column 'representative_id' .* --no-write-dataset"):
+        dedup(make_config(input=str(src), output=str(tmp_path / "out"), **SETTINGS))
+    assert not list((tmp_path / "out").rglob("*.npy"))  # refused before the scan
+    report = dedup(make_config(input=str(src), output=str(tmp_path / "out2"), write_dataset=False, **SETTINGS))
+    assert report.dedup.dataset is None and not (tmp_path / "out2" / "deduplicated").exists()

@@ -154,7 +154,7 @@ def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
     if manifest.stage_info("dedup_params") not in (None, params):
         log.info("dedup settings changed (%s): regrouping from the existing join",
                  ", ".join(f"{k}={v}" for k, v in params.items()))
-        _clear(manifest, output, STAGES, ["_dedup", "pairs", "groups", "kept"])
+        _clear(manifest, output, STAGES, ["_dedup", "pairs", "groups", "kept"])  # deduplicated/: by digest
     manifest.finish_stage("dedup_params", params)
 
 

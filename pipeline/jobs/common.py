@@ -76,6 +76,8 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
     where = {"dedup": output / "groups", "graph": output / "graph.npz"}.get(command, output / "neighbors")
     if explored is not None:
         where = output / "report.md"
+    elif dedup is not None and dedup.dataset is not None:
+        where = output / "deduplicated"
     log.info("done in %.1f s: %s (%s)", wall, where, ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
     verdict = recall_verdict(joined)
     recall = joined.recall

@@ -10,12 +10,14 @@ from typing import Any
 from pipeline.cluster.clients import worker_memory
 from pipeline.config import Config
 from pipeline.dedup.columns import attach_examples
+from pipeline.dedup.dataset import check_columns, write_dataset
 from pipeline.dedup.exactness import pair_recall
 from pipeline.dedup.explore import explore
 from pipeline.dedup.groups import dedup_stages
 from pipeline.dedup.plan import DedupPlan, check_plan, default_thresholds
 from pipeline.dedup.widen import tune_pair_nprobe
 from pipeline.errors import ConfigError
+from pipeline.io.parquet import resolve_paths
 from pipeline.io.workdir import TIMINGS_NAME
 from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index, search_plan
@@ -50,6 +52,8 @@ def dedup(config: Config) -> JobReport:
     index_dir = index_dir_for(config, output)
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
+        if d.write_dataset and not d.explore:
+            check_columns(resolve_paths(config.data.paths))
         built = build_index(client, cluster, config, index_dir, timings, search=config.search,
                             incremental=True)
         dataset = built.dataset
@@ -72,6 +76,12 @@ def dedup(config: Config) -> JobReport:
         result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
         result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
+        if d.write_dataset:
+            t0 = time.monotonic()
+            written = write_dataset(client, dataset, output, manifest, adj_starts)
+            outputs = {name: str(output / name) for name in ("deduplicated", "removed")}
+            result = replace(result, dataset=written, outputs={**result.outputs, **outputs})
+            timings.add("dataset", time.monotonic() - t0)
         if config.search.recall_queries:
             t0 = time.monotonic()
             ex = pair_recall(client, plan, built.store, output, config.search.recall_queries, config.index.seed,

@@ -1,0 +1,179 @@
+"""The deduplicated dataset: the input files again minus the dropped rows, ready to train on.
+
+``deduplicated/`` mirrors the input files (same relative names, every input column, same row
+order) without the rows dedup dropped; ``removed/`` holds the dropped rows with their
+``representative_id`` and ``score_to_representative``. One task per input file streams it row
+group by row group, taking each row's fate from ``groups/``, so memory is one row group plus a
+few bytes a row of the file. A file is rewritten only when the rows it drops changed (a digest
+kept in the manifest): an incremental run writes the new files and leaves the old ones alone
+unless new rows changed which of their rows are kept.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from pipeline.errors import ConfigError, InputError
+from pipeline.io.atomic import atomic_path
+from pipeline.io.parquet import Dataset
+from pipeline.io.workdir import shown
+from pipeline.results import DatasetWritten
+from pipeline.stages.manifest import Manifest
+from pipeline.stages.progress import run_tasks
+
+__all__ = ["ADDED_COLUMNS", "FileJob", "file_jobs", "write_dataset", "check_columns"]
+
+log = logging.getLogger(__name__)
+
+ADDED_COLUMNS = ("representative_id", "score_to_representative")  # what removed/ adds to the input's columns
+STAGE = "dedup_dataset"
+
+
+@dataclass(frozen=True)
+class FileJob:
+    """One input file: its global rows ``[start, start + rows)`` and its name under the outputs."""
+
+    index: int
+    path: str
+    name: str
+    start: int
+    rows: int
+
+
+def mirror_names(paths: Sequence[str]) -> list[str]:
+    """Each file's path relative to the deepest folder holding them all (unique, like the input)."""
+    if not paths:
+        return []
+    root = os.path.commonpath([os.path.dirname(os.path.abspath(p)) for p in paths])
+    return [os.path.relpath(os.path.abspath(p), root) for p in paths]
+
+
+def file_jobs(dataset: Dataset) -> list[FileJob]:
+    """The files of ``dataset`` in input order, with the global rows each holds."""
+    names = mirror_names([f.path for f in dataset.files])
+    first: dict[str, int] = {}
+    for piece in dataset.pieces:
+        first.setdefault(piece.path, piece.start - piece.file_row)
+    jobs, start = [], 0
+    for i, (f, name) in enumerate(zip(dataset.files, names, strict=True)):
+        start = first.get(f.path, start)
+        jobs.append(FileJob(i, f.path, name, start, f.rows if f.path in first else 0))
+        start += jobs[-1].rows
+    return jobs
+
+
+def check_columns(paths: Sequence[str]) -> None:
+    """Refuse input whose columns clash with the two that ``removed/`` adds, before any work
+    (the schemas of all files agree: planning checks that)."""
+    if not paths:
+        return
+    names = set(pq.read_schema(paths[0]).names)
+    clash = [c for c in ADDED_COLUMNS if c in names]
+    if clash:
+        raise ConfigError(f"{shown(paths[0])}: column {clash[0]!r} is also a column dedup adds to removed/; "
+                          "rename it in the input, or pass --no-write-dataset")
+
+
+def _fates(parts: Sequence[tuple[str, int, int]], start: int, rows: int) -> pa.Table:
+    """``is_kept``, ``representative_id`` and ``score_to_representative`` of global rows
+    ``[start, start + rows)``, from the ``groups/`` partitions ``(path, first row, rows)``."""
+    cols = ["is_kept", *ADDED_COLUMNS]
+    pieces = []
+    for path, first, n in parts:
+        lo, hi = max(start, first), min(start + rows, first + n)
+        if lo < hi:
+            pieces.append(pq.read_table(path, columns=cols).slice(lo - first, hi - lo))
+    return pa.concat_tables(pieces) if pieces else pa.table({c: [] for c in cols})
+
+
+def _digest(dropped: np.ndarray, fates: pa.Table) -> str:
+    """What the file's outputs depend on: which rows are dropped, and to which representative."""
+    h = hashlib.sha1(dropped.astype(np.int64).tobytes())
+    sink = pa.BufferOutputStream()
+    table = fates.select(list(ADDED_COLUMNS)).take(pa.array(dropped))
+    with pa.ipc.new_stream(sink, table.schema) as writer:
+        writer.write_table(table)
+    h.update(sink.getvalue().to_pybytes())
+    return h.hexdigest()
+
+
+def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], kept_out: str, removed_out: str,
+                previous: str | None) -> dict[str, Any]:
+    """Write one file's ``deduplicated/`` and ``removed/`` copies (unless the digest is unchanged)."""
+    fates = _fates(parts, job.start, job.rows)
+    kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
+    dropped = np.flatnonzero(~kept)
+    digest = _digest(dropped, fates)
+    if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
+        return {"digest": digest, "dropped": int(dropped.size), "written": False}
+    source = pq.ParquetFile(job.path)
+    schema = source.schema_arrow
+    extra = fates.schema.remove(0)  # the added columns, typed as in groups/
+    removed_schema = pa.schema(list(schema) + list(extra), metadata=schema.metadata)
+    with atomic_path(kept_out) as tmp_kept, atomic_path(removed_out) as tmp_removed, \
+            pq.ParquetWriter(str(tmp_kept), schema) as keep_w, \
+            pq.ParquetWriter(str(tmp_removed), removed_schema) as rm_w:
+        at = 0
+        for g in range(source.num_row_groups):
+            batch = source.read_row_group(g)
+            n = batch.num_rows
+            if not n:
+                continue
+            mask = pa.array(kept[at : at + n])
+            keep_w.write_table(batch.filter(mask))
+            gone = pc.invert(mask)
+            if not pc.any(gone).as_py():
+                at += n
+                continue
+            removed = batch.filter(gone)
+            for col in ADDED_COLUMNS:
+                removed = removed.append_column(col, fates.column(col).slice(at, n).filter(gone))
+            rm_w.write_table(removed)
+            at += n
+        if at != job.rows:
+            raise InputError(f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
+                              "the input changed during the run: run again")
+    return {"digest": digest, "dropped": int(dropped.size), "written": True}
+
+
+def write_dataset(client: Any, dataset: Dataset, output: Path, manifest: Manifest,
+                  part_starts: np.ndarray) -> DatasetWritten:
+    """Write ``deduplicated/`` and ``removed/`` from ``groups/``, whose partitions begin at global
+    rows ``part_starts`` (see the module doc)."""
+    ends = [*part_starts[1:].tolist(), dataset.total_rows]
+    groups = [(str(output / "groups" / f"part-{i:05d}.parquet"), int(s), int(e) - int(s))
+              for i, (s, e) in enumerate(zip(part_starts.tolist(), ends, strict=True))]
+    jobs = file_jobs(dataset)
+    previous = manifest.piece_results(STAGE)
+    kept_dir, removed_dir = output / "deduplicated", output / "removed"
+
+    def outputs(job: FileJob) -> tuple[Path, Path]:
+        return kept_dir / job.name, removed_dir / job.name
+
+    results: dict[int, dict[str, Any]] = {}
+
+    def done(job: FileJob, result: dict[str, Any]) -> None:
+        results[job.index] = result
+        manifest.mark_piece(STAGE, job.index, outputs(job), result)
+
+    run_tasks(client, _write_file, jobs, "dedup_dataset",
+              args=lambda j: (j, [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]],
+                              str(outputs(j)[0]), str(outputs(j)[1]), previous.get(j.index, {}).get("digest")),
+              on_done=done)
+    manifest.finish_stage(STAGE, {})
+    written = sum(1 for r in results.values() if r["written"])
+    summary = DatasetWritten(written, len(results) - written, int(sum(r["dropped"] for r in results.values())))
+    log.info("deduplicated/: %d file(s) written, %d unchanged; removed/: %d row(s)", summary.files_written,
+             summary.files_unchanged, summary.rows_removed)
+    return summary
