@@ -94,7 +94,7 @@ def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
         text = f"{help_text} ({'; '.join(notes)})" if notes else help_text
         if key in BOOL_KEYS:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
-        elif key == "input":
+        elif key in ("input", "against"):
             group.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=text)
         else:
             group.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=text)

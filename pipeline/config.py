@@ -122,6 +122,8 @@ class DedupSpec:
     explore: bool = False  # print pairs/rows dropped over a range of thresholds; write no groups
     target_pair_recall: float | None = 0.99  # share of the exact above-threshold pairs to find (None: off)
     write_dataset: bool = True  # deduplicated/ (the input files minus dropped rows) and removed/
+    against: tuple[str, ...] = ()  # reference datasets (e.g. benchmarks): input rows near one are contaminated
+    against_action: str = "drop"  # drop contaminated rows from deduplicated/, or only flag them
 
 
 @dataclass(frozen=True)
@@ -240,6 +242,11 @@ def _paths(key: str, v: Any) -> tuple[str, ...]:
     return tuple(_str(key, os.fspath(p)) for p in items)
 
 
+def _opt_paths(key: str, v: Any) -> tuple[str, ...]:
+    """Like :func:`_paths`, but none is a valid answer (an empty list, or null)."""
+    return () if v is None or (isinstance(v, (list, tuple)) and not v) else _paths(key, v)
+
+
 MAX_BYTES = 1 << 60  # an exbibyte: any larger size is a typo
 
 
@@ -336,6 +343,11 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     ),
     "target_pair_recall": ("dedup", "target_pair_recall", _pair_fraction,
                            "dedup: share of the exact above-threshold pairs to find, or off"),
+    "against": ("dedup", "against", _opt_paths,
+                "dedup: reference Parquet (e.g. evaluation sets); input rows within --threshold of one are "
+                "contaminated (the reference is only read)"),
+    "against_action": ("dedup", "against_action", _choice("drop", "flag"),
+                       "dedup: drop contaminated rows from deduplicated/, or only flag them in contamination/"),
     "write_dataset": ("dedup", "write_dataset", _bool,
                       "dedup: write deduplicated/ (the input files minus the dropped rows) and removed/"),
     "graph_mode": (

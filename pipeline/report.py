@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.results import JobReport, RecallResult, TunePointRecord
+from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord
 
 __all__ = ["peak_rss", "kth_scores", "write_report", "to_html"]
 
@@ -220,6 +220,36 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
             row = f"| {e.score:.4f} | {_esc(e.id_a)} | {_esc(e.id_b)} |"
             if has_text:
                 row += f" {_esc(e.text_a)} | {_esc(e.text_b)} |"
+            lines.append(row)
+        lines.append("")
+    return lines + _contamination_lines(d)
+
+
+def _contamination_lines(d: DedupResult) -> list[str]:
+    """``--against``: matches per reference file, the join's recall and the closest examples."""
+    c = d.contamination
+    if c is None:
+        return []
+    op = "<=" if d.metric == "l2" else ">="
+    fate = "dropped from `deduplicated/` (listed in `removed/`)" if c.action == "drop" else \
+        "kept in `deduplicated/`, flagged in `contamination/`"
+    recall = f"recall@{c.recall.k} {c.recall.recall:.3f} (tie-aware) on {c.recall.measured_on}" if c.recall else \
+        "recall not measured"
+    lines = ["### Contamination against the reference", "",
+             f"{c.rows_contaminated:,} input rows have a reference row with score {op} {c.threshold}: {fate}. "
+             f"Reference: {c.reference_rows:,} rows; the input was joined against it with {c.plan} ({recall}).", "",
+             "| reference file | its rows | input rows matched |", "|---|---|---|"]
+    lines += [f"| {_esc(m.file)} | {m.rows:,} | {m.input_rows_matched:,} |" for m in c.per_file]
+    lines.append("")
+    if c.examples:
+        has_text = any(e.input_text is not None or e.reference_text is not None for e in c.examples)
+        lines += ["| score | input id | reference id | reference file |" + (" input text | reference text |"
+                                                                          if has_text else ""),
+                  "|---|---|---|---|" + ("---|---|" if has_text else "")]
+        for e in c.examples:
+            row = f"| {e.score:.4f} | {_esc(e.input_id)} | {_esc(e.reference_id)} | {_esc(e.reference_file)} |"
+            if has_text:
+                row += f" {_esc(e.input_text)} | {_esc(e.reference_text)} |"
             lines.append(row)
         lines.append("")
     return lines

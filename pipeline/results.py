@@ -15,7 +15,8 @@ from typing import Any, TypeVar
 
 __all__ = [
     "from_dict", "to_dict", "IndexSummary", "SearchSummary", "TunePointRecord", "RecallResult", "MemoryUse",
-    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "DedupResult", "ExploreRow",
+    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "Contamination",
+    "ContaminationExample", "ReferenceFileMatches", "DedupResult", "ExploreRow",
     "DegreeStats", "GraphRecall", "GraphResult", "RecallSummary", "JobReport", "IndexRecord", "TrainRecord",
     "ScanRecord", "FillRecord", "Files",
 ]
@@ -229,6 +230,40 @@ class DedupExample:
 
 
 @dataclass(frozen=True)
+class ReferenceFileMatches:
+    """Input rows whose closest reference match lies in one reference file."""
+
+    file: str
+    rows: int  # the file's rows
+    input_rows_matched: int
+
+
+@dataclass(frozen=True)
+class ContaminationExample:
+    input_id: Any
+    reference_id: Any
+    reference_file: str
+    score: float
+    input_text: Any = None
+    reference_text: Any = None
+
+
+@dataclass(frozen=True)
+class Contamination:
+    """``dedup --against``: input rows within the threshold of a reference row."""
+
+    reference_rows: int
+    threshold: float
+    action: str  # drop | flag
+    rows_contaminated: int
+    per_file: tuple[ReferenceFileMatches, ...]
+    examples: tuple[ContaminationExample, ...]
+    recall: RecallResult | None  # of the input-against-reference join
+    plan: str  # the join's index and setting
+    output: str  # contamination/
+
+
+@dataclass(frozen=True)
 class DatasetWritten:
     """What ``deduplicated/`` and ``removed/`` got this run (files are rewritten only when changed)."""
 
@@ -259,6 +294,7 @@ class DedupResult:
     target_pair_recall: float | None = None
     pair_nprobe: int | None = None  # lists linked rows were searched again with (None: the join's)
     dataset: DatasetWritten | None = None  # deduplicated/ and removed/ (None: not written)
+    contamination: Contamination | None = None  # --against
 
 
 @dataclass(frozen=True)

@@ -451,3 +451,89 @@ def test_an_input_column_named_like_an_added_one_is_refused_up_front(make_config
     assert not list((tmp_path / "out").rglob("*.npy"))  # refused before the scan
     report = dedup(make_config(input=str(src), output=str(tmp_path / "out2"), write_dataset=False, **SETTINGS))
     assert report.dedup.dataset is None and not (tmp_path / "out2" / "deduplicated").exists()
+
+
+# decontamination against a reference ------------------------------------------------------------
+@pytest.fixture(scope="module")
+def reference(planted: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """Two reference files: exact copies of input ids 100-104 (a.parquet), and perturbed copies
+    (cosine ~0.97) of ids 105-109 with 50 unrelated rows (b.parquet)."""
+    rng = np.random.default_rng(11)
+    row_of = {int(i): r for r, i in enumerate(planted["ids"])}
+    x = planted["x"]
+    copies = np.stack([x[row_of[i]] for i in range(100, 105)])
+    perturbed = np.stack([_unit(x[row_of[i]] + 0.25 * _unit(rng.standard_normal(DIM))) for i in range(105, 110)])
+    far = _unit(rng.standard_normal((50, DIM)))
+    d = tmp_path_factory.mktemp("reference")
+    for name, arr, first in (("a.parquet", copies, 900_000), ("b.parquet", np.vstack([perturbed, far]), 910_000)):
+        pq.write_table(pa.table({
+            "id": pa.array(np.arange(first, first + len(arr), dtype=np.int64)),
+            "text": pa.array([f"benchmark item {i}" for i in range(len(arr))]),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(arr.astype(np.float32).ravel()), DIM),
+        }), d / name)
+    return {"dir": d, "cos": [float(np.dot(perturbed[j], x[row_of[105 + j]])) for j in range(5)]}
+
+
+def test_against_finds_planted_contamination_and_never_touches_the_reference(make_config, planted, reference,
+                                                                              tmp_path):
+    before = _digest_files(sorted(Path(reference["dir"]).glob("*.parquet")))
+    assert all(0.95 < c < 0.99 for c in reference["cos"])
+    out = tmp_path / "out"
+    report = dedup(make_config(input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])],
+                               text_column="text", **SETTINGS))
+    c = report.dedup.contamination
+    assert c.rows_contaminated == 10 and c.reference_rows == 60
+    assert {Path(m.file).name: m.input_rows_matched for m in c.per_file} == {"a.parquet": 5, "b.parquet": 5}
+    found = pq.read_table(out / "contamination")
+    assert sorted(found.column("id").to_pylist()) == list(range(100, 110))
+    match = {r["id"]: r for r in found.to_pylist()}
+    assert [match[i]["reference_id"] for i in range(100, 105)] == list(range(900_000, 900_005))
+    assert [match[i]["reference_id"] for i in range(105, 110)] == list(range(910_000, 910_005))
+    assert all(match[i]["score"] == pytest.approx(1.0, abs=1e-5) for i in range(100, 105))
+    kept = set(pq.read_table(out / "deduplicated").column("id").to_pylist())
+    assert kept.isdisjoint(range(100, 110))
+    removed = {r["id"]: r for r in pq.read_table(out / "removed").to_pylist()}
+    assert all(removed[i]["reference_id"] == match[i]["reference_id"] for i in range(100, 110))
+    assert c.examples and c.examples[0].input_text is not None and c.examples[0].reference_text.startswith("bench")
+    assert "Contamination against the reference" in (out / "report.md").read_text()
+    assert _digest_files(sorted(Path(reference["dir"]).glob("*.parquet"))) == before
+
+    # a stricter threshold finds the exact copies only
+    strict = dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "strict"),
+                               against=[str(reference["dir"])], **{**SETTINGS, "threshold": 0.999}))
+    assert strict.dedup.contamination.rows_contaminated == 5
+    assert sorted(pq.read_table(tmp_path / "strict" / "contamination").column("id").to_pylist()) == \
+        list(range(100, 105))
+
+
+def test_against_flag_keeps_the_rows_and_lists_them(make_config, planted, reference, tmp_path):
+    out = tmp_path / "out"
+    report = dedup(make_config(input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])],
+                               against_action="flag", **SETTINGS))
+    assert report.dedup.contamination.rows_contaminated == 10
+    kept = set(pq.read_table(out / "deduplicated").column("id").to_pylist())
+    assert set(range(100, 110)) <= kept
+    assert sorted(pq.read_table(out / "contamination").column("id").to_pylist()) == list(range(100, 110))
+
+
+def test_an_output_inside_the_reference_is_refused(make_config, planted, reference):
+    from pipeline.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="reference|input"):
+        dedup(make_config(input=str(planted["dir"]), output=str(Path(reference["dir"]) / "out"),
+                          against=[str(reference["dir"])], **SETTINGS))
+    assert not (Path(reference["dir"]) / "out").exists()
+
+
+def test_against_on_a_grown_input_scans_and_matches_only_the_new_rows(make_config, six_shards, reference, tmp_path):
+    """Yesterday's shards, then all: the input-against-reference join takes in the new query
+    pieces (scanned and joined, old lists kept) and the result equals a full run's."""
+    out = tmp_path / "inc"
+    dedup(make_config(input=six_shards[:3], output=str(out), against=[str(reference["dir"])], **SETTINGS))
+    lists = sorted((out / "against" / "knn").glob("*.npz"))
+    stamps = [p.stat().st_mtime_ns for p in lists]
+    report = dedup(make_config(input=six_shards, output=str(out), against=[str(reference["dir"])], **SETTINGS))
+    assert [p.stat().st_mtime_ns for p in lists] == stamps  # old rows were not matched again
+    assert report.dedup.contamination.rows_contaminated == 10
+    assert sorted(pq.read_table(out / "contamination").column("id").to_pylist()) == list(range(100, 110))
+    assert set(pq.read_table(out / "deduplicated").column("id").to_pylist()).isdisjoint(range(100, 110))

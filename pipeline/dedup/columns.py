@@ -21,7 +21,7 @@ from pipeline.shuffle.components import label_path
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_stage
 
-__all__ = ["read_keep_column", "attach_examples"]
+__all__ = ["read_keep_column", "attach_examples", "read_texts"]
 
 
 def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
@@ -66,28 +66,32 @@ def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, 
                 lambda p: (p, column, str(label_path(out_dir, p.index))), lambda p: [label_path(out_dir, p.index)])
 
 
+def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int = 300) -> dict[int, Any]:
+    """``text_column`` of global ``rows`` (cut to ``limit`` characters), read piece by piece."""
+    texts: dict[int, Any] = {}
+    rows = np.unique(np.asarray(rows, dtype=np.int64))
+    piece_of = np.searchsorted(dataset.starts, rows, side="right") - 1
+    for p in np.unique(piece_of):
+        piece = dataset.pieces[int(p)]
+        try:
+            col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
+        except (pa.ArrowInvalid, KeyError) as exc:
+            raise InputError(
+                f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); name an existing column"
+            ) from None
+        local = rows[piece_of == p] - piece.start
+        for r, v in zip(rows[piece_of == p].tolist(), col.take(pa.array(local)).to_pylist(), strict=True):
+            texts[r] = v if not isinstance(v, str) or len(v) <= limit else v[:limit] + "…"
+    return texts
+
+
 def attach_examples(examples: Sequence[DedupExample], dataset: Dataset, store: RowStore, text_column: str | None,
                     limit: int = 300) -> tuple[DedupExample, ...]:
     """The example pairs with their ids (and, with ``text_column``, their texts cut to ``limit`` characters)."""
     rows = np.array(sorted({r for e in examples for r in (e.row_a, e.row_b)}), dtype=np.int64)
     if rows.size == 0:
         return tuple(examples)
-    ids = dict(zip(rows.tolist(), store.gather_ids(rows).to_pylist()))
-    texts: dict[int, Any] = {}
-    if text_column:
-        piece_of = np.searchsorted(dataset.starts, rows, side="right") - 1
-        for p in np.unique(piece_of):
-            piece = dataset.pieces[int(p)]
-            try:
-                col = (
-                    pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
-                )
-            except (pa.ArrowInvalid, KeyError) as exc:
-                raise InputError(
-                    f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); name an existing column"
-                ) from None
-            local = rows[piece_of == p] - piece.start
-            for r, v in zip(rows[piece_of == p].tolist(), col.take(pa.array(local)).to_pylist()):
-                texts[r] = v if not isinstance(v, str) or len(v) <= limit else v[:limit] + "…"
+    ids = dict(zip(rows.tolist(), store.gather_ids(rows).to_pylist(), strict=True))
+    texts = read_texts(dataset, rows, text_column, limit) if text_column else {}
     return tuple(replace(e, id_a=ids[e.row_a], id_b=ids[e.row_b], text_a=texts.get(e.row_a) if text_column else None,
                          text_b=texts.get(e.row_b) if text_column else None) for e in examples)

@@ -2,11 +2,12 @@
 
 ``deduplicated/`` mirrors the input files (same relative names, every input column, same row
 order) without the rows dedup dropped; ``removed/`` holds the dropped rows with their
-``representative_id`` and ``score_to_representative``. One task per input file streams it row
-group by row group, taking each row's fate from ``groups/``, so memory is one row group plus a
-few bytes a row of the file. A file is rewritten only when the rows it drops changed (a digest
-kept in the manifest): an incremental run writes the new files and leaves the old ones alone
-unless new rows changed which of their rows are kept.
+``representative_id`` and ``score_to_representative`` (and, with ``--against``, their closest
+``reference_id`` and ``reference_score``; contaminated rows are dropped unless only flagged).
+One task per input file streams it row group by row group, taking each row's fate from
+``groups/``, so memory is one row group plus a few bytes a row of the file. A file is rewritten
+only when the rows it drops changed (a digest kept in the manifest): an incremental run writes the
+new files and leaves the old ones alone unless new rows changed which of their rows are kept.
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
+from pipeline.dedup.against import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset
@@ -37,6 +39,7 @@ __all__ = ["ADDED_COLUMNS", "FileJob", "file_jobs", "write_dataset", "check_colu
 log = logging.getLogger(__name__)
 
 ADDED_COLUMNS = ("representative_id", "score_to_representative")  # what removed/ adds to the input's columns
+AGAINST_COLUMNS = ("reference_id", "reference_score")  # and, with --against, the closest reference match
 STAGE = "dedup_dataset"
 
 
@@ -49,6 +52,7 @@ class FileJob:
     name: str
     start: int
     rows: int
+    pieces: tuple[tuple[int, int], ...] = ()  # (piece index, rows) in file order
 
 
 def mirror_names(paths: Sequence[str]) -> list[str]:
@@ -63,12 +67,14 @@ def file_jobs(dataset: Dataset) -> list[FileJob]:
     """The files of ``dataset`` in input order, with the global rows each holds."""
     names = mirror_names([f.path for f in dataset.files])
     first: dict[str, int] = {}
+    pieces: dict[str, list[tuple[int, int]]] = {}
     for piece in dataset.pieces:
         first.setdefault(piece.path, piece.start - piece.file_row)
+        pieces.setdefault(piece.path, []).append((piece.index, piece.rows))
     jobs, start = [], 0
     for i, (f, name) in enumerate(zip(dataset.files, names, strict=True)):
         start = first.get(f.path, start)
-        jobs.append(FileJob(i, f.path, name, start, f.rows if f.path in first else 0))
+        jobs.append(FileJob(i, f.path, name, start, f.rows if f.path in first else 0, tuple(pieces.get(f.path, ()))))
         start += jobs[-1].rows
     return jobs
 
@@ -79,39 +85,52 @@ def check_columns(paths: Sequence[str]) -> None:
     if not paths:
         return
     names = set(pq.read_schema(paths[0]).names)
-    clash = [c for c in ADDED_COLUMNS if c in names]
+    clash = [c for c in (*ADDED_COLUMNS, *AGAINST_COLUMNS) if c in names]
     if clash:
         raise ConfigError(f"{shown(paths[0])}: column {clash[0]!r} is also a column dedup adds to removed/; "
                           "rename it in the input, or pass --no-write-dataset")
 
 
-def _fates(parts: Sequence[tuple[str, int, int]], start: int, rows: int) -> pa.Table:
-    """``is_kept``, ``representative_id`` and ``score_to_representative`` of global rows
-    ``[start, start + rows)``, from the ``groups/`` partitions ``(path, first row, rows)``."""
+def _fates(parts: Sequence[tuple[str, int, int]], job: FileJob, matches: Matches | None) -> pa.Table:
+    """Per row of the file: ``is_kept`` and the columns ``removed/`` adds, from the ``groups/``
+    partitions ``(path, first row, rows)`` and, with ``--against``, the reference matches of the
+    file's pieces (a contaminated row is not kept when they are dropped)."""
     cols = ["is_kept", *ADDED_COLUMNS]
-    pieces = []
+    tables = []
     for path, first, n in parts:
-        lo, hi = max(start, first), min(start + rows, first + n)
+        lo, hi = max(job.start, first), min(job.start + job.rows, first + n)
         if lo < hi:
-            pieces.append(pq.read_table(path, columns=cols).slice(lo - first, hi - lo))
-    return pa.concat_tables(pieces) if pieces else pa.table({c: [] for c in cols})
+            tables.append(pq.read_table(path, columns=cols).slice(lo - first, hi - lo))
+    fates = pa.concat_tables(tables) if tables else pa.table({c: [] for c in cols})
+    if matches is None:
+        return fates
+    best = np.concatenate([best_matches(matches, i, n)[0] for i, n in job.pieces] or [np.zeros(0, np.int64)])
+    score = np.concatenate([best_matches(matches, i, n)[1] for i, n in job.pieces] or [np.zeros(0, np.float32)])
+    hit = best >= 0
+    ref_ids = matches.reference.gather_ids(np.where(hit, best, 0)) if len(best) else pa.array([], pa.int64())
+    fates = fates.append_column(AGAINST_COLUMNS[0], pc.if_else(pa.array(hit), ref_ids, pa.scalar(None, ref_ids.type)))
+    fates = fates.append_column(AGAINST_COLUMNS[1], pa.array(score, mask=~hit))
+    if matches.drop:
+        kept = pc.and_(fates.column("is_kept"), pa.array(~hit))
+        fates = fates.set_column(0, "is_kept", kept)
+    return fates
 
 
 def _digest(dropped: np.ndarray, fates: pa.Table) -> str:
     """What the file's outputs depend on: which rows are dropped, and to which representative."""
     h = hashlib.sha1(dropped.astype(np.int64).tobytes())
     sink = pa.BufferOutputStream()
-    table = fates.select(list(ADDED_COLUMNS)).take(pa.array(dropped))
+    table = fates.drop_columns(["is_kept"]).take(pa.array(dropped))
     with pa.ipc.new_stream(sink, table.schema) as writer:
         writer.write_table(table)
     h.update(sink.getvalue().to_pybytes())
     return h.hexdigest()
 
 
-def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], kept_out: str, removed_out: str,
-                previous: str | None) -> dict[str, Any]:
+def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], matches: Matches | None, kept_out: str,
+                removed_out: str, previous: str | None) -> dict[str, Any]:
     """Write one file's ``deduplicated/`` and ``removed/`` copies (unless the digest is unchanged)."""
-    fates = _fates(parts, job.start, job.rows)
+    fates = _fates(parts, job, matches)
     kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
     dropped = np.flatnonzero(~kept)
     digest = _digest(dropped, fates)
@@ -137,7 +156,7 @@ def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], kept_out: s
                 at += n
                 continue
             removed = batch.filter(gone)
-            for col in ADDED_COLUMNS:
+            for col in extra.names:
                 removed = removed.append_column(col, fates.column(col).slice(at, n).filter(gone))
             rm_w.write_table(removed)
             at += n
@@ -148,9 +167,9 @@ def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], kept_out: s
 
 
 def write_dataset(client: Any, dataset: Dataset, output: Path, manifest: Manifest,
-                  part_starts: np.ndarray) -> DatasetWritten:
+                  part_starts: np.ndarray, matches: Matches | None = None) -> DatasetWritten:
     """Write ``deduplicated/`` and ``removed/`` from ``groups/``, whose partitions begin at global
-    rows ``part_starts`` (see the module doc)."""
+    rows ``part_starts``, and the ``--against`` ``matches`` (see the module doc)."""
     ends = [*part_starts[1:].tolist(), dataset.total_rows]
     groups = [(str(output / "groups" / f"part-{i:05d}.parquet"), int(s), int(e) - int(s))
               for i, (s, e) in enumerate(zip(part_starts.tolist(), ends, strict=True))]
@@ -168,7 +187,7 @@ def write_dataset(client: Any, dataset: Dataset, output: Path, manifest: Manifes
         manifest.mark_piece(STAGE, job.index, outputs(job), result)
 
     run_tasks(client, _write_file, jobs, "dedup_dataset",
-              args=lambda j: (j, [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]],
+              args=lambda j: (j, [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]], matches,
                               str(outputs(j)[0]), str(outputs(j)[1]), previous.get(j.index, {}).get("digest")),
               on_done=done)
     manifest.finish_stage(STAGE, {})

@@ -37,8 +37,8 @@ TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its ru
 # everything run, join, dedup and graph write in an output directory
 OUTPUT_NAMES = frozenset({
     "manifest.json", "_SUCCESS", "report.json", "report.md", "report.html", "neighbors", "knn", "_queries",
-    "pairs", "groups", "kept", "deduplicated", "removed", "_dedup", "_explore", "edges", "nodes", "_graph",
-    "graph.npz", "umap_knn.npz",
+    "pairs", "groups", "kept", "deduplicated", "removed", "contamination", "against", "_dedup", "_explore",
+    "edges", "nodes", "_graph", "graph.npz", "umap_knn.npz",
     "recall_curve.png", "kth_score.png", "timings.png", "group_sizes.png", "degrees.png", TIMINGS_NAME,
 })
 # everything build writes in an index directory

@@ -19,6 +19,7 @@ from pipeline.dedup.widen import tune_pair_nprobe
 from pipeline.errors import ConfigError
 from pipeline.io.parquet import resolve_paths
 from pipeline.io.workdir import TIMINGS_NAME
+from pipeline.jobs.against import match_against
 from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index, search_plan
 from pipeline.results import JobReport
@@ -51,7 +52,8 @@ def dedup(config: Config) -> JobReport:
     config = replace(config, search=replace(config.search, exclude_self=True))
     index_dir = index_dir_for(config, output)
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
-    with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
+    inputs = replace(config, data=replace(config.data, paths=(*config.data.paths, *d.against)))
+    with guarded(inputs, output, index_dir), job_cluster(config) as (client, cluster):
         if d.write_dataset and not d.explore:
             check_columns(resolve_paths(config.data.paths))
         built = build_index(client, cluster, config, index_dir, timings, search=config.search,
@@ -76,9 +78,14 @@ def dedup(config: Config) -> JobReport:
         result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
         result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
+        matches = None
+        if d.against:
+            contamination, matches = match_against(client, cluster, config, built, output, timings, manifest)
+            result = replace(result, contamination=contamination,
+                             outputs={**result.outputs, "contamination": contamination.output})
         if d.write_dataset:
             t0 = time.monotonic()
-            written = write_dataset(client, dataset, output, manifest, adj_starts)
+            written = write_dataset(client, dataset, output, manifest, adj_starts, matches)
             outputs = {name: str(output / name) for name in ("deduplicated", "removed")}
             result = replace(result, dataset=written, outputs={**result.outputs, **outputs})
             timings.add("dataset", time.monotonic() - t0)

@@ -369,6 +369,7 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     manifest = Manifest(output)
     if manifest.open(identity, config.overwrite, "neighbour table", keep=keep, allow_append=incremental):
         manifest.reopen_stage("join")  # new rows are searched against all rows; old lists are kept
+        manifest.reopen_stage("scan_queries")  # a query set that grew: its new pieces are scanned
     manifest.verify_stage("scan_queries")
     (output / "_SUCCESS").unlink(missing_ok=True)
     if queries is None:
