@@ -150,9 +150,15 @@ class Config:
     index_dir: str | None = None
     partition_bytes: int = parse_bytes("128MiB")
     overwrite: bool = False
+    scratch_dir: str | None = None  # where remote outputs and indexes are staged (default: the temp folder)
+    storage_options: dict[str, Any] = field(default_factory=dict)  # keyword arguments of the remote filesystem
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        """Everything but the values of ``storage_options`` (they may hold credentials): reports show
+        which options were given, never their values."""
+        out = asdict(self)
+        out["storage_options"] = {k: "(given)" for k in self.storage_options}
+        return out
 
 
 # ---------------------------------------------------------------------------------------------
@@ -378,6 +384,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "index_dir": ("", "index_dir", _opt_str, "index directory (default: OUTPUT/index)"),
     "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
     "overwrite": ("", "overwrite", _bool, "discard an existing run that does not match"),
+    "scratch_dir": ("", "scratch_dir", _opt_str,
+                    "local folder where an --output or --index-dir on object storage is staged (default: temp)"),
 }
 
 
@@ -491,6 +499,7 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
                                            "graph": {}, "": {}}
     values = dict(values)
     profiles = values.pop("profiles", None)
+    storage = _storage_options(values.pop("storage_options", None))
     for raw_key, value in values.items():
         key = str(raw_key).replace("-", "_")
         if key not in KEYS:
@@ -516,8 +525,22 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
         cluster=ClusterSpec(**sections["cluster"]),
         dedup=DedupSpec(**sections["dedup"]),
         graph=GraphSpec(**sections["graph"]),
+        storage_options=storage,
         **top,
     )
+
+
+def _storage_options(raw: Any) -> dict[str, Any]:
+    """``storage_options``: keyword arguments of the remote filesystem (pyarrow's ``S3FileSystem``,
+    ``GcsFileSystem``, ...), e.g. ``endpoint_override``, ``region``, ``anonymous``."""
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping) or not all(isinstance(k, str) for k in raw):
+        raise ConfigError(f"storage_options: expected a mapping of option names to values, got {raw!r}")
+    bad = [k for k, v in raw.items() if not isinstance(v, (str, int, float, bool))]
+    if bad:
+        raise ConfigError(f"storage_options.{bad[0]}: expected a string, number or true/false")
+    return dict(raw)
 
 
 def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:

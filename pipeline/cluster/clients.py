@@ -298,6 +298,19 @@ class _DropReported(logging.Filter):
         return True
 
 
+class StorageOptions(WorkerPlugin):
+    """The job's ``storage_options`` on every worker (and on workers that join later), for the
+    tasks that open remote input files."""
+
+    def __init__(self, options: dict[str, Any]) -> None:
+        self.options = dict(options)
+
+    def setup(self, worker: Any) -> None:
+        from pipeline.io.storage import set_storage_options
+
+        set_storage_options(self.options)
+
+
 class _QuietFailures(WorkerPlugin):
     """On the embedded cluster's workers: no "Compute Failed" dump for errors the CLI reports in one line."""
 

@@ -9,11 +9,11 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece
+from pipeline.io.storage import open_parquet
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.results import DedupExample
@@ -26,7 +26,7 @@ __all__ = ["read_keep_column", "attach_examples", "read_texts"]
 
 def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
     try:
-        col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[column]).column(column)
+        col = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[column]).column(column)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError, KeyError) as exc:
         raise InputError(f"{piece.where()}, column '{column}': cannot be read for --keep-by ({exc})") from None
     col = col.combine_chunks()
@@ -59,7 +59,7 @@ def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
 def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, manifest: Manifest) -> None:
     """Store the ``keep_by`` column per piece (``out_dir/part-NNNNN.npy``), checked as it is read."""
     for f in dataset.files:
-        names = pq.ParquetFile(f.path).schema_arrow.names
+        names = open_parquet(f.path).schema_arrow.names
         if column not in names:
             raise InputError(f"{f.path}: no column '{column}' for --keep-by; columns are {', '.join(names)}")
     run_stage(client, manifest, "dedup_keep", dataset.pieces, _read_keep_piece,
@@ -74,7 +74,7 @@ def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int 
     for p in np.unique(piece_of):
         piece = dataset.pieces[int(p)]
         try:
-            col = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
+            col = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
         except (pa.ArrowInvalid, KeyError) as exc:
             raise InputError(
                 f"{shown(piece.path)}: cannot read --text-column '{text_column}' ({exc}); name an existing column"

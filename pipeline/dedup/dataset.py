@@ -29,6 +29,7 @@ from pipeline.dedup.against import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset
+from pipeline.io.storage import open_parquet
 from pipeline.io.workdir import shown
 from pipeline.results import DatasetWritten
 from pipeline.stages.manifest import Manifest
@@ -84,7 +85,7 @@ def check_columns(paths: Sequence[str]) -> None:
     (the schemas of all files agree: planning checks that)."""
     if not paths:
         return
-    names = set(pq.read_schema(paths[0]).names)
+    names = set(open_parquet(paths[0]).schema_arrow.names)
     clash = [c for c in (*ADDED_COLUMNS, *AGAINST_COLUMNS) if c in names]
     if clash:
         raise ConfigError(f"{shown(paths[0])}: column {clash[0]!r} is also a column dedup adds to removed/; "
@@ -136,7 +137,7 @@ def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], matches: Ma
     digest = _digest(dropped, fates)
     if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
         return {"digest": digest, "dropped": int(dropped.size), "written": False}
-    source = pq.ParquetFile(job.path)
+    source = open_parquet(job.path)
     schema = source.schema_arrow
     extra = fates.schema.remove(0)  # the added columns, typed as in groups/
     removed_schema = pa.schema(list(schema) + list(extra), metadata=schema.metadata)

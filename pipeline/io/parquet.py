@@ -1,5 +1,8 @@
 """Reading Parquet shards: resolve inputs, plan pieces from metadata, read one piece as float32.
 
+Inputs are local paths or URLs of any filesystem pyarrow supports (:mod:`pipeline.io.storage`);
+planning reads footers only, several at once, and a piece reads just its row groups.
+
 A *piece* is a run of consecutive row groups of one file, bounded by ``partition_bytes`` of
 float32 vectors (a single row group larger than that becomes one piece). Pieces are numbered in
 file order and each knows its first *global row*; global rows are the internal FAISS ids.
@@ -12,6 +15,7 @@ import hashlib
 import logging
 import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -21,6 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+from pipeline.io.storage import filesystem, is_remote, list_parquet, open_parquet, remote_info
 from pipeline.io.workdir import shown
 
 __all__ = ["FileInfo", "Piece", "Dataset", "resolve_paths", "plan_dataset", "read_piece", "unify_id_types"]
@@ -139,6 +144,16 @@ def resolve_paths(entries: Sequence[str]) -> list[str]:
     found: list[str] = []
     for entry in entries:
         p = Path(entry)
+        if is_remote(entry):
+            try:
+                remote, single = list_parquet(entry)
+            except OSError as exc:
+                raise InputError(f"{shown(entry)}: cannot be listed ({_first_line(exc)}); check the URL and the "
+                                 "credentials (AWS_ACCESS_KEY_ID, a profile, or storage_options)") from None
+            if not remote:
+                raise InputError(f"{shown(entry)}: no *.parquet files there; point --input at the shards")
+            found.extend(f.url for f in remote)
+            continue
         if p.is_dir():
             matches = sorted(str(f) for f in _walk(p))
             if not matches:
@@ -163,9 +178,41 @@ def resolve_paths(entries: Sequence[str]) -> list[str]:
     return sorted(dict.fromkeys(found))
 
 
+@dataclass(frozen=True)
+class _Opened:
+    """One input file as planning needs it: its reader, size, time and footer hash."""
+
+    file: pq.ParquetFile
+    size: int
+    mtime_ns: int
+    footer: str
+
+
+def _open_all(paths: Sequence[str]) -> Iterator[_Opened]:
+    """Open every file and read its footer, several at once (remote footers are one round trip
+    each); yielded in order, an unreadable file raising where it comes."""
+    def one(path: str) -> _Opened:
+        pf = _open(path)
+        if is_remote(path):
+            info = remote_info(path)
+            size, mtime = (info.size, info.mtime_ns) if info else (0, 0)
+        else:
+            st = os.stat(path)
+            size, mtime = st.st_size, st.st_mtime_ns
+        return _Opened(pf, size, mtime, _footer_hash(path, size))
+
+    with ThreadPoolExecutor(max_workers=FOOTER_READERS) as pool:
+        futures = [pool.submit(one, p) for p in paths]
+        for f in futures:
+            yield f.result()
+
+
+FOOTER_READERS = 16
+
+
 def _open(path: str) -> pq.ParquetFile:
     try:
-        return pq.ParquetFile(path)
+        return open_parquet(path)
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise InputError(
             f"{shown(path)}: not a readable Parquet file ({_first_line(exc)}); remove it from the input "
@@ -180,12 +227,20 @@ def _first_line(exc: BaseException) -> str:
 def _footer_hash(path: str, size: int) -> str:
     """A hash of the file's Parquet footer (schema, row groups, statistics): cheap, and it changes
     when the data is rewritten even where size and mtime do not."""
-    with open(path, "rb") as fh:
+    with _raw(path) as fh:
         fh.seek(max(0, size - 8))
         tail = fh.read(8)
         length = int.from_bytes(tail[:4], "little") if len(tail) == 8 else 0
         fh.seek(max(0, size - 8 - length))
         return hashlib.blake2b(fh.read(length + 8), digest_size=12).hexdigest()
+
+
+def _raw(path: str) -> Any:
+    """A seekable binary reader of a local or remote file."""
+    if is_remote(path):
+        fs, inner = filesystem(path)
+        return fs.open_input_file(inner)
+    return open(path, "rb")
 
 
 def unify_id_types(types: dict[str, pa.DataType], column: str) -> pa.DataType:
@@ -276,8 +331,9 @@ def plan_dataset(
     id_types: dict[str, pa.DataType] = {}
     float64_files: list[str] = []
     total = 0
-    for path in resolve_paths(entries):
-        pf = _open(path)
+    paths = resolve_paths(entries)
+    for path, opened in zip(paths, _open_all(paths), strict=True):
+        pf = opened.file
         schema = pf.schema_arrow
         for col, flag in ((id_column, "--id-column"), (vector_column, "--vector-column")):
             if col not in schema.names:
@@ -299,9 +355,8 @@ def plan_dataset(
                     f"{shown(dim_file)}; all shards must hold vectors of one dimension"
                 )
             dim, dim_file = fixed, path
-        st = os.stat(path)
         meta = pf.metadata
-        files.append(FileInfo(path, st.st_size, st.st_mtime_ns, meta.num_rows, _footer_hash(path, st.st_size)))
+        files.append(FileInfo(path, opened.size, opened.mtime_ns, meta.num_rows, opened.footer))
         if meta.num_rows == 0:
             log.warning("%s holds no rows; skipping it", shown(path))
             continue
@@ -357,7 +412,7 @@ def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None
     null ids, null vectors or elements, wrong lengths and NaN/inf values. No per-row Python loops.
     """
     try:
-        table = pq.ParquetFile(piece.path).read_row_groups(list(piece.row_groups), columns=[id_column, vector_column])
+        table = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[id_column, vector_column])
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise InputError(
             f"{piece.where()}: cannot be read ({str(exc).splitlines()[0]}); the file is corrupt, "

@@ -46,9 +46,22 @@ INDEX_NAMES = frozenset({"manifest.json", "index.faiss", "index.ivfdata", "train
                          "config.yaml"})
 
 
+_SHOWN_AS: dict[str, str] = {}  # local staging folder -> the URL it stands for (pipeline.io.staging)
+
+
+def show_as(local: str | os.PathLike[str], url: str) -> None:
+    """Messages name ``url`` for paths inside the local folder ``local`` that stages it."""
+    _SHOWN_AS[os.fspath(local).rstrip("/")] = url.rstrip("/")
+
+
 def shown(path: str | os.PathLike[str]) -> str:
-    """A path as messages show it: control characters escaped, so a file name cannot forge log lines."""
+    """A path as messages show it: control characters escaped, so a file name cannot forge log
+    lines; a path inside a staging folder as the URL it stands for."""
     s = os.fspath(path)
+    for local, url in _SHOWN_AS.items():
+        if s == local or s.startswith(local + "/"):
+            s = url + s[len(local):]
+            break
     return s if s.isprintable() else repr(s)[1:-1]
 
 

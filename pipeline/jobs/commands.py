@@ -3,7 +3,8 @@ their own modules, re-exported so the CLI finds every command in one place.
 
 Each starts (or joins) the Dask cluster, runs the stages it needs from :mod:`pipeline.jobs.stages`
 and its own module, and writes the report and ``_SUCCESS`` beside its outputs
-(:mod:`pipeline.jobs.common`).
+(:mod:`pipeline.jobs.common`). Every command takes URLs for its directories too: they are staged
+locally (:func:`pipeline.jobs.common.staged_command`).
 """
 
 from __future__ import annotations
@@ -13,10 +14,19 @@ import logging
 from pipeline.config import Config
 from pipeline.io.parquet import plan_dataset
 from pipeline.io.workdir import TIMINGS_NAME
-from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, recall_verdict, require, start
-from pipeline.jobs.dedup import dedup
-from pipeline.jobs.evaluate import evaluate
-from pipeline.jobs.graph import graph
+from pipeline.jobs.common import (
+    finish,
+    guarded,
+    index_dir_for,
+    job_cluster,
+    recall_verdict,
+    require,
+    staged_command,
+    start,
+)
+from pipeline.jobs.dedup import dedup as _dedup
+from pipeline.jobs.evaluate import evaluate as _evaluate
+from pipeline.jobs.graph import graph as _graph
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index
 from pipeline.results import JobReport
 
@@ -25,6 +35,7 @@ __all__ = ["build", "join", "run", "dedup", "graph", "evaluate", "recall_verdict
 log = logging.getLogger(__name__)
 
 
+@staged_command
 def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = require(config.index_dir, "--index-dir", "build")
@@ -32,6 +43,7 @@ def build(config: Config) -> BuiltIndex:
         return build_index(client, cluster, config, index_dir, Timings())
 
 
+@staged_command
 def join(config: Config) -> JobReport:
     """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
     index_dir = require(config.index_dir, "--index-dir", "join")
@@ -48,6 +60,7 @@ def join(config: Config) -> JobReport:
         return finish(output, config, joined, timings, "join", started)
 
 
+@staged_command
 def run(config: Config) -> JobReport:
     """``run``: build the index over ``--input`` and self-join it; write ``OUTPUT/neighbors``."""
     output = require(config.output, "--output", "run")
@@ -58,3 +71,9 @@ def run(config: Config) -> JobReport:
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
         joined, _ = join_index(client, cluster, config, built, output, timings, command="run")
         return finish(output, config, joined, timings, "run", started)
+
+
+# every command stages a remote --output or --index-dir the same way
+dedup = staged_command(_dedup)
+graph = staged_command(_graph)
+evaluate = staged_command(_evaluate)

@@ -4,19 +4,23 @@ report, the recall verdict, ``_SUCCESS``, or a loud failure below target)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from pipeline.cluster.clients import dask_client
+from pipeline.cluster.clients import StorageOptions, dask_client
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import resolve_paths
-from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked
+from pipeline.io.staging import staged
+from pipeline.io.storage import is_remote, set_storage_options
+from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
 from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult
@@ -24,7 +28,10 @@ from pipeline.search.tuning import BelowTarget
 from pipeline.stages.manifest import LOG_DIR
 from pipeline.stages.progress import tasks_submitted
 
-__all__ = ["Start", "job_cluster", "finish", "guarded", "index_dir_for", "recall_verdict", "require", "start"]
+T = TypeVar("T")
+
+__all__ = ["Start", "job_cluster", "staged_command", "check_remote_locations", "finish", "guarded", "index_dir_for",
+           "recall_verdict", "require", "start"]
 
 log = logging.getLogger("pipeline.jobs.commands")
 
@@ -39,9 +46,58 @@ def logs_dir(config: Config) -> str | None:
     return str(Path(config.output).resolve() / LOG_DIR) if config.output else None
 
 
-def job_cluster(config: Config) -> Any:
-    """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device."""
-    return dask_client(config.cluster, logs_dir(config))
+@contextlib.contextmanager
+def job_cluster(config: Config) -> Iterator[tuple[Any, Any]]:
+    """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device,
+    and gets the job's ``storage_options`` for reading remote input."""
+    with dask_client(config.cluster, logs_dir(config)) as (client, cluster):
+        if config.storage_options:
+            client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
+        yield client, cluster
+
+
+def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
+    """``command`` with its ``--output`` and ``--index-dir`` staged locally where they are URLs
+    (:mod:`pipeline.io.staging`); local directories are used as they are."""
+
+    @functools.wraps(command)
+    def run(config: Config) -> T:
+        set_storage_options(config.storage_options)
+        urls = [u for u in (config.output, config.index_dir) if u and is_remote(u)]
+        if not urls:
+            return command(config)
+        check_remote_locations(config)
+        out, idx = config.output, config.index_dir
+        inside = bool(out and idx and is_remote(out) and idx.rstrip("/").startswith(out.rstrip("/") + "/"))
+        with contextlib.ExitStack() as stack:
+            local = {u: str(stack.enter_context(staged(u, config.scratch_dir))) for u in urls
+                     if not (inside and u == idx)}
+            if inside and out and idx:  # the index inside the output (run's default layout): staged with it
+                local[idx] = local[out] + idx.rstrip("/")[len(out.rstrip("/")):]
+            return command(replace(config, output=local.get(out or "", out), index_dir=local.get(idx or "", idx)))
+
+    return run
+
+
+def check_remote_locations(config: Config) -> None:
+    """Remote outputs must not lie inside (or hold) an input, the reference, or each other."""
+    def prefix(u: str) -> str:  # a glob's fixed part; every URL ends with one slash
+        return u[: min((u.index(c) for c in "*?[" if c in u), default=len(u))].rstrip("/") + "/"
+
+    def overlap(a: str, b: str) -> bool:
+        return prefix(a).startswith(prefix(b)) or prefix(b).startswith(prefix(a))
+
+    inputs = [p for p in (*config.data.paths, *config.dedup.against) if is_remote(p)]
+    dirs = [(flag, u) for flag, u in (("--output", config.output), ("--index-dir", config.index_dir))
+            if u and is_remote(u)]
+    for flag, u in dirs:
+        for p in inputs:
+            if overlap(u, p):
+                raise ConfigError(f"{flag} {u} overlaps the input {p}; write outputs to a prefix outside the input "
+                                  "(the tool never writes among input files)")
+    if len(dirs) == 2 and overlap(dirs[0][1], dirs[1][1]) and \
+            not dirs[1][1].rstrip("/").startswith(dirs[0][1].rstrip("/") + "/"):  # the index inside the output is fine
+        raise ConfigError(f"--output {dirs[0][1]} and --index-dir {dirs[1][1]} overlap; give them separate prefixes")
 
 
 @dataclass(frozen=True)
@@ -78,7 +134,8 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
         where = output / "report.md"
     elif dedup is not None and dedup.dataset is not None:
         where = output / "deduplicated"
-    log.info("done in %.1f s: %s (%s)", wall, where, ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items()))
+    phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items())
+    log.info("done in %.1f s: %s (%s)", wall, shown(where), phases)
     verdict = recall_verdict(joined)
     recall = joined.recall
     pairs = dedup.exactness if dedup is not None else None

@@ -253,7 +253,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     record = IndexRecord(key, dim, metric, ntotal, nlist_of(empty), default_rerank(empty),
                          tuple(dataset.starts.tolist()), why)
     manifest.finish_stage("index", record)
-    log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, index_dir)
+    log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, shown(index_dir))
     return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, record.nlist, record.rerank_default,
                       manifest.data["identity"], why)
 

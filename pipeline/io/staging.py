@@ -1,0 +1,180 @@
+"""Output and index directories on object storage, staged through a local folder.
+
+A job whose ``--output`` or ``--index-dir`` is a URL works in a local folder (``--scratch-dir``;
+one per URL, so a rerun on the same machine finds its work) exactly as it does on a local disk:
+memory-mapped index, atomic parts, manifest, locks. The folder is filled from the remote first
+(only what is missing or differs), and the remote is brought up to date while the job runs (every
+``interval`` seconds) and when it ends, in an order that never shows a partial state as finished:
+
+1. ``_SUCCESS`` is deleted remotely as soon as it is gone locally (the job is no longer finished);
+2. new and changed files are uploaded, each as one object (an object store shows an object only
+   once its upload completes, so no partial object is ever visible);
+3. at the end, remote files under the tool's own names that are gone locally are deleted;
+4. ``manifest.json`` goes up after the files it lists, and ``_SUCCESS`` last.
+
+A job killed at any point leaves a remote manifest whose finished pieces are all uploaded (or are
+found missing and redone), so a rerun anywhere resumes from the remote; a rerun on the same
+machine resumes from its folder. A remote folder holding anything the tool did not write is
+refused, and nothing outside the tool's own names is ever deleted.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import os
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.fs as pafs
+
+from pipeline.errors import ConfigError
+from pipeline.io.storage import filesystem
+from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, show_as
+
+__all__ = ["StagedDir", "staged", "scratch_for"]
+
+log = logging.getLogger(__name__)
+
+FINAL = ("manifest.json", "_SUCCESS")  # uploaded after everything else, in this order
+PUSH_INTERVAL = float(os.environ.get("KNN_PIPELINE_PUSH_SECONDS", "30"))  # seconds between uploads while a job runs
+
+
+def scratch_for(url: str, scratch_dir: str | None) -> Path:
+    """The local folder a remote directory is staged in: one per URL (and user)."""
+    root = Path(scratch_dir) if scratch_dir else Path(tempfile.gettempdir()) / f"knn-pipeline-{os.getuid()}"
+    tail = url.rstrip("/").rsplit("/", 1)[-1] or "root"
+    return root / f"{tail}-{hashlib.sha1(url.rstrip('/').encode()).hexdigest()[:12]}"
+
+
+def _ours(rel: str) -> bool:
+    top = rel.split("/", 1)[0]
+    return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs")  # index: run's default index dir
+
+
+def _skipped(rel: str) -> bool:
+    """Lock files and the hidden temporary files of writes in progress never leave the machine."""
+    name = rel.rsplit("/", 1)[-1]
+    return name == LOCK_NAME or name.startswith(".")
+
+
+class StagedDir:
+    """One remote directory and its local folder (see the module doc)."""
+
+    def __init__(self, url: str, local: Path):
+        self.url = url.rstrip("/")
+        self.local = local
+        self.fs, self.root = filesystem(self.url)
+        self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) as last uploaded or pulled
+        self._lock = threading.Lock()
+
+    def _remote(self) -> dict[str, int]:
+        """Remote files below the directory: relative path -> size."""
+        info = self.fs.get_file_info(self.root)
+        if info.type == pafs.FileType.NotFound:
+            return {}
+        if info.type == pafs.FileType.File:
+            raise ConfigError(f"{self.url}: is a file; give a directory (a prefix) for outputs and indexes")
+        found = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
+        return {f.path[len(self.root):].lstrip("/"): int(f.size or 0) for f in found if f.type == pafs.FileType.File}
+
+    def pull(self) -> None:
+        """Fill the local folder with what the remote holds and the folder lacks (or holds at
+        another size). Refuses a remote directory holding anything the tool did not write."""
+        remote = self._remote()
+        strange = sorted({r.split("/", 1)[0] for r in remote if not _ours(r)})
+        if strange:
+            raise ConfigError(f"{self.url} holds {', '.join(strange[:3])}, which this tool did not write; "
+                              "choose an empty or new prefix (nothing there is removed)")
+        self.local.mkdir(parents=True, exist_ok=True)
+        fetched = 0
+        for rel, size in sorted(remote.items()):
+            dest = self.local / rel
+            if not (dest.exists() and dest.stat().st_size == size):
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                tmp = dest.with_name(f".{dest.name}.pull")
+                pafs.copy_files(f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs,
+                                destination_filesystem=pafs.LocalFileSystem())
+                os.replace(tmp, dest)
+                fetched += 1
+            st = dest.stat()
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+        if remote:
+            log.info("%s: %d file(s) there, %d fetched into %s", self.url, len(remote), fetched, self.local)
+
+    def _local(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for path in self.local.rglob("*"):
+            rel = path.relative_to(self.local).as_posix()
+            if path.is_file() and not _skipped(rel):
+                st = path.stat()
+                out[rel] = (st.st_size, st.st_mtime_ns)
+        return out
+
+    def _upload(self, rel: str) -> None:
+        self.fs.create_dir(f"{self.root}/{rel}".rsplit("/", 1)[0], recursive=True)
+        pafs.copy_files(str(self.local / rel), f"{self.root}/{rel}", source_filesystem=pafs.LocalFileSystem(),
+                        destination_filesystem=self.fs)
+
+    def push(self, final: bool = False) -> int:
+        """Bring the remote up to date (in the order of the module doc); returns files uploaded."""
+        with self._lock:
+            now = self._local()
+            sent = 0
+            if "_SUCCESS" not in now and "_SUCCESS" in self._sent:
+                self.fs.delete_file(f"{self.root}/_SUCCESS")
+                del self._sent["_SUCCESS"]
+            for rel, stamp in sorted(now.items()):
+                if rel in FINAL or self._sent.get(rel) == stamp:
+                    continue
+                self._upload(rel)
+                self._sent[rel] = stamp
+                sent += 1
+            if final:
+                for rel in sorted(set(self._remote()) - set(now)):
+                    if _ours(rel) and not _skipped(rel):
+                        self.fs.delete_file(f"{self.root}/{rel}")
+                        self._sent.pop(rel, None)
+            for rel in FINAL:
+                if rel in now and self._sent.get(rel) != now[rel]:
+                    self._upload(rel)
+                    self._sent[rel] = now[rel]
+                    sent += 1
+            return sent
+
+
+@contextlib.contextmanager
+def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL) -> Iterator[Path]:
+    """The local folder of remote directory ``url``, pulled first and pushed while the job runs
+    and at its end (also when it fails, so the remote keeps every finished piece)."""
+    d = StagedDir(url, scratch_for(url, scratch_dir))
+    d.pull()
+    show_as(d.local, d.url)
+    stop = threading.Event()
+
+    def keep_pushing() -> None:
+        while not stop.wait(interval):
+            try:
+                d.push()
+            except OSError as exc:  # a transient network error: the next round or the final push retries
+                log.warning("%s: upload failed (%s); retrying later", url, str(exc).splitlines()[0])
+
+    pusher = threading.Thread(target=keep_pushing, name=f"push {url}", daemon=True)
+    pusher.start()
+    try:
+        yield d.local
+    except BaseException:
+        stop.set()
+        pusher.join()
+        try:  # keep what finished; the job's own error is the one to report
+            d.push(final=True)
+        except OSError as exc:
+            log.warning("%s: the last upload failed too (%s)", url, str(exc).splitlines()[0])
+        raise
+    stop.set()
+    pusher.join()
+    sent = d.push(final=True)
+    log.info("%s: up to date (%d file(s) uploaded at the end)", url, sent)

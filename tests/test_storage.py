@@ -1,0 +1,175 @@
+"""Object storage: run, dedup and graph from S3 to S3 against a real S3 API server on loopback
+(moto's standalone server, as s3fs and dask test themselves), and a kill -9 mid-join on S3 that
+resumes, on another machine's empty scratch folder, to the same output."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline import ConfigError, dedup, graph, run
+from pipeline.io.sample_data import clustered_vectors, write_shards
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install '.[test]'")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "knn"
+MANY, GROUP = 60_000, 500
+KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A loopback S3 server with ``s3://knn/data`` (4,000 x 16 clustered vectors, 4 shards) and,
+    for the kill test, ``s3://knn/many`` (60,000 x 64 in 120 one-row-group pieces: an exact join
+    of several seconds, so the remote shows it part done)."""
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
+                          region_name="us-east-1")
+    client.create_bucket(Bucket=BUCKET)
+    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
+                           secret_key="testing", region="us-east-1")
+    local = tmp_path_factory.mktemp("s3data")
+    write_shards(local / "data", clustered_vectors(4000, 16, clusters=20, seed=3), shards=4, row_group_rows=500)
+    write_shards(local / "many", clustered_vectors(MANY, 64, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
+    for name in ("data", "many"):
+        for f in sorted((local / name).glob("*.parquet")):
+            pafs.copy_files(str(f), f"{BUCKET}/{name}/{f.name}", destination_filesystem=fs)
+    options = {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
+               "secret_key": "testing", "region": "us-east-1"}
+    env = {**os.environ, **KEYS, "AWS_ENDPOINT_URL": endpoint}
+    yield {"fs": fs, "local": local, "options": options, "env": env}
+    server.stop()
+
+
+def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return {i.path[len(BUCKET) + len(prefix) + 2:]: i.size for i in infos if i.type == pafs.FileType.File}
+
+
+def remote_table(fs: pafs.FileSystem, prefix: str) -> Any:
+    return pq.read_table(f"{BUCKET}/{prefix}", filesystem=fs)
+
+
+def lists(table: Any) -> dict[int, list[int]]:
+    return dict(zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist(), strict=True))
+
+
+def test_run_dedup_and_graph_from_s3_to_s3(make_config, s3, tmp_path):
+    fs, options = s3["fs"], s3["options"]
+    before = objects(fs, "data")
+    common = {"input": f"s3://{BUCKET}/data", "storage_options": options, "scratch_dir": str(tmp_path / "scratch"),
+              "metric": "cosine", "k": 5}
+
+    # run: the same neighbour lists as the same job on local files
+    report = run(make_config(output=f"s3://{BUCKET}/run", exclude_self=True, **common))
+    local = run(make_config(input=str(s3["local"] / "data"), output=str(tmp_path / "local"), exclude_self=True,
+                            metric="cosine", k=5))
+    assert report.recall.met
+    remote = objects(fs, "run")
+    assert "_SUCCESS" in remote and "manifest.json" in remote and "index/manifest.json" in remote
+    assert not any(Path(r).name.startswith(".") for r in remote)  # no temporary or lock file went up
+    assert lists(remote_table(fs, "run/neighbors")) == lists(pq.read_table(tmp_path / "local" / "neighbors"))
+    assert local.queries == 4000
+
+    # dedup: the deduplicated dataset lands beside the groups, mirroring the input objects
+    report = dedup(make_config(output=f"s3://{BUCKET}/dedup", threshold=0.98, **common))
+    remote = objects(fs, "dedup")
+    assert {r for r in remote if r.startswith("deduplicated/")} == {f"deduplicated/part-{i:05d}.parquet"
+                                                                     for i in range(4)}
+    kept = remote_table(fs, "dedup/deduplicated")
+    assert kept.num_rows == report.dedup.rows_kept < 4000
+    groups = remote_table(fs, "dedup/groups")
+    assert sorted(kept.column("id").to_pylist()) == sorted(groups.filter(groups.column("is_kept")).column("id")
+                                                           .to_pylist())
+
+    # graph: the CSR file and the edge list
+    report = graph(make_config(output=f"s3://{BUCKET}/graph", **common))
+    remote = objects(fs, "graph")
+    assert "graph.npz" in remote and any(r.startswith("edges/") for r in remote)
+    assert report.graph.nodes == 4000
+
+    # a rerun of a finished job on S3 is a no-op (its report stays), and the input never changed
+    again = run(make_config(output=f"s3://{BUCKET}/run", exclude_self=True, **common))
+    assert again.wall_s == json.loads(fs.open_input_stream(f"{BUCKET}/run/report.json").read())["wall_s"]
+    assert objects(fs, "data") == before
+
+
+def test_an_s3_output_inside_the_input_or_holding_foreign_objects_is_refused(make_config, s3, tmp_path):
+    fs, options = s3["fs"], s3["options"]
+    with pytest.raises(ConfigError, match="overlaps the input"):
+        run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/data/out", storage_options=options))
+    with fs.open_output_stream(f"{BUCKET}/foreign/notes.txt") as f:
+        f.write(b"the user's notes")
+    with pytest.raises(ConfigError, match="notes.txt, which this tool did not write"):
+        run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/foreign", storage_options=options,
+                        scratch_dir=str(tmp_path / "scratch")))
+    assert objects(fs, "foreign") == {"notes.txt": 16}
+
+
+def _remote_join_pieces(fs: pafs.FileSystem, prefix: str) -> int:
+    try:
+        manifest = json.loads(fs.open_input_stream(f"{BUCKET}/{prefix}/manifest.json").read())
+    except (OSError, ValueError):
+        return 0
+    return len(manifest["stages"].get("join", {}).get("pieces", {}))
+
+
+def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path):
+    """kill -9 during the join, then resume from an empty scratch folder (another machine): the
+    remote manifest's finished pieces are fetched, not searched again, and the result equals an
+    uninterrupted local run's."""
+    fs = s3["fs"]
+    env = {**s3["env"], "KNN_PIPELINE_PUSH_SECONDS": "0.2"}
+
+    def command(data: str, output: str, scratch: Path) -> list[str]:
+        return [sys.executable, "-m", "pipeline", "run", "--input", data, "--output", output,
+                "--k", "5", "--exclude-self", "--index-key", "Flat", "--partition-size", str(GROUP * 64 * 4),
+                "--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch)]
+
+    cmd = command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a")
+    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 180
+    try:
+        while _remote_join_pieces(fs, "killed") < 20:
+            assert proc.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "timed out waiting to kill the run"
+            time.sleep(0.05)
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    done = _remote_join_pieces(fs, "killed")
+    assert 20 <= done < 120 and "_SUCCESS" not in objects(fs, "killed")
+
+    resumed = subprocess.run(command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-b"), env=env,
+                             capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "fetched into" in resumed.stderr
+    joined = [int(n.replace(",", "")) for n in re.findall(r"join: ([\d,]+)/[\d,]+ rows \(100%\)", resumed.stderr)]
+    assert joined and joined[-1] <= MANY - done * GROUP  # the finished pieces were not searched again
+    remote = objects(fs, "killed")
+    assert "_SUCCESS" in remote and len([r for r in remote if r.startswith("neighbors/")]) == 120
+
+    clean = tmp_path / "clean"
+    local = subprocess.run(command(str(s3["local"] / "many"), str(clean), tmp_path / "unused"), env=env,
+                           capture_output=True, text=True, timeout=300)
+    assert local.returncode == 0, local.stderr
+    got, want = lists(remote_table(fs, "killed/neighbors")), lists(pq.read_table(clean / "neighbors"))
+    assert len(got) == MANY and got == want
+    assert np.all(np.diff(sorted(got)) == 1)  # every row once
