@@ -566,8 +566,9 @@ def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any
     return parse_config(merged, source=str(path) if path else "flags")
 
 
-def dump_config(config: Config) -> str:
-    """The config as flat YAML keys, as a user would write it (stored beside the index)."""
+def dump_config(config: Config, storage_options: bool = False) -> str:
+    """The config as flat YAML keys, as a user would write it (stored beside the index).
+    ``storage_options`` (which may hold credentials) only when asked: for a batch job's driver."""
     flat: dict[str, Any] = {}
     for key, (section, name, _, _) in KEYS.items():
         holder = getattr(config, section) if section else config
@@ -575,6 +576,8 @@ def dump_config(config: Config) -> str:
         if value is None and getattr(type(holder)(), name) is not None:
             value = "off"  # turned off where the default is on (target_recall): null would mean the default
         flat[key] = list(value) if isinstance(value, tuple) else value
+    if storage_options and config.storage_options:
+        flat["storage_options"] = dict(config.storage_options)
     jq = config.cluster.jobqueue
     if jq is not None:
         flat["profiles"] = {config.cluster.profile: {k: list(v) if isinstance(v, tuple) else v

@@ -171,3 +171,19 @@ def test_workers_take_gpus_round_robin_by_name(monkeypatch, name, gpus, device):
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
     monkeypatch.setattr("distributed.get_worker", lambda: worker)
     assert gpu._worker_device() == device
+
+
+def test_submit_with_an_s3_output_stages_and_logs_in_the_shared_scratch_dir(tmp_path):
+    """A batch job writing to object storage keeps its scripts, logs and staging folder in
+    --scratch-dir (a filesystem the nodes share), and its driver gets the storage_options."""
+    from pipeline.config import dump_config
+
+    values = {"input": "s3://bucket/emb", "output": "s3://bucket/dedup", "profile": "slurm",
+              "storage_options": {"region": "eu-west-1"}}
+    with pytest.raises(ConfigError, match="give --scratch-dir on a filesystem the cluster's nodes share"):
+        prepare("dedup", parse_config(values))
+    sub = prepare("dedup", parse_config({**values, "scratch_dir": str(tmp_path / "shared")}))
+    assert str(sub.log_dir).startswith(str(tmp_path / "shared")) and "s3:" not in str(sub.log_dir)
+    assert f"--output={sub.log_dir}/driver-%j.log" in sub.script
+    assert "storage_options" in dump_config(parse_config(values), storage_options=True)
+    assert "storage_options" not in dump_config(parse_config(values))  # never beside the index

@@ -5,6 +5,7 @@ resumes, on another machine's empty scratch folder, to the same output."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import signal
@@ -35,6 +36,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
     """A loopback S3 server with ``s3://knn/data`` (4,000 x 16 clustered vectors, 4 shards) and,
     for the kill test, ``s3://knn/many`` (60,000 x 64 in 120 one-row-group pieces: an exact join
     of several seconds, so the remote shows it part done)."""
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()

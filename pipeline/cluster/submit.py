@@ -24,6 +24,8 @@ from pipeline.cluster.clients import jobqueue_options
 from pipeline.config import Config, JobQueueSpec, dump_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.staging import scratch_for
+from pipeline.io.storage import is_remote
 from pipeline.stages.manifest import LOG_DIR
 
 __all__ = ["JOBS", "Submission", "prepare", "submit"]
@@ -85,7 +87,8 @@ def _absolute(config: Config) -> Config:
 
     data = replace(config.data, paths=tuple(absolute(p) for p in config.data.paths))
     return replace(config, data=data, output=absolute(config.output) if config.output else None,
-                   index_dir=absolute(config.index_dir) if config.index_dir else None)
+                   index_dir=absolute(config.index_dir) if config.index_dir else None,
+                   scratch_dir=absolute(config.scratch_dir) if config.scratch_dir else None)
 
 
 def prepare(job: str, config: Config) -> Submission:
@@ -99,8 +102,13 @@ def prepare(job: str, config: Config) -> Submission:
     if not config.output:
         raise ConfigError("submit: --output is required (logs, the driver script and results go there)")
     config = _absolute(config)
-    out = Path(str(config.output))
-    log_dir = out / LOG_DIR
+    if is_remote(str(config.output)):
+        if not config.scratch_dir:
+            raise ConfigError("submit with --output on object storage: give --scratch-dir on a filesystem the "
+                              "cluster's nodes share (the job stages its output there; scripts and logs go there too)")
+        log_dir = scratch_for(str(config.output), config.scratch_dir) / LOG_DIR
+    else:
+        log_dir = Path(str(config.output)) / LOG_DIR
     config_path = log_dir / f"submit-{job}.yaml"
     script_path = log_dir / f"submit-{job}.sh"
     python = jq.python or sys.executable
@@ -129,7 +137,9 @@ def _worker_script(jq: JobQueueSpec, log_dir: Path) -> str:
 def submit(sub: Submission, config: Config) -> str:
     """Write the driver's config and script, submit the script; return the job id."""
     with atomic_path(sub.config_path) as tmp:
-        tmp.write_text(dump_config(_absolute(config)))
+        # storage_options go with the driver's config (they may hold credentials: readable by the user only)
+        tmp.touch(mode=0o600)
+        tmp.write_text(dump_config(_absolute(config), storage_options=True))
     with atomic_path(sub.script_path) as tmp:
         tmp.write_text(sub.script)
     try:
