@@ -40,6 +40,12 @@ __all__ = ["StagedDir", "staged", "scratch_for"]
 log = logging.getLogger(__name__)
 
 FINAL = ("manifest.json", "_SUCCESS")  # uploaded after everything else, in this order
+
+
+def _finals(local: Path) -> list[str]:
+    """The manifests (the index's inside the output first), then ``_SUCCESS``: uploaded last."""
+    nested = sorted((p.relative_to(local).as_posix() for p in local.glob("*/manifest.json")), reverse=True)
+    return [*nested, *FINAL]
 PUSH_INTERVAL = float(os.environ.get("KNN_PIPELINE_PUSH_SECONDS", "30"))  # seconds between uploads while a job runs
 
 
@@ -120,15 +126,26 @@ class StagedDir:
                         destination_filesystem=self.fs)
 
     def push(self, final: bool = False) -> int:
-        """Bring the remote up to date (in the order of the module doc); returns files uploaded."""
+        """Bring the remote up to date (in the order of the module doc); returns files uploaded.
+
+        The manifest is read before the folder is listed: every file it lists exists by then (a
+        piece is recorded after its files are written), so every one is uploaded before it."""
         with self._lock:
+            snapshot: dict[str, tuple[tuple[int, int], bytes]] = {}  # stamp (taken first) and content
+            finals = _finals(self.local)
+            for rel in finals:
+                try:
+                    st = (self.local / rel).stat()
+                    snapshot[rel] = ((st.st_size, st.st_mtime_ns), (self.local / rel).read_bytes())
+                except FileNotFoundError:
+                    pass
             now = self._local()
             sent = 0
-            if "_SUCCESS" not in now and "_SUCCESS" in self._sent:
+            if "_SUCCESS" not in snapshot and "_SUCCESS" in self._sent:
                 self.fs.delete_file(f"{self.root}/_SUCCESS")
                 del self._sent["_SUCCESS"]
             for rel, stamp in sorted(now.items()):
-                if rel in FINAL or self._sent.get(rel) == stamp:
+                if rel in finals or self._sent.get(rel) == stamp:
                     continue
                 self._upload(rel)
                 self._sent[rel] = stamp
@@ -138,10 +155,11 @@ class StagedDir:
                     if _ours(rel) and not _skipped(rel):
                         self.fs.delete_file(f"{self.root}/{rel}")
                         self._sent.pop(rel, None)
-            for rel in FINAL:
-                if rel in now and self._sent.get(rel) != now[rel]:
-                    self._upload(rel)
-                    self._sent[rel] = now[rel]
+            for rel in finals:
+                if rel in snapshot and self._sent.get(rel) != snapshot[rel][0]:
+                    with self.fs.open_output_stream(f"{self.root}/{rel}") as out:
+                        out.write(snapshot[rel][1])
+                    self._sent[rel] = snapshot[rel][0]
                     sent += 1
             return sent
 
