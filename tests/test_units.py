@@ -290,3 +290,4 @@ def test_the_package_exports_the_commands_not_the_subpackages_of_the_same_name()
     for module in ("pipeline.dedup.explore", "pipeline.dedup.groups", "pipeline.graph.knn_graph"):
         importlib.import_module(module)
     assert callable(pipeline.dedup) and callable(pipeline.graph) and callable(pipeline.run)
+
