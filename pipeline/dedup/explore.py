@@ -7,8 +7,6 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
-from scipy.sparse import coo_array
-from scipy.sparse.csgraph import connected_components
 
 from pipeline.dedup.plan import DedupPlan
 from pipeline.io.parquet import Dataset
@@ -39,6 +37,10 @@ def rows_dropped(a: np.ndarray, b: np.ndarray) -> int:
     """Rows a components-mode dedup drops for the pairs ``(a, b)``: linked rows minus their components."""
     if not a.size:
         return 0
+    # imported here: scipy.sparse costs every command 0.3 s of start-up, and only --explore needs it
+    from scipy.sparse import coo_array
+    from scipy.sparse.csgraph import connected_components
+
     nodes, inv = np.unique(np.concatenate([a, b]), return_inverse=True)
     graph = coo_array((np.ones(a.size, dtype=np.int8), (inv[: a.size], inv[a.size :])), shape=(nodes.size,) * 2)
     n_components, _ = connected_components(graph, directed=False)
