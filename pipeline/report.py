@@ -301,7 +301,7 @@ def _summary_lines(report: JobReport) -> list[str]:
     ]
     if rec is not None:
         lines.append(f"| recall@{rec.k} | {rec.recall:.3f} tie-aware (strict {rec.recall_strict:.3f}) "
-                     f"on {rec.queries:,} {'held-out ' if rec.target else ''}queries against exact search"
+                     f"on {rec.measured_on} against exact search"
                      + (f" (target {rec.target})" if rec.target else "") + " |")
     devices = report.join.devices
     for kind in sorted({d.backend for d in devices}):
@@ -310,6 +310,22 @@ def _summary_lines(report: JobReport) -> list[str]:
         lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason}), hosts "
                      f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
     return lines
+
+
+def _worker_lines(report: JobReport) -> list[str]:
+    """Busy seconds per phase on each worker (this run), and the busy share of the wall time."""
+    if not report.workers:
+        return []
+    phases = sorted({p for w in report.workers for p in w.phases})
+    lines = ["## Workers", "", "Seconds each worker spent computing tasks of each phase in this run (Dask's task "
+             "stream); busy is their sum as a share of the job's wall time.", "",
+             "| worker | host | device | " + " | ".join(phases) + " | busy |",
+             "|---|---|---|" + "---|" * len(phases) + "---|"]
+    for w in report.workers:
+        share = f"{w.total:.1f} s ({w.total / report.wall_s:.0%})" if report.wall_s else f"{w.total:.1f} s"
+        lines.append(f"| {_esc(w.worker)} | {_esc(w.host)} | {w.backend} | "
+                     + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases) + f" | {share} |")
+    return [*lines, ""]
 
 
 def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
@@ -326,6 +342,7 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     for title, png in plots:
         lines += [f"## {title}", "", f"![{title}]({png})", ""]
     lines += _explore_lines(report) + _dedup_lines(output, report) + _graph_lines(output, report)
+    lines += _worker_lines(report)
     curve = report.recall.curve if report.recall else ()
     if curve:
         lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]

@@ -15,7 +15,7 @@ from typing import Any, TypeVar
 
 __all__ = [
     "from_dict", "to_dict", "IndexSummary", "SearchSummary", "TunePointRecord", "RecallResult", "MemoryUse",
-    "WorkerDevice", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "Contamination",
+    "WorkerDevice", "WorkerBusy", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "Contamination",
     "ContaminationExample", "ReferenceFileMatches", "DedupResult", "ExploreRow",
     "DegreeStats", "GraphRecall", "GraphResult", "RecallSummary", "JobReport", "IndexRecord", "TrainRecord",
     "ScanRecord", "FillRecord", "Files",
@@ -184,6 +184,20 @@ class WorkerDevice:
     reason: str
     faiss_threads: int
     gpus: int  # GPUs this worker's faiss sees
+
+
+@dataclass(frozen=True)
+class WorkerBusy:
+    """Seconds one worker spent computing tasks, per phase, in this run of the job."""
+
+    worker: str
+    host: str
+    backend: str
+    phases: dict[str, float]
+
+    @property
+    def total(self) -> float:
+        return sum(self.phases.values())
 
 
 @dataclass(frozen=True)
@@ -378,6 +392,7 @@ class JobReport:
     dedup_explore: tuple[ExploreRow, ...] | None = None
     graph: GraphResult | None = None
     kth_score_quantiles: dict[str, float] | None = None
+    workers: tuple[WorkerBusy, ...] = ()  # busy time per phase on each worker (this run)
 
     # the join's fields, read through
     @property

@@ -33,6 +33,14 @@ def test_report_files_are_written_and_parse(tuned_run):
     assert first == (f"**recall@10 {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries, target 0.9: "
                      f"met; plan: IVF64,PQ16, nprobe={rec['nprobe']}, rerank={rec['rerank']}**")
     assert "| devices | 2 worker(s) on cpu (" in md
+    # busy time per phase on each worker, named as the devices are, from Dask's task stream
+    workers = report["workers"]
+    assert {w["worker"] for w in workers} <= {d["worker"] for d in report["devices"]} and workers
+    assert all(w["backend"] == "cpu" and w["host"] for w in workers)
+    phases = {p for w in workers for p in w["phases"]}
+    assert {"scan", "train", "fill", "join", "ground_truth", "tune"} <= phases
+    assert sum(w["phases"]["join"] for w in workers if "join" in w["phases"]) > 0
+    assert "## Workers" in md and "| worker | host | device |" in md
     for png in ("recall_curve.png", "kth_score.png", "timings.png"):
         assert f"]({png})" in md
         assert (tuned_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

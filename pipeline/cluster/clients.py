@@ -40,6 +40,7 @@ class ClusterInfo:
     faiss_threads: int | None  # per worker; None: the worker's Dask threads (remote clusters)
     dashboard: str | None
     devices: tuple[WorkerDevice, ...] = ()  # what each worker runs on, decided on the worker
+    busy_since: float = 0.0  # when the task stream (busy time per worker) started recording
 
     @property
     def backend(self) -> str:

@@ -14,6 +14,7 @@ from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 from pipeline.results import PairRecall
 from pipeline.shuffle.edges import passes, read_edges
+from pipeline.stages.progress import task_key
 
 __all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
 
@@ -45,7 +46,7 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
     over every stored piece on the workers."""
     q = store.gather_vectors(rows)
     parts = client.gather([client.submit(_exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric,
-                                         pure=False) for p in range(len(store.starts))])
+                                         key=task_key("pair_recall")) for p in range(len(store.starts))])
     return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
 
 

@@ -31,6 +31,7 @@ from pipeline.io.store import RowStore
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.search.tuning import probe_steps
 from pipeline.shuffle.edges import passes, read_knn, write_knn_blocks
+from pipeline.stages.progress import task_key
 
 __all__ = ["widen_piece", "tune_pair_nprobe", "WIDEN_MAX"]
 
@@ -205,7 +206,7 @@ def tune_pair_nprobe(client: Any, dplan: DedupPlan, search: SearchPlan, store: R
     cap = min(WIDEN_MAX, store.total_rows - 1)
     probes = [p for p in probe_steps(nlist) if p is not None and p >= search.nprobe]
     curve = client.submit(_walk_pairs, search, store, rows, exact, dplan.threshold, cap, probes, target,
-                          pure=False).result()
+                          key=task_key("pair_tuning")).result()
     nprobe, reached = curve[-1]
     if reached < target:
         log.warning("dedup: even nprobe=%s finds only %.4f of the sampled rows' pairs (target %.2f)", nprobe,

@@ -52,7 +52,7 @@ from pipeline.shuffle.edges import (
     write_edges,
 )
 from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
+from pipeline.stages.progress import run_stage, task_key
 
 __all__ = ["GraphPlan", "graph_stages", "distances", "write_npz_stream"]
 
@@ -205,7 +205,7 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
     manifest.finish_stage("graph_params", params)
     if plan.weight == "gaussian" and plan.kernel_width is None:
         kth = np.concatenate(client.gather([client.submit(_kth_distances, str(knn_path(knn_dir, p.index)),
-                                                          max(1, 100_000 // len(pieces)), seed, pure=False)
+                                                          max(1, 100_000 // len(pieces)), seed, key=task_key("graph"))
                                             for p in pieces]))
         width = float(np.median(distances(kth, plan.metric))) if kth.size else 1.0
         plan = GraphPlan(plan.mode, plan.metric, plan.k, plan.min_score, plan.weight, max(width, 1e-6))

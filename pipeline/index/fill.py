@@ -37,7 +37,7 @@ from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.results import FillRecord
 from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import Progress, run_tasks
+from pipeline.stages.progress import Progress, run_tasks, task_key
 
 __all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
 
@@ -176,7 +176,8 @@ def fill_index(
             on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
-        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, pure=False)
+        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode,
+                            key=task_key("fill"))
         ntotal = int(fut.result())
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))

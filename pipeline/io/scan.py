@@ -20,7 +20,7 @@ from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
 from pipeline.results import ScanRecord
 from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
+from pipeline.stages.progress import run_tasks, task_key
 
 __all__ = ["scan_dataset", "prepare_vectors"]
 
@@ -109,7 +109,7 @@ def scan_dataset(
     # rebuilt from the stored ids: the duplicate check always covers every piece
     stale = [p for p in dataset.pieces if not all(f.exists() for f in _key_files(key_dir, p.index, nbuckets))]
     if stale:
-        client.gather([client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, pure=False)  # type: ignore[attr-defined]
+        client.gather([client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, key=task_key("scan"))  # type: ignore[attr-defined]
                        for p in stale])
     distinct = sorted(set(dims.values()))
     if len(distinct) > 1:
@@ -126,7 +126,7 @@ def scan_dataset(
 
 
 def _check_duplicates(client: object, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
-    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), pure=False) for b in range(nbuckets)]  # type: ignore[attr-defined]
+    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), key=task_key("scan")) for b in range(nbuckets)]  # type: ignore[attr-defined]
     examples: list[str] = []
     for groups in client.gather(futures):  # type: ignore[attr-defined]
         for rows in groups:

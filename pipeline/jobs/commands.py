@@ -23,6 +23,7 @@ from pipeline.jobs.common import (
     require,
     staged_command,
     start,
+    worker_busy,
 )
 from pipeline.jobs.dedup import dedup as _dedup
 from pipeline.jobs.evaluate import evaluate as _evaluate
@@ -57,7 +58,8 @@ def join(config: Config) -> JobReport:
         timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
         with job_cluster(config) as (client, cluster):
             joined, _ = join_index(client, cluster, config, built, output, timings, queries)
-        return finish(output, config, joined, timings, "join", started)
+            workers = worker_busy(client, cluster)
+        return finish(output, config, joined, timings, "join", started, workers=workers)
 
 
 @staged_command
@@ -70,7 +72,7 @@ def run(config: Config) -> JobReport:
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings, search=config.search)
         joined, _ = join_index(client, cluster, config, built, output, timings, command="run")
-        return finish(output, config, joined, timings, "run", started)
+        return finish(output, config, joined, timings, "run", started, workers=worker_busy(client, cluster))
 
 
 # every command stages a remote --output or --index-dir the same way

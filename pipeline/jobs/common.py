@@ -13,7 +13,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.cluster.clients import StorageOptions, dask_client
+from pipeline.cluster.clients import ClusterInfo, StorageOptions, dask_client
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
@@ -23,15 +23,15 @@ from pipeline.io.storage import is_remote, set_storage_options
 from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
-from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult
+from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult, WorkerBusy
 from pipeline.search.tuning import BelowTarget
 from pipeline.stages.manifest import LOG_DIR
-from pipeline.stages.progress import tasks_submitted
+from pipeline.stages.progress import busy_by_worker, record_busy, tasks_submitted
 
 T = TypeVar("T")
 
-__all__ = ["Start", "job_cluster", "staged_command", "check_remote_locations", "finish", "guarded", "index_dir_for",
-           "recall_verdict", "require", "start"]
+__all__ = ["Start", "job_cluster", "worker_busy", "staged_command", "check_remote_locations", "finish", "guarded",
+           "index_dir_for", "recall_verdict", "require", "start"]
 
 log = logging.getLogger("pipeline.jobs.commands")
 
@@ -53,7 +53,25 @@ def job_cluster(config: Config) -> Iterator[tuple[Any, Any]]:
     with dask_client(config.cluster, logs_dir(config)) as (client, cluster):
         if config.storage_options:
             client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
-        yield client, cluster
+        yield client, replace(cluster, busy_since=record_busy(client))
+
+
+def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
+    """Busy seconds per phase on each worker since the job's cluster started (report.json ``workers``)."""
+    try:
+        busy = busy_by_worker(client, cluster.busy_since)
+    except Exception as exc:  # the report's busy table is not worth failing a finished job for
+        log.warning("busy time per worker not recorded (%s)", str(exc).splitlines()[0] if str(exc) else exc)
+        return ()
+    names = {addr: str(info.get("name", addr)) for addr, info in client.scheduler_info().get("workers", {}).items()}
+    devices = {d.worker: d for d in cluster.devices}  # by worker name
+    out = []
+    for addr, phases in sorted(busy.items()):
+        name = names.get(addr, addr)
+        device = devices.get(name)
+        out.append(WorkerBusy(name, device.host if device else addr, device.backend if device else "unknown",
+                              {k: round(v, 3) for k, v in sorted(phases.items())}))
+    return tuple(out)
 
 
 def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
@@ -115,7 +133,7 @@ def start(output: Path) -> Start:
 
 def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, started: Start,
            dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
-           graph: GraphResult | None = None) -> JobReport:
+           graph: GraphResult | None = None, workers: tuple[WorkerBusy, ...] = ()) -> JobReport:
     report_path = output / "report.json"
     if started.complete and tasks_submitted() == started.tasks and report_path.exists():
         # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
@@ -127,7 +145,8 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
         return report
     wall = timings.earlier_wall + time.monotonic() - started.clock
     report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
-                       round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph)
+                       round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph,
+                       workers=workers)
     report = write_report(output, report, config.index.seed)
     where = {"dedup": output / "groups", "graph": output / "graph.npz"}.get(command, output / "neighbors")
     if explored is not None:

@@ -20,7 +20,7 @@ from pipeline.errors import ConfigError
 from pipeline.io.parquet import resolve_paths
 from pipeline.io.workdir import TIMINGS_NAME
 from pipeline.jobs.against import match_against
-from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
+from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start, worker_busy
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index, search_plan
 from pipeline.results import JobReport
 from pipeline.search.join import SearchPlan
@@ -66,7 +66,8 @@ def dedup(config: Config) -> JobReport:
             table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
                             2 * config.partition_bytes)
             timings.add("explore", time.monotonic() - t0)
-            return finish(output, config, joined, timings, "dedup", started, explored=table)
+            return finish(output, config, joined, timings, "dedup", started, explored=table,
+                          workers=worker_busy(client, cluster))
         used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank,
                        strategy=joined.search.strategy)
         pair_nprobe = _pair_nprobe(client, config, plan, used, built, manifest)
@@ -99,7 +100,8 @@ def dedup(config: Config) -> JobReport:
                      ex.pair_recall, ex.queries, ex.exact_pairs, ex.below_threshold)
         log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
                  result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
-        return finish(output, config, joined, timings, "dedup", started, dedup=result)
+        return finish(output, config, joined, timings, "dedup", started, dedup=result,
+                      workers=worker_busy(client, cluster))
 
 
 SHUFFLE_COPIES = 6  # a map or reduce task holds its edges a few times over (both directions, sort, concatenation)

@@ -10,7 +10,7 @@ from pipeline.config import Config
 from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
 from pipeline.graph.knn_graph import check_plan as check_graph_plan
 from pipeline.io.workdir import TIMINGS_NAME
-from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start
+from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start, worker_busy
 from pipeline.jobs.stages import Timings, build_index, join_index
 from pipeline.results import GraphRecall, JobReport
 from pipeline.search.tuning import draw_sample
@@ -51,4 +51,5 @@ def graph(config: Config) -> JobReport:
                      got.graph_recall, plan.k)
         log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
                  result.nodes, result.edges, result.components, result.largest_component, result.mutual_share)
-        return finish(output, config, joined, timings, "graph", started, graph=result)
+        return finish(output, config, joined, timings, "graph", started, graph=result,
+                      workers=worker_busy(client, cluster))

@@ -55,7 +55,7 @@ from pipeline.results import (
 )
 from pipeline.search.join import SearchPlan, join_pieces
 from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import PieceProgress, watch
+from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
@@ -187,7 +187,8 @@ def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int,
     if n_train:
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
     rows = sample_rows(store.total_rows, n_train, seed)
-    watch(client, client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), pure=False), "train")
+    future = client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), key=task_key("train"))
+    watch(client, future, "train")
     manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
 
 

@@ -16,7 +16,7 @@ from pipeline.backends import Backend
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
-from pipeline.stages.progress import Progress
+from pipeline.stages.progress import Progress, task_key
 
 __all__ = ["exact_knn", "exact_search", "merge_topk", "pair_scores"]
 
@@ -70,7 +70,8 @@ def exact_knn(
 
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
-    futures = [client.submit(_exact_piece, store, p, queries, k, metric, pure=False) for p in range(n_pieces)]
+    futures = [client.submit(_exact_piece, store, p, queries, k, metric, key=task_key("ground_truth"))
+               for p in range(n_pieces)]
     bounds = np.append(store.starts, store.total_rows)
     progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.total_rows)
 

@@ -22,7 +22,7 @@ from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 from pipeline.search.recall import recall_at_k, tie_aware_hits
-from pipeline.stages.progress import PieceProgress, watch
+from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
            "RERANK_FACTORS", "BelowTarget"]
@@ -206,21 +206,21 @@ def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSam
     ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
     """
     probes = [nprobe] if nprobe is not None else probe_steps(nlist)
-    future = client.submit(_walk, plan, index_store, sample, probes, list(factors), target, pure=False)
+    future = client.submit(_walk, plan, index_store, sample, probes, list(factors), target, key=task_key("tune"))
     return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
 
 
 def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
                   ) -> tuple[list[list[Any]], list[np.ndarray]]:
     """Neighbour ids of the sample's queries under ``plan`` and their exact scores, searched on a worker."""
-    ids, scores, _ = client.submit(_search, plan, index_store, sample, pure=False).result()
+    ids, scores, _ = client.submit(_search, plan, index_store, sample, key=task_key("recall")).result()
     return ids, scores
 
 
 def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample,
           settings: Sequence[tuple[int | None, int]]) -> list[TunePoint]:
     """Recall and search time of each setting on ``sample``, measured on one worker."""
-    return list(client.submit(_measure, plan, index_store, sample, list(settings), pure=False).result())
+    return list(client.submit(_measure, plan, index_store, sample, list(settings), key=task_key("recall")).result())
 
 
 def choose(points: Sequence[TunePoint], target: float) -> TunePoint:

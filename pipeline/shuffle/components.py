@@ -20,10 +20,16 @@ import numpy as np
 
 from pipeline.io.atomic import atomic_path
 from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
+from pipeline.stages.progress import task_key
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
 
 log = logging.getLogger(__name__)
+
+
+def _key() -> str:
+    """A task of the components rounds (counted as the ``components`` phase in busy time)."""
+    return task_key("components")
 
 
 def label_path(labels_dir: str | Path, piece: int) -> Path:
@@ -105,24 +111,24 @@ def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndar
     n_parts = len(starts)
     labels = work_dir / "round-0000"
     client.gather([client.submit(_init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]),
-                                 str(warm) if warm else None, pure=False) for p in range(n_parts)])
+                                 str(warm) if warm else None, key=_key()) for p in range(n_parts)])
     if warm is not None:
         shutil.rmtree(warm, ignore_errors=True)
     r = 0
     while True:
         r += 1
         hooks = [str(work_dir / f"hooks-{r:04d}" / f"from-{p:05d}") for p in range(n_parts)]
-        crossing = sum(client.gather([client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], pure=False)
+        crossing = sum(client.gather([client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], key=_key())
                                       for p in range(n_parts)]))
         log.debug("components round %d: %d edges join different trees", r, crossing)
         if crossing == 0:
             shutil.rmtree(work_dir / f"hooks-{r:04d}")
             break
         hooked = work_dir / f"hooked-{r:04d}"
-        client.gather([client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), pure=False)
+        client.gather([client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), key=_key())
                        for p in range(n_parts)])
         nxt = work_dir / f"round-{r:04d}"
-        client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), pure=False) for p in range(n_parts)])
+        client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), key=_key()) for p in range(n_parts)])
         for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
             shutil.rmtree(d)
         labels = nxt
@@ -152,8 +158,8 @@ def _count_reduce(map_dirs: Sequence[str], piece: int) -> dict[int, int]:
 def component_sizes(client: Any, labels_dir: Path, starts: np.ndarray, work_dir: Path) -> dict[int, int]:
     """{component size: number of components}, counted by a shuffle on the label."""
     maps = [str(work_dir / f"from-{p:05d}") for p in range(len(starts))]
-    client.gather([client.submit(_count_map, str(labels_dir), p, starts, maps[p], pure=False)
+    client.gather([client.submit(_count_map, str(labels_dir), p, starts, maps[p], key=_key())
                    for p in range(len(starts))])
-    parts = client.gather([client.submit(_count_reduce, maps, p, pure=False) for p in range(len(starts))])
+    parts = client.gather([client.submit(_count_reduce, maps, p, key=_key()) for p in range(len(starts))])
     shutil.rmtree(work_dir)
     return merge_histograms(parts)

@@ -10,12 +10,14 @@ import logging
 import sys
 import threading
 import time
+import uuid
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
 
-__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted", "watch"]
+__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted", "watch", "task_key",
+           "busy_by_worker", "record_busy"]
 
 log = logging.getLogger(__name__)
 
@@ -41,6 +43,33 @@ def tasks_submitted() -> int:
     """Tasks submitted through :func:`run_tasks` so far in this process (a rerun that submits none
     found everything done)."""
     return _submitted[0]
+
+
+def task_key(label: str) -> str:
+    """A unique Dask key for one task of phase ``label``: the task stream (and the dashboard)
+    group tasks by it, so busy time is counted per phase (:func:`busy_by_worker`)."""
+    return f"{label}-{uuid.uuid4().hex}"
+
+
+def record_busy(client: Any) -> float:
+    """Start recording the scheduler's task stream; returns the time to count busy time from."""
+    since = time.time()
+    client.get_task_stream(start=since)  # the first call adds the scheduler's task-stream plugin
+    return since
+
+
+def busy_by_worker(client: Any, since: float) -> dict[str, dict[str, float]]:
+    """Seconds each worker spent computing tasks of each phase since ``since`` (:func:`record_busy`)."""
+    from dask.utils import key_split
+
+    busy: dict[str, dict[str, float]] = {}
+    for record in client.get_task_stream(start=since):
+        phases = busy.setdefault(str(record.get("worker", "?")), {})
+        label = key_split(record["key"])
+        for span in record.get("startstops", ()):
+            if span.get("action") == "compute":
+                phases[label] = phases.get(label, 0.0) + float(span["stop"]) - float(span["start"])
+    return busy
 
 
 def configure(live: bool) -> None:
@@ -166,7 +195,7 @@ def run_tasks(
 
     pending = {item.index for item in items}
     subscribed = _subscribe(client, on_event)
-    futures = {client.submit(fn, *args(item), pure=False): item for item in items}
+    futures = {client.submit(fn, *args(item), key=task_key(label)): item for item in items}
     try:
         for future in as_completed(list(futures)):
             item = futures[future]
