@@ -175,3 +175,22 @@ def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path)
     got, want = lists(remote_table(fs, "killed/neighbors")), lists(pq.read_table(clean / "neighbors"))
     assert len(got) == MANY and got == want
     assert np.all(np.diff(sorted(got)) == 1)  # every row once
+
+
+def test_build_join_and_evaluate_with_the_index_on_s3(make_config, s3, tmp_path):
+    """An index built to S3 is fetched for a join (another S3 prefix) and for evaluate; results
+    name the URLs, never the scratch folders."""
+    from pipeline.jobs.commands import build, evaluate, join
+
+    fs, options = s3["fs"], s3["options"]
+    common = {"storage_options": options, "scratch_dir": str(tmp_path / "scratch"), "k": 5}
+    build(make_config(input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx", output=None, metric="cosine",
+                      **common))
+    assert "manifest.json" in objects(fs, "idx") and "store/vectors/part-00000.npy" in objects(fs, "idx")
+    joined = join(make_config(input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx",
+                              output=f"s3://{BUCKET}/joined", **common))
+    assert joined.queries == 4000 and "_SUCCESS" in objects(fs, "joined")
+    summary = evaluate(make_config(index_dir=f"s3://{BUCKET}/idx", output=f"s3://{BUCKET}/joined", **common))
+    assert summary.to_json()["table"] == f"s3://{BUCKET}/joined/neighbors"
+    assert summary.to_json()["tie_aware_recall@5"] >= 0.9
+    assert not any(r.startswith(("index/", "store/")) for r in objects(fs, "joined"))  # the index stayed put

@@ -14,6 +14,7 @@ import pyarrow.parquet as pq
 from pipeline.config import Config
 from pipeline.errors import PipelineError
 from pipeline.io.store import RowStore
+from pipeline.io.workdir import shown
 from pipeline.jobs.common import guarded, job_cluster, require
 from pipeline.jobs.stages import open_index, search_plan
 from pipeline.results import RecallResult, RecallSummary
@@ -81,14 +82,14 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSumm
                                     "the table is incomplete: re-run the job that wrote it")
             found = [by_id[q] for q in wanted]
             found_scores = [np.asarray(score_of[q], dtype=np.float64) for q in wanted] if exact_scores else None
-            what: dict[str, Any] = {"table": str(table)}
+            what: dict[str, Any] = {"table": shown(table)}
         else:
             plan = search_plan(config, built, True)
             k = plan.k
             sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
                                  config.index.seed)
             found, found_scores = search_sample(client, plan, built.store, sample)
-            what = {"index": str(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
+            what = {"index": shown(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
     summary = replace(recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric),
                       source=what)
     log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.to_json().items() if "recall@" in key))
