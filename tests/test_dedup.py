@@ -516,6 +516,18 @@ def test_against_flag_keeps_the_rows_and_lists_them(make_config, planted, refere
     assert sorted(pq.read_table(out / "contamination").column("id").to_pylist()) == list(range(100, 110))
 
 
+def test_a_reference_of_another_dimension_is_named(make_config, planted, tmp_path):
+    ref = tmp_path / "ref"
+    ref.mkdir()
+    x = np.random.default_rng(0).standard_normal((40, DIM // 2)).astype(np.float32)
+    pq.write_table(pa.table({"id": pa.array(np.arange(40)), "text": pa.array(["r"] * 40),
+                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM // 2)}),
+                   ref / "bench.parquet")
+    with pytest.raises(InputError, match=rf"bench\.parquet, column 'embedding': --against vectors have dimension "
+                                         rf"{DIM // 2} but the input's have {DIM}"):
+        dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "out"), against=[str(ref)], **SETTINGS))
+
+
 def test_an_output_inside_the_reference_is_refused(make_config, planted, reference):
     from pipeline.errors import PipelineError
 

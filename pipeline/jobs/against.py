@@ -16,6 +16,8 @@ from typing import Any
 from pipeline.cluster.clients import ClusterInfo
 from pipeline.config import Config
 from pipeline.dedup.against import Matches, examples, write_matches
+from pipeline.errors import InputError
+from pipeline.io.workdir import shown
 from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index
 from pipeline.results import Contamination, ReferenceFileMatches
 from pipeline.stages.manifest import Manifest
@@ -41,6 +43,10 @@ def match_against(client: Any, cluster: ClusterInfo, config: Config, built: Buil
     )
     sub_timings = Timings()  # this run's phases, added to the job's as one "against" phase
     ref = build_index(client, cluster, ref_config, sub / "index", sub_timings, search=ref_config.search)
+    if ref.dim != built.dim:
+        raise InputError(f"{shown(ref.dataset.files[0].path)}, column '{ref.dataset.vector_column}': --against vectors "
+                         f"have dimension {ref.dim} but the input's have {built.dim}; embed the reference with the "
+                         "input's model")
     if ref.ntotal < ref_config.search.k:  # a reference smaller than k: every reference row is a neighbour
         ref_config = replace(ref_config, search=replace(ref_config.search, k=max(1, ref.ntotal)))
     log.info("against: %d reference rows in %d file(s); joining the %d input rows against them",
