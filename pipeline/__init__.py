@@ -3,9 +3,10 @@
 Packages by concern, in the order data flows through them:
 
 * ``io``: planning Parquet input (``parquet``), the scan into the row ``store``, ``ids``, atomic
-  writes, run directories (``workdir``: locations, owned names, locks), generated sample data;
+  writes, run directories (``workdir``: locations, owned names, locks), remote filesystems
+  (``storage``) and the local staging of remote outputs (``staging``), generated sample data;
 * ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge;
-* ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``;
+* ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``, list-major search (``lists``);
 * ``shuffle``: edge shuffles and connected components, shared by ``dedup`` and ``graph``;
 * ``stages``: the ``manifest`` that makes every stage resumable, and ``progress``;
 * ``cluster``: Dask clients (local, scheduler, Slurm/PBS, CUDA) and batch ``submit``;
