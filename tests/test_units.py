@@ -87,9 +87,10 @@ def test_gather_keeps_order_and_repeats(tmp_path):
         store.gather_vectors(np.array([5]))
 
 
-@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF256,PQ192x4fs"),
+@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF256,Flat"),
+                                       (200_000, 768, "IVF1024,Flat"), (300_000, 384, "IVF1024,PQ192x4fs"),
                                        (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8"),
-                                       (500_000, 64, "IVF1024,SQ8")])
+                                       (500_000, 64, "IVF1024,SQ8"), (100_000, 64, "IVF512,SQ8")])
 def test_default_index_rule(n, d, key):
     assert default_index_key(n, d) == key
     make_index(key, d, "cosine")  # a valid factory string
@@ -102,6 +103,9 @@ def test_default_rule_fits_codes_in_the_memory_budget():
     assert m < 384 and 100_000_000 * (m / 2 + 8) <= 8 * 2**30
     assert default_index_key(100_000_000, 768) == "IVF16384,PQ384x4fs"
     assert default_index_key(1_000_000, 128, memory_budget=64 * 2**30) == "IVF2048,PQ64x4fs"  # fits: unchanged
+    # IVF-Flat only while the vectors take a quarter of a worker's memory (100k x 768: 293 MiB)
+    assert default_index_key(100_000, 768, memory_budget=2 * 2**30) == "IVF512,Flat"
+    assert default_index_key(100_000, 768, memory_budget=1 * 2**30) == "IVF512,PQ384x4fs"
 
 
 def test_default_nprobe():
