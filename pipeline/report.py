@@ -212,17 +212,22 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
         _count_plot(output, "group_sizes.png", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
         lines += ["### Group sizes", "", "![group sizes](group_sizes.png)", ""]
     if d.examples:
-        has_text = any(e.text_a is not None or e.text_b is not None for e in d.examples)
-        lines += ["### Example pairs by score", "",
-                  "| score | id a | id b |" + (" text a | text b |" if has_text else ""),
-                  "|---|---|---|" + ("---|---|" if has_text else "")]
-        for e in d.examples:
-            row = f"| {e.score:.4f} | {_esc(e.id_a)} | {_esc(e.id_b)} |"
-            if has_text:
-                row += f" {_esc(e.text_a)} | {_esc(e.text_b)} |"
-            lines.append(row)
-        lines.append("")
+        lines += ["### Example pairs by score", ""]
+        lines += _examples_table(["score", "id a", "id b"], ["text a", "text b"],
+                                 [([f"{e.score:.4f}", _esc(e.id_a), _esc(e.id_b)], (e.text_a, e.text_b))
+                                  for e in d.examples])
     return lines + _contamination_lines(d)
+
+
+def _examples_table(head: list[str], text_head: list[str], rows: list[tuple[list[str], tuple[Any, Any]]]) -> list[str]:
+    """A Markdown table of example rows (cells already formatted), with the two text columns only
+    when some row has a text."""
+    has_text = any(a is not None or b is not None for _, (a, b) in rows)
+    columns = head + (text_head if has_text else [])
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for cells, (a, b) in rows:
+        lines.append("| " + " | ".join(cells + ([_esc(a), _esc(b)] if has_text else [])) + " |")
+    return [*lines, ""]
 
 
 def _contamination_lines(d: DedupResult) -> list[str]:
@@ -242,16 +247,10 @@ def _contamination_lines(d: DedupResult) -> list[str]:
     lines += [f"| {_esc(m.file)} | {m.rows:,} | {m.input_rows_matched:,} |" for m in c.per_file]
     lines.append("")
     if c.examples:
-        has_text = any(e.input_text is not None or e.reference_text is not None for e in c.examples)
-        lines += ["| score | input id | reference id | reference file |" + (" input text | reference text |"
-                                                                          if has_text else ""),
-                  "|---|---|---|---|" + ("---|---|" if has_text else "")]
-        for e in c.examples:
-            row = f"| {e.score:.4f} | {_esc(e.input_id)} | {_esc(e.reference_id)} | {_esc(e.reference_file)} |"
-            if has_text:
-                row += f" {_esc(e.input_text)} | {_esc(e.reference_text)} |"
-            lines.append(row)
-        lines.append("")
+        lines += _examples_table(["score", "input id", "reference id", "reference file"],
+                                 ["input text", "reference text"],
+                                 [([f"{e.score:.4f}", _esc(e.input_id), _esc(e.reference_id), _esc(e.reference_file)],
+                                   (e.input_text, e.reference_text)) for e in c.examples])
     return lines
 
 

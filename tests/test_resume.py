@@ -33,9 +33,10 @@ def command(data: Path, out: Path, *extra: str) -> list[str]:
             *extra]
 
 
-def kill_when(cmd: list[str], ready, timeout: float = 120.0) -> None:
+def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
     """Start ``cmd`` in its own process group and SIGKILL the whole group once ``ready()``."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                            env=env)
     deadline = time.monotonic() + timeout
     try:
         while not ready():

@@ -8,10 +8,8 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +20,7 @@ import pytest
 
 from pipeline import ConfigError, dedup, graph, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
+from tests.test_resume import kill_when
 
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install '.[test]'")
 boto3 = pytest.importorskip("boto3")
@@ -144,18 +143,8 @@ def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path)
                 "--k", "5", "--exclude-self", "--index-key", "Flat", "--partition-size", str(GROUP * 64 * 4),
                 "--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch)]
 
-    cmd = command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a")
-    proc = subprocess.Popen(cmd, env=env, start_new_session=True, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
-    deadline = time.monotonic() + 180
-    try:
-        while _remote_join_pieces(fs, "killed") < 20:
-            assert proc.poll() is None, "the run ended before it could be killed"
-            assert time.monotonic() < deadline, "timed out waiting to kill the run"
-            time.sleep(0.05)
-    finally:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
+    kill_when(command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a"),
+              lambda: _remote_join_pieces(fs, "killed") >= 20, timeout=180, env=env)
     done = _remote_join_pieces(fs, "killed")
     assert 20 <= done < 120 and "_SUCCESS" not in objects(fs, "killed")
 

@@ -54,9 +54,10 @@ def best_matches(matches: Matches, piece: int, rows: int) -> tuple[np.ndarray, n
     ref_rows, scores = read_knn(knn_path(matches.knn_dir, piece))
     ok = passes(scores, matches.threshold, matches.metric) & (ref_rows >= 0)
     first = np.argmax(ok, axis=1)  # lists are best first: the first passing entry is the closest
-    hit = ok[np.arange(len(ok)), first] if len(ok) else np.zeros(0, bool)
-    best = np.where(hit, ref_rows[np.arange(len(ok)), first], -1) if len(ok) else np.zeros(0, np.int64)
-    score = np.where(hit, scores[np.arange(len(ok)), first], np.nan) if len(ok) else np.zeros(0, np.float32)
+    line = np.arange(len(ok))
+    hit = ok[line, first]
+    best = np.where(hit, ref_rows[line, first], -1)
+    score = np.where(hit, scores[line, first], np.nan)
     assert len(best) == rows, (len(best), rows)
     return best.astype(np.int64), score.astype(np.float32)
 
@@ -85,9 +86,9 @@ def _piece_task(matches: Matches, piece: Piece, input_store: RowStore, file_star
 
 def write_matches(client: Any, matches: Matches, dataset: Dataset, store: RowStore, reference: Dataset,
                    output: Path, manifest: Manifest) -> dict[str, Any]:
-    """``contamination/`` piece by piece (resumable: recorded in the against join's manifest)."""
+    """``contamination/`` piece by piece (resumable: recorded in ``manifest``, the dedup output's)."""
     out_dir = output / "contamination"
-    ref_starts = np.array([_file_start(reference, f.path) for f in reference.files], dtype=np.int64)
+    ref_starts = reference.file_starts
     names = [shown(f.path) for f in reference.files]
     done = manifest.stage_info("contamination")
     if done is not None and done.get("threshold") != matches.threshold:
@@ -106,15 +107,6 @@ def write_matches(client: Any, matches: Matches, dataset: Dataset, store: RowSto
         found.extend(r["examples"])
     closest = sorted(found, key=lambda e: e[2] if matches.metric == "l2" else -e[2])[:EXAMPLES]
     return {"per_file": per_file, "examples": closest}
-
-
-def _file_start(dataset: Dataset, path: str) -> int:
-    """The first global row of ``path`` (files without rows: where the next one starts)."""
-    for piece in dataset.pieces:
-        if piece.path == path:
-            return piece.start - piece.file_row
-    later = [p.start for p in dataset.pieces if p.path > path]
-    return min(later, default=dataset.total_rows)
 
 
 def examples(found: list[list[Any]], dataset: Dataset, store: RowStore, ref_dataset: Dataset, ref_store: RowStore,

@@ -67,17 +67,11 @@ def mirror_names(paths: Sequence[str]) -> list[str]:
 def file_jobs(dataset: Dataset) -> list[FileJob]:
     """The files of ``dataset`` in input order, with the global rows each holds."""
     names = mirror_names([f.path for f in dataset.files])
-    first: dict[str, int] = {}
     pieces: dict[str, list[tuple[int, int]]] = {}
     for piece in dataset.pieces:
-        first.setdefault(piece.path, piece.start - piece.file_row)
         pieces.setdefault(piece.path, []).append((piece.index, piece.rows))
-    jobs, start = [], 0
-    for i, (f, name) in enumerate(zip(dataset.files, names, strict=True)):
-        start = first.get(f.path, start)
-        jobs.append(FileJob(i, f.path, name, start, f.rows if f.path in first else 0, tuple(pieces.get(f.path, ()))))
-        start += jobs[-1].rows
-    return jobs
+    return [FileJob(i, f.path, name, int(start), f.rows if f.path in pieces else 0, tuple(pieces.get(f.path, ())))
+            for i, (f, name, start) in enumerate(zip(dataset.files, names, dataset.file_starts, strict=True))]
 
 
 def check_columns(paths: Sequence[str]) -> None:
@@ -105,8 +99,9 @@ def _fates(parts: Sequence[tuple[str, int, int]], job: FileJob, matches: Matches
     fates = pa.concat_tables(tables) if tables else pa.table({c: [] for c in cols})
     if matches is None:
         return fates
-    best = np.concatenate([best_matches(matches, i, n)[0] for i, n in job.pieces] or [np.zeros(0, np.int64)])
-    score = np.concatenate([best_matches(matches, i, n)[1] for i, n in job.pieces] or [np.zeros(0, np.float32)])
+    found = [best_matches(matches, i, n) for i, n in job.pieces]  # each piece's lists read once
+    best = np.concatenate([b for b, _ in found] or [np.zeros(0, np.int64)])
+    score = np.concatenate([s for _, s in found] or [np.zeros(0, np.float32)])
     hit = best >= 0
     ref_ids = matches.reference.gather_ids(np.where(hit, best, 0)) if len(best) else pa.array([], pa.int64())
     fates = fates.append_column(AGAINST_COLUMNS[0], pc.if_else(pa.array(hit), ref_ids, pa.scalar(None, ref_ids.type)))

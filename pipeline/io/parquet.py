@@ -80,6 +80,20 @@ class Dataset:
         """First global row of each piece, for mapping a global row to its piece."""
         return np.array([p.start for p in self.pieces], dtype=np.int64)
 
+    @property
+    def file_starts(self) -> np.ndarray:
+        """First global row of each file (a file without rows: where the next one starts), for
+        mapping a global row to its file."""
+        first: dict[str, int] = {}
+        for piece in self.pieces:
+            first.setdefault(piece.path, piece.start - piece.file_row)
+        starts, at = [], 0
+        for f in self.files:
+            at = first.get(f.path, at)
+            starts.append(at)
+            at += f.rows if f.path in first else 0
+        return np.array(starts, dtype=np.int64)
+
     def max_piece_bytes(self, partition_bytes: int) -> int:
         """float32 bytes of the largest piece (``partition_bytes`` where the dimension is not yet known)."""
         if self.dim is None:
@@ -146,7 +160,7 @@ def resolve_paths(entries: Sequence[str]) -> list[str]:
         p = Path(entry)
         if is_remote(entry):
             try:
-                remote, single = list_parquet(entry)
+                remote = list_parquet(entry)
             except OSError as exc:
                 raise InputError(f"{shown(entry)}: cannot be listed ({_first_line(exc)}); check the URL and the "
                                  "credentials (AWS_ACCESS_KEY_ID, a profile, or storage_options)") from None

@@ -5,8 +5,8 @@ Input is read where it lies: planning reads each file's size, time and footer (i
 the scan streams row groups, through :func:`open_parquet`. Credentials and endpoints come from the
 standard places (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``, profiles,
 each cloud's default credential chain), plus ``storage_options`` in the YAML (the filesystem's own
-keyword arguments, e.g. ``endpoint_override`` or ``region`` for S3), which every worker receives
-with the task that opens a file. Output and index directories on such a filesystem are staged
+keyword arguments, e.g. ``endpoint_override`` or ``region`` for S3), which a worker plugin sets
+on every worker. Output and index directories on such a filesystem are staged
 locally (:mod:`pipeline.io.staging`).
 """
 
@@ -25,19 +25,15 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
 __all__ = ["RemoteFile", "is_remote", "filesystem", "open_parquet", "list_parquet", "remote_info",
-           "set_storage_options", "storage_options"]
+           "set_storage_options"]
 
-_OPTIONS: dict[str, Any] = {}  # this process's storage_options (set once per job, and in each task that reads)
+_OPTIONS: dict[str, Any] = {}  # this process's storage_options (set by the job, and on each worker by a plugin)
 
 
 def set_storage_options(options: Mapping[str, Any] | None) -> None:
     """The filesystem keyword arguments of this job (YAML ``storage_options``), for this process."""
     _OPTIONS.clear()
     _OPTIONS.update(options or {})
-
-
-def storage_options() -> dict[str, Any]:
-    return dict(_OPTIONS)
 
 
 def is_remote(path: str | os.PathLike[str]) -> bool:
@@ -108,10 +104,9 @@ def _url(url: str, inner: str) -> str:
     return f"{parts.scheme}://{inner}"
 
 
-def list_parquet(url: str) -> tuple[list[RemoteFile], bool]:
+def list_parquet(url: str) -> list[RemoteFile]:
     """The Parquet files at ``url``: the file itself, every ``*.parquet`` below a prefix (names
-    starting with ``.`` or ``_`` skipped), or the matches of a glob in the key. The flag says
-    whether ``url`` named a single file."""
+    starting with ``.`` or ``_`` skipped), or the matches of a glob in the key."""
     fs, inner = filesystem(url)
     pattern = None
     if any(ch in inner for ch in "*?["):
@@ -119,9 +114,9 @@ def list_parquet(url: str) -> tuple[list[RemoteFile], bool]:
         inner = inner[: min(inner.index(ch) for ch in "*?[" if ch in inner)].rsplit("/", 1)[0]
     info = fs.get_file_info(inner)
     if pattern is None and info.type == pafs.FileType.File:
-        return [RemoteFile(url, int(info.size or 0), int(info.mtime_ns or 0))], True
+        return [RemoteFile(url, int(info.size or 0), int(info.mtime_ns or 0))]
     if info.type == pafs.FileType.NotFound:
-        return [], False
+        return []
     found = []
     for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
         rel = f.path[len(inner):].lstrip("/")
@@ -132,4 +127,4 @@ def list_parquet(url: str) -> tuple[list[RemoteFile], bool]:
         if pattern is None and not f.path.lower().endswith(".parquet"):
             continue
         found.append(RemoteFile(_url(url, f.path), int(f.size or 0), int(f.mtime_ns or 0)))
-    return sorted(found, key=lambda f: f.url), False
+    return sorted(found, key=lambda f: f.url)

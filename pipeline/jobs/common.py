@@ -86,7 +86,7 @@ def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
             return command(config)
         check_remote_locations(config)
         out, idx = config.output, config.index_dir
-        inside = bool(out and idx and is_remote(out) and idx.rstrip("/").startswith(out.rstrip("/") + "/"))
+        inside = bool(out and idx and is_remote(out) and _url_inside(idx, out))
         with contextlib.ExitStack() as stack:
             local = {u: str(stack.enter_context(staged(u, config.scratch_dir))) for u in urls
                      if not (inside and u == idx)}
@@ -95,6 +95,11 @@ def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
             return command(replace(config, output=local.get(out or "", out), index_dir=local.get(idx or "", idx)))
 
     return run
+
+
+def _url_inside(child: str, parent: str) -> bool:
+    """Whether URL ``child`` lies below URL ``parent`` (not equal to it)."""
+    return child.rstrip("/").startswith(parent.rstrip("/") + "/")
 
 
 def check_remote_locations(config: Config) -> None:
@@ -114,7 +119,7 @@ def check_remote_locations(config: Config) -> None:
                 raise ConfigError(f"{flag} {u} overlaps the input {p}; write outputs to a prefix outside the input "
                                   "(the tool never writes among input files)")
     if len(dirs) == 2 and overlap(dirs[0][1], dirs[1][1]) and \
-            not dirs[1][1].rstrip("/").startswith(dirs[0][1].rstrip("/") + "/"):  # the index inside the output is fine
+            not _url_inside(dirs[1][1], dirs[0][1]):  # the index inside the output is fine
         raise ConfigError(f"--output {dirs[0][1]} and --index-dir {dirs[1][1]} overlap; give them separate prefixes")
 
 

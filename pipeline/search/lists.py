@@ -15,7 +15,7 @@ import faiss
 import numpy as np
 from faiss.contrib.inspect_tools import get_invlist
 
-__all__ = ["list_major_search", "LIST_MAJOR_MIN_QUERIES"]
+__all__ = ["list_major_search", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
 
 LIST_MAJOR_MIN_QUERIES = 256  # below this, a list holds too few of the batch's queries to gain
 

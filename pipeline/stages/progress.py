@@ -6,12 +6,13 @@ rows done through :class:`Progress` or :func:`run_tasks`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
 from distributed import as_completed
@@ -186,7 +187,7 @@ def run_tasks(
 
     def on_event(event: Any) -> None:
         _, msg = event
-        if not isinstance(msg, dict) or msg.get("stage") != label:
+        if not isinstance(msg, dict) or msg.get("stage") != label or "rows" not in msg:  # rows, not notes
             return
         with lock:
             if msg["index"] in pending:  # an event that arrives after its task ended is stale
@@ -194,28 +195,24 @@ def run_tasks(
                 refresh()
 
     pending = {item.index for item in items}
-    subscribed = _subscribe(client, on_event)
-    futures = {client.submit(fn, *args(item), key=task_key(label)): item for item in items}
+    futures: dict[Any, T] = {}
     try:
-        for future in as_completed(list(futures)):
-            item = futures[future]
-            result = future.result()
-            if on_done is not None:
-                on_done(item, result)
-            log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
-            with lock:
-                pending.discard(item.index)
-                partial.pop(item.index, None)
-                finished[0] += rows(item)
-                refresh()
+        with _listening(client, on_event):  # subscribed before the first task can report
+            futures.update({client.submit(fn, *args(item), key=task_key(label)): item for item in items})
+            for future in as_completed(list(futures)):
+                item = futures[future]
+                result = future.result()
+                if on_done is not None:
+                    on_done(item, result)
+                log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
+                with lock:
+                    pending.discard(item.index)
+                    partial.pop(item.index, None)
+                    finished[0] += rows(item)
+                    refresh()
     except BaseException:
         client.cancel(list(futures))
-        if _LIVE:
-            sys.stderr.write("\n")
         raise
-    finally:
-        if subscribed:
-            client.unsubscribe_topic(TOPIC)
     return progress.close()
 
 
@@ -224,7 +221,7 @@ def watch(client: Any, future: Any, label: str, note: str = "", interval: float 
     the latest step the worker reported through :meth:`PieceProgress.note`; return its result.
     Live: the line is redrawn every second and on every step; in logs: a line every ``interval``
     seconds while the task runs (a quick phase logs nothing here)."""
-    state = {"note": note, "logged": ""}
+    state = {"note": note}
     start = last = time.monotonic()
     lock = threading.Lock()
 
@@ -248,8 +245,7 @@ def watch(client: Any, future: Any, label: str, note: str = "", interval: float 
                 state["note"] = str(msg["note"])
                 show()
 
-    subscribed = _subscribe(client, on_event)
-    try:
+    with _listening(client, on_event):
         while True:
             try:
                 result = future.result(timeout=1.0)
@@ -257,26 +253,28 @@ def watch(client: Any, future: Any, label: str, note: str = "", interval: float 
             except TimeoutError:
                 with lock:
                     show()
-    except BaseException:
-        if _LIVE:
-            sys.stderr.write("\n")
-        raise
-    finally:
-        if subscribed:
-            client.unsubscribe_topic(TOPIC)
     if _LIVE:
         sys.stderr.write("\r" + line() + "\033[K\n")
         sys.stderr.flush()
     return result
 
 
-def _subscribe(client: Any, handler: Callable[[Any], None]) -> bool:
-    """Receive the workers' in-piece progress events (clients without topics: no events)."""
+@contextlib.contextmanager
+def _listening(client: Any, handler: Callable[[Any], None]) -> Iterator[None]:
+    """Receive the workers' progress events while waiting (clients without topics: no events);
+    on a failure, end the live line so the error starts on a line of its own."""
     subscribe = getattr(client, "subscribe_topic", None)
-    if subscribe is None:
-        return False
-    subscribe(TOPIC, handler)
-    return True
+    if subscribe is not None:
+        subscribe(TOPIC, handler)
+    try:
+        yield
+    except BaseException:
+        if _LIVE:
+            sys.stderr.write("\n")
+        raise
+    finally:
+        if subscribe is not None:
+            client.unsubscribe_topic(TOPIC)
 
 
 
