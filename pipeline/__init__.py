@@ -6,7 +6,8 @@ Packages by concern, in the order data flows through them:
   writes, run directories (``workdir``: locations, owned names, locks), remote filesystems
   (``storage``) and the local staging of remote outputs (``staging``), generated sample data;
 * ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge;
-* ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``, list-major search (``lists``);
+* ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``, list-major search (``lists``),
+  exact search and re-ranking against the row store, on the host or resident on a device (``stored``);
 * ``shuffle``: edge shuffles and connected components, shared by ``dedup`` and ``graph``;
 * ``stages``: the ``manifest`` that makes every stage resumable, and ``progress``;
 * ``cluster``: Dask clients (local, scheduler, Slurm/PBS, CUDA) and batch ``submit``;

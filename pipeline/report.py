@@ -306,7 +306,9 @@ def _summary_lines(report: JobReport) -> list[str]:
     for kind in sorted({d.backend for d in devices}):
         group = [d for d in devices if d.backend == kind]
         hosts = sorted({d.host for d in group})
-        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason}), hosts "
+        gpus = sorted({f"{d.gpu_name}, {d.gpu_memory_bytes / 2**30:.0f} GiB" for d in group if d.gpu_name})
+        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason})"
+                     + (f" [{'; '.join(gpus)}]" if gpus else "") + ", hosts "
                      f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
     return lines
 

@@ -184,6 +184,9 @@ class WorkerDevice:
     reason: str
     faiss_threads: int
     gpus: int  # GPUs this worker's faiss sees
+    gpu_name: str = ""  # the GPU this worker uses ("" on the CPU backend or without CuPy)
+    gpu_memory_bytes: int = 0
+    gpu_free_bytes: int = 0  # at setup: the default plan sizes the index to the smallest
 
 
 @dataclass(frozen=True)

@@ -32,6 +32,12 @@ def main() -> None:
     ap.add_argument("--sample-size", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--query-limit", type=int, default=None, help="search only the first N rows (timing sample)")
+    ap.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch")
+    ap.add_argument("--tune-ef", metavar="TRUTH_NPZ", default=None,
+                    help="HNSW: before the timed search, raise efSearch from 16 until recall@k on the sample in this "
+                         "file (query_ids, truth_ids: (n, k) ids) reaches --target-recall; the tuning time is "
+                         "reported apart")
+    ap.add_argument("--target-recall", type=float, default=0.95)
     args = ap.parse_args()
     t: dict[str, float] = {}
 
@@ -63,6 +69,24 @@ def main() -> None:
     if args.nprobe:
         faiss.ParameterSpace().set_index_parameter(index, "nprobe", args.nprobe)
     t["add"] = time.perf_counter() - t0
+    ef = args.ef_search
+    if args.tune_ef:
+        t0 = time.perf_counter()
+        truth = np.load(args.tune_ef)
+        order = np.argsort(ids)
+        sample = order[np.searchsorted(ids, truth["query_ids"], sorter=order)]
+        want = truth["truth_ids"]
+        for ef in (16, 32, 64, 128, 256, 512, 1024, 2048):
+            faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+            _, found = index.search(x[sample], args.k + 1)
+            hits = [len(set(ids[f[(f != s) & (f >= 0)]][: args.k].tolist()) & set(w.tolist())) / args.k
+                    for f, s, w in zip(found, sample, want)]
+            if np.mean(hits) >= args.target_recall:
+                break
+        t["tune"] = time.perf_counter() - t0
+    if ef:
+        faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
+        t["ef_search"] = ef
 
     t0 = time.perf_counter()
     nq = min(args.query_limit or len(x), len(x))

@@ -104,3 +104,77 @@ def test_run_on_the_gpu_matches_the_cpu_and_its_index_loads_on_the_cpu(make_conf
     assert index.ntotal == len(vectors)
     faiss.ParameterSpace().set_index_parameter(index, "nprobe", 8)
     assert CpuBackend().search(index, vectors[:10], 5)[1].shape == (10, 5)
+
+
+def _lists(index: faiss.Index) -> list[tuple[bytes, bytes]]:
+    ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
+    inv = ivf.invlists
+    return [(faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes(),
+             faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes()) for i in range(ivf.nlist)]
+
+
+def test_the_gpu_fill_encodes_on_the_gpu_and_writes_the_cpu_layout(vectors):
+    """IVF-Flat filled through its GPU twin holds the same lists (vectors and ids) as a CPU fill;
+    8-bit IVF-PQ finds what the CPU-encoded one finds."""
+    from pipeline.backends.gpu import gpu_encodes
+
+    ids = np.arange(100, 100 + len(vectors), dtype=np.int64)
+    flat_cpu, flat_gpu = _trained(vectors, "IVF32,Flat"), _trained(vectors, "IVF32,Flat")
+    assert gpu_encodes(flat_gpu)
+    CpuBackend().add(flat_cpu, vectors, ids)
+    GpuBackend(device=0).add(flat_gpu, vectors, ids)
+    assert flat_gpu.ntotal == len(vectors)
+    cpu_lists, gpu_lists = _lists(flat_cpu), _lists(flat_gpu)
+    same = sum(a == b for a, b in zip(cpu_lists, gpu_lists, strict=True))
+    assert same >= len(cpu_lists) - 2  # a vector on a centroid boundary may land in the other list
+    pq_cpu, pq_gpu = _trained(vectors), faiss.clone_index(_trained(vectors))
+    CpuBackend().add(pq_cpu, vectors, ids)
+    GpuBackend(device=0).add(pq_gpu, vectors, ids)
+    for index in (pq_cpu, pq_gpu):
+        faiss.ParameterSpace().set_index_parameter(index, "nprobe", 8)
+    q = vectors[:500]
+    assert _overlap(CpuBackend().search(pq_gpu, q, 10)[1], CpuBackend().search(pq_cpu, q, 10)[1]) >= 0.97
+
+
+def _store(tmp_path: Path, x: np.ndarray, pieces: int = 3):
+    import pyarrow as pa
+
+    from pipeline.io.store import RowStore
+
+    bounds = np.linspace(0, len(x), pieces + 1).astype(int)
+    store = RowStore(tmp_path / "store", bounds[:-1], len(x))
+    for p in range(pieces):
+        store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
+    return store
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_resident_rerank_and_exact_search_match_the_cpu(tmp_path, vectors, metric):
+    """The row store held on the GPU: re-ranking and the exact plan agree with the host's."""
+    store = _store(tmp_path, vectors)
+    rng = np.random.default_rng(1)
+    rows = rng.integers(0, len(vectors), (300, 40))
+    rows[:, -3:] = -1
+    q = vectors[:300]
+    gpu = GpuBackend(device=0)
+    assert gpu._resident(store) is not None  # a few MiB: resident
+    np.testing.assert_allclose(gpu.rerank(q, rows, store, metric), CpuBackend().rerank(q, rows, store, metric),
+                               rtol=1e-4, atol=1e-4)
+    g_scores, g_rows = gpu.exact_search(q, store, 10, metric)
+    c_scores, c_rows = CpuBackend().exact_search(q, store, 10, metric)
+    np.testing.assert_allclose(g_scores, c_scores, rtol=1e-4, atol=1e-4)
+    assert _overlap(g_rows, c_rows) >= 0.99
+
+
+def test_gpu_default_plan_is_ivf_flat_when_it_fits(make_config, tmp_path):
+    """``index_key: auto`` on GPU workers: 30,000 x 32 fits any GPU, so IVF-Flat, no re-rank, at the target."""
+    from pipeline.io.sample_data import clustered_vectors, write_shards
+
+    data = tmp_path / "data"
+    write_shards(data, clustered_vectors(30_000, DIM, clusters=60, seed=5), shards=3, row_group_rows=5000)
+    report = run(make_config(input=str(data), output=str(tmp_path / "auto"), device="gpu", k=10))
+    assert report.search.backend == "gpu"
+    assert report.index.key.endswith(",Flat") and report.search.rerank == 0
+    assert "GPU" in report.index.why
+    assert report.recall is not None and report.recall.recall >= 0.95
+    assert all(d.gpu_name and d.gpu_free_bytes > 0 for d in report.join.devices)

@@ -22,8 +22,17 @@ from pipeline.backends.gpu import (
     gpu_search_limits,
     train_with_assigner,
 )
-from pipeline.index.choice import FAISS_METRICS, default_index_key, make_index
+from pipeline.index.choice import (
+    FAISS_METRICS,
+    default_index_key,
+    default_rerank,
+    explain_index_key,
+    gpu_index_bytes,
+    make_index,
+)
 from pipeline.io.sample_data import clustered_vectors
+from pipeline.io.store import RowStore
+from pipeline.search.stored import ResidentRows, host_rerank
 
 
 def _data(n: int = 10_000, d: int = 32) -> np.ndarray:
@@ -121,6 +130,79 @@ def test_gpu_search_limits_raw_vector_pq():
 def test_default_gpu_keys_are_searchable_on_the_gpu(n, d, key):
     assert default_index_key(n, d, gpu=True) == key
     assert gpu_search_limits(make_index(key, d, "l2"))[0] is None
+
+
+GIB = 2**30
+
+
+@pytest.mark.parametrize("n,d,free,storage", [
+    (10_000_000, 128, 80 * GIB, "Flat"),      # 5.2 GiB of float32 vectors: fit 40% of 80 GiB
+    (10_000_000, 768, 60 * GIB, "SQfp16"),    # 28.7 GiB float32 do not fit 24 GiB; 14.4 GiB float16 do
+    (100_000_000, 768, 80 * GIB, "PQ96"),     # neither fits: 8-bit PQ, re-ranked
+    (1_000_000, 768, 16 * GIB, "Flat"),
+    (1_000_000, 100, GIB // 4, "SQ8"),        # no supported PQ splits 100 dimensions
+])
+def test_gpu_default_plan_follows_free_gpu_memory(n, d, free, storage):
+    key = default_index_key(n, d, gpu=True, gpu_free=free)
+    assert key.split(",")[1] == storage
+    index = make_index(key, d, "l2")
+    assert gpu_search_limits(index)[0] is None  # every choice is searchable by the GPU kernels
+    assert default_rerank(index) == (4 if storage.startswith(("PQ", "SQ8")) else 0)
+    nlist = int(key.split(",")[0][3:])
+    if storage == "Flat":
+        assert gpu_index_bytes(n, d, nlist, 4) <= 0.4 * free
+    why = explain_index_key(n, d, gpu=True, gpu_free=free)
+    assert f"({free / GIB:.1f} GiB)" in why and ("no re-rank" in why) == (storage in ("Flat", "SQfp16"))
+
+
+def test_the_smallest_free_gpu_decides_the_plan():
+    from pipeline.cluster.clients import ClusterInfo
+    from pipeline.results import WorkerDevice
+
+    def dev(name: str, free: int, backend: str = "gpu") -> WorkerDevice:
+        return WorkerDevice(name, "h", backend, "test", 4, 1, "H200", 141 * GIB, free)
+
+    cluster = ClusterInfo(2, None, None, (dev("0", 120 * GIB), dev("1", 20 * GIB)))
+    assert cluster.backend == "gpu" and cluster.gpu_free == 20 * GIB
+    assert ClusterInfo(1, None, None, (dev("0", 0, "cpu"),)).gpu_free == 0
+
+
+def _store(tmp_path, x: np.ndarray, pieces: int = 3) -> RowStore:
+    import pyarrow as pa
+
+    bounds = np.linspace(0, len(x), pieces + 1).astype(int)
+    store = RowStore(tmp_path / "store", bounds[:-1], len(x))
+    for p in range(pieces):
+        store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
+    return store
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_resident_rows_rerank_as_the_host_does(tmp_path, metric):
+    """The device-resident re-rank (run here with NumPy as its array module) scores what the host
+    gather scores, missing candidates (-1) worst, across piece boundaries and small chunks."""
+    x = _data(3000, 24)
+    store = _store(tmp_path, x)
+    rng = np.random.default_rng(3)
+    q = _data(3100, 24)[3000:]
+    rows = rng.integers(0, len(x), (100, 17))
+    rows[rng.random(rows.shape) < 0.1] = -1
+    want = host_rerank(CpuBackend().exact_scores, q, rows, store, metric)
+    got = ResidentRows(np, store).rerank(q, rows, metric, chunk_bytes=24 * 17 * 4 * 7)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    assert np.isinf(got[rows < 0]).all() and (got[rows < 0] > 0).all() == (metric == "l2")
+
+
+def test_cpu_exact_search_streams_the_store_exactly(tmp_path):
+    x = _data(2500, 16)
+    store = _store(tmp_path, x, pieces=4)
+    for metric in ("cosine", "l2"):
+        scores, rows = CpuBackend().exact_search(x[:50], store, 7, metric)
+        flat = faiss.IndexFlat(16, FAISS_METRICS[metric])
+        flat.add(x)
+        want_scores, want_rows = flat.search(x[:50], 7)
+        np.testing.assert_allclose(scores, want_scores, rtol=1e-5, atol=1e-5)
+        assert (rows == want_rows).mean() > 0.99  # equal up to ties
 
 
 def test_batch_rows_under_a_memory_cap():

@@ -1,8 +1,9 @@
 """The device seam: one small interface that stages call without branching on it.
 
-A backend trains, adds, searches and does the exact arithmetic around FAISS (re-ranking
-candidates). Each Dask worker chooses its own, where the work runs
-(:mod:`pipeline.backends.worker`); tasks ask their worker for it.
+A backend trains, adds, searches and does the exact arithmetic around FAISS: exact search of
+the row store (the exact plan) and re-ranking of candidates against it. Each Dask worker
+chooses its own, where the work runs (:mod:`pipeline.backends.worker`); tasks ask their worker
+for it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.gpu import GpuBackend
+from pipeline.io.store import RowStore
 
 __all__ = ["Backend", "gpu_count", "CpuBackend", "GpuBackend"]
 
@@ -38,6 +40,10 @@ class Backend(Protocol):
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray: ...
 
     def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray: ...
 
 
 def gpu_count() -> int:

@@ -6,14 +6,21 @@ The only module that touches GPU faiss symbols or CuPy, and only inside function
 * **train**: the IVF k-means and the PQ codebook k-means assign points with a GPU flat index
   (faiss's ``clustering_index`` / ``pq.assign_index`` hooks); the CPU index object is trained in
   place, so what is written is an ordinary CPU index.
-* **add**: the coarse assignment (the heavy part: n x nlist distances) runs on the GPU in batches
-  sized from free GPU memory; the CPU index encodes with those assignments (``add_core``). Any IVF
-  key works this way, fast-scan twins included, and the partial indexes on disk are the same
-  files a CPU fill writes.
+* **add**: an empty piece index the GPU kernels take (IVF-Flat, IVF-SQ, 8-bit IVF-PQ) is cloned
+  to the GPU, which assigns *and* encodes the piece there, and is copied back into the CPU index:
+  the partial indexes on disk are the same files a CPU fill writes. Other IVF keys (fast-scan
+  twins, transforms) get the coarse assignment (n x nlist distances) on the GPU in batches sized
+  from free GPU memory and encode on the CPU with those assignments (``add_core``).
 * **search**: the finished index is cloned to the worker's GPU once and reused by every task.
   What the GPU kernels cannot do (fast-scan codes, PQ sizes outside their set, k or nprobe above
   2048, an index larger than the GPU's free memory) is searched on the CPU instead, logged once
   with the reason.
+* **the row store on the device**: when the join's stored vectors fit in ``RESIDENT_SHARE`` of
+  the GPU's free memory they are copied there once per worker; re-ranking then gathers
+  candidates and scores them on the device (:class:`~pipeline.search.stored.ResidentRows`), and
+  the exact plan searches a GPU flat index over them (cuBLAS tiles, on-device k-selection).
+  Larger stores stream piece by piece from the host: candidates gathered there, pieces scored
+  on the GPU one at a time.
 
 Unverified on a real GPU in this repository so far: see README, "GPUs".
 """
@@ -29,11 +36,13 @@ import faiss
 import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
-from pipeline.index.choice import ivf_of
+from pipeline.index.choice import FAISS_METRICS, ivf_of
+from pipeline.io.store import RowStore
+from pipeline.search.stored import ResidentRows, host_rerank, streamed_exact
 
 __all__ = [
     "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",
-    "gpu_runtime_problem",
+    "gpu_runtime_problem", "gpu_encodes",
 ]
 
 log = logging.getLogger(__name__)
@@ -44,6 +53,7 @@ FLOAT16_TABLES_FROM = 56  # 56, 64, 96 sub-quantizers need float16 lookup tables
 PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)  # without precomputed tables
 FREE_SHARE = 0.5  # of the GPU's free memory a batch may take (faiss keeps its own temp memory too)
 INDEX_SHARE = 0.8  # of the GPU's free memory a cloned index may take
+RESIDENT_SHARE = 0.4  # of the GPU's free memory the row store may take resident (the clone and batches need the rest)
 
 
 def gpu_search_limits(index: faiss.Index) -> tuple[str | None, bool]:
@@ -65,6 +75,15 @@ def gpu_search_limits(index: faiss.Index) -> tuple[str | None, bool]:
             return f"{d // m} dimensions per sub-quantizer (the GPU kernels take {PQ_SUB_DIMS})", False
         return None, m >= FLOAT16_TABLES_FROM
     return f"{type(inner).__name__} has no GPU implementation", False
+
+
+def gpu_encodes(index: faiss.Index) -> bool:
+    """Whether an empty IVF index can be filled by its GPU twin (assign and encode on the GPU):
+    no transform around it, and an IVF type the GPU kernels search."""
+    inner = faiss.downcast_index(index)
+    if isinstance(inner, faiss.IndexPreTransform) or ivf_of(index) is None:
+        return False
+    return gpu_search_limits(index)[0] is None
 
 
 def batch_rows(free_bytes: int, bytes_per_row: int, cap: int, share: float = FREE_SHARE) -> int:
@@ -200,6 +219,18 @@ class GpuBackend:
             free, _total = cupy.cuda.runtime.memGetInfo()
         return int(free)
 
+    def describe(self) -> tuple[str, int, int]:
+        """(name, total bytes, free bytes) of this worker's GPU, for the report and the default
+        plan; ("", 0, 0) without CuPy."""
+        try:
+            import cupy
+        except ImportError:
+            return "", 0, 0
+        with cupy.cuda.Device(self.device):
+            free, total = cupy.cuda.runtime.memGetInfo()
+            name = cupy.cuda.runtime.getDeviceProperties(self.device)["name"]
+        return (name.decode() if isinstance(name, bytes) else str(name)), int(total), int(free)
+
     def _warn_once(self, what: str) -> None:
         with _lock:
             if what in _warned:
@@ -221,6 +252,9 @@ class GpuBackend:
         if ivf is None:
             self._cpu.add(index, x, ids)
             return
+        if gpu_encodes(index) and index.ntotal == 0:
+            self._add_on_gpu(index, x, ids)
+            return
         quantizer = faiss.downcast_index(cast(Any, faiss.downcast_index(ivf)).quantizer)
         if not isinstance(quantizer, faiss.IndexFlat):
             self._warn_once(f"coarse quantizer {type(quantizer).__name__} has no GPU clone: assigning on the CPU")
@@ -234,6 +268,27 @@ class GpuBackend:
 
         free = self.free_memory()
         add_with_assignments(index, x, ids, assign, batch_rows(free if free is not None else 1 << 30, per_row, 1 << 20))
+
+    def _add_on_gpu(self, index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
+        """Fill the empty ``index`` through its GPU twin: the GPU assigns and encodes, the lists
+        come back into the CPU index (``merge_from``), which is what gets written."""
+        co: Any = faiss.GpuClonerOptions()
+        co.useFloat16LookupTables = gpu_search_limits(index)[1]
+        co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
+        gpu = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
+        if ids is None:
+            ids = np.arange(len(x), dtype=np.int64)
+        free = self.free_memory()
+        step = batch_rows(free if free is not None else 1 << 30, 2 * 4 * x.shape[1] + 16, 1 << 20)
+        for lo in range(0, len(x), step):
+            gpu.add_with_ids(np.ascontiguousarray(x[lo : lo + step], dtype=np.float32),
+                             np.ascontiguousarray(ids[lo : lo + step], dtype=np.int64))
+        filled = faiss.index_gpu_to_cpu(gpu)
+        del gpu
+        cast(Any, faiss.downcast_index(cast(Any, ivf_of(index)))).merge_from(
+            faiss.downcast_index(cast(Any, ivf_of(filled))), 0)
+        outer: Any = faiss.downcast_index(index)
+        outer.ntotal = cast(Any, ivf_of(index)).ntotal
 
     def _clone(self, index: faiss.Index) -> Any | None:
         """The GPU copy of ``index`` (made once per process and device), or None with the reason logged."""
@@ -305,6 +360,81 @@ class GpuBackend:
             return faiss.knn_gpu(self.resources(), q, x, k, metric=metric, device=self.device)
 
 
+    def _resident(self, store: RowStore) -> ResidentRows | None:
+        """``store`` held on this worker's GPU (one store at a time, made once), or None when it
+        does not fit ``RESIDENT_SHARE`` of the free memory or CuPy is missing (reason logged once)."""
+        key = (str(store.root), store.total_rows, self.device)
+        with _lock:
+            held = _resident_rows.get(self.device)
+        if held is not None and held[0] == key:
+            return held[1]
+        try:
+            import cupy
+        except ImportError:
+            self._warn_once("CuPy is missing: re-ranking gathers candidates on the host (pip install '.[gpu]')")
+            return None
+        with _lock:
+            _resident_rows.pop(self.device, None)  # release the last store before sizing the next
+        need = ResidentRows.nbytes(store, store.vectors(0).shape[1])
+        free = self.free_memory() or 0
+        if need > RESIDENT_SHARE * free:
+            self._warn_once(f"the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the GPU's "
+                            f"{free / 2**30:.1f} GiB free: candidates are gathered on the host")
+            return None
+        with cupy.cuda.Device(self.device):
+            rows = ResidentRows(cupy, store, cupy.asnumpy)
+        log.info("row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows, need / 2**30)
+        with _lock:
+            _resident_rows[self.device] = (key, rows)
+        return rows
+
+    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
+        """Exact scores of each query against its candidate rows: on the device against the
+        resident store when it fits, else gathered on the host and scored on the GPU."""
+        resident = self._resident(store)
+        if resident is None:
+            return host_rerank(self.exact_scores, q, rows, store, metric)
+        import cupy
+
+        with cupy.cuda.Device(self.device):
+            return resident.rerank(q, rows, metric)
+
+    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` over the row store: a GPU flat index over the whole store when it fits
+        (made once per worker), else piece by piece from the host (:meth:`knn`)."""
+        flat = self._resident_flat(store, metric) if k <= GPU_MAX_K else None
+        if flat is None:
+            return streamed_exact(lambda a, b, kk: self.knn(a, b, kk, FAISS_METRICS[metric]), q, store, k, metric)
+        with _search_lock(self.device):
+            return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
+
+    def _resident_flat(self, store: RowStore, metric: str) -> Any | None:
+        key = (str(store.root), store.total_rows, self.device, metric)
+        with _lock:
+            held = _resident_flats.get(self.device)
+        if held is not None and held[0] == key:
+            return held[1]
+        with _lock:
+            _resident_flats.pop(self.device, None)
+        dim = store.vectors(0).shape[1]
+        need = ResidentRows.nbytes(store, dim)
+        free = self.free_memory()
+        if free is None or need > RESIDENT_SHARE * free:
+            self._warn_once(f"exact search streams the row store through the GPU piece by piece ({need / 2**30:.1f} "
+                            f"GiB, over {RESIDENT_SHARE:.0%} of the GPU's free memory)")
+            return None
+        flat = faiss.index_cpu_to_gpu(self.resources(), self.device, faiss.IndexFlat(dim, FAISS_METRICS[metric]))
+        for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
+            flat.add(store.vectors(piece))
+        log.info("exact search: row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows,
+                 need / 2**30)
+        with _lock:
+            _resident_flats[self.device] = (key, flat)
+        return flat
+
+
+_resident_rows: dict[int, tuple[tuple[str, int, int], ResidentRows]] = {}
+_resident_flats: dict[int, tuple[tuple[str, int, int, str], Any]] = {}
 _search_locks: dict[int, threading.Lock] = {}
 
 

@@ -69,8 +69,9 @@ class DevicePlugin(WorkerPlugin):
         self.backend = GpuBackend() if name == "gpu" else CpuBackend()
         threads = self.threads or max(1, int(getattr(worker.state, "nthreads", 1) or 1))
         self.backend.set_threads(threads)
+        gpu = self.backend.describe() if isinstance(self.backend, GpuBackend) else ("", 0, 0)
         self.info = WorkerDevice(str(worker.name), socket.gethostname(), name, reason, threads,
-                                 gpu_count() if name == "gpu" else 0)
+                                 gpu_count() if name == "gpu" else 0, *gpu)
 
 
 def _plugin() -> DevicePlugin | None:

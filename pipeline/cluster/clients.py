@@ -47,6 +47,13 @@ class ClusterInfo:
         """``gpu`` when every worker runs on a GPU (the plan may assume GPU kernels), else ``cpu``."""
         return "gpu" if self.devices and all(d.backend == "gpu" for d in self.devices) else "cpu"
 
+    @property
+    def gpu_free(self) -> int:
+        """The smallest free memory among the workers' GPUs at setup (bytes; 0 without GPUs or
+        unknown): each worker holds a whole clone of the index, so the smallest decides."""
+        free = [d.gpu_free_bytes for d in self.devices if d.backend == "gpu"]
+        return min(free) if free else 0
+
 
 def local_layout(spec: ClusterSpec, cpus: int | None = None, gpus: int = 0) -> tuple[int, int]:
     """(worker processes, FAISS threads per worker) for the embedded cluster.

@@ -15,8 +15,12 @@ embeddings (see README, "Choosing the index"):
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
   use ``SQ8``: measured on generated 32-d and 64-d sets (60k, 50k, 500k rows), 4-bit PQ there
   left recall@10 at 0.89 even re-ranking 320 candidates, while SQ8 reached 0.976 and ran faster.
-* on the GPU backend the codes are 8-bit ``PQ{m}`` instead (the GPU kernels take no fast-scan):
-  the largest ``m`` the kernels support with ``m <= d/4`` (same ``d/4`` bytes a vector), else SQ8.
+* on the GPU backend the plan follows the smallest free GPU memory among the workers (each
+  holds a clone of the index): ``IVF{nlist},Flat`` (exact scores, no re-rank) when the float32
+  vectors fit ``GPU_INDEX_SHARE`` of it, ``IVF{nlist},SQfp16`` (float16 storage, no re-rank: its
+  rounding moves scores by ~1e-3, which the recall check would catch) when half of that fits,
+  else 8-bit ``PQ{m}`` codes (the GPU kernels take no fast-scan): the largest ``m`` the kernels
+  support with ``m <= d/4`` (same ``d/4`` bytes a vector), else SQ8, re-ranked.
 * default ``nprobe``: the power of two nearest ``4*sqrt(nlist)``; default re-rank factor 4
   for lossy codes (PQ/SQ), 0 for exact codes. Codes alone miss many true neighbours on
   real embeddings; exact re-ranking of 4k candidates recovers them.
@@ -37,6 +41,7 @@ __all__ = [
     "encoding_key",
     "make_encoder",
     "default_index_key",
+    "gpu_index_bytes",
     "explain_index_key",
     "make_index",
     "ivf_of",
@@ -59,6 +64,7 @@ IVF_FLAT_MAX_ROWS = 200_000
 IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter of a worker's memory (page cache)
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
 GOOD_POINTS_PER_LIST = 39  # faiss's own advice: warn below
+GPU_INDEX_SHARE = 0.4  # of a GPU's free memory an IVF-Flat/float16 index may take (search batches need the rest)
 SAMPLE_POINTS_PER_LIST = 64
 MIN_SAMPLE = 16_384
 SAMPLE_MAX_BYTES = 1 << 30
@@ -87,12 +93,14 @@ def _gpu_codes(d: int) -> str:
     return f"PQ{max(fits)}" if fits else "SQ8"
 
 
-def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False) -> str:
+def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False,
+                      gpu_free: int = 0) -> str:
     """The index_factory string used for ``index_key: auto`` (rule in the module docstring).
 
     ``memory_budget`` is one worker's memory: the fast-scan codes live in it, so they are kept to
     half of it by using fewer, coarser sub-quantizers (re-ranking against the stored vectors
-    makes up the recall). ``gpu``: codes the GPU kernels can search.
+    makes up the recall). ``gpu``: an index the GPU kernels can search, sized to ``gpu_free``,
+    the smallest free GPU memory among the workers (0: unknown, codes as small as PQ's).
     """
     if n <= FLAT_MAX_ROWS:
         return "Flat"
@@ -100,11 +108,25 @@ def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
         nlist //= 2
     if gpu:
-        return f"IVF{nlist},{_gpu_codes(d)}"
+        return f"IVF{nlist},{_gpu_storage(n, d, nlist, gpu_free)}"
     if _ivf_flat_fits(n, d, memory_budget):
         return f"IVF{nlist},Flat"
     codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 and d > SQ8_MAX_DIM else "SQ8"
     return f"IVF{nlist},{codes}"
+
+
+def gpu_index_bytes(n: int, d: int, nlist: int, bytes_per_value: int) -> int:
+    """GPU memory of an IVF index storing ``n`` vectors at ``bytes_per_value``: codes, 64-bit ids, centroids."""
+    return n * (d * bytes_per_value + 8) + nlist * d * 4
+
+
+def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
+    """What an IVF index on the GPU stores per vector: the vectors when they fit, else codes."""
+    if gpu_index_bytes(n, d, nlist, 4) <= GPU_INDEX_SHARE * gpu_free:
+        return "Flat"
+    if gpu_index_bytes(n, d, nlist, 2) <= GPU_INDEX_SHARE * gpu_free:
+        return "SQfp16"
+    return _gpu_codes(d)
 
 
 def _ivf_flat_fits(n: int, d: int, memory_budget: int | None) -> bool:
@@ -144,20 +166,32 @@ def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
     return encoder
 
 
-def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False) -> str:
+def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False,
+                      gpu_free: int = 0) -> str:
     """Why :func:`default_index_key` chose what it chose, for the report."""
-    key = default_index_key(n, d, memory_budget, gpu)
+    key = default_index_key(n, d, memory_budget, gpu, gpu_free)
     if key == "Flat":
         return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
-    nlist = nlist_of(make_index(key, d, "l2"))
+    nlist = nlist_of(make_index(key, d, "l2")) or 1
+    if gpu:
+        storage = key.split(",")[1]
+        free = f"{gpu_free / 2**30:.1f} GiB" if gpu_free else "unknown"
+        if storage == "Flat":
+            return (f"auto (GPU): {n:,} rows -> nlist {nlist}; the float32 vectors "
+                    f"({gpu_index_bytes(n, d, nlist, 4) / 2**30:.2f} GiB) fit {GPU_INDEX_SHARE:.0%} of the smallest "
+                    f"free GPU memory ({free}): IVF-Flat on the GPU, exact scores, no re-rank")
+        if storage == "SQfp16":
+            return (f"auto (GPU): {n:,} rows -> nlist {nlist}; float32 vectors would not fit "
+                    f"{GPU_INDEX_SHARE:.0%} of the smallest free GPU memory ({free}), float16 "
+                    f"({gpu_index_bytes(n, d, nlist, 2) / 2**30:.2f} GiB) does: IVF with float16 storage, no re-rank")
+        return (f"auto (GPU): {n:,} rows -> nlist {nlist}; the vectors do not fit {GPU_INDEX_SHARE:.0%} of the "
+                f"smallest free GPU memory ({free}) even as float16: d={d} -> {storage}, codes the GPU kernels "
+                "search (no fast-scan there); exact re-ranking recovers what the codes miss")
     if key.endswith(",Flat"):
         return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n)); up to {IVF_FLAT_MAX_ROWS:,} rows "
                 f"of d > {SQ8_MAX_DIM}, IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with "
                 f"re-ranking" + (f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
                                  if memory_budget else ""))
-    if gpu:
-        return (f"auto (GPU): {n:,} rows -> nlist {nlist}; d={d} -> {key.split(',')[1]}, codes the GPU kernels "
-                "search (no fast-scan there); exact re-ranking recovers what the codes miss")
     m = _code_size(n, d, memory_budget)
     shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
               if memory_budget and m < d // 2 else "")
@@ -216,7 +250,16 @@ def default_nprobe(nlist: int) -> int:
 
 
 def default_rerank(index: faiss.Index) -> int:
-    return 0 if has_exact_codes(index) else 4
+    """0 for exact codes and float16 storage (the recall check holds either to the target), else 4."""
+    return 0 if has_exact_codes(index) or _float16_codes(index) else 4
+
+
+def _float16_codes(index: faiss.Index) -> bool:
+    ivf = ivf_of(index)
+    inner: Any = faiss.downcast_index(ivf) if ivf is not None else None
+    sq = getattr(inner, "sq", None)
+    return sq is not None and int(sq.qtype) == int(faiss.ScalarQuantizer.QT_fp16) and not isinstance(
+        index, faiss.IndexPreTransform)
 
 
 def training_rows(index: faiss.Index, n: int, d: int, requested: int | None) -> int:

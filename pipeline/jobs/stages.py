@@ -114,8 +114,10 @@ class Timings:
             write_json(self.path, {"phases": self.phases, "wall": round(wall, 3)})
 
 
-def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None, backend: str) -> tuple[str, faiss.Index]:
-    key = default_index_key(rows, dim, budget, backend == "gpu") if spec.key == "auto" else spec.key
+def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None,
+                 cluster: ClusterInfo) -> tuple[str, faiss.Index]:
+    key = (default_index_key(rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
+           if spec.key == "auto" else spec.key)
     return key, make_index(key, dim, spec.metric or "cosine")
 
 
@@ -174,7 +176,7 @@ def _plan_build(client: Any, cluster: ClusterInfo, config: Config,
     check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * dataset.max_piece_bytes(config.partition_bytes))
     budget = worker_memory(client)
     if dataset.dim is not None:  # fixed-size vectors: settings can be checked before any reading
-        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, cluster.backend)
+        key, empty = _resolve_key(spec, dataset.total_rows, dataset.dim, budget, cluster)
         check_training_rows(empty, key, training_rows(empty, dataset.total_rows, dataset.dim, spec.sample_size))
         if search is not None:
             _check_search(search, empty, key, dataset.total_rows)
@@ -223,7 +225,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     if trained_key:  # resuming: keep the key already trained, whatever the memory now
         key, empty = trained_key, make_index(trained_key, dim, metric)
     else:
-        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget, cluster.backend)
+        key, empty = _resolve_key(spec, dataset.total_rows, dim, budget, cluster)
     n_train = training_rows(empty, dataset.total_rows, dim, spec.sample_size)
     check_training_rows(empty, key, n_train)
     if search is not None:
@@ -247,7 +249,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         why = done.why
     else:
         why = (
-            explain_index_key(dataset.total_rows, dim, budget, cluster.backend == "gpu")
+            explain_index_key(dataset.total_rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
             if spec.key == "auto"
             else "given by index_key"
         )

@@ -7,7 +7,7 @@ sample times k, never the dataset.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -16,9 +16,10 @@ from pipeline.backends import Backend
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
+from pipeline.search.stored import merge_topk
 from pipeline.stages.progress import Progress, task_key
 
-__all__ = ["exact_knn", "exact_search", "merge_topk", "pair_scores"]
+__all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
 
 def _exact_piece(
@@ -35,32 +36,6 @@ def _piece_topk(be: Backend, store: RowStore, piece: int, queries: np.ndarray, k
     # FAISS works through the piece in GEMM tiles: memory stays bounded, BLAS (or cuBLAS) does the work
     dist, rows = be.knn(queries, x, min(k, x.shape[0]), FAISS_METRICS[metric])
     return (-dist if metric == "l2" else dist), rows + store.starts[piece]
-
-
-def exact_search(be: Backend, queries: np.ndarray, store: RowStore, k: int,
-                 metric: str) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
-    stored piece, streamed piece by piece from the memory-mapped row store: the exact plan's join."""
-    scores, rows = merge_topk((_piece_topk(be, store, p, queries, k, metric) for p in range(len(store.starts))), k)
-    return (-scores if metric == "l2" else scores), rows
-
-
-def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
-    """Merge partial (scores, rows) lists, higher scores first, into the best ``k`` per query.
-
-    Parts stream in: each is merged into the running top ``k`` and released, so memory is
-    queries x 2k whatever the number of parts. Equal scores keep the smaller row, as one sort of
-    everything would; ``faiss.ResultHeap`` drops an arbitrary one of tied rows at the boundary
-    (found by the property test), which would make the exact ground truth vary between runs.
-    """
-    top: tuple[np.ndarray, np.ndarray] | None = None
-    for scores, rows in parts:
-        if top is not None:
-            scores, rows = np.concatenate([top[0], scores], axis=1), np.concatenate([top[1], rows], axis=1)
-        order = np.lexsort((rows, -scores), axis=1)[:, :k]
-        top = np.take_along_axis(scores, order, axis=1), np.take_along_axis(rows, order, axis=1)
-    assert top is not None, "merge_topk needs at least one part"
-    return top
 
 
 def exact_knn(

@@ -26,7 +26,6 @@ from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
-from pipeline.search.exact import exact_search
 from pipeline.search.lists import is_ivf_flat
 from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
@@ -39,7 +38,6 @@ log = logging.getLogger(__name__)
 
 LIST_MAJOR_QUERY_ROWS = 16_384  # IVF-Flat batches (list-major search): measured 2.5-3.5x index.search at 4k-16k
 BATCH_BYTES = 256 << 20  # working memory for one search batch (candidates, gathered vectors)
-RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 ROW_GROUP_ROWS = 65_536  # result rows buffered per Parquet row group
 EXACT_QUERY_ROWS = 4096  # queries per block under the exact plan (FAISS's own BLAS query block)
 
@@ -108,20 +106,13 @@ def _search_batch(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = candidates_per_query(plan, index_store.total_rows if index is None else int(index.ntotal))
     if index is None:  # the exact plan: scores are exact already
-        scores, rows = exact_search(be, q, index_store, width, plan.metric)
+        scores, rows = be.exact_search(q, index_store, width, plan.metric)
     else:
         scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
     valid = rows >= 0
     if plan.rerank and index is not None:
-        exact = np.empty(rows.shape, dtype=np.float32)
-        # chunks of ~16 MiB of candidate vectors: small enough for the allocator to reuse warm
-        # memory (a fresh multi-GB buffer per batch spends more time in page faults than in math)
-        step = max(1, RERANK_CHUNK_BYTES // (width * q.shape[1] * 4))
-        for lo in range(0, len(q), step):
-            cand = index_store.gather_vectors(np.where(valid[lo : lo + step], rows[lo : lo + step], 0))
-            exact[lo : lo + step] = be.exact_scores(q[lo : lo + step], cand, plan.metric)
-        exact[~valid] = -np.inf if higher_better else np.inf
+        exact = be.rerank(q, rows, index_store, plan.metric)  # the device's own way: host gathers or resident rows
         order = np.argsort(-exact if higher_better else exact, axis=1, kind="stable")
         rows = np.take_along_axis(rows, order, axis=1)
         scores = np.take_along_axis(exact, order, axis=1)
