@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 import pyarrow.parquet as pq
 
+from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord
 
@@ -78,81 +79,42 @@ def _curve(recall: RecallResult | None) -> list[TunePointRecord]:
                             recall.queries, 0.0)]
 
 
+def _write_chart(output: Path, name: str, svg: str) -> None:
+    with atomic_path(output / name) as tmp:
+        tmp.write_text(svg)
+
+
 def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, str]]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    """The recall sweep, the k-th neighbour's score and the time per phase, as SVG charts."""
     made = []
     recall = report.recall
     curve = [p for p in _curve(recall) if p.nprobe is not None]
     if recall is not None and curve:
-        fig, ax = plt.subplots(figsize=(6.4, 4))
+        series = []
         for rerank in sorted({p.rerank for p in curve}):
             pts = sorted((p for p in curve if p.rerank == rerank), key=lambda p: p.nprobe or 0)
-            ax.plot([p.nprobe or 0 for p in pts], [p.recall for p in pts], marker="o", label=f"rerank {rerank}")
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel("nprobe")
-        ax.set_ylabel(f"recall@{recall.k}")
-        if recall.target:
-            ax.axhline(recall.target, color="grey", linestyle="--", label=f"target {recall.target}")
-        qps = [p for p in curve if p.qps]
-        if qps:
-            ax2 = ax.twinx()
-            best: dict[int, float] = {}
-            for p in qps:
-                assert p.nprobe is not None
-                best[p.nprobe] = max(best.get(p.nprobe, 0), p.qps)
-            xs = sorted(best)
-            ax2.plot(xs, [best[x] for x in xs], color="black", linestyle=":", label="queries/s (best rerank)")
-            ax2.set_ylabel("queries/s on one worker")
-        ax.legend(loc="lower right", fontsize=8)
-        ax.set_title("recall against nprobe")
-        fig.tight_layout()
-        fig.savefig(output / "recall_curve.png", dpi=100)
-        plt.close(fig)
-        made.append(("Recall against nprobe, with throughput", "recall_curve.png"))
+            series.append((f"rerank {rerank}", [float(p.nprobe or 0) for p in pts], [p.recall for p in pts]))
+        _write_chart(output, "recall_curve.svg", line_chart(
+            series, "recall against nprobe", "nprobe", f"recall@{recall.k}", x_log=2,
+            hline=(f"target {recall.target}", recall.target) if recall.target else None))
+        made.append(("Recall against nprobe (throughput in the sweep below)", "recall_curve.svg"))
     if kth.size:
-        fig, ax = plt.subplots(figsize=(6.4, 3.6))
-        ax.hist(kth, bins=60, range=_hist_range(kth))
-        ax.set_xlabel(f"score of the k-th neighbour ({report.index.metric})")
-        ax.set_ylabel("queries")
-        ax.set_title(f"k-th neighbour score ({kth.size:,} queries sampled)")
-        fig.tight_layout()
-        fig.savefig(output / "kth_score.png", dpi=100)
-        plt.close(fig)
-        made.append(("Score of the k-th neighbour", "kth_score.png"))
+        _write_chart(output, "kth_score.svg", histogram(
+            kth, 60, _hist_range(kth), f"k-th neighbour score ({kth.size:,} queries sampled)",
+            f"score of the k-th neighbour ({report.index.metric})", "queries"))
+        made.append(("Score of the k-th neighbour", "kth_score.svg"))
     timings = report.timings_s
     if timings:
-        fig, ax = plt.subplots(figsize=(6.4, 3.2))
-        ax.barh(list(timings), list(timings.values()))
-        ax.set_xlabel("seconds")
-        ax.set_title("wall time per phase")
-        fig.tight_layout()
-        fig.savefig(output / "timings.png", dpi=100)
-        plt.close(fig)
-        made.append(("Time per phase", "timings.png"))
+        _write_chart(output, "timings.svg", bar_chart(list(timings), list(timings.values()), "wall time per phase",
+                                                      "seconds", "", horizontal=True))
+        made.append(("Time per phase", "timings.svg"))
     return made
 
 
-def _count_plot(output: Path, png: str, counts: dict[str, int], xlabel: str, ylabel: str, title: str) -> None:
+def _count_plot(output: Path, name: str, counts: dict[str, int], xlabel: str, ylabel: str, title: str) -> None:
     """A bar chart of ``{value: count}`` (log-scaled counts), as dedup group sizes and graph degrees are."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     keys = sorted(counts, key=int)  # JSON keys: "2", "10", ...
-    fig, ax = plt.subplots(figsize=(6.4, 3.4))
-    ax.bar([int(x) for x in keys], [counts[x] for x in keys], width=0.8)
-    ax.set_yscale("log")
-    ax.set_xlabel(xlabel)
-    ax.set_ylabel(ylabel)
-    ax.set_title(title)
-    fig.tight_layout()
-    fig.savefig(output / png, dpi=100)
-    plt.close(fig)
+    _write_chart(output, name, bar_chart(keys, [float(counts[x]) for x in keys], title, xlabel, ylabel, y_log=True))
 
 
 def _esc(v: Any) -> str:
@@ -209,8 +171,8 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
                      "can be incomplete |")
     lines.append("")
     if d.group_sizes:
-        _count_plot(output, "group_sizes.png", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
-        lines += ["### Group sizes", "", "![group sizes](group_sizes.png)", ""]
+        _count_plot(output, "group_sizes.svg", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
+        lines += ["### Group sizes", "", "![group sizes](group_sizes.svg)", ""]
     if d.examples:
         lines += ["### Example pairs by score", ""]
         lines += _examples_table(["score", "id a", "id b"], ["text a", "text b"],
@@ -275,9 +237,9 @@ def _graph_lines(output: Path, report: JobReport) -> list[str]:
                      f"among a row's edges, {rec.queries:,} sampled rows |")
     lines.append("")
     if g.degree.histogram:
-        _count_plot(output, "degrees.png", g.degree.histogram, "degree (edges out of a node)", "nodes",
+        _count_plot(output, "degrees.svg", g.degree.histogram, "degree (edges out of a node)", "nodes",
                     "degree distribution")
-        lines += ["### Degree distribution", "", "![degrees](degrees.png)", ""]
+        lines += ["### Degree distribution", "", "![degrees](degrees.svg)", ""]
     return lines
 
 
@@ -408,9 +370,9 @@ def to_html(lines: list[str], output: Path, title: str) -> str:
         flush()
         if line.startswith("```"):
             code = []
-        elif image := re.fullmatch(r"!\[(.*)\]\((.+\.png)\)", line):
+        elif image := re.fullmatch(r"!\[(.*)\]\((.+\.svg)\)", line):
             data = base64.b64encode((output / image.group(2)).read_bytes()).decode()
-            body.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/png;base64,{data}"></p>')
+            body.append(f'<p><img alt="{html.escape(image.group(1))}" src="data:image/svg+xml;base64,{data}"></p>')
         elif heading := re.match(r"(#{1,3}) (.*)", line):
             level = len(heading.group(1))
             body.append(f"<h{level}>{_inline(heading.group(2))}</h{level}>")

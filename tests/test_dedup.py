@@ -117,7 +117,7 @@ def test_components_groups_copies_perturbations_and_chains(make_config, planted,
     assert summary.group_sizes == {"2": 9, "3": 1, "4": 1}
     assert summary.exactness.pair_recall == 1.0 and summary.exactness.below_threshold == 0
     md = (out / "report.md").read_text()
-    assert "Dedup" in md and "group_sizes.png" in md and (out / "group_sizes.png").exists()
+    assert "Dedup" in md and "group_sizes.svg" in md and (out / "group_sizes.svg").exists()
 
 
 def test_greedy_keeps_the_chain_end_that_no_kept_row_covers(make_config, planted, tmp_path):

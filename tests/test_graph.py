@@ -107,7 +107,7 @@ def test_csr_and_umap_arrays(make_config, dataset_dir, vectors, tmp_path):
     assert dist[17, 3] == pytest.approx(1 - float(x[nodes[i]] @ x[nodes[j]]), abs=1e-4)
     g = report.graph
     assert sum(g.degree.histogram.values()) == 6000 and g.degree.isolated == 0
-    assert g.recall.graph_recall >= 0.95 and (out / "degrees.png").exists()
+    assert g.recall.graph_recall >= 0.95 and (out / "degrees.svg").exists()
 
 
 def test_gaussian_weights_need_a_distance(make_config, line_dir):

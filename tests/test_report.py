@@ -41,9 +41,10 @@ def test_report_files_are_written_and_parse(tuned_run):
     assert {"scan", "train", "fill", "join", "ground_truth", "tune"} <= phases
     assert sum(w["phases"]["join"] for w in workers if "join" in w["phases"]) > 0
     assert "## Workers" in md and "| worker | host | device |" in md
-    for png in ("recall_curve.png", "kth_score.png", "timings.png"):
-        assert f"]({png})" in md
-        assert (tuned_run / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for svg in ("recall_curve.svg", "kth_score.svg", "timings.svg"):
+        assert f"]({svg})" in md
+        chart = (tuned_run / svg).read_text()
+        assert chart.startswith("<svg ") and chart.rstrip().endswith("</svg>")
 
 
 def test_evaluate_a_written_table_agrees_with_the_run(make_config, tuned_run):
@@ -131,7 +132,7 @@ def test_report_html_opens_in_a_real_browser_with_every_plot_drawn(tuned_run, tm
     if chromium is None:
         pytest.skip("no Chromium here: install Debian's chromium package (.ci/run does where it can)")
     page = tuned_run / "report.html"
-    assert "report.md" not in page.read_text() and 'src="data:image/png;base64,' in page.read_text()
+    assert "report.md" not in page.read_text() and 'src="data:image/svg+xml;base64,' in page.read_text()
     proc = subprocess.run(
         [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
          "--disable-background-networking", "--disable-component-update", "--disable-quic",
@@ -141,3 +142,29 @@ def test_report_html_opens_in_a_real_browser_with_every_plot_drawn(tuned_run, tm
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'data-images="3/3"' in proc.stdout  # recall curve, k-th score, time per phase
     assert "data-error" not in proc.stdout and "<h2>Sweep</h2>" in proc.stdout
+
+
+def test_charts_are_well_formed_svg_with_one_mark_per_value():
+    import xml.etree.ElementTree as ET
+
+    import numpy as np
+
+    from pipeline.charts import bar_chart, histogram, line_chart
+
+    def marks(svg: str, tag: str) -> list[ET.Element]:
+        return ET.fromstring(svg).findall(f"{{http://www.w3.org/2000/svg}}{tag}")
+
+    line = line_chart([("rerank 0", [1, 2, 4], [0.5, 0.7, 0.9]), ("rerank 2", [4, 8], [0.93, 0.97])],
+                      "recall", "nprobe", "recall@10", x_log=2, hline=("target 0.95", 0.95))
+    assert len(marks(line, "circle")) == 5 and len(marks(line, "polyline")) == 2
+    assert "target 0.95" in line and "&lt;" not in "".join(t.text or "" for t in marks(line, "text"))
+    values = np.array([0.1, 0.1, 0.4, 0.9])
+    hist = histogram(values, 4, (0.0, 1.0), "k-th", "score", "queries")
+    assert len(marks(hist, "rect")) == 2 + 3  # background, frame, and the three non-empty bins
+    flat = histogram(np.full(7, 0.5), 10, (0.49, 0.51), "equal", "score", "queries")  # one bin, no division by zero
+    assert len(marks(flat, "rect")) == 3
+    bars = bar_chart(["scan", "join <x>"], [1.5, 0.0], "time", "seconds", "", horizontal=True)
+    assert "join &lt;x&gt;" in bars and len(marks(bars, "rect")) == 4
+    counts = bar_chart([str(i) for i in range(2, 60)], [float(10 ** (i % 4)) for i in range(58)], "sizes", "size",
+                       "groups", y_log=True)
+    assert len(marks(counts, "rect")) == 2 + 58 and len([t for t in marks(counts, "text") if t.text == "2"]) >= 1
