@@ -13,7 +13,8 @@ Packages by concern, in the order data flows through them:
 * ``cluster``: Dask clients (local, scheduler, Slurm/PBS, CUDA) and batch ``submit``;
 * ``backends``: the CPU/GPU seam;
 * ``jobs``: the shared build and join ``stages`` and the ``commands`` (run, build, join, dedup,
-  graph, evaluate).
+  graph, evaluate);
+* ``results`` (typed outcomes), ``report`` (report.json, .md, .html) and its SVG ``charts``.
 """
 
 from pipeline.config import Config, load_config, parse_config

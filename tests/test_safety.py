@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -125,7 +126,11 @@ def test_two_concurrent_runs_one_is_refused_in_one_line(data, tmp_path):
     while not (out / LOCK_NAME).exists() or f'"pid": {first.pid}' not in (out / LOCK_NAME).read_text():
         assert time.monotonic() < deadline and first.poll() is None
         time.sleep(0.02)
-    second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    os.kill(first.pid, signal.SIGSTOP)  # the first job holds the lock until the second has tried
+    try:
+        second = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    finally:
+        os.kill(first.pid, signal.SIGCONT)
     assert first.wait(timeout=120) == 0, first.stderr.read() if first.stderr else ""
     assert second.returncode == 2
     errors = [line for line in second.stderr.splitlines() if "ERROR" in line]

@@ -4,7 +4,8 @@
 popular list a thousand times and scores it with vector-by-vector kernels. Here the batch is
 assigned to its ``nprobe`` lists once; then list by list, the queries that probe it are scored
 against the list's stored vectors with one matrix product (``faiss.knn``: BLAS), and each query
-keeps its top ``k`` in a heap (``faiss.ResultHeap``). The same idea as FAISS's
+keeps its top ``k`` in a heap (``faiss.ResultHeap``). Lists are read in place (views of the
+memory map), not copied. The same idea as FAISS's
 ``contrib.big_batch_search``, on the index's own (memory-mapped) lists, bounded by the batch.
 Results equal ``index.search`` at the same ``nprobe`` up to ties.
 """
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import faiss
 import numpy as np
-from faiss.contrib.inspect_tools import get_invlist
 
 __all__ = ["list_major_search", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
 
@@ -38,12 +38,15 @@ def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: 
     assert invlists is not None
     for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
         number = int(lists[lo])
-        if number < 0 or invlists.list_size(number) == 0:
+        size = invlists.list_size(number) if number >= 0 else 0
+        if size == 0:
             continue
-        ids, codes = get_invlist(invlists, number)
-        stored = codes.view(np.float32).reshape(len(ids), index.d)
+        # views of the list where it lies (memory map or RAM), not copies: plain and on-disk lists
+        # hand out their own storage and release nothing
+        ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
+        stored = faiss.rev_swig_ptr(invlists.get_codes(number), size * index.code_size).view(np.float32)
         subset = queries[lo:hi]
-        scores, local = faiss.knn(x[subset], stored, min(k, len(ids)), metric=index.metric_type)
+        scores, local = faiss.knn(x[subset], stored.reshape(size, index.d), min(k, size), metric=index.metric_type)
         heap.add_result_subset(subset.astype(np.int64), scores, ids[local])
     heap.finalize()
     return heap.D, heap.I

@@ -42,17 +42,17 @@ def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray,
     ``found_scores``: per query, the exact scores of the first ``k`` neighbours returned.
     ``truth_scores``: (queries, k) exact top-k scores, NaN-padded where fewer than k exist.
     """
-    hits = []
-    for got, truth in zip(found_scores, truth_scores):
-        valid = truth[~np.isnan(truth)]
-        if not valid.size:
-            continue
-        kth = float(valid[-1])
-        eps = TIE_EPS * max(1.0, abs(kth))
-        got = np.asarray(got, dtype=np.float64)[:k]
-        good = got <= kth + eps if metric == "l2" else got >= kth - eps
-        hits.append(min(int(good.sum()), valid.size) / valid.size)
-    return np.asarray(hits, dtype=np.float64)
+    truth = np.asarray(truth_scores, dtype=np.float64).reshape(len(truth_scores), -1)
+    n_valid = (~np.isnan(truth)).sum(axis=1)
+    got = np.full((len(truth), k), np.nan)
+    for i, scores in enumerate(found_scores):  # ragged lists into one padded matrix (NaN: nothing found)
+        row = np.asarray(scores, dtype=np.float64)[:k]
+        got[i, : row.size] = row
+    has = n_valid > 0
+    kth = np.where(has, truth[np.arange(len(truth)), np.maximum(n_valid - 1, 0)], 0.0)
+    eps = TIE_EPS * np.maximum(1.0, np.abs(kth))
+    good = got <= (kth + eps)[:, None] if metric == "l2" else got >= (kth - eps)[:, None]  # NaN compares False
+    return (np.minimum(good.sum(axis=1), n_valid) / np.maximum(n_valid, 1))[has]
 
 
 def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,

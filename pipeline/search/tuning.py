@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import PipelineError
+from pipeline.index.choice import has_exact_codes
 from pipeline.io.store import RowStore
 from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
@@ -127,11 +128,12 @@ def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
     search time."""
     index = shared_index(plan)
     start = time.perf_counter()
-    offsets, _, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
+    offsets, exact, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
     seconds = time.perf_counter() - start
     flat = index_store.gather_ids(nbr_rows).to_pylist()
-    line = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
-    exact = pair_scores(sample.vectors[line], index_store.gather_vectors(nbr_rows), plan.metric)
+    if not (index is None or plan.rerank or has_exact_codes(index)):  # lossy codes: score what was found exactly
+        line = np.repeat(np.arange(len(offsets) - 1), np.diff(offsets))
+        exact = pair_scores(sample.vectors[line], index_store.gather_vectors(nbr_rows), plan.metric)
     ids = [flat[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     scores = [exact[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
     return ids, scores, seconds
