@@ -32,7 +32,6 @@ __all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqu
 log = logging.getLogger(__name__)
 
 PAUSE_GRACE_S = 10.0  # a worker paused for memory this long ends the job
-LOCAL_DASK_THREADS = 2  # tasks at once per embedded worker: one on the device, one in file I/O
 
 
 @dataclass(frozen=True)
@@ -257,13 +256,13 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     gpus = gpu_count() if spec.device != "cpu" and gpu_runtime_problem() is None else 0
     workers, threads = local_layout(spec, gpus=gpus)
     # one worker gains nothing from its own process (FAISS and NumPy release the GIL) and would
-    # cost a nanny and a second interpreter; several workers get a process each. Two Dask threads
-    # a worker: one task holds the device (FAISS on all the worker's cores, one at a time: see
-    # pipeline.backends.worker) while another reads or writes files; measured on 2 cores, the
-    # scan of pydocs-minilm (4 pieces of Parquet float16) took 0.4 s instead of 0.9 s
+    # cost a nanny and a second interpreter; several workers get a process each. One Dask thread
+    # a worker: FAISS has its cores. A second thread (file I/O beside the device's task) sped the
+    # scan of pydocs-minilm up by 0.3 s but slowed the join as much (OpenMP threads sharing cores
+    # with it), measured on 2 cores: no gain
     with LocalCluster(
         n_workers=workers,
-        threads_per_worker=LOCAL_DASK_THREADS,
+        threads_per_worker=1,
         processes=workers > 1,
         memory_limit=spec.memory_limit,
         dashboard_address=":0",
