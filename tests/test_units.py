@@ -102,10 +102,14 @@ def test_default_rule_fits_codes_in_the_memory_budget():
     m = int(key.split(",PQ")[1].split("x")[0])
     assert m < 384 and 100_000_000 * (m / 2 + 8) <= 8 * 2**30
     assert default_index_key(100_000_000, 768) == "IVF16384,PQ384x4fs"
-    assert default_index_key(1_000_000, 128, memory_budget=64 * 2**30) == "IVF2048,PQ64x4fs"  # fits: unchanged
-    # IVF-Flat only while the vectors take a quarter of a worker's memory (100k x 768: 293 MiB)
+    assert default_index_key(100_000_000, 128, memory_budget=64 * 2**30) == "IVF16384,PQ64x4fs"  # codes fit: unchanged
+    # IVF-Flat while the vectors take a quarter of a worker's memory (100k x 768: 293 MiB; 1M x 128: 488 MiB),
+    # at any number of rows; with the memory unknown, up to 200,000 rows
     assert default_index_key(100_000, 768, memory_budget=2 * 2**30) == "IVF512,Flat"
     assert default_index_key(100_000, 768, memory_budget=1 * 2**30) == "IVF512,PQ384x4fs"
+    assert default_index_key(1_000_000, 128, memory_budget=2 * 2**30) == "IVF2048,Flat"
+    assert default_index_key(1_000_000, 128, memory_budget=1 * 2**30) == "IVF2048,PQ64x4fs"
+    assert default_index_key(1_000_000, 64, memory_budget=64 * 2**30) == "IVF2048,SQ8"  # d <= 64: SQ8 as before
 
 
 def test_default_nprobe():

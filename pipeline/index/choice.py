@@ -6,10 +6,12 @@ embeddings (see README, "Choosing the index"):
 * ``n <= 20,000`` rows: ``Flat``, exact search over the row store. Measured whole-process on 2
   cores (``scripts/exact_crossover.py``), exact search beat the tuned index up to 20,000 rows
   (0.94x its wall time at d=64, 0.60x at d=384) and lost from 40,000 (1.52x, 1.14x).
-* ``n <= 200,000`` rows of ``d > 64`` whose vectors fit a quarter of a worker's memory:
-  ``IVF{nlist},Flat``, exact scores searched list by list (:mod:`pipeline.search.lists`), no
-  re-rank. Whole processes on 2 cores, tuned to recall 0.95: 10.5 s vs 12.1 s for 4-bit PQ at
-  30k x 384 (real), 23.8 s vs 32.2 s at 100k x 768, 42.3 s vs 68.2 s at 200k x 384 (generated).
+* ``d > 64`` whose float32 vectors fit a quarter of the smallest worker's memory (up to 200,000
+  rows when that memory is unknown): ``IVF{nlist},Flat``, exact scores searched list by list
+  (:mod:`pipeline.search.lists`), no re-rank. Whole processes on 2 cores, tuned to recall 0.95,
+  against 4-bit PQ: 10.5 s vs 12.1 s at 30k x 384 (real), 23.8 s vs 32.2 s at 100k x 768,
+  42.3 s vs 68.2 s at 200k x 384, 37 s vs 445 s at 500k x 96 (the codes needed re-rank 64),
+  101 s vs 150 s at 1M x 128 (generated).
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
@@ -58,8 +60,9 @@ log = logging.getLogger(__name__)
 
 FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUCT}
 FLAT_MAX_ROWS = 20_000  # measured crossover on 2 cores: 20k-40k rows at d=64 and d=384 (scripts/exact_crossover.py)
-# IVF-Flat (exact codes, searched list-major) up to here for d > 64: measured faster than 4-bit PQ + re-rank at
-# 30k x 384 (real), 100k x 768 and 200k x 384 (generated), whole processes, at equal or higher recall
+# IVF-Flat (exact codes, searched list-major) for d > 64 where the vectors fit the memory rule below: measured
+# faster than 4-bit PQ + re-rank from 30k x 384 (real) to 1M x 128 (generated), whole processes, at equal or
+# higher recall; up to this many rows when the workers' memory is unknown
 IVF_FLAT_MAX_ROWS = 200_000
 IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter of a worker's memory (page cache)
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
@@ -130,9 +133,14 @@ def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
 
 
 def _ivf_flat_fits(n: int, d: int, memory_budget: int | None) -> bool:
-    """IVF-Flat for mid-sized data of more than 64 dimensions (see ``IVF_FLAT_MAX_ROWS``)."""
-    small = FLAT_MAX_ROWS < n <= IVF_FLAT_MAX_ROWS and d > SQ8_MAX_DIM
-    return small and (not memory_budget or 4 * n * d <= memory_budget // IVF_FLAT_BUDGET_SHARE)
+    """IVF-Flat for data of more than 64 dimensions whose vectors fit a quarter of a worker's memory
+    (the lists are memory-mapped: they must stay in the page cache), or, with that memory unknown,
+    of at most ``IVF_FLAT_MAX_ROWS`` rows."""
+    if n <= FLAT_MAX_ROWS or d <= SQ8_MAX_DIM:
+        return False
+    if not memory_budget:
+        return n <= IVF_FLAT_MAX_ROWS
+    return 4 * n * d <= memory_budget // IVF_FLAT_BUDGET_SHARE
 
 
 _FASTSCAN_IVFPQ = re.compile(r"^(IVF\d+[^,]*,PQ\d+)x4fsr?$")
@@ -188,10 +196,10 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
                 f"smallest free GPU memory ({free}) even as float16: d={d} -> {storage}, codes the GPU kernels "
                 "search (no fast-scan there); exact re-ranking recovers what the codes miss")
     if key.endswith(",Flat"):
-        return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n)); up to {IVF_FLAT_MAX_ROWS:,} rows "
-                f"of d > {SQ8_MAX_DIM}, IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with "
-                f"re-ranking" + (f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
-                                 if memory_budget else ""))
+        return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n)); at d > {SQ8_MAX_DIM}, "
+                "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
+                + (f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
+                   if memory_budget else f" (up to {IVF_FLAT_MAX_ROWS:,} rows with the workers' memory unknown)"))
     m = _code_size(n, d, memory_budget)
     shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
               if memory_budget and m < d // 2 else "")
