@@ -359,31 +359,32 @@ class GpuBackend:
         with _search_lock(self.device):
             return faiss.knn_gpu(self.resources(), q, x, k, metric=metric, device=self.device)
 
-
     def _resident(self, store: RowStore) -> ResidentRows | None:
         """``store`` held on this worker's GPU (one store at a time, made once), or None when it
-        does not fit ``RESIDENT_SHARE`` of the free memory or CuPy is missing (reason logged once)."""
+        does not fit ``RESIDENT_SHARE`` of the free memory or CuPy is missing (decided once per
+        store, the reason logged once)."""
         key = (str(store.root), store.total_rows, self.device)
         with _lock:
             held = _resident_rows.get(self.device)
         if held is not None and held[0] == key:
             return held[1]
-        try:
-            import cupy
-        except ImportError:
-            self._warn_once("CuPy is missing: re-ranking gathers candidates on the host (pip install '.[gpu]')")
-            return None
         with _lock:
             _resident_rows.pop(self.device, None)  # release the last store before sizing the next
-        need = ResidentRows.nbytes(store, store.vectors(0).shape[1])
-        free = self.free_memory() or 0
-        if need > RESIDENT_SHARE * free:
+        rows: ResidentRows | None = None
+        need = ResidentRows.nbytes(store, store.mapped_vectors(0).shape[1])
+        free = self.free_memory()  # None without CuPy (said once): candidates are gathered on the host
+        if free is None:
+            pass
+        elif need > RESIDENT_SHARE * free:
             self._warn_once(f"the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the GPU's "
                             f"{free / 2**30:.1f} GiB free: candidates are gathered on the host")
-            return None
-        with cupy.cuda.Device(self.device):
-            rows = ResidentRows(cupy, store, cupy.asnumpy)
-        log.info("row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows, need / 2**30)
+        else:
+            import cupy  # free_memory found it
+
+            with cupy.cuda.Device(self.device):
+                rows = ResidentRows(cupy, store, cupy.asnumpy)
+            log.info("row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows,
+                     need / 2**30)
         with _lock:
             _resident_rows[self.device] = (key, rows)
         return rows
@@ -409,6 +410,8 @@ class GpuBackend:
             return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
     def _resident_flat(self, store: RowStore, metric: str) -> Any | None:
+        """A GPU flat index over the whole store (made once per worker and store), or None when it
+        does not fit ``RESIDENT_SHARE`` of the free memory (decided once, the reason logged once)."""
         key = (str(store.root), store.total_rows, self.device, metric)
         with _lock:
             held = _resident_flats.get(self.device)
@@ -416,24 +419,25 @@ class GpuBackend:
             return held[1]
         with _lock:
             _resident_flats.pop(self.device, None)
-        dim = store.vectors(0).shape[1]
+        dim = store.mapped_vectors(0).shape[1]
         need = ResidentRows.nbytes(store, dim)
         free = self.free_memory()
+        flat = None
         if free is None or need > RESIDENT_SHARE * free:
             self._warn_once(f"exact search streams the row store through the GPU piece by piece ({need / 2**30:.1f} "
                             f"GiB, over {RESIDENT_SHARE:.0%} of the GPU's free memory)")
-            return None
-        flat = faiss.index_cpu_to_gpu(self.resources(), self.device, faiss.IndexFlat(dim, FAISS_METRICS[metric]))
-        for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
-            flat.add(store.vectors(piece))
-        log.info("exact search: row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows,
-                 need / 2**30)
+        else:
+            flat = faiss.index_cpu_to_gpu(self.resources(), self.device, faiss.IndexFlat(dim, FAISS_METRICS[metric]))
+            for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
+                flat.add(store.vectors(piece))
+            log.info("exact search: row store resident on GPU %d (%d vectors, %.2f GiB)", self.device,
+                     store.total_rows, need / 2**30)
         with _lock:
             _resident_flats[self.device] = (key, flat)
         return flat
 
 
-_resident_rows: dict[int, tuple[tuple[str, int, int], ResidentRows]] = {}
+_resident_rows: dict[int, tuple[tuple[str, int, int], ResidentRows | None]] = {}
 _resident_flats: dict[int, tuple[tuple[str, int, int, str], Any]] = {}
 _search_locks: dict[int, threading.Lock] = {}
 

@@ -54,6 +54,11 @@ class RowStore:
         """One piece's vectors, read into memory (a plain read: nothing stays mapped)."""
         return np.load(self.vectors_path(piece))
 
+    def mapped_vectors(self, piece: int) -> np.ndarray:
+        """One piece's vectors as a read-only memory map (kept open per process): read again and
+        again (the exact plan scores every query block against every piece) without a copy."""
+        return _open_npy(*_stamp(self.vectors_path(piece)))
+
     def ids(self, piece: int) -> pa.Array:
         """One piece's ids as an Arrow array (memory-mapped)."""
         return _open_ids(*_stamp(self.ids_path(piece)))

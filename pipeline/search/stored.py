@@ -49,7 +49,7 @@ def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
     (BLAS or cuBLAS tiles with k-selection), :func:`merge_topk` keeps the best."""
     def parts() -> Iterable[tuple[np.ndarray, np.ndarray]]:
         for piece, start in enumerate(store.starts.tolist()):
-            x = store.vectors(piece)
+            x = store.mapped_vectors(piece)
             dist, rows = knn(queries, x, min(k, x.shape[0]))
             yield (-dist if metric == "l2" else dist), rows + start
 
