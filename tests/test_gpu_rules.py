@@ -237,3 +237,56 @@ def test_device_choice_without_a_gpu():
     assert problem and ("CPU-only build" in problem or "no CUDA device" in problem)
     assert choose("auto") == ("cpu", problem) and choose("gpu") == ("cpu", problem)
     assert choose("cpu") == ("cpu", "--device cpu")
+
+
+class _CpuAsGpu:
+    """faiss's GPU entry points replaced by CPU copies, so the GPU backend's own plumbing around
+    them (fill through a twin and merge back, the resident exact index) runs here."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.copies = 0
+
+        def to_gpu(_res, _device, index, _co=None):
+            self.copies += 1
+            return faiss.clone_index(index)
+
+        class Options:
+            useFloat16LookupTables = False
+            indicesOptions = 0
+
+        monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
+        monkeypatch.setattr(faiss, "index_gpu_to_cpu", faiss.clone_index, raising=False)
+        monkeypatch.setattr(faiss, "GpuClonerOptions", Options, raising=False)
+        monkeypatch.setattr(faiss, "INDICES_64_BIT", 0, raising=False)
+        monkeypatch.setattr(GpuBackend, "resources", lambda self: None)
+        monkeypatch.setattr(GpuBackend, "free_memory", lambda self: 1 << 34)
+
+
+@pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])
+def test_gpu_fill_through_a_twin_gives_the_cpu_fill(monkeypatch, key):
+    """The fill path of GpuBackend.add: clone the empty piece index, add with ids, copy back and
+    merge into the caller's index; with CPU stand-ins the lists equal a plain CPU add."""
+    fake = _CpuAsGpu(monkeypatch)
+    x = _data(4000, 32)
+    ids = np.arange(500, 4500, dtype=np.int64)
+    cpu, gpu = make_index(key, 32, "cosine"), make_index(key, 32, "cosine")
+    cpu.train(x)
+    gpu = faiss.clone_index(cpu)
+    CpuBackend().add(cpu, x, ids)
+    GpuBackend(device=0).add(gpu, x, ids)
+    assert fake.copies == 1 and gpu.ntotal == cpu.ntotal == len(x)
+    assert _codes(gpu) == _codes(cpu)
+
+
+def test_gpu_exact_plan_through_a_resident_flat_index(monkeypatch, tmp_path):
+    fake = _CpuAsGpu(monkeypatch)
+    x = _data(2500, 16)
+    store = _store(tmp_path, x, pieces=4)
+    be = GpuBackend(device=0)
+    for metric in ("cosine", "l2"):
+        got = be.exact_search(x[:40], store, 6, metric)
+        again = be.exact_search(x[40:80], store, 6, metric)  # the resident index is made once per store and metric
+        want = CpuBackend().exact_search(x[:80], store, 6, metric)
+        np.testing.assert_allclose(np.vstack([got[0], again[0]]), want[0], rtol=1e-5, atol=1e-5)
+        assert (np.vstack([got[1], again[1]]) == want[1]).mean() > 0.99
+    assert fake.copies == 2
