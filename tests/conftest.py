@@ -17,6 +17,19 @@ from pipeline.io.sample_data import clustered_vectors, write_shards
 DIM = 32
 
 
+def write_store(root: Path, x: np.ndarray, pieces: int = 3) -> Any:
+    """A row store of ``x`` in ``pieces`` equal pieces under ``root`` (ids are the global rows)."""
+    import pyarrow as pa
+
+    from pipeline.io.store import RowStore
+
+    bounds = np.linspace(0, len(x), pieces + 1).astype(int)
+    store = RowStore(root, bounds[:-1], len(x))
+    for p in range(pieces):
+        store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
+    return store
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     from pipeline.backends import gpu_count
 

@@ -19,7 +19,7 @@ from pipeline.index.choice import make_index
 from pipeline.index.fill import load_index
 from pipeline.search.recall import recall_at_k
 
-from .conftest import DIM
+from .conftest import DIM, write_store
 
 pytestmark = pytest.mark.gpu
 
@@ -136,22 +136,10 @@ def test_the_gpu_fill_encodes_on_the_gpu_and_writes_the_cpu_layout(vectors):
     assert _overlap(CpuBackend().search(pq_gpu, q, 10)[1], CpuBackend().search(pq_cpu, q, 10)[1]) >= 0.97
 
 
-def _store(tmp_path: Path, x: np.ndarray, pieces: int = 3):
-    import pyarrow as pa
-
-    from pipeline.io.store import RowStore
-
-    bounds = np.linspace(0, len(x), pieces + 1).astype(int)
-    store = RowStore(tmp_path / "store", bounds[:-1], len(x))
-    for p in range(pieces):
-        store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
-    return store
-
-
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_resident_rerank_and_exact_search_match_the_cpu(tmp_path, vectors, metric):
     """The row store held on the GPU: re-ranking and the exact plan agree with the host's."""
-    store = _store(tmp_path, vectors)
+    store = write_store(tmp_path / "store", vectors)
     rng = np.random.default_rng(1)
     rows = rng.integers(0, len(vectors), (300, 40))
     rows[:, -3:] = -1

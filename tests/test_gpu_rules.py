@@ -31,8 +31,9 @@ from pipeline.index.choice import (
     make_index,
 )
 from pipeline.io.sample_data import clustered_vectors
-from pipeline.io.store import RowStore
 from pipeline.search.stored import ResidentRows, host_rerank
+
+from .conftest import write_store
 
 
 def _data(n: int = 10_000, d: int = 32) -> np.ndarray:
@@ -167,22 +168,12 @@ def test_the_smallest_free_gpu_decides_the_plan():
     assert ClusterInfo(1, None, None, (dev("0", 0, "cpu"),)).gpu_free == 0
 
 
-def _store(tmp_path, x: np.ndarray, pieces: int = 3) -> RowStore:
-    import pyarrow as pa
-
-    bounds = np.linspace(0, len(x), pieces + 1).astype(int)
-    store = RowStore(tmp_path / "store", bounds[:-1], len(x))
-    for p in range(pieces):
-        store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
-    return store
-
-
 @pytest.mark.parametrize("metric", ["cosine", "l2"])
 def test_resident_rows_rerank_as_the_host_does(tmp_path, metric):
     """The device-resident re-rank (run here with NumPy as its array module) scores what the host
     gather scores, missing candidates (-1) worst, across piece boundaries and small chunks."""
     x = _data(3000, 24)
-    store = _store(tmp_path, x)
+    store = write_store(tmp_path / "store", x)
     rng = np.random.default_rng(3)
     q = _data(3100, 24)[3000:]
     rows = rng.integers(0, len(x), (100, 17))
@@ -195,7 +186,7 @@ def test_resident_rows_rerank_as_the_host_does(tmp_path, metric):
 
 def test_cpu_exact_search_streams_the_store_exactly(tmp_path):
     x = _data(2500, 16)
-    store = _store(tmp_path, x, pieces=4)
+    store = write_store(tmp_path / "store", x, pieces=4)
     for metric in ("cosine", "l2"):
         scores, rows = CpuBackend().exact_search(x[:50], store, 7, metric)
         flat = faiss.IndexFlat(16, FAISS_METRICS[metric])
@@ -281,7 +272,7 @@ def test_gpu_fill_through_a_twin_gives_the_cpu_fill(monkeypatch, key):
 def test_gpu_exact_plan_through_a_resident_flat_index(monkeypatch, tmp_path):
     fake = _CpuAsGpu(monkeypatch)
     x = _data(2500, 16)
-    store = _store(tmp_path, x, pieces=4)
+    store = write_store(tmp_path / "store", x, pieces=4)
     be = GpuBackend(device=0)
     for metric in ("cosine", "l2"):
         got = be.exact_search(x[:40], store, 6, metric)
