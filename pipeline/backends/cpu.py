@@ -7,7 +7,6 @@ from typing import cast
 import faiss
 import numpy as np
 
-from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 from pipeline.search.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
 from pipeline.search.stored import host_rerank, streamed_exact
@@ -60,7 +59,7 @@ class CpuBackend:
 
     def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` (scores, global rows) of ``q`` over the row store, piece by piece."""
-        return streamed_exact(lambda a, b, kk: self.knn(a, b, kk, FAISS_METRICS[metric]), q, store, k, metric)
+        return streamed_exact(self.knn, q, store, k, metric)
 
     def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
         """Exact scores of each query against its candidate rows (``-1`` scores worst), gathered on the host."""

@@ -359,35 +359,41 @@ class GpuBackend:
         with _search_lock(self.device):
             return faiss.knn_gpu(self.resources(), q, x, k, metric=metric, device=self.device)
 
-    def _resident(self, store: RowStore) -> ResidentRows | None:
-        """``store`` held on this worker's GPU (one store at a time, made once), or None when it
-        does not fit ``RESIDENT_SHARE`` of the free memory or CuPy is missing (decided once per
-        store, the reason logged once)."""
-        key = (str(store.root), store.total_rows, self.device)
+    def _held(self, cache: dict[int, tuple[tuple[Any, ...], Any]], store: RowStore, what: str, tag: str,
+              build: Any) -> Any | None:
+        """``build()`` of ``store`` kept on this worker's GPU (one store at a time per ``cache``,
+        made once), or None when the store does not fit ``RESIDENT_SHARE`` of the free memory or
+        CuPy is missing: decided once per store, the reason logged once."""
+        key = (str(store.root), store.total_rows, self.device, tag)
         with _lock:
-            held = _resident_rows.get(self.device)
+            held = cache.get(self.device)
         if held is not None and held[0] == key:
             return held[1]
         with _lock:
-            _resident_rows.pop(self.device, None)  # release the last store before sizing the next
-        rows: ResidentRows | None = None
+            cache.pop(self.device, None)  # release the last store before sizing the next
+        made = None
         need = ResidentRows.nbytes(store, store.mapped_vectors(0).shape[1])
-        free = self.free_memory()  # None without CuPy (said once): candidates are gathered on the host
-        if free is None:
-            pass
-        elif need > RESIDENT_SHARE * free:
-            self._warn_once(f"the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the GPU's "
-                            f"{free / 2**30:.1f} GiB free: candidates are gathered on the host")
-        else:
+        free = self.free_memory()  # None without CuPy (said once)
+        if free is not None and need > RESIDENT_SHARE * free:
+            self._warn_once(f"{what}: the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the "
+                            f"GPU's {free / 2**30:.1f} GiB free, so it streams from the host")
+        elif free is not None:
+            made = build()
+            log.info("%s: row store resident on GPU %d (%d vectors, %.2f GiB)", what, self.device, store.total_rows,
+                     need / 2**30)
+        with _lock:
+            cache[self.device] = (key, made)
+        return made
+
+    def _resident(self, store: RowStore) -> ResidentRows | None:
+        """The store's vectors on this worker's GPU for re-ranking (see :meth:`_held`)."""
+        def build() -> ResidentRows:
             import cupy  # free_memory found it
 
             with cupy.cuda.Device(self.device):
-                rows = ResidentRows(cupy, store, cupy.asnumpy)
-            log.info("row store resident on GPU %d (%d vectors, %.2f GiB)", self.device, store.total_rows,
-                     need / 2**30)
-        with _lock:
-            _resident_rows[self.device] = (key, rows)
-        return rows
+                return ResidentRows(cupy, store, cupy.asnumpy)
+
+        return cast("ResidentRows | None", self._held(_resident_rows, store, "re-ranking", "", build))
 
     def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
         """Exact scores of each query against its candidate rows: on the device against the
@@ -405,40 +411,24 @@ class GpuBackend:
         (made once per worker), else piece by piece from the host (:meth:`knn`)."""
         flat = self._resident_flat(store, metric) if k <= GPU_MAX_K else None
         if flat is None:
-            return streamed_exact(lambda a, b, kk: self.knn(a, b, kk, FAISS_METRICS[metric]), q, store, k, metric)
+            return streamed_exact(self.knn, q, store, k, metric)
         with _search_lock(self.device):
             return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
     def _resident_flat(self, store: RowStore, metric: str) -> Any | None:
-        """A GPU flat index over the whole store (made once per worker and store), or None when it
-        does not fit ``RESIDENT_SHARE`` of the free memory (decided once, the reason logged once)."""
-        key = (str(store.root), store.total_rows, self.device, metric)
-        with _lock:
-            held = _resident_flats.get(self.device)
-        if held is not None and held[0] == key:
-            return held[1]
-        with _lock:
-            _resident_flats.pop(self.device, None)
-        dim = store.mapped_vectors(0).shape[1]
-        need = ResidentRows.nbytes(store, dim)
-        free = self.free_memory()
-        flat = None
-        if free is None or need > RESIDENT_SHARE * free:
-            self._warn_once(f"exact search streams the row store through the GPU piece by piece ({need / 2**30:.1f} "
-                            f"GiB, over {RESIDENT_SHARE:.0%} of the GPU's free memory)")
-        else:
-            flat = faiss.index_cpu_to_gpu(self.resources(), self.device, faiss.IndexFlat(dim, FAISS_METRICS[metric]))
+        """A GPU flat index over the whole store for the exact plan (see :meth:`_held`)."""
+        def build() -> Any:
+            flat = faiss.index_cpu_to_gpu(self.resources(), self.device,
+                                          faiss.IndexFlat(store.mapped_vectors(0).shape[1], FAISS_METRICS[metric]))
             for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
                 flat.add(store.vectors(piece))
-            log.info("exact search: row store resident on GPU %d (%d vectors, %.2f GiB)", self.device,
-                     store.total_rows, need / 2**30)
-        with _lock:
-            _resident_flats[self.device] = (key, flat)
-        return flat
+            return flat
+
+        return self._held(_resident_flats, store, "exact search", metric, build)
 
 
-_resident_rows: dict[int, tuple[tuple[str, int, int], ResidentRows | None]] = {}
-_resident_flats: dict[int, tuple[tuple[str, int, int, str], Any]] = {}
+_resident_rows: dict[int, tuple[tuple[Any, ...], Any]] = {}  # device -> (store key, ResidentRows or None)
+_resident_flats: dict[int, tuple[tuple[Any, ...], Any]] = {}  # device -> (store key, GPU flat index or None)
 _search_locks: dict[int, threading.Lock] = {}
 
 

@@ -12,11 +12,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.backends import Backend
 from pipeline.backends.worker import worker_device
-from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
-from pipeline.search.stored import merge_topk
+from pipeline.search.stored import merge_topk, piece_topk
 from pipeline.stages.progress import Progress, task_key
 
 __all__ = ["exact_knn", "merge_topk", "pair_scores"]
@@ -27,15 +25,7 @@ def _exact_piece(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one piece; higher scores first (l2 negated)."""
     with worker_device() as be:
-        return _piece_topk(be, store, piece, queries, k, metric)
-
-
-def _piece_topk(be: Backend, store: RowStore, piece: int, queries: np.ndarray, k: int,
-                metric: str) -> tuple[np.ndarray, np.ndarray]:
-    x = store.vectors(piece)
-    # FAISS works through the piece in GEMM tiles: memory stays bounded, BLAS (or cuBLAS) does the work
-    dist, rows = be.knn(queries, x, min(k, x.shape[0]), FAISS_METRICS[metric])
-    return (-dist if metric == "l2" else dist), rows + store.starts[piece]
+        return piece_topk(be.knn, store, piece, queries, k, metric)
 
 
 def exact_knn(

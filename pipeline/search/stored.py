@@ -14,13 +14,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
-__all__ = ["merge_topk", "streamed_exact", "host_rerank", "worst_score", "ResidentRows", "RERANK_CHUNK_BYTES"]
+__all__ = ["merge_topk", "piece_topk", "streamed_exact", "host_rerank", "worst_score", "ResidentRows",
+           "RERANK_CHUNK_BYTES"]
 
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 
-Knn = Callable[[np.ndarray, np.ndarray, int], tuple[np.ndarray, np.ndarray]]
+Knn = Callable[[np.ndarray, np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]
 Scores = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
 
 
@@ -42,18 +44,22 @@ def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return top
 
 
+def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: int,
+               metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``k`` of ``queries`` within one stored piece, higher scores first (l2 negated),
+    as global rows. ``knn(queries, vectors, k, faiss_metric)`` is a backend's: FAISS works through
+    the piece in GEMM tiles, so memory stays bounded and BLAS (or cuBLAS) does the work."""
+    x = store.mapped_vectors(piece)
+    dist, rows = knn(queries, x, min(k, x.shape[0]), FAISS_METRICS[metric])
+    return (-dist if metric == "l2" else dist), rows + store.starts[piece]
+
+
 def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
                    metric: str) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
-    stored piece, read one piece at a time: ``knn(queries, piece_vectors, k)`` scores a piece
-    (BLAS or cuBLAS tiles with k-selection), :func:`merge_topk` keeps the best."""
-    def parts() -> Iterable[tuple[np.ndarray, np.ndarray]]:
-        for piece, start in enumerate(store.starts.tolist()):
-            x = store.mapped_vectors(piece)
-            dist, rows = knn(queries, x, min(k, x.shape[0]))
-            yield (-dist if metric == "l2" else dist), rows + start
-
-    scores, rows = merge_topk(parts(), k)
+    stored piece, read one piece at a time (:func:`piece_topk`); :func:`merge_topk` keeps the best."""
+    parts = (piece_topk(knn, store, p, queries, k, metric) for p in range(len(store.starts)))
+    scores, rows = merge_topk(parts, k)
     return (-scores if metric == "l2" else scores), rows
 
 
@@ -88,8 +94,7 @@ class ResidentRows:
     def __init__(self, xp: Any, store: RowStore, to_host: Callable[[Any], np.ndarray] = np.asarray) -> None:
         self.xp = xp
         self.to_host = to_host
-        self.total_rows = store.total_rows
-        dim = store.vectors(0).shape[1] if len(store.starts) else 0
+        dim = store.mapped_vectors(0).shape[1] if len(store.starts) else 0
         self.base = xp.empty((store.total_rows, dim), dtype=xp.float32)
         bounds = [*store.starts.tolist(), store.total_rows]
         for piece in range(len(store.starts)):  # piece by piece: host memory holds one piece at a time
