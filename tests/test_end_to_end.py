@@ -220,7 +220,7 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
     )
 
 
-from pipeline.search.tuning import RERANK_FACTORS, WIDE_FACTORS, probe_steps  # noqa: E402
+from pipeline.search.tuning import REFINE_STEPS, RERANK_FACTORS, WIDE_FACTORS, probe_steps  # noqa: E402
 
 
 def _shape(name: str, n: int = 24_000) -> np.ndarray:
@@ -245,7 +245,8 @@ def test_the_default_run_reaches_its_target_on_held_out_queries(make_config, tmp
     assert rec.target == 0.95 and rec.met and rec.recall >= 0.95, rec
     assert report.index.key != "Flat" and (tmp_path / "out" / "_SUCCESS").exists()
     # the walk: about one search per nprobe step and per re-rank factor, never the whole grid
-    assert len(rec.curve) <= len(probe_steps(report.index.nlist)) + len(RERANK_FACTORS) + len(WIDE_FACTORS)
+    steps = len(probe_steps(report.index.nlist)) + REFINE_STEPS
+    assert len(rec.curve) <= steps + len(RERANK_FACTORS) + len(WIDE_FACTORS)
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

@@ -218,3 +218,34 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
     for row in range(queries):  # ids agree where the scores are distinct
         distinct = np.r_[True, np.abs(np.diff(want_d[row])) > 1e-4] & np.r_[np.abs(np.diff(want_d[row])) > 1e-4, True]
         assert np.array_equal(want_i[row][distinct], got_i[row][distinct])
+
+
+@settings(max_examples=200, deadline=None)
+@given(nlist=st.integers(1, 4096), needed=st.integers(1, 4096), target=st.sampled_from([0.9, 0.95, 0.99]))
+def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe(nlist, needed, target):
+    """Recall that rises with nprobe and first reaches the target at ``needed`` lists: the walk
+    (powers of two, then bisection) picks a passing nprobe at most an eighth above ``needed``,
+    never one that fails, in at most a handful more measurements than the climb's."""
+    from pipeline.search import tuning
+
+    def point(nprobe: int | None, rerank: int) -> tuning.TunePoint:
+        recall = target + 0.01 if nprobe is not None and nprobe >= needed else target - 0.01
+        return tuning.TunePoint(nprobe, rerank, recall, recall, 0.0, 1.0, 500)
+
+    def fake(plan, store, sample, nprobe, rerank):
+        return point(nprobe, rerank)
+
+    original, tuning._point = tuning._point, fake
+    try:
+        points = tuning._walk(None, None, None, tuning.probe_steps(nlist), [4], target)
+    finally:
+        tuning._point = original
+    chosen = tuning.choose(points, target)
+    probes = tuning.probe_steps(nlist)
+    if needed > min(nlist, 2048):  # nothing passes (the walk stops at 2048 lists): the best recall
+        # is reported, and the walk tried every step
+        assert not chosen.passes(target) and len(points) == len(probes)
+        return
+    assert chosen.passes(target) and chosen.nprobe is not None
+    assert needed <= chosen.nprobe <= needed + needed // 8 + 1
+    assert len(points) <= len(probes) + tuning.REFINE_STEPS

@@ -26,7 +26,7 @@ from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
-from pipeline.search.lists import is_ivf_flat
+from pipeline.search.lists import is_ivf_flat, list_major_rows
 from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import PieceProgress, run_tasks
@@ -36,7 +36,6 @@ __all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", 
 
 log = logging.getLogger(__name__)
 
-LIST_MAJOR_QUERY_ROWS = 16_384  # IVF-Flat batches (list-major search): measured 2.5-3.5x index.search at 4k-16k
 BATCH_BYTES = 256 << 20  # working memory for one search batch (candidates, gathered vectors)
 ROW_GROUP_ROWS = 65_536  # result rows buffered per Parquet row group
 EXACT_QUERY_ROWS = 4096  # queries per block under the exact plan (FAISS's own BLAS query block)
@@ -145,7 +144,7 @@ def _join_piece(
         rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
     index = shared_index(plan)
     if index is not None and is_ivf_flat(index):  # list-major search: the more queries per list, the better
-        rows = max(rows, LIST_MAJOR_QUERY_ROWS)
+        rows = max(rows, list_major_rows(faiss.extract_index_ivf(index).nlist, plan.nprobe))
     batch_rows = max(1, min(rows, budget_rows))
     log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
     q_all = query_store.vectors(piece.index)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -26,7 +26,7 @@ from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
-           "RERANK_FACTORS", "BelowTarget"]
+           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget"]
 
 log = logging.getLogger(__name__)
 
@@ -157,9 +157,10 @@ def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
 def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
           factors: Sequence[int], target: float) -> list[TunePoint]:
     """The staircase walk: nprobe upwards at a modest re-rank factor until the target is reached,
-    then the factor downwards at that nprobe (and at twice the lists, where a smaller factor may
-    be cheaper); where no nprobe reaches it, larger factors at the plateau. About
-    ``len(probes) + len(factors)`` searches, almost all of them gathering few candidates: the
+    refined by bisection towards the last failing nprobe (:func:`_refine`), then the factor
+    downwards at that nprobe (and at the next step up, where a smaller factor may be cheaper);
+    where no nprobe reaches it, larger factors at the plateau. About ``len(probes) +
+    len(factors) + REFINE_STEPS`` searches, almost all of them gathering few candidates: the
     climb costs k x ``START_FACTOR`` exact scores a query, not k x 32.
     """
     factors = sorted(factors)
@@ -174,11 +175,15 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
         progress.note(f"{len(points)} settings tried; last nprobe={nprobe} rerank={rerank}: recall {point.recall:.3f}")
         return point
 
+    below: int | None = None  # the largest nprobe of the climb that fell short
     for nprobe in probes:
         point = measure(nprobe, factors[start])
         if point.passes(target):
             found = point
             break
+        below = nprobe
+    if found is not None and below is not None and found.nprobe is not None:
+        found = _refine(measure, below, found, factors[start], target)
     if found is not None:
         at = found.nprobe
         for f in reversed(factors[:start]):  # smaller factors at the passing nprobe
@@ -199,6 +204,28 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
         if point.passes(target):
             break
     return points
+
+
+REFINE_STEPS = 3  # bisections between the climb's last failing and first passing nprobe
+
+
+def _refine(measure: Callable[[int, int], TunePoint], below: int, found: TunePoint, factor: int,
+            target: float) -> TunePoint:
+    """The smallest passing nprobe between ``below`` (fails) and ``found.nprobe`` (passes), by
+    bisection: the powers-of-two climb overshoots by a third on average, and every probed list is
+    scanned by every query of the join, so a finer nprobe is a proportionally cheaper join."""
+    low, high = below, found
+    for _ in range(REFINE_STEPS):
+        assert high.nprobe is not None
+        mid = (low + high.nprobe) // 2
+        if mid <= low:
+            break
+        point = measure(mid, factor)
+        if point.passes(target):
+            high = point
+        else:
+            low = mid
+    return high
 
 
 def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample, nlist: int | None,
