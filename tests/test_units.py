@@ -87,8 +87,8 @@ def test_gather_keeps_order_and_repeats(tmp_path):
         store.gather_vectors(np.array([5]))
 
 
-@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF256,Flat"),
-                                       (200_000, 768, "IVF1024,Flat"), (300_000, 384, "IVF1024,PQ192x4fs"),
+@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF128,Flat"),
+                                       (200_000, 768, "IVF512,Flat"), (300_000, 384, "IVF1024,PQ192x4fs"),
                                        (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8"),
                                        (500_000, 64, "IVF1024,SQ8"), (100_000, 64, "IVF512,SQ8")])
 def test_default_index_rule(n, d, key):
@@ -105,9 +105,9 @@ def test_default_rule_fits_codes_in_the_memory_budget():
     assert default_index_key(100_000_000, 128, memory_budget=64 * 2**30) == "IVF16384,PQ64x4fs"  # codes fit: unchanged
     # IVF-Flat while the vectors take a quarter of a worker's memory (100k x 768: 293 MiB; 1M x 128: 488 MiB),
     # at any number of rows; with the memory unknown, up to 200,000 rows
-    assert default_index_key(100_000, 768, memory_budget=2 * 2**30) == "IVF512,Flat"
+    assert default_index_key(100_000, 768, memory_budget=2 * 2**30) == "IVF256,Flat"  # sqrt(n) lists: list-major
     assert default_index_key(100_000, 768, memory_budget=1 * 2**30) == "IVF512,PQ384x4fs"
-    assert default_index_key(1_000_000, 128, memory_budget=2 * 2**30) == "IVF2048,Flat"
+    assert default_index_key(1_000_000, 128, memory_budget=2 * 2**30) == "IVF1024,Flat"
     assert default_index_key(1_000_000, 128, memory_budget=1 * 2**30) == "IVF2048,PQ64x4fs"
     assert default_index_key(1_000_000, 64, memory_budget=64 * 2**30) == "IVF2048,SQ8"  # d <= 64: SQ8 as before
 

@@ -7,7 +7,8 @@ embeddings (see README, "Choosing the index"):
   cores (``scripts/exact_crossover.py``), exact search beat the tuned index up to 20,000 rows
   (0.94x its wall time at d=64, 0.60x at d=384) and lost from 40,000 (1.52x, 1.14x).
 * ``d > 64`` whose float32 vectors fit a quarter of the smallest worker's memory (up to 200,000
-  rows when that memory is unknown): ``IVF{nlist},Flat``, exact scores searched list by list
+  rows when that memory is unknown): ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
+  ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``), exact scores searched list by list
   (:mod:`pipeline.search.lists`), no re-rank. Whole processes on 2 cores, tuned to recall 0.95,
   against 4-bit PQ: 10.5 s vs 12.1 s at 30k x 384 (real), 23.8 s vs 32.2 s at 100k x 768,
   42.3 s vs 68.2 s at 200k x 384, 37 s vs 445 s at 500k x 96 (the codes needed re-rank 64),
@@ -65,6 +66,13 @@ FLAT_MAX_ROWS = 20_000  # measured crossover on 2 cores: 20k-40k rows at d=64 an
 # higher recall; up to this many rows when the workers' memory is unknown
 IVF_FLAT_MAX_ROWS = 200_000
 IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter of a worker's memory (page cache)
+# CPU IVF-Flat gets sqrt(n) lists, not 2*sqrt(n): a list-major join scans each list with one product
+# for all the queries probing it, so the per-query price of fine lists (coarse assignment of every
+# row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans. Whole
+# processes, target 0.95, 2 cores: 1M x 128 (generated) 66.8 s with IVF1024 against 80.4 s with
+# IVF2048 (training 2.2 s against 10.8 s, joins equal); 500k x 96 (latent rank 32) 26.7 s with
+# IVF512 against 33.9 s with IVF1024; pydocs-minilm 30k x 384 equal (9.4-9.6 s, IVF128 and IVF256)
+LIST_MAJOR_LISTS_PER_ROOT = 1.0
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
 GOOD_POINTS_PER_LIST = 39  # faiss's own advice: warn below
 GPU_INDEX_SHARE = 0.4  # of a GPU's free memory an IVF-Flat/float16 index may take (search batches need the rest)
@@ -75,6 +83,15 @@ SAMPLE_MAX_BYTES = 1 << 30
 
 def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(x, 1.0))))
+
+
+def _lists(n: int, per_root: float) -> int:
+    """The power of two nearest ``per_root * sqrt(n)``, halved until each list gets
+    ``GOOD_POINTS_PER_LIST`` training rows."""
+    nlist = _pow2(per_root * math.sqrt(n))
+    while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
+        nlist //= 2
+    return nlist
 
 
 SQ8_MAX_DIM = 64  # at or below: 8-bit scalar codes (on-disk lists); 4-bit PQ on 2-d sub-vectors is too coarse
@@ -107,13 +124,11 @@ def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     """
     if n <= FLAT_MAX_ROWS:
         return "Flat"
-    nlist = _pow2(2 * math.sqrt(n))
-    while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
-        nlist //= 2
+    nlist = _lists(n, 2.0)
     if gpu:
         return f"IVF{nlist},{_gpu_storage(n, d, nlist, gpu_free)}"
     if _ivf_flat_fits(n, d, memory_budget):
-        return f"IVF{nlist},Flat"
+        return f"IVF{_lists(n, LIST_MAJOR_LISTS_PER_ROOT)},Flat"
     codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 and d > SQ8_MAX_DIM else "SQ8"
     return f"IVF{nlist},{codes}"
 
@@ -196,7 +211,8 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
                 f"smallest free GPU memory ({free}) even as float16: d={d} -> {storage}, codes the GPU kernels "
                 "search (no fast-scan there); exact re-ranking recovers what the codes miss")
     if key.endswith(",Flat"):
-        return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n)); at d > {SQ8_MAX_DIM}, "
+        return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest sqrt(n): lists searched list by list "
+                f"take fewer, longer lists); at d > {SQ8_MAX_DIM}, "
                 "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
                 + (f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
                    if memory_budget else f" (up to {IVF_FLAT_MAX_ROWS:,} rows with the workers' memory unknown)"))
