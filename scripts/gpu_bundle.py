@@ -49,7 +49,7 @@ BUNDLE = "faiss-gpu-1.15.1-cu13.tar.xz"
 LIMIT = 64 << 20
 # what the pipeline needs beyond what a PyTorch/CuPy image usually has (numpy, pyarrow, pyyaml,
 # psutil, cloudpickle, toolz, msgpack, click, jinja2, packaging, fsspec, sortedcontainers)
-DEPS = ["dask==2025.7.0", "distributed==2025.7.0", "partd", "locket", "tblib", "zict", "tornado"]
+DEPS = ["dask==2025.7.0", "distributed==2025.7.0", "partd", "locket", "tblib", "zict", "tornado", "threadpoolctl"]
 CUBLAS_FUNCTIONS = (
     "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSetMathMode", "cublasGetMathMode",
     "cublasSgemmEx", "cublasGemmEx", "cublasGemmStridedBatchedEx",

@@ -281,3 +281,22 @@ def test_gpu_exact_plan_through_a_resident_flat_index(monkeypatch, tmp_path):
         np.testing.assert_allclose(np.vstack([got[0], again[0]]), want[0], rtol=1e-5, atol=1e-5)
         assert (np.vstack([got[1], again[1]]) == want[1]).mean() > 0.99
     assert fake.copies == 2
+
+
+def test_gpu_self_join_by_pairs_gives_the_cpu_lists(monkeypatch):
+    """The GPU backend's two pair methods (brute force both ways, no floors) against the CPU's
+    symmetric ones, with ``knn_gpu`` replaced by the CPU's brute force: the same scores."""
+    monkeypatch.setattr(faiss, "knn_gpu", lambda _res, q, x, k, metric, device: faiss.knn(q, x, k, metric=metric),
+                        raising=False)
+    monkeypatch.setattr(GpuBackend, "resources", lambda self: None)
+    x = _data(900, 16)
+    a, b = x[:500], x[500:]
+    gpu, cpu = GpuBackend(device=0), CpuBackend()
+    for metric in ("l2", "ip"):
+        np.testing.assert_allclose(gpu.self_topk(x, 7, metric)[0], cpu.self_topk(x, 7, metric)[0], atol=1e-4)
+        floor = cpu.self_topk(b, 7, metric)[0][:, -1]
+        (ga, _), (gb, _) = gpu.pair_topk(a, b, 7, metric, floor)
+        (ca, _), (cb, _) = cpu.pair_topk(a, b, 7, metric, floor)
+        np.testing.assert_allclose(ga, ca, atol=1e-4)
+        kept = gb >= floor[:, None]  # the CPU's b side is exact down to the floor
+        np.testing.assert_allclose(np.where(kept, cb, 0), np.where(kept, gb, 0), atol=1e-4)

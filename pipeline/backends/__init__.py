@@ -1,7 +1,8 @@
 """The device seam: one small interface that stages call without branching on it.
 
 A backend trains, adds, searches and does the exact arithmetic around FAISS: exact search of
-the row store (the exact plan) and re-ranking of candidates against it. Each Dask worker
+the row store (the exact plan, and its self-join by pairs of pieces) and re-ranking of
+candidates against it. Each Dask worker
 chooses its own, where the work runs (:mod:`pipeline.backends.worker`); tasks ask their worker
 for it.
 """
@@ -44,6 +45,11 @@ class Backend(Protocol):
     def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]: ...
 
     def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray: ...
+
+    def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]: ...
+
+    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]: ...
 
 
 def gpu_count() -> int:

@@ -6,10 +6,11 @@ from typing import cast
 
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 from pipeline.io.store import RowStore
 from pipeline.search.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
-from pipeline.search.stored import host_rerank, streamed_exact
+from pipeline.search.stored import host_rerank, pair_topk, self_topk, streamed_exact
 
 __all__ = ["CpuBackend"]
 
@@ -19,7 +20,11 @@ class CpuBackend:
     search_rows = 1024  # queries per FAISS call: measured fastest (cache-friendly) on fast-scan and IVF-PQ
 
     def set_threads(self, n: int) -> None:
+        """FAISS's OpenMP threads, and every BLAS's (NumPy's products in the exact self-join, FAISS's
+        own): Dask starts worker processes with ``OPENBLAS_NUM_THREADS=1``, which would leave a
+        worker's NumPy products on one of its cores."""
         faiss.omp_set_num_threads(max(1, int(n)))
+        threadpool_limits(max(1, int(n)), user_api="blas")
 
     def train(self, index: faiss.Index, x: np.ndarray) -> None:
         index.train(x)
@@ -64,3 +69,13 @@ class CpuBackend:
     def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
         """Exact scores of each query against its candidate rows (``-1`` scores worst), gathered on the host."""
         return host_rerank(self.exact_scores, q, rows, store, metric)
+
+    def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``x``'s rows among themselves, blocks against themselves and pairs of
+        blocks scored once for both (:func:`pipeline.search.stored.self_topk`)."""
+        return self_topk(self.knn, x, k, metric)
+
+    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.search.stored.pair_topk`)."""
+        return pair_topk(a, b, k, metric, b_floor)

@@ -38,7 +38,7 @@ import numpy as np
 from pipeline.backends.cpu import CpuBackend
 from pipeline.index.choice import FAISS_METRICS, ivf_of
 from pipeline.io.store import RowStore
-from pipeline.search.stored import ResidentRows, host_rerank, streamed_exact
+from pipeline.search.stored import ResidentRows, host_rerank, knn_topk, streamed_exact
 
 __all__ = [
     "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",
@@ -405,6 +405,16 @@ class GpuBackend:
 
         with cupy.cuda.Device(self.device):
             return resident.rerank(q, rows, metric)
+
+    def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``x``'s rows among themselves: one brute-force GPU search (the
+        arithmetic the CPU saves by symmetry is cheap here)."""
+        return knn_topk(self.knn, x, x, k, metric)
+
+    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
+                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+        """Both sides' exact top-``k`` by two brute-force GPU searches (``b_floor`` unused)."""
+        return knn_topk(self.knn, a, b, k, metric), knn_topk(self.knn, b, a, k, metric)
 
     def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` over the row store: a GPU flat index over the whole store when it fits

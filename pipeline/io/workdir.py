@@ -38,7 +38,7 @@ TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its ru
 OUTPUT_NAMES = frozenset({
     "manifest.json", "_SUCCESS", "report.json", "report.md", "report.html", "neighbors", "knn", "_queries",
     "pairs", "groups", "kept", "deduplicated", "removed", "contamination", "against", "_dedup", "_explore",
-    "edges", "nodes", "_graph", "graph.npz", "umap_knn.npz",
+    "edges", "nodes", "_graph", "graph.npz", "umap_knn.npz", "_exact",
     "recall_curve.svg", "kth_score.svg", "timings.svg", "group_sizes.svg", "degrees.svg", TIMINGS_NAME,
     # the PNG charts earlier versions drew: still ours, so an older output folder is reused
     "recall_curve.png", "kth_score.png", "timings.png", "group_sizes.png", "degrees.png",

@@ -372,6 +372,8 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     manifest = Manifest(output)
     if manifest.open(identity, config.overwrite, "neighbour table", keep=keep, allow_append=incremental):
         manifest.reopen_stage("join")  # new rows are searched against all rows; old lists are kept
+        for stage in ("exact_diagonal", "exact_pairs"):  # partial lists of the smaller store: never reused
+            manifest.clear_stage(stage)
         manifest.reopen_stage("scan_queries")  # a query set that grew: its new pieces are scanned
     manifest.verify_stage("scan_queries")
     (output / "_SUCCESS").unlink(missing_ok=True)
@@ -391,7 +393,11 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
     log.info("join: %d queries, k=%d, %s, exclude_self=%s", n_queries, plan.k,
              "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe}, rerank={plan.rerank}",
              plan.exclude_self)
-    seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim)
+    # the exact self-join scores each pair of pieces once for both on CPUs; a GPU searches the
+    # whole store resident in its memory instead
+    by_pairs = all(d.backend == "cpu" for d in cluster.devices)
+    seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim,
+                          by_pairs)
     timings.add("join", seconds)
     result = JoinResult(
         index=IndexSummary(str(built.dir), built.key, built.ntotal, built.dim, built.metric, built.nlist, built.why),

@@ -27,6 +27,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.search.lists import is_ivf_flat, list_major_rows
+from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
 from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import PieceProgress, run_tasks
@@ -88,23 +89,26 @@ def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParamet
 
 def search_batch(
     index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
-    index_store: RowStore,
+    index_store: RowStore, found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search one batch; return (row offsets, scores, neighbour global rows) in list layout.
 
     ``q_rows`` are the queries' global rows when the queries are the indexed rows (self-join);
-    otherwise self-exclusion compares ids.
+    otherwise self-exclusion compares ids. ``found``: the batch's exact lists, computed already
+    (the exact self-join by pairs, :mod:`pipeline.search.pairs`): only the rest is done here.
     """
     with worker_device() as be:  # the worker's device, one batch at a time
-        return _search_batch(be, index, plan, q, q_rows, q_ids, index_store)
+        return _search_batch(be, index, plan, q, q_rows, q_ids, index_store, found)
 
 
 def _search_batch(
     be: Backend, index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None,
-    q_ids: pa.Array, index_store: RowStore,
+    q_ids: pa.Array, index_store: RowStore, found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = candidates_per_query(plan, index_store.total_rows if index is None else int(index.ntotal))
-    if index is None:  # the exact plan: scores are exact already
+    if found is not None:
+        scores, rows = found
+    elif index is None:  # the exact plan: scores are exact already
         scores, rows = be.exact_search(q, index_store, width, plan.metric)
     else:
         scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
@@ -137,6 +141,7 @@ def _search_batch(
 
 def _join_piece(
     plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, budget_rows: int,
+    pairs: PairLayout | None = None,
 ) -> int:
     with worker_device() as be:
         # the exact plan scores whole query blocks against each stored piece: larger blocks keep
@@ -149,6 +154,8 @@ def _join_piece(
     log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
+    width = candidates_per_query(plan, index_store.total_rows)
+    lists = None if pairs is None else piece_lists(pairs, piece, width, plan.metric)
     short = 0
     buffered: list[pa.Table] = []
     knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
@@ -161,7 +168,8 @@ def _join_piece(
             q = np.ascontiguousarray(q_all[lo:hi])
             q_ids = q_ids_all.slice(lo, hi - lo)
             q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
-            offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store)
+            found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
+            offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store, found)
             progress.advance(hi - lo)
             nbr_ids = index_store.gather_ids(nbr_rows)
             short += int((np.diff(offsets) < plan.k).sum())
@@ -203,15 +211,24 @@ def knn_path(knn_dir: str | Path | None, piece: int) -> Path:
 
 def join_pieces(
     client: object, plan: SearchPlan, index_store: RowStore, query_store: RowStore, pieces: Sequence[Piece],
-    out_dir: Path, manifest: Manifest, dim: int,
+    out_dir: Path, manifest: Manifest, dim: int, by_pairs: bool = False,
 ) -> float:
-    """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time."""
+    """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
+
+    ``by_pairs``: an exact self-join computes every piece's lists first, each pair of pieces
+    scored once for both (:mod:`pipeline.search.pairs`), unless pieces were joined another way
+    already (an appended join goes on piece by piece)."""
     width = plan.k * max(plan.rerank, 1) + 1
     per_query = width * 16 + 4 * dim  # ids, scores and order per candidate, plus the query
     budget_rows = int(max(1, BATCH_BYTES // per_query))  # each worker caps it at its backend's batch size
     out = {p.index: str(out_dir / f"part-{p.index:05d}.parquet") for p in pieces}
     done = manifest.done_pieces("join")
     short = [0]
+    began = bool(manifest.done_pieces("exact_diagonal"))  # a join by pairs killed part way goes on by pairs
+    layout = (plan_groups(index_store, dim, out_dir.parent / PAIRS_DIR)
+              if by_pairs and plan.strategy == "exact" and plan.self_join and (began or not done) else None)
+    paired = 0.0 if layout is None else exact_pairs(
+        client, index_store, layout, candidates_per_query(plan, index_store.total_rows), plan.metric, manifest)
 
     def finished(p: Piece, n_short: int) -> None:
         short[0] += n_short
@@ -220,13 +237,15 @@ def join_pieces(
 
     seconds = run_tasks(
         client, _join_piece, [p for p in pieces if p.index not in done], "join",
-        args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows),
+        args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows, layout),
         on_done=finished,
-    )
+    ) + paired
     if short[0]:
         log.warning(
             "%d queries got fewer than k=%d neighbours (the probed lists held too few); raise --nprobe",
             short[0], plan.k,
         )
     manifest.finish_stage("join", {"seconds": seconds})
+    if layout is not None:
+        drop_pairs(layout)
     return seconds
