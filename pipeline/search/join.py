@@ -154,8 +154,8 @@ def _join_piece(
     log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
-    width = candidates_per_query(plan, index_store.total_rows)
-    lists = None if pairs is None else piece_lists(pairs, piece, width, plan.metric)
+    lists = None if pairs is None else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows),
+                                                   plan.metric)
     short = 0
     buffered: list[pa.Table] = []
     knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None

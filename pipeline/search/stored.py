@@ -153,7 +153,8 @@ def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.nda
     ``k``-th score (its ``k``-th best within its own piece: anything lower can never enter its
     top ``k``), then sorts those few; this avoids transposing every tile, which costs as much as
     the product. A tile where the floor keeps too many (``FLOOR_HITS_PER_ROW``) is transposed
-    into heaps instead, so memory stays bounded on any data. Scores are higher-better (l2
+    into heaps instead, and what is kept is cut to each row's best ``k`` whenever it grows past
+    that many a row, so memory stays bounded on any data. Scores are higher-better (l2
     distances negated), indices local to the other side, ``-1`` padded, best first.
     """
     l2 = metric == "l2"
@@ -167,6 +168,7 @@ def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.nda
     floor = np.asarray(b_floor, dtype=np.float32) + b_norms
     buffer = np.empty(min(tile, len(a)) * min(tile, len(b)), dtype=np.float32)
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []  # (b row, a row, score) kept for b's side
+    held = 0
     for i0 in range(0, len(a), tile):
         ta = a[i0 : i0 + tile]
         for j0 in range(0, len(b), tile):
@@ -178,6 +180,11 @@ def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.nda
             rows, cols = _where(g >= floor[None, j0 : j0 + len(tb)])
             if len(rows) <= FLOOR_HITS_PER_ROW * len(tb):
                 found.append((cols + j0, rows + i0, g[rows, cols] - b_norms[cols + j0]))
+                held += len(rows)
+                if held > FLOOR_HITS_PER_ROW * len(b):  # keep b's best k a row so far: memory stays k a row
+                    best, at = _best_per_row(found, len(b), k)
+                    line, slot = np.nonzero(at >= 0)
+                    found, held = [(line, at[line, slot], best[line, slot])], len(line)
             else:
                 flipped = np.ascontiguousarray(g.T)  # held while FAISS reads it
                 b_heap.addn(len(ta), faiss.swig_ptr(flipped), i0, j0, len(tb))
