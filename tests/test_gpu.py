@@ -166,3 +166,18 @@ def test_gpu_default_plan_is_ivf_flat_when_it_fits(make_config, tmp_path):
     assert "GPU" in report.index.why
     assert report.recall is not None and report.recall.recall >= 0.95
     assert all(d.gpu_name and d.gpu_free_bytes > 0 for d in report.join.devices)
+
+
+@pytest.mark.parametrize("metric", ["cosine", "l2"])
+def test_self_join_blocks_and_pairs_match_the_cpu(vectors, metric):
+    """The pair methods (brute force on the GPU both ways) against the CPU's symmetric kernels."""
+    x = np.ascontiguousarray(vectors[:3000], dtype=np.float32)
+    a, b = x[:1700], x[1700:]
+    gpu, cpu = GpuBackend(device=0), CpuBackend()
+    np.testing.assert_allclose(gpu.self_topk(x, 8, metric)[0], cpu.self_topk(x, 8, metric)[0], rtol=1e-4, atol=1e-3)
+    floor = cpu.self_topk(b, 8, metric)[0][:, -1]
+    (ga, _), (gb, _) = gpu.pair_topk(a, b, 8, metric, floor)
+    (ca, _), (cb, _) = cpu.pair_topk(a, b, 8, metric, floor)
+    np.testing.assert_allclose(ga, ca, rtol=1e-4, atol=1e-3)
+    kept = gb >= floor[:, None]  # the CPU's second side is exact down to the floor
+    np.testing.assert_allclose(np.where(kept, cb, 0), np.where(kept, gb, 0), rtol=1e-4, atol=1e-3)

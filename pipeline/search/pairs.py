@@ -73,8 +73,9 @@ class _Task:
 
 
 def plan_groups(store: RowStore, dim: int, folder: Path, max_bytes: int | None = None) -> PairLayout | None:
-    """Consecutive pieces grouped up to ``max_bytes`` of vectors; None when that makes more than
-    ``MAX_GROUPS`` groups (the pair tasks would outnumber the work they save)."""
+    """Consecutive pieces grouped up to ``max_bytes`` of vectors (``GROUP_BYTES``); None when that
+    makes more than ``MAX_GROUPS`` groups: pair tasks grow with the square of the groups, and such
+    a store is searched piece by piece instead."""
     bounds = [*store.starts.tolist(), store.total_rows]
     pieces = len(store.starts)
     groups: list[Group] = []
