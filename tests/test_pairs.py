@@ -52,7 +52,7 @@ def test_self_topk_is_exact_search_of_the_rows_among_themselves(rows, dim, k, bl
     if dups:
         x[rows // 2 :] = x[: rows - rows // 2]
     knn = lambda q, y, kk, m: faiss.knn(q, y, kk, metric=m)  # noqa: E731
-    original = (stored.PAIR_TILE, stored.FLOOR_HITS_PER_ROW)
+    original = stored.FLOOR_HITS_PER_ROW
     stored.FLOOR_HITS_PER_ROW = cap
     try:
         scores, found = stored.self_topk(knn, x, k, metric, block=block)
@@ -61,14 +61,14 @@ def test_self_topk_is_exact_search_of_the_rows_among_themselves(rows, dim, k, bl
             floor = stored.knn_topk(knn, b, b, k, metric)[0][:, -1]
             (sa, ra), (sb, rb) = stored.pair_topk(a, b, k, metric, floor, tile=tile)
     finally:
-        stored.PAIR_TILE, stored.FLOOR_HITS_PER_ROW = original
+        stored.FLOOR_HITS_PER_ROW = original
     _check(scores, found, x, x, k, metric)
     if len(b):
         _check(sa, ra, b, a, k, metric)  # a's side: exact among b
         # b's side is exact wherever the true score reaches the floor: with b's own top k (the
         # diagonal the floor came from) it makes b's exact top k among a and b together
         own_s, own_r = stored.knn_topk(knn, b, b, k, metric)
-        union_s, union_r = stored.merge_topk([(sb, rb), (own_s, np.where(own_r >= 0, own_r + len(a), -1))], k)
+        union_s, union_r = stored.merge_topk([(sb, rb), (own_s, stored.shifted(own_r, len(a)))], k)
         _check(union_s, union_r, np.concatenate([a, b]), b, k, metric)
 
 

@@ -14,12 +14,14 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from pipeline.errors import StorageError
 from pipeline.io.workdir import shown
 
 TMP_MARK = ".tmp-"
 
-__all__ = ["atomic_path", "write_json", "remove_stale_temps", "TMP_MARK"]
+__all__ = ["atomic_path", "write_json", "write_npz", "remove_stale_temps", "TMP_MARK"]
 
 
 @contextlib.contextmanager
@@ -73,6 +75,13 @@ def write_json(path: str | os.PathLike[str], obj: Any) -> None:
     """Write ``obj`` as indented JSON, atomically."""
     with atomic_path(path) as tmp:
         tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n")
+
+
+def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
+    """Write ``arrays`` as one uncompressed ``.npz``, atomically."""
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            np.savez(fh, **arrays)
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:

@@ -26,10 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.backends.worker import worker_device
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import write_npz
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
-from pipeline.search.stored import merge_topk
+from pipeline.search.stored import merge_topk, shifted
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
 
@@ -102,21 +102,11 @@ def _pair_path(folder: str, g: int, h: int) -> Path:
     return Path(folder) / f"pair-{g:05d}-{h:05d}.npz"
 
 
-def _save(path: Path, **arrays: np.ndarray) -> None:
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs type savez's kwargs as its flags
-
-
-def _global(rows: np.ndarray, start: int) -> np.ndarray:
-    return np.where(rows >= 0, rows + start, -1)
-
-
 def _diagonal_task(store: RowStore, layout: PairLayout, g: int, width: int, metric: str) -> None:
     group = layout.groups[g]
     with worker_device() as be:
         scores, rows = be.self_topk(_vectors(store, group), width, metric)
-    _save(_diagonal_path(layout.folder, g), scores=scores, rows=_global(rows, group.start))
+    write_npz(_diagonal_path(layout.folder, g), scores=scores, rows=shifted(rows, group.start))
 
 
 def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, metric: str) -> None:
@@ -126,8 +116,8 @@ def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, 
     with worker_device() as be:
         (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(_vectors(store, a), _vectors(store, b), width, metric,
                                                               floor)
-    _save(_pair_path(layout.folder, g, h), a_scores=a_scores, a_rows=_global(a_rows, b.start),
-          b_scores=b_scores, b_rows=_global(b_rows, a.start))
+    write_npz(_pair_path(layout.folder, g, h), a_scores=a_scores, a_rows=shifted(a_rows, b.start),
+          b_scores=b_scores, b_rows=shifted(b_rows, a.start))
 
 
 def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int, metric: str,

@@ -19,7 +19,7 @@ from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 
 __all__ = ["merge_topk", "piece_topk", "streamed_exact", "host_rerank", "worst_score", "ResidentRows",
-           "RERANK_CHUNK_BYTES", "pair_topk", "self_topk", "knn_topk", "PAIR_TILE"]
+           "RERANK_CHUNK_BYTES", "pair_topk", "self_topk", "knn_topk", "shifted", "PAIR_TILE"]
 
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 
@@ -50,9 +50,8 @@ def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: in
     """Exact top-``k`` of ``queries`` within one stored piece, higher scores first (l2 negated),
     as global rows. ``knn(queries, vectors, k, faiss_metric)`` is a backend's: FAISS works through
     the piece in GEMM tiles, so memory stays bounded and BLAS (or cuBLAS) does the work."""
-    x = store.mapped_vectors(piece)
-    dist, rows = knn(queries, x, min(k, x.shape[0]), FAISS_METRICS[metric])
-    return (-dist if metric == "l2" else dist), rows + store.starts[piece]
+    scores, rows = _scored(knn, queries, store.mapped_vectors(piece), k, metric)
+    return scores, rows + store.starts[piece]
 
 
 def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
@@ -208,22 +207,32 @@ def self_topk(knn: Knn, x: np.ndarray, k: int, metric: str, block: int = SELF_BL
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for b0 in starts:
         scores, rows = knn_topk(knn, x[b0 : b0 + block], x[b0 : b0 + block], k, metric)
-        parts.append([(scores, np.where(rows >= 0, rows + b0, -1))])
+        parts.append([(scores, shifted(rows, b0))])
     for i, i0 in enumerate(starts):
         for j in range(i + 1, len(starts)):
             j0 = starts[j]
             (sa, ra), (sb, rb) = pair_topk(x[i0 : i0 + block], x[j0 : j0 + block], k, metric, parts[j][0][0][:, -1])
-            parts[i].append((sa, np.where(ra >= 0, ra + j0, -1)))
-            parts[j].append((sb, np.where(rb >= 0, rb + i0, -1)))
+            parts[i].append((sa, shifted(ra, j0)))
+            parts[j].append((sb, shifted(rb, i0)))
     merged = [merge_topk(p, k) for p in parts]
     return np.concatenate([m[0] for m in merged]), np.concatenate([m[1] for m in merged])
+
+
+def _scored(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    """``knn``'s top ``min(k, len(x))`` of ``q`` among ``x``, scores higher-better (l2 negated)."""
+    dist, rows = knn(q, x, min(k, len(x)), FAISS_METRICS[metric])
+    return (-dist if metric == "l2" else dist), rows
+
+
+def shifted(rows: np.ndarray, start: int) -> np.ndarray:
+    """Local rows as rows of a larger whole starting at ``start``, ``-1`` (none) kept."""
+    return np.where(rows >= 0, rows + start, -1)
 
 
 def knn_topk(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
     """``knn``'s exact top-``k`` of ``q`` among ``x`` as :func:`pair_topk` gives it: scores
     higher-better, local rows, ``(len(q), k)`` padded with the worst score and row ``-1``."""
-    dist, rows = knn(q, x, min(k, len(x)), FAISS_METRICS[metric])
-    scores = -dist if metric == "l2" else dist
+    scores, rows = _scored(knn, q, x, k, metric)
     pad = k - scores.shape[1]
     if pad <= 0:
         return scores, rows

@@ -23,7 +23,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path
+from pipeline.io.atomic import atomic_path, write_npz
 
 __all__ = [
     "FORWARD",
@@ -67,9 +67,7 @@ def write_knn(
 ) -> None:
     """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole piece."""
     extra: dict[str, Any] = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
+    write_npz(path, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
 
 
 def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -85,9 +83,7 @@ def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.nda
         arrays[f"src_{i}"] = np.asarray(src, dtype=np.int64)
         arrays[f"rows_{i}"] = np.asarray(rows, dtype=np.int64)
         arrays[f"scores_{i}"] = np.asarray(scores, dtype=np.float32)
-    with atomic_path(path) as tmp:
-        with open(tmp, "wb") as fh:
-            np.savez(fh, **arrays)  # type: ignore[arg-type]  # numpy stubs type savez's kwargs as its flags
+    write_npz(path, **arrays)
 
 
 def read_knn_src(path: str | os.PathLike[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
