@@ -309,7 +309,8 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     curve = report.recall.curve if report.recall else ()
     if curve:
         lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]
-        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | {p.qps:,.0f} |" for p in curve]
+        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | "
+                  f"{'computed, not searched' if p.computed else f'{p.qps:,.0f}'} |" for p in curve]
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(report.config, indent=2, default=str), "```", ""]
     with atomic_path(output / "report.md") as tmp:

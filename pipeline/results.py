@@ -141,6 +141,7 @@ class TunePointRecord:
     seconds: float
     queries: int
     qps: float
+    computed: bool = False  # recall read off the true neighbours' list ranks (IVF-Flat), not searched
 
 
 @dataclass(frozen=True)

@@ -249,3 +249,52 @@ def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe
     assert chosen.passes(target) and chosen.nprobe is not None
     assert needed <= chosen.nprobe <= needed + needed // 8 + 1
     assert len(points) <= len(probes) + tuning.REFINE_STEPS
+
+
+@settings(max_examples=30, deadline=None, derandomize=CI)
+@given(n=st.integers(60, 1200), dim=st.integers(2, 32), nlist=st.integers(1, 40), k=st.integers(1, 20),
+       queries=st.integers(1, 200), dup=st.sampled_from([0.0, 0.3, 0.8]), metric=st.sampled_from(["l2", "ip"]),
+       seed=st.integers(0, 10_000))
+def test_recall_computed_from_list_ranks_bounds_the_searched_recall(n, dim, nlist, k, queries, dup, metric, seed):
+    """For IVF-Flat, the recall at each nprobe read off the true neighbours' list ranks
+    (pipeline.search.probes) never exceeds what a search at that nprobe reaches (tie-aware, per
+    query), equals it wherever the data has no ties, and is exact (1.0) with every list probed:
+    the tuning walk may then choose nprobe from it without searching. Duplicate-heavy sets
+    (``dup``: share of rows copied from others) included."""
+    import faiss
+
+    from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
+    from pipeline.search.recall import tie_aware_hits
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    copies = rng.random(n) < dup
+    x[copies] = x[rng.integers(0, n, copies.sum())]
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    nlist = min(nlist, n)
+    kind = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    index = faiss.index_factory(dim, f"IVF{nlist},Flat", kind)
+    index.train(x)
+    index.add_with_ids(x, np.arange(n, dtype=np.int64) + 5)  # ids need not be positions
+    k = min(k, n)
+    truth_d, truth_i = faiss.knn(q, x, k, metric=kind)
+    truth_rows = truth_i + 5
+    ranks = list_ranks(index, q, neighbour_lists(index, truth_rows))
+    n_valid = np.full(queries, k)
+    wider = faiss.knn(q, x, min(k + 1, n), metric=kind)[0]
+    ties = np.any(np.abs(np.diff(wider, axis=1)) < 1e-4, axis=1)  # near-ties in (or just past) the top k
+    checked = 0
+    for nprobe in sorted({1, 2, max(1, nlist // 2), nlist}):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = nprobe
+        found_d, found_i = index.search(q, k, params=params)
+        exact = [np.array([float(np.sum((q[i] - x[j - 5]) ** 2)) if metric == "l2" else float(q[i] @ x[j - 5])
+                           for j in row if j >= 0]) for i, row in enumerate(found_i)]
+        searched = tie_aware_hits(exact, truth_d, k, metric)
+        computed = hits_at(ranks, n_valid, nprobe)
+        assert np.all(computed <= searched + 1e-9)
+        assert np.allclose(computed[~ties], searched[~ties])
+        checked += int((~ties).sum())
+        if nprobe == nlist:
+            assert np.all(computed == 1.0)
+    assert checked or dup or queries < 5  # tie-free queries were compared exactly

@@ -46,24 +46,34 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     curve: list[TunePoint] = []
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
+    measured: TunePoint | None = None
     if tuning and target is not None:
         tune, held = sample.split()
         factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
         curve = walk(client, plan, built.store, tune, built.nlist, factors, target,
                      nprobe=None if tune_nprobe else plan.nprobe)
         for p in curve:
-            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %.0f queries/s", p.nprobe, p.rerank,
-                     plan.k, p.recall, p.strict, p.qps)
+            speed = "computed from list ranks" if p.computed else f"{p.qps:.0f} queries/s"
+            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %s", p.nprobe, p.rerank,
+                     plan.k, p.recall, p.strict, speed)
         chosen = choose(curve, target)
         plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
-        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings tried)",
-                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve))
-        plan, why = _exact_or_index(plan, chosen, target, sample, len(client.scheduler_info()["workers"]),
+        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings %s)",
+                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve),
+                 "computed" if chosen.computed else "tried")
+        timed = chosen
+        if chosen.computed:  # no search was timed: time the choice where it is measured anyway, held out
+            measured = timed = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+        index_plan = plan
+        plan, why = _exact_or_index(plan, chosen, timed, target, sample, len(client.scheduler_info()["workers"]),
                                     s.allow_below_target)
+        if plan != index_plan:
+            measured = None
     else:
         held = sample
     tuned_s = time.monotonic() - t0
-    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+    if measured is None:
+        measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
     log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
              measured.recall, measured.strict, measured.queries, "held-out " if tuning else "sampled ", why)
     result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
@@ -73,12 +83,13 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     return result
 
 
-def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, sample: RecallSample, workers: int,
-                    allow_below: bool) -> tuple[SearchPlan, str]:
+def _exact_or_index(plan: SearchPlan, chosen: TunePoint, timed: TunePoint, target: float, sample: RecallSample,
+                    workers: int, allow_below: bool) -> tuple[SearchPlan, str]:
     """The plan to join with, and why: the tuned index setting, or exact search over the row store
     when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs less
-    per query (the sample's ground truth measured its cost on every worker at once)."""
-    index_s = chosen.seconds / max(1, chosen.queries) / max(1, workers)  # one worker measured; all will join
+    per query (the sample's ground truth measured its cost on every worker at once). ``timed``: the
+    chosen setting's search, timed (``chosen`` itself, unless its recall was computed)."""
+    index_s = timed.seconds / max(1, timed.queries) / max(1, workers)  # one worker measured; all will join
     exact_s = sample.exact_seconds / max(1, len(sample.truth))
     setting = f"nprobe={chosen.nprobe}, rerank={chosen.rerank}"
     exact = replace(plan, strategy="exact", nprobe=None, rerank=0)

@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
+import faiss
 import numpy as np
 
 from pipeline.errors import PipelineError
@@ -22,6 +23,8 @@ from pipeline.io.store import RowStore
 from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
+from pipeline.search.lists import is_ivf_flat
+from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
 from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.stages.progress import PieceProgress, task_key, watch
 
@@ -42,8 +45,10 @@ class TunePoint:
     recall: float  # tie-aware recall@k on the queries it was measured on (what targets are checked against)
     strict: float  # recall@k counting only the exact ids of the true top k
     stderr: float  # standard error of ``recall`` over the sample's queries
-    seconds: float  # search time for those queries on one worker
+    seconds: float  # search time for those queries on one worker (0 when computed)
     queries: int
+    computed: bool = False  # read off the true neighbours' list ranks (IVF-Flat), not searched
+
 
     def passes(self, target: float) -> bool:
         """Whether ``target`` is reached with confidence: two standard errors below the sample's
@@ -52,7 +57,7 @@ class TunePoint:
 
     @property
     def qps(self) -> float:
-        return self.queries / self.seconds if self.seconds > 0 else float("inf")
+        return self.queries / self.seconds if self.seconds > 0 else 0.0  # 0: not timed (computed)
 
     def record(self) -> TunePointRecord:
         return TunePointRecord(**asdict(self), qps=round(self.qps, 1))
@@ -68,6 +73,7 @@ class RecallSample:
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
     truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
     exact_seconds: float = 0.0  # wall time of the exact search that found the truth (all workers)
+    truth_rows: np.ndarray | None = None  # (queries, k) the neighbours' global rows in the index (-1 padded)
 
     def split(self) -> tuple[RecallSample, RecallSample]:
         half = len(self.truth) // 2
@@ -76,7 +82,8 @@ class RecallSample:
     def take(self, sel: slice) -> RecallSample:
         share = len(self.truth[sel]) / max(1, len(self.truth))
         return RecallSample(self.vectors[sel], self.ids[sel], None if self.rows is None else self.rows[sel],
-                            self.truth[sel], self.truth_scores[sel], self.exact_seconds * share)
+                            self.truth[sel], self.truth_scores[sel], self.exact_seconds * share,
+                            None if self.truth_rows is None else self.truth_rows[sel])
 
 
 def draw_sample(
@@ -97,12 +104,14 @@ def draw_sample(
     nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
     own = ids.to_pylist()
     truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
+    truth_rows = np.full((n, k), -1, dtype=np.int64)
     for i in range(n):
         row_ids = nbr_ids[i * (k + extra) : (i + 1) * (k + extra)]
         keep = [j for j, v in enumerate(row_ids) if not (exclude_self and v == own[i])][:k]
         truth.append([row_ids[j] for j in keep])
         truth_scores[i, : len(keep)] = scores[i, keep]
-    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, exact_seconds)
+        truth_rows[i, : len(keep)] = nbr[i, keep]
+    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, exact_seconds, truth_rows)
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)
@@ -139,12 +148,15 @@ def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
     return ids, scores, seconds
 
 
+def _mean_and_stderr(hits: np.ndarray) -> tuple[float, float]:
+    recall = float(hits.mean()) if hits.size else float("nan")
+    return recall, float(hits.std(ddof=1) / np.sqrt(hits.size)) if hits.size > 1 else 0.0
+
+
 def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None,
            rerank: int) -> TunePoint:
     found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
-    hits = tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric)
-    recall = float(hits.mean()) if hits.size else float("nan")
-    stderr = float(hits.std(ddof=1) / np.sqrt(hits.size)) if hits.size > 1 else 0.0
+    recall, stderr = _mean_and_stderr(tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric))
     return TunePoint(nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds,
                      len(sample.truth))
 
@@ -228,14 +240,56 @@ def _refine(measure: Callable[[int, int], TunePoint], below: int, found: TunePoi
     return high
 
 
+def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[int], target: float
+                   ) -> list[TunePoint]:
+    """The walk of :func:`_walk` for IVF-Flat, each setting's recall computed from the true
+    neighbours' list ranks (:mod:`pipeline.search.probes`) rather than searched: powers of two
+    until one passes, then bisection down to the smallest passing nprobe (not three steps: each
+    point costs microseconds). The points carry no search time (``computed``)."""
+    assert sample.truth_rows is not None
+    ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows))
+    n_valid = (~np.isnan(sample.truth_scores)).sum(axis=1)
+    points: list[TunePoint] = []
+
+    def measure(nprobe: int) -> TunePoint:
+        recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe))
+        points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True))
+        return points[-1]
+
+    low = 0  # the largest nprobe known to fall short
+    for nprobe in probes:
+        found = measure(nprobe)
+        if found.passes(target):
+            while nprobe - low > 1:
+                mid = (low + nprobe) // 2
+                if measure(mid).passes(target):
+                    nprobe = mid
+                else:
+                    low = mid
+            break
+        low = nprobe
+    return points
+
+
+def _tune(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
+          factors: Sequence[int], target: float) -> list[TunePoint]:
+    """The walk, computed where the index is IVF-Flat and only nprobe is tuned, searched otherwise."""
+    index = shared_index(plan)
+    steps = [p for p in probes if p is not None]
+    if (index is not None and is_ivf_flat(index) and tuple(factors) == (0,) and len(steps) > 1
+            and sample.truth_rows is not None):
+        return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
+    return _walk(plan, index_store, sample, probes, factors, target)
+
+
 def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample, nlist: int | None,
          factors: Sequence[int], target: float, nprobe: int | None = None) -> list[TunePoint]:
-    """Every setting the staircase walk measured on ``sample`` (on one worker), in order.
+    """Every setting the staircase walk measured (or computed) on ``sample`` (on one worker), in order.
 
     ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
     """
     probes = [nprobe] if nprobe is not None else probe_steps(nlist)
-    future = client.submit(_walk, plan, index_store, sample, probes, list(factors), target, key=task_key("tune"))
+    future = client.submit(_tune, plan, index_store, sample, probes, list(factors), target, key=task_key("tune"))
     return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
 
 

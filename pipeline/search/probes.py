@@ -1,0 +1,70 @@
+"""Recall against nprobe of an IVF-Flat index, read off where the true neighbours lie.
+
+IVF-Flat stores the vectors themselves, so a search at ``nprobe`` returns the best ``k`` of the
+rows in the query's ``nprobe`` nearest lists, scored exactly: a true neighbour is found exactly
+when its list is among them. With the exact neighbours of a sample known (its ground truth), the
+recall at every ``nprobe`` follows from two things, with no search at all: the list each true
+neighbour was filled into (read from the index's own lists) and that list's rank in the query's
+probe order (one quantizer search over all lists). The count is a lower bound of the tie-aware
+recall: a row outside the sample's top ``k`` that ties with the k-th is not credited, though a
+search finding it would count it (exact duplicates share a list, so those are credited alike).
+"""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+
+__all__ = ["neighbour_lists", "list_ranks", "hits_at"]
+
+RANK_BLOCK_BYTES = 32 << 20  # working memory for one block of queries' probe orders
+
+
+def neighbour_lists(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
+    """The list each of ``rows`` (ids stored in the index) was filled into; -1 where absent.
+
+    One pass over the lists' ids (views of the memory map, a list at a time): the index keeps no
+    map from id to list, and assigning the rows again could place a near-tie elsewhere."""
+    flat = np.asarray(rows, dtype=np.int64).ravel()
+    wanted = np.unique(flat[flat >= 0])
+    found = np.full(len(wanted), -1, dtype=np.int64)
+    invlists = ivf.invlists
+    assert invlists is not None
+    if len(wanted):
+        for number in range(int(ivf.nlist)):
+            size = invlists.list_size(number)
+            if size == 0:
+                continue
+            ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
+            at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
+            found[at[wanted[at] == ids]] = number
+    out = np.full(flat.shape, -1, dtype=np.int64)
+    valid = flat >= 0
+    out[valid] = found[np.searchsorted(wanted, flat[valid])]
+    return out.reshape(np.shape(rows))
+
+
+def list_ranks(ivf: faiss.IndexIVF, queries: np.ndarray, lists: np.ndarray) -> np.ndarray:
+    """``(queries, k)``: the position of ``lists[i, j]`` in query ``i``'s probe order (0: probed
+    first, so found from nprobe 1 on); ``nlist`` where the list is -1. The order is the quantizer's
+    own search over all lists, as a search orders its ``nprobe``."""
+    nlist = int(ivf.nlist)
+    nq = len(queries)
+    out = np.full(lists.shape, nlist, dtype=np.int64)
+    block = max(1, RANK_BLOCK_BYTES // (16 * nlist))
+    for lo in range(0, nq, block):
+        hi = min(nq, lo + block)
+        _, order = ivf.quantizer.search(np.ascontiguousarray(queries[lo:hi]), nlist)
+        rank = np.empty_like(order)
+        rank[np.arange(hi - lo)[:, None], order] = np.arange(nlist)[None, :]
+        got = lists[lo:hi]
+        valid = got >= 0
+        out[lo:hi][valid] = rank[np.nonzero(valid)[0], got[valid]]
+    return out
+
+
+def hits_at(ranks: np.ndarray, n_valid: np.ndarray, nprobe: int) -> np.ndarray:
+    """Per query with any true neighbour, the share of them found at ``nprobe``: a lower bound of
+    :func:`pipeline.search.recall.tie_aware_hits` for an IVF-Flat search at that setting."""
+    has = n_valid > 0
+    return ((ranks < nprobe).sum(axis=1) / np.maximum(n_valid, 1))[has]
