@@ -3,17 +3,20 @@
 ``index.search`` scans each probed list once per query, so a batch of a thousand queries reads a
 popular list a thousand times and scores it with vector-by-vector kernels. Here the batch is
 assigned to its ``nprobe`` lists once; then list by list, the queries that probe it are scored
-against the list's stored vectors with one matrix product (``faiss.knn``: BLAS), and each query
-keeps its top ``k`` in a heap (``faiss.ResultHeap``). Lists are read in place (views of the
-memory map), not copied. The same idea as FAISS's
-``contrib.big_batch_search``, on the index's own (memory-mapped) lists, bounded by the batch.
+against the list's stored vectors with one matrix product (BLAS), and each query keeps its top
+``k`` in a heap (``faiss.ResultHeap``). Lists are read in place (views of the memory map), not
+copied. The same idea as FAISS's ``contrib.big_batch_search``, on the index's own
+(memory-mapped) lists, bounded by the batch.
 Results equal ``index.search`` at the same ``nprobe`` up to ties.
 """
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import faiss
 import numpy as np
+from threadpoolctl import threadpool_limits
 
 __all__ = ["list_major_search", "list_major_rows", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
 
@@ -30,20 +33,57 @@ def list_major_rows(nlist: int, nprobe: int | None) -> int:
     return max(MIN_BATCH_ROWS, QUERIES_PER_LIST * int(nlist) // max(1, int(nprobe or 1)))
 
 
-def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: int) -> tuple[np.ndarray, np.ndarray]:
+def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: int,
+                      threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of the ``k`` best stored vectors for each row of ``x`` among its
-    ``nprobe`` nearest lists (``-1`` ids where fewer were found), as ``index.search`` gives them."""
+    ``nprobe`` nearest lists (``-1`` ids where fewer were found), as ``index.search`` gives them.
+
+    The batch is assigned to its lists once (FAISS, all threads); then ``threads`` (FAISS's own
+    count by default) Python threads each walk every list for their share of the queries, with
+    one-threaded BLAS and a heap of their own, so nothing is shared and both the products and the
+    k-selection run on every core. Measured on 2 cores against one walk calling ``faiss.knn`` per
+    list (multi-threaded BLAS and OpenMP selection, whose idle threads spin against each other):
+    pydocs-minilm (16k queries, IVF128, nprobe 19) 0.81 s against 1.18 s, 1M x 128 (131k
+    queries, IVF1024, nprobe 2) 2.35 s against 3.88 s.
+    """
     nq = len(x)
     nprobe = max(1, min(int(nprobe), int(index.nlist)))
+    threads = max(1, min(int(threads or faiss.omp_get_max_threads()), nq))
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
     _, assign = index.quantizer.search(x, nprobe)
+    scores = np.empty((nq, k), dtype=np.float32)
+    ids = np.empty((nq, k), dtype=np.int64)
+    shares = [np.arange(t, nq, threads) for t in range(threads)]  # strided: every share meets every list alike
+
+    def walk(share: np.ndarray) -> None:
+        scores[share], ids[share] = _walk_lists(index, x[share], assign[share], k, similarity)
+
+    if threads == 1:
+        walk(shares[0])
+    else:
+        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+            list(pool.map(walk, shares))
+    if not similarity:  # the walk ranked by |y|^2 - 2 x.y: add |x|^2 for squared distances
+        scores += np.einsum("ij,ij->i", x, x)[:, None]
+    return scores, ids
+
+
+HEAP_CHUNK = 100_000  # scores a heap call takes at once: FAISS runs larger calls on OpenMP threads
+
+
+def _walk_lists(index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, k: int, similarity: bool
+                ) -> tuple[np.ndarray, np.ndarray]:
+    """One thread's list-major walk: the queries ``x``, each with its ``nprobe`` lists ``assign``.
+    Squared L2 is ranked without each query's own norm (added by the caller)."""
     flat = assign.ravel()
     order = np.argsort(flat, kind="stable")
     lists = flat[order]
-    queries = order // nprobe
+    queries = (order // assign.shape[1]).astype(np.int64)
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
     ends = np.r_[starts[1:], len(lists)]
-    heap = faiss.ResultHeap(nq, k, keep_max=similarity)
+    heap = faiss.ResultHeap(len(x), k, keep_max=similarity)
+    heaps = heap.heaps
+    scaled = x if similarity else x * np.float32(-2.0)
     invlists = index.invlists
     assert invlists is not None
     for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
@@ -53,11 +93,19 @@ def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: 
             continue
         # views of the list where it lies (memory map or RAM), not copies: plain and on-disk lists
         # hand out their own storage and release nothing
-        ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
+        list_ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
         stored = faiss.rev_swig_ptr(invlists.get_codes(number), size * index.code_size).view(np.float32)
+        stored = stored.reshape(size, index.d)
         subset = queries[lo:hi]
-        scores, local = faiss.knn(x[subset], stored.reshape(size, index.d), min(k, size), metric=index.metric_type)
-        heap.add_result_subset(subset.astype(np.int64), scores, ids[local])
+        block = scaled[subset] @ stored.T
+        if not similarity:
+            block += np.einsum("ij,ij->i", stored, stored)[None, :]
+        step = max(1, HEAP_CHUNK // size)
+        for a in range(0, len(subset), step):  # one id line for every row (stride 0)
+            rows = np.ascontiguousarray(subset[a : a + step])
+            part = np.ascontiguousarray(block[a : a + step])
+            heaps.addn_query_subset_with_ids(len(rows), faiss.swig_ptr(rows), size, faiss.swig_ptr(part),
+                                             faiss.swig_ptr(list_ids), 0)
     heap.finalize()
     return heap.D, heap.I
 
