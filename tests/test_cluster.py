@@ -187,3 +187,61 @@ def test_submit_with_an_s3_output_stages_and_logs_in_the_shared_scratch_dir(tmp_
     assert f"--output={sub.log_dir}/driver-%j.log" in sub.script
     assert "storage_options" in dump_config(parse_config(values), storage_options=True)
     assert "storage_options" not in dump_config(parse_config(values))  # never beside the index
+
+
+def _threads_seen_in_a_task() -> dict[str, object]:
+    """What a task's own thread gets: FAISS's OpenMP count, BLAS under the backend's limit, and
+    BLAS inside each thread of a list-major walk (one each)."""
+    import faiss
+    import numpy as np
+    from threadpoolctl import threadpool_info
+
+    from pipeline.backends.worker import worker_device
+    from pipeline.search import lists
+
+    def blas() -> list[int]:
+        return sorted({int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"})
+
+    seen: dict[str, object] = {}
+    walk = lists._walk_lists
+
+    def spy(*args, **kwargs):
+        seen.setdefault("walk_blas", blas())
+        return walk(*args, **kwargs)
+
+    lists._walk_lists = spy
+    try:
+        with worker_device() as be:
+            seen["faiss"] = faiss.omp_get_max_threads()
+            with be._blas():
+                seen["blas"] = blas()
+            rng = np.random.default_rng(0)
+            x = rng.standard_normal((600, 8)).astype(np.float32)
+            index = faiss.index_factory(8, "IVF4,Flat")
+            index.train(x)
+            index.add(x)
+            params = faiss.SearchParametersIVF()
+            params.nprobe = 2
+            be.search(index, x, 5, params)
+    finally:
+        lists._walk_lists = walk
+    return seen
+
+
+def test_a_task_runs_on_the_threads_the_worker_was_given(dask_address):
+    """OpenMP keeps its thread count per calling thread and threadpoolctl obeys only the thread
+    that first set a limit, so a count set once while the worker starts would not reach its
+    tasks' threads (Dask starts worker processes with one-thread OpenMP and BLAS): each task gets
+    FAISS's threads and the backend's BLAS limit in its own thread, and a list-major walk's
+    threads one BLAS thread each."""
+    from distributed import Client
+
+    from pipeline.backends.worker import install_device
+
+    with Client(dask_address) as client:
+        try:
+            install_device(client, "cpu", 2)
+            for seen in client.gather([client.submit(_threads_seen_in_a_task, pure=False) for _ in range(2)]):
+                assert seen == {"faiss": 2, "blas": [2], "walk_blas": [1]}
+        finally:
+            install_device(client, "cpu", 1)

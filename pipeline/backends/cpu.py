@@ -19,12 +19,21 @@ class CpuBackend:
     name = "cpu"
     search_rows = 1024  # queries per FAISS call: measured fastest (cache-friendly) on fast-scan and IVF-PQ
 
+    threads: int | None = None  # the worker's cores for FAISS and BLAS (None: the libraries' defaults)
+
     def set_threads(self, n: int) -> None:
-        """FAISS's OpenMP threads, and every BLAS's (NumPy's products in the exact self-join, FAISS's
-        own): Dask starts worker processes with ``OPENBLAS_NUM_THREADS=1``, which would leave a
-        worker's NumPy products on one of its cores."""
-        faiss.omp_set_num_threads(max(1, int(n)))
-        threadpool_limits(max(1, int(n)), user_api="blas")
+        """Use ``n`` threads in this thread's FAISS calls (OpenMP's count is per calling thread, so
+        the worker sets it as each task takes the device) and in the NumPy products of the exact
+        self-join (:meth:`_blas`): Dask starts worker processes with ``OPENBLAS_NUM_THREADS=1``,
+        which would leave those on one core."""
+        self.threads = max(1, int(n))
+        faiss.omp_set_num_threads(self.threads)
+
+    def _blas(self) -> threadpool_limits:
+        """BLAS on this worker's threads for the block. A limit set for good would tie OpenBLAS to
+        the thread that set it (threadpoolctl ignores limits from other threads), so every block
+        that needs one sets its own."""
+        return threadpool_limits(self.threads, user_api="blas")
 
     def train(self, index: faiss.Index, x: np.ndarray) -> None:
         index.train(x)
@@ -42,7 +51,8 @@ class CpuBackend:
         (:mod:`pipeline.search.lists`: the same result, BLAS speed)."""
         nprobe = getattr(params, "nprobe", None)
         if nprobe and len(x) >= LIST_MAJOR_MIN_QUERIES and is_ivf_flat(index):
-            return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe)
+            return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe,
+                                     self.threads)
         return index.search(x, k, params=params)
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
@@ -73,9 +83,11 @@ class CpuBackend:
     def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``x``'s rows among themselves, blocks against themselves and pairs of
         blocks scored once for both (:func:`pipeline.search.stored.self_topk`)."""
-        return self_topk(self.knn, x, k, metric)
+        with self._blas():
+            return self_topk(self.knn, x, k, metric)
 
     def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.search.stored.pair_topk`)."""
-        return pair_topk(a, b, k, metric, b_floor)
+        with self._blas():
+            return pair_topk(a, b, k, metric, b_floor)

@@ -17,6 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
 from pipeline.io.store import RowStore
@@ -278,7 +279,8 @@ def _tune(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
     steps = [p for p in probes if p is not None]
     if (index is not None and is_ivf_flat(index) and tuple(factors) == (0,) and len(steps) > 1
             and sample.truth_rows is not None):
-        return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
+        with worker_device():  # the quantizer's search on the worker's threads
+            return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
     return _walk(plan, index_store, sample, probes, factors, target)
 
 
