@@ -256,13 +256,15 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     gpus = gpu_count() if spec.device != "cpu" and gpu_runtime_problem() is None else 0
     workers, threads = local_layout(spec, gpus=gpus)
     # one worker gains nothing from its own process (FAISS and NumPy release the GIL) and would
-    # cost a nanny and a second interpreter; several workers get a process each. One Dask thread
-    # a worker: FAISS has its cores. A second thread (file I/O beside the device's task) sped the
-    # scan of pydocs-minilm up by 0.3 s but slowed the join as much (OpenMP threads sharing cores
-    # with it), measured on 2 cores: no gain
+    # cost a nanny and a second interpreter; several workers get a process each. Two Dask threads
+    # a worker with two cores or more: heavy work takes the device one block at a time
+    # (worker_device), so the second thread reads, decodes and writes beside it (the scan's
+    # Parquet decoding, the join's output). pydocs-minilm, 2 cores: scan 0.4 -> 0.3 s, join 1.1 ->
+    # 1.0 s, whole process 3.3 -> 3.1 s (before the threads fix of the device seam, a second
+    # thread slowed the join as much as it sped the scan: OpenMP threads spinning against it)
     with LocalCluster(
         n_workers=workers,
-        threads_per_worker=1,
+        threads_per_worker=2 if threads >= 2 else 1,
         processes=workers > 1,
         memory_limit=spec.memory_limit,
         dashboard_address=":0",
