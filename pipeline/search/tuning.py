@@ -50,7 +50,6 @@ class TunePoint:
     queries: int
     computed: bool = False  # read off the true neighbours' list ranks (IVF-Flat), not searched
 
-
     def passes(self, target: float) -> bool:
         """Whether ``target`` is reached with confidence: two standard errors below the sample's
         recall, so the held-out half (and the whole join) lands above it too."""
