@@ -169,6 +169,21 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
     assert self_recall(tmp_path / "out", vectors) >= 0.93
 
 
+def test_ivf_flat_tuning_computes_its_recall_curve_and_takes_the_smallest_passing_nprobe(make_config, dataset_dir,
+                                                                                         tmp_path):
+    """IVF-Flat's recall against nprobe is read off the true neighbours' lists, not searched: every
+    point says so, the choice is the smallest nprobe that passes (the one below it was computed
+    and fell short), and the held-out search at it meets the target."""
+    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,Flat",
+                             target_recall=0.95, recall_queries=200))
+    rec = report.recall
+    assert rec.curve and all(p.computed and p.seconds == 0 for p in rec.curve)
+    passes = {p.nprobe: p.recall - 2 * p.stderr >= 0.95 for p in rec.curve}
+    assert passes[rec.nprobe] and (rec.nprobe == 1 or passes[rec.nprobe - 1] is False)
+    assert rec.met and rec.recall >= 0.95 and rec.queries == 200
+    assert "computed, not searched" in (tmp_path / "out" / "report.md").read_text()
+
+
 def test_a_missed_target_finishes_the_table_but_fails_the_job(make_config, dataset_dir, tmp_path):
     from pipeline.search.tuning import BelowTarget
 

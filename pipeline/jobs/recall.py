@@ -47,6 +47,7 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
     measured: TunePoint | None = None
+    tuned_s: float | None = None
     if tuning and target is not None:
         tune, held = sample.split()
         factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
@@ -63,6 +64,7 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
                  "computed" if chosen.computed else "tried")
         timed = chosen
         if chosen.computed:  # no search was timed: time the choice where it is measured anyway, held out
+            tuned_s = time.monotonic() - t0
             measured = timed = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
         index_plan = plan
         plan, why = _exact_or_index(plan, chosen, timed, target, sample, len(client.scheduler_info()["workers"]),
@@ -71,7 +73,7 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
             measured = None
     else:
         held = sample
-    tuned_s = time.monotonic() - t0
+    tuned_s = time.monotonic() - t0 if tuned_s is None else tuned_s
     if measured is None:
         measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
     log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
