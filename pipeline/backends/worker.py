@@ -56,7 +56,6 @@ class DevicePlugin(WorkerPlugin):
         self.threads = threads
         self.backend: Backend = CpuBackend()
         self.info: WorkerDevice | None = None
-        self.faiss_threads: int | None = None  # set up on the worker
         self.lock = threading.RLock()
 
     def __getstate__(self) -> dict[str, Any]:  # sent to the workers: the settings, not the state
@@ -69,7 +68,6 @@ class DevicePlugin(WorkerPlugin):
         name, reason = choose(self.device)
         self.backend = GpuBackend() if name == "gpu" else CpuBackend()
         threads = self.threads or max(1, int(getattr(worker.state, "nthreads", 1) or 1))
-        self.faiss_threads = threads
         self.backend.set_threads(threads)
         gpu = self.backend.describe() if isinstance(self.backend, GpuBackend) else ("", 0, 0)
         self.info = WorkerDevice(str(worker.name), socket.gethostname(), name, reason, threads,
@@ -95,8 +93,8 @@ def worker_device() -> Iterator[Backend]:
     plugin was set up in another). Re-entrant, so a task's helpers may ask again."""
     plugin = _plugin() or _fallback
     with plugin.lock:
-        if plugin.faiss_threads:
-            plugin.backend.set_threads(plugin.faiss_threads)
+        if plugin.info is not None:  # set up on a worker
+            plugin.backend.set_threads(plugin.info.faiss_threads)
         yield plugin.backend
 
 

@@ -66,10 +66,9 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
         if chosen.computed:  # no search was timed: time the choice where it is measured anyway, held out
             tuned_s = time.monotonic() - t0
             measured = timed = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
-        index_plan = plan
         plan, why = _exact_or_index(plan, chosen, timed, target, sample, len(client.scheduler_info()["workers"]),
                                     s.allow_below_target)
-        if plan != index_plan:
+        if plan.strategy == "exact":  # switched: the held-out half is measured under the exact plan
             measured = None
     else:
         held = sample

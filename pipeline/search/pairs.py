@@ -117,7 +117,7 @@ def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, 
         (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(_vectors(store, a), _vectors(store, b), width, metric,
                                                               floor)
     write_npz(_pair_path(layout.folder, g, h), a_scores=a_scores, a_rows=shifted(a_rows, b.start),
-          b_scores=b_scores, b_rows=shifted(b_rows, a.start))
+              b_scores=b_scores, b_rows=shifted(b_rows, a.start))
 
 
 def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int, metric: str,

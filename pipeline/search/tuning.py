@@ -222,12 +222,13 @@ REFINE_STEPS = 3  # bisections between the climb's last failing and first passin
 
 
 def _refine(measure: Callable[[int, int], TunePoint], below: int, found: TunePoint, factor: int,
-            target: float) -> TunePoint:
-    """The smallest passing nprobe between ``below`` (fails) and ``found.nprobe`` (passes), by
-    bisection: the powers-of-two climb overshoots by a third on average, and every probed list is
-    scanned by every query of the join, so a finer nprobe is a proportionally cheaper join."""
+            target: float, steps: int = REFINE_STEPS) -> TunePoint:
+    """The smallest passing nprobe between ``below`` (fails) and ``found.nprobe`` (passes), by at
+    most ``steps`` bisections: the powers-of-two climb overshoots by a third on average, and every
+    probed list is scanned by every query of the join, so a finer nprobe is a proportionally
+    cheaper join."""
     low, high = below, found
-    for _ in range(REFINE_STEPS):
+    for _ in range(steps):
         assert high.nprobe is not None
         mid = (low + high.nprobe) // 2
         if mid <= low:
@@ -259,13 +260,8 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     low = 0  # the largest nprobe known to fall short
     for nprobe in probes:
         found = measure(nprobe)
-        if found.passes(target):
-            while nprobe - low > 1:
-                mid = (low + nprobe) // 2
-                if measure(mid).passes(target):
-                    nprobe = mid
-                else:
-                    low = mid
+        if found.passes(target):  # bisect all the way: enough steps to narrow the gap to one list
+            _refine(lambda p, _: measure(p), low, found, 0, target, steps=max(1, nprobe - low).bit_length())
             break
         low = nprobe
     return points
