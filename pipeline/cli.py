@@ -174,6 +174,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args.command == "sample-data":
             from pipeline.io.sample_data import clustered_vectors, write_shards
 
+            for flag, value, least in (("--rows", args.rows, 1), ("--dim", args.dim, 1), ("--shards", args.shards, 1)):
+                if value < least:
+                    raise ConfigError(f"sample-data: {flag} {value} is below {least}; give a positive number")
+            if args.shards > args.rows:
+                raise ConfigError(f"sample-data: --shards {args.shards} is more than --rows {args.rows} (a shard would "
+                                  "be empty); give fewer shards")
             target = Path(args.directory)
             marker = target / ".sample-data.json"
             wanted = {"rows": args.rows, "dim": args.dim, "shards": args.shards, "seed": args.seed}

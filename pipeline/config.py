@@ -14,6 +14,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import yaml
 from dask.utils import parse_bytes
@@ -231,6 +232,23 @@ def _opt_str(key: str, v: Any) -> str | None:
     return None if v is None or v == "" else _str(key, v)
 
 
+def _no_secret(key: str, location: str) -> str:
+    """Refuse a URL carrying credentials (``s3://KEY:SECRET@bucket/...``) without showing them:
+    they would reach logs, reports and job scripts."""
+    parts = urlsplit(location)
+    if len(parts.scheme) > 1 and "@" in parts.netloc:
+        raise ConfigError(f"{key}: a {parts.scheme}:// URL with credentials in it is refused (they would be shown in "
+                          "logs and reports); give them through the environment (AWS_ACCESS_KEY_ID, ...) or "
+                          "storage_options, and drop the 'user:secret@' part")
+    return location
+
+
+def _location(key: str, v: Any) -> str | None:
+    """An output, index or scratch directory: a path or a URL without credentials."""
+    s = _opt_str(key, v)
+    return None if s is None else _no_secret(key, s)
+
+
 def _choice(*choices: str) -> Callable[[str, Any], str]:
     def parse(key: str, v: Any) -> str:
         s = _str(key, v).lower()
@@ -245,7 +263,7 @@ def _paths(key: str, v: Any) -> tuple[str, ...]:
     items = [v] if isinstance(v, (str, os.PathLike)) else v
     if not isinstance(items, (list, tuple)) or not items or not all(isinstance(p, (str, os.PathLike)) for p in items):
         raise ConfigError(f"{key}: expected a path, a glob or a list of them; got {v!r}")
-    return tuple(_str(key, os.fspath(p)) for p in items)
+    return tuple(_no_secret(key, _str(key, os.fspath(p))) for p in items)
 
 
 def _opt_paths(key: str, v: Any) -> tuple[str, ...]:
@@ -293,8 +311,18 @@ def _float(positive: bool = False) -> Callable[[str, Any], float | None]:
 
 
 def _index_key(key: str, v: Any) -> str:
+    """``auto`` or a FAISS factory string the planner can run: not an ``IDMap`` wrapper (the tool
+    gives every vector its global row as id itself) and no inverted file of zero lists."""
     s = _str(key, v)
-    return "auto" if s.lower() == "auto" else s
+    if s.lower() == "auto":
+        return "auto"
+    if re.search(r"(^|,)IDMap2?(,|$)", s):
+        raise ConfigError(f"{key}: {s!r} wraps the index in an IDMap, which the tool does itself (every vector's id is "
+                          "its global row); drop the 'IDMap,' part")
+    if re.search(r"(^|,)IVF0+(?!\d)", s):
+        raise ConfigError(f"{key}: {s!r} asks for an inverted file of 0 lists; give at least one list (IVF1024,...), "
+                          "or auto")
+    return s
 
 
 # flat key -> (section or "" for top level, field name, parser, help)
@@ -380,11 +408,11 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
         _float(positive=True),
         "graph: Gaussian kernel width, or auto (median k-th distance)",
     ),
-    "output": ("", "output", _opt_str, "output directory"),
-    "index_dir": ("", "index_dir", _opt_str, "index directory (default: OUTPUT/index)"),
+    "output": ("", "output", _location, "output directory"),
+    "index_dir": ("", "index_dir", _location, "index directory (default: OUTPUT/index)"),
     "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
     "overwrite": ("", "overwrite", _bool, "discard an existing run that does not match"),
-    "scratch_dir": ("", "scratch_dir", _opt_str,
+    "scratch_dir": ("", "scratch_dir", _location,
                     "local folder where an --output or --index-dir on object storage is staged (default: temp)"),
 }
 

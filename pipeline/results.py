@@ -142,6 +142,7 @@ class TunePointRecord:
     queries: int
     qps: float
     computed: bool = False  # recall read off the true neighbours' list ranks (IVF-Flat), not searched
+    cost: float = 0.0  # modelled work per query that settings are chosen by (pipeline.search.tuning.query_cost)
 
 
 @dataclass(frozen=True)

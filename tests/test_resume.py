@@ -73,7 +73,7 @@ def test_kill_mid_join_then_resume(many_pieces, tmp_path):
     assert not (out / "_SUCCESS").exists()
     done = recorded(out / "manifest.json", "join")
     assert 20 <= len(done) < ROWS // GROUP
-    before = {p: os.stat(out / p).st_mtime_ns for p, _ in (files[0] for files in done.values())}
+    before = {p: os.stat(out / p).st_mtime_ns for p, *_ in (files[0] for files in done.values())}
     log = finish(cmd)
     assert (out / "_SUCCESS").exists()
     # the report covers the whole job: the build phases ran only before the kill
@@ -154,9 +154,11 @@ def test_non_empty_directory_without_manifest_is_refused(make_config, dataset_di
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     with pytest.raises(ResumeError, match=r"was not written by this tool \(it holds precious\.txt\)"):
         run(make_config(input=str(dataset_dir), k=2))
-    with pytest.raises(ResumeError, match=r"holds files this tool did not write \(precious\.txt\)"):
+    with pytest.raises(ResumeError, match=r"was not written by this tool \(it holds precious\.txt\); --overwrite "
+                                          r"removes only the tool's own outputs, so nothing there is changed"):
         run(make_config(input=str(dataset_dir), k=2, overwrite=True))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
+    assert sorted(os.listdir(tmp_path / "out")) == ["precious.txt"]  # refused before anything was made there
 
 
 def test_stale_temp_files_are_cleared(make_config, dataset_dir, tmp_path):
@@ -233,3 +235,46 @@ def test_worker_killed_mid_join_costs_only_its_tasks(many_pieces, tmp_path):
     finish(command(many_pieces, clean, "--index-key", "Flat"))
     assert neighbours(out) == neighbours(clean)
     assert not list((out / "neighbors").glob("part-*.tmp-*"))  # a half-written part is never visible
+
+
+@pytest.fixture(scope="module")
+def clean_ivfpq(many_pieces: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One uninterrupted IVF-PQ run (its plan tunes nprobe and the re-rank factor) to compare with."""
+    out = tmp_path_factory.mktemp("clean") / "out"
+    finish(command(many_pieces, out, "--index-key", "IVF32,PQ8"))
+    return out
+
+
+def _parts(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "neighbors").glob("*.parquet"))}
+
+
+def _plan(out: Path) -> tuple:
+    r = json.loads((out / "report.json").read_text())["recall"]
+    return r["nprobe"], r["rerank"], r["strategy"], r["recall"], [(p["nprobe"], p["rerank"]) for p in r["curve"]]
+
+
+def _stage_done(out: Path, where: str, stage: str):
+    def ready() -> bool:
+        path = out / where / "manifest.json"
+        try:
+            stages = json.loads(path.read_text())["stages"]
+        except (OSError, ValueError):
+            return False
+        if stage == "join":  # part way through the join
+            return len(stages.get("join", {}).get("pieces", {})) >= 30
+        return stages.get(stage, {}).get("done") is not None
+    return ready
+
+
+@pytest.mark.parametrize("where, stage", [("index", "scan"), ("index", "train"), ("index", "fill"), ("", "recall"),
+                                          ("", "join")])
+def test_killed_at_each_stage_and_resumed_gives_the_same_bytes_and_plan(many_pieces, clean_ivfpq, tmp_path, where,
+                                                                         stage):
+    out = tmp_path / "out"
+    cmd = command(many_pieces, out, "--index-key", "IVF32,PQ8")
+    kill_when(cmd, _stage_done(out, where, stage))
+    assert not (out / "_SUCCESS").exists()
+    finish(cmd)
+    assert _parts(out) == _parts(clean_ivfpq)
+    assert _plan(out) == _plan(clean_ivfpq)

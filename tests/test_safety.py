@@ -86,7 +86,7 @@ def test_copied_output_missing_a_part_redoes_it(make_config, data, tmp_path):
     run(make_config(input=str(data), output=str(o2), k=3, index_key="Flat", partition_size=250 * DIM * 4))
     assert rows_of(o2) == list(range(2000))
     recorded = json.loads((o2 / "manifest.json").read_text())["stages"]["join"]["pieces"]
-    assert all(not os.path.isabs(path) for files in recorded.values() for path, _ in files)
+    assert all(not os.path.isabs(path) for files in recorded.values() for path, *_ in files)
 
 
 @pytest.mark.parametrize("content", [b"", b'{"version": 1, "identity": {"comm'])
@@ -158,7 +158,7 @@ def test_deleted_or_truncated_index_files_are_rebuilt(make_config, data, tmp_pat
 def test_join_against_a_damaged_index_says_what_to_do(make_config, data, tmp_path, key, damaged):
     run(make_config(input=str(data), k=3, index_key=key, **({"nprobe": 8} if key != "Flat" else {})))
     (tmp_path / "out" / "index" / damaged).write_bytes(b"")
-    with pytest.raises(PipelineError, match=r"missing or truncated; run `build` again with the same --input"):
+    with pytest.raises(PipelineError, match=r"missing, truncated or changed; run `build` again with the same --input"):
         join(make_config(input=str(data), index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "j")))
 
 

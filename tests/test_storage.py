@@ -186,3 +186,15 @@ def test_build_join_and_evaluate_with_the_index_on_s3(make_config, s3, tmp_path)
     assert summary.to_json()["table"] == f"s3://{BUCKET}/joined/neighbors"
     assert summary.to_json()["tie_aware_recall@5"] >= 0.9
     assert not any(r.startswith(("index/", "store/")) for r in objects(fs, "joined"))  # the index stayed put
+
+
+def test_a_remote_key_leaving_its_prefix_is_refused_and_nothing_escapes(make_config, s3, tmp_path):
+    """A key like ``neighbors/../../../escape.txt`` must never be pulled outside the scratch folder."""
+    client = boto3.client("s3", endpoint_url=s3["env"]["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
+                          aws_secret_access_key="testing", region_name="us-east-1")
+    client.put_object(Bucket=BUCKET, Key="evil/neighbors/../../../escape.txt", Body=b"planted")
+    scratch = tmp_path / "scratch"
+    with pytest.raises(ConfigError, match=r"s3://knn/evil holds a key whose path leaves its prefix .*escape\.txt"):
+        run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/evil", storage_options=s3["options"],
+                        scratch_dir=str(scratch), k=3))
+    assert not list(tmp_path.rglob("escape.txt"))

@@ -31,6 +31,11 @@ __all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqu
 
 log = logging.getLogger(__name__)
 
+# the embedded cluster's scheduler, workers and dashboard listen on this machine only: the
+# dashboard shows logs, task names, call stacks and paths, without authentication (to reach it
+# from elsewhere, tunnel it with ssh -L, or start a scheduler of your own and pass its address)
+LOOPBACK = "127.0.0.1"
+
 PAUSE_GRACE_S = 10.0  # a worker paused for memory this long ends the job
 
 
@@ -240,14 +245,22 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
         except ImportError:
             raise ConfigError("profile local-cuda needs dask-cuda (one worker per GPU): "
                               "pip install dask-cuda, or use the conda environment.yml") from None
-        with LocalCUDACluster(dashboard_address=":0", silence_logs=_dask_log_level()) as cluster, \
+        with LocalCUDACluster(host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", silence_logs=_dask_log_level()) \
+                as cluster, \
                 Client(cluster) as client:
             n = len(client.scheduler_info().get("workers", {}))
             log.info("local CUDA cluster: %d worker(s), one per GPU; dashboard %s", n, cluster.dashboard_link)
             yield client, ClusterInfo(n, spec.threads_per_worker, cluster.dashboard_link)
         return
     if spec.scheduler_address:
-        with Client(spec.scheduler_address) as client:
+        try:
+            joined = Client(spec.scheduler_address)
+        except (OSError, TimeoutError) as exc:
+            reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+            raise ConfigError(f"--scheduler-address {spec.scheduler_address}: no Dask scheduler answered ({reason}); "
+                              "check the address and that the scheduler runs, or drop the flag to use the "
+                              "embedded cluster") from None
+        with joined as client:
             n = len(client.scheduler_info().get("workers", {}))
             log.info("joined Dask scheduler %s (%d workers)", spec.scheduler_address, n)
             yield client, ClusterInfo(n, spec.threads_per_worker, client.dashboard_link)
@@ -262,12 +275,14 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     # Parquet decoding, the join's output). pydocs-minilm, 2 cores: scan 0.4 -> 0.3 s, join 1.1 ->
     # 1.0 s, whole process 3.3 -> 3.1 s (before the threads fix of the device seam, a second
     # thread slowed the join as much as it sped the scan: OpenMP threads spinning against it)
-    with LocalCluster(
+    with dask.config.set({"distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status"}), LocalCluster(
         n_workers=workers,
         threads_per_worker=2 if threads >= 2 else 1,
         processes=workers > 1,
         memory_limit=spec.memory_limit,
-        dashboard_address=":0",
+        **({"host": LOOPBACK} if workers > 1 else {}),  # one worker: in-process, no socket at all (inproc://)
+        dashboard_address=f"{LOOPBACK}:0",
+        worker_dashboard_address=f"{LOOPBACK}:0",
         silence_logs=_dask_log_level(),
     ) as cluster, Client(cluster) as client:
         client.register_plugin(_QuietFailures(), name="knn-quiet-failures")

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.dedup.plan import DedupPlan
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.results import ExploreRow
 from pipeline.search.join import knn_path
@@ -57,7 +57,7 @@ def explore(client: object, plan: DedupPlan, dataset: Dataset, output: Path, thr
     """
     loosest = max(thresholds) if plan.metric == "l2" else min(thresholds)
     work = output / "_explore"
-    shutil.rmtree(work, ignore_errors=True)
+    discard(work)
     parts = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
     starts = part_starts(parts)
     maps = [str(work / f"from-{p.index:05d}") for p in parts]
@@ -66,7 +66,7 @@ def explore(client: object, plan: DedupPlan, dataset: Dataset, output: Path, thr
     gather([submit(map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False)
             for p in parts])
     pairs = gather([submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in parts])
-    shutil.rmtree(work)
+    discard(work)
     a, b, s = (np.concatenate([p[i] for p in pairs]) for i in range(3))
     out = []
     for t in sorted(thresholds, reverse=plan.metric != "l2"):

@@ -22,7 +22,6 @@ The plan lives in :mod:`.plan`, the input columns in :mod:`.columns`, the wideni
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,6 +37,7 @@ from pipeline.dedup.keep import choose_task
 from pipeline.dedup.plan import DedupPlan, bands
 from pipeline.dedup.widen import WIDEN_MAX, widen_piece
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard, rename
 from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
 from pipeline.results import DedupExample, DedupResult
@@ -145,7 +145,7 @@ def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequen
     for s in stages:
         manifest.clear_stage(s)
     for d in dirs:
-        shutil.rmtree(output / d, ignore_errors=True)
+        discard(output / d)
 
 
 def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
@@ -179,7 +179,7 @@ def _partitions(dataset: Dataset, output: Path, manifest: Manifest, budget: int,
         log.info("dedup: %d new rows since the last run; updating pairs and groups", n - grown["rows"])
         warm = work / "components" / "previous"
         if (work / "components" / "labels").exists():
-            (work / "components" / "labels").rename(warm)
+            rename(work / "components" / "labels", warm)
         _clear(manifest, output, STAGES[3:], ["_dedup/adj", "_dedup/members", "_dedup/linked", "_dedup/assign"])
         for part in parts:  # a partition that took in new pieces is mapped again
             if manifest.piece_results("dedup_map").get(part.index, {}).get("pieces") != len(part.pieces):

@@ -17,7 +17,6 @@ The CSR and umap files are streamed part by part into the zip: memory is one par
 from __future__ import annotations
 
 import logging
-import shutil
 import zipfile
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.results import DegreeStats, GraphResult
@@ -201,7 +201,7 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
         for s in ("graph_map", "graph_reduce", "graph_files"):
             manifest.clear_stage(s)
         for d in ("_graph", "edges", "nodes"):
-            shutil.rmtree(output / d, ignore_errors=True)
+            discard(output / d)
     manifest.finish_stage("graph_params", params)
     if plan.weight == "gaussian" and plan.kernel_width is None:
         kth = np.concatenate(client.gather([client.submit(_kth_distances, str(knn_path(knn_dir, p.index)),

@@ -31,10 +31,13 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from pipeline.backends.worker import worker_device
+from pipeline.errors import ResumeError
 from pipeline.index.choice import encoding_key, ivf_of
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard, record_written
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.io.workdir import shown
 from pipeline.results import FillRecord
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import Progress, run_tasks, task_key
@@ -133,9 +136,11 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
     d = Path(index_dir)
     if mode == "ondisk":
         ivfdata = d / "index.ivfdata"
-        ivfdata.unlink(missing_ok=True)
+        if discard(ivfdata):  # FAISS writes the list file in place, so an earlier one must go first
+            raise ResumeError(f"{shown(ivfdata)} was not written by this tool; move it away and run again")
         with _faiss_quiet():
             merge_ondisk(index, list(parts), str(ivfdata))
+        record_written(ivfdata)
     else:
         for part in parts:
             index.merge_from(faiss.read_index(part), 0)

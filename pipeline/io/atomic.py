@@ -1,6 +1,8 @@
 """Atomic file writes: write to a temporary name in the same directory, then ``os.replace``.
 
 A reader (or a resumed run) therefore sees either no file or a complete one, never a torn one.
+Below a run directory, the file is recorded as the tool's just before the rename
+(:mod:`pipeline.io.owned`), and a symbolic link on its way is refused: nothing is written through one.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StorageError
+from pipeline.io.owned import check_no_links, claim, is_temp_name, run_root
 from pipeline.io.workdir import shown
 
 TMP_MARK = ".tmp-"
@@ -28,12 +31,18 @@ __all__ = ["atomic_path", "write_json", "write_npz", "remove_stale_temps", "TMP_
 def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` if the block succeeds."""
     final = Path(final)
+    root = run_root(final.parent)
+    if root is not None:
+        check_no_links(root, final.parent)
     final.parent.mkdir(parents=True, exist_ok=True)
+    if root is not None:
+        check_no_links(root, final)
     # hidden (leading dot): readers of the folder (pyarrow datasets, our input planner) skip it,
     # even while a task killed mid-write has left it behind
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
+        claim(final, tmp)
         os.replace(tmp, final)
     except OSError as exc:
         raise storage_error(final, exc) from None
@@ -85,13 +94,13 @@ def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:
-    """Delete temporary files left by a killed run under ``directory``; return how many."""
+    """Delete temporary files left by a killed run under ``directory`` (regular files under
+    :func:`atomic_path`'s temporary names; links are neither followed nor removed); return how many."""
     n = 0
-    root = Path(directory)
-    if not root.exists():
-        return 0
-    for p in root.rglob(f"*{TMP_MARK}*"):
-        if p.is_file():
-            p.unlink()
-            n += 1
+    for dirpath, _, filenames in os.walk(directory, followlinks=False):
+        for name in filenames:
+            p = Path(dirpath) / name
+            if is_temp_name(name) and not p.is_symlink():
+                p.unlink()
+                n += 1
     return n

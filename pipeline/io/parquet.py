@@ -408,13 +408,28 @@ def plan_dataset(
     return Dataset(tuple(files), tuple(pieces), id_column, vector_column, dim, kind, total, id_type)
 
 
+def _leaves(t: pa.DataType) -> int:
+    """Parquet leaf columns an Arrow type is stored as."""
+    if pa.types.is_struct(t):
+        return sum(_leaves(t.field(i).type) for i in range(t.num_fields))
+    if pa.types.is_map(t):
+        return _leaves(t.key_type) + _leaves(t.item_type)
+    if pa.types.is_list(t) or pa.types.is_large_list(t) or pa.types.is_fixed_size_list(t):
+        return _leaves(t.value_type)
+    return 1
+
+
 def _estimate_dim(meta: pq.FileMetaData, column: str) -> int:
-    """Values per row of a list column, from the row-group metadata (for sizing pieces only)."""
-    rg = meta.row_group(0)
-    for i in range(rg.num_columns):
-        col = rg.column(i)
-        if col.path_in_schema.split(".")[0] == column:
-            return max(1, col.num_values // max(rg.num_rows, 1))
+    """Values per row of a list column, from the row-group metadata (for sizing pieces only).
+
+    The column's leaf is found by position (the leaves of the fields before it), not by name: a
+    name may hold dots, which Parquet also uses to join path segments."""
+    schema = meta.schema.to_arrow_schema()
+    leaf = sum(_leaves(schema.field(i).type) for i in range(schema.get_field_index(column)))
+    for g in range(meta.num_row_groups):
+        rg = meta.row_group(g)
+        if rg.num_rows:
+            return max(1, rg.column(leaf).num_values // rg.num_rows)
     return 1
 
 

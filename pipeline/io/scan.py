@@ -8,7 +8,6 @@ duplicates across the whole input, bucket by bucket. Later stages read only the 
 from __future__ import annotations
 
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +15,7 @@ import pyarrow as pa
 
 from pipeline.errors import InputError
 from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
 from pipeline.results import ScanRecord
@@ -120,7 +120,7 @@ def scan_dataset(
             f"{distinct[0]} in {a.where()}; all shards must hold vectors of one dimension"
         )
     _check_duplicates(client, dataset, store, key_dir, nbuckets)
-    shutil.rmtree(key_dir, ignore_errors=True)
+    discard(key_dir)
     manifest.finish_stage(stage, ScanRecord(distinct[0], dataset.total_rows, tuple(dataset.starts.tolist())))
     return distinct[0]
 

@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import logging
 import os
+import stat
 import tempfile
 import threading
 from collections.abc import Iterator
@@ -32,6 +33,7 @@ from pathlib import Path
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError
+from pipeline.io.owned import record_written
 from pipeline.io.storage import filesystem
 from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, show_as
 
@@ -49,9 +51,27 @@ def _finals(local: Path) -> list[str]:
 PUSH_INTERVAL = float(os.environ.get("KNN_PIPELINE_PUSH_SECONDS", "30"))  # seconds between uploads while a job runs
 
 
+def private_root() -> Path:
+    """The default staging root, ``TMPDIR/knn-pipeline-UID``: made private (0700) if new, and
+    refused unless it is a real directory this user owns that no one else can write to (another
+    user could otherwise plant it, or a link in its place, and read or redirect the job's files)."""
+    root = Path(tempfile.gettempdir()) / f"knn-pipeline-{os.getuid()}"
+    try:
+        os.mkdir(root, 0o700)
+    except FileExistsError:
+        pass
+    st = os.lstat(root)
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
+            or st.st_mode & 0o077:
+        raise ConfigError(f"{root}: the default staging folder is not a private directory of this user (a link, "
+                          "another owner, or open to others); remove it, or pass --scratch-dir with a folder of your "
+                          "own")
+    return root
+
+
 def scratch_for(url: str, scratch_dir: str | None) -> Path:
     """The local folder a remote directory is staged in: one per URL (and user)."""
-    root = Path(scratch_dir) if scratch_dir else Path(tempfile.gettempdir()) / f"knn-pipeline-{os.getuid()}"
+    root = Path(scratch_dir) if scratch_dir else private_root()
     tail = url.rstrip("/").rsplit("/", 1)[-1] or "root"
     return root / f"{tail}-{hashlib.sha1(url.rstrip('/').encode()).hexdigest()[:12]}"
 
@@ -59,6 +79,13 @@ def scratch_for(url: str, scratch_dir: str | None) -> Path:
 def _ours(rel: str) -> bool:
     top = rel.split("/", 1)[0]
     return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs")  # index: run's default index dir
+
+
+def _safe_key(rel: str) -> bool:
+    """Whether a remote key, relative to the prefix, names a file below it: no ``..``, ``.`` or empty
+    segment, no leading slash (a key like ``a/../../x`` would be pulled outside the scratch folder)."""
+    parts = rel.split("/")
+    return bool(rel) and all(p not in ("", ".", "..") for p in parts) and "\\" not in rel and "\0" not in rel
 
 
 def _skipped(rel: str) -> bool:
@@ -91,6 +118,10 @@ class StagedDir:
         """Fill the local folder with what the remote holds and the folder lacks (or holds at
         another size). Refuses a remote directory holding anything the tool did not write."""
         remote = self._remote()
+        unsafe = sorted(r for r in remote if not _safe_key(r))
+        if unsafe:
+            raise ConfigError(f"{self.url} holds a key whose path leaves its prefix or is empty ({unsafe[0]!r}); "
+                              "nothing is pulled from it: remove that key or choose another prefix")
         strange = sorted({r.split("/", 1)[0] for r in remote if not _ours(r)})
         if strange:
             raise ConfigError(f"{self.url} holds {', '.join(strange[:3])}, which this tool did not write; "
@@ -105,6 +136,7 @@ class StagedDir:
                 pafs.copy_files(f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
                 os.replace(tmp, dest)
+                record_written(dest, root=self.local)  # pulled by the tool: its own, for --overwrite
                 fetched += 1
             st = dest.stat()
             self._sent[rel] = (st.st_size, st.st_mtime_ns)

@@ -4,12 +4,12 @@ Three guarantees, each checked before anything is written:
 
 * an output or index directory never is, contains or lies inside an input path, nor each other
   (an index directory may be a direct child of the output: ``OUTPUT/index``);
-* ``--overwrite`` removes only the names the tool writes (:data:`OUTPUT_NAMES`,
-  :data:`INDEX_NAMES`); a directory holding anything else is refused, naming it;
+* ``--overwrite`` removes only the files the tool recorded writing (:mod:`pipeline.io.owned`); a
+  directory holding anything else is refused, naming it, before any work;
 * a job holds an exclusive lock on each directory it writes (a shared one on an index it only
   reads). The lock is an ``flock`` on ``.knn-pipeline.lock``: the kernel releases it when the
   holder dies, even by ``kill -9``, so a stale lock never blocks; the file names the holder's
-  host and pid for the message a second job gets.
+  host and pid for the message a second job gets. It is opened without following a link.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -27,8 +26,8 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, ResumeError
 
-__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "unknown_entries",
-           "remove_owned", "locked", "shown"]
+__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "locked",
+           "shown"]
 
 LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite
 LOCK_NAME = ".knn-pipeline.lock"
@@ -111,35 +110,6 @@ def check_locations(inputs: Sequence[str], input_files: Iterable[str], output: s
                                   "directory that holds no input")
 
 
-def unknown_entries(directory: Path, owned: frozenset[str], keep: str | None = None) -> list[str]:
-    """Names in ``directory`` the tool did not write (temporary files and the lock excepted)."""
-    if not directory.is_dir():
-        return []
-    allowed = owned | {LOG_DIR, LOCK_NAME, TIMINGS_NAME} | ({keep} if keep else set())
-    return sorted(c.name for c in directory.iterdir() if c.name not in allowed and ".tmp-" not in c.name)
-
-
-def remove_owned(directory: Path, owned: frozenset[str], keep: str | None = None) -> None:
-    """Delete what the tool wrote in ``directory`` (``keep`` and logs excepted); refuse if anything else is there."""
-    unknown = unknown_entries(directory, owned, keep)
-    if unknown:
-        listed = ", ".join(shown(n) for n in unknown[:5]) + (
-            f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
-        )
-        raise ResumeError(
-            f"{shown(directory)} holds files this tool did not write ({listed}); --overwrite removes only "
-            "its own outputs: move those away or choose another directory"
-        )
-    if not directory.is_dir():
-        return
-    for child in directory.iterdir():
-        if child.name in (owned - {keep}) or ".tmp-" in child.name:
-            if child.is_dir() and not child.is_symlink():
-                shutil.rmtree(child)
-            else:
-                child.unlink()
-
-
 @contextlib.contextmanager
 def locked(directory: str | os.PathLike[str], shared: bool = False) -> Iterator[None]:
     """Hold ``directory``'s lock for the block: exclusive for a writer, shared for a reader.
@@ -152,8 +122,11 @@ def locked(directory: str | os.PathLike[str], shared: bool = False) -> Iterator[
         return
     try:
         d.mkdir(parents=True, exist_ok=True)
-        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise ResumeError(f"{shown(d / LOCK_NAME)} is a symbolic link where this tool keeps its lock file; it "
+                              "never writes through a link: remove the link, or choose another directory") from None
         raise ConfigError(f"{shown(d)}: cannot create or lock this directory ({exc.strerror}); check its "
                           "permissions or choose another directory") from None
     try:

@@ -17,6 +17,7 @@ from pipeline.cluster.clients import ClusterInfo, StorageOptions, dask_client
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import check_writable
 from pipeline.io.parquet import resolve_paths
 from pipeline.io.staging import staged
 from pipeline.io.storage import is_remote, set_storage_options
@@ -205,10 +206,15 @@ def require(value: str | None, flag: str, command: str) -> Path:
 def guarded(config: Config, output: Path | None, index_dir: Path | None, index_read_only: bool = False,
              output_read_only: bool = False) -> contextlib.ExitStack:
     """Check that the job's directories overlap no input and each other, then lock them for the
-    job's duration: exclusively where it writes, shared where it only reads. Nothing is written
+    job's duration: exclusively where it writes, shared where it only reads. A directory to be
+    written that the tool may not use is refused first (:func:`check_writable`). Nothing is written
     before this."""
     files = resolve_paths(config.data.paths) if config.data.paths else []
     check_locations(config.data.paths, files, output, index_dir)
+    nested = index_dir.name if output is not None and index_dir is not None and index_dir.parent == output else None
+    for d, read_only, keep in ((output, output_read_only, nested), (index_dir, index_read_only, None)):
+        if d is not None and not read_only:
+            check_writable(d, config.overwrite, keep)
     stack = contextlib.ExitStack()
     try:
         for d, read_only in ((output, output_read_only), (index_dir, index_read_only)):

@@ -13,7 +13,7 @@ from pipeline.config import Config
 from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
 from pipeline.search.join import SearchPlan
-from pipeline.search.tuning import RERANK_FACTORS, RecallSample, TunePoint, choose, draw_sample, sweep, walk
+from pipeline.search.tuning import RERANK_FACTORS, TunePoint, choose, draw_sample, query_cost, sweep, walk
 from pipeline.stages.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -47,7 +47,6 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
     measured: TunePoint | None = None
-    tuned_s: float | None = None
     if tuning and target is not None:
         tune, held = sample.split()
         factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
@@ -62,17 +61,13 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
         log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings %s)",
                  target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve),
                  "computed" if chosen.computed else "tried")
-        timed = chosen
-        if chosen.computed:  # no search was timed: time the choice where it is measured anyway, held out
-            tuned_s = time.monotonic() - t0
-            measured = timed = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
-        plan, why = _exact_or_index(plan, chosen, timed, target, sample, len(client.scheduler_info()["workers"]),
+        plan, why = _exact_or_index(plan, chosen, target, query_cost(None, built.ntotal, built.dim, plan.k, None, 0),
                                     s.allow_below_target)
         if plan.strategy == "exact":  # switched: the held-out half is measured under the exact plan
             measured = None
     else:
         held = sample
-    tuned_s = time.monotonic() - t0 if tuned_s is None else tuned_s
+    tuned_s = time.monotonic() - t0
     if measured is None:
         measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
     log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
@@ -84,27 +79,24 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     return result
 
 
-def _exact_or_index(plan: SearchPlan, chosen: TunePoint, timed: TunePoint, target: float, sample: RecallSample,
-                    workers: int, allow_below: bool) -> tuple[SearchPlan, str]:
+def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, exact_cost: float, allow_below: bool
+                    ) -> tuple[SearchPlan, str]:
     """The plan to join with, and why: the tuned index setting, or exact search over the row store
-    when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs less
-    per query (the sample's ground truth measured its cost on every worker at once). ``timed``: the
-    chosen setting's search, timed (``chosen`` itself, unless its recall was computed)."""
-    index_s = timed.seconds / max(1, timed.queries) / max(1, workers)  # one worker measured; all will join
-    exact_s = sample.exact_seconds / max(1, len(sample.truth))
+    when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs no more
+    work per query (:func:`pipeline.search.tuning.query_cost`: a model, so the same input and
+    settings give the same plan on every run and machine)."""
     setting = f"nprobe={chosen.nprobe}, rerank={chosen.rerank}"
     exact = replace(plan, strategy="exact", nprobe=None, rerank=0)
     if not chosen.passes(target):
         if allow_below:
             return plan, f"tuned to {setting}, the best the index reached (below the target, accepted)"
         log.warning("no setting of the index reached recall %.3f (best %.3f at %s): joining with exact search over "
-                    "the row store instead, about %.1f ms per query against %.2f ms", target, chosen.recall, setting,
-                    1e3 * exact_s, 1e3 * index_s)
+                    "the row store instead", target, chosen.recall, setting)
         return exact, (f"exact search: the index reached at most {chosen.recall:.3f} on the tuning half "
                        f"({setting}), below the target")
-    if exact_s <= index_s:
-        log.info("exact search costs %.2f ms per query, the tuned index %.2f ms: joining with exact search",
-                 1e3 * exact_s, 1e3 * index_s)
-        return exact, f"exact search: cheaper than the index at the target ({1e3 * exact_s:.2f} against " \
-                      f"{1e3 * index_s:.2f} ms per query)"
+    if chosen.cost and exact_cost <= chosen.cost:
+        log.info("exact search costs %.3g operations per query, the tuned index %.3g: joining with exact search",
+                 exact_cost, chosen.cost)
+        return exact, f"exact search: no more work than the index at the target ({exact_cost:.3g} against " \
+                      f"{chosen.cost:.3g} operations per query)"
     return plan, f"tuned to {setting}"

@@ -209,7 +209,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
         "input": dataset.fingerprint(), "metric": metric, "index_key": spec.key,
         "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
     }
-    manifest = Manifest(index_dir, kind="index")
+    manifest = Manifest(index_dir)
     if manifest.open(identity, config.overwrite, "index", allow_append=incremental):
         for stage in ("scan", "fill", "index"):
             manifest.reopen_stage(stage)
@@ -275,17 +275,18 @@ def _verify_index_files(manifest: Manifest) -> None:
 
 def open_index(index_dir: Path) -> BuiltIndex:
     """A finished index directory written by ``build`` or ``run``, its files checked."""
-    manifest = Manifest(index_dir, kind="index")
+    manifest = Manifest(index_dir)
     manifest.check_readable(f"rebuild the index with `build --index-dir {shown(index_dir)} --overwrite`")
     info = manifest.stage_record("index", IndexRecord) if manifest.path.exists() else None
     if info is None:
         raise PipelineError(f"{shown(index_dir)}: no finished index here; run `build` (or `run`) with --index-dir "
                             f"{shown(index_dir)}")
     fill = manifest.stage_record("fill", FillRecord)
-    if manifest.lost_pieces("scan") or not manifest.files_intact(fill.files if fill else ()):
+    bad = manifest.first_lost_file("scan") or manifest.first_damaged(fill.files if fill else ())
+    if bad is not None:
         raise PipelineError(
-            f"{shown(index_dir)}: index or row-store files are missing or truncated; run `build` "
-            "again with the same --input and settings to repair them (only the damaged parts are redone)"
+            f"{shown(index_dir / bad)}: this index file is missing, truncated or changed; run `build` "
+            "again with the same --input and settings to repair the index (only the damaged parts are redone)"
         )
     ident = manifest.data["identity"]
     files = ident["input"]["files"]

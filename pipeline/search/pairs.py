@@ -19,7 +19,6 @@ within the 256 MiB a join batch may use (``BATCH_BYTES``), whatever the store's 
 from __future__ import annotations
 
 import logging
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +26,7 @@ import numpy as np
 
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.search.stored import merge_topk, shifted
@@ -165,4 +165,4 @@ def piece_lists(layout: PairLayout, piece: Piece, width: int, metric: str) -> tu
 
 def drop_pairs(layout: PairLayout) -> None:
     """Remove the partial lists once every piece's table is written (ours: the tool wrote them)."""
-    shutil.rmtree(layout.folder, ignore_errors=True)
+    discard(layout.folder)

@@ -30,7 +30,7 @@ from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
-           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget"]
+           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget", "query_cost"]
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +49,7 @@ class TunePoint:
     seconds: float  # search time for those queries on one worker (0 when computed)
     queries: int
     computed: bool = False  # read off the true neighbours' list ranks (IVF-Flat), not searched
+    cost: float = 0.0  # modelled work per query (:func:`query_cost`): what settings are chosen by
 
     def passes(self, target: float) -> bool:
         """Whether ``target`` is reached with confidence: two standard errors below the sample's
@@ -114,6 +115,29 @@ def draw_sample(
     return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, exact_seconds, truth_rows)
 
 
+RERANK_WEIGHT = 4.0  # a re-ranked candidate is a row gathered at random from the store: ~4x a streamed one
+
+
+def query_cost(index: faiss.Index | None, ntotal: int, dim: int, k: int, nprobe: int | None, rerank: int) -> float:
+    """Work per query of one search setting, in one-dimension multiply-adds (or code-byte lookups):
+    a deterministic cost from the index's shape, so the same input and settings choose the same
+    plan on any machine (never a timing).
+
+    IVF: the coarse quantizer (``nlist x dim``), then ``nprobe`` lists of ``ntotal / nlist``
+    entries, each costing its code's width (``dim`` for Flat and scalar codes, one lookup per
+    byte for PQ); re-ranking gathers ``k x rerank`` rows of ``dim`` floats at random. ``None``
+    (exact search over the row store): ``ntotal x dim``. Other indexes: the re-rank term alone
+    (their own search cost does not change between the settings compared)."""
+    gathered = RERANK_WEIGHT * k * rerank * dim if rerank else 0.0
+    if index is None:
+        return float(ntotal) * dim
+    ivf = faiss.try_extract_index_ivf(index)
+    if ivf is None or not nprobe:
+        return gathered
+    entry = min(dim, int(ivf.code_size))
+    return float(ivf.nlist) * dim + nprobe * (ntotal / max(1, ivf.nlist)) * entry + gathered
+
+
 RERANK_FACTORS = (2, 4, 8, 16, 32)
 START_FACTOR = 4  # the factor the nprobe climb uses: most settings chosen use 2 or 4
 WIDE_FACTORS = (64, 128)  # tried only when the codes are too coarse for 32 (costly: k x 128 gathered rows)
@@ -157,8 +181,9 @@ def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe
            rerank: int) -> TunePoint:
     found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
     recall, stderr = _mean_and_stderr(tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric))
+    cost = query_cost(shared_index(plan), index_store.total_rows, sample.vectors.shape[1], plan.k, nprobe, rerank)
     return TunePoint(nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds,
-                     len(sample.truth))
+                     len(sample.truth), cost=cost)
 
 
 def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
@@ -251,10 +276,12 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows))
     n_valid = (~np.isnan(sample.truth_scores)).sum(axis=1)
     points: list[TunePoint] = []
+    k = sample.truth_scores.shape[1]
 
     def measure(nprobe: int) -> TunePoint:
         recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe))
-        points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True))
+        cost = query_cost(ivf, int(ivf.ntotal), int(ivf.d), k, nprobe, 0)
+        points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True, cost=cost))
         return points[-1]
 
     low = 0  # the largest nprobe known to fall short
@@ -304,12 +331,10 @@ def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSa
 
 
 def choose(points: Sequence[TunePoint], target: float) -> TunePoint:
-    """The fastest setting whose (tie-aware) recall reaches ``target``; else the one with the best recall."""
-    ok = sorted((p for p in points if p.passes(target)), key=lambda p: (p.nprobe or 0, p.rerank))
+    """The cheapest setting (:func:`query_cost`) whose (tie-aware) recall reaches ``target``; else
+    the one with the best recall, the cheaper among equals. Never by a timing: the same sample
+    chooses the same setting on every run."""
+    ok = [p for p in points if p.passes(target)]
     if not ok:
-        return max(points, key=lambda p: (p.recall, -p.seconds))
-    best = ok[0]  # the least work; another wins only when clearly faster (timings of a sample are noisy)
-    for p in ok[1:]:
-        if p.seconds < 0.9 * best.seconds:
-            best = p
-    return best
+        return min(points, key=lambda p: (-p.recall, p.cost, p.nprobe or 0, p.rerank))
+    return min(ok, key=lambda p: (p.cost, p.nprobe or 0, p.rerank))

@@ -11,7 +11,6 @@ labels, never the whole graph.
 from __future__ import annotations
 
 import logging
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard, rename
 from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
 from pipeline.stages.progress import task_key
 
@@ -106,14 +106,14 @@ def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndar
     if work_dir.exists():
         for child in work_dir.iterdir():  # rounds are cheap to redo; partial ones are not trusted
             if warm is None or child.resolve() != warm.resolve():
-                shutil.rmtree(child)
+                discard(child)
     ends = np.r_[starts[1:], total]
     n_parts = len(starts)
     labels = work_dir / "round-0000"
     client.gather([client.submit(_init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]),
                                  str(warm) if warm else None, key=_key()) for p in range(n_parts)])
     if warm is not None:
-        shutil.rmtree(warm, ignore_errors=True)
+        discard(warm)
     r = 0
     while True:
         r += 1
@@ -122,7 +122,7 @@ def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndar
                                       for p in range(n_parts)]))
         log.debug("components round %d: %d edges join different trees", r, crossing)
         if crossing == 0:
-            shutil.rmtree(work_dir / f"hooks-{r:04d}")
+            discard(work_dir / f"hooks-{r:04d}")
             break
         hooked = work_dir / f"hooked-{r:04d}"
         client.gather([client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), key=_key())
@@ -130,10 +130,10 @@ def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndar
         nxt = work_dir / f"round-{r:04d}"
         client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), key=_key()) for p in range(n_parts)])
         for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
-            shutil.rmtree(d)
+            discard(d)
         labels = nxt
     final = work_dir / "labels"
-    labels.rename(final)
+    rename(labels, final)
     log.info("connected components: %d round(s)", r)
     return final
 
@@ -161,5 +161,5 @@ def component_sizes(client: Any, labels_dir: Path, starts: np.ndarray, work_dir:
     client.gather([client.submit(_count_map, str(labels_dir), p, starts, maps[p], key=_key())
                    for p in range(len(starts))])
     parts = client.gather([client.submit(_count_reduce, maps, p, key=_key()) for p in range(len(starts))])
-    shutil.rmtree(work_dir)
+    discard(work_dir)
     return merge_histograms(parts)

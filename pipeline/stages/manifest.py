@@ -1,9 +1,11 @@
 """Run manifests: what a directory was built from, and which pieces of which stage are done.
 
-A piece counts as done when the manifest records it *and* its file exists with the recorded size;
-files are written atomically, so a crash leaves at worst an unrecorded piece, which is redone under
-the same name (no duplicate rows). A directory built from another input or configuration is
-refused with a list of what changed, unless ``overwrite`` is set.
+A piece counts as done when the manifest records it *and* its file exists below the directory,
+not through a link, with the recorded size and CRC-32 (checked from the file's bytes whenever its
+time differs from the one the tool wrote, :mod:`pipeline.io.owned`). A record that points outside
+the directory counts as not done. Files are written atomically, so a crash leaves at worst an
+unrecorded piece, which is redone under the same name (no duplicate rows). A directory built from
+another input or configuration is refused with a list of what changed, unless ``overwrite`` is set.
 """
 
 from __future__ import annotations
@@ -19,7 +21,8 @@ from typing import Any, TypeVar
 
 from pipeline.errors import ResumeError
 from pipeline.io.atomic import remove_stale_temps, write_json
-from pipeline.io.workdir import INDEX_NAMES, LOG_DIR, OUTPUT_NAMES, remove_owned, shown, unknown_entries
+from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, remove_owned
+from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 from pipeline.results import Files, from_dict, to_dict
 
 __all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
@@ -73,13 +76,18 @@ def is_append(old: Any, new: Any) -> bool:
     return bool(old == new)
 
 
+def _confined(rel: str) -> bool:
+    """Whether a recorded path stays below its directory: relative, with no ``..``."""
+    p = Path(rel)
+    return bool(rel) and not p.is_absolute() and ".." not in p.parts
+
+
 class Manifest:
     """``manifest.json`` of one run directory (an index directory or an output directory)."""
 
-    def __init__(self, directory: str | os.PathLike[str], kind: str = "output"):
+    def __init__(self, directory: str | os.PathLike[str]):
         self.dir = Path(directory)
         self.path = self.dir / "manifest.json"
-        self.owned = INDEX_NAMES if kind == "index" else OUTPUT_NAMES
         self.data: dict[str, Any] = {"version": VERSION, "identity": None, "stages": {}}
         self.damaged: str | None = None  # why manifest.json could not be read
         self._last_save = 0.0
@@ -125,8 +133,8 @@ class Manifest:
                 f"{self.dir} holds a {what} made from other input or settings "
                 f"({'; '.join(describe_changes(old, new))}); pass --overwrite to discard it, or use another directory"
             )
-        elif old is None and unknown_entries(self.dir, frozenset(), keep):
-            unknown = unknown_entries(self.dir, self.owned, keep)
+        elif old is None and self._entries(keep):
+            unknown = foreign(self.dir, keep)
             if unknown:
                 raise ResumeError(
                     f"{shown(self.dir)} is not empty and was not written by this tool (it holds "
@@ -145,6 +153,12 @@ class Manifest:
         self.save(force=True)
         return appended
 
+    def _entries(self, keep: str | None) -> list[str]:
+        """What the directory holds besides the tool's bookkeeping, its logs and ``keep``."""
+        if not self.dir.is_dir():
+            return []
+        return [n for n in os.listdir(self.dir) if n not in (LOCK_NAME, LEDGER_NAME, TIMINGS_NAME, LOG_DIR, keep)]
+
     def reopen_stage(self, stage: str) -> None:
         """Mark a finished stage unfinished, keeping its done pieces (new pieces are to be added)."""
         if stage in self.data["stages"]:
@@ -156,7 +170,7 @@ class Manifest:
 
         A directory that also holds anything else is refused, naming it, before anything is removed.
         """
-        remove_owned(self.dir, self.owned, keep)
+        remove_owned(self.dir, keep)
         self.data = {"version": VERSION, "identity": None, "stages": {}}
         self.damaged = None
 
@@ -165,32 +179,66 @@ class Manifest:
         return self.data["stages"].setdefault(stage, {"pieces": {}, "done": None})
 
     def _relative(self, path: str | os.PathLike[str]) -> str:
-        """``path`` as recorded: relative to this directory when it lies below it, so a copied
-        or moved directory checks its own files, not the original's."""
+        """``path`` as recorded: relative to this directory (a copied or moved directory checks its
+        own files, not the original's)."""
         p = Path(path).absolute()
-        try:
-            return p.relative_to(self.dir.absolute()).as_posix()
-        except ValueError:
-            return str(p)
+        return p.relative_to(self.dir.absolute()).as_posix()  # the tool records only files it wrote here
 
     def files_intact(self, files: Iterable[Any]) -> bool:
-        """Whether every recorded ``[path, size]`` exists with that size (relative paths are below this directory)."""
-        for path, size in files:
-            p = self.dir / path
-            try:
-                if p.stat().st_size != size:
-                    return False
-            except OSError:
+        """Whether every recorded ``[path, size, crc32]`` is a file below this directory (no link on
+        the way) with that size and CRC-32. A record pointing elsewhere is not intact."""
+        return self.first_damaged(files) is None
+
+    def first_damaged(self, files: Iterable[Any]) -> str | None:
+        """The first recorded file that is missing, changed or outside this directory (None: all intact)."""
+        ledger = Ledger.of(self.dir)
+        for entry in files:
+            path, size, crc = (*entry, None)[:3]
+            if not _confined(str(path)):
+                log.warning("%s: the manifest records %s, outside this directory; redoing that part",
+                            shown(self.dir), shown(str(path)))
+                return str(path)
+            if crc is None:  # recorded before CRCs were: the size alone
+                try:
+                    if os.lstat(self.dir / path).st_size != size or (self.dir / path).is_symlink():
+                        return str(path)
+                except OSError:
+                    return str(path)
+            elif not self._linkless(str(path)) or not ledger.crc_matches(str(path), int(size), int(crc)):
+                return str(path)
+        return None
+
+    def _linkless(self, rel: str) -> bool:
+        d = self.dir
+        for part in Path(rel).parts[:-1]:
+            d = d / part
+            if d.is_symlink():
                 return False
         return True
 
     def record(self, files: Iterable[str | os.PathLike[str]]) -> Files:
-        """``(path, size)`` records of ``files`` as they are now, for :meth:`files_intact`."""
-        return tuple((self._relative(f), Path(f).stat().st_size) for f in files)
+        """``(path, size, crc32)`` records of ``files`` as they are now, for :meth:`files_intact`."""
+        ledger = Ledger.of(self.dir)
+        out = []
+        for f in files:
+            rel = self._relative(f)
+            crc = ledger.crc_of(rel)
+            if crc is None:
+                raise FileNotFoundError(f"{shown(self.dir / rel)}: written but gone")
+            out.append((rel, os.lstat(self.dir / rel).st_size, crc))
+        return tuple(out)
 
     def done_pieces(self, stage: str) -> set[int]:
         """Pieces recorded done whose files still exist with their recorded sizes."""
         return {int(key) for key, files in self._stage(stage)["pieces"].items() if self.files_intact(files)}
+
+    def first_lost_file(self, stage: str) -> str | None:
+        """A file of a finished piece of ``stage`` that is missing or changed (None: all intact)."""
+        for files in self._stage(stage)["pieces"].values():
+            bad = self.first_damaged(files)
+            if bad is not None:
+                return bad
+        return None
 
     def lost_pieces(self, stage: str) -> list[int]:
         """Pieces recorded done whose files are gone or changed size (they must be done again)."""
@@ -207,13 +255,13 @@ class Manifest:
         if not lost and (files is None or self.files_intact(files)):
             return False
         if lost:
-            log.warning("%s: %d finished piece(s) of stage %s are missing or truncated (e.g. piece %d); redoing them",
-                        shown(self.dir), len(lost), stage, lost[0])
+            log.warning("%s: %d finished piece(s) of stage %s are missing, truncated or changed (e.g. piece %d); "
+                        "redoing them", shown(self.dir), len(lost), stage, lost[0])
             for piece in lost:
                 self._stage(stage)["pieces"].pop(str(piece), None)
                 self._stage(stage).get("results", {}).pop(str(piece), None)
         else:
-            log.warning("%s: a file of finished stage %s is missing or truncated; redoing the stage",
+            log.warning("%s: a file of finished stage %s is missing, truncated or changed; redoing the stage",
                         shown(self.dir), stage)
         self._stage(stage)["done"] = None
         self.save(force=True)
