@@ -245,7 +245,9 @@ _READ_ONLY = "the directory is not writable: fix its permissions, or choose anot
 _DISK_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY,
                 errno.EPERM: _READ_ONLY,
                 errno.EFBIG: "a file grew past what this filesystem or the process's file-size limit allows; "
-                             "lower --partition-size or choose another --output / --index-dir"}
+                             "lower --partition-size or choose another --output / --index-dir",
+                errno.ENOENT: "a file or folder of the job's vanished while it ran (was the output or index "
+                              "directory removed or moved?); keep it in place"}
 
 
 class Terminated(Exception):

@@ -317,3 +317,95 @@ def test_garbage_in_index_faiss_is_one_line_naming_it(make_config, data, tmp_pat
     (tmp_path / "out" / "index" / "index.faiss").write_bytes(b"garbage" * 100)
     with pytest.raises(PipelineError, match=r"index/index\.faiss: this index file is missing, truncated or changed"):
         join(make_config(input=str(data), index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "j"), k=3))
+
+
+def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
+    import shutil
+    import subprocess
+    import sys
+    import time
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
+           "--index-key", "Flat", "--partition-size", str(100 * 32 * 4), "--workers", "1", "--threads-per-worker", "1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while True:
+        assert proc.poll() is None and time.monotonic() < deadline, "the join ended before the output could go"
+        try:
+            if len(json.loads((out / "manifest.json").read_text())["stages"].get("join", {}).get("pieces", {})) >= 5:
+                break
+        except (OSError, ValueError):
+            pass
+        time.sleep(0.02)
+    shutil.rmtree(out)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2, err
+    assert "Traceback" not in err and len([ln for ln in err.splitlines() if "ERROR" in ln]) == 1, err
+
+
+def test_a_file_size_limit_hit_by_the_list_file_is_one_line_and_the_rerun_finishes(tmp_path):
+    import resource
+    import subprocess
+    import sys
+
+    data, out = tmp_path / "data", tmp_path / "out"
+    write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
+    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
+           "--index-key", "IVF64,Flat", "--partition-size", str(100 * 32 * 4), "--workers", "1",
+           "--threads-per-worker", "1"]
+
+    def limit() -> None:  # the partial indexes fit; the merged list file (1.6 MB) does not
+        resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
+
+    failed = subprocess.run(cmd, capture_output=True, text=True, timeout=300, preexec_fn=limit)
+    assert failed.returncode == 2, failed.stderr
+    errors = [ln for ln in failed.stderr.splitlines() if "ERROR" in ln]
+    assert "Traceback" not in failed.stderr and len(errors) == 1 and "index.ivfdata: cannot be written" in errors[0]
+    assert not (out / "index" / "index.ivfdata").exists()  # never a partial list file under the final name
+    finished = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert finished.returncode == 0, finished.stderr
+    assert query_ids(out) == list(range(12_000))
+
+
+# hangs become bounded --------------------------------------------------------------------------
+def _die_on(piece, _label) -> int:
+    os._exit(1)  # a worker killed on every attempt of this task
+
+
+def test_a_task_whose_workers_keep_dying_names_its_piece_and_file(data):
+    import dask
+
+    from pipeline import PipelineError
+    from pipeline.cluster.clients import dask_client
+    from pipeline.config import ClusterSpec
+    from pipeline.io.parquet import plan_dataset
+    from pipeline.stages.progress import run_tasks
+
+    pieces = plan_dataset([str(data)], "id", "embedding", 150 * DIM * 4).pieces
+    with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
+        with pytest.raises(PipelineError, match=r"Dask workers died 2 times running join of piece 3 \(.*part-0000\d\."
+                                                r"parquet \(rows \d+-\d+\)\), usually for memory"):
+            with dask_client(ClusterSpec(workers=2, threads_per_worker=1)) as (client, _):
+                run_tasks(client, _die_on, [pieces[3]], "join", args=lambda p: (p, "join"))
+
+
+def test_no_worker_left_ends_the_job_instead_of_waiting_forever():
+    from pipeline.cluster.clients import _PauseWatchdog
+
+    class Alone:
+        futures: dict = {}
+        cancelled: list = []
+
+        def scheduler_info(self, n_workers: int = 0) -> dict:
+            return {"workers": {}}
+
+        def cancel(self, futures: list) -> None:
+            self.cancelled.append(futures)
+
+    dog = _PauseWatchdog(Alone(), interval=0.01, alone=0.05)
+    dog.start()
+    dog.join(timeout=5)
+    assert not dog.is_alive() and dog.reason and "every Dask worker of the embedded cluster died" in dog.reason
+    assert Alone.cancelled

@@ -18,7 +18,7 @@ import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 
-from pipeline import ConfigError, dedup, graph, run
+from pipeline import ConfigError, ResumeError, dedup, graph, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
 from tests.test_resume import kill_when
 
@@ -84,7 +84,9 @@ def test_run_dedup_and_graph_from_s3_to_s3(make_config, s3, tmp_path):
     assert report.recall.met
     remote = objects(fs, "run")
     assert "_SUCCESS" in remote and "manifest.json" in remote and "index/manifest.json" in remote
-    assert not any(Path(r).name.startswith(".") for r in remote)  # no temporary or lock file went up
+    # no temporary, lock or lease file is left there; the ledgers of the tool's own files are
+    assert {Path(r).name for r in remote if Path(r).name.startswith(".")} == {".knn-pipeline.owned"}
+    assert {"index/.knn-pipeline.owned", ".knn-pipeline.owned"} <= set(remote)
     assert lists(remote_table(fs, "run/neighbors")) == lists(pq.read_table(tmp_path / "local" / "neighbors"))
     assert local.queries == 4000
 
@@ -198,3 +200,61 @@ def test_a_remote_key_leaving_its_prefix_is_refused_and_nothing_escapes(make_con
         run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/evil", storage_options=s3["options"],
                         scratch_dir=str(scratch), k=3))
     assert not list(tmp_path.rglob("escape.txt"))
+
+
+def _plant_lease(fs: Any, prefix: str, host: str, pid: int, expires: float) -> None:
+    with fs.open_output_stream(f"{BUCKET}/{prefix}/.knn-pipeline.lease") as out:
+        out.write(json.dumps({"token": "someone-else", "host": host, "pid": pid, "expires": expires}).encode())
+
+
+def test_two_jobs_on_one_prefix_are_refused_and_a_lapsed_lease_is_taken(make_config, s3, tmp_path):
+    """Another job's live lease refuses a second job (from any scratch folder) before any work;
+    a lease that lapsed, or whose job died on this host, is taken over; the user's files stay."""
+    import socket
+    import time
+
+    fs = s3["fs"]
+    common = {"input": f"s3://{BUCKET}/data", "storage_options": s3["options"], "k": 3, "index_key": "Flat"}
+    _plant_lease(fs, "leased", "node7", 4242, time.time() + 600)
+    with pytest.raises(ResumeError, match=r"s3://knn/leased is in use by another job \(pid 4242 on node7"):
+        run(make_config(output=f"s3://{BUCKET}/leased", scratch_dir=str(tmp_path / "a"), **common))
+    assert set(objects(fs, "leased")) == {".knn-pipeline.lease"}  # nothing else was written
+    _plant_lease(fs, "leased", "node7", 4242, time.time() - 1)  # lapsed: its job is gone
+    run(make_config(output=f"s3://{BUCKET}/leased", scratch_dir=str(tmp_path / "b"), **common))
+    assert "_SUCCESS" in objects(fs, "leased") and ".knn-pipeline.lease" not in objects(fs, "leased")
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    _plant_lease(fs, "leased", socket.gethostname(), int(dead.stdout), time.time() + 600)  # killed here
+    with fs.open_output_stream(f"{BUCKET}/leased/neighbors/my_notes.txt") as out:
+        out.write(b"the user's")
+    with pytest.raises(ResumeError, match=r"holds files this tool did not write \(neighbors/my_notes\.txt\)"):
+        run(make_config(output=f"s3://{BUCKET}/leased", scratch_dir=str(tmp_path / "c"), overwrite=True, **common))
+    assert "neighbors/my_notes.txt" in objects(fs, "leased") and "_SUCCESS" in objects(fs, "leased")
+
+
+def _remote_stages(fs: pafs.FileSystem, prefix: str) -> dict[str, Any]:
+    try:
+        return json.loads(fs.open_input_stream(f"{BUCKET}/{prefix}/manifest.json").read())["stages"]
+    except (OSError, ValueError, KeyError):
+        return {}
+
+
+@pytest.mark.parametrize("job, stage", [("dedup", "dedup_map"), ("graph", "graph_map")])
+def test_dedup_and_graph_killed_mid_stage_on_s3_resume_elsewhere(s3, tmp_path, job, stage):
+    """kill -9 once the job's own stage has begun on S3, then rerun from an empty scratch folder
+    (another machine): it resumes and finishes, with every row once."""
+    fs = s3["fs"]
+    env = {**s3["env"], "KNN_PIPELINE_PUSH_SECONDS": "0.1"}
+    prefix = f"killed-{job}"
+
+    def command(scratch: Path) -> list[str]:
+        extra = ["--threshold", "0.98"] if job == "dedup" else []
+        return [sys.executable, "-m", "pipeline", job, "--input", f"s3://{BUCKET}/many", "--output",
+                f"s3://{BUCKET}/{prefix}", "--k", "5", "--index-key", "Flat", "--partition-size",
+                str(10 * GROUP * 64 * 4), "--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch),
+                *extra]
+
+    kill_when(command(tmp_path / "machine-a"), lambda: stage in _remote_stages(fs, prefix), timeout=240, env=env)
+    assert "_SUCCESS" not in objects(fs, prefix)
+    resumed = subprocess.run(command(tmp_path / "machine-b"), env=env, capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    assert "_SUCCESS" in objects(fs, prefix)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 # from elsewhere, tunnel it with ssh -L, or start a scheduler of your own and pass its address)
 LOOPBACK = "127.0.0.1"
 
+NO_WORKERS_GRACE_S = 60.0  # the embedded cluster with no worker this long: its nannies gave up
 PAUSE_GRACE_S = 10.0  # a worker paused for memory this long ends the job
 
 
@@ -116,7 +117,8 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple
     with _start(spec, log_dir) as (client, info):
         check_memory_floor(client, 0)
         info = replace(info, devices=tuple(install_device(client, spec.device, info.faiss_threads)))
-        watchdog = _PauseWatchdog(client)
+        # the embedded cluster's nannies restart dead workers: none for a minute means they gave up
+        watchdog = _PauseWatchdog(client, alone=NO_WORKERS_GRACE_S if spec.kind == "local" else None)
         watchdog.start()
         try:
             yield client, info
@@ -172,40 +174,55 @@ class _PauseWatchdog(threading.Thread):
     the client's tasks are cancelled, so whatever the job waits on fails at once, and
     :func:`dask_client` turns that into one line."""
 
-    def __init__(self, client: Any, grace: float | None = None, interval: float = 1.0):
+    def __init__(self, client: Any, grace: float | None = None, interval: float = 1.0, alone: float | None = None):
         super().__init__(daemon=True, name="knn-memory-watchdog")
         self.client, self.interval = client, interval
         self.grace = PAUSE_GRACE_S if grace is None else grace
+        self.alone = alone  # seconds without any worker that end the job (None: wait, workers may come)
         self.reason: str | None = None
-        self._stop = threading.Event()
+        self._halt = threading.Event()
 
     def stop(self) -> None:
-        self._stop.set()
+        self._halt.set()
 
     def run(self) -> None:
         since: dict[str, float] = {}
-        while not self._stop.wait(self.interval):
+        empty_since: float | None = None
+        while not self._halt.wait(self.interval):
             try:
                 workers = self.client.scheduler_info(n_workers=-1).get("workers", {})
             except Exception:  # the cluster is closing
                 return
             now = time.monotonic()
+            if workers or self.alone is None:
+                empty_since = None
+            else:
+                empty_since = empty_since or now
+                if now - empty_since >= self.alone and not self._halt.is_set():
+                    self._end(f"every Dask worker of the embedded cluster died and none came back for {self.alone:.0f} "
+                              "s (killed for memory, or a crash in native code); raise --memory-limit or lower "
+                              "--partition-size, then run the same command again to resume")
+                    return
             for address, w in workers.items():
                 if w.get("status") != "paused":
                     since.pop(address, None)
                     continue
-                if now - since.setdefault(address, now) >= self.grace and not self._stop.is_set():
+                if now - since.setdefault(address, now) >= self.grace and not self._halt.is_set():
                     used = w.get("metrics", {}).get("memory", 0)
-                    self.reason = (
+                    self._end(
                         f"Dask worker {w.get('name', address)} is paused for memory: it uses {format_bytes(used)} of "
                         f"its {format_bytes(w.get('memory_limit') or 0)} limit and this job cannot free it; raise "
                         "--memory-limit or lower --partition-size, then run the same command again to resume"
                     )
-                    try:
-                        self.client.cancel([Future(key, self.client) for key in list(self.client.futures)])
-                    except Exception:  # the cluster is closing anyway
-                        pass
                     return
+
+    def _end(self, reason: str) -> None:
+        """Cancel the job's tasks, so whatever it waits on fails at once, with ``reason`` to report."""
+        self.reason = reason
+        try:
+            self.client.cancel([Future(key, self.client) for key in list(self.client.futures)])
+        except Exception:  # the cluster is closing anyway
+            pass
 
 
 @contextlib.contextmanager
@@ -298,7 +315,7 @@ def _dask_log_level() -> int:
     return logging.INFO if logging.getLogger("pipeline").isEnabledFor(logging.DEBUG) else logging.ERROR
 
 
-REPORTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM}
+REPORTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENOENT}
 
 
 def is_reported(exception_text: str) -> bool:

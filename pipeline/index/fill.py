@@ -33,8 +33,8 @@ from faiss.contrib.ondisk import merge_ondisk
 from pipeline.backends.worker import worker_device
 from pipeline.errors import ResumeError
 from pipeline.index.choice import encoding_key, ivf_of
-from pipeline.io.atomic import atomic_path
-from pipeline.io.owned import discard, record_written
+from pipeline.io.atomic import atomic_path, storage_error
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
@@ -138,9 +138,15 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
         ivfdata = d / "index.ivfdata"
         if discard(ivfdata):  # FAISS writes the list file in place, so an earlier one must go first
             raise ResumeError(f"{shown(ivfdata)} was not written by this tool; move it away and run again")
-        with _faiss_quiet():
-            merge_ondisk(index, list(parts), str(ivfdata))
-        record_written(ivfdata)
+        with atomic_path(ivfdata) as tmp:  # merged under a temporary name, renamed once complete
+            try:
+                with _faiss_quiet():
+                    merge_ondisk(index, list(parts), str(tmp))
+            except (RuntimeError, OSError) as exc:  # FAISS grows the file in place: a size limit or full disk
+                raise storage_error(ivfdata, exc) from None
+            # the index names its list file: the final name (readers find it beside index.faiss)
+            lists: Any = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)  # type: ignore[arg-type]
+            lists.filename = str(ivfdata)
     else:
         for part in parts:
             index.merge_from(faiss.read_index(part), 0)

@@ -44,6 +44,8 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
         yield tmp
         claim(final, tmp)
         os.replace(tmp, final)
+    except StorageError:  # already one line naming the file
+        raise
     except OSError as exc:
         raise storage_error(final, exc) from None
     except RuntimeError as exc:  # FAISS reports a short write as "write error in ..."

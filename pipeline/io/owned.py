@@ -1,7 +1,7 @@
 """Which files below a run directory the tool wrote, so that it never touches anyone else's.
 
 A *run directory* is an output or index directory: one holding the tool's lock file
-(:data:`pipeline.io.workdir.LOCK_NAME`, made before anything is written there). Every file the
+(:data:`pipeline.io.workdir.LOCK_NAME`, made before anything is written there) or its ledger. Every file the
 tool writes below one lands by :func:`pipeline.io.atomic.atomic_path`, and just before the rename
 that makes it visible its path (relative to the run directory), size, modification time and CRC-32
 are appended to the directory's ledger, ``.knn-pipeline.owned`` (one JSON line per file, written
@@ -63,14 +63,15 @@ def file_crc(path: str | os.PathLike[str]) -> int:
 
 
 def run_root(path: str | os.PathLike[str]) -> Path | None:
-    """The nearest run directory at or above ``path`` (one holding the tool's lock file), if any."""
+    """The nearest run directory at or above ``path`` (one holding the tool's lock file or ledger), if any."""
     p = Path(os.path.abspath(path))
     for d in (p, *p.parents):
-        try:
-            if stat.S_ISREG(os.lstat(d / LOCK_NAME).st_mode):
-                return d
-        except OSError:
-            continue
+        for name in (LOCK_NAME, LEDGER_NAME):
+            try:
+                if stat.S_ISREG(os.lstat(d / name).st_mode):
+                    return d
+            except OSError:
+                continue
     return None
 
 
@@ -378,3 +379,19 @@ def check_writable(directory: str | os.PathLike[str], overwrite: bool, keep: str
         if strange:
             raise ResumeError(f"{shown(d)} holds files this tool did not write ({_listed(strange)}); --overwrite "
                               "removes only its own outputs: move those away or choose another directory")
+
+
+def merge_ledger(ledger: str | os.PathLike[str], lines: bytes) -> None:
+    """Add to the ledger file ``ledger`` the complete lines of ``lines`` it lacks (a ledger pulled
+    from object storage, where the job that wrote those files kept it)."""
+    path = Path(ledger)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+        with os.fdopen(fd, "rb") as fh:
+            have = set(fh.read().splitlines())
+    except FileNotFoundError:
+        have = set()
+    complete = lines[: lines.rfind(b"\n") + 1]
+    new = [ln for ln in complete.splitlines() if ln and ln not in have]
+    if new:
+        _append(path.parent, b"\n".join(new).decode(errors="replace") + "\n")

@@ -22,18 +22,23 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import logging
 import os
+import socket
 import stat
 import tempfile
 import threading
+import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pyarrow.fs as pafs
 
-from pipeline.errors import ConfigError
-from pipeline.io.owned import record_written
+from pipeline.errors import ConfigError, ResumeError
+from pipeline.io.owned import LEDGER_NAME, merge_ledger
 from pipeline.io.storage import filesystem
 from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, show_as
 
@@ -42,6 +47,7 @@ __all__ = ["StagedDir", "staged", "scratch_for"]
 log = logging.getLogger(__name__)
 
 FINAL = ("manifest.json", "_SUCCESS")  # uploaded after everything else, in this order
+LEASE_NAME = ".knn-pipeline.lease"  # the remote's one-job-at-a-time lease (see StagedDir.take_lease)
 
 
 def _finals(local: Path) -> list[str]:
@@ -78,7 +84,20 @@ def scratch_for(url: str, scratch_dir: str | None) -> Path:
 
 def _ours(rel: str) -> bool:
     top = rel.split("/", 1)[0]
-    return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs")  # index: run's default index dir
+    return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs", LEDGER_NAME)  # index: run's default
+
+
+def _dead_here(held: dict[str, Any]) -> bool:
+    """Whether a lease's job ran on this host and is gone (a rerun after kill -9 need not wait)."""
+    if held.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(held.get("pid", 0)), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, OverflowError):
+        return False
+    return False
 
 
 def _safe_key(rel: str) -> bool:
@@ -89,9 +108,14 @@ def _safe_key(rel: str) -> bool:
 
 
 def _skipped(rel: str) -> bool:
-    """Lock files and the hidden temporary files of writes in progress never leave the machine."""
+    """Lock files, the lease and the hidden temporary files of writes in progress never leave the
+    machine; the ledger of the tool's own files does (a rerun elsewhere needs it)."""
     name = rel.rsplit("/", 1)[-1]
-    return name == LOCK_NAME or name.startswith(".")
+    return name in (LOCK_NAME, LEASE_NAME) or (name.startswith(".") and name != LEDGER_NAME)
+
+
+LEASE_SECONDS = max(120.0, 4 * PUSH_INTERVAL)  # a lease not renewed for this long is free (its job died)
+LEASE_SETTLE = 0.5  # seconds between writing a lease and reading it back (two jobs starting at once)
 
 
 class StagedDir:
@@ -103,6 +127,50 @@ class StagedDir:
         self.fs, self.root = filesystem(self.url)
         self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) as last uploaded or pulled
         self._lock = threading.Lock()
+        self.token = uuid.uuid4().hex
+
+    # one job at a time -----------------------------------------------------------------------
+    def _lease(self) -> dict[str, Any]:
+        try:
+            with self.fs.open_input_stream(f"{self.root}/{LEASE_NAME}") as fh:
+                held = json.loads(fh.read())
+            return held if isinstance(held, dict) else {}
+        except (OSError, ValueError):
+            return {}
+
+    def _write_lease(self) -> None:
+        self.fs.create_dir(self.root, recursive=True)
+        with self.fs.open_output_stream(f"{self.root}/{LEASE_NAME}") as out:
+            out.write(json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
+                                  "expires": time.time() + LEASE_SECONDS}).encode())
+
+    def _refuse(self, held: dict[str, Any]) -> ResumeError:
+        until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
+        return ResumeError(f"{self.url} is in use by another job (pid {held.get('pid')} on {held.get('host')}, whose "
+                           f"lease runs until {until} unless renewed); wait for it to finish, or use another prefix")
+
+    def take_lease(self) -> None:
+        """Hold the remote directory for this job: refused while another job's lease is live (renewed
+        with every upload; a killed job's lapses after ``LEASE_SECONDS``, at once on its own host).
+        Object stores have no lock: two jobs writing leases together both read back, and only the
+        last writer goes on."""
+        held = self._lease()
+        live = held.get("token") not in (None, self.token) and float(held.get("expires", 0)) > time.time()
+        if live and not _dead_here(held):
+            raise self._refuse(held)
+        self._write_lease()
+        time.sleep(LEASE_SETTLE)
+        held = self._lease()
+        if held.get("token") != self.token:
+            raise self._refuse(held)
+
+    def renew_lease(self) -> None:
+        if self._lease().get("token") == self.token:
+            self._write_lease()
+
+    def release_lease(self) -> None:
+        if self._lease().get("token") == self.token:  # never another job's (or a reader's: none)
+            self.fs.delete_file(f"{self.root}/{LEASE_NAME}")
 
     def _remote(self) -> dict[str, int]:
         """Remote files below the directory: relative path -> size."""
@@ -117,7 +185,7 @@ class StagedDir:
     def pull(self) -> None:
         """Fill the local folder with what the remote holds and the folder lacks (or holds at
         another size). Refuses a remote directory holding anything the tool did not write."""
-        remote = self._remote()
+        remote = {r: n for r, n in self._remote().items() if r != LEASE_NAME}
         unsafe = sorted(r for r in remote if not _safe_key(r))
         if unsafe:
             raise ConfigError(f"{self.url} holds a key whose path leaves its prefix or is empty ({unsafe[0]!r}); "
@@ -130,13 +198,17 @@ class StagedDir:
         fetched = 0
         for rel, size in sorted(remote.items()):
             dest = self.local / rel
+            if rel.rsplit("/", 1)[-1] == LEDGER_NAME:  # merged, never replaced: the local one may know more
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                with self.fs.open_input_stream(f"{self.root}/{rel}") as fh:
+                    merge_ledger(dest, fh.read())
+                continue
             if not (dest.exists() and dest.stat().st_size == size):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(f".{dest.name}.pull")
                 pafs.copy_files(f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs,
                                 destination_filesystem=pafs.LocalFileSystem())
-                os.replace(tmp, dest)
-                record_written(dest, root=self.local)  # pulled by the tool: its own, for --overwrite
+                os.replace(tmp, dest)  # the pulled ledger says whether it is the tool's (by its CRC-32)
                 fetched += 1
             st = dest.stat()
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
@@ -182,9 +254,9 @@ class StagedDir:
                 self._upload(rel)
                 self._sent[rel] = stamp
                 sent += 1
-            if final:
+            if final:  # only what this job pulled or uploaded: a key someone else added meanwhile stays
                 for rel in sorted(set(self._remote()) - set(now)):
-                    if _ours(rel) and not _skipped(rel):
+                    if rel in self._sent and _ours(rel) and not _skipped(rel):
                         self.fs.delete_file(f"{self.root}/{rel}")
                         self._sent.pop(rel, None)
             for rel in finals:
@@ -197,17 +269,26 @@ class StagedDir:
 
 
 @contextlib.contextmanager
-def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL) -> Iterator[Path]:
+def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, lease: bool = True
+           ) -> Iterator[Path]:
     """The local folder of remote directory ``url``, pulled first and pushed while the job runs
-    and at its end (also when it fails, so the remote keeps every finished piece)."""
+    and at its end (also when it fails, so the remote keeps every finished piece). ``lease``: hold
+    the remote for this job alone (:meth:`StagedDir.take_lease`); a job that only reads it does not."""
     d = StagedDir(url, scratch_for(url, scratch_dir))
-    d.pull()
+    if lease:
+        d.take_lease()
+    try:
+        d.pull()
+    except BaseException:
+        d.release_lease()
+        raise
     show_as(d.local, d.url)
     stop = threading.Event()
 
     def keep_pushing() -> None:
         while not stop.wait(interval):
             try:
+                d.renew_lease()
                 d.push()
             except OSError as exc:  # a transient network error: the next round or the final push retries
                 log.warning("%s: upload failed (%s); retrying later", url, str(exc).splitlines()[0])
@@ -223,8 +304,13 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL) -
             d.push(final=True)
         except OSError as exc:
             log.warning("%s: the last upload failed too (%s)", url, str(exc).splitlines()[0])
+        finally:
+            d.release_lease()
         raise
     stop.set()
     pusher.join()
-    sent = d.push(final=True)
+    try:
+        sent = d.push(final=True)
+    finally:
+        d.release_lease()
     log.info("%s: up to date (%d file(s) uploaded at the end)", url, sent)

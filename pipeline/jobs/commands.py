@@ -44,8 +44,7 @@ def build(config: Config) -> BuiltIndex:
         return build_index(client, cluster, config, index_dir, Timings())
 
 
-@staged_command
-def join(config: Config) -> JobReport:
+def _join(config: Config) -> JobReport:
     """``join``: an existing index (``--index-dir``) against the query dataset ``--input``."""
     index_dir = require(config.index_dir, "--index-dir", "join")
     output = require(config.output, "--output", "join")
@@ -78,4 +77,5 @@ def run(config: Config) -> JobReport:
 # every command stages a remote --output or --index-dir the same way
 dedup = staged_command(_dedup)
 graph = staged_command(_graph)
-evaluate = staged_command(_evaluate)
+evaluate = staged_command(_evaluate, reads=("output", "index_dir"))
+join = staged_command(_join, reads=("index_dir",))

@@ -75,9 +75,10 @@ def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
     return tuple(out)
 
 
-def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
+def staged_command(command: Callable[[Config], T], reads: tuple[str, ...] = ()) -> Callable[[Config], T]:
     """``command`` with its ``--output`` and ``--index-dir`` staged locally where they are URLs
-    (:mod:`pipeline.io.staging`); local directories are used as they are."""
+    (:mod:`pipeline.io.staging`); local directories are used as they are. Each remote directory
+    written is held by this job alone; those it only reads (``reads``: "output", "index_dir") are shared."""
 
     @functools.wraps(command)
     def run(config: Config) -> T:
@@ -89,8 +90,9 @@ def staged_command(command: Callable[[Config], T]) -> Callable[[Config], T]:
         out, idx = config.output, config.index_dir
         inside = bool(out and idx and is_remote(out) and _url_inside(idx, out))
         with contextlib.ExitStack() as stack:
-            local = {u: str(stack.enter_context(staged(u, config.scratch_dir))) for u in urls
-                     if not (inside and u == idx)}
+            shared = {u for u in (out if "output" in reads else None, idx if "index_dir" in reads else None) if u}
+            local = {u: str(stack.enter_context(staged(u, config.scratch_dir, lease=u not in shared)))
+                     for u in urls if not (inside and u == idx)}
             if inside and out and idx:  # the index inside the output (run's default layout): staged with it
                 local[idx] = local[out] + idx.rstrip("/")[len(out.rstrip("/")):]
             return command(replace(config, output=local.get(out or "", out), index_dir=local.get(idx or "", idx)))

@@ -224,7 +224,9 @@ class Manifest:
             rel = self._relative(f)
             crc = ledger.crc_of(rel)
             if crc is None:
-                raise FileNotFoundError(f"{shown(self.dir / rel)}: written but gone")
+                raise ResumeError(f"{shown(self.dir / rel)}: written by this job but gone or replaced by a link (was "
+                                  "the directory removed or changed while the job ran?); keep it in place and run "
+                                  "the same command again to resume")
             out.append((rel, os.lstat(self.dir / rel).st_size, crc))
         return tuple(out)
 

@@ -15,7 +15,10 @@ import uuid
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, TypeVar
 
-from distributed import as_completed
+import dask
+from distributed import KilledWorker, as_completed
+
+from pipeline.errors import PipelineError
 
 __all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted", "watch", "task_key",
            "busy_by_worker", "record_busy"]
@@ -201,7 +204,10 @@ def run_tasks(
             futures.update({client.submit(fn, *args(item), key=task_key(label)): item for item in items})
             for future in as_completed(list(futures)):
                 item = futures[future]
-                result = future.result()
+                try:
+                    result = future.result()
+                except KilledWorker:
+                    raise _killed(label, item) from None
                 if on_done is not None:
                     on_done(item, result)
                 log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
@@ -214,6 +220,16 @@ def run_tasks(
         client.cancel(list(futures))
         raise
     return progress.close()
+
+
+def _killed(label: str, item: WorkItem) -> PipelineError:
+    """One line for a task whose workers kept dying: the stage, the piece and, where it is one, its file."""
+    where = getattr(item, "where", None)
+    place = f" ({where()})" if callable(where) else ""
+    tries = int(dask.config.get("distributed.scheduler.allowed-failures")) + 1
+    return PipelineError(f"Dask workers died {tries} times running {label} of piece {item.index}{place}, usually for "
+                         "memory (a worker over 95% of --memory-limit is restarted) or a crash in native code; raise "
+                         "--memory-limit or lower --partition-size, then run the same command again to resume")
 
 
 def watch(client: Any, future: Any, label: str, note: str = "", interval: float = 10.0) -> Any:
