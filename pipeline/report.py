@@ -264,6 +264,11 @@ def _summary_lines(report: JobReport) -> list[str]:
         lines.append(f"| recall@{rec.k} | {rec.recall:.3f} tie-aware (strict {rec.recall_strict:.3f}) "
                      f"on {rec.measured_on} against exact search"
                      + (f" (target {rec.target})" if rec.target else "") + " |")
+        if rec.bound is not None and rec.confidence is not None:
+            lines.append(f"| tuning bound | the chosen setting's recall on the tuning half is at least {rec.bound:.3f} "
+                         f"with {rec.confidence:.1%} confidence (cluster-robust over identical queries) |")
+        for p in rec.step_ups:
+            lines.append(f"| step-up | nprobe={p.nprobe}, rerank={p.rerank}: {p.recall:.3f} held out |")
     devices = report.join.devices
     for kind in sorted({d.backend for d in devices}):
         group = [d for d in devices if d.backend == kind]
@@ -308,8 +313,8 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     lines += _worker_lines(report)
     curve = report.recall.curve if report.recall else ()
     if curve:
-        lines += ["## Sweep", "", "| nprobe | rerank | recall | queries/s |", "|---|---|---|---|"]
-        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | "
+        lines += ["## Sweep", "", "| nprobe | rerank | recall | lower bound | queries/s |", "|---|---|---|---|---|"]
+        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | {p.bound:.3f} | "
                   f"{'computed, not searched' if p.computed else f'{p.qps:,.0f}'} |" for p in curve]
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(report.config, indent=2, default=str), "```", ""]

@@ -143,6 +143,7 @@ class TunePointRecord:
     qps: float
     computed: bool = False  # recall read off the true neighbours' list ranks (IVF-Flat), not searched
     cost: float = 0.0  # modelled work per query that settings are chosen by (pipeline.search.tuning.query_cost)
+    bound: float = 0.0  # lower confidence bound of recall (pipeline.search.tuning.CONFIDENCE), cluster-robust
 
 
 @dataclass(frozen=True)
@@ -162,6 +163,9 @@ class RecallResult:
     curve: tuple[TunePointRecord, ...] = ()
     strategy: str = "index"  # index | exact
     why: str = ""  # why this plan: tuned, given, or exact search (and why)
+    bound: float | None = None  # the chosen setting's lower confidence bound of recall on the tuning half
+    confidence: float | None = None  # the one-sided confidence level of ``bound``
+    step_ups: tuple[TunePointRecord, ...] = ()  # settings measured held out after the tuned one fell short
 
     @property
     def measured_on(self) -> str:

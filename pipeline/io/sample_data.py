@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path
 
-__all__ = ["clustered_vectors", "write_shards"]
+__all__ = ["clustered_vectors", "duplicate_heavy_vectors", "write_shards"]
 
 
 def clustered_vectors(n: int, dim: int, clusters: int = 100, seed: int = 0, latent: int = 8) -> np.ndarray:
@@ -37,6 +37,28 @@ def clustered_vectors(n: int, dim: int, clusters: int = 100, seed: int = 0, late
         out[rows] = centres[c] + spread[c] * (z @ bases[c])
     out += 0.02 * rng.standard_normal((n, dim)).astype(np.float32)
     return out
+
+
+def duplicate_heavy_vectors(n: int, dim: int, seed: int = 0, largest: int = 400, share: float = 0.6,
+                            near: float = 0.2) -> np.ndarray:
+    """``n`` clustered vectors of which about ``share`` are copies: groups of identical vectors
+    whose sizes run from 2 to ``largest`` (log-uniform, so a few groups are very large, as the
+    same summary text is in real corpora), and ``near`` of the rest near-duplicates (tiny noise
+    on another row). Rows are shuffled, so copies land in every shard."""
+    rng = np.random.default_rng(seed + 1)
+    x = clustered_vectors(n, dim, seed=seed)
+    copied = 0
+    target = int(share * n)
+    while copied < target:
+        size = int(min(target - copied + 1, np.exp(rng.uniform(np.log(2), np.log(largest)))))
+        if size < 2:
+            break
+        src, dst = rng.integers(0, n), rng.integers(0, n, size=size - 1)
+        x[dst] = x[src]
+        copied += size - 1
+    nearby = rng.random(n) < near
+    x[nearby] = x[rng.integers(0, n, int(nearby.sum()))] + 0.01 * rng.standard_normal((int(nearby.sum()), dim))
+    return x[rng.permutation(n)].astype(np.float32)
 
 
 def write_shards(

@@ -13,7 +13,17 @@ from pipeline.config import Config
 from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
 from pipeline.search.join import SearchPlan
-from pipeline.search.tuning import RERANK_FACTORS, TunePoint, choose, draw_sample, query_cost, sweep, walk
+from pipeline.search.tuning import (
+    CONFIDENCE,
+    RERANK_FACTORS,
+    RecallSample,
+    TunePoint,
+    choose,
+    draw_sample,
+    query_cost,
+    sweep,
+    walk,
+)
 from pipeline.stages.manifest import Manifest
 
 if TYPE_CHECKING:
@@ -46,7 +56,7 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     curve: list[TunePoint] = []
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
-    measured: TunePoint | None = None
+    chosen: TunePoint | None = None
     if tuning and target is not None:
         tune, held = sample.split()
         factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
@@ -63,20 +73,59 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
                  "computed" if chosen.computed else "tried")
         plan, why = _exact_or_index(plan, chosen, target, query_cost(None, built.ntotal, built.dim, plan.k, None, 0),
                                     s.allow_below_target)
-        if plan.strategy == "exact":  # switched: the held-out half is measured under the exact plan
-            measured = None
     else:
         held = sample
+    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+    steps: list[TunePoint] = []
+    if tuning and target is not None and plan.strategy != "exact" and measured.recall < target \
+            and not s.allow_below_target:
+        plan, measured, steps, why = _step_up(client, plan, built, held, target, measured, tune_nprobe, why)
     tuned_s = time.monotonic() - t0
-    if measured is None:
-        measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
     log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
              measured.recall, measured.strict, measured.queries, "held-out " if tuning else "sampled ", why)
     result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
                           plan.nprobe, plan.rerank, target, target is None or measured.recall >= target,
-                          round(tuned_s, 3), tuple(p.record() for p in curve), plan.strategy, why)
+                          round(tuned_s, 3), tuple(p.record() for p in curve), plan.strategy, why,
+                          bound=None if chosen is None else round(chosen.bound, 4),
+                          confidence=None if chosen is None else CONFIDENCE,
+                          step_ups=tuple(p.record() for p in steps))
     manifest.finish_stage("recall", result)
     return result
+
+
+STEP_UPS = 4  # settings tried, held out, above a tuned one that fell short there, before exact search
+
+
+def _step_up(client: Any, plan: SearchPlan, built: BuiltIndex, held: RecallSample, target: float,
+             measured: TunePoint, tune_nprobe: bool, why: str) -> tuple[SearchPlan, TunePoint, list[TunePoint], str]:
+    """The tuned setting reached the target on the tuning half but fell short held out (the
+    curve was flat near the target, or the sample's queries were fewer independent ones than
+    rows): step it up, half again as many lists (or twice the re-rank factor) at a time, measured
+    on the held-out half, up to :data:`STEP_UPS` times; then exact search, which reaches it by
+    construction. Nothing has been joined yet, so nothing is redone."""
+    steps: list[TunePoint] = []
+    nprobe, rerank = plan.nprobe, plan.rerank
+    first = measured.recall
+    for _ in range(STEP_UPS):
+        if tune_nprobe and nprobe is not None and built.nlist and nprobe < built.nlist:
+            nprobe = min(built.nlist, max(nprobe + 1, -(-3 * nprobe // 2)))
+        elif rerank and rerank < 128:
+            rerank = 2 * rerank
+        else:
+            break
+        measured = sweep(client, plan, built.store, held, [(nprobe, rerank)])[0]
+        steps.append(measured)
+        log.info("  held-out recall %.3f below the target %.3f: stepped up to nprobe=%s rerank=%d: %.3f", first,
+                 target, nprobe, rerank, measured.recall)
+        if measured.recall >= target:
+            return (replace(plan, nprobe=nprobe, rerank=rerank), measured, steps,
+                    f"{why}; stepped up to nprobe={nprobe}, rerank={rerank} after the held-out half gave {first:.3f}")
+    log.warning("held-out recall stayed below %.3f after %d step(s) up: joining with exact search over the row store",
+                target, len(steps))
+    exact = replace(plan, strategy="exact", nprobe=None, rerank=0)
+    measured = sweep(client, exact, built.store, held, [(None, 0)])[0]
+    return exact, measured, steps, (f"exact search: the tuned setting gave {first:.3f} held out, and {len(steps)} "
+                                    "step(s) up did not reach the target")
 
 
 def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, exact_cost: float, allow_below: bool

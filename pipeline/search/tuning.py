@@ -30,7 +30,7 @@ from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
-           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget", "query_cost"]
+           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget", "query_cost", "query_groups", "CONFIDENCE"]
 
 log = logging.getLogger(__name__)
 
@@ -51,17 +51,22 @@ class TunePoint:
     computed: bool = False  # read off the true neighbours' list ranks (IVF-Flat), not searched
     cost: float = 0.0  # modelled work per query (:func:`query_cost`): what settings are chosen by
 
+    @property
+    def bound(self) -> float:
+        """The lower confidence bound of ``recall`` (:data:`CONFIDENCE`, cluster-robust)."""
+        return self.recall - CONFIDENCE_Z * self.stderr
+
     def passes(self, target: float) -> bool:
         """Whether ``target`` is reached with confidence: two standard errors below the sample's
         recall, so the held-out half (and the whole join) lands above it too."""
-        return self.recall - CONFIDENCE_Z * self.stderr >= target
+        return self.bound >= target
 
     @property
     def qps(self) -> float:
         return self.queries / self.seconds if self.seconds > 0 else 0.0  # 0: not timed (computed)
 
     def record(self) -> TunePointRecord:
-        return TunePointRecord(**asdict(self), qps=round(self.qps, 1))
+        return TunePointRecord(**asdict(self), qps=round(self.qps, 1), bound=round(self.bound, 4))
 
 
 @dataclass(frozen=True)
@@ -85,6 +90,10 @@ class RecallSample:
         return RecallSample(self.vectors[sel], self.ids[sel], None if self.rows is None else self.rows[sel],
                             self.truth[sel], self.truth_scores[sel], self.exact_seconds * share,
                             None if self.truth_rows is None else self.truth_rows[sel])
+
+    def valid_groups(self) -> np.ndarray:
+        """:func:`query_groups` of the queries with any true neighbour (those recall is averaged over)."""
+        return query_groups(self.vectors)[(~np.isnan(self.truth_scores)).sum(axis=1) > 0]
 
 
 def draw_sample(
@@ -142,6 +151,7 @@ RERANK_FACTORS = (2, 4, 8, 16, 32)
 START_FACTOR = 4  # the factor the nprobe climb uses: most settings chosen use 2 or 4
 WIDE_FACTORS = (64, 128)  # tried only when the codes are too coarse for 32 (costly: k x 128 gathered rows)
 CONFIDENCE_Z = 2.0  # a setting passes when its sample recall minus two standard errors reaches the target
+CONFIDENCE = 0.977  # the one-sided confidence of that lower bound (normal approximation)
 
 
 def probe_steps(nlist: int | None, max_nprobe: int = 2048) -> list[int | None]:
@@ -172,15 +182,40 @@ def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
     return ids, scores, seconds
 
 
-def _mean_and_stderr(hits: np.ndarray) -> tuple[float, float]:
-    recall = float(hits.mean()) if hits.size else float("nan")
-    return recall, float(hits.std(ddof=1) / np.sqrt(hits.size)) if hits.size > 1 else 0.0
+def _mean_and_stderr(hits: np.ndarray, groups: np.ndarray | None = None) -> tuple[float, float]:
+    """Mean per-query recall and its standard error, cluster-robust over ``groups`` (queries with
+    identical vectors, one group each): copies of one query find the same lists and move
+    together, so on duplicate-heavy data a sample holds fewer independent queries than rows, and
+    the plain standard error would understate the noise. Singleton groups give the plain one."""
+    if not hits.size:
+        return float("nan"), 0.0
+    recall = float(hits.mean())
+    if hits.size < 2:
+        return recall, 0.0
+    if groups is None:
+        return recall, float(hits.std(ddof=1) / np.sqrt(hits.size))
+    _, members = np.unique(groups, return_inverse=True)
+    g = int(members.max()) + 1
+    if g < 2:  # one distinct query: no spread can be estimated; the bound is as wide as recall allows
+        return recall, 1.0
+    deviation = np.bincount(members, weights=hits - recall, minlength=g)
+    return recall, float(np.sqrt(g / (g - 1) * float((deviation**2).sum())) / hits.size)
+
+
+def query_groups(vectors: np.ndarray) -> np.ndarray:
+    """A label per query, equal for identical vectors (for :func:`_mean_and_stderr`)."""
+    rows = np.ascontiguousarray(vectors)
+    if rows.ndim != 2 or not len(rows):
+        return np.zeros(len(rows), dtype=np.int64)
+    keys = rows.view(np.dtype((np.void, rows.dtype.itemsize * rows.shape[1]))).ravel()
+    return np.unique(keys, return_inverse=True)[1].astype(np.int64).ravel()
 
 
 def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None,
            rerank: int) -> TunePoint:
     found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
-    recall, stderr = _mean_and_stderr(tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric))
+    recall, stderr = _mean_and_stderr(tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric),
+                                      sample.valid_groups())
     cost = query_cost(shared_index(plan), index_store.total_rows, sample.vectors.shape[1], plan.k, nprobe, rerank)
     return TunePoint(nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds,
                      len(sample.truth), cost=cost)
@@ -279,7 +314,7 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     k = sample.truth_scores.shape[1]
 
     def measure(nprobe: int) -> TunePoint:
-        recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe))
+        recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe), sample.valid_groups())
         cost = query_cost(ivf, int(ivf.ntotal), int(ivf.d), k, nprobe, 0)
         points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True, cost=cost))
         return points[-1]
