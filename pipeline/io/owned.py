@@ -186,14 +186,19 @@ class Ledger:
             self._crcs[key] = file_crc(self.root / rel)
         return self._crcs[key]
 
-    def crc_of(self, rel: str) -> int | None:
-        """The CRC-32 of the tool's file ``rel`` as it is now (from the ledger where its size and
-        time match, computed otherwise); None if it is missing or a link."""
+    def _regular(self, rel: str) -> os.stat_result | None:
+        """``rel``'s status if it is a regular file (not a link, not missing)."""
         try:
             st = os.lstat(self.root / rel)
         except OSError:
             return None
-        if not stat.S_ISREG(st.st_mode):
+        return st if stat.S_ISREG(st.st_mode) else None
+
+    def crc_of(self, rel: str) -> int | None:
+        """The CRC-32 of the tool's file ``rel`` as it is now (from the ledger where its size and
+        time match, computed otherwise); None if it is missing or a link."""
+        st = self._regular(rel)
+        if st is None:
             return None
         for seen in self.entries.get(rel, ()):
             if seen.size == st.st_size and seen.mtime_ns == st.st_mtime_ns:
@@ -202,11 +207,8 @@ class Ledger:
 
     def owns(self, rel: str) -> bool:
         """Whether the regular file ``rel`` is one the tool wrote (size and time, or size and CRC)."""
-        try:
-            st = os.lstat(self.root / rel)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode):
+        st = self._regular(rel)
+        if st is None:
             return False
         seen = [s for s in self.entries.get(rel, ()) if s.size == st.st_size]
         if any(s.mtime_ns == st.st_mtime_ns for s in seen):
@@ -215,13 +217,8 @@ class Ledger:
 
     def crc_matches(self, rel: str, size: int, crc: int) -> bool:
         """Whether ``rel`` is a regular file of ``size`` bytes whose content has CRC-32 ``crc``."""
-        try:
-            st = os.lstat(self.root / rel)
-        except OSError:
-            return False
-        if not stat.S_ISREG(st.st_mode) or st.st_size != size:
-            return False
-        return self.crc_of(rel) == crc
+        st = self._regular(rel)
+        return st is not None and st.st_size == size and self.crc_of(rel) == crc
 
 
 _ALWAYS = {LOCK_NAME, LEDGER_NAME, TIMINGS_NAME}  # the tool's bookkeeping, recognised by name
@@ -313,10 +310,12 @@ def discard(path: str | os.PathLike[str]) -> list[str]:
 def _remove(root: Path, top: Path, keep: str | None) -> None:
     """Unlink the tool's files below ``top``, then the folders left empty (``top`` included unless it
     is ``root``)."""
-    for path, owner in _walk(root, top, keep):
-        if path.name not in (LOCK_NAME, LEDGER_NAME) or path.parent != root:
-            if _is_ours(path, owner):
-                path.unlink()
+    # decided before anything goes: a nested run directory's ledger must still vouch for the files
+    # listed after it
+    doomed = [path for path, owner in _walk(root, top, keep)
+              if (path.name not in (LOCK_NAME, LEDGER_NAME) or path.parent != root) and _is_ours(path, owner)]
+    for path in doomed:
+        path.unlink()
     skipped = [root / n for n in (keep, LOG_DIR) if n]
     for dirpath, _, _ in os.walk(top, topdown=False, followlinks=False):
         d = Path(dirpath)
