@@ -30,9 +30,18 @@ def write_store(root: Path, x: np.ndarray, pieces: int = 3) -> Any:
     return store
 
 
+# a test using these runs whole jobs on a Dask cluster: it belongs to the slow tier
+WHOLE_JOB_FIXTURES = frozenset({"make_config", "dask_address"})
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Whole-job tests carry ``slow`` (``pytest -m "not slow"`` is the fast tier: units and
+    properties); ``gpu`` tests skip without a GPU."""
     from pipeline.backends import gpu_count
 
+    for item in items:
+        if WHOLE_JOB_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
     if gpu_count() == 0:
         skip = pytest.mark.skip(reason="no GPU visible to faiss (CPU-only faiss build or no CUDA device)")
         for item in items:
@@ -43,8 +52,8 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def dask_address() -> Any:
     """One local cluster for the whole session (jobs join it with scheduler_address)."""
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.ERROR) as cluster:
+    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1",
+                      dashboard_address="127.0.0.1:0", silence_logs=logging.ERROR) as cluster:
         yield cluster.scheduler_address
 
 
