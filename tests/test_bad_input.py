@@ -350,6 +350,7 @@ def test_join_string_queries_against_integer_index_with_exclude_self(make_config
         join(make_config(input=str(q), index_dir=str(tmp_path / "idx"), exclude_self=True))
 
 
+@pytest.mark.slow
 def test_a_full_disk_mid_run_is_one_line_and_the_rerun_recovers(tmp_path):
     import resource
     import signal

@@ -318,6 +318,7 @@ def test_garbage_in_index_faiss_is_one_line_naming_it(make_config, data, tmp_pat
         join(make_config(input=str(data), index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "j"), k=3))
 
 
+@pytest.mark.slow
 def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
     import shutil
     import subprocess
@@ -344,6 +345,7 @@ def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
     assert "Traceback" not in err and len([ln for ln in err.splitlines() if "ERROR" in ln]) == 1, err
 
 
+@pytest.mark.slow
 def test_a_file_size_limit_hit_by_the_list_file_is_one_line_and_the_rerun_finishes(tmp_path):
     import resource
     import subprocess
@@ -373,6 +375,7 @@ def _die_on(piece, _label) -> int:
     os._exit(1)  # a worker killed on every attempt of this task
 
 
+@pytest.mark.slow
 def test_a_task_whose_workers_keep_dying_names_its_piece_and_file(data):
     import dask
 

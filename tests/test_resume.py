@@ -17,6 +17,8 @@ import pytest
 from pipeline import ResumeError, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
 
+pytestmark = pytest.mark.slow  # whole jobs, most of them killed and resumed in subprocesses
+
 ROWS, DIM, GROUP = 12_000, 32, 100  # 120 pieces of one 100-row group each
 
 

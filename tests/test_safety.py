@@ -117,6 +117,7 @@ def test_a_second_job_on_a_locked_directory_is_refused(make_config, data, tmp_pa
     assert (out / LOCK_NAME).exists() and rows_of(out) == list(range(2000))
 
 
+@pytest.mark.slow
 def test_two_concurrent_runs_one_is_refused_in_one_line(data, tmp_path):
     out = tmp_path / "out"
     cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "3",
@@ -168,6 +169,7 @@ def test_memory_limit_below_the_minimum_is_refused_with_the_minimum(data, tmp_pa
         run(config)
 
 
+@pytest.mark.slow
 def test_a_worker_paused_for_memory_fails_the_job_in_one_line(data, tmp_path, monkeypatch):
     import dask
     from distributed import LocalCluster
@@ -191,6 +193,7 @@ def _die() -> None:
     os._exit(1)  # what a worker killed for memory looks like from the scheduler
 
 
+@pytest.mark.slow
 def test_a_worker_that_keeps_dying_fails_the_job_in_one_line():
     import dask
 

@@ -23,6 +23,8 @@ import yaml
 
 from pipeline import run
 
+pytestmark = pytest.mark.slow  # whole jobs (in subprocesses, on S3 or under Slurm)
+
 ROOT = Path(__file__).resolve().parent.parent
 BINARIES = ("munged", "slurmctld", "slurmd", "sbatch", "squeue", "sinfo")
 

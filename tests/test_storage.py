@@ -22,6 +22,8 @@ from pipeline import ConfigError, ResumeError, dedup, graph, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
 from tests.test_resume import kill_when
 
+pytestmark = pytest.mark.slow  # whole jobs (in subprocesses, on S3 or under Slurm)
+
 moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install '.[test]'")
 boto3 = pytest.importorskip("boto3")
 
