@@ -8,7 +8,9 @@ Packages by concern, in the order data flows through them:
 * ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge;
 * ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``, list-major search (``lists``),
   exact search and re-ranking against the row store, on the host or resident on a device (``stored``);
-* ``shuffle``: edge shuffles and connected components, shared by ``dedup`` and ``graph``;
+* ``shuffle``: edge shuffles and connected components, shared by ``duplicates`` and ``graphs``;
+* ``duplicates``: near-duplicate groups, decontamination and the deduplicated dataset (``dedup``);
+* ``graphs``: k-NN graphs (``graph``);
 * ``stages``: the ``manifest`` that makes every stage resumable, and ``progress``;
 * ``cluster``: Dask clients (local, scheduler, Slurm/PBS, CUDA) and batch ``submit``;
 * ``backends``: the CPU/GPU seam;
@@ -19,10 +21,7 @@ Packages by concern, in the order data flows through them:
 
 from pipeline.config import Config, load_config, parse_config
 from pipeline.errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
-
-# imported last: ``pipeline.dedup`` and ``pipeline.graph`` are also subpackages, and importing them
-# rebinds those names to the modules; the commands must be what the package exports
-from pipeline.jobs.commands import build, dedup, graph, join, run  # noqa: E402
+from pipeline.jobs.commands import build, dedup, graph, join, run
 
 __all__ = [
     "Config",

@@ -322,7 +322,7 @@ def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(m
     small partition_size and little worker memory there is no room for them in the shuffle: they stay
     capped and are counted (memory is bounded by configuration), and the missed pair-recall target is
     loud."""
-    from pipeline.dedup import groups
+    from pipeline.duplicates import groups
     from pipeline.jobs import dedup as dedup_job
 
     monkeypatch.setattr(groups, "WIDEN_MAX", 30)

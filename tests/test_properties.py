@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
 
 from pipeline.config import dump_config, parse_config
-from pipeline.dedup.exactness import exact_pairs
-from pipeline.dedup.explore import rows_dropped
+from pipeline.duplicates.exactness import exact_pairs
+from pipeline.duplicates.explore import rows_dropped
 from pipeline.io.ids import id_keys
 from pipeline.search.exact import merge_topk
 from pipeline.search.join import to_padded

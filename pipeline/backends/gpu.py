@@ -36,7 +36,7 @@ import faiss
 import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
-from pipeline.index.choice import FAISS_METRICS, ivf_of
+from pipeline.index.choice import FAISS_METRICS, PQ_SUB_DIMS, PQ_SUBQUANTIZERS, ivf_of
 from pipeline.io.store import RowStore
 from pipeline.search.stored import ResidentRows, host_rerank, knn_topk, streamed_exact
 
@@ -48,9 +48,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 GPU_MAX_K = 2048  # k and nprobe on the classic GPU kernels (GPU_MAX_SELECTION_K)
-PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
 FLOAT16_TABLES_FROM = 56  # 56, 64, 96 sub-quantizers need float16 lookup tables (shared memory)
-PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)  # without precomputed tables
 FREE_SHARE = 0.5  # of the GPU's free memory a batch may take (faiss keeps its own temp memory too)
 INDEX_SHARE = 0.8  # of the GPU's free memory a cloned index may take
 RESIDENT_SHARE = 0.4  # of the GPU's free memory the row store may take resident (the clone and batches need the rest)

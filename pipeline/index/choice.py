@@ -105,10 +105,14 @@ def _code_size(n: int, d: int, budget: int | None) -> int:
     return m
 
 
+# the PQ layouts FAISS's GPU kernels search: sub-quantizer counts, and dimensions per
+# sub-quantizer without precomputed tables (the GPU backend checks indexes against these too)
+PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+
+
 def _gpu_codes(d: int) -> str:
     """8-bit PQ the GPU kernels can search, ``d/4`` bytes a vector or fewer; SQ8 when none fits."""
-    from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
-
     fits = [m for m in PQ_SUBQUANTIZERS if m <= d // 4 and d % m == 0 and d // m in PQ_SUB_DIMS]
     return f"PQ{max(fits)}" if fits else "SQ8"
 

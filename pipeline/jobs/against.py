@@ -15,10 +15,11 @@ from typing import Any
 
 from pipeline.cluster.clients import ClusterInfo
 from pipeline.config import Config
-from pipeline.dedup.against import Matches, examples, write_matches
+from pipeline.duplicates.against import Matches, examples, write_matches
 from pipeline.errors import InputError
+from pipeline.index.built import BuiltIndex
 from pipeline.io.workdir import shown
-from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index
+from pipeline.jobs.stages import Timings, build_index, join_index
 from pipeline.results import Contamination, ReferenceFileMatches
 from pipeline.stages.manifest import Manifest
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 
 from pipeline.config import Config
+from pipeline.index.built import BuiltIndex
 from pipeline.io.parquet import plan_dataset
 from pipeline.io.workdir import TIMINGS_NAME
 from pipeline.jobs.common import (
@@ -28,7 +29,7 @@ from pipeline.jobs.common import (
 from pipeline.jobs.dedup import dedup as _dedup
 from pipeline.jobs.evaluate import evaluate as _evaluate
 from pipeline.jobs.graph import graph as _graph
-from pipeline.jobs.stages import BuiltIndex, Timings, build_index, check_query_ids, join_index, open_index
+from pipeline.jobs.stages import Timings, build_index, check_query_ids, join_index, open_index
 from pipeline.results import JobReport
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate", "recall_verdict"]

@@ -9,19 +9,20 @@ from typing import Any
 
 from pipeline.cluster.clients import worker_memory
 from pipeline.config import Config
-from pipeline.dedup.columns import attach_examples
-from pipeline.dedup.dataset import check_columns, write_dataset
-from pipeline.dedup.exactness import pair_recall
-from pipeline.dedup.explore import explore
-from pipeline.dedup.groups import dedup_stages
-from pipeline.dedup.plan import DedupPlan, check_plan, default_thresholds
-from pipeline.dedup.widen import tune_pair_nprobe
+from pipeline.duplicates.columns import attach_examples
+from pipeline.duplicates.dataset import check_columns, write_dataset
+from pipeline.duplicates.exactness import pair_recall
+from pipeline.duplicates.explore import explore
+from pipeline.duplicates.groups import dedup_stages
+from pipeline.duplicates.plan import DedupPlan, check_plan, default_thresholds
+from pipeline.duplicates.widen import tune_pair_nprobe
 from pipeline.errors import ConfigError
+from pipeline.index.built import BuiltIndex
 from pipeline.io.parquet import resolve_paths
 from pipeline.io.workdir import TIMINGS_NAME
 from pipeline.jobs.against import match_against
 from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start, worker_busy
-from pipeline.jobs.stages import BuiltIndex, Timings, build_index, join_index, search_plan
+from pipeline.jobs.stages import Timings, build_index, join_index, search_plan
 from pipeline.results import JobReport
 from pipeline.search.join import SearchPlan
 from pipeline.stages.manifest import Manifest

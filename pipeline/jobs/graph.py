@@ -7,8 +7,8 @@ import time
 from dataclasses import replace
 
 from pipeline.config import Config
-from pipeline.graph.knn_graph import GraphPlan, graph_recall, graph_stages
-from pipeline.graph.knn_graph import check_plan as check_graph_plan
+from pipeline.graphs.knn_graph import GraphPlan, graph_recall, graph_stages
+from pipeline.graphs.knn_graph import check_plan as check_graph_plan
 from pipeline.io.workdir import TIMINGS_NAME
 from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start, worker_busy
 from pipeline.jobs.stages import Timings, build_index, join_index

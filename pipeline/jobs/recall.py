@@ -7,9 +7,10 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline.config import Config
+from pipeline.index.built import BuiltIndex
 from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
 from pipeline.search.join import SearchPlan
@@ -25,9 +26,6 @@ from pipeline.search.tuning import (
     walk,
 )
 from pipeline.stages.manifest import Manifest
-
-if TYPE_CHECKING:
-    from pipeline.jobs.stages import BuiltIndex
 
 __all__ = ["measure_recall"]
 

@@ -22,6 +22,7 @@ from pipeline.backends.worker import worker_device
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
+from pipeline.index.built import BuiltIndex
 from pipeline.index.choice import (
     check_training_rows,
     default_index_key,
@@ -63,23 +64,6 @@ log = logging.getLogger(__name__)
 
 WORKING_COPIES = 4  # a piece in flight: the Arrow column, its float32 copy, the normalised copy, the write
 FAISS_WORKING = 160 << 20  # k-means distance blocks, search batches: measured ~130 MiB on the demo data
-
-
-@dataclass(frozen=True)
-class BuiltIndex:
-    """A finished index directory, as later stages need it."""
-
-    dir: Path
-    dataset: Dataset
-    store: RowStore
-    dim: int
-    metric: str
-    key: str
-    ntotal: int
-    nlist: int | None
-    rerank_default: int
-    identity: dict[str, Any]
-    why: str = "given by index_key"
 
 
 @dataclass

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.dedup.plan import DedupPlan
+from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.results import ExploreRow

@@ -15,7 +15,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.dedup.plan import DedupPlan
+from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.store import RowStore
 from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
 

@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.dedup.against import Matches, best_matches
+from pipeline.duplicates.against import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset

@@ -19,7 +19,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.dedup.columns import read_texts
+from pipeline.duplicates.columns import read_texts
 from pipeline.errors import InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece

@@ -9,7 +9,7 @@ import faiss
 import numpy as np
 
 from pipeline.backends.worker import worker_device
-from pipeline.dedup.plan import DedupPlan
+from pipeline.duplicates.plan import DedupPlan
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 from pipeline.results import PairRecall

@@ -31,11 +31,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.backends.worker import worker_device
-from pipeline.dedup.columns import read_keep_column
-from pipeline.dedup.explore import map_part
-from pipeline.dedup.keep import choose_task
-from pipeline.dedup.plan import DedupPlan, bands
-from pipeline.dedup.widen import WIDEN_MAX, widen_piece
+from pipeline.duplicates.columns import read_keep_column
+from pipeline.duplicates.explore import map_part
+from pipeline.duplicates.keep import choose_task
+from pipeline.duplicates.plan import DedupPlan, bands
+from pipeline.duplicates.widen import WIDEN_MAX, widen_piece
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard, rename
 from pipeline.io.parquet import Dataset

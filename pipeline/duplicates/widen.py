@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from pipeline.backends.worker import worker_device
-from pipeline.dedup.exactness import exact_pairs, sampled_exact_pairs
-from pipeline.dedup.plan import DedupPlan
+from pipeline.duplicates.exactness import exact_pairs, sampled_exact_pairs
+from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
