@@ -506,6 +506,23 @@ def test_against_finds_planted_contamination_and_never_touches_the_reference(mak
         list(range(100, 105))
 
 
+def test_reference_ids_equal_to_input_ids_are_a_namespace_of_their_own(make_config, planted, reference, tmp_path):
+    """The reference's ids may equal the input's (each dataset numbers its own rows): its copies
+    of input ids 100-109 carry those same ids, and its 50 unrelated rows the ids of input rows
+    0-49. Exactly the 10 planted rows are contaminated, each matched to its own copy."""
+    ref = tmp_path / "same-ids"
+    ref.mkdir()
+    for name, first in (("a.parquet", 100), ("b.parquet", 105)):
+        t = pq.read_table(Path(reference["dir"]) / name)
+        ids = np.arange(first, first + 5) if name == "a.parquet" else np.r_[np.arange(105, 110), np.arange(50)]
+        pq.write_table(t.set_column(t.schema.get_field_index("id"), "id", pa.array(ids.astype(np.int64))), ref / name)
+    report = dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "out"), against=[str(ref)],
+                               **SETTINGS))
+    assert report.dedup.contamination.rows_contaminated == 10
+    found = {r["id"]: r["reference_id"] for r in pq.read_table(tmp_path / "out" / "contamination").to_pylist()}
+    assert found == {i: i for i in range(100, 110)}
+
+
 def test_against_flag_keeps_the_rows_and_lists_them(make_config, planted, reference, tmp_path):
     out = tmp_path / "out"
     report = dedup(make_config(input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])],
