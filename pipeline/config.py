@@ -20,6 +20,7 @@ import yaml
 from dask.utils import parse_bytes
 
 from pipeline.errors import ConfigError
+from pipeline.kinds import DEDUP_MODES, GRAPH_MODES, METRICS, PROFILE_KINDS, DedupMode, GraphMode, Metric, ProfileKind
 
 __all__ = [
     "DataSpec",
@@ -35,7 +36,6 @@ __all__ = [
     "parse_config",
 ]
 
-METRICS = ("l2", "ip", "cosine")
 DEVICES = ("auto", "cpu", "gpu")
 
 
@@ -53,7 +53,7 @@ class IndexSpec:
     """How the index is built. ``key`` is a FAISS index_factory string or ``"auto"``."""
 
     key: str = "auto"
-    metric: str | None = None  # None: cosine when building, the index's metric when joining
+    metric: Metric | None = None  # None: cosine when building, the index's metric when joining
     sample_size: int | None = None
     seed: int = 0
 
@@ -107,7 +107,7 @@ class ClusterSpec:
     memory_limit: str = "auto"
     scheduler_address: str | None = None
     profile: str = "local"
-    kind: str = "local"  # local | address | slurm | pbs | local-cuda
+    kind: ProfileKind = "local"
     jobqueue: JobQueueSpec | None = None
 
 
@@ -116,7 +116,7 @@ class DedupSpec:
     """The ``dedup`` command: which pairs count as duplicates and which row of a group is kept."""
 
     threshold: float | None = None  # similarity >= (cosine, ip) or squared distance <= (l2)
-    mode: str = "components"  # or greedy
+    mode: DedupMode = "components"
     keep_by: str | None = None  # a numeric/timestamp column of the input; None: the smallest id
     keep_order: str = "max"  # keep the row with the max (or min) keep_by value
     text_column: str | None = None  # shown beside the example pairs in the report
@@ -131,7 +131,7 @@ class DedupSpec:
 class GraphSpec:
     """The ``graph`` command: which edges of the k-NN lists make the graph, and their weights."""
 
-    mode: str = "symmetric"  # directed | symmetric | mutual
+    mode: GraphMode = "symmetric"
     min_score: float | None = None  # drop edges less close than this (similarity, or l2 squared distance)
     weight: str = "score"  # score | gaussian (exp(-d^2 / (2 width^2)) of the distance)
     kernel_width: float | None = None  # None: the median distance to the k-th neighbour
@@ -360,7 +360,7 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
         _float(),
         "dedup: pair score that makes a duplicate (cosine/ip >=, l2 squared distance <=)",
     ),
-    "dedup_mode": ("dedup", "mode", _choice("components", "greedy"), "dedup grouping: components or greedy"),
+    "dedup_mode": ("dedup", "mode", _choice(*DEDUP_MODES), "dedup grouping: components or greedy"),
     "keep_by": (
         "dedup",
         "keep_by",
@@ -387,7 +387,7 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "graph_mode": (
         "graph",
         "mode",
-        _choice("directed", "symmetric", "mutual"),
+        _choice(*GRAPH_MODES),
         "graph edges: directed, symmetric or mutual",
     ),
     "min_score": (
@@ -417,7 +417,6 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
 }
 
 
-PROFILE_KINDS = ("local", "address", "slurm", "pbs", "local-cuda")
 _SAFE_WORD = re.compile(r"^[A-Za-z0-9_.:@/+=,%-]+$")
 
 

@@ -13,6 +13,8 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
+from pipeline.kinds import Metric, Strategy
+
 __all__ = [
     "from_dict", "to_dict", "IndexSummary", "SearchSummary", "TunePointRecord", "RecallResult", "MemoryUse",
     "WorkerDevice", "WorkerBusy", "JoinResult", "PairRecall", "DedupExample", "DatasetWritten", "Contamination",
@@ -98,7 +100,7 @@ class IndexRecord:
 
     key: str
     dim: int
-    metric: str
+    metric: Metric
     ntotal: int
     nlist: int | None
     rerank_default: int
@@ -113,7 +115,7 @@ class IndexSummary:
     key: str
     ntotal: int
     dim: int
-    metric: str
+    metric: Metric
     nlist: int | None
     why: str
 
@@ -125,7 +127,7 @@ class SearchSummary:
     rerank: int
     exclude_self: bool
     backend: str
-    strategy: str = "index"  # index: the FAISS index; exact: GEMM over the row store
+    strategy: Strategy = "index"  # index: the FAISS index; exact: GEMM over the row store
     why: str = ""
 
 
@@ -161,7 +163,7 @@ class RecallResult:
     met: bool
     tuning_s: float = 0.0
     curve: tuple[TunePointRecord, ...] = ()
-    strategy: str = "index"  # index | exact
+    strategy: Strategy = "index"  # index | exact
     why: str = ""  # why this plan: tuned, given, or exact search (and why)
     bound: float | None = None  # the chosen setting's lower confidence bound of recall on the tuning half
     confidence: float | None = None  # the one-sided confidence level of ``bound``
@@ -299,7 +301,7 @@ class DatasetWritten:
 class DedupResult:
     threshold: float
     mode: str
-    metric: str
+    metric: Metric
     keep_by: str | None
     keep_order: str | None
     rows_in: int

@@ -8,7 +8,9 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.search.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
 from pipeline.search.stored import host_rerank, pair_topk, self_topk, streamed_exact
 
@@ -55,7 +57,7 @@ class CpuBackend:
                                      self.threads)
         return index.search(x, k, params=params)
 
-    def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+    def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """Scores of each query against its own candidates: ``q`` (n, d), ``candidates`` (n, c, d).
 
         Inner product for ``ip``/``cosine`` (vectors already normalised), squared L2 for ``l2``,
@@ -68,25 +70,25 @@ class CpuBackend:
             )
         return dots.astype(np.float32, copy=False)
 
-    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``q`` among the rows of ``x`` (FAISS's blocked GEMM and k-selection)."""
-        return faiss.knn(q, x, k, metric=metric)
+        return faiss.knn(q, x, k, metric=FAISS_METRICS[metric])
 
-    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` (scores, global rows) of ``q`` over the row store, piece by piece."""
         return streamed_exact(self.knn, q, store, k, metric)
 
-    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
+    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: Metric) -> np.ndarray:
         """Exact scores of each query against its candidate rows (``-1`` scores worst), gathered on the host."""
         return host_rerank(self.exact_scores, q, rows, store, metric)
 
-    def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    def self_topk(self, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``x``'s rows among themselves, blocks against themselves and pairs of
         blocks scored once for both (:func:`pipeline.search.stored.self_topk`)."""
         with self._blas():
             return self_topk(self.knn, x, k, metric)
 
-    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
+    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.search.stored.pair_topk`)."""
         with self._blas():

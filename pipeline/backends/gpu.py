@@ -38,6 +38,7 @@ import numpy as np
 from pipeline.backends.cpu import CpuBackend
 from pipeline.index.choice import FAISS_METRICS, PQ_SUB_DIMS, PQ_SUBQUANTIZERS, ivf_of
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.search.stored import ResidentRows, host_rerank, knn_topk, streamed_exact
 
 __all__ = [
@@ -334,7 +335,7 @@ class GpuBackend:
                 faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
             return clone.search(x, k)
 
-    def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: str) -> np.ndarray:
+    def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """As :meth:`CpuBackend.exact_scores`, as one batched matrix product on the GPU (CuPy)."""
         try:
             import cupy
@@ -349,13 +350,13 @@ class GpuBackend:
                 dots = (cd * cd).sum(axis=2) - 2 * dots + (qd * qd).sum(axis=1)[:, None]
             return cupy.asnumpy(dots.astype(cupy.float32))
 
-    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: int) -> tuple[np.ndarray, np.ndarray]:
+    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` with faiss's brute-force GPU search (cuBLAS GEMM tiles, on-device k-selection)."""
         if k > GPU_MAX_K:
             self._warn_once(f"exact search on the CPU: k={k} (the GPU kernels take at most {GPU_MAX_K})")
             return self._cpu.knn(q, x, k, metric)
         with _search_lock(self.device):
-            return faiss.knn_gpu(self.resources(), q, x, k, metric=metric, device=self.device)
+            return faiss.knn_gpu(self.resources(), q, x, k, metric=FAISS_METRICS[metric], device=self.device)
 
     def _held(self, cache: dict[int, tuple[tuple[Any, ...], Any]], store: RowStore, what: str, tag: str,
               build: Any) -> Any | None:
@@ -393,7 +394,7 @@ class GpuBackend:
 
         return cast("ResidentRows | None", self._held(_resident_rows, store, "re-ranking", "", build))
 
-    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
+    def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: Metric) -> np.ndarray:
         """Exact scores of each query against its candidate rows: on the device against the
         resident store when it fits, else gathered on the host and scored on the GPU."""
         resident = self._resident(store)
@@ -404,17 +405,17 @@ class GpuBackend:
         with cupy.cuda.Device(self.device):
             return resident.rerank(q, rows, metric)
 
-    def self_topk(self, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    def self_topk(self, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``x``'s rows among themselves: one brute-force GPU search (the
         arithmetic the CPU saves by symmetry is cheap here)."""
         return knn_topk(self.knn, x, x, k, metric)
 
-    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray
+    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
                   ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Both sides' exact top-``k`` by two brute-force GPU searches (``b_floor`` unused)."""
         return knn_topk(self.knn, a, b, k, metric), knn_topk(self.knn, b, a, k, metric)
 
-    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+    def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` over the row store: a GPU flat index over the whole store when it fits
         (made once per worker), else piece by piece from the host (:meth:`knn`)."""
         flat = self._resident_flat(store, metric) if k <= GPU_MAX_K else None
@@ -423,7 +424,7 @@ class GpuBackend:
         with _search_lock(self.device):
             return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
-    def _resident_flat(self, store: RowStore, metric: str) -> Any | None:
+    def _resident_flat(self, store: RowStore, metric: Metric) -> Any | None:
         """A GPU flat index over the whole store for the exact plan (see :meth:`_held`)."""
         def build() -> Any:
             flat = faiss.index_cpu_to_gpu(self.resources(), self.device,

@@ -25,6 +25,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset, Piece
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
+from pipeline.kinds import Metric
 from pipeline.results import ContaminationExample
 from pipeline.search.join import knn_path
 from pipeline.shuffle.edges import passes, read_knn
@@ -45,7 +46,7 @@ class Matches:
     knn_dir: str
     reference: RowStore
     threshold: float
-    metric: str
+    metric: Metric
     drop: bool
 
 

@@ -12,6 +12,7 @@ from pipeline.backends.worker import worker_device
 from pipeline.duplicates.plan import DedupPlan
 from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import PairRecall
 from pipeline.shuffle.edges import passes, read_edges
 from pipeline.stages.progress import task_key
@@ -19,7 +20,7 @@ from pipeline.stages.progress import task_key
 __all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
 
 
-def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metric: str) -> tuple[np.ndarray, ...]:
+def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metric: Metric) -> tuple[np.ndarray, ...]:
     """Every (query, vector) pair whose exact score passes ``threshold`` (``>=``; ``<=`` for l2),
     with FAISS's range search (BLAS-blocked). Returns query positions, vector positions, scores."""
     index = faiss.IndexFlat(vectors.shape[1], FAISS_METRICS[metric])
@@ -33,7 +34,7 @@ def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metr
 
 
 def _exact_pairs_piece(store: RowStore, piece: int, q_rows: np.ndarray, q: np.ndarray, threshold: float,
-                       metric: str) -> tuple[np.ndarray, np.ndarray]:
+                       metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     with worker_device():
         i, j, _ = exact_pairs(q, store.vectors(piece), threshold, metric)
     j = j + int(store.starts[piece])

@@ -10,6 +10,7 @@ import numpy as np
 from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
+from pipeline.kinds import Metric
 from pipeline.results import ExploreRow
 from pipeline.search.join import knn_path
 from pipeline.shuffle.edges import Part, make_parts, map_edges, part_starts, passes, pieces_per_part, reduce_edges
@@ -17,7 +18,7 @@ from pipeline.shuffle.edges import Part, make_parts, map_edges, part_starts, pas
 __all__ = ["explore", "map_part"]
 
 
-def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: str, threshold: float,
+def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: Metric, threshold: float,
              wide_dir: Path | None = None, range_dir: Path | None = None) -> dict[str, int]:
     """Map one partition's lists (and their widened lists and range pairs) to above-threshold
     edges by source row."""
@@ -27,7 +28,7 @@ def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: st
     return {**map_edges(paths, part.start, starts, out, metric, threshold, wide, ranged), "pieces": len(part.pieces)}
 
 
-def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: Metric) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     src, dst, score, _ = reduce_edges(map_dirs, piece, metric, "symmetric")
     one = src < dst
     return src[one], dst[one], score[one]

@@ -40,6 +40,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard, rename
 from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import DedupExample, DedupResult
 from pipeline.search.join import SearchPlan, knn_path
 from pipeline.shuffle.components import connected_components, label_path
@@ -106,7 +107,8 @@ def _members_map(adj: str, labels_dir: str, starts: np.ndarray, piece: int, memb
                       {"label": plab, "a": src[one], "b": dst[one], "score": score[one]})
 
 
-def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: str) -> np.ndarray:
+def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: Metric
+                       ) -> np.ndarray:
     if not rows.size:
         return np.zeros(0, np.float32)
     y = store.gather_vectors(other)

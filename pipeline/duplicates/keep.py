@@ -17,6 +17,7 @@ import pyarrow.compute as pc
 
 from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
 
 __all__ = ["choose_task", "greedy"]
@@ -34,7 +35,7 @@ def _ranking(rows: np.ndarray, labels: np.ndarray, store: RowStore, keys_dir: st
     return pc.sort_indices(pa.table(cols), sort_keys=sort).to_numpy()
 
 
-def greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """Walk ranks ``0..n-1`` in order: keep one unless a pair links it to a rank already kept.
 
     ``ia``/``ib`` are the ranks of each pair's ends. Returns (representative rank, kept) per rank;

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from pipeline.errors import ConfigError
+from pipeline.kinds import Metric
 
 __all__ = ["DedupPlan", "check_plan", "default_thresholds", "bands"]
 
@@ -15,7 +16,7 @@ class DedupPlan:
 
     threshold: float
     mode: str  # components | greedy
-    metric: str
+    metric: Metric
     keep_by: str | None
     keep_order: str  # max | min
 
@@ -29,7 +30,7 @@ def check_plan(plan: DedupPlan) -> None:
         raise ConfigError(f"--threshold {plan.threshold}: a squared l2 distance is >= 0")
 
 
-def default_thresholds(metric: str, threshold: float | None) -> list[float]:
+def default_thresholds(metric: Metric, threshold: float | None) -> list[float]:
     """The thresholds ``--explore`` reports: a range of similarities (or distances) near duplicates."""
     if metric == "l2":
         top = threshold * 4 if threshold else 0.5

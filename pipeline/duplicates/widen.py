@@ -28,6 +28,7 @@ from pipeline.duplicates.exactness import exact_pairs, sampled_exact_pairs
 from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.search.tuning import probe_steps
 from pipeline.shuffle.edges import passes, read_knn, write_knn_blocks
@@ -54,14 +55,14 @@ def _lists(plan: SearchPlan, store: RowStore, rows: np.ndarray) -> tuple[np.ndar
     return out_rows, out_scores
 
 
-def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str) -> np.ndarray:
+def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: Metric) -> np.ndarray:
     """Rows whose every neighbour passes the threshold (more may lie beyond the list)."""
     if not rows.shape[1]:
         return np.zeros(rows.shape[0], dtype=bool)
     return (rows[:, -1] >= 0) & passes(scores[:, -1], threshold, metric)
 
 
-def _to_search(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: str,
+def _to_search(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: Metric,
                linked_too: bool) -> tuple[np.ndarray, np.ndarray]:
     """Which rows of the join's lists are searched again: (saturated, picked) masks. Saturated rows
     always; rows with any neighbour past the threshold too when ``linked_too``."""
@@ -106,7 +107,7 @@ def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated:
     return found, longest, np.concatenate(at_cap), held
 
 
-def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: str,
+def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: Metric,
                 budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every other row whose exact score with one of ``rows`` passes the threshold: FAISS's range
     search over each stored piece in turn (no cap on how many per row). Rows are taken 256 at a

@@ -32,6 +32,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import DegreeStats, GraphResult
 from pipeline.search.join import knn_path
 from pipeline.shuffle.components import component_sizes, connected_components
@@ -64,7 +65,7 @@ class GraphPlan:
     """Resolved graph settings (``kernel_width`` None until measured from the lists)."""
 
     mode: str
-    metric: str
+    metric: Metric
     k: int
     min_score: float | None
     weight: str  # score | gaussian
@@ -76,7 +77,7 @@ def check_plan(plan: GraphPlan) -> None:
         raise ConfigError("--weight gaussian needs a distance: use --metric cosine or l2, or --weight score")
 
 
-def distances(scores: np.ndarray, metric: str) -> np.ndarray:
+def distances(scores: np.ndarray, metric: Metric) -> np.ndarray:
     """Euclidean distance from a score: sqrt of the squared l2, or the chord 2 - 2 cos for cosine."""
     sq = scores if metric == "l2" else 2.0 - 2.0 * scores
     return np.sqrt(np.maximum(sq, 0.0)).astype(np.float32)
@@ -166,7 +167,7 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
     ])
 
 
-def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: int, metric: str) -> None:
+def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: int, metric: Metric) -> None:
     def parts(which: str) -> Iterable[np.ndarray]:
         for p in pieces:
             rows, scores = read_knn(knn_path(knn_dir, p.index))

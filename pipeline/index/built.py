@@ -9,6 +9,7 @@ from typing import Any
 
 from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 
 __all__ = ["BuiltIndex"]
 
@@ -21,7 +22,7 @@ class BuiltIndex:
     dataset: Dataset
     store: RowStore
     dim: int
-    metric: str
+    metric: Metric
     key: str
     ntotal: int
     nlist: int | None

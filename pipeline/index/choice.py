@@ -39,6 +39,7 @@ from typing import Any, cast
 import faiss
 
 from pipeline.errors import ConfigError
+from pipeline.kinds import Metric
 
 __all__ = [
     "encoding_key",
@@ -176,7 +177,7 @@ def encoding_key(key: str) -> str:
     return f"{match.group(1)}x4" if match else key
 
 
-def make_encoder(key: str, d: int, metric: str) -> faiss.Index:
+def make_encoder(key: str, d: int, metric: Metric) -> faiss.Index:
     """The empty index trained and filled for ``key`` (see :func:`encoding_key`).
 
     The twin takes the real index's residual setting: ``PQmx4fs`` encodes raw vectors,
@@ -232,7 +233,7 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
             f"list); d={d} -> {codes}; exact re-ranking recovers what the codes miss")
 
 
-def make_index(key: str, d: int, metric: str) -> faiss.Index:
+def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
     """An empty index from a factory string; a bad string is a :class:`ConfigError`."""
     try:
         index = faiss.index_factory(d, key, FAISS_METRICS[metric])

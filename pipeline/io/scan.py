@@ -18,6 +18,7 @@ from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_bucket
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import ScanRecord
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks, task_key
@@ -30,7 +31,7 @@ log = logging.getLogger(__name__)
 MAX_NORM = 1e15  # squared distances and products of vectors up to this norm stay far inside float32
 
 
-def prepare_vectors(x: np.ndarray, metric: str, piece: Piece, column: str) -> np.ndarray:
+def prepare_vectors(x: np.ndarray, metric: Metric, piece: Piece, column: str) -> np.ndarray:
     """Vectors as the index sees them: L2-normalised for ``cosine``, unchanged otherwise.
 
     Norms are taken in float64, so huge elements neither overflow the check nor the
@@ -63,7 +64,7 @@ def prepare_vectors(x: np.ndarray, metric: str, piece: Piece, column: str) -> np
 
 
 def _scan_piece(
-    piece: Piece, id_column: str, vector_column: str, dim: int | None, id_type: pa.DataType | None, metric: str,
+    piece: Piece, id_column: str, vector_column: str, dim: int | None, id_type: pa.DataType | None, metric: Metric,
     store: RowStore, key_dir: str, nbuckets: int,
 ) -> int:
     ids, x = read_piece(piece, id_column, vector_column, dim, id_type)
@@ -82,7 +83,7 @@ def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
 
 
 def scan_dataset(
-    client: object, dataset: Dataset, store: RowStore, metric: str, manifest: Manifest, stage: str = "scan"
+    client: object, dataset: Dataset, store: RowStore, metric: Metric, manifest: Manifest, stage: str = "scan"
 ) -> int:
     """Scan every piece not yet scanned; check ids; return the vector dimension."""
     info = manifest.stage_record(stage, ScanRecord)

@@ -43,6 +43,7 @@ from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.jobs.recall import measure_recall
+from pipeline.kinds import Metric
 from pipeline.report import peak_rss
 from pipeline.results import (
     FillRecord,
@@ -126,7 +127,7 @@ def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int)
 def _train_task(
     key: str,
     dim: int,
-    metric: str,
+    metric: Metric,
     store: RowStore,
     rows: np.ndarray,
     seed: int,
@@ -167,7 +168,7 @@ def _plan_build(client: Any, cluster: ClusterInfo, config: Config,
     return dataset, budget
 
 
-def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int, metric: str, n_train: int,
+def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int, metric: Metric, n_train: int,
            seed: int, path: Path) -> None:
     """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage."""
     if n_train:

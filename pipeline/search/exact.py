@@ -14,6 +14,7 @@ import numpy as np
 
 from pipeline.backends.worker import worker_device
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.search.stored import merge_topk, piece_topk
 from pipeline.stages.progress import Progress, task_key
 
@@ -21,7 +22,7 @@ __all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
 
 def _exact_piece(
-    store: RowStore, piece: int, queries: np.ndarray, k: int, metric: str
+    store: RowStore, piece: int, queries: np.ndarray, k: int, metric: Metric
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one piece; higher scores first (l2 negated)."""
     with worker_device() as be:
@@ -29,7 +30,7 @@ def _exact_piece(
 
 
 def exact_knn(
-    client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, k: int, metric: str
+    client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, k: int, metric: Metric
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, global rows) of ``queries`` over every stored piece.
 
@@ -51,7 +52,7 @@ def exact_knn(
     return (-scores if metric == "l2" else scores), rows
 
 
-def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: str) -> np.ndarray:
+def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.ndarray:
     """Exact score of each query row with the vector on the same row (FAISS's conventions)."""
     if metric == "l2":
         diff = queries - vectors

@@ -26,6 +26,7 @@ from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric, Strategy
 from pipeline.search.lists import is_ivf_flat, list_major_rows
 from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
 from pipeline.shuffle.edges import write_knn
@@ -47,14 +48,14 @@ class SearchPlan:
     """Resolved search settings (no ``auto`` left) and where the index lives."""
 
     index_dir: str
-    metric: str
+    metric: Metric
     k: int
     nprobe: int | None
     rerank: int
     exclude_self: bool
     self_join: bool  # queries are the indexed rows: exclude by row, not by id
     knn_dir: str | None = None  # also write each piece's lists as global rows here (dedup, graph)
-    strategy: str = "index"  # index: search the FAISS index; exact: GEMM over the row store, piece by piece
+    strategy: Strategy = "index"  # index: search the FAISS index; exact: GEMM over the row store, piece by piece
 
 
 def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:

@@ -29,6 +29,7 @@ from pipeline.io.atomic import write_npz
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.search.stored import merge_topk, shifted
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
@@ -102,14 +103,14 @@ def _pair_path(folder: str, g: int, h: int) -> Path:
     return Path(folder) / f"pair-{g:05d}-{h:05d}.npz"
 
 
-def _diagonal_task(store: RowStore, layout: PairLayout, g: int, width: int, metric: str) -> None:
+def _diagonal_task(store: RowStore, layout: PairLayout, g: int, width: int, metric: Metric) -> None:
     group = layout.groups[g]
     with worker_device() as be:
         scores, rows = be.self_topk(_vectors(store, group), width, metric)
     write_npz(_diagonal_path(layout.folder, g), scores=scores, rows=shifted(rows, group.start))
 
 
-def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, metric: str) -> None:
+def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, metric: Metric) -> None:
     a, b = layout.groups[g], layout.groups[h]
     with np.load(_diagonal_path(layout.folder, h)) as z:
         floor = z["scores"][:, -1]  # h's k-th best within h: nothing lower enters its top k
@@ -120,7 +121,7 @@ def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, 
               b_scores=b_scores, b_rows=shifted(b_rows, a.start))
 
 
-def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int, metric: str,
+def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int, metric: Metric,
                 manifest: Manifest) -> float:
     """Run the diagonal and pair tasks not yet done (stages ``exact_diagonal``, ``exact_pairs``);
     return their wall time."""
@@ -146,7 +147,7 @@ def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int,
     return seconds
 
 
-def piece_lists(layout: PairLayout, piece: Piece, width: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def piece_lists(layout: PairLayout, piece: Piece, width: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """``piece``'s exact lists (scores in the metric's convention, global rows), merged from its
     group's diagonal and every pair that group is part of."""
     g = layout.group_of(piece.index)

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.kinds import Metric
 from pipeline.results import RecallSummary
 
 __all__ = ["TIE_EPS", "recall_at_k", "tie_aware_hits", "tie_aware_recall", "recall_summary"]
@@ -28,13 +29,13 @@ def recall_at_k(
 TIE_EPS = 1e-5  # relative: exact scores of one pair computed two ways (GEMM, einsum) agree far closer
 
 
-def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> float:
+def tie_aware_recall(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: Metric) -> float:
     """Mean of :func:`tie_aware_hits` (NaN without queries)."""
     hits = tie_aware_hits(found_scores, truth_scores, k, metric)
     return float(hits.mean()) if hits.size else float("nan")
 
 
-def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: str) -> np.ndarray:
+def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray, k: int, metric: Metric) -> np.ndarray:
     """Per query, recall@k as big-ann-benchmarks counts it: a found neighbour counts when its exact score is at
     least as good as the query's k-th true score (within a small epsilon), so rows that tie with
     the k-th neighbour (exact duplicates) are not misses.
@@ -56,7 +57,8 @@ def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray,
 
 
 def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
-                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: str = "") -> RecallSummary:
+                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: Metric = "cosine"
+                   ) -> RecallSummary:
     """recall@1, @10 and @k (strict), tie-aware recall@k when the found neighbours' exact scores are
     known, and how far inside the true top-k the misses were.
 

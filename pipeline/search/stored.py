@@ -15,16 +15,16 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 
 __all__ = ["merge_topk", "piece_topk", "streamed_exact", "host_rerank", "worst_score", "ResidentRows",
            "RERANK_CHUNK_BYTES", "pair_topk", "self_topk", "knn_topk", "shifted", "PAIR_TILE"]
 
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 
-Knn = Callable[[np.ndarray, np.ndarray, int, int], tuple[np.ndarray, np.ndarray]]
-Scores = Callable[[np.ndarray, np.ndarray, str], np.ndarray]
+Knn = Callable[[np.ndarray, np.ndarray, int, Metric], tuple[np.ndarray, np.ndarray]]
+Scores = Callable[[np.ndarray, np.ndarray, Metric], np.ndarray]
 
 
 def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -46,7 +46,7 @@ def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
 
 
 def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: int,
-               metric: str) -> tuple[np.ndarray, np.ndarray]:
+               metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one stored piece, higher scores first (l2 negated),
     as global rows. ``knn(queries, vectors, k, faiss_metric)`` is a backend's: FAISS works through
     the piece in GEMM tiles, so memory stays bounded and BLAS (or cuBLAS) does the work."""
@@ -55,7 +55,7 @@ def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: in
 
 
 def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
-                   metric: str) -> tuple[np.ndarray, np.ndarray]:
+                   metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
     stored piece, read one piece at a time (:func:`piece_topk`); :func:`merge_topk` keeps the best."""
     parts = (piece_topk(knn, store, p, queries, k, metric) for p in range(len(store.starts)))
@@ -63,12 +63,12 @@ def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
     return (-scores if metric == "l2" else scores), rows
 
 
-def worst_score(metric: str) -> float:
+def worst_score(metric: Metric) -> float:
     """The score a missing candidate gets, so that it sorts last."""
     return np.inf if metric == "l2" else -np.inf
 
 
-def host_rerank(scores: Scores, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: str) -> np.ndarray:
+def host_rerank(scores: Scores, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: Metric) -> np.ndarray:
     """Exact scores (n, c) of each query against its candidate rows (``-1``: none, scored worst),
     candidates gathered on the host from the memory-mapped store in chunks of ~16 MiB: small
     enough for the allocator to reuse warm memory (a fresh multi-GB buffer per batch spends more
@@ -106,7 +106,7 @@ class ResidentRows:
         """Device bytes the store takes resident: its vectors and their squared norms."""
         return int(store.total_rows) * (4 * int(dim) + 4)
 
-    def rerank(self, q: np.ndarray, rows: np.ndarray, metric: str, chunk_bytes: int = 256 << 20) -> np.ndarray:
+    def rerank(self, q: np.ndarray, rows: np.ndarray, metric: Metric, chunk_bytes: int = 256 << 20) -> np.ndarray:
         """As :func:`host_rerank`, on ``xp``: candidates gathered in device memory, scored by a
         batched matrix product, in chunks of at most ``chunk_bytes`` of gathered vectors."""
         xp = self.xp
@@ -142,7 +142,7 @@ def _heap(n: int, k: int) -> tuple[Any, np.ndarray, np.ndarray]:
     return heap, scores, rows
 
 
-def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.ndarray,
+def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray,
               tile: int = PAIR_TILE) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Exact top-``k`` of ``a``'s rows among ``b``'s and of ``b``'s rows among ``a``'s, from one
     matrix product per tile instead of two: the symmetric half of a self-join.
@@ -198,7 +198,8 @@ def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: str, b_floor: np.nda
     return (a_scores, a_rows), merge_topk([(b_scores, b_rows), _best_per_row(found, len(b), k)], k)
 
 
-def self_topk(knn: Knn, x: np.ndarray, k: int, metric: str, block: int = SELF_BLOCK) -> tuple[np.ndarray, np.ndarray]:
+def self_topk(knn: Knn, x: np.ndarray, k: int, metric: Metric, block: int = SELF_BLOCK
+              ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each row of ``x`` among the rows of ``x`` (itself included), higher
     scores first, local rows: exact search of each block of ``block`` rows against itself
     (``knn``, a backend's), whose ``k``-th scores are the floors with which every pair of blocks
@@ -218,9 +219,9 @@ def self_topk(knn: Knn, x: np.ndarray, k: int, metric: str, block: int = SELF_BL
     return np.concatenate([m[0] for m in merged]), np.concatenate([m[1] for m in merged])
 
 
-def _scored(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def _scored(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """``knn``'s top ``min(k, len(x))`` of ``q`` among ``x``, scores higher-better (l2 negated)."""
-    dist, rows = knn(q, x, min(k, len(x)), FAISS_METRICS[metric])
+    dist, rows = knn(q, x, min(k, len(x)), metric)
     return (-dist if metric == "l2" else dist), rows
 
 
@@ -229,7 +230,7 @@ def shifted(rows: np.ndarray, start: int) -> np.ndarray:
     return np.where(rows >= 0, rows + start, -1)
 
 
-def knn_topk(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: str) -> tuple[np.ndarray, np.ndarray]:
+def knn_topk(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
     """``knn``'s exact top-``k`` of ``q`` among ``x`` as :func:`pair_topk` gives it: scores
     higher-better, local rows, ``(len(q), k)`` padded with the worst score and row ``-1``."""
     scores, rows = _scored(knn, q, x, k, metric)

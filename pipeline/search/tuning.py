@@ -21,6 +21,7 @@ from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import TunePointRecord
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
@@ -97,7 +98,7 @@ class RecallSample:
 
 
 def draw_sample(
-    client: Any, index_store: RowStore, query_store: RowStore, n: int, k: int, metric: str,
+    client: Any, index_store: RowStore, query_store: RowStore, n: int, k: int, metric: Metric,
     exclude_self: bool, self_join: bool, seed: int,
 ) -> RecallSample:
     """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole)."""

@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_npz
+from pipeline.kinds import Metric
 
 __all__ = [
     "FORWARD",
@@ -54,7 +55,7 @@ FORWARD, REVERSE = 1, 2  # flag bits: the edge came from the source's list / fro
 MODES = ("directed", "symmetric", "mutual")
 
 
-def passes(scores: np.ndarray, threshold: float | None, metric: str) -> np.ndarray:
+def passes(scores: np.ndarray, threshold: float | None, metric: Metric) -> np.ndarray:
     """Scores at least as close as ``threshold``: similarity >= it, or (l2) squared distance <= it."""
     if threshold is None:
         return np.ones(np.shape(scores), dtype=bool)
@@ -178,7 +179,7 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 
 # edges -----------------------------------------------------------------------------------------
-def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: str,
+def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: Metric,
               min_score: float | None, wide_paths: Sequence[str] = (), range_paths: Sequence[str] = ()
               ) -> dict[str, int]:
     """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
@@ -221,7 +222,7 @@ def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_
 
 
 def reduce_edges(
-    map_dirs: Sequence[str], part: int, metric: str, mode: str
+    map_dirs: Sequence[str], part: int, metric: Metric, mode: str
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The edges whose source row lies in partition ``part``, one per (src, dst), sorted.
 
