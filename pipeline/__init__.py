@@ -3,9 +3,11 @@
 Packages by concern, in the order data flows through them:
 
 * ``io``: planning Parquet input (``parquet``), the scan into the row ``store``, ``ids``, atomic
-  writes, run directories (``workdir``: locations, owned names, locks), remote filesystems
+  writes, run directories (``workdir``: locations, locks; ``owned``: the ledger of the tool's own
+  files, so nothing else is ever removed or written through a link), remote filesystems
   (``storage``) and the local staging of remote outputs (``staging``), generated sample data;
-* ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge;
+* ``index``: choosing the index (``choice``), the training sample, ``fill`` and merge, and the
+  finished index as later stages see it (``built``);
 * ``search``: the ``join``, ``exact`` ground truth and recall, ``tuning``, list-major search (``lists``),
   exact search and re-ranking against the row store, on the host or resident on a device (``stored``);
 * ``shuffle``: edge shuffles and connected components, shared by ``duplicates`` and ``graphs``;
@@ -16,7 +18,8 @@ Packages by concern, in the order data flows through them:
 * ``backends``: the CPU/GPU seam;
 * ``jobs``: the shared build and join ``stages`` and the ``commands`` (run, build, join, dedup,
   graph, evaluate);
-* ``results`` (typed outcomes), ``report`` (report.json, .md, .html) and its SVG ``charts``.
+* ``results`` (typed outcomes), ``report`` (report.json, .md, .html) and its SVG ``charts``;
+* ``kinds``: the closed sets of names (metrics, strategies, modes) as ``Literal`` types.
 """
 
 from pipeline.config import Config, load_config, parse_config

@@ -65,32 +65,46 @@ class _Frame:
         return _ticks(lo, hi)
 
     def axes(self, title: str, xlabel: str, ylabel: str, x_ticks: bool = True, y_ticks: bool = True) -> list[str]:
-        out = [f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
-               'fill="none" stroke="#444"/>',
-               f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
-               f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 10}" text-anchor="middle">{html.escape(xlabel)}</text>',
-               f'<text x="16" y="{(TOP + H - BOTTOM) / 2}" text-anchor="middle" '
-               f'transform="rotate(-90 16 {(TOP + H - BOTTOM) / 2})">{html.escape(ylabel)}</text>']
+        out = [
+            f'<rect x="{LEFT}" y="{TOP}" width="{W - LEFT - RIGHT}" height="{H - TOP - BOTTOM}" '
+            'fill="none" stroke="#444"/>',
+            f'<text x="{W / 2}" y="20" text-anchor="middle" font-size="14">{html.escape(title)}</text>',
+            f'<text x="{(LEFT + W - RIGHT) / 2}" y="{H - 10}" text-anchor="middle">{html.escape(xlabel)}</text>',
+            f'<text x="16" y="{(TOP + H - BOTTOM) / 2}" text-anchor="middle" '
+            f'transform="rotate(-90 16 {(TOP + H - BOTTOM) / 2})">{html.escape(ylabel)}</text>',
+        ]
         for v in self._axis_ticks(self.y0, self.y1, self.y_log) if y_ticks else []:
             y = self.py(v)
-            out.append(f'<line x1="{LEFT - 4}" x2="{LEFT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#444"/>'
-                       f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(v)}</text>')
+            out.append(
+                f'<line x1="{LEFT - 4}" x2="{LEFT}" y1="{y:.1f}" y2="{y:.1f}" stroke="#444"/>'
+                f'<text x="{LEFT - 6}" y="{y + 4:.1f}" text-anchor="end">{_fmt(v)}</text>'
+            )
         if x_ticks:
             for v in self._axis_ticks(self.x0, self.x1, self.x_log):
                 x = self.px(v)
-                out.append(f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{H - BOTTOM}" y2="{H - BOTTOM + 4}" stroke="#444"/>'
-                           f'<text x="{x:.1f}" y="{H - BOTTOM + 17}" text-anchor="middle">{_fmt(v)}</text>')
+                out.append(
+                    f'<line x1="{x:.1f}" x2="{x:.1f}" y1="{H - BOTTOM}" y2="{H - BOTTOM + 4}" stroke="#444"/>'
+                    f'<text x="{x:.1f}" y="{H - BOTTOM + 17}" text-anchor="middle">{_fmt(v)}</text>'
+                )
         return out
 
 
 def _svg(parts: Sequence[str]) -> str:
-    return (f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
-            'font-family="sans-serif" font-size="11">'
-            f'<rect width="{W}" height="{H}" fill="white"/>' + "".join(parts) + "</svg>\n")
+    return (
+        f'<svg xmlns="http://www.w3.org/2000/svg" width="{W}" height="{H}" viewBox="0 0 {W} {H}" '
+        'font-family="sans-serif" font-size="11">'
+        f'<rect width="{W}" height="{H}" fill="white"/>' + "".join(parts) + "</svg>\n"
+    )
 
 
-def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], title: str, xlabel: str, ylabel: str,
-               x_log: int = 0, hline: tuple[str, float] | None = None) -> str:
+def line_chart(
+    series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    x_log: int = 0,
+    hline: tuple[str, float] | None = None,
+) -> str:
     """Lines with markers, one per ``(label, xs, ys)``, a legend, and an optional labelled level."""
     xs = [x for _, s, _ in series for x in s]
     ys = [y for _, _, s in series for y in s] + ([hline[1]] if hline else [])
@@ -101,25 +115,31 @@ def line_chart(series: Sequence[tuple[str, Sequence[float], Sequence[float]]], t
     legend = list(series) + ([(hline[0], [], [])] if hline else [])
     if hline:
         y = frame.py(hline[1])
-        out.append(f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="grey" '
-                   'stroke-dasharray="6 4"/>')
+        out.append(
+            f'<line x1="{LEFT}" x2="{W - RIGHT}" y1="{y:.1f}" y2="{y:.1f}" stroke="grey" stroke-dasharray="6 4"/>'
+        )
     for i, (_, sx, sy) in enumerate(series):
         colour = COLOURS[i % len(COLOURS)]
         points = " ".join(f"{frame.px(x):.1f},{frame.py(y):.1f}" for x, y in zip(sx, sy, strict=True))
         out.append(f'<polyline points="{points}" fill="none" stroke="{colour}" stroke-width="2"/>')
-        out += [f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="3" fill="{colour}"/>'
-                for x, y in zip(sx, sy, strict=True)]
+        out += [
+            f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="3" fill="{colour}"/>'
+            for x, y in zip(sx, sy, strict=True)
+        ]
     for i, (label, _, _) in enumerate(legend):
         y = H - BOTTOM - 12 - 16 * (len(legend) - 1 - i)
         colour = "grey" if hline and i == len(legend) - 1 else COLOURS[i % len(COLOURS)]
-        out.append(f'<line x1="{W - RIGHT - 130}" x2="{W - RIGHT - 110}" y1="{y - 4}" y2="{y - 4}" '
-                   f'stroke="{colour}" stroke-width="2"/>'
-                   f'<text x="{W - RIGHT - 104}" y="{y}">{html.escape(label)}</text>')
+        out.append(
+            f'<line x1="{W - RIGHT - 130}" x2="{W - RIGHT - 110}" y1="{y - 4}" y2="{y - 4}" '
+            f'stroke="{colour}" stroke-width="2"/>'
+            f'<text x="{W - RIGHT - 104}" y="{y}">{html.escape(label)}</text>'
+        )
     return _svg(out)
 
 
-def histogram(values: np.ndarray, bins: int, value_range: tuple[float, float], title: str, xlabel: str,
-              ylabel: str) -> str:
+def histogram(
+    values: np.ndarray, bins: int, value_range: tuple[float, float], title: str, xlabel: str, ylabel: str
+) -> str:
     """Counts of ``values`` in ``bins`` equal bins over ``value_range``."""
     counts, edges = np.histogram(values, bins=bins, range=value_range)
     frame = _Frame((float(edges[0]), float(edges[-1])), (0.0, float(max(counts.max(), 1)) * 1.05))
@@ -127,13 +147,22 @@ def histogram(values: np.ndarray, bins: int, value_range: tuple[float, float], t
     for c, a, b in zip(counts.tolist(), edges[:-1].tolist(), edges[1:].tolist(), strict=True):
         if c:
             x0, x1, y = frame.px(a), frame.px(b), frame.py(c)
-            out.append(f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 0.5, 0.5):.1f}" '
-                       f'height="{H - BOTTOM - y:.1f}" fill="{COLOURS[0]}"/>')
+            out.append(
+                f'<rect x="{x0:.1f}" y="{y:.1f}" width="{max(x1 - x0 - 0.5, 0.5):.1f}" '
+                f'height="{H - BOTTOM - y:.1f}" fill="{COLOURS[0]}"/>'
+            )
     return _svg(out)
 
 
-def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, xlabel: str, ylabel: str,
-              horizontal: bool = False, y_log: bool = False) -> str:
+def bar_chart(
+    labels: Sequence[str],
+    values: Sequence[float],
+    title: str,
+    xlabel: str,
+    ylabel: str,
+    horizontal: bool = False,
+    y_log: bool = False,
+) -> str:
     """One bar per label: horizontal bars (labels down the side), or vertical ones (log counts allowed)."""
     n = max(1, len(labels))
     top = max([*values, 1e-9])
@@ -143,10 +172,12 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, xlabel
         band = (H - TOP - BOTTOM) / n
         for i, (label, v) in enumerate(zip(labels, values, strict=True)):
             y = TOP + i * band
-            out.append(f'<rect x="{LEFT}" y="{y + 0.15 * band:.1f}" width="{frame.px(v) - LEFT:.1f}" '
-                       f'height="{0.7 * band:.1f}" fill="{COLOURS[0]}"/>'
-                       f'<text x="{LEFT - 6}" y="{y + band / 2 + 4:.1f}" text-anchor="end">{html.escape(label)}</text>'
-                       f'<text x="{frame.px(v) + 4:.1f}" y="{y + band / 2 + 4:.1f}">{_fmt(v)}</text>')
+            out.append(
+                f'<rect x="{LEFT}" y="{y + 0.15 * band:.1f}" width="{frame.px(v) - LEFT:.1f}" '
+                f'height="{0.7 * band:.1f}" fill="{COLOURS[0]}"/>'
+                f'<text x="{LEFT - 6}" y="{y + band / 2 + 4:.1f}" text-anchor="end">{html.escape(label)}</text>'
+                f'<text x="{frame.px(v) + 4:.1f}" y="{y + band / 2 + 4:.1f}">{_fmt(v)}</text>'
+            )
         return _svg(out)
     low = min([v for v in values if v > 0] or [1.0])
     frame = _Frame((0.0, 1.0), (low / 2 if y_log else 0.0, top * (2 if y_log else 1.05)), y_log=10 if y_log else 0)
@@ -157,9 +188,12 @@ def bar_chart(labels: Sequence[str], values: Sequence[float], title: str, xlabel
         x = LEFT + i * band
         if v > 0:
             y = frame.py(v)
-            out.append(f'<rect x="{x + 0.1 * band:.1f}" y="{y:.1f}" width="{0.8 * band:.1f}" '
-                       f'height="{H - BOTTOM - y:.1f}" fill="{COLOURS[0]}"/>')
+            out.append(
+                f'<rect x="{x + 0.1 * band:.1f}" y="{y:.1f}" width="{0.8 * band:.1f}" '
+                f'height="{H - BOTTOM - y:.1f}" fill="{COLOURS[0]}"/>'
+            )
         if i % step == 0:
-            out.append(f'<text x="{x + band / 2:.1f}" y="{H - BOTTOM + 15}" text-anchor="middle">'
-                       f'{html.escape(label)}</text>')
+            out.append(
+                f'<text x="{x + band / 2:.1f}" y="{H - BOTTOM + 15}" text-anchor="middle">{html.escape(label)}</text>'
+            )
     return _svg(out)

@@ -31,19 +31,36 @@ log = logging.getLogger("pipeline")
 BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target", "write_dataset"}
 
 
-GROUPS = {"data": "input", "index": "index", "search": "search", "": "output", "cluster": "cluster",
-          "dedup": "dedup", "graph": "graph"}
+GROUPS = {
+    "data": "input",
+    "index": "index",
+    "search": "search",
+    "": "output",
+    "cluster": "cluster",
+    "dedup": "dedup",
+    "graph": "graph",
+}
 _SELF_JOIN = ("data", "index", "search", "", "cluster")
 # the sections of keys each command reads (submit forwards every key to the job it runs)
 COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
-    "run": _SELF_JOIN, "build": ("data", "index", "", "cluster"), "join": ("data", "search", "", "cluster"),
-    "evaluate": ("search", "", "cluster"), "dedup": (*_SELF_JOIN, "dedup"), "graph": (*_SELF_JOIN, "graph"),
+    "run": _SELF_JOIN,
+    "build": ("data", "index", "", "cluster"),
+    "join": ("data", "search", "", "cluster"),
+    "evaluate": ("search", "", "cluster"),
+    "dedup": (*_SELF_JOIN, "dedup"),
+    "graph": (*_SELF_JOIN, "graph"),
     "submit": tuple(GROUPS),
 }
 _ALSO = {"join": {"metric"}, "evaluate": {"seed"}}  # single keys of other sections a command reads
 _NOT = {"build": {"output"}, "evaluate": {"partition_size", "overwrite"}}
-CHOICES = {"metric": METRICS, "device": DEVICES, "dedup_mode": ("components", "greedy"), "keep_order": ("max", "min"),
-           "graph_mode": ("directed", "symmetric", "mutual"), "weight": ("score", "gaussian")}
+CHOICES = {
+    "metric": METRICS,
+    "device": DEVICES,
+    "dedup_mode": ("components", "greedy"),
+    "keep_order": ("max", "min"),
+    "graph_mode": ("directed", "symmetric", "mutual"),
+    "weight": ("score", "gaussian"),
+}
 
 
 def _default(key: str) -> Any:
@@ -60,19 +77,33 @@ def _default(key: str) -> Any:
 def config_reference() -> str:
     """The README's configuration table, generated from the config schema (``KEYS``) so it cannot
     drift: every key with its flag, default, the commands that read it and what it means."""
-    readers = {key: [c for c in COMMAND_SECTIONS if c != "submit" and (KEYS[key][0] in COMMAND_SECTIONS[c]
-                                                                       or key in _ALSO.get(c, ()))
-                     and key not in _NOT.get(c, ())] for key in KEYS}
+    readers = {
+        key: [
+            c
+            for c in COMMAND_SECTIONS
+            if c != "submit"
+            and (KEYS[key][0] in COMMAND_SECTIONS[c] or key in _ALSO.get(c, ()))
+            and key not in _NOT.get(c, ())
+        ]
+        for key in KEYS
+    }
     lines = ["| key / flag | default | commands | meaning |", "|---|---|---|---|"]
     for key, (_, _, _, help_text) in KEYS.items():
         default = _default(key)
         if default is None and "auto" in help_text:
             default = "auto"
-        shown_default = "" if default is None or default == () else f"`{str(default).lower()}`" \
-            if isinstance(default, bool) else f"`{default}`"
+        shown_default = (
+            ""
+            if default is None or default == ()
+            else f"`{str(default).lower()}`"
+            if isinstance(default, bool)
+            else f"`{default}`"
+        )
         choices = f" (one of: {', '.join(f'`{c}`' for c in CHOICES[key])})" if key in CHOICES else ""
-        lines.append(f"| `{key}` / `--{key.replace('_', '-')}` | {shown_default} | {', '.join(readers[key])} | "
-                     f"{help_text}{choices} |")
+        lines.append(
+            f"| `{key}` / `--{key.replace('_', '-')}` | {shown_default} | {', '.join(readers[key])} | "
+            f"{help_text}{choices} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -80,8 +111,11 @@ def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """The flags of ``command``'s keys, grouped by section, each with its default and choices."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of keys (flags override it)")
     sections = COMMAND_SECTIONS[command]
-    groups = {s: parser.add_argument_group(GROUPS[s]) for s in GROUPS if s in sections or any(
-        KEYS[k][0] == s for k in _ALSO.get(command, ()))}
+    groups = {
+        s: parser.add_argument_group(GROUPS[s])
+        for s in GROUPS
+        if s in sections or any(KEYS[k][0] == s for k in _ALSO.get(command, ()))
+    }
     for key, (section, _, _, help_text) in KEYS.items():
         if (section not in sections and key not in _ALSO.get(command, ())) or key in _NOT.get(command, ()):
             continue
@@ -98,8 +132,12 @@ def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
             group.add_argument(flag, dest=key, nargs="+", action="extend", metavar="PATH", help=text)
         else:
             group.add_argument(flag, dest=key, default=None, metavar=key.upper(), help=text)
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="debug logging: every task as it ends, batch sizes, and Dask's own log lines")
+    parser.add_argument(
+        "-v",
+        "--verbose",
+        action="store_true",
+        help="debug logging: every task as it ends, batch sizes, and Dask's own log lines",
+    )
     parser.add_argument("-q", "--quiet", action="store_true", help="warnings and errors only")
 
 
@@ -119,17 +157,28 @@ def build_parser() -> argparse.ArgumentParser:
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
         ("build", "build the index only, into --index-dir"),
         ("join", "search the --input queries against an existing --index-dir"),
-        ("evaluate", "recall of the neighbour table in --output, or of --index-dir at given settings, "
-                     "against exact search on a sample"),
+        (
+            "evaluate",
+            "recall of the neighbour table in --output, or of --index-dir at given settings, "
+            "against exact search on a sample",
+        ),
         ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
         ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):
         _add_job_flags(sub.add_parser(name, help=help_text, description=help_text), name)
-    submit = sub.add_parser("submit", help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
-                            description="Write and submit one driver job script that runs JOB with this config; the "
-                            "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.")
-    submit.add_argument("job", nargs="?", default="run", choices=("run", "build", "join", "dedup", "graph", "evaluate"),
-                        help="the command the driver runs (default: run)")
+    submit = sub.add_parser(
+        "submit",
+        help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
+        description="Write and submit one driver job script that runs JOB with this config; the "
+        "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.",
+    )
+    submit.add_argument(
+        "job",
+        nargs="?",
+        default="run",
+        choices=("run", "build", "join", "dedup", "graph", "evaluate"),
+        help="the command the driver runs (default: run)",
+    )
     submit.add_argument(
         "--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing"
     )
@@ -178,19 +227,26 @@ def main(argv: Sequence[str] | None = None) -> int:
                 if value < least:
                     raise ConfigError(f"sample-data: {flag} {value} is below {least}; give a positive number")
             if args.shards > args.rows:
-                raise ConfigError(f"sample-data: --shards {args.shards} is more than --rows {args.rows} (a shard would "
-                                  "be empty); give fewer shards")
+                raise ConfigError(
+                    f"sample-data: --shards {args.shards} is more than --rows {args.rows} (a shard would "
+                    "be empty); give fewer shards"
+                )
             target = Path(args.directory)
             marker = target / ".sample-data.json"
             wanted = {"rows": args.rows, "dim": args.dim, "shards": args.shards, "seed": args.seed}
             if target.is_dir() and any(target.iterdir()):
                 if marker.exists() and json.loads(marker.read_text()) == wanted:
-                    log.info("%s already holds this sample (%d rows x %d dims): nothing to do", target, args.rows,
-                             args.dim)
+                    log.info(
+                        "%s already holds this sample (%d rows x %d dims): nothing to do", target, args.rows, args.dim
+                    )
                     return 0
-                raise ConfigError(f"sample-data: {shown(target)} is not empty (its files would mix with the new "
-                                  "shards, and nothing there is removed); choose a new or empty directory")
-            paths = write_shards(args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), args.shards)
+                raise ConfigError(
+                    f"sample-data: {shown(target)} is not empty (its files would mix with the new "
+                    "shards, and nothing there is removed); choose a new or empty directory"
+                )
+            paths = write_shards(
+                args.directory, clustered_vectors(args.rows, args.dim, seed=args.seed), shards=args.shards
+            )
             marker.write_text(json.dumps(wanted))
             log.info("wrote %d rows x %d dims in %d shards to %s", args.rows, args.dim, len(paths), args.directory)
             return 0
@@ -208,8 +264,10 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(f"# submit with: {' '.join(sub.argv)}")
                 return 0
             job_id = submit(sub, config)
-            print(f"submitted {sub.kind} job {job_id}: driver log {sub.log_dir}/driver-{job_id}.log, "
-                  f"worker logs in {sub.log_dir}")
+            print(
+                f"submitted {sub.kind} job {job_id}: driver log {sub.log_dir}/driver-{job_id}.log, "
+                f"worker logs in {sub.log_dir}"
+            )
             return 0
         signal.signal(signal.SIGTERM, _terminated)  # a batch walltime or scancel: close worker jobs on the way out
         result = getattr(jobs, args.command)(config)
@@ -220,8 +278,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             for row in result.dedup_explore:
                 share = row.rows_dropped / max(1, row.rows_in)
                 print(f"{row.threshold:>10} {row.pairs:>10} {row.rows_dropped:>13} {share:>7.2%}")
-            print("(from each row's k nearest neighbours only: a real run also searches rows with more than k "
-                  "duplicates again, and rows with a pair over more lists, so it can find more pairs)")
+            print(
+                "(from each row's k nearest neighbours only: a real run also searches rows with more than k "
+                "duplicates again, and rows with a pair over more lists, so it can find more pairs)"
+            )
         return 0
     except PipelineError as exc:
         log.error("%s", exc)
@@ -229,8 +289,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except OSError as exc:
         if exc.errno not in _DISK_ERRORS:
             raise
-        log.error("%s: %s; %s, then run the same command again to resume (finished parts are kept)",
-                  shown(exc.filename or "output"), exc.strerror, _DISK_ERRORS[exc.errno])
+        log.error(
+            "%s: %s; %s, then run the same command again to resume (finished parts are kept)",
+            shown(exc.filename or "output"),
+            exc.strerror,
+            _DISK_ERRORS[exc.errno],
+        )
         return 2
     except Terminated:
         log.error("terminated (SIGTERM: walltime, scancel or kill); run or submit the same command again to resume")
@@ -242,12 +306,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 _FULL = "free space there (or raise the quota), or choose another --output / --index-dir"
 _READ_ONLY = "the directory is not writable: fix its permissions, or choose another --output / --index-dir"
-_DISK_ERRORS = {errno.ENOSPC: _FULL, errno.EDQUOT: _FULL, errno.EROFS: _READ_ONLY, errno.EACCES: _READ_ONLY,
-                errno.EPERM: _READ_ONLY,
-                errno.EFBIG: "a file grew past what this filesystem or the process's file-size limit allows; "
-                             "lower --partition-size or choose another --output / --index-dir",
-                errno.ENOENT: "a file or folder of the job's vanished while it ran (was the output or index "
-                              "directory removed or moved?); keep it in place"}
+_DISK_ERRORS = {
+    errno.ENOSPC: _FULL,
+    errno.EDQUOT: _FULL,
+    errno.EROFS: _READ_ONLY,
+    errno.EACCES: _READ_ONLY,
+    errno.EPERM: _READ_ONLY,
+    errno.EFBIG: "a file grew past what this filesystem or the process's file-size limit allows; "
+    "lower --partition-size or choose another --output / --index-dir",
+    errno.ENOENT: "a file or folder of the job's vanished while it ran (was the output or index "
+    "directory removed or moved?); keep it in place",
+}
 
 
 class Terminated(Exception):

@@ -237,9 +237,11 @@ def _no_secret(key: str, location: str) -> str:
     they would reach logs, reports and job scripts."""
     parts = urlsplit(location)
     if len(parts.scheme) > 1 and "@" in parts.netloc:
-        raise ConfigError(f"{key}: a {parts.scheme}:// URL with credentials in it is refused (they would be shown in "
-                          "logs and reports); give them through the environment (AWS_ACCESS_KEY_ID, ...) or "
-                          "storage_options, and drop the 'user:secret@' part")
+        raise ConfigError(
+            f"{key}: a {parts.scheme}:// URL with credentials in it is refused (they would be shown in "
+            "logs and reports); give them through the environment (AWS_ACCESS_KEY_ID, ...) or "
+            "storage_options, and drop the 'user:secret@' part"
+        )
     return location
 
 
@@ -317,11 +319,14 @@ def _index_key(key: str, v: Any) -> str:
     if s.lower() == "auto":
         return "auto"
     if re.search(r"(^|,)IDMap2?(,|$)", s):
-        raise ConfigError(f"{key}: {s!r} wraps the index in an IDMap, which the tool does itself (every vector's id is "
-                          "its global row); drop the 'IDMap,' part")
+        raise ConfigError(
+            f"{key}: {s!r} wraps the index in an IDMap, which the tool does itself (every vector's id is "
+            "its global row); drop the 'IDMap,' part"
+        )
     if re.search(r"(^|,)IVF0+(?!\d)", s):
-        raise ConfigError(f"{key}: {s!r} asks for an inverted file of 0 lists; give at least one list (IVF1024,...), "
-                          "or auto")
+        raise ConfigError(
+            f"{key}: {s!r} asks for an inverted file of 0 lists; give at least one list (IVF1024,...), or auto"
+        )
     return s
 
 
@@ -338,10 +343,13 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
     "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),
     "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
-    "target_recall": ("search", "target_recall", _fraction,
-                      "tie-aware recall@k to reach on held-out queries, or off"),
-    "allow_below_target": ("search", "allow_below_target", _bool,
-                           "finish with exit 0 (and a warning) when the recall target is missed"),
+    "target_recall": ("search", "target_recall", _fraction, "tie-aware recall@k to reach on held-out queries, or off"),
+    "allow_below_target": (
+        "search",
+        "allow_below_target",
+        _bool,
+        "finish with exit 0 (and a warning) when the recall target is missed",
+    ),
     "recall_queries": ("search", "recall_queries", _integer(0), "queries sampled to measure recall (0 = off)"),
     "device": ("cluster", "device", _choice(*DEVICES), "device requirement each worker checks"),
     "workers": ("cluster", "workers", _integer(1, auto=True), "Dask worker processes, or auto"),
@@ -375,15 +383,31 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
         _bool,
         "dedup: print pairs and rows dropped over a range of thresholds, write no groups",
     ),
-    "target_pair_recall": ("dedup", "target_pair_recall", _pair_fraction,
-                           "dedup: share of the exact above-threshold pairs to find, or off"),
-    "against": ("dedup", "against", _opt_paths,
-                "dedup: reference Parquet (e.g. evaluation sets); input rows within --threshold of one are "
-                "contaminated (the reference is only read)"),
-    "against_action": ("dedup", "against_action", _choice("drop", "flag"),
-                       "dedup: drop contaminated rows from deduplicated/, or only flag them in contamination/"),
-    "write_dataset": ("dedup", "write_dataset", _bool,
-                      "dedup: write deduplicated/ (the input files minus the dropped rows) and removed/"),
+    "target_pair_recall": (
+        "dedup",
+        "target_pair_recall",
+        _pair_fraction,
+        "dedup: share of the exact above-threshold pairs to find, or off",
+    ),
+    "against": (
+        "dedup",
+        "against",
+        _opt_paths,
+        "dedup: reference Parquet (e.g. evaluation sets); input rows within --threshold of one are "
+        "contaminated (the reference is only read)",
+    ),
+    "against_action": (
+        "dedup",
+        "against_action",
+        _choice("drop", "flag"),
+        "dedup: drop contaminated rows from deduplicated/, or only flag them in contamination/",
+    ),
+    "write_dataset": (
+        "dedup",
+        "write_dataset",
+        _bool,
+        "dedup: write deduplicated/ (the input files minus the dropped rows) and removed/",
+    ),
     "graph_mode": (
         "graph",
         "mode",
@@ -412,8 +436,12 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "index_dir": ("", "index_dir", _location, "index directory (default: OUTPUT/index)"),
     "partition_size": ("", "partition_bytes", _bytes, "vector bytes per Dask partition"),
     "overwrite": ("", "overwrite", _bool, "discard an existing run that does not match"),
-    "scratch_dir": ("", "scratch_dir", _location,
-                    "local folder where an --output or --index-dir on object storage is staged (default: temp)"),
+    "scratch_dir": (
+        "",
+        "scratch_dir",
+        _location,
+        "local folder where an --output or --index-dir on object storage is staged (default: temp)",
+    ),
 }
 
 
@@ -457,16 +485,30 @@ def _interpreter(key: str, v: Any) -> str:
     s = _str(key, v)
     bad = sorted(set(s) & _SHELL_SPECIAL)
     if bad:
-        raise ConfigError(f"{key}: {s!r} must be a plain interpreter path, without shell characters "
-                          f"({' '.join(repr(c) for c in bad)}); put set-up commands under setup:")
+        raise ConfigError(
+            f"{key}: {s!r} must be a plain interpreter path, without shell characters "
+            f"({' '.join(repr(c) for c in bad)}); put set-up commands under setup:"
+        )
     return s
 
 
 PROFILE_FIELDS: dict[str, Callable[[str, Any], Any]] = {
-    "kind": _choice("slurm", "pbs"), "queue": _word, "account": _word, "walltime": _walltime,
-    "cores": _integer(1), "memory": _memory, "processes": _integer(1), "gpus": _integer(0), "jobs": _integer(1),
-    "adaptive_min": _integer(0), "adaptive_max": _integer(1), "directives": _lines, "setup": _lines,
-    "python": _interpreter, "interface": _word, "driver_memory": _memory,
+    "kind": _choice("slurm", "pbs"),
+    "queue": _word,
+    "account": _word,
+    "walltime": _walltime,
+    "cores": _integer(1),
+    "memory": _memory,
+    "processes": _integer(1),
+    "gpus": _integer(0),
+    "jobs": _integer(1),
+    "adaptive_min": _integer(0),
+    "adaptive_max": _integer(1),
+    "directives": _lines,
+    "setup": _lines,
+    "python": _interpreter,
+    "interface": _word,
+    "driver_memory": _memory,
 }
 
 
@@ -494,8 +536,10 @@ def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
         raise ConfigError(f"profiles.{name}.kind: expected one of {', '.join(PROFILE_KINDS)}, got {kind!r}")
     if kind not in ("slurm", "pbs"):
         if set(entry) - {"kind"}:
-            raise ConfigError(f"profiles.{name}: a {kind} profile takes no settings besides kind "
-                              f"(got {', '.join(sorted(set(entry) - {'kind'}))})")
+            raise ConfigError(
+                f"profiles.{name}: a {kind} profile takes no settings besides kind "
+                f"(got {', '.join(sorted(set(entry) - {'kind'}))})"
+            )
         return kind, None
     fields: dict[str, Any] = {}
     for raw, value in entry.items():
@@ -507,8 +551,10 @@ def _profile(name: str, profiles: Any) -> tuple[str, JobQueueSpec | None]:
     fields["kind"] = kind
     gpus = fields.get("gpus", 0)
     if gpus and fields.setdefault("processes", gpus) != gpus:
-        raise ConfigError(f"profiles.{name}: processes {fields['processes']} with gpus {gpus}: each GPU gets one "
-                          f"worker process, so give processes: {gpus} (or leave it out)")
+        raise ConfigError(
+            f"profiles.{name}: processes {fields['processes']} with gpus {gpus}: each GPU gets one "
+            f"worker process, so give processes: {gpus} (or leave it out)"
+        )
     spec = JobQueueSpec(**fields)
     if (spec.adaptive_min is None) != (spec.adaptive_max is None):
         raise ConfigError(f"profiles.{name}: give both adaptive_min and adaptive_max, or neither (fixed jobs)")
@@ -522,8 +568,15 @@ def parse_config(values: Mapping[str, Any], *, source: str = "config") -> Config
 
     ``profiles`` (a mapping of named cluster profiles) is the one nested key; ``profile`` picks one.
     """
-    sections: dict[str, dict[str, Any]] = {"data": {}, "index": {}, "search": {}, "cluster": {}, "dedup": {},
-                                           "graph": {}, "": {}}
+    sections: dict[str, dict[str, Any]] = {
+        "data": {},
+        "index": {},
+        "search": {},
+        "cluster": {},
+        "dedup": {},
+        "graph": {},
+        "": {},
+    }
     values = dict(values)
     profiles = values.pop("profiles", None)
     storage = _storage_options(values.pop("storage_options", None))
@@ -607,6 +660,9 @@ def dump_config(config: Config, storage_options: bool = False) -> str:
         flat["storage_options"] = dict(config.storage_options)
     jq = config.cluster.jobqueue
     if jq is not None:
-        flat["profiles"] = {config.cluster.profile: {k: list(v) if isinstance(v, tuple) else v
-                                                     for k, v in asdict(jq).items() if v is not None}}
+        flat["profiles"] = {
+            config.cluster.profile: {
+                k: list(v) if isinstance(v, tuple) else v for k, v in asdict(jq).items() if v is not None
+            }
+        }
     return yaml.safe_dump(flat, sort_keys=False)

@@ -6,8 +6,19 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-__all__ = ["Metric", "Strategy", "DedupMode", "GraphMode", "ProfileKind", "BackendName", "METRICS", "STRATEGIES",
-           "DEDUP_MODES", "GRAPH_MODES", "PROFILE_KINDS"]
+__all__ = [
+    "Metric",
+    "Strategy",
+    "DedupMode",
+    "GraphMode",
+    "ProfileKind",
+    "BackendName",
+    "METRICS",
+    "STRATEGIES",
+    "DEDUP_MODES",
+    "GRAPH_MODES",
+    "PROFILE_KINDS",
+]
 
 Metric = Literal["l2", "ip", "cosine"]  # cosine: inner product of L2-normalised vectors
 Strategy = Literal["index", "exact"]  # search the index, or exact search over the row store

@@ -75,8 +75,11 @@ def _curve(recall: RecallResult | None) -> list[TunePointRecord]:
         return []
     if recall.curve:
         return list(recall.curve)
-    return [TunePointRecord(recall.nprobe, recall.rerank, recall.recall, recall.recall_strict, 0.0, 0.0,
-                            recall.queries, 0.0)]
+    return [
+        TunePointRecord(
+            recall.nprobe, recall.rerank, recall.recall, recall.recall_strict, 0.0, 0.0, recall.queries, 0.0
+        )
+    ]
 
 
 def _write_chart(output: Path, name: str, svg: str) -> None:
@@ -94,19 +97,40 @@ def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, 
         for rerank in sorted({p.rerank for p in curve}):
             pts = sorted((p for p in curve if p.rerank == rerank), key=lambda p: p.nprobe or 0)
             series.append((f"rerank {rerank}", [float(p.nprobe or 0) for p in pts], [p.recall for p in pts]))
-        _write_chart(output, "recall_curve.svg", line_chart(
-            series, "recall against nprobe", "nprobe", f"recall@{recall.k}", x_log=2,
-            hline=(f"target {recall.target}", recall.target) if recall.target else None))
+        _write_chart(
+            output,
+            "recall_curve.svg",
+            line_chart(
+                series,
+                "recall against nprobe",
+                "nprobe",
+                f"recall@{recall.k}",
+                x_log=2,
+                hline=(f"target {recall.target}", recall.target) if recall.target else None,
+            ),
+        )
         made.append(("Recall against nprobe (throughput in the sweep below)", "recall_curve.svg"))
     if kth.size:
-        _write_chart(output, "kth_score.svg", histogram(
-            kth, 60, _hist_range(kth), f"k-th neighbour score ({kth.size:,} queries sampled)",
-            f"score of the k-th neighbour ({report.index.metric})", "queries"))
+        _write_chart(
+            output,
+            "kth_score.svg",
+            histogram(
+                kth,
+                60,
+                _hist_range(kth),
+                f"k-th neighbour score ({kth.size:,} queries sampled)",
+                f"score of the k-th neighbour ({report.index.metric})",
+                "queries",
+            ),
+        )
         made.append(("Score of the k-th neighbour", "kth_score.svg"))
     timings = report.timings_s
     if timings:
-        _write_chart(output, "timings.svg", bar_chart(list(timings), list(timings.values()), "wall time per phase",
-                                                      "seconds", "", horizontal=True))
+        _write_chart(
+            output,
+            "timings.svg",
+            bar_chart(list(timings), list(timings.values()), "wall time per phase", "seconds", "", horizontal=True),
+        )
         made.append(("Time per phase", "timings.svg"))
     return made
 
@@ -124,12 +148,19 @@ def _esc(v: Any) -> str:
 def _explore_lines(report: JobReport) -> list[str]:
     if not report.dedup_explore:
         return []
-    lines = ["## Dedup thresholds (explore)", "",
-             "Counted from each row's k nearest neighbours only; a real run also searches rows with more than k "
-             "duplicates again (and rows with a pair over more lists), so it can find more pairs.", "",
-             "| threshold | pairs | rows dropped (components) | share |", "|---|---|---|---|"]
-    lines += [f"| {r.threshold} | {r.pairs:,} | {r.rows_dropped:,} | {r.rows_dropped / max(1, r.rows_in):.2%} |"
-              for r in report.dedup_explore]
+    lines = [
+        "## Dedup thresholds (explore)",
+        "",
+        "Counted from each row's k nearest neighbours only; a real run also searches rows with more than k "
+        "duplicates again (and rows with a pair over more lists), so it can find more pairs.",
+        "",
+        "| threshold | pairs | rows dropped (components) | share |",
+        "|---|---|---|---|",
+    ]
+    lines += [
+        f"| {r.threshold} | {r.pairs:,} | {r.rows_dropped:,} | {r.rows_dropped / max(1, r.rows_in):.2%} |"
+        for r in report.dedup_explore
+    ]
     return lines + [""]
 
 
@@ -151,33 +182,44 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
         f"| rows dropped | {d.rows_dropped:,} ({d.rows_dropped / max(1, d.rows_in):.2%}); kept {d.rows_kept:,} |",
     ]
     if d.dataset is not None:
-        lines.append(f"| deduplicated dataset | `deduplicated/` (the input files minus the dropped rows) and "
-                     f"`removed/`: {d.dataset.files_written:,} file(s) written this run, "
-                     f"{d.dataset.files_unchanged:,} unchanged |")
+        lines.append(
+            f"| deduplicated dataset | `deduplicated/` (the input files minus the dropped rows) and "
+            f"`removed/`: {d.dataset.files_written:,} file(s) written this run, "
+            f"{d.dataset.files_unchanged:,} unchanged |"
+        )
     ex = d.exactness
     if ex is not None:
         pr = "n/a (no exact pairs in the sample)" if ex.pair_recall is None else f"{ex.pair_recall:.4f}"
         target = f" (target {d.target_pair_recall})" if d.target_pair_recall else ""
-        lines.append(f"| pair recall | {pr}{target}: {ex.exact_pairs:,} exact pairs among {ex.queries:,} sampled rows; "
-                     f"{ex.below_threshold} found pairs fail the threshold |")
+        lines.append(
+            f"| pair recall | {pr}{target}: {ex.exact_pairs:,} exact pairs among {ex.queries:,} sampled rows; "
+            f"{ex.below_threshold} found pairs fail the threshold |"
+        )
     if d.searched_again:
-        wider = f"; rows with a pair over nprobe={d.pair_nprobe} to reach the pair-recall target" if d.pair_nprobe \
-            else ""
-        lines.append(f"| rows searched again | {d.searched_again:,}: rows whose k neighbours all passed the threshold, "
-                     f"with longer lists{wider} |")
+        wider = (
+            f"; rows with a pair over nprobe={d.pair_nprobe} to reach the pair-recall target" if d.pair_nprobe else ""
+        )
+        lines.append(
+            f"| rows searched again | {d.searched_again:,}: rows whose k neighbours all passed the threshold, "
+            f"with longer lists{wider} |"
+        )
     if d.saturated_rows:
-        lines.append(f"| rows at the limit | {d.saturated_rows:,} rows still had every neighbour above the threshold "
-                     "at the longest list (1,024, or what partition_size lets the shuffle hold): their groups "
-                     "can be incomplete |")
+        lines.append(
+            f"| rows at the limit | {d.saturated_rows:,} rows still had every neighbour above the threshold "
+            "at the longest list (1,024, or what partition_size lets the shuffle hold): their groups "
+            "can be incomplete |"
+        )
     lines.append("")
     if d.group_sizes:
         _count_plot(output, "group_sizes.svg", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
         lines += ["### Group sizes", "", "![group sizes](group_sizes.svg)", ""]
     if d.examples:
         lines += ["### Example pairs by score", ""]
-        lines += _examples_table(["score", "id a", "id b"], ["text a", "text b"],
-                                 [([f"{e.score:.4f}", _esc(e.id_a), _esc(e.id_b)], (e.text_a, e.text_b))
-                                  for e in d.examples])
+        lines += _examples_table(
+            ["score", "id a", "id b"],
+            ["text a", "text b"],
+            [([f"{e.score:.4f}", _esc(e.id_a), _esc(e.id_b)], (e.text_a, e.text_b)) for e in d.examples],
+        )
     return lines + _contamination_lines(d)
 
 
@@ -198,21 +240,39 @@ def _contamination_lines(d: DedupResult) -> list[str]:
     if c is None:
         return []
     op = "<=" if d.metric == "l2" else ">="
-    fate = "dropped from `deduplicated/` (listed in `removed/`)" if c.action == "drop" else \
-        "kept in `deduplicated/`, flagged in `contamination/`"
-    recall = f"recall@{c.recall.k} {c.recall.recall:.3f} (tie-aware) on {c.recall.measured_on}" if c.recall else \
-        "recall not measured"
-    lines = ["### Contamination against the reference", "",
-             f"{c.rows_contaminated:,} input rows have a reference row with score {op} {c.threshold}: {fate}. "
-             f"Reference: {c.reference_rows:,} rows; the input was joined against it with {c.plan} ({recall}).", "",
-             "| reference file | its rows | input rows matched |", "|---|---|---|"]
+    fate = (
+        "dropped from `deduplicated/` (listed in `removed/`)"
+        if c.action == "drop"
+        else "kept in `deduplicated/`, flagged in `contamination/`"
+    )
+    recall = (
+        f"recall@{c.recall.k} {c.recall.recall:.3f} (tie-aware) on {c.recall.measured_on}"
+        if c.recall
+        else "recall not measured"
+    )
+    lines = [
+        "### Contamination against the reference",
+        "",
+        f"{c.rows_contaminated:,} input rows have a reference row with score {op} {c.threshold}: {fate}. "
+        f"Reference: {c.reference_rows:,} rows; the input was joined against it with {c.plan} ({recall}).",
+        "",
+        "| reference file | its rows | input rows matched |",
+        "|---|---|---|",
+    ]
     lines += [f"| {_esc(m.file)} | {m.rows:,} | {m.input_rows_matched:,} |" for m in c.per_file]
     lines.append("")
     if c.examples:
-        lines += _examples_table(["score", "input id", "reference id", "reference file"],
-                                 ["input text", "reference text"],
-                                 [([f"{e.score:.4f}", _esc(e.input_id), _esc(e.reference_id), _esc(e.reference_file)],
-                                   (e.input_text, e.reference_text)) for e in c.examples])
+        lines += _examples_table(
+            ["score", "input id", "reference id", "reference file"],
+            ["input text", "reference text"],
+            [
+                (
+                    [f"{e.score:.4f}", _esc(e.input_id), _esc(e.reference_id), _esc(e.reference_file)],
+                    (e.input_text, e.reference_text),
+                )
+                for e in c.examples
+            ],
+        )
     return lines
 
 
@@ -223,22 +283,30 @@ def _graph_lines(output: Path, report: JobReport) -> list[str]:
     rec = g.recall
     width = f" (width {g.kernel_width:.4g})" if g.weight == "gaussian" and g.kernel_width else ""
     lines = [
-        "## Graph", "", "| | |", "|---|---|",
-        f"| edges | {g.mode}, k={g.k}" + (f", min score {g.min_score}" if g.min_score is not None else "")
+        "## Graph",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| edges | {g.mode}, k={g.k}"
+        + (f", min score {g.min_score}" if g.min_score is not None else "")
         + f", weight {g.weight}{width} |",
         f"| size | {g.nodes:,} nodes, {g.edges:,} edges (directed entries) |",
         f"| degree | mean {g.degree.mean}, max {g.degree.max}, {g.degree.isolated:,} isolated |",
         f"| components | {g.components:,}; the largest holds {g.largest_component:,} nodes |",
-        f"| mutual edges | {g.mutual_share:.1%} of edges are in both rows' lists |" if g.mutual_share is not None
+        f"| mutual edges | {g.mutual_share:.1%} of edges are in both rows' lists |"
+        if g.mutual_share is not None
         else "| mutual edges | n/a (no edges) |",
     ]
     if rec is not None:
-        lines.append(f"| graph recall | {rec.graph_recall:.4f}: share of the exact {rec.k} nearest neighbours "
-                     f"among a row's edges, {rec.queries:,} sampled rows |")
+        lines.append(
+            f"| graph recall | {rec.graph_recall:.4f}: share of the exact {rec.k} nearest neighbours "
+            f"among a row's edges, {rec.queries:,} sampled rows |"
+        )
     lines.append("")
     if g.degree.histogram:
-        _count_plot(output, "degrees.svg", g.degree.histogram, "degree (edges out of a node)", "nodes",
-                    "degree distribution")
+        _count_plot(
+            output, "degrees.svg", g.degree.histogram, "degree (edges out of a node)", "nodes", "degree distribution"
+        )
         lines += ["### Degree distribution", "", "![degrees](degrees.svg)", ""]
     return lines
 
@@ -256,17 +324,21 @@ def _summary_lines(report: JobReport) -> list[str]:
         f"| queries | {report.queries:,} |",
         f"| wall time | {report.wall_s:.1f} s{qps} |",
         f"| peak memory | {mem.driver_peak_rss / 2**20:,.0f} MiB (the driver and its in-process worker) |"
-        if mem.in_process else
-        f"| peak memory | driver {mem.driver_peak_rss / 2**20:,.0f} MiB; workers "
-        + ", ".join(f"{v / 2**20:,.0f}" for v in mem.workers_peak_rss.values()) + " MiB |",
+        if mem.in_process
+        else f"| peak memory | driver {mem.driver_peak_rss / 2**20:,.0f} MiB; workers "
+        + ", ".join(f"{v / 2**20:,.0f}" for v in mem.workers_peak_rss.values())
+        + " MiB |",
     ]
     if rec is not None:
-        lines.append(f"| recall@{rec.k} | {rec.recall:.3f} tie-aware (strict {rec.recall_strict:.3f}) "
-                     f"on {rec.measured_on} against exact search"
-                     + (f" (target {rec.target})" if rec.target else "") + " |")
+        lines.append(
+            f"| recall@{rec.k} | {rec.recall:.3f} tie-aware (strict {rec.recall_strict:.3f}) "
+            f"on {rec.measured_on} against exact search" + (f" (target {rec.target})" if rec.target else "") + " |"
+        )
         if rec.bound is not None and rec.confidence is not None:
-            lines.append(f"| tuning bound | the chosen setting's recall on the tuning half is at least {rec.bound:.3f} "
-                         f"with {rec.confidence:.1%} confidence (cluster-robust over identical queries) |")
+            lines.append(
+                f"| tuning bound | the chosen setting's recall on the tuning half is at least {rec.bound:.3f} "
+                f"with {rec.confidence:.1%} confidence (cluster-robust over identical queries) |"
+            )
         for p in rec.step_ups:
             lines.append(f"| step-up | nprobe={p.nprobe}, rerank={p.rerank}: {p.recall:.3f} held out |")
     devices = report.join.devices
@@ -274,9 +346,12 @@ def _summary_lines(report: JobReport) -> list[str]:
         group = [d for d in devices if d.backend == kind]
         hosts = sorted({d.host for d in group})
         gpus = sorted({f"{d.gpu_name}, {d.gpu_memory_bytes / 2**30:.0f} GiB" for d in group if d.gpu_name})
-        lines.append(f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason})"
-                     + (f" [{'; '.join(gpus)}]" if gpus else "") + ", hosts "
-                     f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |")
+        lines.append(
+            f"| devices | {len(group)} worker(s) on {kind} ({group[0].reason})"
+            + (f" [{'; '.join(gpus)}]" if gpus else "")
+            + ", hosts "
+            f"{', '.join(hosts[:5])}{' ...' if len(hosts) > 5 else ''} |"
+        )
     return lines
 
 
@@ -285,14 +360,22 @@ def _worker_lines(report: JobReport) -> list[str]:
     if not report.workers:
         return []
     phases = sorted({p for w in report.workers for p in w.phases})
-    lines = ["## Workers", "", "Seconds each worker spent computing tasks of each phase in this run (Dask's task "
-             "stream); busy is their sum as a share of the job's wall time.", "",
-             "| worker | host | device | " + " | ".join(phases) + " | busy |",
-             "|---|---|---|" + "---|" * len(phases) + "---|"]
+    lines = [
+        "## Workers",
+        "",
+        "Seconds each worker spent computing tasks of each phase in this run (Dask's task "
+        "stream); busy is their sum as a share of the job's wall time.",
+        "",
+        "| worker | host | device | " + " | ".join(phases) + " | busy |",
+        "|---|---|---|" + "---|" * len(phases) + "---|",
+    ]
     for w in report.workers:
         share = f"{w.total:.1f} s ({w.total / report.wall_s:.0%})" if report.wall_s else f"{w.total:.1f} s"
-        lines.append(f"| {_esc(w.worker)} | {_esc(w.host)} | {w.backend} | "
-                     + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases) + f" | {share} |")
+        lines.append(
+            f"| {_esc(w.worker)} | {_esc(w.host)} | {w.backend} | "
+            + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases)
+            + f" | {share} |"
+        )
     return [*lines, ""]
 
 
@@ -302,8 +385,9 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     kth = kth_scores(output / "neighbors", seed)
     if kth.size:
         q = np.quantile(kth, [0.01, 0.1, 0.5, 0.9, 0.99])
-        report = replace(report, kth_score_quantiles={k: round(float(v), 5)
-                                                      for k, v in zip(("p1", "p10", "p50", "p90", "p99"), q)})
+        report = replace(
+            report, kth_score_quantiles={k: round(float(v), 5) for k, v in zip(("p1", "p10", "p50", "p90", "p99"), q)}
+        )
     write_json(output / "report.json", report.to_json())
     plots = _plots(output, report, kth)
     lines = [f"# {report.command} report", "", f"**{_verdict(report)}**", ""] + _summary_lines(report) + [""]
@@ -314,8 +398,11 @@ def write_report(output: Path, report: JobReport, seed: int = 0) -> JobReport:
     curve = report.recall.curve if report.recall else ()
     if curve:
         lines += ["## Sweep", "", "| nprobe | rerank | recall | lower bound | queries/s |", "|---|---|---|---|---|"]
-        lines += [f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | {p.bound:.3f} | "
-                  f"{'computed, not searched' if p.computed else f'{p.qps:,.0f}'} |" for p in curve]
+        lines += [
+            f"| {p.nprobe} | {p.rerank} | {p.recall:.3f} | {p.bound:.3f} | "
+            f"{'computed, not searched' if p.computed else f'{p.qps:,.0f}'} |"
+            for p in curve
+        ]
         lines.append("")
     lines += ["## Settings", "", "```json", json.dumps(report.config, indent=2, default=str), "```", ""]
     with atomic_path(output / "report.md") as tmp:
@@ -333,9 +420,11 @@ window.addEventListener("load", () => {
   document.documentElement.dataset.images = drawn + "/" + images.length;
 });
 </script>"""
-_STYLE = ("body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
-          "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
-          "text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow:auto}")
+_STYLE = (
+    "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
+    "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
+    "text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow:auto}"
+)
 
 
 def _inline(text: str) -> str:
@@ -355,9 +444,13 @@ def to_html(lines: list[str], output: Path, title: str) -> str:
     def flush() -> None:
         if table:
             head, *rows = table
-            body.append("<table><tr>" + "".join(f"<th>{_inline(c)}</th>" for c in head) + "</tr>"
-                        + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                        + "</table>")
+            body.append(
+                "<table><tr>"
+                + "".join(f"<th>{_inline(c)}</th>" for c in head)
+                + "</tr>"
+                + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
+                + "</table>"
+            )
             table.clear()
 
     for line in lines:
@@ -385,5 +478,7 @@ def to_html(lines: list[str], output: Path, title: str) -> str:
         elif line.strip():
             body.append(f"<p>{_inline(line)}</p>")
     flush()
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_STYLE}</style>{_CHECK}</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n")
+    return (
+        f'<!doctype html>\n<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title>'
+        f"<style>{_STYLE}</style>{_CHECK}</head>\n<body>\n" + "\n".join(body) + "\n</body></html>\n"
+    )

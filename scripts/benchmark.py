@@ -136,8 +136,12 @@ def main() -> None:
         data = work / f"data-{rows}x{dim}"
         if not (data / "_DONE").exists():
             print(f"generating {rows} x {dim} ...", flush=True)
-            write_shards(data, clustered_vectors(rows, dim, clusters=max(100, rows // 2000), seed=0),
-                         shards=8, row_group_rows=50_000)
+            write_shards(
+                data,
+                clustered_vectors(rows, dim, clusters=max(100, rows // 2000), seed=0),
+                shards=8,
+                row_group_rows=50_000,
+            )
             (data / "_DONE").write_text("")
     else:
         data = Path(args.data).resolve()
@@ -160,9 +164,25 @@ def main() -> None:
     rows_out: list[tuple[str, float, int, float, str]] = []
 
     def pipeline_cmd(out: Path, *extra: str) -> list[str]:
-        return [py, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--metric", args.metric,
-                "--k", str(args.k), "--exclude-self", "--overwrite", "--target-recall", str(args.target_recall),
-                *extra]
+        return [
+            py,
+            "-m",
+            "pipeline",
+            "run",
+            "--input",
+            str(data),
+            "--output",
+            str(out),
+            "--metric",
+            args.metric,
+            "--k",
+            str(args.k),
+            "--exclude-self",
+            "--overwrite",
+            "--target-recall",
+            str(args.target_recall),
+            *extra,
+        ]
 
     pipe_out = work / "pipeline"
     extra: list[str] = []
@@ -176,48 +196,103 @@ def main() -> None:
     manifest = json.loads((pipe_out / "index" / "manifest.json").read_text())
     train_done = manifest["stages"].get("train", {}).get("done") or {}
     n_train = int(train_done.get("rows") or n_rows)
-    rows_out.append(("pipeline (ours)", pipe["wall"], pipe["peak_rss"],
-                     recall(pipe_out / "neighbors", sample_ids, truth_ids, args.k), f"{key}, nprobe={nprobe}"))
+    rows_out.append(
+        (
+            "pipeline (ours)",
+            pipe["wall"],
+            pipe["peak_rss"],
+            recall(pipe_out / "neighbors", sample_ids, truth_ids, args.k),
+            f"{key}, nprobe={nprobe}",
+        )
+    )
 
     if args.baseline:
         base_out = work / "baseline"
         print(f"pipeline at {args.baseline} ...", flush=True)
         base = measure(pipeline_cmd(base_out, *extra), cwd=args.baseline)
         base_report = json.loads((base_out / "report.json").read_text())
-        rows_out.append(("pipeline, baseline", base["wall"], base["peak_rss"],
-                         recall(base_out / "neighbors", sample_ids, truth_ids, args.k),
-                         f"{Path(args.baseline).name}: {base_report['index']['key']}, "
-                         f"nprobe={base_report['search']['nprobe']}, rerank={base_report['search']['rerank']}"))
+        rows_out.append(
+            (
+                "pipeline, baseline",
+                base["wall"],
+                base["peak_rss"],
+                recall(base_out / "neighbors", sample_ids, truth_ids, args.k),
+                f"{Path(args.baseline).name}: {base_report['index']['key']}, "
+                f"nprobe={base_report['search']['nprobe']}, rerank={base_report['search']['rerank']}",
+            )
+        )
 
     plain_cmd = [py, str(HERE / "plain_faiss.py"), "--input", str(data), "--metric", args.metric, "--k", str(args.k)]
     if key != "Flat":
         print(f"plain FAISS script ({key}, nprobe={nprobe}, rerank={rerank}) ...", flush=True)
-        plain = measure(plain_cmd + ["--rerank", str(rerank), "--sample-size", str(n_train), "--output",
-                                     str(work / "plain.parquet"), "--index-key", key]
-                        + (["--nprobe", str(nprobe)] if nprobe else []))
-        rows_out.append(("plain FAISS script", plain["wall"], plain["peak_rss"],
-                         recall(work / "plain.parquet", sample_ids, truth_ids, args.k), "same index and settings"))
+        plain = measure(
+            plain_cmd
+            + [
+                "--rerank",
+                str(rerank),
+                "--sample-size",
+                str(n_train),
+                "--output",
+                str(work / "plain.parquet"),
+                "--index-key",
+                key,
+            ]
+            + (["--nprobe", str(nprobe)] if nprobe else [])
+        )
+        rows_out.append(
+            (
+                "plain FAISS script",
+                plain["wall"],
+                plain["peak_rss"],
+                recall(work / "plain.parquet", sample_ids, truth_ids, args.k),
+                "same index and settings",
+            )
+        )
 
     exact_q = min(args.exact_queries, n_rows)
     print(f"exact search (IndexFlat, {exact_q} queries) ...", flush=True)
-    exact = measure(plain_cmd + ["--output", str(work / "exact.parquet"), "--index-key", "Flat",
-                                 "--query-limit", str(exact_q)])
+    exact = measure(
+        plain_cmd + ["--output", str(work / "exact.parquet"), "--index-key", "Flat", "--query-limit", str(exact_q)]
+    )
     et = json.loads(exact["stdout"])["timings"]
     exact_wall = exact["wall"] + et["search"] * (n_rows / exact_q - 1) + et["write"] * (n_rows / exact_q - 1)
     in_exact = np.flatnonzero(np.isin(sample_ids, ids[:exact_q]))
-    rows_out.append(("exact (IndexFlat)", exact_wall, exact["peak_rss"],
-                     recall(work / "exact.parquet", sample_ids[in_exact], truth_ids[in_exact], args.k),
-                     "" if exact_q == n_rows else f"extrapolated from {exact_q:,} queries"))
+    rows_out.append(
+        (
+            "exact (IndexFlat)",
+            exact_wall,
+            exact["peak_rss"],
+            recall(work / "exact.parquet", sample_ids[in_exact], truth_ids[in_exact], args.k),
+            "" if exact_q == n_rows else f"extrapolated from {exact_q:,} queries",
+        )
+    )
 
     if args.hnsw:
         print("HNSW32 (efSearch tuned to the target on the sample) ...", flush=True)
-        hnsw = measure(plain_cmd + ["--output", str(work / "hnsw.parquet"), "--index-key", "HNSW32", "--tune-ef",
-                                    str(truth_file), "--target-recall", str(args.target_recall)])
+        hnsw = measure(
+            plain_cmd
+            + [
+                "--output",
+                str(work / "hnsw.parquet"),
+                "--index-key",
+                "HNSW32",
+                "--tune-ef",
+                str(truth_file),
+                "--target-recall",
+                str(args.target_recall),
+            ]
+        )
         ht = json.loads(hnsw["stdout"])["timings"]
-        rows_out.append(("faiss HNSW32", hnsw["wall"] - ht.get("tune", 0.0), hnsw["peak_rss"],
-                         recall(work / "hnsw.parquet", sample_ids, truth_ids, args.k),
-                         f"efSearch {ht.get('ef_search')}, build {ht['add']:.1f} s; tuning "
-                         f"({ht.get('tune', 0.0):.1f} s) not counted"))
+        rows_out.append(
+            (
+                "faiss HNSW32",
+                hnsw["wall"] - ht.get("tune", 0.0),
+                hnsw["peak_rss"],
+                recall(work / "hnsw.parquet", sample_ids, truth_ids, args.k),
+                f"efSearch {ht.get('ef_search')}, build {ht['add']:.1f} s; tuning "
+                f"({ht.get('tune', 0.0):.1f} s) not counted",
+            )
+        )
 
     peak = sgemm_peak()
     if not args.skip_exact_plan:
@@ -227,17 +302,27 @@ def main() -> None:
         exact_report = json.loads((exact_out / "report.json").read_text())
         join_s = exact_report["timings_s"]["join"]
         floor = 2 * n_rows * n_rows * dim / (peak * 1e9)
-        print(f"sgemm peak {peak:,.0f} GFLOP/s; exact plan's join {join_s:.1f} s against a {floor:.1f} s floor "
-              f"({join_s / floor:.2f}x the floor)", flush=True)
-        rows_out.append(("pipeline, exact plan", exact_plan["wall"], exact_plan["peak_rss"],
-                         recall(exact_out / "neighbors", sample_ids, truth_ids, args.k),
-                         f"join {join_s:.1f} s = {join_s / floor:.2f}x the sgemm floor ({floor:.1f} s at "
-                         f"{peak:,.0f} GFLOP/s)"))
+        print(
+            f"sgemm peak {peak:,.0f} GFLOP/s; exact plan's join {join_s:.1f} s against a {floor:.1f} s floor "
+            f"({join_s / floor:.2f}x the floor)",
+            flush=True,
+        )
+        rows_out.append(
+            (
+                "pipeline, exact plan",
+                exact_plan["wall"],
+                exact_plan["peak_rss"],
+                recall(exact_out / "neighbors", sample_ids, truth_ids, args.k),
+                f"join {join_s:.1f} s = {join_s / floor:.2f}x the sgemm floor ({floor:.1f} s at {peak:,.0f} GFLOP/s)",
+            )
+        )
     else:
         join_s = floor = float("nan")
     print()
-    print(f"data: {data.name}, {n_rows:,} rows x {dim}, metric {args.metric}, k={args.k}; "
-          f"index {key}, nprobe={nprobe}, rerank={rerank}; {os.cpu_count()} CPU cores")
+    print(
+        f"data: {data.name}, {n_rows:,} rows x {dim}, metric {args.metric}, k={args.k}; "
+        f"index {key}, nprobe={nprobe}, rerank={rerank}; {os.cpu_count()} CPU cores"
+    )
     print(
         f"{'method':22s} {'wall s':>9s} {'vs ours':>8s} {'rows/s':>10s} {'recall@' + str(args.k):>10s} "
         f"{'peak RSS':>10s}  note"
@@ -251,10 +336,22 @@ def main() -> None:
         results.append({"method": name, "wall_s": wall, "peak_rss_bytes": rss, "recall": rec, "note": note})
     print(f"pipeline phases: {report['timings_s']}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"index": key, "nprobe": nprobe, "rerank": rerank, "rows": n_rows,
-                                               "results": results, "phases": report["timings_s"],
-                                               "sgemm_gflops": peak, "exact_join_s": join_s, "exact_floor_s": floor},
-                                              indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "index": key,
+                    "nprobe": nprobe,
+                    "rerank": rerank,
+                    "rows": n_rows,
+                    "results": results,
+                    "phases": report["timings_s"],
+                    "sgemm_gflops": peak,
+                    "exact_join_s": join_s,
+                    "exact_floor_s": floor,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

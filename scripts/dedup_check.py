@@ -70,13 +70,17 @@ def main() -> None:
         frozenset(m) for m in theirs.values() if len(m) > 1
     }
     print(f"threshold {t} ({d['metric']}), {n:,} rows, mode {d['mode']}")
-    print(f"pairs: exact {len(exact):,}; found {len(found):,}; recall {len(exact & found) / max(1, len(exact)):.4f}; "
-          f"found but not exact (below the threshold) {len(found - exact):,}")
+    print(
+        f"pairs: exact {len(exact):,}; found {len(found):,}; recall {len(exact & found) / max(1, len(exact)):.4f}; "
+        f"found but not exact (below the threshold) {len(found - exact):,}"
+    )
     print(f"rows dropped: ours {d['rows_dropped']:,}; brute-force components {n - labels.max() - 1:,}")
     if d["mode"] == "components":
         print(f"groups identical to brute-force components: {same_groups}")
-    print(f"time: brute force {brute:.1f} s (one process, all vectors in memory); our whole dedup run "
-          f"{report['wall_s']:.1f} s, driver peak {report['memory']['driver_peak_rss'] / 2**20:,.0f} MiB")
+    print(
+        f"time: brute force {brute:.1f} s (one process, all vectors in memory); our whole dedup run "
+        f"{report['wall_s']:.1f} s, driver peak {report['memory']['driver_peak_rss'] / 2**20:,.0f} MiB"
+    )
 
 
 if __name__ == "__main__":

@@ -71,11 +71,15 @@ def main() -> None:
     print(f"{'run':34s} {'wall s':>8s} {'rows dropped':>13s} {'groups':>7s}")
     print(f"{'full, all shards':34s} {full['wall']:8.1f} {rf['dedup']['rows_dropped']:13,} {rf['dedup']['groups']:7,}")
     print(f"{'first, old shards':34s} {first['wall']:8.1f}")
-    print(f"{'incremental, +' + str(args.new) + ' shards':34s} {inc['wall']:8.1f} {ri['dedup']['rows_dropped']:13,} "
-          f"{ri['dedup']['groups']:7,}")
+    print(
+        f"{'incremental, +' + str(args.new) + ' shards':34s} {inc['wall']:8.1f} {ri['dedup']['rows_dropped']:13,} "
+        f"{ri['dedup']['groups']:7,}"
+    )
     print(f"{'incremental again (no-op)':34s} {again['wall']:8.1f}")
-    print(f"incremental / full wall: {inc['wall'] / full['wall']:.2f}; groups identical: {gf == gi} "
-          f"({len(gf ^ gi)} differ); kept sets identical: {kf == ki} ({len(kf ^ ki)} rows differ)")
+    print(
+        f"incremental / full wall: {inc['wall'] / full['wall']:.2f}; groups identical: {gf == gi} "
+        f"({len(gf ^ gi)} differ); kept sets identical: {kf == ki} ({len(kf ^ ki)} rows differ)"
+    )
     print(f"phases: full {rf['timings_s']}; incremental {ri['timings_s']}")
 
 

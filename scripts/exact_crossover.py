@@ -26,8 +26,21 @@ from pipeline.io.sample_data import clustered_vectors, write_shards  # noqa: E40
 
 def run(data: Path, out: Path, extra: list[str]) -> tuple[float, dict]:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--exclude-self",
-           "--metric", "l2", "-q", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--exclude-self",
+        "--metric",
+        "l2",
+        "-q",
+        *extra,
+    ]
     started = time.monotonic()
     subprocess.run(cmd, check=True, capture_output=True)
     wall = time.monotonic() - started
@@ -46,15 +59,18 @@ def main() -> None:
         for n in (int(r) for r in args.rows.split(",")):
             data = args.work / f"data-{n}x{dim}"
             if not data.exists():
-                write_shards(data, clustered_vectors(n, dim, clusters=max(10, n // 200), seed=n + dim, latent=16),
-                             shards=4)
+                write_shards(
+                    data, clustered_vectors(n, dim, clusters=max(10, n // 200), seed=n + dim, latent=16), shards=4
+                )
             exact, _ = run(data, args.work / "exact", ["--index-key", "Flat"])
             default, rep = run(data, args.work / "default", [])
             plan = f"{rep['index']['key']} nprobe={rep['search']['nprobe']} rerank={rep['search']['rerank']}"
             if rep["search"].get("strategy") == "exact":
                 plan = f"exact ({rep['index']['key']})"
-            print(f"| {n:,} | {dim} | {n * n * dim:.2e} | {exact:.1f} | {default:.1f} | {plan} | "
-                  f"{exact / default:.2f} |", flush=True)
+            print(
+                f"| {n:,} | {dim} | {n * n * dim:.2e} | {exact:.1f} | {default:.1f} | {plan} | {exact / default:.2f} |",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

@@ -118,10 +118,29 @@ def device_bandwidth() -> float:
 
 
 def job(data: Path, out: Path, device: str, args: argparse.Namespace) -> dict:
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--device", device,
-           "--metric", args.metric, "--k", str(args.k), "--exclude-self", "--overwrite"]
-    for flag, value in (("--index-key", args.index_key), ("--nprobe", args.nprobe),
-                        ("--target-recall", args.target_recall)):
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--device",
+        device,
+        "--metric",
+        args.metric,
+        "--k",
+        str(args.k),
+        "--exclude-self",
+        "--overwrite",
+    ]
+    for flag, value in (
+        ("--index-key", args.index_key),
+        ("--nprobe", args.nprobe),
+        ("--target-recall", args.target_recall),
+    ):
         if value is not None:
             cmd += [flag, str(value)]
     print(f"{device}: {' '.join(cmd[3:])}", flush=True)
@@ -135,9 +154,14 @@ def job(data: Path, out: Path, device: str, args: argparse.Namespace) -> dict:
     phases = report["timings_s"]
     rows = report["index"]["ntotal"]
     result = {
-        "device": device, "rows": rows, "dim": report["index"]["dim"], "key": report["index"]["key"],
-        "nprobe": report["search"]["nprobe"], "rerank": report["search"]["rerank"],
-        "wall_s": round(proc["wall"], 2), "peak_rss_gib": round(proc["peak_rss"] / 2**30, 2),
+        "device": device,
+        "rows": rows,
+        "dim": report["index"]["dim"],
+        "key": report["index"]["key"],
+        "nprobe": report["search"]["nprobe"],
+        "rerank": report["search"]["rerank"],
+        "wall_s": round(proc["wall"], 2),
+        "peak_rss_gib": round(proc["peak_rss"] / 2**30, 2),
         "phases_s": {k: round(v, 2) for k, v in phases.items()},
         "join_rows_per_s": round(rows / phases["join"]) if phases.get("join") else None,
         "recall": (report.get("recall") or {}).get("recall"),

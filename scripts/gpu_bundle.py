@@ -51,17 +51,44 @@ LIMIT = 64 << 20
 # psutil, cloudpickle, toolz, msgpack, click, jinja2, packaging, fsspec, sortedcontainers)
 DEPS = ["dask==2025.7.0", "distributed==2025.7.0", "partd", "locket", "tblib", "zict", "tornado", "threadpoolctl"]
 CUBLAS_FUNCTIONS = (
-    "cublasCreate_v2", "cublasDestroy_v2", "cublasSetStream_v2", "cublasSetMathMode", "cublasGetMathMode",
-    "cublasSgemmEx", "cublasGemmEx", "cublasGemmStridedBatchedEx",
+    "cublasCreate_v2",
+    "cublasDestroy_v2",
+    "cublasSetStream_v2",
+    "cublasSetMathMode",
+    "cublasGetMathMode",
+    "cublasSgemmEx",
+    "cublasGemmEx",
+    "cublasGemmStridedBatchedEx",
 )
 HERE = Path(__file__).resolve().parent
-PLATFORMS = ["manylinux_2_28_x86_64", "manylinux_2_27_x86_64", "manylinux_2_17_x86_64", "manylinux2014_x86_64",
-             "manylinux1_x86_64", "manylinux_2_5_x86_64", "any"]
+PLATFORMS = [
+    "manylinux_2_28_x86_64",
+    "manylinux_2_27_x86_64",
+    "manylinux_2_17_x86_64",
+    "manylinux2014_x86_64",
+    "manylinux1_x86_64",
+    "manylinux_2_5_x86_64",
+    "any",
+]
 
 
 def _download(specs: list[str], dest: Path, python: str) -> None:
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--python-version", python,
-           "--implementation", "cp", "-d", str(dest), *[a for p in PLATFORMS for a in ("--platform", p)], *specs]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--python-version",
+        python,
+        "--implementation",
+        "cp",
+        "-d",
+        str(dest),
+        *[a for p in PLATFORMS for a in ("--platform", p)],
+        *specs,
+    ]
     subprocess.run(cmd, check=True)
 
 
@@ -95,10 +122,24 @@ def _build_libs(root: Path, work: Path) -> None:
     cublas.mkdir(parents=True)
     curand.mkdir(parents=True)
     vmap = work / "cublas12.map"
-    vmap.write_text("libcublas.so.12 {\n  global:\n" + "".join(f"    {f};\n" for f in CUBLAS_FUNCTIONS)
-                    + "  local: *;\n};\n")
-    _cc(["-shared", "-fPIC", "-O2", "-Wall", "-Wl,-soname,libcublas.so.12", f"-Wl,--version-script={vmap}",
-         "-o", str(cublas / "libcublas.so.12"), str(HERE / "cublas_forward.c"), "-ldl", "-lpthread"])
+    vmap.write_text(
+        "libcublas.so.12 {\n  global:\n" + "".join(f"    {f};\n" for f in CUBLAS_FUNCTIONS) + "  local: *;\n};\n"
+    )
+    _cc(
+        [
+            "-shared",
+            "-fPIC",
+            "-O2",
+            "-Wall",
+            "-Wl,-soname,libcublas.so.12",
+            f"-Wl,--version-script={vmap}",
+            "-o",
+            str(cublas / "libcublas.so.12"),
+            str(HERE / "cublas_forward.c"),
+            "-ldl",
+            "-lpthread",
+        ]
+    )
     empty = work / "empty.c"
     empty.write_text("/* a soname only: libfaiss names this library but calls nothing in it */\n")
     _cc(["-shared", "-fPIC", "-Wl,-soname,libcublasLt.so.12", "-o", str(cublas / "libcublasLt.so.12"), str(empty)])
@@ -141,8 +182,10 @@ def build(out: Path, python: str, deps: bool) -> Path:
         wheels.mkdir(exist_ok=True)
         _download(DEPS, wheels, python)
         total = sum(p.stat().st_size for p in wheels.glob("*.whl"))
-        print(f"{wheels}: {len(list(wheels.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB "
-              f"(on the node: pip install --no-index --no-deps --target DIR {wheels}/*.whl)")
+        print(
+            f"{wheels}: {len(list(wheels.glob('*.whl')))} wheels, {total / 2**20:.1f} MiB "
+            f"(on the node: pip install --no-index --no-deps --target DIR {wheels}/*.whl)"
+        )
     return bundle
 
 
@@ -172,8 +215,10 @@ def install(bundle: Path, target: Path, check: bool = True) -> None:
     lib = target / "nvidia" / "cublas" / "lib"
     cublas13 = _find_node_lib("libcublas.so.13")
     if cublas13 is None:
-        raise SystemExit("no libcublas.so.13 on this node (pip package nvidia-cublas, or the CUDA 13 toolkit); "
-                         "the forwarder needs it")
+        raise SystemExit(
+            "no libcublas.so.13 on this node (pip package nvidia-cublas, or the CUDA 13 toolkit); "
+            "the forwarder needs it"
+        )
     link = lib / "libcublas.so.13"
     link.unlink(missing_ok=True)
     link.symlink_to(cublas13)

@@ -66,8 +66,18 @@ def main() -> None:
     )
     report = json.loads((work / "pipeline" / "report.json").read_text())
     print("pynndescent ...", flush=True)
-    nnd = measure([py, str(HERE / "pynndescent_graph.py"), "--input", str(data), "--output", str(work / "nnd.npy"),
-                   "--k", str(args.k)])
+    nnd = measure(
+        [
+            py,
+            str(HERE / "pynndescent_graph.py"),
+            "--input",
+            str(data),
+            "--output",
+            str(work / "nnd.npy"),
+            "--k",
+            str(args.k),
+        ]
+    )
     nnd_t = json.loads(nnd["stdout"].strip().splitlines()[-1])
 
     print("ground truth ...", flush=True)
@@ -113,9 +123,16 @@ def main() -> None:
         print(f"{name:34s} {wall:8.1f} {wall / ours['wall']:7.2f}x {rec:13.4f} {mem}")
     print(f"pipeline phases: {report['timings_s']}; pynndescent: {nnd_t}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"rows": [dict(zip(("method", "wall_s", "recall", "peak_rss"), r))
-                                                        for r in rows], "pipeline_phases": report["timings_s"],
-                                               "pynndescent": nnd_t}, indent=2))
+        Path(args.json).write_text(
+            json.dumps(
+                {
+                    "rows": [dict(zip(("method", "wall_s", "recall", "peak_rss"), r)) for r in rows],
+                    "pipeline_phases": report["timings_s"],
+                    "pynndescent": nnd_t,
+                },
+                indent=2,
+            )
+        )
 
 
 if __name__ == "__main__":

@@ -28,22 +28,27 @@ def main() -> None:
     index = faiss.downcast_index(load_index(args.index_dir))
     if not isinstance(index, faiss.IndexIVFFlat):
         raise SystemExit(f"{args.index_dir}: not an IVF-Flat index ({type(index).__name__})")
-    x = np.ascontiguousarray(np.vstack([np.load(f) for f in sorted(Path(args.index_dir, "store", "vectors")
-                                                                         .glob("*.npy"))]))
-    print(f"{type(index).__name__} nlist {index.nlist}, {len(x):,} x {x.shape[1]} queries, k={args.k}, "
-          f"{faiss.omp_get_max_threads()} threads")
+    x = np.ascontiguousarray(
+        np.vstack([np.load(f) for f in sorted(Path(args.index_dir, "store", "vectors").glob("*.npy"))])
+    )
+    print(
+        f"{type(index).__name__} nlist {index.nlist}, {len(x):,} x {x.shape[1]} queries, k={args.k}, "
+        f"{faiss.omp_get_max_threads()} threads"
+    )
     print(f"{'nprobe':>6} {'batch':>6} {'index.search s':>15} {'list-major s':>13} {'speed-up':>9} {'same ids':>9}")
     for nprobe in args.nprobe:
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
         for batch in args.batch:
             start = time.perf_counter()
-            want = np.vstack([index.search(x[lo:lo + batch], args.k, params=params)[1]
-                              for lo in range(0, len(x), batch)])
+            want = np.vstack(
+                [index.search(x[lo : lo + batch], args.k, params=params)[1] for lo in range(0, len(x), batch)]
+            )
             plain = time.perf_counter() - start
             start = time.perf_counter()
-            got = np.vstack([list_major_search(index, x[lo:lo + batch], args.k, nprobe)[1]
-                             for lo in range(0, len(x), batch)])
+            got = np.vstack(
+                [list_major_search(index, x[lo : lo + batch], args.k, nprobe)[1] for lo in range(0, len(x), batch)]
+            )
             lists = time.perf_counter() - start
             same = float(np.mean(want == got))
             print(f"{nprobe:>6} {batch:>6} {plain:15.2f} {lists:13.2f} {plain / lists:8.1f}x {same:9.4f}")

@@ -33,10 +33,14 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--query-limit", type=int, default=None, help="search only the first N rows (timing sample)")
     ap.add_argument("--ef-search", type=int, default=None, help="HNSW efSearch")
-    ap.add_argument("--tune-ef", metavar="TRUTH_NPZ", default=None,
-                    help="HNSW: before the timed search, raise efSearch from 16 until recall@k on the sample in this "
-                         "file (query_ids, truth_ids: (n, k) ids) reaches --target-recall; the tuning time is "
-                         "reported apart")
+    ap.add_argument(
+        "--tune-ef",
+        metavar="TRUTH_NPZ",
+        default=None,
+        help="HNSW: before the timed search, raise efSearch from 16 until recall@k on the sample in this "
+        "file (query_ids, truth_ids: (n, k) ids) reaches --target-recall; the tuning time is "
+        "reported apart",
+    )
     ap.add_argument("--target-recall", type=float, default=0.95)
     args = ap.parse_args()
     t: dict[str, float] = {}
@@ -79,8 +83,10 @@ def main() -> None:
         for ef in (16, 32, 64, 128, 256, 512, 1024, 2048):
             faiss.ParameterSpace().set_index_parameter(index, "efSearch", ef)
             _, found = index.search(x[sample], args.k + 1)
-            hits = [len(set(ids[f[(f != s) & (f >= 0)]][: args.k].tolist()) & set(w.tolist())) / args.k
-                    for f, s, w in zip(found, sample, want)]
+            hits = [
+                len(set(ids[f[(f != s) & (f >= 0)]][: args.k].tolist()) & set(w.tolist())) / args.k
+                for f, s, w in zip(found, sample, want)
+            ]
             if np.mean(hits) >= args.target_recall:
                 break
         t["tune"] = time.perf_counter() - t0
@@ -113,11 +119,16 @@ def main() -> None:
 
     t0 = time.perf_counter()
     offsets = pa.array(np.arange(0, nq * args.k + 1, args.k, dtype=np.int32))
-    pq.write_table(pa.table({
-        "query_id": pa.array(ids[:nq]),
-        "neighbor_id": pa.ListArray.from_arrays(offsets, pa.array(ids[rows.ravel()])),
-        "score": pa.ListArray.from_arrays(offsets, pa.array(scores.ravel())),
-    }), args.output)
+    pq.write_table(
+        pa.table(
+            {
+                "query_id": pa.array(ids[:nq]),
+                "neighbor_id": pa.ListArray.from_arrays(offsets, pa.array(ids[rows.ravel()])),
+                "score": pa.ListArray.from_arrays(offsets, pa.array(scores.ravel())),
+            }
+        ),
+        args.output,
+    )
     t["write"] = time.perf_counter() - t0
     print(json.dumps({"rows": len(x), "queries": nq, "timings": t}))
 

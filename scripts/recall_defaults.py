@@ -28,8 +28,19 @@ from pathlib import Path
 
 def run_one(data: Path, out: Path, extra: list[str]) -> dict:
     shutil.rmtree(out, ignore_errors=True)
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--exclude-self",
-           "-q", *extra]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--exclude-self",
+        "-q",
+        *extra,
+    ]
     started = time.monotonic()
     proc = subprocess.run(cmd, capture_output=True, text=True)
     wall = time.monotonic() - started
@@ -57,8 +68,10 @@ def main() -> None:
 
                 write_shards(d, duplicate_heavy_vectors(rows, args.dim, seed=seed), shards=8)
             inputs.append(d)
-    print("| data | rows x dim | recall@k tie-aware (strict) | target | plan | bound (confidence) | step-ups | "
-          "tuning s | join s | wall s | tuning share | exit |")
+    print(
+        "| data | rows x dim | recall@k tie-aware (strict) | target | plan | bound (confidence) | step-ups | "
+        "tuning s | join s | wall s | tuning share | exit |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for data in inputs:
         r = run_one(data, args.work / data.name, extra)
@@ -67,12 +80,17 @@ def main() -> None:
         recall = f"{rec.get('recall')} ({rec.get('recall_strict', rec.get('recall'))})" if rec else "-"
         plan = f"{index.get('key')}, nprobe={rec.get('nprobe')}, rerank={rec.get('rerank')}"
         bound = f"{rec.get('bound')} ({rec.get('confidence')})" if rec.get("bound") is not None else "-"
-        steps = ", ".join(f"nprobe={p['nprobe']} rerank={p['rerank']}: {p['recall']:.3f}"
-                          for p in rec.get("step_ups", [])) or "-"
+        steps = (
+            ", ".join(f"nprobe={p['nprobe']} rerank={p['rerank']}: {p['recall']:.3f}" for p in rec.get("step_ups", []))
+            or "-"
+        )
         share = t.get("recall", 0) / r["wall"] if r["wall"] else 0
-        print(f"| {data.name} | {index.get('ntotal', 0):,} x {index.get('dim')} | {recall} | {rec.get('target')} | "
-              f"{plan} | {bound} | {steps} | {t.get('recall', 0):.1f} | {t.get('join', 0):.1f} | {r['wall']:.1f} | "
-              f"{share:.1%} | {r['exit']} |", flush=True)
+        print(
+            f"| {data.name} | {index.get('ntotal', 0):,} x {index.get('dim')} | {recall} | {rec.get('target')} | "
+            f"{plan} | {bound} | {steps} | {t.get('recall', 0):.1f} | {t.get('join', 0):.1f} | {r['wall']:.1f} | "
+            f"{share:.1%} | {r['exit']} |",
+            flush=True,
+        )
         if r["exit"]:
             print(f"  (exit {r['exit']}: {' '.join(r['stderr'])[:300]})")
 

@@ -36,26 +36,67 @@ def main() -> None:
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    env = {**os.environ, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_DEFAULT_REGION": "us-east-1", "AWS_ENDPOINT_URL": f"http://{host}:{port}"}
-    boto3.client("s3", endpoint_url=env["AWS_ENDPOINT_URL"], aws_access_key_id="bench", aws_secret_access_key="bench",
-                 region_name="us-east-1").create_bucket(Bucket="bench")
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="bench", secret_key="bench",
-                           region="us-east-1")
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "bench",
+        "AWS_SECRET_ACCESS_KEY": "bench",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
+    }
+    boto3.client(
+        "s3",
+        endpoint_url=env["AWS_ENDPOINT_URL"],
+        aws_access_key_id="bench",
+        aws_secret_access_key="bench",
+        region_name="us-east-1",
+    ).create_bucket(Bucket="bench")
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}", scheme="http", access_key="bench", secret_key="bench", region="us-east-1"
+    )
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "data"
-        subprocess.run([sys.executable, "-m", "pipeline", "sample-data", str(data), "--rows", str(args.rows),
-                        "--dim", str(args.dim), "--shards", str(args.shards)], check=True, env=env,
-                       capture_output=True)
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pipeline",
+                "sample-data",
+                str(data),
+                "--rows",
+                str(args.rows),
+                "--dim",
+                str(args.dim),
+                "--shards",
+                str(args.shards),
+            ],
+            check=True,
+            env=env,
+            capture_output=True,
+        )
         for f in sorted(data.glob("*.parquet")):
             pafs.copy_files(str(f), f"bench/data/{f.name}", destination_filesystem=fs)
         extra = ["--k", "10", "--exclude-self"] if args.command == "run" else ["--threshold", "0.95"]
         rows = []
-        for where, src, out in (("local", str(data), str(root / "out")),
-                                ("s3 (moto, loopback)", "s3://bench/data", "s3://bench/out")):
-            cmd = [sys.executable, "-m", "pipeline", args.command, "--input", src, "--output", out,
-                   "--scratch-dir", str(root / "scratch"), "--metric", "cosine", *extra]
+        for where, src, out in (
+            ("local", str(data), str(root / "out")),
+            ("s3 (moto, loopback)", "s3://bench/data", "s3://bench/out"),
+        ):
+            cmd = [
+                sys.executable,
+                "-m",
+                "pipeline",
+                args.command,
+                "--input",
+                src,
+                "--output",
+                out,
+                "--scratch-dir",
+                str(root / "scratch"),
+                "--metric",
+                "cosine",
+                *extra,
+            ]
             start = time.perf_counter()
             proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
             wall = time.perf_counter() - start

@@ -201,18 +201,33 @@ def test_gpu_requested_without_gpu(make_config, dataset_dir):
 
     if gpu_count():
         pytest.skip("a GPU is present")
-    with pytest.raises(DeviceError, match=r"--device gpu: Dask worker \S+ on \S+ has no usable GPU \(this faiss "
-                                          r"(is a CPU-only build|build has GPU support but sees no CUDA device).*\), "
-                                          r"nor do 1 other worker\(s\); .*--device auto or cpu"):
+    with pytest.raises(
+        DeviceError,
+        match=r"--device gpu: Dask worker \S+ on \S+ has no usable GPU \(this faiss "
+        r"(is a CPU-only build|build has GPU support but sees no CUDA device).*\), "
+        r"nor do 1 other worker\(s\); .*--device auto or cpu",
+    ):
         run(make_config(input=str(dataset_dir), device="gpu"))
 
 
 def test_cli_reports_one_line_and_exit_code_2(tmp_path):
     write(tmp_path / "d" / "a.parquet", *good_rows(20))
     proc = subprocess.run(
-        [sys.executable, "-m", "pipeline", "run", "--input", str(tmp_path / "d"), "--output", str(tmp_path / "o"),
-         "--vector-column", "vec"],
-        capture_output=True, text=True, timeout=120,
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--input",
+            str(tmp_path / "d"),
+            "--output",
+            str(tmp_path / "o"),
+            "--vector-column",
+            "vec",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -226,8 +241,11 @@ def test_vectors_whose_scores_would_overflow_are_refused(make_config, data, metr
     ids, vecs = good_rows(60)
     vecs[17] = [1e20] * DIM
     write(data / "a.parquet", ids, vecs)
-    with pytest.raises(InputError, match=rf"a\.parquet \(row 17\), column 'embedding': vector norm 2\.83e\+20 .*"
-                                         rf"overflow float32 {metric} scores .*rescale the vectors"):
+    with pytest.raises(
+        InputError,
+        match=rf"a\.parquet \(row 17\), column 'embedding': vector norm 2\.83e\+20 .*"
+        rf"overflow float32 {metric} scores .*rescale the vectors",
+    ):
         run(make_config(input=str(data), metric=metric))
 
 
@@ -241,28 +259,37 @@ def test_huge_vectors_are_fine_under_cosine(make_config, data):
     assert row["neighbor_id"][0] == 3 and row["score"][0] == pytest.approx(1.0, abs=1e-5)
 
 
-@pytest.mark.parametrize("types, unified", [
-    ((pa.int32(), pa.int64()), pa.int64()),
-    ((pa.int16(), pa.uint8()), pa.int16()),
-    ((pa.string(), pa.large_string()), pa.large_string()),
-])
+@pytest.mark.parametrize(
+    "types, unified",
+    [
+        ((pa.int32(), pa.int64()), pa.int64()),
+        ((pa.int16(), pa.uint8()), pa.int16()),
+        ((pa.string(), pa.large_string()), pa.large_string()),
+    ],
+)
 def test_compatible_id_types_across_shards_are_unified(make_config, data, types, unified):
     data.mkdir()
     for i, typ in enumerate(types):
         ids, vecs = good_rows(40, start=40 * i, seed=i)
-        id_array = pa.array([str(x) for x in ids] if pa.types.is_string(typ) or pa.types.is_large_string(typ) else ids,
-                            type=typ)
-        pq.write_table(pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
-                       data / f"p{i}.parquet")
+        id_array = pa.array(
+            [str(x) for x in ids] if pa.types.is_string(typ) or pa.types.is_large_string(typ) else ids, type=typ
+        )
+        pq.write_table(
+            pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
+            data / f"p{i}.parquet",
+        )
     report = run(make_config(input=str(data), k=2, index_key="Flat"))
     table = pq.read_table(data.parent / "out" / "neighbors")
     assert report.queries == 80 and table.schema.field("query_id").type == unified
 
 
-@pytest.mark.parametrize("types, message", [
-    ((pa.int64(), pa.uint64()), r"ids are uint64 here but int64 in .*, and not every uint64 fits int64"),
-    ((pa.int64(), pa.string()), r"ids are strings here but integers \(int64\) in "),
-])
+@pytest.mark.parametrize(
+    "types, message",
+    [
+        ((pa.int64(), pa.uint64()), r"ids are uint64 here but int64 in .*, and not every uint64 fits int64"),
+        ((pa.int64(), pa.string()), r"ids are strings here but integers \(int64\) in "),
+    ],
+)
 def test_incompatible_id_types_are_refused_at_plan_time(data, types, message):
     from pipeline.io.parquet import plan_dataset
 
@@ -270,8 +297,10 @@ def test_incompatible_id_types_are_refused_at_plan_time(data, types, message):
     for i, typ in enumerate(types):
         ids, vecs = good_rows(10, start=10 * i)
         id_array = pa.array([str(x) for x in ids] if pa.types.is_string(typ) else ids, type=typ)
-        pq.write_table(pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
-                       data / f"p{i}.parquet")
+        pq.write_table(
+            pa.table({"id": id_array, "embedding": pa.array(vecs, type=pa.list_(pa.float32(), DIM))}),
+            data / f"p{i}.parquet",
+        )
     with pytest.raises(InputError, match=rf"p1\.parquet, column 'id': {message}"):
         plan_dataset([str(data)], "id", "embedding", 1 << 20)
 
@@ -309,8 +338,23 @@ def test_zero_dimension_vectors_are_refused_for_every_metric(data):
 def test_a_file_name_with_a_newline_cannot_forge_a_log_line(tmp_path):
     d = tmp_path / "d"
     write(d / "x.parquet\n12:00:00 INFO done: all good.parquet", *good_rows(20))
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--input", str(d), "--output",
-                           str(tmp_path / "o"), "--vector-column", "vec"], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--input",
+            str(d),
+            "--output",
+            str(tmp_path / "o"),
+            "--vector-column",
+            "vec",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 2
     assert not any(line.startswith("12:00:00 INFO done") for line in proc.stderr.splitlines())
     assert "x.parquet\\n12:00:00 INFO done: all good.parquet: column 'vec' not found" in proc.stderr
@@ -342,11 +386,20 @@ def test_join_string_queries_against_integer_index_with_exclude_self(make_config
     x = clustered_vectors(10, 32, clusters=2, seed=5)
     q = tmp_path / "q"
     q.mkdir()
-    pq.write_table(pa.table({"id": [f"q{i}" for i in range(10)],
-                             "embedding": pa.array(list(map(list, x)), type=pa.list_(pa.float32(), 32))}),
-                   q / "q.parquet")
-    with pytest.raises(InputError, match=r"q\.parquet, column 'id': query ids are strings but the index .* holds int "
-                                         r"ids, so --exclude-self could never match"):
+    pq.write_table(
+        pa.table(
+            {
+                "id": [f"q{i}" for i in range(10)],
+                "embedding": pa.array(list(map(list, x)), type=pa.list_(pa.float32(), 32)),
+            }
+        ),
+        q / "q.parquet",
+    )
+    with pytest.raises(
+        InputError,
+        match=r"q\.parquet, column 'id': query ids are strings but the index .* holds int "
+        r"ids, so --exclude-self could never match",
+    ):
         join(make_config(input=str(q), index_dir=str(tmp_path / "idx"), exclude_self=True))
 
 
@@ -362,12 +415,27 @@ def test_a_full_disk_mid_run_is_one_line_and_the_rerun_recovers(tmp_path):
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))
 
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(d), "--output", str(tmp_path / "o"), "--k", "2",
-           "--index-key", "Flat"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(d),
+        "--output",
+        str(tmp_path / "o"),
+        "--k",
+        "2",
+        "--index-key",
+        "Flat",
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, preexec_fn=small_files)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "Compute Failed" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if "ERROR" in line]
-    assert len(errors) == 1 and re.search(r"o/index/store/vectors/part-00000\.npy: cannot be written .*file-size "
-                                          r"limit .*run the same command again to resume", errors[0])
+    assert len(errors) == 1 and re.search(
+        r"o/index/store/vectors/part-00000\.npy: cannot be written .*file-size "
+        r"limit .*run the same command again to resume",
+        errors[0],
+    )
     assert subprocess.run(cmd, capture_output=True, timeout=120).returncode == 0
     assert pq.read_table(tmp_path / "o" / "neighbors").num_rows == 3000

@@ -11,13 +11,24 @@ import pytest
 from pipeline import ConfigError, parse_config
 from pipeline.cluster.submit import prepare
 
-SLURM = {"kind": "slurm", "queue": "gpu", "account": "ml-team", "cores": 8, "memory": "32GiB", "gpus": 1, "jobs": 4,
-         "walltime": "04:00:00", "directives": ["--constraint=a100"], "setup": ["module load cuda/12"]}
+SLURM = {
+    "kind": "slurm",
+    "queue": "gpu",
+    "account": "ml-team",
+    "cores": 8,
+    "memory": "32GiB",
+    "gpus": 1,
+    "jobs": 4,
+    "walltime": "04:00:00",
+    "directives": ["--constraint=a100"],
+    "setup": ["module load cuda/12"],
+}
 
 
 def config(tmp_path: Path, **profile):
-    return parse_config({"input": "data/", "output": str(tmp_path / "out"), "profile": "hpc",
-                         "profiles": {"hpc": {**SLURM, **profile}}})
+    return parse_config(
+        {"input": "data/", "output": str(tmp_path / "out"), "profile": "hpc", "profiles": {"hpc": {**SLURM, **profile}}}
+    )
 
 
 def test_profiles_resolve_to_kinds(tmp_path):
@@ -32,17 +43,20 @@ def test_profiles_resolve_to_kinds(tmp_path):
     assert parse_config({"scheduler_address": "tcp://h:8786"}).cluster.kind == "address"
 
 
-@pytest.mark.parametrize("profile, message", [
-    ({"queue": "gpu; rm -rf ~"}, "may hold only letters"),
-    ({"account": "$(id)"}, "may hold only letters"),
-    ({"directives": ["--qos=x\n#SBATCH --uid=0"]}, "without line breaks"),
-    ({"setup": ["source env\nrm -rf /"]}, "without line breaks"),
-    ({"walltime": "soon"}, "walltime such as"),
-    ({"adaptive_min": 1}, "both adaptive_min and adaptive_max"),
-    ({"adaptive_min": 5, "adaptive_max": 2}, "adaptive_min 5 > adaptive_max 2"),
-    ({"queus": "gpu"}, "did you mean 'queue'"),
-    ({"kind": "lsf"}, "expected one of local, address, slurm, pbs"),
-])
+@pytest.mark.parametrize(
+    "profile, message",
+    [
+        ({"queue": "gpu; rm -rf ~"}, "may hold only letters"),
+        ({"account": "$(id)"}, "may hold only letters"),
+        ({"directives": ["--qos=x\n#SBATCH --uid=0"]}, "without line breaks"),
+        ({"setup": ["source env\nrm -rf /"]}, "without line breaks"),
+        ({"walltime": "soon"}, "walltime such as"),
+        ({"adaptive_min": 1}, "both adaptive_min and adaptive_max"),
+        ({"adaptive_min": 5, "adaptive_max": 2}, "adaptive_min 5 > adaptive_max 2"),
+        ({"queus": "gpu"}, "did you mean 'queue'"),
+        ({"kind": "lsf"}, "expected one of local, address, slurm, pbs"),
+    ],
+)
 def test_bad_profiles_are_refused(tmp_path, profile, message):
     with pytest.raises(ConfigError, match=message):
         config(tmp_path, **profile)
@@ -88,8 +102,12 @@ def test_submit_needs_a_batch_profile(tmp_path):
 def test_submit_dry_run_prints_both_scripts_and_writes_nothing(tmp_path):
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: data/\noutput: {tmp_path / 'out'}\nprofile: slurm\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "--config", str(cfg), "--dry-run"],  # JOB: run
-                          capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", "--config", str(cfg), "--dry-run"],  # JOB: run
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "# driver job script" in proc.stdout and "distributed.cli.dask_worker" in proc.stdout
     assert "-m pipeline run --config" in proc.stdout
@@ -178,8 +196,12 @@ def test_submit_with_an_s3_output_stages_and_logs_in_the_shared_scratch_dir(tmp_
     --scratch-dir (a filesystem the nodes share), and its driver gets the storage_options."""
     from pipeline.config import dump_config
 
-    values = {"input": "s3://bucket/emb", "output": "s3://bucket/dedup", "profile": "slurm",
-              "storage_options": {"region": "eu-west-1"}}
+    values = {
+        "input": "s3://bucket/emb",
+        "output": "s3://bucket/dedup",
+        "profile": "slurm",
+        "storage_options": {"region": "eu-west-1"},
+    }
     with pytest.raises(ConfigError, match="give --scratch-dir on a filesystem the cluster's nodes share"):
         prepare("dedup", parse_config(values))
     sub = prepare("dedup", parse_config({**values, "scratch_dir": str(tmp_path / "shared")}))

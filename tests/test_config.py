@@ -105,8 +105,12 @@ def test_cli_run_with_config_file_and_embedded_cluster(tmp_path, dataset_dir):
     """The user's path: a YAML file, a flag on top, the tool's own LocalCluster."""
     cfg = tmp_path / "job.yaml"
     cfg.write_text(f"input: {dataset_dir}\noutput: {tmp_path / 'out'}\nk: 3\nexclude_self: true\nindex_key: Flat\n")
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--k", "4"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "run", "--config", str(cfg), "--k", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "local Dask cluster: " in proc.stderr and "dashboard http" in proc.stderr
     assert "join: 6,000/6,000 rows (100%)" in proc.stderr and "rows/s" in proc.stderr
@@ -171,8 +175,19 @@ def test_verbose_logs_every_task_and_quiet_does_not(dataset_dir, dask_address, t
 
     from pipeline.cli import main
 
-    base = ["run", "--input", str(dataset_dir), "--index-key", "Flat", "--k", "3", "--recall-queries", "50",
-            "--scheduler-address", dask_address]
+    base = [
+        "run",
+        "--input",
+        str(dataset_dir),
+        "--index-key",
+        "Flat",
+        "--k",
+        "3",
+        "--recall-queries",
+        "50",
+        "--scheduler-address",
+        dask_address,
+    ]
     dask_log = logging.getLogger("distributed")
     saved = (dask_log.handlers[:], dask_log.level, dask_log.propagate)
     try:

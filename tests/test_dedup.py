@@ -57,11 +57,14 @@ def planted(tmp_path_factory: pytest.TempPathFactory) -> dict:
     quality = (allids % 7).astype(np.float64)
     d = tmp_path_factory.mktemp("planted")
     for s, part in enumerate(np.array_split(np.arange(len(allids)), 3)):
-        table = pa.table({
-            "id": pa.array(allids[part]), "quality": pa.array(quality[part]),
-            "text": pa.array([f"text {i}" for i in allids[part]]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(allx[part].ravel()), DIM),
-        })
+        table = pa.table(
+            {
+                "id": pa.array(allids[part]),
+                "quality": pa.array(quality[part]),
+                "text": pa.array([f"text {i}" for i in allids[part]]),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(allx[part].ravel()), DIM),
+            }
+        )
         pq.write_table(table, d / f"part-{s:05d}.parquet", row_group_size=500)
     return {"dir": d, "x": allx, "ids": allids, "quality": dict(zip(allids.tolist(), quality.tolist()))}
 
@@ -78,14 +81,29 @@ def members(groups: dict[int, dict]) -> list[set[int]]:
     return sorted((m for m in by.values() if len(m) > 1), key=min)
 
 
-EXPECTED = [{0, 10000, 10001, 10002}, {1, 10010}, {2, 10020}, {3, 10030}, {4, 10040}, {5, 20005}, {6, 20006},
-            {7, 20007}, {8, 20008}, {9, 20009}]
+EXPECTED = [
+    {0, 10000, 10001, 10002},
+    {1, 10010},
+    {2, 10020},
+    {3, 10030},
+    {4, 10040},
+    {5, 20005},
+    {6, 20006},
+    {7, 20007},
+    {8, 20008},
+    {9, 20009},
+]
 CHAIN = {30000, 30001, 30002}
 
 # 500-row pieces; each piece's edges overflow the shuffle budget (2 x partition_size), so the
 # pairs are shuffled between 9 partitions (3 shards of 500 + 500 + 5 rows)
-SETTINGS = {"threshold": 0.95, "index_key": "IVF16,Flat", "nprobe": 16, "recall_queries": 500,
-            "partition_size": 500 * DIM * 4}
+SETTINGS = {
+    "threshold": 0.95,
+    "index_key": "IVF16,Flat",
+    "nprobe": 16,
+    "recall_queries": 500,
+    "partition_size": 500 * DIM * 4,
+}
 
 
 def test_components_groups_copies_perturbations_and_chains(make_config, planted, tmp_path):
@@ -206,7 +224,7 @@ def test_components_follow_long_chains(dask_address, tmp_path):
         paths.append(str(tmp_path / f"e{p}.parquet"))
         write_edges(paths[-1], src[sel][order], dst[sel][order], np.ones(sel.sum(), np.float32))
     with Client(dask_address) as client:
-        labels_dir = connected_components(client, paths, starts, n, tmp_path / "cc")
+        labels_dir = connected_components(client, paths, starts=starts, total=n, work_dir=tmp_path / "cc")
     labels = np.concatenate([np.load(labels_dir / f"part-{p:05d}.npy") for p in range(4)])
     assert (labels[:2000] == 0).all() and list(labels[2000:]) == [2000, 2000, 2002]
 
@@ -238,8 +256,7 @@ def _partition(out: Path) -> tuple[set[frozenset[int]], set[int]]:
 
 
 @pytest.mark.parametrize("mode", ["components", "greedy"])
-def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_config, six_shards, tmp_path, caplog,
-                                                                       mode):
+def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_config, six_shards, tmp_path, caplog, mode):
     # one piece per shard, two pieces per shuffle partition: the first run's last partition holds
     # one piece and takes in a new one when the input grows
     settings = {**SETTINGS, "partition_size": 220_000}
@@ -279,8 +296,9 @@ def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, pla
     ids = pa.array([f"doc-{i}" for i in table.column("id").to_pylist()])
     pq.write_table(table.set_column(0, "id", ids), d / "part-00000.parquet", row_group_size=1000)
     # unit vectors: squared l2 = 2 - 2 cos, so cos >= 0.95 is squared distance <= 0.1
-    report = dedup(make_config(input=str(d), metric="l2", threshold=0.1, index_key="IVF16,Flat", nprobe=16,
-                               recall_queries=500))
+    report = dedup(
+        make_config(input=str(d), metric="l2", threshold=0.1, index_key="IVF16,Flat", nprobe=16, recall_queries=500)
+    )
     g = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "groups").to_pylist()}
     assert report.dedup.rows_dropped == 14
     assert g["doc-10001"]["representative_id"] == "doc-0" and not g["doc-10001"]["is_kept"]  # "doc-0" < "doc-10001"
@@ -295,8 +313,12 @@ def _copies(tmp_path: Path, rows: int, first: int, copies: int, seed: int, row_g
     x[first + 1 : first + copies] = x[first]
     d = tmp_path / "data"
     d.mkdir()
-    table = pa.table({"id": pa.array(np.arange(rows, dtype=np.int64)),
-                      "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM)})
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(rows, dtype=np.int64)),
+            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM),
+        }
+    )
     pq.write_table(table, d / "part-00000.parquet", row_group_size=row_group)
     return d
 
@@ -305,8 +327,14 @@ def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
     """25 copies of one vector with k=10: the rows whose 10 neighbours all pass are searched again
     with longer lists, so every pair is found and greedy keeps exactly one copy."""
     d = _copies(tmp_path, rows=800, first=99, copies=26, seed=3, row_group=200)
-    settings = {"input": str(d), "threshold": 0.99, "index_key": "Flat", "k": 10, "recall_queries": 800,
-                "partition_size": 200 * DIM * 4}
+    settings = {
+        "input": str(d),
+        "threshold": 0.99,
+        "index_key": "Flat",
+        "k": 10,
+        "recall_queries": 800,
+        "partition_size": 200 * DIM * 4,
+    }
     report = dedup(make_config(dedup_mode="greedy", **settings))
     g = groups_of(tmp_path / "out")
     assert [i for i in range(99, 125) if g[i]["is_kept"]] == [99]
@@ -315,8 +343,9 @@ def test_a_group_larger_than_k_is_found_whole(make_config, tmp_path):
 
 
 @pytest.mark.parametrize("range_budget", ["ample", "none"])
-def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(make_config, tmp_path, monkeypatch,
-                                                                               range_budget):
+def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(
+    make_config, tmp_path, monkeypatch, range_budget
+):
     """121 identical rows with a 30-neighbour cap: the rows still full at the cap get all 120
     partners by exact range search, so every pair is found and no row is left saturated. With a
     small partition_size and little worker memory there is no room for them in the shuffle: they stay
@@ -330,10 +359,20 @@ def test_rows_with_more_duplicates_than_the_cap_get_every_pair_by_range_search(m
     if range_budget == "none":  # as if the workers had almost no memory for the shuffle
         monkeypatch.setattr(dedup_job, "SHUFFLE_COPIES", 1 << 40)
     d = _copies(tmp_path, rows=900, first=299, copies=121, seed=4, row_group=300)
-    report = dedup(make_config(input=str(d), threshold=0.99, index_key="IVF8,Flat", nprobe=2, rerank=0, k=5,
-                               target_recall="off", recall_queries=900,
-                               partition_size=300 * DIM * 4 * (1 if range_budget == "none" else 50),
-                               allow_below_target=range_budget == "none"))
+    report = dedup(
+        make_config(
+            input=str(d),
+            threshold=0.99,
+            index_key="IVF8,Flat",
+            nprobe=2,
+            rerank=0,
+            k=5,
+            target_recall="off",
+            recall_queries=900,
+            partition_size=300 * DIM * 4 * (1 if range_budget == "none" else 50),
+            allow_below_target=range_budget == "none",
+        )
+    )
     if range_budget == "none":  # loud: the pair recall is below its target, accepted here
         assert report.dedup.saturated_rows > 0 and report.dedup.pairs < 121 * 120 // 2
         assert report.dedup.exactness.pair_recall < 0.99
@@ -350,8 +389,9 @@ def test_the_pair_target_searches_linked_rows_over_more_lists(make_config, tmp_p
     x = clustered_vectors(20_000, 16, clusters=40, seed=2, latent=4)
     write_shards(tmp_path / "dense", x, shards=2)
     with caplog.at_level("INFO", logger="pipeline"):
-        report = dedup(make_config(input=str(tmp_path / "dense"), threshold=0.98, index_key="IVF256,Flat", k=5,
-                                   recall_queries=500))
+        report = dedup(
+            make_config(input=str(tmp_path / "dense"), threshold=0.98, index_key="IVF256,Flat", k=5, recall_queries=500)
+        )
     ex = report.dedup.exactness
     assert report.dedup.target_pair_recall == 0.99 and ex.pair_recall >= 0.99 and ex.exact_pairs > 1000
     assert report.dedup.pair_nprobe is not None and report.dedup.pair_nprobe > report.search.nprobe
@@ -370,8 +410,13 @@ def test_incremental_dedup_with_a_tuned_index_agrees_with_a_full_run_on_clustere
     dedup(make_config(input=files[:3], output=str(tmp_path / "inc"), **settings))
     inc = dedup(make_config(input=files, output=str(tmp_path / "inc"), **settings))
     assert full.dedup.exactness.pair_recall >= 0.99 and inc.dedup.exactness.pair_recall >= 0.99
-    pairs = {name: {frozenset(p) for p in zip(*(pq.read_table(tmp_path / name / "pairs").column(c).to_pylist()
-                                                  for c in ("id_a", "id_b")))} for name in ("full", "inc")}
+    pairs = {
+        name: {
+            frozenset(p)
+            for p in zip(*(pq.read_table(tmp_path / name / "pairs").column(c).to_pylist() for c in ("id_a", "id_b")))
+        }
+        for name in ("full", "inc")
+    }
     assert len(pairs["full"] ^ pairs["inc"]) <= 0.001 * len(pairs["full"]) and len(pairs["full"]) > 5000
     groups_full, _ = _partition(tmp_path / "full")
     groups_inc, _ = _partition(tmp_path / "inc")
@@ -399,8 +444,9 @@ def test_deduplicated_mirrors_the_input_files_minus_the_dropped_rows(make_config
     report = dedup(make_config(input=str(src), output=str(out), **SETTINGS))
 
     groups = groups_of(out)
-    assert sorted(str(p.relative_to(out / "deduplicated")) for p in (out / "deduplicated").rglob("*.parquet")) == \
-        sorted(names)
+    assert sorted(
+        str(p.relative_to(out / "deduplicated")) for p in (out / "deduplicated").rglob("*.parquet")
+    ) == sorted(names)
     for name in names:
         original = pq.read_table(src / name)
         kept = pq.read_table(out / "deduplicated" / name)
@@ -466,21 +512,28 @@ def reference(planted: dict, tmp_path_factory: pytest.TempPathFactory) -> dict:
     far = _unit(rng.standard_normal((50, DIM)))
     d = tmp_path_factory.mktemp("reference")
     for name, arr, first in (("a.parquet", copies, 900_000), ("b.parquet", np.vstack([perturbed, far]), 910_000)):
-        pq.write_table(pa.table({
-            "id": pa.array(np.arange(first, first + len(arr), dtype=np.int64)),
-            "text": pa.array([f"benchmark item {i}" for i in range(len(arr))]),
-            "embedding": pa.FixedSizeListArray.from_arrays(pa.array(arr.astype(np.float32).ravel()), DIM),
-        }), d / name)
+        pq.write_table(
+            pa.table(
+                {
+                    "id": pa.array(np.arange(first, first + len(arr), dtype=np.int64)),
+                    "text": pa.array([f"benchmark item {i}" for i in range(len(arr))]),
+                    "embedding": pa.FixedSizeListArray.from_arrays(pa.array(arr.astype(np.float32).ravel()), DIM),
+                }
+            ),
+            d / name,
+        )
     return {"dir": d, "cos": [float(np.dot(perturbed[j], x[row_of[105 + j]])) for j in range(5)]}
 
 
-def test_against_finds_planted_contamination_and_never_touches_the_reference(make_config, planted, reference,
-                                                                              tmp_path):
+def test_against_finds_planted_contamination_and_never_touches_the_reference(make_config, planted, reference, tmp_path):
     before = _digest_files(sorted(Path(reference["dir"]).glob("*.parquet")))
     assert all(0.95 < c < 0.99 for c in reference["cos"])
     out = tmp_path / "out"
-    report = dedup(make_config(input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])],
-                               text_column="text", **SETTINGS))
+    report = dedup(
+        make_config(
+            input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])], text_column="text", **SETTINGS
+        )
+    )
     c = report.dedup.contamination
     assert c.rows_contaminated == 10 and c.reference_rows == 60
     assert {Path(m.file).name: m.input_rows_matched for m in c.per_file} == {"a.parquet": 5, "b.parquet": 5}
@@ -499,11 +552,18 @@ def test_against_finds_planted_contamination_and_never_touches_the_reference(mak
     assert _digest_files(sorted(Path(reference["dir"]).glob("*.parquet"))) == before
 
     # a stricter threshold finds the exact copies only
-    strict = dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "strict"),
-                               against=[str(reference["dir"])], **{**SETTINGS, "threshold": 0.999}))
+    strict = dedup(
+        make_config(
+            input=str(planted["dir"]),
+            output=str(tmp_path / "strict"),
+            against=[str(reference["dir"])],
+            **{**SETTINGS, "threshold": 0.999},
+        )
+    )
     assert strict.dedup.contamination.rows_contaminated == 5
-    assert sorted(pq.read_table(tmp_path / "strict" / "contamination").column("id").to_pylist()) == \
-        list(range(100, 105))
+    assert sorted(pq.read_table(tmp_path / "strict" / "contamination").column("id").to_pylist()) == list(
+        range(100, 105)
+    )
 
 
 def test_reference_ids_equal_to_input_ids_are_a_namespace_of_their_own(make_config, planted, reference, tmp_path):
@@ -516,8 +576,7 @@ def test_reference_ids_equal_to_input_ids_are_a_namespace_of_their_own(make_conf
         t = pq.read_table(Path(reference["dir"]) / name)
         ids = np.arange(first, first + 5) if name == "a.parquet" else np.r_[np.arange(105, 110), np.arange(50)]
         pq.write_table(t.set_column(t.schema.get_field_index("id"), "id", pa.array(ids.astype(np.int64))), ref / name)
-    report = dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "out"), against=[str(ref)],
-                               **SETTINGS))
+    report = dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "out"), against=[str(ref)], **SETTINGS))
     assert report.dedup.contamination.rows_contaminated == 10
     found = {r["id"]: r["reference_id"] for r in pq.read_table(tmp_path / "out" / "contamination").to_pylist()}
     assert found == {i: i for i in range(100, 110)}
@@ -525,8 +584,15 @@ def test_reference_ids_equal_to_input_ids_are_a_namespace_of_their_own(make_conf
 
 def test_against_flag_keeps_the_rows_and_lists_them(make_config, planted, reference, tmp_path):
     out = tmp_path / "out"
-    report = dedup(make_config(input=str(planted["dir"]), output=str(out), against=[str(reference["dir"])],
-                               against_action="flag", **SETTINGS))
+    report = dedup(
+        make_config(
+            input=str(planted["dir"]),
+            output=str(out),
+            against=[str(reference["dir"])],
+            against_action="flag",
+            **SETTINGS,
+        )
+    )
     assert report.dedup.contamination.rows_contaminated == 10
     kept = set(pq.read_table(out / "deduplicated").column("id").to_pylist())
     assert set(range(100, 110)) <= kept
@@ -537,11 +603,21 @@ def test_a_reference_of_another_dimension_is_named(make_config, planted, tmp_pat
     ref = tmp_path / "ref"
     ref.mkdir()
     x = np.random.default_rng(0).standard_normal((40, DIM // 2)).astype(np.float32)
-    pq.write_table(pa.table({"id": pa.array(np.arange(40)), "text": pa.array(["r"] * 40),
-                             "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM // 2)}),
-                   ref / "bench.parquet")
-    with pytest.raises(InputError, match=rf"bench\.parquet, column 'embedding': --against vectors have dimension "
-                                         rf"{DIM // 2} but the input's have {DIM}"):
+    pq.write_table(
+        pa.table(
+            {
+                "id": pa.array(np.arange(40)),
+                "text": pa.array(["r"] * 40),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x.ravel()), DIM // 2),
+            }
+        ),
+        ref / "bench.parquet",
+    )
+    with pytest.raises(
+        InputError,
+        match=rf"bench\.parquet, column 'embedding': --against vectors have dimension "
+        rf"{DIM // 2} but the input's have {DIM}",
+    ):
         dedup(make_config(input=str(planted["dir"]), output=str(tmp_path / "out"), against=[str(ref)], **SETTINGS))
 
 
@@ -549,8 +625,14 @@ def test_an_output_inside_the_reference_is_refused(make_config, planted, referen
     from pipeline.errors import PipelineError
 
     with pytest.raises(PipelineError, match="reference|input"):
-        dedup(make_config(input=str(planted["dir"]), output=str(Path(reference["dir"]) / "out"),
-                          against=[str(reference["dir"])], **SETTINGS))
+        dedup(
+            make_config(
+                input=str(planted["dir"]),
+                output=str(Path(reference["dir"]) / "out"),
+                against=[str(reference["dir"])],
+                **SETTINGS,
+            )
+        )
     assert not (Path(reference["dir"]) / "out").exists()
 
 

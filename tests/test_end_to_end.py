@@ -157,8 +157,16 @@ def test_join_exclude_self_by_id_on_overlapping_queries(make_config, dataset_dir
 
 
 def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_dir, vectors, tmp_path):
-    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ16",
-                             target_recall=0.95, recall_queries=200))
+    report = run(
+        make_config(
+            input=str(dataset_dir),
+            k=10,
+            exclude_self=True,
+            index_key="IVF64,PQ16",
+            target_recall=0.95,
+            recall_queries=200,
+        )
+    )
     rec = report.recall
     assert rec.target == 0.95 and rec.queries == 200 and rec.recall >= 0.93
     assert len(rec.curve) >= 3 and all(p.recall < 0.95 for p in rec.curve if p.nprobe == 1)
@@ -169,13 +177,22 @@ def test_target_recall_tunes_and_reports_held_out_recall(make_config, dataset_di
     assert self_recall(tmp_path / "out", vectors) >= 0.93
 
 
-def test_ivf_flat_tuning_computes_its_recall_curve_and_takes_the_smallest_passing_nprobe(make_config, dataset_dir,
-                                                                                         tmp_path):
+def test_ivf_flat_tuning_computes_its_recall_curve_and_takes_the_smallest_passing_nprobe(
+    make_config, dataset_dir, tmp_path
+):
     """IVF-Flat's recall against nprobe is read off the true neighbours' lists, not searched: every
     point says so, the choice is the smallest nprobe that passes (the one below it was computed
     and fell short), and the held-out search at it meets the target."""
-    report = run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,Flat",
-                             target_recall=0.95, recall_queries=200))
+    report = run(
+        make_config(
+            input=str(dataset_dir),
+            k=10,
+            exclude_self=True,
+            index_key="IVF64,Flat",
+            target_recall=0.95,
+            recall_queries=200,
+        )
+    )
     rec = report.recall
     assert rec.curve and all(p.computed and p.seconds == 0 for p in rec.curve)
     passes = {p.nprobe: p.recall - 2 * p.stderr >= 0.95 for p in rec.curve}
@@ -188,10 +205,21 @@ def test_a_missed_target_finishes_the_table_but_fails_the_job(make_config, datas
     from pipeline.search.tuning import BelowTarget
 
     # both settings given: the target is checked, not tuned to (no switch to exact search)
-    settings = dict(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0, nprobe=4,
-                    target_recall=1.0, recall_queries=100)
-    with pytest.raises(BelowTarget, match=r"recall@10 0\.\d+ .*target 1\.0: MISSED; plan: IVF64,PQ4, nprobe=4, "
-                                          r"rerank=0; .* not marked _SUCCESS.*--allow-below-target"):
+    settings = dict(
+        input=str(dataset_dir),
+        k=10,
+        exclude_self=True,
+        index_key="IVF64,PQ4",
+        rerank=0,
+        nprobe=4,
+        target_recall=1.0,
+        recall_queries=100,
+    )
+    with pytest.raises(
+        BelowTarget,
+        match=r"recall@10 0\.\d+ .*target 1\.0: MISSED; plan: IVF64,PQ4, nprobe=4, "
+        r"rerank=0; .* not marked _SUCCESS.*--allow-below-target",
+    ):
         run(make_config(**settings))
     out = tmp_path / "out"
     assert not (out / "_SUCCESS").exists() and len(read_neighbours(out)) == 6000
@@ -205,8 +233,11 @@ def test_ties_are_not_misses(make_config, tmp_path):
     base = rng.standard_normal((300, 16)).astype(np.float32)
     x = np.repeat(base, 8, axis=0)  # every vector 8 times: 7 exact ties for each row's top 5
     write_shards(tmp_path / "dups", x, shards=2)
-    report = run(make_config(input=str(tmp_path / "dups"), k=5, exclude_self=True, index_key="IVF8,Flat", nprobe=8,
-                             recall_queries=200))
+    report = run(
+        make_config(
+            input=str(tmp_path / "dups"), k=5, exclude_self=True, index_key="IVF8,Flat", nprobe=8, recall_queries=200
+        )
+    )
     rec = report.recall  # exact search, so every answer is right; which of the ties comes first is not
     assert rec.recall == 1.0 and rec.recall_strict < 1.0 and rec.met
 
@@ -220,8 +251,16 @@ def test_target_recall_on_real_like_embeddings(make_config, tmp_path):
     """384-d float16 vectors with a low intrinsic dimension (like sentence embeddings), fast-scan PQ."""
     x = clustered_vectors(5000, 384, clusters=25, seed=11, latent=24)
     write_shards(tmp_path / "emb", x, shards=2, dtype="float16")
-    report = run(make_config(input=str(tmp_path / "emb"), k=10, exclude_self=True, index_key="IVF32,PQ192x4fs",
-                             target_recall=0.9, recall_queries=200))
+    report = run(
+        make_config(
+            input=str(tmp_path / "emb"),
+            k=10,
+            exclude_self=True,
+            index_key="IVF32,PQ192x4fs",
+            target_recall=0.9,
+            recall_queries=200,
+        )
+    )
     assert report.recall.recall >= 0.88  # held-out: not the sample it was tuned on
     found = read_neighbours(tmp_path / "out")
     xs = x.astype("float16").astype(np.float32)
@@ -265,12 +304,22 @@ def test_the_default_run_reaches_its_target_on_held_out_queries(make_config, tmp
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_the_exact_plan_streams_the_row_store_and_equals_brute_force(make_config, dataset_dir, vectors, tmp_path,
-                                                                      metric):
+def test_the_exact_plan_streams_the_row_store_and_equals_brute_force(
+    make_config, dataset_dir, vectors, tmp_path, metric
+):
     """``Flat`` searches the row store piece by piece (six pieces here): no copy of the vectors is
     built, and every list is the brute-force answer."""
-    report = run(make_config(input=str(dataset_dir), k=7, exclude_self=True, index_key="Flat", metric=metric,
-                             partition_size=1000 * DIM * 4, recall_queries=50))
+    report = run(
+        make_config(
+            input=str(dataset_dir),
+            k=7,
+            exclude_self=True,
+            index_key="Flat",
+            metric=metric,
+            partition_size=1000 * DIM * 4,
+            recall_queries=50,
+        )
+    )
     out = tmp_path / "out"
     assert not (out / "index" / "index.faiss").exists()
     assert len(list((out / "index" / "store" / "vectors").glob("*.npy"))) == 6  # one piece per row group
@@ -285,8 +334,15 @@ def test_the_exact_plan_streams_the_row_store_and_equals_brute_force(make_config
 def test_a_target_the_index_cannot_reach_switches_to_exact_search(make_config, dataset_dir, vectors, tmp_path, caplog):
     """4-bit codes without re-ranking top out far below 0.99: the job joins with exact search over
     the row store instead, says why, and meets its target; --allow-below-target keeps the index."""
-    settings = dict(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ4", rerank=0,
-                    target_recall=0.99, recall_queries=200)
+    settings = dict(
+        input=str(dataset_dir),
+        k=10,
+        exclude_self=True,
+        index_key="IVF64,PQ4",
+        rerank=0,
+        target_recall=0.99,
+        recall_queries=200,
+    )
     with caplog.at_level("WARNING", logger="pipeline"):
         report = run(make_config(**settings))
     assert "no setting of the index reached recall 0.990" in caplog.text

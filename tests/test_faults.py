@@ -154,8 +154,10 @@ def test_a_bit_flipped_part_of_the_same_size_is_redone(make_config, data, tmp_pa
 
 # the ledger itself -----------------------------------------------------------------------------
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(files=st.dictionaries(st.sampled_from(["a", "b/c", "b/d", "e/f/g"]), st.binary(max_size=64), min_size=1),
-       user=st.dictionaries(st.sampled_from(["a", "b/c", "x", "b/y", "e/f/z"]), st.binary(max_size=64)))
+@given(
+    files=st.dictionaries(st.sampled_from(["a", "b/c", "b/d", "e/f/g"]), st.binary(max_size=64), min_size=1),
+    user=st.dictionaries(st.sampled_from(["a", "b/c", "x", "b/y", "e/f/z"]), st.binary(max_size=64)),
+)
 def test_only_recorded_files_are_removed_whatever_the_user_adds_or_changes(tmp_path_factory, files, user):
     from pipeline.io.atomic import atomic_path
 
@@ -194,16 +196,22 @@ def test_a_dotted_vector_column_name_sizes_pieces_by_its_real_dimension(tmp_path
     from pipeline.io.parquet import plan_dataset
 
     x = clustered_vectors(3000, 32, seed=1)
-    table = pa.table({"id": pa.array(np.arange(3000)), "meta": pa.array([{"a": 1, "b": [1.0, 2.0]}] * 3000),
-                      "emb.v": pa.array(list(x), type=pa.list_(pa.float32()))})
+    table = pa.table(
+        {
+            "id": pa.array(np.arange(3000)),
+            "meta": pa.array([{"a": 1, "b": [1.0, 2.0]}] * 3000),
+            "emb.v": pa.array(list(x), type=pa.list_(pa.float32())),
+        }
+    )
     (tmp_path / "d").mkdir()
     pq.write_table(table, tmp_path / "d" / "a.parquet", row_group_size=100)
     dataset = plan_dataset([str(tmp_path / "d")], "id", "emb.v", 100 * 32 * 4)
     assert len(dataset.pieces) == 30  # one row group each: 100 rows of 32 float32s fill a piece
 
 
-@pytest.mark.parametrize("flags", [["--rows", "0"], ["--dim", "0"], ["--shards", "0"], ["--rows", "2", "--shards", "3"],
-                                   ["--rows", "-5"]])
+@pytest.mark.parametrize(
+    "flags", [["--rows", "0"], ["--dim", "0"], ["--shards", "0"], ["--rows", "2", "--shards", "3"], ["--rows", "-5"]]
+)
 def test_sample_data_refuses_sizes_that_make_no_dataset(tmp_path, capsys, flags):
     from pipeline.cli import main
 
@@ -220,27 +228,55 @@ def test_three_runs_of_one_job_write_identical_tables_and_plans(make_config, tmp
     tables, plans = [], []
     for i in range(3):
         out = tmp_path / f"out{i}"
-        run(make_config(input=str(data), output=str(out), k=5, index_key="IVF32,PQ6", target_recall=0.9,
-                        exclude_self=True))
+        run(
+            make_config(
+                input=str(data), output=str(out), k=5, index_key="IVF32,PQ6", target_recall=0.9, exclude_self=True
+            )
+        )
         tables.append({p.name: p.read_bytes() for p in sorted((out / "neighbors").glob("*.parquet"))})
         report = json.loads((out / "report.json").read_text())
         recall = report["recall"]
-        plans.append((recall["nprobe"], recall["rerank"], recall["strategy"], recall["recall"],
-                      [(p["nprobe"], p["rerank"], p["recall"], p["cost"]) for p in recall["curve"]]))
+        plans.append(
+            (
+                recall["nprobe"],
+                recall["rerank"],
+                recall["strategy"],
+                recall["recall"],
+                [(p["nprobe"], p["rerank"], p["recall"], p["cost"]) for p in recall["curve"]],
+            )
+        )
     assert tables[0] == tables[1] == tables[2]
     assert plans[0] == plans[1] == plans[2]
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.tuples(st.integers(1, 64), st.sampled_from([0, 2, 4, 8]), st.floats(0.5, 1.0),
-                          st.floats(1e-4, 10.0)), min_size=1, max_size=12, unique_by=lambda t: t[:2]),
-       st.floats(0.5, 1.0))
+@given(
+    st.lists(
+        st.tuples(st.integers(1, 64), st.sampled_from([0, 2, 4, 8]), st.floats(0.5, 1.0), st.floats(1e-4, 10.0)),
+        min_size=1,
+        max_size=12,
+        unique_by=lambda t: t[:2],
+    ),
+    st.floats(0.5, 1.0),
+)
 def test_the_choice_of_setting_ignores_timings(points, target):
     from pipeline.search.tuning import TunePoint, choose, query_cost
 
     def make(seconds: list[float]) -> list[TunePoint]:
-        return [TunePoint(n, r, rec, rec, 0.0, s, 100, cost=query_cost(None, 0, 0, 10, n, r) + n * 1000.0 + r * 10.0)
-                for (n, r, rec, _), s in zip(points, seconds)]
+        return [
+            TunePoint(
+                n,
+                r,
+                rec,
+                rec,
+                0.0,
+                s,
+                100,
+                cost=query_cost(None, ntotal=0, dim=0, k=10, nprobe=n, rerank=r) + n * 1000.0 + r * 10.0,
+            )
+            for (n, r, rec, _), s in zip(points, seconds)
+        ]
+
     a = choose(make([p[3] for p in points]), target)
     b = choose(make([p[3] for p in reversed(points)]), target)
     assert (a.nprobe, a.rerank) == (b.nprobe, b.rerank)
@@ -327,8 +363,26 @@ def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
 
     data, out = tmp_path / "data", tmp_path / "out"
     write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
-           "--index-key", "Flat", "--partition-size", str(100 * 32 * 4), "--workers", "1", "--threads-per-worker", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--k",
+        "5",
+        "--index-key",
+        "Flat",
+        "--partition-size",
+        str(100 * 32 * 4),
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+    ]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -353,9 +407,26 @@ def test_a_file_size_limit_hit_by_the_list_file_is_one_line_and_the_rerun_finish
 
     data, out = tmp_path / "data", tmp_path / "out"
     write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
-           "--index-key", "IVF64,Flat", "--partition-size", str(100 * 32 * 4), "--workers", "1",
-           "--threads-per-worker", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--k",
+        "5",
+        "--index-key",
+        "IVF64,Flat",
+        "--partition-size",
+        str(100 * 32 * 4),
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+    ]
 
     def limit() -> None:  # the partial indexes fit; the merged list file (1.6 MB) does not
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
@@ -387,8 +458,11 @@ def test_a_task_whose_workers_keep_dying_names_its_piece_and_file(data):
 
     pieces = plan_dataset([str(data)], "id", "embedding", 150 * DIM * 4).pieces
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
-        with pytest.raises(PipelineError, match=r"Dask workers died 2 times running join of piece 3 \(.*part-0000\d\."
-                                                r"parquet \(rows \d+-\d+\)\), usually for memory"):
+        with pytest.raises(
+            PipelineError,
+            match=r"Dask workers died 2 times running join of piece 3 \(.*part-0000\d\."
+            r"parquet \(rows \d+-\d+\)\), usually for memory",
+        ):
             with dask_client(ClusterSpec(workers=2, threads_per_worker=1)) as (client, _):
                 run_tasks(client, _die_on, [pieces[3]], "join", args=lambda p: (p, "join"))
 

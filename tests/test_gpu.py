@@ -75,8 +75,12 @@ def test_exact_scores_match_the_cpu(vectors):
     q = vectors[:200]
     cand = vectors[rng.integers(0, len(vectors), (200, 40))]
     for metric in ("cosine", "l2"):
-        np.testing.assert_allclose(GpuBackend(device=0).exact_scores(q, cand, metric),
-                                   CpuBackend().exact_scores(q, cand, metric), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(
+            GpuBackend(device=0).exact_scores(q, cand, metric),
+            CpuBackend().exact_scores(q, cand, metric),
+            rtol=1e-4,
+            atol=1e-4,
+        )
 
 
 def test_small_temp_memory_cap_still_searches_right(vectors):
@@ -109,8 +113,13 @@ def test_run_on_the_gpu_matches_the_cpu_and_its_index_loads_on_the_cpu(make_conf
 def _lists(index: faiss.Index) -> list[tuple[bytes, bytes]]:
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     inv = ivf.invlists
-    return [(faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes(),
-             faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes()) for i in range(ivf.nlist)]
+    return [
+        (
+            faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes(),
+            faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes(),
+        )
+        for i in range(ivf.nlist)
+    ]
 
 
 def test_the_gpu_fill_encodes_on_the_gpu_and_writes_the_cpu_layout(vectors):
@@ -146,8 +155,9 @@ def test_resident_rerank_and_exact_search_match_the_cpu(tmp_path, vectors, metri
     q = vectors[:300]
     gpu = GpuBackend(device=0)
     assert gpu._resident(store) is not None  # a few MiB: resident
-    np.testing.assert_allclose(gpu.rerank(q, rows, store, metric), CpuBackend().rerank(q, rows, store, metric),
-                               rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(
+        gpu.rerank(q, rows, store, metric), CpuBackend().rerank(q, rows, store, metric), rtol=1e-4, atol=1e-4
+    )
     g_scores, g_rows = gpu.exact_search(q, store, 10, metric)
     c_scores, c_rows = CpuBackend().exact_search(q, store, 10, metric)
     np.testing.assert_allclose(g_scores, c_scores, rtol=1e-4, atol=1e-4)

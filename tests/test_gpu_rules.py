@@ -45,8 +45,11 @@ def _data(n: int = 10_000, d: int = 32) -> np.ndarray:
 def _codes(index: faiss.Index) -> list[bytes]:
     ivf = faiss.downcast_index(faiss.extract_index_ivf(index))
     inv = ivf.invlists
-    return [faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes() +
-            faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes() for i in range(ivf.nlist)]
+    return [
+        faiss.rev_swig_ptr(inv.get_codes(i), inv.list_size(i) * ivf.code_size).tobytes()
+        + faiss.rev_swig_ptr(inv.get_ids(i), inv.list_size(i)).tobytes()
+        for i in range(ivf.nlist)
+    ]
 
 
 @pytest.mark.parametrize("key", ["IVF32,PQ8", "IVF32,PQ16x4", "IVF32,SQ8", "IVF32,Flat", "OPQ4,IVF32,PQ4"])
@@ -69,8 +72,10 @@ def test_assigner_hooks_match_plain_faiss(key):
         assert any(metric == faiss.METRIC_L2 for _, metric in used)  # the PQ codebooks' k-means
     q = faiss.downcast_index(faiss.extract_index_ivf(hooked)).quantizer
     q0 = faiss.downcast_index(faiss.extract_index_ivf(plain)).quantizer
-    np.testing.assert_array_equal(faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * 32),
-                                  faiss.rev_swig_ptr(faiss.downcast_index(q0).get_xb(), q0.ntotal * 32))
+    np.testing.assert_array_equal(
+        faiss.rev_swig_ptr(faiss.downcast_index(q).get_xb(), q.ntotal * 32),
+        faiss.rev_swig_ptr(faiss.downcast_index(q0).get_xb(), q0.ntotal * 32),
+    )
     ids = np.arange(1000, 1000 + len(x), dtype=np.int64)
     a, b = faiss.clone_index(plain), faiss.clone_index(plain)
     a.add_with_ids(x, ids)
@@ -94,18 +99,21 @@ def test_hooks_are_cleared_after_training():
     assert ivf.clustering_index is None and ivf.pq.assign_index is None
 
 
-@pytest.mark.parametrize("key,dim,why,float16", [
-    ("Flat", 32, None, False),
-    ("IVF32,Flat", 32, None, False),
-    ("IVF32,SQ8", 32, None, False),
-    ("IVF32,PQ8", 32, None, False),
-    ("IVF32,PQ96", 384, None, True),            # float16 lookup tables from 56 sub-quantizers
-    ("IVF32,PQ16x4fs", 32, "no GPU implementation", False),
-    ("IVF32,PQ16x4", 32, "4 bits", False),
-    ("IVF32,PQ192", 384, "PQ192", False),
-    ("IVF32,PQ2", 128, "64 dimensions per sub-quantizer", False),
-    ("OPQ8,IVF32,PQ8", 32, None, False),
-])
+@pytest.mark.parametrize(
+    "key,dim,why,float16",
+    [
+        ("Flat", 32, None, False),
+        ("IVF32,Flat", 32, None, False),
+        ("IVF32,SQ8", 32, None, False),
+        ("IVF32,PQ8", 32, None, False),
+        ("IVF32,PQ96", 384, None, True),  # float16 lookup tables from 56 sub-quantizers
+        ("IVF32,PQ16x4fs", 32, "no GPU implementation", False),
+        ("IVF32,PQ16x4", 32, "4 bits", False),
+        ("IVF32,PQ192", 384, "PQ192", False),
+        ("IVF32,PQ2", 128, "64 dimensions per sub-quantizer", False),
+        ("OPQ8,IVF32,PQ8", 32, None, False),
+    ],
+)
 def test_gpu_search_limits(key, dim, why, float16):
     got_why, got_f16 = gpu_search_limits(make_index(key, dim, "l2"))
     assert (got_why is None) == (why is None)
@@ -120,14 +128,17 @@ def test_gpu_search_limits_raw_vector_pq():
     assert "raw vectors" in gpu_search_limits(index)[0]
 
 
-@pytest.mark.parametrize("n,d,key", [
-    (1_000_000, 128, "IVF2048,PQ32"),
-    (10_000_000, 128, "IVF8192,PQ32"),
-    (1_000_000, 768, "IVF2048,PQ96"),
-    (30_000, 384, "IVF256,PQ96"),
-    (1_000_000, 100, "IVF2048,SQ8"),   # no supported PQ splits 100 dimensions
-    (5_000, 128, "Flat"),
-])
+@pytest.mark.parametrize(
+    "n,d,key",
+    [
+        (1_000_000, 128, "IVF2048,PQ32"),
+        (10_000_000, 128, "IVF8192,PQ32"),
+        (1_000_000, 768, "IVF2048,PQ96"),
+        (30_000, 384, "IVF256,PQ96"),
+        (1_000_000, 100, "IVF2048,SQ8"),  # no supported PQ splits 100 dimensions
+        (5_000, 128, "Flat"),
+    ],
+)
 def test_default_gpu_keys_are_searchable_on_the_gpu(n, d, key):
     assert default_index_key(n, d, gpu=True) == key
     assert gpu_search_limits(make_index(key, d, "l2"))[0] is None
@@ -136,13 +147,16 @@ def test_default_gpu_keys_are_searchable_on_the_gpu(n, d, key):
 GIB = 2**30
 
 
-@pytest.mark.parametrize("n,d,free,storage", [
-    (10_000_000, 128, 80 * GIB, "Flat"),      # 5.2 GiB of float32 vectors: fit 40% of 80 GiB
-    (10_000_000, 768, 60 * GIB, "SQfp16"),    # 28.7 GiB float32 do not fit 24 GiB; 14.4 GiB float16 do
-    (100_000_000, 768, 80 * GIB, "PQ96"),     # neither fits: 8-bit PQ, re-ranked
-    (1_000_000, 768, 16 * GIB, "Flat"),
-    (1_000_000, 100, GIB // 4, "SQ8"),        # no supported PQ splits 100 dimensions
-])
+@pytest.mark.parametrize(
+    "n,d,free,storage",
+    [
+        (10_000_000, 128, 80 * GIB, "Flat"),  # 5.2 GiB of float32 vectors: fit 40% of 80 GiB
+        (10_000_000, 768, 60 * GIB, "SQfp16"),  # 28.7 GiB float32 do not fit 24 GiB; 14.4 GiB float16 do
+        (100_000_000, 768, 80 * GIB, "PQ96"),  # neither fits: 8-bit PQ, re-ranked
+        (1_000_000, 768, 16 * GIB, "Flat"),
+        (1_000_000, 100, GIB // 4, "SQ8"),  # no supported PQ splits 100 dimensions
+    ],
+)
 def test_gpu_default_plan_follows_free_gpu_memory(n, d, free, storage):
     key = default_index_key(n, d, gpu=True, gpu_free=free)
     assert key.split(",")[1] == storage
@@ -199,7 +213,7 @@ def test_cpu_exact_search_streams_the_store_exactly(tmp_path):
 def test_batch_rows_under_a_memory_cap():
     assert batch_rows(free_bytes=1 << 30, bytes_per_row=1024, cap=1 << 20) == (1 << 30) // 2 // 1024
     assert batch_rows(free_bytes=64 << 20, bytes_per_row=4096, cap=65_536) == 8192
-    assert batch_rows(free_bytes=100, bytes_per_row=4096, cap=65_536) == 1   # never zero
+    assert batch_rows(free_bytes=100, bytes_per_row=4096, cap=65_536) == 1  # never zero
     assert batch_rows(free_bytes=1 << 40, bytes_per_row=16, cap=65_536) == 65_536
 
 
@@ -286,8 +300,9 @@ def test_gpu_exact_plan_through_a_resident_flat_index(monkeypatch, tmp_path):
 def test_gpu_self_join_by_pairs_gives_the_cpu_lists(monkeypatch):
     """The GPU backend's two pair methods (brute force both ways, no floors) against the CPU's
     symmetric ones, with ``knn_gpu`` replaced by the CPU's brute force: the same scores."""
-    monkeypatch.setattr(faiss, "knn_gpu", lambda _res, q, x, k, metric, device: faiss.knn(q, x, k, metric=metric),
-                        raising=False)
+    monkeypatch.setattr(
+        faiss, "knn_gpu", lambda _res, q, x, k, metric, device: faiss.knn(q, x, k, metric=metric), raising=False
+    )
     monkeypatch.setattr(GpuBackend, "resources", lambda self: None)
     x = _data(900, 16)
     a, b = x[:500], x[500:]

@@ -19,8 +19,12 @@ def line_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     d = tmp_path_factory.mktemp("line")
     x = np.array([[p, 0.0] for p in POSITIONS], dtype=np.float32)
     for s, part in enumerate(np.array_split(np.arange(len(x)), 2)):  # two shards: edges cross partitions
-        table = pa.table({"id": pa.array([f"p{i}" for i in part]),
-                          "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), 2)})
+        table = pa.table(
+            {
+                "id": pa.array([f"p{i}" for i in part]),
+                "embedding": pa.FixedSizeListArray.from_arrays(pa.array(x[part].ravel()), 2),
+            }
+        )
         pq.write_table(table, d / f"part-{s:05d}.parquet")
     return d
 
@@ -120,10 +124,35 @@ def test_graph_command_line(dask_address, line_dir, tmp_path):
     import sys
 
     out = tmp_path / "cli"
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "graph", "--input", str(line_dir), "--output", str(out),
-                           "--metric", "l2", "--index-key", "Flat", "--k", "1", "--graph-mode", "mutual",
-                           "--recall-queries", "0", "--target-recall", "off", "--scheduler-address", dask_address],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "graph",
+            "--input",
+            str(line_dir),
+            "--output",
+            str(out),
+            "--metric",
+            "l2",
+            "--index-key",
+            "Flat",
+            "--k",
+            "1",
+            "--graph-mode",
+            "mutual",
+            "--recall-queries",
+            "0",
+            "--target-recall",
+            "off",
+            "--scheduler-address",
+            dask_address,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert set(edges_of(out)) == {("p0", "p1"), ("p1", "p0"), ("p5", "p6"), ("p6", "p5")}
     assert "graph (mutual): 7 nodes, 4 edges" in proc.stderr

@@ -39,7 +39,7 @@ def test_no_import_circle():
         state[module] = 1
         for dep in sorted(graph[module]):
             if state.get(dep) == 1:
-                circles.append(" -> ".join(path[path.index(dep):] + [dep]))
+                circles.append(" -> ".join(path[path.index(dep) :] + [dep]))
             elif dep not in state:
                 visit(dep, path + [dep])
         state[module] = 2

@@ -40,9 +40,17 @@ def _check(scores: np.ndarray, rows: np.ndarray, x: np.ndarray, q: np.ndarray, k
 
 
 @settings(max_examples=60, deadline=None)
-@given(rows=st.integers(1, 160), dim=st.integers(1, 12), k=st.integers(1, 12), block=st.integers(1, 70),
-       tile=st.integers(1, 40), cap=st.sampled_from([0, 2, 10**6]), metric=st.sampled_from(["l2", "ip"]),
-       dups=st.booleans(), seed=st.integers(0, 2**16))
+@given(
+    rows=st.integers(1, 160),
+    dim=st.integers(1, 12),
+    k=st.integers(1, 12),
+    block=st.integers(1, 70),
+    tile=st.integers(1, 40),
+    cap=st.sampled_from([0, 2, 10**6]),
+    metric=st.sampled_from(["l2", "ip"]),
+    dups=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
 def test_self_topk_is_exact_search_of_the_rows_among_themselves(rows, dim, k, block, tile, cap, metric, dups, seed):
     """Blocks against themselves, then pairs of blocks scored once for both sides with the floors
     (and, past ``cap`` kept scores a row, transposed into heaps): the scores of brute force,
@@ -74,8 +82,15 @@ def test_self_topk_is_exact_search_of_the_rows_among_themselves(rows, dim, k, bl
 
 def _tables(out: Path) -> dict:
     t = pq.read_table(out / "neighbors")
-    return {q: (n, s) for q, n, s in zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist(),
-                                         t.column("score").to_pylist(), strict=True)}
+    return {
+        q: (n, s)
+        for q, n, s in zip(
+            t.column("query_id").to_pylist(),
+            t.column("neighbor_id").to_pylist(),
+            t.column("score").to_pylist(),
+            strict=True,
+        )
+    }
 
 
 def _same_up_to_ties(a: dict, b: dict) -> None:
@@ -85,19 +100,31 @@ def _same_up_to_ties(a: dict, b: dict) -> None:
         np.testing.assert_allclose(sa, sb, atol=1e-4)
         assert len(na) == len(nb)
         distinct = np.r_[True, np.abs(np.diff(sa)) > 1e-4] & np.r_[np.abs(np.diff(sa)) > 1e-4, True]
-        assert [n for n, d in zip(na, distinct, strict=True) if d] == [m for m, d in zip(nb, distinct, strict=True)
-                                                                         if d]
+        assert [n for n, d in zip(na, distinct, strict=True) if d] == [
+            m for m, d in zip(nb, distinct, strict=True) if d
+        ]
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])
-def test_the_exact_self_join_by_pairs_equals_the_piece_by_piece_one_and_resumes(make_config, dataset_dir, tmp_path,
-                                                                                 monkeypatch, metric):
+def test_the_exact_self_join_by_pairs_equals_the_piece_by_piece_one_and_resumes(
+    make_config, dataset_dir, tmp_path, monkeypatch, metric
+):
     """Three groups of two pieces (six pieces of 1,000 rows): diagonal and pair tasks, then the
     lists merged per piece equal the piece-by-piece exact plan's. A pair task that fails stops the
     job; the rerun redoes only the unfinished tasks, and the partial lists are removed at the end."""
+
     def config(out: str, **extra: object) -> object:  # the embedded in-process cluster: patches reach the tasks
-        return make_config(input=str(dataset_dir), output=str(tmp_path / out), index_key="Flat", k=7,
-                           exclude_self=True, metric=metric, scheduler_address=None, workers=1, **extra)
+        return make_config(
+            input=str(dataset_dir),
+            output=str(tmp_path / out),
+            index_key="Flat",
+            k=7,
+            exclude_self=True,
+            metric=metric,
+            scheduler_address=None,
+            workers=1,
+            **extra,
+        )
 
     monkeypatch.setattr(pairs, "MAX_GROUPS", 0)  # piece by piece
     run(config("pieces"))

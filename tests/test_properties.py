@@ -27,8 +27,9 @@ small_floats = st.floats(-100, 100, allow_nan=False, width=32)
 
 
 @settings(max_examples=150, deadline=None, derandomize=CI)
-@given(data=st.data(), queries=st.integers(1, 4), parts=st.integers(1, 4), width=st.integers(1, 6),
-       k=st.integers(1, 10))
+@given(
+    data=st.data(), queries=st.integers(1, 4), parts=st.integers(1, 4), width=st.integers(1, 6), k=st.integers(1, 10)
+)
 def test_merge_topk_equals_one_sort_of_everything(data, queries, parts, width, k):
     """Merging per-piece lists gives what sorting all candidates at once gives (ties by row)."""
     pieces, start = [], 0
@@ -99,14 +100,24 @@ def test_tie_aware_recall_is_one_for_any_exact_answer_and_never_below_strict(dat
     assert tie == 1.0 and strict <= tie
 
 
-config_values = st.fixed_dictionaries({}, optional={
-    "k": st.integers(1, 1000), "nprobe": st.integers(1, 4096) | st.just("auto"), "rerank": st.integers(0, 64),
-    "target_recall": st.sampled_from(["off", 0.5, 0.95, 0.999, 1.0]), "recall_queries": st.integers(1, 5000),
-    "metric": st.sampled_from(["l2", "ip", "cosine"]), "index_key": st.sampled_from(["auto", "Flat", "IVF64,SQ8"]),
-    "exclude_self": st.booleans(), "partition_size": st.sampled_from(["64MiB", "1GiB", 4096]),
-    "device": st.sampled_from(["auto", "cpu", "gpu"]), "threshold": small_floats, "graph_mode":
-    st.sampled_from(["directed", "symmetric", "mutual"]), "memory_limit": st.sampled_from(["auto", "4GiB"]),
-})
+config_values = st.fixed_dictionaries(
+    {},
+    optional={
+        "k": st.integers(1, 1000),
+        "nprobe": st.integers(1, 4096) | st.just("auto"),
+        "rerank": st.integers(0, 64),
+        "target_recall": st.sampled_from(["off", 0.5, 0.95, 0.999, 1.0]),
+        "recall_queries": st.integers(1, 5000),
+        "metric": st.sampled_from(["l2", "ip", "cosine"]),
+        "index_key": st.sampled_from(["auto", "Flat", "IVF64,SQ8"]),
+        "exclude_self": st.booleans(),
+        "partition_size": st.sampled_from(["64MiB", "1GiB", 4096]),
+        "device": st.sampled_from(["auto", "cpu", "gpu"]),
+        "threshold": small_floats,
+        "graph_mode": st.sampled_from(["directed", "symmetric", "mutual"]),
+        "memory_limit": st.sampled_from(["auto", "4GiB"]),
+    },
+)
 
 
 @settings(max_examples=150, deadline=None, derandomize=CI)
@@ -135,8 +146,7 @@ def _union_find_drops(a: list[int], b: list[int]) -> int:
 
 
 @settings(max_examples=150, deadline=None, derandomize=CI)
-@given(pairs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)).filter(lambda p: p[0] != p[1]),
-                      max_size=60))
+@given(pairs=st.lists(st.tuples(st.integers(0, 40), st.integers(0, 40)).filter(lambda p: p[0] != p[1]), max_size=60))
 def test_explore_rows_dropped_equals_a_union_find(pairs):
     a = np.array([p[0] for p in pairs], dtype=np.int64)
     b = np.array([p[1] for p in pairs], dtype=np.int64)
@@ -144,8 +154,13 @@ def test_explore_rows_dropped_equals_a_union_find(pairs):
 
 
 @settings(max_examples=100, deadline=None, derandomize=CI)
-@given(data=st.data(), n=st.integers(1, 30), queries=st.integers(1, 6), dim=st.integers(1, 5),
-       metric=st.sampled_from(["ip", "l2"]))
+@given(
+    data=st.data(),
+    n=st.integers(1, 30),
+    queries=st.integers(1, 6),
+    dim=st.integers(1, 5),
+    metric=st.sampled_from(["ip", "l2"]),
+)
 def test_exact_pairs_are_every_pair_that_passes_the_threshold(data, n, queries, dim, metric):
     grid = st.integers(-4, 4).map(lambda v: v / 4)  # coarse values: many scores land exactly on the threshold
     x = data.draw(arrays(np.float32, (n, dim), elements=grid))
@@ -174,25 +189,56 @@ def test_a_job_report_survives_its_json(tmp_path):
         WorkerDevice,
     )
 
-    rec = RecallResult(10, 0.97, 0.95, 500, 8, 4, 0.95, True, 0.4,
-                       (TunePointRecord(8, 4, 0.97, 0.95, 0.01, 0.2, 500, 2500.0),))
-    join = JoinResult(IndexSummary("/i", "IVF64,SQ8", 1000, 16, "l2", 64, "auto"), SearchSummary(10, 8, 4, True, "cpu"),
-                      (WorkerDevice("w0", "h", "cpu", "--device cpu", 2, 0),), 1000, "/o/neighbors", rec,
-                      MemoryUse(1 << 20, {"tcp://w0": 2 << 20}))
-    dedup = DedupResult(0.95, "greedy", "cosine", "ts", "max", 1000, 12, 5, 11, 6, 994, {"2": 4, "3": 1}, 0, 2,
-                        (DedupExample(0, 1, 2, 0.99, 0.95, 7, "b", "x", None),), {"groups": "/o/groups"},
-                        PairRecall(100, 8, 8, 1.0, 0))
-    report = JobReport("dedup", join, {"k": 10}, {"join": 1.5}, 3.0, 333.3, dedup=dedup,
-                       kth_score_quantiles={"p50": 0.9})
+    rec = RecallResult(
+        10, 0.97, 0.95, 500, 8, 4, 0.95, True, 0.4, (TunePointRecord(8, 4, 0.97, 0.95, 0.01, 0.2, 500, 2500.0),)
+    )
+    join = JoinResult(
+        IndexSummary("/i", "IVF64,SQ8", 1000, 16, "l2", 64, "auto"),
+        SearchSummary(10, 8, 4, True, "cpu"),
+        (WorkerDevice("w0", "h", "cpu", "--device cpu", 2, 0),),
+        1000,
+        "/o/neighbors",
+        rec,
+        MemoryUse(1 << 20, {"tcp://w0": 2 << 20}),
+    )
+    dedup = DedupResult(
+        0.95,
+        "greedy",
+        "cosine",
+        "ts",
+        "max",
+        1000,
+        12,
+        5,
+        11,
+        6,
+        994,
+        {"2": 4, "3": 1},
+        0,
+        2,
+        (DedupExample(0, 1, 2, 0.99, 0.95, 7, "b", "x", None),),
+        {"groups": "/o/groups"},
+        PairRecall(100, 8, 8, 1.0, 0),
+    )
+    report = JobReport(
+        "dedup", join, {"k": 10}, {"join": 1.5}, 3.0, 333.3, dedup=dedup, kth_score_quantiles={"p50": 0.9}
+    )
     text = json.dumps(report.to_json())
     again = JobReport.from_json(json.loads(text))
     assert again == report and again.to_json() == json.loads(text)
 
 
 @settings(max_examples=25, deadline=None, derandomize=CI)
-@given(n=st.integers(50, 1500), dim=st.integers(2, 24), nlist=st.integers(1, 32), nprobe=st.integers(1, 40),
-       k=st.integers(1, 30), queries=st.integers(1, 600), metric=st.sampled_from(["l2", "ip"]),
-       seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(50, 1500),
+    dim=st.integers(2, 24),
+    nlist=st.integers(1, 32),
+    nprobe=st.integers(1, 40),
+    k=st.integers(1, 30),
+    queries=st.integers(1, 600),
+    metric=st.sampled_from(["l2", "ip"]),
+    seed=st.integers(0, 10_000),
+)
 def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries, metric, seed):
     """The list-by-list search of an IVF-Flat index gives what index.search gives at the same
     nprobe: the same scores, and the same ids wherever scores do not tie (empty lists and k above
@@ -205,8 +251,9 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
     x = rng.standard_normal((n, dim)).astype(np.float32)
     q = rng.standard_normal((queries, dim)).astype(np.float32)
     nlist = min(nlist, n)
-    index = faiss.index_factory(dim, f"IVF{nlist},Flat",
-                                faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT)
+    index = faiss.index_factory(
+        dim, f"IVF{nlist},Flat", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    )
     index.train(x)
     index.add(x)
     params = faiss.SearchParametersIVF()
@@ -252,9 +299,16 @@ def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe
 
 
 @settings(max_examples=30, deadline=None, derandomize=CI)
-@given(n=st.integers(60, 1200), dim=st.integers(2, 32), nlist=st.integers(1, 40), k=st.integers(1, 20),
-       queries=st.integers(1, 200), dup=st.sampled_from([0.0, 0.3, 0.8]), metric=st.sampled_from(["l2", "ip"]),
-       seed=st.integers(0, 10_000))
+@given(
+    n=st.integers(60, 1200),
+    dim=st.integers(2, 32),
+    nlist=st.integers(1, 40),
+    k=st.integers(1, 20),
+    queries=st.integers(1, 200),
+    dup=st.sampled_from([0.0, 0.3, 0.8]),
+    metric=st.sampled_from(["l2", "ip"]),
+    seed=st.integers(0, 10_000),
+)
 def test_recall_computed_from_list_ranks_bounds_the_searched_recall(n, dim, nlist, k, queries, dup, metric, seed):
     """For IVF-Flat, the recall at each nprobe read off the true neighbours' list ranks
     (pipeline.search.probes) never exceeds what a search at that nprobe reaches (tie-aware, per
@@ -288,8 +342,16 @@ def test_recall_computed_from_list_ranks_bounds_the_searched_recall(n, dim, nlis
         params = faiss.SearchParametersIVF()
         params.nprobe = nprobe
         found_d, found_i = index.search(q, k, params=params)
-        exact = [np.array([float(np.sum((q[i] - x[j - 5]) ** 2)) if metric == "l2" else float(q[i] @ x[j - 5])
-                           for j in row if j >= 0]) for i, row in enumerate(found_i)]
+        exact = [
+            np.array(
+                [
+                    float(np.sum((q[i] - x[j - 5]) ** 2)) if metric == "l2" else float(q[i] @ x[j - 5])
+                    for j in row
+                    if j >= 0
+                ]
+            )
+            for i, row in enumerate(found_i)
+        ]
         searched = tie_aware_hits(exact, truth_d, k, metric)
         computed = hits_at(ranks, n_valid, nprobe)
         assert np.all(computed <= searched + 1e-9)

@@ -85,8 +85,16 @@ def heavy(tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
 @pytest.mark.parametrize("key", ["auto", "IVF128,Flat"])
 @pytest.mark.parametrize("seed", [0, 1, 2])
 def test_the_default_run_meets_its_target_held_out_on_duplicate_heavy_data(make_config, heavy, tmp_path, seed, key):
-    report = run(make_config(input=str(heavy[seed]), output=str(tmp_path / "out"), k=10, exclude_self=True,
-                             metric="cosine", index_key=key))
+    report = run(
+        make_config(
+            input=str(heavy[seed]),
+            output=str(tmp_path / "out"),
+            k=10,
+            exclude_self=True,
+            metric="cosine",
+            index_key=key,
+        )
+    )
     rec = report.recall
     assert rec is not None and rec.met and rec.recall >= 0.95, rec
     if rec.curve:  # tuned: the report gives the bound it chose by, and its confidence
@@ -113,8 +121,16 @@ def test_a_held_out_shortfall_steps_the_setting_up(make_config, heavy, tmp_path,
         return points
 
     monkeypatch.setattr(stage, "sweep", short_first)
-    report = run(make_config(input=str(heavy[0]), output=str(tmp_path / "out"), k=10, exclude_self=True,
-                             metric="cosine", index_key="IVF128,Flat"))
+    report = run(
+        make_config(
+            input=str(heavy[0]),
+            output=str(tmp_path / "out"),
+            k=10,
+            exclude_self=True,
+            metric="cosine",
+            index_key="IVF128,Flat",
+        )
+    )
     rec = report.recall
     assert rec is not None and rec.met and len(rec.step_ups) >= 1
     tuned = calls[0][0]

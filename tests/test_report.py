@@ -14,8 +14,16 @@ from pipeline.jobs.commands import evaluate
 
 @pytest.fixture
 def tuned_run(make_config, dataset_dir, tmp_path):
-    run(make_config(input=str(dataset_dir), k=10, exclude_self=True, index_key="IVF64,PQ16", target_recall=0.9,
-                    recall_queries=150))
+    run(
+        make_config(
+            input=str(dataset_dir),
+            k=10,
+            exclude_self=True,
+            index_key="IVF64,PQ16",
+            target_recall=0.9,
+            recall_queries=150,
+        )
+    )
     return tmp_path / "out"
 
 
@@ -30,8 +38,10 @@ def test_report_files_are_written_and_parse(tuned_run):
     assert "IVF64,PQ16" in md and "held-out queries" in md and "## Sweep" in md
     rec = report["recall"]
     first = md.splitlines()[2]  # under the title: recall, target and plan
-    assert first == (f"**recall@10 {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries, target 0.9: "
-                     f"met; plan: IVF64,PQ16, nprobe={rec['nprobe']}, rerank={rec['rerank']}**")
+    assert first == (
+        f"**recall@10 {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries, target 0.9: "
+        f"met; plan: IVF64,PQ16, nprobe={rec['nprobe']}, rerank={rec['rerank']}**"
+    )
     assert "| devices | 2 worker(s) on cpu (" in md
     # busy time per phase on each worker, named as the devices are, from Dask's task stream
     workers = report["workers"]
@@ -60,10 +70,28 @@ def test_evaluate_a_written_table_agrees_with_the_run(make_config, tuned_run):
 
 def test_evaluate_an_index_at_given_settings(make_config, tuned_run):
     # output=None: evaluate the index itself, not the table the run wrote
-    low = evaluate(make_config(index_dir=str(tuned_run / "index"), output=None, k=10, exclude_self=True, nprobe=1,
-                               rerank=0, recall_queries=200))
-    high = evaluate(make_config(index_dir=str(tuned_run / "index"), output=None, k=10, exclude_self=True, nprobe=64,
-                                rerank=8, recall_queries=200))
+    low = evaluate(
+        make_config(
+            index_dir=str(tuned_run / "index"),
+            output=None,
+            k=10,
+            exclude_self=True,
+            nprobe=1,
+            rerank=0,
+            recall_queries=200,
+        )
+    )
+    high = evaluate(
+        make_config(
+            index_dir=str(tuned_run / "index"),
+            output=None,
+            k=10,
+            exclude_self=True,
+            nprobe=64,
+            rerank=8,
+            recall_queries=200,
+        )
+    )
     assert low.source["index"] and low.source["nprobe"] == 1 and high.source["nprobe"] == 64
     assert low.strict[10] < high.strict[10] and high.strict[10] >= 0.97
     assert low.tie_aware is not None and high.tie_aware is not None
@@ -110,8 +138,15 @@ def test_the_memory_line_says_one_figure_for_an_in_process_worker(in_process):
     from pipeline.results import IndexSummary, JobReport, JoinResult, MemoryUse, SearchSummary
 
     mem = MemoryUse(300 << 20, {"w0": 300 << 20} if in_process else {"w0": 500 << 20, "w1": 600 << 20}, in_process)
-    join = JoinResult(IndexSummary("/i", "Flat", 10, 4, "l2", None, "auto"), SearchSummary(2, None, 0, True, "cpu"),
-                      (), 10, "/o/neighbors", None, mem)
+    join = JoinResult(
+        IndexSummary("/i", "Flat", 10, 4, "l2", None, "auto"),
+        SearchSummary(2, None, 0, True, "cpu"),
+        (),
+        10,
+        "/o/neighbors",
+        None,
+        mem,
+    )
     line = next(x for x in _summary_lines(JobReport("run", join, {}, {}, 1.0, 10.0)) if "peak memory" in x)
     expect = "300 MiB (the driver and its in-process worker)" if in_process else "driver 300 MiB; workers 500, 600 MiB"
     assert expect in line
@@ -120,8 +155,9 @@ def test_the_memory_line_says_one_figure_for_an_in_process_worker(in_process):
 def _chromium() -> str | None:
     import shutil
 
-    return next((found for name in ("chromium", "chromium-browser", "google-chrome")
-                 if (found := shutil.which(name))), None)
+    return next(
+        (found for name in ("chromium", "chromium-browser", "google-chrome") if (found := shutil.which(name))), None
+    )
 
 
 @pytest.mark.browser
@@ -134,10 +170,24 @@ def test_report_html_opens_in_a_real_browser_with_every_plot_drawn(tuned_run, tm
     page = tuned_run / "report.html"
     assert "report.md" not in page.read_text() and 'src="data:image/svg+xml;base64,' in page.read_text()
     proc = subprocess.run(
-        [chromium, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-sync",
-         "--disable-background-networking", "--disable-component-update", "--disable-quic",
-         f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=5000", "--dump-dom", page.as_uri()],
-        capture_output=True, text=True, timeout=120,
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--no-first-run",
+            "--disable-sync",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-quic",
+            f"--user-data-dir={tmp_path / 'profile'}",
+            "--virtual-time-budget=5000",
+            "--dump-dom",
+            page.as_uri(),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert 'data-images="3/3"' in proc.stdout  # recall curve, k-th score, time per phase
@@ -154,8 +204,14 @@ def test_charts_are_well_formed_svg_with_one_mark_per_value():
     def marks(svg: str, tag: str) -> list[ET.Element]:
         return ET.fromstring(svg).findall(f"{{http://www.w3.org/2000/svg}}{tag}")
 
-    line = line_chart([("rerank 0", [1, 2, 4], [0.5, 0.7, 0.9]), ("rerank 2", [4, 8], [0.93, 0.97])],
-                      "recall", "nprobe", "recall@10", x_log=2, hline=("target 0.95", 0.95))
+    line = line_chart(
+        [("rerank 0", [1, 2, 4], [0.5, 0.7, 0.9]), ("rerank 2", [4, 8], [0.93, 0.97])],
+        "recall",
+        "nprobe",
+        "recall@10",
+        x_log=2,
+        hline=("target 0.95", 0.95),
+    )
     assert len(marks(line, "circle")) == 5 and len(marks(line, "polyline")) == 2
     assert "target 0.95" in line and "&lt;" not in "".join(t.text or "" for t in marks(line, "text"))
     values = np.array([0.1, 0.1, 0.4, 0.9])
@@ -165,6 +221,7 @@ def test_charts_are_well_formed_svg_with_one_mark_per_value():
     assert len(marks(flat, "rect")) == 3
     bars = bar_chart(["scan", "join <x>"], [1.5, 0.0], "time", "seconds", "", horizontal=True)
     assert "join &lt;x&gt;" in bars and len(marks(bars, "rect")) == 4
-    counts = bar_chart([str(i) for i in range(2, 60)], [float(10 ** (i % 4)) for i in range(58)], "sizes", "size",
-                       "groups", y_log=True)
+    counts = bar_chart(
+        [str(i) for i in range(2, 60)], [float(10 ** (i % 4)) for i in range(58)], "sizes", "size", "groups", y_log=True
+    )
     assert len(marks(counts, "rect")) == 2 + 58 and len([t for t in marks(counts, "text") if t.text == "2"]) >= 1

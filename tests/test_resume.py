@@ -30,15 +30,31 @@ def many_pieces(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 def command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
-            "--exclude-self", "--partition-size", str(GROUP * DIM * 4), "--workers", "1", "--threads-per-worker", "1",
-            *extra]
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--k",
+        "5",
+        "--exclude-self",
+        "--partition-size",
+        str(GROUP * DIM * 4),
+        "--workers",
+        "1",
+        "--threads-per-worker",
+        "1",
+        *extra,
+    ]
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict[str, str] | None = None) -> None:
     """Start ``cmd`` in its own process group and SIGKILL the whole group once ``ready()``."""
-    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env=env)
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=env)
     deadline = time.monotonic() + timeout
     try:
         while not ready():
@@ -156,8 +172,11 @@ def test_non_empty_directory_without_manifest_is_refused(make_config, dataset_di
     (tmp_path / "out" / "precious.txt").write_text("keep me")
     with pytest.raises(ResumeError, match=r"was not written by this tool \(it holds precious\.txt\)"):
         run(make_config(input=str(dataset_dir), k=2))
-    with pytest.raises(ResumeError, match=r"was not written by this tool \(it holds precious\.txt\); --overwrite "
-                                          r"removes only the tool's own outputs, so nothing there is changed"):
+    with pytest.raises(
+        ResumeError,
+        match=r"was not written by this tool \(it holds precious\.txt\); --overwrite "
+        r"removes only the tool's own outputs, so nothing there is changed",
+    ):
         run(make_config(input=str(dataset_dir), k=2, overwrite=True))
     assert (tmp_path / "out" / "precious.txt").read_text() == "keep me"
     assert sorted(os.listdir(tmp_path / "out")) == ["precious.txt"]  # refused before anything was made there
@@ -174,6 +193,7 @@ def test_stale_temp_files_are_cleared(make_config, dataset_dir, tmp_path):
 
 def test_kill_mid_dedup_then_resume(many_pieces, tmp_path):
     """kill -9 while groups are being chosen: the resumed run equals a clean one, with no duplicate rows."""
+
     def dedup_command(out: Path) -> list[str]:
         cmd = command(many_pieces, out, "--index-key", "Flat", "--threshold", "0.98")
         cmd[3] = "dedup"
@@ -218,8 +238,12 @@ def test_worker_killed_mid_join_costs_only_its_tasks(many_pieces, tmp_path):
             }
         )
 
-    with LocalCluster(n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      silence_logs=logging.CRITICAL) as cluster, Client(cluster) as client:
+    with (
+        LocalCluster(
+            n_workers=2, threads_per_worker=1, processes=True, dashboard_address=":0", silence_logs=logging.CRITICAL
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         out = tmp_path / "out"
         result: dict = {}
         job = threading.Thread(target=lambda: result.setdefault("report", run(config(out, cluster.scheduler_address))))
@@ -266,13 +290,16 @@ def _stage_done(out: Path, where: str, stage: str):
         if stage == "join":  # part way through the join
             return len(stages.get("join", {}).get("pieces", {})) >= 30
         return stages.get(stage, {}).get("done") is not None
+
     return ready
 
 
-@pytest.mark.parametrize("where, stage", [("index", "scan"), ("index", "train"), ("index", "fill"), ("", "recall"),
-                                          ("", "join")])
-def test_killed_at_each_stage_and_resumed_gives_the_same_bytes_and_plan(many_pieces, clean_ivfpq, tmp_path, where,
-                                                                         stage):
+@pytest.mark.parametrize(
+    "where, stage", [("index", "scan"), ("index", "train"), ("index", "fill"), ("", "recall"), ("", "join")]
+)
+def test_killed_at_each_stage_and_resumed_gives_the_same_bytes_and_plan(
+    many_pieces, clean_ivfpq, tmp_path, where, stage
+):
     out = tmp_path / "out"
     cmd = command(many_pieces, out, "--index-key", "IVF32,PQ8")
     kill_when(cmd, _stage_done(out, where, stage))

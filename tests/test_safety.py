@@ -54,10 +54,13 @@ def test_input_file_inside_the_index_dir_is_refused(make_config, data, tmp_path)
     assert (data / "part-00000.parquet").exists()
 
 
-@pytest.mark.parametrize("index_dir, message", [
-    ("out", "is the --output directory"),
-    ("out/a/b", "lies deep inside --output"),
-])
+@pytest.mark.parametrize(
+    "index_dir, message",
+    [
+        ("out", "is the --output directory"),
+        ("out/a/b", "lies deep inside --output"),
+    ],
+)
 def test_index_dir_clashing_with_output_is_refused_up_front(make_config, data, tmp_path, index_dir, message):
     with pytest.raises(ConfigError, match=message):
         run(make_config(input=str(data), index_dir=str(tmp_path / index_dir), k=3))
@@ -120,8 +123,22 @@ def test_a_second_job_on_a_locked_directory_is_refused(make_config, data, tmp_pa
 @pytest.mark.slow
 def test_two_concurrent_runs_one_is_refused_in_one_line(data, tmp_path):
     out = tmp_path / "out"
-    cmd = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "3",
-           "--index-key", "Flat", "--workers", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(data),
+        "--output",
+        str(out),
+        "--k",
+        "3",
+        "--index-key",
+        "Flat",
+        "--workers",
+        "1",
+    ]
     first = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 60
     while not (out / LOCK_NAME).exists() or f'"pid": {first.pid}' not in (out / LOCK_NAME).read_text():
@@ -142,8 +159,7 @@ def test_two_concurrent_runs_one_is_refused_in_one_line(data, tmp_path):
 
 def test_deleted_or_truncated_index_files_are_rebuilt(make_config, data, tmp_path):
     out = tmp_path / "out"
-    config = make_config(input=str(data), k=3, index_key="IVF8,Flat", nprobe=8, rerank=0,
-                         partition_size=250 * DIM * 4)
+    config = make_config(input=str(data), k=3, index_key="IVF8,Flat", nprobe=8, rerank=0, partition_size=250 * DIM * 4)
     run(config)
     clean = pq.read_table(out / "neighbors").sort_by("query_id")
     (out / "index" / "index.faiss").unlink()
@@ -178,11 +194,13 @@ def test_a_worker_paused_for_memory_fails_the_job_in_one_line(data, tmp_path, mo
 
     monkeypatch.setattr(pipeline.cluster.clients, "PAUSE_GRACE_S", 1.0)
     with dask.config.set({"distributed.worker.memory.pause": 0.001}):  # paused from the start
-        cluster = LocalCluster(n_workers=1, processes=False, memory_limit="4GiB", dashboard_address=":0",
-                               silence_logs=logging.ERROR)
+        cluster = LocalCluster(
+            n_workers=1, processes=False, memory_limit="4GiB", dashboard_address=":0", silence_logs=logging.ERROR
+        )
     with cluster:
-        config = parse_config({"input": str(data), "output": str(tmp_path / "out"),
-                               "scheduler_address": cluster.scheduler_address})
+        config = parse_config(
+            {"input": str(data), "output": str(tmp_path / "out"), "scheduler_address": cluster.scheduler_address}
+        )
         started = time.monotonic()
         with pytest.raises(PipelineError, match=r"Dask worker .* is paused for memory: .*raise --memory-limit"):
             run(config)

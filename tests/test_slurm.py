@@ -50,8 +50,10 @@ def _munge_running() -> bool:
 def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
     missing = [b for b in BINARIES if shutil.which(b) is None]
     if missing:
-        pytest.skip(f"no Slurm here ({', '.join(missing)} missing): install Debian's slurmctld slurmd slurm-client "
-                    "munge (.ci/run does when it runs as root with apt-get)")
+        pytest.skip(
+            f"no Slurm here ({', '.join(missing)} missing): install Debian's slurmctld slurmd slurm-client "
+            "munge (.ci/run does when it runs as root with apt-get)"
+        )
     if os.geteuid() != 0:
         pytest.skip("starting slurmd needs root")
     d = tmp_path_factory.mktemp("slurm")
@@ -110,8 +112,9 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
         deadline = time.monotonic() + 60
         while "idle" not in subprocess.run(["sinfo", "-h", "-o", "%T"], env=env, capture_output=True, text=True).stdout:
             if time.monotonic() > deadline:
-                pytest.skip("slurmd did not register with slurmctld in 60 s: "
-                            + (d / "log" / "slurmd.log").read_text()[-500:])
+                pytest.skip(
+                    "slurmd did not register with slurmctld in 60 s: " + (d / "log" / "slurmd.log").read_text()[-500:]
+                )
             time.sleep(0.5)
         yield env
     finally:
@@ -129,15 +132,40 @@ def slurm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, str]]:
 def test_self_join_through_a_slurm_profile_equals_a_local_run(slurm, make_config, dataset_dir, tmp_path):
     out = tmp_path / "slurm-out"
     cfg = tmp_path / "job.yaml"
-    cfg.write_text(yaml.safe_dump({
-        "input": str(dataset_dir), "output": str(out), "k": 5, "exclude_self": True, "index_key": "Flat",
-        "recall_queries": 0, "target_recall": "off", "profile": "ci",
-        "profiles": {"ci": {"kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GiB", "jobs": 1,
-                            "walltime": "00:15:00", "driver_memory": "1GiB", "python": sys.executable}},
-    }))
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                "input": str(dataset_dir),
+                "output": str(out),
+                "k": 5,
+                "exclude_self": True,
+                "index_key": "Flat",
+                "recall_queries": 0,
+                "target_recall": "off",
+                "profile": "ci",
+                "profiles": {
+                    "ci": {
+                        "kind": "slurm",
+                        "queue": "ci",
+                        "cores": 1,
+                        "memory": "1GiB",
+                        "jobs": 1,
+                        "walltime": "00:15:00",
+                        "driver_memory": "1GiB",
+                        "python": sys.executable,
+                    }
+                },
+            }
+        )
+    )
     env = {**slurm, "PYTHONPATH": str(ROOT)}  # jobs inherit the environment (sbatch --export=ALL)
-    proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg)],
-                          capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg)],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     job_id = proc.stdout.split("job ")[1].split(":")[0]
     assert (out / "logs" / "submit-run.sh").exists()
@@ -149,8 +177,17 @@ def test_self_join_through_a_slurm_profile_equals_a_local_run(slurm, make_config
     assert (out / "_SUCCESS").exists(), driver_log[-3000:]
     assert "slurm: asked for 1 worker job(s)" in driver_log
     assert list((out / "logs").glob("dask-worker-*.out")), "no worker job ran"
-    run(make_config(input=str(dataset_dir), output=str(tmp_path / "local"), k=5, exclude_self=True,
-                    index_key="Flat", recall_queries=0, target_recall="off"))
+    run(
+        make_config(
+            input=str(dataset_dir),
+            output=str(tmp_path / "local"),
+            k=5,
+            exclude_self=True,
+            index_key="Flat",
+            recall_queries=0,
+            target_recall="off",
+        )
+    )
 
     def table(d: Path) -> dict:
         t = pq.read_table(d / "neighbors")
@@ -172,16 +209,46 @@ def test_driver_cancelled_mid_join_resumes_on_resubmit(slurm, tmp_path):
     write_shards(data, clustered_vectors(8000, 16, clusters=20, seed=3), shards=2, row_group_rows=100)
     out = tmp_path / "out"
     cfg = tmp_path / "job.yaml"
-    settings = {"input": str(data), "output": str(out), "k": 5, "exclude_self": True, "index_key": "Flat",
-                "recall_queries": 0, "target_recall": "off", "partition_size": 100 * 16 * 4}
-    cfg.write_text(yaml.safe_dump({**settings, "profile": "ci", "profiles": {"ci": {
-        "kind": "slurm", "queue": "ci", "cores": 1, "memory": "1GiB", "jobs": 1, "walltime": "00:15:00",
-        "driver_memory": "1GiB", "python": sys.executable}}}))
+    settings = {
+        "input": str(data),
+        "output": str(out),
+        "k": 5,
+        "exclude_self": True,
+        "index_key": "Flat",
+        "recall_queries": 0,
+        "target_recall": "off",
+        "partition_size": 100 * 16 * 4,
+    }
+    cfg.write_text(
+        yaml.safe_dump(
+            {
+                **settings,
+                "profile": "ci",
+                "profiles": {
+                    "ci": {
+                        "kind": "slurm",
+                        "queue": "ci",
+                        "cores": 1,
+                        "memory": "1GiB",
+                        "jobs": 1,
+                        "walltime": "00:15:00",
+                        "driver_memory": "1GiB",
+                        "python": sys.executable,
+                    }
+                },
+            }
+        )
+    )
     env = {**slurm, "PYTHONPATH": str(ROOT)}
 
     def submit() -> str:
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg)],
-                              capture_output=True, text=True, env=env, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "pipeline", "submit", "run", "--config", str(cfg)],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=120,
+        )
         assert proc.returncode == 0, proc.stderr
         return proc.stdout.split("job ")[1].split(":")[0]
 

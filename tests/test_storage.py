@@ -42,19 +42,34 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    client = boto3.client("s3", endpoint_url=endpoint, aws_access_key_id="testing", aws_secret_access_key="testing",
-                          region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     client.create_bucket(Bucket=BUCKET)
-    fs = pafs.S3FileSystem(endpoint_override=f"{host}:{port}", scheme="http", access_key="testing",
-                           secret_key="testing", region="us-east-1")
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
     local = tmp_path_factory.mktemp("s3data")
     write_shards(local / "data", clustered_vectors(4000, 16, clusters=20, seed=3), shards=4, row_group_rows=500)
     write_shards(local / "many", clustered_vectors(MANY, 64, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
     for name in ("data", "many"):
         for f in sorted((local / name).glob("*.parquet")):
             pafs.copy_files(str(f), f"{BUCKET}/{name}/{f.name}", destination_filesystem=fs)
-    options = {"endpoint_override": f"{host}:{port}", "scheme": "http", "access_key": "testing",
-               "secret_key": "testing", "region": "us-east-1"}
+    options = {
+        "endpoint_override": f"{host}:{port}",
+        "scheme": "http",
+        "access_key": "testing",
+        "secret_key": "testing",
+        "region": "us-east-1",
+    }
     env = {**os.environ, **KEYS, "AWS_ENDPOINT_URL": endpoint}
     yield {"fs": fs, "local": local, "options": options, "env": env}
     server.stop()
@@ -62,7 +77,7 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
 
 def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
     infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
-    return {i.path[len(BUCKET) + len(prefix) + 2:]: i.size for i in infos if i.type == pafs.FileType.File}
+    return {i.path[len(BUCKET) + len(prefix) + 2 :]: i.size for i in infos if i.type == pafs.FileType.File}
 
 
 def remote_table(fs: pafs.FileSystem, prefix: str) -> Any:
@@ -76,13 +91,21 @@ def lists(table: Any) -> dict[int, list[int]]:
 def test_run_dedup_and_graph_from_s3_to_s3(make_config, s3, tmp_path):
     fs, options = s3["fs"], s3["options"]
     before = objects(fs, "data")
-    common = {"input": f"s3://{BUCKET}/data", "storage_options": options, "scratch_dir": str(tmp_path / "scratch"),
-              "metric": "cosine", "k": 5}
+    common = {
+        "input": f"s3://{BUCKET}/data",
+        "storage_options": options,
+        "scratch_dir": str(tmp_path / "scratch"),
+        "metric": "cosine",
+        "k": 5,
+    }
 
     # run: the same neighbour lists as the same job on local files
     report = run(make_config(output=f"s3://{BUCKET}/run", exclude_self=True, **common))
-    local = run(make_config(input=str(s3["local"] / "data"), output=str(tmp_path / "local"), exclude_self=True,
-                            metric="cosine", k=5))
+    local = run(
+        make_config(
+            input=str(s3["local"] / "data"), output=str(tmp_path / "local"), exclude_self=True, metric="cosine", k=5
+        )
+    )
     assert report.recall.met
     remote = objects(fs, "run")
     assert "_SUCCESS" in remote and "manifest.json" in remote and "index/manifest.json" in remote
@@ -95,13 +118,15 @@ def test_run_dedup_and_graph_from_s3_to_s3(make_config, s3, tmp_path):
     # dedup: the deduplicated dataset lands beside the groups, mirroring the input objects
     report = dedup(make_config(output=f"s3://{BUCKET}/dedup", threshold=0.98, **common))
     remote = objects(fs, "dedup")
-    assert {r for r in remote if r.startswith("deduplicated/")} == {f"deduplicated/part-{i:05d}.parquet"
-                                                                     for i in range(4)}
+    assert {r for r in remote if r.startswith("deduplicated/")} == {
+        f"deduplicated/part-{i:05d}.parquet" for i in range(4)
+    }
     kept = remote_table(fs, "dedup/deduplicated")
     assert kept.num_rows == report.dedup.rows_kept < 4000
     groups = remote_table(fs, "dedup/groups")
-    assert sorted(kept.column("id").to_pylist()) == sorted(groups.filter(groups.column("is_kept")).column("id")
-                                                           .to_pylist())
+    assert sorted(kept.column("id").to_pylist()) == sorted(
+        groups.filter(groups.column("is_kept")).column("id").to_pylist()
+    )
 
     # graph: the CSR file and the edge list
     report = graph(make_config(output=f"s3://{BUCKET}/graph", **common))
@@ -122,8 +147,14 @@ def test_an_s3_output_inside_the_input_or_holding_foreign_objects_is_refused(mak
     with fs.open_output_stream(f"{BUCKET}/foreign/notes.txt") as f:
         f.write(b"the user's notes")
     with pytest.raises(ConfigError, match="notes.txt, which this tool did not write"):
-        run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/foreign", storage_options=options,
-                        scratch_dir=str(tmp_path / "scratch")))
+        run(
+            make_config(
+                input=f"s3://{BUCKET}/data",
+                output=f"s3://{BUCKET}/foreign",
+                storage_options=options,
+                scratch_dir=str(tmp_path / "scratch"),
+            )
+        )
     assert objects(fs, "foreign") == {"notes.txt": 16}
 
 
@@ -145,18 +176,50 @@ def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path)
     env = {**s3["env"], "KNN_PIPELINE_PUSH_SECONDS": "0.2"}
 
     def command(data: str, output: str, scratch: Path) -> list[str]:
-        return [sys.executable, "-m", "pipeline", "run", "--input", data, "--output", output,
-                "--k", "5", "--exclude-self", "--index-key", "IVF64,Flat", "--nprobe", "64", "--rerank", "0",
-                "--partition-size", str(GROUP * 64 * 4),
-                "--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch)]
+        return [
+            sys.executable,
+            "-m",
+            "pipeline",
+            "run",
+            "--input",
+            data,
+            "--output",
+            output,
+            "--k",
+            "5",
+            "--exclude-self",
+            "--index-key",
+            "IVF64,Flat",
+            "--nprobe",
+            "64",
+            "--rerank",
+            "0",
+            "--partition-size",
+            str(GROUP * 64 * 4),
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--scratch-dir",
+            str(scratch),
+        ]
 
-    kill_when(command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a"),
-              lambda: _remote_join_pieces(fs, "killed") >= 20, timeout=180, env=env)
+    kill_when(
+        command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a"),
+        lambda: _remote_join_pieces(fs, "killed") >= 20,
+        timeout=180,
+        env=env,
+    )
     done = _remote_join_pieces(fs, "killed")
     assert 20 <= done < 120 and "_SUCCESS" not in objects(fs, "killed")
 
-    resumed = subprocess.run(command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-b"), env=env,
-                             capture_output=True, text=True, timeout=300)
+    resumed = subprocess.run(
+        command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-b"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert resumed.returncode == 0, resumed.stderr
     assert "fetched into" in resumed.stderr
     joined = [int(n.replace(",", "")) for n in re.findall(r"join: ([\d,]+)/[\d,]+ rows \(100%\)", resumed.stderr)]
@@ -165,8 +228,13 @@ def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path)
     assert "_SUCCESS" in remote and len([r for r in remote if r.startswith("neighbors/")]) == 120
 
     clean = tmp_path / "clean"
-    local = subprocess.run(command(str(s3["local"] / "many"), str(clean), tmp_path / "unused"), env=env,
-                           capture_output=True, text=True, timeout=300)
+    local = subprocess.run(
+        command(str(s3["local"] / "many"), str(clean), tmp_path / "unused"),
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert local.returncode == 0, local.stderr
     got, want = lists(remote_table(fs, "killed/neighbors")), lists(pq.read_table(clean / "neighbors"))
     assert len(got) == MANY and got == want
@@ -180,11 +248,15 @@ def test_build_join_and_evaluate_with_the_index_on_s3(make_config, s3, tmp_path)
 
     fs, options = s3["fs"], s3["options"]
     common = {"storage_options": options, "scratch_dir": str(tmp_path / "scratch"), "k": 5}
-    build(make_config(input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx", output=None, metric="cosine",
-                      **common))
+    build(
+        make_config(input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx", output=None, metric="cosine", **common)
+    )
     assert "manifest.json" in objects(fs, "idx") and "store/vectors/part-00000.npy" in objects(fs, "idx")
-    joined = join(make_config(input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx",
-                              output=f"s3://{BUCKET}/joined", **common))
+    joined = join(
+        make_config(
+            input=f"s3://{BUCKET}/data", index_dir=f"s3://{BUCKET}/idx", output=f"s3://{BUCKET}/joined", **common
+        )
+    )
     assert joined.queries == 4000 and "_SUCCESS" in objects(fs, "joined")
     summary = evaluate(make_config(index_dir=f"s3://{BUCKET}/idx", output=f"s3://{BUCKET}/joined", **common))
     assert summary.to_json()["table"] == f"s3://{BUCKET}/joined/neighbors"
@@ -194,13 +266,25 @@ def test_build_join_and_evaluate_with_the_index_on_s3(make_config, s3, tmp_path)
 
 def test_a_remote_key_leaving_its_prefix_is_refused_and_nothing_escapes(make_config, s3, tmp_path):
     """A key like ``neighbors/../../../escape.txt`` must never be pulled outside the scratch folder."""
-    client = boto3.client("s3", endpoint_url=s3["env"]["AWS_ENDPOINT_URL"], aws_access_key_id="testing",
-                          aws_secret_access_key="testing", region_name="us-east-1")
+    client = boto3.client(
+        "s3",
+        endpoint_url=s3["env"]["AWS_ENDPOINT_URL"],
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    )
     client.put_object(Bucket=BUCKET, Key="evil/neighbors/../../../escape.txt", Body=b"planted")
     scratch = tmp_path / "scratch"
     with pytest.raises(ConfigError, match=r"s3://knn/evil holds a key whose path leaves its prefix .*escape\.txt"):
-        run(make_config(input=f"s3://{BUCKET}/data", output=f"s3://{BUCKET}/evil", storage_options=s3["options"],
-                        scratch_dir=str(scratch), k=3))
+        run(
+            make_config(
+                input=f"s3://{BUCKET}/data",
+                output=f"s3://{BUCKET}/evil",
+                storage_options=s3["options"],
+                scratch_dir=str(scratch),
+                k=3,
+            )
+        )
     assert not list(tmp_path.rglob("escape.txt"))
 
 
@@ -250,10 +334,29 @@ def test_dedup_and_graph_killed_mid_stage_on_s3_resume_elsewhere(s3, tmp_path, j
 
     def command(scratch: Path) -> list[str]:
         extra = ["--threshold", "0.98"] if job == "dedup" else []
-        return [sys.executable, "-m", "pipeline", job, "--input", f"s3://{BUCKET}/many", "--output",
-                f"s3://{BUCKET}/{prefix}", "--k", "5", "--index-key", "Flat", "--partition-size",
-                str(10 * GROUP * 64 * 4), "--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch),
-                *extra]
+        return [
+            sys.executable,
+            "-m",
+            "pipeline",
+            job,
+            "--input",
+            f"s3://{BUCKET}/many",
+            "--output",
+            f"s3://{BUCKET}/{prefix}",
+            "--k",
+            "5",
+            "--index-key",
+            "Flat",
+            "--partition-size",
+            str(10 * GROUP * 64 * 4),
+            "--workers",
+            "1",
+            "--threads-per-worker",
+            "1",
+            "--scratch-dir",
+            str(scratch),
+            *extra,
+        ]
 
     kill_when(command(tmp_path / "machine-a"), lambda: stage in _remote_stages(fs, prefix), timeout=240, env=env)
     assert "_SUCCESS" not in objects(fs, prefix)

@@ -61,7 +61,7 @@ def test_exact_knn_matches_brute_force(dask_address, dataset_dir, vectors, tmp_p
         store.write_piece(p.index, ids, x)
     queries = vectors[::97]
     with Client(dask_address) as client:
-        scores, rows = exact_knn(client, store, len(ds.pieces), queries, 7, "l2")
+        scores, rows = exact_knn(client, store, len(ds.pieces), queries=queries, k=7, metric="l2")
     truth = exact_neighbours(vectors, queries, 7, metric="l2")
     assert recall_at_k(rows.tolist(), truth.tolist(), 7) == 1.0
     assert np.all(np.diff(scores, axis=1) >= 0)  # squared distances ascending
@@ -87,10 +87,20 @@ def test_gather_keeps_order_and_repeats(tmp_path):
         store.gather_vectors(np.array([5]))
 
 
-@pytest.mark.parametrize("n, d, key", [(5_000, 64, "Flat"), (20_000, 384, "Flat"), (30_000, 384, "IVF128,Flat"),
-                                       (200_000, 768, "IVF512,Flat"), (300_000, 384, "IVF1024,PQ192x4fs"),
-                                       (1_000_000, 128, "IVF2048,PQ64x4fs"), (50_000, 33, "IVF512,SQ8"),
-                                       (500_000, 64, "IVF1024,SQ8"), (100_000, 64, "IVF512,SQ8")])
+@pytest.mark.parametrize(
+    "n, d, key",
+    [
+        (5_000, 64, "Flat"),
+        (20_000, 384, "Flat"),
+        (30_000, 384, "IVF128,Flat"),
+        (200_000, 768, "IVF512,Flat"),
+        (300_000, 384, "IVF1024,PQ192x4fs"),
+        (1_000_000, 128, "IVF2048,PQ64x4fs"),
+        (50_000, 33, "IVF512,SQ8"),
+        (500_000, 64, "IVF1024,SQ8"),
+        (100_000, 64, "IVF512,SQ8"),
+    ],
+)
 def test_default_index_rule(n, d, key):
     assert default_index_key(n, d) == key
     make_index(key, d, "cosine")  # a valid factory string
@@ -122,16 +132,19 @@ def test_local_layout():
     assert local_layout(ClusterSpec(workers=3, threads_per_worker=2), cpus=16) == (3, 2)
 
 
-@pytest.mark.parametrize("key, enc, mode", [
-    ("IVF64,PQ8x4fs", "IVF64,PQ8x4", "fastscan"),
-    ("IVF64,PQ8x4fsr", "IVF64,PQ8x4", "fastscan"),
-    ("IVF64,PQ8", "IVF64,PQ8", "ondisk"),
-    ("IVF64,Flat", "IVF64,Flat", "ondisk"),
-    ("IVF64,PQ8+16", "IVF64,PQ8+16", "memory"),
-    ("PCA32,IVF64,PQ8x4fs", "PCA32,IVF64,PQ8x4fs", "serial"),
-    ("Flat", "Flat", "none"),
-    ("HNSW16", "HNSW16", "serial"),
-])
+@pytest.mark.parametrize(
+    "key, enc, mode",
+    [
+        ("IVF64,PQ8x4fs", "IVF64,PQ8x4", "fastscan"),
+        ("IVF64,PQ8x4fsr", "IVF64,PQ8x4", "fastscan"),
+        ("IVF64,PQ8", "IVF64,PQ8", "ondisk"),
+        ("IVF64,Flat", "IVF64,Flat", "ondisk"),
+        ("IVF64,PQ8+16", "IVF64,PQ8+16", "memory"),
+        ("PCA32,IVF64,PQ8x4fs", "PCA32,IVF64,PQ8x4fs", "serial"),
+        ("Flat", "Flat", "none"),
+        ("HNSW16", "HNSW16", "serial"),
+    ],
+)
 def test_fill_modes(key, enc, mode):
     from pipeline.index.choice import encoding_key, ivf_of, make_encoder
     from pipeline.index.fill import fill_mode
@@ -144,16 +157,32 @@ def test_fill_modes(key, enc, mode):
         assert faiss.downcast_index(ivf_of(encoder)).by_residual == faiss.downcast_index(ivf_of(real)).by_residual
 
 
-@pytest.mark.parametrize("key, metric", [("IVF32,PQ32x4fs", "cosine"), ("IVF32,PQ8+16", "l2"),  # IVFPQR: L2 only
-                                         ("HNSW16", "cosine"), ("PCA32,IVF32,PQ32x4fs", "cosine")])
+@pytest.mark.parametrize(
+    "key, metric",
+    [
+        ("IVF32,PQ32x4fs", "cosine"),
+        ("IVF32,PQ8+16", "l2"),  # IVFPQR: L2 only
+        ("HNSW16", "cosine"),
+        ("PCA32,IVF32,PQ32x4fs", "cosine"),
+    ],
+)
 def test_every_fill_mode_end_to_end(make_config, dataset_dir, vectors, key, metric, tmp_path):
     """Each fill path gives a complete index whose neighbours (re-ranked) match exact search."""
     import pyarrow.parquet as pq
 
     from pipeline import run
 
-    report = run(make_config(input=str(dataset_dir), k=5, exclude_self=True, index_key=key, rerank=8, metric=metric,
-                             **({"nprobe": 32} if key.startswith(("IVF", "OPQ")) else {})))
+    report = run(
+        make_config(
+            input=str(dataset_dir),
+            k=5,
+            exclude_self=True,
+            index_key=key,
+            rerank=8,
+            metric=metric,
+            **({"nprobe": 32} if key.startswith(("IVF", "OPQ")) else {}),
+        )
+    )
     assert report.index.ntotal == len(vectors)
     t = pq.read_table(tmp_path / "out" / "neighbors")
     found = dict(zip(t.column("query_id").to_pylist(), t.column("neighbor_id").to_pylist()))
@@ -185,7 +214,7 @@ import resource
 resource.setrlimit(resource.RLIMIT_NOFILE, (128, 128))
 import numpy as np
 from pipeline.io.store import RowStore
-store = RowStore({str(tmp_path / 'store')!r}, np.arange({pieces}) * {rows}, {pieces * rows})
+store = RowStore({str(tmp_path / "store")!r}, np.arange({pieces}) * {rows}, {pieces * rows})
 for _ in range(2):
     got = store.gather_vectors(np.arange({pieces}) * {rows})
     assert (got[:, 0] == np.arange({pieces})).all()
@@ -299,4 +328,3 @@ def test_the_commands_and_the_subpackages_have_names_of_their_own():
     assert callable(pipeline.dedup) and callable(pipeline.graph) and callable(pipeline.run)
     assert groups.__name__ == "pipeline.duplicates.groups" and knn_graph.__name__ == "pipeline.graphs.knn_graph"
     assert explore.__name__ == "pipeline.duplicates.explore"
-

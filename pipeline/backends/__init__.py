@@ -70,8 +70,9 @@ class Backend(Protocol):
     def self_topk(self, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of every row of ``x`` among the rows of ``x`` (itself included), local rows."""
 
-    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
-                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def pair_topk(
+        self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Exact top-``k`` of ``a``'s rows among ``b``'s and of ``b``'s among ``a``'s, from one product
         per tile: the symmetric half of a self-join, each pair of pieces scored once for both.
         ``b_floor`` is a lower bound of each ``b`` row's final k-th score (scores below it are

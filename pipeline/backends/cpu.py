@@ -53,8 +53,7 @@ class CpuBackend:
         (:mod:`pipeline.search.lists`: the same result, BLAS speed)."""
         nprobe = getattr(params, "nprobe", None)
         if nprobe and len(x) >= LIST_MAJOR_MIN_QUERIES and is_ivf_flat(index):
-            return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe,
-                                     self.threads)
+            return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe, self.threads)
         return index.search(x, k, params=params)
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
@@ -88,8 +87,9 @@ class CpuBackend:
         with self._blas():
             return self_topk(self.knn, x, k, metric)
 
-    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
-                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def pair_topk(
+        self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.search.stored.pair_topk`)."""
         with self._blas():
             return pair_topk(a, b, k, metric, b_floor)

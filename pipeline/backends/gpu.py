@@ -42,8 +42,14 @@ from pipeline.kinds import Metric
 from pipeline.search.stored import ResidentRows, host_rerank, knn_topk, streamed_exact
 
 __all__ = [
-    "GpuBackend", "GPU_MAX_K", "gpu_search_limits", "batch_rows", "train_with_assigner", "add_with_assignments",
-    "gpu_runtime_problem", "gpu_encodes",
+    "GpuBackend",
+    "GPU_MAX_K",
+    "gpu_search_limits",
+    "batch_rows",
+    "train_with_assigner",
+    "add_with_assignments",
+    "gpu_runtime_problem",
+    "gpu_encodes",
 ]
 
 log = logging.getLogger(__name__)
@@ -116,8 +122,9 @@ def train_with_assigner(index: faiss.Index, x: np.ndarray, assigner: Any) -> Non
             pq.assign_index = None
 
 
-def add_with_assignments(index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any,
-                         rows_per_batch: int) -> None:
+def add_with_assignments(
+    index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any, rows_per_batch: int
+) -> None:
     """Add ``x`` (with ``ids``, else sequential) to a trained IVF index, coarse lists chosen by ``assign``.
 
     ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in :class:`GpuBackend`; encoding
@@ -130,7 +137,8 @@ def add_with_assignments(index: faiss.Index, x: np.ndarray, ids: np.ndarray | No
     transforms: Any = outer.chain if isinstance(outer, faiss.IndexPreTransform) else None  # a SWIG vector
     chain = (
         [faiss.downcast_VectorTransform(transforms.at(i)) for i in range(transforms.size())]
-        if transforms is not None else []
+        if transforms is not None
+        else []
     )
     for lo in range(0, len(x), rows_per_batch):
         xb = np.ascontiguousarray(x[lo : lo + rows_per_batch], dtype=np.float32)
@@ -149,9 +157,11 @@ def gpu_runtime_problem() -> str | None:
         import importlib.util
 
         if importlib.util.find_spec("faiss._gpu_build") is not None:  # faiss-gpu's marker beside faiss-cpu's modules
-            return ("faiss-cpu and faiss-gpu are both installed and faiss-cpu's modules load: "
-                    "pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu")
-        return "this faiss is a CPU-only build (install faiss-gpu: README, \"GPUs\")"
+            return (
+                "faiss-cpu and faiss-gpu are both installed and faiss-cpu's modules load: "
+                "pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu"
+            )
+        return 'this faiss is a CPU-only build (install faiss-gpu: README, "GPUs")'
     n = faiss.get_num_gpus()
     if n == 0:
         return "this faiss build has GPU support but sees no CUDA device (driver, CUDA_VISIBLE_DEVICES)"
@@ -280,12 +290,15 @@ class GpuBackend:
         free = self.free_memory()
         step = batch_rows(free if free is not None else 1 << 30, 2 * 4 * x.shape[1] + 16, 1 << 20)
         for lo in range(0, len(x), step):
-            gpu.add_with_ids(np.ascontiguousarray(x[lo : lo + step], dtype=np.float32),
-                             np.ascontiguousarray(ids[lo : lo + step], dtype=np.int64))
+            gpu.add_with_ids(
+                np.ascontiguousarray(x[lo : lo + step], dtype=np.float32),
+                np.ascontiguousarray(ids[lo : lo + step], dtype=np.int64),
+            )
         filled = faiss.index_gpu_to_cpu(gpu)
         del gpu
         cast(Any, faiss.downcast_index(cast(Any, ivf_of(index)))).merge_from(
-            faiss.downcast_index(cast(Any, ivf_of(filled))), 0)
+            faiss.downcast_index(cast(Any, ivf_of(filled))), 0
+        )
         outer: Any = faiss.downcast_index(index)
         outer.ntotal = cast(Any, ivf_of(index)).ntotal
 
@@ -300,16 +313,22 @@ class GpuBackend:
             need = _index_bytes(index)
             free = self.free_memory()
             if free is not None and need > INDEX_SHARE * free:
-                why = (f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's "
-                       f"{free / 2**30:.1f} GiB free")
+                why = (
+                    f"the index needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's "
+                    f"{free / 2**30:.1f} GiB free"
+                )
         clone = None
         if why is None:
             co: Any = faiss.GpuClonerOptions()
             co.useFloat16LookupTables = float16
             co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
             clone = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
-            log.info("index cloned to GPU %d (%d vectors%s)", self.device, index.ntotal,
-                     ", float16 lookup tables" if float16 else "")
+            log.info(
+                "index cloned to GPU %d (%d vectors%s)",
+                self.device,
+                index.ntotal,
+                ", float16 lookup tables" if float16 else "",
+            )
         else:
             self._warn_once(f"searching on the CPU: {why}")
         with _lock:
@@ -358,8 +377,9 @@ class GpuBackend:
         with _search_lock(self.device):
             return faiss.knn_gpu(self.resources(), q, x, k, metric=FAISS_METRICS[metric], device=self.device)
 
-    def _held(self, cache: dict[int, tuple[tuple[Any, ...], Any]], store: RowStore, what: str, tag: str,
-              build: Any) -> Any | None:
+    def _held(
+        self, cache: dict[int, tuple[tuple[Any, ...], Any]], store: RowStore, what: str, tag: str, build: Any
+    ) -> Any | None:
         """``build()`` of ``store`` kept on this worker's GPU (one store at a time per ``cache``,
         made once), or None when the store does not fit ``RESIDENT_SHARE`` of the free memory or
         CuPy is missing: decided once per store, the reason logged once."""
@@ -374,18 +394,26 @@ class GpuBackend:
         need = ResidentRows.nbytes(store, store.mapped_vectors(0).shape[1])
         free = self.free_memory()  # None without CuPy (said once)
         if free is not None and need > RESIDENT_SHARE * free:
-            self._warn_once(f"{what}: the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the "
-                            f"GPU's {free / 2**30:.1f} GiB free, so it streams from the host")
+            self._warn_once(
+                f"{what}: the row store ({need / 2**30:.1f} GiB) is over {RESIDENT_SHARE:.0%} of the "
+                f"GPU's {free / 2**30:.1f} GiB free, so it streams from the host"
+            )
         elif free is not None:
             made = build()
-            log.info("%s: row store resident on GPU %d (%d vectors, %.2f GiB)", what, self.device, store.total_rows,
-                     need / 2**30)
+            log.info(
+                "%s: row store resident on GPU %d (%d vectors, %.2f GiB)",
+                what,
+                self.device,
+                store.total_rows,
+                need / 2**30,
+            )
         with _lock:
             cache[self.device] = (key, made)
         return made
 
     def _resident(self, store: RowStore) -> ResidentRows | None:
         """The store's vectors on this worker's GPU for re-ranking (see :meth:`_held`)."""
+
         def build() -> ResidentRows:
             import cupy  # free_memory found it
 
@@ -410,8 +438,9 @@ class GpuBackend:
         arithmetic the CPU saves by symmetry is cheap here)."""
         return knn_topk(self.knn, x, x, k, metric)
 
-    def pair_topk(self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
-                  ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+    def pair_topk(
+        self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
+    ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
         """Both sides' exact top-``k`` by two brute-force GPU searches (``b_floor`` unused)."""
         return knn_topk(self.knn, a, b, k, metric), knn_topk(self.knn, b, a, k, metric)
 
@@ -426,9 +455,11 @@ class GpuBackend:
 
     def _resident_flat(self, store: RowStore, metric: Metric) -> Any | None:
         """A GPU flat index over the whole store for the exact plan (see :meth:`_held`)."""
+
         def build() -> Any:
-            flat = faiss.index_cpu_to_gpu(self.resources(), self.device,
-                                          faiss.IndexFlat(store.mapped_vectors(0).shape[1], FAISS_METRICS[metric]))
+            flat = faiss.index_cpu_to_gpu(
+                self.resources(), self.device, faiss.IndexFlat(store.mapped_vectors(0).shape[1], FAISS_METRICS[metric])
+            )
             for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
                 flat.add(store.vectors(piece))
             return flat

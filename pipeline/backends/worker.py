@@ -70,8 +70,9 @@ class DevicePlugin(WorkerPlugin):
         threads = self.threads or max(1, int(getattr(worker.state, "nthreads", 1) or 1))
         self.backend.set_threads(threads)
         gpu = self.backend.describe() if isinstance(self.backend, GpuBackend) else ("", 0, 0)
-        self.info = WorkerDevice(str(worker.name), socket.gethostname(), name, reason, threads,
-                                 gpu_count() if name == "gpu" else 0, *gpu)
+        self.info = WorkerDevice(
+            str(worker.name), socket.gethostname(), name, reason, threads, gpu_count() if name == "gpu" else 0, *gpu
+        )
 
 
 def _plugin() -> DevicePlugin | None:
@@ -116,11 +117,18 @@ def install_device(client: Any, device: str, threads: int | None) -> list[Worker
     missing = [d for d in devices if d.backend != "gpu"]
     if device == "gpu" and missing:
         d = missing[0]
-        raise DeviceError(f"--device gpu: Dask worker {d.worker} on {d.host} has no usable GPU ({d.reason})"
-                          + (f", nor do {len(missing) - 1} other worker(s)" if len(missing) > 1 else "")
-                          + "; ask GPUs for the workers (profile gpus:) or use --device auto or cpu")
+        raise DeviceError(
+            f"--device gpu: Dask worker {d.worker} on {d.host} has no usable GPU ({d.reason})"
+            + (f", nor do {len(missing) - 1} other worker(s)" if len(missing) > 1 else "")
+            + "; ask GPUs for the workers (profile gpus:) or use --device auto or cpu"
+        )
     for kind in sorted({d.backend for d in devices}):
         group = [d for d in devices if d.backend == kind]
-        log.info("device: %d worker(s) on %s (%s), %d FAISS thread(s) each", len(group), kind, group[0].reason,
-                 group[0].faiss_threads)
+        log.info(
+            "device: %d worker(s) on %s (%s), %d FAISS thread(s) each",
+            len(group),
+            kind,
+            group[0].reason,
+            group[0].faiss_threads,
+        )
     return devices

@@ -80,9 +80,16 @@ def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
     if jq.gpus:
         directives.append(f"--gres=gpu:{jq.gpus}" if jq.kind == "slurm" else f"-l ngpus={jq.gpus}")
     opts: dict[str, Any] = {
-        "queue": jq.queue, "account": jq.account, "walltime": jq.walltime, "cores": jq.cores,
-        "memory": jq.memory, "processes": jq.processes, "job_extra_directives": directives,
-        "job_script_prologue": list(jq.setup), "python": shlex.quote(jq.python or sys.executable), "name": "knn-worker",
+        "queue": jq.queue,
+        "account": jq.account,
+        "walltime": jq.walltime,
+        "cores": jq.cores,
+        "memory": jq.memory,
+        "processes": jq.processes,
+        "job_extra_directives": directives,
+        "job_script_prologue": list(jq.setup),
+        "python": shlex.quote(jq.python or sys.executable),
+        "name": "knn-worker",
     }
     if jq.interface:
         opts["interface"] = jq.interface
@@ -94,8 +101,10 @@ def _jobqueue_cluster(jq: JobQueueSpec, log_dir: str | None) -> Any:
     try:
         import dask_jobqueue
     except ImportError:
-        raise ConfigError(f"profile kind {jq.kind} needs dask-jobqueue: pip install 'knn-pipeline[cluster]' "
-                          "(or pip install dask-jobqueue)") from None
+        raise ConfigError(
+            f"profile kind {jq.kind} needs dask-jobqueue: pip install 'knn-pipeline[cluster]' "
+            "(or pip install dask-jobqueue)"
+        ) from None
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGINT, sigint)  # importing dask_jobqueue makes Ctrl-C a bare sys.exit()
     cls = dask_jobqueue.SLURMCluster if jq.kind == "slurm" else dask_jobqueue.PBSCluster
@@ -199,9 +208,11 @@ class _PauseWatchdog(threading.Thread):
             else:
                 empty_since = empty_since or now
                 if now - empty_since >= self.alone and not self._halt.is_set():
-                    self._end(f"every Dask worker of the embedded cluster died and none came back for {self.alone:.0f} "
-                              "s (killed for memory, or a crash in native code); raise --memory-limit or lower "
-                              "--partition-size, then run the same command again to resume")
+                    self._end(
+                        f"every Dask worker of the embedded cluster died and none came back for {self.alone:.0f} "
+                        "s (killed for memory, or a crash in native code); raise --memory-limit or lower "
+                        "--partition-size, then run the same command again to resume"
+                    )
                     return
             for address, w in workers.items():
                 if w.get("status") != "paused":
@@ -260,11 +271,16 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
         try:
             from dask_cuda import LocalCUDACluster
         except ImportError:
-            raise ConfigError("profile local-cuda needs dask-cuda (one worker per GPU): "
-                              "pip install dask-cuda, or use the conda environment.yml") from None
-        with LocalCUDACluster(host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", silence_logs=_dask_log_level()) \
-                as cluster, \
-                Client(cluster) as client:
+            raise ConfigError(
+                "profile local-cuda needs dask-cuda (one worker per GPU): "
+                "pip install dask-cuda, or use the conda environment.yml"
+            ) from None
+        with (
+            LocalCUDACluster(
+                host=LOOPBACK, dashboard_address=f"{LOOPBACK}:0", silence_logs=_dask_log_level()
+            ) as cluster,
+            Client(cluster) as client,
+        ):
             n = len(client.scheduler_info().get("workers", {}))
             log.info("local CUDA cluster: %d worker(s), one per GPU; dashboard %s", n, cluster.dashboard_link)
             yield client, ClusterInfo(n, spec.threads_per_worker, cluster.dashboard_link)
@@ -274,9 +290,11 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
             joined = Client(spec.scheduler_address)
         except (OSError, TimeoutError) as exc:
             reason = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-            raise ConfigError(f"--scheduler-address {spec.scheduler_address}: no Dask scheduler answered ({reason}); "
-                              "check the address and that the scheduler runs, or drop the flag to use the "
-                              "embedded cluster") from None
+            raise ConfigError(
+                f"--scheduler-address {spec.scheduler_address}: no Dask scheduler answered ({reason}); "
+                "check the address and that the scheduler runs, or drop the flag to use the "
+                "embedded cluster"
+            ) from None
         with joined as client:
             n = len(client.scheduler_info().get("workers", {}))
             log.info("joined Dask scheduler %s (%d workers)", spec.scheduler_address, n)
@@ -292,20 +310,26 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     # Parquet decoding, the join's output). pydocs-minilm, 2 cores: scan 0.4 -> 0.3 s, join 1.1 ->
     # 1.0 s, whole process 3.3 -> 3.1 s (before the threads fix of the device seam, a second
     # thread slowed the join as much as it sped the scan: OpenMP threads spinning against it)
-    with dask.config.set({"distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status"}), LocalCluster(
-        n_workers=workers,
-        threads_per_worker=2 if threads >= 2 else 1,
-        processes=workers > 1,
-        memory_limit=spec.memory_limit,
-        **({"host": LOOPBACK} if workers > 1 else {}),  # one worker: in-process, no socket at all (inproc://)
-        dashboard_address=f"{LOOPBACK}:0",
-        worker_dashboard_address=f"{LOOPBACK}:0",
-        silence_logs=_dask_log_level(),
-    ) as cluster, Client(cluster) as client:
+    with (
+        dask.config.set({"distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status"}),
+        LocalCluster(
+            n_workers=workers,
+            threads_per_worker=2 if threads >= 2 else 1,
+            processes=workers > 1,
+            memory_limit=spec.memory_limit,
+            **({"host": LOOPBACK} if workers > 1 else {}),  # one worker: in-process, no socket at all (inproc://)
+            dashboard_address=f"{LOOPBACK}:0",
+            worker_dashboard_address=f"{LOOPBACK}:0",
+            silence_logs=_dask_log_level(),
+        ) as cluster,
+        Client(cluster) as client,
+    ):
         client.register_plugin(_QuietFailures(), name="knn-quiet-failures")
         log.info(
             "local Dask cluster: %d worker(s) x %d FAISS thread(s); dashboard %s",
-            workers, threads, cluster.dashboard_link,
+            workers,
+            threads,
+            cluster.dashboard_link,
         )
         yield client, ClusterInfo(workers, threads, cluster.dashboard_link)
 

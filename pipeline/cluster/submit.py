@@ -50,8 +50,9 @@ class Submission:
 def _plain_path(p: Path, what: str) -> str:
     s = str(p)
     if any(c in s for c in "\n\r\0") or " " in s:
-        raise ConfigError(f"{what} {s!r}: batch directives cannot hold spaces or line breaks in paths; "
-                          "choose a path without them")
+        raise ConfigError(
+            f"{what} {s!r}: batch directives cannot hold spaces or line breaks in paths; choose a path without them"
+        )
     return s
 
 
@@ -73,8 +74,13 @@ def _header(jq: JobQueueSpec, job: str, log_dir: Path) -> list[str]:
         lines += [f"#SBATCH --partition={jq.queue}"] if jq.queue else []
         lines += [f"#SBATCH --account={jq.account}"] if jq.account else []
         return lines + [f"#SBATCH {d}" for d in jq.directives]
-    lines = [f"#PBS -N knn-{job}", f"#PBS -o {logs}/driver.log", "#PBS -j oe", f"#PBS -l walltime={jq.walltime}",
-             f"#PBS -l select=1:ncpus=1:mem={_megabytes(jq.driver_memory)}mb"]
+    lines = [
+        f"#PBS -N knn-{job}",
+        f"#PBS -o {logs}/driver.log",
+        "#PBS -j oe",
+        f"#PBS -l walltime={jq.walltime}",
+        f"#PBS -l select=1:ncpus=1:mem={_megabytes(jq.driver_memory)}mb",
+    ]
     lines += [f"#PBS -q {jq.queue}"] if jq.queue else []
     lines += [f"#PBS -A {jq.account}"] if jq.account else []
     return lines + [f"#PBS {d}" for d in jq.directives]
@@ -82,13 +88,18 @@ def _header(jq: JobQueueSpec, job: str, log_dir: Path) -> list[str]:
 
 def _absolute(config: Config) -> Config:
     """The config with every path made absolute (the driver may start in another directory)."""
+
     def absolute(p: str) -> str:
         return p if re.match(r"^[a-z][a-z0-9+.-]*://", p) else str(Path(p).expanduser().resolve())
 
     data = replace(config.data, paths=tuple(absolute(p) for p in config.data.paths))
-    return replace(config, data=data, output=absolute(config.output) if config.output else None,
-                   index_dir=absolute(config.index_dir) if config.index_dir else None,
-                   scratch_dir=absolute(config.scratch_dir) if config.scratch_dir else None)
+    return replace(
+        config,
+        data=data,
+        output=absolute(config.output) if config.output else None,
+        index_dir=absolute(config.index_dir) if config.index_dir else None,
+        scratch_dir=absolute(config.scratch_dir) if config.scratch_dir else None,
+    )
 
 
 def prepare(job: str, config: Config) -> Submission:
@@ -97,23 +108,31 @@ def prepare(job: str, config: Config) -> Submission:
         raise ConfigError(f"submit: unknown job {job!r}; choose one of {', '.join(JOBS)}")
     jq = config.cluster.jobqueue
     if jq is None:
-        raise ConfigError(f"submit needs a slurm or pbs profile (got profile {config.cluster.profile!r}, "
-                          f"kind {config.cluster.kind}); pass --profile slurm or define one under profiles:")
+        raise ConfigError(
+            f"submit needs a slurm or pbs profile (got profile {config.cluster.profile!r}, "
+            f"kind {config.cluster.kind}); pass --profile slurm or define one under profiles:"
+        )
     if not config.output:
         raise ConfigError("submit: --output is required (logs, the driver script and results go there)")
     config = _absolute(config)
     if is_remote(str(config.output)):
         if not config.scratch_dir:
-            raise ConfigError("submit with --output on object storage: give --scratch-dir on a filesystem the "
-                              "cluster's nodes share (the job stages its output there; scripts and logs go there too)")
+            raise ConfigError(
+                "submit with --output on object storage: give --scratch-dir on a filesystem the "
+                "cluster's nodes share (the job stages its output there; scripts and logs go there too)"
+            )
         log_dir = scratch_for(str(config.output), config.scratch_dir) / LOG_DIR
     else:
         log_dir = Path(str(config.output)) / LOG_DIR
     config_path = log_dir / f"submit-{job}.yaml"
     script_path = log_dir / f"submit-{job}.sh"
     python = jq.python or sys.executable
-    body = ["set -euo pipefail", *jq.setup, f"cd {shlex.quote(str(Path.cwd()))}",
-            f"exec {shlex.quote(python)} -m pipeline {job} --config {shlex.quote(str(config_path))}"]
+    body = [
+        "set -euo pipefail",
+        *jq.setup,
+        f"cd {shlex.quote(str(Path.cwd()))}",
+        f"exec {shlex.quote(python)} -m pipeline {job} --config {shlex.quote(str(config_path))}",
+    ]
     script = "\n".join(["#!/usr/bin/env bash", *_header(jq, job, log_dir), "", *body]) + "\n"
     worker = _worker_script(jq, log_dir)
     argv = ("sbatch", "--parsable", str(script_path)) if jq.kind == "slurm" else ("qsub", str(script_path))
@@ -145,8 +164,9 @@ def submit(sub: Submission, config: Config) -> str:
     try:
         proc = subprocess.run(list(sub.argv), capture_output=True, text=True, timeout=120, check=False)
     except FileNotFoundError:
-        raise PipelineError(f"{sub.argv[0]} not found: run submit on a {sub.kind} login node "
-                            "(or use --dry-run to see the scripts)") from None
+        raise PipelineError(
+            f"{sub.argv[0]} not found: run submit on a {sub.kind} login node (or use --dry-run to see the scripts)"
+        ) from None
     if proc.returncode:
         raise PipelineError(
             f"{' '.join(sub.argv)} failed ({proc.returncode}): {proc.stderr.strip() or proc.stdout.strip()}"

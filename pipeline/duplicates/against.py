@@ -63,19 +63,22 @@ def best_matches(matches: Matches, piece: int, rows: int) -> tuple[np.ndarray, n
     return best.astype(np.int64), score.astype(np.float32)
 
 
-def _piece_task(matches: Matches, piece: Piece, input_store: RowStore, file_starts: np.ndarray,
-                names: Sequence[str], out: str) -> dict[str, Any]:
+def _piece_task(
+    matches: Matches, piece: Piece, input_store: RowStore, file_starts: np.ndarray, names: Sequence[str], out: str
+) -> dict[str, Any]:
     """``contamination/`` for one input piece; counts per reference file and the closest matches."""
     best, score = best_matches(matches, piece.index, piece.rows)
     hit = np.flatnonzero(best >= 0)
     files = np.searchsorted(file_starts, best[hit], side="right") - 1
     ids = input_store.ids(piece.index)
-    table = pa.table({
-        "id": ids.take(pa.array(hit)),
-        "reference_id": matches.reference.gather_ids(best[hit]),
-        "reference_file": pa.array([names[f] for f in files.tolist()], pa.string()),
-        "score": pa.array(score[hit]),
-    })
+    table = pa.table(
+        {
+            "id": ids.take(pa.array(hit)),
+            "reference_id": matches.reference.gather_ids(best[hit]),
+            "reference_file": pa.array([names[f] for f in files.tolist()], pa.string()),
+            "score": pa.array(score[hit]),
+        }
+    )
     order = np.argsort(-score[hit] if matches.metric != "l2" else score[hit], kind="stable")[:EXAMPLES]
     with atomic_path(out) as tmp:
         pq.write_table(table, str(tmp))
@@ -85,8 +88,16 @@ def _piece_task(matches: Matches, piece: Piece, input_store: RowStore, file_star
     }
 
 
-def write_matches(client: Any, matches: Matches, dataset: Dataset, store: RowStore, reference: Dataset,
-                   output: Path, manifest: Manifest) -> dict[str, Any]:
+def write_matches(
+    client: Any,
+    matches: Matches,
+    *,
+    dataset: Dataset,
+    store: RowStore,
+    reference: Dataset,
+    output: Path,
+    manifest: Manifest,
+) -> dict[str, Any]:
     """``contamination/`` piece by piece (resumable: recorded in ``manifest``, the dedup output's)."""
     out_dir = output / "contamination"
     ref_starts = reference.file_starts
@@ -96,9 +107,16 @@ def write_matches(client: Any, matches: Matches, dataset: Dataset, store: RowSto
         manifest.clear_stage("contamination")  # a new threshold: every piece again
     results: dict[int, Any] = {}
     paths = {p.index: out_dir / f"part-{p.index:05d}.parquet" for p in dataset.pieces}
-    run_stage(client, manifest, "contamination", dataset.pieces, _piece_task,
-              lambda p: (matches, p, store, ref_starts, names, str(paths[p.index])), lambda p: [paths[p.index]],
-              results)
+    run_stage(
+        client,
+        manifest,
+        "contamination",
+        items=dataset.pieces,
+        fn=_piece_task,
+        args=lambda p: (matches, p, store, ref_starts, names, str(paths[p.index])),
+        files=lambda p: [paths[p.index]],
+        results=results,
+    )
     manifest.finish_stage("contamination", {"threshold": matches.threshold})
     per_file: dict[int, int] = {}
     found: list[list[Any]] = []
@@ -110,8 +128,15 @@ def write_matches(client: Any, matches: Matches, dataset: Dataset, store: RowSto
     return {"per_file": per_file, "examples": closest}
 
 
-def examples(found: list[list[Any]], dataset: Dataset, store: RowStore, ref_dataset: Dataset, ref_store: RowStore,
-             text_column: str | None) -> tuple[ContaminationExample, ...]:
+def examples(
+    found: list[list[Any]],
+    *,
+    dataset: Dataset,
+    store: RowStore,
+    ref_dataset: Dataset,
+    ref_store: RowStore,
+    text_column: str | None,
+) -> tuple[ContaminationExample, ...]:
     """The closest matches ``[input row, reference row, score]`` with ids, files and texts."""
     if not found:
         return ()
@@ -125,6 +150,14 @@ def examples(found: list[list[Any]], dataset: Dataset, store: RowStore, ref_data
         ref_texts = read_texts(ref_dataset, ref_rows, text_column) if text_column else {}
     except InputError:  # the reference need not have the input's text column
         ref_texts = {}
-    return tuple(ContaminationExample(ids[i], ref_ids[i], ref_dataset.pieces[int(files[i])].path, float(e[2]),
-                                      texts.get(int(rows[i])), ref_texts.get(int(ref_rows[i])))
-                 for i, e in enumerate(found))
+    return tuple(
+        ContaminationExample(
+            ids[i],
+            ref_ids[i],
+            ref_dataset.pieces[int(files[i])].path,
+            float(e[2]),
+            texts.get(int(rows[i])),
+            ref_texts.get(int(ref_rows[i])),
+        )
+        for i, e in enumerate(found)
+    )

@@ -62,8 +62,15 @@ def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, 
         names = open_parquet(f.path).schema_arrow.names
         if column not in names:
             raise InputError(f"{f.path}: no column '{column}' for --keep-by; columns are {', '.join(names)}")
-    run_stage(client, manifest, "dedup_keep", dataset.pieces, _read_keep_piece,
-                lambda p: (p, column, str(label_path(out_dir, p.index))), lambda p: [label_path(out_dir, p.index)])
+    run_stage(
+        client,
+        manifest,
+        "dedup_keep",
+        items=dataset.pieces,
+        fn=_read_keep_piece,
+        args=lambda p: (p, column, str(label_path(out_dir, p.index))),
+        files=lambda p: [label_path(out_dir, p.index)],
+    )
 
 
 def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int = 300) -> dict[int, Any]:
@@ -85,13 +92,22 @@ def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int 
     return texts
 
 
-def attach_examples(examples: Sequence[DedupExample], dataset: Dataset, store: RowStore, text_column: str | None,
-                    limit: int = 300) -> tuple[DedupExample, ...]:
+def attach_examples(
+    examples: Sequence[DedupExample], dataset: Dataset, store: RowStore, text_column: str | None, limit: int = 300
+) -> tuple[DedupExample, ...]:
     """The example pairs with their ids (and, with ``text_column``, their texts cut to ``limit`` characters)."""
     rows = np.array(sorted({r for e in examples for r in (e.row_a, e.row_b)}), dtype=np.int64)
     if rows.size == 0:
         return tuple(examples)
     ids = dict(zip(rows.tolist(), store.gather_ids(rows).to_pylist(), strict=True))
     texts = read_texts(dataset, rows, text_column, limit) if text_column else {}
-    return tuple(replace(e, id_a=ids[e.row_a], id_b=ids[e.row_b], text_a=texts.get(e.row_a) if text_column else None,
-                         text_b=texts.get(e.row_b) if text_column else None) for e in examples)
+    return tuple(
+        replace(
+            e,
+            id_a=ids[e.row_a],
+            id_b=ids[e.row_b],
+            text_a=texts.get(e.row_a) if text_column else None,
+            text_b=texts.get(e.row_b) if text_column else None,
+        )
+        for e in examples
+    )

@@ -70,8 +70,10 @@ def file_jobs(dataset: Dataset) -> list[FileJob]:
     pieces: dict[str, list[tuple[int, int]]] = {}
     for piece in dataset.pieces:
         pieces.setdefault(piece.path, []).append((piece.index, piece.rows))
-    return [FileJob(i, f.path, name, int(start), f.rows if f.path in pieces else 0, tuple(pieces.get(f.path, ())))
-            for i, (f, name, start) in enumerate(zip(dataset.files, names, dataset.file_starts, strict=True))]
+    return [
+        FileJob(i, f.path, name, int(start), f.rows if f.path in pieces else 0, tuple(pieces.get(f.path, ())))
+        for i, (f, name, start) in enumerate(zip(dataset.files, names, dataset.file_starts, strict=True))
+    ]
 
 
 def check_columns(paths: Sequence[str]) -> None:
@@ -82,8 +84,10 @@ def check_columns(paths: Sequence[str]) -> None:
     names = set(open_parquet(paths[0]).schema_arrow.names)
     clash = [c for c in (*ADDED_COLUMNS, *AGAINST_COLUMNS) if c in names]
     if clash:
-        raise ConfigError(f"{shown(paths[0])}: column {clash[0]!r} is also a column dedup adds to removed/; "
-                          "rename it in the input, or pass --no-write-dataset")
+        raise ConfigError(
+            f"{shown(paths[0])}: column {clash[0]!r} is also a column dedup adds to removed/; "
+            "rename it in the input, or pass --no-write-dataset"
+        )
 
 
 def _fates(parts: Sequence[tuple[str, int, int]], job: FileJob, matches: Matches | None) -> pa.Table:
@@ -123,8 +127,14 @@ def _digest(dropped: np.ndarray, fates: pa.Table) -> str:
     return h.hexdigest()
 
 
-def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], matches: Matches | None, kept_out: str,
-                removed_out: str, previous: str | None) -> dict[str, Any]:
+def _write_file(
+    job: FileJob,
+    parts: Sequence[tuple[str, int, int]],
+    matches: Matches | None,
+    kept_out: str,
+    removed_out: str,
+    previous: str | None,
+) -> dict[str, Any]:
     """Write one file's ``deduplicated/`` and ``removed/`` copies (unless the digest is unchanged)."""
     fates = _fates(parts, job, matches)
     kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
@@ -136,9 +146,12 @@ def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], matches: Ma
     schema = source.schema_arrow
     extra = fates.schema.remove(0)  # the added columns, typed as in groups/
     removed_schema = pa.schema(list(schema) + list(extra), metadata=schema.metadata)
-    with atomic_path(kept_out) as tmp_kept, atomic_path(removed_out) as tmp_removed, \
-            pq.ParquetWriter(str(tmp_kept), schema) as keep_w, \
-            pq.ParquetWriter(str(tmp_removed), removed_schema) as rm_w:
+    with (
+        atomic_path(kept_out) as tmp_kept,
+        atomic_path(removed_out) as tmp_removed,
+        pq.ParquetWriter(str(tmp_kept), schema) as keep_w,
+        pq.ParquetWriter(str(tmp_removed), removed_schema) as rm_w,
+    ):
         at = 0
         for g in range(source.num_row_groups):
             batch = source.read_row_group(g)
@@ -157,18 +170,29 @@ def _write_file(job: FileJob, parts: Sequence[tuple[str, int, int]], matches: Ma
             rm_w.write_table(removed)
             at += n
         if at != job.rows:
-            raise InputError(f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
-                              "the input changed during the run: run again")
+            raise InputError(
+                f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
+                "the input changed during the run: run again"
+            )
     return {"digest": digest, "dropped": int(dropped.size), "written": True}
 
 
-def write_dataset(client: Any, dataset: Dataset, output: Path, manifest: Manifest,
-                  part_starts: np.ndarray, matches: Matches | None = None) -> DatasetWritten:
+def write_dataset(
+    client: Any,
+    dataset: Dataset,
+    *,
+    output: Path,
+    manifest: Manifest,
+    part_starts: np.ndarray,
+    matches: Matches | None = None,
+) -> DatasetWritten:
     """Write ``deduplicated/`` and ``removed/`` from ``groups/``, whose partitions begin at global
     rows ``part_starts``, and the ``--against`` ``matches`` (see the module doc)."""
     ends = [*part_starts[1:].tolist(), dataset.total_rows]
-    groups = [(str(output / "groups" / f"part-{i:05d}.parquet"), int(s), int(e) - int(s))
-              for i, (s, e) in enumerate(zip(part_starts.tolist(), ends, strict=True))]
+    groups = [
+        (str(output / "groups" / f"part-{i:05d}.parquet"), int(s), int(e) - int(s))
+        for i, (s, e) in enumerate(zip(part_starts.tolist(), ends, strict=True))
+    ]
     jobs = file_jobs(dataset)
     previous = manifest.piece_results(STAGE)
     kept_dir, removed_dir = output / "deduplicated", output / "removed"
@@ -182,13 +206,28 @@ def write_dataset(client: Any, dataset: Dataset, output: Path, manifest: Manifes
         results[job.index] = result
         manifest.mark_piece(STAGE, job.index, outputs(job), result)
 
-    run_tasks(client, _write_file, jobs, "dedup_dataset",
-              args=lambda j: (j, [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]], matches,
-                              str(outputs(j)[0]), str(outputs(j)[1]), previous.get(j.index, {}).get("digest")),
-              on_done=done)
+    run_tasks(
+        client,
+        _write_file,
+        jobs,
+        "dedup_dataset",
+        args=lambda j: (
+            j,
+            [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]],
+            matches,
+            str(outputs(j)[0]),
+            str(outputs(j)[1]),
+            previous.get(j.index, {}).get("digest"),
+        ),
+        on_done=done,
+    )
     manifest.finish_stage(STAGE, {})
     written = sum(1 for r in results.values() if r["written"])
     summary = DatasetWritten(written, len(results) - written, int(sum(r["dropped"] for r in results.values())))
-    log.info("deduplicated/: %d file(s) written, %d unchanged; removed/: %d row(s)", summary.files_written,
-             summary.files_unchanged, summary.rows_removed)
+    log.info(
+        "deduplicated/: %d file(s) written, %d unchanged; removed/: %d row(s)",
+        summary.files_written,
+        summary.files_unchanged,
+        summary.rows_removed,
+    )
     return summary

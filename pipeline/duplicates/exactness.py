@@ -33,8 +33,9 @@ def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metr
     return rows[keep], cols[keep], scores[keep]
 
 
-def _exact_pairs_piece(store: RowStore, piece: int, q_rows: np.ndarray, q: np.ndarray, threshold: float,
-                       metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+def _exact_pairs_piece(
+    store: RowStore, piece: int, q_rows: np.ndarray, q: np.ndarray, threshold: float, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
     with worker_device():
         i, j, _ = exact_pairs(q, store.vectors(piece), threshold, metric)
     j = j + int(store.starts[piece])
@@ -46,13 +47,20 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
     """Every (sampled row, other row) pair whose exact score passes the threshold, by range search
     over every stored piece on the workers."""
     q = store.gather_vectors(rows)
-    parts = client.gather([client.submit(_exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric,
-                                         key=task_key("pair_recall")) for p in range(len(store.starts))])
+    parts = client.gather(
+        [
+            client.submit(
+                _exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric, key=task_key("pair_recall")
+            )
+            for p in range(len(store.starts))
+        ]
+    )
     return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
 
 
-def pair_recall(client: Any, plan: DedupPlan, store: RowStore, output: Path, queries: int, seed: int,
-                adj_starts: np.ndarray) -> PairRecall:
+def pair_recall(
+    client: Any, plan: DedupPlan, *, store: RowStore, output: Path, queries: int, seed: int, adj_starts: np.ndarray
+) -> PairRecall:
     """Share of the exact above-threshold pairs of sampled rows that the dedup found.
 
     Exact pairs come from range search over every stored piece (on the workers); found pairs are

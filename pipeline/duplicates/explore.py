@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -18,8 +19,16 @@ from pipeline.shuffle.edges import Part, make_parts, map_edges, part_starts, pas
 __all__ = ["explore", "map_part"]
 
 
-def map_part(part: Part, knn_dir: Path, starts: np.ndarray, out: str, metric: Metric, threshold: float,
-             wide_dir: Path | None = None, range_dir: Path | None = None) -> dict[str, int]:
+def map_part(
+    part: Part,
+    knn_dir: Path,
+    starts: np.ndarray,
+    out: str,
+    metric: Metric,
+    threshold: float,
+    wide_dir: Path | None = None,
+    range_dir: Path | None = None,
+) -> dict[str, int]:
     """Map one partition's lists (and their widened lists and range pairs) to above-threshold
     edges by source row."""
     paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
@@ -48,8 +57,9 @@ def rows_dropped(a: np.ndarray, b: np.ndarray) -> int:
     return int(nodes.size - n_components)
 
 
-def explore(client: object, plan: DedupPlan, dataset: Dataset, output: Path, thresholds: Sequence[float], k: int,
-            budget: int) -> tuple[ExploreRow, ...]:
+def explore(
+    client: Any, plan: DedupPlan, *, dataset: Dataset, output: Path, thresholds: Sequence[float], k: int, budget: int
+) -> tuple[ExploreRow, ...]:
     """Pairs and rows dropped (components mode) at each threshold, from one join.
 
     The pairs at the loosest threshold are shuffled and symmetrised like a real run, then counted
@@ -62,10 +72,11 @@ def explore(client: object, plan: DedupPlan, dataset: Dataset, output: Path, thr
     parts = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
     starts = part_starts(parts)
     maps = [str(work / f"from-{p.index:05d}") for p in parts]
-    submit = client.submit  # type: ignore[attr-defined]
-    gather = client.gather  # type: ignore[attr-defined]
-    gather([submit(map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False)
-            for p in parts])
+    submit = client.submit
+    gather = client.gather
+    gather(
+        [submit(map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False) for p in parts]
+    )
     pairs = gather([submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in parts])
     discard(work)
     a, b, s = (np.concatenate([p[i] for p in pairs]) for i in range(3))

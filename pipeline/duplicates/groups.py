@@ -66,13 +66,22 @@ log = logging.getLogger(__name__)
 
 EXAMPLES_PER_BAND = 3
 MIN_ROOM = 1 << 20  # list entries a widening task may always add (~42 MiB of shuffled edges)
-STAGES = ("dedup_keep", "dedup_widen", "dedup_map", "dedup_pairs", "dedup_components", "dedup_members",
-          "dedup_assign", "dedup_groups")
+STAGES = (
+    "dedup_keep",
+    "dedup_widen",
+    "dedup_map",
+    "dedup_pairs",
+    "dedup_components",
+    "dedup_members",
+    "dedup_assign",
+    "dedup_groups",
+)
 
 
 # pairs --------------------------------------------------------------------------------------------
-def _pairs_task(map_dirs: Sequence[str], piece: int, plan: DedupPlan, store: RowStore, adj: str, pairs: str,
-                seed: int) -> dict[str, Any]:
+def _pairs_task(
+    map_dirs: Sequence[str], piece: int, plan: DedupPlan, store: RowStore, adj: str, pairs: str, seed: int
+) -> dict[str, Any]:
     src, dst, score, _ = reduce_edges(map_dirs, piece, plan.metric, "symmetric")
     write_edges(adj, src, dst, score)
     one = src < dst
@@ -103,12 +112,17 @@ def _members_map(adj: str, labels_dir: str, starts: np.ndarray, piece: int, memb
     write_partitioned(members, np.searchsorted(starts, lab, side="right") - 1, n, {"label": lab, "row": rows})
     one = src < dst
     plab = labels[src[one] - lo]
-    write_partitioned(pair_dir, np.searchsorted(starts, plab, side="right") - 1, n,
-                      {"label": plab, "a": src[one], "b": dst[one], "score": score[one]})
+    write_partitioned(
+        pair_dir,
+        np.searchsorted(starts, plab, side="right") - 1,
+        n,
+        {"label": plab, "a": src[one], "b": dst[one], "score": score[one]},
+    )
 
 
-def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: Metric
-                       ) -> np.ndarray:
+def _exact_pair_scores(
+    store: RowStore, rows: np.ndarray, x: np.ndarray, other: np.ndarray, metric: Metric
+) -> np.ndarray:
     if not rows.size:
         return np.zeros(0, np.float32)
     y = store.gather_vectors(other)
@@ -116,8 +130,9 @@ def _exact_pair_scores(store: RowStore, rows: np.ndarray, x: np.ndarray, other: 
         return be.exact_scores(x, y[:, None, :], metric)[:, 0]
 
 
-def _groups_task(assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store: RowStore, groups: str,
-                 kept_path: str) -> int:
+def _groups_task(
+    assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store: RowStore, groups: str, kept_path: str
+) -> int:
     a = read_partition(assign_dirs, part.index, ("row", "rep", "kept"))
     rows = np.arange(part.start, part.start + part.rows, dtype=np.int64)
     rep = rows.copy()
@@ -131,10 +146,15 @@ def _groups_task(assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store:
     if linked.size:
         x = store.gather_vectors(rows[linked])
         score[linked] = _exact_pair_scores(store, linked, x, rep[linked], plan.metric)
-    table = pa.table({
-        "id": ids, "group_id": pa.array(rep), "representative_id": store.gather_ids(rep),
-        "is_kept": pa.array(kept), "score_to_representative": pa.array(score, mask=rep == rows),
-    })
+    table = pa.table(
+        {
+            "id": ids,
+            "group_id": pa.array(rep),
+            "representative_id": store.gather_ids(rep),
+            "is_kept": pa.array(kept),
+            "score_to_representative": pa.array(score, mask=rep == rows),
+        }
+    )
     with atomic_path(groups) as tmp:
         pq.write_table(table, str(tmp))
     with atomic_path(kept_path) as tmp:
@@ -154,14 +174,17 @@ def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
     """Changed dedup settings regroup from the existing join: every dedup stage is redone."""
     params = {"threshold": plan.threshold, "mode": plan.mode, "keep_by": plan.keep_by, "keep_order": plan.keep_order}
     if manifest.stage_info("dedup_params") not in (None, params):
-        log.info("dedup settings changed (%s): regrouping from the existing join",
-                 ", ".join(f"{k}={v}" for k, v in params.items()))
+        log.info(
+            "dedup settings changed (%s): regrouping from the existing join",
+            ", ".join(f"{k}={v}" for k, v in params.items()),
+        )
         _clear(manifest, output, STAGES, ["_dedup", "pairs", "groups", "kept"])  # deduplicated/: by digest
     manifest.finish_stage("dedup_params", params)
 
 
-def _partitions(dataset: Dataset, output: Path, manifest: Manifest, budget: int,
-                entries: dict[int, int]) -> tuple[list[Part], Path | None]:
+def _partitions(
+    dataset: Dataset, output: Path, manifest: Manifest, budget: int, entries: dict[int, int]
+) -> tuple[list[Part], Path | None]:
     """The shuffle partitions: consecutive pieces whose list entries (``entries`` per piece: the
     join's lists, longer lists and range pairs) fit ``budget`` bytes of edges. A grown input keeps
     the first run's grouping; its new pieces are mapped and the partitions reduced again.
@@ -198,13 +221,28 @@ def _examples(plan: DedupPlan, pair_stats: dict[int, Any]) -> tuple[DedupExample
         if len(by_band.setdefault(e["band"], [])) < EXAMPLES_PER_BAND:
             by_band[e["band"]].append(e)
     lows = bands(plan)
-    return tuple(DedupExample(e["band"], e["row_a"], e["row_b"], e["score"], lows[e["band"]])
-                 for b in sorted(by_band) for e in by_band[b])
+    return tuple(
+        DedupExample(e["band"], e["row_a"], e["row_b"], e["score"], lows[e["band"]])
+        for b in sorted(by_band)
+        for e in by_band[b]
+    )
 
 
-def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                 seed: int, k: int, budget: int, search: SearchPlan,
-                 pair_nprobe: int | None = None, room_bytes: int | None = None) -> tuple[DedupResult, np.ndarray]:
+def dedup_stages(
+    client: Any,
+    plan: DedupPlan,
+    dataset: Dataset,
+    store: RowStore,
+    output: Path,
+    manifest: Manifest,
+    *,
+    seed: int,
+    k: int,
+    budget: int,
+    search: SearchPlan,
+    pair_nprobe: int | None = None,
+    room_bytes: int | None = None,
+) -> tuple[DedupResult, np.ndarray]:
     """Pairs, components and groups for the self-join in ``output``.
 
     Returns the dedup summary and the first rows of the shuffle partitions (which hold the pairs).
@@ -228,10 +266,27 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
     # list entries one piece's widening may hold, for the shuffle that later holds them (at least MIN_ROOM)
     room = max(budget, room_bytes or 0) // (2 * EDGE_BYTES)
     widen_stats: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_widen", dataset.pieces, widen_piece,
-              lambda p: (search, store, p, output / "knn", str(knn_path(wide_dir, p.index)), plan.threshold, cap,
-                         pair_nprobe, str(knn_path(range_dir, p.index)), max(MIN_ROOM, room - p.rows * k)),
-              lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)], widen_stats)
+    run_stage(
+        client,
+        manifest,
+        "dedup_widen",
+        items=dataset.pieces,
+        fn=widen_piece,
+        args=lambda p: (
+            search,
+            store,
+            p,
+            output / "knn",
+            str(knn_path(wide_dir, p.index)),
+            plan.threshold,
+            cap,
+            pair_nprobe,
+            str(knn_path(range_dir, p.index)),
+            max(MIN_ROOM, room - p.rows * k),
+        ),
+        files=lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)],
+        results=widen_stats,
+    )
     entries = {p.index: widen_stats.get(p.index, {}).get("entries", p.rows * k) for p in dataset.pieces}
     parts, warm = _partitions(dataset, output, manifest, budget, entries)
     starts = part_starts(parts)
@@ -247,65 +302,138 @@ def dedup_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore
         log.info("%d rows with a pair searched again with nprobe=%s", widened - full, pair_nprobe)
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]
     map_stats: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_map", parts, map_part,
-              lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir, range_dir),
-              lambda p: [Path(maps[p.index]) / "bounds.npy"], map_stats)
+    run_stage(
+        client,
+        manifest,
+        "dedup_map",
+        items=parts,
+        fn=map_part,
+        args=lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir, range_dir),
+        files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
+        results=map_stats,
+    )
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_stats: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_pairs", parts, _pairs_task,
-              lambda p: (maps, p.index, plan, store, adj[p.index], pair_out[p.index], seed),
-              lambda p: [adj[p.index], pair_out[p.index]], pair_stats)
+    run_stage(
+        client,
+        manifest,
+        "dedup_pairs",
+        items=parts,
+        fn=_pairs_task,
+        args=lambda p: (maps, p.index, plan, store, adj[p.index], pair_out[p.index], seed),
+        files=lambda p: [adj[p.index], pair_out[p.index]],
+        results=pair_stats,
+    )
 
     labels_dir = work / "components" / "labels"
     if manifest.stage_info("dedup_components") is None or not labels_dir.exists():
-        labels_dir = connected_components(client, adj, starts, n, work / "components",
-                                          warm if warm is not None and warm.exists() else None)
+        labels_dir = connected_components(
+            client,
+            adj,
+            starts=starts,
+            total=n,
+            work_dir=work / "components",
+            warm=warm if warm is not None and warm.exists() else None,
+        )
         manifest.finish_stage("dedup_components", {"labels": str(labels_dir)})
-    size_parts, dropped = _group_stages(client, plan, dataset, store, output, manifest, parts, adj, labels_dir,
-                                        keys_dir)
+    size_parts, dropped = _group_stages(
+        client, plan, dataset, store, output, manifest, parts, adj, labels_dir, keys_dir
+    )
 
     sizes = merge_histograms(list(size_parts.values()))
     rows_dropped = int(sum(dropped.values()))
     saturated = int(sum(s["saturated"] for s in map_stats.values()))
     if saturated:
-        log.warning("%d rows still had every neighbour in their list above the threshold (the list was cut at %d, "
-                    "or at what partition_size lets the shuffle hold): they may have more duplicates; those groups "
-                    "can be incomplete", saturated, cap)
+        log.warning(
+            "%d rows still had every neighbour in their list above the threshold (the list was cut at %d, "
+            "or at what partition_size lets the shuffle hold): they may have more duplicates; those groups "
+            "can be incomplete",
+            saturated,
+            cap,
+        )
     result = DedupResult(
-        threshold=plan.threshold, mode=plan.mode, metric=plan.metric, keep_by=plan.keep_by,
-        keep_order=plan.keep_order if plan.keep_by else None, rows_in=n,
-        pairs=int(sum(r["pairs"] for r in pair_stats.values())), groups=int(sum(sizes.values())),
-        rows_in_groups=int(sum(s * c for s, c in sizes.items())), rows_dropped=rows_dropped,
-        rows_kept=n - rows_dropped, group_sizes={str(k): v for k, v in sizes.items()}, saturated_rows=saturated,
-        searched_again=widened, examples=_examples(plan, pair_stats), pair_nprobe=pair_nprobe,
+        threshold=plan.threshold,
+        mode=plan.mode,
+        metric=plan.metric,
+        keep_by=plan.keep_by,
+        keep_order=plan.keep_order if plan.keep_by else None,
+        rows_in=n,
+        pairs=int(sum(r["pairs"] for r in pair_stats.values())),
+        groups=int(sum(sizes.values())),
+        rows_in_groups=int(sum(s * c for s, c in sizes.items())),
+        rows_dropped=rows_dropped,
+        rows_kept=n - rows_dropped,
+        group_sizes={str(k): v for k, v in sizes.items()},
+        saturated_rows=saturated,
+        searched_again=widened,
+        examples=_examples(plan, pair_stats),
+        pair_nprobe=pair_nprobe,
         outputs={d: str(output / d) for d in ("groups", "kept", "pairs")},
     )
     return result, starts
 
 
-def _group_stages(client: Any, plan: DedupPlan, dataset: Dataset, store: RowStore, output: Path, manifest: Manifest,
-                  parts: list[Part], adj: list[str], labels_dir: Path,
-                  keys_dir: Path | None) -> tuple[dict[int, Any], dict[int, Any]]:
+def _group_stages(
+    client: Any,
+    plan: DedupPlan,
+    dataset: Dataset,
+    store: RowStore,
+    output: Path,
+    manifest: Manifest,
+    parts: list[Part],
+    adj: list[str],
+    labels_dir: Path,
+    keys_dir: Path | None,
+) -> tuple[dict[int, Any], dict[int, Any]]:
     """Members and pairs shuffled by component, representatives chosen, ``groups/`` and ``kept/``
     written. Returns the group-size histograms and the rows dropped, per partition."""
     work = output / "_dedup"
     starts = part_starts(parts)
     members = [str(work / "members" / f"from-{p.index:05d}") for p in parts]
     linked = [str(work / "linked" / f"from-{p.index:05d}") for p in parts]
-    run_stage(client, manifest, "dedup_members", parts, _members_map,
-              lambda p: (adj[p.index], str(labels_dir), starts, p.index, members[p.index], linked[p.index]),
-              lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"])
+    run_stage(
+        client,
+        manifest,
+        "dedup_members",
+        items=parts,
+        fn=_members_map,
+        args=lambda p: (adj[p.index], str(labels_dir), starts, p.index, members[p.index], linked[p.index]),
+        files=lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"],
+    )
     assign = [str(work / "assign" / f"from-{p.index:05d}") for p in parts]
     size_parts: dict[int, Any] = {}
-    run_stage(client, manifest, "dedup_assign", parts, choose_task,
-              lambda p: (members, linked, p.index, plan, store, str(keys_dir) if keys_dir else None,
-                         dataset.starts, starts, assign[p.index]),
-              lambda p: [Path(assign[p.index]) / "bounds.npy"], size_parts)
+    run_stage(
+        client,
+        manifest,
+        "dedup_assign",
+        items=parts,
+        fn=choose_task,
+        args=lambda p: (
+            members,
+            linked,
+            p.index,
+            plan,
+            store,
+            str(keys_dir) if keys_dir else None,
+            dataset.starts,
+            starts,
+            assign[p.index],
+        ),
+        files=lambda p: [Path(assign[p.index]) / "bounds.npy"],
+        results=size_parts,
+    )
     dropped: dict[int, Any] = {}
     groups = [output / "groups" / f"part-{p.index:05d}.parquet" for p in parts]
     kept = [output / "kept" / f"part-{p.index:05d}.parquet" for p in parts]
-    run_stage(client, manifest, "dedup_groups", parts, _groups_task,
-              lambda p: (assign, p, plan, store, str(groups[p.index]), str(kept[p.index])),
-              lambda p: [groups[p.index], kept[p.index]], dropped)
+    run_stage(
+        client,
+        manifest,
+        "dedup_groups",
+        items=parts,
+        fn=_groups_task,
+        args=lambda p: (assign, p, plan, store, str(groups[p.index]), str(kept[p.index])),
+        files=lambda p: [groups[p.index], kept[p.index]],
+        results=dropped,
+    )
     return size_parts, dropped

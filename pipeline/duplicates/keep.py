@@ -23,8 +23,9 @@ from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
 __all__ = ["choose_task", "greedy"]
 
 
-def _ranking(rows: np.ndarray, labels: np.ndarray, store: RowStore, keys_dir: str | None, starts: np.ndarray,
-             keep_order: str) -> np.ndarray:
+def _ranking(
+    rows: np.ndarray, labels: np.ndarray, store: RowStore, keys_dir: str | None, starts: np.ndarray, keep_order: str
+) -> np.ndarray:
     """Order of ``rows``: by component, then keep priority (keep_by value, then the smallest id)."""
     cols: dict[str, Any] = {"label": pa.array(labels), "id": store.gather_ids(rows), "row": pa.array(rows)}
     sort = [("label", "ascending")]
@@ -60,15 +61,24 @@ def greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: Me
     return rep, kept
 
 
-def choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: int, plan: DedupPlan,
-                 store: RowStore, keys_dir: str | None, piece_starts: np.ndarray, starts: np.ndarray,
-                 assign: str) -> dict[int, int]:
+def choose_task(
+    member_dirs: Sequence[str],
+    pair_dirs: Sequence[str],
+    piece: int,
+    plan: DedupPlan,
+    store: RowStore,
+    keys_dir: str | None,
+    piece_starts: np.ndarray,
+    starts: np.ndarray,
+    assign: str,
+) -> dict[int, int]:
     """Representatives (and kept rows) of the components labelled in this partition."""
     m = read_partition(member_dirs, piece, ("label", "row"))
     rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
     if rows.size == 0:
-        write_partitioned(assign, np.zeros(0, np.int64), len(starts),
-                          {"row": rows, "rep": rows, "kept": np.zeros(0, bool)})
+        write_partitioned(
+            assign, np.zeros(0, np.int64), len(starts), {"row": rows, "rep": rows, "kept": np.zeros(0, bool)}
+        )
         return {}
     order = _ranking(rows, labels, store, keys_dir, piece_starts, plan.keep_order)
     rows, labels = rows[order], labels[order]
@@ -86,6 +96,7 @@ def choose_task(member_dirs: Sequence[str], pair_dirs: Sequence[str], piece: int
         rep = rows[rep_rank]
     _, sizes = np.unique(rep, return_counts=True)
     values, counts = np.unique(sizes, return_counts=True)
-    write_partitioned(assign, np.searchsorted(starts, rows, side="right") - 1, len(starts),
-                      {"row": rows, "rep": rep, "kept": kept})
+    write_partitioned(
+        assign, np.searchsorted(starts, rows, side="right") - 1, len(starts), {"row": rows, "rep": rep, "kept": kept}
+    )
     return {int(v): int(c) for v, c in zip(values, counts)}

@@ -49,8 +49,9 @@ def _lists(plan: SearchPlan, store: RowStore, rows: np.ndarray) -> tuple[np.ndar
     out_scores = np.full((rows.size, plan.k), np.nan, dtype=np.float32)
     for lo in range(0, rows.size, 256):
         q_rows = rows[lo : lo + 256]
-        offsets, sc, nbr = search_batch(index, plan, store.gather_vectors(q_rows), q_rows, store.gather_ids(q_rows),
-                                        store)
+        offsets, sc, nbr = search_batch(
+            index, plan, store.gather_vectors(q_rows), q_rows, store.gather_ids(q_rows), store
+        )
         to_padded(out_rows, out_scores, lo, offsets, nbr, sc)
     return out_rows, out_scores
 
@@ -62,8 +63,9 @@ def _full(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: Metric
     return (rows[:, -1] >= 0) & passes(scores[:, -1], threshold, metric)
 
 
-def _to_search(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: Metric,
-               linked_too: bool) -> tuple[np.ndarray, np.ndarray]:
+def _to_search(
+    rows: np.ndarray, scores: np.ndarray, threshold: float, metric: Metric, linked_too: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """Which rows of the join's lists are searched again: (saturated, picked) masks. Saturated rows
     always; rows with any neighbour past the threshold too when ``linked_too``."""
     full = _full(rows, scores, threshold, metric)
@@ -72,9 +74,16 @@ def _to_search(rows: np.ndarray, scores: np.ndarray, threshold: float, metric: M
     return full, full | ((rows >= 0) & passes(scores, threshold, metric)).any(axis=1)
 
 
-def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated: np.ndarray, threshold: float,
-                 cap: int, nprobe: int | None, budget: int | None = None
-                 ) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray, int]:
+def search_again(
+    plan: SearchPlan,
+    store: RowStore,
+    rows: np.ndarray,
+    saturated: np.ndarray,
+    threshold: float,
+    cap: int,
+    nprobe: int | None,
+    budget: int | None = None,
+) -> tuple[dict[int, tuple[np.ndarray, np.ndarray]], int, np.ndarray, int]:
     """Lists for ``rows`` under ``nprobe``: the join's ``k`` neighbours for linked rows, 4x that
     for ``saturated`` ones, growing 4x while a list is still full, up to ``cap``, holding at most
     ``budget`` list entries (rows that would pass it keep their last list). Returns the lists by
@@ -107,8 +116,9 @@ def search_again(plan: SearchPlan, store: RowStore, rows: np.ndarray, saturated:
     return found, longest, np.concatenate(at_cap), held
 
 
-def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: Metric,
-                budget: int | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def range_pairs(
+    store: RowStore, rows: np.ndarray, threshold: float, metric: Metric, budget: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every other row whose exact score with one of ``rows`` passes the threshold: FAISS's range
     search over each stored piece in turn (no cap on how many per row). Rows are taken 256 at a
     time until ``budget`` pairs are held. Returns (src, dst, score, the rows not searched)."""
@@ -131,9 +141,18 @@ def range_pairs(store: RowStore, rows: np.ndarray, threshold: float, metric: Met
     return np.concatenate(src), np.concatenate(dst), np.concatenate(score), rows[:0]
 
 
-def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, out: str, threshold: float,
-                cap: int, pair_nprobe: int | None = None, range_out: str | None = None,
-                budget: int | None = None) -> dict[str, int]:
+def widen_piece(
+    plan: SearchPlan,
+    store: RowStore,
+    piece: Piece,
+    knn_dir: Path,
+    out: str,
+    threshold: float,
+    cap: int,
+    pair_nprobe: int | None = None,
+    range_out: str | None = None,
+    budget: int | None = None,
+) -> dict[str, int]:
     """Search this piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
     the longer lists, with their rows, to ``out``, one block per width. With ``range_out``, rows
     still full at ``cap`` get every pair past the threshold by exact range search, written there as
@@ -142,8 +161,9 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
     rows, scores = read_knn(knn_path(knn_dir, piece.index))
     full, pick = _to_search(rows, scores, threshold, plan.metric, pair_nprobe is not None)
     todo = piece.start + np.flatnonzero(pick)
-    found, width, still, held = search_again(plan, store, todo, full[pick], threshold, cap,
-                                             pair_nprobe if pair_nprobe is not None else plan.nprobe, budget)
+    found, width, still, held = search_again(
+        plan, store, todo, full[pick], threshold, cap, pair_nprobe if pair_nprobe is not None else plan.nprobe, budget
+    )
     capped, n_range = still, 0
     if range_out is not None:
         room = None if budget is None else max(0, budget - held)
@@ -156,15 +176,27 @@ def widen_piece(plan: SearchPlan, store: RowStore, piece: Piece, knn_dir: Path, 
     blocks = []
     for w, members in sorted(by_width.items()):
         src = np.array(sorted(members), dtype=np.int64)
-        blocks.append((src, np.stack([found[r][0] for r in src.tolist()]).reshape(src.size, w),
-                       np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w)))
+        blocks.append(
+            (
+                src,
+                np.stack([found[r][0] for r in src.tolist()]).reshape(src.size, w),
+                np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w),
+            )
+        )
     write_knn_blocks(out, blocks)
-    return {"rows": len(found), "saturated": int(full.sum()), "at_cap": int(still.size),
-            "capped": int(capped.size), "width": int(width), "entries": int(rows.size + held + n_range)}
+    return {
+        "rows": len(found),
+        "saturated": int(full.sum()),
+        "at_cap": int(still.size),
+        "capped": int(capped.size),
+        "width": int(width),
+        "entries": int(rows.size + held + n_range),
+    }
 
 
-def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int,
-                 nprobe: int | None) -> set[tuple[int, int]]:
+def _pairs_found(
+    plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int, nprobe: int | None
+) -> set[tuple[int, int]]:
     """The above-threshold pairs the sampled rows' own searches find: the join's list, then the
     re-search of saturated and linked rows under ``nprobe`` (as :func:`widen_piece` does)."""
     lr, ls = _lists(plan, store, rows)
@@ -181,8 +213,16 @@ def _pairs_found(plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold:
     return pairs
 
 
-def _walk_pairs(plan: SearchPlan, store: RowStore, rows: np.ndarray, exact: set[tuple[int, int]], threshold: float,
-                cap: int, probes: list[int | None], target: float) -> list[tuple[int | None, float]]:
+def _walk_pairs(
+    plan: SearchPlan,
+    store: RowStore,
+    rows: np.ndarray,
+    exact: set[tuple[int, int]],
+    threshold: float,
+    cap: int,
+    probes: list[int | None],
+    target: float,
+) -> list[tuple[int | None, float]]:
     curve = []
     for nprobe in probes:
         found = _pairs_found(plan, store, rows, threshold, cap, nprobe)
@@ -192,8 +232,9 @@ def _walk_pairs(plan: SearchPlan, store: RowStore, rows: np.ndarray, exact: set[
     return curve
 
 
-def tune_pair_nprobe(client: Any, dplan: DedupPlan, search: SearchPlan, store: RowStore, nlist: int | None, seed: int,
-                     target: float) -> tuple[int | None, list[tuple[int | None, float]]]:
+def tune_pair_nprobe(
+    client: Any, dplan: DedupPlan, search: SearchPlan, *, store: RowStore, nlist: int | None, seed: int, target: float
+) -> tuple[int | None, list[tuple[int | None, float]]]:
     """The fewest inverted lists (``nprobe`` >= the join's) whose re-search of linked rows finds
     ``target`` of a row sample's exact above-threshold pairs; None when the join's suffices (or
     there is nothing to tune: exact search, no lists, no pairs in the sample). Also the curve."""
@@ -206,10 +247,12 @@ def tune_pair_nprobe(client: Any, dplan: DedupPlan, search: SearchPlan, store: R
         return None, []
     cap = min(WIDEN_MAX, store.total_rows - 1)
     probes = [p for p in probe_steps(nlist) if p is not None and p >= search.nprobe]
-    curve = client.submit(_walk_pairs, search, store, rows, exact, dplan.threshold, cap, probes, target,
-                          key=task_key("pair_tuning")).result()
+    curve = client.submit(
+        _walk_pairs, search, store, rows, exact, dplan.threshold, cap, probes, target, key=task_key("pair_tuning")
+    ).result()
     nprobe, reached = curve[-1]
     if reached < target:
-        log.warning("dedup: even nprobe=%s finds only %.4f of the sampled rows' pairs (target %.2f)", nprobe,
-                    reached, target)
+        log.warning(
+            "dedup: even nprobe=%s finds only %.4f of the sampled rows' pairs (target %.2f)", nprobe, reached, target
+        )
     return (None if nprobe == search.nprobe else nprobe), curve

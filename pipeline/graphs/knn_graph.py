@@ -98,8 +98,9 @@ def _kth_distances(path: str, limit: int, seed: int) -> np.ndarray:
     return last[pick]
 
 
-def _reduce_task(map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: RowStore, edges: str, adj: str | None,
-                 nodes: str) -> dict[str, Any]:
+def _reduce_task(
+    map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: RowStore, edges: str, adj: str | None, nodes: str
+) -> dict[str, Any]:
     src, dst, score, flags = reduce_edges(map_dirs, piece.index, plan.metric, "symmetric")
     if adj is not None:  # directed graphs: components are taken on the undirected version
         write_edges(adj, src, dst, score)
@@ -110,8 +111,11 @@ def _reduce_task(map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: R
         rows = pa.array(np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
         ids = pa.concat_arrays([store.ids(p) for p in piece.pieces])
         pq.write_table(pa.table({"row": rows, "id": ids}), str(tmp))
-    return {"edges": int(src.size), "mutual": int((flags == FORWARD | REVERSE).sum()),
-            "degrees": degree_histogram(src, piece.start, piece.rows)}
+    return {
+        "edges": int(src.size),
+        "mutual": int((flags == FORWARD | REVERSE).sum()),
+        "degrees": degree_histogram(src, piece.start, piece.rows),
+    }
 
 
 # streaming .npz ---------------------------------------------------------------------------------
@@ -158,13 +162,16 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
         for e in edge_paths:
             yield pq.read_table(e, columns=[name]).column(0).to_numpy()
 
-    write_npz_stream(path, [
-        ("indices", np.dtype(index_type), (nnz,), column("dst")),
-        ("indptr", np.dtype(index_type), (n + 1,), indptr()),
-        ("format", np.dtype("S3"), (), [np.array(b"csr")]),
-        ("shape", np.dtype(np.int64), (2,), [np.array([n, n])]),
-        ("data", np.dtype(np.float32), (nnz,), column("weight")),
-    ])
+    write_npz_stream(
+        path,
+        [
+            ("indices", np.dtype(index_type), (nnz,), column("dst")),
+            ("indptr", np.dtype(index_type), (n + 1,), indptr()),
+            ("format", np.dtype("S3"), (), [np.array(b"csr")]),
+            ("shape", np.dtype(np.int64), (2,), [np.array([n, n])]),
+            ("data", np.dtype(np.float32), (nnz,), column("weight")),
+        ],
+    )
 
 
 def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: int, metric: Metric) -> None:
@@ -179,13 +186,27 @@ def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: i
                 d = np.where(rows >= 0, np.maximum(d, 0.0), np.inf)
                 yield np.hstack([np.zeros((p.rows, 1), np.float32), d.astype(np.float32)])
 
-    write_npz_stream(path, [("knn_indices", np.dtype(np.int64), (n, k + 1), parts("knn_indices")),
-                            ("knn_dists", np.dtype(np.float32), (n, k + 1), parts("knn_dists"))])
+    write_npz_stream(
+        path,
+        [
+            ("knn_indices", np.dtype(np.int64), (n, k + 1), parts("knn_indices")),
+            ("knn_dists", np.dtype(np.float32), (n, k + 1), parts("knn_dists")),
+        ],
+    )
 
 
 # the stages -------------------------------------------------------------------------------------
-def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: RowStore, output: Path,
-                 manifest: Manifest, seed: int, budget: int) -> tuple[GraphResult, np.ndarray]:
+def graph_stages(
+    client: Any,
+    plan: GraphPlan,
+    pieces: Sequence[Piece],
+    store: RowStore,
+    output: Path,
+    manifest: Manifest,
+    *,
+    seed: int,
+    budget: int,
+) -> tuple[GraphResult, np.ndarray]:
     """Edges, nodes, CSR, umap arrays and the graph summary for the self-join in ``output``.
 
     Returns the summary and the first rows of the shuffle partitions (which hold the edges).
@@ -205,27 +226,64 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
             discard(output / d)
     manifest.finish_stage("graph_params", params)
     if plan.weight == "gaussian" and plan.kernel_width is None:
-        kth = np.concatenate(client.gather([client.submit(_kth_distances, str(knn_path(knn_dir, p.index)),
-                                                          max(1, 100_000 // len(pieces)), seed, key=task_key("graph"))
-                                            for p in pieces]))
+        kth = np.concatenate(
+            client.gather(
+                [
+                    client.submit(
+                        _kth_distances,
+                        str(knn_path(knn_dir, p.index)),
+                        max(1, 100_000 // len(pieces)),
+                        seed,
+                        key=task_key("graph"),
+                    )
+                    for p in pieces
+                ]
+            )
+        )
         width = float(np.median(distances(kth, plan.metric))) if kth.size else 1.0
         plan = GraphPlan(plan.mode, plan.metric, plan.k, plan.min_score, plan.weight, max(width, 1e-6))
         log.info("gaussian kernel width %.4g: the median distance to the k-th neighbour", plan.kernel_width)
 
     work = output / "_graph"
     maps = [str(work / "map" / f"from-{p.index:05d}") for p in parts]
-    run_stage(client, manifest, "graph_map", parts, map_edges,
-              lambda p: ([str(knn_path(knn_dir, i)) for i in p.pieces], p.start, starts, maps[p.index], plan.metric,
-                         plan.min_score),
-              lambda p: [Path(maps[p.index]) / "bounds.npy"])
+    run_stage(
+        client,
+        manifest,
+        "graph_map",
+        items=parts,
+        fn=map_edges,
+        args=lambda p: (
+            [str(knn_path(knn_dir, i)) for i in p.pieces],
+            p.start,
+            starts,
+            maps[p.index],
+            plan.metric,
+            plan.min_score,
+        ),
+        files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
+    )
     edges = [str(output / "edges" / f"part-{p.index:05d}.parquet") for p in parts]
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts] if plan.mode == "directed" else edges
     nodes = [str(output / "nodes" / f"part-{p.index:05d}.parquet") for p in parts]
     stats: dict[int, Any] = {}
-    run_stage(client, manifest, "graph_reduce", parts, _reduce_task,
-              lambda p: (maps, p, plan, store, edges[p.index], adj[p.index] if plan.mode == "directed" else None,
-                         nodes[p.index]),
-              lambda p: [edges[p.index], nodes[p.index]] + ([adj[p.index]] if plan.mode == "directed" else []), stats)
+    run_stage(
+        client,
+        manifest,
+        "graph_reduce",
+        items=parts,
+        fn=_reduce_task,
+        args=lambda p: (
+            maps,
+            p,
+            plan,
+            store,
+            edges[p.index],
+            adj[p.index] if plan.mode == "directed" else None,
+            nodes[p.index],
+        ),
+        files=lambda p: [edges[p.index], nodes[p.index]] + ([adj[p.index]] if plan.mode == "directed" else []),
+        results=stats,
+    )
     nnz = int(sum(s["edges"] for s in stats.values()))
 
     files = manifest.stage_info("graph_files")
@@ -235,7 +293,7 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
             _write_umap(output / "umap_knn.npz", knn_dir, pieces, n, plan.k, plan.metric)
         else:
             log.warning("umap_knn.npz not written: umap-learn needs distances, and --metric ip gives none")
-        labels = connected_components(client, adj, starts, n, work / "components")
+        labels = connected_components(client, adj, starts=starts, total=n, work_dir=work / "components")
         sizes = component_sizes(client, labels, starts, work / "sizes")
         files = {"component_sizes": {str(s): c for s, c in sizes.items()}}
         manifest.finish_stage("graph_files", files)
@@ -244,13 +302,28 @@ def graph_stages(client: Any, plan: GraphPlan, pieces: Sequence[Piece], store: R
     mutual = int(sum(s["mutual"] for s in stats.values()))
     deg_total = sum(d * c for d, c in degrees.items())
     result = GraphResult(
-        mode=plan.mode, k=plan.k, min_score=plan.min_score, weight=plan.weight, kernel_width=plan.kernel_width,
-        nodes=n, edges=nnz, mutual_share=round(mutual / nnz, 4) if nnz else None,
-        degree=DegreeStats(round(deg_total / max(n, 1), 3), max(degrees) if degrees else 0, degrees.get(0, 0),
-                           {str(d): c for d, c in degrees.items()}),
-        components=int(sum(sizes.values())), largest_component=max(sizes) if sizes else 0,
-        outputs={"edges": str(output / "edges"), "nodes": str(output / "nodes"), "csr": str(output / "graph.npz"),
-                 "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None},
+        mode=plan.mode,
+        k=plan.k,
+        min_score=plan.min_score,
+        weight=plan.weight,
+        kernel_width=plan.kernel_width,
+        nodes=n,
+        edges=nnz,
+        mutual_share=round(mutual / nnz, 4) if nnz else None,
+        degree=DegreeStats(
+            round(deg_total / max(n, 1), 3),
+            max(degrees) if degrees else 0,
+            degrees.get(0, 0),
+            {str(d): c for d, c in degrees.items()},
+        ),
+        components=int(sum(sizes.values())),
+        largest_component=max(sizes) if sizes else 0,
+        outputs={
+            "edges": str(output / "edges"),
+            "nodes": str(output / "nodes"),
+            "csr": str(output / "graph.npz"),
+            "umap": str(output / "umap_knn.npz") if plan.metric != "ip" else None,
+        },
     )
     return result, starts
 

@@ -118,8 +118,7 @@ def _gpu_codes(d: int) -> str:
     return f"PQ{max(fits)}" if fits else "SQ8"
 
 
-def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False,
-                      gpu_free: int = 0) -> str:
+def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0) -> str:
     """The index_factory string used for ``index_key: auto`` (rule in the module docstring).
 
     ``memory_budget`` is one worker's memory: the fast-scan codes live in it, so they are kept to
@@ -194,8 +193,7 @@ def make_encoder(key: str, d: int, metric: Metric) -> faiss.Index:
     return encoder
 
 
-def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False,
-                      gpu_free: int = 0) -> str:
+def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0) -> str:
     """Why :func:`default_index_key` chose what it chose, for the report."""
     key = default_index_key(n, d, memory_budget, gpu, gpu_free)
     if key == "Flat":
@@ -205,32 +203,50 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
         storage = key.split(",")[1]
         free = f"{gpu_free / 2**30:.1f} GiB" if gpu_free else "unknown"
         if storage == "Flat":
-            return (f"auto (GPU): {n:,} rows -> nlist {nlist}; the float32 vectors "
-                    f"({gpu_index_bytes(n, d, nlist, 4) / 2**30:.2f} GiB) fit {GPU_INDEX_SHARE:.0%} of the smallest "
-                    f"free GPU memory ({free}): IVF-Flat on the GPU, exact scores, no re-rank")
+            return (
+                f"auto (GPU): {n:,} rows -> nlist {nlist}; the float32 vectors "
+                f"({gpu_index_bytes(n, d, nlist, 4) / 2**30:.2f} GiB) fit {GPU_INDEX_SHARE:.0%} of the smallest "
+                f"free GPU memory ({free}): IVF-Flat on the GPU, exact scores, no re-rank"
+            )
         if storage == "SQfp16":
-            return (f"auto (GPU): {n:,} rows -> nlist {nlist}; float32 vectors would not fit "
-                    f"{GPU_INDEX_SHARE:.0%} of the smallest free GPU memory ({free}), float16 "
-                    f"({gpu_index_bytes(n, d, nlist, 2) / 2**30:.2f} GiB) does: IVF with float16 storage, no re-rank")
-        return (f"auto (GPU): {n:,} rows -> nlist {nlist}; the vectors do not fit {GPU_INDEX_SHARE:.0%} of the "
-                f"smallest free GPU memory ({free}) even as float16: d={d} -> {storage}, codes the GPU kernels "
-                "search (no fast-scan there); exact re-ranking recovers what the codes miss")
+            return (
+                f"auto (GPU): {n:,} rows -> nlist {nlist}; float32 vectors would not fit "
+                f"{GPU_INDEX_SHARE:.0%} of the smallest free GPU memory ({free}), float16 "
+                f"({gpu_index_bytes(n, d, nlist, 2) / 2**30:.2f} GiB) does: IVF with float16 storage, no re-rank"
+            )
+        return (
+            f"auto (GPU): {n:,} rows -> nlist {nlist}; the vectors do not fit {GPU_INDEX_SHARE:.0%} of the "
+            f"smallest free GPU memory ({free}) even as float16: d={d} -> {storage}, codes the GPU kernels "
+            "search (no fast-scan there); exact re-ranking recovers what the codes miss"
+        )
     if key.endswith(",Flat"):
-        return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest sqrt(n): lists searched list by list "
-                f"take fewer, longer lists); at d > {SQ8_MAX_DIM}, "
-                "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
-                + (f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
-                   if memory_budget else f" (up to {IVF_FLAT_MAX_ROWS:,} rows with the workers' memory unknown)"))
+        return (
+            f"auto: {n:,} rows -> nlist {nlist} (power of two nearest sqrt(n): lists searched list by list "
+            f"take fewer, longer lists); at d > {SQ8_MAX_DIM}, "
+            "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
+            + (
+                f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
+                if memory_budget
+                else f" (up to {IVF_FLAT_MAX_ROWS:,} rows with the workers' memory unknown)"
+            )
+        )
     m = _code_size(n, d, memory_budget)
-    shrunk = (f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
-              if memory_budget and m < d // 2 else "")
+    shrunk = (
+        f", halved from {d // 2} to fit {n:,} codes in half of {memory_budget / 2**30:.1f} GiB per worker"
+        if memory_budget and m < d // 2
+        else ""
+    )
     if d <= SQ8_MAX_DIM:
-        codes = (f"SQ8 ({d} bytes a vector, memory-mapped lists): at d <= {SQ8_MAX_DIM}, 4-bit PQ on 2-d "
-                 "sub-vectors ranks true neighbours too coarsely for the recall target")
+        codes = (
+            f"SQ8 ({d} bytes a vector, memory-mapped lists): at d <= {SQ8_MAX_DIM}, 4-bit PQ on 2-d "
+            "sub-vectors ranks true neighbours too coarsely for the recall target"
+        )
     else:
         codes = f"4-bit fast-scan PQ{m} ({m // 2} bytes a vector{shrunk})" if d % 2 == 0 else "SQ8 (odd d)"
-    return (f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
-            f"list); d={d} -> {codes}; exact re-ranking recovers what the codes miss")
+    return (
+        f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
+        f"list); d={d} -> {codes}; exact re-ranking recovers what the codes miss"
+    )
 
 
 def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
@@ -287,8 +303,11 @@ def _float16_codes(index: faiss.Index) -> bool:
     ivf = ivf_of(index)
     inner: Any = faiss.downcast_index(ivf) if ivf is not None else None
     sq = getattr(inner, "sq", None)
-    return sq is not None and int(sq.qtype) == int(faiss.ScalarQuantizer.QT_fp16) and not isinstance(
-        index, faiss.IndexPreTransform)
+    return (
+        sq is not None
+        and int(sq.qtype) == int(faiss.ScalarQuantizer.QT_fp16)
+        and not isinstance(index, faiss.IndexPreTransform)
+    )
 
 
 def training_rows(index: faiss.Index, n: int, d: int, requested: int | None) -> int:
@@ -321,6 +340,7 @@ def check_training_rows(index: faiss.Index, key: str, rows: int) -> None:
     if nlist and rows < GOOD_POINTS_PER_LIST * nlist:
         log.warning(
             "training %s on %d rows: fewer than %d per list; centroids will be noisy",
-            key, rows, GOOD_POINTS_PER_LIST,
+            key,
+            rows,
+            GOOD_POINTS_PER_LIST,
         )
-

@@ -157,8 +157,14 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
 
 
 def fill_index(
-    client: Any, trained: Path, store: RowStore, pieces: Sequence[Piece], index_dir: Path,
-    manifest: Manifest, mode: str,
+    client: Any,
+    trained: Path,
+    store: RowStore,
+    *,
+    pieces: Sequence[Piece],
+    index_dir: Path,
+    manifest: Manifest,
+    mode: str,
 ) -> int:
     """Add every piece to the trained index and write ``index.faiss``; return its size."""
     info = manifest.stage_record("fill", FillRecord)
@@ -182,13 +188,17 @@ def fill_index(
         part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
         done = manifest.done_pieces("fill")
         run_tasks(
-            client, _fill_piece, [p for p in pieces if p.index not in done], "fill",
+            client,
+            _fill_piece,
+            [p for p in pieces if p.index not in done],
+            "fill",
             args=lambda p: (str(trained), store, p, part[p.index]),
             on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
-        fut = client.submit(_merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode,
-                            key=task_key("fill"))
+        fut = client.submit(
+            _merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, key=task_key("fill")
+        )
         ntotal = int(fut.result())
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))

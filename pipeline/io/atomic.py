@@ -64,7 +64,7 @@ _FIX = {
     errno.EACCES: "the directory is not writable: fix its permissions or choose another directory",
     errno.EPERM: "the directory is not writable: fix its permissions or choose another directory",
     errno.EFBIG: "the file grew past the filesystem's or the process's file-size limit: lower --partition-size "
-                 "or choose another directory",
+    "or choose another directory",
 }
 
 
@@ -75,11 +75,16 @@ def storage_error(path: Path, exc: BaseException) -> StorageError:
     if isinstance(exc, OSError) and code not in _FIX and code is not None:
         fix = "check the directory, then"
     else:
-        fix = _FIX.get(code or 0, "the disk is full or a file-size limit was hit: free space or choose another "
-                                  "directory") + "; then"
+        fix = (
+            _FIX.get(code or 0, "the disk is full or a file-size limit was hit: free space or choose another directory")
+            + "; then"
+        )
     reason = getattr(exc, "strerror", None) or (str(exc).splitlines() or [type(exc).__name__])[0]
-    return StorageError(code or errno.EIO, f"{shown(path)}: cannot be written ({reason}); {fix} run the same "
-                                           "command again to resume (finished parts are kept)")
+    return StorageError(
+        code or errno.EIO,
+        f"{shown(path)}: cannot be written ({reason}); {fix} run the same "
+        "command again to resume (finished parts are kept)",
+    )
 
 
 def write_json(path: str | os.PathLike[str], obj: Any) -> None:

@@ -37,8 +37,19 @@ from pathlib import Path
 from pipeline.errors import ResumeError
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 
-__all__ = ["LEDGER_NAME", "Ledger", "run_root", "check_no_links", "claim", "record_written", "foreign",
-           "remove_owned", "discard", "file_crc", "is_temp_name"]
+__all__ = [
+    "LEDGER_NAME",
+    "Ledger",
+    "run_root",
+    "check_no_links",
+    "claim",
+    "record_written",
+    "foreign",
+    "remove_owned",
+    "discard",
+    "file_crc",
+    "is_temp_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -76,8 +87,10 @@ def run_root(path: str | os.PathLike[str]) -> Path | None:
 
 
 def _link_error(path: Path) -> ResumeError:
-    return ResumeError(f"{shown(path)} is a symbolic link where this tool keeps its own files; it never writes or "
-                       "deletes through a link: remove the link, or choose another directory")
+    return ResumeError(
+        f"{shown(path)} is a symbolic link where this tool keeps its own files; it never writes or "
+        "deletes through a link: remove the link, or choose another directory"
+    )
 
 
 def check_no_links(root: Path, path: Path) -> None:
@@ -238,8 +251,9 @@ def _walk(root: Path, top: Path, keep: str | None) -> Iterator[tuple[Path, Path 
             yield d / name, owner
 
 
-def foreign(root: str | os.PathLike[str], keep: str | None = None, top: str | os.PathLike[str] | None = None
-            ) -> list[str]:
+def foreign(
+    root: str | os.PathLike[str], keep: str | None = None, top: str | os.PathLike[str] | None = None
+) -> list[str]:
     """Entries below ``top`` (default ``root``) the tool cannot show it wrote, relative to ``root``:
     files its ledgers do not record with their size, and every symbolic link."""
     r = Path(os.path.abspath(root))
@@ -280,8 +294,10 @@ def remove_owned(root: str | os.PathLike[str], keep: str | None = None) -> None:
         return
     strange = foreign(r, keep)
     if strange:
-        raise ResumeError(f"{shown(r)} holds files this tool did not write ({_listed(strange)}); --overwrite removes "
-                          "only its own outputs: move those away or choose another directory")
+        raise ResumeError(
+            f"{shown(r)} holds files this tool did not write ({_listed(strange)}); --overwrite removes "
+            "only its own outputs: move those away or choose another directory"
+        )
     _remove(r, r, keep)
     fd = os.open(r / LEDGER_NAME, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     os.close(fd)  # what it recorded is gone
@@ -312,8 +328,11 @@ def _remove(root: Path, top: Path, keep: str | None) -> None:
     is ``root``)."""
     # decided before anything goes: a nested run directory's ledger must still vouch for the files
     # listed after it
-    doomed = [path for path, owner in _walk(root, top, keep)
-              if (path.name not in (LOCK_NAME, LEDGER_NAME) or path.parent != root) and _is_ours(path, owner)]
+    doomed = [
+        path
+        for path, owner in _walk(root, top, keep)
+        if (path.name not in (LOCK_NAME, LEDGER_NAME) or path.parent != root) and _is_ours(path, owner)
+    ]
     for path in doomed:
         path.unlink()
     skipped = [root / n for n in (keep, LOG_DIR) if n]
@@ -371,13 +390,17 @@ def check_writable(directory: str | os.PathLike[str], overwrite: bool, keep: str
         return
     if not ({LEDGER_NAME, "manifest.json"} & set(entries)):
         why = "--overwrite removes only the tool's own outputs, so " if overwrite else ""
-        raise ResumeError(f"{shown(d)} is not empty and was not written by this tool (it holds {_listed(entries)}); "
-                          f"{why}nothing there is changed: choose an empty or new directory")
+        raise ResumeError(
+            f"{shown(d)} is not empty and was not written by this tool (it holds {_listed(entries)}); "
+            f"{why}nothing there is changed: choose an empty or new directory"
+        )
     if overwrite:
         strange = foreign(d, keep)
         if strange:
-            raise ResumeError(f"{shown(d)} holds files this tool did not write ({_listed(strange)}); --overwrite "
-                              "removes only its own outputs: move those away or choose another directory")
+            raise ResumeError(
+                f"{shown(d)} holds files this tool did not write ({_listed(strange)}); --overwrite "
+                "removes only its own outputs: move those away or choose another directory"
+            )
 
 
 def merge_ledger(ledger: str | os.PathLike[str], lines: bytes) -> None:

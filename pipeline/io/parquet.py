@@ -125,16 +125,20 @@ def _walk(root: Path) -> Iterator[Path]:
     for dirpath, dirnames, filenames in os.walk(root, followlinks=True):
         st = os.stat(dirpath)
         if (st.st_dev, st.st_ino) in seen:
-            log.warning("%s: directory already visited through another link; skipping it (symlink loop)",
-                        shown(dirpath))
+            log.warning(
+                "%s: directory already visited through another link; skipping it (symlink loop)", shown(dirpath)
+            )
             dirnames[:] = []
             continue
         seen.add((st.st_dev, st.st_ino))
         hidden = [d for d in dirnames if d.startswith((".", "_"))]
         for d in hidden:
             if any(_is_parquet(f) for _, _, fs in os.walk(os.path.join(dirpath, d), followlinks=False) for f in fs):
-                log.warning("%s: skipping this directory's Parquet files (names starting with '.' or '_' are "
-                            "metadata or temporary files)", shown(os.path.join(dirpath, d)))
+                log.warning(
+                    "%s: skipping this directory's Parquet files (names starting with '.' or '_' are "
+                    "metadata or temporary files)",
+                    shown(os.path.join(dirpath, d)),
+                )
         dirnames[:] = sorted(d for d in dirnames if d not in hidden)
         for name in sorted(filenames):
             if not _is_parquet(name):
@@ -143,8 +147,11 @@ def _walk(root: Path) -> Iterator[Path]:
             if name.startswith((".", "_")):
                 log.warning("%s: skipped (names starting with '.' or '_' are metadata or temporary files)", shown(path))
             elif not path.exists():
-                log.warning("%s: skipped, a broken symbolic link (its target %s does not exist)", shown(path),
-                            shown(os.readlink(path)))
+                log.warning(
+                    "%s: skipped, a broken symbolic link (its target %s does not exist)",
+                    shown(path),
+                    shown(os.readlink(path)),
+                )
             elif not path.is_file():
                 log.warning("%s: skipped, not a regular file", shown(path))
             else:
@@ -162,8 +169,10 @@ def resolve_paths(entries: Sequence[str]) -> list[str]:
             try:
                 remote = list_parquet(entry)
             except OSError as exc:
-                raise InputError(f"{shown(entry)}: cannot be listed ({_first_line(exc)}); check the URL and the "
-                                 "credentials (AWS_ACCESS_KEY_ID, a profile, or storage_options)") from None
+                raise InputError(
+                    f"{shown(entry)}: cannot be listed ({_first_line(exc)}); check the URL and the "
+                    "credentials (AWS_ACCESS_KEY_ID, a profile, or storage_options)"
+                ) from None
             if not remote:
                 raise InputError(f"{shown(entry)}: no *.parquet files there; point --input at the shards")
             found.extend(f.url for f in remote)
@@ -184,8 +193,10 @@ def resolve_paths(entries: Sequence[str]) -> list[str]:
         elif p.is_file():
             matches = [str(p)]
         elif p.is_symlink():
-            raise InputError(f"{shown(entry)}: a broken symbolic link (its target {shown(os.readlink(p))} does not "
-                             "exist); fix the link or remove it from --input")
+            raise InputError(
+                f"{shown(entry)}: a broken symbolic link (its target {shown(os.readlink(p))} does not "
+                "exist); fix the link or remove it from --input"
+            )
         else:
             raise InputError(f"{shown(entry)}: no such file or directory; check --input")
         found.extend(os.path.abspath(m) for m in matches)
@@ -205,6 +216,7 @@ class _Opened:
 def _open_all(paths: Sequence[str]) -> Iterator[_Opened]:
     """Open every file and read its footer, several at once (remote footers are one round trip
     each); yielded in order, an unreadable file raising where it comes."""
+
     def one(path: str) -> _Opened:
         pf = _open(path)
         if is_remote(path):
@@ -352,8 +364,7 @@ def plan_dataset(
         for col, flag in ((id_column, "--id-column"), (vector_column, "--vector-column")):
             if col not in schema.names:
                 raise InputError(
-                    f"{shown(path)}: column '{col}' not found (columns: {', '.join(schema.names)}); "
-                    f"pass {flag} NAME"
+                    f"{shown(path)}: column '{col}' not found (columns: {', '.join(schema.names)}); pass {flag} NAME"
                 )
         id_type = schema.field(id_column).type
         _id_kind(path, id_column, id_type)
@@ -397,13 +408,19 @@ def plan_dataset(
         raise InputError(f"{', '.join(shown(e) for e in entries)}: the input holds no rows; check --input")
     if float64_files:
         log.info(
-            "column '%s' is float64 in %d file(s) (first: %s); converting to float32 on read, "
-            "which FAISS requires", vector_column, len(float64_files), shown(float64_files[0]),
+            "column '%s' is float64 in %d file(s) (first: %s); converting to float32 on read, which FAISS requires",
+            vector_column,
+            len(float64_files),
+            shown(float64_files[0]),
         )
     id_type = unify_id_types(id_types, id_column)
     if len(set(id_types.values())) > 1:
-        log.info("column '%s' has types %s across files; reading every file's ids as %s", id_column,
-                 ", ".join(sorted({str(t) for t in id_types.values()})), id_type)
+        log.info(
+            "column '%s' has types %s across files; reading every file's ids as %s",
+            id_column,
+            ", ".join(sorted({str(t) for t in id_types.values()})),
+            id_type,
+        )
     kind = "int" if pa.types.is_integer(id_type) else "string"
     return Dataset(tuple(files), tuple(pieces), id_column, vector_column, dim, kind, total, id_type)
 
@@ -433,8 +450,9 @@ def _estimate_dim(meta: pq.FileMetaData, column: str) -> int:
     return 1
 
 
-def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None,
-               id_type: pa.DataType | None = None) -> tuple[pa.Array, np.ndarray]:
+def read_piece(
+    piece: Piece, id_column: str, vector_column: str, dim: int | None, id_type: pa.DataType | None = None
+) -> tuple[pa.Array, np.ndarray]:
     """Read one piece: its ids (Arrow array) and vectors (C-contiguous float32, rows x dim).
 
     Validates as it converts, raising :class:`InputError` with the file, row and column for
@@ -444,8 +462,7 @@ def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None
         table = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[id_column, vector_column])
     except (pa.ArrowInvalid, pa.ArrowIOError, OSError) as exc:
         raise InputError(
-            f"{piece.where()}: cannot be read ({str(exc).splitlines()[0]}); the file is corrupt, "
-            "rewrite or remove it"
+            f"{piece.where()}: cannot be read ({str(exc).splitlines()[0]}); the file is corrupt, rewrite or remove it"
         ) from None
     ids = table.column(id_column).combine_chunks()
     if id_type is not None and ids.type != id_type:
@@ -485,9 +502,7 @@ def read_piece(piece: Piece, id_column: str, vector_column: str, dim: int | None
     values = vecs.flatten()
     if values.null_count:
         bad = int(np.flatnonzero(values.is_null().to_numpy(zero_copy_only=False))[0]) // max(row_dim, 1)
-        raise InputError(
-            f"{piece.where(bad)}, column '{vector_column}': vector with null elements; fill or drop it"
-        )
+        raise InputError(f"{piece.where(bad)}, column '{vector_column}': vector with null elements; fill or drop it")
     x = values.to_numpy(zero_copy_only=False)
     x = np.ascontiguousarray(x, dtype=np.float32).reshape(len(vecs), row_dim)
     finite = np.isfinite(x).all(axis=1)

@@ -39,8 +39,9 @@ def clustered_vectors(n: int, dim: int, clusters: int = 100, seed: int = 0, late
     return out
 
 
-def duplicate_heavy_vectors(n: int, dim: int, seed: int = 0, largest: int = 400, share: float = 0.6,
-                            near: float = 0.2) -> np.ndarray:
+def duplicate_heavy_vectors(
+    n: int, dim: int, *, seed: int = 0, largest: int = 400, share: float = 0.6, near: float = 0.2
+) -> np.ndarray:
     """``n`` clustered vectors of which about ``share`` are copies: groups of identical vectors
     whose sizes run from 2 to ``largest`` (log-uniform, so a few groups are very large, as the
     same summary text is in real corpora), and ``near`` of the rest near-duplicates (tiny noise
@@ -64,6 +65,7 @@ def duplicate_heavy_vectors(n: int, dim: int, seed: int = 0, largest: int = 400,
 def write_shards(
     directory: str | os.PathLike[str],
     vectors: np.ndarray,
+    *,
     shards: int = 4,
     row_group_rows: int = 10_000,
     ids: np.ndarray | list[str] | None = None,
@@ -81,11 +83,13 @@ def write_shards(
             continue
         lo, hi = int(rows[0]), int(rows[-1]) + 1
         values = pa.array(vectors[lo:hi].astype(dtype).ravel())
-        table = pa.table({
-            "id": all_ids.slice(lo, hi - lo),
-            "text": pa.array([f"row {i}" for i in range(lo, hi)]),
-            "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
-        })
+        table = pa.table(
+            {
+                "id": all_ids.slice(lo, hi - lo),
+                "text": pa.array([f"row {i}" for i in range(lo, hi)]),
+                "embedding": pa.FixedSizeListArray.from_arrays(values, dim),
+            }
+        )
         path = out / f"part-{s:05d}.parquet"
         with atomic_path(path) as tmp:
             pq.write_table(table, tmp, row_group_size=row_group_rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -64,8 +65,15 @@ def prepare_vectors(x: np.ndarray, metric: Metric, piece: Piece, column: str) ->
 
 
 def _scan_piece(
-    piece: Piece, id_column: str, vector_column: str, dim: int | None, id_type: pa.DataType | None, metric: Metric,
-    store: RowStore, key_dir: str, nbuckets: int,
+    piece: Piece,
+    id_column: str,
+    vector_column: str,
+    dim: int | None,
+    id_type: pa.DataType | None,
+    metric: Metric,
+    store: RowStore,
+    key_dir: str,
+    nbuckets: int,
 ) -> int:
     ids, x = read_piece(piece, id_column, vector_column, dim, id_type)
     x = prepare_vectors(x, metric, piece, vector_column)
@@ -83,7 +91,7 @@ def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
 
 
 def scan_dataset(
-    client: object, dataset: Dataset, store: RowStore, metric: Metric, manifest: Manifest, stage: str = "scan"
+    client: Any, dataset: Dataset, *, store: RowStore, metric: Metric, manifest: Manifest, stage: str = "scan"
 ) -> int:
     """Scan every piece not yet scanned; check ids; return the vector dimension."""
     info = manifest.stage_record(stage, ScanRecord)
@@ -101,17 +109,33 @@ def scan_dataset(
         manifest.mark_piece(stage, piece.index, [store.vectors_path(piece.index), store.ids_path(piece.index)])
 
     run_tasks(
-        client, _scan_piece, todo, f"{stage}",
-        args=lambda p: (p, dataset.id_column, dataset.vector_column, dataset.dim, dataset.id_type, metric, store,
-                        str(key_dir), nbuckets),
+        client,
+        _scan_piece,
+        todo,
+        f"{stage}",
+        args=lambda p: (
+            p,
+            dataset.id_column,
+            dataset.vector_column,
+            dataset.dim,
+            dataset.id_type,
+            metric,
+            store,
+            str(key_dir),
+            nbuckets,
+        ),
         on_done=finished,
     )
     # the id keys of pieces scanned by an earlier run (resumed, or an input that grew) are
     # rebuilt from the stored ids: the duplicate check always covers every piece
     stale = [p for p in dataset.pieces if not all(f.exists() for f in _key_files(key_dir, p.index, nbuckets))]
     if stale:
-        client.gather([client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, key=task_key("scan"))  # type: ignore[attr-defined]
-                       for p in stale])
+        client.gather(
+            [
+                client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, key=task_key("scan"))
+                for p in stale
+            ]
+        )
     distinct = sorted(set(dims.values()))
     if len(distinct) > 1:
         first = {d: next(p for p in dataset.pieces if dims[p.index] == d) for d in distinct}
@@ -126,10 +150,10 @@ def scan_dataset(
     return distinct[0]
 
 
-def _check_duplicates(client: object, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
-    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), key=task_key("scan")) for b in range(nbuckets)]  # type: ignore[attr-defined]
+def _check_duplicates(client: Any, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
+    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), key=task_key("scan")) for b in range(nbuckets)]
     examples: list[str] = []
-    for groups in client.gather(futures):  # type: ignore[attr-defined]
+    for groups in client.gather(futures):
         for rows in groups:
             ids = store.gather_ids(rows)
             # string ids are hashed: confirm the collision is a real repeat
@@ -151,4 +175,3 @@ def _check_duplicates(client: object, dataset: Dataset, store: RowStore, key_dir
 def _locate(dataset: Dataset, row: int) -> str:
     piece = dataset.pieces[int(np.searchsorted(dataset.starts, row, side="right") - 1)]
     return f"{Path(piece.path).name} row {piece.file_row + row - piece.start}"
-

@@ -54,6 +54,8 @@ def _finals(local: Path) -> list[str]:
     """The manifests (the index's inside the output first), then ``_SUCCESS``: uploaded last."""
     nested = sorted((p.relative_to(local).as_posix() for p in local.glob("*/manifest.json")), reverse=True)
     return [*nested, *FINAL]
+
+
 PUSH_INTERVAL = float(os.environ.get("KNN_PIPELINE_PUSH_SECONDS", "30"))  # seconds between uploads while a job runs
 
 
@@ -67,11 +69,12 @@ def private_root() -> Path:
     except FileExistsError:
         pass
     st = os.lstat(root)
-    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() \
-            or st.st_mode & 0o077:
-        raise ConfigError(f"{root}: the default staging folder is not a private directory of this user (a link, "
-                          "another owner, or open to others); remove it, or pass --scratch-dir with a folder of your "
-                          "own")
+    if stat.S_ISLNK(st.st_mode) or not stat.S_ISDIR(st.st_mode) or st.st_uid != os.getuid() or st.st_mode & 0o077:
+        raise ConfigError(
+            f"{root}: the default staging folder is not a private directory of this user (a link, "
+            "another owner, or open to others); remove it, or pass --scratch-dir with a folder of your "
+            "own"
+        )
     return root
 
 
@@ -141,13 +144,23 @@ class StagedDir:
     def _write_lease(self) -> None:
         self.fs.create_dir(self.root, recursive=True)
         with self.fs.open_output_stream(f"{self.root}/{LEASE_NAME}") as out:
-            out.write(json.dumps({"token": self.token, "host": socket.gethostname(), "pid": os.getpid(),
-                                  "expires": time.time() + LEASE_SECONDS}).encode())
+            out.write(
+                json.dumps(
+                    {
+                        "token": self.token,
+                        "host": socket.gethostname(),
+                        "pid": os.getpid(),
+                        "expires": time.time() + LEASE_SECONDS,
+                    }
+                ).encode()
+            )
 
     def _refuse(self, held: dict[str, Any]) -> ResumeError:
         until = time.strftime("%H:%M:%S", time.localtime(float(held.get("expires", 0))))
-        return ResumeError(f"{self.url} is in use by another job (pid {held.get('pid')} on {held.get('host')}, whose "
-                           f"lease runs until {until} unless renewed); wait for it to finish, or use another prefix")
+        return ResumeError(
+            f"{self.url} is in use by another job (pid {held.get('pid')} on {held.get('host')}, whose "
+            f"lease runs until {until} unless renewed); wait for it to finish, or use another prefix"
+        )
 
     def take_lease(self) -> None:
         """Hold the remote directory for this job: refused while another job's lease is live (renewed
@@ -180,7 +193,7 @@ class StagedDir:
         if info.type == pafs.FileType.File:
             raise ConfigError(f"{self.url}: is a file; give a directory (a prefix) for outputs and indexes")
         found = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
-        return {f.path[len(self.root):].lstrip("/"): int(f.size or 0) for f in found if f.type == pafs.FileType.File}
+        return {f.path[len(self.root) :].lstrip("/"): int(f.size or 0) for f in found if f.type == pafs.FileType.File}
 
     def pull(self) -> None:
         """Fill the local folder with what the remote holds and the folder lacks (or holds at
@@ -188,12 +201,16 @@ class StagedDir:
         remote = {r: n for r, n in self._remote().items() if r != LEASE_NAME}
         unsafe = sorted(r for r in remote if not _safe_key(r))
         if unsafe:
-            raise ConfigError(f"{self.url} holds a key whose path leaves its prefix or is empty ({unsafe[0]!r}); "
-                              "nothing is pulled from it: remove that key or choose another prefix")
+            raise ConfigError(
+                f"{self.url} holds a key whose path leaves its prefix or is empty ({unsafe[0]!r}); "
+                "nothing is pulled from it: remove that key or choose another prefix"
+            )
         strange = sorted({r.split("/", 1)[0] for r in remote if not _ours(r)})
         if strange:
-            raise ConfigError(f"{self.url} holds {', '.join(strange[:3])}, which this tool did not write; "
-                              "choose an empty or new prefix (nothing there is removed)")
+            raise ConfigError(
+                f"{self.url} holds {', '.join(strange[:3])}, which this tool did not write; "
+                "choose an empty or new prefix (nothing there is removed)"
+            )
         self.local.mkdir(parents=True, exist_ok=True)
         fetched = 0
         for rel, size in sorted(remote.items()):
@@ -206,8 +223,12 @@ class StagedDir:
             if not (dest.exists() and dest.stat().st_size == size):
                 dest.parent.mkdir(parents=True, exist_ok=True)
                 tmp = dest.with_name(f".{dest.name}.pull")
-                pafs.copy_files(f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs,
-                                destination_filesystem=pafs.LocalFileSystem())
+                pafs.copy_files(
+                    f"{self.root}/{rel}",
+                    str(tmp),
+                    source_filesystem=self.fs,
+                    destination_filesystem=pafs.LocalFileSystem(),
+                )
                 os.replace(tmp, dest)  # the pulled ledger says whether it is the tool's (by its CRC-32)
                 fetched += 1
             st = dest.stat()
@@ -226,8 +247,12 @@ class StagedDir:
 
     def _upload(self, rel: str) -> None:
         self.fs.create_dir(f"{self.root}/{rel}".rsplit("/", 1)[0], recursive=True)
-        pafs.copy_files(str(self.local / rel), f"{self.root}/{rel}", source_filesystem=pafs.LocalFileSystem(),
-                        destination_filesystem=self.fs)
+        pafs.copy_files(
+            str(self.local / rel),
+            f"{self.root}/{rel}",
+            source_filesystem=pafs.LocalFileSystem(),
+            destination_filesystem=self.fs,
+        )
 
     def push(self, final: bool = False) -> int:
         """Bring the remote up to date (in the order of the module doc); returns files uploaded.
@@ -269,8 +294,7 @@ class StagedDir:
 
 
 @contextlib.contextmanager
-def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, lease: bool = True
-           ) -> Iterator[Path]:
+def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, lease: bool = True) -> Iterator[Path]:
     """The local folder of remote directory ``url``, pulled first and pushed while the job runs
     and at its end (also when it fails, so the remote keeps every finished piece). ``lease``: hold
     the remote for this job alone (:meth:`StagedDir.take_lease`); a job that only reads it does not."""

@@ -24,8 +24,15 @@ from urllib.parse import urlsplit
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 
-__all__ = ["RemoteFile", "is_remote", "filesystem", "open_parquet", "list_parquet", "remote_info",
-           "set_storage_options"]
+__all__ = [
+    "RemoteFile",
+    "is_remote",
+    "filesystem",
+    "open_parquet",
+    "list_parquet",
+    "remote_info",
+    "set_storage_options",
+]
 
 _OPTIONS: dict[str, Any] = {}  # this process's storage_options (set by the job, and on each worker by a plugin)
 
@@ -119,7 +126,7 @@ def list_parquet(url: str) -> list[RemoteFile]:
         return []
     found = []
     for f in fs.get_file_info(pafs.FileSelector(inner, recursive=True)):
-        rel = f.path[len(inner):].lstrip("/")
+        rel = f.path[len(inner) :].lstrip("/")
         if f.type != pafs.FileType.File or any(part.startswith((".", "_")) for part in rel.split("/")):
             continue
         if pattern is not None and not fnmatch.fnmatchcase(f.path, pattern):

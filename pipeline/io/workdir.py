@@ -26,25 +26,56 @@ from pathlib import Path
 
 from pipeline.errors import ConfigError, ResumeError
 
-__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "locked",
-           "shown"]
+__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "locked", "shown"]
 
 LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite
 LOCK_NAME = ".knn-pipeline.lock"
 TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its runs (written before the manifest)
 
 # everything run, join, dedup and graph write in an output directory
-OUTPUT_NAMES = frozenset({
-    "manifest.json", "_SUCCESS", "report.json", "report.md", "report.html", "neighbors", "knn", "_queries",
-    "pairs", "groups", "kept", "deduplicated", "removed", "contamination", "against", "_dedup", "_explore",
-    "edges", "nodes", "_graph", "graph.npz", "umap_knn.npz", "_exact",
-    "recall_curve.svg", "kth_score.svg", "timings.svg", "group_sizes.svg", "degrees.svg", TIMINGS_NAME,
-    # the PNG charts earlier versions drew: still ours, so an older output folder is reused
-    "recall_curve.png", "kth_score.png", "timings.png", "group_sizes.png", "degrees.png",
-})
+OUTPUT_NAMES = frozenset(
+    {
+        "manifest.json",
+        "_SUCCESS",
+        "report.json",
+        "report.md",
+        "report.html",
+        "neighbors",
+        "knn",
+        "_queries",
+        "pairs",
+        "groups",
+        "kept",
+        "deduplicated",
+        "removed",
+        "contamination",
+        "against",
+        "_dedup",
+        "_explore",
+        "edges",
+        "nodes",
+        "_graph",
+        "graph.npz",
+        "umap_knn.npz",
+        "_exact",
+        "recall_curve.svg",
+        "kth_score.svg",
+        "timings.svg",
+        "group_sizes.svg",
+        "degrees.svg",
+        TIMINGS_NAME,
+        # the PNG charts earlier versions drew: still ours, so an older output folder is reused
+        "recall_curve.png",
+        "kth_score.png",
+        "timings.png",
+        "group_sizes.png",
+        "degrees.png",
+    }
+)
 # everything build writes in an index directory
-INDEX_NAMES = frozenset({"manifest.json", "index.faiss", "index.ivfdata", "trained.faiss", "store", "parts",
-                         "config.yaml"})
+INDEX_NAMES = frozenset(
+    {"manifest.json", "index.faiss", "index.ivfdata", "trained.faiss", "store", "parts", "config.yaml"}
+)
 
 
 _SHOWN_AS: dict[str, str] = {}  # local staging folder -> the URL it stands for (pipeline.io.staging)
@@ -61,7 +92,7 @@ def shown(path: str | os.PathLike[str]) -> str:
     s = os.fspath(path)
     for local, url in _SHOWN_AS.items():
         if s == local or s.startswith(local + "/"):
-            s = url + s[len(local):]
+            s = url + s[len(local) :]
             break
     return s if s.isprintable() else repr(s)[1:-1]
 
@@ -74,8 +105,12 @@ def _real(p: str | os.PathLike[str]) -> Path:
     return Path(os.path.realpath(os.path.expanduser(os.fspath(p))))
 
 
-def check_locations(inputs: Sequence[str], input_files: Iterable[str], output: str | os.PathLike[str] | None,
-                    index_dir: str | os.PathLike[str] | None) -> None:
+def check_locations(
+    inputs: Sequence[str],
+    input_files: Iterable[str],
+    output: str | os.PathLike[str] | None,
+    index_dir: str | os.PathLike[str] | None,
+) -> None:
     """Refuse an output or index directory that overlaps the input or each other, before any work.
 
     ``inputs`` are the entries given (directories, globs, files); ``input_files`` the files they
@@ -87,27 +122,37 @@ def check_locations(inputs: Sequence[str], input_files: Iterable[str], output: s
     if output and index_dir:
         out, idx = _real(output), _real(index_dir)
         if out == idx:
-            raise ConfigError(f"--index-dir {shown(idx)} is the --output directory; give the index its own "
-                              "directory (the default is OUTPUT/index)")
+            raise ConfigError(
+                f"--index-dir {shown(idx)} is the --output directory; give the index its own "
+                "directory (the default is OUTPUT/index)"
+            )
         if _inside(out, idx):
-            raise ConfigError(f"--output {shown(out)} lies inside --index-dir {shown(idx)}; choose an output "
-                              "directory outside the index")
+            raise ConfigError(
+                f"--output {shown(out)} lies inside --index-dir {shown(idx)}; choose an output "
+                "directory outside the index"
+            )
         if _inside(idx, out) and idx.parent != out:
-            raise ConfigError(f"--index-dir {shown(idx)} lies deep inside --output {shown(out)}; put it directly "
-                              "under the output (OUTPUT/index, the default) or outside it")
+            raise ConfigError(
+                f"--index-dir {shown(idx)} lies deep inside --output {shown(out)}; put it directly "
+                "under the output (OUTPUT/index, the default) or outside it"
+            )
     dirs = [_real(e) for e in inputs if not any(ch in e for ch in "*?[") and os.path.isdir(e)]
     for flag, target in targets:
         for d in dirs:
             if _inside(target, d) or _inside(d, target):
                 how = "is" if target == d else "lies inside" if _inside(target, d) else "contains"
-                raise ConfigError(f"{flag} {shown(target)} {how} the input directory {shown(d)}; write outputs to a "
-                                  "directory outside the input (the tool never writes among input files)")
+                raise ConfigError(
+                    f"{flag} {shown(target)} {how} the input directory {shown(d)}; write outputs to a "
+                    "directory outside the input (the tool never writes among input files)"
+                )
     for f in input_files:
         real = _real(f)
         for flag, target in targets:
             if _inside(real, target):
-                raise ConfigError(f"input file {shown(f)} lies inside {flag} {shown(target)}; write outputs to a "
-                                  "directory that holds no input")
+                raise ConfigError(
+                    f"input file {shown(f)} lies inside {flag} {shown(target)}; write outputs to a "
+                    "directory that holds no input"
+                )
 
 
 @contextlib.contextmanager
@@ -125,10 +170,14 @@ def locked(directory: str | os.PathLike[str], shared: bool = False) -> Iterator[
         fd = os.open(d / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     except OSError as exc:
         if exc.errno == errno.ELOOP:
-            raise ResumeError(f"{shown(d / LOCK_NAME)} is a symbolic link where this tool keeps its lock file; it "
-                              "never writes through a link: remove the link, or choose another directory") from None
-        raise ConfigError(f"{shown(d)}: cannot create or lock this directory ({exc.strerror}); check its "
-                          "permissions or choose another directory") from None
+            raise ResumeError(
+                f"{shown(d / LOCK_NAME)} is a symbolic link where this tool keeps its lock file; it "
+                "never writes through a link: remove the link, or choose another directory"
+            ) from None
+        raise ConfigError(
+            f"{shown(d)}: cannot create or lock this directory ({exc.strerror}); check its "
+            "permissions or choose another directory"
+        ) from None
     try:
         try:
             fcntl.flock(fd, (fcntl.LOCK_SH if shared else fcntl.LOCK_EX) | fcntl.LOCK_NB)
@@ -136,12 +185,18 @@ def locked(directory: str | os.PathLike[str], shared: bool = False) -> Iterator[
             if exc.errno not in (errno.EAGAIN, errno.EACCES, errno.EWOULDBLOCK):
                 raise
             holder = _holder(fd)
-            raise ResumeError(f"{shown(d)} is in use by another job ({holder}); wait for it to finish, or use another "
-                              "directory") from None
+            raise ResumeError(
+                f"{shown(d)} is in use by another job ({holder}); wait for it to finish, or use another directory"
+            ) from None
         if not shared:
             os.ftruncate(fd, 0)
-            os.pwrite(fd, json.dumps({"host": socket.gethostname(), "pid": os.getpid(),
-                                      "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode(), 0)
+            os.pwrite(
+                fd,
+                json.dumps(
+                    {"host": socket.gethostname(), "pid": os.getpid(), "since": time.strftime("%Y-%m-%dT%H:%M:%S")}
+                ).encode(),
+                0,
+            )
         yield
     finally:
         os.close(fd)  # closing releases the flock

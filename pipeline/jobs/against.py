@@ -28,8 +28,16 @@ __all__ = ["match_against"]
 log = logging.getLogger("pipeline.jobs.commands")
 
 
-def match_against(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path,
-                  timings: Timings, main_manifest: Manifest) -> tuple[Contamination, Matches]:
+def match_against(
+    client: Any,
+    cluster: ClusterInfo,
+    *,
+    config: Config,
+    built: BuiltIndex,
+    output: Path,
+    timings: Timings,
+    main_manifest: Manifest,
+) -> tuple[Contamination, Matches]:
     """Index the reference, join the input against it, write ``contamination/`` (see module doc);
     ``main_manifest`` (the dedup output's) records the pieces written."""
     d = config.dedup
@@ -38,35 +46,80 @@ def match_against(client: Any, cluster: ClusterInfo, config: Config, built: Buil
     # the index settings given are the input's: the reference (usually small) gets the default
     # choice, exact search up to 20,000 rows, and its search is tuned to the recall target
     ref_config = replace(
-        config, data=replace(config.data, paths=d.against),
+        config,
+        data=replace(config.data, paths=d.against),
         index=replace(config.index, key="auto", metric=built.metric, sample_size=None),
         search=replace(config.search, exclude_self=False, nprobe=None, rerank=None),
     )
     sub_timings = Timings()  # this run's phases, added to the job's as one "against" phase
-    ref = build_index(client, cluster, ref_config, sub / "index", sub_timings, search=ref_config.search)
+    ref = build_index(client, cluster, ref_config, sub / "index", timings=sub_timings, search=ref_config.search)
     if ref.dim != built.dim:
-        raise InputError(f"{shown(ref.dataset.files[0].path)}, column '{ref.dataset.vector_column}': --against vectors "
-                         f"have dimension {ref.dim} but the input's have {built.dim}; embed the reference with the "
-                         "input's model")
+        raise InputError(
+            f"{shown(ref.dataset.files[0].path)}, column '{ref.dataset.vector_column}': --against vectors "
+            f"have dimension {ref.dim} but the input's have {built.dim}; embed the reference with the "
+            "input's model"
+        )
     if ref.ntotal < ref_config.search.k:  # a reference smaller than k: every reference row is a neighbour
         ref_config = replace(ref_config, search=replace(ref_config.search, k=max(1, ref.ntotal)))
-    log.info("against: %d reference rows in %d file(s); joining the %d input rows against them",
-             ref.ntotal, len(ref.dataset.files), built.ntotal)
-    joined, _ = join_index(client, cluster, ref_config, ref, sub, sub_timings, queries=built.dataset,
-                           knn_dir=sub / "knn", command="against", incremental=True)
+    log.info(
+        "against: %d reference rows in %d file(s); joining the %d input rows against them",
+        ref.ntotal,
+        len(ref.dataset.files),
+        built.ntotal,
+    )
+    joined, _ = join_index(
+        client,
+        cluster,
+        ref_config,
+        ref,
+        sub,
+        sub_timings,
+        queries=built.dataset,
+        knn_dir=sub / "knn",
+        command="against",
+        incremental=True,
+    )
     timings.add("against", sum(sub_timings.phases.values()))
     matches = Matches(str(sub / "knn"), ref.store, threshold, built.metric, d.against_action == "drop")
-    contamination = write_matches(client, matches, built.dataset, built.store, ref.dataset, output, main_manifest)
-    closest = examples(contamination["examples"], built.dataset, built.store, ref.dataset, ref.store, d.text_column)
+    contamination = write_matches(
+        client,
+        matches,
+        dataset=built.dataset,
+        store=built.store,
+        reference=ref.dataset,
+        output=output,
+        manifest=main_manifest,
+    )
+    closest = examples(
+        contamination["examples"],
+        dataset=built.dataset,
+        store=built.store,
+        ref_dataset=ref.dataset,
+        ref_store=ref.store,
+        text_column=d.text_column,
+    )
     names = [f.path for f in ref.dataset.files]
-    per_file = tuple(ReferenceFileMatches(names[i], ref.dataset.files[i].rows, contamination["per_file"].get(i, 0))
-                     for i in range(len(names)))
+    per_file = tuple(
+        ReferenceFileMatches(names[i], ref.dataset.files[i].rows, contamination["per_file"].get(i, 0))
+        for i in range(len(names))
+    )
     total = sum(m.input_rows_matched for m in per_file)
-    log.info("against: %d input row(s) within %s of a reference row (%s); per reference file: %s", total,
-             threshold, "dropped from deduplicated/" if matches.drop else "flagged in contamination/ only",
-             ", ".join(f"{Path(m.file).name} {m.input_rows_matched}" for m in per_file))
-    result = Contamination(ref.ntotal, threshold, d.against_action, total, per_file, closest, joined.recall,
-                           joined.plan, str(output / "contamination"))
+    log.info(
+        "against: %d input row(s) within %s of a reference row (%s); per reference file: %s",
+        total,
+        threshold,
+        "dropped from deduplicated/" if matches.drop else "flagged in contamination/ only",
+        ", ".join(f"{Path(m.file).name} {m.input_rows_matched}" for m in per_file),
+    )
+    result = Contamination(
+        ref.ntotal,
+        threshold,
+        d.against_action,
+        total,
+        per_file,
+        closest,
+        joined.recall,
+        joined.plan,
+        str(output / "contamination"),
+    )
     return result, matches
-
-

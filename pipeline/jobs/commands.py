@@ -42,7 +42,7 @@ def build(config: Config) -> BuiltIndex:
     """``build``: the index only, in ``--index-dir``."""
     index_dir = require(config.index_dir, "--index-dir", "build")
     with guarded(config, None, index_dir), job_cluster(config) as (client, cluster):
-        return build_index(client, cluster, config, index_dir, Timings())
+        return build_index(client, cluster, config, index_dir, timings=Timings())
 
 
 def _join(config: Config) -> JobReport:
@@ -52,14 +52,15 @@ def _join(config: Config) -> JobReport:
     started = start(output)
     with guarded(config, output, index_dir, index_read_only=True):
         built = open_index(index_dir)
-        queries = plan_dataset(config.data.paths, config.data.id_column, config.data.vector_column,
-                               config.partition_bytes)
+        queries = plan_dataset(
+            config.data.paths, config.data.id_column, config.data.vector_column, config.partition_bytes
+        )
         check_query_ids(built, queries, config.search.exclude_self)
         timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
         with job_cluster(config) as (client, cluster):
-            joined, _ = join_index(client, cluster, config, built, output, timings, queries)
+            joined, _ = join_index(client, cluster, config, built, output, timings, queries=queries)
             workers = worker_busy(client, cluster)
-        return finish(output, config, joined, timings, "join", started, workers=workers)
+        return finish(output, config, joined, timings, command="join", started=started, workers=workers)
 
 
 @staged_command
@@ -70,9 +71,11 @@ def run(config: Config) -> JobReport:
     index_dir = index_dir_for(config, output)
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, timings, search=config.search)
+        built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search)
         joined, _ = join_index(client, cluster, config, built, output, timings, command="run")
-        return finish(output, config, joined, timings, "run", started, workers=worker_busy(client, cluster))
+        return finish(
+            output, config, joined, timings, command="run", started=started, workers=worker_busy(client, cluster)
+        )
 
 
 # every command stages a remote --output or --index-dir the same way

@@ -31,8 +31,19 @@ from pipeline.stages.progress import busy_by_worker, record_busy, tasks_submitte
 
 T = TypeVar("T")
 
-__all__ = ["Start", "job_cluster", "worker_busy", "staged_command", "check_remote_locations", "finish", "guarded",
-           "index_dir_for", "recall_verdict", "require", "start"]
+__all__ = [
+    "Start",
+    "job_cluster",
+    "worker_busy",
+    "staged_command",
+    "check_remote_locations",
+    "finish",
+    "guarded",
+    "index_dir_for",
+    "recall_verdict",
+    "require",
+    "start",
+]
 
 log = logging.getLogger("pipeline.jobs.commands")
 
@@ -70,8 +81,14 @@ def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
     for addr, phases in sorted(busy.items()):
         name = names.get(addr, addr)
         device = devices.get(name)
-        out.append(WorkerBusy(name, device.host if device else addr, device.backend if device else "unknown",
-                              {k: round(v, 3) for k, v in sorted(phases.items())}))
+        out.append(
+            WorkerBusy(
+                name,
+                device.host if device else addr,
+                device.backend if device else "unknown",
+                {k: round(v, 3) for k, v in sorted(phases.items())},
+            )
+        )
     return tuple(out)
 
 
@@ -91,10 +108,13 @@ def staged_command(command: Callable[[Config], T], reads: tuple[str, ...] = ()) 
         inside = bool(out and idx and is_remote(out) and _url_inside(idx, out))
         with contextlib.ExitStack() as stack:
             shared = {u for u in (out if "output" in reads else None, idx if "index_dir" in reads else None) if u}
-            local = {u: str(stack.enter_context(staged(u, config.scratch_dir, lease=u not in shared)))
-                     for u in urls if not (inside and u == idx)}
+            local = {
+                u: str(stack.enter_context(staged(u, config.scratch_dir, lease=u not in shared)))
+                for u in urls
+                if not (inside and u == idx)
+            }
             if inside and out and idx:  # the index inside the output (run's default layout): staged with it
-                local[idx] = local[out] + idx.rstrip("/")[len(out.rstrip("/")):]
+                local[idx] = local[out] + idx.rstrip("/")[len(out.rstrip("/")) :]
             return command(replace(config, output=local.get(out or "", out), index_dir=local.get(idx or "", idx)))
 
     return run
@@ -107,6 +127,7 @@ def _url_inside(child: str, parent: str) -> bool:
 
 def check_remote_locations(config: Config) -> None:
     """Remote outputs must not lie inside (or hold) an input, the reference, or each other."""
+
     def prefix(u: str) -> str:  # a glob's fixed part; every URL ends with one slash
         return u[: min((u.index(c) for c in "*?[" if c in u), default=len(u))].rstrip("/") + "/"
 
@@ -114,15 +135,19 @@ def check_remote_locations(config: Config) -> None:
         return prefix(a).startswith(prefix(b)) or prefix(b).startswith(prefix(a))
 
     inputs = [p for p in (*config.data.paths, *config.dedup.against) if is_remote(p)]
-    dirs = [(flag, u) for flag, u in (("--output", config.output), ("--index-dir", config.index_dir))
-            if u and is_remote(u)]
+    dirs = [
+        (flag, u) for flag, u in (("--output", config.output), ("--index-dir", config.index_dir)) if u and is_remote(u)
+    ]
     for flag, u in dirs:
         for p in inputs:
             if overlap(u, p):
-                raise ConfigError(f"{flag} {u} overlaps the input {p}; write outputs to a prefix outside the input "
-                                  "(the tool never writes among input files)")
-    if len(dirs) == 2 and overlap(dirs[0][1], dirs[1][1]) and \
-            not _url_inside(dirs[1][1], dirs[0][1]):  # the index inside the output is fine
+                raise ConfigError(
+                    f"{flag} {u} overlaps the input {p}; write outputs to a prefix outside the input "
+                    "(the tool never writes among input files)"
+                )
+    if (
+        len(dirs) == 2 and overlap(dirs[0][1], dirs[1][1]) and not _url_inside(dirs[1][1], dirs[0][1])
+    ):  # the index inside the output is fine
         raise ConfigError(f"--output {dirs[0][1]} and --index-dir {dirs[1][1]} overlap; give them separate prefixes")
 
 
@@ -139,9 +164,19 @@ def start(output: Path) -> Start:
     return Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
 
 
-def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, command: str, started: Start,
-           dedup: DedupResult | None = None, explored: tuple[ExploreRow, ...] | None = None,
-           graph: GraphResult | None = None, workers: tuple[WorkerBusy, ...] = ()) -> JobReport:
+def finish(
+    output: Path,
+    config: Config,
+    joined: JoinResult,
+    timings: Timings,
+    *,
+    command: str,
+    started: Start,
+    dedup: DedupResult | None = None,
+    explored: tuple[ExploreRow, ...] | None = None,
+    graph: GraphResult | None = None,
+    workers: tuple[WorkerBusy, ...] = (),
+) -> JobReport:
     report_path = output / "report.json"
     if started.complete and tasks_submitted() == started.tasks and report_path.exists():
         # a rerun of a finished job: nothing was redone, so the report of the run that did the work stays
@@ -152,9 +187,18 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
             tmp.write_text("")
         return report
     wall = timings.earlier_wall + time.monotonic() - started.clock
-    report = JobReport(command, joined, config.to_dict(), dict(timings.phases), round(wall, 3),
-                       round(joined.queries / wall, 1) if wall > 0 else None, dedup, explored, graph,
-                       workers=workers)
+    report = JobReport(
+        command,
+        joined,
+        config.to_dict(),
+        dict(timings.phases),
+        round(wall, 3),
+        round(joined.queries / wall, 1) if wall > 0 else None,
+        dedup,
+        explored,
+        graph,
+        workers=workers,
+    )
     report = write_report(output, report, config.index.seed)
     where = {"dedup": output / "groups", "graph": output / "graph.npz"}.get(command, output / "neighbors")
     if explored is not None:
@@ -166,20 +210,34 @@ def finish(output: Path, config: Config, joined: JoinResult, timings: Timings, c
     verdict = recall_verdict(joined)
     recall = joined.recall
     pairs = dedup.exactness if dedup is not None else None
-    if (dedup is not None and pairs is not None and pairs.pair_recall is not None and dedup.target_pair_recall
-            and pairs.pair_recall < dedup.target_pair_recall):
-        below = f"dedup pair recall {pairs.pair_recall:.4f} on {pairs.queries} sampled rows, target " \
-                f"{dedup.target_pair_recall}: MISSED"
+    if (
+        dedup is not None
+        and pairs is not None
+        and pairs.pair_recall is not None
+        and dedup.target_pair_recall
+        and pairs.pair_recall < dedup.target_pair_recall
+    ):
+        below = (
+            f"dedup pair recall {pairs.pair_recall:.4f} on {pairs.queries} sampled rows, target "
+            f"{dedup.target_pair_recall}: MISSED"
+        )
         if not config.search.allow_below_target:
-            fix = (f"{dedup.saturated_rows:,} rows have more duplicates than fit the shuffle: raise --partition-size"
-                   if dedup.saturated_rows else "use a richer --index-key (e.g. IVF...,Flat or Flat)")
-            raise BelowTarget(f"{below}; the outputs in {output} are complete but not marked _SUCCESS. To reach it, "
-                              f"{fix}; or accept it with --allow-below-target")
+            fix = (
+                f"{dedup.saturated_rows:,} rows have more duplicates than fit the shuffle: raise --partition-size"
+                if dedup.saturated_rows
+                else "use a richer --index-key (e.g. IVF...,Flat or Flat)"
+            )
+            raise BelowTarget(
+                f"{below}; the outputs in {output} are complete but not marked _SUCCESS. To reach it, "
+                f"{fix}; or accept it with --allow-below-target"
+            )
         log.warning("%s (accepted: --allow-below-target)", below)
     if recall is not None and not recall.met and not config.search.allow_below_target:
-        raise BelowTarget(f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
-                          "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
-                          "--allow-below-target")
+        raise BelowTarget(
+            f"{verdict}; the outputs in {output} are complete but not marked _SUCCESS. Raise the "
+            "target's reach (a richer --index-key, e.g. IVF...,Flat or Flat), or accept it with "
+            "--allow-below-target"
+        )
     (log.warning if recall is not None and not recall.met else log.info)("%s", verdict)
     with atomic_path(output / "_SUCCESS") as tmp:
         tmp.write_text("")
@@ -192,8 +250,9 @@ def recall_verdict(joined: JoinResult) -> str:
     recall, plan = joined.recall, joined.plan
     if recall is None:
         return f"recall not measured (--recall-queries 0); plan: {plan}"
-    got = f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on " \
-          f"{recall.measured_on}"
+    got = (
+        f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on {recall.measured_on}"
+    )
     if recall.target is None:
         return f"{got}, no target; plan: {plan}"
     return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"
@@ -205,8 +264,13 @@ def require(value: str | None, flag: str, command: str) -> Path:
     return Path(value).resolve()
 
 
-def guarded(config: Config, output: Path | None, index_dir: Path | None, index_read_only: bool = False,
-             output_read_only: bool = False) -> contextlib.ExitStack:
+def guarded(
+    config: Config,
+    output: Path | None,
+    index_dir: Path | None,
+    index_read_only: bool = False,
+    output_read_only: bool = False,
+) -> contextlib.ExitStack:
     """Check that the job's directories overlap no input and each other, then lock them for the
     job's duration: exclusively where it writes, shared where it only reads. A directory to be
     written that the tool may not use is refused first (:func:`check_writable`). Nothing is written

@@ -43,8 +43,10 @@ def dedup(config: Config) -> JobReport:
     d = config.dedup
     metric = config.index.metric or "cosine"
     if d.threshold is None and not d.explore:
-        raise ConfigError("dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
-                          "the pairs and rows dropped over a range of thresholds")
+        raise ConfigError(
+            "dedup: --threshold is required (e.g. 0.95 for cosine); run with --explore first to see "
+            "the pairs and rows dropped over a range of thresholds"
+        )
     plan = DedupPlan(d.threshold if d.threshold is not None else 0.0, d.mode, metric, d.keep_by, d.keep_order)
     if d.threshold is not None:
         check_plan(plan)
@@ -57,52 +59,114 @@ def dedup(config: Config) -> JobReport:
     with guarded(inputs, output, index_dir), job_cluster(config) as (client, cluster):
         if d.write_dataset and not d.explore:
             check_columns(resolve_paths(config.data.paths))
-        built = build_index(client, cluster, config, index_dir, timings, search=config.search,
-                            incremental=True)
+        built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search, incremental=True)
         dataset = built.dataset
-        joined, manifest = join_index(client, cluster, config, built, output, timings,
-                                      knn_dir=output / "knn", command="dedup", incremental=True)
+        joined, manifest = join_index(
+            client, cluster, config, built, output, timings, knn_dir=output / "knn", command="dedup", incremental=True
+        )
         t0 = time.monotonic()
         if d.explore:
-            table = explore(client, plan, dataset, output, default_thresholds(metric, d.threshold), config.search.k,
-                            2 * config.partition_bytes)
+            table = explore(
+                client,
+                plan,
+                dataset=dataset,
+                output=output,
+                thresholds=default_thresholds(metric, d.threshold),
+                k=config.search.k,
+                budget=2 * config.partition_bytes,
+            )
             timings.add("explore", time.monotonic() - t0)
-            return finish(output, config, joined, timings, "dedup", started, explored=table,
-                          workers=worker_busy(client, cluster))
-        used = replace(search_plan(config, built, True), nprobe=joined.search.nprobe, rerank=joined.search.rerank,
-                       strategy=joined.search.strategy)
-        pair_nprobe = _pair_nprobe(client, config, plan, used, built, manifest)
+            return finish(
+                output,
+                config,
+                joined,
+                timings,
+                command="dedup",
+                started=started,
+                explored=table,
+                workers=worker_busy(client, cluster),
+            )
+        used = replace(
+            search_plan(config, built, True),
+            nprobe=joined.search.nprobe,
+            rerank=joined.search.rerank,
+            strategy=joined.search.strategy,
+        )
+        pair_nprobe = _pair_nprobe(client, config, plan=plan, used=used, built=built, manifest=manifest)
         timings.add("pair_tuning", time.monotonic() - t0)
         t0 = time.monotonic()
-        result, adj_starts = dedup_stages(client, plan, dataset, built.store, output, manifest, config.index.seed,
-                                          config.search.k, 2 * config.partition_bytes, used, pair_nprobe,
-                                          _shuffle_room(client))
+        result, adj_starts = dedup_stages(
+            client,
+            plan,
+            dataset,
+            built.store,
+            output,
+            manifest,
+            seed=config.index.seed,
+            k=config.search.k,
+            budget=2 * config.partition_bytes,
+            search=used,
+            pair_nprobe=pair_nprobe,
+            room_bytes=_shuffle_room(client),
+        )
         result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
         result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
         matches = None
         if d.against:
-            contamination, matches = match_against(client, cluster, config, built, output, timings, manifest)
-            result = replace(result, contamination=contamination,
-                             outputs={**result.outputs, "contamination": contamination.output})
+            contamination, matches = match_against(
+                client, cluster, config=config, built=built, output=output, timings=timings, main_manifest=manifest
+            )
+            result = replace(
+                result, contamination=contamination, outputs={**result.outputs, "contamination": contamination.output}
+            )
         if d.write_dataset:
             t0 = time.monotonic()
-            written = write_dataset(client, dataset, output, manifest, adj_starts, matches)
+            written = write_dataset(
+                client, dataset, output=output, manifest=manifest, part_starts=adj_starts, matches=matches
+            )
             outputs = {name: str(output / name) for name in ("deduplicated", "removed")}
             result = replace(result, dataset=written, outputs={**result.outputs, **outputs})
             timings.add("dataset", time.monotonic() - t0)
         if config.search.recall_queries:
             t0 = time.monotonic()
-            ex = pair_recall(client, plan, built.store, output, config.search.recall_queries, config.index.seed,
-                             adj_starts)
+            ex = pair_recall(
+                client,
+                plan,
+                store=built.store,
+                output=output,
+                queries=config.search.recall_queries,
+                seed=config.index.seed,
+                adj_starts=adj_starts,
+            )
             result = replace(result, exactness=ex)
             timings.add("pair_recall", time.monotonic() - t0)
-            log.info("pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
-                     ex.pair_recall, ex.queries, ex.exact_pairs, ex.below_threshold)
-        log.info("dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)", result.rows_in,
-                 result.pairs, result.groups, result.rows_dropped, plan.mode, plan.threshold)
-        return finish(output, config, joined, timings, "dedup", started, dedup=result,
-                      workers=worker_busy(client, cluster))
+            log.info(
+                "pair recall %s on %d sampled rows (%d exact pairs, %d found below the threshold)",
+                ex.pair_recall,
+                ex.queries,
+                ex.exact_pairs,
+                ex.below_threshold,
+            )
+        log.info(
+            "dedup: %d rows, %d pairs, %d groups, %d rows dropped (%s, threshold %s)",
+            result.rows_in,
+            result.pairs,
+            result.groups,
+            result.rows_dropped,
+            plan.mode,
+            plan.threshold,
+        )
+        return finish(
+            output,
+            config,
+            joined,
+            timings,
+            command="dedup",
+            started=started,
+            dedup=result,
+            workers=worker_busy(client, cluster),
+        )
 
 
 SHUFFLE_COPIES = 6  # a map or reduce task holds its edges a few times over (both directions, sort, concatenation)
@@ -115,13 +179,13 @@ def _shuffle_room(client: Any) -> int | None:
     limit = worker_memory(client)
     if not limit:
         return None
-    threads = max((int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values()),
-                  default=1)
+    threads = max((int(w.get("nthreads", 1)) for w in client.scheduler_info().get("workers", {}).values()), default=1)
     return int(limit) // (SHUFFLE_COPIES * max(1, threads))
 
 
-def _pair_nprobe(client: Any, config: Config, plan: DedupPlan, used: SearchPlan, built: BuiltIndex,
-                 manifest: Manifest) -> int | None:
+def _pair_nprobe(
+    client: Any, config: Config, *, plan: DedupPlan, used: SearchPlan, built: BuiltIndex, manifest: Manifest
+) -> int | None:
     """The inverted lists linked rows are searched again with to reach the pair-recall target
     (None: the join's suffice); tuned once per threshold and kept in the manifest for resumes."""
     target = config.dedup.target_pair_recall
@@ -129,12 +193,21 @@ def _pair_nprobe(client: Any, config: Config, plan: DedupPlan, used: SearchPlan,
     done = manifest.stage_info("dedup_pair_tuning")
     if done is not None and done.get("key") == key:
         return done["nprobe"]
-    nprobe, curve = (None, []) if target is None else tune_pair_nprobe(
-        client, plan, used, built.store, built.nlist, config.index.seed, target)
+    nprobe, curve = (
+        (None, [])
+        if target is None
+        else tune_pair_nprobe(
+            client, plan, used, store=built.store, nlist=built.nlist, seed=config.index.seed, target=target
+        )
+    )
     for probe, reached in curve:
         log.info("  dedup pairs: nprobe=%s finds %.4f of the sampled rows' exact pairs", probe, reached)
     if nprobe is not None:
-        log.info("dedup: rows with a pair are searched again with nprobe=%d (the join used %s) to find %.2f of "
-                 "the pairs", nprobe, used.nprobe, target)
+        log.info(
+            "dedup: rows with a pair are searched again with nprobe=%d (the join used %s) to find %.2f of the pairs",
+            nprobe,
+            used.nprobe,
+            target,
+        )
     manifest.finish_stage("dedup_pair_tuning", {"key": key, "nprobe": nprobe, "curve": curve})
     return nprobe

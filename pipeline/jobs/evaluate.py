@@ -65,8 +65,17 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSumm
                 if info is None:
                     raise PipelineError(f"{table.parent}: the query scan never finished; run the `join` again")
                 query_store = RowStore(table.parent / "_queries", np.array(info["starts"]), info["rows"])
-            sample = draw_sample(client, built.store, query_store, n, k, built.metric, exclude_self, self_join,
-                                 config.index.seed)
+            sample = draw_sample(
+                client,
+                built.store,
+                query_store,
+                n=n,
+                k=k,
+                metric=built.metric,
+                exclude_self=exclude_self,
+                self_join=self_join,
+                seed=config.index.seed,
+            )
             wanted = sample.ids.to_pylist()
             found_table = pq.read_table(
                 table, columns=["query_id", "neighbor_id", "score"], filters=[("query_id", "in", wanted)]
@@ -78,19 +87,31 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSumm
             exact_scores = bool(used and (used.rerank or used.strategy == "exact")) or built.rerank_default == 0
             missing = [q for q in wanted if q not in by_id]
             if missing:
-                raise PipelineError(f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
-                                    "the table is incomplete: re-run the job that wrote it")
+                raise PipelineError(
+                    f"{table}: {len(missing)} sampled queries have no row (e.g. {missing[0]!r}); "
+                    "the table is incomplete: re-run the job that wrote it"
+                )
             found = [by_id[q] for q in wanted]
             found_scores = [np.asarray(score_of[q], dtype=np.float64) for q in wanted] if exact_scores else None
             what: dict[str, Any] = {"table": shown(table)}
         else:
             plan = search_plan(config, built, True)
             k = plan.k
-            sample = draw_sample(client, built.store, built.store, n, k, built.metric, plan.exclude_self, True,
-                                 config.index.seed)
+            sample = draw_sample(
+                client,
+                built.store,
+                built.store,
+                n=n,
+                k=k,
+                metric=built.metric,
+                exclude_self=plan.exclude_self,
+                self_join=True,
+                seed=config.index.seed,
+            )
             found, found_scores = search_sample(client, plan, built.store, sample)
             what = {"index": shown(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
-    summary = replace(recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric),
-                      source=what)
+    summary = replace(
+        recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric), source=what
+    )
     log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.to_json().items() if "recall@" in key))
     return summary

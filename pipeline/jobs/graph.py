@@ -32,24 +32,61 @@ def graph(config: Config) -> JobReport:
     index_dir = index_dir_for(config, output)
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
-        built = build_index(client, cluster, config, index_dir, timings, search=config.search)
-        joined, manifest = join_index(client, cluster, config, built, output, timings,
-                                      knn_dir=output / "knn", command="graph")
+        built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search)
+        joined, manifest = join_index(
+            client, cluster, config, built, output, timings, knn_dir=output / "knn", command="graph"
+        )
         t0 = time.monotonic()
-        result, edge_starts = graph_stages(client, plan, built.dataset.pieces, built.store, output, manifest,
-                                           config.index.seed, 2 * config.partition_bytes)
+        result, edge_starts = graph_stages(
+            client,
+            plan,
+            built.dataset.pieces,
+            built.store,
+            output,
+            manifest,
+            seed=config.index.seed,
+            budget=2 * config.partition_bytes,
+        )
         timings.add("graph", time.monotonic() - t0)
         if config.search.recall_queries:
             t0 = time.monotonic()
-            sample = draw_sample(client, built.store, built.store, config.search.recall_queries, plan.k, metric,
-                                 True, True, config.index.seed)
-            got = GraphRecall(plan.k, len(sample.truth),
-                              round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4))
+            sample = draw_sample(
+                client,
+                built.store,
+                built.store,
+                n=config.search.recall_queries,
+                k=plan.k,
+                metric=metric,
+                exclude_self=True,
+                self_join=True,
+                seed=config.index.seed,
+            )
+            got = GraphRecall(
+                plan.k, len(sample.truth), round(graph_recall(sample, built.store, output, plan.k, edge_starts), 4)
+            )
             result = replace(result, recall=got)
             timings.add("graph_recall", time.monotonic() - t0)
-            log.info("graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
-                     got.graph_recall, plan.k)
-        log.info("graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s", plan.mode,
-                 result.nodes, result.edges, result.components, result.largest_component, result.mutual_share)
-        return finish(output, config, joined, timings, "graph", started, graph=result,
-                      workers=worker_busy(client, cluster))
+            log.info(
+                "graph recall %.4f: share of the exact %d nearest neighbours among each sampled row's edges",
+                got.graph_recall,
+                plan.k,
+            )
+        log.info(
+            "graph (%s): %d nodes, %d edges, %d components (largest %d), mutual share %s",
+            plan.mode,
+            result.nodes,
+            result.edges,
+            result.components,
+            result.largest_component,
+            result.mutual_share,
+        )
+        return finish(
+            output,
+            config,
+            joined,
+            timings,
+            command="graph",
+            started=started,
+            graph=result,
+            workers=worker_busy(client, cluster),
+        )

@@ -32,8 +32,9 @@ __all__ = ["measure_recall"]
 log = logging.getLogger(__name__)
 
 
-def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: RowStore, plan: SearchPlan,
-                    manifest: Manifest) -> RecallResult:
+def measure_recall(
+    client: Any, config: Config, built: BuiltIndex, query_store: RowStore, *, plan: SearchPlan, manifest: Manifest
+) -> RecallResult:
     """Tune what was not given (nprobe, the re-rank factor) to the recall target, switch to exact
     search where the index cannot reach it or exact search is cheaper, then measure the plan used
     on held-out queries (tie-aware and strict recall).
@@ -49,8 +50,17 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     tune_nprobe = target is not None and s.nprobe is None and bool(built.nlist)
     tune_rerank = target is not None and s.rerank is None and plan.rerank > 0
     tuning = tune_nprobe or tune_rerank
-    sample = draw_sample(client, built.store, query_store, 2 * s.recall_queries if tuning else s.recall_queries,
-                         plan.k, built.metric, plan.exclude_self, plan.self_join, config.index.seed)
+    sample = draw_sample(
+        client,
+        built.store,
+        query_store,
+        n=2 * s.recall_queries if tuning else s.recall_queries,
+        k=plan.k,
+        metric=built.metric,
+        exclude_self=plan.exclude_self,
+        self_join=plan.self_join,
+        seed=config.index.seed,
+    )
     curve: list[TunePoint] = []
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
@@ -58,35 +68,86 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
     if tuning and target is not None:
         tune, held = sample.split()
         factors = RERANK_FACTORS if tune_rerank else (plan.rerank,)
-        curve = walk(client, plan, built.store, tune, built.nlist, factors, target,
-                     nprobe=None if tune_nprobe else plan.nprobe)
+        curve = walk(
+            client,
+            plan,
+            built.store,
+            sample=tune,
+            nlist=built.nlist,
+            factors=factors,
+            target=target,
+            nprobe=None if tune_nprobe else plan.nprobe,
+        )
         for p in curve:
             speed = "computed from list ranks" if p.computed else f"{p.qps:.0f} queries/s"
-            log.info("  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %s", p.nprobe, p.rerank,
-                     plan.k, p.recall, p.strict, speed)
+            log.info(
+                "  nprobe=%-5s rerank=%-2d recall@%d=%.3f (strict %.3f)  %s",
+                p.nprobe,
+                p.rerank,
+                plan.k,
+                p.recall,
+                p.strict,
+                speed,
+            )
         chosen = choose(curve, target)
         plan = replace(plan, nprobe=chosen.nprobe, rerank=chosen.rerank)
-        log.info("target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings %s)",
-                 target, chosen.nprobe, chosen.rerank, chosen.recall, len(curve),
-                 "computed" if chosen.computed else "tried")
-        plan, why = _exact_or_index(plan, chosen, target, query_cost(None, built.ntotal, built.dim, plan.k, None, 0),
-                                    s.allow_below_target)
+        log.info(
+            "target recall %.3f: chose nprobe=%s rerank=%d (recall %.3f on the tuning half, %d settings %s)",
+            target,
+            chosen.nprobe,
+            chosen.rerank,
+            chosen.recall,
+            len(curve),
+            "computed" if chosen.computed else "tried",
+        )
+        plan, why = _exact_or_index(
+            plan,
+            chosen,
+            target,
+            query_cost(None, ntotal=built.ntotal, dim=built.dim, k=plan.k, nprobe=None, rerank=0),
+            s.allow_below_target,
+        )
     else:
         held = sample
     measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
     steps: list[TunePoint] = []
-    if tuning and target is not None and plan.strategy != "exact" and measured.recall < target \
-            and not s.allow_below_target:
-        plan, measured, steps, why = _step_up(client, plan, built, held, target, measured, tune_nprobe, why)
+    if (
+        tuning
+        and target is not None
+        and plan.strategy != "exact"
+        and measured.recall < target
+        and not s.allow_below_target
+    ):
+        plan, measured, steps, why = _step_up(
+            client, plan, built, held=held, target=target, measured=measured, tune_nprobe=tune_nprobe, why=why
+        )
     tuned_s = time.monotonic() - t0
-    log.info("recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)", plan.k,
-             measured.recall, measured.strict, measured.queries, "held-out " if tuning else "sampled ", why)
-    result = RecallResult(plan.k, round(measured.recall, 4), round(measured.strict, 4), measured.queries,
-                          plan.nprobe, plan.rerank, target, target is None or measured.recall >= target,
-                          round(tuned_s, 3), tuple(p.record() for p in curve), plan.strategy, why,
-                          bound=None if chosen is None else round(chosen.bound, 4),
-                          confidence=None if chosen is None else CONFIDENCE,
-                          step_ups=tuple(p.record() for p in steps))
+    log.info(
+        "recall@%d %.3f (tie-aware; strict %.3f) measured on %d %squeries against exact search (%s)",
+        plan.k,
+        measured.recall,
+        measured.strict,
+        measured.queries,
+        "held-out " if tuning else "sampled ",
+        why,
+    )
+    result = RecallResult(
+        plan.k,
+        round(measured.recall, 4),
+        round(measured.strict, 4),
+        measured.queries,
+        plan.nprobe,
+        plan.rerank,
+        target,
+        target is None or measured.recall >= target,
+        round(tuned_s, 3),
+        tuple(p.record() for p in curve),
+        plan.strategy,
+        why,
+        bound=None if chosen is None else round(chosen.bound, 4),
+        confidence=None if chosen is None else CONFIDENCE,
+        step_ups=tuple(p.record() for p in steps),
+    )
     manifest.finish_stage("recall", result)
     return result
 
@@ -94,8 +155,17 @@ def measure_recall(client: Any, config: Config, built: BuiltIndex, query_store: 
 STEP_UPS = 4  # settings tried, held out, above a tuned one that fell short there, before exact search
 
 
-def _step_up(client: Any, plan: SearchPlan, built: BuiltIndex, held: RecallSample, target: float,
-             measured: TunePoint, tune_nprobe: bool, why: str) -> tuple[SearchPlan, TunePoint, list[TunePoint], str]:
+def _step_up(
+    client: Any,
+    plan: SearchPlan,
+    built: BuiltIndex,
+    *,
+    held: RecallSample,
+    target: float,
+    measured: TunePoint,
+    tune_nprobe: bool,
+    why: str,
+) -> tuple[SearchPlan, TunePoint, list[TunePoint], str]:
     """The tuned setting reached the target on the tuning half but fell short held out (the
     curve was flat near the target, or the sample's queries were fewer independent ones than
     rows): step it up, half again as many lists (or twice the re-rank factor) at a time, measured
@@ -113,21 +183,42 @@ def _step_up(client: Any, plan: SearchPlan, built: BuiltIndex, held: RecallSampl
             break
         measured = sweep(client, plan, built.store, held, [(nprobe, rerank)])[0]
         steps.append(measured)
-        log.info("  held-out recall %.3f below the target %.3f: stepped up to nprobe=%s rerank=%d: %.3f", first,
-                 target, nprobe, rerank, measured.recall)
+        log.info(
+            "  held-out recall %.3f below the target %.3f: stepped up to nprobe=%s rerank=%d: %.3f",
+            first,
+            target,
+            nprobe,
+            rerank,
+            measured.recall,
+        )
         if measured.recall >= target:
-            return (replace(plan, nprobe=nprobe, rerank=rerank), measured, steps,
-                    f"{why}; stepped up to nprobe={nprobe}, rerank={rerank} after the held-out half gave {first:.3f}")
-    log.warning("held-out recall stayed below %.3f after %d step(s) up: joining with exact search over the row store",
-                target, len(steps))
+            return (
+                replace(plan, nprobe=nprobe, rerank=rerank),
+                measured,
+                steps,
+                f"{why}; stepped up to nprobe={nprobe}, rerank={rerank} after the held-out half gave {first:.3f}",
+            )
+    log.warning(
+        "held-out recall stayed below %.3f after %d step(s) up: joining with exact search over the row store",
+        target,
+        len(steps),
+    )
     exact = replace(plan, strategy="exact", nprobe=None, rerank=0)
     measured = sweep(client, exact, built.store, held, [(None, 0)])[0]
-    return exact, measured, steps, (f"exact search: the tuned setting gave {first:.3f} held out, and {len(steps)} "
-                                    "step(s) up did not reach the target")
+    return (
+        exact,
+        measured,
+        steps,
+        (
+            f"exact search: the tuned setting gave {first:.3f} held out, and {len(steps)} "
+            "step(s) up did not reach the target"
+        ),
+    )
 
 
-def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, exact_cost: float, allow_below: bool
-                    ) -> tuple[SearchPlan, str]:
+def _exact_or_index(
+    plan: SearchPlan, chosen: TunePoint, target: float, exact_cost: float, allow_below: bool
+) -> tuple[SearchPlan, str]:
     """The plan to join with, and why: the tuned index setting, or exact search over the row store
     when no index setting reaches ``target`` (unless ``allow_below``) or exact search costs no more
     work per query (:func:`pipeline.search.tuning.query_cost`: a model, so the same input and
@@ -137,13 +228,26 @@ def _exact_or_index(plan: SearchPlan, chosen: TunePoint, target: float, exact_co
     if not chosen.passes(target):
         if allow_below:
             return plan, f"tuned to {setting}, the best the index reached (below the target, accepted)"
-        log.warning("no setting of the index reached recall %.3f (best %.3f at %s): joining with exact search over "
-                    "the row store instead", target, chosen.recall, setting)
-        return exact, (f"exact search: the index reached at most {chosen.recall:.3f} on the tuning half "
-                       f"({setting}), below the target")
+        log.warning(
+            "no setting of the index reached recall %.3f (best %.3f at %s): joining with exact search over "
+            "the row store instead",
+            target,
+            chosen.recall,
+            setting,
+        )
+        return exact, (
+            f"exact search: the index reached at most {chosen.recall:.3f} on the tuning half "
+            f"({setting}), below the target"
+        )
     if chosen.cost and exact_cost <= chosen.cost:
-        log.info("exact search costs %.3g operations per query, the tuned index %.3g: joining with exact search",
-                 exact_cost, chosen.cost)
-        return exact, f"exact search: no more work than the index at the target ({exact_cost:.3g} against " \
-                      f"{chosen.cost:.3g} operations per query)"
+        log.info(
+            "exact search costs %.3g operations per query, the tuned index %.3g: joining with exact search",
+            exact_cost,
+            chosen.cost,
+        )
+        return (
+            exact,
+            f"exact search: no more work than the index at the target ({exact_cost:.3g} against "
+            f"{chosen.cost:.3g} operations per query)",
+        )
     return plan, f"tuned to {setting}"

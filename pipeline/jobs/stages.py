@@ -99,10 +99,14 @@ class Timings:
             write_json(self.path, {"phases": self.phases, "wall": round(wall, 3)})
 
 
-def _resolve_key(spec: IndexSpec, rows: int, dim: int, budget: int | None,
-                 cluster: ClusterInfo) -> tuple[str, faiss.Index]:
-    key = (default_index_key(rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
-           if spec.key == "auto" else spec.key)
+def _resolve_key(
+    spec: IndexSpec, rows: int, dim: int, budget: int | None, cluster: ClusterInfo
+) -> tuple[str, faiss.Index]:
+    key = (
+        default_index_key(rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
+        if spec.key == "auto"
+        else spec.key
+    )
     return key, make_index(key, dim, spec.metric or "cosine")
 
 
@@ -142,8 +146,11 @@ def _train_task(
         progress.note(f"reading {len(rows):,} sampled rows")
         sample = load_sample(store, rows)
         ivf = ivf_of(index)
-        progress.note(f"k-means into {ivf.nlist:,} lists on {len(rows):,} rows" if ivf is not None
-                      else f"training {key} on {len(rows):,} rows")
+        progress.note(
+            f"k-means into {ivf.nlist:,} lists on {len(rows):,} rows"
+            if ivf is not None
+            else f"training {key} on {len(rows):,} rows"
+        )
         with worker_device() as be:
             be.train(index, sample)
         progress.note("writing the trained index")
@@ -151,8 +158,9 @@ def _train_task(
         faiss.write_index(index, str(tmp))
 
 
-def _plan_build(client: Any, cluster: ClusterInfo, config: Config,
-                search: SearchSpec | None) -> tuple[Dataset, int | None]:
+def _plan_build(
+    client: Any, cluster: ClusterInfo, config: Config, search: SearchSpec | None
+) -> tuple[Dataset, int | None]:
     """The input's plan (from Parquet footers) and one worker's memory; everything that can be
     checked before reading (memory floor, index key, training rows, k and nprobe) is checked."""
     spec = config.index
@@ -168,8 +176,17 @@ def _plan_build(client: Any, cluster: ClusterInfo, config: Config,
     return dataset, budget
 
 
-def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int, metric: Metric, n_train: int,
-           seed: int, path: Path) -> None:
+def _train(
+    client: Any,
+    manifest: Manifest,
+    store: RowStore,
+    key: str,
+    dim: int,
+    metric: Metric,
+    n_train: int,
+    seed: int,
+    path: Path,
+) -> None:
     """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage."""
     if n_train:
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
@@ -179,8 +196,16 @@ def _train(client: Any, manifest: Manifest, store: RowStore, key: str, dim: int,
     manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
 
 
-def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Path,
-                timings: Timings, search: SearchSpec | None = None, incremental: bool = False) -> BuiltIndex:
+def build_index(
+    client: Any,
+    cluster: ClusterInfo,
+    config: Config,
+    index_dir: Path,
+    *,
+    timings: Timings,
+    search: SearchSpec | None = None,
+    incremental: bool = False,
+) -> BuiltIndex:
     """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished).
 
     ``incremental``: an index built from fewer files (the same ones, new files after them) is
@@ -191,8 +216,12 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     t0 = time.monotonic()
     dataset, budget = _plan_build(client, cluster, config, search)
     identity = {
-        "input": dataset.fingerprint(), "metric": metric, "index_key": spec.key,
-        "sample_size": spec.sample_size, "seed": spec.seed, "partition_bytes": config.partition_bytes,
+        "input": dataset.fingerprint(),
+        "metric": metric,
+        "index_key": spec.key,
+        "sample_size": spec.sample_size,
+        "seed": spec.seed,
+        "partition_bytes": config.partition_bytes,
     }
     manifest = Manifest(index_dir)
     if manifest.open(identity, config.overwrite, "index", allow_append=incremental):
@@ -203,7 +232,7 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
     timings.add("plan", time.monotonic() - t0)
 
     t0 = time.monotonic()
-    dim = scan_dataset(client, dataset, store, metric, manifest)
+    dim = scan_dataset(client, dataset, store=store, metric=metric, manifest=manifest)
     timings.add("scan", time.monotonic() - t0)
     trained = manifest.stage_record("train", TrainRecord)
     trained_key = trained.key if trained else None
@@ -224,7 +253,9 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
 
     t0 = time.monotonic()
     mode = fill_mode(key, make_encoder(key, dim, metric))
-    ntotal = fill_index(client, trained_path, store, dataset.pieces, index_dir, manifest, mode)
+    ntotal = fill_index(
+        client, trained_path, store, pieces=dataset.pieces, index_dir=index_dir, manifest=manifest, mode=mode
+    )
     timings.add("fill", time.monotonic() - t0)
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
@@ -238,12 +269,24 @@ def build_index(client: Any, cluster: ClusterInfo, config: Config, index_dir: Pa
             if spec.key == "auto"
             else "given by index_key"
         )
-    record = IndexRecord(key, dim, metric, ntotal, nlist_of(empty), default_rerank(empty),
-                         tuple(dataset.starts.tolist()), why)
+    record = IndexRecord(
+        key, dim, metric, ntotal, nlist_of(empty), default_rerank(empty), tuple(dataset.starts.tolist()), why
+    )
     manifest.finish_stage("index", record)
     log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, shown(index_dir))
-    return BuiltIndex(index_dir, dataset, store, dim, metric, key, ntotal, record.nlist, record.rerank_default,
-                      manifest.data["identity"], why)
+    return BuiltIndex(
+        index_dir,
+        dataset,
+        store,
+        dim,
+        metric,
+        key,
+        ntotal,
+        record.nlist,
+        record.rerank_default,
+        manifest.data["identity"],
+        why,
+    )
 
 
 def _verify_index_files(manifest: Manifest) -> None:
@@ -264,8 +307,9 @@ def open_index(index_dir: Path) -> BuiltIndex:
     manifest.check_readable(f"rebuild the index with `build --index-dir {shown(index_dir)} --overwrite`")
     info = manifest.stage_record("index", IndexRecord) if manifest.path.exists() else None
     if info is None:
-        raise PipelineError(f"{shown(index_dir)}: no finished index here; run `build` (or `run`) with --index-dir "
-                            f"{shown(index_dir)}")
+        raise PipelineError(
+            f"{shown(index_dir)}: no finished index here; run `build` (or `run`) with --index-dir {shown(index_dir)}"
+        )
     fill = manifest.stage_record("fill", FillRecord)
     bad = manifest.first_lost_file("scan") or manifest.first_damaged(fill.files if fill else ())
     if bad is not None:
@@ -276,13 +320,30 @@ def open_index(index_dir: Path) -> BuiltIndex:
     ident = manifest.data["identity"]
     files = ident["input"]["files"]
     # the indexed dataset as recorded; its files are not re-read (only the row store is)
-    dataset = Dataset(files=(), pieces=(), id_column=ident["input"]["id_column"],
-                      vector_column=ident["input"]["vector_column"], dim=info.dim, id_kind="",
-                      total_rows=info.ntotal)
+    dataset = Dataset(
+        files=(),
+        pieces=(),
+        id_column=ident["input"]["id_column"],
+        vector_column=ident["input"]["vector_column"],
+        dim=info.dim,
+        id_kind="",
+        total_rows=info.ntotal,
+    )
     store = RowStore(index_dir / "store", np.array(info.starts, dtype=np.int64), info.ntotal)
     log.info("index: %s, %d vectors of dimension %d (%d input files)", info.key, info.ntotal, info.dim, len(files))
-    return BuiltIndex(index_dir, dataset, store, info.dim, info.metric, info.key, info.ntotal, info.nlist,
-                      info.rerank_default, ident, info.why)
+    return BuiltIndex(
+        index_dir,
+        dataset,
+        store,
+        info.dim,
+        info.metric,
+        info.key,
+        info.ntotal,
+        info.nlist,
+        info.rerank_default,
+        ident,
+        info.why,
+    )
 
 
 def check_query_ids(built: BuiltIndex, queries: Dataset, exclude_self: bool) -> None:
@@ -310,8 +371,9 @@ def search_plan(config: Config, built: BuiltIndex, self_join: bool) -> SearchPla
     return SearchPlan(str(built.dir), built.metric, s.k, nprobe, rerank, s.exclude_self, self_join)
 
 
-def _scan_queries(client: Any, config: Config, built: BuiltIndex, queries: Dataset, output: Path,
-                  manifest: Manifest) -> RowStore:
+def _scan_queries(
+    client: Any, config: Config, built: BuiltIndex, *, queries: Dataset, output: Path, manifest: Manifest
+) -> RowStore:
     """Scan a query dataset (not the indexed rows) into ``output/_queries``, its dimension checked."""
     if queries.dim is not None and queries.dim != built.dim:
         raise InputError(
@@ -320,7 +382,9 @@ def _scan_queries(client: Any, config: Config, built: BuiltIndex, queries: Datas
         )
     check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * queries.max_piece_bytes(config.partition_bytes))
     query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
-    qdim = scan_dataset(client, queries, query_store, built.metric, manifest, stage="scan_queries")
+    qdim = scan_dataset(
+        client, queries, store=query_store, metric=built.metric, manifest=manifest, stage="scan_queries"
+    )
     if qdim != built.dim:
         raise InputError(
             f"column '{queries.vector_column}': query vectors have dimension {qdim} but the index holds "
@@ -329,9 +393,19 @@ def _scan_queries(client: Any, config: Config, built: BuiltIndex, queries: Datas
     return query_store
 
 
-def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIndex, output: Path,
-               timings: Timings, queries: Dataset | None = None, knn_dir: Path | None = None,
-               command: str = "join", incremental: bool = False) -> tuple[JoinResult, Manifest]:
+def join_index(
+    client: Any,
+    cluster: ClusterInfo,
+    config: Config,
+    built: BuiltIndex,
+    output: Path,
+    timings: Timings,
+    *,
+    queries: Dataset | None = None,
+    knn_dir: Path | None = None,
+    command: str = "join",
+    incremental: bool = False,
+) -> tuple[JoinResult, Manifest]:
     """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
 
     ``knn_dir``: also write the lists as global rows there (self-joins feeding dedup or a graph).
@@ -343,16 +417,23 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         )
     s = config.search
     if s.target_recall is not None and not s.recall_queries:
-        raise ConfigError(f"--recall-queries 0 turns off the recall measurement that --target-recall {s.target_recall} "
-                          "is checked with; give a sample size, or pass --target-recall off as well")
+        raise ConfigError(
+            f"--recall-queries 0 turns off the recall measurement that --target-recall {s.target_recall} "
+            "is checked with; give a sample size, or pass --target-recall off as well"
+        )
     plan = search_plan(config, built, queries is None)
     if knn_dir is not None:
         plan = replace(plan, knn_dir=str(knn_dir))
     identity = {
         "command": command,
-        "index": built.identity, "queries": "self" if queries is None else queries.fingerprint(),
-        "k": s.k, "nprobe": s.nprobe, "rerank": s.rerank, "exclude_self": s.exclude_self,
-        "target_recall": s.target_recall, "recall_queries": s.recall_queries,
+        "index": built.identity,
+        "queries": "self" if queries is None else queries.fingerprint(),
+        "k": s.k,
+        "nprobe": s.nprobe,
+        "rerank": s.rerank,
+        "exclude_self": s.exclude_self,
+        "target_recall": s.target_recall,
+        "recall_queries": s.recall_queries,
     }
     keep = built.dir.name if built.dir.parent.resolve() == output.resolve() else None
     manifest = Manifest(output)
@@ -367,29 +448,48 @@ def join_index(client: Any, cluster: ClusterInfo, config: Config, built: BuiltIn
         query_store, pieces, n_queries = built.store, built.dataset.pieces, built.ntotal
     else:
         t0 = time.monotonic()
-        query_store = _scan_queries(client, config, built, queries, output, manifest)
+        query_store = _scan_queries(client, config, built, queries=queries, output=output, manifest=manifest)
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
     recall: RecallResult | None = None
     if s.recall_queries:
         t0 = time.monotonic()
-        recall = measure_recall(client, config, built, query_store, plan, manifest)
+        recall = measure_recall(client, config, built, query_store, plan=plan, manifest=manifest)
         plan = replace(plan, nprobe=recall.nprobe, rerank=recall.rerank, strategy=recall.strategy)
         timings.add("recall", time.monotonic() - t0)
-    log.info("join: %d queries, k=%d, %s, exclude_self=%s", n_queries, plan.k,
-             "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe}, rerank={plan.rerank}",
-             plan.exclude_self)
+    log.info(
+        "join: %d queries, k=%d, %s, exclude_self=%s",
+        n_queries,
+        plan.k,
+        "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe}, rerank={plan.rerank}",
+        plan.exclude_self,
+    )
     # the exact self-join scores each pair of pieces once for both on CPUs; a GPU searches the
     # whole store resident in its memory instead
     by_pairs = all(d.backend == "cpu" for d in cluster.devices)
-    seconds = join_pieces(client, plan, built.store, query_store, pieces, output / "neighbors", manifest, built.dim,
-                          by_pairs)
+    seconds = join_pieces(
+        client,
+        plan,
+        built.store,
+        query_store,
+        pieces=pieces,
+        out_dir=output / "neighbors",
+        manifest=manifest,
+        dim=built.dim,
+        by_pairs=by_pairs,
+    )
     timings.add("join", seconds)
     result = JoinResult(
         index=IndexSummary(str(built.dir), built.key, built.ntotal, built.dim, built.metric, built.nlist, built.why),
-        search=SearchSummary(plan.k, plan.nprobe, plan.rerank, plan.exclude_self,
-                             "+".join(sorted({d.backend for d in cluster.devices})) or "cpu", plan.strategy,
-                             recall.why if recall else ""),
+        search=SearchSummary(
+            plan.k,
+            plan.nprobe,
+            plan.rerank,
+            plan.exclude_self,
+            "+".join(sorted({d.backend for d in cluster.devices})) or "cpu",
+            plan.strategy,
+            recall.why if recall else "",
+        ),
         devices=tuple(cluster.devices),
         queries=n_queries,
         neighbors=str(output / "neighbors"),

@@ -30,14 +30,15 @@ def _exact_piece(
 
 
 def exact_knn(
-    client: Any, store: RowStore, n_pieces: int, queries: np.ndarray, k: int, metric: Metric
+    client: Any, store: RowStore, n_pieces: int, *, queries: np.ndarray, k: int, metric: Metric
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores, global rows) of ``queries`` over every stored piece.
 
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
-    futures = [client.submit(_exact_piece, store, p, queries, k, metric, key=task_key("ground_truth"))
-               for p in range(n_pieces)]
+    futures = [
+        client.submit(_exact_piece, store, p, queries, k, metric, key=task_key("ground_truth")) for p in range(n_pieces)
+    ]
     bounds = np.append(store.starts, store.total_rows)
     progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.total_rows)
 

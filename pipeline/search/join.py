@@ -33,8 +33,17 @@ from pipeline.shuffle.edges import write_knn
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import PieceProgress, run_tasks
 
-__all__ = ["SearchPlan", "join_pieces", "search_batch", "candidates_per_query", "knn_path", "to_padded",
-           "BATCH_BYTES", "shared_index", "search_params"]
+__all__ = [
+    "SearchPlan",
+    "join_pieces",
+    "search_batch",
+    "candidates_per_query",
+    "knn_path",
+    "to_padded",
+    "BATCH_BYTES",
+    "shared_index",
+    "search_params",
+]
 
 log = logging.getLogger(__name__)
 
@@ -89,8 +98,13 @@ def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParamet
 
 
 def search_batch(
-    index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None, q_ids: pa.Array,
-    index_store: RowStore, found: tuple[np.ndarray, np.ndarray] | None = None,
+    index: faiss.Index | None,
+    plan: SearchPlan,
+    q: np.ndarray,
+    q_rows: np.ndarray | None,
+    q_ids: pa.Array,
+    index_store: RowStore,
+    found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search one batch; return (row offsets, scores, neighbour global rows) in list layout.
 
@@ -103,8 +117,14 @@ def search_batch(
 
 
 def _search_batch(
-    be: Backend, index: faiss.Index | None, plan: SearchPlan, q: np.ndarray, q_rows: np.ndarray | None,
-    q_ids: pa.Array, index_store: RowStore, found: tuple[np.ndarray, np.ndarray] | None = None,
+    be: Backend,
+    index: faiss.Index | None,
+    plan: SearchPlan,
+    q: np.ndarray,
+    q_rows: np.ndarray | None,
+    q_ids: pa.Array,
+    index_store: RowStore,
+    found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = candidates_per_query(plan, index_store.total_rows if index is None else int(index.ntotal))
     if found is not None:
@@ -141,7 +161,12 @@ def _search_batch(
 
 
 def _join_piece(
-    plan: SearchPlan, index_store: RowStore, query_store: RowStore, piece: Piece, out: str, budget_rows: int,
+    plan: SearchPlan,
+    index_store: RowStore,
+    query_store: RowStore,
+    piece: Piece,
+    out: str,
+    budget_rows: int,
     pairs: PairLayout | None = None,
 ) -> int:
     with worker_device() as be:
@@ -155,8 +180,11 @@ def _join_piece(
     log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
     q_all = query_store.vectors(piece.index)
     q_ids_all = query_store.ids(piece.index)
-    lists = None if pairs is None else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows),
-                                                   plan.metric)
+    lists = (
+        None
+        if pairs is None
+        else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
+    )
     short = 0
     buffered: list[pa.Table] = []
     knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
@@ -176,11 +204,13 @@ def _join_piece(
             short += int((np.diff(offsets) < plan.k).sum())
             if knn_rows is not None and knn_scores is not None:
                 to_padded(knn_rows, knn_scores, lo, offsets, nbr_rows, scores)
-            table = pa.table({
-                "query_id": q_ids,
-                "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
-                "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
-            })
+            table = pa.table(
+                {
+                    "query_id": q_ids,
+                    "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
+                    "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
+                }
+            )
             if writer is None:
                 writer = pq.ParquetWriter(str(tmp), table.schema)
             buffered.append(table)
@@ -195,8 +225,9 @@ def _join_piece(
     return short
 
 
-def to_padded(rows_out: np.ndarray, scores_out: np.ndarray, first: int, offsets: np.ndarray, rows: np.ndarray,
-              scores: np.ndarray) -> None:
+def to_padded(
+    rows_out: np.ndarray, scores_out: np.ndarray, first: int, offsets: np.ndarray, rows: np.ndarray, scores: np.ndarray
+) -> None:
     """Scatter lists in list layout (``offsets``) into ``-1``-padded arrays, from line ``first`` on."""
     counts = np.diff(offsets)
     line = first + np.repeat(np.arange(counts.size), counts)
@@ -211,8 +242,16 @@ def knn_path(knn_dir: str | Path | None, piece: int) -> Path:
 
 
 def join_pieces(
-    client: object, plan: SearchPlan, index_store: RowStore, query_store: RowStore, pieces: Sequence[Piece],
-    out_dir: Path, manifest: Manifest, dim: int, by_pairs: bool = False,
+    client: Any,
+    plan: SearchPlan,
+    index_store: RowStore,
+    query_store: RowStore,
+    *,
+    pieces: Sequence[Piece],
+    out_dir: Path,
+    manifest: Manifest,
+    dim: int,
+    by_pairs: bool = False,
 ) -> float:
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
 
@@ -226,25 +265,45 @@ def join_pieces(
     done = manifest.done_pieces("join")
     short = [0]
     began = bool(manifest.done_pieces("exact_diagonal"))  # a join by pairs killed part way goes on by pairs
-    layout = (plan_groups(index_store, dim, out_dir.parent / PAIRS_DIR)
-              if by_pairs and plan.strategy == "exact" and plan.self_join and (began or not done) else None)
-    paired = 0.0 if layout is None else exact_pairs(
-        client, index_store, layout, candidates_per_query(plan, index_store.total_rows), plan.metric, manifest)
+    layout = (
+        plan_groups(index_store, dim, out_dir.parent / PAIRS_DIR)
+        if by_pairs and plan.strategy == "exact" and plan.self_join and (began or not done)
+        else None
+    )
+    paired = (
+        0.0
+        if layout is None
+        else exact_pairs(
+            client,
+            index_store,
+            layout=layout,
+            width=candidates_per_query(plan, index_store.total_rows),
+            metric=plan.metric,
+            manifest=manifest,
+        )
+    )
 
     def finished(p: Piece, n_short: int) -> None:
         short[0] += n_short
         files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
         manifest.mark_piece("join", p.index, files)
 
-    seconds = run_tasks(
-        client, _join_piece, [p for p in pieces if p.index not in done], "join",
-        args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows, layout),
-        on_done=finished,
-    ) + paired
+    seconds = (
+        run_tasks(
+            client,
+            _join_piece,
+            [p for p in pieces if p.index not in done],
+            "join",
+            args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows, layout),
+            on_done=finished,
+        )
+        + paired
+    )
     if short[0]:
         log.warning(
             "%d queries got fewer than k=%d neighbours (the probed lists held too few); raise --nprobe",
-            short[0], plan.k,
+            short[0],
+            plan.k,
         )
     manifest.finish_stage("join", {"seconds": seconds})
     if layout is not None:

@@ -33,8 +33,9 @@ def list_major_rows(nlist: int, nprobe: int | None) -> int:
     return max(MIN_BATCH_ROWS, QUERIES_PER_LIST * int(nlist) // max(1, int(nprobe or 1)))
 
 
-def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: int,
-                      threads: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def list_major_search(
+    index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: int, threads: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of the ``k`` best stored vectors for each row of ``x`` among its
     ``nprobe`` nearest lists (``-1`` ids where fewer were found), as ``index.search`` gives them.
 
@@ -71,8 +72,9 @@ def list_major_search(index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: 
 HEAP_CHUNK = 100_000  # scores a heap call takes at once: FAISS runs larger calls on OpenMP threads
 
 
-def _walk_lists(index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, k: int, similarity: bool
-                ) -> tuple[np.ndarray, np.ndarray]:
+def _walk_lists(
+    index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, k: int, similarity: bool
+) -> tuple[np.ndarray, np.ndarray]:
     """One thread's list-major walk: the queries ``x``, each with its ``nprobe`` lists ``assign``.
     Squared L2 is ranked without each query's own norm (added by the caller)."""
     flat = assign.ravel()
@@ -104,8 +106,9 @@ def _walk_lists(index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, k:
         for a in range(0, len(subset), step):  # one id line for every row (stride 0)
             rows = np.ascontiguousarray(subset[a : a + step])
             part = np.ascontiguousarray(block[a : a + step])
-            heaps.addn_query_subset_with_ids(len(rows), faiss.swig_ptr(rows), size, faiss.swig_ptr(part),
-                                             faiss.swig_ptr(list_ids), 0)
+            heaps.addn_query_subset_with_ids(
+                len(rows), faiss.swig_ptr(rows), size, faiss.swig_ptr(part), faiss.swig_ptr(list_ids), 0
+            )
     heap.finalize()
     return heap.D, heap.I
 

@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -34,8 +35,17 @@ from pipeline.search.stored import merge_topk, shifted
 from pipeline.stages.manifest import Manifest
 from pipeline.stages.progress import run_tasks
 
-__all__ = ["PAIRS_DIR", "GROUP_BYTES", "MAX_GROUPS", "Group", "PairLayout", "plan_groups", "exact_pairs", "piece_lists",
-           "drop_pairs"]
+__all__ = [
+    "PAIRS_DIR",
+    "GROUP_BYTES",
+    "MAX_GROUPS",
+    "Group",
+    "PairLayout",
+    "plan_groups",
+    "exact_pairs",
+    "piece_lists",
+    "drop_pairs",
+]
 
 log = logging.getLogger(__name__)
 
@@ -115,14 +125,21 @@ def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, 
     with np.load(_diagonal_path(layout.folder, h)) as z:
         floor = z["scores"][:, -1]  # h's k-th best within h: nothing lower enters its top k
     with worker_device() as be:
-        (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(_vectors(store, a), _vectors(store, b), width, metric,
-                                                              floor)
-    write_npz(_pair_path(layout.folder, g, h), a_scores=a_scores, a_rows=shifted(a_rows, b.start),
-              b_scores=b_scores, b_rows=shifted(b_rows, a.start))
+        (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(
+            _vectors(store, a), _vectors(store, b), width, metric, floor
+        )
+    write_npz(
+        _pair_path(layout.folder, g, h),
+        a_scores=a_scores,
+        a_rows=shifted(a_rows, b.start),
+        b_scores=b_scores,
+        b_rows=shifted(b_rows, a.start),
+    )
 
 
-def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int, metric: Metric,
-                manifest: Manifest) -> float:
+def exact_pairs(
+    client: Any, store: RowStore, *, layout: PairLayout, width: int, metric: Metric, manifest: Manifest
+) -> float:
     """Run the diagonal and pair tasks not yet done (stages ``exact_diagonal``, ``exact_pairs``);
     return their wall time."""
     Path(layout.folder).mkdir(parents=True, exist_ok=True)
@@ -130,16 +147,23 @@ def exact_pairs(client: object, store: RowStore, layout: PairLayout, width: int,
     diagonal = [_Task(g, g, g, grp.rows) for g, grp in enumerate(layout.groups)]
     done = manifest.done_pieces("exact_diagonal")
     seconds = run_tasks(
-        client, _diagonal_task, [t for t in diagonal if t.index not in done], "exact diagonal",
+        client,
+        _diagonal_task,
+        [t for t in diagonal if t.index not in done],
+        "exact diagonal",
         args=lambda t: (store, layout, t.g, width, metric),
         on_done=lambda t, _: manifest.mark_piece("exact_diagonal", t.index, [_diagonal_path(layout.folder, t.g)]),
     )
     manifest.finish_stage("exact_diagonal")
-    pairs = [_Task(g * n + h, g, h, layout.groups[g].rows + layout.groups[h].rows)
-             for g in range(n) for h in range(g + 1, n)]
+    pairs = [
+        _Task(g * n + h, g, h, layout.groups[g].rows + layout.groups[h].rows) for g in range(n) for h in range(g + 1, n)
+    ]
     done = manifest.done_pieces("exact_pairs")
     seconds += run_tasks(
-        client, _pair_task, [t for t in pairs if t.index not in done], "exact pairs",
+        client,
+        _pair_task,
+        [t for t in pairs if t.index not in done],
+        "exact pairs",
         args=lambda t: (store, layout, t.g, t.h, width, metric),
         on_done=lambda t, _: manifest.mark_piece("exact_pairs", t.index, [_pair_path(layout.folder, t.g, t.h)]),
     )

@@ -18,6 +18,7 @@ from pipeline.results import RecallSummary
 
 __all__ = ["TIE_EPS", "recall_at_k", "tie_aware_hits", "tie_aware_recall", "recall_summary"]
 
+
 def recall_at_k(
     found: np.ndarray | Sequence[Sequence[Any]], truth: np.ndarray | Sequence[Sequence[Any]], k: int
 ) -> float:
@@ -56,9 +57,14 @@ def tie_aware_hits(found_scores: Sequence[np.ndarray], truth_scores: np.ndarray,
     return (np.minimum(good.sum(axis=1), n_valid) / np.maximum(n_valid, 1))[has]
 
 
-def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]], truth_scores: np.ndarray,
-                   k: int, found_scores: Sequence[np.ndarray] | None = None, metric: Metric = "cosine"
-                   ) -> RecallSummary:
+def recall_summary(
+    found: Sequence[Sequence[Any]],
+    truth: Sequence[Sequence[Any]],
+    truth_scores: np.ndarray,
+    k: int,
+    found_scores: Sequence[np.ndarray] | None = None,
+    metric: Metric = "cosine",
+) -> RecallSummary:
     """recall@1, @10 and @k (strict), tie-aware recall@k when the found neighbours' exact scores are
     known, and how far inside the true top-k the misses were.
 
@@ -66,8 +72,10 @@ def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]
     gap means a near-tie at the boundary (cheap to lose), a large one a true neighbour the index
     did not find.
     """
-    strict = {r: round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
-              for r in sorted({1, min(10, k), k})}
+    strict = {
+        r: round(recall_at_k([list(f)[:r] for f in found], [list(t)[:r] for t in truth], r), 4)
+        for r in sorted({1, min(10, k), k})
+    }
     tie = round(tie_aware_recall(found_scores, truth_scores, k, metric), 4) if found_scores is not None else None
     gaps = []
     for f, t, s in zip(found, truth, truth_scores):
@@ -75,6 +83,13 @@ def recall_summary(found: Sequence[Sequence[Any]], truth: Sequence[Sequence[Any]
         kth = s[len(t) - 1] if len(t) else np.nan
         gaps += [abs(float(s[j]) - float(kth)) for j, tid in enumerate(t) if tid not in got]
     g = np.asarray(gaps, dtype=np.float64)
-    gap = {"median": round(float(np.median(g)), 5), "p90": round(float(np.quantile(g, 0.9)), 5),
-           "max": round(float(g.max()), 5)} if g.size else None
+    gap = (
+        {
+            "median": round(float(np.median(g)), 5),
+            "p90": round(float(np.quantile(g, 0.9)), 5),
+            "max": round(float(g.max()), 5),
+        }
+        if g.size
+        else None
+    )
     return RecallSummary(len(truth), k, strict, tie, int(g.size), gap)

@@ -18,8 +18,20 @@ import numpy as np
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
-__all__ = ["merge_topk", "piece_topk", "streamed_exact", "host_rerank", "worst_score", "ResidentRows",
-           "RERANK_CHUNK_BYTES", "pair_topk", "self_topk", "knn_topk", "shifted", "PAIR_TILE"]
+__all__ = [
+    "merge_topk",
+    "piece_topk",
+    "streamed_exact",
+    "host_rerank",
+    "worst_score",
+    "ResidentRows",
+    "RERANK_CHUNK_BYTES",
+    "pair_topk",
+    "self_topk",
+    "knn_topk",
+    "shifted",
+    "PAIR_TILE",
+]
 
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 
@@ -45,8 +57,9 @@ def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
     return top
 
 
-def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: int,
-               metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+def piece_topk(
+    knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: int, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one stored piece, higher scores first (l2 negated),
     as global rows. ``knn(queries, vectors, k, faiss_metric)`` is a backend's: FAISS works through
     the piece in GEMM tiles, so memory stays bounded and BLAS (or cuBLAS) does the work."""
@@ -54,8 +67,9 @@ def piece_topk(knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: in
     return scores, rows + store.starts[piece]
 
 
-def streamed_exact(knn: Knn, queries: np.ndarray, store: RowStore, k: int,
-                   metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+def streamed_exact(
+    knn: Knn, queries: np.ndarray, store: RowStore, k: int, metric: Metric
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
     stored piece, read one piece at a time (:func:`piece_topk`); :func:`merge_topk` keeps the best."""
     parts = (piece_topk(knn, store, p, queries, k, metric) for p in range(len(store.starts)))
@@ -142,8 +156,9 @@ def _heap(n: int, k: int) -> tuple[Any, np.ndarray, np.ndarray]:
     return heap, scores, rows
 
 
-def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray,
-              tile: int = PAIR_TILE) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
+def pair_topk(
+    a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray, tile: int = PAIR_TILE
+) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Exact top-``k`` of ``a``'s rows among ``b``'s and of ``b``'s rows among ``a``'s, from one
     matrix product per tile instead of two: the symmetric half of a self-join.
 
@@ -198,8 +213,9 @@ def pair_topk(a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.
     return (a_scores, a_rows), merge_topk([(b_scores, b_rows), _best_per_row(found, len(b), k)], k)
 
 
-def self_topk(knn: Knn, x: np.ndarray, k: int, metric: Metric, block: int = SELF_BLOCK
-              ) -> tuple[np.ndarray, np.ndarray]:
+def self_topk(
+    knn: Knn, x: np.ndarray, k: int, metric: Metric, block: int = SELF_BLOCK
+) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each row of ``x`` among the rows of ``x`` (itself included), higher
     scores first, local rows: exact search of each block of ``block`` rows against itself
     (``knn``, a backend's), whose ``k``-th scores are the floors with which every pair of blocks
@@ -237,8 +253,10 @@ def knn_topk(knn: Knn, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> 
     pad = k - scores.shape[1]
     if pad <= 0:
         return scores, rows
-    return (np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
-            np.pad(rows, ((0, 0), (0, pad)), constant_values=-1))
+    return (
+        np.pad(scores, ((0, 0), (0, pad)), constant_values=-np.inf),
+        np.pad(rows, ((0, 0), (0, pad)), constant_values=-1),
+    )
 
 
 def _where(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -253,8 +271,9 @@ def _where(mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return np.divmod(hits, mask.shape[1])
 
 
-def _best_per_row(found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int,
-                  k: int) -> tuple[np.ndarray, np.ndarray]:
+def _best_per_row(
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]], n: int, k: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best (score, column) of each of ``n`` rows among (row, column, score) triples."""
     scores = np.full((n, k), -np.inf, dtype=np.float32)
     cols = np.full((n, k), -1, dtype=np.int64)

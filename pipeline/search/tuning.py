@@ -30,8 +30,22 @@ from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
 from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.stages.progress import PieceProgress, task_key, watch
 
-__all__ = ["TunePoint", "RecallSample", "draw_sample", "sweep", "walk", "search_sample", "choose", "probe_steps",
-           "RERANK_FACTORS", "REFINE_STEPS", "BelowTarget", "query_cost", "query_groups", "CONFIDENCE"]
+__all__ = [
+    "TunePoint",
+    "RecallSample",
+    "draw_sample",
+    "sweep",
+    "walk",
+    "search_sample",
+    "choose",
+    "probe_steps",
+    "RERANK_FACTORS",
+    "REFINE_STEPS",
+    "BelowTarget",
+    "query_cost",
+    "query_groups",
+    "CONFIDENCE",
+]
 
 log = logging.getLogger(__name__)
 
@@ -88,9 +102,15 @@ class RecallSample:
 
     def take(self, sel: slice) -> RecallSample:
         share = len(self.truth[sel]) / max(1, len(self.truth))
-        return RecallSample(self.vectors[sel], self.ids[sel], None if self.rows is None else self.rows[sel],
-                            self.truth[sel], self.truth_scores[sel], self.exact_seconds * share,
-                            None if self.truth_rows is None else self.truth_rows[sel])
+        return RecallSample(
+            self.vectors[sel],
+            self.ids[sel],
+            None if self.rows is None else self.rows[sel],
+            self.truth[sel],
+            self.truth_scores[sel],
+            self.exact_seconds * share,
+            None if self.truth_rows is None else self.truth_rows[sel],
+        )
 
     def valid_groups(self) -> np.ndarray:
         """:func:`query_groups` of the queries with any true neighbour (those recall is averaged over)."""
@@ -98,8 +118,16 @@ class RecallSample:
 
 
 def draw_sample(
-    client: Any, index_store: RowStore, query_store: RowStore, n: int, k: int, metric: Metric,
-    exclude_self: bool, self_join: bool, seed: int,
+    client: Any,
+    index_store: RowStore,
+    query_store: RowStore,
+    *,
+    n: int,
+    k: int,
+    metric: Metric,
+    exclude_self: bool,
+    self_join: bool,
+    seed: int,
 ) -> RecallSample:
     """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole)."""
     rng = np.random.default_rng(seed + 7919)
@@ -110,7 +138,7 @@ def draw_sample(
     ids = query_store.gather_ids(rows)
     extra = 1 if exclude_self else 0
     started = time.perf_counter()
-    scores, nbr = exact_knn(client, index_store, len(index_store.starts), vectors, k + extra, metric)
+    scores, nbr = exact_knn(client, index_store, len(index_store.starts), queries=vectors, k=k + extra, metric=metric)
     exact_seconds = time.perf_counter() - started
     nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
     own = ids.to_pylist()
@@ -128,7 +156,7 @@ def draw_sample(
 RERANK_WEIGHT = 4.0  # a re-ranked candidate is a row gathered at random from the store: ~4x a streamed one
 
 
-def query_cost(index: faiss.Index | None, ntotal: int, dim: int, k: int, nprobe: int | None, rerank: int) -> float:
+def query_cost(index: faiss.Index | None, *, ntotal: int, dim: int, k: int, nprobe: int | None, rerank: int) -> float:
     """Work per query of one search setting, in one-dimension multiply-adds (or code-byte lookups):
     a deterministic cost from the index's shape, so the same input and settings choose the same
     plan on any machine (never a timing).
@@ -166,8 +194,9 @@ def probe_steps(nlist: int | None, max_nprobe: int = 2048) -> list[int | None]:
     return probes
 
 
-def _search(plan: SearchPlan, index_store: RowStore, sample: RecallSample
-            ) -> tuple[list[list[Any]], list[np.ndarray], float]:
+def _search(
+    plan: SearchPlan, index_store: RowStore, sample: RecallSample
+) -> tuple[list[list[Any]], list[np.ndarray], float]:
     """The sample's neighbour ids under ``plan`` (one list per query), their exact scores, and the
     search time."""
     index = shared_index(plan)
@@ -212,23 +241,38 @@ def query_groups(vectors: np.ndarray) -> np.ndarray:
     return np.unique(keys, return_inverse=True)[1].astype(np.int64).ravel()
 
 
-def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None,
-           rerank: int) -> TunePoint:
+def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe: int | None, rerank: int) -> TunePoint:
     found, scores, seconds = _search(replace(plan, nprobe=nprobe, rerank=rerank), index_store, sample)
-    recall, stderr = _mean_and_stderr(tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric),
-                                      sample.valid_groups())
-    cost = query_cost(shared_index(plan), index_store.total_rows, sample.vectors.shape[1], plan.k, nprobe, rerank)
-    return TunePoint(nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds,
-                     len(sample.truth), cost=cost)
+    recall, stderr = _mean_and_stderr(
+        tie_aware_hits(scores, sample.truth_scores, plan.k, plan.metric), sample.valid_groups()
+    )
+    cost = query_cost(
+        shared_index(plan),
+        ntotal=index_store.total_rows,
+        dim=sample.vectors.shape[1],
+        k=plan.k,
+        nprobe=nprobe,
+        rerank=rerank,
+    )
+    return TunePoint(
+        nprobe, rerank, recall, recall_at_k(found, sample.truth, plan.k), stderr, seconds, len(sample.truth), cost=cost
+    )
 
 
-def _measure(plan: SearchPlan, index_store: RowStore, sample: RecallSample,
-             settings: Sequence[tuple[int | None, int]]) -> list[TunePoint]:
+def _measure(
+    plan: SearchPlan, index_store: RowStore, sample: RecallSample, settings: Sequence[tuple[int | None, int]]
+) -> list[TunePoint]:
     return [_point(plan, index_store, sample, nprobe, rerank) for nprobe, rerank in settings]
 
 
-def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
-          factors: Sequence[int], target: float) -> list[TunePoint]:
+def _walk(
+    plan: SearchPlan,
+    index_store: RowStore,
+    sample: RecallSample,
+    probes: Sequence[int | None],
+    factors: Sequence[int],
+    target: float,
+) -> list[TunePoint]:
     """The staircase walk: nprobe upwards at a modest re-rank factor until the target is reached,
     refined by bisection towards the last failing nprobe (:func:`_refine`), then the factor
     downwards at that nprobe (and at the next step up, where a smaller factor may be cheaper);
@@ -282,8 +326,14 @@ def _walk(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes:
 REFINE_STEPS = 3  # bisections between the climb's last failing and first passing nprobe
 
 
-def _refine(measure: Callable[[int, int], TunePoint], below: int, found: TunePoint, factor: int,
-            target: float, steps: int = REFINE_STEPS) -> TunePoint:
+def _refine(
+    measure: Callable[[int, int], TunePoint],
+    below: int,
+    found: TunePoint,
+    factor: int,
+    target: float,
+    steps: int = REFINE_STEPS,
+) -> TunePoint:
     """The smallest passing nprobe between ``below`` (fails) and ``found.nprobe`` (passes), by at
     most ``steps`` bisections: the powers-of-two climb overshoots by a third on average, and every
     probed list is scanned by every query of the join, so a finer nprobe is a proportionally
@@ -302,8 +352,7 @@ def _refine(measure: Callable[[int, int], TunePoint], below: int, found: TunePoi
     return high
 
 
-def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[int], target: float
-                   ) -> list[TunePoint]:
+def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[int], target: float) -> list[TunePoint]:
     """The walk of :func:`_walk` for IVF-Flat, each setting's recall computed from the true
     neighbours' list ranks (:mod:`pipeline.search.probes`) rather than searched: powers of two
     until one passes, then bisection down to the smallest passing nprobe (not three steps: each
@@ -316,7 +365,7 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
 
     def measure(nprobe: int) -> TunePoint:
         recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe), sample.valid_groups())
-        cost = query_cost(ivf, int(ivf.ntotal), int(ivf.d), k, nprobe, 0)
+        cost = query_cost(ivf, ntotal=int(ivf.ntotal), dim=int(ivf.d), k=k, nprobe=nprobe, rerank=0)
         points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True, cost=cost))
         return points[-1]
 
@@ -330,20 +379,40 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     return points
 
 
-def _tune(plan: SearchPlan, index_store: RowStore, sample: RecallSample, probes: Sequence[int | None],
-          factors: Sequence[int], target: float) -> list[TunePoint]:
+def _tune(
+    plan: SearchPlan,
+    index_store: RowStore,
+    sample: RecallSample,
+    probes: Sequence[int | None],
+    factors: Sequence[int],
+    target: float,
+) -> list[TunePoint]:
     """The walk, computed where the index is IVF-Flat and only nprobe is tuned, searched otherwise."""
     index = shared_index(plan)
     steps = [p for p in probes if p is not None]
-    if (index is not None and is_ivf_flat(index) and tuple(factors) == (0,) and len(steps) > 1
-            and sample.truth_rows is not None):
+    if (
+        index is not None
+        and is_ivf_flat(index)
+        and tuple(factors) == (0,)
+        and len(steps) > 1
+        and sample.truth_rows is not None
+    ):
         with worker_device():  # the quantizer's search on the worker's threads
             return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
     return _walk(plan, index_store, sample, probes, factors, target)
 
 
-def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample, nlist: int | None,
-         factors: Sequence[int], target: float, nprobe: int | None = None) -> list[TunePoint]:
+def walk(
+    client: Any,
+    plan: SearchPlan,
+    index_store: RowStore,
+    *,
+    sample: RecallSample,
+    nlist: int | None,
+    factors: Sequence[int],
+    target: float,
+    nprobe: int | None = None,
+) -> list[TunePoint]:
     """Every setting the staircase walk measured (or computed) on ``sample`` (on one worker), in order.
 
     ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
@@ -353,15 +422,21 @@ def walk(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSam
     return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
 
 
-def search_sample(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
-                  ) -> tuple[list[list[Any]], list[np.ndarray]]:
+def search_sample(
+    client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
+) -> tuple[list[list[Any]], list[np.ndarray]]:
     """Neighbour ids of the sample's queries under ``plan`` and their exact scores, searched on a worker."""
     ids, scores, _ = client.submit(_search, plan, index_store, sample, key=task_key("recall")).result()
     return ids, scores
 
 
-def sweep(client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample,
-          settings: Sequence[tuple[int | None, int]]) -> list[TunePoint]:
+def sweep(
+    client: Any,
+    plan: SearchPlan,
+    index_store: RowStore,
+    sample: RecallSample,
+    settings: Sequence[tuple[int | None, int]],
+) -> list[TunePoint]:
     """Recall and search time of each setting on ``sample``, measured on one worker."""
     return list(client.submit(_measure, plan, index_store, sample, list(settings), key=task_key("recall")).result())
 

@@ -88,8 +88,9 @@ def _shortcut(hooked_dir: str, starts: np.ndarray, piece: int, out: str) -> None
     _save(label_path(out, piece), labels)
 
 
-def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndarray, total: int,
-                         work_dir: Path, warm: Path | None = None) -> Path:
+def connected_components(
+    client: Any, edge_paths: Sequence[str], *, starts: np.ndarray, total: int, work_dir: Path, warm: Path | None = None
+) -> Path:
     """Label every row by the smallest row of its component; return the directory of labels.
 
     ``edge_paths[p]`` holds the edges whose source lies in piece ``p`` (both directions present,
@@ -110,23 +111,39 @@ def connected_components(client: Any, edge_paths: Sequence[str], starts: np.ndar
     ends = np.r_[starts[1:], total]
     n_parts = len(starts)
     labels = work_dir / "round-0000"
-    client.gather([client.submit(_init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]),
-                                 str(warm) if warm else None, key=_key()) for p in range(n_parts)])
+    client.gather(
+        [
+            client.submit(
+                _init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]), str(warm) if warm else None, key=_key()
+            )
+            for p in range(n_parts)
+        ]
+    )
     if warm is not None:
         discard(warm)
     r = 0
     while True:
         r += 1
         hooks = [str(work_dir / f"hooks-{r:04d}" / f"from-{p:05d}") for p in range(n_parts)]
-        crossing = sum(client.gather([client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], key=_key())
-                                      for p in range(n_parts)]))
+        crossing = sum(
+            client.gather(
+                [
+                    client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], key=_key())
+                    for p in range(n_parts)
+                ]
+            )
+        )
         log.debug("components round %d: %d edges join different trees", r, crossing)
         if crossing == 0:
             discard(work_dir / f"hooks-{r:04d}")
             break
         hooked = work_dir / f"hooked-{r:04d}"
-        client.gather([client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), key=_key())
-                       for p in range(n_parts)])
+        client.gather(
+            [
+                client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), key=_key())
+                for p in range(n_parts)
+            ]
+        )
         nxt = work_dir / f"round-{r:04d}"
         client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), key=_key()) for p in range(n_parts)])
         for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
@@ -158,8 +175,9 @@ def _count_reduce(map_dirs: Sequence[str], piece: int) -> dict[int, int]:
 def component_sizes(client: Any, labels_dir: Path, starts: np.ndarray, work_dir: Path) -> dict[int, int]:
     """{component size: number of components}, counted by a shuffle on the label."""
     maps = [str(work_dir / f"from-{p:05d}") for p in range(len(starts))]
-    client.gather([client.submit(_count_map, str(labels_dir), p, starts, maps[p], key=_key())
-                   for p in range(len(starts))])
+    client.gather(
+        [client.submit(_count_map, str(labels_dir), p, starts, maps[p], key=_key()) for p in range(len(starts))]
+    )
     parts = client.gather([client.submit(_count_reduce, maps, p, key=_key()) for p in range(len(starts))])
     discard(work_dir)
     return merge_histograms(parts)

@@ -130,8 +130,9 @@ def part_starts(parts: Sequence[Part]) -> np.ndarray:
     return np.array([p.start for p in parts], dtype=np.int64)
 
 
-def write_partitioned(directory: str | os.PathLike[str], part: np.ndarray, n_parts: int,
-                      columns: Mapping[str, np.ndarray]) -> None:
+def write_partitioned(
+    directory: str | os.PathLike[str], part: np.ndarray, n_parts: int, columns: Mapping[str, np.ndarray]
+) -> None:
     """Write ``columns`` sorted by ``part`` (0..n_parts-1), one structured array, with the bounds of each.
 
     The bounds file is written last: a directory without one is an unfinished map output.
@@ -179,9 +180,16 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 
 # edges -----------------------------------------------------------------------------------------
-def map_edges(knn_paths: Sequence[str], first_row: int, starts: np.ndarray, out_dir: str, metric: Metric,
-              min_score: float | None, wide_paths: Sequence[str] = (), range_paths: Sequence[str] = ()
-              ) -> dict[str, int]:
+def map_edges(
+    knn_paths: Sequence[str],
+    first_row: int,
+    starts: np.ndarray,
+    out_dir: str,
+    metric: Metric,
+    min_score: float | None,
+    wide_paths: Sequence[str] = (),
+    range_paths: Sequence[str] = (),
+) -> dict[str, int]:
     """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
     round, to the partitions (first rows ``starts``) of their source rows.
 
@@ -258,8 +266,9 @@ def in_mode(flags: np.ndarray, mode: str) -> np.ndarray:
 
 
 def write_edges(path: str | os.PathLike[str], src: np.ndarray, dst: np.ndarray, weight: np.ndarray) -> None:
-    table = pa.table({"src": pa.array(src, pa.int64()), "dst": pa.array(dst, pa.int64()),
-                      "weight": pa.array(weight, pa.float32())})
+    table = pa.table(
+        {"src": pa.array(src, pa.int64()), "dst": pa.array(dst, pa.int64()), "weight": pa.array(weight, pa.float32())}
+    )
     with atomic_path(path) as tmp:
         pq.write_table(table, str(tmp))
 

@@ -104,11 +104,13 @@ class Manifest:
     def check_readable(self, fix: str) -> None:
         """Refuse a damaged ``manifest.json`` in one line naming it and ``fix``."""
         if self.damaged is not None:
-            raise ResumeError(f"{shown(self.path)}: damaged manifest ({self.damaged}), so what is finished here is "
-                              f"unknown; {fix}")
+            raise ResumeError(
+                f"{shown(self.path)}: damaged manifest ({self.damaged}), so what is finished here is unknown; {fix}"
+            )
 
-    def open(self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None,
-             allow_append: bool = False) -> bool:
+    def open(
+        self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None, allow_append: bool = False
+    ) -> bool:
         """Start or resume this directory for ``identity``; return True if the input grew.
 
         ``overwrite`` starts afresh (sub-directory ``keep`` excepted: it has its own manifest).
@@ -126,8 +128,11 @@ class Manifest:
             self.reset(keep)
         elif allow_append and old is not None and old != new and is_append(old, new):
             appended = True
-            log.info("%s: the input gained files (%s); adding them incrementally", self.dir,
-                     "; ".join(describe_changes(old, new)))
+            log.info(
+                "%s: the input gained files (%s); adding them incrementally",
+                self.dir,
+                "; ".join(describe_changes(old, new)),
+            )
         elif old is not None and old != new:
             raise ResumeError(
                 f"{self.dir} holds a {what} made from other input or settings "
@@ -195,8 +200,11 @@ class Manifest:
         for entry in files:
             path, size, crc = (*entry, None)[:3]
             if not _confined(str(path)):
-                log.warning("%s: the manifest records %s, outside this directory; redoing that part",
-                            shown(self.dir), shown(str(path)))
+                log.warning(
+                    "%s: the manifest records %s, outside this directory; redoing that part",
+                    shown(self.dir),
+                    shown(str(path)),
+                )
                 return str(path)
             if crc is None:  # recorded before CRCs were: the size alone
                 try:
@@ -224,9 +232,11 @@ class Manifest:
             rel = self._relative(f)
             crc = ledger.crc_of(rel)
             if crc is None:
-                raise ResumeError(f"{shown(self.dir / rel)}: written by this job but gone or replaced by a link (was "
-                                  "the directory removed or changed while the job ran?); keep it in place and run "
-                                  "the same command again to resume")
+                raise ResumeError(
+                    f"{shown(self.dir / rel)}: written by this job but gone or replaced by a link (was "
+                    "the directory removed or changed while the job ran?); keep it in place and run "
+                    "the same command again to resume"
+                )
             out.append((rel, os.lstat(self.dir / rel).st_size, crc))
         return tuple(out)
 
@@ -257,14 +267,22 @@ class Manifest:
         if not lost and (files is None or self.files_intact(files)):
             return False
         if lost:
-            log.warning("%s: %d finished piece(s) of stage %s are missing, truncated or changed (e.g. piece %d); "
-                        "redoing them", shown(self.dir), len(lost), stage, lost[0])
+            log.warning(
+                "%s: %d finished piece(s) of stage %s are missing, truncated or changed (e.g. piece %d); redoing them",
+                shown(self.dir),
+                len(lost),
+                stage,
+                lost[0],
+            )
             for piece in lost:
                 self._stage(stage)["pieces"].pop(str(piece), None)
                 self._stage(stage).get("results", {}).pop(str(piece), None)
         else:
-            log.warning("%s: a file of finished stage %s is missing, truncated or changed; redoing the stage",
-                        shown(self.dir), stage)
+            log.warning(
+                "%s: a file of finished stage %s is missing, truncated or changed; redoing the stage",
+                shown(self.dir),
+                stage,
+            )
         self._stage(stage)["done"] = None
         self.save(force=True)
         return True

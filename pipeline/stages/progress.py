@@ -20,8 +20,18 @@ from distributed import KilledWorker, as_completed
 
 from pipeline.errors import PipelineError
 
-__all__ = ["PieceProgress", "Progress", "configure", "run_tasks", "run_stage", "tasks_submitted", "watch", "task_key",
-           "busy_by_worker", "record_busy"]
+__all__ = [
+    "PieceProgress",
+    "Progress",
+    "configure",
+    "run_tasks",
+    "run_stage",
+    "tasks_submitted",
+    "watch",
+    "task_key",
+    "busy_by_worker",
+    "record_busy",
+]
 
 log = logging.getLogger(__name__)
 
@@ -227,9 +237,11 @@ def _killed(label: str, item: WorkItem) -> PipelineError:
     where = getattr(item, "where", None)
     place = f" ({where()})" if callable(where) else ""
     tries = int(dask.config.get("distributed.scheduler.allowed-failures")) + 1
-    return PipelineError(f"Dask workers died {tries} times running {label} of piece {item.index}{place}, usually for "
-                         "memory (a worker over 95% of --memory-limit is restarted) or a crash in native code; raise "
-                         "--memory-limit or lower --partition-size, then run the same command again to resume")
+    return PipelineError(
+        f"Dask workers died {tries} times running {label} of piece {item.index}{place}, usually for "
+        "memory (a worker over 95% of --memory-limit is restarted) or a crash in native code; raise "
+        "--memory-limit or lower --partition-size, then run the same command again to resume"
+    )
 
 
 def watch(client: Any, future: Any, label: str, note: str = "", interval: float = 10.0) -> Any:
@@ -293,10 +305,17 @@ def _listening(client: Any, handler: Callable[[Any], None]) -> Iterator[None]:
             client.unsubscribe_topic(TOPIC)
 
 
-
-def run_stage(client: Any, manifest: Any, stage: str, items: Sequence[T], fn: Callable[..., Any],
-              args: Callable[[T], tuple[Any, ...]], files: Callable[[T], Sequence[Any]],
-              results: dict[int, Any] | None = None) -> None:
+def run_stage(
+    client: Any,
+    manifest: Any,
+    stage: str,
+    *,
+    items: Sequence[T],
+    fn: Callable[..., Any],
+    args: Callable[[T], tuple[Any, ...]],
+    files: Callable[[T], Sequence[Any]],
+    results: dict[int, Any] | None = None,
+) -> None:
     """:func:`run_tasks` for a resumable per-piece stage: skip the pieces ``manifest`` records done,
     record each as it finishes (its ``files``, and its small JSON-able result), and collect every
     piece's result (this run's and earlier runs') into ``results``.
