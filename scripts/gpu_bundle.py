@@ -49,7 +49,16 @@ BUNDLE = "faiss-gpu-1.15.1-cu13.tar.xz"
 LIMIT = 64 << 20
 # what the pipeline needs beyond what a PyTorch/CuPy image usually has (numpy, pyarrow, pyyaml,
 # psutil, cloudpickle, toolz, msgpack, click, jinja2, packaging, fsspec, sortedcontainers)
-DEPS = ["dask==2025.7.0", "distributed==2025.7.0", "partd", "locket", "tblib", "zict", "tornado", "threadpoolctl"]
+DEPS = [
+    "dask==2026.8.0",
+    "distributed==2026.8.0",  # what CI runs
+    "partd",
+    "locket",
+    "tblib",
+    "zict",
+    "tornado",
+    "threadpoolctl",
+]
 CUBLAS_FUNCTIONS = (
     "cublasCreate_v2",
     "cublasDestroy_v2",
@@ -206,8 +215,14 @@ def _find_node_lib(name: str) -> str | None:
     return None
 
 
+NODE_LINKS = ("nvidia/cublas/lib/libcublas.so.13", "nvidia/curand/lib/libcurand.so.10")  # made by install
+
+
 def install(bundle: Path, target: Path, check: bool = True) -> None:
     target.mkdir(parents=True, exist_ok=True)
+    for rel in NODE_LINKS:  # an earlier install's links to the node's libraries: tar's data filter refuses them
+        if (target / rel).is_symlink():
+            (target / rel).unlink()
     with lzma.open(bundle) as xz:
         data = io.BytesIO(xz.read())
     with tarfile.open(fileobj=data) as tar:

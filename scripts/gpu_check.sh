@@ -38,9 +38,11 @@ if [ -n "$bundle" ]; then
     archive=$(ls "$bundle"/faiss-gpu-*.tar.xz | head -1)
     $python scripts/gpu_bundle.py install "$archive" --target "$out/faiss" | tee "$out/install.log"
     export PYTHONPATH="$PWD/$out/faiss${PYTHONPATH:+:$PYTHONPATH}"
-    if ls "$bundle"/*.whl >/dev/null 2>&1; then
-        $python -m pip install -q --no-index --find-links "$bundle" "$bundle"/*.whl
-    fi
+    for wheels in "$bundle" "$bundle/wheels"; do  # build --deps writes dask & co. to wheels/
+        if ls "$wheels"/*.whl >/dev/null 2>&1; then
+            $python -m pip install -q --no-index --find-links "$wheels" "$wheels"/*.whl
+        fi
+    done
 fi
 
 echo "== pytest -m gpu ($(left) s left)"

@@ -135,7 +135,8 @@ def test_gpu_search_limits_raw_vector_pq():
         (10_000_000, 128, "IVF8192,PQ32"),
         (1_000_000, 768, "IVF2048,PQ96"),
         (30_000, 384, "IVF256,PQ96"),
-        (1_000_000, 100, "IVF2048,SQ8"),  # no supported PQ splits 100 dimensions
+        (1_000_000, 100, "IVF2048,PQ20"),  # 5 dimensions per sub-quantizer (the GPU takes 5)
+        (1_000_000, 98, "IVF2048,SQ8"),  # no supported PQ splits 98 dimensions
         (5_000, 128, "Flat"),
     ],
 )
@@ -154,7 +155,7 @@ GIB = 2**30
         (10_000_000, 768, 60 * GIB, "SQfp16"),  # 28.7 GiB float32 do not fit 24 GiB; 14.4 GiB float16 do
         (100_000_000, 768, 80 * GIB, "PQ96"),  # neither fits: 8-bit PQ, re-ranked
         (1_000_000, 768, 16 * GIB, "Flat"),
-        (1_000_000, 100, GIB // 4, "SQ8"),  # no supported PQ splits 100 dimensions
+        (1_000_000, 98, GIB // 4, "SQ8"),  # no supported PQ splits 98 dimensions
     ],
 )
 def test_gpu_default_plan_follows_free_gpu_memory(n, d, free, storage):
@@ -255,9 +256,11 @@ class _CpuAsGpu:
             self.copies += 1
             return faiss.clone_index(index)
 
-        class Options:
-            useFloat16LookupTables = False
-            indicesOptions = 0
+        class Options:  # faiss's GpuClonerOptions fields: setting any other name fails, as SWIG's would not
+            __slots__ = ("useFloat16", "indicesOptions")
+
+            def __init__(self) -> None:
+                self.useFloat16, self.indicesOptions = False, 0
 
         monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu, raising=False)
         monkeypatch.setattr(faiss, "index_gpu_to_cpu", faiss.clone_index, raising=False)

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import faiss
 import numpy as np
@@ -328,3 +330,36 @@ def test_the_commands_and_the_subpackages_have_names_of_their_own():
     assert callable(pipeline.dedup) and callable(pipeline.graph) and callable(pipeline.run)
     assert groups.__name__ == "pipeline.duplicates.groups" and knn_graph.__name__ == "pipeline.graphs.knn_graph"
     assert explore.__name__ == "pipeline.duplicates.explore"
+
+
+def test_the_gpu_bundle_installs_twice_into_one_folder(tmp_path, monkeypatch):
+    """A second install into the same --target replaces the links the first made to the node's
+    cuBLAS and cuRAND (tar's data filter refused to extract over them)."""
+    import io
+    import lzma
+    import tarfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import gpu_bundle
+    finally:
+        sys.path.pop(0)
+    raw = io.BytesIO()
+    with tarfile.open(fileobj=raw, mode="w") as tar:
+        for rel in ("nvidia/cublas/lib/libcublas.so.12", "nvidia/curand/lib/libcurand.so.10", "faiss/__init__.py"):
+            info = tarfile.TarInfo(rel)
+            info.size = 4
+            tar.addfile(info, io.BytesIO(b"stub"))
+    bundle = tmp_path / "faiss-gpu-test.tar.xz"
+    bundle.write_bytes(lzma.compress(raw.getvalue()))
+    node = tmp_path / "node"
+    node.mkdir()
+    for name in ("libcublas.so.13", "libcurand.so.10"):
+        (node / name).write_bytes(b"node")
+    monkeypatch.setattr(gpu_bundle, "_find_node_lib", lambda name: str(node / name))
+    target = tmp_path / "faiss"
+    for _ in range(2):
+        gpu_bundle.install(bundle, target, check=False)
+    assert os.readlink(target / "nvidia/cublas/lib/libcublas.so.13") == str(node / "libcublas.so.13")
+    assert os.readlink(target / "nvidia/curand/lib/libcurand.so.10") == str(node / "libcurand.so.10")
+    assert (node / "libcurand.so.10").read_bytes() == b"node"  # the node's library was never written

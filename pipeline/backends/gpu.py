@@ -282,7 +282,7 @@ class GpuBackend:
         """Fill the empty ``index`` through its GPU twin: the GPU assigns and encodes, the lists
         come back into the CPU index (``merge_from``), which is what gets written."""
         co: Any = faiss.GpuClonerOptions()
-        co.useFloat16LookupTables = gpu_search_limits(index)[1]
+        co.useFloat16 = gpu_search_limits(index)[1]  # float16 lookup tables (IVF-PQ): the field is useFloat16
         co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
         gpu = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
         if ids is None:
@@ -320,7 +320,7 @@ class GpuBackend:
         clone = None
         if why is None:
             co: Any = faiss.GpuClonerOptions()
-            co.useFloat16LookupTables = float16
+            co.useFloat16 = float16
             co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
             clone = faiss.index_cpu_to_gpu(self.resources(), self.device, index, co)
             log.info(

@@ -109,7 +109,7 @@ def _code_size(n: int, d: int, budget: int | None) -> int:
 # the PQ layouts FAISS's GPU kernels search: sub-quantizer counts, and dimensions per
 # sub-quantizer without precomputed tables (the GPU backend checks indexes against these too)
 PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-PQ_SUB_DIMS = (1, 2, 3, 4, 6, 8, 10, 12, 16, 20, 24, 28, 32)
+PQ_SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 
 
 def _gpu_codes(d: int) -> str:
