@@ -186,9 +186,42 @@ def test_workers_take_gpus_round_robin_by_name(monkeypatch, name, gpus, device):
 
     worker = FakeWorker()
     worker.name = name
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
     monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
     monkeypatch.setattr("distributed.get_worker", lambda: worker)
-    assert gpu._worker_device() == device
+    assert gpu.worker_gpu() == device  # in a task
+    assert gpu.worker_gpu(str(name)) == device  # given the name
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # dask-cuda: this worker's one GPU
+    assert gpu.worker_gpu(str(name)) == 0
+
+
+def test_the_device_plugin_gives_each_worker_its_own_gpu(monkeypatch):
+    """The plugin's setup runs outside any task (get_worker() raises there): each worker's GPU
+    comes from the worker it is given, not device 0 for all."""
+    import faiss
+
+    import pipeline.backends.worker as worker_mod
+    from pipeline.backends.gpu import GpuBackend
+
+    class FakeState:
+        nthreads = 1
+
+    class FakeWorker:
+        def __init__(self, name: str) -> None:
+            self.name, self.state = name, FakeState()
+
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 4, raising=False)
+    monkeypatch.setattr(worker_mod, "choose", lambda device: ("gpu", "stand-in"))
+    monkeypatch.setattr(GpuBackend, "set_threads", lambda self, n: None)
+    monkeypatch.setattr(GpuBackend, "describe", lambda self: (f"GPU {self.device}", 0, 0))
+    devices = []
+    for name in ("0", "1", "2", "3"):
+        plugin = worker_mod.DevicePlugin("gpu")
+        plugin.setup(FakeWorker(name))
+        assert isinstance(plugin.backend, GpuBackend)
+        devices.append(plugin.backend.device)
+    assert devices == [0, 1, 2, 3]
 
 
 def test_submit_with_an_s3_output_stages_and_logs_in_the_shared_scratch_dir(tmp_path):

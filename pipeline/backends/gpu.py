@@ -28,6 +28,7 @@ Unverified on a real GPU in this repository so far: see README, "GPUs".
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from typing import Any, cast
@@ -174,18 +175,26 @@ _warned: set[str] = set()  # fallbacks already logged by this process (tasks mak
 _lock = threading.Lock()
 
 
-def _worker_device() -> int:
-    """This Dask worker's GPU, round robin by the number its name ends with: the embedded cluster
-    names workers 0..n-1, a Slurm/PBS job's worker processes end in -0..-(n-1). Under dask-cuda
-    each worker sees one GPU (CUDA_VISIBLE_DEVICES), device 0."""
-    n = max(1, faiss.get_num_gpus())
-    try:
-        from distributed import get_worker
+def worker_gpu(worker_name: str | None = None) -> int:
+    """This Dask worker's GPU among those visible to it.
 
-        name = str(get_worker().name)
-    except (ImportError, ValueError):
+    A worker that sees one GPU (dask-cuda gives each its own first in ``CUDA_VISIBLE_DEVICES``)
+    takes device 0. Workers sharing several (the embedded cluster, a Slurm/PBS job's worker
+    processes) go round robin by the number their name ends with: 0..n-1 there. The device
+    plugin passes the worker's name, since ``get_worker()`` raises in its ``setup``; in a task it
+    is read from the worker."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None and len([d for d in visible.split(",") if d.strip()]) == 1:
         return 0
-    number = re.search(r"(\d+)$", name)
+    n = max(1, faiss.get_num_gpus())
+    if worker_name is None:
+        try:
+            from distributed import get_worker
+
+            worker_name = str(get_worker().name)
+        except (ImportError, ValueError):
+            return 0
+    number = re.search(r"(\d+)$", worker_name)
     return int(number.group(1)) % n if number else 0
 
 
@@ -203,7 +212,7 @@ class GpuBackend:
     @property
     def device(self) -> int:
         if self._device is None:
-            self._device = _worker_device()
+            self._device = worker_gpu()
         return self._device
 
     def resources(self) -> Any:
