@@ -205,6 +205,8 @@ def main() -> None:
         n = min(rows, args.cpu_rows) if device == "cpu" and args.cpu_rows else rows
         data = generate(work / f"data-{n}x{dim}", n, dim)
         results.append(job(data, work / f"out-{device}-{n}", device, args))
+        if args.json:  # after every device: a timeout during the next one keeps this one's numbers
+            Path(args.json).write_text(json.dumps(results, indent=2))
     print(
         "\n| device | rows | key | nprobe | wall | scan | train | fill | tune + recall | join | join rows/s | "
         "recall@k | peak RSS | "
@@ -226,8 +228,6 @@ def main() -> None:
             f"\nGPU join rows/s over CPU join rows/s: "
             f"{by['gpu']['join_rows_per_s'] / by['cpu']['join_rows_per_s']:.1f}x"
         )
-    if args.json:
-        Path(args.json).write_text(json.dumps(results, indent=2))
 
 
 if __name__ == "__main__":

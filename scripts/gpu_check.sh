@@ -7,13 +7,16 @@
 #   scripts/gpu_check.sh --bundle DIR                  # on a GPU node: DIR holds faiss-gpu-*.tar.xz (gpu_bundle.py build)
 #   scripts/gpu_check.sh --devices cpu                 # anywhere: the harness itself, on small data
 #
-# Options: --devices gpu,cpu | cpu   --big ROWSxDIM (default 10000000x128; 200000x64 with --devices cpu)
-#          --wide ROWSxDIM (default 1000000x768; 20000x384 with --devices cpu)   --cpu-rows N (default 1000000)
-#          --budget-s SECONDS (default 540)   --out DIR (default gpu-check-out)
+# Options: --devices gpu,cpu | cpu   --big ROWSxDIM (default 2000000x128; 200000x64 with --devices cpu)
+#          --wide ROWSxDIM (default 200000x768; 20000x384 with --devices cpu)   --cpu-rows N (default 1000000)
+#          --budget-s SECONDS (default 540)   --out DIR (default $OUT, the device tool's, else gpu-check-out)
+# The defaults make a short first call that leaves device time for a second: the issue's full sizes
+# (--big 10000000x128 --wide 1000000x768) go in that second call. Each device's numbers are written
+# as soon as it finishes, so a timeout keeps what finished.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-devices="gpu,cpu" bundle="" big="" wide="" cpu_rows=1000000 budget=540 out="gpu-check-out"
+devices="gpu,cpu" bundle="" big="" wide="" cpu_rows=1000000 budget=540 out="${OUT:-gpu-check-out}"
 while [ $# -gt 0 ]; do
     case "$1" in
         --devices) devices="$2"; shift 2 ;;
@@ -27,7 +30,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 if [ "$devices" = "cpu" ]; then big="${big:-200000x64}"; wide="${wide:-20000x384}"; else
-    big="${big:-10000000x128}"; wide="${wide:-1000000x768}"; fi
+    big="${big:-2000000x128}"; wide="${wide:-200000x768}"; fi
 start=$(date +%s)
 left() { echo $(( budget - ($(date +%s) - start) )); }
 mkdir -p "$out"

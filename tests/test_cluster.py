@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -300,3 +302,38 @@ def test_a_task_runs_on_the_threads_the_worker_was_given(dask_address):
                 assert seen == {"faiss": 2, "blas": [2], "walk_blas": [1]}
         finally:
             install_device(client, "cpu", 1)
+
+
+@pytest.mark.slow
+def test_the_gpu_node_check_rehearses_on_the_cpu(tmp_path):
+    """scripts/gpu_check.sh --devices cpu: the one-command GPU check runs end to end on small data
+    (so it cannot rot before a GPU comes), writing its results under --out."""
+    root = Path(__file__).resolve().parent.parent
+    out = tmp_path / "check"
+    env = {k: v for k, v in os.environ.items() if k != "OUT"}
+    proc = subprocess.run(
+        [
+            "bash",
+            str(root / "scripts" / "gpu_check.sh"),
+            "--devices",
+            "cpu",
+            "--big",
+            "20000x32",
+            "--wide",
+            "4000x64",
+            "--budget-s",
+            "240",
+            "--out",
+            str(out),
+        ],
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**env, "PYTHON": sys.executable},
+    )
+    assert "== summary" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
+    for name, rows in (("big", 20_000), ("wide", 4_000)):
+        results = json.loads((out / f"{name}.json").read_text())
+        assert [r["device"] for r in results] == ["cpu"] and results[0]["rows"] == rows
+        assert results[0]["recall"] >= 0.95
