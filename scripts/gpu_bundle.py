@@ -248,9 +248,46 @@ def install(bundle: Path, target: Path, check: bool = True) -> None:
         print("cuRAND: none on this node; an empty libcurand.so.10 stands in (libfaiss calls nothing in it)")
     if check:
         env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(target), os.environ.get("PYTHONPATH", "")]))
-        probe = "import faiss; print('faiss', faiss.__version__, 'GPUs:', faiss.get_num_gpus())"
-        subprocess.run([sys.executable, "-c", probe], env=env, check=True)
+        probe_gpu(env)
     print(f"export PYTHONPATH={target}:$PYTHONPATH")
+
+
+# The first GPU use creates faiss's cuBLAS handle under FAISS_ASSERT, which abort()s the process
+# when the forwarder or libcublas.so.13 lacks a symbol: get_num_gpus() never touches cuBLAS. So
+# the probe runs a tiny GpuIndexFlat search and knn_gpu in a child process, compares both with
+# faiss.knn, and on a crash reports the signal and the child's whole output.
+PROBE = """
+import numpy as np, faiss
+print("faiss", faiss.__version__, "GPUs:", faiss.get_num_gpus(), flush=True)
+if faiss.get_num_gpus():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((2000, 64)).astype("float32")
+    q = x[:50].copy()
+    want = faiss.knn(q, x, 10)[1]
+    res = faiss.StandardGpuResources()
+    flat = faiss.GpuIndexFlatL2(res, 64)
+    flat.add(x)
+    got_index = flat.search(q, 10)[1]
+    got_knn = faiss.knn_gpu(res, q, x, 10)[1]
+    same = [float((a == want).mean()) for a in (got_index, got_knn)]
+    print("GpuIndexFlat and knn_gpu against faiss.knn (share of equal ids):", same, flush=True)
+    if min(same) < 0.99:
+        raise SystemExit("the GPU's exact search disagrees with the CPU's")
+"""
+
+
+def probe_gpu(env: dict[str, str]) -> None:
+    """Import faiss and, with a GPU, search on it through cuBLAS, in a child process (see PROBE)."""
+    proc = subprocess.run([sys.executable, "-c", PROBE], env=env, capture_output=True, text=True)
+    sys.stdout.write(proc.stdout)
+    sys.stderr.write(proc.stderr)
+    if proc.returncode < 0:
+        raise SystemExit(
+            f"the GPU probe died of signal {-proc.returncode} (faiss aborts when cuBLAS is unusable: "
+            "check the forwarder and libcublas.so.13); its output is above"
+        )
+    if proc.returncode:
+        raise SystemExit(f"the GPU probe failed (exit {proc.returncode}); its output is above")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -332,6 +332,26 @@ def test_the_commands_and_the_subpackages_have_names_of_their_own():
     assert explore.__name__ == "pipeline.duplicates.explore"
 
 
+def _gpu_bundle():
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
+    try:
+        import gpu_bundle
+    finally:
+        sys.path.pop(0)
+    return gpu_bundle
+
+
+def test_the_gpu_probe_names_an_abort_instead_of_dying_silently(monkeypatch, capsys):
+    """faiss abort()s when cuBLAS is unusable: the probe runs in a child process and says so."""
+    gpu_bundle = _gpu_bundle()
+    gpu_bundle.probe_gpu(dict(os.environ))  # this faiss: imports, no GPU, nothing to search
+    assert "GPUs: 0" in capsys.readouterr().out
+    monkeypatch.setattr(gpu_bundle, "PROBE", "print('before', flush=True); import os; os.abort()")
+    with pytest.raises(SystemExit, match=r"the GPU probe died of signal 6 \(faiss aborts when cuBLAS is unusable"):
+        gpu_bundle.probe_gpu(dict(os.environ))
+    assert "before" in capsys.readouterr().out  # the child's whole output is kept
+
+
 def test_the_gpu_bundle_installs_twice_into_one_folder(tmp_path, monkeypatch):
     """A second install into the same --target replaces the links the first made to the node's
     cuBLAS and cuRAND (tar's data filter refused to extract over them)."""
@@ -339,11 +359,7 @@ def test_the_gpu_bundle_installs_twice_into_one_folder(tmp_path, monkeypatch):
     import lzma
     import tarfile
 
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "scripts"))
-    try:
-        import gpu_bundle
-    finally:
-        sys.path.pop(0)
+    gpu_bundle = _gpu_bundle()
     raw = io.BytesIO()
     with tarfile.open(fileobj=raw, mode="w") as tar:
         for rel in ("nvidia/cublas/lib/libcublas.so.12", "nvidia/curand/lib/libcurand.so.10", "faiss/__init__.py"):
