@@ -354,16 +354,14 @@ def test_garbage_in_index_faiss_is_one_line_naming_it(make_config, data, tmp_pat
         join(make_config(input=str(data), index_dir=str(tmp_path / "out" / "index"), output=str(tmp_path / "j"), k=3))
 
 
-@pytest.mark.slow
-def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
-    import shutil
-    import subprocess
+def _many_pieces_run(tmp_path: Path, out: Path, key: str) -> list[str]:
+    """The CLI command of a run over 12,000 x 32 rows in 120 one-row-group pieces (a job that
+    takes seconds, so a fault can land mid-stage), with ``key`` as the index."""
     import sys
-    import time
 
-    data, out = tmp_path / "data", tmp_path / "out"
+    data = tmp_path / "data"
     write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
-    cmd = [
+    return [
         sys.executable,
         "-m",
         "pipeline",
@@ -375,7 +373,7 @@ def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
         "--k",
         "5",
         "--index-key",
-        "Flat",
+        key,
         "--partition-size",
         str(100 * 32 * 4),
         "--workers",
@@ -383,6 +381,16 @@ def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
         "--threads-per-worker",
         "1",
     ]
+
+
+@pytest.mark.slow
+def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
+    import shutil
+    import subprocess
+    import time
+
+    out = tmp_path / "out"
+    cmd = _many_pieces_run(tmp_path, out, "Flat")
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 120
     while True:
@@ -404,30 +412,9 @@ def test_the_output_removed_while_a_join_runs_ends_in_one_line(tmp_path):
 def test_a_file_size_limit_hit_by_the_list_file_is_one_line_and_the_rerun_finishes(tmp_path):
     import resource
     import subprocess
-    import sys
 
-    data, out = tmp_path / "data", tmp_path / "out"
-    write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
-    cmd = [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "run",
-        "--input",
-        str(data),
-        "--output",
-        str(out),
-        "--k",
-        "5",
-        "--index-key",
-        "IVF64,Flat",
-        "--partition-size",
-        str(100 * 32 * 4),
-        "--workers",
-        "1",
-        "--threads-per-worker",
-        "1",
-    ]
+    out = tmp_path / "out"
+    cmd = _many_pieces_run(tmp_path, out, "IVF64,Flat")
 
     def limit() -> None:  # the partial indexes fit; the merged list file (1.6 MB) does not
         resource.setrlimit(resource.RLIMIT_FSIZE, (1 << 20, resource.RLIM_INFINITY))
