@@ -355,32 +355,13 @@ def test_garbage_in_index_faiss_is_one_line_naming_it(make_config, data, tmp_pat
 
 
 def _many_pieces_run(tmp_path: Path, out: Path, key: str) -> list[str]:
-    """The CLI command of a run over 12,000 x 32 rows in 120 one-row-group pieces (a job that
-    takes seconds, so a fault can land mid-stage), with ``key`` as the index."""
-    import sys
+    """test_resume's CLI run (12,000 x 32 rows in 120 one-row-group pieces: seconds, so a fault can
+    land mid-stage) over data written here, with ``key`` as the index."""
+    from tests.test_resume import DIM, GROUP, ROWS, command
 
     data = tmp_path / "data"
-    write_shards(data, clustered_vectors(12_000, 32, clusters=30, seed=7), shards=4, row_group_rows=100)
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "run",
-        "--input",
-        str(data),
-        "--output",
-        str(out),
-        "--k",
-        "5",
-        "--index-key",
-        key,
-        "--partition-size",
-        str(100 * 32 * 4),
-        "--workers",
-        "1",
-        "--threads-per-worker",
-        "1",
-    ]
+    write_shards(data, clustered_vectors(ROWS, DIM, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
+    return command(data, out, "--index-key", key)
 
 
 @pytest.mark.slow
@@ -473,3 +454,28 @@ def test_no_worker_left_ends_the_job_instead_of_waiting_forever():
     dog.join(timeout=5)
     assert not dog.is_alive() and dog.reason and "every Dask worker of the embedded cluster died" in dog.reason
     assert Alone.cancelled
+
+
+def test_a_ledger_made_again_in_the_same_place_is_read_afresh(tmp_path):
+    """A run directory removed and made again has a new ledger; one process that read the old one
+    must not keep its lines, even once the new file grows past where it had read to."""
+    import shutil
+
+    from pipeline.io.atomic import atomic_path
+
+    root = tmp_path / "run"
+
+    def fill(names: list[str], content: bytes) -> None:
+        root.mkdir(exist_ok=True)
+        (root / LOCK_NAME).write_text("")
+        for name in names:
+            with atomic_path(root / name) as tmp:
+                tmp.write_bytes(content)
+
+    fill(["a"], b"old")
+    assert Ledger.of(root).owns("a")
+    shutil.rmtree(root)
+    fill(["b", "c", "d"], b"new!")  # a longer ledger than the first
+    (root / "a").write_bytes(b"old")  # the user's now: the old ledger's line must not vouch for it
+    ledger = Ledger.of(root)
+    assert not ledger.owns("a") and all(ledger.owns(n) for n in "bcd")

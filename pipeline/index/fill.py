@@ -136,7 +136,7 @@ def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int
     d = Path(index_dir)
     if mode == "ondisk":
         ivfdata = d / "index.ivfdata"
-        if discard(ivfdata):  # FAISS writes the list file in place, so an earlier one must go first
+        if discard(ivfdata):  # the rename below would replace a list file that is not the tool's
             raise ResumeError(f"{shown(ivfdata)} was not written by this tool; move it away and run again")
         with atomic_path(ivfdata) as tmp:  # merged under a temporary name, renamed once complete
             try:

@@ -32,17 +32,16 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``final``; rename it onto ``final`` if the block succeeds."""
     final = Path(final)
     root = run_root(final.parent)
-    if root is not None:
-        check_no_links(root, final.parent)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    if root is not None:
+    if root is not None:  # before mkdir, which would make folders through a link
         check_no_links(root, final)
+    final.parent.mkdir(parents=True, exist_ok=True)
     # hidden (leading dot): readers of the folder (pyarrow datasets, our input planner) skip it,
     # even while a task killed mid-write has left it behind
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        claim(final, tmp)
+        if root is not None:
+            claim(root, final, tmp)
         os.replace(tmp, final)
     except StorageError:  # already one line naming the file
         raise

@@ -42,11 +42,14 @@ __all__ = [
     "Ledger",
     "run_root",
     "check_no_links",
+    "has_links",
+    "check_writable",
     "claim",
-    "record_written",
     "foreign",
     "remove_owned",
     "discard",
+    "rename",
+    "merge_ledger",
     "file_crc",
     "is_temp_name",
 ]
@@ -93,6 +96,15 @@ def _link_error(path: Path) -> ResumeError:
     )
 
 
+def has_links(root: Path, path: Path) -> bool:
+    """Whether :func:`check_no_links` would refuse ``path``."""
+    try:
+        check_no_links(root, path)
+    except ResumeError:
+        return True
+    return False
+
+
 def check_no_links(root: Path, path: Path) -> None:
     """Refuse a symbolic link at ``path`` or between ``root`` and it (``root`` itself may be one)."""
     try:
@@ -129,20 +141,10 @@ def _entry(root: Path, final: Path, written: Path) -> str:
     return json.dumps([rel, st.st_size, st.st_mtime_ns, file_crc(written)]) + "\n"
 
 
-def claim(final: str | os.PathLike[str], written: str | os.PathLike[str]) -> None:
-    """Record that the file at ``written`` (about to be renamed onto ``final``) is the tool's, in the
-    ledger of ``final``'s run directory; nothing outside a run directory is recorded."""
-    root = run_root(Path(final).parent)
-    if root is not None:
-        _append(root, _entry(root, Path(final), Path(written)))
-
-
-def record_written(path: str | os.PathLike[str], root: str | os.PathLike[str] | None = None) -> None:
-    """Record a file the tool wrote in place (FAISS's on-disk lists, a file pulled from object
-    storage) in the ledger of ``root`` (default: ``path``'s run directory)."""
-    r = Path(root) if root is not None else run_root(Path(path).parent)
-    if r is not None:
-        _append(r, _entry(r, Path(path), Path(path)))
+def claim(root: Path, final: Path, written: Path) -> None:
+    """Record in ``root``'s ledger that the file at ``written`` (about to be renamed onto ``final``,
+    below ``root``) is the tool's."""
+    _append(root, _entry(root, final, written))
 
 
 @dataclass
@@ -161,6 +163,7 @@ class Ledger:
         self.root = Path(os.path.abspath(root))
         self.entries: dict[str, list[_Seen]] = {}
         self._offset = 0
+        self._head = b""  # the first line read: another file (the folder made again) begins otherwise
         self._crcs: dict[tuple[str, int, int, int], int] = {}  # (rel, size, mtime, inode) -> crc, this process
 
     @classmethod
@@ -177,14 +180,16 @@ class Ledger:
         try:
             fd = os.open(self.root / LEDGER_NAME, os.O_RDONLY | os.O_NOFOLLOW)
         except OSError:
-            self.entries, self._offset = {}, 0
+            self.entries, self._offset, self._head = {}, 0, b""
             return
         with os.fdopen(fd, "rb") as fh:
-            if os.fstat(fh.fileno()).st_size < self._offset:  # rewritten: read afresh
-                self.entries, self._offset = {}, 0
+            if fh.read(len(self._head)) != self._head:  # truncated, or another file (inodes are reused)
+                self.entries, self._offset, self._head = {}, 0, b""
             fh.seek(self._offset)
             data = fh.read()
         end = data.rfind(b"\n") + 1  # a line still being appended is read next time
+        if not self._head and end:
+            self._head = data[: data.index(b"\n") + 1]
         for raw in data[:end].splitlines():
             try:
                 rel, size, mtime, crc = json.loads(raw)

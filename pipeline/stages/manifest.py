@@ -21,7 +21,7 @@ from typing import Any, TypeVar
 
 from pipeline.errors import ResumeError
 from pipeline.io.atomic import remove_stale_temps, write_json
-from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, remove_owned
+from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, has_links, remove_owned
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 from pipeline.results import Files, from_dict, to_dict
 
@@ -206,23 +206,17 @@ class Manifest:
                     shown(str(path)),
                 )
                 return str(path)
+            if has_links(self.dir, self.dir / path):
+                return str(path)
             if crc is None:  # recorded before CRCs were: the size alone
                 try:
-                    if os.lstat(self.dir / path).st_size != size or (self.dir / path).is_symlink():
+                    if os.lstat(self.dir / path).st_size != size:
                         return str(path)
                 except OSError:
                     return str(path)
-            elif not self._linkless(str(path)) or not ledger.crc_matches(str(path), int(size), int(crc)):
+            elif not ledger.crc_matches(str(path), int(size), int(crc)):
                 return str(path)
         return None
-
-    def _linkless(self, rel: str) -> bool:
-        d = self.dir
-        for part in Path(rel).parts[:-1]:
-            d = d / part
-            if d.is_symlink():
-                return False
-        return True
 
     def record(self, files: Iterable[str | os.PathLike[str]]) -> Files:
         """``(path, size, crc32)`` records of ``files`` as they are now, for :meth:`files_intact`."""
