@@ -93,7 +93,6 @@ class RecallSample:
     rows: np.ndarray | None
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
     truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
-    exact_seconds: float = 0.0  # wall time of the exact search that found the truth (all workers)
     truth_rows: np.ndarray | None = None  # (queries, k) the neighbours' global rows in the index (-1 padded)
 
     def split(self) -> tuple[RecallSample, RecallSample]:
@@ -101,14 +100,12 @@ class RecallSample:
         return self.take(slice(0, half)), self.take(slice(half, None))
 
     def take(self, sel: slice) -> RecallSample:
-        share = len(self.truth[sel]) / max(1, len(self.truth))
         return RecallSample(
             self.vectors[sel],
             self.ids[sel],
             None if self.rows is None else self.rows[sel],
             self.truth[sel],
             self.truth_scores[sel],
-            self.exact_seconds * share,
             None if self.truth_rows is None else self.truth_rows[sel],
         )
 
@@ -137,9 +134,7 @@ def draw_sample(
     vectors = np.ascontiguousarray(query_store.gather_vectors(rows))
     ids = query_store.gather_ids(rows)
     extra = 1 if exclude_self else 0
-    started = time.perf_counter()
     scores, nbr = exact_knn(client, index_store, len(index_store.starts), queries=vectors, k=k + extra, metric=metric)
-    exact_seconds = time.perf_counter() - started
     nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
     own = ids.to_pylist()
     truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
@@ -150,7 +145,7 @@ def draw_sample(
         truth.append([row_ids[j] for j in keep])
         truth_scores[i, : len(keep)] = scores[i, keep]
         truth_rows[i, : len(keep)] = nbr[i, keep]
-    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, exact_seconds, truth_rows)
+    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, truth_rows)
 
 
 RERANK_WEIGHT = 4.0  # a re-ranked candidate is a row gathered at random from the store: ~4x a streamed one
