@@ -7,7 +7,6 @@ and the progress display are configured here and nowhere else.
 from __future__ import annotations
 
 import argparse
-import errno
 import json
 import logging
 import os
@@ -19,7 +18,7 @@ from typing import Any
 
 from pipeline import __version__
 from pipeline.config import DEVICES, KEYS, METRICS, Config, load_config
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import DISK_ERROR_FIXES, ConfigError, PipelineError
 from pipeline.io.workdir import shown
 from pipeline.results import JobReport, RecallSummary
 from pipeline.stages import progress
@@ -287,13 +286,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("%s", exc)
         return 2
     except OSError as exc:
-        if exc.errno not in _DISK_ERRORS:
+        if exc.errno not in DISK_ERROR_FIXES:
             raise
         log.error(
             "%s: %s; %s, then run the same command again to resume (finished parts are kept)",
             shown(exc.filename or "output"),
             exc.strerror,
-            _DISK_ERRORS[exc.errno],
+            DISK_ERROR_FIXES[exc.errno],
         )
         return 2
     except Terminated:
@@ -302,21 +301,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         log.error("interrupted; re-run the same command to resume")
         return 130
-
-
-_FULL = "free space there (or raise the quota), or choose another --output / --index-dir"
-_READ_ONLY = "the directory is not writable: fix its permissions, or choose another --output / --index-dir"
-_DISK_ERRORS = {
-    errno.ENOSPC: _FULL,
-    errno.EDQUOT: _FULL,
-    errno.EROFS: _READ_ONLY,
-    errno.EACCES: _READ_ONLY,
-    errno.EPERM: _READ_ONLY,
-    errno.EFBIG: "a file grew past what this filesystem or the process's file-size limit allows; "
-    "lower --partition-size or choose another --output / --index-dir",
-    errno.ENOENT: "a file or folder of the job's vanished while it ran (was the output or index "
-    "directory removed or moved?); keep it in place",
-}
 
 
 class Terminated(Exception):

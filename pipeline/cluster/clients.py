@@ -4,7 +4,6 @@ Slurm or PBS (dask-jobqueue), or one worker per local GPU (dask-cuda)."""
 from __future__ import annotations
 
 import contextlib
-import errno
 import logging
 import os
 import re
@@ -25,7 +24,7 @@ from pipeline.backends import gpu_count
 from pipeline.backends.gpu import gpu_runtime_problem
 from pipeline.backends.worker import WorkerDevice, install_device
 from pipeline.config import ClusterSpec, JobQueueSpec
-from pipeline.errors import ConfigError, PipelineError
+from pipeline.errors import DISK_ERROR_FIXES, ConfigError, PipelineError
 
 __all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options", "check_memory_floor"]
 
@@ -339,7 +338,7 @@ def _dask_log_level() -> int:
     return logging.INFO if logging.getLogger("pipeline").isEnabledFor(logging.DEBUG) else logging.ERROR
 
 
-REPORTED_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EFBIG, errno.EACCES, errno.EPERM, errno.ENOENT}
+REPORTED_ERRNOS = frozenset(DISK_ERROR_FIXES)  # the CLI reports these in one line
 
 
 def is_reported(exception_text: str) -> bool:
