@@ -40,7 +40,7 @@ import pyarrow.fs as pafs
 from pipeline.errors import ConfigError, ResumeError
 from pipeline.io.owned import LEDGER_NAME, merge_ledger
 from pipeline.io.storage import filesystem
-from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, show_as
+from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, gone_here, show_as
 
 __all__ = ["StagedDir", "staged", "scratch_for"]
 
@@ -88,19 +88,6 @@ def scratch_for(url: str, scratch_dir: str | None) -> Path:
 def _ours(rel: str) -> bool:
     top = rel.split("/", 1)[0]
     return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs", LEDGER_NAME)  # index: run's default
-
-
-def _dead_here(held: dict[str, Any]) -> bool:
-    """Whether a lease's job ran on this host and is gone (a rerun after kill -9 need not wait)."""
-    if held.get("host") != socket.gethostname():
-        return False
-    try:
-        os.kill(int(held.get("pid", 0)), 0)
-    except ProcessLookupError:
-        return True
-    except (PermissionError, ValueError, OverflowError):
-        return False
-    return False
 
 
 def _safe_key(rel: str) -> bool:
@@ -169,7 +156,7 @@ class StagedDir:
         last writer goes on."""
         held = self._lease()
         live = held.get("token") not in (None, self.token) and float(held.get("expires", 0)) > time.time()
-        if live and not _dead_here(held):
+        if live and not gone_here(held.get("host"), held.get("pid")):  # a rerun after kill -9 need not wait
             raise self._refuse(held)
         self._write_lease()
         time.sleep(LEASE_SETTLE)

@@ -23,6 +23,7 @@ import socket
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.errors import ConfigError, ResumeError
 
@@ -202,17 +203,26 @@ def locked(directory: str | os.PathLike[str], shared: bool = False) -> Iterator[
         os.close(fd)  # closing releases the flock
 
 
+def gone_here(host: Any, pid: Any) -> bool:
+    """Whether the process ``pid`` on ``host`` is known to be gone: it ran on this host and no
+    longer exists (a holder elsewhere, or one we may not signal, might still run)."""
+    if host != socket.gethostname():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, ValueError, TypeError, OverflowError):
+        return False
+    return False
+
+
 def _holder(fd: int) -> str:
     try:
         info = json.loads(os.pread(fd, 4096, 0) or b"{}")
         host, pid = str(info["host"]), int(info["pid"])
     except (ValueError, KeyError, TypeError, OSError):
         return "a job reading it"
-    if host == socket.gethostname():
-        try:
-            os.kill(pid, 0)
-        except ProcessLookupError:  # the last writer is gone: readers hold it now
-            return "a job reading it"
-        except PermissionError:
-            pass
+    if gone_here(host, pid):  # the last writer is gone: readers hold it now
+        return "a job reading it"
     return f"pid {pid} on {shown(host)}, since {info.get('since')}"
