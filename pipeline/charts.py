@@ -99,6 +99,7 @@ def _svg(parts: Sequence[str]) -> str:
 
 def line_chart(
     series: Sequence[tuple[str, Sequence[float], Sequence[float]]],
+    *,
     title: str,
     xlabel: str,
     ylabel: str,
@@ -138,7 +139,7 @@ def line_chart(
 
 
 def histogram(
-    values: np.ndarray, bins: int, value_range: tuple[float, float], title: str, xlabel: str, ylabel: str
+    values: np.ndarray, bins: int, value_range: tuple[float, float], *, title: str, xlabel: str, ylabel: str
 ) -> str:
     """Counts of ``values`` in ``bins`` equal bins over ``value_range``."""
     counts, edges = np.histogram(values, bins=bins, range=value_range)
@@ -157,6 +158,7 @@ def histogram(
 def bar_chart(
     labels: Sequence[str],
     values: Sequence[float],
+    *,
     title: str,
     xlabel: str,
     ylabel: str,

@@ -21,7 +21,7 @@ from pipeline.config import DEVICES, KEYS, METRICS, Config, load_config
 from pipeline.errors import DISK_ERROR_FIXES, ConfigError, PipelineError
 from pipeline.io.workdir import shown
 from pipeline.results import JobReport, RecallSummary
-from pipeline.stages import progress
+from pipeline.runtime import progress
 
 __all__ = ["main"]
 

@@ -60,7 +60,8 @@ class IndexSpec:
 
 @dataclass(frozen=True)
 class SearchSpec:
-    """How queries are searched. ``None`` means: chosen from the index (see ``indexing``)."""
+    """How queries are searched. ``None`` means: chosen for the index and the recall target
+    (:mod:`pipeline.index.choice` for the defaults, :mod:`pipeline.search.tuning` for the walk)."""
 
     k: int = 10
     nprobe: int | None = None

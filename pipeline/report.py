@@ -1,5 +1,5 @@
-"""The run report: ``report.json`` (machine-readable), ``report.md`` with PNG plots beside it, and
-``report.html``, the same as one self-contained page (plots inlined).
+"""The run report: ``report.json`` (machine-readable), ``report.md`` with SVG charts beside it
+(:mod:`pipeline.charts`), and ``report.html``, the same as one self-contained page (charts inlined).
 
 Plots: recall against nprobe with throughput (from the tuning sweep, or the one setting
 measured), the distribution of the k-th neighbour's score (a bounded sample read back from the
@@ -12,7 +12,6 @@ import base64
 import html
 import json
 import re
-import resource
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -24,7 +23,7 @@ from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord
 
-__all__ = ["peak_rss", "kth_scores", "write_report", "to_html"]
+__all__ = ["kth_scores", "write_report", "to_html"]
 
 SCORE_SAMPLE = 200_000
 
@@ -45,11 +44,6 @@ def _hist_range(values: np.ndarray) -> tuple[float, float]:
     lo, hi = float(np.min(values)), float(np.max(values))
     pad = 1e-3 * max(1.0, abs(lo), abs(hi))
     return (lo, hi) if hi - lo > pad else (lo - pad, hi + pad)
-
-
-def peak_rss() -> int:
-    """This process's peak resident memory in bytes (Linux reports KiB)."""
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def kth_scores(table_dir: Path, seed: int = 0, limit: int = SCORE_SAMPLE) -> np.ndarray:
@@ -102,9 +96,9 @@ def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, 
             "recall_curve.svg",
             line_chart(
                 series,
-                "recall against nprobe",
-                "nprobe",
-                f"recall@{recall.k}",
+                title="recall against nprobe",
+                xlabel="nprobe",
+                ylabel=f"recall@{recall.k}",
                 x_log=2,
                 hline=(f"target {recall.target}", recall.target) if recall.target else None,
             ),
@@ -118,9 +112,9 @@ def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, 
                 kth,
                 60,
                 _hist_range(kth),
-                f"k-th neighbour score ({kth.size:,} queries sampled)",
-                f"score of the k-th neighbour ({report.index.metric})",
-                "queries",
+                title=f"k-th neighbour score ({kth.size:,} queries sampled)",
+                xlabel=f"score of the k-th neighbour ({report.index.metric})",
+                ylabel="queries",
             ),
         )
         made.append(("Score of the k-th neighbour", "kth_score.svg"))
@@ -129,16 +123,24 @@ def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, 
         _write_chart(
             output,
             "timings.svg",
-            bar_chart(list(timings), list(timings.values()), "wall time per phase", "seconds", "", horizontal=True),
+            bar_chart(
+                list(timings),
+                list(timings.values()),
+                title="wall time per phase",
+                xlabel="seconds",
+                ylabel="",
+                horizontal=True,
+            ),
         )
         made.append(("Time per phase", "timings.svg"))
     return made
 
 
-def _count_plot(output: Path, name: str, counts: dict[str, int], xlabel: str, ylabel: str, title: str) -> None:
+def _count_plot(output: Path, name: str, counts: dict[str, int], *, xlabel: str, ylabel: str, title: str) -> None:
     """A bar chart of ``{value: count}`` (log-scaled counts), as dedup group sizes and graph degrees are."""
     keys = sorted(counts, key=int)  # JSON keys: "2", "10", ...
-    _write_chart(output, name, bar_chart(keys, [float(counts[x]) for x in keys], title, xlabel, ylabel, y_log=True))
+    chart = bar_chart(keys, [float(counts[x]) for x in keys], title=title, xlabel=xlabel, ylabel=ylabel, y_log=True)
+    _write_chart(output, name, chart)
 
 
 def _esc(v: Any) -> str:
@@ -211,7 +213,14 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
         )
     lines.append("")
     if d.group_sizes:
-        _count_plot(output, "group_sizes.svg", d.group_sizes, "group size (rows)", "groups", "dedup group sizes")
+        _count_plot(
+            output,
+            "group_sizes.svg",
+            d.group_sizes,
+            xlabel="group size (rows)",
+            ylabel="groups",
+            title="dedup group sizes",
+        )
         lines += ["### Group sizes", "", "![group sizes](group_sizes.svg)", ""]
     if d.examples:
         lines += ["### Example pairs by score", ""]
@@ -305,7 +314,12 @@ def _graph_lines(output: Path, report: JobReport) -> list[str]:
     lines.append("")
     if g.degree.histogram:
         _count_plot(
-            output, "degrees.svg", g.degree.histogram, "degree (edges out of a node)", "nodes", "degree distribution"
+            output,
+            "degrees.svg",
+            g.degree.histogram,
+            xlabel="degree (edges out of a node)",
+            ylabel="nodes",
+            title="degree distribution",
         )
         lines += ["### Degree distribution", "", "![degrees](degrees.svg)", ""]
     return lines

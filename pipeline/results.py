@@ -39,10 +39,6 @@ __all__ = [
     "GraphResult",
     "RecallSummary",
     "JobReport",
-    "IndexRecord",
-    "TrainRecord",
-    "ScanRecord",
-    "FillRecord",
     "Files",
 ]
 
@@ -88,47 +84,6 @@ def from_dict(cls: type[T], data: dict[str, Any]) -> T:
 
 # build -------------------------------------------------------------------------------------------
 Files = tuple[tuple[Any, ...], ...]  # (path relative to the directory, size) per file
-
-
-@dataclass(frozen=True)
-class ScanRecord:
-    """The manifest's ``scan`` (or ``scan_queries``) stage: the stored rows."""
-
-    dim: int
-    rows: int
-    starts: tuple[int, ...]
-
-
-@dataclass(frozen=True)
-class TrainRecord:
-    """The manifest's ``train`` stage: the key trained, on how many rows, its file."""
-
-    key: str
-    rows: int
-    files: Files = ()
-
-
-@dataclass(frozen=True)
-class FillRecord:
-    """The manifest's ``fill`` stage: the filled index's size, how it was merged, its files."""
-
-    ntotal: int
-    mode: str
-    files: Files = ()
-
-
-@dataclass(frozen=True)
-class IndexRecord:
-    """The manifest's ``index`` stage: the finished index as later commands open it."""
-
-    key: str
-    dim: int
-    metric: Metric
-    ntotal: int
-    nlist: int | None
-    rerank_default: int
-    starts: tuple[int, ...]
-    why: str = "given by index_key"
 
 
 # join ---------------------------------------------------------------------------------------------

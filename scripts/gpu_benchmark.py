@@ -55,7 +55,7 @@ def generate(path: Path, rows: int, dim: int) -> Path:
 
 def code_size(index_dir: Path) -> int | None:
     """Bytes a vector's code takes in the lists the join scans."""
-    from pipeline.index.choice import ivf_of
+    from pipeline.backends.kernels import ivf_of
     from pipeline.index.fill import load_index
 
     ivf = ivf_of(load_index(index_dir))

@@ -14,8 +14,8 @@ from pathlib import Path
 import faiss
 import numpy as np
 
+from pipeline.backends.lists import list_major_search
 from pipeline.index.fill import load_index
-from pipeline.search.lists import list_major_search
 
 
 def main() -> None:

@@ -253,8 +253,8 @@ def _threads_seen_in_a_task() -> dict[str, object]:
     import numpy as np
     from threadpoolctl import threadpool_info
 
+    from pipeline.backends import lists
     from pipeline.backends.worker import worker_device
-    from pipeline.search import lists
 
     def blas() -> list[int]:
         return sorted({int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"})

@@ -3,6 +3,7 @@ followed, and damaged or crafted state is redone, not trusted (issue 26)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -411,8 +412,14 @@ def test_a_file_size_limit_hit_by_the_list_file_is_one_line_and_the_rerun_finish
 
 
 # hangs become bounded --------------------------------------------------------------------------
-def _die_on(piece, _label) -> int:
-    os._exit(1)  # a worker killed on every attempt of this task
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _DieTask:
+    """A task record whose worker is killed on every attempt."""
+
+    piece: object
+
+    def run(self) -> int:
+        os._exit(1)
 
 
 @pytest.mark.slow
@@ -423,7 +430,7 @@ def test_a_task_whose_workers_keep_dying_names_its_piece_and_file(data):
     from pipeline.cluster.clients import dask_client
     from pipeline.config import ClusterSpec
     from pipeline.io.parquet import plan_dataset
-    from pipeline.stages.progress import run_tasks
+    from pipeline.runtime.runner import run_tasks
 
     pieces = plan_dataset([str(data)], "id", "embedding", 150 * DIM * 4).pieces
     with dask.config.set({"distributed.scheduler.allowed-failures": 1}):
@@ -433,7 +440,7 @@ def test_a_task_whose_workers_keep_dying_names_its_piece_and_file(data):
             r"parquet \(rows \d+-\d+\)\), usually for memory",
         ):
             with dask_client(ClusterSpec(workers=2, threads_per_worker=1)) as (client, _):
-                run_tasks(client, _die_on, [pieces[3]], "join", args=lambda p: (p, "join"))
+                run_tasks(client, label="join", items=[pieces[3]], task=lambda p: _DieTask(piece=p))
 
 
 def test_no_worker_left_ends_the_job_instead_of_waiting_forever():

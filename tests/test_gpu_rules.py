@@ -22,16 +22,9 @@ from pipeline.backends.gpu import (
     gpu_search_limits,
     train_with_assigner,
 )
-from pipeline.index.choice import (
-    FAISS_METRICS,
-    default_index_key,
-    default_rerank,
-    explain_index_key,
-    gpu_index_bytes,
-    make_index,
-)
+from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank
+from pipeline.index.choice import default_index_key, default_rerank, explain_index_key, gpu_index_bytes, make_index
 from pipeline.io.sample_data import clustered_vectors
-from pipeline.search.stored import ResidentRows, host_rerank
 
 from .conftest import write_store
 

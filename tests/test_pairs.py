@@ -14,8 +14,9 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import run
+from pipeline.backends import kernels as stored
 from pipeline.backends.cpu import CpuBackend
-from pipeline.search import pairs, stored
+from pipeline.search import pairs
 
 
 def _brute(x: np.ndarray, q: np.ndarray, k: int, metric: str) -> np.ndarray:
@@ -60,16 +61,11 @@ def test_self_topk_is_exact_search_of_the_rows_among_themselves(rows, dim, k, bl
     if dups:
         x[rows // 2 :] = x[: rows - rows // 2]
     knn = CpuBackend().knn  # the Knn seam: the metric by name
-    original = stored.FLOOR_HITS_PER_ROW
-    stored.FLOOR_HITS_PER_ROW = cap
-    try:
-        scores, found = stored.self_topk(knn, x, k, metric, block=block)
-        a, b = x[: rows // 2 + 1], x[rows // 2 + 1 :]
-        if len(b):
-            floor = stored.knn_topk(knn, b, b, k, metric)[0][:, -1]
-            (sa, ra), (sb, rb) = stored.pair_topk(a, b, k, metric, floor, tile=tile)
-    finally:
-        stored.FLOOR_HITS_PER_ROW = original
+    scores, found = stored.self_topk(knn, x, k, metric, block=block, floor_hits=cap)
+    a, b = x[: rows // 2 + 1], x[rows // 2 + 1 :]
+    if len(b):
+        floor = stored.knn_topk(knn, b, b, k, metric)[0][:, -1]
+        (sa, ra), (sb, rb) = stored.pair_topk(a, b, k, metric, floor, tile=tile, floor_hits=cap)
     _check(scores, found, x, x, k, metric)
     if len(b):
         _check(sa, ra, b, a, k, metric)  # a's side: exact among b
@@ -132,14 +128,14 @@ def test_the_exact_self_join_by_pairs_equals_the_piece_by_piece_one_and_resumes(
     assert not stages.get("exact_diagonal", {}).get("pieces")
     monkeypatch.setattr(pairs, "MAX_GROUPS", 24)
     monkeypatch.setattr(pairs, "GROUP_BYTES", 2000 * 32 * 4)
-    task = pairs._pair_task
+    run_pair = pairs.PairTask.run
 
-    def failing(store, layout, g, h, width, metric_):
-        if (g, h) == (0, 2):
+    def failing(task: pairs.PairTask) -> None:
+        if (task.g, task.h) == (0, 2):
             raise RuntimeError("pair task killed")
-        return task(store, layout, g, h, width, metric_)
+        run_pair(task)
 
-    monkeypatch.setattr(pairs, "_pair_task", failing)
+    monkeypatch.setattr(pairs.PairTask, "run", failing)
     with pytest.raises(Exception, match="pair task killed"):
         run(config("pairs"))
     folder = tmp_path / "pairs" / pairs.PAIRS_DIR
@@ -149,22 +145,22 @@ def test_the_exact_self_join_by_pairs_equals_the_piece_by_piece_one_and_resumes(
     stages = json.loads((tmp_path / "pairs" / "manifest.json").read_text())["stages"]
     recorded = stages.get("exact_pairs", {}).get("pieces", {})
     unfinished = [f"{g}-{h}" for g, h in ((0, 1), (0, 2), (1, 2)) if str(g * 3 + h) not in recorded]
-    ran = tmp_path / "ran.txt"  # tasks are pickled by value: they say what ran in a file
+    ran = tmp_path / "ran.txt"  # the tasks say what ran in a file
     ran.touch()
-    diagonal = pairs._diagonal_task
+    run_diagonal = pairs.DiagonalTask.run
 
-    def counted_pair(store, layout, g, h, width, metric_):
+    def counted_pair(task: pairs.PairTask) -> None:
         with open(ran, "a") as fh:
-            fh.write(f"{g}-{h}\n")
-        return task(store, layout, g, h, width, metric_)
+            fh.write(f"{task.g}-{task.h}\n")
+        run_pair(task)
 
-    def counted_diagonal(store, layout, g, width, metric_):
+    def counted_diagonal(task: pairs.DiagonalTask) -> None:
         with open(ran, "a") as fh:
-            fh.write(f"{g}-{g}\n")
-        return diagonal(store, layout, g, width, metric_)
+            fh.write(f"{task.g}-{task.g}\n")
+        run_diagonal(task)
 
-    monkeypatch.setattr(pairs, "_pair_task", counted_pair)
-    monkeypatch.setattr(pairs, "_diagonal_task", counted_diagonal)
+    monkeypatch.setattr(pairs.PairTask, "run", counted_pair)
+    monkeypatch.setattr(pairs.DiagonalTask, "run", counted_diagonal)
     run(config("pairs"))
     assert sorted(ran.read_text().split()) == unfinished and "0-2" in unfinished  # no recorded task is redone
     assert not folder.exists()  # removed once every piece's table is written

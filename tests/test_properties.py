@@ -56,7 +56,7 @@ def test_to_padded_puts_each_list_on_its_line_and_pads_the_rest(counts, first):
     scores = rows.astype(np.float32) / 2
     out_rows = np.full((first + len(counts), k), -1, dtype=np.int64)
     out_scores = np.full(out_rows.shape, np.nan, dtype=np.float32)
-    to_padded(out_rows, out_scores, first, offsets, rows, scores)
+    to_padded(out_rows, out_scores, first, offsets=offsets, rows=rows, scores=scores)
     assert (out_rows[:first] == -1).all()
     for i, c in enumerate(counts):
         line = out_rows[first + i]
@@ -245,7 +245,7 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
     the probed vectors included: -1 ids)."""
     import faiss
 
-    from pipeline.search.lists import list_major_search
+    from pipeline.backends.lists import list_major_search
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim)).astype(np.float32)
@@ -279,14 +279,7 @@ def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe
         recall = target + 0.01 if nprobe is not None and nprobe >= needed else target - 0.01
         return tuning.TunePoint(nprobe, rerank, recall, recall, 0.0, 1.0, 500)
 
-    def fake(plan, store, sample, nprobe, rerank):
-        return point(nprobe, rerank)
-
-    original, tuning._point = tuning._point, fake
-    try:
-        points = tuning._walk(None, None, None, tuning.probe_steps(nlist), [4], target)
-    finally:
-        tuning._point = original
+    points = tuning._walk(point, probes=tuning.probe_steps(nlist), factors=[4], target=target)
     chosen = tuning.choose(points, target)
     probes = tuning.probe_steps(nlist)
     if needed > min(nlist, 2048):  # nothing passes (the walk stops at 2048 lists): the best recall

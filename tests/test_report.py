@@ -206,22 +206,29 @@ def test_charts_are_well_formed_svg_with_one_mark_per_value():
 
     line = line_chart(
         [("rerank 0", [1, 2, 4], [0.5, 0.7, 0.9]), ("rerank 2", [4, 8], [0.93, 0.97])],
-        "recall",
-        "nprobe",
-        "recall@10",
+        title="recall",
+        xlabel="nprobe",
+        ylabel="recall@10",
         x_log=2,
         hline=("target 0.95", 0.95),
     )
     assert len(marks(line, "circle")) == 5 and len(marks(line, "polyline")) == 2
     assert "target 0.95" in line and "&lt;" not in "".join(t.text or "" for t in marks(line, "text"))
     values = np.array([0.1, 0.1, 0.4, 0.9])
-    hist = histogram(values, 4, (0.0, 1.0), "k-th", "score", "queries")
+    hist = histogram(values, 4, (0.0, 1.0), title="k-th", xlabel="score", ylabel="queries")
     assert len(marks(hist, "rect")) == 2 + 3  # background, frame, and the three non-empty bins
-    flat = histogram(np.full(7, 0.5), 10, (0.49, 0.51), "equal", "score", "queries")  # one bin, no division by zero
+    flat = histogram(
+        np.full(7, 0.5), 10, (0.49, 0.51), title="equal", xlabel="score", ylabel="queries"
+    )  # one bin, no division by zero
     assert len(marks(flat, "rect")) == 3
-    bars = bar_chart(["scan", "join <x>"], [1.5, 0.0], "time", "seconds", "", horizontal=True)
+    bars = bar_chart(["scan", "join <x>"], [1.5, 0.0], title="time", xlabel="seconds", ylabel="", horizontal=True)
     assert "join &lt;x&gt;" in bars and len(marks(bars, "rect")) == 4
     counts = bar_chart(
-        [str(i) for i in range(2, 60)], [float(10 ** (i % 4)) for i in range(58)], "sizes", "size", "groups", y_log=True
+        [str(i) for i in range(2, 60)],
+        [float(10 ** (i % 4)) for i in range(58)],
+        title="sizes",
+        xlabel="size",
+        ylabel="groups",
+        y_log=True,
     )
     assert len(marks(counts, "rect")) == 2 + 58 and len([t for t in marks(counts, "text") if t.text == "2"]) >= 1

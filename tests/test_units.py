@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -148,7 +149,8 @@ def test_local_layout():
     ],
 )
 def test_fill_modes(key, enc, mode):
-    from pipeline.index.choice import encoding_key, ivf_of, make_encoder
+    from pipeline.backends.kernels import ivf_of
+    from pipeline.index.choice import encoding_key, make_encoder
     from pipeline.index.fill import fill_mode
 
     assert encoding_key(key) == enc
@@ -242,14 +244,16 @@ def test_searches_never_change_the_shared_index_and_run_concurrently_with_other_
     plans = [SearchPlan(str(tmp_path), "l2", 5, nprobe, 0, False, True) for nprobe in (1, 64)]
     shared = shared_index(plans[0])
     q, ids = x[:200], pa.array(np.arange(200))
-    alone = [search_batch(shared, p, q, np.arange(200), ids, None)[2] for p in plans]
+    alone = [search_batch(shared, p, q, q_rows=np.arange(200), q_ids=ids, index_store=None)[2] for p in plans]
     assert not np.array_equal(alone[0], alone[1])  # the settings matter
     assert faiss.extract_index_ivf(shared).nprobe == 1  # the cached index was not modified
     mismatches = []
 
     def worker(i: int) -> None:
         for _ in range(25):
-            if not np.array_equal(search_batch(shared, plans[i], q, np.arange(200), ids, None)[2], alone[i]):
+            if not np.array_equal(
+                search_batch(shared, plans[i], q, q_rows=np.arange(200), q_ids=ids, index_store=None)[2], alone[i]
+            ):
                 mismatches.append(i)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in (0, 1)]
@@ -260,14 +264,21 @@ def test_searches_never_change_the_shared_index_and_run_concurrently_with_other_
     assert not mismatches
 
 
-def _slow_piece(index: int, rows: int) -> int:
-    from pipeline.stages.progress import PieceProgress
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _SlowPiece:
+    """A task record that reports its rows in five steps."""
 
-    progress = PieceProgress("probe", index)
-    for _ in range(5):
-        time.sleep(0.3)
-        progress.advance(rows // 5)
-    return rows
+    index: int
+    rows: int
+
+    def run(self) -> int:
+        from pipeline.runtime.progress import PieceProgress
+
+        progress = PieceProgress("probe", self.index)
+        for _ in range(5):
+            time.sleep(0.3)
+            progress.advance(self.rows // 5)
+        return self.rows
 
 
 def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
@@ -277,7 +288,8 @@ def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
 
     from distributed import Client
 
-    from pipeline.stages import progress
+    from pipeline.runtime import progress
+    from pipeline.runtime.runner import run_tasks
 
     seen: list[int] = []
     monkeypatch.setattr(progress.Progress, "show", lambda self: seen.append(self.done))
@@ -288,12 +300,12 @@ def test_progress_moves_inside_a_running_piece(dask_address, monkeypatch):
         rows: int
 
     with Client(dask_address) as client:
-        progress.run_tasks(client, _slow_piece, [Item(0, 1000)], "probe", args=lambda i: (i.index, i.rows))
+        run_tasks(client, label="probe", items=[Item(0, 1000)], task=lambda i: _SlowPiece(index=i.index, rows=i.rows))
     assert any(0 < done < 1000 for done in seen) and seen[-1] == 1000
 
 
 def _stepping_task() -> str:
-    from pipeline.stages.progress import PieceProgress
+    from pipeline.runtime.progress import PieceProgress
 
     progress = PieceProgress("train", 0)
     for step in ("reading 10 sampled rows", "k-means into 4 lists on 10 rows"):
@@ -309,9 +321,9 @@ def test_long_single_tasks_report_their_steps(dask_address, caplog):
 
     from distributed import Client
 
-    from pipeline.stages import progress
+    from pipeline.runtime import progress
 
-    with Client(dask_address) as client, caplog.at_level(logging.INFO, logger="pipeline.stages.progress"):
+    with Client(dask_address) as client, caplog.at_level(logging.INFO, logger="pipeline.runtime.progress"):
         result = progress.watch(client, client.submit(_stepping_task, pure=False), "train", interval=0.5)
     lines = [r.getMessage() for r in caplog.records]
     assert result == "trained"

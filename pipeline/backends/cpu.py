@@ -8,11 +8,10 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.index.choice import FAISS_METRICS
+from pipeline.backends.kernels import FAISS_METRICS, host_rerank, pair_topk, self_topk, streamed_exact
+from pipeline.backends.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.search.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
-from pipeline.search.stored import host_rerank, pair_topk, self_topk, streamed_exact
 
 __all__ = ["CpuBackend"]
 
@@ -50,7 +49,7 @@ class CpuBackend:
         self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search``; a large batch on an IVF-Flat index is searched list by list instead
-        (:mod:`pipeline.search.lists`: the same result, BLAS speed)."""
+        (:mod:`pipeline.backends.lists`: the same result, BLAS speed)."""
         nprobe = getattr(params, "nprobe", None)
         if nprobe and len(x) >= LIST_MAJOR_MIN_QUERIES and is_ivf_flat(index):
             return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe, self.threads)
@@ -83,13 +82,13 @@ class CpuBackend:
 
     def self_topk(self, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``x``'s rows among themselves, blocks against themselves and pairs of
-        blocks scored once for both (:func:`pipeline.search.stored.self_topk`)."""
+        blocks scored once for both (:func:`pipeline.backends.kernels.self_topk`)."""
         with self._blas():
             return self_topk(self.knn, x, k, metric)
 
     def pair_topk(
         self, a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray
     ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
-        """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.search.stored.pair_topk`)."""
+        """Both sides' exact top-``k`` from one product per tile (:func:`pipeline.backends.kernels.pair_topk`)."""
         with self._blas():
             return pair_topk(a, b, k, metric, b_floor)

@@ -17,7 +17,7 @@ The only module that touches GPU faiss symbols or CuPy, and only inside function
   with the reason.
 * **the row store on the device**: when the join's stored vectors fit in ``RESIDENT_SHARE`` of
   the GPU's free memory they are copied there once per worker; re-ranking then gathers
-  candidates and scores them on the device (:class:`~pipeline.search.stored.ResidentRows`), and
+  candidates and scores them on the device (:class:`~pipeline.backends.kernels.ResidentRows`), and
   the exact plan searches a GPU flat index over them (cuBLAS tiles, on-device k-selection).
   Larger stores stream piece by piece from the host: candidates gathered there, pieces scored
   on the GPU one at a time.
@@ -37,13 +37,15 @@ import faiss
 import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
-from pipeline.index.choice import FAISS_METRICS, PQ_SUB_DIMS, PQ_SUBQUANTIZERS, ivf_of
+from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of, knn_topk, streamed_exact
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.search.stored import ResidentRows, host_rerank, knn_topk, streamed_exact
 
 __all__ = [
+    "PQ_SUBQUANTIZERS",
+    "PQ_SUB_DIMS",
     "GpuBackend",
+    "GpuContext",
     "GPU_MAX_K",
     "gpu_search_limits",
     "batch_rows",
@@ -55,6 +57,9 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
+# the sub-quantizer counts and sizes the GPU's IVF-PQ kernels take (the default plan keeps to them)
+PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
+PQ_SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 GPU_MAX_K = 2048  # k and nprobe on the classic GPU kernels (GPU_MAX_SELECTION_K)
 FLOAT16_TABLES_FROM = 56  # 56, 64, 96 sub-quantizers need float16 lookup tables (shared memory)
 FREE_SHARE = 0.5  # of the GPU's free memory a batch may take (faiss keeps its own temp memory too)
@@ -169,10 +174,41 @@ def gpu_runtime_problem() -> str | None:
     return None
 
 
-_resources: dict[int, Any] = {}
-_clones: dict[tuple[int, int], tuple[Any, Any]] = {}  # (id, device) -> (CPU index kept alive, GPU clone)
-_warned: set[str] = set()  # fallbacks already logged by this process (tasks make a backend each)
-_lock = threading.Lock()
+class GpuContext:
+    """What one worker holds on its GPU, owned by the worker's device plugin (through its
+    backend) and released with it: FAISS's resources (streams, cuBLAS handle, temporary memory),
+    the search clones of the indexes it searched, the row store resident for re-ranking or exact
+    search, the lock that serialises searches on a shared clone, and the fallbacks already logged.
+    Nothing of it is module state: two workers in one process (tests, a threaded cluster) each
+    have their own, and a worker's GPU memory goes when its plugin does."""
+
+    def __init__(self, device: int, temp_memory: int | None = None) -> None:
+        self.device = device
+        self.temp_memory = temp_memory
+        self.lock = threading.Lock()  # guards the fields below
+        self.search_lock = threading.Lock()  # one search at a time on a shared clone (nprobe is set per call)
+        self._resources: Any = None
+        self.clones: dict[int, tuple[Any, Any]] = {}  # id(index) -> (the CPU index kept alive, its GPU clone or None)
+        self.held: dict[str, tuple[tuple[Any, ...], Any]] = {}  # what -> (store key, resident object or None)
+        self.warned: set[str] = set()
+
+    def resources(self) -> Any:
+        """The device's ``StandardGpuResources``, made on first use."""
+        with self.lock:
+            if self._resources is None:
+                res = faiss.StandardGpuResources()
+                if self.temp_memory is not None:
+                    res.setTempMemory(int(self.temp_memory))
+                self._resources = res
+            return self._resources
+
+    def first_time(self, what: str) -> bool:
+        """True the first time ``what`` is asked about (a fallback is logged once per worker)."""
+        with self.lock:
+            if what in self.warned:
+                return False
+            self.warned.add(what)
+            return True
 
 
 def worker_gpu(worker_name: str | None = None) -> int:
@@ -204,10 +240,20 @@ class GpuBackend:
     name = "gpu"
     search_rows = 65_536  # queries per search call: the GPU wants large batches
 
-    def __init__(self, device: int | None = None, temp_memory: int | None = None) -> None:
-        self._device = device
+    def __init__(
+        self, device: int | None = None, temp_memory: int | None = None, *, context: GpuContext | None = None
+    ) -> None:
+        self._device = device if context is None else context.device
         self._temp_memory = temp_memory
+        self._context = context
         self._cpu = CpuBackend()
+
+    @property
+    def context(self) -> GpuContext:
+        """This backend's hold on its GPU (made on first use where the plugin gave none)."""
+        if self._context is None:
+            self._context = GpuContext(self.device, self._temp_memory)
+        return self._context
 
     @property
     def device(self) -> int:
@@ -216,15 +262,8 @@ class GpuBackend:
         return self._device
 
     def resources(self) -> Any:
-        """One ``StandardGpuResources`` per device per process (streams, cuBLAS handle, temp memory)."""
-        with _lock:
-            res = _resources.get(self.device)
-            if res is None:
-                res = faiss.StandardGpuResources()
-                if self._temp_memory is not None:
-                    res.setTempMemory(int(self._temp_memory))
-                _resources[self.device] = res
-            return res
+        """The device's FAISS resources (streams, cuBLAS handle, temp memory): one per worker."""
+        return self.context.resources()
 
     def free_memory(self) -> int | None:
         """Free bytes on this worker's GPU (CuPy), or None without CuPy."""
@@ -250,11 +289,8 @@ class GpuBackend:
         return (name.decode() if isinstance(name, bytes) else str(name)), int(total), int(free)
 
     def _warn_once(self, what: str) -> None:
-        with _lock:
-            if what in _warned:
-                return
-            _warned.add(what)
-        log.warning("%s", what)
+        if self.context.first_time(what):
+            log.warning("%s", what)
 
     def set_threads(self, n: int) -> None:
         self._cpu.set_threads(n)
@@ -312,11 +348,12 @@ class GpuBackend:
         outer.ntotal = cast(Any, ivf_of(index)).ntotal
 
     def _clone(self, index: faiss.Index) -> Any | None:
-        """The GPU copy of ``index`` (made once per process and device), or None with the reason logged."""
-        key = (id(index), self.device)
-        with _lock:
-            if key in _clones:
-                return _clones[key][1]
+        """The GPU copy of ``index`` (made once per worker), or None with the reason logged."""
+        ctx = self.context
+        key = id(index)  # the entry keeps the index alive, so its id is not reused while it stands
+        with ctx.lock:
+            if key in ctx.clones:
+                return ctx.clones[key][1]
         why, float16 = gpu_search_limits(index)
         if why is None:
             need = _index_bytes(index)
@@ -340,8 +377,8 @@ class GpuBackend:
             )
         else:
             self._warn_once(f"searching on the CPU: {why}")
-        with _lock:
-            _clones[key] = (index, clone)
+        with ctx.lock:
+            ctx.clones[key] = (index, clone)
         return clone
 
     def search(
@@ -358,7 +395,7 @@ class GpuBackend:
         clone = self._clone(index)
         if clone is None:
             return self._cpu.search(index, x, k, params)
-        with _search_lock(self.device):  # the clone is shared by the process: nprobe is set per call
+        with self.context.search_lock:  # the clone is shared by the worker's threads: nprobe is set per call
             if ivf is not None:
                 faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
             return clone.search(x, k)
@@ -383,22 +420,21 @@ class GpuBackend:
         if k > GPU_MAX_K:
             self._warn_once(f"exact search on the CPU: k={k} (the GPU kernels take at most {GPU_MAX_K})")
             return self._cpu.knn(q, x, k, metric)
-        with _search_lock(self.device):
+        with self.context.search_lock:
             return faiss.knn_gpu(self.resources(), q, x, k, metric=FAISS_METRICS[metric], device=self.device)
 
-    def _held(
-        self, cache: dict[int, tuple[tuple[Any, ...], Any]], store: RowStore, what: str, tag: str, build: Any
-    ) -> Any | None:
-        """``build()`` of ``store`` kept on this worker's GPU (one store at a time per ``cache``,
+    def _held(self, store: RowStore, what: str, tag: str, build: Any) -> Any | None:
+        """``build()`` of ``store`` kept on this worker's GPU (one store at a time per ``what``,
         made once), or None when the store does not fit ``RESIDENT_SHARE`` of the free memory or
         CuPy is missing: decided once per store, the reason logged once."""
-        key = (str(store.root), store.total_rows, self.device, tag)
-        with _lock:
-            held = cache.get(self.device)
+        ctx = self.context
+        key = (str(store.root), store.total_rows, tag)
+        with ctx.lock:
+            held = ctx.held.get(what)
         if held is not None and held[0] == key:
             return held[1]
-        with _lock:
-            cache.pop(self.device, None)  # release the last store before sizing the next
+        with ctx.lock:
+            ctx.held.pop(what, None)  # release the last store before sizing the next
         made = None
         need = ResidentRows.nbytes(store, store.mapped_vectors(0).shape[1])
         free = self.free_memory()  # None without CuPy (said once)
@@ -416,8 +452,8 @@ class GpuBackend:
                 store.total_rows,
                 need / 2**30,
             )
-        with _lock:
-            cache[self.device] = (key, made)
+        with ctx.lock:
+            ctx.held[what] = (key, made)
         return made
 
     def _resident(self, store: RowStore) -> ResidentRows | None:
@@ -429,7 +465,7 @@ class GpuBackend:
             with cupy.cuda.Device(self.device):
                 return ResidentRows(cupy, store, cupy.asnumpy)
 
-        return cast("ResidentRows | None", self._held(_resident_rows, store, "re-ranking", "", build))
+        return cast("ResidentRows | None", self._held(store, "re-ranking", "", build))
 
     def rerank(self, q: np.ndarray, rows: np.ndarray, store: RowStore, metric: Metric) -> np.ndarray:
         """Exact scores of each query against its candidate rows: on the device against the
@@ -459,7 +495,7 @@ class GpuBackend:
         flat = self._resident_flat(store, metric) if k <= GPU_MAX_K else None
         if flat is None:
             return streamed_exact(self.knn, q, store, k, metric)
-        with _search_lock(self.device):
+        with self.context.search_lock:
             return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
 
     def _resident_flat(self, store: RowStore, metric: Metric) -> Any | None:
@@ -473,17 +509,7 @@ class GpuBackend:
                 flat.add(store.vectors(piece))
             return flat
 
-        return self._held(_resident_flats, store, "exact search", metric, build)
-
-
-_resident_rows: dict[int, tuple[tuple[Any, ...], Any]] = {}  # device -> (store key, ResidentRows or None)
-_resident_flats: dict[int, tuple[tuple[Any, ...], Any]] = {}  # device -> (store key, GPU flat index or None)
-_search_locks: dict[int, threading.Lock] = {}
-
-
-def _search_lock(device: int) -> threading.Lock:
-    with _lock:
-        return _search_locks.setdefault(device, threading.Lock())
+        return self._held(store, "exact search", metric, build)
 
 
 def _index_bytes(index: faiss.Index) -> int:

@@ -306,9 +306,7 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     # cost a nanny and a second interpreter; several workers get a process each. Two Dask threads
     # a worker with two cores or more: heavy work takes the device one block at a time
     # (worker_device), so the second thread reads, decodes and writes beside it (the scan's
-    # Parquet decoding, the join's output). pydocs-minilm, 2 cores: scan 0.4 -> 0.3 s, join 1.1 ->
-    # 1.0 s, whole process 3.3 -> 3.1 s (before the threads fix of the device seam, a second
-    # thread slowed the join as much as it sped the scan: OpenMP threads spinning against it)
+    # Parquet decoding, the join's output; measured in docs/benchmarks.md)
     with (
         dask.config.set({"distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status"}),
         LocalCluster(

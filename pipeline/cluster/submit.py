@@ -26,7 +26,7 @@ from pipeline.errors import ConfigError, PipelineError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.staging import scratch_for
 from pipeline.io.storage import is_remote
-from pipeline.stages.manifest import LOG_DIR
+from pipeline.runtime.manifest import LOG_DIR
 
 __all__ = ["JOBS", "Submission", "prepare", "submit"]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -17,43 +17,53 @@ from pipeline.io.storage import open_parquet
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.results import DedupExample
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import Stage, run_stage
 from pipeline.shuffle.components import label_path
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
 
 __all__ = ["read_keep_column", "attach_examples", "read_texts"]
 
 
-def _read_keep_piece(piece: Piece, column: str, out: str) -> None:
-    try:
-        col = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[column]).column(column)
-    except (pa.ArrowInvalid, pa.ArrowIOError, OSError, KeyError) as exc:
-        raise InputError(f"{piece.where()}, column '{column}': cannot be read for --keep-by ({exc})") from None
-    col = col.combine_chunks()
-    if col.null_count:
-        bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
-        raise InputError(
-            f"{piece.where(bad)}, column '{column}': null --keep-by value; fill it or choose another column"
-        )
-    t = col.type
-    if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t) or pa.types.is_time(t):
-        values = col.cast(pa.int64()).to_numpy()
-    elif pa.types.is_integer(t) or pa.types.is_boolean(t):
-        values = col.cast(pa.int64()).to_numpy()
-    elif pa.types.is_floating(t):
-        values = col.cast(pa.float64()).to_numpy()
-        if np.isnan(values).any():
-            bad = int(np.flatnonzero(np.isnan(values))[0])
+@dataclass(frozen=True, kw_only=True)
+class KeepColumnTask:
+    """Store one piece's ``--keep-by`` column as int64 or float64 (``out``, a .npy file), refusing
+    nulls, NaNs and columns that are not numbers, dates or timestamps."""
+
+    piece: Piece
+    column: str
+    out: str
+
+    def run(self) -> None:
+        piece, column, out = self.piece, self.column, self.out
+        try:
+            col = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[column]).column(column)
+        except (pa.ArrowInvalid, pa.ArrowIOError, OSError, KeyError) as exc:
+            raise InputError(f"{piece.where()}, column '{column}': cannot be read for --keep-by ({exc})") from None
+        col = col.combine_chunks()
+        if col.null_count:
+            bad = int(np.flatnonzero(col.is_null().to_numpy(zero_copy_only=False))[0])
             raise InputError(
-                f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column"
+                f"{piece.where(bad)}, column '{column}': null --keep-by value; fill it or choose another column"
             )
-    else:
-        raise InputError(
-            f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
-            f"not {t}; choose another column"
-        )
-    with atomic_path(out) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, values)
+        t = col.type
+        if pa.types.is_timestamp(t) or pa.types.is_date(t) or pa.types.is_duration(t) or pa.types.is_time(t):
+            values = col.cast(pa.int64()).to_numpy()
+        elif pa.types.is_integer(t) or pa.types.is_boolean(t):
+            values = col.cast(pa.int64()).to_numpy()
+        elif pa.types.is_floating(t):
+            values = col.cast(pa.float64()).to_numpy()
+            if np.isnan(values).any():
+                bad = int(np.flatnonzero(np.isnan(values))[0])
+                raise InputError(
+                    f"{piece.where(bad)}, column '{column}': NaN --keep-by value; fill it or choose another column"
+                )
+        else:
+            raise InputError(
+                f"{shown(piece.path)}, column '{column}': --keep-by needs a numeric, date or timestamp column, "
+                f"not {t}; choose another column"
+            )
+        with atomic_path(out) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, values)
 
 
 def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, manifest: Manifest) -> None:
@@ -65,11 +75,12 @@ def read_keep_column(client: Any, dataset: Dataset, column: str, out_dir: Path, 
     run_stage(
         client,
         manifest,
-        "dedup_keep",
-        items=dataset.pieces,
-        fn=_read_keep_piece,
-        args=lambda p: (p, column, str(label_path(out_dir, p.index))),
-        files=lambda p: [label_path(out_dir, p.index)],
+        Stage(
+            name="dedup_keep",
+            items=dataset.pieces,
+            task=lambda p: KeepColumnTask(piece=p, column=column, out=str(label_path(out_dir, p.index))),
+            files=lambda p: [label_path(out_dir, p.index)],
+        ),
     )
 
 

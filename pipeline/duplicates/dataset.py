@@ -25,15 +25,15 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.duplicates.against import Matches, best_matches
+from pipeline.duplicates.contamination import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Dataset
 from pipeline.io.storage import open_parquet
 from pipeline.io.workdir import shown
-from pipeline.results import DatasetWritten
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
+from pipeline.results import DatasetWritten, to_dict
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import run_tasks
 
 __all__ = ["ADDED_COLUMNS", "FileJob", "file_jobs", "write_dataset", "check_columns"]
 
@@ -127,54 +127,75 @@ def _digest(dropped: np.ndarray, fates: pa.Table) -> str:
     return h.hexdigest()
 
 
-def _write_file(
-    job: FileJob,
-    parts: Sequence[tuple[str, int, int]],
-    matches: Matches | None,
-    kept_out: str,
-    removed_out: str,
-    previous: str | None,
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class FileWritten:
+    """One input file's outcome: its digest (what its outputs depend on), the rows it dropped, and
+    whether its copies were written (False: unchanged since the last run)."""
+
+    digest: str
+    dropped: int
+    written: bool
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileTask:
     """Write one file's ``deduplicated/`` and ``removed/`` copies (unless the digest is unchanged)."""
-    fates = _fates(parts, job, matches)
-    kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
-    dropped = np.flatnonzero(~kept)
-    digest = _digest(dropped, fates)
-    if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
-        return {"digest": digest, "dropped": int(dropped.size), "written": False}
-    source = open_parquet(job.path)
-    schema = source.schema_arrow
-    extra = fates.schema.remove(0)  # the added columns, typed as in groups/
-    removed_schema = pa.schema(list(schema) + list(extra), metadata=schema.metadata)
-    with (
-        atomic_path(kept_out) as tmp_kept,
-        atomic_path(removed_out) as tmp_removed,
-        pq.ParquetWriter(str(tmp_kept), schema) as keep_w,
-        pq.ParquetWriter(str(tmp_removed), removed_schema) as rm_w,
-    ):
-        at = 0
-        for g in range(source.num_row_groups):
-            batch = source.read_row_group(g)
-            n = batch.num_rows
-            if not n:
-                continue
-            mask = pa.array(kept[at : at + n])
-            keep_w.write_table(batch.filter(mask))
-            gone = pc.invert(mask)
-            if not pc.any(gone).as_py():
+
+    job: FileJob
+    parts: tuple[tuple[str, int, int], ...]
+    matches: Matches | None
+    kept_out: str
+    removed_out: str
+    previous: str | None
+
+    def run(self) -> FileWritten:
+        job, parts, matches, kept_out, removed_out, previous = (
+            self.job,
+            self.parts,
+            self.matches,
+            self.kept_out,
+            self.removed_out,
+            self.previous,
+        )
+        fates = _fates(parts, job, matches)
+        kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
+        dropped = np.flatnonzero(~kept)
+        digest = _digest(dropped, fates)
+        if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
+            return FileWritten(digest=digest, dropped=int(dropped.size), written=False)
+        source = open_parquet(job.path)
+        schema = source.schema_arrow
+        extra = fates.schema.remove(0)  # the added columns, typed as in groups/
+        removed_schema = pa.schema(list(schema) + list(extra), metadata=schema.metadata)
+        with (
+            atomic_path(kept_out) as tmp_kept,
+            atomic_path(removed_out) as tmp_removed,
+            pq.ParquetWriter(str(tmp_kept), schema) as keep_w,
+            pq.ParquetWriter(str(tmp_removed), removed_schema) as rm_w,
+        ):
+            at = 0
+            for g in range(source.num_row_groups):
+                batch = source.read_row_group(g)
+                n = batch.num_rows
+                if not n:
+                    continue
+                mask = pa.array(kept[at : at + n])
+                keep_w.write_table(batch.filter(mask))
+                gone = pc.invert(mask)
+                if not pc.any(gone).as_py():
+                    at += n
+                    continue
+                removed = batch.filter(gone)
+                for col in extra.names:
+                    removed = removed.append_column(col, fates.column(col).slice(at, n).filter(gone))
+                rm_w.write_table(removed)
                 at += n
-                continue
-            removed = batch.filter(gone)
-            for col in extra.names:
-                removed = removed.append_column(col, fates.column(col).slice(at, n).filter(gone))
-            rm_w.write_table(removed)
-            at += n
-        if at != job.rows:
-            raise InputError(
-                f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
-                "the input changed during the run: run again"
-            )
-    return {"digest": digest, "dropped": int(dropped.size), "written": True}
+            if at != job.rows:
+                raise InputError(
+                    f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
+                    "the input changed during the run: run again"
+                )
+        return FileWritten(digest=digest, dropped=int(dropped.size), written=True)
 
 
 def write_dataset(
@@ -200,30 +221,29 @@ def write_dataset(
     def outputs(job: FileJob) -> tuple[Path, Path]:
         return kept_dir / job.name, removed_dir / job.name
 
-    results: dict[int, dict[str, Any]] = {}
+    results: dict[int, FileWritten] = {}
 
-    def done(job: FileJob, result: dict[str, Any]) -> None:
+    def done(job: FileJob, result: FileWritten) -> None:
         results[job.index] = result
-        manifest.mark_piece(STAGE, job.index, outputs(job), result)
+        manifest.mark_piece(STAGE, job.index, outputs(job), to_dict(result))
 
     run_tasks(
         client,
-        _write_file,
-        jobs,
-        "dedup_dataset",
-        args=lambda j: (
-            j,
-            [g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]],
-            matches,
-            str(outputs(j)[0]),
-            str(outputs(j)[1]),
-            previous.get(j.index, {}).get("digest"),
+        label="dedup_dataset",
+        items=jobs,
+        task=lambda j: FileTask(
+            job=j,
+            parts=tuple(g for g in groups if g[1] < j.start + j.rows and j.start < g[1] + g[2]),
+            matches=matches,
+            kept_out=str(outputs(j)[0]),
+            removed_out=str(outputs(j)[1]),
+            previous=previous.get(j.index, {}).get("digest"),
         ),
         on_done=done,
     )
     manifest.finish_stage(STAGE, {})
-    written = sum(1 for r in results.values() if r["written"])
-    summary = DatasetWritten(written, len(results) - written, int(sum(r["dropped"] for r in results.values())))
+    written = sum(1 for r in results.values() if r.written)
+    summary = DatasetWritten(written, len(results) - written, int(sum(r.dropped for r in results.values())))
     log.info(
         "deduplicated/: %d file(s) written, %d unchanged; removed/: %d row(s)",
         summary.files_written,

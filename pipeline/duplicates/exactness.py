@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import faiss
 import numpy as np
 
+from pipeline.backends.kernels import FAISS_METRICS
 from pipeline.backends.worker import worker_device
 from pipeline.duplicates.plan import DedupPlan
-from pipeline.index.choice import FAISS_METRICS
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import PairRecall
+from pipeline.runtime.runner import submit
 from pipeline.shuffle.edges import passes, read_edges
-from pipeline.stages.progress import task_key
 
 __all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
 
@@ -33,14 +34,32 @@ def exact_pairs(queries: np.ndarray, vectors: np.ndarray, threshold: float, metr
     return rows[keep], cols[keep], scores[keep]
 
 
-def _exact_pairs_piece(
-    store: RowStore, piece: int, q_rows: np.ndarray, q: np.ndarray, threshold: float, metric: Metric
-) -> tuple[np.ndarray, np.ndarray]:
-    with worker_device():
-        i, j, _ = exact_pairs(q, store.vectors(piece), threshold, metric)
-    j = j + int(store.starts[piece])
-    keep = j != q_rows[i]
-    return q_rows[i[keep]], j[keep]
+@dataclass(frozen=True, kw_only=True)
+class ExactPairsTask:
+    """The (query row, stored row) pairs of one stored piece whose exact score with the queries
+    ``q`` (rows ``q_rows``) passes the threshold, a row never paired with itself."""
+
+    store: RowStore
+    piece: int
+    q_rows: np.ndarray
+    q: np.ndarray
+    threshold: float
+    metric: Metric
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        store, piece, q_rows, q, threshold, metric = (
+            self.store,
+            self.piece,
+            self.q_rows,
+            self.q,
+            self.threshold,
+            self.metric,
+        )
+        with worker_device():
+            i, j, _ = exact_pairs(q, store.vectors(piece), threshold, metric)
+        j = j + int(store.starts[piece])
+        keep = j != q_rows[i]
+        return q_rows[i[keep]], j[keep]
 
 
 def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.ndarray) -> set[tuple[int, int]]:
@@ -49,8 +68,10 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
     q = store.gather_vectors(rows)
     parts = client.gather(
         [
-            client.submit(
-                _exact_pairs_piece, store, p, rows, q, plan.threshold, plan.metric, key=task_key("pair_recall")
+            submit(
+                client,
+                ExactPairsTask(store=store, piece=p, q_rows=rows, q=q, threshold=plan.threshold, metric=plan.metric),
+                "pair_recall",
             )
             for p in range(len(store.starts))
         ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -13,14 +14,24 @@ from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.kinds import Metric
 from pipeline.results import ExploreRow
+from pipeline.runtime.runner import submit
 from pipeline.search.join import knn_path
-from pipeline.shuffle.edges import Part, make_parts, map_edges, part_starts, passes, pieces_per_part, reduce_edges
+from pipeline.shuffle.edges import (
+    MapEdgesTask,
+    Part,
+    make_parts,
+    part_starts,
+    passes,
+    pieces_per_part,
+    reduce_edges,
+)
 
-__all__ = ["explore", "map_part"]
+__all__ = ["explore", "map_task"]
 
 
-def map_part(
+def map_task(
     part: Part,
+    *,
     knn_dir: Path,
     starts: np.ndarray,
     out: str,
@@ -28,19 +39,33 @@ def map_part(
     threshold: float,
     wide_dir: Path | None = None,
     range_dir: Path | None = None,
-) -> dict[str, int]:
-    """Map one partition's lists (and their widened lists and range pairs) to above-threshold
-    edges by source row."""
-    paths = [str(knn_path(knn_dir, p)) for p in part.pieces]
-    wide = [str(knn_path(wide_dir, p)) for p in part.pieces] if wide_dir is not None else []
-    ranged = [str(knn_path(range_dir, p)) for p in part.pieces] if range_dir is not None else []
-    return {**map_edges(paths, part.start, starts, out, metric, threshold, wide, ranged), "pieces": len(part.pieces)}
+) -> MapEdgesTask:
+    """The task that maps one partition's lists (and their widened lists and range pairs) to
+    above-threshold edges by source row."""
+    return MapEdgesTask(
+        knn_paths=tuple(str(knn_path(knn_dir, p)) for p in part.pieces),
+        first_row=part.start,
+        starts=starts,
+        out_dir=out,
+        metric=metric,
+        min_score=threshold,
+        wide_paths=tuple(str(knn_path(wide_dir, p)) for p in part.pieces) if wide_dir is not None else (),
+        range_paths=tuple(str(knn_path(range_dir, p)) for p in part.pieces) if range_dir is not None else (),
+    )
 
 
-def _canonical_pairs(map_dirs: Sequence[str], piece: int, metric: Metric) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    src, dst, score, _ = reduce_edges(map_dirs, piece, metric, "symmetric")
-    one = src < dst
-    return src[one], dst[one], score[one]
+@dataclass(frozen=True, kw_only=True)
+class CanonicalPairs:
+    """Partition ``part``'s shuffled edges as unordered pairs, each once: (a, b, score) with a < b."""
+
+    map_dirs: tuple[str, ...]
+    part: int
+    metric: Metric
+
+    def run(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        src, dst, score, _ = reduce_edges(self.map_dirs, self.part, self.metric, "symmetric")
+        one = src < dst
+        return src[one], dst[one], score[one]
 
 
 def rows_dropped(a: np.ndarray, b: np.ndarray) -> int:
@@ -72,12 +97,14 @@ def explore(
     parts = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
     starts = part_starts(parts)
     maps = [str(work / f"from-{p.index:05d}") for p in parts]
-    submit = client.submit
     gather = client.gather
-    gather(
-        [submit(map_part, p, output / "knn", starts, maps[p.index], plan.metric, loosest, pure=False) for p in parts]
-    )
-    pairs = gather([submit(_canonical_pairs, maps, p.index, plan.metric, pure=False) for p in parts])
+    mapped = [
+        map_task(p, knn_dir=output / "knn", starts=starts, out=maps[p.index], metric=plan.metric, threshold=loosest)
+        for p in parts
+    ]
+    gather([submit(client, task, "explore") for task in mapped])
+    canonical = [CanonicalPairs(map_dirs=tuple(maps), part=p.index, metric=plan.metric) for p in parts]
+    pairs = gather([submit(client, task, "explore") for task in canonical])
     discard(work)
     a, b, s = (np.concatenate([p[i] for p in pairs]) for i in range(3))
     out = []

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,20 +33,23 @@ import pyarrow.parquet as pq
 
 from pipeline.backends.worker import worker_device
 from pipeline.duplicates.columns import read_keep_column
-from pipeline.duplicates.explore import map_part
-from pipeline.duplicates.keep import choose_task
+from pipeline.duplicates.explore import map_task
+from pipeline.duplicates.keep import ChooseTask
 from pipeline.duplicates.plan import DedupPlan, bands
-from pipeline.duplicates.widen import WIDEN_MAX, widen_piece
+from pipeline.duplicates.widen import WIDEN_MAX, Widened, WidenTask
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard, rename
 from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import DedupExample, DedupResult
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import Stage, run_stage
 from pipeline.search.join import SearchPlan, knn_path
 from pipeline.shuffle.components import connected_components, label_path
 from pipeline.shuffle.edges import (
     EDGE_BYTES,
+    EdgesMapped,
     Part,
     make_parts,
     merge_histograms,
@@ -57,8 +61,6 @@ from pipeline.shuffle.edges import (
     write_edges,
     write_partitioned,
 )
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
 
 __all__ = ["dedup_stages"]
 
@@ -79,45 +81,78 @@ STAGES = (
 
 
 # pairs --------------------------------------------------------------------------------------------
-def _pairs_task(
-    map_dirs: Sequence[str], piece: int, plan: DedupPlan, store: RowStore, adj: str, pairs: str, seed: int
-) -> dict[str, Any]:
-    src, dst, score, _ = reduce_edges(map_dirs, piece, plan.metric, "symmetric")
-    write_edges(adj, src, dst, score)
-    one = src < dst
-    a, b, s = src[one], dst[one], score[one]
-    table = pa.table({"id_a": store.gather_ids(a), "id_b": store.gather_ids(b), "score": pa.array(s, pa.float32())})
-    with atomic_path(pairs) as tmp:
-        pq.write_table(table, str(tmp))
-    rng = np.random.default_rng([seed, piece])
-    edges = bands(plan)
-    examples = []
-    for i, lo in enumerate(edges):
-        hi = edges[i + 1] if i + 1 < len(edges) else None
-        sel = passes(s, lo, plan.metric) & (~passes(s, hi, plan.metric) if hi is not None else True)
-        pick = rng.permutation(np.flatnonzero(sel))[:EXAMPLES_PER_BAND]
-        examples += [{"band": i, "row_a": int(a[j]), "row_b": int(b[j]), "score": float(s[j])} for j in pick]
-    return {"pairs": int(one.sum()), "examples": examples}
+@dataclass(frozen=True)
+class PairsFound:
+    """One partition's pairs written, and example pairs per score band (for the report)."""
+
+    pairs: int
+    examples: tuple[DedupExample, ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class PairsTask:
+    """Reduce partition ``part``'s shuffled edges: symmetric adjacency to ``adj`` (internal), each
+    unordered pair once to ``pairs`` as (id_a, id_b, score), and a few seeded example pairs."""
+
+    map_dirs: tuple[str, ...]
+    part: int
+    plan: DedupPlan
+    store: RowStore
+    adj: str
+    pairs: str
+    seed: int
+
+    def run(self) -> PairsFound:
+        plan, store = self.plan, self.store
+        src, dst, score, _ = reduce_edges(self.map_dirs, self.part, plan.metric, "symmetric")
+        write_edges(self.adj, src, dst, score)
+        one = src < dst
+        a, b, s = src[one], dst[one], score[one]
+        ids = {"id_a": store.gather_ids(a), "id_b": store.gather_ids(b)}
+        table = pa.table({**ids, "score": pa.array(s, pa.float32())})
+        with atomic_path(self.pairs) as tmp:
+            pq.write_table(table, str(tmp))
+        rng = np.random.default_rng([self.seed, self.part])
+        lows = bands(plan)
+        examples = []
+        for i, lo in enumerate(lows):
+            hi = lows[i + 1] if i + 1 < len(lows) else None
+            sel = passes(s, lo, plan.metric) & (~passes(s, hi, plan.metric) if hi is not None else True)
+            pick = rng.permutation(np.flatnonzero(sel))[:EXAMPLES_PER_BAND]
+            examples += [DedupExample(i, int(a[j]), int(b[j]), float(s[j]), lo) for j in pick]
+        return PairsFound(pairs=int(one.sum()), examples=tuple(examples))
 
 
 # groups --------------------------------------------------------------------------------------------
-def _members_map(adj: str, labels_dir: str, starts: np.ndarray, piece: int, members: str, pair_dir: str) -> None:
-    """Send each linked row, and each pair, to the partition of its component's label."""
-    src, dst, score = read_edges(adj)
-    lo = int(starts[piece])
-    labels = np.load(label_path(labels_dir, piece))
-    rows = np.unique(src)
-    lab = labels[rows - lo]
-    n = len(starts)
-    write_partitioned(members, np.searchsorted(starts, lab, side="right") - 1, n, {"label": lab, "row": rows})
-    one = src < dst
-    plab = labels[src[one] - lo]
-    write_partitioned(
-        pair_dir,
-        np.searchsorted(starts, plab, side="right") - 1,
-        n,
-        {"label": plab, "a": src[one], "b": dst[one], "score": score[one]},
-    )
+@dataclass(frozen=True, kw_only=True)
+class MembersTask:
+    """Send each linked row of partition ``part`` (to ``members``), and each of its pairs (to
+    ``pair_dir``), to the partition of its component's label."""
+
+    adj: str
+    labels_dir: str
+    starts: np.ndarray
+    part: int
+    members: str
+    pair_dir: str
+
+    def run(self) -> None:
+        starts = self.starts
+        src, dst, score = read_edges(self.adj)
+        lo = int(starts[self.part])
+        labels = np.load(label_path(self.labels_dir, self.part))
+        rows = np.unique(src)
+        lab = labels[rows - lo]
+        n = len(starts)
+        write_partitioned(self.members, np.searchsorted(starts, lab, side="right") - 1, n, {"label": lab, "row": rows})
+        one = src < dst
+        plab = labels[src[one] - lo]
+        write_partitioned(
+            self.pair_dir,
+            np.searchsorted(starts, plab, side="right") - 1,
+            n,
+            {"label": plab, "a": src[one], "b": dst[one], "score": score[one]},
+        )
 
 
 def _exact_pair_scores(
@@ -130,36 +165,47 @@ def _exact_pair_scores(
         return be.exact_scores(x, y[:, None, :], metric)[:, 0]
 
 
-def _groups_task(
-    assign_dirs: Sequence[str], part: Part, plan: DedupPlan, store: RowStore, groups: str, kept_path: str
-) -> int:
-    a = read_partition(assign_dirs, part.index, ("row", "rep", "kept"))
-    rows = np.arange(part.start, part.start + part.rows, dtype=np.int64)
-    rep = rows.copy()
-    kept = np.ones(part.rows, dtype=bool)
-    local = a["row"].astype(np.int64) - part.start
-    rep[local] = a["rep"]
-    kept[local] = a["kept"].astype(bool)
-    ids = pa.concat_arrays([store.ids(p) for p in part.pieces])
-    linked = np.flatnonzero(rep != rows)
-    score = np.full(part.rows, np.nan, dtype=np.float32)
-    if linked.size:
-        x = store.gather_vectors(rows[linked])
-        score[linked] = _exact_pair_scores(store, linked, x, rep[linked], plan.metric)
-    table = pa.table(
-        {
-            "id": ids,
-            "group_id": pa.array(rep),
-            "representative_id": store.gather_ids(rep),
-            "is_kept": pa.array(kept),
-            "score_to_representative": pa.array(score, mask=rep == rows),
-        }
-    )
-    with atomic_path(groups) as tmp:
-        pq.write_table(table, str(tmp))
-    with atomic_path(kept_path) as tmp:
-        pq.write_table(pa.table({"id": ids.filter(pa.array(kept))}), str(tmp))
-    return int((~kept).sum())
+@dataclass(frozen=True, kw_only=True)
+class GroupsTask:
+    """Write partition ``part``'s rows with their group (``groups``) and its kept ids (``kept``),
+    from the assignments shuffled back to it; returns the rows it drops."""
+
+    assign_dirs: tuple[str, ...]
+    part: Part
+    plan: DedupPlan
+    store: RowStore
+    groups: str
+    kept: str
+
+    def run(self) -> int:
+        part, store = self.part, self.store
+        a = read_partition(self.assign_dirs, part.index, ("row", "rep", "kept"))
+        rows = np.arange(part.start, part.start + part.rows, dtype=np.int64)
+        rep = rows.copy()
+        kept = np.ones(part.rows, dtype=bool)
+        local = a["row"].astype(np.int64) - part.start
+        rep[local] = a["rep"]
+        kept[local] = a["kept"].astype(bool)
+        ids = pa.concat_arrays([store.ids(p) for p in part.pieces])
+        linked = np.flatnonzero(rep != rows)
+        score = np.full(part.rows, np.nan, dtype=np.float32)
+        if linked.size:
+            x = store.gather_vectors(rows[linked])
+            score[linked] = _exact_pair_scores(store, linked, x, rep[linked], self.plan.metric)
+        table = pa.table(
+            {
+                "id": ids,
+                "group_id": pa.array(rep),
+                "representative_id": store.gather_ids(rep),
+                "is_kept": pa.array(kept),
+                "score_to_representative": pa.array(score, mask=rep == rows),
+            }
+        )
+        with atomic_path(self.groups) as tmp:
+            pq.write_table(table, str(tmp))
+        with atomic_path(self.kept) as tmp:
+            pq.write_table(pa.table({"id": ids.filter(pa.array(kept))}), str(tmp))
+        return int((~kept).sum())
 
 
 # the stages -------------------------------------------------------------------------------------
@@ -213,29 +259,25 @@ def _partitions(
     return parts, warm
 
 
-def _examples(plan: DedupPlan, pair_stats: dict[int, Any]) -> tuple[DedupExample, ...]:
+def _examples(plan: DedupPlan, found: Sequence[PairsFound]) -> tuple[DedupExample, ...]:
     """Up to ``EXAMPLES_PER_BAND`` example pairs per score band, closest first within a band."""
-    found = sorted((e for r in pair_stats.values() for e in r["examples"]), key=lambda e: (e["band"], -e["score"]))
-    by_band: dict[int, list[dict[str, Any]]] = {}
-    for e in found:
-        if len(by_band.setdefault(e["band"], [])) < EXAMPLES_PER_BAND:
-            by_band[e["band"]].append(e)
+    ranked = sorted((e for r in found for e in r.examples), key=lambda e: (e.band, -e.score))
+    by_band: dict[int, list[DedupExample]] = {}
+    for e in ranked:
+        if len(by_band.setdefault(e.band, [])) < EXAMPLES_PER_BAND:
+            by_band[e.band].append(e)
     lows = bands(plan)
-    return tuple(
-        DedupExample(e["band"], e["row_a"], e["row_b"], e["score"], lows[e["band"]])
-        for b in sorted(by_band)
-        for e in by_band[b]
-    )
+    return tuple(replace(e, band_low=lows[e.band]) for b in sorted(by_band) for e in by_band[b])
 
 
 def dedup_stages(
     client: Any,
     plan: DedupPlan,
+    *,
     dataset: Dataset,
     store: RowStore,
     output: Path,
     manifest: Manifest,
-    *,
     seed: int,
     k: int,
     budget: int,
@@ -265,65 +307,82 @@ def dedup_stages(
     cap = min(WIDEN_MAX, n - 1)
     # list entries one piece's widening may hold, for the shuffle that later holds them (at least MIN_ROOM)
     room = max(budget, room_bytes or 0) // (2 * EDGE_BYTES)
-    widen_stats: dict[int, Any] = {}
-    run_stage(
+    widened = run_stage(
         client,
         manifest,
-        "dedup_widen",
-        items=dataset.pieces,
-        fn=widen_piece,
-        args=lambda p: (
-            search,
-            store,
-            p,
-            output / "knn",
-            str(knn_path(wide_dir, p.index)),
-            plan.threshold,
-            cap,
-            pair_nprobe,
-            str(knn_path(range_dir, p.index)),
-            max(MIN_ROOM, room - p.rows * k),
+        Stage(
+            name="dedup_widen",
+            items=dataset.pieces,
+            result=Widened,
+            task=lambda p: WidenTask(
+                plan=search,
+                store=store,
+                piece=p,
+                knn_dir=output / "knn",
+                out=str(knn_path(wide_dir, p.index)),
+                threshold=plan.threshold,
+                cap=cap,
+                pair_nprobe=pair_nprobe,
+                range_out=str(knn_path(range_dir, p.index)),
+                budget=max(MIN_ROOM, room - p.rows * k),
+            ),
+            files=lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)],
         ),
-        files=lambda p: [knn_path(wide_dir, p.index), knn_path(range_dir, p.index)],
-        results=widen_stats,
     )
-    entries = {p.index: widen_stats.get(p.index, {}).get("entries", p.rows * k) for p in dataset.pieces}
+    entries = {p.index: widened[p.index].entries if p.index in widened else p.rows * k for p in dataset.pieces}
     parts, warm = _partitions(dataset, output, manifest, budget, entries)
     starts = part_starts(parts)
-    widened = sum(w["rows"] for w in widen_stats.values())
-    full = sum(w.get("saturated", w["rows"]) for w in widen_stats.values())
-    at_cap = sum(w.get("at_cap", 0) for w in widen_stats.values())
-    capped = sum(w.get("capped", 0) for w in widen_stats.values())
+    searched = sum(w.rows for w in widened.values())
+    full = sum(w.saturated for w in widened.values())
+    at_cap = sum(w.at_cap for w in widened.values())
+    capped = sum(w.capped for w in widened.values())
     if full:
         log.info("%d rows had all k=%d neighbours above the threshold: searched again with up to %d", full, k, cap)
     if at_cap > capped:
         log.info("%d rows had more than %d: every pair of theirs found by exact range search", at_cap - capped, cap)
-    if widened > full:
-        log.info("%d rows with a pair searched again with nprobe=%s", widened - full, pair_nprobe)
+    if searched > full:
+        log.info("%d rows with a pair searched again with nprobe=%s", searched - full, pair_nprobe)
     maps = [str(work / "edges" / f"from-{p.index:05d}") for p in parts]
-    map_stats: dict[int, Any] = {}
-    run_stage(
+    mapped = run_stage(
         client,
         manifest,
-        "dedup_map",
-        items=parts,
-        fn=map_part,
-        args=lambda p: (p, output / "knn", starts, maps[p.index], plan.metric, plan.threshold, wide_dir, range_dir),
-        files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
-        results=map_stats,
+        Stage(
+            name="dedup_map",
+            items=parts,
+            result=EdgesMapped,
+            task=lambda p: map_task(
+                p,
+                knn_dir=output / "knn",
+                starts=starts,
+                out=maps[p.index],
+                metric=plan.metric,
+                threshold=plan.threshold,
+                wide_dir=wide_dir,
+                range_dir=range_dir,
+            ),
+            files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
+        ),
     )
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts]
     pair_out = [str(output / "pairs" / f"part-{p.index:05d}.parquet") for p in parts]
-    pair_stats: dict[int, Any] = {}
-    run_stage(
+    found = run_stage(
         client,
         manifest,
-        "dedup_pairs",
-        items=parts,
-        fn=_pairs_task,
-        args=lambda p: (maps, p.index, plan, store, adj[p.index], pair_out[p.index], seed),
-        files=lambda p: [adj[p.index], pair_out[p.index]],
-        results=pair_stats,
+        Stage(
+            name="dedup_pairs",
+            items=parts,
+            result=PairsFound,
+            task=lambda p: PairsTask(
+                map_dirs=tuple(maps),
+                part=p.index,
+                plan=plan,
+                store=store,
+                adj=adj[p.index],
+                pairs=pair_out[p.index],
+                seed=seed,
+            ),
+            files=lambda p: [adj[p.index], pair_out[p.index]],
+        ),
     )
 
     labels_dir = work / "components" / "labels"
@@ -338,12 +397,21 @@ def dedup_stages(
         )
         manifest.finish_stage("dedup_components", {"labels": str(labels_dir)})
     size_parts, dropped = _group_stages(
-        client, plan, dataset, store, output, manifest, parts, adj, labels_dir, keys_dir
+        client,
+        plan,
+        dataset=dataset,
+        store=store,
+        output=output,
+        manifest=manifest,
+        parts=parts,
+        adj=adj,
+        labels_dir=labels_dir,
+        keys_dir=keys_dir,
     )
 
     sizes = merge_histograms(list(size_parts.values()))
     rows_dropped = int(sum(dropped.values()))
-    saturated = int(sum(s["saturated"] for s in map_stats.values()))
+    saturated = int(sum(m.saturated for m in mapped.values()))
     if saturated:
         log.warning(
             "%d rows still had every neighbour in their list above the threshold (the list was cut at %d, "
@@ -359,15 +427,15 @@ def dedup_stages(
         keep_by=plan.keep_by,
         keep_order=plan.keep_order if plan.keep_by else None,
         rows_in=n,
-        pairs=int(sum(r["pairs"] for r in pair_stats.values())),
+        pairs=int(sum(r.pairs for r in found.values())),
         groups=int(sum(sizes.values())),
         rows_in_groups=int(sum(s * c for s, c in sizes.items())),
         rows_dropped=rows_dropped,
         rows_kept=n - rows_dropped,
         group_sizes={str(k): v for k, v in sizes.items()},
         saturated_rows=saturated,
-        searched_again=widened,
-        examples=_examples(plan, pair_stats),
+        searched_again=searched,
+        examples=_examples(plan, list(found.values())),
         pair_nprobe=pair_nprobe,
         outputs={d: str(output / d) for d in ("groups", "kept", "pairs")},
     )
@@ -377,6 +445,7 @@ def dedup_stages(
 def _group_stages(
     client: Any,
     plan: DedupPlan,
+    *,
     dataset: Dataset,
     store: RowStore,
     output: Path,
@@ -385,7 +454,7 @@ def _group_stages(
     adj: list[str],
     labels_dir: Path,
     keys_dir: Path | None,
-) -> tuple[dict[int, Any], dict[int, Any]]:
+) -> tuple[dict[int, Any], dict[int, int]]:
     """Members and pairs shuffled by component, representatives chosen, ``groups/`` and ``kept/``
     written. Returns the group-size histograms and the rows dropped, per partition."""
     work = output / "_dedup"
@@ -395,45 +464,59 @@ def _group_stages(
     run_stage(
         client,
         manifest,
-        "dedup_members",
-        items=parts,
-        fn=_members_map,
-        args=lambda p: (adj[p.index], str(labels_dir), starts, p.index, members[p.index], linked[p.index]),
-        files=lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"],
+        Stage(
+            name="dedup_members",
+            items=parts,
+            task=lambda p: MembersTask(
+                adj=adj[p.index],
+                labels_dir=str(labels_dir),
+                starts=starts,
+                part=p.index,
+                members=members[p.index],
+                pair_dir=linked[p.index],
+            ),
+            files=lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"],
+        ),
     )
     assign = [str(work / "assign" / f"from-{p.index:05d}") for p in parts]
-    size_parts: dict[int, Any] = {}
-    run_stage(
+    size_parts = run_stage(
         client,
         manifest,
-        "dedup_assign",
-        items=parts,
-        fn=choose_task,
-        args=lambda p: (
-            members,
-            linked,
-            p.index,
-            plan,
-            store,
-            str(keys_dir) if keys_dir else None,
-            dataset.starts,
-            starts,
-            assign[p.index],
+        Stage(
+            name="dedup_assign",
+            items=parts,
+            task=lambda p: ChooseTask(
+                member_dirs=tuple(members),
+                pair_dirs=tuple(linked),
+                part=p.index,
+                plan=plan,
+                store=store,
+                keys_dir=str(keys_dir) if keys_dir else None,
+                piece_starts=dataset.starts,
+                starts=starts,
+                assign=assign[p.index],
+            ),
+            files=lambda p: [Path(assign[p.index]) / "bounds.npy"],
         ),
-        files=lambda p: [Path(assign[p.index]) / "bounds.npy"],
-        results=size_parts,
     )
-    dropped: dict[int, Any] = {}
     groups = [output / "groups" / f"part-{p.index:05d}.parquet" for p in parts]
     kept = [output / "kept" / f"part-{p.index:05d}.parquet" for p in parts]
-    run_stage(
+    dropped = run_stage(
         client,
         manifest,
-        "dedup_groups",
-        items=parts,
-        fn=_groups_task,
-        args=lambda p: (assign, p, plan, store, str(groups[p.index]), str(kept[p.index])),
-        files=lambda p: [groups[p.index], kept[p.index]],
-        results=dropped,
+        Stage(
+            name="dedup_groups",
+            items=parts,
+            result=int,
+            task=lambda p: GroupsTask(
+                assign_dirs=tuple(assign),
+                part=p,
+                plan=plan,
+                store=store,
+                groups=str(groups[p.index]),
+                kept=str(kept[p.index]),
+            ),
+            files=lambda p: [groups[p.index], kept[p.index]],
+        ),
     )
     return size_parts, dropped

@@ -8,7 +8,7 @@ closest such row. Greedy never crosses components, so running it per partition o
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -20,11 +20,11 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
 
-__all__ = ["choose_task", "greedy"]
+__all__ = ["ChooseTask", "greedy"]
 
 
 def _ranking(
-    rows: np.ndarray, labels: np.ndarray, store: RowStore, keys_dir: str | None, starts: np.ndarray, keep_order: str
+    rows: np.ndarray, labels: np.ndarray, store: RowStore, *, keys_dir: str | None, starts: np.ndarray, keep_order: str
 ) -> np.ndarray:
     """Order of ``rows``: by component, then keep priority (keep_by value, then the smallest id)."""
     cols: dict[str, Any] = {"label": pa.array(labels), "id": store.gather_ids(rows), "row": pa.array(rows)}
@@ -61,42 +61,54 @@ def greedy(n: int, ia: np.ndarray, ib: np.ndarray, score: np.ndarray, metric: Me
     return rep, kept
 
 
-def choose_task(
-    member_dirs: Sequence[str],
-    pair_dirs: Sequence[str],
-    piece: int,
-    plan: DedupPlan,
-    store: RowStore,
-    keys_dir: str | None,
-    piece_starts: np.ndarray,
-    starts: np.ndarray,
-    assign: str,
-) -> dict[int, int]:
-    """Representatives (and kept rows) of the components labelled in this partition."""
-    m = read_partition(member_dirs, piece, ("label", "row"))
-    rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
-    if rows.size == 0:
-        write_partitioned(
-            assign, np.zeros(0, np.int64), len(starts), {"row": rows, "rep": rows, "kept": np.zeros(0, bool)}
+@dataclass(frozen=True, kw_only=True)
+class ChooseTask:
+    """Representatives (and kept rows) of the components labelled in partition ``part``: reads
+    the members and pairs shuffled to it, writes each row's representative and kept flag to
+    ``assign`` (shuffled back to the rows' partitions, first rows ``starts``). Returns the
+    partition's group sizes as {size: groups}."""
+
+    member_dirs: tuple[str, ...]
+    pair_dirs: tuple[str, ...]
+    part: int
+    plan: DedupPlan
+    store: RowStore
+    keys_dir: str | None
+    piece_starts: np.ndarray
+    starts: np.ndarray
+    assign: str
+
+    def run(self) -> dict[int, int]:
+        plan, starts, assign = self.plan, self.starts, self.assign
+        m = read_partition(self.member_dirs, self.part, ("label", "row"))
+        rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
+        if rows.size == 0:
+            write_partitioned(
+                assign, np.zeros(0, np.int64), len(starts), {"row": rows, "rep": rows, "kept": np.zeros(0, bool)}
+            )
+            return {}
+        order = _ranking(
+            rows, labels, self.store, keys_dir=self.keys_dir, starts=self.piece_starts, keep_order=plan.keep_order
         )
-        return {}
-    order = _ranking(rows, labels, store, keys_dir, piece_starts, plan.keep_order)
-    rows, labels = rows[order], labels[order]
-    if plan.mode == "components":
-        first = np.r_[True, labels[1:] != labels[:-1]]
-        rep = rows[np.maximum.accumulate(np.where(first, np.arange(rows.size), 0))]
-        kept = rep == rows
-    else:
-        p = read_partition(pair_dirs, piece, ("a", "b", "score"))
-        # rank within the partition = position in `rows` (ordered by component, then priority)
-        srt = np.argsort(rows)
-        ra = srt[np.searchsorted(rows[srt], p["a"].astype(np.int64))]
-        rb = srt[np.searchsorted(rows[srt], p["b"].astype(np.int64))]
-        rep_rank, kept = greedy(rows.size, ra, rb, p["score"].astype(np.float32), plan.metric)
-        rep = rows[rep_rank]
-    _, sizes = np.unique(rep, return_counts=True)
-    values, counts = np.unique(sizes, return_counts=True)
-    write_partitioned(
-        assign, np.searchsorted(starts, rows, side="right") - 1, len(starts), {"row": rows, "rep": rep, "kept": kept}
-    )
-    return {int(v): int(c) for v, c in zip(values, counts)}
+        rows, labels = rows[order], labels[order]
+        if plan.mode == "components":
+            first = np.r_[True, labels[1:] != labels[:-1]]
+            rep = rows[np.maximum.accumulate(np.where(first, np.arange(rows.size), 0))]
+            kept = rep == rows
+        else:
+            p = read_partition(self.pair_dirs, self.part, ("a", "b", "score"))
+            # rank within the partition = position in `rows` (ordered by component, then priority)
+            srt = np.argsort(rows)
+            ra = srt[np.searchsorted(rows[srt], p["a"].astype(np.int64))]
+            rb = srt[np.searchsorted(rows[srt], p["b"].astype(np.int64))]
+            rep_rank, kept = greedy(rows.size, ra, rb, p["score"].astype(np.float32), plan.metric)
+            rep = rows[rep_rank]
+        _, sizes = np.unique(rep, return_counts=True)
+        values, counts = np.unique(sizes, return_counts=True)
+        write_partitioned(
+            assign,
+            np.searchsorted(starts, rows, side="right") - 1,
+            len(starts),
+            {"row": rows, "rep": rep, "kept": kept},
+        )
+        return {int(v): int(c) for v, c in zip(values, counts)}

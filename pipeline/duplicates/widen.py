@@ -17,7 +17,7 @@ above-threshold pairs (range search), emulating exactly this re-search.
 from __future__ import annotations
 
 import logging
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,12 +29,12 @@ from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
+from pipeline.runtime.runner import submit
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.search.tuning import probe_steps
 from pipeline.shuffle.edges import passes, read_knn, write_knn_blocks
-from pipeline.stages.progress import task_key
 
-__all__ = ["widen_piece", "tune_pair_nprobe", "WIDEN_MAX"]
+__all__ = ["WidenTask", "Widened", "tune_pair_nprobe", "WIDEN_MAX"]
 
 log = logging.getLogger(__name__)
 
@@ -50,9 +50,9 @@ def _lists(plan: SearchPlan, store: RowStore, rows: np.ndarray) -> tuple[np.ndar
     for lo in range(0, rows.size, 256):
         q_rows = rows[lo : lo + 256]
         offsets, sc, nbr = search_batch(
-            index, plan, store.gather_vectors(q_rows), q_rows, store.gather_ids(q_rows), store
+            index, plan, store.gather_vectors(q_rows), q_rows=q_rows, q_ids=store.gather_ids(q_rows), index_store=store
         )
-        to_padded(out_rows, out_scores, lo, offsets, nbr, sc)
+        to_padded(out_rows, out_scores, lo, offsets=offsets, rows=nbr, scores=sc)
     return out_rows, out_scores
 
 
@@ -79,6 +79,7 @@ def search_again(
     store: RowStore,
     rows: np.ndarray,
     saturated: np.ndarray,
+    *,
     threshold: float,
     cap: int,
     nprobe: int | None,
@@ -141,68 +142,93 @@ def range_pairs(
     return np.concatenate(src), np.concatenate(dst), np.concatenate(score), rows[:0]
 
 
-def widen_piece(
-    plan: SearchPlan,
-    store: RowStore,
-    piece: Piece,
-    knn_dir: Path,
-    out: str,
-    threshold: float,
-    cap: int,
-    pair_nprobe: int | None = None,
-    range_out: str | None = None,
-    budget: int | None = None,
-) -> dict[str, int]:
-    """Search this piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
+@dataclass(frozen=True)
+class Widened:
+    """What one piece's wider search did: rows searched again, of them saturated ones, rows still
+    full at the cap, rows left capped (past the budget), the longest list, the list entries held."""
+
+    rows: int
+    saturated: int
+    at_cap: int
+    capped: int
+    width: int
+    entries: int
+
+
+@dataclass(frozen=True, kw_only=True)
+class WidenTask:
+    """Search one piece's saturated rows (and, with ``pair_nprobe``, its linked rows) again; write
     the longer lists, with their rows, to ``out``, one block per width. With ``range_out``, rows
     still full at ``cap`` get every pair past the threshold by exact range search, written there as
     one-column lists. Lists and pairs together hold at most ``budget`` entries beyond the join's
     (the shuffle holds a partition's entries in memory): rows past it stay capped, and counted."""
-    rows, scores = read_knn(knn_path(knn_dir, piece.index))
-    full, pick = _to_search(rows, scores, threshold, plan.metric, pair_nprobe is not None)
-    todo = piece.start + np.flatnonzero(pick)
-    found, width, still, held = search_again(
-        plan, store, todo, full[pick], threshold, cap, pair_nprobe if pair_nprobe is not None else plan.nprobe, budget
-    )
-    capped, n_range = still, 0
-    if range_out is not None:
-        room = None if budget is None else max(0, budget - held)
-        src, dst, score, capped = range_pairs(store, np.sort(still), threshold, plan.metric, room)
-        write_knn_blocks(range_out, [(src, dst[:, None], score[:, None])])
-        n_range = int(src.size)
-    by_width: dict[int, list[int]] = {}
-    for r, (lr, _) in found.items():
-        by_width.setdefault(lr.size, []).append(r)
-    blocks = []
-    for w, members in sorted(by_width.items()):
-        src = np.array(sorted(members), dtype=np.int64)
-        blocks.append(
-            (
-                src,
-                np.stack([found[r][0] for r in src.tolist()]).reshape(src.size, w),
-                np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w),
-            )
+
+    plan: SearchPlan
+    store: RowStore
+    piece: Piece
+    knn_dir: Path
+    out: str
+    threshold: float
+    cap: int
+    pair_nprobe: int | None = None
+    range_out: str | None = None
+    budget: int | None = None
+
+    def run(self) -> Widened:
+        plan, store, piece, threshold, budget = self.plan, self.store, self.piece, self.threshold, self.budget
+        pair_nprobe = self.pair_nprobe
+        rows, scores = read_knn(knn_path(self.knn_dir, piece.index))
+        full, pick = _to_search(rows, scores, threshold, plan.metric, pair_nprobe is not None)
+        todo = piece.start + np.flatnonzero(pick)
+        found, width, still, held = search_again(
+            plan,
+            store,
+            todo,
+            full[pick],
+            threshold=threshold,
+            cap=self.cap,
+            nprobe=pair_nprobe if pair_nprobe is not None else plan.nprobe,
+            budget=budget,
         )
-    write_knn_blocks(out, blocks)
-    return {
-        "rows": len(found),
-        "saturated": int(full.sum()),
-        "at_cap": int(still.size),
-        "capped": int(capped.size),
-        "width": int(width),
-        "entries": int(rows.size + held + n_range),
-    }
+        capped, n_range = still, 0
+        if self.range_out is not None:
+            room = None if budget is None else max(0, budget - held)
+            src, dst, score, capped = range_pairs(store, np.sort(still), threshold, plan.metric, room)
+            write_knn_blocks(self.range_out, [(src, dst[:, None], score[:, None])])
+            n_range = int(src.size)
+        by_width: dict[int, list[int]] = {}
+        for r, (lr, _) in found.items():
+            by_width.setdefault(lr.size, []).append(r)
+        blocks = []
+        for w, members in sorted(by_width.items()):
+            src = np.array(sorted(members), dtype=np.int64)
+            blocks.append(
+                (
+                    src,
+                    np.stack([found[r][0] for r in src.tolist()]).reshape(src.size, w),
+                    np.stack([found[r][1] for r in src.tolist()]).reshape(src.size, w),
+                )
+            )
+        write_knn_blocks(self.out, blocks)
+        return Widened(
+            rows=len(found),
+            saturated=int(full.sum()),
+            at_cap=int(still.size),
+            capped=int(capped.size),
+            width=int(width),
+            entries=int(rows.size + held + n_range),
+        )
 
 
 def _pairs_found(
-    plan: SearchPlan, store: RowStore, rows: np.ndarray, threshold: float, cap: int, nprobe: int | None
+    plan: SearchPlan, store: RowStore, rows: np.ndarray, *, threshold: float, cap: int, nprobe: int | None
 ) -> set[tuple[int, int]]:
     """The above-threshold pairs the sampled rows' own searches find: the join's list, then the
-    re-search of saturated and linked rows under ``nprobe`` (as :func:`widen_piece` does)."""
+    re-search of saturated and linked rows under ``nprobe`` (as :class:`WidenTask` does)."""
     lr, ls = _lists(plan, store, rows)
     full, pick = _to_search(lr, ls, threshold, plan.metric, nprobe != plan.nprobe)
     lists = dict(zip(rows.tolist(), zip(lr, ls)))
-    found, _, still, _ = search_again(plan, store, rows[pick], full[pick], threshold, cap, nprobe)
+    found, _, still, _ = search_again(plan, store, rows[pick], full[pick], threshold=threshold, cap=cap, nprobe=nprobe)
     lists.update(found)
     src, dst, score, _ = range_pairs(store, np.sort(still), threshold, plan.metric)
     lists.update({int(r): (dst[src == r], score[src == r]) for r in np.unique(src).tolist()})
@@ -213,23 +239,30 @@ def _pairs_found(
     return pairs
 
 
-def _walk_pairs(
-    plan: SearchPlan,
-    store: RowStore,
-    rows: np.ndarray,
-    exact: set[tuple[int, int]],
-    threshold: float,
-    cap: int,
-    probes: list[int | None],
-    target: float,
-) -> list[tuple[int | None, float]]:
-    curve = []
-    for nprobe in probes:
-        found = _pairs_found(plan, store, rows, threshold, cap, nprobe)
-        curve.append((nprobe, len(exact & found) / len(exact)))
-        if curve[-1][1] >= target:
-            break
-    return curve
+@dataclass(frozen=True, kw_only=True)
+class PairNprobeWalk:
+    """Pair recall of ``rows``' re-search against their ``exact`` pairs at each of ``probes`` in
+    turn, stopping at the first that reaches ``target``: the curve as (nprobe, recall)."""
+
+    plan: SearchPlan
+    store: RowStore
+    rows: np.ndarray
+    exact: frozenset[tuple[int, int]]
+    threshold: float
+    cap: int
+    probes: tuple[int | None, ...]
+    target: float
+
+    def run(self) -> list[tuple[int | None, float]]:
+        curve = []
+        for nprobe in self.probes:
+            found = _pairs_found(
+                self.plan, self.store, self.rows, threshold=self.threshold, cap=self.cap, nprobe=nprobe
+            )
+            curve.append((nprobe, len(self.exact & found) / len(self.exact)))
+            if curve[-1][1] >= self.target:
+                break
+        return curve
 
 
 def tune_pair_nprobe(
@@ -247,9 +280,17 @@ def tune_pair_nprobe(
         return None, []
     cap = min(WIDEN_MAX, store.total_rows - 1)
     probes = [p for p in probe_steps(nlist) if p is not None and p >= search.nprobe]
-    curve = client.submit(
-        _walk_pairs, search, store, rows, exact, dplan.threshold, cap, probes, target, key=task_key("pair_tuning")
-    ).result()
+    walk = PairNprobeWalk(
+        plan=search,
+        store=store,
+        rows=rows,
+        exact=frozenset(exact),
+        threshold=dplan.threshold,
+        cap=cap,
+        probes=tuple(probes),
+        target=target,
+    )
+    curve = submit(client, walk, "pair_tuning").result()
     nprobe, reached = curve[-1]
     if reached < target:
         log.warning(

@@ -34,16 +34,19 @@ from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import DegreeStats, GraphResult
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import Stage, run_stage, submit
 from pipeline.search.join import knn_path
 from pipeline.shuffle.components import component_sizes, connected_components
 from pipeline.shuffle.edges import (
     FORWARD,
     REVERSE,
+    EdgesMapped,
+    MapEdgesTask,
     Part,
     degree_histogram,
     in_mode,
     make_parts,
-    map_edges,
     merge_histograms,
     part_starts,
     pieces_per_part,
@@ -52,8 +55,6 @@ from pipeline.shuffle.edges import (
     reduce_edges,
     write_edges,
 )
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage, task_key
 
 __all__ = ["GraphPlan", "graph_stages", "distances", "write_npz_stream"]
 
@@ -91,31 +92,70 @@ def _weights(score: np.ndarray, plan: GraphPlan) -> np.ndarray:
     return np.exp(-(d**2) / (2.0 * plan.kernel_width**2)).astype(np.float32)
 
 
-def _kth_distances(path: str, limit: int, seed: int) -> np.ndarray:
-    rows, scores = read_knn(path)
-    last = scores[:, -1][rows[:, -1] >= 0]
-    pick = np.random.default_rng(seed).permutation(last.size)[:limit]
-    return last[pick]
+@dataclass(frozen=True, kw_only=True)
+class KthDistances:
+    """A seeded sample of at most ``limit`` scores of the last neighbour in one piece's lists."""
+
+    path: str
+    limit: int
+    seed: int
+
+    def run(self) -> np.ndarray:
+        path, limit, seed = self.path, self.limit, self.seed
+        rows, scores = read_knn(path)
+        last = scores[:, -1][rows[:, -1] >= 0]
+        pick = np.random.default_rng(seed).permutation(last.size)[:limit]
+        return last[pick]
 
 
-def _reduce_task(
-    map_dirs: Sequence[str], piece: Part, plan: GraphPlan, store: RowStore, edges: str, adj: str | None, nodes: str
-) -> dict[str, Any]:
-    src, dst, score, flags = reduce_edges(map_dirs, piece.index, plan.metric, "symmetric")
-    if adj is not None:  # directed graphs: components are taken on the undirected version
-        write_edges(adj, src, dst, score)
-    keep = in_mode(flags, plan.mode)
-    src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
-    write_edges(edges, src, dst, _weights(score, plan))
-    with atomic_path(nodes) as tmp:
-        rows = pa.array(np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
-        ids = pa.concat_arrays([store.ids(p) for p in piece.pieces])
-        pq.write_table(pa.table({"row": rows, "id": ids}), str(tmp))
-    return {
-        "edges": int(src.size),
-        "mutual": int((flags == FORWARD | REVERSE).sum()),
-        "degrees": degree_histogram(src, piece.start, piece.rows),
-    }
+@dataclass(frozen=True)
+class Reduced:
+    """One partition's graph: its edges, how many were found from both ends, and its out-degrees
+    as {degree: rows}."""
+
+    edges: int
+    mutual: int
+    degrees: dict[int, int]
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReduceTask:
+    """Combine partition ``piece``'s shuffled edges by the graph's mode: ``edges`` (weighted),
+    ``nodes`` (row to id), and for directed graphs the undirected ``adj`` for components."""
+
+    map_dirs: tuple[str, ...]
+    piece: Part
+    plan: GraphPlan
+    store: RowStore
+    edges: str
+    adj: str | None
+    nodes: str
+
+    def run(self) -> Reduced:
+        map_dirs, piece, plan, store, edges, adj, nodes = (
+            self.map_dirs,
+            self.piece,
+            self.plan,
+            self.store,
+            self.edges,
+            self.adj,
+            self.nodes,
+        )
+        src, dst, score, flags = reduce_edges(map_dirs, piece.index, plan.metric, "symmetric")
+        if adj is not None:  # directed graphs: components are taken on the undirected version
+            write_edges(adj, src, dst, score)
+        keep = in_mode(flags, plan.mode)
+        src, dst, score, flags = src[keep], dst[keep], score[keep], flags[keep]
+        write_edges(edges, src, dst, _weights(score, plan))
+        with atomic_path(nodes) as tmp:
+            rows = pa.array(np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
+            ids = pa.concat_arrays([store.ids(p) for p in piece.pieces])
+            pq.write_table(pa.table({"row": rows, "id": ids}), str(tmp))
+        return Reduced(
+            edges=int(src.size),
+            mutual=int((flags == FORWARD | REVERSE).sum()),
+            degrees=degree_histogram(src, piece.start, piece.rows),
+        )
 
 
 # streaming .npz ---------------------------------------------------------------------------------
@@ -174,7 +214,7 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
     )
 
 
-def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: int, metric: Metric) -> None:
+def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], *, n: int, k: int, metric: Metric) -> None:
     def parts(which: str) -> Iterable[np.ndarray]:
         for p in pieces:
             rows, scores = read_knn(knn_path(knn_dir, p.index))
@@ -199,11 +239,11 @@ def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], n: int, k: i
 def graph_stages(
     client: Any,
     plan: GraphPlan,
+    *,
     pieces: Sequence[Piece],
     store: RowStore,
     output: Path,
     manifest: Manifest,
-    *,
     seed: int,
     budget: int,
 ) -> tuple[GraphResult, np.ndarray]:
@@ -229,12 +269,12 @@ def graph_stages(
         kth = np.concatenate(
             client.gather(
                 [
-                    client.submit(
-                        _kth_distances,
-                        str(knn_path(knn_dir, p.index)),
-                        max(1, 100_000 // len(pieces)),
-                        seed,
-                        key=task_key("graph"),
+                    submit(
+                        client,
+                        KthDistances(
+                            path=str(knn_path(knn_dir, p.index)), limit=max(1, 100_000 // len(pieces)), seed=seed
+                        ),
+                        "graph",
                     )
                     for p in pieces
                 ]
@@ -249,48 +289,50 @@ def graph_stages(
     run_stage(
         client,
         manifest,
-        "graph_map",
-        items=parts,
-        fn=map_edges,
-        args=lambda p: (
-            [str(knn_path(knn_dir, i)) for i in p.pieces],
-            p.start,
-            starts,
-            maps[p.index],
-            plan.metric,
-            plan.min_score,
+        Stage(
+            name="graph_map",
+            items=parts,
+            result=EdgesMapped,
+            task=lambda p: MapEdgesTask(
+                knn_paths=tuple(str(knn_path(knn_dir, i)) for i in p.pieces),
+                first_row=p.start,
+                starts=starts,
+                out_dir=maps[p.index],
+                metric=plan.metric,
+                min_score=plan.min_score,
+            ),
+            files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
         ),
-        files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
     )
     edges = [str(output / "edges" / f"part-{p.index:05d}.parquet") for p in parts]
     adj = [str(work / "adj" / f"part-{p.index:05d}.parquet") for p in parts] if plan.mode == "directed" else edges
     nodes = [str(output / "nodes" / f"part-{p.index:05d}.parquet") for p in parts]
-    stats: dict[int, Any] = {}
-    run_stage(
+    stats = run_stage(
         client,
         manifest,
-        "graph_reduce",
-        items=parts,
-        fn=_reduce_task,
-        args=lambda p: (
-            maps,
-            p,
-            plan,
-            store,
-            edges[p.index],
-            adj[p.index] if plan.mode == "directed" else None,
-            nodes[p.index],
+        Stage(
+            name="graph_reduce",
+            items=parts,
+            result=Reduced,
+            task=lambda p: ReduceTask(
+                map_dirs=tuple(maps),
+                piece=p,
+                plan=plan,
+                store=store,
+                edges=edges[p.index],
+                adj=adj[p.index] if plan.mode == "directed" else None,
+                nodes=nodes[p.index],
+            ),
+            files=lambda p: [edges[p.index], nodes[p.index]] + ([adj[p.index]] if plan.mode == "directed" else []),
         ),
-        files=lambda p: [edges[p.index], nodes[p.index]] + ([adj[p.index]] if plan.mode == "directed" else []),
-        results=stats,
     )
-    nnz = int(sum(s["edges"] for s in stats.values()))
+    nnz = int(sum(s.edges for s in stats.values()))
 
     files = manifest.stage_info("graph_files")
     if files is None or not (output / "graph.npz").exists():
         _write_csr(output / "graph.npz", edges, parts, n, nnz)
         if plan.metric != "ip":
-            _write_umap(output / "umap_knn.npz", knn_dir, pieces, n, plan.k, plan.metric)
+            _write_umap(output / "umap_knn.npz", knn_dir, pieces, n=n, k=plan.k, metric=plan.metric)
         else:
             log.warning("umap_knn.npz not written: umap-learn needs distances, and --metric ip gives none")
         labels = connected_components(client, adj, starts=starts, total=n, work_dir=work / "components")
@@ -298,8 +340,8 @@ def graph_stages(
         files = {"component_sizes": {str(s): c for s, c in sizes.items()}}
         manifest.finish_stage("graph_files", files)
     sizes = {int(s): c for s, c in files["component_sizes"].items()}
-    degrees = merge_histograms([s["degrees"] for s in stats.values()])
-    mutual = int(sum(s["mutual"] for s in stats.values()))
+    degrees = merge_histograms([s.degrees for s in stats.values()])
+    mutual = int(sum(s.mutual for s in stats.values()))
     deg_total = sum(d * c for d, c in degrees.items())
     result = GraphResult(
         mode=plan.mode,

@@ -11,7 +11,21 @@ from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
-__all__ = ["BuiltIndex"]
+__all__ = ["BuiltIndex", "IndexRecord"]
+
+
+@dataclass(frozen=True)
+class IndexRecord:
+    """The manifest's ``index`` stage: the finished index as later commands open it."""
+
+    key: str
+    dim: int
+    metric: Metric
+    ntotal: int
+    nlist: int | None
+    rerank_default: int
+    starts: tuple[int, ...]
+    why: str = "given by index_key"
 
 
 @dataclass(frozen=True)

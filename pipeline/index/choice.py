@@ -1,23 +1,19 @@
 """Index choice, creation and training.
 
-Default index rule (``index_key: auto``), for batch throughput, tuned on real 384-d sentence
-embeddings (see README, "Choosing the index"):
+Default index rule (``index_key: auto``), for batch throughput (see README, "Choosing the index";
+the measurements behind each rule are in docs/benchmarks.md):
 
-* ``n <= 20,000`` rows: ``Flat``, exact search over the row store. Measured whole-process on 2
-  cores (``scripts/exact_crossover.py``), exact search beat the tuned index up to 20,000 rows
-  (0.94x its wall time at d=64, 0.60x at d=384) and lost from 40,000 (1.52x, 1.14x).
+* ``n <= 20,000`` rows: ``Flat``, exact search over the row store: up to there it beats a tuned
+  index (``scripts/exact_crossover.py``).
 * ``d > 64`` whose float32 vectors fit a quarter of the smallest worker's memory (up to 200,000
   rows when that memory is unknown): ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
   ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``), exact scores searched list by list
-  (:mod:`pipeline.search.lists`), no re-rank. Whole processes on 2 cores, tuned to recall 0.95,
-  against 4-bit PQ: 10.5 s vs 12.1 s at 30k x 384 (real), 23.8 s vs 32.2 s at 100k x 768,
-  42.3 s vs 68.2 s at 200k x 384, 37 s vs 445 s at 500k x 96 (the codes needed re-rank 64),
-  101 s vs 150 s at 1M x 128 (generated).
+  (:mod:`pipeline.backends.lists`), no re-rank: faster than 4-bit PQ with re-rank at equal recall
+  from 30k x 384 to 1M x 128.
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
-  use ``SQ8``: measured on generated 32-d and 64-d sets (60k, 50k, 500k rows), 4-bit PQ there
-  left recall@10 at 0.89 even re-ranking 320 candidates, while SQ8 reached 0.976 and ran faster.
+  use ``SQ8``: 4-bit PQ there cannot reach the target even re-ranking 320 candidates.
 * on the GPU backend the plan follows the smallest free GPU memory among the workers (each
   holds a clone of the index): ``IVF{nlist},Flat`` (exact scores, no re-rank) when the float32
   vectors fit ``GPU_INDEX_SHARE`` of it, ``IVF{nlist},SQfp16`` (float16 storage, no re-rank: its
@@ -38,6 +34,8 @@ from typing import Any, cast
 
 import faiss
 
+from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
+from pipeline.backends.kernels import FAISS_METRICS, ivf_of
 from pipeline.errors import ConfigError
 from pipeline.kinds import Metric
 
@@ -48,31 +46,26 @@ __all__ = [
     "gpu_index_bytes",
     "explain_index_key",
     "make_index",
-    "ivf_of",
     "nlist_of",
     "default_nprobe",
     "default_rerank",
     "has_exact_codes",
     "training_rows",
     "check_training_rows",
-    "FAISS_METRICS",
 ]
 
 log = logging.getLogger(__name__)
 
-FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUCT}
-FLAT_MAX_ROWS = 20_000  # measured crossover on 2 cores: 20k-40k rows at d=64 and d=384 (scripts/exact_crossover.py)
-# IVF-Flat (exact codes, searched list-major) for d > 64 where the vectors fit the memory rule below: measured
-# faster than 4-bit PQ + re-rank from 30k x 384 (real) to 1M x 128 (generated), whole processes, at equal or
-# higher recall; up to this many rows when the workers' memory is unknown
+# The measurements behind these rules are in docs/benchmarks.md ("Why the defaults are what they are").
+FLAT_MAX_ROWS = 20_000  # exact search up to here: its crossover with IVF (scripts/exact_crossover.py)
+# IVF-Flat (exact codes, searched list-major) for d > 64 where the vectors fit the memory rule below, since
+# it beats 4-bit PQ + re-rank there at equal or higher recall; up to this many rows when the workers' memory
+# is unknown
 IVF_FLAT_MAX_ROWS = 200_000
 IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter of a worker's memory (page cache)
 # CPU IVF-Flat gets sqrt(n) lists, not 2*sqrt(n): a list-major join scans each list with one product
 # for all the queries probing it, so the per-query price of fine lists (coarse assignment of every
-# row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans. Whole
-# processes, target 0.95, 2 cores: 1M x 128 (generated) 66.8 s with IVF1024 against 80.4 s with
-# IVF2048 (training 2.2 s against 10.8 s, joins equal); 500k x 96 (latent rank 32) 26.7 s with
-# IVF512 against 33.9 s with IVF1024; pydocs-minilm 30k x 384 equal (9.4-9.6 s, IVF128 and IVF256)
+# row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans
 LIST_MAJOR_LISTS_PER_ROOT = 1.0
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
 GOOD_POINTS_PER_LIST = 39  # faiss's own advice: warn below
@@ -108,8 +101,6 @@ def _code_size(n: int, d: int, budget: int | None) -> int:
 
 # the PQ layouts FAISS's GPU kernels search: sub-quantizer counts, and dimensions per
 # sub-quantizer without precomputed tables (the GPU backend checks indexes against these too)
-PQ_SUBQUANTIZERS = (1, 2, 3, 4, 8, 12, 16, 20, 24, 28, 32, 40, 48, 56, 64, 96)
-PQ_SUB_DIMS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 16, 20, 24, 28, 32)
 
 
 def _gpu_codes(d: int) -> str:
@@ -266,14 +257,6 @@ def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
         if inner is not None and hasattr(inner, "do_polysemous_training"):
             inner.do_polysemous_training = False
     return index
-
-
-def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
-    """The IVF layer inside ``index`` (through pre-transforms), or None."""
-    try:
-        return faiss.extract_index_ivf(index)
-    except RuntimeError:
-        return None
 
 
 def nlist_of(index: faiss.Index) -> int | None:

@@ -11,7 +11,7 @@ Five ways, chosen from the index type:
 * ``serial``: every other index (HNSW, PQ, other fast-scan layouts, ...) is filled by one task
   adding pieces in row order, so positions equal global rows.
 * ``none``: ``Flat``. Exact search reads the memory-mapped row store piece by piece
-  (:func:`pipeline.search.exact.exact_search`), so no copy of the vectors is built.
+  (the backends' ``exact_search``, :mod:`pipeline.backends.kernels`), so no copy of the vectors is built.
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ import os
 import sys
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -30,21 +31,32 @@ import faiss
 import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
+from pipeline.backends.kernels import ivf_of
 from pipeline.backends.worker import worker_device
 from pipeline.errors import ResumeError
-from pipeline.index.choice import encoding_key, ivf_of
+from pipeline.index.choice import encoding_key
 from pipeline.io.atomic import atomic_path, storage_error
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
-from pipeline.results import FillRecord
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import Progress, run_tasks, task_key
+from pipeline.results import Files
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.progress import Progress
+from pipeline.runtime.runner import run_tasks, submit
 
-__all__ = ["fill_mode", "fill_index", "load_index", "read_cached"]
+__all__ = ["fill_mode", "fill_index", "load_index", "read_cached", "FillRecord"]
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class FillRecord:
+    """The manifest's ``fill`` stage: the filled index's size, how it was merged, its files."""
+
+    ntotal: int
+    mode: str
+    files: Files = ()
 
 
 def fill_mode(key: str, encoder: faiss.Index) -> str:
@@ -109,51 +121,83 @@ def _write(index: faiss.Index, path: Path) -> None:
         faiss.write_index(index, str(tmp))
 
 
-def _fill_piece(trained: str, store: RowStore, piece: Piece, out: str) -> int:
-    index = faiss.clone_index(read_cached(trained))
-    x = np.ascontiguousarray(store.vectors(piece.index))
-    with worker_device() as be:
-        be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
-    _write(index, Path(out))
-    return piece.rows
+@dataclass(frozen=True, kw_only=True)
+class FillPieceTask:
+    """Encode one piece with a copy of the trained index; write the partial index to ``out``."""
 
+    trained: str
+    store: RowStore
+    piece: Piece
+    out: str
 
-def _fill_serial(trained: str, store: RowStore, pieces: Sequence[Piece], out: str) -> int:
-    index = faiss.clone_index(read_cached(trained))
-    progress = Progress("fill", sum(p.rows for p in pieces))
-    for piece in pieces:
+    def run(self) -> int:
+        trained, store, piece, out = self.trained, self.store, self.piece, self.out
+        index = faiss.clone_index(read_cached(trained))
         x = np.ascontiguousarray(store.vectors(piece.index))
         with worker_device() as be:
-            be.add(index, x, None)
-        progress.advance(piece.rows)
-    progress.close()
-    _write(index, Path(out))
-    return int(index.ntotal)
+            be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
+        _write(index, Path(out))
+        return piece.rows
 
 
-def _merge(trained: str, parts: Sequence[str], index_dir: str, mode: str) -> int:
-    index = faiss.read_index(trained)
-    d = Path(index_dir)
-    if mode == "ondisk":
-        ivfdata = d / "index.ivfdata"
-        if discard(ivfdata):  # the rename below would replace a list file that is not the tool's
-            raise ResumeError(f"{shown(ivfdata)} was not written by this tool; move it away and run again")
-        with atomic_path(ivfdata) as tmp:  # merged under a temporary name, renamed once complete
-            try:
-                with _faiss_quiet():
-                    merge_ondisk(index, list(parts), str(tmp))
-            except (RuntimeError, OSError) as exc:  # FAISS grows the file in place: a size limit or full disk
-                raise storage_error(ivfdata, exc) from None
-            # the index names its list file: the final name (readers find it beside index.faiss)
-            lists: Any = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)  # type: ignore[arg-type]
-            lists.filename = str(ivfdata)
-    else:
-        for part in parts:
-            index.merge_from(faiss.read_index(part), 0)
-        if mode == "fastscan":
-            index = faiss.IndexIVFPQFastScan(index)
-    _write(index, d / "index.faiss")
-    return int(index.ntotal)
+@dataclass(frozen=True, kw_only=True)
+class FillSerialTask:
+    """Add every piece to one copy of the trained index in order, in one task (``fill: serial``),
+    and write it to ``out``."""
+
+    trained: str
+    store: RowStore
+    pieces: tuple[Piece, ...]
+    out: str
+
+    def run(self) -> int:
+        trained, store, pieces, out = self.trained, self.store, self.pieces, self.out
+        index = faiss.clone_index(read_cached(trained))
+        progress = Progress("fill", sum(p.rows for p in pieces))
+        for piece in pieces:
+            x = np.ascontiguousarray(store.vectors(piece.index))
+            with worker_device() as be:
+                be.add(index, x, None)
+            progress.advance(piece.rows)
+        progress.close()
+        _write(index, Path(out))
+        return int(index.ntotal)
+
+
+@dataclass(frozen=True, kw_only=True)
+class MergeTask:
+    """Merge the partial indexes into ``index_dir``: in memory, or with the lists in one file on
+    disk (``ondisk``); returns the rows indexed."""
+
+    trained: str
+    parts: tuple[str, ...]
+    index_dir: str
+    mode: str
+
+    def run(self) -> int:
+        trained, parts, index_dir, mode = self.trained, self.parts, self.index_dir, self.mode
+        index = faiss.read_index(trained)
+        d = Path(index_dir)
+        if mode == "ondisk":
+            ivfdata = d / "index.ivfdata"
+            if discard(ivfdata):  # the rename below would replace a list file that is not the tool's
+                raise ResumeError(f"{shown(ivfdata)} was not written by this tool; move it away and run again")
+            with atomic_path(ivfdata) as tmp:  # merged under a temporary name, renamed once complete
+                try:
+                    with _faiss_quiet():
+                        merge_ondisk(index, list(parts), str(tmp))
+                except (RuntimeError, OSError) as exc:  # FAISS grows the file in place: a size limit or full disk
+                    raise storage_error(ivfdata, exc) from None
+                # the index names its list file: the final name (readers find it beside index.faiss)
+                lists: Any = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)  # type: ignore[arg-type]
+                lists.filename = str(ivfdata)
+        else:
+            for part in parts:
+                index.merge_from(faiss.read_index(part), 0)
+            if mode == "fastscan":
+                index = faiss.IndexIVFPQFastScan(index)
+        _write(index, d / "index.faiss")
+        return int(index.ntotal)
 
 
 def fill_index(
@@ -174,14 +218,10 @@ def fill_index(
         manifest.finish_stage("fill", FillRecord(store.total_rows, mode))
         return store.total_rows
     if mode == "serial":
-        fut = client.submit(
-            _fill_serial,
-            str(trained),
-            store,
-            list(pieces),
-            str(index_dir / "index.faiss"),
-            pure=False,
+        serial = FillSerialTask(
+            trained=str(trained), store=store, pieces=tuple(pieces), out=str(index_dir / "index.faiss")
         )
+        fut = submit(client, serial, "fill")
         ntotal = int(fut.result())
     else:
         parts_dir = index_dir / "parts"
@@ -189,16 +229,16 @@ def fill_index(
         done = manifest.done_pieces("fill")
         run_tasks(
             client,
-            _fill_piece,
-            [p for p in pieces if p.index not in done],
-            "fill",
-            args=lambda p: (str(trained), store, p, part[p.index]),
+            label="fill",
+            items=[p for p in pieces if p.index not in done],
+            task=lambda p: FillPieceTask(trained=str(trained), store=store, piece=p, out=part[p.index]),
             on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
-        fut = client.submit(
-            _merge, str(trained), [part[p.index] for p in pieces], str(index_dir), mode, key=task_key("fill")
+        merge = MergeTask(
+            trained=str(trained), parts=tuple(part[p.index] for p in pieces), index_dir=str(index_dir), mode=mode
         )
+        fut = submit(client, merge, "fill")
         ntotal = int(fut.result())
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))

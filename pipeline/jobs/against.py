@@ -15,13 +15,13 @@ from typing import Any
 
 from pipeline.cluster.clients import ClusterInfo
 from pipeline.config import Config
-from pipeline.duplicates.against import Matches, examples, write_matches
+from pipeline.duplicates.contamination import Matches, examples, write_matches
 from pipeline.errors import InputError
 from pipeline.index.built import BuiltIndex
 from pipeline.io.workdir import shown
 from pipeline.jobs.stages import Timings, build_index, join_index
 from pipeline.results import Contamination, ReferenceFileMatches
-from pipeline.stages.manifest import Manifest
+from pipeline.runtime.manifest import Manifest
 
 __all__ = ["match_against"]
 
@@ -72,8 +72,8 @@ def match_against(
         cluster,
         ref_config,
         ref,
-        sub,
-        sub_timings,
+        output=sub,
+        timings=sub_timings,
         queries=built.dataset,
         knn_dir=sub / "knn",
         command="against",

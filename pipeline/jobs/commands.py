@@ -58,7 +58,7 @@ def _join(config: Config) -> JobReport:
         check_query_ids(built, queries, config.search.exclude_self)
         timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
         with job_cluster(config) as (client, cluster):
-            joined, _ = join_index(client, cluster, config, built, output, timings, queries=queries)
+            joined, _ = join_index(client, cluster, config, built, output=output, timings=timings, queries=queries)
             workers = worker_busy(client, cluster)
         return finish(output, config, joined, timings, command="join", started=started, workers=workers)
 
@@ -72,7 +72,7 @@ def run(config: Config) -> JobReport:
     timings = Timings.resume(output / TIMINGS_NAME, fresh=started.complete or config.overwrite)
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search)
-        joined, _ = join_index(client, cluster, config, built, output, timings, command="run")
+        joined, _ = join_index(client, cluster, config, built, output=output, timings=timings, command="run")
         return finish(
             output, config, joined, timings, command="run", started=started, workers=worker_busy(client, cluster)
         )

@@ -25,9 +25,9 @@ from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
 from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult, WorkerBusy
+from pipeline.runtime.manifest import LOG_DIR
+from pipeline.runtime.progress import busy_by_worker, record_busy, tasks_submitted
 from pipeline.search.tuning import BelowTarget
-from pipeline.stages.manifest import LOG_DIR
-from pipeline.stages.progress import busy_by_worker, record_busy, tasks_submitted
 
 T = TypeVar("T")
 

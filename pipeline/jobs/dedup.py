@@ -24,8 +24,8 @@ from pipeline.jobs.against import match_against
 from pipeline.jobs.common import finish, guarded, index_dir_for, job_cluster, require, start, worker_busy
 from pipeline.jobs.stages import Timings, build_index, join_index, search_plan
 from pipeline.results import JobReport
+from pipeline.runtime.manifest import Manifest
 from pipeline.search.join import SearchPlan
-from pipeline.stages.manifest import Manifest
 
 __all__ = ["dedup"]
 
@@ -62,7 +62,15 @@ def dedup(config: Config) -> JobReport:
         built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search, incremental=True)
         dataset = built.dataset
         joined, manifest = join_index(
-            client, cluster, config, built, output, timings, knn_dir=output / "knn", command="dedup", incremental=True
+            client,
+            cluster,
+            config,
+            built,
+            output=output,
+            timings=timings,
+            knn_dir=output / "knn",
+            command="dedup",
+            incremental=True,
         )
         t0 = time.monotonic()
         if d.explore:
@@ -98,10 +106,10 @@ def dedup(config: Config) -> JobReport:
         result, adj_starts = dedup_stages(
             client,
             plan,
-            dataset,
-            built.store,
-            output,
-            manifest,
+            dataset=dataset,
+            store=built.store,
+            output=output,
+            manifest=manifest,
             seed=config.index.seed,
             k=config.search.k,
             budget=2 * config.partition_bytes,

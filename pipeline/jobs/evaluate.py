@@ -18,9 +18,9 @@ from pipeline.io.workdir import shown
 from pipeline.jobs.common import guarded, job_cluster, require
 from pipeline.jobs.stages import open_index, search_plan
 from pipeline.results import RecallResult, RecallSummary
+from pipeline.runtime.manifest import Manifest
 from pipeline.search.recall import recall_summary
 from pipeline.search.tuning import draw_sample, search_sample
-from pipeline.stages.manifest import Manifest
 
 __all__ = ["evaluate"]
 
@@ -111,7 +111,8 @@ def _evaluate(config: Config, index_dir: Path, table: Path | None) -> RecallSumm
             found, found_scores = search_sample(client, plan, built.store, sample)
             what = {"index": shown(index_dir), "nprobe": plan.nprobe, "rerank": plan.rerank}
     summary = replace(
-        recall_summary(found, sample.truth, sample.truth_scores, k, found_scores, built.metric), source=what
+        recall_summary(found, sample.truth, sample.truth_scores, k=k, found_scores=found_scores, metric=built.metric),
+        source=what,
     )
     log.info("evaluate: %s", ", ".join(f"{key} {v}" for key, v in summary.to_json().items() if "recall@" in key))
     return summary

@@ -34,16 +34,16 @@ def graph(config: Config) -> JobReport:
     with guarded(config, output, index_dir), job_cluster(config) as (client, cluster):
         built = build_index(client, cluster, config, index_dir, timings=timings, search=config.search)
         joined, manifest = join_index(
-            client, cluster, config, built, output, timings, knn_dir=output / "knn", command="graph"
+            client, cluster, config, built, output=output, timings=timings, knn_dir=output / "knn", command="graph"
         )
         t0 = time.monotonic()
         result, edge_starts = graph_stages(
             client,
             plan,
-            built.dataset.pieces,
-            built.store,
-            output,
-            manifest,
+            pieces=built.dataset.pieces,
+            store=built.store,
+            output=output,
+            manifest=manifest,
             seed=config.index.seed,
             budget=2 * config.partition_bytes,
         )

@@ -13,6 +13,7 @@ from pipeline.config import Config
 from pipeline.index.built import BuiltIndex
 from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
+from pipeline.runtime.manifest import Manifest
 from pipeline.search.join import SearchPlan
 from pipeline.search.tuning import (
     CONFIDENCE,
@@ -25,7 +26,6 @@ from pipeline.search.tuning import (
     sweep,
     walk,
 )
-from pipeline.stages.manifest import Manifest
 
 __all__ = ["measure_recall"]
 

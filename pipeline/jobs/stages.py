@@ -18,46 +18,39 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from pipeline.backends.worker import worker_device
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
-from pipeline.index.built import BuiltIndex
+from pipeline.index.built import BuiltIndex, IndexRecord
 from pipeline.index.choice import (
     check_training_rows,
     default_index_key,
     default_nprobe,
     default_rerank,
     explain_index_key,
-    ivf_of,
     make_encoder,
     make_index,
     nlist_of,
     training_rows,
 )
-from pipeline.index.fill import fill_index, fill_mode
-from pipeline.index.sampling import load_sample, sample_rows
+from pipeline.index.fill import FillRecord, fill_index, fill_mode
+from pipeline.index.scan import scan_dataset
+from pipeline.index.train import TrainRecord, train_index
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.parquet import Dataset, plan_dataset
-from pipeline.io.scan import scan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.jobs.recall import measure_recall
-from pipeline.kinds import Metric
-from pipeline.report import peak_rss
 from pipeline.results import (
-    FillRecord,
-    IndexRecord,
     IndexSummary,
     JoinResult,
     MemoryUse,
     RecallResult,
     SearchSummary,
-    TrainRecord,
 )
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.progress import peak_rss
 from pipeline.search.join import SearchPlan, join_pieces
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
@@ -128,36 +121,6 @@ def _check_search(search: SearchSpec, index: faiss.Index, key: str, ntotal: int)
             )
 
 
-def _train_task(
-    key: str,
-    dim: int,
-    metric: Metric,
-    store: RowStore,
-    rows: np.ndarray,
-    seed: int,
-    out: str,
-) -> None:
-    index = make_encoder(key, dim, metric)
-    ivf = ivf_of(index)
-    if ivf is not None:
-        ivf.cp.seed = seed
-    if len(rows):
-        progress = PieceProgress("train", 0)
-        progress.note(f"reading {len(rows):,} sampled rows")
-        sample = load_sample(store, rows)
-        ivf = ivf_of(index)
-        progress.note(
-            f"k-means into {ivf.nlist:,} lists on {len(rows):,} rows"
-            if ivf is not None
-            else f"training {key} on {len(rows):,} rows"
-        )
-        with worker_device() as be:
-            be.train(index, sample)
-        progress.note("writing the trained index")
-    with atomic_path(out) as tmp:
-        faiss.write_index(index, str(tmp))
-
-
 def _plan_build(
     client: Any, cluster: ClusterInfo, config: Config, search: SearchSpec | None
 ) -> tuple[Dataset, int | None]:
@@ -174,26 +137,6 @@ def _plan_build(
         if search is not None:
             _check_search(search, empty, key, dataset.total_rows)
     return dataset, budget
-
-
-def _train(
-    client: Any,
-    manifest: Manifest,
-    store: RowStore,
-    key: str,
-    dim: int,
-    metric: Metric,
-    n_train: int,
-    seed: int,
-    path: Path,
-) -> None:
-    """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage."""
-    if n_train:
-        log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
-    rows = sample_rows(store.total_rows, n_train, seed)
-    future = client.submit(_train_task, key, dim, metric, store, rows, seed, str(path), key=task_key("train"))
-    watch(client, future, "train")
-    manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
 
 
 def build_index(
@@ -248,7 +191,17 @@ def build_index(
     trained_path = index_dir / "trained.faiss"
     if trained is None:
         t0 = time.monotonic()
-        _train(client, manifest, store, key, dim, metric, n_train, spec.seed, trained_path)
+        train_index(
+            client,
+            manifest,
+            store=store,
+            key=key,
+            dim=dim,
+            metric=metric,
+            n_train=n_train,
+            seed=spec.seed,
+            path=trained_path,
+        )
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
@@ -398,9 +351,9 @@ def join_index(
     cluster: ClusterInfo,
     config: Config,
     built: BuiltIndex,
+    *,
     output: Path,
     timings: Timings,
-    *,
     queries: Dataset | None = None,
     knn_dir: Path | None = None,
     command: str = "join",

@@ -8,25 +8,34 @@ sample times k, never the dataset.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
+from pipeline.backends.kernels import merge_topk, piece_topk
 from pipeline.backends.worker import worker_device
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.search.stored import merge_topk, piece_topk
-from pipeline.stages.progress import Progress, task_key
+from pipeline.runtime.progress import Progress
+from pipeline.runtime.runner import submit
 
 __all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
 
-def _exact_piece(
-    store: RowStore, piece: int, queries: np.ndarray, k: int, metric: Metric
-) -> tuple[np.ndarray, np.ndarray]:
-    """Exact top-``k`` of ``queries`` within one piece; higher scores first (l2 negated)."""
-    with worker_device() as be:
-        return piece_topk(be.knn, store, piece, queries, k, metric)
+@dataclass(frozen=True, kw_only=True)
+class ExactPieceTask:
+    """Exact top-``k`` of ``queries`` within one stored piece; higher scores first (l2 negated)."""
+
+    store: RowStore
+    piece: int
+    queries: np.ndarray
+    k: int
+    metric: Metric
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        with worker_device() as be:
+            return piece_topk(be.knn, self.store, self.piece, self.queries, k=self.k, metric=self.metric)
 
 
 def exact_knn(
@@ -36,9 +45,8 @@ def exact_knn(
 
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
-    futures = [
-        client.submit(_exact_piece, store, p, queries, k, metric, key=task_key("ground_truth")) for p in range(n_pieces)
-    ]
+    tasks = [ExactPieceTask(store=store, piece=p, queries=queries, k=k, metric=metric) for p in range(n_pieces)]
+    futures = [submit(client, task, "ground_truth") for task in tasks]
     bounds = np.append(store.starts, store.total_rows)
     progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.total_rows)
 

@@ -21,17 +21,18 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.backends import Backend
+from pipeline.backends.lists import is_ivf_flat, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric, Strategy
-from pipeline.search.lists import is_ivf_flat, list_major_rows
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.progress import PieceProgress
+from pipeline.runtime.runner import run_tasks
 from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
 from pipeline.shuffle.edges import write_knn
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import PieceProgress, run_tasks
 
 __all__ = [
     "SearchPlan",
@@ -101,6 +102,7 @@ def search_batch(
     index: faiss.Index | None,
     plan: SearchPlan,
     q: np.ndarray,
+    *,
     q_rows: np.ndarray | None,
     q_ids: pa.Array,
     index_store: RowStore,
@@ -113,7 +115,7 @@ def search_batch(
     (the exact self-join by pairs, :mod:`pipeline.search.pairs`): only the rest is done here.
     """
     with worker_device() as be:  # the worker's device, one batch at a time
-        return _search_batch(be, index, plan, q, q_rows, q_ids, index_store, found)
+        return _search_batch(be, index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found)
 
 
 def _search_batch(
@@ -121,6 +123,7 @@ def _search_batch(
     index: faiss.Index | None,
     plan: SearchPlan,
     q: np.ndarray,
+    *,
     q_rows: np.ndarray | None,
     q_ids: pa.Array,
     index_store: RowStore,
@@ -160,73 +163,97 @@ def _search_batch(
     return offsets, scores[kept], rows[kept]
 
 
-def _join_piece(
-    plan: SearchPlan,
-    index_store: RowStore,
-    query_store: RowStore,
-    piece: Piece,
-    out: str,
-    budget_rows: int,
-    pairs: PairLayout | None = None,
-) -> int:
-    with worker_device() as be:
-        # the exact plan scores whole query blocks against each stored piece: larger blocks keep
-        # the GEMM tiles full and read the store fewer times
-        rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
-    index = shared_index(plan)
-    if index is not None and is_ivf_flat(index):  # list-major search: the more queries per list, the better
-        rows = max(rows, list_major_rows(faiss.extract_index_ivf(index).nlist, plan.nprobe))
-    batch_rows = max(1, min(rows, budget_rows))
-    log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
-    q_all = query_store.vectors(piece.index)
-    q_ids_all = query_store.ids(piece.index)
-    lists = (
-        None
-        if pairs is None
-        else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
-    )
-    short = 0
-    buffered: list[pa.Table] = []
-    knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
-    knn_scores = np.full((piece.rows, plan.k), np.nan, dtype=np.float32) if plan.knn_dir else None
-    progress = PieceProgress("join", piece.index)
-    with atomic_path(out) as tmp:
-        writer: pq.ParquetWriter | None = None
-        for lo in range(0, piece.rows, batch_rows):
-            hi = min(piece.rows, lo + batch_rows)
-            q = np.ascontiguousarray(q_all[lo:hi])
-            q_ids = q_ids_all.slice(lo, hi - lo)
-            q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
-            found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
-            offsets, scores, nbr_rows = search_batch(index, plan, q, q_rows, q_ids, index_store, found)
-            progress.advance(hi - lo)
-            nbr_ids = index_store.gather_ids(nbr_rows)
-            short += int((np.diff(offsets) < plan.k).sum())
-            if knn_rows is not None and knn_scores is not None:
-                to_padded(knn_rows, knn_scores, lo, offsets, nbr_rows, scores)
-            table = pa.table(
-                {
-                    "query_id": q_ids,
-                    "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
-                    "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
-                }
-            )
+@dataclass(frozen=True, kw_only=True)
+class JoinTask:
+    """Search one query piece in batches that fit ``budget_rows`` (and the worker's backend), and
+    write its neighbour table to ``out`` (and, with ``plan.knn_dir``, its lists as global rows).
+    With ``pairs``, the piece's exact lists come from the join by pairs. Returns how many queries
+    got fewer than ``k`` neighbours."""
+
+    plan: SearchPlan
+    index_store: RowStore
+    query_store: RowStore
+    piece: Piece
+    out: str
+    budget_rows: int
+    pairs: PairLayout | None = None
+
+    def run(self) -> int:
+        plan, index_store, query_store, piece, out, budget_rows, pairs = (
+            self.plan,
+            self.index_store,
+            self.query_store,
+            self.piece,
+            self.out,
+            self.budget_rows,
+            self.pairs,
+        )
+        with worker_device() as be:
+            # the exact plan scores whole query blocks against each stored piece: larger blocks keep
+            # the GEMM tiles full and read the store fewer times
+            rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
+        index = shared_index(plan)
+        if index is not None and is_ivf_flat(index):  # list-major search: the more queries per list, the better
+            rows = max(rows, list_major_rows(faiss.extract_index_ivf(index).nlist, plan.nprobe))
+        batch_rows = max(1, min(rows, budget_rows))
+        log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
+        q_all = query_store.vectors(piece.index)
+        q_ids_all = query_store.ids(piece.index)
+        lists = (
+            None
+            if pairs is None
+            else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
+        )
+        short = 0
+        buffered: list[pa.Table] = []
+        knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
+        knn_scores = np.full((piece.rows, plan.k), np.nan, dtype=np.float32) if plan.knn_dir else None
+        progress = PieceProgress("join", piece.index)
+        with atomic_path(out) as tmp:
+            writer: pq.ParquetWriter | None = None
+            for lo in range(0, piece.rows, batch_rows):
+                hi = min(piece.rows, lo + batch_rows)
+                q = np.ascontiguousarray(q_all[lo:hi])
+                q_ids = q_ids_all.slice(lo, hi - lo)
+                q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
+                found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
+                offsets, scores, nbr_rows = search_batch(
+                    index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found
+                )
+                progress.advance(hi - lo)
+                nbr_ids = index_store.gather_ids(nbr_rows)
+                short += int((np.diff(offsets) < plan.k).sum())
+                if knn_rows is not None and knn_scores is not None:
+                    to_padded(knn_rows, knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
+                table = pa.table(
+                    {
+                        "query_id": q_ids,
+                        "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
+                        "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
+                    }
+                )
+                if writer is None:
+                    writer = pq.ParquetWriter(str(tmp), table.schema)
+                buffered.append(table)
+                if sum(len(t) for t in buffered) >= ROW_GROUP_ROWS or hi == piece.rows:
+                    writer.write_table(pa.concat_tables(buffered))
+                    buffered = []
             if writer is None:
-                writer = pq.ParquetWriter(str(tmp), table.schema)
-            buffered.append(table)
-            if sum(len(t) for t in buffered) >= ROW_GROUP_ROWS or hi == piece.rows:
-                writer.write_table(pa.concat_tables(buffered))
-                buffered = []
-        if writer is None:
-            raise ValueError(f"empty query piece {piece.index}")
-        writer.close()
-    if knn_rows is not None and knn_scores is not None:
-        write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
-    return short
+                raise ValueError(f"empty query piece {piece.index}")
+            writer.close()
+        if knn_rows is not None and knn_scores is not None:
+            write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
+        return short
 
 
 def to_padded(
-    rows_out: np.ndarray, scores_out: np.ndarray, first: int, offsets: np.ndarray, rows: np.ndarray, scores: np.ndarray
+    rows_out: np.ndarray,
+    scores_out: np.ndarray,
+    first: int,
+    *,
+    offsets: np.ndarray,
+    rows: np.ndarray,
+    scores: np.ndarray,
 ) -> None:
     """Scatter lists in list layout (``offsets``) into ``-1``-padded arrays, from line ``first`` on."""
     counts = np.diff(offsets)
@@ -291,10 +318,17 @@ def join_pieces(
     seconds = (
         run_tasks(
             client,
-            _join_piece,
-            [p for p in pieces if p.index not in done],
-            "join",
-            args=lambda p: (plan, index_store, query_store, p, out[p.index], budget_rows, layout),
+            label="join",
+            items=[p for p in pieces if p.index not in done],
+            task=lambda p: JoinTask(
+                plan=plan,
+                index_store=index_store,
+                query_store=query_store,
+                piece=p,
+                out=out[p.index],
+                budget_rows=budget_rows,
+                pairs=layout,
+            ),
             on_done=finished,
         )
         + paired

@@ -3,9 +3,9 @@
 Searching every piece against every piece computes each score twice (row ``i`` against ``j``,
 then ``j`` against ``i``). Here consecutive pieces are grouped (at most ``GROUP_BYTES`` of
 vectors a group) and each group is searched against itself first (the *diagonal*, itself
-symmetric by blocks: :func:`pipeline.search.stored.self_topk`); its ``k``-th scores are floors
+symmetric by blocks: :func:`pipeline.backends.kernels.self_topk`); its ``k``-th scores are floors
 under which nothing can enter a row's top ``k``. Then every pair of groups ``g < h`` takes one
-matrix product per tile, read both ways (:func:`pipeline.search.stored.pair_topk`), and each
+matrix product per tile, read both ways (:func:`pipeline.backends.kernels.pair_topk`), and each
 piece's lists are the exact merge of its rows' diagonal and pair lists. About half the
 arithmetic of the piece-by-piece plan, same result up to ties.
 
@@ -25,15 +25,15 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.backends.kernels import merge_topk, shifted
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.search.stored import merge_topk, shifted
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import run_tasks
 
 __all__ = [
     "PAIRS_DIR",
@@ -113,28 +113,53 @@ def _pair_path(folder: str, g: int, h: int) -> Path:
     return Path(folder) / f"pair-{g:05d}-{h:05d}.npz"
 
 
-def _diagonal_task(store: RowStore, layout: PairLayout, g: int, width: int, metric: Metric) -> None:
-    group = layout.groups[g]
-    with worker_device() as be:
-        scores, rows = be.self_topk(_vectors(store, group), width, metric)
-    write_npz(_diagonal_path(layout.folder, g), scores=scores, rows=shifted(rows, group.start))
+@dataclass(frozen=True, kw_only=True)
+class DiagonalTask:
+    """Group ``g`` searched against itself: its rows' ``width`` best scores and rows, written to
+    the layout's folder (the floors of the pair tasks that involve it)."""
+
+    store: RowStore
+    layout: PairLayout
+    g: int
+    width: int
+    metric: Metric
+
+    def run(self) -> None:
+        store, layout, g, width, metric = self.store, self.layout, self.g, self.width, self.metric
+        group = layout.groups[g]
+        with worker_device() as be:
+            scores, rows = be.self_topk(_vectors(store, group), width, metric)
+        write_npz(_diagonal_path(layout.folder, g), scores=scores, rows=shifted(rows, group.start))
 
 
-def _pair_task(store: RowStore, layout: PairLayout, g: int, h: int, width: int, metric: Metric) -> None:
-    a, b = layout.groups[g], layout.groups[h]
-    with np.load(_diagonal_path(layout.folder, h)) as z:
-        floor = z["scores"][:, -1]  # h's k-th best within h: nothing lower enters its top k
-    with worker_device() as be:
-        (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(
-            _vectors(store, a), _vectors(store, b), width, metric, floor
+@dataclass(frozen=True, kw_only=True)
+class PairTask:
+    """Groups ``g < h`` scored against each other once, one matrix product per tile read both
+    ways; each side's ``width`` best, above ``h``'s diagonal floors, written to the layout's folder."""
+
+    store: RowStore
+    layout: PairLayout
+    g: int
+    h: int
+    width: int
+    metric: Metric
+
+    def run(self) -> None:
+        store, layout, g, h, width, metric = self.store, self.layout, self.g, self.h, self.width, self.metric
+        a, b = layout.groups[g], layout.groups[h]
+        with np.load(_diagonal_path(layout.folder, h)) as z:
+            floor = z["scores"][:, -1]  # h's k-th best within h: nothing lower enters its top k
+        with worker_device() as be:
+            (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(
+                _vectors(store, a), _vectors(store, b), width, metric, floor
+            )
+        write_npz(
+            _pair_path(layout.folder, g, h),
+            a_scores=a_scores,
+            a_rows=shifted(a_rows, b.start),
+            b_scores=b_scores,
+            b_rows=shifted(b_rows, a.start),
         )
-    write_npz(
-        _pair_path(layout.folder, g, h),
-        a_scores=a_scores,
-        a_rows=shifted(a_rows, b.start),
-        b_scores=b_scores,
-        b_rows=shifted(b_rows, a.start),
-    )
 
 
 def exact_pairs(
@@ -148,10 +173,9 @@ def exact_pairs(
     done = manifest.done_pieces("exact_diagonal")
     seconds = run_tasks(
         client,
-        _diagonal_task,
-        [t for t in diagonal if t.index not in done],
-        "exact diagonal",
-        args=lambda t: (store, layout, t.g, width, metric),
+        label="exact diagonal",
+        items=[t for t in diagonal if t.index not in done],
+        task=lambda t: DiagonalTask(store=store, layout=layout, g=t.g, width=width, metric=metric),
         on_done=lambda t, _: manifest.mark_piece("exact_diagonal", t.index, [_diagonal_path(layout.folder, t.g)]),
     )
     manifest.finish_stage("exact_diagonal")
@@ -161,10 +185,9 @@ def exact_pairs(
     done = manifest.done_pieces("exact_pairs")
     seconds += run_tasks(
         client,
-        _pair_task,
-        [t for t in pairs if t.index not in done],
-        "exact pairs",
-        args=lambda t: (store, layout, t.g, t.h, width, metric),
+        label="exact pairs",
+        items=[t for t in pairs if t.index not in done],
+        task=lambda t: PairTask(store=store, layout=layout, g=t.g, h=t.h, width=width, metric=metric),
         on_done=lambda t, _: manifest.mark_piece("exact_pairs", t.index, [_pair_path(layout.folder, t.g, t.h)]),
     )
     manifest.finish_stage("exact_pairs")

@@ -61,6 +61,7 @@ def recall_summary(
     found: Sequence[Sequence[Any]],
     truth: Sequence[Sequence[Any]],
     truth_scores: np.ndarray,
+    *,
     k: int,
     found_scores: Sequence[np.ndarray] | None = None,
     metric: Metric = "cosine",

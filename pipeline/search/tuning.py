@@ -17,18 +17,19 @@ from typing import Any
 import faiss
 import numpy as np
 
+from pipeline.backends.lists import is_ivf_flat
 from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import TunePointRecord
+from pipeline.runtime.progress import PieceProgress, watch
+from pipeline.runtime.runner import submit
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
-from pipeline.search.lists import is_ivf_flat
 from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
 from pipeline.search.recall import recall_at_k, tie_aware_hits
-from pipeline.stages.progress import PieceProgress, task_key, watch
 
 __all__ = [
     "TunePoint",
@@ -196,7 +197,9 @@ def _search(
     search time."""
     index = shared_index(plan)
     start = time.perf_counter()
-    offsets, exact, nbr_rows = search_batch(index, plan, sample.vectors, sample.rows, sample.ids, index_store)
+    offsets, exact, nbr_rows = search_batch(
+        index, plan, sample.vectors, q_rows=sample.rows, q_ids=sample.ids, index_store=index_store
+    )
     seconds = time.perf_counter() - start
     flat = index_store.gather_ids(nbr_rows).to_pylist()
     if not (index is None or plan.rerank or has_exact_codes(index)):  # lossy codes: score what was found exactly
@@ -254,26 +257,41 @@ def _point(plan: SearchPlan, index_store: RowStore, sample: RecallSample, nprobe
     )
 
 
-def _measure(
-    plan: SearchPlan, index_store: RowStore, sample: RecallSample, settings: Sequence[tuple[int | None, int]]
-) -> list[TunePoint]:
-    return [_point(plan, index_store, sample, nprobe, rerank) for nprobe, rerank in settings]
+@dataclass(frozen=True, kw_only=True)
+class SweepTask:
+    """Recall and search time of each (nprobe, re-rank factor) setting on ``sample``."""
+
+    plan: SearchPlan
+    index_store: RowStore
+    sample: RecallSample
+    settings: tuple[tuple[int | None, int], ...]
+
+    def run(self) -> list[TunePoint]:
+        return [_point(self.plan, self.index_store, self.sample, nprobe, rerank) for nprobe, rerank in self.settings]
 
 
-def _walk(
-    plan: SearchPlan,
-    index_store: RowStore,
-    sample: RecallSample,
-    probes: Sequence[int | None],
-    factors: Sequence[int],
-    target: float,
-) -> list[TunePoint]:
-    """The staircase walk: nprobe upwards at a modest re-rank factor until the target is reached,
-    refined by bisection towards the last failing nprobe (:func:`_refine`), then the factor
-    downwards at that nprobe (and at the next step up, where a smaller factor may be cheaper);
-    where no nprobe reaches it, larger factors at the plateau. About ``len(probes) +
-    len(factors) + REFINE_STEPS`` searches, almost all of them gathering few candidates: the
-    climb costs k x ``START_FACTOR`` exact scores a query, not k x 32.
+@dataclass(frozen=True, kw_only=True)
+class SampleSearch:
+    """The sample's neighbour ids under ``plan``, their exact scores and the search time."""
+
+    plan: SearchPlan
+    index_store: RowStore
+    sample: RecallSample
+
+    def run(self) -> tuple[list[list[Any]], list[np.ndarray], float]:
+        return _search(self.plan, self.index_store, self.sample)
+
+
+Measure = Callable[[int | None, int], TunePoint]  # (nprobe, re-rank factor) -> its measured point
+
+
+def _walk(setting: Measure, *, probes: Sequence[int | None], factors: Sequence[int], target: float) -> list[TunePoint]:
+    """The staircase walk over settings measured by ``setting``: nprobe upwards at a modest
+    re-rank factor until the target is reached, refined by bisection towards the last failing
+    nprobe (:func:`_refine`), then the factor downwards at that nprobe (and at the next step up,
+    where a smaller factor may be cheaper); where no nprobe reaches it, larger factors at the
+    plateau. About ``len(probes) + len(factors) + REFINE_STEPS`` searches, almost all of them
+    gathering few candidates: the climb costs k x ``START_FACTOR`` exact scores a query, not k x 32.
     """
     factors = sorted(factors)
     start = next((i for i, f in enumerate(factors) if f >= START_FACTOR), 0)
@@ -282,10 +300,12 @@ def _walk(
     progress = PieceProgress("tune", 0)
 
     def measure(nprobe: int | None, rerank: int) -> TunePoint:
-        point = _point(plan, index_store, sample, nprobe, rerank)
-        points.append(point)
-        progress.note(f"{len(points)} settings tried; last nprobe={nprobe} rerank={rerank}: recall {point.recall:.3f}")
-        return point
+        measured = setting(nprobe, rerank)
+        points.append(measured)
+        progress.note(
+            f"{len(points)} settings tried; last nprobe={nprobe} rerank={rerank}: recall {measured.recall:.3f}"
+        )
+        return measured
 
     below: int | None = None  # the largest nprobe of the climb that fell short
     for nprobe in probes:
@@ -295,7 +315,7 @@ def _walk(
             break
         below = nprobe
     if found is not None and below is not None and found.nprobe is not None:
-        found = _refine(measure, below, found, factors[start], target)
+        found = _refine(measure, below, found, factor=factors[start], target=target)
     if found is not None:
         at = found.nprobe
         for f in reversed(factors[:start]):  # smaller factors at the passing nprobe
@@ -325,6 +345,7 @@ def _refine(
     measure: Callable[[int, int], TunePoint],
     below: int,
     found: TunePoint,
+    *,
     factor: int,
     target: float,
     steps: int = REFINE_STEPS,
@@ -368,33 +389,43 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     for nprobe in probes:
         found = measure(nprobe)
         if found.passes(target):  # bisect all the way: enough steps to narrow the gap to one list
-            _refine(lambda p, _: measure(p), low, found, 0, target, steps=max(1, nprobe - low).bit_length())
+            steps = max(1, nprobe - low).bit_length()
+            _refine(lambda p, _: measure(p), low, found, factor=0, target=target, steps=steps)
             break
         low = nprobe
     return points
 
 
-def _tune(
-    plan: SearchPlan,
-    index_store: RowStore,
-    sample: RecallSample,
-    probes: Sequence[int | None],
-    factors: Sequence[int],
-    target: float,
-) -> list[TunePoint]:
-    """The walk, computed where the index is IVF-Flat and only nprobe is tuned, searched otherwise."""
-    index = shared_index(plan)
-    steps = [p for p in probes if p is not None]
-    if (
-        index is not None
-        and is_ivf_flat(index)
-        and tuple(factors) == (0,)
-        and len(steps) > 1
-        and sample.truth_rows is not None
-    ):
-        with worker_device():  # the quantizer's search on the worker's threads
-            return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
-    return _walk(plan, index_store, sample, probes, factors, target)
+@dataclass(frozen=True, kw_only=True)
+class TuneTask:
+    """The walk over ``probes`` and re-rank ``factors`` towards ``target`` on ``sample``: computed
+    where the index is IVF-Flat and only nprobe is tuned, searched otherwise."""
+
+    plan: SearchPlan
+    index_store: RowStore
+    sample: RecallSample
+    probes: tuple[int | None, ...]
+    factors: tuple[int, ...]
+    target: float
+
+    def run(self) -> list[TunePoint]:
+        plan, sample, factors, target = self.plan, self.sample, self.factors, self.target
+        index = shared_index(plan)
+        steps = [p for p in self.probes if p is not None]
+        if (
+            index is not None
+            and is_ivf_flat(index)
+            and tuple(factors) == (0,)
+            and len(steps) > 1
+            and sample.truth_rows is not None
+        ):
+            with worker_device():  # the quantizer's search on the worker's threads
+                return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
+
+        def point(nprobe: int | None, rerank: int) -> TunePoint:
+            return _point(plan, self.index_store, sample, nprobe, rerank)
+
+        return _walk(point, probes=self.probes, factors=factors, target=target)
 
 
 def walk(
@@ -413,7 +444,15 @@ def walk(
     ``nprobe`` given: only the re-rank factor is walked; ``factors`` of one value: only nprobe.
     """
     probes = [nprobe] if nprobe is not None else probe_steps(nlist)
-    future = client.submit(_tune, plan, index_store, sample, probes, list(factors), target, key=task_key("tune"))
+    task = TuneTask(
+        plan=plan,
+        index_store=index_store,
+        sample=sample,
+        probes=tuple(probes),
+        factors=tuple(factors),
+        target=target,
+    )
+    future = submit(client, task, "tune")
     return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
 
 
@@ -421,7 +460,7 @@ def search_sample(
     client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
 ) -> tuple[list[list[Any]], list[np.ndarray]]:
     """Neighbour ids of the sample's queries under ``plan`` and their exact scores, searched on a worker."""
-    ids, scores, _ = client.submit(_search, plan, index_store, sample, key=task_key("recall")).result()
+    ids, scores, _ = submit(client, SampleSearch(plan=plan, index_store=index_store, sample=sample), "recall").result()
     return ids, scores
 
 
@@ -433,7 +472,8 @@ def sweep(
     settings: Sequence[tuple[int | None, int]],
 ) -> list[TunePoint]:
     """Recall and search time of each setting on ``sample``, measured on one worker."""
-    return list(client.submit(_measure, plan, index_store, sample, list(settings), key=task_key("recall")).result())
+    task = SweepTask(plan=plan, index_store=index_store, sample=sample, settings=tuple(settings))
+    return list(submit(client, task, "recall").result())
 
 
 def choose(points: Sequence[TunePoint], target: float) -> TunePoint:

@@ -12,24 +12,26 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard, rename
+from pipeline.runtime.runner import Task, submit
 from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
-from pipeline.stages.progress import task_key
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
 
 log = logging.getLogger(__name__)
+R = TypeVar("R")
 
 
-def _key() -> str:
+def _submit(client: Any, task: Task[R]) -> Any:
     """A task of the components rounds (counted as the ``components`` phase in busy time)."""
-    return task_key("components")
+    return submit(client, task, "components")
 
 
 def label_path(labels_dir: str | Path, piece: int) -> Path:
@@ -41,51 +43,91 @@ def _save(path: Path, values: np.ndarray) -> None:
         np.save(fh, values)
 
 
-def _init(labels_dir: str, piece: int, first_row: int, rows: int, warm: str | None) -> None:
-    start = label_path(warm, piece) if warm else None
-    if start is not None and start.exists():  # labels of an earlier, smaller graph: still valid
-        old = np.load(start)  # (a partition that took in new rows has them after its old ones)
-        new = np.arange(first_row + old.size, first_row + rows, dtype=np.int64)
-        _save(label_path(labels_dir, piece), np.concatenate([old, new]))
-    else:
-        _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
+@dataclass(frozen=True, kw_only=True)
+class InitLabels:
+    """Every row of a partition its own label, or its label in ``warm`` (an earlier, smaller graph)."""
+
+    labels_dir: str
+    piece: int
+    first_row: int
+    rows: int
+    warm: str | None
+
+    def run(self) -> None:
+        labels_dir, piece, first_row, rows, warm = self.labels_dir, self.piece, self.first_row, self.rows, self.warm
+        start = label_path(warm, piece) if warm else None
+        if start is not None and start.exists():  # labels of an earlier, smaller graph: still valid
+            old = np.load(start)  # (a partition that took in new rows has them after its old ones)
+            new = np.arange(first_row + old.size, first_row + rows, dtype=np.int64)
+            _save(label_path(labels_dir, piece), np.concatenate([old, new]))
+        else:
+            _save(label_path(labels_dir, piece), np.arange(first_row, first_row + rows, dtype=np.int64))
 
 
-def _hooks(edge_path: str, labels_dir: str, starts: np.ndarray, piece: int, out: str) -> int:
+@dataclass(frozen=True, kw_only=True)
+class HooksTask:
     """For each edge joining two trees, ask the larger root to hook onto the smaller one."""
-    src, dst, _ = read_edges(edge_path)
-    labels = np.load(label_path(labels_dir, piece))
-    ru = labels[src - int(starts[piece])]
-    rv = gather_1d(labels_dir, starts, dst) if dst.size else dst
-    cross = ru != rv
-    hi, lo = np.maximum(ru[cross], rv[cross]), np.minimum(ru[cross], rv[cross])
-    write_partitioned(out, np.searchsorted(starts, hi, side="right") - 1, len(starts), {"hi": hi, "lo": lo})
-    return int(cross.sum())
+
+    edge_path: str
+    labels_dir: str
+    starts: np.ndarray
+    piece: int
+    out: str
+
+    def run(self) -> int:
+        edge_path, labels_dir, starts, piece, out = self.edge_path, self.labels_dir, self.starts, self.piece, self.out
+        src, dst, _ = read_edges(edge_path)
+        labels = np.load(label_path(labels_dir, piece))
+        ru = labels[src - int(starts[piece])]
+        rv = gather_1d(labels_dir, starts, dst) if dst.size else dst
+        cross = ru != rv
+        hi, lo = np.maximum(ru[cross], rv[cross]), np.minimum(ru[cross], rv[cross])
+        write_partitioned(out, np.searchsorted(starts, hi, side="right") - 1, len(starts), {"hi": hi, "lo": lo})
+        return int(cross.sum())
 
 
-def _apply_hooks(hook_dirs: Sequence[str], labels_dir: str, starts: np.ndarray, piece: int, out: str) -> None:
+@dataclass(frozen=True, kw_only=True)
+class ApplyHooks:
     """Each root of this partition hooks onto the smallest root that asked."""
-    labels = np.load(label_path(labels_dir, piece))
-    h = read_partition(hook_dirs, piece, ("hi", "lo"))
-    if h["hi"].size:
-        hi, lo = h["hi"].astype(np.int64), h["lo"].astype(np.int64)
-        order = np.argsort(hi, kind="stable")
-        hi, lo = hi[order], lo[order]
-        first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
-        local = hi[first] - int(starts[piece])
-        labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, first))
-    _save(label_path(out, piece), labels)
+
+    hook_dirs: tuple[str, ...]
+    labels_dir: str
+    starts: np.ndarray
+    piece: int
+    out: str
+
+    def run(self) -> None:
+        hook_dirs, labels_dir, starts, piece, out = self.hook_dirs, self.labels_dir, self.starts, self.piece, self.out
+        labels = np.load(label_path(labels_dir, piece))
+        h = read_partition(hook_dirs, piece, ("hi", "lo"))
+        if h["hi"].size:
+            hi, lo = h["hi"].astype(np.int64), h["lo"].astype(np.int64)
+            order = np.argsort(hi, kind="stable")
+            hi, lo = hi[order], lo[order]
+            first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+            local = hi[first] - int(starts[piece])
+            labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, first))
+        _save(label_path(out, piece), labels)
 
 
-def _shortcut(hooked_dir: str, starts: np.ndarray, piece: int, out: str) -> None:
+@dataclass(frozen=True, kw_only=True)
+class Shortcut:
     """Point every row straight at its tree's root (pointers only decrease, so this ends)."""
-    labels = np.load(label_path(hooked_dir, piece))
-    while True:
-        nxt = gather_1d(hooked_dir, starts, labels)
-        if np.array_equal(nxt, labels):
-            break
-        labels = nxt
-    _save(label_path(out, piece), labels)
+
+    hooked_dir: str
+    starts: np.ndarray
+    piece: int
+    out: str
+
+    def run(self) -> None:
+        hooked_dir, starts, piece, out = self.hooked_dir, self.starts, self.piece, self.out
+        labels = np.load(label_path(hooked_dir, piece))
+        while True:
+            nxt = gather_1d(hooked_dir, starts, labels)
+            if np.array_equal(nxt, labels):
+                break
+            labels = nxt
+        _save(label_path(out, piece), labels)
 
 
 def connected_components(
@@ -113,8 +155,15 @@ def connected_components(
     labels = work_dir / "round-0000"
     client.gather(
         [
-            client.submit(
-                _init, str(labels), p, int(starts[p]), int(ends[p] - starts[p]), str(warm) if warm else None, key=_key()
+            _submit(
+                client,
+                InitLabels(
+                    labels_dir=str(labels),
+                    piece=p,
+                    first_row=int(starts[p]),
+                    rows=int(ends[p] - starts[p]),
+                    warm=str(warm) if warm else None,
+                ),
             )
             for p in range(n_parts)
         ]
@@ -128,7 +177,12 @@ def connected_components(
         crossing = sum(
             client.gather(
                 [
-                    client.submit(_hooks, edge_paths[p], str(labels), starts, p, hooks[p], key=_key())
+                    _submit(
+                        client,
+                        HooksTask(
+                            edge_path=edge_paths[p], labels_dir=str(labels), starts=starts, piece=p, out=hooks[p]
+                        ),
+                    )
                     for p in range(n_parts)
                 ]
             )
@@ -140,12 +194,20 @@ def connected_components(
         hooked = work_dir / f"hooked-{r:04d}"
         client.gather(
             [
-                client.submit(_apply_hooks, hooks, str(labels), starts, p, str(hooked), key=_key())
+                _submit(
+                    client,
+                    ApplyHooks(hook_dirs=tuple(hooks), labels_dir=str(labels), starts=starts, piece=p, out=str(hooked)),
+                )
                 for p in range(n_parts)
             ]
         )
         nxt = work_dir / f"round-{r:04d}"
-        client.gather([client.submit(_shortcut, str(hooked), starts, p, str(nxt), key=_key()) for p in range(n_parts)])
+        client.gather(
+            [
+                _submit(client, Shortcut(hooked_dir=str(hooked), starts=starts, piece=p, out=str(nxt)))
+                for p in range(n_parts)
+            ]
+        )
         for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
             discard(d)
         labels = nxt
@@ -155,29 +217,50 @@ def connected_components(
     return final
 
 
-def _count_map(labels_dir: str, piece: int, starts: np.ndarray, out_dir: str) -> None:
-    labels = np.load(label_path(labels_dir, piece))
-    values, counts = np.unique(labels, return_counts=True)
-    part = np.searchsorted(starts, values, side="right") - 1
-    write_partitioned(out_dir, part, len(starts), {"label": values, "count": counts.astype(np.int64)})
+@dataclass(frozen=True, kw_only=True)
+class CountMap:
+    """Count one partition's rows per label, shuffled to the label's partition."""
+
+    labels_dir: str
+    piece: int
+    starts: np.ndarray
+    out_dir: str
+
+    def run(self) -> None:
+        labels_dir, piece, starts, out_dir = self.labels_dir, self.piece, self.starts, self.out_dir
+        labels = np.load(label_path(labels_dir, piece))
+        values, counts = np.unique(labels, return_counts=True)
+        part = np.searchsorted(starts, values, side="right") - 1
+        write_partitioned(out_dir, part, len(starts), {"label": values, "count": counts.astype(np.int64)})
 
 
-def _count_reduce(map_dirs: Sequence[str], piece: int) -> dict[int, int]:
-    c = read_partition(map_dirs, piece, ("label", "count"))
-    if c["label"].size == 0:
-        return {}
-    labels, inverse = np.unique(c["label"].astype(np.int64), return_inverse=True)
-    sizes = np.bincount(inverse, weights=c["count"]).astype(np.int64)
-    values, counts = np.unique(sizes, return_counts=True)
-    return {int(v): int(n) for v, n in zip(values, counts)}
+@dataclass(frozen=True, kw_only=True)
+class CountReduce:
+    """{component size: components} over the labels shuffled to partition ``piece``."""
+
+    map_dirs: tuple[str, ...]
+    piece: int
+
+    def run(self) -> dict[int, int]:
+        map_dirs, piece = self.map_dirs, self.piece
+        c = read_partition(map_dirs, piece, ("label", "count"))
+        if c["label"].size == 0:
+            return {}
+        labels, inverse = np.unique(c["label"].astype(np.int64), return_inverse=True)
+        sizes = np.bincount(inverse, weights=c["count"]).astype(np.int64)
+        values, counts = np.unique(sizes, return_counts=True)
+        return {int(v): int(n) for v, n in zip(values, counts)}
 
 
 def component_sizes(client: Any, labels_dir: Path, starts: np.ndarray, work_dir: Path) -> dict[int, int]:
     """{component size: number of components}, counted by a shuffle on the label."""
     maps = [str(work_dir / f"from-{p:05d}") for p in range(len(starts))]
     client.gather(
-        [client.submit(_count_map, str(labels_dir), p, starts, maps[p], key=_key()) for p in range(len(starts))]
+        [
+            _submit(client, CountMap(labels_dir=str(labels_dir), piece=p, starts=starts, out_dir=maps[p]))
+            for p in range(len(starts))
+        ]
     )
-    parts = client.gather([client.submit(_count_reduce, maps, p, key=_key()) for p in range(len(starts))])
+    parts = client.gather([_submit(client, CountReduce(map_dirs=tuple(maps), piece=p)) for p in range(len(starts))])
     discard(work_dir)
     return merge_histograms(parts)

@@ -37,7 +37,8 @@ __all__ = [
     "write_knn_blocks",
     "write_partitioned",
     "read_partition",
-    "map_edges",
+    "MapEdgesTask",
+    "EdgesMapped",
     "reduce_edges",
     "write_edges",
     "read_edges",
@@ -180,53 +181,69 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
 
 
 # edges -----------------------------------------------------------------------------------------
-def map_edges(
-    knn_paths: Sequence[str],
-    first_row: int,
-    starts: np.ndarray,
-    out_dir: str,
-    metric: Metric,
-    min_score: float | None,
-    wide_paths: Sequence[str] = (),
-    range_paths: Sequence[str] = (),
-) -> dict[str, int]:
+@dataclass(frozen=True)
+class EdgesMapped:
+    """What mapping one partition's lists found: the edges kept, the *saturated* rows (every
+    neighbour passed the threshold, so more may exist beyond) and the pieces mapped."""
+
+    edges: int
+    saturated: int
+    pieces: int = 0
+
+
+@dataclass(frozen=True, kw_only=True)
+class MapEdgesTask:
     """Shuffle the passing edges of consecutive pieces' lists (rows from ``first_row``), both ways
-    round, to the partitions (first rows ``starts``) of their source rows.
+    round, to the partitions (first rows ``starts``) of their source rows, under ``out_dir``.
 
     ``wide_paths``: longer lists (with their source rows) searched again for some rows; their
     edges are added (repeats merge in the reduce). ``range_paths``: every passing pair of some
-    rows (one-column lists), complete by construction. Returns the edges kept and how many rows
-    were *saturated*: all their neighbours passed the threshold, so more may exist beyond.
+    rows (one-column lists), complete by construction.
     """
-    lists = [read_knn(p) for p in knn_paths]
-    rows = np.concatenate([r for r, _ in lists])
-    n = rows.shape[0]
-    blocks = [(np.arange(first_row, first_row + n, dtype=np.int64), rows, np.concatenate([s for _, s in lists]))]
-    blocks += [b for p in wide_paths for b in read_knn_src(p)]
-    n_listed = len(blocks)
-    blocks += [b for p in range_paths for b in read_knn_src(p)]
-    widened = np.concatenate([b[0] for b in blocks[1:n_listed]]) if n_listed > 1 else np.zeros(0, np.int64)
-    complete = np.concatenate([b[0] for b in blocks[n_listed:]]) if len(blocks) > n_listed else np.zeros(0, np.int64)
-    src_parts, dst_parts, score_parts = [], [], []
-    saturated = 0
-    for i, (src_rows, nbr, scores) in enumerate(blocks):
-        ok = (nbr >= 0) & passes(scores, min_score, metric)
-        if min_score is not None and nbr.shape[1] and i < n_listed:
-            full = ok.all(axis=1) & ~np.isin(src_rows, complete)
-            if i == 0:  # a row searched again counts by its longer list
-                full &= ~np.isin(src_rows, widened)
-            saturated += int(full.sum())
-        src_parts.append(np.repeat(src_rows, nbr.shape[1])[ok.ravel()])
-        dst_parts.append(nbr.ravel()[ok.ravel()])
-        score_parts.append(scores.ravel()[ok.ravel()].astype(np.float32))
-    src, dst, sc = np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(score_parts)
-    # reversed too: symmetric graphs need them, and they tell which directed edges are mutual
-    flag = np.concatenate([np.full(len(sc), FORWARD, np.int8), np.full(len(sc), REVERSE, np.int8)])
-    src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
-    sc = np.concatenate([sc, sc])
-    part = np.searchsorted(starts, src, side="right") - 1
-    write_partitioned(out_dir, part, len(starts), {"src": src, "dst": dst, "score": sc, "flag": flag})
-    return {"edges": int(len(src) // 2), "saturated": saturated}
+
+    knn_paths: tuple[str, ...]
+    first_row: int
+    starts: np.ndarray
+    out_dir: str
+    metric: Metric
+    min_score: float | None
+    wide_paths: tuple[str, ...] = ()
+    range_paths: tuple[str, ...] = ()
+
+    def run(self) -> EdgesMapped:
+        metric, min_score = self.metric, self.min_score
+        lists = [read_knn(p) for p in self.knn_paths]
+        rows = np.concatenate([r for r, _ in lists])
+        n = rows.shape[0]
+        first = np.arange(self.first_row, self.first_row + n, dtype=np.int64)
+        blocks = [(first, rows, np.concatenate([s for _, s in lists]))]
+        blocks += [b for p in self.wide_paths for b in read_knn_src(p)]
+        n_listed = len(blocks)
+        blocks += [b for p in self.range_paths for b in read_knn_src(p)]
+        widened = np.concatenate([b[0] for b in blocks[1:n_listed]]) if n_listed > 1 else np.zeros(0, np.int64)
+        complete = (
+            np.concatenate([b[0] for b in blocks[n_listed:]]) if len(blocks) > n_listed else np.zeros(0, np.int64)
+        )
+        src_parts, dst_parts, score_parts = [], [], []
+        saturated = 0
+        for i, (src_rows, nbr, scores) in enumerate(blocks):
+            ok = (nbr >= 0) & passes(scores, min_score, metric)
+            if min_score is not None and nbr.shape[1] and i < n_listed:
+                full = ok.all(axis=1) & ~np.isin(src_rows, complete)
+                if i == 0:  # a row searched again counts by its longer list
+                    full &= ~np.isin(src_rows, widened)
+                saturated += int(full.sum())
+            src_parts.append(np.repeat(src_rows, nbr.shape[1])[ok.ravel()])
+            dst_parts.append(nbr.ravel()[ok.ravel()])
+            score_parts.append(scores.ravel()[ok.ravel()].astype(np.float32))
+        src, dst, sc = np.concatenate(src_parts), np.concatenate(dst_parts), np.concatenate(score_parts)
+        # reversed too: symmetric graphs need them, and they tell which directed edges are mutual
+        flag = np.concatenate([np.full(len(sc), FORWARD, np.int8), np.full(len(sc), REVERSE, np.int8)])
+        src, dst = np.concatenate([src, dst]), np.concatenate([dst, src])
+        sc = np.concatenate([sc, sc])
+        part = np.searchsorted(self.starts, src, side="right") - 1
+        write_partitioned(self.out_dir, part, len(self.starts), {"src": src, "dst": dst, "score": sc, "flag": flag})
+        return EdgesMapped(edges=int(len(src) // 2), saturated=saturated, pieces=len(self.knn_paths))
 
 
 def reduce_edges(

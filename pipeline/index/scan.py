@@ -8,6 +8,7 @@ duplicates across the whole input, bucket by bucket. Later stages read only the 
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +21,10 @@ from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.results import ScanRecord
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_tasks, task_key
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import run_tasks, submit
 
-__all__ = ["scan_dataset", "prepare_vectors"]
+__all__ = ["scan_dataset", "prepare_vectors", "ScanRecord"]
 
 log = logging.getLogger(__name__)
 
@@ -64,26 +64,72 @@ def prepare_vectors(x: np.ndarray, metric: Metric, piece: Piece, column: str) ->
     return out
 
 
-def _scan_piece(
-    piece: Piece,
-    id_column: str,
-    vector_column: str,
-    dim: int | None,
-    id_type: pa.DataType | None,
-    metric: Metric,
-    store: RowStore,
-    key_dir: str,
-    nbuckets: int,
-) -> int:
-    ids, x = read_piece(piece, id_column, vector_column, dim, id_type)
-    x = prepare_vectors(x, metric, piece, vector_column)
-    store.write_piece(piece.index, ids, x)
-    write_key_buckets(id_keys(ids), piece.start, nbuckets, key_dir, piece.index)
-    return int(x.shape[1])
+@dataclass(frozen=True)
+class ScanRecord:
+    """The manifest's ``scan`` (or ``scan_queries``) stage: the stored rows."""
+
+    dim: int
+    rows: int
+    starts: tuple[int, ...]
 
 
-def _store_keys(store: RowStore, piece: int, first_row: int, key_dir: str, nbuckets: int) -> None:
-    write_key_buckets(id_keys(store.ids(piece)), first_row, nbuckets, key_dir, piece)
+@dataclass(frozen=True, kw_only=True)
+class ScanTask:
+    """Read one piece, check and prepare its vectors (normalised for cosine), store its ids and
+    vectors, and bucket its id keys for the duplicate check; returns the vectors' dimension."""
+
+    piece: Piece
+    id_column: str
+    vector_column: str
+    dim: int | None
+    id_type: pa.DataType | None
+    metric: Metric
+    store: RowStore
+    key_dir: str
+    nbuckets: int
+
+    def run(self) -> int:
+        piece, id_column, vector_column, dim, id_type, metric, store, key_dir, nbuckets = (
+            self.piece,
+            self.id_column,
+            self.vector_column,
+            self.dim,
+            self.id_type,
+            self.metric,
+            self.store,
+            self.key_dir,
+            self.nbuckets,
+        )
+        ids, x = read_piece(piece, id_column, vector_column, dim, id_type)
+        x = prepare_vectors(x, metric, piece, vector_column)
+        store.write_piece(piece.index, ids, x)
+        write_key_buckets(id_keys(ids), piece.start, nbuckets, key_dir, piece.index)
+        return int(x.shape[1])
+
+
+@dataclass(frozen=True, kw_only=True)
+class StoreKeysTask:
+    """Bucket the id keys of a piece stored by an earlier run (for the duplicate check)."""
+
+    store: RowStore
+    piece: int
+    first_row: int
+    key_dir: str
+    nbuckets: int
+
+    def run(self) -> None:
+        store, piece, first_row, key_dir, nbuckets = self.store, self.piece, self.first_row, self.key_dir, self.nbuckets
+        write_key_buckets(id_keys(store.ids(piece)), first_row, nbuckets, key_dir, piece)
+
+
+@dataclass(frozen=True, kw_only=True)
+class DuplicateRows:
+    """Groups of global rows that share an id key in one bucket (a few, for the error message)."""
+
+    bucket: str
+
+    def run(self) -> list[np.ndarray]:
+        return duplicate_rows(self.bucket)
 
 
 def _key_files(key_dir: Path, piece: int, nbuckets: int) -> list[Path]:
@@ -110,19 +156,18 @@ def scan_dataset(
 
     run_tasks(
         client,
-        _scan_piece,
-        todo,
-        f"{stage}",
-        args=lambda p: (
-            p,
-            dataset.id_column,
-            dataset.vector_column,
-            dataset.dim,
-            dataset.id_type,
-            metric,
-            store,
-            str(key_dir),
-            nbuckets,
+        label=stage,
+        items=todo,
+        task=lambda p: ScanTask(
+            piece=p,
+            id_column=dataset.id_column,
+            vector_column=dataset.vector_column,
+            dim=dataset.dim,
+            id_type=dataset.id_type,
+            metric=metric,
+            store=store,
+            key_dir=str(key_dir),
+            nbuckets=nbuckets,
         ),
         on_done=finished,
     )
@@ -130,12 +175,11 @@ def scan_dataset(
     # rebuilt from the stored ids: the duplicate check always covers every piece
     stale = [p for p in dataset.pieces if not all(f.exists() for f in _key_files(key_dir, p.index, nbuckets))]
     if stale:
-        client.gather(
-            [
-                client.submit(_store_keys, store, p.index, p.start, str(key_dir), nbuckets, key=task_key("scan"))
-                for p in stale
-            ]
-        )
+        keys = [
+            StoreKeysTask(store=store, piece=p.index, first_row=p.start, key_dir=str(key_dir), nbuckets=nbuckets)
+            for p in stale
+        ]
+        client.gather([submit(client, task, "scan") for task in keys])
     distinct = sorted(set(dims.values()))
     if len(distinct) > 1:
         first = {d: next(p for p in dataset.pieces if dims[p.index] == d) for d in distinct}
@@ -151,7 +195,7 @@ def scan_dataset(
 
 
 def _check_duplicates(client: Any, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
-    futures = [client.submit(duplicate_rows, str(key_dir / f"b{b:04d}"), key=task_key("scan")) for b in range(nbuckets)]
+    futures = [submit(client, DuplicateRows(bucket=str(key_dir / f"b{b:04d}")), "scan") for b in range(nbuckets)]
     examples: list[str] = []
     for groups in client.gather(futures):
         for rows in groups:

@@ -1,68 +1,63 @@
 """Progress of long phases: a live line on a terminal, plain log lines otherwise.
 
 The CLI decides whether a live line is wanted (:func:`configure`); library code only reports
-rows done through :class:`Progress` or :func:`run_tasks`.
+rows done through :class:`Progress`, :class:`PieceProgress` or the stage runner
+(:mod:`pipeline.runtime.runner`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import resource
 import sys
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Protocol, TypeVar
-
-import dask
-from distributed import KilledWorker, as_completed
-
-from pipeline.errors import PipelineError
+from collections.abc import Callable, Iterator
+from typing import Any
 
 __all__ = [
     "PieceProgress",
     "Progress",
     "configure",
-    "run_tasks",
-    "run_stage",
     "tasks_submitted",
     "watch",
+    "listening",
+    "count_submitted",
     "task_key",
     "busy_by_worker",
     "record_busy",
+    "peak_rss",
 ]
 
 log = logging.getLogger(__name__)
 
 
-class WorkItem(Protocol):
-    """What a stage runs per task: a piece of the input or a partition of pieces."""
-
-    @property
-    def index(self) -> int: ...
-
-    @property
-    def rows(self) -> int: ...
-
-
-T = TypeVar("T", bound=WorkItem)
 _LIVE = False
-
-
-_submitted = [0]  # tasks this process has submitted through run_tasks
+_submitted = [0]  # tasks this process has submitted through the stage runner
 
 
 def tasks_submitted() -> int:
-    """Tasks submitted through :func:`run_tasks` so far in this process (a rerun that submits none
-    found everything done)."""
+    """Tasks submitted through :func:`pipeline.runtime.runner.run_tasks` so far in this process (a
+    rerun that submits none found everything done)."""
     return _submitted[0]
+
+
+def count_submitted(tasks: int) -> None:
+    """Count ``tasks`` more submitted (:func:`tasks_submitted`)."""
+    _submitted[0] += tasks
 
 
 def task_key(label: str) -> str:
     """A unique Dask key for one task of phase ``label``: the task stream (and the dashboard)
     group tasks by it, so busy time is counted per phase (:func:`busy_by_worker`)."""
     return f"{label}-{uuid.uuid4().hex}"
+
+
+def peak_rss() -> int:
+    """This process's peak resident memory in bytes (Linux reports KiB); run on each worker too."""
+    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
 
 
 def record_busy(client: Any) -> float:
@@ -172,78 +167,6 @@ class Progress:
         return time.monotonic() - self.start
 
 
-def run_tasks(
-    client: Any,
-    fn: Callable[..., Any],
-    items: Sequence[T],
-    label: str,
-    args: Callable[[T], tuple[Any, ...]],
-    on_done: Callable[[T, Any], None] | None = None,
-    rows: Callable[[T], int] = lambda item: int(item.rows),
-) -> float:
-    """Run ``fn(*args(item))`` for every item on the cluster, reporting rows done.
-
-    ``on_done(item, result)`` runs in this process as each task finishes (to record it in the
-    manifest). The first failure cancels the rest and is re-raised. Returns the wall time.
-    """
-    progress = Progress(label, sum(rows(i) for i in items))
-    _submitted[0] += len(items)
-    if not items:
-        return progress.close()
-    partial: dict[int, int] = {}  # rows done inside running items, from the workers' events
-    finished = [0]
-    lock = threading.Lock()
-
-    def refresh() -> None:  # under the lock
-        progress.done = finished[0] + sum(partial.values())
-        progress.show()
-
-    def on_event(event: Any) -> None:
-        _, msg = event
-        if not isinstance(msg, dict) or msg.get("stage") != label or "rows" not in msg:  # rows, not notes
-            return
-        with lock:
-            if msg["index"] in pending:  # an event that arrives after its task ended is stale
-                partial[msg["index"]] = int(msg["rows"])
-                refresh()
-
-    pending = {item.index for item in items}
-    futures: dict[Any, T] = {}
-    try:
-        with _listening(client, on_event):  # subscribed before the first task can report
-            futures.update({client.submit(fn, *args(item), key=task_key(label)): item for item in items})
-            for future in as_completed(list(futures)):
-                item = futures[future]
-                try:
-                    result = future.result()
-                except KilledWorker:
-                    raise _killed(label, item) from None
-                if on_done is not None:
-                    on_done(item, result)
-                log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
-                with lock:
-                    pending.discard(item.index)
-                    partial.pop(item.index, None)
-                    finished[0] += rows(item)
-                    refresh()
-    except BaseException:
-        client.cancel(list(futures))
-        raise
-    return progress.close()
-
-
-def _killed(label: str, item: WorkItem) -> PipelineError:
-    """One line for a task whose workers kept dying: the stage, the piece and, where it is one, its file."""
-    where = getattr(item, "where", None)
-    place = f" ({where()})" if callable(where) else ""
-    tries = int(dask.config.get("distributed.scheduler.allowed-failures")) + 1
-    return PipelineError(
-        f"Dask workers died {tries} times running {label} of piece {item.index}{place}, usually for "
-        "memory (a worker over 95% of --memory-limit is restarted) or a crash in native code; raise "
-        "--memory-limit or lower --partition-size, then run the same command again to resume"
-    )
-
-
 def watch(client: Any, future: Any, label: str, note: str = "", interval: float = 10.0) -> Any:
     """Wait for one long task (training, the tuning walk), showing the phase, its elapsed time and
     the latest step the worker reported through :meth:`PieceProgress.note`; return its result.
@@ -273,7 +196,7 @@ def watch(client: Any, future: Any, label: str, note: str = "", interval: float 
                 state["note"] = str(msg["note"])
                 show()
 
-    with _listening(client, on_event):
+    with listening(client, on_event):
         while True:
             try:
                 result = future.result(timeout=1.0)
@@ -288,7 +211,7 @@ def watch(client: Any, future: Any, label: str, note: str = "", interval: float 
 
 
 @contextlib.contextmanager
-def _listening(client: Any, handler: Callable[[Any], None]) -> Iterator[None]:
+def listening(client: Any, handler: Callable[[Any], None]) -> Iterator[None]:
     """Receive the workers' progress events while waiting (clients without topics: no events);
     on a failure, end the live line so the error starts on a line of its own."""
     subscribe = getattr(client, "subscribe_topic", None)
@@ -303,29 +226,3 @@ def _listening(client: Any, handler: Callable[[Any], None]) -> Iterator[None]:
     finally:
         if subscribe is not None:
             client.unsubscribe_topic(TOPIC)
-
-
-def run_stage(
-    client: Any,
-    manifest: Any,
-    stage: str,
-    *,
-    items: Sequence[T],
-    fn: Callable[..., Any],
-    args: Callable[[T], tuple[Any, ...]],
-    files: Callable[[T], Sequence[Any]],
-    results: dict[int, Any] | None = None,
-) -> None:
-    """:func:`run_tasks` for a resumable per-piece stage: skip the pieces ``manifest`` records done,
-    record each as it finishes (its ``files``, and its small JSON-able result), and collect every
-    piece's result (this run's and earlier runs') into ``results``.
-    """
-    done = manifest.done_pieces(stage)
-
-    def finished(item: T, result: Any) -> None:
-        manifest.mark_piece(stage, item.index, files(item), result)
-
-    run_tasks(client, fn, [p for p in items if p.index not in done], stage, args=args, on_done=finished)
-    manifest.finish_stage(stage, {})
-    if results is not None:
-        results.update(manifest.piece_results(stage))

@@ -1,7 +1,9 @@
-"""Arithmetic against the row store itself: exact top-k streamed piece by piece, and the exact
-re-ranking of candidates, on the host or on an array held by a device.
+"""The kernels below the backends: arithmetic against the row store itself, exact top-k
+streamed piece by piece, and the exact re-ranking of candidates, on the host or on an array held
+by a device.
 
-Free of any backend so that both backends build on it: the CPU backend streams pieces and
+Free of any backend so that both backends build on it (and search modules that merge partial
+lists use its merges directly): the CPU backend streams pieces and
 gathers candidates on the host; the GPU backend holds the whole store on its device when it fits
 (:class:`ResidentRows` over CuPy) and streams otherwise. Scores follow FAISS's conventions:
 similarity for ip/cosine (vectors normalised already), squared distance for l2.
@@ -19,6 +21,8 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
 __all__ = [
+    "FAISS_METRICS",
+    "ivf_of",
     "merge_topk",
     "piece_topk",
     "streamed_exact",
@@ -33,10 +37,19 @@ __all__ = [
     "PAIR_TILE",
 ]
 
+FAISS_METRICS = {"l2": faiss.METRIC_L2, "ip": faiss.METRIC_INNER_PRODUCT, "cosine": faiss.METRIC_INNER_PRODUCT}
 RERANK_CHUNK_BYTES = 16 << 20  # candidate vectors gathered at once while re-ranking
 
 Knn = Callable[[np.ndarray, np.ndarray, int, Metric], tuple[np.ndarray, np.ndarray]]
 Scores = Callable[[np.ndarray, np.ndarray, Metric], np.ndarray]
+
+
+def ivf_of(index: faiss.Index) -> faiss.IndexIVF | None:
+    """The IVF layer inside ``index`` (through pre-transforms), or None."""
+    try:
+        return faiss.extract_index_ivf(index)
+    except RuntimeError:
+        return None
 
 
 def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -58,7 +71,7 @@ def merge_topk(parts: Iterable[tuple[np.ndarray, np.ndarray]], k: int) -> tuple[
 
 
 def piece_topk(
-    knn: Knn, store: RowStore, piece: int, queries: np.ndarray, k: int, metric: Metric
+    knn: Knn, store: RowStore, piece: int, queries: np.ndarray, *, k: int, metric: Metric
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of ``queries`` within one stored piece, higher scores first (l2 negated),
     as global rows. ``knn(queries, vectors, k, faiss_metric)`` is a backend's: FAISS works through
@@ -72,7 +85,7 @@ def streamed_exact(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
     stored piece, read one piece at a time (:func:`piece_topk`); :func:`merge_topk` keeps the best."""
-    parts = (piece_topk(knn, store, p, queries, k, metric) for p in range(len(store.starts)))
+    parts = (piece_topk(knn, store, p, queries, k=k, metric=metric) for p in range(len(store.starts)))
     scores, rows = merge_topk(parts, k)
     return (-scores if metric == "l2" else scores), rows
 
@@ -141,8 +154,8 @@ class ResidentRows:
 
 
 PAIR_TILE = 4096  # rows a side of one product tile in :func:`pair_topk` (64 MiB of float32 scores)
-# blocks of self_topk: their own k-th scores are the floors, so larger blocks keep fewer scores; on
-# 30,000 x 384 (2 cores) 8,192 took 4.95 s, 4,096 6.52 s, 15,000 5.24 s
+# blocks of self_topk: their own k-th scores are the floors, so larger blocks keep fewer scores
+# (the sizes measured: docs/benchmarks.md)
 SELF_BLOCK = 2 * PAIR_TILE
 FLOOR_HITS_PER_ROW = 8  # past this many kept scores per row of a tile, that tile's b side goes through heaps
 
@@ -157,7 +170,14 @@ def _heap(n: int, k: int) -> tuple[Any, np.ndarray, np.ndarray]:
 
 
 def pair_topk(
-    a: np.ndarray, b: np.ndarray, k: int, metric: Metric, b_floor: np.ndarray, tile: int = PAIR_TILE
+    a: np.ndarray,
+    b: np.ndarray,
+    k: int,
+    metric: Metric,
+    b_floor: np.ndarray,
+    *,
+    tile: int = PAIR_TILE,
+    floor_hits: int = FLOOR_HITS_PER_ROW,
 ) -> tuple[tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray]]:
     """Exact top-``k`` of ``a``'s rows among ``b``'s and of ``b``'s rows among ``a``'s, from one
     matrix product per tile instead of two: the symmetric half of a self-join.
@@ -166,7 +186,7 @@ def pair_topk(
     keeps only the scores at or above ``b_floor``, a lower bound of each ``b`` row's final
     ``k``-th score (its ``k``-th best within its own piece: anything lower can never enter its
     top ``k``), then sorts those few; this avoids transposing every tile, which costs as much as
-    the product. A tile where the floor keeps too many (``FLOOR_HITS_PER_ROW``) is transposed
+    the product. A tile where the floor keeps more than ``floor_hits`` a row is transposed
     into heaps instead, and what is kept is cut to each row's best ``k`` whenever it grows past
     that many a row, so memory stays bounded on any data. Scores are higher-better (l2
     distances negated), indices local to the other side, ``-1`` padded, best first.
@@ -192,10 +212,10 @@ def pair_topk(
                 g *= 2
                 g -= a_norms[i0 : i0 + len(ta), None]
             rows, cols = _where(g >= floor[None, j0 : j0 + len(tb)])
-            if len(rows) <= FLOOR_HITS_PER_ROW * len(tb):
+            if len(rows) <= floor_hits * len(tb):
                 found.append((cols + j0, rows + i0, g[rows, cols] - b_norms[cols + j0]))
                 held += len(rows)
-                if held > FLOOR_HITS_PER_ROW * len(b):  # keep b's best k a row so far: memory stays k a row
+                if held > floor_hits * len(b):  # keep b's best k a row so far: memory stays k a row
                     best, at = _best_per_row(found, len(b), k)
                     line, slot = np.nonzero(at >= 0)
                     found, held = [(line, at[line, slot], best[line, slot])], len(line)
@@ -214,12 +234,12 @@ def pair_topk(
 
 
 def self_topk(
-    knn: Knn, x: np.ndarray, k: int, metric: Metric, block: int = SELF_BLOCK
+    knn: Knn, x: np.ndarray, k: int, metric: Metric, *, block: int = SELF_BLOCK, floor_hits: int = FLOOR_HITS_PER_ROW
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` of each row of ``x`` among the rows of ``x`` (itself included), higher
     scores first, local rows: exact search of each block of ``block`` rows against itself
     (``knn``, a backend's), whose ``k``-th scores are the floors with which every pair of blocks
-    is then scored once for both (:func:`pair_topk`)."""
+    is then scored once for both (:func:`pair_topk`, with ``floor_hits``)."""
     starts = list(range(0, len(x), block))
     parts: list[list[tuple[np.ndarray, np.ndarray]]] = []
     for b0 in starts:
@@ -228,7 +248,8 @@ def self_topk(
     for i, i0 in enumerate(starts):
         for j in range(i + 1, len(starts)):
             j0 = starts[j]
-            (sa, ra), (sb, rb) = pair_topk(x[i0 : i0 + block], x[j0 : j0 + block], k, metric, parts[j][0][0][:, -1])
+            a, b, floor = x[i0 : i0 + block], x[j0 : j0 + block], parts[j][0][0][:, -1]
+            (sa, ra), (sb, rb) = pair_topk(a, b, k, metric, floor, floor_hits=floor_hits)
             parts[i].append((sa, shifted(ra, j0)))
             parts[j].append((sb, shifted(rb, i0)))
     merged = [merge_topk(p, k) for p in parts]

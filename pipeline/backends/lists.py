@@ -42,10 +42,9 @@ def list_major_search(
     The batch is assigned to its lists once (FAISS, all threads); then ``threads`` (FAISS's own
     count by default) Python threads each walk every list for their share of the queries, with
     one-threaded BLAS and a heap of their own, so nothing is shared and both the products and the
-    k-selection run on every core. Measured on 2 cores against one walk calling ``faiss.knn`` per
-    list (multi-threaded BLAS and OpenMP selection, whose idle threads spin against each other):
-    pydocs-minilm (16k queries, IVF128, nprobe 19) 0.81 s against 1.18 s, 1M x 128 (131k
-    queries, IVF1024, nprobe 2) 2.35 s against 3.88 s.
+    k-selection run on every core, instead of one walk calling ``faiss.knn`` per list (whose
+    multi-threaded BLAS and OpenMP selection spin idle threads against each other; measured in
+    docs/benchmarks.md, ``scripts/list_major_benchmark.py``).
     """
     nq = len(x)
     nprobe = max(1, min(int(nprobe), int(index.nlist)))

@@ -10,7 +10,6 @@ input piece's matches go to ``contamination/`` (``id``, ``reference_id``, ``refe
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,10 +26,10 @@ from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.kinds import Metric
 from pipeline.results import ContaminationExample
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import Stage, run_stage
 from pipeline.search.join import knn_path
 from pipeline.shuffle.edges import passes, read_knn
-from pipeline.stages.manifest import Manifest
-from pipeline.stages.progress import run_stage
 
 __all__ = ["Matches", "best_matches", "write_matches", "examples"]
 
@@ -63,29 +62,54 @@ def best_matches(matches: Matches, piece: int, rows: int) -> tuple[np.ndarray, n
     return best.astype(np.int64), score.astype(np.float32)
 
 
-def _piece_task(
-    matches: Matches, piece: Piece, input_store: RowStore, file_starts: np.ndarray, names: Sequence[str], out: str
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class PieceMatches:
+    """One input piece's contamination: matched rows per reference file (by file number) and its
+    closest matches as (input row, reference row, score)."""
+
+    per_file: dict[str, int]
+    examples: tuple[tuple[int, int, float], ...]
+
+
+@dataclass(frozen=True, kw_only=True)
+class MatchesTask:
     """``contamination/`` for one input piece; counts per reference file and the closest matches."""
-    best, score = best_matches(matches, piece.index, piece.rows)
-    hit = np.flatnonzero(best >= 0)
-    files = np.searchsorted(file_starts, best[hit], side="right") - 1
-    ids = input_store.ids(piece.index)
-    table = pa.table(
-        {
-            "id": ids.take(pa.array(hit)),
-            "reference_id": matches.reference.gather_ids(best[hit]),
-            "reference_file": pa.array([names[f] for f in files.tolist()], pa.string()),
-            "score": pa.array(score[hit]),
-        }
-    )
-    order = np.argsort(-score[hit] if matches.metric != "l2" else score[hit], kind="stable")[:EXAMPLES]
-    with atomic_path(out) as tmp:
-        pq.write_table(table, str(tmp))
-    return {
-        "per_file": {str(int(f)): int(c) for f, c in zip(*np.unique(files, return_counts=True), strict=True)},
-        "examples": [[int(piece.start + hit[i]), int(best[hit[i]]), float(score[hit[i]])] for i in order],
-    }
+
+    matches: Matches
+    piece: Piece
+    input_store: RowStore
+    file_starts: np.ndarray
+    names: tuple[str, ...]
+    out: str
+
+    def run(self) -> PieceMatches:
+        matches, piece, input_store, file_starts, names, out = (
+            self.matches,
+            self.piece,
+            self.input_store,
+            self.file_starts,
+            self.names,
+            self.out,
+        )
+        best, score = best_matches(matches, piece.index, piece.rows)
+        hit = np.flatnonzero(best >= 0)
+        files = np.searchsorted(file_starts, best[hit], side="right") - 1
+        ids = input_store.ids(piece.index)
+        table = pa.table(
+            {
+                "id": ids.take(pa.array(hit)),
+                "reference_id": matches.reference.gather_ids(best[hit]),
+                "reference_file": pa.array([names[f] for f in files.tolist()], pa.string()),
+                "score": pa.array(score[hit]),
+            }
+        )
+        order = np.argsort(-score[hit] if matches.metric != "l2" else score[hit], kind="stable")[:EXAMPLES]
+        with atomic_path(out) as tmp:
+            pq.write_table(table, str(tmp))
+        return PieceMatches(
+            per_file={str(int(f)): int(c) for f, c in zip(*np.unique(files, return_counts=True), strict=True)},
+            examples=tuple((int(piece.start + hit[i]), int(best[hit[i]]), float(score[hit[i]])) for i in order),
+        )
 
 
 def write_matches(
@@ -105,25 +129,32 @@ def write_matches(
     done = manifest.stage_info("contamination")
     if done is not None and done.get("threshold") != matches.threshold:
         manifest.clear_stage("contamination")  # a new threshold: every piece again
-    results: dict[int, Any] = {}
     paths = {p.index: out_dir / f"part-{p.index:05d}.parquet" for p in dataset.pieces}
-    run_stage(
+    results = run_stage(
         client,
         manifest,
-        "contamination",
-        items=dataset.pieces,
-        fn=_piece_task,
-        args=lambda p: (matches, p, store, ref_starts, names, str(paths[p.index])),
-        files=lambda p: [paths[p.index]],
-        results=results,
+        Stage(
+            name="contamination",
+            items=dataset.pieces,
+            result=PieceMatches,
+            task=lambda p: MatchesTask(
+                matches=matches,
+                piece=p,
+                input_store=store,
+                file_starts=ref_starts,
+                names=tuple(names),
+                out=str(paths[p.index]),
+            ),
+            files=lambda p: [paths[p.index]],
+        ),
     )
     manifest.finish_stage("contamination", {"threshold": matches.threshold})
     per_file: dict[int, int] = {}
     found: list[list[Any]] = []
     for r in results.values():
-        for f, c in r["per_file"].items():
+        for f, c in r.per_file.items():
             per_file[int(f)] = per_file.get(int(f), 0) + c
-        found.extend(r["examples"])
+        found.extend(list(e) for e in r.examples)
     closest = sorted(found, key=lambda e: e[2] if matches.metric == "l2" else -e[2])[:EXAMPLES]
     return {"per_file": per_file, "examples": closest}
 

@@ -1,0 +1,191 @@
+"""The task seam: what a Dask task takes, what it returns, and the one runner of per-piece stages.
+
+Every Dask task takes one *task record*: a frozen, keyword-only dataclass that holds the task's
+inputs and whose ``run()`` does the work on a worker (:class:`Task`). Dask runs :func:`run_task`
+on it, so a task's inputs are named and typed where they are made, not packed into a tuple.
+
+A :class:`Stage` is a resumable phase with one task per item (a piece of the input or a partition
+of pieces): its name, its items, the task record for an item, the files that task writes and the
+type of its result. :func:`run_stage` skips the items the manifest records done, records each
+finished item's files and typed result, and returns every item's result, this run's and earlier
+runs' alike, as the same type (results are stored with :func:`pipeline.results.to_dict`).
+
+Example::
+
+    @dataclass(frozen=True, kw_only=True)
+    class CountTask:
+        piece: Piece
+        out: str
+
+        def run(self) -> Counted:
+            ...
+
+    counted = run_stage(client, manifest, Stage(
+        name="count", items=dataset.pieces, result=Counted,
+        task=lambda p: CountTask(piece=p, out=f"{out}/part-{p.index:05d}.npy"),
+        files=lambda p: [f"{out}/part-{p.index:05d}.npy"],
+    ))
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import threading
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, Protocol, TypeVar, cast
+
+import dask
+from distributed import KilledWorker, as_completed
+
+from pipeline.errors import PipelineError
+from pipeline.results import from_dict, to_dict
+from pipeline.runtime.progress import Progress, count_submitted, listening, task_key
+
+__all__ = ["Task", "Stage", "WorkItem", "run_task", "run_tasks", "run_stage", "submit"]
+
+log = logging.getLogger(__name__)
+
+R = TypeVar("R")
+R_co = TypeVar("R_co", covariant=True)
+
+
+class WorkItem(Protocol):
+    """What a stage runs one task for: a piece of the input or a partition of pieces."""
+
+    @property
+    def index(self) -> int: ...
+
+    @property
+    def rows(self) -> int: ...
+
+
+T = TypeVar("T", bound=WorkItem)
+
+
+class Task(Protocol[R_co]):
+    """One Dask task's inputs, as a frozen keyword-only dataclass; ``run`` does its work on a worker."""
+
+    def run(self) -> R_co: ...
+
+
+def run_task(task: Task[R]) -> R:
+    """The function every Dask task of the pipeline runs: its record's own work."""
+    return task.run()
+
+
+def submit(client: Any, task: Task[R], label: str) -> Any:
+    """Submit one task record as a task of phase ``label`` (its key groups it in the task stream);
+    returns the future of its result."""
+    return client.submit(run_task, task, key=task_key(label))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Stage(Generic[T, R]):
+    """A resumable per-item phase (see the module's docstring).
+
+    ``result`` is the type the task records' ``run`` returns: a dataclass is stored in the manifest
+    as a dict and read back as that class; ``None`` keeps plain JSON values (ints, dicts) as they are.
+    """
+
+    name: str
+    items: Sequence[T]
+    task: Callable[[T], Task[R]]
+    files: Callable[[T], Sequence[str | os.PathLike[str]]]
+    result: type[R] | None = None
+
+    def read(self, stored: Any) -> R:
+        """A result as the manifest stored it, back as its type."""
+        if self.result is not None and dataclasses.is_dataclass(self.result):
+            return from_dict(self.result, stored)
+        return cast(R, stored)
+
+
+def run_tasks(
+    client: Any,
+    *,
+    label: str,
+    items: Sequence[T],
+    task: Callable[[T], Task[Any]],
+    on_done: Callable[[T, Any], None] | None = None,
+    rows: Callable[[T], int] = lambda item: int(item.rows),
+) -> float:
+    """Run ``task(item)`` for every item on the cluster, reporting rows done.
+
+    ``on_done(item, result)`` runs in this process as each task finishes (to record it in the
+    manifest). The first failure cancels the rest and is re-raised. Returns the wall time.
+    """
+    progress = Progress(label, sum(rows(i) for i in items))
+    count_submitted(len(items))
+    if not items:
+        return progress.close()
+    partial: dict[int, int] = {}  # rows done inside running items, from the workers' events
+    finished = [0]
+    lock = threading.Lock()
+
+    def refresh() -> None:  # under the lock
+        progress.done = finished[0] + sum(partial.values())
+        progress.show()
+
+    def on_event(event: Any) -> None:
+        _, msg = event
+        if not isinstance(msg, dict) or msg.get("stage") != label or "rows" not in msg:  # rows, not notes
+            return
+        with lock:
+            if msg["index"] in pending:  # an event that arrives after its task ended is stale
+                partial[msg["index"]] = int(msg["rows"])
+                refresh()
+
+    pending = {item.index for item in items}
+    futures: dict[Any, T] = {}
+    try:
+        with listening(client, on_event):  # subscribed before the first task can report
+            futures.update({submit(client, task(item), label): item for item in items})
+            for future in as_completed(list(futures)):
+                item = futures[future]
+                try:
+                    result = future.result()
+                except KilledWorker:
+                    raise _killed(label, item) from None
+                if on_done is not None:
+                    on_done(item, result)
+                log.debug("%s: piece %d done (%d rows)", label, item.index, rows(item))
+                with lock:
+                    pending.discard(item.index)
+                    partial.pop(item.index, None)
+                    finished[0] += rows(item)
+                    refresh()
+    except BaseException:
+        client.cancel(list(futures))
+        raise
+    return progress.close()
+
+
+def _killed(label: str, item: WorkItem) -> PipelineError:
+    """One line for a task whose workers kept dying: the stage, the piece and, where it is one, its file."""
+    where = getattr(item, "where", None)
+    place = f" ({where()})" if callable(where) else ""
+    tries = int(dask.config.get("distributed.scheduler.allowed-failures")) + 1
+    return PipelineError(
+        f"Dask workers died {tries} times running {label} of piece {item.index}{place}, usually for "
+        "memory (a worker over 95% of --memory-limit is restarted) or a crash in native code; raise "
+        "--memory-limit or lower --partition-size, then run the same command again to resume"
+    )
+
+
+def run_stage(client: Any, manifest: Any, stage: Stage[T, R]) -> dict[int, R]:
+    """Run ``stage``'s items that ``manifest`` does not record done, recording each as it finishes
+    (its files and its typed result); the stage is then marked finished. Returns every item's
+    result by item index, earlier runs' included."""
+    done = manifest.done_pieces(stage.name)
+
+    def finished(item: T, result: Any) -> None:
+        stored = to_dict(result) if dataclasses.is_dataclass(result) else result
+        manifest.mark_piece(stage.name, item.index, stage.files(item), stored)
+
+    todo = [item for item in stage.items if item.index not in done]
+    run_tasks(client, label=stage.name, items=todo, task=stage.task, on_done=finished)
+    manifest.finish_stage(stage.name, {})
+    return {index: stage.read(value) for index, value in manifest.piece_results(stage.name).items()}
