@@ -25,9 +25,22 @@ map and the rules the import graph holds):
 * ``kinds``: the closed sets of names (metrics, strategies, modes) as ``Literal`` types.
 """
 
+from pipeline.api import (
+    Duplicates,
+    Graph,
+    Neighbors,
+    build,
+    dedup,
+    evaluate,
+    find_duplicates,
+    graph,
+    join,
+    knn,
+    knn_graph,
+    run,
+)
 from pipeline.config import Config, load_config, parse_config
 from pipeline.errors import ConfigError, DeviceError, InputError, PipelineError, ResumeError
-from pipeline.jobs.commands import build, dedup, graph, join, run
 
 __all__ = [
     "Config",
@@ -38,6 +51,13 @@ __all__ = [
     "run",
     "dedup",
     "graph",
+    "evaluate",
+    "knn",
+    "find_duplicates",
+    "knn_graph",
+    "Neighbors",
+    "Duplicates",
+    "Graph",
     "PipelineError",
     "InputError",
     "ConfigError",

@@ -177,29 +177,34 @@ def test_gpus_are_asked_for_worker_jobs_only_one_process_each(tmp_path):
         config(tmp_path, gpus=2, processes=4)
 
 
-@pytest.mark.parametrize("name, gpus, device", [(0, 2, 0), (3, 2, 1), ("knn-worker-1", 4, 1), ("tcp-host", 2, 0)])
-def test_workers_take_gpus_round_robin_by_name(monkeypatch, name, gpus, device):
+def test_workers_sharing_gpus_each_claim_a_free_one_whatever_their_names(monkeypatch, tmp_path):
+    """Each claim takes the first GPU no live claim holds (a lock per GPU, released when its holder
+    ends); past the GPUs, claims share; one visible GPU (dask-cuda) is always device 0."""
     import faiss
 
-    import pipeline.backends.gpu as gpu
+    from pipeline.backends import gpu
 
-    class FakeWorker:
-        pass
-
-    worker = FakeWorker()
-    worker.name = name
     monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
-    monkeypatch.setattr(faiss, "get_num_gpus", lambda: gpus, raising=False)
-    monkeypatch.setattr("distributed.get_worker", lambda: worker)
-    assert gpu.worker_gpu() == device  # in a task
-    assert gpu.worker_gpu(str(name)) == device  # given the name
+    monkeypatch.setattr(faiss, "get_num_gpus", lambda: 3, raising=False)
+    held = [gpu.claim_gpu(str(tmp_path)) for _ in range(3)]
+    assert [device for device, _ in held] == [0, 1, 2]
+    device, lock = gpu.claim_gpu(str(tmp_path))
+    assert lock is None and 0 <= device < 3  # a fourth worker shares
+    held[1][1].close()  # the worker on GPU 1 ended
+    device, lock = gpu.claim_gpu(str(tmp_path))
+    assert device == 1 and lock is not None
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "5,7")  # names from the variable, numbered in its order
+    device, lock = gpu.claim_gpu(str(tmp_path))
+    assert device == 0 and (tmp_path / "gpu-5.lock").exists()
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3")  # dask-cuda: this worker's one GPU
-    assert gpu.worker_gpu(str(name)) == 0
+    assert gpu.claim_gpu(str(tmp_path)) == (0, None)
 
 
-def test_the_device_plugin_gives_each_worker_its_own_gpu(monkeypatch):
-    """The plugin's setup runs outside any task (get_worker() raises there): each worker's GPU
-    comes from the worker it is given, not device 0 for all."""
+def test_the_device_plugin_gives_each_worker_its_own_gpu(monkeypatch, tmp_path):
+    """Workers set up on one host take distinct GPUs (their plugins hold the claims), whatever
+    their names, not device 0 for all."""
+    import tempfile
+
     import faiss
 
     import pipeline.backends.worker as worker_mod
@@ -217,13 +222,14 @@ def test_the_device_plugin_gives_each_worker_its_own_gpu(monkeypatch):
     monkeypatch.setattr(worker_mod, "choose", lambda device: ("gpu", "stand-in"))
     monkeypatch.setattr(GpuBackend, "set_threads", lambda self, n: None)
     monkeypatch.setattr(GpuBackend, "describe", lambda self: (f"GPU {self.device}", 0, 0))
-    devices = []
-    for name in ("0", "1", "2", "3"):
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    plugins = []
+    for name in ("tcp://10.0.0.1:4000", "b", "worker-7", "3"):
         plugin = worker_mod.DevicePlugin("gpu")
         plugin.setup(FakeWorker(name))
         assert isinstance(plugin.backend, GpuBackend)
-        devices.append(plugin.backend.device)
-    assert devices == [0, 1, 2, 3]
+        plugins.append(plugin)
+    assert sorted(p.backend.device for p in plugins) == [0, 1, 2, 3]
 
 
 def test_submit_with_an_s3_output_stages_and_logs_in_the_shared_scratch_dir(tmp_path):

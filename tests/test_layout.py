@@ -120,6 +120,7 @@ LEVELS = [
     {"duplicates", "graphs"},
     {"charts", "report"},
     {"jobs"},
+    {"api"},
     {"cli"},
     {"pipeline", "__main__"},
 ]

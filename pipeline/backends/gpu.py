@@ -27,10 +27,12 @@ Unverified on a real GPU in this repository so far: see README, "GPUs".
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
-import re
+import tempfile
 import threading
+from pathlib import Path
 from typing import Any, cast
 
 import faiss
@@ -38,6 +40,7 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of, knn_topk, streamed_exact
+from pipeline.errors import DeviceError
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
@@ -182,9 +185,10 @@ class GpuContext:
     Nothing of it is module state: two workers in one process (tests, a threaded cluster) each
     have their own, and a worker's GPU memory goes when its plugin does."""
 
-    def __init__(self, device: int, temp_memory: int | None = None) -> None:
+    def __init__(self, device: int, temp_memory: int | None = None, *, claim: Any = None) -> None:
         self.device = device
         self.temp_memory = temp_memory
+        self.claim = claim  # the lock on this GPU (:func:`claim_gpu`), held as long as the context
         self.lock = threading.Lock()  # guards the fields below
         self.search_lock = threading.Lock()  # one search at a time on a shared clone (nprobe is set per call)
         self._resources: Any = None
@@ -211,27 +215,41 @@ class GpuContext:
             return True
 
 
-def worker_gpu(worker_name: str | None = None) -> int:
-    """This Dask worker's GPU among those visible to it.
-
-    A worker that sees one GPU (dask-cuda gives each its own first in ``CUDA_VISIBLE_DEVICES``)
-    takes device 0. Workers sharing several (the embedded cluster, a Slurm/PBS job's worker
-    processes) go round robin by the number their name ends with: 0..n-1 there. The device
-    plugin passes the worker's name, since ``get_worker()`` raises in its ``setup``; in a task it
-    is read from the worker."""
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, by their host-wide names: ``CUDA_VISIBLE_DEVICES``'s entries
+    where it is set (faiss numbers them 0..n-1 in that order), else 0..n-1 as faiss counts them."""
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-    if visible is not None and len([d for d in visible.split(",") if d.strip()]) == 1:
-        return 0
-    n = max(1, faiss.get_num_gpus())
-    if worker_name is None:
-        try:
-            from distributed import get_worker
+    if visible is not None:
+        return [d.strip() for d in visible.split(",") if d.strip()]
+    return [str(i) for i in range(max(0, faiss.get_num_gpus()))]
 
-            worker_name = str(get_worker().name)
-        except (ImportError, ValueError):
-            return 0
-    number = re.search(r"(\d+)$", worker_name)
-    return int(number.group(1)) % n if number else 0
+
+def claim_gpu(lock_dir: str | None = None) -> tuple[int, Any]:
+    """This worker's GPU, and the lock it holds on it (keep it for the worker's life).
+
+    A worker that sees one GPU (dask-cuda, or a scheduler that gives each worker its own in
+    ``CUDA_VISIBLE_DEVICES``) takes it. Workers that share several (the embedded cluster, a
+    Slurm/PBS job's worker processes) each take the first GPU of the host that no other worker
+    holds: an exclusive ``flock`` on one file per GPU under ``lock_dir`` (a folder of this user's
+    in the host's temporary directory), released by the kernel when the worker ends, however it
+    ends. With more workers than GPUs, the later ones share, spread by process id. Nothing comes
+    from the worker's name."""
+    gpus = visible_gpus()
+    if len(gpus) <= 1:
+        return 0, None
+    folder = Path(lock_dir or Path(tempfile.gettempdir()) / f"knn-pipeline-gpus-{os.getuid()}")
+    folder.mkdir(mode=0o700, exist_ok=True)
+    if folder.is_symlink() or folder.stat().st_uid != os.getuid():
+        raise DeviceError(f"{folder}: not a folder of this user's; remove it so GPU locks can be made")
+    for i, name in enumerate(gpus):
+        fd = os.open(folder / f"gpu-{name}.lock", os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            os.close(fd)
+            continue
+        return i, os.fdopen(fd, "r+")
+    return os.getpid() % len(gpus), None
 
 
 class GpuBackend:
@@ -243,7 +261,7 @@ class GpuBackend:
     def __init__(
         self, device: int | None = None, temp_memory: int | None = None, *, context: GpuContext | None = None
     ) -> None:
-        self._device = device if context is None else context.device
+        self._device = device if context is None else context.device  # none given: device 0
         self._temp_memory = temp_memory
         self._context = context
         self._cpu = CpuBackend()
@@ -257,9 +275,7 @@ class GpuBackend:
 
     @property
     def device(self) -> int:
-        if self._device is None:
-            self._device = worker_gpu()
-        return self._device
+        return 0 if self._device is None else self._device
 
     def resources(self) -> Any:
         """The device's FAISS resources (streams, cuBLAS handle, temp memory): one per worker."""

@@ -20,7 +20,7 @@ from typing import Any
 from distributed import WorkerPlugin, get_worker
 
 from pipeline.backends import Backend, CpuBackend, GpuBackend, gpu_count
-from pipeline.backends.gpu import GpuContext, gpu_runtime_problem, worker_gpu
+from pipeline.backends.gpu import GpuContext, claim_gpu, gpu_runtime_problem
 from pipeline.errors import DeviceError
 from pipeline.results import WorkerDevice
 
@@ -67,8 +67,12 @@ class DevicePlugin(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         name, reason = choose(self.device)
         # the worker's own GPU, from its name here: get_worker() raises in setup (every worker took GPU 0)
-        # the worker's GPU state (resources, clones, resident rows) lives in this plugin's backend
-        self.backend = GpuBackend(context=GpuContext(worker_gpu(str(worker.name)))) if name == "gpu" else CpuBackend()
+        # the worker's GPU state (its claim on the GPU, resources, clones, resident rows) lives in
+        # this plugin's backend, for the worker's life
+        self.backend = CpuBackend()
+        if name == "gpu":
+            device, claim = claim_gpu()
+            self.backend = GpuBackend(context=GpuContext(device, claim=claim))
         threads = self.threads or max(1, int(getattr(worker.state, "nthreads", 1) or 1))
         self.backend.set_threads(threads)
         gpu = self.backend.describe() if isinstance(self.backend, GpuBackend) else ("", 0, 0)

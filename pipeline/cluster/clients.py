@@ -65,7 +65,7 @@ def local_layout(spec: ClusterSpec, cpus: int | None = None, gpus: int = 0) -> t
 
     Default: one worker per 4 cores (at least 1, at most 8), the cores shared out as FAISS
     threads. FAISS parallelises each batch search itself; a few processes overlap I/O with it.
-    On the GPU backend: one worker per GPU (workers named 0..n-1 take GPUs round robin).
+    On the GPU backend: one worker per GPU (each claims a free one: :func:`pipeline.backends.gpu.claim_gpu`).
     """
     cpus = cpus or os.cpu_count() or 1
     workers = spec.workers or (gpus if gpus else max(1, min(8, cpus // 4)))
