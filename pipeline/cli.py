@@ -74,7 +74,7 @@ def _default(key: str) -> Any:
 
 
 def config_reference() -> str:
-    """The README's configuration table, generated from the config schema (``KEYS``) so it cannot
+    """The docs' configuration table (docs/configuration.md), generated from the config schema (``KEYS``) so it cannot
     drift: every key with its flag, default, the commands that read it and what it means."""
     readers = {
         key: [

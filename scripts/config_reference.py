@@ -1,5 +1,6 @@
-"""Write README.md's configuration table from the config schema (``pipeline.config.KEYS``), so the
-reference cannot drift from the code; ``tests/test_config.py`` fails when the README is stale.
+"""Write the docs' configuration table (docs/configuration.md) from the config schema
+(``pipeline.config.KEYS``), so the reference cannot drift from the code; ``tests/test_config.py``
+fails when the page is stale.
 
     python scripts/config_reference.py
 """
@@ -19,13 +20,13 @@ BLOCK = re.compile(r"(<!-- config-reference:[^\n]*-->\n)(.*?)(<!-- end of config
 
 
 def render(readme: str) -> str:
-    """``readme`` with its configuration block replaced by the generated table."""
+    """``readme`` (the page) with its configuration block replaced by the generated table."""
     if not BLOCK.search(readme):
-        raise SystemExit("README.md has no config-reference block")
+        raise SystemExit("docs/configuration.md has no config-reference block")
     return BLOCK.sub(lambda m: m.group(1) + config_reference() + m.group(3), readme)
 
 
 if __name__ == "__main__":
-    path = ROOT / "README.md"
+    path = ROOT / "docs" / "configuration.md"
     path.write_text(render(path.read_text()))
     print(f"wrote the configuration table into {path}")

@@ -22,7 +22,7 @@ The only module that touches GPU faiss symbols or CuPy, and only inside function
   Larger stores stream piece by piece from the host: candidates gathered there, pieces scored
   on the GPU one at a time.
 
-Unverified on a real GPU in this repository so far: see README, "GPUs".
+Unverified on a real GPU in this repository so far: see docs/gpus.md.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ def gpu_runtime_problem() -> str | None:
                 "faiss-cpu and faiss-gpu are both installed and faiss-cpu's modules load: "
                 "pip uninstall -y faiss-cpu && pip install --force-reinstall --no-deps faiss-gpu"
             )
-        return 'this faiss is a CPU-only build (install faiss-gpu: README, "GPUs")'
+        return "this faiss is a CPU-only build (install faiss-gpu: docs/gpus.md)"
     n = faiss.get_num_gpus()
     if n == 0:
         return "this faiss build has GPU support but sees no CUDA device (driver, CUDA_VISIBLE_DEVICES)"

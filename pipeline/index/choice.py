@@ -1,6 +1,6 @@
 """Index choice, creation and training.
 
-Default index rule (``index_key: auto``), for batch throughput (see README, "Choosing the index";
+Default index rule (``index_key: auto``), for batch throughput (see docs/configuration.md, "Choosing the index";
 the measurements behind each rule are in docs/benchmarks.md):
 
 * ``n <= 20,000`` rows: ``Flat``, exact search over the row store: up to there it beats a tuned
