@@ -106,6 +106,88 @@ def config_reference() -> str:
     return "\n".join(lines) + "\n"
 
 
+# what an unset key means, shown in --help beside the keys whose default is "none"
+AUTO_DEFAULTS = {
+    "sample_size": "auto (64 rows a list, at most 1 GiB)",
+    "nprobe": "auto (tuned to --target-recall)",
+    "rerank": "auto (tuned with nprobe for lossy codes, 0 for exact ones)",
+    "workers": "auto (one per 4 cores, or one per GPU)",
+    "threads_per_worker": "auto (the cores over the workers)",
+    "threshold": "none: required, unless --explore",
+    "kernel_width": "auto",
+}
+# the keys a command cannot run without (here or in --config): marked in --help
+REQUIRED = {
+    "run": ("input", "output"),
+    "build": ("input", "index_dir"),
+    "join": ("input", "index_dir", "output"),
+    "evaluate": (),
+    "dedup": ("input", "output"),
+    "graph": ("input", "output"),
+    "submit": ("input",),
+}
+EXAMPLES = {
+    "run": [
+        "knn-pipeline run --input data/ --output out/ --k 10 --exclude-self",
+        "knn-pipeline run --config configs/selfjoin.yaml --target-recall 0.99",
+    ],
+    "build": ["knn-pipeline build --input data/ --index-dir idx/ --metric cosine"],
+    "join": ["knn-pipeline join --index-dir idx/ --input queries/ --output joined/ --k 5"],
+    "evaluate": [
+        "knn-pipeline evaluate --output out/",
+        "knn-pipeline evaluate --index-dir idx/ --nprobe 8 --rerank 0",
+    ],
+    "dedup": [
+        "knn-pipeline dedup --input data/ --output dedup/ --explore",
+        "knn-pipeline dedup --input data/ --output dedup/ --threshold 0.95 --dedup-mode greedy",
+        "knn-pipeline dedup --input train/ --output clean/ --threshold 0.95 --against evals/",
+    ],
+    "graph": ["knn-pipeline graph --input data/ --output graph/ --k 15 --graph-mode mutual"],
+    "submit": [
+        "knn-pipeline submit dedup --config configs/slurm.yaml --profile slurm-gpu --dry-run",
+        "knn-pipeline submit dedup --config configs/slurm.yaml --profile slurm-gpu",
+    ],
+}
+
+
+def _epilog(command: str) -> str:
+    lines = "\n".join(f"  {e}" for e in EXAMPLES.get(command, ()))
+    return f"examples:\n{lines}\n\ndocs: docs/commands/ (one page per command)" if lines else ""
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with no flag abbreviations (``--vector-colum`` is an error, not ``--vector-column``)
+    and with examples kept as written."""
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", argparse.RawDescriptionHelpFormatter)
+        super().__init__(*args, **kwargs)
+
+
+def _unknown_flags(parser: argparse.ArgumentParser, command: str | None, extra: list[str]) -> None:
+    """Exit with the command's own usage and a did-you-mean for each unknown flag."""
+    import difflib
+
+    sub = _subparser(parser, command)
+    known = [o for action in sub._actions for o in action.option_strings]
+    hints = []
+    for word in extra:
+        if word.startswith("-"):
+            close = difflib.get_close_matches(word.split("=")[0], known, n=1, cutoff=0.6)
+            hints.append(f"{word} (did you mean {close[0]}?)" if close else word)
+        else:
+            hints.append(word)
+    sub.error(f"unrecognized arguments: {' '.join(hints)}")
+
+
+def _subparser(parser: argparse.ArgumentParser, command: str | None) -> argparse.ArgumentParser:
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            return action.choices[command]
+    return parser
+
+
 def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
     """The flags of ``command``'s keys, grouped by section, each with its default and choices."""
     parser.add_argument("--config", metavar="YAML", help="YAML file of keys (flags override it)")
@@ -120,10 +202,13 @@ def _add_job_flags(parser: argparse.ArgumentParser, command: str) -> None:
             continue
         group = groups[section]
         flag = "--" + key.replace("_", "-")
-        notes = [f"one of: {', '.join(CHOICES[key])}"] if key in CHOICES else []
+        notes = ["required, here or in --config"] if key in REQUIRED.get(command, ()) else []
+        notes += [f"one of: {', '.join(CHOICES[key])}"] if key in CHOICES else []
         default = _default(key)
         if not (default is None or default is False or default == ()):
             notes.append(f"default: {default}")
+        elif key in AUTO_DEFAULTS:
+            notes.append(f"default: {AUTO_DEFAULTS[key]}")
         text = f"{help_text} ({'; '.join(notes)})" if notes else help_text
         if key in BOOL_KEYS:
             group.add_argument(flag, dest=key, action=argparse.BooleanOptionalAction, default=None, help=text)
@@ -147,11 +232,9 @@ def _prog() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=_prog(), description="Batch k-NN joins over Parquet embeddings with FAISS and Dask."
-    )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog=_prog(), description="Batch k-NN joins over Parquet embeddings with FAISS and Dask.")
+    parser.add_argument("--version", action="version", version=f"knn-pipeline {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
     for name, help_text in (
         ("run", "build an index over --input and self-join it into OUTPUT/neighbors"),
         ("build", "build the index only, into --index-dir"),
@@ -164,12 +247,13 @@ def build_parser() -> argparse.ArgumentParser:
         ("dedup", "near-duplicate pairs, groups and the rows to keep, from a self-join of --input"),
         ("graph", "a k-NN graph of --input: Parquet edges, a scipy CSR .npz and umap-learn's precomputed k-NN"),
     ):
-        _add_job_flags(sub.add_parser(name, help=help_text, description=help_text), name)
+        _add_job_flags(sub.add_parser(name, help=help_text, description=help_text, epilog=_epilog(name)), name)
     submit = sub.add_parser(
         "submit",
         help="submit JOB as a batch job (Slurm/PBS profile); it asks for its own workers",
         description="Write and submit one driver job script that runs JOB with this config; the "
         "driver then asks for worker jobs through dask-jobqueue. --dry-run prints the scripts.",
+        epilog=_epilog("submit"),
     )
     submit.add_argument(
         "job",
@@ -182,8 +266,15 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing"
     )
     _add_job_flags(submit, "submit")
-    sample = sub.add_parser("sample-data", help="write a generated clustered dataset as Parquet shards")
-    sample.add_argument("directory", help="where to write part-NNNNN.parquet (id int64, embedding float32 lists)")
+    sample = sub.add_parser(
+        "sample-data",
+        help="write a generated clustered dataset as Parquet shards",
+        description="Write a seeded, clustered dataset: part-NNNNN.parquet files with id (int64), text (a "
+        "short string per row, for the report's example pairs) and embedding (float32 lists).",
+        epilog="examples:\n  knn-pipeline sample-data demo/data\n"
+        "  knn-pipeline sample-data big/ --rows 2000000 --dim 128 --shards 16",
+    )
+    sample.add_argument("directory", help="where to write part-NNNNN.parquet (id int64, text, embedding float32 lists)")
     sample.add_argument("--rows", type=int, default=50_000, help="rows to generate (default: 50000)")
     sample.add_argument("--dim", type=int, default=64, help="vector dimension (default: 64)")
     sample.add_argument("--shards", type=int, default=4, help="Parquet files to split the rows into (default: 4)")
@@ -215,8 +306,29 @@ def _setup_logging(verbose: bool, quiet: bool) -> None:
     progress.configure(live=sys.stderr.isatty() and not quiet and not verbose)
 
 
+def _reads(command: str, key: str) -> bool:
+    """Whether ``command`` reads ``key`` (its sections, the single keys it borrows, less those it never reads)."""
+    section = KEYS[key][0]
+    return (section in COMMAND_SECTIONS[command] or key in _ALSO.get(command, ())) and key not in _NOT.get(command, ())
+
+
+def _warn_unread(path: str, command: str) -> None:
+    """A key of the YAML file that ``command`` does not read (``threshold`` in a ``run``) is said,
+    not silently ignored."""
+    from pipeline.config import read_yaml
+
+    for raw in read_yaml(path):
+        key = str(raw).replace("-", "_")
+        if key in KEYS and not _reads(command, key):
+            users = [c for c in COMMAND_SECTIONS if c != "submit" and _reads(c, key)]
+            log.warning("%s: %s is not read by %s (it is for %s); ignored", path, raw, command, ", ".join(users))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        _unknown_flags(parser, getattr(args, "command", None), extra)
     _setup_logging(args.verbose, args.quiet)
     try:
         if args.command == "sample-data":
@@ -253,6 +365,8 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {key: getattr(args, key, None) for key in KEYS}
         config = load_config(args.config, overrides)
+        if args.config and args.command != "submit":
+            _warn_unread(args.config, args.command)
         if args.command == "submit":
             from pipeline.cluster.submit import prepare, submit
 

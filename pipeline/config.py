@@ -640,11 +640,38 @@ def read_yaml(path: str | os.PathLike[str]) -> dict[str, Any]:
     return data
 
 
+PATH_KEYS = ("input", "against", "output", "index_dir", "scratch_dir")  # resolved against the YAML file's folder
+
+
+def _beside(folder: Path, value: Any) -> Any:
+    """A relative local path (or each of a list) as written in a YAML file in ``folder``: relative
+    to that folder, not to the working directory. URLs and absolute paths are left as they are."""
+    if isinstance(value, (list, tuple)):
+        return [_beside(folder, v) for v in value]
+    if not isinstance(value, str) or not value or "://" in value or os.path.isabs(os.path.expanduser(value)):
+        return value
+    return os.path.normpath(folder / value)
+
+
 def load_config(path: str | os.PathLike[str] | None, overrides: Mapping[str, Any]) -> Config:
-    """Defaults < YAML file at ``path`` < ``overrides`` (flags; ``None`` values are ignored)."""
-    merged: dict[str, Any] = dict(read_yaml(path)) if path else {}
-    merged.update({k: v for k, v in overrides.items() if v is not None})
-    return parse_config(merged, source=str(path) if path else "flags")
+    """Defaults < YAML file at ``path`` < ``overrides`` (flags; ``None`` values are ignored).
+
+    Relative paths in the file are relative to the file; an error about a value that came from
+    the file names the file."""
+    from_file: dict[str, Any] = dict(read_yaml(path)) if path else {}
+    if path:
+        folder = Path(path).parent
+        from_file = {
+            k: _beside(folder, v) if str(k).replace("-", "_") in PATH_KEYS else v for k, v in from_file.items()
+        }
+    flags = {k: v for k, v in overrides.items() if v is not None}
+    try:
+        return parse_config({**from_file, **flags}, source=str(path) if path else "flags")
+    except ConfigError as exc:
+        key = str(exc).split(":", 1)[0].strip().replace("-", "_")
+        if path and key in {str(k).replace("-", "_") for k in from_file} and key not in flags:
+            raise ConfigError(f"{path}: {exc}") from None
+        raise
 
 
 def dump_config(config: Config, storage_options: bool = False) -> str:

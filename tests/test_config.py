@@ -27,7 +27,7 @@ def test_yaml_then_flags(tmp_path):
     assert config.search.nprobe == 4 and config.search.exclude_self  # unset flags keep the file's
     assert config.index.metric == "l2" and config.index.key == "IVF64,PQ8"
     assert config.partition_bytes == 64 * 2**20
-    assert config.data.paths == ("data/",)
+    assert config.data.paths == (str(tmp_path / "data"),)  # relative to the file
 
 
 def _help(*argv: str) -> str:
@@ -58,7 +58,8 @@ def test_version():
 
 
 def test_dumped_config_loads_back(tmp_path):
-    config = parse_config({"input": ["a", "b"], "k": 3, "rerank": 0, "memory_limit": "2GiB", "exclude_self": True})
+    inputs = [str(tmp_path / "a"), str(tmp_path / "b")]
+    config = parse_config({"input": inputs, "k": 3, "rerank": 0, "memory_limit": "2GiB", "exclude_self": True})
     (tmp_path / "c.yaml").write_text(dump_config(config))
     assert load_config(tmp_path / "c.yaml", {}) == config
 
@@ -198,3 +199,49 @@ def test_verbose_logs_every_task_and_quiet_does_not(dataset_dir, dask_address, t
     assert " DEBUG scan: piece 0 done" in verbose and " DEBUG join: piece " in verbose
     assert main([*base, "--output", str(tmp_path / "plain")]) == 0
     assert " DEBUG " not in capsys.readouterr().err
+
+
+def test_the_command_line_refuses_abbreviations_and_suggests_the_flag(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit) as exit_:
+        main(["run", "--input", "d", "--output", "o", "--vector-colum", "emb"])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert "run: error: unrecognized arguments: --vector-colum (did you mean --vector-column?)" in err
+    assert err.startswith("usage:") and " run [-h]" in err  # the subcommand's usage, not the top level's
+
+
+def test_help_shows_required_flags_defaults_and_examples(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["dedup", "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    assert "required, here or in --config" in text and "examples: knn-pipeline dedup" in text
+    for flag, default in [("--nprobe", "auto (tuned to --target-recall)"), ("--threshold", "required, unless")]:
+        assert flag in text and default in text
+
+
+def test_yaml_paths_are_relative_to_the_file_and_its_errors_name_it(tmp_path, capsys):
+    from pipeline.cli import main
+    from pipeline.config import load_config
+
+    folder = tmp_path / "conf"
+    folder.mkdir()
+    (folder / "job.yaml").write_text("input: ../data\noutput: out\nk: 0\nthreshold: 0.9\n")
+    with pytest.raises(ConfigError, match=r"^.*conf/job.yaml: k: "):
+        load_config(folder / "job.yaml", {})
+    config = load_config(folder / "job.yaml", {"k": "5", "output": "elsewhere"})
+    assert config.data.paths == (str(tmp_path / "data"),)  # beside the file
+    assert config.output == "elsewhere"  # a flag is relative to the working directory
+    assert main(["run", "--config", str(folder / "job.yaml"), "--k", "5"]) != 0  # fails later: no data there
+    assert "job.yaml: threshold is not read by run (it is for dedup); ignored" in capsys.readouterr().err
+
+
+def test_version_names_the_program(capsys):
+    from pipeline.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--version"])
+    assert capsys.readouterr().out.strip() == "knn-pipeline 0.1.0"

@@ -73,6 +73,13 @@ def local_layout(spec: ClusterSpec, cpus: int | None = None, gpus: int = 0) -> t
     return workers, threads
 
 
+def job_python(jq: Any) -> str:
+    """The interpreter a batch job runs: the profile's ``python``; else, where ``setup`` lines run
+    first (they may activate another environment), ``python`` as found on the job's PATH after
+    them; else this interpreter (the same environment on a shared filesystem)."""
+    return str(jq.python or ("python" if jq.setup else sys.executable))
+
+
 def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
     """dask-jobqueue keyword arguments for a worker job of profile ``jq``."""
     directives = list(jq.directives)
@@ -87,7 +94,7 @@ def jobqueue_options(jq: JobQueueSpec) -> dict[str, Any]:
         "processes": jq.processes,
         "job_extra_directives": directives,
         "job_script_prologue": list(jq.setup),
-        "python": shlex.quote(jq.python or sys.executable),
+        "python": shlex.quote(job_python(jq)),
         "name": "knn-worker",
     }
     if jq.interface:

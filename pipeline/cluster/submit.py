@@ -13,14 +13,13 @@ import logging
 import re
 import shlex
 import subprocess
-import sys
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 from dask.utils import parse_bytes
 
-from pipeline.cluster.clients import jobqueue_options
+from pipeline.cluster.clients import job_python, jobqueue_options
 from pipeline.config import Config, JobQueueSpec, dump_config
 from pipeline.errors import ConfigError, PipelineError
 from pipeline.io.atomic import atomic_path
@@ -126,7 +125,7 @@ def prepare(job: str, config: Config) -> Submission:
         log_dir = Path(str(config.output)) / LOG_DIR
     config_path = log_dir / f"submit-{job}.yaml"
     script_path = log_dir / f"submit-{job}.sh"
-    python = jq.python or sys.executable
+    python = job_python(jq)
     body = [
         "set -euo pipefail",
         *jq.setup,
@@ -144,7 +143,7 @@ def _worker_script(jq: JobQueueSpec, log_dir: Path) -> str:
         from dask_jobqueue.pbs import PBSJob
         from dask_jobqueue.slurm import SLURMJob
     except ImportError:
-        return "(install dask-jobqueue to see the worker job script)\n"
+        return "(pip install 'knn-pipeline[cluster]' to see the worker job script: it needs dask-jobqueue)\n"
     cls = SLURMJob if jq.kind == "slurm" else PBSJob
     opts = jobqueue_options(jq)
     opts.pop("interface", None)
