@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord
+from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord, dedup_verdict, recall_verdict
 
 __all__ = ["kth_scores", "write_report", "to_html"]
 
@@ -29,14 +29,8 @@ SCORE_SAMPLE = 200_000
 
 
 def _verdict(report: JobReport) -> str:
-    """The report's first line: what recall the job reached, against which target, with which plan."""
-    rec, plan = report.recall, report.join.plan
-    if rec is None:
-        return f"recall not measured; plan: {plan}"
-    got = f"recall@{rec.k} {rec.recall:.3f} (tie-aware) on {rec.measured_on}"
-    if rec.target is None:
-        return f"{got}, no target; plan: {plan}"
-    return f"{got}, target {rec.target}: {'met' if rec.met else 'MISSED'}; plan: {plan}"
+    """The report's first line: a dedup's own result, or the recall the job reached against its target."""
+    return dedup_verdict(report.dedup) if report.dedup is not None else recall_verdict(report.join)
 
 
 def _hist_range(values: np.ndarray) -> tuple[float, float]:
@@ -187,7 +181,9 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
         lines.append(
             f"| deduplicated dataset | `deduplicated/` (the input files minus the dropped rows) and "
             f"`removed/`: {d.dataset.files_written:,} file(s) written this run, "
-            f"{d.dataset.files_unchanged:,} unchanged |"
+            f"{d.dataset.files_unchanged:,} unchanged; `removed/` holds {d.dataset.rows_removed:,} rows"
+            + (" (duplicates and contaminated rows)" if d.contamination is not None else "")
+            + " |"
         )
     ex = d.exactness
     if ex is not None:

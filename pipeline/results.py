@@ -16,6 +16,8 @@ from typing import Any, TypeVar
 from pipeline.kinds import Metric, Strategy
 
 __all__ = [
+    "recall_verdict",
+    "dedup_verdict",
     "from_dict",
     "to_dict",
     "IndexSummary",
@@ -422,3 +424,40 @@ class JobReport:
         join = from_dict(JoinResult, data)
         rest = {k: v for k, v in data.items() if k not in {f.name for f in dataclasses.fields(JoinResult)}}
         return from_dict(cls, {**rest, "join": to_dict(join)})
+
+
+# the last word ------------------------------------------------------------------------------------
+def recall_verdict(joined: JoinResult) -> str:
+    """A job's recall against its target, and the plan that reached it (the join's last log line)."""
+    recall, plan = joined.recall, joined.plan
+    if recall is None:
+        return f"recall not measured (--recall-queries 0); plan: {plan}"
+    got = (
+        f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on {recall.measured_on}"
+    )
+    if recall.target is None:
+        return f"{got}, no target; plan: {plan}"
+    return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"
+
+
+def dedup_verdict(d: DedupResult) -> str:
+    """A dedup's own result: rows dropped, groups, pairs, what ``removed/`` holds (duplicates and,
+    with ``--against``, contaminated rows), and its pair recall against the target."""
+    op = "<=" if d.metric == "l2" else ">="
+    line = (
+        f"dedup: {d.rows_dropped:,} of {d.rows_in:,} rows dropped as duplicates "
+        f"({d.rows_dropped / max(1, d.rows_in):.2%}) in {d.groups:,} groups, "
+        f"{d.pairs:,} pairs at {d.metric} {op} {d.threshold}"
+    )
+    c = d.contamination
+    if c is not None:
+        fate = "dropped" if c.action == "drop" else "flagged"
+        line += f"; {c.rows_contaminated:,} rows within {c.threshold} of the reference ({fate})"
+    if d.dataset is not None:
+        line += f"; removed/ holds {d.dataset.rows_removed:,} rows"
+    ex = d.exactness
+    if ex is not None and ex.pair_recall is not None:
+        line += f"; pair recall {ex.pair_recall:.4f} on {ex.queries:,} sampled rows"
+        if d.target_pair_recall:
+            line += f", target {d.target_pair_recall}: {'met' if ex.pair_recall >= d.target_pair_recall else 'MISSED'}"
+    return line

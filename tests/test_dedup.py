@@ -289,17 +289,31 @@ def test_removed_old_shard_is_refused_not_appended(make_config, six_shards, tmp_
 
 
 def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, planted, tmp_path):
-    """Under l2 the threshold bounds the squared distance (<=); ids may be strings."""
+    """Under l2 the threshold bounds the squared distance (<=); ids may be strings, in a column of any name."""
     table = pq.read_table(planted["dir"])
     d = tmp_path / "strings"
     d.mkdir()
     ids = pa.array([f"doc-{i}" for i in table.column("id").to_pylist()])
-    pq.write_table(table.set_column(0, "id", ids), d / "part-00000.parquet", row_group_size=1000)
+    pq.write_table(table.set_column(0, "doc_id", ids), d / "part-00000.parquet", row_group_size=1000)
     # unit vectors: squared l2 = 2 - 2 cos, so cos >= 0.95 is squared distance <= 0.1
     report = dedup(
-        make_config(input=str(d), metric="l2", threshold=0.1, index_key="IVF16,Flat", nprobe=16, recall_queries=500)
+        make_config(
+            input=str(d),
+            id_column="doc_id",
+            metric="l2",
+            threshold=0.1,
+            index_key="IVF16,Flat",
+            nprobe=16,
+            recall_queries=500,
+        )
     )
-    g = {r["id"]: r for r in pq.read_table(tmp_path / "out" / "groups").to_pylist()}
+    # groups/ and kept/ name the id column as the input does; the report's headline is the dedup's own
+    assert pq.read_table(tmp_path / "out" / "kept").column_names == ["doc_id"]
+    headline = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    assert (
+        headline.startswith("**dedup: 14 of ") and "pairs at l2 <= 0.1" in headline and "pair recall 1.0000" in headline
+    )
+    g = {r["doc_id"]: r for r in pq.read_table(tmp_path / "out" / "groups").to_pylist()}
     assert report.dedup.rows_dropped == 14
     assert g["doc-10001"]["representative_id"] == "doc-0" and not g["doc-10001"]["is_kept"]  # "doc-0" < "doc-10001"
     assert g["doc-30002"]["score_to_representative"] > 0.1  # the chain's far end: a squared distance above it

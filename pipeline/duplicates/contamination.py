@@ -81,6 +81,7 @@ class MatchesTask:
     file_starts: np.ndarray
     names: tuple[str, ...]
     out: str
+    id_column: str = "id"  # named as the input's id column
 
     def run(self) -> PieceMatches:
         matches, piece, input_store, file_starts, names, out = (
@@ -97,7 +98,7 @@ class MatchesTask:
         ids = input_store.ids(piece.index)
         table = pa.table(
             {
-                "id": ids.take(pa.array(hit)),
+                self.id_column: ids.take(pa.array(hit)),
                 "reference_id": matches.reference.gather_ids(best[hit]),
                 "reference_file": pa.array([names[f] for f in files.tolist()], pa.string()),
                 "score": pa.array(score[hit]),
@@ -121,8 +122,10 @@ def write_matches(
     reference: Dataset,
     output: Path,
     manifest: Manifest,
+    id_column: str = "id",
 ) -> dict[str, Any]:
-    """``contamination/`` piece by piece (resumable: recorded in ``manifest``, the dedup output's)."""
+    """``contamination/`` piece by piece (resumable: recorded in ``manifest``, the dedup output's),
+    its id column named ``id_column``."""
     out_dir = output / "contamination"
     ref_starts = reference.file_starts
     names = [shown(f.path) for f in reference.files]
@@ -141,6 +144,7 @@ def write_matches(
                 matches=matches,
                 piece=p,
                 input_store=store,
+                id_column=id_column,
                 file_starts=ref_starts,
                 names=tuple(names),
                 out=str(paths[p.index]),

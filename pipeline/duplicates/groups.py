@@ -176,6 +176,7 @@ class GroupsTask:
     store: RowStore
     groups: str
     kept: str
+    id_column: str = "id"  # named as the input's id column
 
     def run(self) -> int:
         part, store = self.part, self.store
@@ -194,7 +195,7 @@ class GroupsTask:
             score[linked] = _exact_pair_scores(store, linked, x, rep[linked], self.plan.metric)
         table = pa.table(
             {
-                "id": ids,
+                self.id_column: ids,
                 "group_id": pa.array(rep),
                 "representative_id": store.gather_ids(rep),
                 "is_kept": pa.array(kept),
@@ -204,11 +205,20 @@ class GroupsTask:
         with atomic_path(self.groups) as tmp:
             pq.write_table(table, str(tmp))
         with atomic_path(self.kept) as tmp:
-            pq.write_table(pa.table({"id": ids.filter(pa.array(kept))}), str(tmp))
+            pq.write_table(pa.table({self.id_column: ids.filter(pa.array(kept))}), str(tmp))
         return int((~kept).sum())
 
 
 # the stages -------------------------------------------------------------------------------------
+GROUP_COLUMNS = ("group_id", "representative_id", "is_kept", "score_to_representative")
+
+
+def output_id_column(id_column: str) -> str:
+    """The id column of ``groups/``, ``kept/`` and ``contamination/``: named as the input's, unless
+    that name is one of the other columns there (then ``id``)."""
+    return "id" if id_column in (*GROUP_COLUMNS, "reference_id", "reference_file", "score") else id_column
+
+
 def _clear(manifest: Manifest, output: Path, stages: Sequence[str], dirs: Sequence[str]) -> None:
     for s in stages:
         manifest.clear_stage(s)
@@ -515,6 +525,7 @@ def _group_stages(
                 store=store,
                 groups=str(groups[p.index]),
                 kept=str(kept[p.index]),
+                id_column=output_id_column(dataset.id_column),
             ),
             files=lambda p: [groups[p.index], kept[p.index]],
         ),

@@ -16,6 +16,7 @@ from typing import Any
 from pipeline.cluster.clients import ClusterInfo
 from pipeline.config import Config
 from pipeline.duplicates.contamination import Matches, examples, write_matches
+from pipeline.duplicates.groups import output_id_column
 from pipeline.errors import InputError
 from pipeline.index.built import BuiltIndex
 from pipeline.io.workdir import shown
@@ -89,6 +90,7 @@ def match_against(
         reference=ref.dataset,
         output=output,
         manifest=main_manifest,
+        id_column=output_id_column(built.dataset.id_column),
     )
     closest = examples(
         contamination["examples"],

@@ -20,7 +20,6 @@ from pipeline.jobs.common import (
     guarded,
     index_dir_for,
     job_cluster,
-    recall_verdict,
     require,
     staged_command,
     start,
@@ -30,7 +29,7 @@ from pipeline.jobs.dedup import dedup as _dedup
 from pipeline.jobs.evaluate import evaluate as _evaluate
 from pipeline.jobs.graph import graph as _graph
 from pipeline.jobs.stages import Timings, build_index, check_query_ids, join_index, open_index
-from pipeline.results import JobReport
+from pipeline.results import JobReport, recall_verdict
 
 __all__ = ["build", "join", "run", "dedup", "graph", "evaluate", "recall_verdict"]
 

@@ -24,7 +24,16 @@ from pipeline.io.storage import is_remote, set_storage_options
 from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
-from pipeline.results import DedupResult, ExploreRow, GraphResult, JobReport, JoinResult, WorkerBusy
+from pipeline.results import (
+    DedupResult,
+    ExploreRow,
+    GraphResult,
+    JobReport,
+    JoinResult,
+    WorkerBusy,
+    dedup_verdict,
+    recall_verdict,
+)
 from pipeline.runtime.manifest import LOG_DIR
 from pipeline.runtime.progress import busy_by_worker, record_busy, tasks_submitted
 from pipeline.search.tuning import BelowTarget
@@ -183,6 +192,8 @@ def finish(
         report = JobReport.from_json(json.loads(report_path.read_text()))
         log.info("nothing to do: %s is complete; its report (from the run that did the work) is kept", output)
         log.info("%s", recall_verdict(report.join))
+        if report.dedup is not None:
+            log.info("%s", dedup_verdict(report.dedup))
         with atomic_path(output / "_SUCCESS") as tmp:
             tmp.write_text("")
         return report
@@ -239,23 +250,12 @@ def finish(
             "--allow-below-target"
         )
     (log.warning if recall is not None and not recall.met else log.info)("%s", verdict)
+    if dedup is not None:  # a dedup's last word is its own result
+        log.info("%s", dedup_verdict(dedup))
     with atomic_path(output / "_SUCCESS") as tmp:
         tmp.write_text("")
     (output / TIMINGS_NAME).unlink(missing_ok=True)  # the job is complete: a later one starts its own
     return report
-
-
-def recall_verdict(joined: JoinResult) -> str:
-    """The job's last word: recall reached against its target, and the plan that reached it."""
-    recall, plan = joined.recall, joined.plan
-    if recall is None:
-        return f"recall not measured (--recall-queries 0); plan: {plan}"
-    got = (
-        f"recall@{recall.k} {recall.recall:.3f} (tie-aware; strict {recall.recall_strict:.3f}) on {recall.measured_on}"
-    )
-    if recall.target is None:
-        return f"{got}, no target; plan: {plan}"
-    return f"{got}, target {recall.target}: {'met' if recall.met else 'MISSED'}; plan: {plan}"
 
 
 def require(value: str | None, flag: str, command: str) -> Path:
