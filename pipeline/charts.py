@@ -105,8 +105,10 @@ def line_chart(
     ylabel: str,
     x_log: int = 0,
     hline: tuple[str, float] | None = None,
+    mark: tuple[str, float, float] | None = None,
 ) -> str:
-    """Lines with markers, one per ``(label, xs, ys)``, a legend, and an optional labelled level."""
+    """Lines with markers, one per ``(label, xs, ys)``, a legend, an optional labelled level and
+    an optional marked point ``(label, x, y)`` (the setting chosen), ringed and named in the legend."""
     xs = [x for _, s, _ in series for x in s]
     ys = [y for _, _, s in series for y in s] + ([hline[1]] if hline else [])
     lo, hi = min(ys), max(ys)
@@ -127,13 +129,27 @@ def line_chart(
             f'<circle cx="{frame.px(x):.1f}" cy="{frame.py(y):.1f}" r="3" fill="{colour}"/>'
             for x, y in zip(sx, sy, strict=True)
         ]
-    for i, (label, _, _) in enumerate(legend):
-        y = H - BOTTOM - 12 - 16 * (len(legend) - 1 - i)
-        colour = "grey" if hline and i == len(legend) - 1 else COLOURS[i % len(COLOURS)]
+    if mark is not None:
         out.append(
-            f'<line x1="{W - RIGHT - 130}" x2="{W - RIGHT - 110}" y1="{y - 4}" y2="{y - 4}" '
-            f'stroke="{colour}" stroke-width="2"/>'
-            f'<text x="{W - RIGHT - 104}" y="{y}">{html.escape(label)}</text>'
+            f'<circle cx="{frame.px(mark[1]):.1f}" cy="{frame.py(mark[2]):.1f}" r="8" fill="none" '
+            'stroke="black" stroke-width="2"/>'
+        )
+    rows = len(legend) + (mark is not None)
+    for i, (label, _, _) in enumerate(legend):
+        y = H - BOTTOM - 12 - 16 * (rows - 1 - i)
+        colour = "grey" if hline and i == len(legend) - 1 else COLOURS[i % len(COLOURS)]
+        sample = (
+            f'<line x1="{W - RIGHT - 130}" x2="{W - RIGHT - 110}" y1="{y - 4}" y2="{y - 4}" stroke="{colour}" '
+            'stroke-width="2"' + (' stroke-dasharray="6 4"/>' if colour == "grey" else "/>")
+        )
+        if colour != "grey":  # the point marker too: a series of one point draws no line
+            sample += f'<circle cx="{W - RIGHT - 120}" cy="{y - 4}" r="3" fill="{colour}"/>'
+        out.append(sample + f'<text x="{W - RIGHT - 104}" y="{y}">{html.escape(label)}</text>')
+    if mark is not None:
+        y = H - BOTTOM - 12
+        out.append(
+            f'<circle cx="{W - RIGHT - 120}" cy="{y - 4}" r="6" fill="none" stroke="black" stroke-width="2"/>'
+            f'<text x="{W - RIGHT - 104}" y="{y}">{html.escape(mark[0])}</text>'
         )
     return _svg(out)
 

@@ -21,7 +21,15 @@ import pyarrow.parquet as pq
 
 from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.results import DedupResult, JobReport, RecallResult, TunePointRecord, dedup_verdict, recall_verdict
+from pipeline.results import (
+    DedupExample,
+    DedupResult,
+    JobReport,
+    RecallResult,
+    TunePointRecord,
+    dedup_verdict,
+    recall_verdict,
+)
 
 __all__ = ["kth_scores", "write_report", "to_html"]
 
@@ -70,6 +78,15 @@ def _curve(recall: RecallResult | None) -> list[TunePointRecord]:
     ]
 
 
+def _chosen(recall: RecallResult, curve: list[TunePointRecord]) -> tuple[str, float, float] | None:
+    """The chosen setting's point on the recall chart (its recall on the tuning sample)."""
+    if recall.nprobe is None:
+        return None
+    at = [p for p in curve if p.nprobe == recall.nprobe and p.rerank == recall.rerank]
+    y = at[0].recall if at else recall.recall
+    return f"chosen: nprobe {recall.nprobe}, rerank {recall.rerank}", float(recall.nprobe), y
+
+
 def _write_chart(output: Path, name: str, svg: str) -> None:
     with atomic_path(output / name) as tmp:
         tmp.write_text(svg)
@@ -95,6 +112,7 @@ def _plots(output: Path, report: JobReport, kth: np.ndarray) -> list[tuple[str, 
                 ylabel=f"recall@{recall.k}",
                 x_log=2,
                 hline=(f"target {recall.target}", recall.target) if recall.target else None,
+                mark=_chosen(recall, curve),
             ),
         )
         made.append(("Recall against nprobe (throughput in the sweep below)", "recall_curve.svg"))
@@ -221,11 +239,20 @@ def _dedup_lines(output: Path, report: JobReport) -> list[str]:
     if d.examples:
         lines += ["### Example pairs by score", ""]
         lines += _examples_table(
-            ["score", "id a", "id b"],
+            ["score", "id a", "id b", "kept"],
             ["text a", "text b"],
-            [([f"{e.score:.4f}", _esc(e.id_a), _esc(e.id_b)], (e.text_a, e.text_b)) for e in d.examples],
+            [([f"{e.score:.4f}", _esc(e.id_a), _esc(e.id_b), _kept_of(e)], (e.text_a, e.text_b)) for e in d.examples],
         )
     return lines + _contamination_lines(d)
+
+
+def _kept_of(e: DedupExample) -> str:
+    """Which row of an example pair the dedup kept."""
+    if e.kept_a is None or e.kept_b is None:
+        return ""
+    return {(True, False): "a", (False, True): "b", (True, True): "both", (False, False): "neither"}[
+        (bool(e.kept_a), bool(e.kept_b))
+    ]
 
 
 def _examples_table(head: list[str], text_head: list[str], rows: list[tuple[list[str], tuple[Any, Any]]]) -> list[str]:
@@ -374,13 +401,18 @@ def _worker_lines(report: JobReport) -> list[str]:
         "## Workers",
         "",
         "Seconds each worker spent computing tasks of each phase in this run (Dask's task "
-        "stream); busy is their sum as a share of the job's wall time.",
+        "stream), by the phases of the timing chart; busy is their sum as a share of what the "
+        "worker could have run: the job's wall time times its task slots (Dask threads).",
         "",
         "| worker | host | device | " + " | ".join(phases) + " | busy |",
         "|---|---|---|" + "---|" * len(phases) + "---|",
     ]
     for w in report.workers:
-        share = f"{w.total:.1f} s ({w.total / report.wall_s:.0%})" if report.wall_s else f"{w.total:.1f} s"
+        share = (
+            f"{w.total:.1f} s ({w.total / (report.wall_s * w.slots):.0%} of {w.slots} slot(s))"
+            if report.wall_s
+            else f"{w.total:.1f} s"
+        )
         lines.append(
             f"| {_esc(w.worker)} | {_esc(w.host)} | {w.backend} | "
             + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases)
@@ -434,6 +466,7 @@ _STYLE = (
     "body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem;color:#222}"
     "table{border-collapse:collapse;margin:1rem 0}td,th{border:1px solid #ccc;padding:.25rem .5rem;"
     "text-align:left}img{max-width:100%}pre{background:#f4f4f4;padding:1rem;overflow:auto}"
+    ".scroll{overflow-x:auto;max-width:100%}"
 )
 
 
@@ -455,11 +488,11 @@ def to_html(lines: list[str], output: Path, title: str) -> str:
         if table:
             head, *rows = table
             body.append(
-                "<table><tr>"
+                '<div class="scroll"><table><tr>'
                 + "".join(f"<th>{_inline(c)}</th>" for c in head)
                 + "</tr>"
                 + "".join("<tr>" + "".join(f"<td>{_inline(c)}</td>" for c in r) + "</tr>" for r in rows)
-                + "</table>"
+                + "</table></div>"
             )
             table.clear()
 

@@ -185,6 +185,7 @@ class WorkerBusy:
     host: str
     backend: str
     phases: dict[str, float]
+    slots: int = 1  # tasks the worker runs at once (its Dask threads): busy time is shared out over them
 
     @property
     def total(self) -> float:
@@ -232,6 +233,8 @@ class DedupExample:
     id_b: Any = None
     text_a: str | None = None
     text_b: str | None = None
+    kept_a: bool | None = None  # whether the dedup kept each row of the pair (None: not known)
+    kept_b: bool | None = None
 
 
 @dataclass(frozen=True)

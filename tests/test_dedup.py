@@ -309,7 +309,12 @@ def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, pla
     )
     # groups/ and kept/ name the id column as the input does; the report's headline is the dedup's own
     assert pq.read_table(tmp_path / "out" / "kept").column_names == ["doc_id"]
-    headline = (tmp_path / "out" / "report.md").read_text().splitlines()[2]
+    md = (tmp_path / "out" / "report.md").read_text()
+    headline = md.splitlines()[2]
+    assert "| score | id a | id b | kept |" in md  # each example pair says which row was kept
+    settings = json.loads((tmp_path / "out" / "report.json").read_text())["config"]
+    assert "graph" not in settings and settings["dedup"]["threshold"] == 0.1  # only what dedup reads
+    assert settings["data"]["paths"] == [str(d)] and Path(settings["output"]).is_absolute()
     assert (
         headline.startswith("**dedup: 14 of ") and "pairs at l2 <= 0.1" in headline and "pair recall 1.0000" in headline
     )

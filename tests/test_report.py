@@ -39,7 +39,8 @@ def test_report_files_are_written_and_parse(tuned_run):
     rec = report["recall"]
     first = md.splitlines()[2]  # under the title: recall, target and plan
     assert first == (
-        f"**recall@10 {rec['recall']:.3f} (tie-aware) on {rec['queries']:,} held-out queries, target 0.9: "
+        f"**recall@10 {rec['recall']:.3f} (tie-aware; strict {rec['recall_strict']:.3f}) on {rec['queries']:,} "
+        "held-out queries, target 0.9: "
         f"met; plan: IVF64,PQ16, nprobe={rec['nprobe']}, rerank={rec['rerank']}**"
     )
     assert "| devices | 2 worker(s) on cpu (" in md
@@ -48,9 +49,13 @@ def test_report_files_are_written_and_parse(tuned_run):
     assert {w["worker"] for w in workers} <= {d["worker"] for d in report["devices"]} and workers
     assert all(w["backend"] == "cpu" and w["host"] for w in workers)
     phases = {p for w in workers for p in w["phases"]}
-    assert {"scan", "train", "fill", "join", "ground_truth", "tune"} <= phases
+    # named as the timing chart's phases (exact ground truth and the tuning walk are the recall phase)
+    assert {"scan", "train", "fill", "join", "recall"} <= phases <= set(report["timings_s"])
+    assert all(w["slots"] >= 1 for w in workers) and "slot(s))" in md
     assert sum(w["phases"]["join"] for w in workers if "join" in w["phases"]) > 0
     assert "## Workers" in md and "| worker | host | device |" in md
+    curve = (tuned_run / "recall_curve.svg").read_text()
+    assert f"chosen: nprobe {rec['nprobe']}, rerank {rec['rerank']}" in curve  # the chosen setting is ringed
     for svg in ("recall_curve.svg", "kth_score.svg", "timings.svg"):
         assert f"]({svg})" in md
         chart = (tuned_run / svg).read_text()
@@ -212,7 +217,17 @@ def test_charts_are_well_formed_svg_with_one_mark_per_value():
         x_log=2,
         hline=("target 0.95", 0.95),
     )
-    assert len(marks(line, "circle")) == 5 and len(marks(line, "polyline")) == 2
+    # a marker per point, and one beside each series in the legend (a series of one point draws no line)
+    assert len(marks(line, "circle")) == 5 + 2 and len(marks(line, "polyline")) == 2
+    ringed = line_chart(
+        [("rerank 0", [1, 2, 4], [0.5, 0.7, 0.96])],
+        title="recall",
+        xlabel="nprobe",
+        ylabel="recall@10",
+        x_log=2,
+        mark=("chosen: nprobe 4, rerank 0", 4.0, 0.96),
+    )
+    assert len(marks(ringed, "circle")) == 3 + 1 + 2 and "chosen: nprobe 4, rerank 0" in ringed
     assert "target 0.95" in line and "&lt;" not in "".join(t.text or "" for t in marks(line, "text"))
     values = np.array([0.1, 0.1, 0.4, 0.9])
     hist = histogram(values, 4, (0.0, 1.0), title="k-th", xlabel="score", ylabel="queries")

@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.io.atomic import atomic_path
@@ -104,14 +105,23 @@ def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int 
 
 
 def attach_examples(
-    examples: Sequence[DedupExample], dataset: Dataset, store: RowStore, text_column: str | None, limit: int = 300
+    examples: Sequence[DedupExample],
+    dataset: Dataset,
+    store: RowStore,
+    text_column: str | None,
+    *,
+    groups: tuple[Path, np.ndarray] | None = None,
+    limit: int = 300,
 ) -> tuple[DedupExample, ...]:
-    """The example pairs with their ids (and, with ``text_column``, their texts cut to ``limit`` characters)."""
+    """The example pairs with their ids, whether each row was kept (from ``groups``: the
+    ``groups/`` folder and its partitions' first rows) and, with ``text_column``, their texts cut
+    to ``limit`` characters."""
     rows = np.array(sorted({r for e in examples for r in (e.row_a, e.row_b)}), dtype=np.int64)
     if rows.size == 0:
         return tuple(examples)
     ids = dict(zip(rows.tolist(), store.gather_ids(rows).to_pylist(), strict=True))
     texts = read_texts(dataset, rows, text_column, limit) if text_column else {}
+    kept = _kept(groups, rows) if groups is not None else {}
     return tuple(
         replace(
             e,
@@ -119,6 +129,20 @@ def attach_examples(
             id_b=ids[e.row_b],
             text_a=texts.get(e.row_a) if text_column else None,
             text_b=texts.get(e.row_b) if text_column else None,
+            kept_a=kept.get(e.row_a),
+            kept_b=kept.get(e.row_b),
         )
         for e in examples
     )
+
+
+def _kept(groups: tuple[Path, np.ndarray], rows: np.ndarray) -> dict[int, bool]:
+    """``is_kept`` of global ``rows`` from ``groups/`` (one file per partition, rows in order)."""
+    folder, starts = groups
+    part_of = np.searchsorted(starts, rows, side="right") - 1
+    out: dict[int, bool] = {}
+    for p in np.unique(part_of).tolist():
+        flags = pq.read_table(folder / f"part-{p:05d}.parquet", columns=["is_kept"]).column(0)
+        local = rows[part_of == p] - int(starts[p])
+        out.update(zip(rows[part_of == p].tolist(), flags.take(pa.array(local)).to_pylist(), strict=True))
+    return out

@@ -7,6 +7,7 @@ import contextlib
 import functools
 import json
 import logging
+import os
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
@@ -84,21 +85,42 @@ def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
     except Exception as exc:  # the report's busy table is not worth failing a finished job for
         log.warning("busy time per worker not recorded (%s)", str(exc).splitlines()[0] if str(exc) else exc)
         return ()
-    names = {addr: str(info.get("name", addr)) for addr, info in client.scheduler_info().get("workers", {}).items()}
+    info = client.scheduler_info(n_workers=-1).get("workers", {})
     devices = {d.worker: d for d in cluster.devices}  # by worker name
     out = []
-    for addr, phases in sorted(busy.items()):
-        name = names.get(addr, addr)
+    for addr, by_label in sorted(busy.items()):
+        name = str(info.get(addr, {}).get("name", addr))
         device = devices.get(name)
+        phases: dict[str, float] = {}
+        for label, seconds in by_label.items():  # task labels named as the timing chart's phases
+            phase = TASK_PHASES.get(label, label)
+            phases[phase] = phases.get(phase, 0.0) + seconds
         out.append(
             WorkerBusy(
                 name,
                 device.host if device else addr,
                 device.backend if device else "unknown",
                 {k: round(v, 3) for k, v in sorted(phases.items())},
+                slots=max(1, int(info.get(addr, {}).get("nthreads", 1) or 1)),
             )
         )
     return tuple(out)
+
+
+# the phase of the timing chart that each kind of task belongs to (a task label not here is its own phase)
+TASK_PHASES = {
+    "ground_truth": "recall",
+    "tune": "recall",
+    "exact diagonal": "join",
+    "exact pairs": "join",
+    "pair_recall": "pair_recall",
+    "components": "dedup",
+    "contamination": "against",
+    "dedup_dataset": "dataset",
+    "graph_map": "graph",
+    "graph_reduce": "graph",
+    **{f"dedup_{s}": "dedup" for s in ("keep", "widen", "map", "pairs", "members", "assign", "groups")},
+}
 
 
 def staged_command(command: Callable[[Config], T], reads: tuple[str, ...] = ()) -> Callable[[Config], T]:
@@ -173,6 +195,26 @@ def start(output: Path) -> Start:
     return Start(time.monotonic(), (output / "_SUCCESS").exists(), tasks_submitted())
 
 
+def reported_config(config: Config, command: str, metric: str) -> dict[str, Any]:
+    """The settings a report shows: only the sections ``command`` reads, the metric the index was
+    built with (not an unset key), and local paths made absolute (URLs as given)."""
+    out = config.to_dict()
+    for section in ("dedup", "graph"):
+        if section != command:
+            out.pop(section, None)
+    out["index"]["metric"] = out["index"]["metric"] or metric
+
+    def absolute(path: Any) -> Any:
+        return path if not isinstance(path, str) or is_remote(path) else os.path.abspath(path)
+
+    out["data"]["paths"] = [absolute(p) for p in out["data"]["paths"]]
+    for key in ("output", "index_dir", "scratch_dir"):
+        out[key] = absolute(out.get(key))
+    if out.get("dedup"):
+        out["dedup"]["against"] = [absolute(p) for p in out["dedup"].get("against") or ()]
+    return out
+
+
 def finish(
     output: Path,
     config: Config,
@@ -201,7 +243,7 @@ def finish(
     report = JobReport(
         command,
         joined,
-        config.to_dict(),
+        reported_config(config, command, joined.index.metric),
         dict(timings.phases),
         round(wall, 3),
         round(joined.queries / wall, 1) if wall > 0 else None,

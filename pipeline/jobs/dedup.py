@@ -119,7 +119,10 @@ def dedup(config: Config) -> JobReport:
         )
         result = replace(result, target_pair_recall=d.target_pair_recall)
         timings.add("dedup", time.monotonic() - t0)
-        result = replace(result, examples=attach_examples(result.examples, dataset, built.store, d.text_column))
+        examples = attach_examples(
+            result.examples, dataset, built.store, d.text_column, groups=(output / "groups", adj_starts)
+        )
+        result = replace(result, examples=examples)
         matches = None
         if d.against:
             contamination, matches = match_against(
