@@ -383,6 +383,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             )
             return 0
         signal.signal(signal.SIGTERM, _terminated)  # a batch walltime or scancel: close worker jobs on the way out
+        signal.signal(signal.SIGINT, _interrupted)
         result = getattr(jobs, args.command)(config)
         if isinstance(result, RecallSummary):
             print(json.dumps(result.to_json(), indent=2))
@@ -413,7 +414,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         log.error("terminated (SIGTERM: walltime, scancel or kill); run or submit the same command again to resume")
         return 143
     except KeyboardInterrupt:
-        log.error("interrupted; re-run the same command to resume")
+        log.error("interrupted; run the same command again to resume: finished pieces are kept")
         return 130
 
 
@@ -423,6 +424,20 @@ class Terminated(Exception):
 
 def _terminated(signum: int, frame: object) -> None:
     raise Terminated()
+
+
+_STOPPING = [False]
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    """Ctrl-C: say at once that the job is stopping (cancelling its tasks and closing the cluster
+    takes a few seconds); a second Ctrl-C quits without waiting."""
+    if _STOPPING[0]:
+        os._exit(130)
+    _STOPPING[0] = True
+    sys.stderr.write("\n")
+    log.warning("stopping: cancelling the running tasks and closing the cluster (Ctrl-C again to quit at once)")
+    raise KeyboardInterrupt
 
 
 if __name__ == "__main__":

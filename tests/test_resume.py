@@ -307,3 +307,26 @@ def test_killed_at_each_stage_and_resumed_gives_the_same_bytes_and_plan(
     finish(cmd)
     assert _parts(out) == _parts(clean_ivfpq)
     assert _plan(out) == _plan(clean_ivfpq)
+
+
+def test_ctrl_c_says_it_is_stopping_and_the_rerun_says_what_is_left(many_pieces, tmp_path):
+    """Ctrl-C mid-join: a "stopping" line at once, exit status 130, finished pieces kept; the rerun
+    says how many rows the earlier run did, and its last line times this run apart from both."""
+    out = tmp_path / "out"
+    cmd = command(many_pieces, out, "--index-key", "Flat")
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as fh:
+        proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=fh)
+        deadline = time.monotonic() + 120
+        while len(recorded_safe(out / "manifest.json", "join")) < 20:
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    text = err.read_text()
+    assert "stopping: cancelling the running tasks and closing the cluster" in text
+    assert "interrupted; run the same command again to resume" in text and "Traceback" not in text
+    done = len(recorded(out / "manifest.json", "join"))
+    log = finish(cmd)
+    assert re.search(rf"join: resuming: {done * GROUP:,} of {ROWS:,} rows done by an earlier run", log)
+    assert re.search(r"done in [\d.]+ s; [\d.]+ s with the earlier, interrupted run\(s\)", log)

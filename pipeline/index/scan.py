@@ -22,7 +22,7 @@ from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.runner import run_tasks, submit
+from pipeline.runtime.runner import run_tasks, say_resuming, submit
 
 __all__ = ["scan_dataset", "prepare_vectors", "ScanRecord"]
 
@@ -147,6 +147,7 @@ def scan_dataset(
     nbuckets = n_buckets(dataset.total_rows)
     done = manifest.done_pieces(stage)
     todo = [p for p in dataset.pieces if p.index not in done]
+    say_resuming(stage, dataset.pieces, todo)
     dims: dict[int, int] = {int(k): int(v) for k, v in manifest.data.get("dims", {}).items()}
 
     def finished(piece: Piece, dim: int) -> None:

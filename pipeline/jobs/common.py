@@ -259,7 +259,9 @@ def finish(
     elif dedup is not None and dedup.dataset is not None:
         where = output / "deduplicated"
     phases = ", ".join(f"{k} {v:.1f}s" for k, v in timings.phases.items())
-    log.info("done in %.1f s: %s (%s)", wall, shown(where), phases)
+    this_run = time.monotonic() - started.clock
+    earlier = f"; {wall:.1f} s with the earlier, interrupted run(s)" if timings.earlier_wall else ""
+    log.info("done in %.1f s%s: %s (%s)", this_run, earlier, shown(where), phases)
     verdict = recall_verdict(joined)
     recall = joined.recall
     pairs = dedup.exactness if dedup is not None else None

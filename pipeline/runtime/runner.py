@@ -44,7 +44,7 @@ from pipeline.errors import PipelineError
 from pipeline.results import from_dict, to_dict
 from pipeline.runtime.progress import Progress, count_submitted, listening, task_key
 
-__all__ = ["Task", "Stage", "WorkItem", "run_task", "run_tasks", "run_stage", "submit"]
+__all__ = ["Task", "Stage", "WorkItem", "run_task", "run_tasks", "run_stage", "submit", "say_resuming"]
 
 log = logging.getLogger(__name__)
 
@@ -175,6 +175,14 @@ def _killed(label: str, item: WorkItem) -> PipelineError:
     )
 
 
+def say_resuming(label: str, items: Sequence[WorkItem], todo: Sequence[WorkItem]) -> None:
+    """One line when an earlier run finished part of a phase: how much is left."""
+    if todo and len(todo) < len(items):
+        total = sum(int(i.rows) for i in items)
+        left = sum(int(i.rows) for i in todo)
+        log.info("%s: resuming: %s of %s rows done by an earlier run", label, f"{total - left:,}", f"{total:,}")
+
+
 def run_stage(client: Any, manifest: Any, stage: Stage[T, R]) -> dict[int, R]:
     """Run ``stage``'s items that ``manifest`` does not record done, recording each as it finishes
     (its files and its typed result); the stage is then marked finished. Returns every item's
@@ -186,6 +194,7 @@ def run_stage(client: Any, manifest: Any, stage: Stage[T, R]) -> dict[int, R]:
         manifest.mark_piece(stage.name, item.index, stage.files(item), stored)
 
     todo = [item for item in stage.items if item.index not in done]
+    say_resuming(stage.name, stage.items, todo)
     run_tasks(client, label=stage.name, items=todo, task=stage.task, on_done=finished)
     manifest.finish_stage(stage.name, {})
     return {index: stage.read(value) for index, value in manifest.piece_results(stage.name).items()}

@@ -30,7 +30,7 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric, Strategy
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
-from pipeline.runtime.runner import run_tasks
+from pipeline.runtime.runner import run_tasks, say_resuming
 from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
 from pipeline.shuffle.edges import write_knn
 
@@ -315,11 +315,13 @@ def join_pieces(
         files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
         manifest.mark_piece("join", p.index, files)
 
+    todo = [p for p in pieces if p.index not in done]
+    say_resuming("join", pieces, todo)
     seconds = (
         run_tasks(
             client,
             label="join",
-            items=[p for p in pieces if p.index not in done],
+            items=todo,
             task=lambda p: JoinTask(
                 plan=plan,
                 index_store=index_store,
