@@ -49,6 +49,7 @@ COMMAND_SECTIONS: dict[str, tuple[str, ...]] = {
     "dedup": (*_SELF_JOIN, "dedup"),
     "graph": (*_SELF_JOIN, "graph"),
     "submit": tuple(GROUPS),
+    "plan": tuple(GROUPS),
 }
 _ALSO = {"join": {"metric"}, "evaluate": {"seed"}}  # single keys of other sections a command reads
 _NOT = {"build": {"output"}, "evaluate": {"partition_size", "overwrite"}}
@@ -80,7 +81,7 @@ def config_reference() -> str:
         key: [
             c
             for c in COMMAND_SECTIONS
-            if c != "submit"
+            if c not in ("submit", "plan")
             and (KEYS[key][0] in COMMAND_SECTIONS[c] or key in _ALSO.get(c, ()))
             and key not in _NOT.get(c, ())
         ]
@@ -125,6 +126,7 @@ REQUIRED = {
     "dedup": ("input", "output"),
     "graph": ("input", "output"),
     "submit": ("input",),
+    "plan": ("input",),
 }
 EXAMPLES = {
     "run": [
@@ -266,6 +268,19 @@ def build_parser() -> argparse.ArgumentParser:
         "--dry-run", action="store_true", help="print the driver and worker job scripts, submit nothing"
     )
     _add_job_flags(submit, "submit")
+    plan = sub.add_parser(
+        "plan",
+        help="what JOB would do and cost: the index and why, time per phase, memory, disk",
+        description="Estimate JOB before running it, from the input's metadata and rates measured on "
+        "this machine in under a second: the index it would choose and why, time, bytes read and "
+        "written per phase, peak memory per worker, and the disk the index and outputs take.",
+        epilog="examples:\n  knn-pipeline plan run --input data/ --k 10\n"
+        "  knn-pipeline plan dedup --config configs/dedup.yaml",
+    )
+    plan.add_argument(
+        "job", nargs="?", default="run", choices=("run", "build", "dedup", "graph"), help="the command (default: run)"
+    )
+    _add_job_flags(plan, "plan")
     sample = sub.add_parser(
         "sample-data",
         help="write a generated clustered dataset as Parquet shards",
@@ -320,7 +335,7 @@ def _warn_unread(path: str, command: str) -> None:
     for raw in read_yaml(path):
         key = str(raw).replace("-", "_")
         if key in KEYS and not _reads(command, key):
-            users = [c for c in COMMAND_SECTIONS if c != "submit" and _reads(c, key)]
+            users = [c for c in COMMAND_SECTIONS if c not in ("submit", "plan") and _reads(c, key)]
             log.warning("%s: %s is not read by %s (it is for %s); ignored", path, raw, command, ", ".join(users))
 
 
@@ -365,8 +380,13 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         overrides = {key: getattr(args, key, None) for key in KEYS}
         config = load_config(args.config, overrides)
-        if args.config and args.command != "submit":
+        if args.config and args.command not in ("submit", "plan"):
             _warn_unread(args.config, args.command)
+        if args.command == "plan":
+            from pipeline.jobs.plan import estimate
+
+            print("\n".join(estimate(config, args.job).lines()))
+            return 0
         if args.command == "submit":
             from pipeline.cluster.submit import prepare, submit
 

@@ -486,3 +486,16 @@ def test_a_ledger_made_again_in_the_same_place_is_read_afresh(tmp_path):
     (root / "a").write_bytes(b"old")  # the user's now: the old ledger's line must not vouch for it
     ledger = Ledger.of(root)
     assert not ledger.owns("a") and all(ledger.owns(n) for n in "bcd")
+
+
+def test_a_temporary_file_left_by_a_kill_does_not_block_the_resume(tmp_path):
+    """A run killed while writing (its timings, say) leaves a temporary file in the output before
+    the output has a manifest: the rerun removes it and starts, instead of refusing the folder."""
+    from pipeline.runtime.manifest import Manifest
+
+    out = tmp_path / "out"
+    out.mkdir()
+    stale = out / ".timings.json.tmp-0123abcd"
+    stale.write_text("{")
+    Manifest(out).open({"input": "x"}, overwrite=False, what="neighbour table", keep="index")
+    assert not stale.exists() and (out / "manifest.json").exists()

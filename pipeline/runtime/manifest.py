@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ResumeError
-from pipeline.io.atomic import remove_stale_temps, write_json
+from pipeline.io.atomic import is_temp_name, remove_stale_temps, write_json
 from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, has_links, remove_owned
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 from pipeline.results import Files, from_dict, to_dict
@@ -162,7 +162,11 @@ class Manifest:
         """What the directory holds besides the tool's bookkeeping, its logs and ``keep``."""
         if not self.dir.is_dir():
             return []
-        return [n for n in os.listdir(self.dir) if n not in (LOCK_NAME, LEDGER_NAME, TIMINGS_NAME, LOG_DIR, keep)]
+        return [
+            n
+            for n in os.listdir(self.dir)
+            if n not in (LOCK_NAME, LEDGER_NAME, TIMINGS_NAME, LOG_DIR, keep) and not is_temp_name(n)
+        ]
 
     def reopen_stage(self, stage: str) -> None:
         """Mark a finished stage unfinished, keeping its done pieces (new pieces are to be added)."""
