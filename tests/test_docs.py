@@ -94,3 +94,16 @@ def test_every_example_in_the_docs_runs(tmp_path):
             assert done.returncode == 0, f"{where}\n{done.stderr[-3000:]}"
             ran += 1
     assert ran >= 20
+
+
+def test_environment_yml_lists_every_runtime_dependency():
+    """environment.yml (for conda users with GPUs; conda-forge is out of CI's reach) names every
+    dependency of pyproject.toml, faiss-cpu as faiss-gpu."""
+    import tomllib
+
+    deps = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    names = {re.split(r"[<>=!\[ ]", d, maxsplit=1)[0].lower() for d in deps}
+    env = yaml.safe_load((ROOT / "environment.yml").read_text())["dependencies"]
+    listed = {re.split(r"[<>=! ]", str(d), maxsplit=1)[0].lower() for d in env if isinstance(d, str)}
+    missing = {n for n in names if n.replace("faiss-cpu", "faiss-gpu") not in listed}
+    assert not missing, f"environment.yml lacks {sorted(missing)}"
