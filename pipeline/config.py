@@ -67,6 +67,7 @@ class SearchSpec:
     nprobe: int | None = None
     rerank: int | None = None
     exclude_self: bool = False
+    routed_join: bool = False  # IVF-Flat: join by list groups, each read once (pipeline.search.routed)
     target_recall: float | None = 0.95  # tie-aware recall@k every job must reach on held-out queries; None: off
     allow_below_target: bool = False  # finish with exit 0 (and a warning) when the target is missed
     recall_queries: int = 1000  # sample size for measuring (and tuning) recall; 0 = off
@@ -344,6 +345,12 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
     "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),
     "exclude_self": ("search", "exclude_self", _bool, "drop the query's own id from its neighbours"),
+    "routed_join": (
+        "search",
+        "routed_join",
+        _bool,
+        "join an IVF-Flat index by groups of lists, each read once per join (routed queries)",
+    ),
     "target_recall": ("search", "target_recall", _fraction, "tie-aware recall@k to reach on held-out queries, or off"),
     "allow_below_target": (
         "search",

@@ -266,13 +266,13 @@ def _threads_seen_in_a_task() -> dict[str, object]:
         return sorted({int(i["num_threads"]) for i in threadpool_info() if i["user_api"] == "blas"})
 
     seen: dict[str, object] = {}
-    walk = lists._walk_lists
+    walk = lists.walk_lists
 
     def spy(*args, **kwargs):
         seen.setdefault("walk_blas", blas())
         return walk(*args, **kwargs)
 
-    lists._walk_lists = spy
+    lists.walk_lists = spy
     try:
         with worker_device() as be:
             seen["faiss"] = faiss.omp_get_max_threads()
@@ -287,7 +287,7 @@ def _threads_seen_in_a_task() -> dict[str, object]:
             params.nprobe = 2
             be.search(index, x, 5, params)
     finally:
-        lists._walk_lists = walk
+        lists.walk_lists = walk
     return seen
 
 

@@ -18,7 +18,7 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-__all__ = ["list_major_search", "list_major_rows", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
+__all__ = ["list_major_search", "list_major_rows", "walk_lists", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
 
 LIST_MAJOR_MIN_QUERIES = 256  # below this, a list holds too few of the batch's queries to gain
 QUERIES_PER_LIST = 256  # a batch's queries per probed list worth one matrix product (measured below)
@@ -34,7 +34,13 @@ def list_major_rows(nlist: int, nprobe: int | None) -> int:
 
 
 def list_major_search(
-    index: faiss.IndexIVFFlat, x: np.ndarray, k: int, nprobe: int, threads: int | None = None
+    index: faiss.IndexIVFFlat,
+    x: np.ndarray,
+    k: int,
+    nprobe: int,
+    threads: int | None = None,
+    *,
+    assign: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(scores, ids)`` of the ``k`` best stored vectors for each row of ``x`` among its
     ``nprobe`` nearest lists (``-1`` ids where fewer were found), as ``index.search`` gives them.
@@ -50,13 +56,14 @@ def list_major_search(
     nprobe = max(1, min(int(nprobe), int(index.nlist)))
     threads = max(1, min(int(threads or faiss.omp_get_max_threads()), nq))
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    _, assign = index.quantizer.search(x, nprobe)
+    if assign is None:  # given: the lists each query walks (-1: none), e.g. only a routed join's group
+        _, assign = index.quantizer.search(x, nprobe)
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
     shares = [np.arange(t, nq, threads) for t in range(threads)]  # strided: every share meets every list alike
 
     def walk(share: np.ndarray) -> None:
-        scores[share], ids[share] = _walk_lists(index, x[share], assign[share], k, similarity)
+        scores[share], ids[share] = walk_lists(index, x[share], assign[share], k, similarity)
 
     if threads == 1:
         walk(shares[0])
@@ -71,7 +78,7 @@ def list_major_search(
 HEAP_CHUNK = 100_000  # scores a heap call takes at once: FAISS runs larger calls on OpenMP threads
 
 
-def _walk_lists(
+def walk_lists(
     index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, k: int, similarity: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """One thread's list-major walk: the queries ``x``, each with its ``nprobe`` lists ``assign``.

@@ -430,6 +430,7 @@ def join_index(
         manifest=manifest,
         dim=built.dim,
         by_pairs=by_pairs,
+        routed=config.search.routed_join,
     )
     timings.add("join", seconds)
     result = JoinResult(

@@ -9,6 +9,7 @@ global rows back to input ids and writes ``part-NNNNN.parquet`` atomically.
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from pipeline.backends.lists import is_ivf_flat, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric, Strategy
@@ -32,6 +34,13 @@ from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
 from pipeline.runtime.runner import run_tasks, say_resuming
 from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
+from pipeline.search.routed import (
+    ROUTED_DIR,
+    RoutedLayout,
+    plan_list_groups,
+    route_and_score,
+    routed_lists,
+)
 from pipeline.shuffle.edges import write_knn
 
 __all__ = [
@@ -177,6 +186,7 @@ class JoinTask:
     out: str
     budget_rows: int
     pairs: PairLayout | None = None
+    routed: RoutedLayout | None = None  # the piece's lists come from the routed join (IVF-Flat)
 
     def run(self) -> int:
         plan, index_store, query_store, piece, out, budget_rows, pairs = (
@@ -199,11 +209,13 @@ class JoinTask:
         log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
         q_all = query_store.vectors(piece.index)
         q_ids_all = query_store.ids(piece.index)
-        lists = (
-            None
-            if pairs is None
-            else piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
-        )
+        if pairs is not None:
+            lists = piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
+        elif self.routed is not None:
+            lists = routed_lists(self.routed, piece)
+            batch_rows = max(1, min(budget_rows, be.search_rows))  # nothing left to search: writing batches
+        else:
+            lists = None
         short = 0
         buffered: list[pa.Table] = []
         knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
@@ -279,12 +291,14 @@ def join_pieces(
     manifest: Manifest,
     dim: int,
     by_pairs: bool = False,
+    routed: bool = False,
 ) -> float:
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
 
     ``by_pairs``: an exact self-join computes every piece's lists first, each pair of pieces
     scored once for both (:mod:`pipeline.search.pairs`), unless pieces were joined another way
-    already (an appended join goes on piece by piece)."""
+    already (an appended join goes on piece by piece). ``routed``: an IVF-Flat index without
+    re-ranking is joined by list groups, each read once (:mod:`pipeline.search.routed`)."""
     width = plan.k * max(plan.rerank, 1) + 1
     per_query = width * 16 + 4 * dim  # ids, scores and order per candidate, plus the query
     budget_rows = int(max(1, BATCH_BYTES // per_query))  # each worker caps it at its backend's batch size
@@ -310,12 +324,34 @@ def join_pieces(
         )
     )
 
+    todo = [p for p in pieces if p.index not in done]
+    routes = None
+    index = shared_index(plan) if layout is None and plan.strategy == "index" else None
+    if routed and index is not None and is_ivf_flat(index) and not plan.rerank and plan.nprobe and todo:
+        routes = RoutedLayout(
+            folder=str(out_dir.parent / ROUTED_DIR),
+            groups=plan_list_groups(index),
+            nprobe=int(plan.nprobe),
+            width=candidates_per_query(plan, int(index.ntotal)),
+            similarity=plan.metric != "l2",
+        )
+        started = time.monotonic()
+        route_and_score(
+            client,
+            index=index,
+            index_dir=plan.index_dir,
+            query_store=query_store,
+            pieces=tuple(todo),
+            layout=routes,
+            manifest=manifest,
+        )
+        paired += time.monotonic() - started
+
     def finished(p: Piece, n_short: int) -> None:
         short[0] += n_short
         files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
         manifest.mark_piece("join", p.index, files)
 
-    todo = [p for p in pieces if p.index not in done]
     say_resuming("join", pieces, todo)
     seconds = (
         run_tasks(
@@ -330,6 +366,7 @@ def join_pieces(
                 out=out[p.index],
                 budget_rows=budget_rows,
                 pairs=layout,
+                routed=routes,
             ),
             on_done=finished,
         )
@@ -342,6 +379,8 @@ def join_pieces(
             plan.k,
         )
     manifest.finish_stage("join", {"seconds": seconds})
+    if routes is not None or (out_dir.parent / ROUTED_DIR).exists():  # a routed join's partial lists (ours)
+        discard(out_dir.parent / ROUTED_DIR)
     if layout is not None:
         drop_pairs(layout)
     return seconds

@@ -1,0 +1,233 @@
+"""The routed join of an IVF-Flat index: each group of inverted lists is read once per join.
+
+The batched join (:func:`pipeline.backends.lists.list_major_search` per query batch) reads every
+list its batch probes, once per batch: a join of ``n`` queries in batches of ``b`` reads the
+index ``n / b`` times, and every worker maps all of it. Here the join is turned inside out, as
+FAISS's ``contrib.big_batch_search`` does on one machine, over Dask:
+
+1. **route** (a task per query piece): the piece's queries are assigned to their ``nprobe``
+   nearest lists (the coarse quantizer only), written as ``route/piece-NNNNN.npy``;
+2. **score** (a task per *list group*: consecutive lists of at most ``GROUP_BYTES`` of vectors):
+   the group's lists are read once, and every query piece's routed queries are scored against
+   them, list by list with one matrix product each, piece after piece (memory: the group, one
+   piece's queries and their heaps); each (group, piece) writes its partial top lists;
+3. **merge**: the join's own piece tasks merge each piece's partials into its lists (exact
+   scores, self-exclusion, ids, the tables), as the exact join by pairs does.
+
+The result equals the batched join's at the same ``nprobe`` up to ties. Each stage is recorded
+in the output manifest, so a killed join resumes where it stopped; the partial lists are removed
+once every piece's table is written.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+
+from pipeline.backends.kernels import merge_topk
+from pipeline.backends.lists import list_major_search
+from pipeline.backends.worker import worker_device
+from pipeline.io.atomic import write_npz
+from pipeline.io.owned import discard
+from pipeline.io.parquet import Piece
+from pipeline.io.store import RowStore
+from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.progress import PieceProgress
+from pipeline.runtime.runner import Stage, run_stage
+
+__all__ = [
+    "ROUTED_DIR",
+    "GROUP_BYTES",
+    "ListGroup",
+    "RoutedLayout",
+    "plan_list_groups",
+    "route_and_score",
+    "routed_lists",
+]
+
+log = logging.getLogger(__name__)
+
+ROUTED_DIR = "_routed"
+GROUP_BYTES = 256 << 20  # vectors a list group holds at most (one score task holds one group)
+MIN_GROUPS = 4  # at least this many groups (as lists allow), so several workers share the scoring
+
+
+@dataclass(frozen=True)
+class ListGroup:
+    """Inverted lists ``[first, last)``, holding ``rows`` vectors (a unit of the score stage)."""
+
+    index: int
+    first: int
+    last: int
+    rows: int
+
+
+@dataclass(frozen=True)
+class RoutedLayout:
+    """Where the routed join keeps its routes and partial lists, and its list groups."""
+
+    folder: str
+    groups: tuple[ListGroup, ...]
+    nprobe: int
+    width: int  # candidates kept per query: k, plus one where a query's own row is dropped later
+    similarity: bool  # inner product (higher is better) or squared L2 (kept negated)
+
+    def route_path(self, piece: int) -> Path:
+        return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
+
+    def partial_path(self, group: int, piece: int) -> Path:
+        return Path(self.folder) / "partial" / f"group-{group:05d}" / f"piece-{piece:05d}.npz"
+
+
+def plan_list_groups(index: faiss.Index, group_bytes: int = GROUP_BYTES) -> tuple[ListGroup, ...]:
+    """Consecutive lists grouped up to ``group_bytes`` of vectors, and into at least
+    ``MIN_GROUPS`` groups where the lists allow (a list is never split)."""
+    ivf = faiss.extract_index_ivf(index)
+    invlists: Any = ivf.invlists
+    sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
+    total = int(sizes.sum()) * int(ivf.code_size)
+    per_group = max(1, min(group_bytes, -(-total // MIN_GROUPS)))
+    groups: list[ListGroup] = []
+    first, held = 0, 0
+    for i, size in enumerate(sizes.tolist()):
+        if i > first and held + size * ivf.code_size > per_group:
+            groups.append(ListGroup(len(groups), first, i, int(sizes[first:i].sum())))
+            first, held = i, 0
+        held += size * ivf.code_size
+    groups.append(ListGroup(len(groups), first, int(ivf.nlist), int(sizes[first:].sum())))
+    return tuple(groups)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RouteTask:
+    """Assign one query piece's queries to their ``nprobe`` nearest lists (the coarse quantizer)."""
+
+    index_dir: str
+    query_store: RowStore
+    piece: Piece
+    nprobe: int
+    out: str
+
+    def run(self) -> None:
+        from pipeline.index.fill import load_index
+
+        ivf = faiss.extract_index_ivf(load_index(self.index_dir))
+        q = np.ascontiguousarray(self.query_store.vectors(self.piece.index))
+        with worker_device():  # the quantizer's search on the worker's threads
+            _, assign = ivf.quantizer.search(q, self.nprobe)
+        write_npz(self.out, assign=assign.astype(np.int64))
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScoreTask:
+    """Read one list group once and score every piece's queries routed to it (see the module)."""
+
+    index_dir: str
+    query_store: RowStore
+    pieces: tuple[Piece, ...]
+    group: ListGroup
+    layout: RoutedLayout
+
+    def run(self) -> int:
+        from pipeline.index.fill import load_index
+
+        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(load_index(self.index_dir)))
+        g, layout = self.group, self.layout
+        progress = PieceProgress("routed score", g.index)
+        scored = 0
+        for piece in self.pieces:
+            with np.load(layout.route_path(piece.index)) as z:
+                assign = z["assign"]
+            inside = (assign >= g.first) & (assign < g.last)
+            picked = np.flatnonzero(inside.any(axis=1))
+            if picked.size:
+                q = np.ascontiguousarray(self.query_store.vectors(piece.index)[picked])
+                lists = np.where(inside[picked], assign[picked], -1)
+                with worker_device():  # every core walks the group's lists for its share of the queries
+                    scores, rows = list_major_search(ivf, q, layout.width, layout.nprobe, assign=lists)
+                if not layout.similarity:  # squared distances, kept negated (higher is better)
+                    scores = -scores
+                scored += int(picked.size)
+            else:
+                scores = np.zeros((0, layout.width), np.float32)
+                rows = np.zeros((0, layout.width), np.int64)
+            write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+            progress.advance(piece.rows)
+        return scored
+
+
+def route_and_score(
+    client: Any,
+    *,
+    index: faiss.Index,
+    index_dir: str,
+    query_store: RowStore,
+    pieces: tuple[Piece, ...],
+    layout: RoutedLayout,
+    manifest: Manifest,
+) -> None:
+    """The route and score stages (``routed_route``, ``routed_score``), resumable."""
+    run_stage(
+        client,
+        manifest,
+        Stage(
+            name="routed_route",
+            items=pieces,
+            task=lambda p: RouteTask(
+                index_dir=index_dir,
+                query_store=query_store,
+                piece=p,
+                nprobe=layout.nprobe,
+                out=str(layout.route_path(p.index)),
+            ),
+            files=lambda p: [layout.route_path(p.index)],
+        ),
+    )
+    log.info(
+        "routed join: %d list group(s) of %d lists, each read once for %d query piece(s)",
+        len(layout.groups),
+        faiss.extract_index_ivf(index).nlist,
+        len(pieces),
+    )
+    run_stage(
+        client,
+        manifest,
+        Stage(
+            name="routed_score",
+            items=layout.groups,
+            result=int,
+            task=lambda g: ScoreTask(
+                index_dir=index_dir, query_store=query_store, pieces=pieces, group=g, layout=layout
+            ),
+            files=lambda g: [layout.partial_path(g.index, p.index) for p in pieces],
+        ),
+    )
+
+
+def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+    """One piece's lists merged from every group's partial lists: (scores in the metric's
+    convention, global rows), best first, ``layout.width`` wide, ``-1`` where fewer were found."""
+    n, w = piece.rows, layout.width
+
+    def parts() -> Any:
+        for g in layout.groups:
+            with np.load(layout.partial_path(g.index, piece.index)) as z:
+                picked, scores, rows = z["queries"], z["scores"], z["rows"]
+            full_scores = np.full((n, w), -np.inf, dtype=np.float32)
+            full_rows = np.full((n, w), -1, dtype=np.int64)
+            full_scores[picked], full_rows[picked] = scores, rows
+            full_scores[full_rows < 0] = -np.inf
+            yield full_scores, full_rows
+
+    scores, rows = merge_topk(parts(), w)
+    return (scores if layout.similarity else -scores), rows
+
+
+def drop_routed(layout: RoutedLayout) -> None:
+    """Remove the routes and partial lists once every piece's table is written (the tool's own)."""
+    discard(layout.folder)
