@@ -431,6 +431,7 @@ def join_index(
         dim=built.dim,
         by_pairs=by_pairs,
         routed=config.search.routed_join,
+        workers=max(1, len(cluster.devices)),
     )
     timings.add("join", seconds)
     result = JoinResult(

@@ -292,6 +292,7 @@ def join_pieces(
     dim: int,
     by_pairs: bool = False,
     routed: bool = False,
+    workers: int = 1,
 ) -> float:
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
 
@@ -330,7 +331,7 @@ def join_pieces(
     if routed and index is not None and is_ivf_flat(index) and not plan.rerank and plan.nprobe and todo:
         routes = RoutedLayout(
             folder=str(out_dir.parent / ROUTED_DIR),
-            groups=plan_list_groups(index),
+            groups=plan_list_groups(index, min_groups=workers),
             nprobe=int(plan.nprobe),
             width=candidates_per_query(plan, int(index.ntotal)),
             similarity=plan.metric != "l2",

@@ -29,7 +29,6 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.kernels import merge_topk
 from pipeline.backends.lists import list_major_search
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
@@ -54,7 +53,7 @@ log = logging.getLogger(__name__)
 
 ROUTED_DIR = "_routed"
 GROUP_BYTES = 256 << 20  # vectors a list group holds at most (one score task holds one group)
-MIN_GROUPS = 4  # at least this many groups (as lists allow), so several workers share the scoring
+MIN_GROUPS = 4  # by default at least this many groups (as lists allow), so several workers share the scoring
 
 
 @dataclass(frozen=True)
@@ -84,14 +83,18 @@ class RoutedLayout:
         return Path(self.folder) / "partial" / f"group-{group:05d}" / f"piece-{piece:05d}.npz"
 
 
-def plan_list_groups(index: faiss.Index, group_bytes: int = GROUP_BYTES) -> tuple[ListGroup, ...]:
+def plan_list_groups(
+    index: faiss.Index, group_bytes: int = GROUP_BYTES, min_groups: int = MIN_GROUPS
+) -> tuple[ListGroup, ...]:
     """Consecutive lists grouped up to ``group_bytes`` of vectors, and into at least
-    ``MIN_GROUPS`` groups where the lists allow (a list is never split)."""
+    ``min_groups`` groups (one per worker, say) where the lists allow (a list is never split).
+    Every group a query's lists fall in scores it apart, so more groups than the workers need
+    cost time: each query's heap is made, filled and sorted once per group it meets."""
     ivf = faiss.extract_index_ivf(index)
     invlists: Any = ivf.invlists
     sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
     total = int(sizes.sum()) * int(ivf.code_size)
-    per_group = max(1, min(group_bytes, -(-total // MIN_GROUPS)))
+    per_group = max(1, min(group_bytes, -(-total // max(1, min_groups))))
     groups: list[ListGroup] = []
     first, held = 0, 0
     for i, size in enumerate(sizes.tolist()):
@@ -211,21 +214,23 @@ def route_and_score(
 
 def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
     """One piece's lists merged from every group's partial lists: (scores in the metric's
-    convention, global rows), best first, ``layout.width`` wide, ``-1`` where fewer were found."""
+    convention, global rows), best first, ``layout.width`` wide, ``-1`` where fewer were found.
+    Each group's partial lists go into one heap per query (only the queries that group saw), in
+    group order, so the merge is the same on every run."""
     n, w = piece.rows, layout.width
-
-    def parts() -> Any:
-        for g in layout.groups:
-            with np.load(layout.partial_path(g.index, piece.index)) as z:
-                picked, scores, rows = z["queries"], z["scores"], z["rows"]
-            full_scores = np.full((n, w), -np.inf, dtype=np.float32)
-            full_rows = np.full((n, w), -1, dtype=np.int64)
-            full_scores[picked], full_rows[picked] = scores, rows
-            full_scores[full_rows < 0] = -np.inf
-            yield full_scores, full_rows
-
-    scores, rows = merge_topk(parts(), w)
-    return (scores if layout.similarity else -scores), rows
+    heap = faiss.ResultHeap(n, w, keep_max=True)  # scores are kept higher-better (l2 negated)
+    for g in layout.groups:
+        with np.load(layout.partial_path(g.index, piece.index)) as z:
+            picked = np.ascontiguousarray(z["queries"], dtype=np.int64)
+            scores = np.ascontiguousarray(z["scores"], dtype=np.float32)
+            rows = np.ascontiguousarray(z["rows"], dtype=np.int64)
+        scores[rows < 0] = -np.inf  # empty slots never displace a found row
+        if picked.size:
+            heap.heaps.addn_query_subset_with_ids(
+                len(picked), faiss.swig_ptr(picked), w, faiss.swig_ptr(scores), faiss.swig_ptr(rows), w
+            )
+    heap.finalize()
+    return (heap.D if layout.similarity else -heap.D), heap.I
 
 
 def drop_routed(layout: RoutedLayout) -> None:
