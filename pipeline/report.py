@@ -378,6 +378,13 @@ def _summary_lines(report: JobReport) -> list[str]:
             )
         for p in rec.step_ups:
             lines.append(f"| step-up | nprobe={p.nprobe}, rerank={p.rerank}: {p.recall:.3f} held out |")
+    reads = report.join.lists_read
+    if reads is not None:
+        lists = idx.ntotal * idx.dim * 4 if idx.key.endswith(",Flat") else 0
+        times = f" ({reads.total / lists:.1f}x the index's {lists / 2**30:.2f} GiB of lists)" if lists else ""
+        phases = ", ".join(f"{p} {b / 2**30:.2f} GiB" for p, b in reads.by_phase.items())
+        workers = ", ".join(f"{_esc(w)} {b / 2**30:.2f}" for w, b in sorted(reads.by_worker.items()))
+        lines.append(f"| lists read | {phases}{times}; by worker: {workers} GiB |")
     devices = report.join.devices
     for kind in sorted({d.backend for d in devices}):
         group = [d for d in devices if d.backend == kind]

@@ -28,6 +28,7 @@ __all__ = [
     "WorkerDevice",
     "WorkerBusy",
     "JoinResult",
+    "ListReads",
     "PairRecall",
     "DedupExample",
     "DatasetWritten",
@@ -193,6 +194,19 @@ class WorkerBusy:
 
 
 @dataclass(frozen=True)
+class ListReads:
+    """Bytes of inverted lists the join read, by phase and by worker (IVF-Flat plans): a batched
+    join reads the lists its batches probe once per batch, a routed join each list group once."""
+
+    by_phase: dict[str, int]
+    by_worker: dict[str, int]
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_phase.values())
+
+
+@dataclass(frozen=True)
 class JoinResult:
     index: IndexSummary
     search: SearchSummary
@@ -201,6 +215,7 @@ class JoinResult:
     neighbors: str
     recall: RecallResult | None
     memory: MemoryUse
+    lists_read: ListReads | None = None
 
     @property
     def plan(self) -> str:

@@ -53,9 +53,10 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
         )
 
     run(config("batched"))
+    monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * 32 * 4 // 4)  # four or five list groups
     score = routed.ScoreTask.run
 
-    def failing(task: routed.ScoreTask) -> int:
+    def failing(task: routed.ScoreTask) -> routed.Scored:
         if task.group.index == 2:
             raise RuntimeError("score task killed")
         return score(task)
@@ -71,7 +72,7 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
     ran = tmp_path / "ran.txt"
     ran.touch()
 
-    def counted(task: routed.ScoreTask) -> int:
+    def counted(task: routed.ScoreTask) -> routed.Scored:
         with open(ran, "a") as fh:
             fh.write(f"{task.group.index}\n")
         return score(task)
@@ -83,6 +84,27 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
     assert not folder.exists()  # routes and partial lists removed once the tables are written
     _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))
     assert report.recall is not None and report.recall.met
+    # the bytes of lists read: the routed join's score stage read the groups this run scored, once each
+    index_lists = 6_000 * 32 * 4
+    reads = report.join.lists_read
+    assert reads is not None and reads.by_phase.get("join", 0) == 0  # the merge walks no list
+    assert 0 < reads.by_phase["routed score"] <= index_lists
+    assert "| lists read | routed score" in (tmp_path / "routed" / "report.md").read_text()
+
+
+def test_the_report_counts_the_lists_each_join_reads(make_config, dataset_dir, tmp_path):
+    """Batches of 256 queries probe nearly every list each: the batched join reads the index's
+    lists many times over; the routed join reads each group once."""
+    from pipeline.search import join as join_module
+
+    common = dict(input=str(dataset_dir), index_key="IVF16,Flat", nprobe=8, k=5, scheduler_address=None, workers=1)
+    index_lists = 6_000 * 32 * 4
+    batched = run(make_config(output=str(tmp_path / "batched"), **common))
+    routed_report = run(make_config(output=str(tmp_path / "routed"), routed_join=True, **common))
+    assert batched.join.lists_read is not None and routed_report.join.lists_read is not None
+    assert routed_report.join.lists_read.total == index_lists  # every group, once
+    assert batched.join.lists_read.total >= 2 * index_lists  # several batches: the lists again each time
+    assert join_module.Joined(short=0).list_bytes == 0
 
 
 def test_a_routed_query_join_equals_the_batched_one(make_config, dataset_dir, tmp_path):

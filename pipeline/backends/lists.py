@@ -12,13 +12,32 @@ Results equal ``index.search`` at the same ``nprobe`` up to ties.
 
 from __future__ import annotations
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-__all__ = ["list_major_search", "list_major_rows", "walk_lists", "is_ivf_flat", "LIST_MAJOR_MIN_QUERIES"]
+__all__ = [
+    "list_major_search",
+    "list_major_rows",
+    "walk_lists",
+    "is_ivf_flat",
+    "list_bytes_read",
+    "LIST_MAJOR_MIN_QUERIES",
+]
+
+_reads = threading.local()  # bytes of inverted lists this thread's searches walked
+
+
+def list_bytes_read() -> int:
+    """Bytes of inverted lists the list-major searches of this thread have walked so far: each
+    call counts every list it visits once (a batch streams its probed lists through memory once).
+    A task reads it before and after its work to know what it read."""
+    return int(getattr(_reads, "bytes", 0))
+
 
 LIST_MAJOR_MIN_QUERIES = 256  # below this, a list holds too few of the batch's queries to gain
 QUERIES_PER_LIST = 256  # a batch's queries per probed list worth one matrix product (measured below)
@@ -58,6 +77,10 @@ def list_major_search(
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
     if assign is None:  # given: the lists each query walks (-1: none), e.g. only a routed join's group
         _, assign = index.quantizer.search(x, nprobe)
+    visited = np.unique(assign[assign >= 0])
+    invlists: Any = index.invlists
+    walked = sum(invlists.list_size(int(i)) for i in visited.tolist()) * int(index.code_size)
+    _reads.bytes = list_bytes_read() + walked
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
     shares = [np.arange(t, nq, threads) for t in range(threads)]  # strided: every share meets every list alike

@@ -44,9 +44,11 @@ from pipeline.jobs.recall import measure_recall
 from pipeline.results import (
     IndexSummary,
     JoinResult,
+    ListReads,
     MemoryUse,
     RecallResult,
     SearchSummary,
+    from_dict,
 )
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import peak_rss
@@ -450,5 +452,14 @@ def join_index(
         neighbors=str(output / "neighbors"),
         recall=recall,
         memory=MemoryUse(peak_rss(), client.run(peak_rss), set(client.run(os.getpid).values()) == {os.getpid()}),
+        lists_read=_lists_read(manifest),
     )
     return result, manifest
+
+
+def _lists_read(manifest: Manifest) -> ListReads | None:
+    """What the join recorded of the inverted lists it read (None where it walked none: exact
+    search, codes searched query by query)."""
+    info = manifest.stage_info("join") or {}
+    reads = from_dict(ListReads, info["list_reads"]) if info.get("list_reads") else None
+    return reads if reads is not None and reads.total else None

@@ -22,7 +22,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.backends import Backend
-from pipeline.backends.lists import is_ivf_flat, list_major_rows
+from pipeline.backends.lists import is_ivf_flat, list_bytes_read, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
 from pipeline.io.atomic import atomic_path
@@ -30,6 +30,7 @@ from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric, Strategy
+from pipeline.results import ListReads, to_dict
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
 from pipeline.runtime.runner import run_tasks, say_resuming
@@ -172,6 +173,41 @@ def _search_batch(
     return offsets, scores[kept], rows[kept]
 
 
+@dataclass(frozen=True)
+class Joined:
+    """One joined piece: queries that got fewer than k neighbours, the bytes of inverted lists its
+    searches walked, and the worker that ran it."""
+
+    short: int
+    list_bytes: int = 0
+    worker: str = ""
+
+
+class ReadTally:
+    """Bytes of inverted lists read, by phase and by worker, as tasks finish."""
+
+    def __init__(self) -> None:
+        self.by_phase: dict[str, int] = {}
+        self.by_worker: dict[str, int] = {}
+
+    def add(self, phase: str, worker: str, nbytes: int) -> None:
+        self.by_phase[phase] = self.by_phase.get(phase, 0) + int(nbytes)
+        self.by_worker[worker or "?"] = self.by_worker.get(worker or "?", 0) + int(nbytes)
+
+    def done(self) -> ListReads:
+        return ListReads(by_phase=dict(self.by_phase), by_worker=dict(self.by_worker))
+
+
+def worker_name() -> str:
+    """This Dask worker's name ("driver" outside a worker)."""
+    try:
+        from distributed import get_worker
+
+        return str(get_worker().name)
+    except ValueError:
+        return "driver"
+
+
 @dataclass(frozen=True, kw_only=True)
 class JoinTask:
     """Search one query piece in batches that fit ``budget_rows`` (and the worker's backend), and
@@ -188,7 +224,8 @@ class JoinTask:
     pairs: PairLayout | None = None
     routed: RoutedLayout | None = None  # the piece's lists come from the routed join (IVF-Flat)
 
-    def run(self) -> int:
+    def run(self) -> Joined:
+        read_before = list_bytes_read()
         plan, index_store, query_store, piece, out, budget_rows, pairs = (
             self.plan,
             self.index_store,
@@ -255,7 +292,7 @@ class JoinTask:
             writer.close()
         if knn_rows is not None and knn_scores is not None:
             write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
-        return short
+        return Joined(short=short, list_bytes=list_bytes_read() - read_before, worker=worker_name())
 
 
 def to_padded(
@@ -326,6 +363,7 @@ def join_pieces(
     )
 
     todo = [p for p in pieces if p.index not in done]
+    reads = ReadTally()
     routes = None
     index = shared_index(plan) if layout is None and plan.strategy == "index" else None
     if routed and index is not None and is_ivf_flat(index) and not plan.rerank and plan.nprobe and todo:
@@ -337,7 +375,7 @@ def join_pieces(
             similarity=plan.metric != "l2",
         )
         started = time.monotonic()
-        route_and_score(
+        for scored in route_and_score(
             client,
             index=index,
             index_dir=plan.index_dir,
@@ -345,11 +383,13 @@ def join_pieces(
             pieces=tuple(todo),
             layout=routes,
             manifest=manifest,
-        )
+        ).values():
+            reads.add("routed score", scored.worker, scored.list_bytes)
         paired += time.monotonic() - started
 
-    def finished(p: Piece, n_short: int) -> None:
-        short[0] += n_short
+    def finished(p: Piece, joined: Joined) -> None:
+        short[0] += joined.short
+        reads.add("join", joined.worker, joined.list_bytes)
         files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
         manifest.mark_piece("join", p.index, files)
 
@@ -379,7 +419,7 @@ def join_pieces(
             short[0],
             plan.k,
         )
-    manifest.finish_stage("join", {"seconds": seconds})
+    manifest.finish_stage("join", {"seconds": seconds, "list_reads": to_dict(reads.done())})
     if routes is not None or (out_dir.parent / ROUTED_DIR).exists():  # a routed join's partial lists (ours)
         discard(out_dir.parent / ROUTED_DIR)
     if layout is not None:

@@ -84,7 +84,7 @@ class RoutedLayout:
 
 
 def plan_list_groups(
-    index: faiss.Index, group_bytes: int = GROUP_BYTES, min_groups: int = MIN_GROUPS
+    index: faiss.Index, group_bytes: int | None = None, min_groups: int = MIN_GROUPS
 ) -> tuple[ListGroup, ...]:
     """Consecutive lists grouped up to ``group_bytes`` of vectors, and into at least
     ``min_groups`` groups (one per worker, say) where the lists allow (a list is never split).
@@ -94,7 +94,7 @@ def plan_list_groups(
     invlists: Any = ivf.invlists
     sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
     total = int(sizes.sum()) * int(ivf.code_size)
-    per_group = max(1, min(group_bytes, -(-total // max(1, min_groups))))
+    per_group = max(1, min(group_bytes or GROUP_BYTES, -(-total // max(1, min_groups))))
     groups: list[ListGroup] = []
     first, held = 0, 0
     for i, size in enumerate(sizes.tolist()):
@@ -126,6 +126,16 @@ class RouteTask:
         write_npz(self.out, assign=assign.astype(np.int64))
 
 
+@dataclass(frozen=True)
+class Scored:
+    """One list group scored: the routed queries it scored, the bytes of its lists (read once),
+    and the worker that ran it."""
+
+    queries: int
+    list_bytes: int
+    worker: str
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScoreTask:
     """Read one list group once and score every piece's queries routed to it (see the module)."""
@@ -136,7 +146,9 @@ class ScoreTask:
     group: ListGroup
     layout: RoutedLayout
 
-    def run(self) -> int:
+    def run(self) -> Scored:
+        from distributed import get_worker
+
         from pipeline.index.fill import load_index
 
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(load_index(self.index_dir)))
@@ -161,7 +173,11 @@ class ScoreTask:
                 rows = np.zeros((0, layout.width), np.int64)
             write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
             progress.advance(piece.rows)
-        return scored
+        try:
+            worker = str(get_worker().name)
+        except ValueError:
+            worker = "driver"
+        return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker)
 
 
 def route_and_score(
@@ -173,8 +189,9 @@ def route_and_score(
     pieces: tuple[Piece, ...],
     layout: RoutedLayout,
     manifest: Manifest,
-) -> None:
-    """The route and score stages (``routed_route``, ``routed_score``), resumable."""
+) -> dict[int, Scored]:
+    """The route and score stages (``routed_route``, ``routed_score``), resumable; returns each
+    group's :class:`Scored`."""
     run_stage(
         client,
         manifest,
@@ -197,13 +214,13 @@ def route_and_score(
         faiss.extract_index_ivf(index).nlist,
         len(pieces),
     )
-    run_stage(
+    return run_stage(
         client,
         manifest,
         Stage(
             name="routed_score",
             items=layout.groups,
-            result=int,
+            result=Scored,
             task=lambda g: ScoreTask(
                 index_dir=index_dir, query_store=query_store, pieces=pieces, group=g, layout=layout
             ),
