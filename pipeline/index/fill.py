@@ -109,11 +109,17 @@ def read_cached(path: str | os.PathLike[str], flags: int = 0) -> faiss.Index:
     return _read(str(p), p.stat().st_mtime_ns, flags)
 
 
-def load_index(index_dir: str | os.PathLike[str]) -> faiss.Index:
-    """The finished index of ``index_dir``, once per process; on-disk lists are memory-mapped."""
+def load_index(index_dir: str | os.PathLike[str], *, private: bool = False) -> faiss.Index:
+    """The finished index of ``index_dir``, once per process; on-disk lists are memory-mapped.
+
+    ``private``: a copy of the caller's own where the lists are on disk, unmapped when the caller
+    drops it, so the pages it read leave the process (a task bounded to part of the lists)."""
     d = Path(index_dir)
-    flags = faiss.IO_FLAG_ONDISK_SAME_DIR if (d / "index.ivfdata").exists() else 0
-    return read_cached(d / "index.faiss", flags)
+    ondisk = (d / "index.ivfdata").exists()
+    if private and ondisk:
+        with _faiss_quiet():
+            return faiss.read_index(str(d / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+    return read_cached(d / "index.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
 
 
 def _write(index: faiss.Index, path: Path) -> None:

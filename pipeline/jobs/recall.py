@@ -109,7 +109,7 @@ def measure_recall(
         )
     else:
         held = sample
-    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)])[0]
+    measured = sweep(client, plan, built.store, held, [(plan.nprobe, plan.rerank)], computed=s.routed_join)[0]
     steps: list[TunePoint] = []
     if (
         tuning
@@ -119,7 +119,15 @@ def measure_recall(
         and not s.allow_below_target
     ):
         plan, measured, steps, why = _step_up(
-            client, plan, built, held=held, target=target, measured=measured, tune_nprobe=tune_nprobe, why=why
+            client,
+            plan,
+            built,
+            held=held,
+            target=target,
+            measured=measured,
+            tune_nprobe=tune_nprobe,
+            why=why,
+            computed=s.routed_join,
         )
     tuned_s = time.monotonic() - t0
     log.info(
@@ -165,6 +173,7 @@ def _step_up(
     measured: TunePoint,
     tune_nprobe: bool,
     why: str,
+    computed: bool = False,
 ) -> tuple[SearchPlan, TunePoint, list[TunePoint], str]:
     """The tuned setting reached the target on the tuning half but fell short held out (the
     curve was flat near the target, or the sample's queries were fewer independent ones than
@@ -181,7 +190,7 @@ def _step_up(
             rerank = 2 * rerank
         else:
             break
-        measured = sweep(client, plan, built.store, held, [(nprobe, rerank)])[0]
+        measured = sweep(client, plan, built.store, held, [(nprobe, rerank)], computed=computed)[0]
         steps.append(measured)
         log.info(
             "  held-out recall %.3f below the target %.3f: stepped up to nprobe=%s rerank=%d: %.3f",

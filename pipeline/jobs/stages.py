@@ -406,6 +406,9 @@ def join_index(
         query_store = _scan_queries(client, config, built, queries=queries, output=output, manifest=manifest)
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
+    if not s.routed_join and _lists_outgrow_workers(client, built):
+        config = replace(config, search=replace(s, routed_join=True))
+        s = config.search
     recall: RecallResult | None = None
     if s.recall_queries:
         t0 = time.monotonic()
@@ -434,6 +437,7 @@ def join_index(
         by_pairs=by_pairs,
         routed=config.search.routed_join,
         workers=max(1, len(cluster.devices)),
+        group_bytes=_group_bytes(client),
     )
     timings.add("join", seconds)
     result = JoinResult(
@@ -455,6 +459,34 @@ def join_index(
         lists_read=_lists_read(manifest),
     )
     return result, manifest
+
+
+ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
+ROUTED_WHEN_LISTS_OVER = 0.5  # of a worker's memory: past it, IVF-Flat lists are joined routed
+
+
+def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:
+    """Whether an IVF-Flat index's lists are more than half of the smallest worker's memory: the
+    batched join (and its recall check) map every list in every worker, so such a join is routed
+    instead, each list group read by one worker at a time (:mod:`pipeline.search.routed`)."""
+    memory = worker_memory(client)
+    lists = built.ntotal * built.dim * 4
+    if not memory or not built.key.endswith(",Flat") or not built.nlist or lists <= ROUTED_WHEN_LISTS_OVER * memory:
+        return False
+    log.info(
+        "routed join: the index's lists (%.2f GiB) are over %.0f%% of a worker's memory (%.2f GiB), so each "
+        "list group is read by one worker at a time",
+        lists / 2**30,
+        100 * ROUTED_WHEN_LISTS_OVER,
+        memory / 2**30,
+    )
+    return True
+
+
+def _group_bytes(client: Any) -> int | None:
+    """List groups small enough for the smallest worker (the group is read into its memory)."""
+    memory = worker_memory(client)
+    return None if not memory else max(1 << 20, memory // ROUTED_GROUP_SHARE)
 
 
 def _lists_read(manifest: Manifest) -> ListReads | None:

@@ -330,6 +330,7 @@ def join_pieces(
     by_pairs: bool = False,
     routed: bool = False,
     workers: int = 1,
+    group_bytes: int | None = None,
 ) -> float:
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
 
@@ -369,7 +370,7 @@ def join_pieces(
     if routed and index is not None and is_ivf_flat(index) and not plan.rerank and plan.nprobe and todo:
         routes = RoutedLayout(
             folder=str(out_dir.parent / ROUTED_DIR),
-            groups=plan_list_groups(index, min_groups=workers),
+            groups=plan_list_groups(index, group_bytes, min_groups=workers),
             nprobe=int(plan.nprobe),
             width=candidates_per_query(plan, int(index.ntotal)),
             similarity=plan.metric != "l2",

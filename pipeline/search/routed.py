@@ -94,7 +94,7 @@ def plan_list_groups(
     invlists: Any = ivf.invlists
     sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
     total = int(sizes.sum()) * int(ivf.code_size)
-    per_group = max(1, min(group_bytes or GROUP_BYTES, -(-total // max(1, min_groups))))
+    per_group = max(1, min(group_bytes or GROUP_BYTES, GROUP_BYTES, -(-total // max(1, min_groups))))
     groups: list[ListGroup] = []
     first, held = 0, 0
     for i, size in enumerate(sizes.tolist()):
@@ -151,7 +151,8 @@ class ScoreTask:
 
         from pipeline.index.fill import load_index
 
-        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(load_index(self.index_dir)))
+        index = load_index(self.index_dir, private=True)  # its mapped pages leave with the task
+        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
         g, layout = self.group, self.layout
         progress = PieceProgress("routed score", g.index)
         scored = 0
@@ -177,7 +178,9 @@ class ScoreTask:
             worker = str(get_worker().name)
         except ValueError:
             worker = "driver"
-        return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker)
+        result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker)
+        del ivf, index  # unmaps the lists read
+        return result
 
 
 def route_and_score(

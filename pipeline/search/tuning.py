@@ -373,16 +373,11 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     neighbours' list ranks (:mod:`pipeline.search.probes`) rather than searched: powers of two
     until one passes, then bisection down to the smallest passing nprobe (not three steps: each
     point costs microseconds). The points carry no search time (``computed``)."""
-    assert sample.truth_rows is not None
-    ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows))
-    n_valid = (~np.isnan(sample.truth_scores)).sum(axis=1)
     points: list[TunePoint] = []
-    k = sample.truth_scores.shape[1]
+    compute = _computed_points(ivf, sample)
 
     def measure(nprobe: int) -> TunePoint:
-        recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe), sample.valid_groups())
-        cost = query_cost(ivf, ntotal=int(ivf.ntotal), dim=int(ivf.d), k=k, nprobe=nprobe, rerank=0)
-        points.append(TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True, cost=cost))
+        points.append(compute(nprobe))
         return points[-1]
 
     low = 0  # the largest nprobe known to fall short
@@ -394,6 +389,42 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
             break
         low = nprobe
     return points
+
+
+def _computed_points(ivf: faiss.IndexIVF, sample: RecallSample) -> Callable[[int], TunePoint]:
+    """A function of nprobe giving the recall an IVF-Flat search at that nprobe would have on
+    ``sample``, computed from the true neighbours' list ranks: a true neighbour is found exactly
+    when its list is among the nprobe probed (exact codes rank it above every other candidate).
+    It reads the lists' ids and the centroids, never the stored vectors."""
+    assert sample.truth_rows is not None
+    ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows))
+    n_valid = (~np.isnan(sample.truth_scores)).sum(axis=1)
+    k = sample.truth_scores.shape[1]
+
+    def point(nprobe: int) -> TunePoint:
+        recall, stderr = _mean_and_stderr(hits_at(ranks, n_valid, nprobe), sample.valid_groups())
+        cost = query_cost(ivf, ntotal=int(ivf.ntotal), dim=int(ivf.d), k=k, nprobe=nprobe, rerank=0)
+        return TunePoint(nprobe, 0, recall, recall, stderr, 0.0, len(sample.truth), computed=True, cost=cost)
+
+    return point
+
+
+@dataclass(frozen=True, kw_only=True)
+class ComputedSweep:
+    """Each nprobe's recall on ``sample`` for an IVF-Flat index without re-ranking, computed from
+    list ranks (see :func:`_computed_points`): what a held-out check needs without reading the
+    index's vectors, so a worker smaller than the index can run it."""
+
+    plan: SearchPlan
+    sample: RecallSample
+    nprobes: tuple[int, ...]
+
+    def run(self) -> list[TunePoint]:
+        index = shared_index(self.plan)
+        assert index is not None
+        with worker_device():  # the quantizer's search on the worker's threads
+            point = _computed_points(faiss.extract_index_ivf(index), self.sample)
+            return [point(n) for n in self.nprobes]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -470,8 +501,18 @@ def sweep(
     index_store: RowStore,
     sample: RecallSample,
     settings: Sequence[tuple[int | None, int]],
+    *,
+    computed: bool = False,
 ) -> list[TunePoint]:
-    """Recall and search time of each setting on ``sample``, measured on one worker."""
+    """Recall and search time of each setting on ``sample``, measured on one worker.
+
+    ``computed``: where the plan is IVF-Flat without re-ranking, each recall is computed from list
+    ranks instead of searched (the routed join's check: the worker never reads the index's vectors)."""
+    index = shared_index(plan) if computed else None
+    exact_codes = index is not None and is_ivf_flat(index) and sample.truth_rows is not None
+    if exact_codes and all(n is not None and r == 0 for n, r in settings):
+        nprobes = tuple(int(n) for n, _ in settings if n is not None)
+        return list(submit(client, ComputedSweep(plan=plan, sample=sample, nprobes=nprobes), "recall").result())
     task = SweepTask(plan=plan, index_store=index_store, sample=sample, settings=tuple(settings))
     return list(submit(client, task, "recall").result())
 
