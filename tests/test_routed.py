@@ -121,3 +121,19 @@ def test_a_routed_query_join_equals_the_batched_one(make_config, dataset_dir, tm
             )
         )
     _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))
+
+
+def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch):
+    """The batched join maps every list in every worker: past half a worker's memory, routed."""
+    from types import SimpleNamespace
+
+    from pipeline.jobs import stages
+
+    built = SimpleNamespace(ntotal=2_000_000, dim=128, key="IVF1024,Flat", nlist=1024)  # 0.95 GiB of lists
+    monkeypatch.setattr(stages, "worker_memory", lambda client: 800 << 20)
+    assert stages._lists_outgrow_workers(None, built)
+    assert stages._group_bytes(None) == 100 << 20  # an eighth of a worker
+    monkeypatch.setattr(stages, "worker_memory", lambda client: 4 << 30)
+    assert not stages._lists_outgrow_workers(None, built)
+    monkeypatch.setattr(stages, "worker_memory", lambda client: 800 << 20)
+    assert not stages._lists_outgrow_workers(None, SimpleNamespace(**{**built.__dict__, "key": "IVF1024,SQ8"}))
