@@ -86,7 +86,12 @@ def test_every_example_in_the_docs_runs(tmp_path):
             if kind == "shell":
                 if code.startswith("pip install"):
                     continue  # the package is installed already
-                argv = ["bash", "-c", "set -euo pipefail\n" + code]
+                # the repository's scripts, from the folder the examples share
+                argv = [
+                    "bash",
+                    "-c",
+                    "set -euo pipefail\n" + code.replace("python scripts/", f"python {ROOT}/scripts/"),
+                ]
             else:
                 argv = [sys.executable, "-c", code]
             done = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
