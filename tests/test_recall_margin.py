@@ -111,8 +111,8 @@ def test_a_held_out_shortfall_steps_the_setting_up(make_config, heavy, tmp_path,
     real = stage.sweep
     calls: list[tuple] = []
 
-    def short_first(client, plan, store, sample, settings_):
-        points = real(client, plan, store, sample, settings_)
+    def short_first(client, plan, store, sample, settings_, **keys):
+        points = real(client, plan, store, sample, settings_, **keys)
         calls.append(settings_[0])
         if len(calls) == 1:  # the tuned setting, held out: pretend the curve was flat just above the target
             from dataclasses import replace
