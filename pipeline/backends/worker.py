@@ -66,7 +66,6 @@ class DevicePlugin(WorkerPlugin):
 
     def setup(self, worker: Any) -> None:
         name, reason = choose(self.device)
-        # the worker's own GPU, from its name here: get_worker() raises in setup (every worker took GPU 0)
         # the worker's GPU state (its claim on the GPU, resources, clones, resident rows) lives in
         # this plugin's backend, for the worker's life
         self.backend = CpuBackend()

@@ -349,17 +349,15 @@ def _first_dim(dataset: Dataset) -> int:
 
 
 def _worker_memory(config: Config, workers: int) -> int | None:
-    """One embedded worker's memory, as the cluster would give it."""
+    """One embedded worker's memory, as the cluster would give it: the given limit, else Dask's
+    "auto", this machine's memory (within its cgroup and rlimit) shared out over the workers."""
     from dask.utils import parse_bytes
+    from distributed.system import MEMORY_LIMIT
 
     limit = config.cluster.memory_limit
     if limit and limit != "auto":
         return int(parse_bytes(limit))
-    try:
-        total = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError):
-        return None
-    return int(total // max(1, workers))
+    return int(MEMORY_LIMIT // max(1, workers))
 
 
 def _code_bytes(key: str, d: int) -> int:

@@ -44,7 +44,17 @@ from pipeline.errors import PipelineError
 from pipeline.results import from_dict, to_dict
 from pipeline.runtime.progress import Progress, count_submitted, listening, task_key
 
-__all__ = ["Task", "Stage", "WorkItem", "run_task", "run_tasks", "run_stage", "submit", "say_resuming"]
+__all__ = [
+    "Task",
+    "Stage",
+    "WorkItem",
+    "run_task",
+    "run_tasks",
+    "run_stage",
+    "submit",
+    "say_resuming",
+    "worker_name",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,6 +79,17 @@ class Task(Protocol[R_co]):
     """One Dask task's inputs, as a frozen keyword-only dataclass; ``run`` does its work on a worker."""
 
     def run(self) -> R_co: ...
+
+
+def worker_name() -> str:
+    """The name of the Dask worker running the calling task ("driver" outside a worker), for
+    results that say where their work was done."""
+    from distributed import get_worker
+
+    try:
+        return str(get_worker().name)
+    except ValueError:
+        return "driver"
 
 
 def run_task(task: Task[R]) -> R:

@@ -33,7 +33,7 @@ from pipeline.kinds import Metric, Strategy
 from pipeline.results import ListReads, to_dict
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
-from pipeline.runtime.runner import run_tasks, say_resuming
+from pipeline.runtime.runner import run_tasks, say_resuming, worker_name
 from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs, piece_lists, plan_groups
 from pipeline.search.routed import (
     ROUTED_DIR,
@@ -196,16 +196,6 @@ class ReadTally:
 
     def done(self) -> ListReads:
         return ListReads(by_phase=dict(self.by_phase), by_worker=dict(self.by_worker))
-
-
-def worker_name() -> str:
-    """This Dask worker's name ("driver" outside a worker)."""
-    try:
-        from distributed import get_worker
-
-        return str(get_worker().name)
-    except ValueError:
-        return "driver"
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -32,12 +32,11 @@ import numpy as np
 from pipeline.backends.lists import list_major_search
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
-from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
-from pipeline.runtime.runner import Stage, run_stage
+from pipeline.runtime.runner import Stage, run_stage, worker_name
 
 __all__ = [
     "ROUTED_DIR",
@@ -147,8 +146,6 @@ class ScoreTask:
     layout: RoutedLayout
 
     def run(self) -> Scored:
-        from distributed import get_worker
-
         from pipeline.index.fill import load_index
 
         index = load_index(self.index_dir, private=True)  # its mapped pages leave with the task
@@ -174,11 +171,7 @@ class ScoreTask:
                 rows = np.zeros((0, layout.width), np.int64)
             write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
             progress.advance(piece.rows)
-        try:
-            worker = str(get_worker().name)
-        except ValueError:
-            worker = "driver"
-        result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker)
+        result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker_name())
         del ivf, index  # unmaps the lists read
         return result
 
@@ -251,8 +244,3 @@ def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.nda
             )
     heap.finalize()
     return (heap.D if layout.similarity else -heap.D), heap.I
-
-
-def drop_routed(layout: RoutedLayout) -> None:
-    """Remove the routes and partial lists once every piece's table is written (the tool's own)."""
-    discard(layout.folder)
