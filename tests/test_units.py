@@ -99,14 +99,35 @@ def test_gather_keeps_order_and_repeats(tmp_path):
         (200_000, 768, "IVF512,Flat"),
         (300_000, 384, "IVF1024,PQ192x4fs"),
         (1_000_000, 128, "IVF2048,PQ64x4fs"),
-        (50_000, 33, "IVF512,SQ8"),
+        (50_000, 33, "IVF256,Flat"),
         (500_000, 64, "IVF1024,SQ8"),
-        (100_000, 64, "IVF512,SQ8"),
+        (100_000, 64, "IVF256,Flat"),
     ],
 )
 def test_default_index_rule(n, d, key):
     assert default_index_key(n, d) == key
     make_index(key, d, "cosine")  # a valid factory string
+
+
+@pytest.mark.parametrize(
+    "n, d, key",
+    [
+        (1_000_000, 128, "IVF1024,Flat"),
+        (2_000_000, 128, "IVF1024,Flat"),  # below 4,096 bounded lists: sqrt(n) lists, flat quantizer
+        (3_000_000, 128, "IVF4096(IVF64,Flat),Flat"),
+        (4_000_000, 128, "IVF4096(IVF64,Flat),Flat"),
+        (16_000_000, 64, "IVF16384(IVF256,Flat),Flat"),
+        (64_000_000, 64, "IVF16384,SQ8"),  # 16 GiB of float32 lists: past a quarter of 32 GiB
+    ],
+)
+def test_lists_stop_growing_past_a_million_rows(n, d, key):
+    """With the workers' memory known, CPU IVF-Flat lists keep about LIST_ROWS rows from about 3M rows,
+    found through a two-level quantizer, so a query's scan stays the same size as n grows."""
+    assert default_index_key(n, d, memory_budget=32 << 30) == key
+    index = make_index(key, d, "l2")
+    nested = faiss.downcast_index(faiss.extract_index_ivf(index).quantizer)
+    if "(" in key:
+        assert isinstance(nested, faiss.IndexIVFFlat) and nested.nprobe == 8  # saved with the index
 
 
 def test_default_rule_fits_codes_in_the_memory_budget():
@@ -122,7 +143,8 @@ def test_default_rule_fits_codes_in_the_memory_budget():
     assert default_index_key(100_000, 768, memory_budget=1 * 2**30) == "IVF512,PQ384x4fs"
     assert default_index_key(1_000_000, 128, memory_budget=2 * 2**30) == "IVF1024,Flat"
     assert default_index_key(1_000_000, 128, memory_budget=1 * 2**30) == "IVF2048,PQ64x4fs"
-    assert default_index_key(1_000_000, 64, memory_budget=64 * 2**30) == "IVF2048,SQ8"  # d <= 64: SQ8 as before
+    # d <= 64 takes IVF-Flat too where it fits: list-major search beats SQ8 searched query by query
+    assert default_index_key(1_000_000, 64, memory_budget=64 * 2**30) == "IVF1024,Flat"
 
 
 def test_default_nprobe():

@@ -8,12 +8,21 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.backends.kernels import FAISS_METRICS, host_rerank, pair_topk, self_topk, streamed_exact
-from pipeline.backends.lists import LIST_MAJOR_MIN_QUERIES, is_ivf_flat, list_major_search
+from pipeline.backends.kernels import FAISS_METRICS, host_rerank, ivf_of, pair_topk, self_topk, streamed_exact
+from pipeline.backends.lists import (
+    LIST_MAJOR_MIN_QUERIES,
+    add_with_assignments,
+    coarse_assign,
+    is_ivf_flat,
+    list_major_search,
+    two_level,
+)
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
 __all__ = ["CpuBackend"]
+
+ADD_ROWS = 65_536  # rows assigned to their lists at once when adding through a two-level quantizer
 
 
 class CpuBackend:
@@ -40,7 +49,16 @@ class CpuBackend:
         index.train(x)
 
     def add(self, index: faiss.Index, x: np.ndarray, ids: np.ndarray | None) -> None:
-        if ids is None:
+        """``index.add``; an IVF index with a two-level quantizer gets its rows' lists from
+        :func:`coarse_assign` (list by list, BLAS) instead of one quantizer search per row."""
+        ivf = ivf_of(index)
+        if ivf is not None and two_level(ivf.quantizer) is not None:
+
+            def nearest(quantizer: faiss.Index, xb: np.ndarray) -> np.ndarray:
+                return coarse_assign(quantizer, xb, 1)[:, 0]
+
+            add_with_assignments(index, x, ids, nearest, ADD_ROWS)
+        elif ids is None:
             index.add(x)
         else:
             index.add_with_ids(x, ids)

@@ -40,6 +40,7 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of, knn_topk, streamed_exact
+from pipeline.backends.lists import add_with_assignments
 from pipeline.errors import DeviceError
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
@@ -53,7 +54,6 @@ __all__ = [
     "gpu_search_limits",
     "batch_rows",
     "train_with_assigner",
-    "add_with_assignments",
     "gpu_runtime_problem",
     "gpu_encodes",
 ]
@@ -129,35 +129,6 @@ def train_with_assigner(index: faiss.Index, x: np.ndarray, assigner: Any) -> Non
             ivf.clustering_index = None
         if pq is not None:
             pq.assign_index = None
-
-
-def add_with_assignments(
-    index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any, rows_per_batch: int
-) -> None:
-    """Add ``x`` (with ``ids``, else sequential) to a trained IVF index, coarse lists chosen by ``assign``.
-
-    ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in :class:`GpuBackend`; encoding
-    and list appends stay on the CPU index (``add_core``).
-    """
-    outer: Any = faiss.downcast_index(index)
-    ivf: Any = faiss.downcast_index(cast(Any, ivf_of(index)))
-    if ids is None:
-        ids = np.arange(outer.ntotal, outer.ntotal + len(x), dtype=np.int64)
-    transforms: Any = outer.chain if isinstance(outer, faiss.IndexPreTransform) else None  # a SWIG vector
-    chain = (
-        [faiss.downcast_VectorTransform(transforms.at(i)) for i in range(transforms.size())]
-        if transforms is not None
-        else []
-    )
-    for lo in range(0, len(x), rows_per_batch):
-        xb = np.ascontiguousarray(x[lo : lo + rows_per_batch], dtype=np.float32)
-        for vt in chain:
-            xb = np.ascontiguousarray(vt.apply(xb))
-        idb = np.ascontiguousarray(ids[lo : lo + rows_per_batch], dtype=np.int64)
-        lists = np.ascontiguousarray(assign(ivf.quantizer, xb), dtype=np.int64)
-        ivf.add_core(len(xb), faiss.swig_ptr(xb), faiss.swig_ptr(idb), faiss.swig_ptr(lists))
-    if outer is not ivf:
-        outer.ntotal = ivf.ntotal
 
 
 def gpu_runtime_problem() -> str | None:

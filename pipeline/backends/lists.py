@@ -14,13 +14,18 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any
+from typing import Any, cast
 
 import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
+from pipeline.backends.kernels import ivf_of
+
 __all__ = [
+    "coarse_assign",
+    "two_level",
+    "add_with_assignments",
     "list_major_search",
     "list_major_rows",
     "walk_lists",
@@ -76,7 +81,7 @@ def list_major_search(
     threads = max(1, min(int(threads or faiss.omp_get_max_threads()), nq))
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
     if assign is None:  # given: the lists each query walks (-1: none), e.g. only a routed join's group
-        _, assign = index.quantizer.search(x, nprobe)
+        assign = coarse_assign(index.quantizer, x, nprobe)
     visited = np.unique(assign[assign >= 0])
     invlists: Any = index.invlists
     walked = sum(invlists.list_size(int(i)) for i in visited.tolist()) * int(index.code_size)
@@ -98,7 +103,68 @@ def list_major_search(
     return scores, ids
 
 
+def two_level(quantizer: faiss.Index) -> faiss.IndexIVFFlat | None:
+    """The quantizer as an IVF-Flat index over the centroids (a two-level quantizer, key
+    ``IVF{nlist}(IVF{n1},Flat),...``), else None (a flat one)."""
+    inner = faiss.downcast_index(quantizer)
+    return inner if isinstance(inner, faiss.IndexIVFFlat) else None
+
+
+def coarse_assign(quantizer: faiss.Index, x: np.ndarray, nprobe: int) -> np.ndarray:
+    """``(len(x), nprobe)``: each row's ``nprobe`` nearest lists, nearest first (-1 past the
+    candidates a two-level quantizer has).
+
+    A flat quantizer is FAISS's own search (one product). A two-level one (the centroids in an
+    IVF-Flat index of about ``sqrt(nlist)`` lists, probed at its own ``nprobe``) scores each row
+    against the centroids of its probed first-level lists only (``n1 + nprobe1 * nlist / n1``
+    instead of ``nlist``), list by list with BLAS like any IVF-Flat batch: what ``quantizer.search``
+    gives, ties aside. The candidates are fixed by the first level, so a
+    smaller ``nprobe`` gives a prefix of a larger one's order, as with a flat quantizer."""
+    nested = two_level(quantizer)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    if nested is None or len(x) < LIST_MAJOR_MIN_QUERIES:
+        return quantizer.search(x, nprobe)[1]
+    before = list_bytes_read()  # centroids, not the index's lists: not counted as lists read
+    _, lists = list_major_search(nested, x, nprobe, int(nested.nprobe))
+    _reads.bytes = before
+    return lists
+
+
+def add_with_assignments(
+    index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any, rows_per_batch: int
+) -> None:
+    """Add ``x`` (with ``ids``, else sequential) to a trained IVF index, coarse lists chosen by ``assign``.
+
+    ``assign(quantizer, xb) -> (n,) int64 lists`` runs on the GPU in the GPU backend, and walks a
+    two-level quantizer list by list on the CPU (:func:`coarse_assign`); encoding and list appends
+    stay on the CPU index (``add_core``).
+    """
+    outer: Any = faiss.downcast_index(index)
+    ivf: Any = faiss.downcast_index(cast(Any, ivf_of(index)))
+    if ids is None:
+        ids = np.arange(outer.ntotal, outer.ntotal + len(x), dtype=np.int64)
+    transforms: Any = outer.chain if isinstance(outer, faiss.IndexPreTransform) else None  # a SWIG vector
+    chain = (
+        [faiss.downcast_VectorTransform(transforms.at(i)) for i in range(transforms.size())]
+        if transforms is not None
+        else []
+    )
+    for lo in range(0, len(x), rows_per_batch):
+        xb = np.ascontiguousarray(x[lo : lo + rows_per_batch], dtype=np.float32)
+        for vt in chain:
+            xb = np.ascontiguousarray(vt.apply(xb))
+        idb = np.ascontiguousarray(ids[lo : lo + rows_per_batch], dtype=np.int64)
+        lists = np.ascontiguousarray(assign(ivf.quantizer, xb), dtype=np.int64)
+        ivf.add_core(len(xb), faiss.swig_ptr(xb), faiss.swig_ptr(idb), faiss.swig_ptr(lists))
+    if outer is not ivf:
+        outer.ntotal = ivf.ntotal
+
+
 HEAP_CHUNK = 100_000  # scores a heap call takes at once: FAISS runs larger calls on OpenMP threads
+# scores one product of a list's queries makes at once (4 MiB): the gathered rows and products stay in
+# cache, and the many queries of a short list (a two-level quantizer's 64 centroids) are not one huge
+# product (at 1M x 128: the walk 2.65 -> 2.18 s, a two-level assignment 1.83 -> 1.07 s per 200k queries)
+CHUNK_SCORES = 1 << 20
 
 
 def walk_lists(
@@ -128,16 +194,24 @@ def walk_lists(
         stored = faiss.rev_swig_ptr(invlists.get_codes(number), size * index.code_size).view(np.float32)
         stored = stored.reshape(size, index.d)
         subset = queries[lo:hi]
-        block = scaled[subset] @ stored.T
-        if not similarity:
-            block += np.einsum("ij,ij->i", stored, stored)[None, :]
-        step = max(1, HEAP_CHUNK // size)
-        for a in range(0, len(subset), step):  # one id line for every row (stride 0)
+        norms = None if similarity else np.einsum("ij,ij->i", stored, stored)[None, :]
+        step = max(1, CHUNK_SCORES // size)
+        heap_rows = max(1, HEAP_CHUNK // size)
+        for a in range(0, len(subset), step):  # a chunk at a time: its rows and products stay in cache
             rows = np.ascontiguousarray(subset[a : a + step])
-            part = np.ascontiguousarray(block[a : a + step])
-            heaps.addn_query_subset_with_ids(
-                len(rows), faiss.swig_ptr(rows), size, faiss.swig_ptr(part), faiss.swig_ptr(list_ids), 0
-            )
+            part = scaled[rows] @ stored.T
+            if norms is not None:
+                part += norms
+            for b in range(0, len(rows), heap_rows):  # one id line for every row (stride 0)
+                some = rows[b : b + heap_rows]
+                heaps.addn_query_subset_with_ids(
+                    len(some),
+                    faiss.swig_ptr(some),
+                    size,
+                    faiss.swig_ptr(part[b : b + heap_rows]),
+                    faiss.swig_ptr(list_ids),
+                    0,
+                )
     heap.finalize()
     return heap.D, heap.I
 

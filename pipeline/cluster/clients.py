@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
 import dask
@@ -25,8 +26,17 @@ from pipeline.backends.gpu import gpu_runtime_problem
 from pipeline.backends.worker import WorkerDevice, install_device
 from pipeline.config import ClusterSpec, JobQueueSpec
 from pipeline.errors import DISK_ERROR_FIXES, ConfigError, PipelineError
+from pipeline.io.workdir import LOCK_NAME, shown
 
-__all__ = ["ClusterInfo", "local_layout", "dask_client", "worker_memory", "jobqueue_options", "check_memory_floor"]
+__all__ = [
+    "ClusterInfo",
+    "local_layout",
+    "dask_client",
+    "worker_memory",
+    "jobqueue_options",
+    "check_memory_floor",
+    "check_workers_see",
+]
 
 log = logging.getLogger(__name__)
 
@@ -392,6 +402,43 @@ class _QuietFailures(WorkerPlugin):
         logger = logging.getLogger("distributed.worker")
         if not any(isinstance(f, _DropReported) for f in logger.filters):
             logger.addFilter(_DropReported())
+
+
+def _read_or_none(path: str) -> bytes | None:
+    try:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError:
+        return None
+
+
+def _seen(paths: list[str]) -> dict[str, bytes | None]:
+    """On a worker: the bytes of each of ``paths`` as this worker sees them (None: not there)."""
+    return {p: _read_or_none(p) for p in paths}
+
+
+def check_workers_see(client: Any, folders: list[Path]) -> None:
+    """Refuse, in one line and before any work, a cluster whose workers do not see the job's
+    folders as the driver does. Tasks read and write the output and index folders by path, so
+    every worker must mount them at the same path; the proof is each folder's lock file, which
+    the driver has just written (its host and process): a worker that finds it missing, or
+    holding another job's, is looking at a folder of its own."""
+    wanted = {str(f / LOCK_NAME): got for f in folders if (got := _read_or_none(str(f / LOCK_NAME))) is not None}
+    if not wanted:
+        return
+    seen = client.run(_seen, list(wanted))
+    names = {a: w.get("name", a) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
+    for address, found in sorted(seen.items()):
+        for path, content in wanted.items():
+            if found.get(path) != content:
+                folder = Path(path).parent
+                there = "no lock file" if found.get(path) is None else "another job's lock file"
+                raise ConfigError(
+                    f"Dask worker {names.get(address, address)} ({address}) does not see {shown(folder)} as this "
+                    f"machine does ({there} there): the job's folders must be on a filesystem every worker "
+                    "mounts at the same path; give --output and --index-dir there, or as object-storage URLs "
+                    "with --scratch-dir on such a filesystem"
+                )
 
 
 def worker_memory(client: Any) -> int | None:

@@ -5,11 +5,18 @@ the measurements behind each rule are in docs/benchmarks.md):
 
 * ``n <= 20,000`` rows: ``Flat``, exact search over the row store: up to there it beats a tuned
   index (``scripts/exact_crossover.py``).
-* ``d > 64`` whose float32 vectors fit a quarter of the smallest worker's memory (up to 200,000
-  rows when that memory is unknown): ``IVF{nlist},Flat`` with ``nlist`` the power of two nearest
-  ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``), exact scores searched list by list
+* float32 vectors that fit a quarter of the smallest worker's memory (up to 200,000 rows when
+  that memory is unknown): ``IVF{nlist},Flat``, exact scores searched list by list
   (:mod:`pipeline.backends.lists`), no re-rank: faster than 4-bit PQ with re-rank at equal recall
-  from 30k x 384 to 1M x 128.
+  from 30k x 384 to 1M x 128, and than SQ8 searched query by query at d <= 64. ``nlist`` is the
+  power of two nearest ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``) until ``n / LIST_ROWS`` reaches
+  ``TWO_LEVEL_MIN_LISTS`` (about 3M rows); from there the power of two nearest ``n / LIST_ROWS``,
+  so lists stop growing and a query's scan keeps its size as ``n`` grows, behind a two-level
+  coarse quantizer, ``IVF{nlist}(IVF{n1},Flat),Flat`` with ``n1`` about ``sqrt(8 * nlist)``: the
+  centroids in an IVF-Flat index of their own, trained by two-level k-means and probed at
+  ``QUANTIZER_NPROBE`` of its lists, so assigning a row scores ``n1 + 8 * nlist / n1`` centroids,
+  not ``nlist``. Below that a flat quantizer over ``sqrt(n)`` lists is cheaper (2M x 128:
+  ``IVF1024`` 71 s, ``IVF2048`` with either quantizer 84-86 s).
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
@@ -67,6 +74,14 @@ IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter o
 # for all the queries probing it, so the per-query price of fine lists (coarse assignment of every
 # row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans
 LIST_MAJOR_LISTS_PER_ROOT = 1.0
+# from about 3M rows the CPU IVF-Flat lists keep about this many rows (nlist ~ n / LIST_ROWS, not sqrt(n)):
+# the scan per query then stays flat as n grows (scripts/scale_benchmark.py)
+LIST_ROWS = 1024
+# bounded lists (and a two-level quantizer: an IVF-Flat index over the centroids, searched list by list
+# with BLAS by pipeline.backends.lists.coarse_assign, trained by two-level k-means) from this many lists;
+# below, sqrt(n) lists behind a flat quantizer cost less (2M x 128: 71 s against 84-86 s)
+TWO_LEVEL_MIN_LISTS = 4096
+QUANTIZER_NPROBE = 8  # first-level lists a two-level quantizer probes
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
 GOOD_POINTS_PER_LIST = 39  # faiss's own advice: warn below
 GPU_INDEX_SHARE = 0.4  # of a GPU's free memory an IVF-Flat/float16 index may take (search batches need the rest)
@@ -123,9 +138,28 @@ def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     if gpu:
         return f"IVF{nlist},{_gpu_storage(n, d, nlist, gpu_free)}"
     if _ivf_flat_fits(n, d, memory_budget):
-        return f"IVF{_lists(n, LIST_MAJOR_LISTS_PER_ROOT)},Flat"
+        return _flat_key(n)
     codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 and d > SQ8_MAX_DIM else "SQ8"
     return f"IVF{nlist},{codes}"
+
+
+def _flat_key(n: int) -> str:
+    """The CPU IVF-Flat key: ``sqrt(n)`` lists, or, once ``n / LIST_ROWS`` reaches
+    ``TWO_LEVEL_MIN_LISTS``, lists of about ``LIST_ROWS`` rows behind a two-level quantizer."""
+    bounded = _pow2(n / LIST_ROWS)
+    if bounded >= TWO_LEVEL_MIN_LISTS:
+        return f"IVF{bounded}(IVF{first_level_lists(bounded)},Flat),Flat"
+    return f"IVF{_lists(n, LIST_MAJOR_LISTS_PER_ROOT)},Flat"
+
+
+def first_level_lists(nlist: int) -> int:
+    """First-level lists of a two-level quantizer over ``nlist`` centroids: the power of two nearest
+    ``sqrt(QUANTIZER_NPROBE * nlist)``, which minimises the centroids scored a row
+    (``n1 + QUANTIZER_NPROBE * nlist / n1``), halved until each holds 64 centroids to train on."""
+    n1 = _pow2(math.sqrt(QUANTIZER_NPROBE * nlist))
+    while n1 > 1 and nlist / n1 < SAMPLE_POINTS_PER_LIST:
+        n1 //= 2
+    return n1
 
 
 def gpu_index_bytes(n: int, d: int, nlist: int, bytes_per_value: int) -> int:
@@ -143,10 +177,10 @@ def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
 
 
 def _ivf_flat_fits(n: int, d: int, memory_budget: int | None) -> bool:
-    """IVF-Flat for data of more than 64 dimensions whose vectors fit a quarter of a worker's memory
-    (the lists are memory-mapped: they must stay in the page cache), or, with that memory unknown,
-    of at most ``IVF_FLAT_MAX_ROWS`` rows."""
-    if n <= FLAT_MAX_ROWS or d <= SQ8_MAX_DIM:
+    """IVF-Flat for data whose vectors fit a quarter of a worker's memory (the lists are
+    memory-mapped: they must stay in the page cache), or, with that memory unknown, of at most
+    ``IVF_FLAT_MAX_ROWS`` rows."""
+    if n <= FLAT_MAX_ROWS:
         return False
     if not memory_budget:
         return n <= IVF_FLAT_MAX_ROWS
@@ -211,10 +245,23 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
             "search (no fast-scan there); exact re-ranking recovers what the codes miss"
         )
     if key.endswith(",Flat"):
+        lists = (
+            "power of two nearest sqrt(n): lists searched list by list take fewer, longer lists"
+            if nlist == _lists(n, LIST_MAJOR_LISTS_PER_ROOT)
+            else f"power of two nearest n / {LIST_ROWS}: lists of about {LIST_ROWS:,} rows keep a query's scan "
+            "the same size as n grows"
+        )
+        n1 = first_level_lists(nlist)
+        coarse = (
+            f"; its {nlist:,} centroids are found through a two-level quantizer (IVF{n1} over them, "
+            f"{QUANTIZER_NPROBE} probed: about {n1 + QUANTIZER_NPROBE * nlist // n1:,} scored a row instead of all)"
+            if nlist >= TWO_LEVEL_MIN_LISTS
+            else ""
+        )
         return (
-            f"auto: {n:,} rows -> nlist {nlist} (power of two nearest sqrt(n): lists searched list by list "
-            f"take fewer, longer lists); at d > {SQ8_MAX_DIM}, "
+            f"auto: {n:,} rows -> nlist {nlist} ({lists}){coarse}; "
             "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
+            + (f" and SQ8 searched query by query at d <= {SQ8_MAX_DIM}" if d <= SQ8_MAX_DIM else "")
             + (
                 f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
                 if memory_budget
@@ -250,6 +297,7 @@ def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
             f"index_key {key!r} is not a FAISS index_factory string for dimension {d} ({detail}); "
             "examples: 'Flat', 'IVF1024,PQ32', 'IVF256,PQ64x4fs', or 'auto'"
         ) from None
+    _set_quantizer_nprobe(index)
     # index_factory turns on polysemous training for PQ codes: a permutation search that only
     # polysemous filtering uses (we never do) and that makes training 10-20x slower
     for layer in (index, ivf_of(index)):
@@ -257,6 +305,15 @@ def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
         if inner is not None and hasattr(inner, "do_polysemous_training"):
             inner.do_polysemous_training = False
     return index
+
+
+def _set_quantizer_nprobe(index: faiss.Index) -> None:
+    """A two-level quantizer probes ``QUANTIZER_NPROBE`` of its first-level lists (FAISS's default
+    is 1, too few to find a row's nearest centroid reliably); saved with the index."""
+    ivf = ivf_of(index)
+    nested = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
+    if isinstance(nested, faiss.IndexIVF):
+        nested.nprobe = min(int(nested.nlist), QUANTIZER_NPROBE)
 
 
 def nlist_of(index: faiss.Index) -> int | None:

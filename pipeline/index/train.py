@@ -10,8 +10,10 @@ from typing import Any
 
 import faiss
 import numpy as np
+from faiss.contrib.clustering import two_level_clustering
 
 from pipeline.backends.kernels import ivf_of
+from pipeline.backends.lists import two_level
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import make_encoder
 from pipeline.index.sampling import load_sample, sample_rows
@@ -66,10 +68,35 @@ class TrainTask:
                 else f"training {self.key} on {n:,} rows"
             )
             with worker_device() as be:
-                be.train(index, sample)
+                if ivf is not None and two_level(ivf.quantizer) is not None and not _transformed(index):
+                    progress.note(f"two-level k-means into {ivf.nlist:,} lists on {n:,} rows")
+                    train_two_level(ivf, sample, self.seed)
+                be.train(index, sample)  # the codes (the coarse quantizer, trained above, is kept)
             progress.note("writing the trained index")
         with atomic_path(self.out) as tmp:
             faiss.write_index(index, str(tmp))
+
+
+def _transformed(index: faiss.Index) -> bool:
+    """Whether ``index`` transforms vectors (OPQ, PCA) before its IVF layer: FAISS's own training then."""
+    return isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
+
+
+def train_two_level(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
+    """Train an IVF index's two-level quantizer on ``x``: FAISS's two-level k-means (``sqrt(nlist)``
+    clusters, then each split into lists in proportion to its rows), whose cost grows with
+    ``sqrt(nlist)`` where one k-means into ``nlist`` grows with ``nlist``; the centroids then fill
+    the quantizer's own IVF-Flat index. Inner-product indexes cluster on the sphere, as FAISS's
+    own IVF training does."""
+    nested = two_level(ivf.quantizer)
+    assert nested is not None
+    spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
+    centroids, _ = two_level_clustering(
+        np.ascontiguousarray(x, dtype=np.float32), int(nested.nlist), int(ivf.nlist), seed=seed, spherical=spherical
+    )
+    nested.cp.seed = seed
+    nested.train(centroids)
+    nested.add(centroids)
 
 
 def train_index(

@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.cluster.clients import ClusterInfo, StorageOptions, dask_client
+from pipeline.cluster.clients import ClusterInfo, StorageOptions, check_workers_see, dask_client
 from pipeline.config import Config
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
@@ -73,6 +73,7 @@ def job_cluster(config: Config) -> Iterator[tuple[Any, Any]]:
     """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device,
     and gets the job's ``storage_options`` for reading remote input."""
     with dask_client(config.cluster, logs_dir(config)) as (client, cluster):
+        check_workers_see(client, [Path(d) for d in (config.output, config.index_dir) if d])
         if config.storage_options:
             client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
         yield client, replace(cluster, busy_since=record_busy(client))

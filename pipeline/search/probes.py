@@ -15,9 +15,12 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
+from pipeline.backends.lists import coarse_assign, two_level
+
 __all__ = ["neighbour_lists", "list_ranks", "hits_at"]
 
 RANK_BLOCK_BYTES = 32 << 20  # working memory for one block of queries' probe orders
+RANK_DEPTH = 2048  # lists ranked per query through a two-level quantizer: past any nprobe tuned (probe_steps)
 
 
 def neighbour_lists(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
@@ -46,17 +49,21 @@ def neighbour_lists(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
 
 def list_ranks(ivf: faiss.IndexIVF, queries: np.ndarray, lists: np.ndarray) -> np.ndarray:
     """``(queries, k)``: the position of ``lists[i, j]`` in query ``i``'s probe order (0: probed
-    first, so found from nprobe 1 on); ``nlist`` where the list is -1. The order is the quantizer's
-    own search over all lists, as a search orders its ``nprobe``."""
+    first, so found from nprobe 1 on); ``nlist`` where the list is -1 or never probed. The order
+    is the coarse assignment a search makes (:func:`pipeline.backends.lists.coarse_assign`) over
+    all lists, or over the first ``RANK_DEPTH`` a two-level quantizer ranks (its candidates are
+    fixed by the first level, so every smaller ``nprobe`` is a prefix of that order)."""
     nlist = int(ivf.nlist)
+    depth = nlist if two_level(ivf.quantizer) is None else min(nlist, RANK_DEPTH)
     nq = len(queries)
     out = np.full(lists.shape, nlist, dtype=np.int64)
     block = max(1, RANK_BLOCK_BYTES // (16 * nlist))
     for lo in range(0, nq, block):
         hi = min(nq, lo + block)
-        _, order = ivf.quantizer.search(np.ascontiguousarray(queries[lo:hi]), nlist)
-        rank = np.empty_like(order)
-        rank[np.arange(hi - lo)[:, None], order] = np.arange(nlist)[None, :]
+        order = coarse_assign(ivf.quantizer, queries[lo:hi], depth)
+        rank = np.full((hi - lo, nlist + 1), nlist, dtype=np.int64)  # column nlist: the -1 (none) slots
+        rank[np.arange(hi - lo)[:, None], np.where(order >= 0, order, nlist)] = np.arange(depth)[None, :]
+        rank[:, nlist] = nlist
         got = lists[lo:hi]
         valid = got >= 0
         out[lo:hi][valid] = rank[np.nonzero(valid)[0], got[valid]]

@@ -29,7 +29,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import list_major_search
+from pipeline.backends.lists import coarse_assign, list_major_search
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
 from pipeline.io.parquet import Piece
@@ -121,7 +121,7 @@ class RouteTask:
         ivf = faiss.extract_index_ivf(load_index(self.index_dir))
         q = np.ascontiguousarray(self.query_store.vectors(self.piece.index))
         with worker_device():  # the quantizer's search on the worker's threads
-            _, assign = ivf.quantizer.search(q, self.nprobe)
+            assign = coarse_assign(ivf.quantizer, q, self.nprobe)
         write_npz(self.out, assign=assign.astype(np.int64))
 
 

@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import is_ivf_flat
+from pipeline.backends.lists import is_ivf_flat, two_level
 from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
@@ -157,11 +157,11 @@ def query_cost(index: faiss.Index | None, *, ntotal: int, dim: int, k: int, npro
     a deterministic cost from the index's shape, so the same input and settings choose the same
     plan on any machine (never a timing).
 
-    IVF: the coarse quantizer (``nlist x dim``), then ``nprobe`` lists of ``ntotal / nlist``
-    entries, each costing its code's width (``dim`` for Flat and scalar codes, one lookup per
-    byte for PQ); re-ranking gathers ``k x rerank`` rows of ``dim`` floats at random. ``None``
-    (exact search over the row store): ``ntotal x dim``. Other indexes: the re-rank term alone
-    (their own search cost does not change between the settings compared)."""
+    IVF: the coarse quantizer (``nlist x dim``, less through a two-level one), then ``nprobe``
+    lists of ``ntotal / nlist`` entries, each costing its code's width (``dim`` for Flat and
+    scalar codes, one lookup per byte for PQ); re-ranking gathers ``k x rerank`` rows of ``dim``
+    floats at random. ``None`` (exact search over the row store): ``ntotal x dim``. Other
+    indexes: the re-rank term alone (their own search cost does not change between the settings compared)."""
     gathered = RERANK_WEIGHT * k * rerank * dim if rerank else 0.0
     if index is None:
         return float(ntotal) * dim
@@ -169,7 +169,17 @@ def query_cost(index: faiss.Index | None, *, ntotal: int, dim: int, k: int, npro
     if ivf is None or not nprobe:
         return gathered
     entry = min(dim, int(ivf.code_size))
-    return float(ivf.nlist) * dim + nprobe * (ntotal / max(1, ivf.nlist)) * entry + gathered
+    return coarse_centroids(ivf) * dim + nprobe * (ntotal / max(1, ivf.nlist)) * entry + gathered
+
+
+def coarse_centroids(ivf: faiss.IndexIVF) -> float:
+    """Centroids a query is scored against to find its lists: all ``nlist``, or through a
+    two-level quantizer its ``n1`` first-level centroids and the ``nprobe1`` lists of them it probes."""
+    nested = two_level(ivf.quantizer)
+    if nested is None:
+        return float(ivf.nlist)
+    n1 = max(1, int(nested.nlist))
+    return float(n1 + min(int(nested.nprobe), n1) * ivf.nlist / n1)
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)

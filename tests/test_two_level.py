@@ -1,0 +1,109 @@
+"""Lists that stop growing: past 1M rows the CPU IVF-Flat plan keeps lists of about LIST_ROWS rows,
+and finds a row's lists through a two-level quantizer (the centroids in an IVF-Flat index of their
+own), trained by two-level k-means and searched list by list. Its assignments must be what FAISS's
+own search of that quantizer gives, the recall computed from list ranks must hold for it, and the
+whole job (batched and routed join) must work on such an index."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from pipeline import run
+from pipeline.backends.lists import coarse_assign, list_major_search, two_level
+from pipeline.index.choice import QUANTIZER_NPROBE, make_index
+from pipeline.index.train import train_two_level
+from pipeline.io.sample_data import clustered_vectors
+from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
+from pipeline.search.recall import tie_aware_hits
+from tests.test_pairs import _same_up_to_ties, _tables
+
+
+def _two_level_index(x: np.ndarray, nlist: int, n1: int, metric: int, seed: int = 0) -> faiss.IndexIVFFlat:
+    key = f"IVF{nlist}(IVF{n1},Flat),Flat"
+    owner = make_index(key, x.shape[1], "l2" if metric == faiss.METRIC_L2 else "ip")
+    ivf = faiss.downcast_index(owner)
+    ivf.referenced_objects = [owner]  # a downcast proxy does not own the index: keep its owner alive
+    train_two_level(ivf, x, seed)
+    ivf.train(x)  # the coarse quantizer is kept: nothing left to train for Flat codes
+    ivf.add(x)
+    return ivf
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_two_level_assignment_is_faiss_own_and_nested(metric):
+    """coarse_assign through a two-level quantizer (list by list, BLAS) gives FAISS's own
+    quantizer search, ties aside, and a smaller nprobe gives a prefix of a larger one's order."""
+    x = clustered_vectors(40_000, 24, seed=1)
+    if metric == faiss.METRIC_INNER_PRODUCT:
+        faiss.normalize_L2(x)
+    ivf = _two_level_index(x, 512, 8, metric)
+    nested = two_level(ivf.quantizer)
+    assert nested is not None and nested.nprobe == QUANTIZER_NPROBE and nested.ntotal == 512
+    q = clustered_vectors(3_000, 24, seed=2)  # more than LIST_MAJOR_MIN_QUERIES: the list-major walk
+    wide = coarse_assign(ivf.quantizer, q, 12)
+    theirs_d, theirs = ivf.quantizer.search(q, 12)
+    gap = np.abs(np.diff(theirs_d, axis=1)).min(axis=1)
+    clear = gap > 1e-4  # no near-tie anywhere in the order
+    assert clear.mean() > 0.9
+    assert np.array_equal(wide[clear], theirs[clear])
+    assert np.array_equal(coarse_assign(ivf.quantizer, q, 5)[clear], wide[clear, :5])
+    assert np.array_equal(coarse_assign(ivf.quantizer, q[:10], 5), ivf.quantizer.search(q[:10], 5)[1])
+
+
+def test_two_level_training_is_seeded_and_fills_the_quantizer():
+    x = clustered_vectors(20_000, 16, seed=3)
+    a = _two_level_index(x, 256, 16, faiss.METRIC_L2, seed=7)
+    b = _two_level_index(x, 256, 16, faiss.METRIC_L2, seed=7)
+    assert a.is_trained and a.quantizer.ntotal == 256 and a.ntotal == 20_000
+    ca = faiss.downcast_index(a.quantizer).reconstruct_n(0, 256)
+    assert np.array_equal(ca, faiss.downcast_index(b.quantizer).reconstruct_n(0, 256))  # the same seed, the same lists
+    sizes = np.array([a.invlists.list_size(i) for i in range(256)])
+    assert sizes.min() > 0 and sizes.max() < 20 * sizes.mean()  # every list used, none swallowing the data
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_recall_computed_from_list_ranks_holds_through_a_two_level_quantizer(metric):
+    """The tuning reads recall at each nprobe off the true neighbours' list ranks: through a
+    two-level quantizer the ranks are its own probe order, so the computed recall is what the
+    list-major search at that nprobe finds (a lower bound, equal where nothing ties)."""
+    x = clustered_vectors(30_000, 16, seed=4)
+    q = clustered_vectors(600, 16, seed=5)
+    if metric == faiss.METRIC_INNER_PRODUCT:
+        faiss.normalize_L2(x)
+        faiss.normalize_L2(q)
+    ivf = _two_level_index(x, 512, 8, metric)
+    k = 10
+    truth_d, truth_i = faiss.knn(q, x, k, metric=metric)
+    ranks = list_ranks(ivf, q, neighbour_lists(ivf, truth_i))
+    n_valid = np.full(len(q), k)
+    similarity = metric == faiss.METRIC_INNER_PRODUCT
+    for nprobe in (1, 2, 4, 8, 16):
+        scores, rows = list_major_search(ivf, q, k, nprobe)
+        exact = [
+            (x[r[r >= 0]] @ q[i]) if similarity else ((x[r[r >= 0]] - q[i]) ** 2).sum(1) for i, r in enumerate(rows)
+        ]
+        searched = tie_aware_hits(exact, truth_d, k, "ip" if similarity else "l2")
+        computed = hits_at(ranks, n_valid, nprobe)
+        assert np.all(computed <= searched + 1e-9)
+        assert computed.mean() >= searched.mean() - 0.01
+    assert hits_at(ranks, n_valid, 16).mean() > 0.8 > hits_at(ranks, n_valid, 1).mean()  # not trivial
+
+
+@pytest.mark.slow
+def test_a_job_on_a_two_level_index_meets_its_target_batched_and_routed(make_config, tmp_path):
+    """A whole self-join with a two-level key: recall met on held-out queries, and the routed join
+    (lists read group by group) writes the batched join's tables."""
+    from pipeline.io.sample_data import write_shards
+
+    data = tmp_path / "data"
+    write_shards(data, clustered_vectors(24_000, 24, seed=6), shards=3, row_group_rows=4000)
+    common = dict(
+        input=str(data), index_key="IVF256(IVF16,Flat),Flat", k=10, exclude_self=True, scheduler_address=None, workers=1
+    )
+    batched = run(make_config(output=str(tmp_path / "batched"), **common))
+    assert batched.recall is not None and batched.recall.met and batched.index.key == "IVF256(IVF16,Flat),Flat"
+    routed = run(make_config(output=str(tmp_path / "routed"), routed_join=True, **common))
+    assert routed.recall is not None and routed.recall.nprobe == batched.recall.nprobe
+    _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))
