@@ -21,6 +21,10 @@ NODE_DISK_GBPS = 2.0  # reading list groups from local NVMe or object storage, p
 NODE_NET_GBPS = 2.5  # 25 GbE: routes and partial lists between nodes
 GPU_TFLOPS = 25.0  # assumed: half of an H100's ~51 TFLOP/s dense float32 (no TF32), list-major products
 GPU_PCIE_GBPS = 25.0  # assumed: a list group copied to the device once
+QUANTIZER_NPROBE = 8  # first-level lists the two-level quantizer probes (pipeline/index/choice.py)
+# measured: a two-level assignment over 4,096 centroids (576 scored a query, d=128) ran 200,000 queries in
+# 1.07 s on 2 cores, 14 GFLOP/s a core against the score stage's 20 (docs/benchmarks.md, 2026-12-06)
+ROUTE_EFFICIENCY = 0.7
 
 
 def model(
@@ -30,8 +34,10 @@ def model(
     nlist = max(1, round(rows / list_rows))
     lists_bytes = rows * dim * 4
     flop_rate = (GPU_TFLOPS * 1e12) if gpu else (CPU_GFLOPS_PER_CORE * 1e9 * CPU_CORES_PER_NODE)
-    # route: a two-level (or HNSW) coarse quantizer: ~ 2 * sqrt(nlist) centroids scored per query
-    route_flops = 2 * dim * rows * 2 * math.sqrt(nlist)
+    # route: the two-level coarse quantizer (pipeline/index/choice.py): n1 = sqrt(8 nlist) first-level
+    # centroids, then 8 of its lists of nlist / n1: 2 sqrt(8 nlist) centroids scored a query, at the
+    # measured ROUTE_EFFICIENCY of the score stage's rate (its lists of ~64 centroids are short products)
+    route_flops = 2 * dim * rows * 2 * math.sqrt(QUANTIZER_NPROBE * nlist)
     score_flops = 2 * dim * rows * nprobe * list_rows
     route_bytes = rows * nprobe * 8
     partial_bytes = rows * min(nprobe, 4) * k * 12  # a query meets a few groups; k (score, row) each
@@ -42,7 +48,11 @@ def model(
             lists_bytes / (units * NODE_DISK_GBPS * 1e9),
             f"read and store {lists_bytes / 1e12:.1f} TB of vectors",
         ),
-        ("route", route_flops / (units * flop_rate), f"{route_flops:.1e} flops: each query to its {nprobe} lists"),
+        (
+            "route",
+            route_flops / (units * flop_rate * ROUTE_EFFICIENCY),
+            f"{route_flops:.1e} flops: each query to its {nprobe} lists",
+        ),
         (
             "score",
             score_flops / (units * flop_rate) + lists_bytes / (units * read_rate),

@@ -16,8 +16,10 @@ import pytest
 from pipeline.backends import CpuBackend, GpuBackend
 from pipeline.backends.gpu import (
     GPU_MAX_K,
+    _index_bytes,
     add_with_assignments,
     batch_rows,
+    device_vector_bytes,
     gpu_runtime_problem,
     gpu_search_limits,
     train_with_assigner,
@@ -311,3 +313,75 @@ def test_gpu_self_join_by_pairs_gives_the_cpu_lists(monkeypatch):
         np.testing.assert_allclose(ga, ca, atol=1e-4)
         kept = gb >= floor[:, None]  # the CPU's b side is exact down to the floor
         np.testing.assert_allclose(np.where(kept, cb, 0), np.where(kept, gb, 0), atol=1e-4)
+
+
+def test_gpu_memory_is_counted_as_faiss_allocates_it():
+    """faiss's GPU vectors round allocations up (a power of two below 4 MiB, a quarter more below
+    128 MiB): an IVF clone's lists of ~100 KiB take 128 KiB each, so the plain sum of codes and ids
+    would be about 1.3-2x low; the estimate counts each list as allocated."""
+    assert [device_vector_bytes(n) for n in (0, 1, 3, 4096, 4097)] == [0, 1, 4, 4096, 8192]
+    assert device_vector_bytes(5 << 20) == (5 << 20) * 5 // 4 and device_vector_bytes(200 << 20) == 200 << 20
+    x = _data(12_000, 32)
+    index = make_index("IVF8,Flat", 32, "l2")
+    index.train(x)
+    index.add(x)
+    ivf = faiss.extract_index_ivf(index)
+    sizes = [ivf.invlists.list_size(i) for i in range(8)]
+    want = sum(device_vector_bytes(s * 128) + device_vector_bytes(s * 8) for s in sizes) + 8 * 32 * 4
+    plain = 12_000 * (128 + 8) + 8 * 32 * 4
+    assert _index_bytes(index) == want and 1.0 < want / plain <= 2.0
+    assert gpu_index_bytes(12_000, 32, 8, 4) >= plain  # the plan's estimate rounds the same way
+
+
+def test_gpu_free_memory_hands_cupys_cached_blocks_back_first(monkeypatch):
+    """CuPy keeps freed blocks in its pool: free for CuPy, not for faiss's clone. The free memory
+    the backend sizes clones and batches by is read after they are handed back."""
+    import sys
+    import types
+
+    calls: list[str] = []
+    pool = types.SimpleNamespace(free_all_blocks=lambda: calls.append("free_all_blocks"))
+
+    class Device:
+        def __init__(self, _n):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+    def mem_get_info():
+        calls.append("memGetInfo")
+        return (3 << 30, 8 << 30)
+
+    fake = types.SimpleNamespace(
+        get_default_memory_pool=lambda: pool,
+        cuda=types.SimpleNamespace(Device=Device, runtime=types.SimpleNamespace(memGetInfo=mem_get_info)),
+    )
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    assert GpuBackend(device=0).free_memory() == 3 << 30
+    assert calls == ["free_all_blocks", "memGetInfo"]
+
+
+def test_the_resident_exact_index_is_sized_at_its_filling_peak(monkeypatch, tmp_path):
+    """A GPU flat index filled piece by piece holds about twice its size at the peak: a store whose
+    vectors fit RESIDENT_SHARE of the free memory once, but not twice, streams from the host."""
+    from pipeline.backends import gpu as gpu_module
+
+    fake = _CpuAsGpu(monkeypatch)
+    x = _data(2000, 16)
+    store = write_store(tmp_path / "store", x, pieces=2)
+    need = ResidentRows.nbytes(store, 16)
+    free = int(1.5 * need / gpu_module.RESIDENT_SHARE)  # once fits, twice does not
+    monkeypatch.setattr(GpuBackend, "free_memory", lambda self: free)
+    monkeypatch.setattr(
+        GpuBackend, "knn", lambda self, q, xs, k, metric: faiss.knn(q, xs, k, metric=FAISS_METRICS[metric])
+    )
+    be = GpuBackend(device=0)
+    got = be.exact_search(x[:30], store, 5, "l2")
+    assert fake.copies == 0  # streamed: no resident index was built
+    want = CpuBackend().exact_search(x[:30], store, 5, "l2")
+    assert (got[1] == want[1]).mean() > 0.99
+    assert be._held(store, "re-ranking", "", lambda: "resident") == "resident"  # no growth: fits once

@@ -41,7 +41,7 @@ from typing import Any, cast
 
 import faiss
 
-from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS
+from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS, device_vector_bytes
 from pipeline.backends.kernels import FAISS_METRICS, ivf_of
 from pipeline.errors import ConfigError
 from pipeline.kinds import Metric
@@ -163,8 +163,12 @@ def first_level_lists(nlist: int) -> int:
 
 
 def gpu_index_bytes(n: int, d: int, nlist: int, bytes_per_value: int) -> int:
-    """GPU memory of an IVF index storing ``n`` vectors at ``bytes_per_value``: codes, 64-bit ids, centroids."""
-    return n * (d * bytes_per_value + 8) + nlist * d * 4
+    """GPU memory of an IVF index storing ``n`` vectors at ``bytes_per_value`` in ``nlist`` lists of
+    equal size: each list's codes and 64-bit ids as faiss's GPU allocates them (rounded up,
+    :func:`pipeline.backends.gpu.device_vector_bytes`), and the centroids."""
+    rows = math.ceil(n / max(1, nlist))
+    per_list = device_vector_bytes(rows * d * bytes_per_value) + device_vector_bytes(rows * 8)
+    return nlist * per_list + nlist * d * 4
 
 
 def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
