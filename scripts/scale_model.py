@@ -22,13 +22,14 @@ NODE_NET_GBPS = 2.5  # 25 GbE: routes and partial lists between nodes
 GPU_TFLOPS = 25.0  # assumed: half of an H100's ~51 TFLOP/s dense float32 (no TF32), list-major products
 GPU_PCIE_GBPS = 25.0  # assumed: a list group copied to the device once
 QUANTIZER_NPROBE = 8  # first-level lists the two-level quantizer probes (pipeline/index/choice.py)
+GROUP_BYTES = 256 << 20  # a list group's vectors (pipeline/search/routed.py)
 # measured: a two-level assignment over 4,096 centroids (576 scored a query, d=128) ran 200,000 queries in
 # 1.07 s on 2 cores, 14 GFLOP/s a core against the score stage's 20 (docs/benchmarks.md, 2026-12-06)
 ROUTE_EFFICIENCY = 0.7
 
 
 def model(
-    rows: float, dim: int, nprobe: int, list_rows: int, k: int, units: int, gpu: bool
+    rows: float, dim: int, nprobe: int, list_rows: int, k: int, units: int, gpu: bool, groups_met: float = 0.0
 ) -> list[tuple[str, float, str]]:
     """(phase, seconds, what) for a self-join of ``rows`` x ``dim`` on ``units`` nodes or GPUs."""
     nlist = max(1, round(rows / list_rows))
@@ -40,7 +41,10 @@ def model(
     route_flops = 2 * dim * rows * 2 * math.sqrt(QUANTIZER_NPROBE * nlist)
     score_flops = 2 * dim * rows * nprobe * list_rows
     route_bytes = rows * nprobe * 8
-    partial_bytes = rows * min(nprobe, 4) * k * 12  # a query meets a few groups; k (score, row) each
+    groups = max(1, lists_bytes / GROUP_BYTES)
+    met = min(nprobe, groups, groups_met or nprobe)  # list groups a query meets (at worst one per list)
+    partial_bytes = rows * met * k * 12  # a partial top k (score, row) per group met
+    query_bytes = rows * met * dim * 4  # the score tasks gather each routed query once per group it meets
     read_rate = (GPU_PCIE_GBPS if gpu else NODE_DISK_GBPS) * 1e9
     return [
         (
@@ -55,8 +59,11 @@ def model(
         ),
         (
             "score",
-            score_flops / (units * flop_rate) + lists_bytes / (units * read_rate),
-            f"{score_flops:.1e} flops; {lists_bytes / 1e12:.1f} TB of lists read once",
+            score_flops / (units * flop_rate)
+            + lists_bytes / (units * read_rate)
+            + query_bytes / (units * NODE_DISK_GBPS * 1e9),
+            f"{score_flops:.1e} flops; {lists_bytes / 1e12:.1f} TB of lists read once; "
+            f"{query_bytes / 1e12:.1f} TB of routed queries gathered",
         ),
         (
             "merge",
@@ -73,17 +80,24 @@ def main() -> None:
     parser.add_argument("--nprobe", type=int, default=32)
     parser.add_argument("--list-rows", type=int, default=1000)
     parser.add_argument("--k", type=int, default=10)
+    parser.add_argument(
+        "--groups-met",
+        type=float,
+        default=0.0,
+        help="list groups a query meets (default: nprobe, lists numbered at random; measured 2.2 at nprobe 6 "
+        "with lists numbered by the two-level quantizer's first level)",
+    )
     args = parser.parse_args()
     print(f"{args.rows:.0e} x {args.dim}, lists of {args.list_rows} rows, nprobe {args.nprobe}, k {args.k}\n")
     print("| hardware | scan | route | score | merge | total |")
     print("|---|---|---|---|---|---|")
     for units, gpu in ((8, False), (32, False), (128, False), (8, True), (32, True)):
-        phases = model(args.rows, args.dim, args.nprobe, args.list_rows, args.k, units, gpu)
+        phases = model(args.rows, args.dim, args.nprobe, args.list_rows, args.k, units, gpu, args.groups_met)
         name = f"{units} x H100 (assumed rates)" if gpu else f"{units} CPU nodes x {CPU_CORES_PER_NODE} cores"
         cells = " | ".join(f"{s / 60:,.0f} min" for _, s, _ in phases)
         print(f"| {name} | {cells} | {sum(s for _, s, _ in phases) / 3600:,.1f} h |")
     print()
-    for phase, _, what in model(args.rows, args.dim, args.nprobe, args.list_rows, args.k, 1, False):
+    for phase, _, what in model(args.rows, args.dim, args.nprobe, args.list_rows, args.k, 1, False, args.groups_met):
         print(f"- {phase}: {what}")
 
 

@@ -137,3 +137,28 @@ def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch):
     assert not stages._lists_outgrow_workers(None, built)
     monkeypatch.setattr(stages, "worker_memory", lambda client: 800 << 20)
     assert not stages._lists_outgrow_workers(None, SimpleNamespace(**{**built.__dict__, "key": "IVF1024,SQ8"}))
+
+
+def test_a_score_task_gathers_only_its_routed_queries(make_config, dataset_dir, tmp_path, monkeypatch):
+    """A list group meets a share of each piece's queries: its score task gathers those rows from
+    the store's memory map, and never reads a whole piece (which would read the query store once
+    per group)."""
+    from pipeline.io.store import RowStore
+
+    score = routed.ScoreTask.run
+
+    def whole_piece(self: RowStore, piece: int) -> np.ndarray:
+        raise AssertionError(f"a score task read query piece {piece} whole")
+
+    def gathering_only(task: routed.ScoreTask) -> routed.Scored:
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setattr(RowStore, "vectors", whole_piece)
+            return score(task)
+
+    monkeypatch.setattr(routed.ScoreTask, "run", gathering_only)
+    monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * 32 * 4 // 4)  # several groups
+    common = dict(input=str(dataset_dir), index_key="IVF16,Flat", nprobe=4, k=5, scheduler_address=None, workers=1)
+    report = run(make_config(output=str(tmp_path / "routed"), routed_join=True, **common))
+    run(make_config(output=str(tmp_path / "batched"), **common))
+    assert report.join.lists_read is not None and report.join.lists_read.by_phase["routed score"] > 0
+    _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))

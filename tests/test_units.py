@@ -117,7 +117,7 @@ def test_default_index_rule(n, d, key):
         (3_000_000, 128, "IVF4096(IVF64,Flat),Flat"),
         (4_000_000, 128, "IVF4096(IVF64,Flat),Flat"),
         (16_000_000, 64, "IVF16384(IVF256,Flat),Flat"),
-        (64_000_000, 64, "IVF16384,SQ8"),  # 16 GiB of float32 lists: past a quarter of 32 GiB
+        (256_000_000, 64, "IVF32768,SQ8"),  # 64 GiB of float32 lists: past the 32 GiB of memory
     ],
 )
 def test_lists_stop_growing_past_a_million_rows(n, d, key):
@@ -136,13 +136,14 @@ def test_default_rule_fits_codes_in_the_memory_budget():
     m = int(key.split(",PQ")[1].split("x")[0])
     assert m < 384 and 100_000_000 * (m / 2 + 8) <= 8 * 2**30
     assert default_index_key(100_000_000, 768) == "IVF16384,PQ384x4fs"
-    assert default_index_key(100_000_000, 128, memory_budget=64 * 2**30) == "IVF16384,PQ64x4fs"  # codes fit: unchanged
-    # IVF-Flat while the vectors take a quarter of a worker's memory (100k x 768: 293 MiB; 1M x 128: 488 MiB),
-    # at any number of rows; with the memory unknown, up to 200,000 rows
+    assert default_index_key(100_000_000, 128, memory_budget=32 * 2**30) == "IVF16384,PQ64x4fs"  # codes fit: unchanged
+    # IVF-Flat while the float32 lists fit the workers' memory taken together (a join over lists past half
+    # of a worker is routed, each list group read once), at any number of rows; memory unknown: 200,000 rows
     assert default_index_key(100_000, 768, memory_budget=2 * 2**30) == "IVF256,Flat"  # sqrt(n) lists: list-major
-    assert default_index_key(100_000, 768, memory_budget=1 * 2**30) == "IVF512,PQ384x4fs"
-    assert default_index_key(1_000_000, 128, memory_budget=2 * 2**30) == "IVF1024,Flat"
-    assert default_index_key(1_000_000, 128, memory_budget=1 * 2**30) == "IVF2048,PQ64x4fs"
+    assert default_index_key(100_000, 768, memory_budget=256 * 2**20) == "IVF512,PQ384x4fs"  # 293 MiB of lists
+    assert default_index_key(1_000_000, 128, memory_budget=1 * 2**30) == "IVF1024,Flat"  # 488 MiB: fits one worker
+    assert default_index_key(1_000_000, 128, memory_budget=256 * 2**20) == "IVF2048,PQ64x4fs"
+    assert default_index_key(1_000_000, 128, memory_budget=256 * 2**20, workers=2) == "IVF1024,Flat"  # two do
     # d <= 64 takes IVF-Flat too where it fits: list-major search beats SQ8 searched query by query
     assert default_index_key(1_000_000, 64, memory_budget=64 * 2**30) == "IVF1024,Flat"
 
@@ -413,3 +414,64 @@ def test_the_gpu_bundle_installs_twice_into_one_folder(tmp_path, monkeypatch):
     assert os.readlink(target / "nvidia/cublas/lib/libcublas.so.13") == str(node / "libcublas.so.13")
     assert os.readlink(target / "nvidia/curand/lib/libcurand.so.10") == str(node / "libcurand.so.10")
     assert (node / "libcurand.so.10").read_bytes() == b"node"  # the node's library was never written
+
+
+def test_a_training_sample_is_read_without_memory_maps(tmp_path):
+    """The training sample touches most pages of every piece: it is read piece by piece with plain
+    reads (same rows, same order as a gather), leaving no memory map open in the process."""
+    from pipeline.io import store as store_module
+
+    from .conftest import write_store
+
+    x = np.random.default_rng(0).standard_normal((3000, 8)).astype(np.float32)
+    store = write_store(tmp_path / "s", x, pieces=4)
+    rows = np.random.default_rng(1).permutation(3000)[:700]
+    store_module._open_npy.cache_clear()
+    got = store.read_rows(rows)
+    assert store_module._open_npy.cache_info().currsize == 0  # nothing mapped
+    assert np.array_equal(got, x[rows]) and np.array_equal(got, store.gather_vectors(rows))
+
+
+def test_dask_pauses_the_embedded_workers_by_private_memory():
+    """Mapped file pages (row store, lists) are page cache the kernel drops under pressure: the
+    embedded workers' memory monitor counts resident pages minus the file-backed ones."""
+    import types
+
+    from pipeline.cluster.clients import PrivateMemory, private_bytes
+
+    proc = types.SimpleNamespace(memory_info=lambda: types.SimpleNamespace(rss=10 << 30, shared=7 << 30))
+    assert private_bytes(proc) == 3 << 30
+    worker = types.SimpleNamespace(monitor=types.SimpleNamespace(proc=proc, get_process_memory=lambda: 10 << 30))
+    PrivateMemory().setup(worker)
+    assert worker.monitor.get_process_memory() == 3 << 30
+
+
+def test_every_task_hands_arrow_memory_back(monkeypatch):
+    """pyarrow's allocator keeps freed memory, which Dask counts against the worker: every task
+    record's run is followed by a release, failing or not."""
+    from pipeline.runtime import runner
+
+    released: list[int] = []
+    monkeypatch.setattr(runner.pa, "default_memory_pool", lambda: _fake_pool(lambda: released.append(1)), raising=True)
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Works:
+        def run(self) -> int:
+            return 7
+
+    @dataclasses.dataclass(frozen=True, kw_only=True)
+    class Fails:
+        def run(self) -> int:
+            raise RuntimeError("boom")
+
+    assert runner.run_task(Works()) == 7
+    with pytest.raises(RuntimeError, match="boom"):
+        runner.run_task(Fails())
+    assert released == [1, 1]
+
+
+def _fake_pool(release):
+    """A stand-in for pyarrow's memory pool: only ``release_unused``."""
+    import types
+
+    return types.SimpleNamespace(release_unused=release)

@@ -5,8 +5,9 @@ the measurements behind each rule are in docs/benchmarks.md):
 
 * ``n <= 20,000`` rows: ``Flat``, exact search over the row store: up to there it beats a tuned
   index (``scripts/exact_crossover.py``).
-* float32 vectors that fit a quarter of the smallest worker's memory (up to 200,000 rows when
-  that memory is unknown): ``IVF{nlist},Flat``, exact scores searched list by list
+* float32 vectors that fit the workers' memory taken together (up to 200,000 rows when that
+  memory is unknown; a join over lists beyond half of one worker is routed, each list group read
+  once): ``IVF{nlist},Flat``, exact scores searched list by list
   (:mod:`pipeline.backends.lists`), no re-rank: faster than 4-bit PQ with re-rank at equal recall
   from 30k x 384 to 1M x 128, and than SQ8 searched query by query at d <= 64. ``nlist`` is the
   power of two nearest ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``) until ``n / LIST_ROWS`` reaches
@@ -69,7 +70,11 @@ FLAT_MAX_ROWS = 20_000  # exact search up to here: its crossover with IVF (scrip
 # it beats 4-bit PQ + re-rank there at equal or higher recall; up to this many rows when the workers' memory
 # is unknown
 IVF_FLAT_MAX_ROWS = 200_000
-IVF_FLAT_BUDGET_SHARE = 4  # and only while the vectors take at most a quarter of a worker's memory (page cache)
+# and while the float32 lists fit the workers' memory taken together: a join over lists beyond half of one
+# worker is routed (pipeline.search.routed), each list group read once by one worker, so the lists need not
+# fit any worker (4M x 128, 1.9 GiB of lists, in a 2 GiB container: 1.05x the unconstrained wall, where
+# 4-bit PQ re-ranking at random from the row store ran 230 rows/s)
+IVF_FLAT_LISTS_PER_MEMORY = 1.0
 # CPU IVF-Flat gets sqrt(n) lists, not 2*sqrt(n): a list-major join scans each list with one product
 # for all the queries probing it, so the per-query price of fine lists (coarse assignment of every
 # row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans
@@ -124,7 +129,9 @@ def _gpu_codes(d: int) -> str:
     return f"PQ{max(fits)}" if fits else "SQ8"
 
 
-def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0) -> str:
+def default_index_key(
+    n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0, *, workers: int = 1
+) -> str:
     """The index_factory string used for ``index_key: auto`` (rule in the module docstring).
 
     ``memory_budget`` is one worker's memory: the fast-scan codes live in it, so they are kept to
@@ -137,7 +144,7 @@ def default_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     nlist = _lists(n, 2.0)
     if gpu:
         return f"IVF{nlist},{_gpu_storage(n, d, nlist, gpu_free)}"
-    if _ivf_flat_fits(n, d, memory_budget):
+    if _ivf_flat_fits(n, memory_budget, d=d, workers=workers):
         return _flat_key(n)
     codes = f"PQ{_code_size(n, d, memory_budget)}x4fs" if d % 2 == 0 and d > SQ8_MAX_DIM else "SQ8"
     return f"IVF{nlist},{codes}"
@@ -180,15 +187,17 @@ def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
     return _gpu_codes(d)
 
 
-def _ivf_flat_fits(n: int, d: int, memory_budget: int | None) -> bool:
-    """IVF-Flat for data whose vectors fit a quarter of a worker's memory (the lists are
-    memory-mapped: they must stay in the page cache), or, with that memory unknown, of at most
-    ``IVF_FLAT_MAX_ROWS`` rows."""
+def _ivf_flat_fits(n: int, memory_budget: int | None, *, d: int, workers: int) -> bool:
+    """IVF-Flat for data whose float32 lists fit the workers' memory taken together
+    (``IVF_FLAT_LISTS_PER_MEMORY`` x ``workers`` x the smallest worker's): joined batch by batch
+    while they fit half of a worker (memory-mapped, in the page cache), else routed, each list
+    group read once per join by one worker. With that memory unknown, up to ``IVF_FLAT_MAX_ROWS``
+    rows."""
     if n <= FLAT_MAX_ROWS:
         return False
     if not memory_budget:
         return n <= IVF_FLAT_MAX_ROWS
-    return 4 * n * d <= memory_budget // IVF_FLAT_BUDGET_SHARE
+    return 4 * n * d <= IVF_FLAT_LISTS_PER_MEMORY * max(1, workers) * memory_budget
 
 
 _FASTSCAN_IVFPQ = re.compile(r"^(IVF\d+[^,]*,PQ\d+)x4fsr?$")
@@ -222,9 +231,11 @@ def make_encoder(key: str, d: int, metric: Metric) -> faiss.Index:
     return encoder
 
 
-def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0) -> str:
+def explain_index_key(
+    n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0, *, workers: int = 1
+) -> str:
     """Why :func:`default_index_key` chose what it chose, for the report."""
-    key = default_index_key(n, d, memory_budget, gpu, gpu_free)
+    key = default_index_key(n, d, memory_budget, gpu, gpu_free, workers=workers)
     if key == "Flat":
         return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
     nlist = nlist_of(make_index(key, d, "l2")) or 1
@@ -267,7 +278,7 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
             "IVF-Flat (exact scores, searched list by list with BLAS) beats 4-bit PQ with re-ranking"
             + (f" and SQ8 searched query by query at d <= {SQ8_MAX_DIM}" if d <= SQ8_MAX_DIM else "")
             + (
-                f"; its {4 * n * d / 2**20:,.0f} MiB of vectors fit a quarter of a worker's memory"
+                _flat_memory_why(n, d, memory_budget, workers)
                 if memory_budget
                 else f" (up to {IVF_FLAT_MAX_ROWS:,} rows with the workers' memory unknown)"
             )
@@ -288,6 +299,19 @@ def explain_index_key(n: int, d: int, memory_budget: int | None = None, gpu: boo
     return (
         f"auto: {n:,} rows -> nlist {nlist} (power of two nearest 2*sqrt(n), >= {GOOD_POINTS_PER_LIST} rows a "
         f"list); d={d} -> {codes}; exact re-ranking recovers what the codes miss"
+    )
+
+
+def _flat_memory_why(n: int, d: int, memory_budget: int, workers: int) -> str:
+    lists = 4 * n * d
+    how = (
+        "joined batch by batch from the page cache"
+        if lists <= memory_budget / 2
+        else "more than half of a worker, so the join is routed: each list group read once, by one worker"
+    )
+    return (
+        f"; its {lists / 2**20:,.0f} MiB of float32 lists fit the workers' memory "
+        f"({max(1, workers)} x {memory_budget / 2**30:.1f} GiB): {how}"
     )
 
 

@@ -90,6 +90,23 @@ class RowStore:
         assert vecs is not None
         return vecs[inverse].reshape(*shape, vecs.shape[1])
 
+    def read_rows(self, rows: np.ndarray) -> np.ndarray:
+        """Vectors of the given global rows (in their order; a sample), read piece by piece with
+        plain reads: nothing stays mapped. A sample touches most pages of every piece (262,144 rows
+        of 4M x 128 mapped 0.85 GiB into the process), and Dask counts mapped pages as the worker's
+        memory, so a worker in a 2 GiB container paused while training."""
+        rows = np.asarray(rows, dtype=np.int64)
+        piece_of = np.searchsorted(self.starts, rows, side="right") - 1
+        out: np.ndarray | None = None
+        for p in np.unique(piece_of):
+            piece = self.vectors(int(p))
+            if out is None:
+                out = np.empty((len(rows), piece.shape[1]), dtype=np.float32)
+            sel = piece_of == p
+            out[sel] = piece[rows[sel] - self.starts[p]]
+            del piece
+        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
+
     def gather_ids(self, rows: np.ndarray) -> pa.Array:
         """Ids of the given global rows (flattened, in the given order)."""
         flat, piece_of = self._group(rows)

@@ -226,8 +226,8 @@ def estimate(config: Config, command: str, rates: Rates | None = None) -> PlanEs
     memory = _worker_memory(config, workers)
     spec, search = config.index, config.search
     k = search.k
-    key = default_index_key(n, d, memory) if spec.key == "auto" else spec.key
-    why = explain_index_key(n, d, memory) if spec.key == "auto" else "given by index_key"
+    key = default_index_key(n, d, memory, workers=workers) if spec.key == "auto" else spec.key
+    why = explain_index_key(n, d, memory, workers=workers) if spec.key == "auto" else "given by index_key"
     index = make_index(key, d, spec.metric or "cosine")
     nlist = nlist_of(index)
     n_train = training_rows(index, n, d, spec.sample_size)

@@ -98,7 +98,7 @@ def _resolve_key(
     spec: IndexSpec, rows: int, dim: int, budget: int | None, cluster: ClusterInfo
 ) -> tuple[str, faiss.Index]:
     key = (
-        default_index_key(rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
+        default_index_key(rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free, workers=cluster.workers)
         if spec.key == "auto"
         else spec.key
     )
@@ -220,7 +220,9 @@ def build_index(
         why = done.why
     else:
         why = (
-            explain_index_key(dataset.total_rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free)
+            explain_index_key(
+                dataset.total_rows, dim, budget, cluster.backend == "gpu", cluster.gpu_free, workers=cluster.workers
+            )
             if spec.key == "auto"
             else "given by index_key"
         )

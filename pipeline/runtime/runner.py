@@ -38,6 +38,7 @@ from dataclasses import dataclass
 from typing import Any, Generic, Protocol, TypeVar, cast
 
 import dask
+import pyarrow as pa
 from distributed import KilledWorker, as_completed
 
 from pipeline.errors import PipelineError
@@ -93,8 +94,14 @@ def worker_name() -> str:
 
 
 def run_task(task: Task[R]) -> R:
-    """The function every Dask task of the pipeline runs: its record's own work."""
-    return task.run()
+    """The function every Dask task of the pipeline runs: its record's own work. Afterwards the
+    Arrow memory the task freed goes back to the system: pyarrow's allocator (mimalloc) keeps it
+    otherwise, and Dask counts it against the worker (after scanning 4M x 128 rows a worker held
+    1.47 GiB, 0.25 GiB once released, and paused inside a 2 GiB container)."""
+    try:
+        return task.run()
+    finally:
+        pa.default_memory_pool().release_unused()
 
 
 def submit(client: Any, task: Task[R], label: str) -> Any:

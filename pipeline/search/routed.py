@@ -159,7 +159,11 @@ class ScoreTask:
             inside = (assign >= g.first) & (assign < g.last)
             picked = np.flatnonzero(inside.any(axis=1))
             if picked.size:
-                q = np.ascontiguousarray(self.query_store.vectors(piece.index)[picked])
+                # only the routed rows, gathered from the memory map: a group meets a share of each
+                # piece's queries (about nprobe / groups of them at scale), so reading whole pieces would
+                # read the query store once per group; this reads each query about once per list group
+                # it is routed to (at most nprobe times), as faiss's big_batch_search does
+                q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked])
                 lists = np.where(inside[picked], assign[picked], -1)
                 with worker_device():  # every core walks the group's lists for its share of the queries
                     scores, rows = list_major_search(ivf, q, layout.width, layout.nprobe, assign=lists)
