@@ -38,3 +38,17 @@ def test_plan_command_prints_the_plan_and_writes_nothing(small, tmp_path, capsys
     text = capsys.readouterr().out
     assert "index: IVF" in text and "nprobe about" in text and "peak memory per worker" in text
     assert "join" in text and not out.exists()
+
+
+def test_plan_prices_a_two_level_quantizer_by_the_centroids_it_scores(small):
+    """Behind a two-level quantizer a row is scored against n1 + 8 nlist / n1 centroids (fill and
+    join), and training is two-level k-means: far less than the same lists behind a flat one."""
+    rates = Rates(gemm_flops=1e10, decode_bytes=1e8)
+    flat = estimate(parse_config({"input": str(small), "index_key": "IVF512,Flat", "nprobe": 4}), "run", rates)
+    nested = estimate(
+        parse_config({"input": str(small), "index_key": "IVF512(IVF32,Flat),Flat", "nprobe": 4}), "run", rates
+    )
+    by_name = {p.name: p for p in nested.phases}
+    assert "two-level k-means" in by_name["train"].work and "(160 centroids scored a row)" in by_name["fill"].work
+    for phase in ("train", "fill", "join"):
+        assert by_name[phase].seconds < {p.name: p for p in flat.phases}[phase].seconds

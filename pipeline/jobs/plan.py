@@ -20,8 +20,10 @@ import os
 import time
 from dataclasses import dataclass
 
+import faiss
 import numpy as np
 
+from pipeline.backends.lists import two_level
 from pipeline.cluster.clients import local_layout
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -36,6 +38,7 @@ from pipeline.index.choice import (
 )
 from pipeline.io.parquet import Dataset, plan_dataset, read_piece
 from pipeline.jobs.stages import FAISS_WORKING, WORKING_COPIES
+from pipeline.search.tuning import coarse_centroids
 
 __all__ = ["PlanEstimate", "PhaseEstimate", "estimate", "measure_rates", "Rates"]
 
@@ -258,12 +261,18 @@ def estimate(config: Config, command: str, rates: Rates | None = None) -> PlanEs
     ]
     exact = nlist is None and key.startswith("Flat")
     code_bytes = _code_bytes(key, d)
+    coarse = coarse_centroids(faiss.extract_index_ivf(index)) if nlist else 0.0
     if nlist:
+        nested = two_level(faiss.extract_index_ivf(index).quantizer)
+        # k-means scores each sample row against every list; two-level k-means against its n1
+        # first-level centroids, then the lists of its own first-level cluster
+        per_row = nlist if nested is None else int(nested.nlist) + nlist / max(1, int(nested.nlist))
         phases.append(
             PhaseEstimate(
                 "train",
-                2 * n_train * nlist * d * KMEANS_ITERATIONS / (flops * ASSIGN_EFFICIENCY),
-                f"k-means into {nlist:,} lists on {n_train:,} rows, {KMEANS_ITERATIONS} iterations",
+                2 * n_train * per_row * d * KMEANS_ITERATIONS / (flops * ASSIGN_EFFICIENCY),
+                f"{'two-level ' if nested is not None else ''}k-means into {nlist:,} lists on {n_train:,} rows, "
+                f"{KMEANS_ITERATIONS} iterations",
                 4 * n_train * d,
                 4 * nlist * d,
             )
@@ -271,15 +280,15 @@ def estimate(config: Config, command: str, rates: Rates | None = None) -> PlanEs
         phases.append(
             PhaseEstimate(
                 "fill",
-                2 * n * nlist * d / (flops * ASSIGN_EFFICIENCY)
+                2 * n * coarse * d / (flops * ASSIGN_EFFICIENCY)
                 + n * (code_bytes + 8) * 2 / DISK_BYTES_PER_S
                 + TASK_SECONDS * len(dataset.pieces),
-                f"assign {n:,} rows to {nlist:,} lists, encode, merge",
+                f"assign {n:,} rows to {nlist:,} lists ({coarse:,.0f} centroids scored a row), encode, merge",
                 vectors,
                 n * (code_bytes + 8) * 2,
             )
         )
-    per_query = _query_flops(key, n=n, d=d, nlist=nlist, nprobe=nprobe, k=k, rerank=rerank)
+    per_query = _query_flops(key, n=n, d=d, nlist=nlist, nprobe=nprobe, k=k, rerank=rerank, coarse=coarse)
     efficiency = _query_efficiency(key, exact)
     if queries:
         truth = 2 * 2 * queries * n * d / (flops * EXACT_EFFICIENCY)  # the tuning half and the held-out half
@@ -377,13 +386,16 @@ def _code_bytes(key: str, d: int) -> int:
     return 4 * d
 
 
-def _query_flops(key: str, *, n: int, d: int, nlist: int | None, nprobe: int | None, k: int, rerank: int) -> float:
-    """Work one query does, in float32 multiply-adds x 2: the coarse assignment, the scanned lists
-    (a code counts as a vector), and the exact re-ranking of k x rerank candidates."""
+def _query_flops(
+    key: str, *, n: int, d: int, nlist: int | None, nprobe: int | None, k: int, rerank: int, coarse: float = 0.0
+) -> float:
+    """Work one query does, in float32 multiply-adds x 2: the coarse assignment (``coarse``
+    centroids: all ``nlist``, or fewer through a two-level quantizer), the scanned lists (a code
+    counts as a vector), and the exact re-ranking of k x rerank candidates."""
     if not nlist:
         return 2 * n * d
     scanned = min(n, (nprobe or 1) * math.ceil(n / nlist))
-    return 2 * d * (nlist + scanned + k * max(rerank, 0))
+    return 2 * d * ((coarse or nlist) + scanned + k * max(rerank, 0))
 
 
 def _query_efficiency(key: str, exact: bool) -> float:
