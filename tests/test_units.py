@@ -18,7 +18,7 @@ from distributed import Client
 from pipeline.cluster.clients import local_layout
 from pipeline.config import ClusterSpec
 from pipeline.index.choice import default_index_key, default_nprobe, make_index
-from pipeline.index.sampling import sample_rows
+from pipeline.index.sampling import load_sample, sample_rows
 from pipeline.io.ids import duplicate_rows, id_keys, write_key_buckets
 from pipeline.io.parquet import plan_dataset
 from pipeline.io.store import RowStore
@@ -427,9 +427,10 @@ def test_a_training_sample_is_read_without_memory_maps(tmp_path):
     store = write_store(tmp_path / "s", x, pieces=4)
     rows = np.random.default_rng(1).permutation(3000)[:700]
     store_module._open_npy.cache_clear()
-    got = store.read_rows(rows)
+    got = store.gather_vectors(rows, mapped=False)
     assert store_module._open_npy.cache_info().currsize == 0  # nothing mapped
     assert np.array_equal(got, x[rows]) and np.array_equal(got, store.gather_vectors(rows))
+    assert np.array_equal(load_sample(store, rows), x[rows])  # the training sample reads this way
 
 
 def test_dask_pauses_the_embedded_workers_by_private_memory():

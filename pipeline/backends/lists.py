@@ -24,6 +24,7 @@ from pipeline.backends.kernels import ivf_of
 
 __all__ = [
     "coarse_assign",
+    "coarse_centroids",
     "two_level",
     "add_with_assignments",
     "list_major_search",
@@ -108,6 +109,17 @@ def two_level(quantizer: faiss.Index) -> faiss.IndexIVFFlat | None:
     ``IVF{nlist}(IVF{n1},Flat),...``), else None (a flat one)."""
     inner = faiss.downcast_index(quantizer)
     return inner if isinstance(inner, faiss.IndexIVFFlat) else None
+
+
+def coarse_centroids(ivf: faiss.IndexIVF) -> float:
+    """Centroids :func:`coarse_assign` scores a row against to find its lists: all ``nlist``, or
+    through a two-level quantizer its ``n1`` first-level centroids and the lists of the ``nprobe1``
+    of them it probes."""
+    nested = two_level(ivf.quantizer)
+    if nested is None:
+        return float(ivf.nlist)
+    n1 = max(1, int(nested.nlist))
+    return float(n1 + min(int(nested.nprobe), n1) * ivf.nlist / n1)
 
 
 def coarse_assign(quantizer: faiss.Index, x: np.ndarray, nprobe: int) -> np.ndarray:

@@ -44,10 +44,12 @@ import faiss
 
 from pipeline.backends.gpu import PQ_SUB_DIMS, PQ_SUBQUANTIZERS, device_vector_bytes
 from pipeline.backends.kernels import FAISS_METRICS, ivf_of
+from pipeline.backends.lists import coarse_centroids, two_level
 from pipeline.errors import ConfigError
 from pipeline.kinds import Metric
 
 __all__ = [
+    "ROUTED_WHEN_LISTS_OVER",
     "encoding_key",
     "make_encoder",
     "default_index_key",
@@ -75,6 +77,7 @@ IVF_FLAT_MAX_ROWS = 200_000
 # fit any worker (4M x 128, 1.9 GiB of lists, in a 2 GiB container: 1.05x the unconstrained wall, where
 # 4-bit PQ re-ranking at random from the row store ran 230 rows/s)
 IVF_FLAT_LISTS_PER_MEMORY = 1.0
+ROUTED_WHEN_LISTS_OVER = 0.5  # of a worker's memory: past it, IVF-Flat lists are joined routed
 # CPU IVF-Flat gets sqrt(n) lists, not 2*sqrt(n): a list-major join scans each list with one product
 # for all the queries probing it, so the per-query price of fine lists (coarse assignment of every
 # row at fill and join, k-means on 64 rows a list) stops paying for the shorter scans
@@ -238,7 +241,8 @@ def explain_index_key(
     key = default_index_key(n, d, memory_budget, gpu, gpu_free, workers=workers)
     if key == "Flat":
         return f"auto: {n:,} rows <= {FLAT_MAX_ROWS:,}, exact search is cheaper than training an index"
-    nlist = nlist_of(make_index(key, d, "l2")) or 1
+    index = make_index(key, d, "l2")
+    nlist = nlist_of(index) or 1
     if gpu:
         storage = key.split(",")[1]
         free = f"{gpu_free / 2**30:.1f} GiB" if gpu_free else "unknown"
@@ -266,11 +270,12 @@ def explain_index_key(
             else f"power of two nearest n / {LIST_ROWS}: lists of about {LIST_ROWS:,} rows keep a query's scan "
             "the same size as n grows"
         )
-        n1 = first_level_lists(nlist)
+        ivf = faiss.extract_index_ivf(index)
+        nested = two_level(ivf.quantizer)
         coarse = (
-            f"; its {nlist:,} centroids are found through a two-level quantizer (IVF{n1} over them, "
-            f"{QUANTIZER_NPROBE} probed: about {n1 + QUANTIZER_NPROBE * nlist // n1:,} scored a row instead of all)"
-            if nlist >= TWO_LEVEL_MIN_LISTS
+            f"; its {nlist:,} centroids are found through a two-level quantizer (IVF{nested.nlist} over them, "
+            f"{nested.nprobe} probed: about {coarse_centroids(ivf):,.0f} scored a row instead of all)"
+            if nested is not None
             else ""
         )
         return (
@@ -306,7 +311,7 @@ def _flat_memory_why(n: int, d: int, memory_budget: int, workers: int) -> str:
     lists = 4 * n * d
     how = (
         "joined batch by batch from the page cache"
-        if lists <= memory_budget / 2
+        if lists <= ROUTED_WHEN_LISTS_OVER * memory_budget
         else "more than half of a worker, so the join is routed: each list group read once, by one worker"
     )
     return (

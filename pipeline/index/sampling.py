@@ -19,5 +19,5 @@ def sample_rows(n: int, size: int, seed: int) -> np.ndarray:
 
 def load_sample(store: RowStore, rows: np.ndarray) -> np.ndarray:
     """The vectors of ``rows`` as one float32 array (the training set; bounded by its size), read
-    piece by piece so that nothing stays mapped (:meth:`RowStore.read_rows`)."""
-    return np.ascontiguousarray(store.read_rows(rows))
+    piece by piece so that nothing stays mapped (:meth:`RowStore.gather_vectors`)."""
+    return np.ascontiguousarray(store.gather_vectors(rows, mapped=False))

@@ -69,12 +69,15 @@ class RowStore:
             raise IndexError(f"row out of range [0, {self.total_rows}) in gather")
         return rows, np.searchsorted(self.starts, rows, side="right") - 1
 
-    def gather_vectors(self, rows: np.ndarray) -> np.ndarray:
+    def gather_vectors(self, rows: np.ndarray, *, mapped: bool = True) -> np.ndarray:
         """Vectors of the given global rows (any order, repeats allowed), shape ``rows.shape + (d,)``.
 
         Each distinct row is read once (k-NN candidates repeat a lot) through a memory map of its
         piece file, kept open per process: page faults are paid once, and the pages are the
-        shared, reclaimable page cache rather than private memory.
+        shared, reclaimable page cache rather than private memory. ``mapped=False`` reads each
+        piece with a plain read instead, so nothing stays mapped: for a training sample, which
+        touches most pages of every piece (262,144 rows of 4M x 128 mapped 0.85 GiB into the
+        process, and Dask counts mapped pages as the worker's memory).
         """
         shape = np.shape(rows)
         flat, _ = self._group(rows)
@@ -82,30 +85,14 @@ class RowStore:
         piece_of = np.searchsorted(self.starts, unique, side="right") - 1
         vecs: np.ndarray | None = None
         for p in np.unique(piece_of) if unique.size else [0]:
-            mm = _open_npy(*_stamp(self.vectors_path(int(p))))
+            mm = _open_npy(*_stamp(self.vectors_path(int(p)))) if mapped else self.vectors(int(p))
             if vecs is None:
                 vecs = np.empty((unique.size, mm.shape[1]), dtype=np.float32)
             sel = piece_of == p
             vecs[sel] = mm[unique[sel] - self.starts[p]]
+            del mm  # a piece read whole is freed before the next is read
         assert vecs is not None
         return vecs[inverse].reshape(*shape, vecs.shape[1])
-
-    def read_rows(self, rows: np.ndarray) -> np.ndarray:
-        """Vectors of the given global rows (in their order; a sample), read piece by piece with
-        plain reads: nothing stays mapped. A sample touches most pages of every piece (262,144 rows
-        of 4M x 128 mapped 0.85 GiB into the process), and Dask counts mapped pages as the worker's
-        memory, so a worker in a 2 GiB container paused while training."""
-        rows = np.asarray(rows, dtype=np.int64)
-        piece_of = np.searchsorted(self.starts, rows, side="right") - 1
-        out: np.ndarray | None = None
-        for p in np.unique(piece_of):
-            piece = self.vectors(int(p))
-            if out is None:
-                out = np.empty((len(rows), piece.shape[1]), dtype=np.float32)
-            sel = piece_of == p
-            out[sel] = piece[rows[sel] - self.starts[p]]
-            del piece
-        return out if out is not None else np.zeros((0, 0), dtype=np.float32)
 
     def gather_ids(self, rows: np.ndarray) -> pa.Array:
         """Ids of the given global rows (flattened, in the given order)."""

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import two_level
+from pipeline.backends.lists import coarse_centroids, two_level
 from pipeline.cluster.clients import local_layout
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -38,7 +38,6 @@ from pipeline.index.choice import (
 )
 from pipeline.io.parquet import Dataset, plan_dataset, read_piece
 from pipeline.jobs.stages import FAISS_WORKING, WORKING_COPIES
-from pipeline.search.tuning import coarse_centroids
 
 __all__ = ["PlanEstimate", "PhaseEstimate", "estimate", "measure_rates", "Rates"]
 

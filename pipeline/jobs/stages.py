@@ -23,6 +23,7 @@ from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
 from pipeline.index.built import BuiltIndex, IndexRecord
 from pipeline.index.choice import (
+    ROUTED_WHEN_LISTS_OVER,
     check_training_rows,
     default_index_key,
     default_nprobe,
@@ -464,7 +465,6 @@ def join_index(
 
 
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
-ROUTED_WHEN_LISTS_OVER = 0.5  # of a worker's memory: past it, IVF-Flat lists are joined routed
 
 
 def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:

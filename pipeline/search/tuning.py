@@ -17,7 +17,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import is_ivf_flat, two_level
+from pipeline.backends.lists import coarse_centroids, is_ivf_flat
 from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
@@ -170,16 +170,6 @@ def query_cost(index: faiss.Index | None, *, ntotal: int, dim: int, k: int, npro
         return gathered
     entry = min(dim, int(ivf.code_size))
     return coarse_centroids(ivf) * dim + nprobe * (ntotal / max(1, ivf.nlist)) * entry + gathered
-
-
-def coarse_centroids(ivf: faiss.IndexIVF) -> float:
-    """Centroids a query is scored against to find its lists: all ``nlist``, or through a
-    two-level quantizer its ``n1`` first-level centroids and the ``nprobe1`` lists of them it probes."""
-    nested = two_level(ivf.quantizer)
-    if nested is None:
-        return float(ivf.nlist)
-    n1 = max(1, int(nested.nlist))
-    return float(n1 + min(int(nested.nprobe), n1) * ivf.nlist / n1)
 
 
 RERANK_FACTORS = (2, 4, 8, 16, 32)
