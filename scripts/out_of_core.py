@@ -18,11 +18,12 @@ import json
 import os
 import shlex
 import subprocess
-import sys
 import time
 from pathlib import Path
+from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from job_runs import ROOT, job_command, run_job
+
 V1 = Path("/sys/fs/cgroup/memory")
 
 
@@ -30,13 +31,7 @@ def _size(folder: Path) -> int:
     return sum(p.stat().st_size for p in folder.rglob("*") if p.is_file())
 
 
-def _job(data: str, out: Path, extra: list[str]) -> list[str]:
-    command = [sys.executable, "-m", "pipeline", "run", "--input", data, "--output", str(out)]
-    return [*command, "--k", "10", "--exclude-self", *extra, "-q"]
-
-
-def _report(out: Path, wall: float) -> dict[str, object]:
-    report = json.loads((out / "report.json").read_text())
+def _report(report: dict[str, Any], wall: float) -> dict[str, object]:
     return {
         "plan": f"{report['index']['key']}, nprobe {report['search']['nprobe']}, rerank {report['search']['rerank']}",
         "recall": report["recall"]["recall"],
@@ -59,9 +54,8 @@ def main() -> None:
     if args.work.exists() and any(args.work.iterdir()):
         raise SystemExit(f"{args.work}: give a new or empty folder")
     free = args.work / "unconstrained"
-    start = time.perf_counter()
-    subprocess.run(_job(args.input, free, args.arg), check=True, cwd=ROOT)
-    first = _report(free, time.perf_counter() - start)
+    wall, report = run_job(args.input, free, args.arg)
+    first = _report(report, wall)
     index_bytes = _size(free / "index")
     limit = int(args.share * index_bytes)
     group = V1 / f"knn-pipeline-ooc-{os.getpid()}"
@@ -69,11 +63,11 @@ def main() -> None:
     try:
         (group / "memory.limit_in_bytes").write_text(str(limit))
         boxed = args.work / "constrained"
-        inner = shlex.join(_job(args.input, boxed, args.arg))
+        inner = shlex.join(job_command(args.input, boxed, args.arg))
         script = f"mount --bind {group} {V1} && echo $$ > {V1}/cgroup.procs && exec {inner}"
         start = time.perf_counter()
         subprocess.run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], check=True, cwd=ROOT)
-        second = _report(boxed, time.perf_counter() - start)
+        second = _report(json.loads((boxed / "report.json").read_text()), time.perf_counter() - start)
         peak = int((group / "memory.max_usage_in_bytes").read_text())
     finally:
         for _ in range(50):  # the group empties once its processes have exited

@@ -14,19 +14,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pyarrow.parquet as pq
+from job_runs import run_job
 
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def _pow2(x: float) -> int:
-    return 1 << max(0, round(math.log2(max(x, 1.0))))
+from pipeline.index.choice import nlist_for
 
 
 def _shape(data: str) -> tuple[int, int]:
@@ -37,10 +30,8 @@ def _shape(data: str) -> tuple[int, int]:
 
 
 def _alternatives(n: int, d: int, exact_max: int) -> dict[str, str]:
-    fine = _pow2(2 * math.sqrt(n))
-    while fine > 1 and n / fine < 39:
-        fine //= 2
-    keys = {"IVF-Flat sqrt(n)": f"IVF{_pow2(math.sqrt(n))},Flat", "IVF-SQ8 2sqrt(n)": f"IVF{fine},SQ8"}
+    fine = nlist_for(n, 2.0)  # the PQ and SQ rule's lists (pipeline/index/choice.py)
+    keys = {"IVF-Flat sqrt(n)": f"IVF{nlist_for(n, 1.0)},Flat", "IVF-SQ8 2sqrt(n)": f"IVF{fine},SQ8"}
     if d % 2 == 0:
         keys["IVF-PQ4fs 2sqrt(n) + re-rank"] = f"IVF{fine},PQ{d // 2}x4fs"
     if n <= exact_max:
@@ -49,11 +40,7 @@ def _alternatives(n: int, d: int, exact_max: int) -> dict[str, str]:
 
 
 def _run(data: str, out: Path, extra: list[str]) -> dict[str, object]:
-    start = time.perf_counter()
-    command = [sys.executable, "-m", "pipeline", "run", "--input", data, "--output", str(out), "--k", "10"]
-    subprocess.run([*command, "--exclude-self", *extra, "-q"], check=True, cwd=ROOT)
-    wall = time.perf_counter() - start
-    report = json.loads((out / "report.json").read_text())
+    wall, report = run_job(data, out, extra)
     return {
         "key": report["index"]["key"],
         "nprobe": report["search"]["nprobe"],

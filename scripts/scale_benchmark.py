@@ -15,12 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import resource
-import subprocess
-import sys
-import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+from job_runs import run_job
 
 
 def _cpu() -> float:
@@ -29,11 +26,9 @@ def _cpu() -> float:
 
 
 def _row(name: str, data: str, out: Path, extra: list[str]) -> dict[str, object]:
-    before, start = _cpu(), time.perf_counter()
-    command = [sys.executable, "-m", "pipeline", "run", "--input", data, "--output", str(out)]
-    subprocess.run([*command, "--k", "10", "--exclude-self", *extra, "-q"], check=True, cwd=ROOT)
-    wall, cpu = time.perf_counter() - start, _cpu() - before
-    report = json.loads((out / "report.json").read_text())
+    before = _cpu()
+    wall, report = run_job(data, out, extra)
+    cpu = _cpu() - before
     rows = int(report["index"]["ntotal"])
     return {
         "input": name,

@@ -57,6 +57,7 @@ __all__ = [
     "explain_index_key",
     "make_index",
     "nlist_of",
+    "nlist_for",
     "default_nprobe",
     "default_rerank",
     "has_exact_codes",
@@ -102,8 +103,8 @@ def _pow2(x: float) -> int:
     return 1 << max(0, round(math.log2(max(x, 1.0))))
 
 
-def _lists(n: int, per_root: float) -> int:
-    """The power of two nearest ``per_root * sqrt(n)``, halved until each list gets
+def nlist_for(n: int, per_root: float) -> int:
+    """Lists for ``n`` rows: the power of two nearest ``per_root * sqrt(n)``, halved until each list gets
     ``GOOD_POINTS_PER_LIST`` training rows."""
     nlist = _pow2(per_root * math.sqrt(n))
     while nlist > 1 and n / nlist < GOOD_POINTS_PER_LIST:
@@ -144,7 +145,7 @@ def default_index_key(
     """
     if n <= FLAT_MAX_ROWS:
         return "Flat"
-    nlist = _lists(n, 2.0)
+    nlist = nlist_for(n, 2.0)
     if gpu:
         return f"IVF{nlist},{_gpu_storage(n, d, nlist, gpu_free)}"
     if _ivf_flat_fits(n, memory_budget, d=d, workers=workers):
@@ -159,7 +160,7 @@ def _flat_key(n: int) -> str:
     bounded = _pow2(n / LIST_ROWS)
     if bounded >= TWO_LEVEL_MIN_LISTS:
         return f"IVF{bounded}(IVF{first_level_lists(bounded)},Flat),Flat"
-    return f"IVF{_lists(n, LIST_MAJOR_LISTS_PER_ROOT)},Flat"
+    return f"IVF{nlist_for(n, LIST_MAJOR_LISTS_PER_ROOT)},Flat"
 
 
 def first_level_lists(nlist: int) -> int:
@@ -266,7 +267,7 @@ def explain_index_key(
     if key.endswith(",Flat"):
         lists = (
             "power of two nearest sqrt(n): lists searched list by list take fewer, longer lists"
-            if nlist == _lists(n, LIST_MAJOR_LISTS_PER_ROOT)
+            if nlist == nlist_for(n, LIST_MAJOR_LISTS_PER_ROOT)
             else f"power of two nearest n / {LIST_ROWS}: lists of about {LIST_ROWS:,} rows keep a query's scan "
             "the same size as n grows"
         )
