@@ -27,7 +27,7 @@ __all__ = ["main"]
 
 log = logging.getLogger("pipeline")
 
-BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target", "write_dataset", "routed_join"}
+BOOL_KEYS = {"exclude_self", "overwrite", "explore", "allow_below_target", "write_dataset", "routed_join", "retrain"}
 
 
 GROUPS = {

@@ -56,6 +56,8 @@ class IndexSpec:
     metric: Metric | None = None  # None: cosine when building, the index's metric when joining
     sample_size: int | None = None
     seed: int = 0
+    drift_limit: float = 1.3  # an update whose new rows sit this much farther from their centroids warns
+    retrain: bool = False  # train the index again on the current rows (an update that drifted)
 
 
 @dataclass(frozen=True)
@@ -216,6 +218,13 @@ def _pair_fraction(key: str, v: Any) -> float | None:
     return DEFAULT_PAIR_TARGET if _auto(v) else _fraction(key, v)
 
 
+def _drift_limit(key: str, v: Any) -> float:
+    out = _float(positive=True)(key, v)
+    if out is None or out < 1:
+        raise ConfigError(f"{key}: expected a ratio of at least 1 (e.g. 1.3), got {v!r}")
+    return out
+
+
 def _bool(key: str, v: Any) -> bool:
     if isinstance(v, bool):
         return v
@@ -341,6 +350,18 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
     "index_key": ("index", "key", _index_key, "FAISS index_factory string, or auto"),
     "sample_size": ("index", "sample_size", _integer(1, auto=True), "training sample rows, or auto"),
     "seed": ("index", "seed", _integer(0), "seed for sampling and training"),
+    "drift_limit": (
+        "index",
+        "drift_limit",
+        _drift_limit,
+        "warn when an update's new rows sit this many times farther from their centroids than the old rows",
+    ),
+    "retrain": (
+        "index",
+        "retrain",
+        _bool,
+        "train the index again on the current rows (after an update drifted); every list is rejoined",
+    ),
     "k": ("search", "k", _integer(1), "neighbours per query"),
     "nprobe": ("search", "nprobe", _integer(1, auto=True), "inverted lists probed per query, or auto"),
     "rerank": ("search", "rerank", _integer(0, auto=True), "re-rank k*FACTOR candidates exactly (0 = off)"),

@@ -263,12 +263,10 @@ def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_conf
     full = dedup(make_config(input=six_shards, output=str(tmp_path / "full"), dedup_mode=mode, **settings))
     inc_out = tmp_path / "inc"
     dedup(make_config(input=six_shards[:3], output=str(inc_out), dedup_mode=mode, **settings))
-    old_parts = sorted((inc_out / "neighbors").glob("*.parquet"))
-    stamps = [p.stat().st_mtime_ns for p in old_parts]
     with caplog.at_level("INFO", logger="pipeline"):
         inc = dedup(make_config(input=six_shards, output=str(inc_out), dedup_mode=mode, **settings))
-    assert "adding them incrementally" in caplog.text and "new rows since the last run" in caplog.text
-    assert [p.stat().st_mtime_ns for p in old_parts] == stamps  # old rows were not searched again
+    assert "3 files added" in caplog.text and "new rows since the last run" in caplog.text
+    assert "(0 of them searched again" in caplog.text  # old rows only took in new ones: no search
     assert _partition(inc_out) == _partition(tmp_path / "full")
     assert len(list((inc_out / "groups").glob("part-*.parquet"))) == 3
     assert inc.dedup.rows_dropped == full.dedup.rows_dropped and inc.dedup.pairs == full.dedup.pairs
@@ -279,13 +277,16 @@ def test_incremental_run_equals_a_full_run_and_a_rerun_changes_nothing(make_conf
     assert {p: p.stat().st_mtime_ns for p in files} == before  # the same day twice: nothing rewritten
 
 
-def test_removed_old_shard_is_refused_not_appended(make_config, six_shards, tmp_path):
-    from pipeline import ResumeError
-
-    out = str(tmp_path / "out")
-    dedup(make_config(input=six_shards[:3], output=out, **SETTINGS))
-    with pytest.raises(ResumeError, match="input files"):
-        dedup(make_config(input=[six_shards[0], six_shards[2], six_shards[3]], output=out, **SETTINGS))
+def test_a_removed_old_shard_updates_to_what_a_fresh_run_finds(make_config, six_shards, tmp_path, caplog):
+    out = tmp_path / "out"
+    dedup(make_config(input=six_shards[:3], output=str(out), **SETTINGS))
+    now = [six_shards[0], six_shards[2], six_shards[3]]
+    with caplog.at_level("INFO", logger="pipeline"):
+        updated = dedup(make_config(input=now, output=str(out), **SETTINGS))
+    assert "1 file added" in caplog.text and "1 file removed" in caplog.text
+    fresh = dedup(make_config(input=now, output=str(tmp_path / "fresh"), **SETTINGS))
+    assert _partition(out) == _partition(tmp_path / "fresh")
+    assert updated.dedup.rows_dropped == fresh.dedup.rows_dropped and updated.dedup.pairs == fresh.dedup.pairs
 
 
 def test_l2_threshold_is_a_squared_distance_and_string_ids_work(make_config, planted, tmp_path):

@@ -157,14 +157,17 @@ def test_changed_settings_are_refused_then_overwritten(make_config, dataset_dir,
     assert len(t) == 6000 and all(len(n) == 3 for n in t.column("neighbor_id").to_pylist())
 
 
-def test_changed_input_is_refused(make_config, tmp_path):
+def test_changed_input_is_updated_not_refused(make_config, tmp_path, caplog):
     data = tmp_path / "d"
     x = clustered_vectors(300, DIM, clusters=3, seed=2)
     write_shards(data, x, shards=2)
     run(make_config(input=str(data), k=2))
     write_shards(data, x[::-1].copy(), shards=2)  # same names, new content
-    with pytest.raises(ResumeError, match=r"input files: .*part-00000\.parquet changed"):
-        run(make_config(input=str(data), k=2))
+    with caplog.at_level("INFO", logger="pipeline"):
+        updated = run(make_config(input=str(data), k=2))  # an update: both files rewritten
+    assert "2 files rewritten (300 rows)" in caplog.text
+    fresh = run(make_config(input=str(data), k=2, output=str(tmp_path / "fresh")))
+    assert updated.join.queries == fresh.join.queries == 300
 
 
 def test_non_empty_directory_without_manifest_is_refused(make_config, dataset_dir, tmp_path):

@@ -427,7 +427,7 @@ class GpuBackend:
         with ctx.lock:
             ctx.held.pop(what, None)  # release the last store before sizing the next
         made = None
-        need = int(growth * ResidentRows.nbytes(store, store.mapped_vectors(0).shape[1]))
+        need = int(growth * ResidentRows.nbytes(store, store.mapped_vectors(store.live[0]).shape[1]))
         free = self.free_memory()  # None without CuPy (said once)
         if free is not None and need > RESIDENT_SHARE * free:
             self._warn_once(
@@ -487,16 +487,19 @@ class GpuBackend:
         if flat is None:
             return streamed_exact(self.knn, q, store, k, metric)
         with self.context.search_lock:
-            return flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
+            scores, rows = flat.search(np.ascontiguousarray(q, dtype=np.float32), k)
+        return scores, np.where(rows >= 0, store.live_rows(np.maximum(rows, 0)), -1)
 
     def _resident_flat(self, store: RowStore, metric: Metric) -> Any | None:
         """A GPU flat index over the whole store for the exact plan (see :meth:`_held`)."""
 
         def build() -> Any:
             flat = faiss.index_cpu_to_gpu(
-                self.resources(), self.device, faiss.IndexFlat(store.mapped_vectors(0).shape[1], FAISS_METRICS[metric])
+                self.resources(),
+                self.device,
+                faiss.IndexFlat(store.mapped_vectors(store.live[0]).shape[1], FAISS_METRICS[metric]),
             )
-            for piece in range(len(store.starts)):  # positions are global rows: pieces added in row order
+            for piece in store.live:  # positions are live rows in row order (store.live_rows maps them)
                 flat.add(store.vectors(piece))
             return flat
 

@@ -85,7 +85,7 @@ def streamed_exact(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Exact top-``k`` (scores in the metric's convention, global rows) of ``queries`` over every
     stored piece, read one piece at a time (:func:`piece_topk`); :func:`merge_topk` keeps the best."""
-    parts = (piece_topk(knn, store, p, queries, k=k, metric=metric) for p in range(len(store.starts)))
+    parts = (piece_topk(knn, store, p, queries, k=k, metric=metric) for p in store.live)
     scores, rows = merge_topk(parts, k)
     return (-scores if metric == "l2" else scores), rows
 
@@ -121,10 +121,10 @@ class ResidentRows:
     def __init__(self, xp: Any, store: RowStore, to_host: Callable[[Any], np.ndarray] = np.asarray) -> None:
         self.xp = xp
         self.to_host = to_host
-        dim = store.mapped_vectors(0).shape[1] if len(store.starts) else 0
-        self.base = xp.empty((store.total_rows, dim), dtype=xp.float32)
+        dim = store.mapped_vectors(store.live[0]).shape[1] if store.live else 0
+        self.base = xp.zeros((store.total_rows, dim), dtype=xp.float32)  # holes (retired rows) stay zero
         bounds = [*store.starts.tolist(), store.total_rows]
-        for piece in range(len(store.starts)):  # piece by piece: host memory holds one piece at a time
+        for piece in store.live:  # piece by piece: host memory holds one piece at a time
             self.base[bounds[piece] : bounds[piece + 1]] = xp.asarray(store.vectors(piece))
         self.norms = (self.base * self.base).sum(axis=1)
 

@@ -90,8 +90,9 @@ def read_texts(dataset: Dataset, rows: np.ndarray, text_column: str, limit: int 
     texts: dict[int, Any] = {}
     rows = np.unique(np.asarray(rows, dtype=np.int64))
     piece_of = np.searchsorted(dataset.starts, rows, side="right") - 1
+    by_number = {p.index: p for p in dataset.pieces}
     for p in np.unique(piece_of):
-        piece = dataset.pieces[int(p)]
+        piece = by_number[int(p)]
         try:
             col = open_parquet(piece.path).read_row_groups(list(piece.row_groups), columns=[text_column]).column(0)
         except (pa.ArrowInvalid, KeyError) as exc:

@@ -179,7 +179,6 @@ def examples(
     ref_rows = np.array([e[1] for e in found], dtype=np.int64)
     ids = store.gather_ids(rows).to_pylist()
     ref_ids = ref_store.gather_ids(ref_rows).to_pylist()
-    files = np.searchsorted(ref_dataset.starts, ref_rows, side="right") - 1
     texts = read_texts(dataset, rows, text_column) if text_column else {}
     try:
         ref_texts = read_texts(ref_dataset, ref_rows, text_column) if text_column else {}
@@ -189,7 +188,7 @@ def examples(
         ContaminationExample(
             ids[i],
             ref_ids[i],
-            ref_dataset.pieces[int(files[i])].path,
+            ref_dataset.piece_of(int(ref_rows[i])).path,
             float(e[2]),
             texts.get(int(rows[i])),
             ref_texts.get(int(ref_rows[i])),

@@ -28,6 +28,7 @@ import pyarrow.parquet as pq
 from pipeline.duplicates.contamination import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.io.storage import open_parquet
 from pipeline.io.workdir import shown
@@ -135,6 +136,7 @@ class FileWritten:
     digest: str
     dropped: int
     written: bool
+    name: str = ""  # the file's name under the outputs
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -162,7 +164,7 @@ class FileTask:
         dropped = np.flatnonzero(~kept)
         digest = _digest(dropped, fates)
         if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
-            return FileWritten(digest=digest, dropped=int(dropped.size), written=False)
+            return FileWritten(digest=digest, dropped=int(dropped.size), written=False, name=job.name)
         source = open_parquet(job.path)
         schema = source.schema_arrow
         extra = fates.schema.remove(0)  # the added columns, typed as in groups/
@@ -195,7 +197,7 @@ class FileTask:
                     f"{job.path}: holds {at} rows now, {job.rows} when the job started; "
                     "the input changed during the run: run again"
                 )
-        return FileWritten(digest=digest, dropped=int(dropped.size), written=True)
+        return FileWritten(digest=digest, dropped=int(dropped.size), written=True, name=job.name)
 
 
 def write_dataset(
@@ -208,15 +210,27 @@ def write_dataset(
     matches: Matches | None = None,
 ) -> DatasetWritten:
     """Write ``deduplicated/`` and ``removed/`` from ``groups/``, whose partitions begin at global
-    rows ``part_starts``, and the ``--against`` ``matches`` (see the module doc)."""
-    ends = [*part_starts[1:].tolist(), dataset.total_rows]
+    rows ``part_starts``, and the ``--against`` ``matches`` (see the module doc). A file's copies
+    are compared by name with the last run's (files before it may have been removed); the copies
+    of files no longer in the input are deleted."""
+    ends = [*part_starts[1:].tolist(), dataset.row_space]
     groups = [
         (str(output / "groups" / f"part-{i:05d}.parquet"), int(s), int(e) - int(s))
         for i, (s, e) in enumerate(zip(part_starts.tolist(), ends, strict=True))
     ]
     jobs = file_jobs(dataset)
-    previous = manifest.piece_results(STAGE)
+    earlier = manifest.piece_results(STAGE)
+    previous = {r.get("name"): r for r in earlier.values()}
     kept_dir, removed_dir = output / "deduplicated", output / "removed"
+    names = {j.name for j in jobs}
+    for index, result in earlier.items():
+        gone = result.get("name")
+        if gone and gone not in names:
+            for folder in (kept_dir, removed_dir):
+                if (folder / gone).exists():
+                    discard(folder / gone)
+        if index >= len(jobs):
+            manifest.forget_piece(STAGE, index)
 
     def outputs(job: FileJob) -> tuple[Path, Path]:
         return kept_dir / job.name, removed_dir / job.name
@@ -237,7 +251,7 @@ def write_dataset(
             matches=matches,
             kept_out=str(outputs(j)[0]),
             removed_out=str(outputs(j)[1]),
-            previous=previous.get(j.index, {}).get("digest"),
+            previous=previous.get(j.name, {}).get("digest"),
         ),
         on_done=done,
     )

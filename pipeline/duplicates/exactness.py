@@ -73,7 +73,7 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
                 ExactPairsTask(store=store, piece=p, q_rows=rows, q=q, threshold=plan.threshold, metric=plan.metric),
                 "pair_recall",
             )
-            for p in range(len(store.starts))
+            for p in store.live
         ]
     )
     return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
@@ -89,7 +89,7 @@ def pair_recall(
     threshold are counted too (none, when re-ranking made the scores exact).
     """
     rng = np.random.default_rng(seed)
-    rows = np.sort(rng.choice(store.total_rows, size=min(queries, store.total_rows), replace=False))
+    rows = store.sample_rows(rng, queries)
     exact = sampled_exact_pairs(client, plan, store, rows)
     found = set()
     part_of = np.searchsorted(adj_starts, rows, side="right") - 1

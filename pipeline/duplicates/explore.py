@@ -39,6 +39,7 @@ def map_task(
     threshold: float,
     wide_dir: Path | None = None,
     range_dir: Path | None = None,
+    holes: tuple[tuple[int, int], ...] = (),
 ) -> MapEdgesTask:
     """The task that maps one partition's lists (and their widened lists and range pairs) to
     above-threshold edges by source row."""
@@ -51,6 +52,7 @@ def map_task(
         min_score=threshold,
         wide_paths=tuple(str(knn_path(wide_dir, p)) for p in part.pieces) if wide_dir is not None else (),
         range_paths=tuple(str(knn_path(range_dir, p)) for p in part.pieces) if range_dir is not None else (),
+        holes=holes,
     )
 
 
@@ -99,7 +101,15 @@ def explore(
     maps = [str(work / f"from-{p.index:05d}") for p in parts]
     gather = client.gather
     mapped = [
-        map_task(p, knn_dir=output / "knn", starts=starts, out=maps[p.index], metric=plan.metric, threshold=loosest)
+        map_task(
+            p,
+            knn_dir=output / "knn",
+            starts=starts,
+            out=maps[p.index],
+            metric=plan.metric,
+            threshold=loosest,
+            holes=tuple((r.start, r.rows) for r in dataset.retired),
+        )
         for p in parts
     ]
     gather([submit(client, task, "explore") for task in mapped])

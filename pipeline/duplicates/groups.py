@@ -62,7 +62,7 @@ from pipeline.shuffle.edges import (
     write_partitioned,
 )
 
-__all__ = ["dedup_stages"]
+__all__ = ["dedup_stages", "follow_update"]
 
 log = logging.getLogger(__name__)
 
@@ -238,6 +238,34 @@ def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
     manifest.finish_stage("dedup_params", params)
 
 
+def follow_update(manifest: Manifest, output: Path, dataset: Dataset) -> None:
+    """Take in what an input update changed (the join's ``changed`` stage, consumed here): the
+    pieces whose lists were joined or patched are widened again; every partition is mapped and
+    reduced again (the shuffle is cheap beside the join); where rows left, the partitions are laid
+    out afresh and components start from scratch (old labels may hold links through rows now gone)."""
+    changes = manifest.stage_info("changed")
+    if not changes:
+        return
+    work = output / "_dedup"
+    retired = {p.index for p in dataset.retired}
+    for piece in sorted(set(changes["pieces"]) | retired):
+        for stage in ("dedup_widen", "dedup_keep") if piece in retired else ("dedup_widen",):
+            if str(piece) in manifest.data["stages"].get(stage, {}).get("pieces", {}):
+                manifest.forget_piece(stage, piece)
+        for folder in ("wide", "range"):
+            if knn_path(work / folder, piece).exists():
+                discard(knn_path(work / folder, piece))
+    if changes.get("left"):
+        dirs = ["edges", "adj", "components", "members", "linked", "assign"]
+        _clear(
+            manifest, output, (*STAGES[2:], "dedup_rows"), [*(f"_dedup/{d}" for d in dirs), "pairs", "groups", "kept"]
+        )
+    else:
+        _clear(manifest, output, STAGES[2:3], [])
+    manifest.clear_stage("changed")
+    log.info("dedup: %d piece(s) with new lists widened again; pairs and groups updated", len(changes["pieces"]))
+
+
 def _partitions(
     dataset: Dataset, output: Path, manifest: Manifest, budget: int, entries: dict[int, int]
 ) -> tuple[list[Part], Path | None]:
@@ -369,6 +397,7 @@ def dedup_stages(
                 threshold=plan.threshold,
                 wide_dir=wide_dir,
                 range_dir=range_dir,
+                holes=tuple((r.start, r.rows) for r in dataset.retired),
             ),
             files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
         ),
@@ -401,7 +430,7 @@ def dedup_stages(
             client,
             adj,
             starts=starts,
-            total=n,
+            total=dataset.row_space,
             work_dir=work / "components",
             warm=warm if warm is not None and warm.exists() else None,
         )

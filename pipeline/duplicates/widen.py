@@ -130,7 +130,7 @@ def range_pairs(
             return np.concatenate(src), np.concatenate(dst), np.concatenate(score), rows[lo:]
         block = rows[lo : lo + 256]
         q = store.gather_vectors(block)
-        for piece in range(len(store.starts)):
+        for piece in store.live:
             with worker_device():
                 i, j, sc = exact_pairs(q, store.vectors(piece), threshold, metric)
             j = j + int(store.starts[piece])
@@ -274,11 +274,11 @@ def tune_pair_nprobe(
     if search.strategy == "exact" or not nlist or search.nprobe is None:
         return None, []
     rng = np.random.default_rng(seed + 104_729)  # another sample than the pair recall reported
-    rows = np.sort(rng.choice(store.total_rows, size=min(PAIR_SAMPLE, store.total_rows), replace=False))
+    rows = store.sample_rows(rng, PAIR_SAMPLE)
     exact = sampled_exact_pairs(client, dplan, store, rows)
     if not exact:
         return None, []
-    cap = min(WIDEN_MAX, store.total_rows - 1)
+    cap = min(WIDEN_MAX, store.rows - 1)
     probes = [p for p in probe_steps(nlist) if p is not None and p >= search.nprobe]
     walk = PairNprobeWalk(
         plan=search,

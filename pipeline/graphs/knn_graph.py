@@ -191,12 +191,15 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
 
     def indptr() -> Iterable[np.ndarray]:
         yield np.zeros(1, index_type)
-        offset = 0
+        offset, at = 0, 0
         for p, e in zip(pieces, edge_paths):
+            yield np.full(p.start - at, offset, index_type)  # the rows of a hole: no edges
             src = pq.read_table(e, columns=["src"]).column(0).to_numpy()
             counts = np.bincount(src - p.start, minlength=p.rows)
             yield offset + np.cumsum(counts)
             offset += int(counts.sum())
+            at = p.start + p.rows
+        yield np.full(n - at, offset, index_type)
 
     def column(name: str) -> Iterable[np.ndarray]:
         for e in edge_paths:
@@ -216,7 +219,18 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
 
 def _write_umap(path: Path, knn_dir: Path, pieces: Sequence[Piece], *, n: int, k: int, metric: Metric) -> None:
     def parts(which: str) -> Iterable[np.ndarray]:
-        for p in pieces:
+        at = 0
+        for p in (*pieces, None):
+            end = n if p is None else p.start
+            if end > at:  # the rows of a hole (an updated input's retired rows): only themselves
+                own = np.arange(at, end, dtype=np.int64)[:, None]
+                if which == "knn_indices":
+                    yield np.hstack([own, np.full((end - at, k), -1, np.int64)])
+                else:
+                    yield np.hstack([np.zeros((end - at, 1), np.float32), np.full((end - at, k), np.inf, np.float32)])
+            if p is None:
+                return
+            at = p.start + p.rows
             rows, scores = read_knn(knn_path(knn_dir, p.index))
             own = np.arange(p.start, p.start + p.rows, dtype=np.int64)[:, None]
             if which == "knn_indices":
@@ -253,14 +267,15 @@ def graph_stages(
 
     The shuffle works on partitions of consecutive pieces whose edges fit ``budget`` bytes.
     """
-    n = store.total_rows
+    n = store.total_rows  # node numbers are global rows: an updated input's retired rows are nodes without edges
     parts = make_parts(pieces, pieces_per_part(pieces, plan.k, budget))
     starts = part_starts(parts)
     knn_dir = output / "knn"
     params = {"mode": plan.mode, "min_score": plan.min_score, "weight": plan.weight, "kernel_width": plan.kernel_width}
-    if manifest.stage_info("graph_params") not in (None, params):
-        log.info("graph settings changed: rebuilding the graph from the existing join")
-        for s in ("graph_map", "graph_reduce", "graph_files"):
+    changed = manifest.stage_info("graph_params") not in (None, params)
+    if changed or manifest.stage_info("changed"):  # new settings, or lists an input update changed
+        log.info("graph %s: rebuilding the graph from the join", "settings changed" if changed else "input updated")
+        for s in ("graph_map", "graph_reduce", "graph_files", "changed"):
             manifest.clear_stage(s)
         for d in ("_graph", "edges", "nodes"):
             discard(output / d)
@@ -336,7 +351,7 @@ def graph_stages(
         else:
             log.warning("umap_knn.npz not written: umap-learn needs distances, and --metric ip gives none")
         labels = connected_components(client, adj, starts=starts, total=n, work_dir=work / "components")
-        sizes = component_sizes(client, labels, starts, work / "sizes")
+        sizes = component_sizes(client, labels, starts, work / "sizes", rows=[p.rows for p in parts])
         files = {"component_sizes": {str(s): c for s, c in sizes.items()}}
         manifest.finish_stage("graph_files", files)
     sizes = {int(s): c for s, c in files["component_sizes"].items()}
@@ -349,11 +364,11 @@ def graph_stages(
         min_score=plan.min_score,
         weight=plan.weight,
         kernel_width=plan.kernel_width,
-        nodes=n,
+        nodes=store.rows,
         edges=nnz,
         mutual_share=round(mutual / nnz, 4) if nnz else None,
         degree=DegreeStats(
-            round(deg_total / max(n, 1), 3),
+            round(deg_total / max(store.rows, 1), 3),
             max(degrees) if degrees else 0,
             degrees.get(0, 0),
             {str(d): c for d, c in degrees.items()},

@@ -221,8 +221,8 @@ def fill_index(
     if info is not None:
         return info.ntotal
     if mode == "none":  # exact search reads the row store itself: no copy of the vectors to build
-        manifest.finish_stage("fill", FillRecord(store.total_rows, mode))
-        return store.total_rows
+        manifest.finish_stage("fill", FillRecord(store.rows, mode))
+        return store.rows
     if mode == "serial":
         serial = FillSerialTask(
             trained=str(trained), store=store, pieces=tuple(pieces), out=str(index_dir / "index.faiss")

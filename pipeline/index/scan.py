@@ -218,5 +218,5 @@ def _check_duplicates(client: Any, dataset: Dataset, store: RowStore, key_dir: P
 
 
 def _locate(dataset: Dataset, row: int) -> str:
-    piece = dataset.pieces[int(np.searchsorted(dataset.starts, row, side="right") - 1)]
+    piece = dataset.piece_of(row)
     return f"{Path(piece.path).name} row {piece.file_row + row - piece.start}"

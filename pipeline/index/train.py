@@ -119,7 +119,7 @@ def train_index(
         dim=dim,
         metric=metric,
         store=store,
-        rows=sample_rows(store.total_rows, n_train, seed),
+        rows=store.live_rows(sample_rows(store.rows, n_train, seed)),
         seed=seed,
         out=str(path),
     )

@@ -74,11 +74,29 @@ class Dataset:
     id_kind: str  # "int" or "string"
     total_rows: int
     id_type: pa.DataType | None = None  # every file's ids are read as this type (unified at plan time)
+    retired: tuple[Piece, ...] = ()  # pieces of files since removed or rewritten: their rows are holes
 
     @property
     def starts(self) -> np.ndarray:
-        """First global row of each piece, for mapping a global row to its piece."""
-        return np.array([p.start for p in self.pieces], dtype=np.int64)
+        """First global row of every piece number, live or retired (:mod:`pipeline.io.layout`), for
+        mapping a global row to its piece."""
+        every = sorted((*self.pieces, *self.retired), key=lambda p: p.index)
+        return np.array([p.start for p in every], dtype=np.int64)
+
+    @property
+    def row_space(self) -> int:
+        """Global rows ``[0, row_space)`` laid out so far: the live rows and the holes of retired pieces."""
+        return max((p.start + p.rows for p in (*self.pieces, *self.retired)), default=0)
+
+    @property
+    def live(self) -> tuple[int, ...]:
+        """The numbers of the live pieces (those with rows in the row store)."""
+        return tuple(p.index for p in self.pieces)
+
+    def piece_of(self, row: int) -> Piece:
+        """The live piece holding global ``row``."""
+        at = int(np.searchsorted([p.start for p in self.pieces], row, side="right")) - 1
+        return self.pieces[max(at, 0)]
 
     @property
     def file_starts(self) -> np.ndarray:

@@ -23,10 +23,38 @@ __all__ = ["RowStore"]
 class RowStore:
     """The vectors and ids of one scanned dataset, stored piece by piece under ``root``."""
 
-    def __init__(self, root: str | os.PathLike[str], starts: np.ndarray, total_rows: int):
+    def __init__(
+        self, root: str | os.PathLike[str], starts: np.ndarray, total_rows: int, live: tuple[int, ...] | None = None
+    ):
+        """``starts``: the first global row of every piece number; ``total_rows``: the row space
+        they cover; ``live``: the pieces stored (default all). The others are retired pieces of
+        an updated input (:mod:`pipeline.io.layout`): their rows are holes nothing reads."""
         self.root = Path(root)
         self.starts = np.asarray(starts, dtype=np.int64)
         self.total_rows = int(total_rows)
+        self.live = tuple(range(len(self.starts))) if live is None else tuple(int(p) for p in live)
+        sizes = np.diff(np.append(self.starts, self.total_rows))
+        self._live_starts = self.starts[list(self.live)]
+        self._live_sizes = sizes[list(self.live)]
+        self.rows = int(self._live_sizes.sum())  # the live rows (total_rows less the holes)
+
+    def piece_rows(self, piece: int) -> int:
+        end = self.starts[piece + 1] if piece + 1 < len(self.starts) else self.total_rows
+        return int(end - self.starts[piece])
+
+    def live_rows(self, dense: np.ndarray) -> np.ndarray:
+        """The global rows of live rows numbered ``0 .. rows - 1`` in row order (the identity
+        without holes): how a sample drawn among the live rows is placed."""
+        dense = np.asarray(dense, dtype=np.int64)
+        if self.rows == self.total_rows:
+            return dense
+        ends = np.cumsum(self._live_sizes)
+        at = np.searchsorted(ends, dense, side="right")
+        return self._live_starts[at] + dense - (ends[at] - self._live_sizes[at])
+
+    def sample_rows(self, rng: np.random.Generator, n: int) -> np.ndarray:
+        """``n`` distinct live global rows drawn by ``rng``, sorted."""
+        return np.sort(self.live_rows(rng.choice(self.rows, size=min(n, self.rows), replace=False)))
 
     # paths -------------------------------------------------------------------------------
     def vectors_path(self, piece: int) -> Path:
@@ -103,7 +131,7 @@ class RowStore:
             local = flat[order][piece_of[order] == p] - self.starts[p]
             chunks.append(self.ids(int(p)).take(pa.array(local)))
         if not chunks:
-            return self.ids(0).slice(0, 0)
+            return self.ids(self.live[0]).slice(0, 0)
         grouped = pa.concat_arrays(chunks)
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)

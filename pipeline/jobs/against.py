@@ -19,6 +19,7 @@ from pipeline.duplicates.contamination import Matches, examples, write_matches
 from pipeline.duplicates.groups import output_id_column
 from pipeline.errors import InputError
 from pipeline.index.built import BuiltIndex
+from pipeline.io.owned import discard
 from pipeline.io.workdir import shown
 from pipeline.jobs.stages import Timings, build_index, join_index
 from pipeline.results import Contamination, ReferenceFileMatches
@@ -68,7 +69,7 @@ def match_against(
         len(ref.dataset.files),
         built.ntotal,
     )
-    joined, _ = join_index(
+    joined, against_manifest = join_index(
         client,
         cluster,
         ref_config,
@@ -79,8 +80,10 @@ def match_against(
         knn_dir=sub / "knn",
         command="against",
         incremental=True,
+        laid_out_queries=True,
     )
     timings.add("against", sum(sub_timings.phases.values()))
+    _follow_update(against_manifest, main_manifest, built, output / "contamination")
     matches = Matches(str(sub / "knn"), ref.store, threshold, built.metric, d.against_action == "drop")
     contamination = write_matches(
         client,
@@ -125,3 +128,20 @@ def match_against(
         str(output / "contamination"),
     )
     return result, matches
+
+
+def _follow_update(against: Manifest, main: Manifest, built: BuiltIndex, out_dir: Path) -> None:
+    """Take in what an update changed (the against join's ``changed`` stage, consumed here): the
+    pieces joined again are matched again, and the matches of input pieces gone are deleted."""
+    changes = against.stage_info("changed")
+    if not changes:
+        return
+    recorded = main.data["stages"].get("contamination", {}).get("pieces", {})
+    for piece in sorted(set(changes["pieces"]) | {p.index for p in built.dataset.retired}):
+        if str(piece) in recorded:
+            main.forget_piece("contamination", piece)
+    for piece in built.dataset.retired:
+        path = out_dir / f"part-{piece.index:05d}.parquet"
+        if path.exists():
+            discard(path)
+    against.clear_stage("changed")

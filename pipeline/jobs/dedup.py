@@ -13,7 +13,7 @@ from pipeline.duplicates.columns import attach_examples
 from pipeline.duplicates.dataset import check_columns, write_dataset
 from pipeline.duplicates.exactness import pair_recall
 from pipeline.duplicates.explore import explore
-from pipeline.duplicates.groups import dedup_stages
+from pipeline.duplicates.groups import dedup_stages, follow_update
 from pipeline.duplicates.plan import DedupPlan, check_plan, default_thresholds
 from pipeline.duplicates.widen import tune_pair_nprobe
 from pipeline.errors import ConfigError
@@ -72,6 +72,7 @@ def dedup(config: Config) -> JobReport:
             command="dedup",
             incremental=True,
         )
+        follow_update(manifest, output, dataset)
         t0 = time.monotonic()
         if d.explore:
             table = explore(

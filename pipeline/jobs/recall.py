@@ -33,7 +33,15 @@ log = logging.getLogger(__name__)
 
 
 def measure_recall(
-    client: Any, config: Config, built: BuiltIndex, query_store: RowStore, *, plan: SearchPlan, manifest: Manifest
+    client: Any,
+    config: Config,
+    built: BuiltIndex,
+    query_store: RowStore,
+    *,
+    plan: SearchPlan,
+    manifest: Manifest,
+    keep: RecallResult | None = None,
+    new_pieces: tuple[int, ...] = (),
 ) -> RecallResult:
     """Tune what was not given (nprobe, the re-rank factor) to the recall target, switch to exact
     search where the index cannot reach it or exact search is cheaper, then measure the plan used
@@ -41,12 +49,30 @@ def measure_recall(
 
     The result is kept in the manifest: a resumed run reuses the plan rather than re-tuning
     (timings differ run to run, and the finished pieces were searched with the stored one).
+
+    ``keep``: the plan the lists were joined with before the input was updated. It stays when it
+    still meets the target on queries sampled from the updated input and on queries sampled from
+    its new rows (``new_pieces``) alone, so the lists of untouched queries stay valid; otherwise
+    the plan is tuned afresh.
     """
     done = manifest.stage_record("recall", RecallResult)
     if done is not None:
         return done
     s = config.search
     target = s.target_recall
+    if keep is not None:
+        kept = _keep_plan(
+            client,
+            config,
+            built,
+            query_store,
+            plan=replace(plan, nprobe=keep.nprobe, rerank=keep.rerank, strategy=keep.strategy),
+            keep=keep,
+            new_pieces=new_pieces,
+        )
+        if kept is not None:
+            manifest.finish_stage("recall", kept)
+            return kept
     tune_nprobe = target is not None and s.nprobe is None and bool(built.nlist)
     tune_rerank = target is not None and s.rerank is None and plan.rerank > 0
     tuning = tune_nprobe or tune_rerank
@@ -260,3 +286,74 @@ def _exact_or_index(
             f"{chosen.cost:.3g} operations per query)",
         )
     return plan, f"tuned to {setting}"
+
+
+def _keep_plan(
+    client: Any,
+    config: Config,
+    built: BuiltIndex,
+    query_store: RowStore,
+    *,
+    plan: SearchPlan,
+    keep: RecallResult,
+    new_pieces: tuple[int, ...],
+) -> RecallResult | None:
+    """The last run's plan measured on queries sampled from the updated input, and on queries
+    sampled from its new rows alone: its result when both meet the target (or there is none),
+    else None (the plan is tuned again)."""
+    s = config.search
+    target = s.target_recall
+    t0 = time.monotonic()
+    setting = "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe} rerank={plan.rerank}"
+    live = set(query_store.live)
+    new = tuple(p for p in new_pieces if p in live)
+    views = [("the updated input", query_store, s.recall_queries)]
+    if new:  # the new rows alone: the ones the index was not trained on
+        only_new = RowStore(query_store.root, query_store.starts, query_store.total_rows, new)
+        views.append(("its new rows", only_new, max(100, s.recall_queries // 2)))
+    results = []
+    for what, store, n in views:
+        sample = draw_sample(
+            client,
+            built.store,
+            store,
+            n=n,
+            k=plan.k,
+            metric=built.metric,
+            exclude_self=plan.exclude_self,
+            self_join=plan.self_join,
+            seed=config.index.seed,
+        )
+        measured = sweep(client, plan, built.store, sample, [(plan.nprobe, plan.rerank)], computed=s.routed_join)[0]
+        log.info(
+            "recall@%d %.3f (tie-aware) on %d queries sampled from %s at the last run's plan (%s)",
+            plan.k,
+            measured.recall,
+            measured.queries,
+            what,
+            setting,
+        )
+        if target is not None and measured.recall < target:
+            log.info("below the target %.3f on %s: tuning again", target, what)
+            return None
+        results.append(measured)
+    measured = results[0]
+    log.info(
+        "recall@%d %.3f (tie-aware; strict %.3f) measured on %d sampled queries of the updated input: the last "
+        "run's plan (%s) still meets the target, so it is kept",
+        plan.k,
+        measured.recall,
+        measured.strict,
+        measured.queries,
+        setting,
+    )
+    return replace(
+        keep,
+        recall=round(measured.recall, 4),
+        recall_strict=round(measured.strict, 4),
+        queries=measured.queries,
+        met=target is None or measured.recall >= target,
+        tuning_s=round(time.monotonic() - t0, 3),
+        why=f"{keep.why.split('; kept')[0]}; kept after the input update (still meets the target)",
+        step_ups=(),
+    )

@@ -10,12 +10,12 @@ import json
 import logging
 import os
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import faiss
-import numpy as np
 import pyarrow as pa
 
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
@@ -34,11 +34,14 @@ from pipeline.index.choice import (
     nlist_of,
     training_rows,
 )
+from pipeline.index.drift import imbalance, measure_drift
 from pipeline.index.fill import FillRecord, fill_index, fill_mode
 from pipeline.index.scan import scan_dataset
 from pipeline.index.train import TrainRecord, train_index
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.io.parquet import Dataset, plan_dataset
+from pipeline.io.layout import InputDiff, Layout, layout_of, relayout
+from pipeline.io.owned import discard
+from pipeline.io.parquet import Dataset, Piece, plan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import shown
 from pipeline.jobs.recall import measure_recall
@@ -50,10 +53,12 @@ from pipeline.results import (
     RecallResult,
     SearchSummary,
     from_dict,
+    to_dict,
 )
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import peak_rss
-from pipeline.search.join import SearchPlan, join_pieces
+from pipeline.search.join import SearchPlan, join_pieces, knn_path
+from pipeline.search.update import Patched, patch_pieces, spare_for
 
 __all__ = ["BuiltIndex", "Timings", "build_index", "open_index", "join_index", "search_plan", "check_query_ids"]
 
@@ -154,13 +159,17 @@ def build_index(
 ) -> BuiltIndex:
     """Scan, train and fill the index in ``index_dir`` (resuming what a killed run finished).
 
-    ``incremental``: an index built from fewer files (the same ones, new files after them) is
-    extended with the new pieces: they are scanned, encoded with the trained index and merged in.
+    An index built from other input files (added, removed or rewritten; every setting the same) is
+    updated in place (:func:`update_layout`): new pieces are scanned and encoded with the trained
+    index, retired ones leave the lists, and surviving rows keep their global rows.
+    ``incremental`` is kept for callers of the former append-only rule; any build now updates.
     """
     spec = config.index
     metric = spec.metric or "cosine"
     t0 = time.monotonic()
     dataset, budget = _plan_build(client, cluster, config, search)
+    manifest = Manifest(index_dir)
+    dataset, diff, laid_out = update_layout(manifest, dataset, overwrite=config.overwrite)
     identity = {
         "input": dataset.fingerprint(),
         "metric": metric,
@@ -169,12 +178,28 @@ def build_index(
         "seed": spec.seed,
         "partition_bytes": config.partition_bytes,
     }
-    manifest = Manifest(index_dir)
-    if manifest.open(identity, config.overwrite, "index", allow_append=incremental):
+    before = None if manifest.damaged else manifest.stage_record("index", IndexRecord)
+    if manifest.open(identity, config.overwrite, "index", allow_append=incremental, allow_update=laid_out):
+        if diff.changed:
+            log.info("%s: %s: updating", shown(index_dir), diff.summary())
+            pending = manifest.stage_info("update") or {}
+            manifest.finish_stage(
+                "update",
+                {
+                    "new": sorted(set(pending.get("new", ())) | set(diff.new_pieces)),
+                    "imbalance": pending.get("imbalance", before.imbalance if before else None),
+                },
+            )
         for stage in ("scan", "fill", "index"):
             manifest.reopen_stage(stage)
+    if spec.retrain and manifest.stage_info("retrained") != identity["input"]:
+        log.info("%s: --retrain: training the index again on the current rows (the scan is kept)", shown(index_dir))
+        for stage in ("train", "fill", "index", "update"):
+            manifest.clear_stage(stage)
+    manifest.finish_stage("layout", layout_of(dataset))
+    store = RowStore(index_dir / "store", dataset.starts, dataset.row_space, dataset.live)
+    retire_pieces(manifest, store, dataset.retired, index_dir)
     _verify_index_files(manifest)
-    store = RowStore(index_dir / "store", dataset.starts, dataset.total_rows)
     timings.add("plan", time.monotonic() - t0)
 
     t0 = time.monotonic()
@@ -209,10 +234,19 @@ def build_index(
 
     t0 = time.monotonic()
     mode = fill_mode(key, make_encoder(key, dim, metric))
+    if mode == "serial" and dataset.retired:
+        raise ConfigError(
+            f"{shown(index_dir)}: index {key!r} keeps no row ids, so input files removed or rewritten "
+            "cannot leave it in place; pass --overwrite to rebuild it, or use an IVF index (--index-key auto)"
+        )
     ntotal = fill_index(
         client, trained_path, store, pieces=dataset.pieces, index_dir=index_dir, manifest=manifest, mode=mode
     )
     timings.add("fill", time.monotonic() - t0)
+    if spec.retrain:
+        manifest.finish_stage("retrained", identity["input"])
+    balance = imbalance(index_dir / "index.faiss") if (index_dir / "index.faiss").exists() else None
+    _check_drift(client, manifest, store, index_dir, balance, seed=spec.seed, limit=spec.drift_limit)
     if not (index_dir / "config.yaml").exists():
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
@@ -228,7 +262,17 @@ def build_index(
             else "given by index_key"
         )
     record = IndexRecord(
-        key, dim, metric, ntotal, nlist_of(empty), default_rerank(empty), tuple(dataset.starts.tolist()), why
+        key,
+        dim,
+        metric,
+        ntotal,
+        nlist_of(empty),
+        default_rerank(empty),
+        tuple(dataset.starts.tolist()),
+        why,
+        live=dataset.live if dataset.retired else None,
+        row_space=dataset.row_space if dataset.retired else None,
+        imbalance=balance,
     )
     manifest.finish_stage("index", record)
     log.info("index ready: %s, %d vectors of dimension %d, in %s", key, ntotal, dim, shown(index_dir))
@@ -244,7 +288,72 @@ def build_index(
         record.rerank_default,
         manifest.data["identity"],
         why,
+        trained=_trained(manifest),
     )
+
+
+def update_layout(manifest: Manifest, dataset: Dataset, *, overwrite: bool) -> tuple[Dataset, InputDiff, bool]:
+    """``dataset`` laid out over the one the index in ``manifest``'s directory was built from
+    (:func:`pipeline.io.layout.relayout`): the pieces with the global rows they keep, what
+    changed, and whether there was a layout to keep (an index from before layouts were recorded
+    can only grow at its end). A fresh directory (or ``overwrite``) lays the input out as planned."""
+    previous = None if overwrite or manifest.damaged else manifest.stage_record("layout", Layout)
+    if previous is None:
+        return dataset, InputDiff(), False
+    return (*relayout(dataset, previous), True)
+
+
+def _check_drift(
+    client: Any, manifest: Manifest, store: RowStore, index_dir: Path, after: float | None, *, seed: int, limit: float
+) -> None:
+    """After an update's fill: measure how far its new rows drifted from the trained ones
+    (:mod:`pipeline.index.drift`), warn past ``limit`` naming ``--retrain``, and record it
+    (stage ``drift``); the pending ``update`` stage is then done."""
+    update = manifest.stage_info("update")
+    if update is None:
+        return
+    new = tuple(p for p in update["new"] if p in set(store.live))
+    drift = measure_drift(
+        client,
+        trained=index_dir / "trained.faiss",
+        store=store,
+        new_pieces=new,
+        seed=seed,
+        limit=limit,
+        imbalance_before=update.get("imbalance"),
+        imbalance_after=after,
+    )
+    if drift is not None:
+        if drift.drifted:
+            log.warning(
+                "%s: the input drifted: %s. The index was trained on rows unlike these, so their neighbours are "
+                "found less well; pass --retrain to train it again on the current rows (the scan is kept; every "
+                "list is rejoined)",
+                shown(index_dir),
+                drift.summary(),
+            )
+        else:
+            log.info("%s: no drift: %s", shown(index_dir), drift.summary())
+        manifest.finish_stage("drift", drift)
+    manifest.clear_stage("update")
+
+
+def retire_pieces(manifest: Manifest, store: RowStore, retired: Sequence[Piece], index_dir: Path) -> None:
+    """Forget the retired pieces' scan and fill records and delete their files (the tool's own):
+    their rows left the input, so nothing may read them again. Done on every build, so an update
+    killed part way finishes it."""
+    for piece in retired:
+        manifest.data.get("dims", {}).pop(str(piece.index), None)
+        for stage in ("scan", "fill"):
+            if str(piece.index) in manifest.data["stages"].get(stage, {}).get("pieces", {}):
+                manifest.forget_piece(stage, piece.index)
+        for path in (
+            store.vectors_path(piece.index),
+            store.ids_path(piece.index),
+            index_dir / "parts" / f"part-{piece.index:05d}.faiss",
+        ):
+            if path.exists():
+                discard(path)
 
 
 def _verify_index_files(manifest: Manifest) -> None:
@@ -287,7 +396,7 @@ def open_index(index_dir: Path) -> BuiltIndex:
         id_kind="",
         total_rows=info.ntotal,
     )
-    store = RowStore(index_dir / "store", np.array(info.starts, dtype=np.int64), info.ntotal)
+    store = info.store(index_dir)
     log.info("index: %s, %d vectors of dimension %d (%d input files)", info.key, info.ntotal, info.dim, len(files))
     return BuiltIndex(
         index_dir,
@@ -301,14 +410,21 @@ def open_index(index_dir: Path) -> BuiltIndex:
         info.rerank_default,
         ident,
         info.why,
+        trained=_trained(manifest),
     )
+
+
+def _trained(manifest: Manifest) -> str:
+    """The CRC of the index's ``trained.faiss`` ("" where none is recorded)."""
+    record = manifest.stage_record("train", TrainRecord)
+    return str(record.files[0][2]) if record is not None and record.files else ""
 
 
 def check_query_ids(built: BuiltIndex, queries: Dataset, exclude_self: bool) -> None:
     """``--exclude-self`` compares query ids with indexed ids: refuse kinds that can never match."""
     if not exclude_self or not built.ntotal:
         return
-    indexed = built.store.ids(0).type
+    indexed = built.store.ids(built.store.live[0]).type
     kind = "int" if pa.types.is_integer(indexed) else "string"
     if queries.id_kind and queries.id_kind != kind:
         raise InputError(
@@ -339,7 +455,7 @@ def _scan_queries(
             f"{queries.dim} but the index holds dimension {built.dim}; embed the queries with the same model"
         )
     check_memory_floor(client, FAISS_WORKING + WORKING_COPIES * queries.max_piece_bytes(config.partition_bytes))
-    query_store = RowStore(output / "_queries", queries.starts, queries.total_rows)
+    query_store = RowStore(output / "_queries", queries.starts, queries.row_space, queries.live)
     qdim = scan_dataset(
         client, queries, store=query_store, metric=built.metric, manifest=manifest, stage="scan_queries"
     )
@@ -363,10 +479,17 @@ def join_index(
     knn_dir: Path | None = None,
     command: str = "join",
     incremental: bool = False,
+    laid_out_queries: bool = False,
 ) -> tuple[JoinResult, Manifest]:
     """Join ``queries`` (or the indexed rows themselves) against ``built``; write ``output``.
 
-    ``knn_dir``: also write the lists as global rows there (self-joins feeding dedup or a graph).
+    ``knn_dir``: where a self-join also writes its lists as global rows (default ``output/knn``),
+    which dedup and graph read and an update patches. A self-join over an index whose input
+    changed since (:mod:`pipeline.io.layout`) is updated: the new pieces are joined, the lists of
+    the others patched (:mod:`pipeline.search.update`), and the pieces of files gone dropped.
+    ``laid_out_queries``: ``queries`` are an index's laid-out input (dedup's ``--against`` join of
+    the input): new query pieces are joined and gone ones dropped; a changed index (reference)
+    joins every piece again.
     """
     if config.index.metric and config.index.metric != built.metric:
         raise ConfigError(
@@ -380,6 +503,8 @@ def join_index(
             "is checked with; give a sample size, or pass --target-recall off as well"
         )
     plan = search_plan(config, built, queries is None)
+    if knn_dir is None and queries is None:
+        knn_dir = output / "knn"
     if knn_dir is not None:
         plan = replace(plan, knn_dir=str(knn_dir))
     identity = {
@@ -395,11 +520,32 @@ def join_index(
     }
     keep = built.dir.name if built.dir.parent.resolve() == output.resolve() else None
     manifest = Manifest(output)
-    if manifest.open(identity, config.overwrite, "neighbour table", keep=keep, allow_append=incremental):
-        manifest.reopen_stage("join")  # new rows are searched against all rows; old lists are kept
+    earlier = None if manifest.damaged else manifest.stage_record("recall", RecallResult)
+    before = None if manifest.damaged else manifest.data.get("identity")
+    if manifest.open(
+        identity,
+        config.overwrite,
+        "neighbour table",
+        keep=keep,
+        allow_append=incremental,
+        allow_update=queries is None or laid_out_queries,
+    ):
+        manifest.reopen_stage("join")  # new rows are searched against all rows
         for stage in ("exact_diagonal", "exact_pairs"):  # partial lists of the smaller store: never reused
             manifest.clear_stage(stage)
         manifest.reopen_stage("scan_queries")  # a query set that grew: its new pieces are scanned
+        if queries is None or laid_out_queries:
+            index_changed = before is not None and before.get("index") != manifest.data["identity"].get("index")
+            _start_update(
+                manifest, built, queries, output=output, knn_dir=knn_dir, earlier=earlier, index_changed=index_changed
+            )
+    trained = manifest.stage_info("trained")
+    if trained is not None and trained.get("crc") != built.trained:  # --retrain: no list is valid any more
+        log.info("%s: the index was trained again: every piece is joined again", shown(output))
+        for stage in ("join", "update", "patch", "recall", "changed"):
+            manifest.clear_stage(stage)
+        manifest.finish_stage("changed", {"pieces": [p.index for p in built.dataset.pieces], "left": True})
+    manifest.finish_stage("trained", {"crc": built.trained})
     manifest.verify_stage("scan_queries")
     (output / "_SUCCESS").unlink(missing_ok=True)
     if queries is None:
@@ -413,11 +559,32 @@ def join_index(
         config = replace(config, search=replace(s, routed_join=True))
         s = config.search
     recall: RecallResult | None = None
+    update = manifest.stage_info("update")
     if s.recall_queries:
         t0 = time.monotonic()
-        recall = measure_recall(client, config, built, query_store, plan=plan, manifest=manifest)
+        before = from_dict(RecallResult, update["recall"]) if update and update.get("recall") else None
+        recall = measure_recall(
+            client,
+            config,
+            built,
+            query_store,
+            plan=plan,
+            manifest=manifest,
+            keep=before,
+            new_pieces=tuple(update["new"]) if update else (),
+        )
         plan = replace(plan, nprobe=recall.nprobe, rerank=recall.rerank, strategy=recall.strategy)
         timings.add("recall", time.monotonic() - t0)
+        if before is not None and (before.nprobe, before.rerank, before.strategy) != (
+            recall.nprobe,
+            recall.rerank,
+            recall.strategy,
+        ):
+            log.info("the plan changed with the input: every piece is joined again")
+            for piece in manifest.done_pieces("join"):
+                manifest.forget_piece("join", piece)
+            manifest.clear_stage("update")
+            update = None
     log.info(
         "join: %d queries, k=%d, %s, exclude_self=%s",
         n_queries,
@@ -425,6 +592,8 @@ def join_index(
         "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe}, rerank={plan.rerank}",
         plan.exclude_self,
     )
+    if plan.knn_dir and plan.self_join:  # kept lists hold spare candidates for later updates
+        plan = replace(plan, spare=spare_for(plan.k, update=update is not None))
     # the exact self-join scores each pair of pieces once for both on CPUs; a GPU searches the
     # whole store resident in its memory instead
     by_pairs = all(d.backend == "cpu" for d in cluster.devices)
@@ -442,6 +611,13 @@ def join_index(
         workers=max(1, len(cluster.devices)),
         group_bytes=_group_bytes(client),
     )
+    if update is not None:
+        t0 = time.monotonic()
+        patch_plan = replace(plan, spare=spare_for(plan.k))
+        _finish_update(
+            client, patch_plan, built, manifest, output=output, new=update["new"], patch=update.get("patch", True)
+        )
+        seconds += time.monotonic() - t0
     timings.add("join", seconds)
     result = JoinResult(
         index=IndexSummary(str(built.dir), built.key, built.ntotal, built.dim, built.metric, built.nlist, built.why),
@@ -462,6 +638,113 @@ def join_index(
         lists_read=_lists_read(manifest),
     )
     return result, manifest
+
+
+def _start_update(
+    manifest: Manifest,
+    built: BuiltIndex,
+    queries: Dataset | None,
+    *,
+    output: Path,
+    knn_dir: Path | None,
+    earlier: RecallResult | None,
+    index_changed: bool,
+) -> None:
+    """Record what an updated join must redo (stage ``update``): the pieces to join in full (new
+    ones, and any whose lists were not kept), and the plan the kept lists were joined with. The
+    lists and tables of query pieces whose files are gone are deleted now. A self-join patches
+    its other pieces later; a join of other queries against a changed index joins them all again."""
+    pending = manifest.stage_info("update") or {}
+    query_set = built.dataset if queries is None else queries
+    left = False
+    for piece in query_set.retired:
+        outputs = [output / "neighbors" / f"part-{piece.index:05d}.parquet"]
+        outputs += [knn_path(knn_dir, piece.index)] if knn_dir is not None else []
+        if queries is not None:
+            store = RowStore(output / "_queries", query_set.starts, query_set.row_space)
+            outputs += [store.vectors_path(piece.index), store.ids_path(piece.index)]
+            if str(piece.index) in manifest.data["stages"].get("scan_queries", {}).get("pieces", {}):
+                manifest.forget_piece("scan_queries", piece.index)
+        for path in outputs:
+            if path.exists():
+                discard(path)
+                left = True
+        if str(piece.index) in manifest.data["stages"].get("join", {}).get("pieces", {}):
+            manifest.forget_piece("join", piece.index)
+            left = True
+    done = manifest.done_pieces("join")
+    for number in sorted(done):
+        stale = queries is not None and index_changed  # searched in an index that changed
+        if stale or (knn_dir is not None and not knn_path(knn_dir, number).exists()):
+            manifest.forget_piece("join", number)
+    live = {p.index for p in query_set.pieces}
+    new = sorted((live - manifest.done_pieces("join")) | set(pending.get("new", ())))
+    recall = pending.get("recall") or (to_dict(earlier) if earlier is not None else None)
+    manifest.clear_stage("recall")
+    manifest.clear_stage("patch")
+    manifest.finish_stage(
+        "update",
+        {
+            "new": new,
+            "recall": None if queries is not None and index_changed else recall,
+            "left": left or bool(pending.get("left")),
+            "patch": queries is None,
+        },
+    )
+    log.info(
+        "%s: updating the lists: %d new piece(s) joined, the other %d %s%s",
+        shown(manifest.dir),
+        len(new),
+        len(live) - len(new),
+        "patched" if queries is None else "kept",
+        " (rows left: their queries are searched again)" if left and queries is None else "",
+    )
+
+
+def _finish_update(
+    client: Any,
+    plan: SearchPlan,
+    built: BuiltIndex,
+    manifest: Manifest,
+    *,
+    output: Path,
+    new: Sequence[int],
+    patch: bool,
+) -> None:
+    """Patch a self-join's pieces joined before the update (:func:`pipeline.search.update.patch_pieces`)
+    and record what changed (stage ``changed``, for dedup and graph) before the update is done."""
+    fresh = set(new)
+    patched, rewritten = Patched(), cast(tuple[int, ...], ())
+    if patch:
+        patched, rewritten = patch_pieces(
+            client,
+            plan,
+            built.store,
+            pieces=[p for p in built.dataset.pieces if p.index not in fresh],
+            new=[p for p in built.dataset.pieces if p.index in fresh],
+            holes=[(p.start, p.rows) for p in built.dataset.retired],
+            out_dir=output / "neighbors",
+            manifest=manifest,
+        )
+    log.info(
+        "update: %d queries lost neighbours (%d of them searched again, past their spare candidates), %d took in "
+        "new rows; %d piece(s) rewritten",
+        patched.dropped,
+        patched.searched,
+        patched.merged,
+        len(rewritten),
+    )
+    before = manifest.stage_info("changed") or {}
+    update = manifest.stage_info("update") or {}
+    manifest.finish_stage(
+        "changed",
+        {
+            "pieces": sorted(set(before.get("pieces", ())) | fresh | set(rewritten)),
+            "left": bool(before.get("left")) or bool(update.get("left")),
+        },
+    )
+    manifest.clear_stage("patch")
+    manifest.clear_stage("update")
 
 
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory

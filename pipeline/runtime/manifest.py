@@ -25,7 +25,7 @@ from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, has_links, remove_ow
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 from pipeline.results import Files, from_dict, to_dict
 
-__all__ = ["Manifest", "describe_changes", "is_append", "LOG_DIR"]
+__all__ = ["Manifest", "describe_changes", "is_append", "is_update", "LOG_DIR"]
 
 log = logging.getLogger(__name__)
 
@@ -76,6 +76,15 @@ def is_append(old: Any, new: Any) -> bool:
     return bool(old == new)
 
 
+def is_update(old: Any, new: Any) -> bool:
+    """``new`` equals ``old`` except for the input's files and rows (added, removed or rewritten)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        if set(old) != set(new):
+            return False
+        return all(k in ("files", "rows") or is_update(old[k], new[k]) for k in old)
+    return bool(old == new)
+
+
 def _confined(rel: str) -> bool:
     """Whether a recorded path stays below its directory: relative, with no ``..``."""
     p = Path(rel)
@@ -109,13 +118,21 @@ class Manifest:
             )
 
     def open(
-        self, identity: dict[str, Any], overwrite: bool, what: str, keep: str | None = None, allow_append: bool = False
+        self,
+        identity: dict[str, Any],
+        overwrite: bool,
+        what: str,
+        *,
+        keep: str | None = None,
+        allow_append: bool = False,
+        allow_update: bool = False,
     ) -> bool:
-        """Start or resume this directory for ``identity``; return True if the input grew.
+        """Start or resume this directory for ``identity``; return True if the input changed.
 
         ``overwrite`` starts afresh (sub-directory ``keep`` excepted: it has its own manifest).
-        With ``allow_append``, an input that only gained files after the old ones is accepted
-        (incremental runs: the caller reopens the stages that must see the new pieces).
+        With ``allow_append``, an input that only gained files after the old ones is accepted;
+        with ``allow_update``, one whose files were added, removed or rewritten (every other
+        setting the same): the caller updates the stages that must see the change.
         Otherwise a directory made from another identity, or a non-empty one without a manifest,
         is refused with what changed.
         """
@@ -126,6 +143,8 @@ class Manifest:
         appended = False
         if overwrite:
             self.reset(keep)
+        elif allow_update and old is not None and old != new and is_update(old, new):
+            appended = True
         elif allow_append and old is not None and old != new and is_append(old, new):
             appended = True
             log.info(

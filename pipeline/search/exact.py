@@ -45,15 +45,15 @@ def exact_knn(
 
     Scores follow the metric's convention: similarity for ip/cosine, squared distance for l2.
     """
-    tasks = [ExactPieceTask(store=store, piece=p, queries=queries, k=k, metric=metric) for p in range(n_pieces)]
+    pieces = [p for p in store.live if p < n_pieces]
+    tasks = [ExactPieceTask(store=store, piece=p, queries=queries, k=k, metric=metric) for p in pieces]
     futures = [submit(client, task, "ground_truth") for task in tasks]
-    bounds = np.append(store.starts, store.total_rows)
-    progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.total_rows)
+    progress = Progress(f"exact neighbours of {len(queries):,} sampled queries", store.rows)
 
     def parts() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        for p in range(n_pieces):  # in piece order (deterministic ties), each part released once merged
+        for p in pieces:  # in piece order (deterministic ties), each part released once merged
             part = futures.pop(0).result()
-            progress.advance(int(bounds[p + 1] - bounds[p]))
+            progress.advance(store.piece_rows(p))
             yield part
 
     scores, rows = merge_topk(parts(), k)

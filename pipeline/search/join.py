@@ -76,11 +76,13 @@ class SearchPlan:
     self_join: bool  # queries are the indexed rows: exclude by row, not by id
     knn_dir: str | None = None  # also write each piece's lists as global rows here (dedup, graph)
     strategy: Strategy = "index"  # index: search the FAISS index; exact: GEMM over the row store, piece by piece
+    spare: int = 0  # candidates kept past k in the lists of ``knn_dir`` (see :mod:`pipeline.search.update`)
 
 
 def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
-    """How many results to ask the index for, before re-ranking and self-exclusion."""
-    want = plan.k * max(plan.rerank, 1) + (1 if plan.exclude_self else 0)
+    """How many results to ask the index for, before re-ranking and self-exclusion (the spare
+    candidates come out of the re-ranking pool where it is deep enough)."""
+    want = max(plan.k * max(plan.rerank, 1), plan.k + plan.spare) + (1 if plan.exclude_self else 0)
     return min(want, ntotal)
 
 
@@ -139,7 +141,7 @@ def _search_batch(
     index_store: RowStore,
     found: tuple[np.ndarray, np.ndarray] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    width = candidates_per_query(plan, index_store.total_rows if index is None else int(index.ntotal))
+    width = candidates_per_query(plan, index_store.rows if index is None else int(index.ntotal))
     if found is not None:
         scores, rows = found
     elif index is None:  # the exact plan: scores are exact already
@@ -162,8 +164,8 @@ def _search_batch(
             cand_ids = index_store.gather_ids(np.where(valid, rows, 0))
             own = q_ids.take(pa.array(np.repeat(np.arange(len(q_ids)), width)))
             valid &= ~pc.equal(cand_ids, own).to_numpy(zero_copy_only=False).reshape(rows.shape)
-    # keep the first k valid entries of each row, in order
-    keep_order = np.argsort(~valid, axis=1, kind="stable")[:, : plan.k]
+    # keep the first k (and the spare) valid entries of each row, in order
+    keep_order = np.argsort(~valid, axis=1, kind="stable")[:, : plan.k + plan.spare]
     rows = np.take_along_axis(rows, keep_order, axis=1)
     scores = np.take_along_axis(scores, keep_order, axis=1).astype(np.float32)
     kept = np.take_along_axis(valid, keep_order, axis=1)
@@ -237,7 +239,7 @@ class JoinTask:
         q_all = query_store.vectors(piece.index)
         q_ids_all = query_store.ids(piece.index)
         if pairs is not None:
-            lists = piece_lists(pairs, piece, candidates_per_query(plan, index_store.total_rows), plan.metric)
+            lists = piece_lists(pairs, piece, candidates_per_query(plan, index_store.rows), plan.metric)
         elif self.routed is not None:
             lists = routed_lists(self.routed, piece)
             batch_rows = max(1, min(budget_rows, be.search_rows))  # nothing left to search: writing batches
@@ -245,8 +247,9 @@ class JoinTask:
             lists = None
         short = 0
         buffered: list[pa.Table] = []
-        knn_rows = np.full((piece.rows, plan.k), -1, dtype=np.int64) if plan.knn_dir else None
-        knn_scores = np.full((piece.rows, plan.k), np.nan, dtype=np.float32) if plan.knn_dir else None
+        width = plan.k + plan.spare
+        knn_rows = np.full((piece.rows, width), -1, dtype=np.int64) if plan.knn_dir else None
+        knn_scores = np.full((piece.rows, width), np.nan, dtype=np.float32) if plan.knn_dir else None
         progress = PieceProgress("join", piece.index)
         with atomic_path(out) as tmp:
             writer: pq.ParquetWriter | None = None
@@ -260,10 +263,12 @@ class JoinTask:
                     index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found
                 )
                 progress.advance(hi - lo)
-                nbr_ids = index_store.gather_ids(nbr_rows)
-                short += int((np.diff(offsets) < plan.k).sum())
                 if knn_rows is not None and knn_scores is not None:
                     to_padded(knn_rows, knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
+                if plan.spare:  # the table lists the first k; the spare are kept in knn/ only
+                    offsets, scores, nbr_rows = first_k(offsets, scores, nbr_rows, plan.k)
+                nbr_ids = index_store.gather_ids(nbr_rows)
+                short += int((np.diff(offsets) < plan.k).sum())
                 table = pa.table(
                     {
                         "query_id": q_ids,
@@ -281,8 +286,20 @@ class JoinTask:
                 raise ValueError(f"empty query piece {piece.index}")
             writer.close()
         if knn_rows is not None and knn_scores is not None:
-            write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores)
+            write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores, k=plan.k)
         return Joined(short=short, list_bytes=list_bytes_read() - read_before, worker=worker_name())
+
+
+def first_k(
+    offsets: np.ndarray, scores: np.ndarray, rows: np.ndarray, k: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Lists in list layout cut to their first ``k`` entries."""
+    counts = np.diff(offsets)
+    slot = np.arange(rows.size) - np.repeat(offsets[:-1], counts)
+    keep = slot < k
+    cut = np.zeros_like(offsets)
+    np.cumsum(np.minimum(counts, k), out=cut[1:])
+    return cut, scores[keep], rows[keep]
 
 
 def to_padded(
@@ -347,7 +364,7 @@ def join_pieces(
             client,
             index_store,
             layout=layout,
-            width=candidates_per_query(plan, index_store.total_rows),
+            width=candidates_per_query(plan, index_store.rows),
             metric=plan.metric,
             manifest=manifest,
         )

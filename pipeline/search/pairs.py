@@ -87,6 +87,8 @@ def plan_groups(store: RowStore, dim: int, folder: Path, max_bytes: int | None =
     """Consecutive pieces grouped up to ``max_bytes`` of vectors (``GROUP_BYTES``); None when that
     makes more than ``MAX_GROUPS`` groups: pair tasks grow with the square of the groups, and such
     a store is searched piece by piece instead."""
+    if store.rows != store.total_rows:  # an updated input's holes: searched piece by piece instead
+        return None
     bounds = [*store.starts.tolist(), store.total_rows]
     pieces = len(store.starts)
     groups: list[Group] = []

@@ -129,8 +129,8 @@ def draw_sample(
 ) -> RecallSample:
     """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole)."""
     rng = np.random.default_rng(seed + 7919)
-    n = min(n, query_store.total_rows)
-    rows = np.sort(rng.choice(query_store.total_rows, size=n, replace=False)).astype(np.int64)
+    rows = query_store.sample_rows(rng, n)
+    n = len(rows)
     rng.shuffle(rows)  # tuning / held-out halves drawn alike
     vectors = np.ascontiguousarray(query_store.gather_vectors(rows))
     ids = query_store.gather_ids(rows)

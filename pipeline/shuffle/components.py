@@ -225,10 +225,11 @@ class CountMap:
     piece: int
     starts: np.ndarray
     out_dir: str
+    rows: int | None = None  # the partition's rows (the rest, to the next partition, are holes)
 
     def run(self) -> None:
         labels_dir, piece, starts, out_dir = self.labels_dir, self.piece, self.starts, self.out_dir
-        labels = np.load(label_path(labels_dir, piece))
+        labels = np.load(label_path(labels_dir, piece))[: self.rows]
         values, counts = np.unique(labels, return_counts=True)
         part = np.searchsorted(starts, values, side="right") - 1
         write_partitioned(out_dir, part, len(starts), {"label": values, "count": counts.astype(np.int64)})
@@ -252,12 +253,24 @@ class CountReduce:
         return {int(v): int(n) for v, n in zip(values, counts)}
 
 
-def component_sizes(client: Any, labels_dir: Path, starts: np.ndarray, work_dir: Path) -> dict[int, int]:
-    """{component size: number of components}, counted by a shuffle on the label."""
+def component_sizes(
+    client: Any, labels_dir: Path, starts: np.ndarray, work_dir: Path, rows: Sequence[int] | None = None
+) -> dict[int, int]:
+    """{component size: number of components}, counted by a shuffle on the label; ``rows``: each
+    partition's rows, where holes follow them (they are no one's component)."""
     maps = [str(work_dir / f"from-{p:05d}") for p in range(len(starts))]
     client.gather(
         [
-            _submit(client, CountMap(labels_dir=str(labels_dir), piece=p, starts=starts, out_dir=maps[p]))
+            _submit(
+                client,
+                CountMap(
+                    labels_dir=str(labels_dir),
+                    piece=p,
+                    starts=starts,
+                    out_dir=maps[p],
+                    rows=None if rows is None else int(rows[p]),
+                ),
+            )
             for p in range(len(starts))
         ]
     )

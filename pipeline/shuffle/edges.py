@@ -24,6 +24,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_npz
+from pipeline.io.layout import in_holes
 from pipeline.kinds import Metric
 
 __all__ = [
@@ -65,16 +66,36 @@ def passes(scores: np.ndarray, threshold: float | None, metric: Metric) -> np.nd
 
 # row-form neighbour lists, written by the join ---------------------------------------------
 def write_knn(
-    path: str | os.PathLike[str], rows: np.ndarray, scores: np.ndarray, src: np.ndarray | None = None
+    path: str | os.PathLike[str],
+    rows: np.ndarray,
+    scores: np.ndarray,
+    src: np.ndarray | None = None,
+    *,
+    k: int | None = None,
 ) -> None:
-    """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole piece."""
+    """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole
+    piece. ``k``: lists wider than ``k`` keep the entries past it apart, as spare candidates
+    (:func:`read_knn` gives the first ``k``, :func:`read_knn_spare` all of them)."""
     extra: dict[str, Any] = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
+    if k is not None and rows.shape[1] > k:
+        extra |= {"spare_rows": rows[:, k:].astype(np.int64), "spare_scores": scores[:, k:].astype(np.float32)}
+        rows, scores = rows[:, :k], scores[:, :k]
     write_npz(path, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
 
 
 def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
     with np.load(path) as z:
         return z["rows"], z["scores"]
+
+
+def read_knn_spare(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, int]:
+    """The lists with their spare candidates (``rows``, ``scores`` as wide as both) and ``k``."""
+    with np.load(path) as z:
+        rows, scores = z["rows"], z["scores"]
+        k = rows.shape[1]
+        if "spare_rows" in z.files:
+            rows, scores = np.hstack([rows, z["spare_rows"]]), np.hstack([scores, z["spare_scores"]])
+        return rows, scores, k
 
 
 def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
@@ -120,11 +141,19 @@ def pieces_per_part(pieces: Sequence[Any], k: int, budget: int) -> int:
 
 
 def make_parts(pieces: Sequence[Any], per_part: int) -> list[Part]:
-    parts = []
-    for g, lo in enumerate(range(0, len(pieces), per_part)):
-        group = pieces[lo : lo + per_part]
-        parts.append(Part(g, tuple(int(p.index) for p in group), int(group[0].start), int(sum(p.rows for p in group))))
-    return parts
+    """Up to ``per_part`` consecutive pieces per partition; a partition's rows are contiguous, so a
+    hole (the retired rows of an updated input, :mod:`pipeline.io.layout`) starts a new one."""
+    groups: list[list[Any]] = []
+    for p in pieces:
+        last = groups[-1] if groups else None
+        if last is None or len(last) >= per_part or last[-1].start + last[-1].rows != p.start:
+            groups.append([p])
+        else:
+            last.append(p)
+    return [
+        Part(g, tuple(int(p.index) for p in group), int(group[0].start), int(sum(p.rows for p in group)))
+        for g, group in enumerate(groups)
+    ]
 
 
 def part_starts(parts: Sequence[Part]) -> np.ndarray:
@@ -209,6 +238,7 @@ class MapEdgesTask:
     min_score: float | None
     wide_paths: tuple[str, ...] = ()
     range_paths: tuple[str, ...] = ()
+    holes: tuple[tuple[int, int], ...] = ()  # (start, rows) that left the input: edges into them are dropped
 
     def run(self) -> EdgesMapped:
         metric, min_score = self.metric, self.min_score
@@ -227,7 +257,7 @@ class MapEdgesTask:
         src_parts, dst_parts, score_parts = [], [], []
         saturated = 0
         for i, (src_rows, nbr, scores) in enumerate(blocks):
-            ok = (nbr >= 0) & passes(scores, min_score, metric)
+            ok = (nbr >= 0) & passes(scores, min_score, metric) & ~in_holes(nbr, self.holes)
             if min_score is not None and nbr.shape[1] and i < n_listed:
                 full = ok.all(axis=1) & ~np.isin(src_rows, complete)
                 if i == 0:  # a row searched again counts by its longer list

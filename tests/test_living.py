@@ -1,0 +1,443 @@
+"""Living data: inputs whose files are added, removed and rewritten between runs.
+
+Units (the layout, holes, list merges) run in the fast tier; whole updates against fresh runs and
+against exact search, the 30-round month, drift and a kill mid-update are slow.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from pipeline import dedup, graph, run
+from pipeline.io.layout import in_holes, layout_of, relayout
+from pipeline.io.parquet import Dataset, FileInfo, Piece
+from pipeline.io.sample_data import clustered_vectors
+from pipeline.io.store import RowStore
+from pipeline.search.update import _merge
+from pipeline.shuffle.edges import make_parts
+
+
+# the layout ---------------------------------------------------------------------------------
+def _planned(files: dict[str, tuple[int, str]], piece_rows: int = 100) -> Dataset:
+    """A dataset as planning gives it: files in name order, pieces of ``piece_rows``, rows in order."""
+    infos, pieces, at = [], [], 0
+    for name in sorted(files):
+        rows, footer = files[name]
+        infos.append(FileInfo(name, rows * 10, 0, rows, footer))
+        for lo in range(0, rows, piece_rows):
+            n = min(piece_rows, rows - lo)
+            pieces.append(Piece(len(pieces), name, (lo // piece_rows,), lo, at, n))
+            at += n
+    return Dataset(tuple(infos), tuple(pieces), "id", "embedding", 8, "int", at)
+
+
+files_strategy = st.dictionaries(
+    st.sampled_from([f"f{i}" for i in range(8)]), st.integers(1, 350), min_size=1, max_size=8
+)
+
+
+@settings(max_examples=60, deadline=None)
+@given(first=files_strategy, second=files_strategy, rewrite=st.sets(st.sampled_from([f"f{i}" for i in range(8)])))
+def test_a_relayout_keeps_surviving_rows_and_numbers_new_ones_after_every_row_laid_out(first, second, rewrite):
+    old = _planned({name: (rows, "a") for name, rows in first.items()})
+    fresh = _planned(
+        {name: (rows + (name in rewrite), "b" if name in rewrite else "a") for name, rows in second.items()}
+    )  # a rewrite shows in its footer
+    same = {n for n in second if n in first and n not in rewrite and second[n] == first[n]}
+    laid, diff = relayout(fresh, layout_of(old))
+    # surviving files keep their pieces (numbers and rows); every other old piece is retired
+    kept = [p for p in old.pieces if p.path in same]
+    assert [p for p in laid.pieces if p.path in same] == kept
+    assert sorted(p.index for p in laid.retired) == sorted(p.index for p in old.pieces if p.path not in same)
+    # new pieces come after every piece and row laid out before, in input order
+    new = [p for p in laid.pieces if p.path not in same]
+    assert all(p.index > max(q.index for q in old.pieces) and p.start >= old.row_space for p in new)
+    assert [p.start for p in new] == sorted(p.start for p in new)
+    # live and retired rows never overlap, and the store's view agrees
+    spans = sorted((p.start, p.start + p.rows) for p in (*laid.pieces, *laid.retired))
+    assert all(a[1] <= b[0] for a, b in zip(spans, spans[1:]))
+    assert laid.total_rows == sum(second[n] + (n in rewrite) for n in second)
+    assert len(laid.starts) == len(laid.pieces) + len(laid.retired)
+    assert diff.changed == (set(first) != set(second) or bool(set(first) & set(second) - same))
+    assert set(diff.removed) == set(first) - set(second) and set(diff.added) == set(second) - set(first)
+
+
+def test_the_diff_says_what_changed_in_one_line():
+    old = _planned({"a": (100, "x"), "b": (200, "x"), "c": (300, "x")})
+    fresh = _planned({"a": (100, "x"), "b": (150, "y"), "d": (1_500_000, "x")}, piece_rows=500_000)
+    _, diff = relayout(fresh, layout_of(old))
+    line = diff.summary()
+    assert "1 file added (1.50M rows)" in line and "1 file removed (300 rows)" in line
+    assert "1 file rewritten (150 rows)" in line and "\n" not in line
+
+
+def test_a_touched_file_is_not_a_rewrite():
+    old = _planned({"a": (100, "x")})
+    fresh = Dataset(
+        (FileInfo("a", 1000, 999, 100, "x"),), old.pieces, "id", "embedding", 8, "int", 100
+    )  # same size and footer, new time
+    laid, diff = relayout(fresh, layout_of(old))
+    assert not diff.changed and laid.pieces == old.pieces
+
+
+def test_holes_and_the_store_view_of_live_rows(tmp_path):
+    assert in_holes(np.array([0, 4, 5, 9, 10, 20]), [(5, 5), (20, 1)]).tolist() == [0, 0, 1, 1, 0, 1]
+    assert not in_holes(np.array([1, 2]), []).any()
+    # pieces 0 and 2 live, piece 1 (rows 10-29) retired
+    store = RowStore(tmp_path, np.array([0, 10, 30]), 40, live=(0, 2))
+    assert store.rows == 20 and store.piece_rows(1) == 20
+    assert store.live_rows(np.arange(20)).tolist() == [*range(10), *range(30, 40)]
+    rows = store.sample_rows(np.random.default_rng(0), 15)
+    assert not in_holes(rows, [(10, 20)]).any() and len(set(rows.tolist())) == 15
+    full = RowStore(tmp_path, np.array([0, 10, 30]), 40)
+    a = full.sample_rows(np.random.default_rng(3), 7)
+    assert a.tolist() == np.sort(np.random.default_rng(3).choice(40, size=7, replace=False)).tolist()
+
+
+def test_partitions_break_at_holes():
+    pieces = [Piece(0, "a", (0,), 0, 0, 10), Piece(1, "a", (1,), 10, 10, 10), Piece(3, "c", (0,), 0, 50, 10)]
+    parts = make_parts(pieces, 8)
+    assert [(p.pieces, p.start, p.rows) for p in parts] == [((0, 1), 0, 20), ((3,), 50, 10)]
+
+
+def test_merging_new_rows_keeps_the_best_k_once_each():
+    rows = np.array([[5, 6, 7], [8, -1, -1]])
+    scores = np.array([[0.9, 0.8, 0.7], [0.5, np.nan, np.nan]], dtype=np.float32)
+    q = np.array([0, 0, 1, 1])
+    r = np.array([100, 6, 101, 101])
+    s = np.array([0.85, 0.8, 0.6, 0.6], dtype=np.float32)
+    changed = _merge(rows, scores, q=q, r=r, s=s, higher_better=True)
+    assert rows.tolist() == [[5, 100, 6], [101, 8, -1]] and changed.tolist() == [0, 1]
+    again = _merge(rows, scores, q=q, r=r, s=s, higher_better=True)  # patched twice: nothing moves
+    assert rows.tolist() == [[5, 100, 6], [101, 8, -1]] and again.size == 0
+    low = np.array([[3, 4]])
+    d = np.array([[0.1, 0.2]], dtype=np.float32)
+    _merge(low, d, q=np.array([0]), r=np.array([9]), s=np.array([0.15], np.float32), higher_better=False)
+    assert low.tolist() == [[3, 9]]  # l2: smaller is closer
+
+
+# whole updates ---------------------------------------------------------------------------------
+SHARD_ROWS, DIM = 600, 24
+
+
+def _write(path: Path, ids: np.ndarray, x: np.ndarray) -> None:
+    emb = pa.FixedSizeListArray.from_arrays(pa.array(x.astype(np.float32).ravel()), x.shape[1])
+    pq.write_table(pa.table({"id": pa.array(ids, pa.int64()), "embedding": emb}), path, row_group_size=300)
+
+
+@pytest.fixture(scope="module")
+def pool() -> np.ndarray:
+    return clustered_vectors(40 * SHARD_ROWS, DIM, clusters=30, seed=11)
+
+
+def _shard(pool: np.ndarray, folder: Path, number: int, rows: slice | None = None) -> None:
+    """Shard ``number`` of the pool (ids are pool rows), all rows or ``rows`` of them."""
+    ids = np.arange(number * SHARD_ROWS, (number + 1) * SHARD_ROWS)
+    if rows is not None:
+        ids = ids[rows]
+    _write(folder / f"part-{number:05d}.parquet", ids, pool[ids])
+
+
+def _tables(out: Path) -> dict[int, tuple[list[int], list[float]]]:
+    t = pq.read_table(out / "neighbors")
+    q = t.column("query_id").to_pylist()
+    assert len(q) == len(set(q)), "a query listed twice"
+    return dict(zip(q, zip(t.column("neighbor_id").to_pylist(), t.column("score").to_pylist())))
+
+
+def _input_ids(folder: Path) -> np.ndarray:
+    return np.sort(pq.read_table(folder, columns=["id"]).column("id").to_numpy())
+
+
+def _exact(pool: np.ndarray, ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    x = pool[ids] / np.linalg.norm(pool[ids], axis=1, keepdims=True)
+    s = x @ x.T
+    np.fill_diagonal(s, -np.inf)
+    order = np.argsort(-s, axis=1, kind="stable")[:, :k]
+    return ids[order], np.take_along_axis(s, order, axis=1)
+
+
+def _recall(tables: dict, pool: np.ndarray, ids: np.ndarray, k: int) -> float:
+    """Tie-aware recall@k against exact search: a listed neighbour counts when it scores at
+    least the exact k-th score (big-ann-benchmarks' rule)."""
+    _, kth = _exact(pool, ids, k)
+    x = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    hits = 0
+    for i, q in enumerate(ids.tolist()):
+        got = np.array(tables[q][0], dtype=np.int64)
+        hits += int((x[got] @ x[q] >= kth[i, -1] - 1e-5).sum())
+    return hits / (len(ids) * k)
+
+
+def _overlap(a: dict, b: dict) -> float:
+    return float(np.mean([len(set(a[q][0]) & set(b[q][0])) / max(1, len(b[q][0])) for q in b]))
+
+
+FIXED = {"index_key": "IVF32,Flat", "nprobe": 4, "k": 10, "exclude_self": True}
+
+
+def test_run_after_a_shard_removed_and_one_rewritten_equals_a_search_of_the_updated_index(
+    make_config, pool, tmp_path, caplog
+):
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(8):
+        _shard(pool, data, s)
+    out = tmp_path / "out"
+    run(make_config(input=str(data), output=str(out), **FIXED))
+    kept_store = {p: p.stat().st_mtime_ns for p in (out / "index" / "store" / "vectors").glob("*.npy")}
+    # a month later: shard 3 removed, shard 5 rewritten with half its rows, shard 8 added
+    os.remove(data / "part-00003.parquet")
+    _shard(pool, data, 5, slice(0, SHARD_ROWS // 2))
+    _shard(pool, data, 8)
+    with caplog.at_level("INFO", logger="pipeline"):
+        report = run(make_config(input=str(data), output=str(out), **FIXED))
+    assert "1 file added (600 rows), 1 file removed (600 rows), 1 file rewritten (300 rows)" in caplog.text
+    assert report.join.recall.met
+    ids = _input_ids(data)
+    updated = _tables(out)
+    assert sorted(updated) == ids.tolist()  # every query once, none of the rows gone
+    gone = set(range(3 * SHARD_ROWS, 4 * SHARD_ROWS)) | set(range(5 * SHARD_ROWS + SHARD_ROWS // 2, 6 * SHARD_ROWS))
+    assert not gone & {n for ns, _ in updated.values() for n in ns}
+    # surviving rows kept their global rows: the store files of unchanged shards are untouched
+    after = {p: p.stat().st_mtime_ns for p in (out / "index" / "store" / "vectors").glob("*.npy")}
+    assert sum(1 for p, t in kept_store.items() if after.get(p) == t) == 6
+    # the same lists as searching every query against the updated index
+    searched = tmp_path / "searched"
+    from pipeline import join
+
+    join(make_config(index_dir=str(out / "index"), input=str(data), output=str(searched), **FIXED))
+    direct = _tables(searched)
+    assert _overlap(updated, direct) >= 0.99
+    assert abs(_recall(updated, pool, ids, 10) - _recall(direct, pool, ids, 10)) <= 0.005
+    # and the recall of a fresh run with the same settings
+    fresh = run(make_config(input=str(data), output=str(tmp_path / "fresh"), **FIXED))
+    assert fresh.join.recall.met
+    assert abs(_recall(updated, pool, ids, 10) - _recall(_tables(tmp_path / "fresh"), pool, ids, 10)) <= 0.01
+
+
+def _pairs(out: Path) -> set[tuple[int, int]]:
+    t = pq.read_table(out / "pairs")
+    return {(min(a, b), max(a, b)) for a, b in zip(t.column("id_a").to_pylist(), t.column("id_b").to_pylist())}
+
+
+@pytest.fixture(scope="module")
+def duplicated(pool: np.ndarray) -> np.ndarray:
+    """The pool with a third of its rows near-copies of others (cosine ~0.99), across shards."""
+    rng = np.random.default_rng(5)
+    x = pool.copy()
+    copies = rng.choice(len(x), size=len(x) // 3, replace=False)
+    sources = rng.choice(len(x), size=copies.size)
+    x[copies] = x[sources] + 0.01 * np.linalg.norm(x[sources], axis=1, keepdims=True) * rng.standard_normal(
+        (copies.size, x.shape[1])
+    ).astype(np.float32) / np.sqrt(x.shape[1])
+    return x
+
+
+def test_dedup_after_a_shard_removed_and_one_rewritten_equals_a_fresh_run(make_config, duplicated, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(8):
+        _shard(duplicated, data, s)
+    out = tmp_path / "out"
+    dedup(make_config(input=str(data), output=str(out), threshold=0.95))
+    os.remove(data / "part-00003.parquet")
+    _shard(duplicated, data, 5, slice(0, SHARD_ROWS // 2))
+    with caplog.at_level("INFO", logger="pipeline"):
+        updated = dedup(make_config(input=str(data), output=str(out), threshold=0.95))
+    assert "1 file removed" in caplog.text and "pairs and groups updated" in caplog.text
+    fresh = dedup(make_config(input=str(data), output=str(tmp_path / "fresh"), threshold=0.95))
+    a, b = _pairs(out), _pairs(tmp_path / "fresh")
+    assert len(a & b) / len(a | b) >= 0.995
+    assert abs(updated.dedup.rows_dropped - fresh.dedup.rows_dropped) <= 0.001 * fresh.dedup.rows_in
+    assert updated.dedup.rows_in == fresh.dedup.rows_in == 6.5 * SHARD_ROWS
+    # every input row has one fate; the removed file's copies are gone from deduplicated/
+    groups = pq.read_table(out / "groups")
+    assert sorted(groups.column("id").to_pylist()) == _input_ids(data).tolist()
+    assert not (out / "deduplicated" / "part-00003.parquet").exists()
+    kept = pq.read_table(out / "deduplicated").num_rows
+    assert kept == updated.dedup.rows_kept
+
+
+def _edges(out: Path) -> set[tuple[int, int]]:
+    nodes = pq.read_table(out / "nodes")
+    by_row = dict(zip(nodes.column("row").to_pylist(), nodes.column("id").to_pylist()))
+    e = pq.read_table(out / "edges")
+    return {(by_row[s], by_row[d]) for s, d in zip(e.column("src").to_pylist(), e.column("dst").to_pylist())}
+
+
+def test_graph_after_an_update_matches_a_fresh_graph(make_config, pool, tmp_path):
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(6):
+        _shard(pool, data, s)
+    out = tmp_path / "out"
+    settings = {**FIXED, "graph_mode": "symmetric"}
+    graph(make_config(input=str(data), output=str(out), **settings))
+    os.remove(data / "part-00002.parquet")
+    _shard(pool, data, 4, slice(100, 400))
+    _shard(pool, data, 9)
+    updated = graph(make_config(input=str(data), output=str(out), **settings))
+    fresh = graph(make_config(input=str(data), output=str(tmp_path / "fresh"), **settings))
+    a, b = _edges(out), _edges(tmp_path / "fresh")
+    assert len(a & b) / len(a | b) >= 0.97
+    assert updated.graph.nodes == fresh.graph.nodes == len(_input_ids(data))
+    assert {s for s, _ in a} <= set(_input_ids(data).tolist())
+    import scipy.sparse
+
+    csr = scipy.sparse.load_npz(out / "graph.npz")
+    assert csr.nnz == len(a)  # retired rows are nodes without edges
+    umap = np.load(out / "umap_knn.npz")
+    assert umap["knn_indices"].shape[0] == csr.shape[0]
+
+
+def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index(make_config, pool, tmp_path):
+    """30 rounds of random adds, removes and rewrites; after each the lists equal those of every
+    query searched against the updated index (ties aside), every input row is a query once, and
+    the recall target is met."""
+    from pipeline import join
+
+    rng = np.random.default_rng(2026)
+    data = tmp_path / "data"
+    data.mkdir()
+    live = list(range(5))
+    for s in live:
+        _shard(pool, data, s)
+    fresh_shard = 5
+    out = tmp_path / "out"
+    settings = {**FIXED, "index_key": "IVF16,Flat", "nprobe": 4}
+    run(make_config(input=str(data), output=str(out), **settings))
+    for day in range(30):
+        action = rng.choice(["add", "remove", "rewrite", "mix"])
+        if action in ("add", "mix") and fresh_shard < 40:
+            _shard(pool, data, fresh_shard)
+            live.append(fresh_shard)
+            fresh_shard += 1
+        if action in ("remove", "mix") and len(live) > 3:
+            gone = int(rng.choice(live))
+            os.remove(data / f"part-{gone:05d}.parquet")
+            live.remove(gone)
+        if action in ("rewrite", "mix"):
+            target = int(rng.choice(live))
+            keep = np.sort(rng.choice(SHARD_ROWS, size=int(rng.integers(SHARD_ROWS // 3, SHARD_ROWS)), replace=False))
+            _shard(pool, data, target, keep)
+        report = run(make_config(input=str(data), output=str(out), **settings))
+        assert report.join.recall.met, f"day {day}: recall target missed"
+        ids = _input_ids(data)
+        updated = _tables(out)
+        assert sorted(updated) == ids.tolist(), f"day {day}: queries differ from the input"
+        listed = {n for ns, _ in updated.values() for n in ns}
+        assert listed <= set(ids.tolist()), f"day {day}: a neighbour that left the input"
+        searched = tmp_path / f"searched-{day}"
+        join(make_config(index_dir=str(out / "index"), input=str(data), output=str(searched), **settings))
+        assert _overlap(updated, _tables(searched)) >= 0.98, f"day {day}: lists differ from a search"
+        shutil.rmtree(searched)
+
+
+DRIFT = {"index_key": "IVF16,Flat", "k": 10, "exclude_self": True}
+
+
+def test_new_rows_from_elsewhere_are_called_drift_and_retrain_fixes_them(make_config, pool, tmp_path, caplog):
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(4):
+        _shard(pool, data, s)
+    out = tmp_path / "out"
+    run(make_config(input=str(data), output=str(out), **DRIFT))
+    _shard(pool, data, 4)  # more of the same
+    with caplog.at_level("INFO", logger="pipeline"):
+        run(make_config(input=str(data), output=str(out), **DRIFT))
+    assert "no drift" in caplog.text and "drifted" not in caplog.text
+    caplog.clear()
+    elsewhere = clustered_vectors(2 * SHARD_ROWS, DIM, clusters=8, seed=99) * 3.0 + 5.0
+    for s in (5, 6):
+        ids = np.arange(s * SHARD_ROWS, (s + 1) * SHARD_ROWS)
+        _write(data / f"part-{s:05d}.parquet", ids, elsewhere[(s - 5) * SHARD_ROWS : (s - 4) * SHARD_ROWS])
+    with caplog.at_level("INFO", logger="pipeline"):
+        run(make_config(input=str(data), output=str(out), **DRIFT))
+    assert "the input drifted" in caplog.text and "--retrain" in caplog.text
+    drift = json.loads((out / "index" / "manifest.json").read_text())["stages"]["drift"]["done"]
+    assert drift["distance_ratio"] > drift["limit"]
+    caplog.clear()
+    with caplog.at_level("INFO", logger="pipeline"):
+        report = run(make_config(input=str(data), output=str(out), retrain=True, **DRIFT))
+    assert "training the index again" in caplog.text and "every piece is joined again" in caplog.text
+    assert report.join.recall.met and len(_tables(out)) == 7 * SHARD_ROWS
+
+
+@pytest.mark.slow
+def test_an_update_killed_mid_way_resumes_to_the_same_lists(pool, tmp_path):
+    from tests.test_resume import finish, kill_when
+
+    data = tmp_path / "data"
+    data.mkdir()
+    for s in range(10):
+        _shard(pool, data, s)
+
+    def command(out: Path) -> list[str]:
+        return [
+            sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out), "--k", "5",
+            "--exclude-self", "--index-key", "IVF16,Flat", "--nprobe", "4", "--partition-size",
+            str(100 * DIM * 4), "--workers", "1", "--threads-per-worker", "1",
+        ]  # fmt: skip
+
+    clean, killed = tmp_path / "clean", tmp_path / "killed"
+    finish(command(clean))
+    shutil.copytree(clean, killed)
+    os.remove(data / "part-00004.parquet")
+    _shard(pool, data, 7, slice(0, 250))
+    _shard(pool, data, 12)
+    finish(command(clean))
+
+    def patching() -> bool:
+        try:
+            stages = json.loads((killed / "manifest.json").read_text())["stages"]
+        except (OSError, ValueError):
+            return False
+        return len(stages.get("patch", {}).get("pieces", {})) >= 5
+
+    kill_when(command(killed), patching)
+    assert not (killed / "_SUCCESS").exists()
+    finish(command(killed))
+    a, b = _tables(killed), _tables(clean)
+    assert a.keys() == b.keys() and all(a[q][0] == b[q][0] for q in b)  # the same neighbours, in order
+    assert all(np.allclose(a[q][1], b[q][1], atol=1e-5) for q in b)  # scores to float rounding
+
+
+def test_against_follows_a_removed_input_shard_and_a_changed_reference(make_config, pool, tmp_path):
+    """Decontamination updates with both sides: input rows gone take their matches with them, and
+    a reference that gained a file is matched against every input row again."""
+    data, ref = tmp_path / "data", tmp_path / "ref"
+    data.mkdir()
+    ref.mkdir()
+    for s in range(4):
+        _shard(pool, data, s)
+    # the reference: near-copies of 5 rows of shard 1 and 5 of shard 2
+    picked = np.r_[SHARD_ROWS + np.arange(5), 2 * SHARD_ROWS + np.arange(5)]
+    _write(ref / "eval-a.parquet", 10**6 + np.arange(10), pool[picked] * 1.001)
+    out = tmp_path / "out"
+    settings = {"threshold": 0.99, "against": [str(ref)]}
+    first = dedup(make_config(input=str(data), output=str(out), **settings))
+    assert first.dedup.contamination.rows_contaminated == 10
+    os.remove(data / "part-00001.parquet")  # five matched rows leave the input
+    extra = 3 * SHARD_ROWS + np.arange(4)
+    _write(ref / "eval-b.parquet", 2 * 10**6 + np.arange(4), pool[extra] * 0.999)  # four more rows matched
+    updated = dedup(make_config(input=str(data), output=str(out), **settings))
+    fresh = dedup(make_config(input=str(data), output=str(tmp_path / "fresh"), **settings))
+    assert updated.dedup.contamination.rows_contaminated == fresh.dedup.contamination.rows_contaminated == 9
+
+    def matched(o: Path) -> list[int]:
+        return sorted(pq.read_table(o / "contamination").column("id").to_pylist())
+
+    assert matched(out) == matched(tmp_path / "fresh") == sorted([*(2 * SHARD_ROWS + np.arange(5)), *extra])
