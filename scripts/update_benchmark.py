@@ -15,7 +15,8 @@ Scenarios:
 
 Agreement: ``run`` compares the two neighbour tables by tie-aware recall@10 against exact search on
 1,000 sampled queries (big-ann-benchmarks' rule: a listed neighbour counts when it scores at least
-the exact 10th score); ``dedup`` compares the pairs (Jaccard) and the rows dropped.
+the exact 10th score); ``dedup`` compares the pairs (Jaccard) and the rows dropped; ``graph`` the
+edges (Jaccard, by ids) and each report's graph recall.
 
     python scripts/update_benchmark.py --rows 1000000 --dim 128 --scenario touch5
     python scripts/update_benchmark.py --rows 1000000 --dim 128 --scenario remove-rewrite --command dedup
@@ -103,6 +104,14 @@ def pairs(out: Path) -> set[tuple[int, int]]:
     return set(zip(np.minimum(a, b).tolist(), np.maximum(a, b).tolist()))
 
 
+def edges(out: Path) -> set[tuple[int, int]]:
+    """The graph's edges as (source id, destination id)."""
+    nodes = pq.read_table(out / "nodes")
+    by_row = dict(zip(nodes.column("row").to_pylist(), nodes.column("id").to_pylist()))
+    e = pq.read_table(out / "edges", columns=["src", "dst"])
+    return {(by_row[a], by_row[b]) for a, b in zip(e.column("src").to_pylist(), e.column("dst").to_pylist())}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rows", type=int, default=1_000_000)
@@ -133,10 +142,18 @@ def main() -> None:
     print(f"| first run (yesterday) | {first:.1f} | {first / fresh:.2f}x |")
     print(f"| update (same command, changed input) | {update:.1f} | {update / fresh:.2f}x |")
     print(f"| fresh run over the new input | {fresh:.1f} | 1.00x |")
-    print("update phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings"].items()))
+    print("update phases: " + ", ".join(f"{k} {v:.1f}s" for k, v in report["timings_s"].items()))
     if args.command == "run":
         a, b = recall_vs_exact(data, [work / "updated", work / "fresh"])
         print(f"tie-aware recall@10 vs exact (1,000 sampled queries): update {a:.4f}, fresh {b:.4f}")
+    elif args.command == "graph":
+        ea, eb = edges(work / "updated"), edges(work / "fresh")
+        ga, gb = (json.loads((work / o / "report.json").read_text())["graph"]["recall"] for o in ("updated", "fresh"))
+        print(
+            f"edges Jaccard {len(ea & eb) / max(1, len(ea | eb)):.4f} ({len(ea):,} vs {len(eb):,}; exact ties among "
+            f"duplicates make the choice of equal neighbours arbitrary); graph recall (out-edges among the exact "
+            f"{ga['k']} of {ga['queries']:,} sampled rows) {ga['graph_recall']:.4f} vs {gb['graph_recall']:.4f}"
+        )
     elif args.command == "dedup":
         pa_, pb = pairs(work / "updated"), pairs(work / "fresh")
         fr = json.loads((work / "fresh" / "report.json").read_text())["dedup"]

@@ -240,15 +240,19 @@ def _forget_changed(plan: DedupPlan, output: Path, manifest: Manifest) -> None:
 
 def follow_update(manifest: Manifest, output: Path, dataset: Dataset) -> None:
     """Take in what an input update changed (the join's ``changed`` stage, consumed here): the
-    pieces whose lists were joined or patched are widened again; every partition is mapped and
-    reduced again (the shuffle is cheap beside the join); where rows left, the partitions are laid
-    out afresh and components start from scratch (old labels may hold links through rows now gone)."""
+    pieces joined in full are widened; every partition is mapped and reduced again; where rows
+    left, the partitions are laid out afresh and components start from scratch (old labels may hold
+    links through rows now gone).
+
+    Patched pieces keep their longer lists and range pairs: an entry of a row gone is dropped
+    when mapped (a hole), and a pair with a new row is found from the new row's side, whose lists
+    are widened in full (pairs are made symmetric), so an old row needs no search again."""
     changes = manifest.stage_info("changed")
     if not changes:
         return
     work = output / "_dedup"
     retired = {p.index for p in dataset.retired}
-    for piece in sorted(set(changes["pieces"]) | retired):
+    for piece in sorted(set(changes.get("new", changes["pieces"])) | retired):
         for stage in ("dedup_widen", "dedup_keep") if piece in retired else ("dedup_widen",):
             if str(piece) in manifest.data["stages"].get(stage, {}).get("pieces", {}):
                 manifest.forget_piece(stage, piece)
@@ -263,7 +267,11 @@ def follow_update(manifest: Manifest, output: Path, dataset: Dataset) -> None:
     else:
         _clear(manifest, output, STAGES[2:3], [])
     manifest.clear_stage("changed")
-    log.info("dedup: %d piece(s) with new lists widened again; pairs and groups updated", len(changes["pieces"]))
+    log.info(
+        "dedup: %d new piece(s) widened, %d patched ones keep their longer lists; pairs and groups updated",
+        len(changes.get("new", ())),
+        len(set(changes["pieces"]) - set(changes.get("new", ()))),
+    )
 
 
 def _partitions(

@@ -307,24 +307,28 @@ def _keep_plan(
     setting = "exact search" if plan.strategy == "exact" else f"nprobe={plan.nprobe} rerank={plan.rerank}"
     live = set(query_store.live)
     new = tuple(p for p in new_pieces if p in live)
-    views = [("the updated input", query_store, s.recall_queries)]
-    if new:  # the new rows alone: the ones the index was not trained on
-        only_new = RowStore(query_store.root, query_store.starts, query_store.total_rows, new)
-        views.append(("its new rows", only_new, max(100, s.recall_queries // 2)))
+    only_new = RowStore(query_store.root, query_store.starts, query_store.total_rows, new) if new else None
+    # one exact pass for two samples: the updated input, and its new rows alone (those the index
+    # was not trained on)
+    sample = draw_sample(
+        client,
+        built.store,
+        query_store,
+        n=s.recall_queries,
+        k=plan.k,
+        metric=built.metric,
+        exclude_self=plan.exclude_self,
+        self_join=plan.self_join,
+        seed=config.index.seed,
+        also=(only_new, max(100, s.recall_queries // 2)) if only_new is not None else None,
+    )
+    first = min(s.recall_queries, query_store.rows)
+    views = [("the updated input", sample.take(slice(0, first)))]
+    if only_new is not None:
+        views.append(("its new rows", sample.take(slice(first, None))))
     results = []
-    for what, store, n in views:
-        sample = draw_sample(
-            client,
-            built.store,
-            store,
-            n=n,
-            k=plan.k,
-            metric=built.metric,
-            exclude_self=plan.exclude_self,
-            self_join=plan.self_join,
-            seed=config.index.seed,
-        )
-        measured = sweep(client, plan, built.store, sample, [(plan.nprobe, plan.rerank)], computed=s.routed_join)[0]
+    for what, part in views:
+        measured = sweep(client, plan, built.store, part, [(plan.nprobe, plan.rerank)], computed=s.routed_join)[0]
         log.info(
             "recall@%d %.3f (tie-aware) on %d queries sampled from %s at the last run's plan (%s)",
             plan.k,

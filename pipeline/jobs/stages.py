@@ -544,7 +544,8 @@ def join_index(
         log.info("%s: the index was trained again: every piece is joined again", shown(output))
         for stage in ("join", "update", "patch", "recall", "changed"):
             manifest.clear_stage(stage)
-        manifest.finish_stage("changed", {"pieces": [p.index for p in built.dataset.pieces], "left": True})
+        every = [p.index for p in built.dataset.pieces]
+        manifest.finish_stage("changed", {"pieces": every, "new": every, "left": True})
     manifest.finish_stage("trained", {"crc": built.trained})
     manifest.verify_stage("scan_queries")
     (output / "_SUCCESS").unlink(missing_ok=True)
@@ -740,6 +741,7 @@ def _finish_update(
         "changed",
         {
             "pieces": sorted(set(before.get("pieces", ())) | fresh | set(rewritten)),
+            "new": sorted(set(before.get("new", ())) | fresh),
             "left": bool(before.get("left")) or bool(update.get("left")),
         },
     )

@@ -126,12 +126,18 @@ def draw_sample(
     exclude_self: bool,
     self_join: bool,
     seed: int,
+    also: tuple[RowStore, int] | None = None,
 ) -> RecallSample:
-    """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole)."""
+    """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole).
+
+    ``also``: a view of ``query_store`` (some of its pieces) and how many more queries to draw
+    from it, appended after the first ``n``: two samples for one exact pass over the index."""
     rng = np.random.default_rng(seed + 7919)
     rows = query_store.sample_rows(rng, n)
-    n = len(rows)
     rng.shuffle(rows)  # tuning / held-out halves drawn alike
+    if also is not None:
+        rows = np.concatenate([rows, also[0].sample_rows(rng, also[1])])
+    n = len(rows)
     vectors = np.ascontiguousarray(query_store.gather_vectors(rows))
     ids = query_store.gather_ids(rows)
     extra = 1 if exclude_self else 0

@@ -87,33 +87,42 @@ def _merge(
     rows: np.ndarray, scores: np.ndarray, *, q: np.ndarray, r: np.ndarray, s: np.ndarray, higher_better: bool
 ) -> np.ndarray:
     """Merge candidates ``(q, r, s)`` (local query, global row, score) into the padded lists in
-    place, keeping each query's best ``k`` (a row listed twice counts once); return the queries
-    whose lists changed."""
-    touched = np.unique(q)
+    place, keeping each query's best (a row listed twice counts once, at its better score; equal
+    scores keep the list's order, the list's entries first); return the queries whose lists changed.
+
+    Row-wise on a small matrix per touched query (its list, then its best candidates), so the
+    cost is a few sorts of ``width`` entries per query."""
+    touched, line, counts = np.unique(q, return_inverse=True, return_counts=True)
     if not touched.size:
         return touched
-    k = rows.shape[1]
+    width = rows.shape[1]
+    order = np.lexsort((r, -s if higher_better else s, line))  # by query, best first
+    line, r, s = line[order], r[order], s[order]
+    slot = np.arange(line.size) - (np.cumsum(counts) - counts)[line]
+    keep = slot < width  # more than a list's width of candidates cannot all enter
+    extra = int(min(width, counts.max()))
+    cand_rows = np.full((touched.size, extra), -1, dtype=np.int64)
+    cand_scores = np.full((touched.size, extra), np.nan, dtype=np.float32)
+    cand_rows[line[keep], slot[keep]] = r[keep]
+    cand_scores[line[keep], slot[keep]] = s[keep]
     old_rows, old_scores = rows[touched], scores[touched]
-    line = np.repeat(np.arange(touched.size), k)
-    keep = old_rows.ravel() >= 0
-    all_line = np.concatenate([line[keep], np.searchsorted(touched, q)])
-    all_rows = np.concatenate([old_rows.ravel()[keep], r])
-    all_scores = np.concatenate([old_scores.ravel()[keep], s]).astype(np.float32)
-    key = -all_scores if higher_better else all_scores
-    order = np.lexsort((all_rows, key, all_line))  # by query, best score first, then by row
-    all_line, all_rows, all_scores = all_line[order], all_rows[order], all_scores[order]
-    # a (query, row) pair kept once, at its best score: its first place in this order
-    _, at = np.unique(all_line * (int(all_rows.max(initial=0)) + 1) + all_rows, return_index=True)
-    first = np.zeros(all_line.size, dtype=bool)
-    first[at] = True
-    all_line, all_rows, all_scores = all_line[first], all_rows[first], all_scores[first]
-    starts = np.searchsorted(all_line, np.arange(touched.size))
-    slot = np.arange(all_line.size) - starts[all_line]
-    top = slot < k
-    new_rows = np.full((touched.size, k), -1, dtype=np.int64)
-    new_scores = np.full((touched.size, k), np.nan, dtype=np.float32)
-    new_rows[all_line[top], slot[top]] = all_rows[top]
-    new_scores[all_line[top], slot[top]] = all_scores[top]
+    all_rows = np.hstack([old_rows, cand_rows])
+    all_scores = np.hstack([old_scores, cand_scores]).astype(np.float32)
+    worst = -np.inf if higher_better else np.inf
+    key = np.where(all_rows >= 0, all_scores, worst)
+    best = np.argsort(-key if higher_better else key, axis=1, kind="stable")
+    all_rows, all_scores = np.take_along_axis(all_rows, best, axis=1), np.take_along_axis(all_scores, best, axis=1)
+    by_row = np.argsort(all_rows, axis=1, kind="stable")  # a row's repeats after its best place
+    sorted_rows = np.take_along_axis(all_rows, by_row, axis=1)
+    repeat_sorted = np.zeros(sorted_rows.shape, dtype=bool)
+    repeat_sorted[:, 1:] = (sorted_rows[:, 1:] == sorted_rows[:, :-1]) & (sorted_rows[:, 1:] >= 0)
+    repeat = np.empty_like(repeat_sorted)
+    np.put_along_axis(repeat, by_row, repeat_sorted, axis=1)
+    all_rows = np.where(repeat, -1, all_rows)
+    all_scores = np.where(repeat, np.nan, all_scores).astype(np.float32)
+    first = np.argsort(all_rows < 0, axis=1, kind="stable")[:, :width]
+    new_rows = np.take_along_axis(all_rows, first, axis=1)
+    new_scores = np.take_along_axis(all_scores, first, axis=1)
     changed = (new_rows != old_rows).any(axis=1)
     rows[touched], scores[touched] = new_rows, new_scores
     return touched[changed]
