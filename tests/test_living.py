@@ -149,6 +149,14 @@ def _shard(pool: np.ndarray, folder: Path, number: int, rows: slice | None = Non
     _write(folder / f"part-{number:05d}.parquet", ids, pool[ids])
 
 
+def _shards(pool: np.ndarray, folder: Path, count: int) -> Path:
+    """``folder`` made, holding shards ``0 .. count - 1`` of the pool."""
+    folder.mkdir()
+    for s in range(count):
+        _shard(pool, folder, s)
+    return folder
+
+
 def _tables(out: Path) -> dict[int, tuple[list[int], list[float]]]:
     t = pq.read_table(out / "neighbors")
     q = t.column("query_id").to_pylist()
@@ -190,10 +198,7 @@ FIXED = {"index_key": "IVF32,Flat", "nprobe": 4, "k": 10, "exclude_self": True}
 def test_run_after_a_shard_removed_and_one_rewritten_equals_a_search_of_the_updated_index(
     make_config, pool, tmp_path, caplog
 ):
-    data = tmp_path / "data"
-    data.mkdir()
-    for s in range(8):
-        _shard(pool, data, s)
+    data = _shards(pool, tmp_path / "data", 8)
     out = tmp_path / "out"
     run(make_config(input=str(data), output=str(out), **FIXED))
     kept_store = {p: p.stat().st_mtime_ns for p in (out / "index" / "store" / "vectors").glob("*.npy")}
@@ -246,10 +251,7 @@ def duplicated(pool: np.ndarray) -> np.ndarray:
 
 
 def test_dedup_after_a_shard_removed_and_one_rewritten_equals_a_fresh_run(make_config, duplicated, tmp_path, caplog):
-    data = tmp_path / "data"
-    data.mkdir()
-    for s in range(8):
-        _shard(duplicated, data, s)
+    data = _shards(duplicated, tmp_path / "data", 8)
     out = tmp_path / "out"
     dedup(make_config(input=str(data), output=str(out), threshold=0.95))
     os.remove(data / "part-00003.parquet")
@@ -278,10 +280,7 @@ def _edges(out: Path) -> set[tuple[int, int]]:
 
 
 def test_graph_after_an_update_matches_a_fresh_graph(make_config, pool, tmp_path):
-    data = tmp_path / "data"
-    data.mkdir()
-    for s in range(6):
-        _shard(pool, data, s)
+    data = _shards(pool, tmp_path / "data", 6)
     out = tmp_path / "out"
     settings = {**FIXED, "graph_mode": "symmetric"}
     graph(make_config(input=str(data), output=str(out), **settings))
@@ -309,11 +308,8 @@ def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index
     from pipeline import join
 
     rng = np.random.default_rng(2026)
-    data = tmp_path / "data"
-    data.mkdir()
+    data = _shards(pool, tmp_path / "data", 5)
     live = list(range(5))
-    for s in live:
-        _shard(pool, data, s)
     fresh_shard = 5
     out = tmp_path / "out"
     settings = {**FIXED, "index_key": "IVF16,Flat", "nprobe": 4}
@@ -349,10 +345,7 @@ DRIFT = {"index_key": "IVF16,Flat", "k": 10, "exclude_self": True}
 
 
 def test_new_rows_from_elsewhere_are_called_drift_and_retrain_fixes_them(make_config, pool, tmp_path, caplog):
-    data = tmp_path / "data"
-    data.mkdir()
-    for s in range(4):
-        _shard(pool, data, s)
+    data = _shards(pool, tmp_path / "data", 4)
     out = tmp_path / "out"
     run(make_config(input=str(data), output=str(out), **DRIFT))
     _shard(pool, data, 4)  # more of the same
@@ -380,10 +373,7 @@ def test_new_rows_from_elsewhere_are_called_drift_and_retrain_fixes_them(make_co
 def test_an_update_killed_mid_way_resumes_to_the_same_lists(pool, tmp_path):
     from tests.test_resume import finish, kill_when
 
-    data = tmp_path / "data"
-    data.mkdir()
-    for s in range(10):
-        _shard(pool, data, s)
+    data = _shards(pool, tmp_path / "data", 10)
 
     def command(out: Path) -> list[str]:
         return [
@@ -421,11 +411,8 @@ def test_an_update_killed_mid_way_resumes_to_the_same_lists(pool, tmp_path):
 def test_against_follows_a_removed_input_shard_and_a_changed_reference(make_config, pool, tmp_path):
     """Decontamination updates with both sides: input rows gone take their matches with them, and
     a reference that gained a file is matched against every input row again."""
-    data, ref = tmp_path / "data", tmp_path / "ref"
-    data.mkdir()
+    data, ref = _shards(pool, tmp_path / "data", 4), tmp_path / "ref"
     ref.mkdir()
-    for s in range(4):
-        _shard(pool, data, s)
     # the reference: near-copies of 5 rows of shard 1 and 5 of shard 2
     picked = np.r_[SHARD_ROWS + np.arange(5), 2 * SHARD_ROWS + np.arange(5)]
     _write(ref / "eval-a.parquet", 10**6 + np.arange(10), pool[picked] * 1.001)

@@ -108,7 +108,7 @@ def explore(
             out=maps[p.index],
             metric=plan.metric,
             threshold=loosest,
-            holes=tuple((r.start, r.rows) for r in dataset.retired),
+            holes=dataset.holes,
         )
         for p in parts
     ]

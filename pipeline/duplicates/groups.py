@@ -254,11 +254,9 @@ def follow_update(manifest: Manifest, output: Path, dataset: Dataset) -> None:
     retired = {p.index for p in dataset.retired}
     for piece in sorted(set(changes.get("new", changes["pieces"])) | retired):
         for stage in ("dedup_widen", "dedup_keep") if piece in retired else ("dedup_widen",):
-            if str(piece) in manifest.data["stages"].get(stage, {}).get("pieces", {}):
-                manifest.forget_piece(stage, piece)
+            manifest.forget_piece(stage, piece)
         for folder in ("wide", "range"):
-            if knn_path(work / folder, piece).exists():
-                discard(knn_path(work / folder, piece))
+            discard(knn_path(work / folder, piece))
     if changes.get("left"):
         dirs = ["edges", "adj", "components", "members", "linked", "assign"]
         _clear(
@@ -405,7 +403,7 @@ def dedup_stages(
                 threshold=plan.threshold,
                 wide_dir=wide_dir,
                 range_dir=range_dir,
-                holes=tuple((r.start, r.rows) for r in dataset.retired),
+                holes=dataset.holes,
             ),
             files=lambda p: [Path(maps[p.index]) / "bounds.npy"],
         ),

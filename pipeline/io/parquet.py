@@ -89,6 +89,11 @@ class Dataset:
         return max((p.start + p.rows for p in (*self.pieces, *self.retired)), default=0)
 
     @property
+    def holes(self) -> tuple[tuple[int, int], ...]:
+        """``(first row, rows)`` of each retired piece: global rows nothing reads any more."""
+        return tuple((p.start, p.rows) for p in self.retired)
+
+    @property
     def live(self) -> tuple[int, ...]:
         """The numbers of the live pieces (those with rows in the row store)."""
         return tuple(p.index for p in self.pieces)

@@ -136,12 +136,8 @@ def _follow_update(against: Manifest, main: Manifest, built: BuiltIndex, out_dir
     changes = against.stage_info("changed")
     if not changes:
         return
-    recorded = main.data["stages"].get("contamination", {}).get("pieces", {})
     for piece in sorted(set(changes["pieces"]) | {p.index for p in built.dataset.retired}):
-        if str(piece) in recorded:
-            main.forget_piece("contamination", piece)
-    for piece in built.dataset.retired:
-        path = out_dir / f"part-{piece.index:05d}.parquet"
-        if path.exists():
-            discard(path)
+        main.forget_piece("contamination", piece)
+    for retired in built.dataset.retired:
+        discard(out_dir / f"part-{retired.index:05d}.parquet")
     against.clear_stage("changed")

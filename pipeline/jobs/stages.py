@@ -13,7 +13,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import faiss
 import pyarrow as pa
@@ -345,15 +345,13 @@ def retire_pieces(manifest: Manifest, store: RowStore, retired: Sequence[Piece],
     for piece in retired:
         manifest.data.get("dims", {}).pop(str(piece.index), None)
         for stage in ("scan", "fill"):
-            if str(piece.index) in manifest.data["stages"].get(stage, {}).get("pieces", {}):
-                manifest.forget_piece(stage, piece.index)
+            manifest.forget_piece(stage, piece.index)
         for path in (
             store.vectors_path(piece.index),
             store.ids_path(piece.index),
             index_dir / "parts" / f"part-{piece.index:05d}.faiss",
         ):
-            if path.exists():
-                discard(path)
+            discard(path)
 
 
 def _verify_index_files(manifest: Manifest) -> None:
@@ -664,8 +662,7 @@ def _start_update(
         if queries is not None:
             store = RowStore(output / "_queries", query_set.starts, query_set.row_space)
             outputs += [store.vectors_path(piece.index), store.ids_path(piece.index)]
-            if str(piece.index) in manifest.data["stages"].get("scan_queries", {}).get("pieces", {}):
-                manifest.forget_piece("scan_queries", piece.index)
+            manifest.forget_piece("scan_queries", piece.index)
         for path in outputs:
             if path.exists():
                 discard(path)
@@ -715,7 +712,8 @@ def _finish_update(
     """Patch a self-join's pieces joined before the update (:func:`pipeline.search.update.patch_pieces`)
     and record what changed (stage ``changed``, for dedup and graph) before the update is done."""
     fresh = set(new)
-    patched, rewritten = Patched(), cast(tuple[int, ...], ())
+    rewritten: tuple[int, ...] = ()
+    patched = Patched()
     if patch:
         patched, rewritten = patch_pieces(
             client,
@@ -723,7 +721,7 @@ def _finish_update(
             built.store,
             pieces=[p for p in built.dataset.pieces if p.index not in fresh],
             new=[p for p in built.dataset.pieces if p.index in fresh],
-            holes=[(p.start, p.rows) for p in built.dataset.retired],
+            holes=built.dataset.holes,
             out_dir=output / "neighbors",
             manifest=manifest,
         )

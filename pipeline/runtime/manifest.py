@@ -313,8 +313,11 @@ class Manifest:
         self.save()
 
     def forget_piece(self, stage: str, piece: int) -> None:
-        """Drop a piece's record: it will be done again."""
-        st = self._stage(stage)
+        """Drop a piece's record: it will be done again (nothing to do, and nothing written, for a
+        piece the stage does not record)."""
+        st = self.data["stages"].get(stage)
+        if st is None or str(piece) not in st["pieces"]:
+            return
         st["pieces"].pop(str(piece), None)
         st.get("results", {}).pop(str(piece), None)
         self.save(force=True)

@@ -116,6 +116,9 @@ class Stage(Generic[T, R]):
 
     ``result`` is the type the task records' ``run`` returns: a dataclass is stored in the manifest
     as a dict and read back as that class; ``None`` keeps plain JSON values (ints, dicts) as they are.
+    ``before_record``: called with each finished item and its result just before the item is
+    recorded done (what must already hold when it counts as done, e.g. another stage's record of
+    the files it rewrote).
     """
 
     name: str
@@ -123,6 +126,7 @@ class Stage(Generic[T, R]):
     task: Callable[[T], Task[R]]
     files: Callable[[T], Sequence[str | os.PathLike[str]]]
     result: type[R] | None = None
+    before_record: Callable[[T, R], None] | None = None
 
     def read(self, stored: Any) -> R:
         """A result as the manifest stored it, back as its type."""
@@ -218,6 +222,8 @@ def run_stage(client: Any, manifest: Any, stage: Stage[T, R]) -> dict[int, R]:
     done = manifest.done_pieces(stage.name)
 
     def finished(item: T, result: Any) -> None:
+        if stage.before_record is not None:
+            stage.before_record(item, result)
         stored = to_dict(result) if dataclasses.is_dataclass(result) else result
         manifest.mark_piece(stage.name, item.index, stage.files(item), stored)
 

@@ -32,7 +32,7 @@ from pipeline.io.layout import in_holes
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.runner import run_tasks
+from pipeline.runtime.runner import Stage, run_stage
 from pipeline.search.join import ROW_GROUP_ROWS, SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.shuffle.edges import read_knn_spare, write_knn
 
@@ -221,34 +221,34 @@ def patch_pieces(
     pieces' lists and the ``holes``; re-record the rewritten ones in the ``join`` stage. Returns
     the totals and the pieces rewritten."""
     assert plan.knn_dir is not None
-    done = manifest.done_pieces("patch")
-    todo = [p for p in pieces if p.index not in done]
-    new_lists = tuple((str(knn_path(plan.knn_dir, p.index)), p.start) for p in new)
-    out = {p.index: out_dir / f"part-{p.index:05d}.parquet" for p in pieces}
-    results: dict[int, Patched] = {}
+    knn_dir = plan.knn_dir
+    new_lists = tuple((str(knn_path(knn_dir, p.index)), p.start) for p in new)
 
-    def finished(p: Piece, patched: Patched) -> None:
-        results[p.index] = patched
-        files = [out[p.index], knn_path(plan.knn_dir, p.index)]
-        manifest.mark_piece("join", p.index, files)
-        manifest.mark_piece("patch", p.index, files, {"rewritten": patched.rewritten})
+    def files(p: Piece) -> list[Path]:
+        return [out_dir / f"part-{p.index:05d}.parquet", knn_path(knn_dir, p.index)]
 
-    run_tasks(
+    results = run_stage(
         client,
-        label="patch",
-        items=todo,
-        task=lambda p: PatchTask(
-            plan=plan,
-            store=store,
-            piece=p,
-            holes=tuple(holes),
-            new_lists=new_lists,
-            out=str(out[p.index]),
-            knn=str(knn_path(plan.knn_dir, p.index)),
+        manifest,
+        Stage(
+            name="patch",
+            items=pieces,
+            result=Patched,
+            task=lambda p: PatchTask(
+                plan=plan,
+                store=store,
+                piece=p,
+                holes=tuple(holes),
+                new_lists=new_lists,
+                out=str(files(p)[0]),
+                knn=str(files(p)[1]),
+            ),
+            files=files,
+            # the join's record follows the files the patch rewrote before the patch counts as done
+            before_record=lambda p, _: manifest.mark_piece("join", p.index, files(p)),
         ),
-        on_done=finished,
     )
-    rewritten = tuple(sorted(i for i, r in manifest.piece_results("patch").items() if r.get("rewritten")))
+    rewritten = tuple(sorted(i for i, r in results.items() if r.rewritten))
     total = Patched(
         searched=sum(r.searched for r in results.values()),
         merged=sum(r.merged for r in results.values()),
