@@ -596,12 +596,16 @@ def join_index(
     # the exact self-join scores each pair of pieces once for both on CPUs; a GPU searches the
     # whole store resident in its memory instead
     by_pairs = all(d.backend == "cpu" for d in cluster.devices)
+    # an updated self-join searches only its new pieces: the others are patched, whatever their join
+    # record says (a run killed mid-patch may leave a piece rewritten before its record is saved)
+    patching = update is not None and update.get("patch", True)
+    to_join = [p for p in pieces if p.index in set(update["new"])] if update is not None and patching else pieces
     seconds = join_pieces(
         client,
         plan,
         built.store,
         query_store,
-        pieces=pieces,
+        pieces=to_join,
         out_dir=output / "neighbors",
         manifest=manifest,
         dim=built.dim,
