@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
+from pipeline.io.nodes import fetched, listed
 from pipeline.results import (
     DedupExample,
     DedupResult,
@@ -50,7 +51,7 @@ def _hist_range(values: np.ndarray) -> tuple[float, float]:
 
 def kth_scores(table_dir: Path, seed: int = 0, limit: int = SCORE_SAMPLE) -> np.ndarray:
     """Score of each query's last (k-th) neighbour, sampled to at most ``limit`` across all parts."""
-    parts = sorted(table_dir.glob("part-*.parquet"))
+    parts = [fetched(p) for p in listed(table_dir, "part-*.parquet")]
     rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
     keep = min(1.0, limit / max(rows, 1))
     rng = np.random.default_rng(seed)

@@ -36,6 +36,10 @@ __all__ = [
     "jobqueue_options",
     "check_memory_floor",
     "check_workers_see",
+    "unseen_folders",
+    "refuse_unseen",
+    "NodeStaging",
+    "Unseen",
 ]
 
 log = logging.getLogger(__name__)
@@ -440,28 +444,82 @@ def _seen(paths: list[str]) -> dict[str, bytes | None]:
     return {p: _read_or_none(p) for p in paths}
 
 
-def check_workers_see(client: Any, folders: list[Path]) -> None:
-    """Refuse, in one line and before any work, a cluster whose workers do not see the job's
-    folders as the driver does. Tasks read and write the output and index folders by path, so
-    every worker must mount them at the same path; the proof is each folder's lock file, which
-    the driver has just written (its host and process): a worker that finds it missing, or
-    holding another job's, is looking at a folder of its own."""
+@dataclass(frozen=True)
+class Unseen:
+    """A worker that does not see one of the job's folders as the driver does."""
+
+    worker: str
+    address: str
+    folder: Path
+    there: str  # "no lock file" or "another job's lock file"
+
+
+def unseen_folders(client: Any, folders: list[Path]) -> list[Unseen]:
+    """The workers that do not see the job's folders as the driver does. Tasks read and write the
+    output and index folders by path; the proof that a worker mounts them at the same path is each
+    folder's lock file, which the driver has just written (its host and process): a worker that
+    finds it missing, or holding another job's, is looking at a folder of its own."""
     wanted = {str(f / LOCK_NAME): got for f in folders if (got := _read_or_none(str(f / LOCK_NAME))) is not None}
     if not wanted:
-        return
+        return []
     seen = client.run(_seen, list(wanted))
     names = {a: w.get("name", a) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
+    out = []
     for address, found in sorted(seen.items()):
         for path, content in wanted.items():
             if found.get(path) != content:
-                folder = Path(path).parent
                 there = "no lock file" if found.get(path) is None else "another job's lock file"
-                raise ConfigError(
-                    f"Dask worker {names.get(address, address)} ({address}) does not see {shown(folder)} as this "
-                    f"machine does ({there} there): the job's folders must be on a filesystem every worker "
-                    "mounts at the same path; give --output and --index-dir there, or as object-storage URLs "
-                    "with --scratch-dir on such a filesystem"
-                )
+                out.append(Unseen(str(names.get(address, address)), address, Path(path).parent, there))
+    return out
+
+
+def refuse_unseen(unseen: Unseen) -> ConfigError:
+    """One line for a worker that does not see a folder that is not staged from object storage."""
+    return ConfigError(
+        f"Dask worker {unseen.worker} ({unseen.address}) does not see {shown(unseen.folder)} as this "
+        f"machine does ({unseen.there} there): the job's folders must be on a filesystem every worker "
+        "mounts at the same path; give --output and --index-dir there, or as object-storage URLs "
+        "(each machine then keeps its own copy, staged through the object store)"
+    )
+
+
+def check_workers_see(client: Any, folders: list[Path]) -> None:
+    """Refuse, in one line and before any work, a cluster whose workers do not see the job's
+    folders as the driver does (:func:`unseen_folders`)."""
+    for unseen in unseen_folders(client, folders):
+        raise refuse_unseen(unseen)
+
+
+class NodeStaging(WorkerPlugin):
+    """On every worker of a job whose staged folders some workers do not see: a worker that does
+    not see the driver's lock files keeps its own copy of each staged directory, fetching what its
+    tasks read and uploading what they write (:mod:`pipeline.io.nodes`). A worker that sees them
+    (on the driver's machine, or on its shared filesystem) works in them as usual."""
+
+    def __init__(self, dirs: list[tuple[str, str]], roots: list[tuple[str, bytes]], options: dict[str, Any]) -> None:
+        self.dirs = dirs  # (url, local folder)
+        self.roots = roots  # (run directory, the driver's lock file content)
+        self.options = dict(options)
+
+    def setup(self, worker: Any) -> None:
+        from pipeline.io import nodes
+        from pipeline.io.owned import LEDGER_NAME
+        from pipeline.io.staging import StagedDir
+        from pipeline.io.storage import set_storage_options
+
+        if all(_read_or_none(str(Path(root) / LOCK_NAME)) == lock for root, lock in self.roots):
+            nodes.deactivate()
+            return
+        set_storage_options(self.options)
+        for root, _ in self.roots:  # the run directories, with a ledger of this machine's copies
+            Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
+            os.close(os.open(Path(root) / LEDGER_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
+        nodes.activate(StagedDir(url, Path(local)) for url, local in self.dirs)
+
+    def teardown(self, worker: Any) -> None:
+        from pipeline.io import nodes
+
+        nodes.deactivate()
 
 
 def worker_memory(client: Any) -> int | None:

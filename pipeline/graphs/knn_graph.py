@@ -35,7 +35,7 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import DegreeStats, GraphResult
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.runner import Stage, run_stage, submit
+from pipeline.runtime.runner import Stage, gather, run_stage, submit
 from pipeline.search.join import knn_path
 from pipeline.shuffle.components import component_sizes, connected_components
 from pipeline.shuffle.edges import (
@@ -282,7 +282,8 @@ def graph_stages(
     manifest.finish_stage("graph_params", params)
     if plan.weight == "gaussian" and plan.kernel_width is None:
         kth = np.concatenate(
-            client.gather(
+            gather(
+                client,
                 [
                     submit(
                         client,
@@ -292,7 +293,7 @@ def graph_stages(
                         "graph",
                     )
                     for p in pieces
-                ]
+                ],
             )
         )
         width = float(np.median(distances(kth, plan.metric))) if kth.size else 1.0

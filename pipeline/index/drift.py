@@ -27,8 +27,9 @@ import numpy as np
 from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import two_level
 from pipeline.index.fill import load_index
+from pipeline.io.nodes import fetched
 from pipeline.io.store import RowStore
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import result_of, submit
 
 __all__ = ["Drift", "DriftTask", "measure_drift", "imbalance", "DRIFT_SAMPLE"]
 
@@ -92,7 +93,7 @@ class DriftTask:
     old: np.ndarray
 
     def run(self) -> tuple[float, float]:
-        index = faiss.read_index(self.trained)  # held: the IVF view below points into it
+        index = faiss.read_index(fetched(self.trained))  # held: the IVF view below points into it
         ivf = ivf_of(index)
         assert ivf is not None
         quantizer = faiss.clone_index(ivf.quantizer)
@@ -115,7 +116,7 @@ def measure_drift(
 ) -> Drift | None:
     """The drift of the rows of ``new_pieces`` from the other live rows (None: nothing to compare:
     no inverted lists, no new rows, or no old ones)."""
-    trained_index = faiss.read_index(str(trained))
+    trained_index = faiss.read_index(str(fetched(trained)))
     ivf = ivf_of(trained_index)
     old_pieces = tuple(p for p in store.live if p not in set(new_pieces))
     if ivf is None or not new_pieces or not old_pieces:
@@ -125,6 +126,6 @@ def measure_drift(
     rng = np.random.default_rng([seed, 31337])
     new_rows, old_rows = new_store.sample_rows(rng, DRIFT_SAMPLE), old_store.sample_rows(rng, DRIFT_SAMPLE)
     task = DriftTask(trained=str(trained), store=store, new=new_rows, old=old_rows)
-    new_mean, old_mean = submit(client, task, "drift").result()
+    new_mean, old_mean = result_of(submit(client, task, "drift"))
     ratio = new_mean / old_mean if old_mean > 0 else (1.0 if new_mean == 0 else float("inf"))
     return Drift(new_store.rows, round(float(ratio), 3), imbalance_before, imbalance_after, limit)

@@ -35,7 +35,9 @@ from pipeline.backends.kernels import ivf_of
 from pipeline.backends.worker import worker_device
 from pipeline.errors import ResumeError
 from pipeline.index.choice import encoding_key
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path, storage_error
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
@@ -43,7 +45,7 @@ from pipeline.io.workdir import shown
 from pipeline.results import Files
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import Progress
-from pipeline.runtime.runner import run_tasks, submit
+from pipeline.runtime.runner import result_of, run_tasks, submit
 
 __all__ = ["fill_mode", "fill_index", "load_index", "read_cached", "FillRecord"]
 
@@ -105,7 +107,7 @@ def _read(path: str, mtime_ns: int, flags: int) -> faiss.Index:
 
 def read_cached(path: str | os.PathLike[str], flags: int = 0) -> faiss.Index:
     """Read an index once per process (keyed by path and mtime); callers must not modify it."""
-    p = Path(path)
+    p = fetched(Path(path))
     return _read(str(p), p.stat().st_mtime_ns, flags)
 
 
@@ -115,10 +117,12 @@ def load_index(index_dir: str | os.PathLike[str], *, private: bool = False) -> f
     ``private``: a copy of the caller's own where the lists are on disk, unmapped when the caller
     drops it, so the pages it read leave the process (a task bounded to part of the lists)."""
     d = Path(index_dir)
-    ondisk = (d / "index.ivfdata").exists()
+    ondisk = nodes.present(d / "index.ivfdata")
+    if ondisk:
+        fetched(d / "index.ivfdata")
     if private and ondisk:
         with _faiss_quiet():
-            return faiss.read_index(str(d / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+            return faiss.read_index(str(fetched(d / "index.faiss")), faiss.IO_FLAG_ONDISK_SAME_DIR)
     return read_cached(d / "index.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
 
 
@@ -182,7 +186,8 @@ class MergeTask:
 
     def run(self) -> int:
         trained, parts, index_dir, mode = self.trained, self.parts, self.index_dir, self.mode
-        index = faiss.read_index(trained)
+        index = faiss.read_index(fetched(trained))
+        parts = tuple(str(fetched(p)) for p in parts)  # each machine reads its own copies
         d = Path(index_dir)
         if mode == "ondisk":
             ivfdata = d / "index.ivfdata"
@@ -199,7 +204,7 @@ class MergeTask:
                 lists.filename = str(ivfdata)
         else:
             for part in parts:
-                index.merge_from(faiss.read_index(part), 0)
+                index.merge_from(faiss.read_index(fetched(part)), 0)
             if mode == "fastscan":
                 index = faiss.IndexIVFPQFastScan(index)
         _write(index, d / "index.faiss")
@@ -228,7 +233,7 @@ def fill_index(
             trained=str(trained), store=store, pieces=tuple(pieces), out=str(index_dir / "index.faiss")
         )
         fut = submit(client, serial, "fill")
-        ntotal = int(fut.result())
+        ntotal = int(result_of(fut))
     else:
         parts_dir = index_dir / "parts"
         part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
@@ -245,7 +250,7 @@ def fill_index(
             trained=str(trained), parts=tuple(part[p.index] for p in pieces), index_dir=str(index_dir), mode=mode
         )
         fut = submit(client, merge, "fill")
-        ntotal = int(fut.result())
+        ntotal = int(result_of(fut))
     written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new

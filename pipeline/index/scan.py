@@ -16,13 +16,14 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.errors import InputError
+from pipeline.io import nodes
 from pipeline.io.ids import duplicate_rows, id_keys, n_buckets, write_key_buckets
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, read_piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.runner import run_tasks, say_resuming, submit
+from pipeline.runtime.runner import gather, run_tasks, say_resuming, submit
 
 __all__ = ["scan_dataset", "prepare_vectors", "ScanRecord"]
 
@@ -174,13 +175,13 @@ def scan_dataset(
     )
     # the id keys of pieces scanned by an earlier run (resumed, or an input that grew) are
     # rebuilt from the stored ids: the duplicate check always covers every piece
-    stale = [p for p in dataset.pieces if not all(f.exists() for f in _key_files(key_dir, p.index, nbuckets))]
+    stale = [p for p in dataset.pieces if not all(nodes.present(f) for f in _key_files(key_dir, p.index, nbuckets))]
     if stale:
         keys = [
             StoreKeysTask(store=store, piece=p.index, first_row=p.start, key_dir=str(key_dir), nbuckets=nbuckets)
             for p in stale
         ]
-        client.gather([submit(client, task, "scan") for task in keys])
+        gather(client, [submit(client, task, "scan") for task in keys])
     distinct = sorted(set(dims.values()))
     if len(distinct) > 1:
         first = {d: next(p for p in dataset.pieces if dims[p.index] == d) for d in distinct}
@@ -198,7 +199,7 @@ def scan_dataset(
 def _check_duplicates(client: Any, dataset: Dataset, store: RowStore, key_dir: Path, nbuckets: int) -> None:
     futures = [submit(client, DuplicateRows(bucket=str(key_dir / f"b{b:04d}")), "scan") for b in range(nbuckets)]
     examples: list[str] = []
-    for groups in client.gather(futures):
+    for groups in gather(client, futures):
         for rows in groups:
             ids = store.gather_ids(rows)
             # string ids are hashed: confirm the collision is a real repeat

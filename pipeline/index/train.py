@@ -23,7 +23,7 @@ from pipeline.kinds import Metric
 from pipeline.results import Files
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress, watch
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import submit, unwrap
 
 __all__ = ["TrainTask", "TrainRecord", "train_index"]
 
@@ -123,5 +123,5 @@ def train_index(
         seed=seed,
         out=str(path),
     )
-    watch(client, submit(client, task, "train"), "train")
+    unwrap(watch(client, submit(client, task, "train"), "train"))
     manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))

@@ -3,6 +3,7 @@
 A reader (or a resumed run) therefore sees either no file or a complete one, never a torn one.
 Below a run directory, the file is recorded as the tool's just before the rename
 (:mod:`pipeline.io.owned`), and a symbolic link on its way is refused: nothing is written through one.
+In a directory staged per node, the file is uploaded once in place (:mod:`pipeline.io.nodes`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import StorageError
+from pipeline.io import nodes
 from pipeline.io.owned import check_no_links, claim, is_temp_name, run_root
 from pipeline.io.workdir import shown
 
@@ -40,9 +42,9 @@ def atomic_path(final: str | os.PathLike[str]) -> Iterator[Path]:
     tmp = final.with_name(f".{final.name}{TMP_MARK}{uuid.uuid4().hex[:8]}")
     try:
         yield tmp
-        if root is not None:
-            claim(root, final, tmp)
+        line = claim(root, final, tmp) if root is not None else None
         os.replace(tmp, final)
+        nodes.wrote(final, root, line)
     except StorageError:  # already one line naming the file
         raise
     except OSError as exc:

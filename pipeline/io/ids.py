@@ -14,6 +14,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched, listed
 
 __all__ = ["id_keys", "write_key_buckets", "duplicate_rows", "BUCKET_ROWS"]
 
@@ -70,7 +71,7 @@ def write_key_buckets(
 
 def duplicate_rows(bucket_dir: str | os.PathLike[str], limit: int = 5) -> list[np.ndarray]:
     """Groups of global rows sharing a key in one bucket (at most ``limit`` groups)."""
-    parts = [np.load(f) for f in sorted(Path(bucket_dir).glob("p*.npy"))]
+    parts = [np.load(fetched(f)) for f in listed(bucket_dir, "p*.npy")]
     if not parts:
         return []
     pairs = np.concatenate(parts, axis=1)

@@ -30,11 +30,12 @@ import os
 import re
 import stat
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.errors import ResumeError
+from pipeline.io import nodes
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
 
 __all__ = [
@@ -50,6 +51,8 @@ __all__ = [
     "discard",
     "rename",
     "merge_ledger",
+    "adopt",
+    "adopt_file",
     "file_crc",
     "is_temp_name",
 ]
@@ -141,10 +144,43 @@ def _entry(root: Path, final: Path, written: Path) -> str:
     return json.dumps([rel, st.st_size, st.st_mtime_ns, file_crc(written)]) + "\n"
 
 
-def claim(root: Path, final: Path, written: Path) -> None:
+def claim(root: Path, final: Path, written: Path) -> str:
     """Record in ``root``'s ledger that the file at ``written`` (about to be renamed onto ``final``,
-    below ``root``) is the tool's."""
-    _append(root, _entry(root, final, written))
+    below ``root``) is the tool's; returns the ledger line."""
+    line = _entry(root, final, written)
+    _append(root, line)
+    return line
+
+
+def adopt_file(final: Path, written: Path) -> None:
+    """Claim ``written``, a copy fetched from object storage about to be renamed onto ``final``, as
+    :func:`pipeline.io.atomic.atomic_path` claims what it writes: where ``final`` lies in a run
+    directory, with no symbolic link on the way."""
+    root = run_root(final.parent)
+    if root is not None:
+        check_no_links(root, final)
+        claim(root, final, written)
+
+
+def adopt(lines: Iterable[tuple[str, str]]) -> None:
+    """Add ledger lines another machine wrote (``(run directory, line)``: files a task there wrote
+    and uploaded) to the ledgers of this machine's run directories holding those files (the other
+    machine may know fewer of them), and tell the staged directory their sizes."""
+    by_root: dict[Path, list[str]] = {}
+    for root, line in lines:
+        try:
+            rel, size, mtime, crc = json.loads(line)
+        except (ValueError, TypeError):
+            continue
+        path = Path(root) / str(rel)
+        here = run_root(path.parent)
+        if here is None:
+            continue
+        entry = [path.relative_to(here).as_posix(), int(size), int(mtime), int(crc)]
+        by_root.setdefault(here, []).append(json.dumps(entry) + "\n")
+        nodes.known(path, int(size))
+    for here, got in by_root.items():
+        _append(here, "".join(got))
 
 
 @dataclass
@@ -217,7 +253,7 @@ class Ledger:
         time match, computed otherwise); None if it is missing or a link."""
         st = self._regular(rel)
         if st is None:
-            return None
+            return self._remote_crc(rel)
         for seen in self.entries.get(rel, ()):
             if seen.size == st.st_size and seen.mtime_ns == st.st_mtime_ns:
                 return seen.crc
@@ -233,10 +269,22 @@ class Ledger:
             return True
         return bool(seen) and self._crc(rel, st) in {s.crc for s in seen}
 
+    def _remote_crc(self, rel: str) -> int | None:
+        """For a file another machine wrote to a directory staged per node (:mod:`pipeline.io.nodes`),
+        not held here: the CRC its ledger line gives at the remote copy's size."""
+        size = nodes.remote_size(self.root / rel)
+        if size is None or os.path.lexists(self.root / rel):
+            return None
+        crcs = [s.crc for s in self.entries.get(rel, ()) if s.size == size]
+        return crcs[-1] if crcs else None
+
     def crc_matches(self, rel: str, size: int, crc: int) -> bool:
-        """Whether ``rel`` is a regular file of ``size`` bytes whose content has CRC-32 ``crc``."""
+        """Whether ``rel`` is a regular file of ``size`` bytes whose content has CRC-32 ``crc`` (or,
+        staged per node, a remote copy of that size that a ledger line gives that CRC)."""
         st = self._regular(rel)
-        return st is not None and st.st_size == size and self.crc_of(rel) == crc
+        if st is None:
+            return nodes.remote_size(self.root / rel) == size and self._remote_crc(rel) == crc
+        return st.st_size == size and self.crc_of(rel) == crc
 
 
 _ALWAYS = {LOCK_NAME, LEDGER_NAME, TIMINGS_NAME}  # the tool's bookkeeping, recognised by name
@@ -313,6 +361,8 @@ def discard(path: str | os.PathLike[str]) -> list[str]:
     anything else stays (and is returned, relative to ``path``'s run directory, for a warning)."""
     p = Path(os.path.abspath(path))
     root = run_root(p.parent)
+    if root is not None:
+        nodes.dropped(p)
     if root is None or not os.path.lexists(p):
         return []
     check_no_links(root, p)

@@ -38,11 +38,11 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError, ResumeError
-from pipeline.io.owned import LEDGER_NAME, merge_ledger
+from pipeline.io.owned import LEDGER_NAME, adopt_file, merge_ledger
 from pipeline.io.storage import filesystem
 from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, gone_here, show_as
 
-__all__ = ["StagedDir", "staged", "scratch_for"]
+__all__ = ["StagedDir", "staged", "staged_dirs", "scratch_for"]
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +118,8 @@ class StagedDir:
         self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) as last uploaded or pulled
         self._lock = threading.Lock()
         self.token = uuid.uuid4().hex
+        self._have: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # rel -> (remote, local) stamps
+        self._sizes: dict[str, int] = {}  # remote sizes this process knows (listed, sent or fetched)
 
     # one job at a time -----------------------------------------------------------------------
     def _lease(self) -> dict[str, Any]:
@@ -182,10 +184,103 @@ class StagedDir:
         found = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
         return {f.path[len(self.root) :].lstrip("/"): int(f.size or 0) for f in found if f.type == pafs.FileType.File}
 
+    # staging per node (pipeline.io.nodes) -------------------------------------------------
+    def _stamp(self, rel: str) -> tuple[int, int] | None:
+        info = self.fs.get_file_info(f"{self.root}/{rel}")
+        if info.type != pafs.FileType.File:
+            return None
+        mtime = info.mtime_ns if info.mtime_ns is not None else 0
+        return int(info.size or 0), int(mtime)
+
+    def fetch(self, rel: str) -> bool:
+        """Bring ``rel`` up to date in the local folder (downloaded when missing, or when the remote
+        object changed since this process last fetched or sent it); False if the remote lacks it."""
+        remote = self._stamp(rel)
+        if remote is None:
+            return False
+        dest = self.local / rel
+        try:
+            st = os.lstat(dest)
+            here = (st.st_size, st.st_mtime_ns)
+        except FileNotFoundError:
+            here = None
+        if here is not None and self._have.get(rel) == (remote, here):
+            return True
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.pull-{uuid.uuid4().hex[:8]}")
+        try:
+            pafs.copy_files(
+                f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
+            )
+            adopt_file(dest, tmp)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
+        st = os.lstat(dest)
+        with self._lock:
+            self._have[rel] = (remote, (st.st_size, st.st_mtime_ns))
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+            self._sizes[rel] = remote[0]
+        return True
+
+    def send(self, rel: str) -> None:
+        """Upload ``rel`` now. A rewrite is made visible as one: an object replaced within the same
+        second at the same size would show the same size and time, so it is written again a second
+        later (other machines compare those to know their copy is stale)."""
+        before = self._stamp(rel)
+        self._upload(rel)
+        after = self._stamp(rel)
+        if before is not None and after == before:
+            time.sleep(1.0)
+            self._upload(rel)
+            after = self._stamp(rel)
+        st = os.lstat(self.local / rel)
+        with self._lock:
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+            if after is not None:
+                self._have[rel] = (after, (st.st_size, st.st_mtime_ns))
+                self._sizes[rel] = after[0]
+
+    def drop(self, rel: str) -> None:
+        """Remove the remote file ``rel``, or every file below folder ``rel``, under the tool's names."""
+        path = f"{self.root}/{rel}"
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            found = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            doomed = [f.path[len(self.root) :].lstrip("/") for f in found if f.type == pafs.FileType.File]
+        else:
+            doomed = [rel] if info.type == pafs.FileType.File else []
+        for r in doomed:
+            if _ours(r) and _safe_key(r):
+                self.fs.delete_file(f"{self.root}/{r}")
+            with self._lock:
+                self._sent.pop(r, None)
+                self._have.pop(r, None)
+                self._sizes.pop(r, None)
+
+    def size(self, rel: str) -> int | None:
+        if rel not in self._sizes:
+            stamp = self._stamp(rel)
+            if stamp is None:
+                return None
+            self._sizes[rel] = stamp[0]
+        return self._sizes[rel]
+
+    def names(self, rel: str) -> list[str]:
+        """The names of the remote files directly in folder ``rel``."""
+        found = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{rel}".rstrip("/"), allow_not_found=True))
+        return [f.base_name for f in found if f.type == pafs.FileType.File]
+
+    def knows(self, rel: str, size: int) -> None:
+        """Another machine uploaded ``rel`` at ``size`` bytes (its task said so)."""
+        self._sizes[rel] = size
+
     def pull(self) -> None:
         """Fill the local folder with what the remote holds and the folder lacks (or holds at
         another size). Refuses a remote directory holding anything the tool did not write."""
         remote = {r: n for r, n in self._remote().items() if r != LEASE_NAME}
+        self._sizes.update(remote)
         unsafe = sorted(r for r in remote if not _safe_key(r))
         if unsafe:
             raise ConfigError(
@@ -280,6 +375,15 @@ class StagedDir:
             return sent
 
 
+_STAGED: list[StagedDir] = []  # the directories this process has staged, while their jobs run
+
+
+def staged_dirs() -> list[StagedDir]:
+    """The remote directories this process is staging now (for a job whose workers must each keep
+    their own copy: :mod:`pipeline.io.nodes`)."""
+    return list(_STAGED)
+
+
 @contextlib.contextmanager
 def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, lease: bool = True) -> Iterator[Path]:
     """The local folder of remote directory ``url``, pulled first and pushed while the job runs
@@ -294,6 +398,7 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
         d.release_lease()
         raise
     show_as(d.local, d.url)
+    _STAGED.append(d)
     stop = threading.Event()
 
     def keep_pushing() -> None:
@@ -309,6 +414,7 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
     try:
         yield d.local
     except BaseException:
+        _STAGED.remove(d)
         stop.set()
         pusher.join()
         try:  # keep what finished; the job's own error is the one to report
@@ -318,6 +424,7 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
         finally:
             d.release_lease()
         raise
+    _STAGED.remove(d)
     stop.set()
     pusher.join()
     try:

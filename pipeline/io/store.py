@@ -16,6 +16,7 @@ import numpy as np
 import pyarrow as pa
 
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched
 
 __all__ = ["RowStore"]
 
@@ -75,12 +76,12 @@ class RowStore:
                 writer.write_table(table)
 
     def has_piece(self, piece: int) -> bool:
-        return self.vectors_path(piece).exists() and self.ids_path(piece).exists()
+        return all(fetched(p).exists() for p in (self.vectors_path(piece), self.ids_path(piece)))
 
     # reading -----------------------------------------------------------------------------
     def vectors(self, piece: int) -> np.ndarray:
         """One piece's vectors, read into memory (a plain read: nothing stays mapped)."""
-        return np.load(self.vectors_path(piece))
+        return np.load(fetched(self.vectors_path(piece)))
 
     def mapped_vectors(self, piece: int) -> np.ndarray:
         """One piece's vectors as a read-only memory map (kept open per process): read again and
@@ -151,7 +152,7 @@ _VECTOR_MAPS, _ID_MAPS = _map_budget()
 
 def _stamp(path: Path) -> tuple[str, int, int]:
     """Cache key: a rewritten file (same name, new content) is opened afresh."""
-    st = path.stat()
+    st = fetched(path).stat()
     return str(path), st.st_mtime_ns, st.st_size
 
 

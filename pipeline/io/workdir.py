@@ -59,6 +59,7 @@ OUTPUT_NAMES = frozenset(
         "graph.npz",
         "umap_knn.npz",
         "_exact",
+        "_routed",
         "recall_curve.svg",
         "kth_score.svg",
         "timings.svg",

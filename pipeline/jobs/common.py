@@ -14,15 +14,23 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
-from pipeline.cluster.clients import ClusterInfo, StorageOptions, check_workers_see, dask_client
+from pipeline.cluster.clients import (
+    ClusterInfo,
+    NodeStaging,
+    StorageOptions,
+    dask_client,
+    refuse_unseen,
+    unseen_folders,
+)
 from pipeline.config import Config
 from pipeline.errors import ConfigError
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import check_writable
 from pipeline.io.parquet import resolve_paths
-from pipeline.io.staging import staged
+from pipeline.io.staging import staged, staged_dirs
 from pipeline.io.storage import is_remote, set_storage_options
-from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
+from pipeline.io.workdir import LOCK_NAME, TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
 from pipeline.results import (
@@ -73,10 +81,47 @@ def job_cluster(config: Config) -> Iterator[tuple[Any, Any]]:
     """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device,
     and gets the job's ``storage_options`` for reading remote input."""
     with dask_client(config.cluster, logs_dir(config)) as (client, cluster):
-        check_workers_see(client, [Path(d) for d in (config.output, config.index_dir) if d])
-        if config.storage_options:
-            client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
-        yield client, replace(cluster, busy_since=record_busy(client))
+        with _staged_per_node(client, [Path(d) for d in (config.output, config.index_dir) if d], config):
+            if config.storage_options:
+                client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
+            yield client, replace(cluster, busy_since=record_busy(client))
+
+
+@contextlib.contextmanager
+def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterator[None]:
+    """Where workers do not see the job's folders as this machine does: refused in one line, unless
+    those folders are staged from object storage; then every machine keeps its own copy, and the
+    object store is the only place they meet (:mod:`pipeline.io.nodes`)."""
+    unseen = unseen_folders(client, folders)
+    if not unseen:
+        yield
+        return
+    dirs = staged_dirs()
+    for u in unseen:
+        if not any(u.folder == d.local or d.local in u.folder.parents for d in dirs):
+            raise refuse_unseen(u)
+    roots = [(str(f), (f / LOCK_NAME).read_bytes()) for f in folders]
+    plugin = NodeStaging([(d.url, str(d.local)) for d in dirs], roots, dict(config.storage_options or {}))
+    client.register_plugin(plugin, name=NODES_PLUGIN)
+    nodes.activate(dirs)
+    workers = sorted({u.worker for u in unseen})
+    log.info(
+        "Dask worker%s %s do%s not see this machine's folders: each machine keeps its own copy of %s, "
+        "staged through the object store",
+        "s" if len(workers) > 1 else "",
+        ", ".join(workers[:4]) + (", ..." if len(workers) > 4 else ""),
+        "" if len(workers) > 1 else "es",
+        ", ".join(d.url for d in dirs),
+    )
+    try:
+        yield
+    finally:
+        nodes.deactivate()
+        with contextlib.suppress(Exception):  # the cluster may be gone already
+            client.unregister_worker_plugin(NODES_PLUGIN)
+
+
+NODES_PLUGIN = "knn-nodes"
 
 
 def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:

@@ -38,8 +38,10 @@ from pipeline.index.drift import imbalance, measure_drift
 from pipeline.index.fill import FillRecord, fill_index, fill_mode
 from pipeline.index.scan import scan_dataset
 from pipeline.index.train import TrainRecord, train_index
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.layout import InputDiff, Layout, layout_of, relayout
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, plan_dataset
 from pipeline.io.store import RowStore
@@ -245,9 +247,9 @@ def build_index(
     timings.add("fill", time.monotonic() - t0)
     if spec.retrain:
         manifest.finish_stage("retrained", identity["input"])
-    balance = imbalance(index_dir / "index.faiss") if (index_dir / "index.faiss").exists() else None
+    balance = imbalance(fetched(index_dir / "index.faiss")) if nodes.present(index_dir / "index.faiss") else None
     _check_drift(client, manifest, store, index_dir, balance, seed=spec.seed, limit=spec.drift_limit)
-    if not (index_dir / "config.yaml").exists():
+    if not nodes.present(index_dir / "config.yaml"):
         with atomic_path(index_dir / "config.yaml") as tmp:
             tmp.write_text(dump_config(config))
     done = manifest.stage_record("index", IndexRecord)
@@ -668,7 +670,7 @@ def _start_update(
             outputs += [store.vectors_path(piece.index), store.ids_path(piece.index)]
             manifest.forget_piece("scan_queries", piece.index)
         for path in outputs:
-            if path.exists():
+            if nodes.present(path):
                 discard(path)
                 left = True
         if str(piece.index) in manifest.data["stages"].get("join", {}).get("pieces", {}):
@@ -677,7 +679,7 @@ def _start_update(
     done = manifest.done_pieces("join")
     for number in sorted(done):
         stale = queries is not None and index_changed  # searched in an index that changed
-        if stale or (knn_dir is not None and not knn_path(knn_dir, number).exists()):
+        if stale or (knn_dir is not None and not nodes.present(knn_path(knn_dir, number))):
             manifest.forget_piece("join", number)
     live = {p.index for p in query_set.pieces}
     new = sorted((live - manifest.done_pieces("join")) | set(pending.get("new", ())))

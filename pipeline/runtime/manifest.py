@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from pipeline.errors import ResumeError
+from pipeline.io import nodes
 from pipeline.io.atomic import is_temp_name, remove_stale_temps, write_json
 from pipeline.io.owned import LEDGER_NAME, Ledger, foreign, has_links, remove_owned
 from pipeline.io.workdir import LOCK_NAME, LOG_DIR, TIMINGS_NAME, shown
@@ -254,7 +255,11 @@ class Manifest:
                     "the directory removed or changed while the job ran?); keep it in place and run "
                     "the same command again to resume"
                 )
-            out.append((rel, os.lstat(self.dir / rel).st_size, crc))
+            try:
+                size = os.lstat(self.dir / rel).st_size
+            except FileNotFoundError:  # written by another machine, staged per node: on the object store
+                size = nodes.remote_size(self.dir / rel) or 0
+            out.append((rel, size, crc))
         return tuple(out)
 
     def done_pieces(self, stage: str) -> set[int]:

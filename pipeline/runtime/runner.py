@@ -42,6 +42,9 @@ import pyarrow as pa
 from distributed import KilledWorker, as_completed
 
 from pipeline.errors import PipelineError
+from pipeline.io import nodes
+from pipeline.io.nodes import NodeResult
+from pipeline.io.owned import adopt
 from pipeline.results import from_dict, to_dict
 from pipeline.runtime.progress import Progress, count_submitted, listening, task_key
 
@@ -50,6 +53,9 @@ __all__ = [
     "Stage",
     "WorkItem",
     "run_task",
+    "result_of",
+    "gather",
+    "unwrap",
     "run_tasks",
     "run_stage",
     "submit",
@@ -93,15 +99,41 @@ def worker_name() -> str:
         return "driver"
 
 
-def run_task(task: Task[R]) -> R:
+def run_task(task: Task[R]) -> R | NodeResult:
     """The function every Dask task of the pipeline runs: its record's own work. Afterwards the
     Arrow memory the task freed goes back to the system: pyarrow's allocator (mimalloc) keeps it
     otherwise, and Dask counts it against the worker (after scanning 4M x 128 rows a worker held
-    1.47 GiB, 0.25 GiB once released, and paused inside a 2 GiB container)."""
+    1.47 GiB, 0.25 GiB once released, and paused inside a 2 GiB container).
+
+    On a worker staging per node (:mod:`pipeline.io.nodes`) the result comes back with the ledger
+    lines of the files the task wrote; :func:`result_of` and :func:`gather` unwrap it."""
     try:
-        return task.run()
+        if not nodes.active():
+            return task.run()
+        with nodes.task_writes() as lines:
+            value = task.run()
+        return NodeResult(value, tuple(lines))
     finally:
         pa.default_memory_pool().release_unused()
+
+
+def unwrap(result: Any) -> Any:
+    """A task's result as its record's ``run`` returned it; the files a node of its own wrote are
+    added to this machine's ledgers first."""
+    if isinstance(result, NodeResult):
+        adopt(result.lines)
+        return result.value
+    return result
+
+
+def result_of(future: Any) -> Any:
+    """The result of one submitted task (waits for it)."""
+    return unwrap(future.result())
+
+
+def gather(client: Any, futures: Sequence[Any]) -> list[Any]:
+    """The results of submitted tasks, in order (waits for all)."""
+    return [unwrap(r) for r in client.gather(list(futures))]
 
 
 def submit(client: Any, task: Task[R], label: str) -> Any:
@@ -178,7 +210,7 @@ def run_tasks(
             for future in as_completed(list(futures)):
                 item = futures[future]
                 try:
-                    result = future.result()
+                    result = result_of(future)
                 except KilledWorker:
                     raise _killed(label, item) from None
                 if on_done is not None:

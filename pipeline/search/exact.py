@@ -18,7 +18,7 @@ from pipeline.backends.worker import worker_device
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.runtime.progress import Progress
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import result_of, submit
 
 __all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
@@ -52,7 +52,7 @@ def exact_knn(
 
     def parts() -> Iterator[tuple[np.ndarray, np.ndarray]]:
         for p in pieces:  # in piece order (deterministic ties), each part released once merged
-            part = futures.pop(0).result()
+            part = result_of(futures.pop(0))
             progress.advance(store.piece_rows(p))
             yield part
 

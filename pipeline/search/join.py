@@ -25,6 +25,7 @@ from pipeline.backends import Backend
 from pipeline.backends.lists import is_ivf_flat, list_bytes_read, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
@@ -428,7 +429,9 @@ def join_pieces(
             plan.k,
         )
     manifest.finish_stage("join", {"seconds": seconds, "list_reads": to_dict(reads.done())})
-    if routes is not None or (out_dir.parent / ROUTED_DIR).exists():  # a routed join's partial lists (ours)
+    if (
+        routes is not None or nodes.active() or (out_dir.parent / ROUTED_DIR).exists()
+    ):  # a routed join's partial lists (ours)
         discard(out_dir.parent / ROUTED_DIR)
     if layout is not None:
         drop_pairs(layout)

@@ -28,6 +28,7 @@ import numpy as np
 from pipeline.backends.kernels import merge_topk, shifted
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
@@ -149,7 +150,7 @@ class PairTask:
     def run(self) -> None:
         store, layout, g, h, width, metric = self.store, self.layout, self.g, self.h, self.width, self.metric
         a, b = layout.groups[g], layout.groups[h]
-        with np.load(_diagonal_path(layout.folder, h)) as z:
+        with np.load(fetched(_diagonal_path(layout.folder, h))) as z:
             floor = z["scores"][:, -1]  # h's k-th best within h: nothing lower enters its top k
         with worker_device() as be:
             (a_scores, a_rows), (b_scores, b_rows) = be.pair_topk(
@@ -202,12 +203,12 @@ def piece_lists(layout: PairLayout, piece: Piece, width: int, metric: Metric) ->
     g = layout.group_of(piece.index)
     rows = slice(piece.start - layout.groups[g].start, piece.start - layout.groups[g].start + piece.rows)
     parts: list[tuple[np.ndarray, np.ndarray]] = []
-    with np.load(_diagonal_path(layout.folder, g)) as z:
+    with np.load(fetched(_diagonal_path(layout.folder, g))) as z:
         parts.append((z["scores"][rows], z["rows"][rows]))
     for other in range(len(layout.groups)):
         if other != g:
             side = "a" if g < other else "b"
-            with np.load(_pair_path(layout.folder, min(g, other), max(g, other))) as z:
+            with np.load(fetched(_pair_path(layout.folder, min(g, other), max(g, other)))) as z:
                 parts.append((z[f"{side}_scores"][rows], z[f"{side}_rows"][rows]))
     scores, found = merge_topk(parts, width)
     return (-scores if metric == "l2" else scores), found

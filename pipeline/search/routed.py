@@ -32,6 +32,7 @@ import numpy as np
 from pipeline.backends.lists import coarse_assign, list_major_search
 from pipeline.backends.worker import worker_device
 from pipeline.io.atomic import write_npz
+from pipeline.io.nodes import fetched
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
@@ -154,7 +155,7 @@ class ScoreTask:
         progress = PieceProgress("routed score", g.index)
         scored = 0
         for piece in self.pieces:
-            with np.load(layout.route_path(piece.index)) as z:
+            with np.load(fetched(layout.route_path(piece.index))) as z:
                 assign = z["assign"]
             inside = (assign >= g.first) & (assign < g.last)
             picked = np.flatnonzero(inside.any(axis=1))
@@ -237,7 +238,7 @@ def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.nda
     n, w = piece.rows, layout.width
     heap = faiss.ResultHeap(n, w, keep_max=True)  # scores are kept higher-better (l2 negated)
     for g in layout.groups:
-        with np.load(layout.partial_path(g.index, piece.index)) as z:
+        with np.load(fetched(layout.partial_path(g.index, piece.index))) as z:
             picked = np.ascontiguousarray(z["queries"], dtype=np.int64)
             scores = np.ascontiguousarray(z["scores"], dtype=np.float32)
             rows = np.ascontiguousarray(z["rows"], dtype=np.int64)

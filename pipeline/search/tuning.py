@@ -25,7 +25,7 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import TunePointRecord
 from pipeline.runtime.progress import PieceProgress, watch
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import result_of, submit, unwrap
 from pipeline.search.exact import exact_knn, pair_scores
 from pipeline.search.join import SearchPlan, search_batch, shared_index
 from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
@@ -490,14 +490,16 @@ def walk(
         target=target,
     )
     future = submit(client, task, "tune")
-    return list(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries"))
+    return list(unwrap(watch(client, future, "tune", f"sweeping nprobe on {len(sample.truth):,} sampled queries")))
 
 
 def search_sample(
     client: Any, plan: SearchPlan, index_store: RowStore, sample: RecallSample
 ) -> tuple[list[list[Any]], list[np.ndarray]]:
     """Neighbour ids of the sample's queries under ``plan`` and their exact scores, searched on a worker."""
-    ids, scores, _ = submit(client, SampleSearch(plan=plan, index_store=index_store, sample=sample), "recall").result()
+    ids, scores, _ = result_of(
+        submit(client, SampleSearch(plan=plan, index_store=index_store, sample=sample), "recall")
+    )
     return ids, scores
 
 
@@ -518,9 +520,9 @@ def sweep(
     exact_codes = index is not None and is_ivf_flat(index) and sample.truth_rows is not None
     if exact_codes and all(n is not None and r == 0 for n, r in settings):
         nprobes = tuple(int(n) for n, _ in settings if n is not None)
-        return list(submit(client, ComputedSweep(plan=plan, sample=sample, nprobes=nprobes), "recall").result())
+        return list(result_of(submit(client, ComputedSweep(plan=plan, sample=sample, nprobes=nprobes), "recall")))
     task = SweepTask(plan=plan, index_store=index_store, sample=sample, settings=tuple(settings))
-    return list(submit(client, task, "recall").result())
+    return list(result_of(submit(client, task, "recall")))
 
 
 def choose(points: Sequence[TunePoint], target: float) -> TunePoint:

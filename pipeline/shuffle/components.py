@@ -20,7 +20,7 @@ import numpy as np
 
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard, rename
-from pipeline.runtime.runner import Task, submit
+from pipeline.runtime.runner import Task, gather, submit
 from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
@@ -153,7 +153,8 @@ def connected_components(
     ends = np.r_[starts[1:], total]
     n_parts = len(starts)
     labels = work_dir / "round-0000"
-    client.gather(
+    gather(
+        client,
         [
             _submit(
                 client,
@@ -166,7 +167,7 @@ def connected_components(
                 ),
             )
             for p in range(n_parts)
-        ]
+        ],
     )
     if warm is not None:
         discard(warm)
@@ -175,7 +176,8 @@ def connected_components(
         r += 1
         hooks = [str(work_dir / f"hooks-{r:04d}" / f"from-{p:05d}") for p in range(n_parts)]
         crossing = sum(
-            client.gather(
+            gather(
+                client,
                 [
                     _submit(
                         client,
@@ -184,7 +186,7 @@ def connected_components(
                         ),
                     )
                     for p in range(n_parts)
-                ]
+                ],
             )
         )
         log.debug("components round %d: %d edges join different trees", r, crossing)
@@ -192,21 +194,23 @@ def connected_components(
             discard(work_dir / f"hooks-{r:04d}")
             break
         hooked = work_dir / f"hooked-{r:04d}"
-        client.gather(
+        gather(
+            client,
             [
                 _submit(
                     client,
                     ApplyHooks(hook_dirs=tuple(hooks), labels_dir=str(labels), starts=starts, piece=p, out=str(hooked)),
                 )
                 for p in range(n_parts)
-            ]
+            ],
         )
         nxt = work_dir / f"round-{r:04d}"
-        client.gather(
+        gather(
+            client,
             [
                 _submit(client, Shortcut(hooked_dir=str(hooked), starts=starts, piece=p, out=str(nxt)))
                 for p in range(n_parts)
-            ]
+            ],
         )
         for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
             discard(d)
@@ -259,7 +263,8 @@ def component_sizes(
     """{component size: number of components}, counted by a shuffle on the label; ``rows``: each
     partition's rows, where holes follow them (they are no one's component)."""
     maps = [str(work_dir / f"from-{p:05d}") for p in range(len(starts))]
-    client.gather(
+    gather(
+        client,
         [
             _submit(
                 client,
@@ -272,8 +277,8 @@ def component_sizes(
                 ),
             )
             for p in range(len(starts))
-        ]
+        ],
     )
-    parts = client.gather([_submit(client, CountReduce(map_dirs=tuple(maps), piece=p)) for p in range(len(starts))])
+    parts = gather(client, [_submit(client, CountReduce(map_dirs=tuple(maps), piece=p)) for p in range(len(starts))])
     discard(work_dir)
     return merge_histograms(parts)

@@ -1,0 +1,189 @@
+"""Machines that share no filesystem: each keeps its own copy of a staged directory.
+
+A job whose ``--output`` or ``--index-dir`` is a URL works in a local folder that stands for it
+(:mod:`pipeline.io.staging`). On one machine, or on nodes that mount one filesystem, every worker
+reads and writes that folder. When the workers see a folder of their own there instead (pods, cloud
+VMs, nodes with only local disks), the job runs *staged per node*: the object store is the only
+place the machines meet, and every machine, the driver included, keeps at the same path a partial
+copy of the directory holding only what it has read or written.
+
+* **Reads fetch.** A task about to read a file of the directory calls :func:`fetched`: the file
+  is downloaded when this machine lacks it, or when the remote object changed since this
+  machine last fetched or wrote it (its size and time are checked, one request per read).
+* **Writes go through.** A file written below the directory (by :func:`pipeline.io.atomic.atomic_path`)
+  is uploaded as soon as it is renamed into place, before its task returns, so a finished task's
+  files are on the object store when the driver records it done.
+* **The driver keeps the records.** A task on such a worker returns, with its result, the ledger
+  lines of the files it wrote (:class:`NodeResult`); the driver adds them to its own ledger, so
+  its manifest records each file's size and CRC-32 without ever holding the file.
+* **Removal follows.** Where the tool removes its own file or folder, the remote copy goes too.
+
+Every machine registers the directories' remotes here (:func:`activate`); nothing happens in a
+process where none is active, which is every job whose workers share the driver's folders.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import os
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, TypeVar
+
+__all__ = [
+    "Remote",
+    "NodeResult",
+    "activate",
+    "deactivate",
+    "active",
+    "fetched",
+    "wrote",
+    "dropped",
+    "remote_size",
+    "present",
+    "listed",
+    "known",
+    "task_writes",
+]
+
+P = TypeVar("P", str, Path)
+
+
+class Remote(Protocol):
+    """A remote directory and this machine's folder at ``local`` that stands for it."""
+
+    @property
+    def local(self) -> Path: ...
+
+    def fetch(self, rel: str) -> bool:
+        """Bring file ``rel`` up to date here; False when the remote has no such file."""
+        ...
+
+    def send(self, rel: str) -> None:
+        """Upload file ``rel`` as it is here."""
+        ...
+
+    def drop(self, rel: str) -> None:
+        """Remove file or folder ``rel`` from the remote (the tool's own names only)."""
+        ...
+
+    def size(self, rel: str) -> int | None:
+        """The remote file's size (None: not there)."""
+        ...
+
+    def knows(self, rel: str, size: int) -> None:
+        """Another machine uploaded ``rel`` at ``size`` bytes."""
+        ...
+
+    def names(self, rel: str) -> list[str]:
+        """The names of the remote files directly in folder ``rel``."""
+        ...
+
+
+@dataclass(frozen=True)
+class NodeResult:
+    """What a task on a node of its own returns: its result and the ledger lines of the files it
+    wrote, as ``(run directory, line)``."""
+
+    value: Any
+    lines: tuple[tuple[str, str], ...]
+
+
+_REMOTES: list[Remote] = []  # this process's staged directories, deepest first, while staging per node
+_TASK = threading.local()  # .lines: the running task's written files (a list), on a worker
+
+
+def activate(remotes: Iterable[Remote]) -> None:
+    """Stage per node in this process: ``remotes`` are the job's staged directories."""
+    _REMOTES[:] = sorted(remotes, key=lambda r: len(os.fspath(r.local)), reverse=True)
+
+
+def deactivate() -> None:
+    _REMOTES.clear()
+
+
+def active() -> bool:
+    return bool(_REMOTES)
+
+
+def _find(path: str | os.PathLike[str]) -> tuple[Remote, str] | None:
+    if not _REMOTES:
+        return None
+    p = os.path.abspath(path)
+    for remote in _REMOTES:
+        root = os.fspath(remote.local)
+        if p.startswith(root + os.sep):
+            return remote, Path(p).relative_to(root).as_posix()
+    return None
+
+
+def fetched(path: P) -> P:
+    """``path``, brought onto this machine first where it lies in a directory staged per node."""
+    hit = _find(path)
+    if hit is not None:
+        hit[0].fetch(hit[1])
+    return path
+
+
+def wrote(path: str | os.PathLike[str], root: str | os.PathLike[str] | None, line: str | None) -> None:
+    """``path`` was just written (``line``: its ledger line in run directory ``root``): upload it
+    where it is staged per node, and keep the line for the running task's result."""
+    hit = _find(path)
+    if hit is None:
+        return
+    hit[0].send(hit[1])
+    lines = getattr(_TASK, "lines", None)
+    if lines is not None and root is not None and line is not None:
+        lines.append((os.path.abspath(root), line))
+
+
+def dropped(path: str | os.PathLike[str]) -> None:
+    """The tool removed its file or folder ``path`` here: remove the remote copy too."""
+    hit = _find(path)
+    if hit is not None:
+        hit[0].drop(hit[1])
+
+
+def present(path: str | os.PathLike[str]) -> bool:
+    """Whether file ``path`` exists here or, staged per node, on the object store."""
+    return os.path.exists(path) or remote_size(path) is not None
+
+
+def listed(directory: str | os.PathLike[str], pattern: str) -> list[Path]:
+    """The files in ``directory`` whose names match ``pattern`` (a glob), sorted: those here and,
+    staged per node, those on the object store (written by other machines)."""
+    found = {p.name: p for p in Path(directory).glob(pattern)}
+    hit = _find(Path(directory) / "x")
+    if hit is not None:
+        folder = hit[1].rsplit("/", 1)[0] if "/" in hit[1] else ""
+        for name in hit[0].names(folder):
+            if fnmatch.fnmatchcase(name, pattern):
+                found.setdefault(name, Path(directory) / name)
+    return [found[n] for n in sorted(found)]
+
+
+def remote_size(path: str | os.PathLike[str]) -> int | None:
+    """The size of ``path``'s remote copy where it is staged per node (None: not staged so, or absent)."""
+    hit = _find(path)
+    return None if hit is None else hit[0].size(hit[1])
+
+
+def known(path: str | os.PathLike[str], size: int) -> None:
+    """Another machine uploaded ``path`` at ``size`` bytes (its task's ledger line says so)."""
+    hit = _find(path)
+    if hit is not None:
+        hit[0].knows(hit[1], size)
+
+
+@contextmanager
+def task_writes() -> Iterator[list[tuple[str, str]]]:
+    """Collect the ledger lines of the files the calling thread writes (one task's)."""
+    lines: list[tuple[str, str]] = []
+    _TASK.lines = lines
+    try:
+        yield lines
+    finally:
+        _TASK.lines = None

@@ -1,0 +1,243 @@
+"""Shared-nothing: a Dask scheduler and two workers, each in a mount namespace of its own whose
+scratch folder is a private tmpfs, so no worker sees a file of the driver's or of the other's;
+input, index and output on S3 (moto's server on loopback). Every byte the machines exchange goes
+through the object store (:mod:`pipeline.io.nodes`)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import pytest
+
+from pipeline.io.sample_data import clustered_vectors, write_shards
+from tests.test_resume import kill_when
+
+pytestmark = pytest.mark.slow  # a scheduler, two workers and whole jobs in subprocesses
+
+moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install '.[test]'")
+boto3 = pytest.importorskip("boto3")
+
+BUCKET = "nodes"
+ROWS, PIECE = 24_000, 500  # the kill test's data: 48 one-row-group pieces
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _private_tmpfs_works(folder: Path) -> bool:
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        return False
+    probe = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {folder}"],
+        capture_output=True,
+    )
+    return probe.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def nodes(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """S3 with ``s3://nodes/data`` (6,000 x 16, 4 shards) and ``s3://nodes/many`` (24,000 x 32 in
+    48 pieces); a scheduler; workers w1 and w2, each seeing an empty tmpfs of its own over
+    ``scratch`` (the driver's staging root)."""
+    root = tmp_path_factory.mktemp("nodes")
+    scratch = root / "scratch"
+    scratch.mkdir()
+    if not _private_tmpfs_works(scratch):
+        pytest.skip("needs root, unshare(1) and a mount namespace that may mount a tmpfs (a worker of its own)")
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    endpoint = f"http://{host}:{port}"
+    boto3.client(
+        "s3",
+        endpoint_url=endpoint,
+        aws_access_key_id="testing",
+        aws_secret_access_key="testing",
+        region_name="us-east-1",
+    ).create_bucket(Bucket=BUCKET)
+    fs = pafs.S3FileSystem(
+        endpoint_override=f"{host}:{port}",
+        scheme="http",
+        access_key="testing",
+        secret_key="testing",
+        region="us-east-1",
+    )
+    local = root / "data"
+    write_shards(local / "data", clustered_vectors(6000, 16, clusters=20, seed=3), shards=4, row_group_rows=750)
+    write_shards(local / "many", clustered_vectors(ROWS, 32, clusters=30, seed=7), shards=4, row_group_rows=PIECE)
+    for name in ("data", "many"):
+        for f in sorted((local / name).glob("*.parquet")):
+            pafs.copy_files(str(f), f"{BUCKET}/{name}/{f.name}", destination_filesystem=fs)
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": "testing",
+        "AWS_SECRET_ACCESS_KEY": "testing",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    sport = _free_port()
+    address = f"tcp://127.0.0.1:{sport}"
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(sport)]
+            + ["--dashboard-address", "127.0.0.1:0"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            env=env,
+        )
+    ]
+    for name in ("w1", "w2"):
+        worker = f"{sys.executable} -m distributed.cli.dask_worker {address} --nthreads 1 --no-nanny --name {name}"
+        procs.append(
+            subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+                + [f"mount -t tmpfs none {scratch} && exec {worker}"],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                env=env,
+            )
+        )
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 90
+        while True:
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(2, timeout=30)
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield {"fs": fs, "local": local, "env": env, "address": address, "scratch": scratch}
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
+        server.stop()
+
+
+def _job(nodes: Any, data: str, output: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        data,
+        "--output",
+        output,
+        "--k",
+        "5",
+        "--exclude-self",
+        *extra,
+    ]
+
+
+def _on_nodes(nodes: Any, data: str, output: str, *extra: str) -> list[str]:
+    return _job(
+        nodes, data, output, "--scheduler-address", nodes["address"], "--scratch-dir", str(nodes["scratch"]), *extra
+    )
+
+
+def _lists(table: Any) -> dict[int, list[int]]:
+    return dict(zip(table.column("query_id").to_pylist(), table.column("neighbor_id").to_pylist(), strict=True))
+
+
+def _objects(fs: pafs.FileSystem, prefix: str) -> list[str]:
+    infos = fs.get_file_info(pafs.FileSelector(f"{BUCKET}/{prefix}", recursive=True, allow_not_found=True))
+    return sorted(i.path[len(BUCKET) + len(prefix) + 2 :] for i in infos if i.type == pafs.FileType.File)
+
+
+def _local_run(nodes: Any, name: str, out: Path, *extra: str) -> dict[int, list[int]]:
+    proc = subprocess.run(
+        _job(nodes, str(nodes["local"] / name), str(out), *extra), capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    return _lists(pq.read_table(out / "neighbors"))
+
+
+@pytest.mark.parametrize("plan", [("--index-key", "IVF32,Flat", "--routed-join"), ()], ids=["ivf-routed", "default"])
+def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path, plan):
+    """Workers that see no file of the driver's: the job says so, every machine works in its own
+    copy, and the output on S3 equals a local run's. The workers' partial indexes and routed lists
+    never reach the driver."""
+    name = f"out-{len(plan)}"
+    proc = subprocess.run(
+        _on_nodes(nodes, f"s3://{BUCKET}/data", f"s3://{BUCKET}/{name}", *plan),
+        env=nodes["env"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert "Dask workers w1, w2 do not see this machine's folders" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    remote = _objects(nodes["fs"], name)
+    assert "_SUCCESS" in remote and not [r for r in remote if r.startswith(("_routed", "_exact"))]
+    got = _lists(pq.read_table(f"{BUCKET}/{name}/neighbors", filesystem=nodes["fs"]))
+    assert got == _local_run(nodes, "data", tmp_path / "local", *plan)
+    assert len(got) == 6000
+    driver = next(nodes["scratch"].glob(f"{name}-*"))
+    held = {p.relative_to(driver).as_posix() for p in driver.rglob("*") if p.is_file()}
+    assert not [h for h in held if h.startswith(("index/parts/", "_routed/", "knn/"))], sorted(held)
+
+
+def _join_pieces(fs: pafs.FileSystem, prefix: str) -> int:
+    try:
+        manifest = json.loads(fs.open_input_stream(f"{BUCKET}/{prefix}/manifest.json").read())
+    except (OSError, ValueError):
+        return 0
+    return len(manifest["stages"].get("join", {}).get("pieces", {}))
+
+
+def test_the_driver_killed_mid_join_resumes_to_the_same_output(nodes, tmp_path):
+    """kill -9 of the driver during the join (the workers live on); the same command again, from
+    an empty scratch folder (another driver machine), resumes: finished pieces are not searched
+    again, and the output equals an uninterrupted local run's."""
+    fs = nodes["fs"]
+    env = {**nodes["env"], "KNN_PIPELINE_PUSH_SECONDS": "0.2"}
+    plan = ("--index-key", "IVF32,Flat", "--nprobe", "32", "--rerank", "0", "--partition-size", str(PIECE * 32 * 4))
+    first = [*_on_nodes(nodes, f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", *plan)]
+    kill_when(first, lambda: _join_pieces(fs, "killed") >= 8, timeout=240, env=env)
+    done = _join_pieces(fs, "killed")
+    pieces = ROWS // PIECE
+    assert 8 <= done < pieces and "_SUCCESS" not in _objects(fs, "killed")
+
+    # another driver machine: an empty scratch folder of its own at the same path
+    again = shlex.join(_on_nodes(nodes, f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", *plan))
+    resumed = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+        + [f"mount -t tmpfs none {nodes['scratch']} && exec {again}"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert resumed.returncode == 0, resumed.stderr
+    assert "do not see this machine's folders" in resumed.stderr and "fetched into" in resumed.stderr
+    joined = [int(n.replace(",", "")) for n in re.findall(r"join: ([\d,]+)/[\d,]+ rows \(100%\)", resumed.stderr)]
+    assert joined and joined[-1] <= ROWS - done * PIECE, resumed.stderr  # finished pieces not searched again
+    got = _lists(pq.read_table(f"{BUCKET}/killed/neighbors", filesystem=fs))
+    assert len(got) == ROWS and np.all(np.diff(sorted(got)) == 1)  # every row once
+    assert got == _local_run(nodes, "many", tmp_path / "local", *plan)
