@@ -82,6 +82,25 @@ def test_every_dask_task_goes_through_the_task_seam():
     assert not stray, stray
 
 
+def test_task_results_are_read_through_the_runner():
+    """A task on a machine of its own returns its written files with its result
+    (:class:`pipeline.io.nodes.NodeResult`); only the runner's ``result_of``, ``gather`` and
+    ``unwrap`` record them, so no module reads a future with ``.result()`` or ``client.gather``."""
+    stray = []
+    for path in sorted(ROOT.rglob("*.py")):
+        if path.name in ("runner.py", "progress.py", "parquet.py"):  # watch's result goes to unwrap; a thread pool
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute)):
+                continue
+            fn = node.func
+            gathered = fn.attr == "gather" and isinstance(fn.value, ast.Name) and fn.value.id == "client"
+            awaited = fn.attr == "result" and not node.args and not node.keywords
+            if gathered or awaited:
+                stray.append(f"{path.relative_to(ROOT.parent)}:{node.lineno}")
+    assert not stray, stray
+
+
 def test_task_records_are_frozen_and_keyword_only():
     """Every class with a ``run`` method below ``pipeline/`` (a task record) is a frozen, keyword-only dataclass."""
     import dataclasses

@@ -5,6 +5,7 @@ through the object store (:mod:`pipeline.io.nodes`)."""
 
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -241,3 +242,50 @@ def test_the_driver_killed_mid_join_resumes_to_the_same_output(nodes, tmp_path):
     got = _lists(pq.read_table(f"{BUCKET}/killed/neighbors", filesystem=fs))
     assert len(got) == ROWS and np.all(np.diff(sorted(got)) == 1)  # every row once
     assert got == _local_run(nodes, "many", tmp_path / "local", *plan)
+
+
+def _pairs(table: Any) -> set[tuple[Any, Any]]:
+    return set(zip(table.column("id_a").to_pylist(), table.column("id_b").to_pylist(), strict=True))
+
+
+def test_dedup_and_graph_on_workers_that_share_nothing_equal_local_runs(nodes, tmp_path):
+    """dedup (its shuffles, connected components, renamed label folders, the deduplicated files)
+    and graph on workers of their own write what local runs write."""
+    fs, env = nodes["fs"], nodes["env"]
+    for command, extra in (("dedup", ["--threshold", "0.95"]), ("graph", ["--k", "5"])):
+        remote = [
+            sys.executable,
+            "-m",
+            "pipeline",
+            command,
+            "--input",
+            f"s3://{BUCKET}/data",
+            "--output",
+            f"s3://{BUCKET}/{command}",
+            "--scheduler-address",
+            nodes["address"],
+            "--scratch-dir",
+            str(nodes["scratch"]),
+            *extra,
+        ]
+        proc = subprocess.run(remote, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr
+        assert "do not see this machine's folders" in proc.stderr
+        local = tmp_path / command
+        here = [sys.executable, "-m", "pipeline", command, "--input", str(nodes["local"] / "data")]
+        done = subprocess.run([*here, "--output", str(local), *extra], capture_output=True, text=True, timeout=300)
+        assert done.returncode == 0, done.stderr
+        if command == "dedup":
+            got = pq.read_table(f"{BUCKET}/dedup/pairs", filesystem=fs)
+            assert got.num_rows > 0 and _pairs(got) == _pairs(pq.read_table(local / "pairs"))
+            for sub in ("groups", "deduplicated"):
+                a = pq.read_table(f"{BUCKET}/dedup/{sub}", filesystem=fs)
+                b = pq.read_table(local / sub)
+                assert a.num_rows > 0 and a.sort_by("id").equals(b.sort_by("id"))
+        else:
+            with fs.open_input_stream(f"{BUCKET}/graph/graph.npz") as fh:
+                got_csr = np.load(io.BytesIO(fh.read()))
+            want_csr = np.load(local / "graph.npz")
+            for name in ("indptr", "indices"):
+                assert np.array_equal(got_csr[name], want_csr[name])
+            np.testing.assert_allclose(got_csr["data"], want_csr["data"], atol=1e-5)

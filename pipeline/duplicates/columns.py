@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched
 from pipeline.io.parquet import Dataset, Piece
 from pipeline.io.storage import open_parquet
 from pipeline.io.store import RowStore
@@ -143,7 +144,7 @@ def _kept(groups: tuple[Path, np.ndarray], rows: np.ndarray) -> dict[int, bool]:
     part_of = np.searchsorted(starts, rows, side="right") - 1
     out: dict[int, bool] = {}
     for p in np.unique(part_of).tolist():
-        flags = pq.read_table(folder / f"part-{p:05d}.parquet", columns=["is_kept"]).column(0)
+        flags = pq.read_table(fetched(folder / f"part-{p:05d}.parquet"), columns=["is_kept"]).column(0)
         local = rows[part_of == p] - int(starts[p])
         out.update(zip(rows[part_of == p].tolist(), flags.take(pa.array(local)).to_pylist(), strict=True))
     return out

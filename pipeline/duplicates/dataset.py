@@ -27,7 +27,9 @@ import pyarrow.parquet as pq
 
 from pipeline.duplicates.contamination import Matches, best_matches
 from pipeline.errors import ConfigError, InputError
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.io.storage import open_parquet
@@ -100,7 +102,7 @@ def _fates(parts: Sequence[tuple[str, int, int]], job: FileJob, matches: Matches
     for path, first, n in parts:
         lo, hi = max(job.start, first), min(job.start + job.rows, first + n)
         if lo < hi:
-            tables.append(pq.read_table(path, columns=cols).slice(lo - first, hi - lo))
+            tables.append(pq.read_table(fetched(path), columns=cols).slice(lo - first, hi - lo))
     fates = pa.concat_tables(tables) if tables else pa.table({c: [] for c in cols})
     if matches is None:
         return fates
@@ -163,7 +165,7 @@ class FileTask:
         kept = fates.column("is_kept").to_numpy(zero_copy_only=False).astype(bool)
         dropped = np.flatnonzero(~kept)
         digest = _digest(dropped, fates)
-        if digest == previous and Path(kept_out).exists() and Path(removed_out).exists():
+        if digest == previous and nodes.present(kept_out) and nodes.present(removed_out):
             return FileWritten(digest=digest, dropped=int(dropped.size), written=False, name=job.name)
         source = open_parquet(job.path)
         schema = source.schema_arrow
@@ -227,7 +229,7 @@ def write_dataset(
         gone = result.get("name")
         if gone and gone not in names:
             for folder in (kept_dir, removed_dir):
-                if (folder / gone).exists():
+                if nodes.present(folder / gone):
                     discard(folder / gone)
         if index >= len(jobs):
             manifest.forget_piece(STAGE, index)

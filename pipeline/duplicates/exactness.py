@@ -15,7 +15,7 @@ from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import PairRecall
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import gather, submit
 from pipeline.shuffle.edges import passes, read_edges
 
 __all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
@@ -66,7 +66,8 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
     """Every (sampled row, other row) pair whose exact score passes the threshold, by range search
     over every stored piece on the workers."""
     q = store.gather_vectors(rows)
-    parts = client.gather(
+    parts = gather(
+        client,
         [
             submit(
                 client,
@@ -74,7 +75,7 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
                 "pair_recall",
             )
             for p in store.live
-        ]
+        ],
     )
     return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
 

@@ -14,7 +14,7 @@ from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset
 from pipeline.kinds import Metric
 from pipeline.results import ExploreRow
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import gather, submit
 from pipeline.search.join import knn_path
 from pipeline.shuffle.edges import (
     MapEdgesTask,
@@ -99,7 +99,6 @@ def explore(
     parts = make_parts(dataset.pieces, pieces_per_part(dataset.pieces, k, budget))
     starts = part_starts(parts)
     maps = [str(work / f"from-{p.index:05d}") for p in parts]
-    gather = client.gather
     mapped = [
         map_task(
             p,
@@ -112,9 +111,9 @@ def explore(
         )
         for p in parts
     ]
-    gather([submit(client, task, "explore") for task in mapped])
+    gather(client, [submit(client, task, "explore") for task in mapped])
     canonical = [CanonicalPairs(map_dirs=tuple(maps), part=p.index, metric=plan.metric) for p in parts]
-    pairs = gather([submit(client, task, "explore") for task in canonical])
+    pairs = gather(client, [submit(client, task, "explore") for task in canonical])
     discard(work)
     a, b, s = (np.concatenate([p[i] for p in pairs]) for i in range(3))
     out = []

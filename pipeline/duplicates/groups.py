@@ -37,7 +37,9 @@ from pipeline.duplicates.explore import map_task
 from pipeline.duplicates.keep import ChooseTask
 from pipeline.duplicates.plan import DedupPlan, bands
 from pipeline.duplicates.widen import WIDEN_MAX, Widened, WidenTask
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard, rename
 from pipeline.io.parquet import Dataset
 from pipeline.io.store import RowStore
@@ -140,7 +142,7 @@ class MembersTask:
         starts = self.starts
         src, dst, score = read_edges(self.adj)
         lo = int(starts[self.part])
-        labels = np.load(label_path(self.labels_dir, self.part))
+        labels = np.load(fetched(label_path(self.labels_dir, self.part)))
         rows = np.unique(src)
         lab = labels[rows - lo]
         n = len(starts)
@@ -293,7 +295,7 @@ def _partitions(
         # reduced again to take in the new reverse edges; components start from the old labels
         log.info("dedup: %d new rows since the last run; updating pairs and groups", n - grown["rows"])
         warm = work / "components" / "previous"
-        if (work / "components" / "labels").exists():
+        if nodes.present(work / "components" / "labels"):
             rename(work / "components" / "labels", warm)
         _clear(manifest, output, STAGES[3:], ["_dedup/adj", "_dedup/members", "_dedup/linked", "_dedup/assign"])
         for part in parts:  # a partition that took in new pieces is mapped again
@@ -431,14 +433,14 @@ def dedup_stages(
     )
 
     labels_dir = work / "components" / "labels"
-    if manifest.stage_info("dedup_components") is None or not labels_dir.exists():
+    if manifest.stage_info("dedup_components") is None or not nodes.present(labels_dir):
         labels_dir = connected_components(
             client,
             adj,
             starts=starts,
             total=dataset.row_space,
             work_dir=work / "components",
-            warm=warm if warm is not None and warm.exists() else None,
+            warm=warm if warm is not None and nodes.present(warm) else None,
         )
         manifest.finish_stage("dedup_components", {"labels": str(labels_dir)})
     size_parts, dropped = _group_stages(

@@ -29,7 +29,7 @@ from pipeline.duplicates.plan import DedupPlan
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
-from pipeline.runtime.runner import submit
+from pipeline.runtime.runner import result_of, submit
 from pipeline.search.join import SearchPlan, knn_path, search_batch, shared_index, to_padded
 from pipeline.search.tuning import probe_steps
 from pipeline.shuffle.edges import passes, read_knn, write_knn_blocks
@@ -290,7 +290,7 @@ def tune_pair_nprobe(
         probes=tuple(probes),
         target=target,
     )
-    curve = submit(client, walk, "pair_tuning").result()
+    curve = result_of(submit(client, walk, "pair_tuning"))
     nprobe, reached = curve[-1]
     if reached < target:
         log.warning(

@@ -29,6 +29,7 @@ import pyarrow.parquet as pq
 
 from pipeline.errors import ConfigError
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched, present
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
@@ -194,7 +195,7 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
         offset, at = 0, 0
         for p, e in zip(pieces, edge_paths):
             yield np.full(p.start - at, offset, index_type)  # the rows of a hole: no edges
-            src = pq.read_table(e, columns=["src"]).column(0).to_numpy()
+            src = pq.read_table(fetched(e), columns=["src"]).column(0).to_numpy()
             counts = np.bincount(src - p.start, minlength=p.rows)
             yield offset + np.cumsum(counts)
             offset += int(counts.sum())
@@ -203,7 +204,7 @@ def _write_csr(path: Path, edge_paths: Sequence[str], pieces: Sequence[Part], n:
 
     def column(name: str) -> Iterable[np.ndarray]:
         for e in edge_paths:
-            yield pq.read_table(e, columns=[name]).column(0).to_numpy()
+            yield pq.read_table(fetched(e), columns=[name]).column(0).to_numpy()
 
     write_npz_stream(
         path,
@@ -345,7 +346,7 @@ def graph_stages(
     nnz = int(sum(s.edges for s in stats.values()))
 
     files = manifest.stage_info("graph_files")
-    if files is None or not (output / "graph.npz").exists():
+    if files is None or not present(output / "graph.npz"):
         _write_csr(output / "graph.npz", edges, parts, n, nnz)
         if plan.metric != "ip":
             _write_umap(output / "umap_knn.npz", knn_dir, pieces, n=n, k=plan.k, metric=plan.metric)

@@ -45,11 +45,13 @@ __all__ = [
     "remote_size",
     "present",
     "listed",
+    "children",
+    "moved",
     "known",
     "task_writes",
 ]
 
-P = TypeVar("P", str, Path)
+P = TypeVar("P", bound=str | os.PathLike[str])
 
 
 class Remote(Protocol):
@@ -79,7 +81,15 @@ class Remote(Protocol):
         ...
 
     def names(self, rel: str) -> list[str]:
-        """The names of the remote files directly in folder ``rel``."""
+        """The names of the remote files and folders directly in folder ``rel``."""
+        ...
+
+    def exists(self, rel: str) -> bool:
+        """Whether the remote holds file or folder ``rel``."""
+        ...
+
+    def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
+        """Rename remote file or folder ``src`` to ``dst``: each file moved, as ``(src, dst, size)``."""
         ...
 
 
@@ -148,8 +158,31 @@ def dropped(path: str | os.PathLike[str]) -> None:
 
 
 def present(path: str | os.PathLike[str]) -> bool:
-    """Whether file ``path`` exists here or, staged per node, on the object store."""
-    return os.path.exists(path) or remote_size(path) is not None
+    """Whether file or folder ``path`` exists here or, staged per node, on the object store."""
+    if os.path.exists(path):
+        return True
+    hit = _find(path)
+    return hit is not None and hit[0].exists(hit[1])
+
+
+def children(directory: str | os.PathLike[str]) -> list[Path]:
+    """The entries of ``directory`` here and, staged per node, on the object store, sorted."""
+    d = Path(directory)
+    found = {p.name for p in d.iterdir()} if d.is_dir() else set()
+    hit = _find(d / "x")
+    if hit is not None:
+        found |= set(hit[0].names(hit[1].rsplit("/", 1)[0] if "/" in hit[1] else ""))
+    return [d / n for n in sorted(found)]
+
+
+def moved(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> list[tuple[Path, Path, int]]:
+    """Staged per node: rename the remote copy of file or folder ``src`` to ``dst`` (in the same
+    staged directory); returns each remote file moved, as ``(src, dst, size)``."""
+    a, b = _find(src), _find(dst)
+    if a is None or b is None or a[0] is not b[0]:
+        return []
+    root = Path(os.fspath(a[0].local))
+    return [(root / s, root / d, n) for s, d, n in a[0].move(a[1], b[1])]
 
 
 def listed(directory: str | os.PathLike[str], pattern: str) -> list[Path]:

@@ -414,6 +414,11 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     check_no_links(root, d.parent)
     ledger = Ledger.of(root)
     moved = []
+    for was, now, size in nodes.moved(s, d):  # staged per node: the copies other machines wrote
+        crcs = [e.crc for e in ledger.entries.get(was.relative_to(root).as_posix(), ()) if e.size == size]
+        if crcs and not os.path.lexists(was):
+            moved.append(json.dumps([now.relative_to(root).as_posix(), size, 0, crcs[-1]]) + "\n")
+            nodes.known(now, size)
     for path, _ in _walk(root, s, None) if s.is_dir() else [(s, root)]:
         rel = path.relative_to(root).as_posix()
         crc = ledger.crc_of(rel) if ledger.owns(rel) else None
@@ -423,7 +428,8 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
             moved.append(json.dumps([new, st.st_size, st.st_mtime_ns, crc]) + "\n")
     if moved:
         _append(root, "".join(moved))
-    os.replace(s, d)
+    if os.path.lexists(s):
+        os.replace(s, d)
 
 
 def check_writable(directory: str | os.PathLike[str], overwrite: bool, keep: str | None = None) -> None:

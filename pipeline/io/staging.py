@@ -268,9 +268,38 @@ class StagedDir:
         return self._sizes[rel]
 
     def names(self, rel: str) -> list[str]:
-        """The names of the remote files directly in folder ``rel``."""
+        """The names of the remote files and folders directly in folder ``rel``."""
         found = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{rel}".rstrip("/"), allow_not_found=True))
-        return [f.base_name for f in found if f.type == pafs.FileType.File]
+        return [f.base_name for f in found if f.type in (pafs.FileType.File, pafs.FileType.Directory)]
+
+    def exists(self, rel: str) -> bool:
+        return bool(self.fs.get_file_info(f"{self.root}/{rel}").type != pafs.FileType.NotFound)
+
+    def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
+        """Rename remote file or folder ``src`` to ``dst``, object by object (an object store has no
+        rename: each is copied, then deleted)."""
+        path = f"{self.root}/{src}"
+        info = self.fs.get_file_info(path)
+        if info.type == pafs.FileType.Directory:
+            found = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
+            files = [
+                (f.path[len(self.root) :].lstrip("/"), int(f.size or 0)) for f in found if f.type == pafs.FileType.File
+            ]
+        else:
+            files = [(src, int(info.size or 0))] if info.type == pafs.FileType.File else []
+        out = []
+        for rel, size in files:
+            new = dst + rel[len(src) :]
+            self.fs.create_dir(f"{self.root}/{new}".rsplit("/", 1)[0], recursive=True)
+            self.fs.copy_file(f"{self.root}/{rel}", f"{self.root}/{new}")
+            self.fs.delete_file(f"{self.root}/{rel}")
+            with self._lock:
+                for table in (self._sent, self._have):
+                    table.pop(rel, None)
+                self._sizes.pop(rel, None)
+                self._sizes[new] = size
+            out.append((rel, new, size))
+        return out
 
     def knows(self, rel: str, size: int) -> None:
         """Another machine uploaded ``rel`` at ``size`` bytes (its task said so)."""

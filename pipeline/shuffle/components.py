@@ -18,7 +18,9 @@ from typing import Any, TypeVar
 
 import numpy as np
 
+from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
+from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard, rename
 from pipeline.runtime.runner import Task, gather, submit
 from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
@@ -56,8 +58,8 @@ class InitLabels:
     def run(self) -> None:
         labels_dir, piece, first_row, rows, warm = self.labels_dir, self.piece, self.first_row, self.rows, self.warm
         start = label_path(warm, piece) if warm else None
-        if start is not None and start.exists():  # labels of an earlier, smaller graph: still valid
-            old = np.load(start)  # (a partition that took in new rows has them after its old ones)
+        if start is not None and nodes.present(start):  # labels of an earlier, smaller graph: still valid
+            old = np.load(fetched(start))  # (a partition that took in new rows has them after its old ones)
             new = np.arange(first_row + old.size, first_row + rows, dtype=np.int64)
             _save(label_path(labels_dir, piece), np.concatenate([old, new]))
         else:
@@ -77,7 +79,7 @@ class HooksTask:
     def run(self) -> int:
         edge_path, labels_dir, starts, piece, out = self.edge_path, self.labels_dir, self.starts, self.piece, self.out
         src, dst, _ = read_edges(edge_path)
-        labels = np.load(label_path(labels_dir, piece))
+        labels = np.load(fetched(label_path(labels_dir, piece)))
         ru = labels[src - int(starts[piece])]
         rv = gather_1d(labels_dir, starts, dst) if dst.size else dst
         cross = ru != rv
@@ -98,7 +100,7 @@ class ApplyHooks:
 
     def run(self) -> None:
         hook_dirs, labels_dir, starts, piece, out = self.hook_dirs, self.labels_dir, self.starts, self.piece, self.out
-        labels = np.load(label_path(labels_dir, piece))
+        labels = np.load(fetched(label_path(labels_dir, piece)))
         h = read_partition(hook_dirs, piece, ("hi", "lo"))
         if h["hi"].size:
             hi, lo = h["hi"].astype(np.int64), h["lo"].astype(np.int64)
@@ -121,7 +123,7 @@ class Shortcut:
 
     def run(self) -> None:
         hooked_dir, starts, piece, out = self.hooked_dir, self.starts, self.piece, self.out
-        labels = np.load(label_path(hooked_dir, piece))
+        labels = np.load(fetched(label_path(hooked_dir, piece)))
         while True:
             nxt = gather_1d(hooked_dir, starts, labels)
             if np.array_equal(nxt, labels):
@@ -146,10 +148,9 @@ def connected_components(
     touches another merges each round, so rounds grow with the log of the component size, not
     with its diameter.
     """
-    if work_dir.exists():
-        for child in work_dir.iterdir():  # rounds are cheap to redo; partial ones are not trusted
-            if warm is None or child.resolve() != warm.resolve():
-                discard(child)
+    for child in nodes.children(work_dir):  # rounds are cheap to redo; partial ones are not trusted
+        if warm is None or child.resolve() != warm.resolve():
+            discard(child)
     ends = np.r_[starts[1:], total]
     n_parts = len(starts)
     labels = work_dir / "round-0000"
@@ -233,7 +234,7 @@ class CountMap:
 
     def run(self) -> None:
         labels_dir, piece, starts, out_dir = self.labels_dir, self.piece, self.starts, self.out_dir
-        labels = np.load(label_path(labels_dir, piece))[: self.rows]
+        labels = np.load(fetched(label_path(labels_dir, piece)))[: self.rows]
         values, counts = np.unique(labels, return_counts=True)
         part = np.searchsorted(starts, values, side="right") - 1
         write_partitioned(out_dir, part, len(starts), {"label": values, "count": counts.astype(np.int64)})

@@ -25,6 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_npz
 from pipeline.io.layout import in_holes
+from pipeline.io.nodes import fetched
 from pipeline.kinds import Metric
 
 __all__ = [
@@ -84,13 +85,13 @@ def write_knn(
 
 
 def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
-    with np.load(path) as z:
+    with np.load(fetched(path)) as z:
         return z["rows"], z["scores"]
 
 
 def read_knn_spare(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, int]:
     """The lists with their spare candidates (``rows``, ``scores`` as wide as both) and ``k``."""
-    with np.load(path) as z:
+    with np.load(fetched(path)) as z:
         rows, scores = z["rows"], z["scores"]
         k = rows.shape[1]
         if "spare_rows" in z.files:
@@ -111,7 +112,7 @@ def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.nda
 
 def read_knn_src(path: str | os.PathLike[str]) -> list[tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """The ``(src, rows, scores)`` blocks :func:`write_knn_blocks` wrote."""
-    with np.load(path) as z:
+    with np.load(fetched(path)) as z:
         n = sum(1 for name in z.files if name.startswith("src_"))
         return [(z[f"src_{i}"], z[f"rows_{i}"], z[f"scores_{i}"]) for i in range(n)]
 
@@ -184,12 +185,12 @@ def read_partition(sources: Sequence[str | os.PathLike[str]], part: int, names: 
     out: dict[str, list[np.ndarray]] = {n: [] for n in names}
     for src in sources:
         d = Path(src)
-        bounds = np.load(d / "bounds.npy")
+        bounds = np.load(fetched(d / "bounds.npy"))
         if part + 1 >= len(bounds):  # written before the input grew: nothing for the new partitions
             continue
         lo, hi = int(bounds[part]), int(bounds[part + 1])
         if hi > lo:
-            block = np.load(d / "data.npy", mmap_mode="r")[lo:hi]
+            block = np.load(fetched(d / "data.npy"), mmap_mode="r")[lo:hi]
             for n in names:
                 out[n].append(np.array(block[n]))
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
@@ -202,7 +203,7 @@ def gather_1d(directory: str | os.PathLike[str], starts: np.ndarray, rows: np.nd
     piece_of = np.searchsorted(starts, rows, side="right") - 1
     for p in np.unique(piece_of):
         sel = piece_of == p
-        mm = np.load(Path(directory) / f"part-{int(p):05d}.npy", mmap_mode="r")
+        mm = np.load(fetched(Path(directory) / f"part-{int(p):05d}.npy"), mmap_mode="r")
         if out is None:
             out = np.empty(rows.shape, dtype=mm.dtype)
         out[sel] = mm[rows[sel] - starts[p]]
@@ -321,7 +322,7 @@ def write_edges(path: str | os.PathLike[str], src: np.ndarray, dst: np.ndarray, 
 
 
 def read_edges(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    t = pq.read_table(path)
+    t = pq.read_table(fetched(path))
     return (t.column("src").to_numpy(), t.column("dst").to_numpy(), t.column("weight").to_numpy())
 
 
