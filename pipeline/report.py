@@ -21,7 +21,7 @@ import pyarrow.parquet as pq
 
 from pipeline.charts import bar_chart, histogram, line_chart
 from pipeline.io.atomic import atomic_path, write_json
-from pipeline.io.nodes import fetched, listed
+from pipeline.io.nodes import listed, source
 from pipeline.results import (
     DedupExample,
     DedupResult,
@@ -50,14 +50,23 @@ def _hist_range(values: np.ndarray) -> tuple[float, float]:
 
 
 def kth_scores(table_dir: Path, seed: int = 0, limit: int = SCORE_SAMPLE) -> np.ndarray:
-    """Score of each query's last (k-th) neighbour, sampled to at most ``limit`` across all parts."""
-    parts = [fetched(p) for p in listed(table_dir, "part-*.parquet")]
-    rows = sum(pq.ParquetFile(p).metadata.num_rows for p in parts)
-    keep = min(1.0, limit / max(rows, 1))
+    """Score of each query's last (k-th) neighbour, sampled to at most ``limit``: from parts drawn
+    at random (seeded) until they hold ``limit`` rows, so a table of 10^9 rows costs as much as
+    one of a few parts; only the score column is read (on nodes of their own, from the object
+    store, never the whole files)."""
     rng = np.random.default_rng(seed)
+    parts = listed(table_dir, "part-*.parquet")
+    chosen: list[pq.ParquetFile] = []
+    rows = 0
+    for i in rng.permutation(len(parts)).tolist() if len(parts) > 1 else range(len(parts)):
+        if rows >= limit:
+            break
+        chosen.append(pq.ParquetFile(source(parts[i])))
+        rows += chosen[-1].metadata.num_rows
+    keep = min(1.0, limit / max(rows, 1))
     out = []
-    for part in parts:
-        scores = pq.read_table(part, columns=["score"]).column("score").combine_chunks()
+    for part in chosen:
+        scores = part.read(columns=["score"]).column("score").combine_chunks()
         offsets = np.asarray(scores.offsets)
         values = scores.flatten().to_numpy()
         has = np.diff(offsets) > 0

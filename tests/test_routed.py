@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 from pipeline import run
+from pipeline.index.shape import IndexShape
 from pipeline.search import routed
 from tests.test_pairs import _same_up_to_ties, _tables
 
@@ -21,7 +22,9 @@ def test_list_groups_cover_every_list_once_within_their_bytes():
     index = faiss.IndexIVFFlat(faiss.IndexFlatL2(16), 16, 64)
     index.train(x)
     index.add(x)
-    groups = routed.plan_list_groups(index, group_bytes=200 * 16 * 4)
+    shape = IndexShape.of(index)
+    assert shape.ivf_flat and shape.ntotal == 5_000 and shape.imbalance is not None and shape.imbalance >= 1.0
+    groups = routed.plan_list_groups(shape, group_bytes=200 * 16 * 4)
     assert groups[0].first == 0 and groups[-1].last == 64
     assert all(a.last == b.first for a, b in zip(groups, groups[1:]))  # contiguous, no list twice
     assert sum(g.rows for g in groups) == 5_000 and [g.index for g in groups] == list(range(len(groups)))
@@ -29,7 +32,7 @@ def test_list_groups_cover_every_list_once_within_their_bytes():
     for g in groups:  # within the bytes, unless one list alone is larger
         held = sum(sizes[g.first : g.last]) * 64
         assert held <= 200 * 16 * 4 or g.last - g.first == 1
-    assert len(routed.plan_list_groups(index)) >= routed.MIN_GROUPS  # small indexes still spread out
+    assert len(routed.plan_list_groups(shape)) >= routed.MIN_GROUPS  # small indexes still spread out
 
 
 @pytest.mark.parametrize("metric", ["l2", "cosine"])

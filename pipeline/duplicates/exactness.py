@@ -12,10 +12,10 @@ import numpy as np
 from pipeline.backends.kernels import FAISS_METRICS
 from pipeline.backends.worker import worker_device
 from pipeline.duplicates.plan import DedupPlan
-from pipeline.io.store import RowStore
+from pipeline.io.store import GatherRows, RowStore
 from pipeline.kinds import Metric
 from pipeline.results import PairRecall
-from pipeline.runtime.runner import gather, submit
+from pipeline.runtime.runner import gather, result_of, submit
 from pipeline.shuffle.edges import passes, read_edges
 
 __all__ = ["pair_recall", "exact_pairs", "sampled_exact_pairs"]
@@ -65,7 +65,7 @@ class ExactPairsTask:
 def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.ndarray) -> set[tuple[int, int]]:
     """Every (sampled row, other row) pair whose exact score passes the threshold, by range search
     over every stored piece on the workers."""
-    q = store.gather_vectors(rows)
+    q, _ = result_of(submit(client, GatherRows(store=store, rows=rows), "pair_recall"))
     parts = gather(
         client,
         [
@@ -80,6 +80,34 @@ def sampled_exact_pairs(client: Any, plan: DedupPlan, store: RowStore, rows: np.
     return {(int(a), int(b)) for qa, xb in parts for a, b in zip(qa, xb)}
 
 
+@dataclass(frozen=True, kw_only=True)
+class FoundPairs:
+    """The sampled rows' pairs in the symmetric adjacency, and how many of them fail the threshold
+    by their exact scores (read and scored on a worker: the driver holds no rows)."""
+
+    plan: DedupPlan
+    store: RowStore
+    adj_dir: str
+    adj_starts: np.ndarray
+    rows: np.ndarray
+
+    def run(self) -> tuple[set[tuple[int, int]], int]:
+        found: set[tuple[int, int]] = set()
+        part_of = np.searchsorted(self.adj_starts, self.rows, side="right") - 1
+        for p in np.unique(part_of):
+            src, dst, _ = read_edges(Path(self.adj_dir) / f"part-{int(p):05d}.parquet")
+            sel = np.isin(src, self.rows)
+            found |= {(int(a), int(b)) for a, b in zip(src[sel], dst[sel])}
+        if not found:
+            return found, 0
+        fa = np.array([a for a, _ in found])
+        fb = np.array([b for _, b in found])
+        xa, xb = self.store.gather_vectors(fa), self.store.gather_vectors(fb)
+        with worker_device() as be:
+            sc = be.exact_scores(xa, xb[:, None, :], self.plan.metric)[:, 0]
+        return found, int((~passes(sc, self.plan.threshold, self.plan.metric)).sum())
+
+
 def pair_recall(
     client: Any, plan: DedupPlan, *, store: RowStore, output: Path, queries: int, seed: int, adj_starts: np.ndarray
 ) -> PairRecall:
@@ -92,19 +120,7 @@ def pair_recall(
     rng = np.random.default_rng(seed)
     rows = store.sample_rows(rng, queries)
     exact = sampled_exact_pairs(client, plan, store, rows)
-    found = set()
-    part_of = np.searchsorted(adj_starts, rows, side="right") - 1
-    for p in np.unique(part_of):
-        src, dst, _ = read_edges(output / "_dedup" / "adj" / f"part-{int(p):05d}.parquet")
-        sel = np.isin(src, rows)
-        found |= {(int(a), int(b)) for a, b in zip(src[sel], dst[sel])}
-    wrong = 0
-    if found:
-        fa = np.array([a for a, _ in found])
-        fb = np.array([b for _, b in found])
-        xa, xb = store.gather_vectors(fa), store.gather_vectors(fb)
-        with worker_device() as be:
-            sc = be.exact_scores(xa, xb[:, None, :], plan.metric)[:, 0]
-        wrong = int((~passes(sc, plan.threshold, plan.metric)).sum())
+    task = FoundPairs(plan=plan, store=store, adj_dir=str(output / "_dedup" / "adj"), adj_starts=adj_starts, rows=rows)
+    found, wrong = result_of(submit(client, task, "pair_recall"))
     hit = len(exact & found)
     return PairRecall(int(rows.size), len(exact), len(found), round(hit / len(exact), 4) if exact else None, wrong)

@@ -26,12 +26,11 @@ import numpy as np
 
 from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import two_level
-from pipeline.index.fill import load_index
 from pipeline.io.nodes import fetched
 from pipeline.io.store import RowStore
 from pipeline.runtime.runner import result_of, submit
 
-__all__ = ["Drift", "DriftTask", "measure_drift", "imbalance", "DRIFT_SAMPLE"]
+__all__ = ["Drift", "DriftTask", "measure_drift", "DRIFT_SAMPLE"]
 
 log = logging.getLogger(__name__)
 
@@ -62,15 +61,6 @@ class Drift:
             f"the {self.new_rows:,} new rows sit {self.distance_ratio:.2f}x as far from their centroids as the "
             f"rows already indexed (limit {self.limit:g}){lists}"
         )
-
-
-def imbalance(index_path: Path) -> float | None:
-    """The list-size imbalance of a filled IVF index (None: no inverted lists)."""
-    index = load_index(index_path.parent, private=True)
-    ivf = ivf_of(index)
-    if ivf is None or ivf.invlists is None:
-        return None
-    return round(float(ivf.invlists.imbalance_factor()), 3)
 
 
 def _centroid_distances(quantizer: faiss.Index, x: np.ndarray) -> np.ndarray:

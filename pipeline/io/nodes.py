@@ -46,6 +46,7 @@ __all__ = [
     "present",
     "listed",
     "children",
+    "source",
     "moved",
     "known",
     "task_writes",
@@ -90,6 +91,10 @@ class Remote(Protocol):
 
     def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
         """Rename remote file or folder ``src`` to ``dst``: each file moved, as ``(src, dst, size)``."""
+        ...
+
+    def open(self, rel: str) -> Any:
+        """The remote file ``rel`` opened for random access (a pyarrow file)."""
         ...
 
 
@@ -163,6 +168,16 @@ def present(path: str | os.PathLike[str]) -> bool:
         return True
     hit = _find(path)
     return hit is not None and hit[0].exists(hit[1])
+
+
+def source(path: str | os.PathLike[str]) -> Any:
+    """``path`` to read in place (a Parquet footer and some columns, say): the local file where it
+    is here, else, staged per node, the remote object opened for random access (only the bytes
+    read cross the network)."""
+    if os.path.exists(path):
+        return str(path)
+    hit = _find(path)
+    return str(path) if hit is None else hit[0].open(hit[1])
 
 
 def children(directory: str | os.PathLike[str]) -> list[Path]:

@@ -272,6 +272,9 @@ class StagedDir:
         found = self.fs.get_file_info(pafs.FileSelector(f"{self.root}/{rel}".rstrip("/"), allow_not_found=True))
         return [f.base_name for f in found if f.type in (pafs.FileType.File, pafs.FileType.Directory)]
 
+    def open(self, rel: str) -> Any:
+        return self.fs.open_input_file(f"{self.root}/{rel}")
+
     def exists(self, rel: str) -> bool:
         return bool(self.fs.get_file_info(f"{self.root}/{rel}").type != pafs.FileType.NotFound)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import resource
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import pyarrow as pa
 from pipeline.io.atomic import atomic_path
 from pipeline.io.nodes import fetched
 
-__all__ = ["RowStore"]
+__all__ = ["RowStore", "GatherRows"]
 
 
 class RowStore:
@@ -137,6 +138,20 @@ class RowStore:
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
         return grouped.take(pa.array(inverse))
+
+
+@dataclass(frozen=True, kw_only=True)
+class GatherRows:
+    """The vectors (where ``vectors``) and ids of some global rows of a store, read on a worker:
+    the driver holds no stored rows (on nodes of their own it would fetch whole pieces)."""
+
+    store: RowStore
+    rows: np.ndarray
+    vectors: bool = True
+
+    def run(self) -> tuple[np.ndarray | None, pa.Array]:
+        vectors = np.ascontiguousarray(self.store.gather_vectors(self.rows)) if self.vectors else None
+        return vectors, self.store.gather_ids(self.rows)
 
 
 def _map_budget() -> tuple[int, int]:

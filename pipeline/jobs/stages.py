@@ -34,14 +34,14 @@ from pipeline.index.choice import (
     nlist_of,
     training_rows,
 )
-from pipeline.index.drift import imbalance, measure_drift
+from pipeline.index.drift import measure_drift
 from pipeline.index.fill import FillRecord, fill_index, fill_mode
 from pipeline.index.scan import scan_dataset
+from pipeline.index.shape import index_shape
 from pipeline.index.train import TrainRecord, train_index
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path, write_json
 from pipeline.io.layout import InputDiff, Layout, layout_of, relayout
-from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, plan_dataset
 from pipeline.io.store import RowStore
@@ -247,7 +247,7 @@ def build_index(
     timings.add("fill", time.monotonic() - t0)
     if spec.retrain:
         manifest.finish_stage("retrained", identity["input"])
-    balance = imbalance(fetched(index_dir / "index.faiss")) if nodes.present(index_dir / "index.faiss") else None
+    balance = index_shape(client, str(index_dir)).imbalance if nodes.present(index_dir / "index.faiss") else None
     _check_drift(client, manifest, store, index_dir, balance, seed=spec.seed, limit=spec.drift_limit)
     if not nodes.present(index_dir / "config.yaml"):
         with atomic_path(index_dir / "config.yaml") as tmp:

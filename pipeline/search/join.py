@@ -25,6 +25,7 @@ from pipeline.backends import Backend
 from pipeline.backends.lists import is_ivf_flat, list_bytes_read, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
+from pipeline.index.shape import index_shape
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard
@@ -374,19 +375,19 @@ def join_pieces(
     todo = [p for p in pieces if p.index not in done]
     reads = ReadTally()
     routes = None
-    index = shared_index(plan) if layout is None and plan.strategy == "index" else None
-    if routed and index is not None and is_ivf_flat(index) and not plan.rerank and plan.nprobe and todo:
+    shape = index_shape(client, plan.index_dir) if routed and layout is None and plan.strategy == "index" else None
+    if shape is not None and shape.ivf_flat and not plan.rerank and plan.nprobe and todo:
         routes = RoutedLayout(
             folder=str(out_dir.parent / ROUTED_DIR),
-            groups=plan_list_groups(index, group_bytes, min_groups=workers),
+            groups=plan_list_groups(shape, group_bytes, min_groups=workers),
             nprobe=int(plan.nprobe),
-            width=candidates_per_query(plan, int(index.ntotal)),
+            width=candidates_per_query(plan, shape.ntotal),
             similarity=plan.metric != "l2",
         )
         started = time.monotonic()
         for scored in route_and_score(
             client,
-            index=index,
+            nlist=shape.nlist,
             index_dir=plan.index_dir,
             query_store=query_store,
             pieces=tuple(todo),

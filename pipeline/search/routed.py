@@ -31,6 +31,7 @@ import numpy as np
 
 from pipeline.backends.lists import coarse_assign, list_major_search
 from pipeline.backends.worker import worker_device
+from pipeline.index.shape import IndexShape
 from pipeline.io.atomic import write_npz
 from pipeline.io.nodes import fetched
 from pipeline.io.parquet import Piece
@@ -84,25 +85,23 @@ class RoutedLayout:
 
 
 def plan_list_groups(
-    index: faiss.Index, group_bytes: int | None = None, min_groups: int = MIN_GROUPS
+    shape: IndexShape, group_bytes: int | None = None, min_groups: int = MIN_GROUPS
 ) -> tuple[ListGroup, ...]:
     """Consecutive lists grouped up to ``group_bytes`` of vectors, and into at least
     ``min_groups`` groups (one per worker, say) where the lists allow (a list is never split).
     Every group a query's lists fall in scores it apart, so more groups than the workers need
     cost time: each query's heap is made, filled and sorted once per group it meets."""
-    ivf = faiss.extract_index_ivf(index)
-    invlists: Any = ivf.invlists
-    sizes = np.array([invlists.list_size(i) for i in range(ivf.nlist)], dtype=np.int64)
-    total = int(sizes.sum()) * int(ivf.code_size)
+    sizes, code_size, nlist = shape.list_sizes, shape.code_size, shape.nlist
+    total = int(sizes.sum()) * code_size
     per_group = max(1, min(group_bytes or GROUP_BYTES, GROUP_BYTES, -(-total // max(1, min_groups))))
     groups: list[ListGroup] = []
     first, held = 0, 0
     for i, size in enumerate(sizes.tolist()):
-        if i > first and held + size * ivf.code_size > per_group:
+        if i > first and held + size * code_size > per_group:
             groups.append(ListGroup(len(groups), first, i, int(sizes[first:i].sum())))
             first, held = i, 0
-        held += size * ivf.code_size
-    groups.append(ListGroup(len(groups), first, int(ivf.nlist), int(sizes[first:].sum())))
+        held += size * code_size
+    groups.append(ListGroup(len(groups), first, nlist, int(sizes[first:].sum())))
     return tuple(groups)
 
 
@@ -184,7 +183,7 @@ class ScoreTask:
 def route_and_score(
     client: Any,
     *,
-    index: faiss.Index,
+    nlist: int,
     index_dir: str,
     query_store: RowStore,
     pieces: tuple[Piece, ...],
@@ -212,7 +211,7 @@ def route_and_score(
     log.info(
         "routed join: %d list group(s) of %d lists, each read once for %d query piece(s)",
         len(layout.groups),
-        faiss.extract_index_ivf(index).nlist,
+        nlist,
         len(pieces),
     )
     return run_stage(

@@ -21,7 +21,8 @@ from pipeline.backends.lists import coarse_centroids, is_ivf_flat
 from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
-from pipeline.io.store import RowStore
+from pipeline.index.shape import index_shape
+from pipeline.io.store import GatherRows, RowStore
 from pipeline.kinds import Metric
 from pipeline.results import TunePointRecord
 from pipeline.runtime.progress import PieceProgress, watch
@@ -138,11 +139,11 @@ def draw_sample(
     if also is not None:
         rows = np.concatenate([rows, also[0].sample_rows(rng, also[1])])
     n = len(rows)
-    vectors = np.ascontiguousarray(query_store.gather_vectors(rows))
-    ids = query_store.gather_ids(rows)
+    vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=rows), "recall"))
     extra = 1 if exclude_self else 0
     scores, nbr = exact_knn(client, index_store, len(index_store.starts), queries=vectors, k=k + extra, metric=metric)
-    nbr_ids = index_store.gather_ids(nbr.ravel()).to_pylist()
+    nbr_ids = result_of(submit(client, GatherRows(store=index_store, rows=nbr.ravel(), vectors=False), "recall"))
+    nbr_ids = nbr_ids[1].to_pylist()
     own = ids.to_pylist()
     truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
     truth_rows = np.full((n, k), -1, dtype=np.int64)
@@ -516,8 +517,8 @@ def sweep(
 
     ``computed``: where the plan is IVF-Flat without re-ranking, each recall is computed from list
     ranks instead of searched (the routed join's check: the worker never reads the index's vectors)."""
-    index = shared_index(plan) if computed else None
-    exact_codes = index is not None and is_ivf_flat(index) and sample.truth_rows is not None
+    flat = computed and plan.strategy == "index" and index_shape(client, plan.index_dir).ivf_flat
+    exact_codes = flat and sample.truth_rows is not None
     if exact_codes and all(n is not None and r == 0 for n, r in settings):
         nprobes = tuple(int(n) for n, _ in settings if n is not None)
         return list(result_of(submit(client, ComputedSweep(plan=plan, sample=sample, nprobes=nprobes), "recall")))
