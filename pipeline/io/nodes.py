@@ -48,6 +48,7 @@ __all__ = [
     "children",
     "source",
     "moved",
+    "dropped_below",
     "known",
     "task_writes",
 ]
@@ -91,6 +92,10 @@ class Remote(Protocol):
 
     def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
         """Rename remote file or folder ``src`` to ``dst``: each file moved, as ``(src, dst, size)``."""
+        ...
+
+    def drop_below(self, rel: str, keep: str | None) -> None:
+        """Remove the remote files below folder ``rel`` that no local copy stands for, but ``keep``."""
         ...
 
     def open(self, rel: str) -> Any:
@@ -211,6 +216,17 @@ def listed(directory: str | os.PathLike[str], pattern: str) -> list[Path]:
             if fnmatch.fnmatchcase(name, pattern):
                 found.setdefault(name, Path(directory) / name)
     return [found[n] for n in sorted(found)]
+
+
+def dropped_below(root: str | os.PathLike[str], keep: str | None) -> None:
+    """The tool removed its files below run directory ``root`` (but folder ``keep``): remove the
+    remote files no local copy stood for too (data files never fetched here)."""
+    for remote in _REMOTES:
+        local = os.path.abspath(remote.local)
+        r = os.path.abspath(root)
+        if r == local or r.startswith(local + os.sep):
+            remote.drop_below(Path(r).relative_to(local).as_posix() if r != local else "", keep)
+            return
 
 
 def remote_size(path: str | os.PathLike[str]) -> int | None:

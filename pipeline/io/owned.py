@@ -352,6 +352,7 @@ def remove_owned(root: str | os.PathLike[str], keep: str | None = None) -> None:
             "only its own outputs: move those away or choose another directory"
         )
     _remove(r, r, keep)
+    nodes.dropped_below(r, keep)
     fd = os.open(r / LEDGER_NAME, os.O_WRONLY | os.O_TRUNC | os.O_CREAT | os.O_NOFOLLOW, 0o644)
     os.close(fd)  # what it recorded is gone
 

@@ -38,9 +38,10 @@ from typing import Any
 import pyarrow.fs as pafs
 
 from pipeline.errors import ConfigError, ResumeError
+from pipeline.io import nodes
 from pipeline.io.owned import LEDGER_NAME, adopt_file, merge_ledger
 from pipeline.io.storage import filesystem
-from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, OUTPUT_NAMES, gone_here, show_as
+from pipeline.io.workdir import INDEX_NAMES, LOCK_NAME, LOG_DIR, OUTPUT_NAMES, gone_here, show_as
 
 __all__ = ["StagedDir", "staged", "staged_dirs", "scratch_for"]
 
@@ -90,6 +91,14 @@ def _ours(rel: str) -> bool:
     return top in OUTPUT_NAMES or top in INDEX_NAMES or top in ("index", "logs", LEDGER_NAME)  # index: run's default
 
 
+_DATA = (".npy", ".npz", ".parquet", ".faiss", ".ivfdata", ".arrow")
+
+
+def _data(rel: str) -> bool:
+    """Rows, indexes and tables: what a lazy pull leaves on the remote until it is read."""
+    return rel.endswith(_DATA)
+
+
 def _safe_key(rel: str) -> bool:
     """Whether a remote key, relative to the prefix, names a file below it: no ``..``, ``.`` or empty
     segment, no leading slash (a key like ``a/../../x`` would be pulled outside the scratch folder)."""
@@ -116,10 +125,13 @@ class StagedDir:
         self.local = local
         self.fs, self.root = filesystem(self.url)
         self._sent: dict[str, tuple[int, int]] = {}  # rel path -> (size, mtime_ns) as last uploaded or pulled
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # one push at a time
+        self._lock_sent = threading.Lock()  # the tables below, between a push and a task's fetches
+        self._finals = threading.Lock()  # one manifest upload at a time (a push's or a save's)
         self.token = uuid.uuid4().hex
         self._have: dict[str, tuple[tuple[int, int], tuple[int, int]]] = {}  # rel -> (remote, local) stamps
         self._sizes: dict[str, int] = {}  # remote sizes this process knows (listed, sent or fetched)
+        self._later: set[str] = set()  # data files a lazy pull left on the remote
 
     # one job at a time -----------------------------------------------------------------------
     def _lease(self) -> dict[str, Any]:
@@ -174,15 +186,19 @@ class StagedDir:
         if self._lease().get("token") == self.token:  # never another job's (or a reader's: none)
             self.fs.delete_file(f"{self.root}/{LEASE_NAME}")
 
-    def _remote(self) -> dict[str, int]:
-        """Remote files below the directory: relative path -> size."""
+    def _remote(self) -> dict[str, tuple[int, int]]:
+        """Remote files below the directory: relative path -> (size, time in ns)."""
         info = self.fs.get_file_info(self.root)
         if info.type == pafs.FileType.NotFound:
             return {}
         if info.type == pafs.FileType.File:
             raise ConfigError(f"{self.url}: is a file; give a directory (a prefix) for outputs and indexes")
         found = self.fs.get_file_info(pafs.FileSelector(self.root, recursive=True))
-        return {f.path[len(self.root) :].lstrip("/"): int(f.size or 0) for f in found if f.type == pafs.FileType.File}
+        return {
+            f.path[len(self.root) :].lstrip("/"): (int(f.size or 0), int(f.mtime_ns or 0))
+            for f in found
+            if f.type == pafs.FileType.File
+        }
 
     # staging per node (pipeline.io.nodes) -------------------------------------------------
     def _stamp(self, rel: str) -> tuple[int, int] | None:
@@ -218,17 +234,29 @@ class StagedDir:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         st = os.lstat(dest)
-        with self._lock:
+        with self._lock_sent:
             self._have[rel] = (remote, (st.st_size, st.st_mtime_ns))
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
             self._sizes[rel] = remote[0]
+            self._later.discard(rel)
         return True
 
     def send(self, rel: str) -> None:
-        """Upload ``rel`` now. A rewrite is made visible as one: an object replaced within the same
-        second at the same size would show the same size and time, so it is written again a second
-        later (other machines compare those to know their copy is stale)."""
-        before = self._stamp(rel)
+        """Upload ``rel`` now. A data file's rewrite is made visible as one: an object replaced
+        within the same second at the same size would show the same size and time, so it is
+        written again a second later (other machines compare those to know their copy is stale).
+        A manifest goes up after the ledgers that vouch for what it lists, never behind a newer one."""
+        if rel.rsplit("/", 1)[-1] in FINAL:
+            with self._finals:
+                if rel.rsplit("/", 1)[-1] == "manifest.json":
+                    for ledger in sorted(self.local.rglob(LEDGER_NAME)):
+                        self._upload(ledger.relative_to(self.local).as_posix())
+                st = os.lstat(self.local / rel)
+                self._upload(rel)
+                with self._lock_sent:
+                    self._sent[rel] = (st.st_size, st.st_mtime_ns)
+            return
+        before = self._stamp(rel) if _data(rel) else None
         self._upload(rel)
         after = self._stamp(rel)
         if before is not None and after == before:
@@ -236,7 +264,7 @@ class StagedDir:
             self._upload(rel)
             after = self._stamp(rel)
         st = os.lstat(self.local / rel)
-        with self._lock:
+        with self._lock_sent:
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
             if after is not None:
                 self._have[rel] = (after, (st.st_size, st.st_mtime_ns))
@@ -254,7 +282,7 @@ class StagedDir:
         for r in doomed:
             if _ours(r) and _safe_key(r):
                 self.fs.delete_file(f"{self.root}/{r}")
-            with self._lock:
+            with self._lock_sent:
                 self._sent.pop(r, None)
                 self._have.pop(r, None)
                 self._sizes.pop(r, None)
@@ -296,7 +324,7 @@ class StagedDir:
             self.fs.create_dir(f"{self.root}/{new}".rsplit("/", 1)[0], recursive=True)
             self.fs.copy_file(f"{self.root}/{rel}", f"{self.root}/{new}")
             self.fs.delete_file(f"{self.root}/{rel}")
-            with self._lock:
+            with self._lock_sent:
                 for table in (self._sent, self._have):
                     table.pop(rel, None)
                 self._sizes.pop(rel, None)
@@ -308,10 +336,15 @@ class StagedDir:
         """Another machine uploaded ``rel`` at ``size`` bytes (its task said so)."""
         self._sizes[rel] = size
 
-    def pull(self) -> None:
+    def pull(self, lazy: bool = False) -> None:
         """Fill the local folder with what the remote holds and the folder lacks (or holds at
-        another size). Refuses a remote directory holding anything the tool did not write."""
-        remote = {r: n for r, n in self._remote().items() if r != LEASE_NAME}
+        another size). Refuses a remote directory holding anything the tool did not write.
+
+        ``lazy``: only the bookkeeping (manifests, ledgers, settings, the report); the data files
+        (rows, indexes, tables: :func:`_data`) are fetched when read (:meth:`fetch`), or all at
+        once by :meth:`pull_rest` where the workers share this folder."""
+        listed = {r: v for r, v in self._remote().items() if r != LEASE_NAME}
+        remote = {r: n for r, (n, _) in listed.items()}
         self._sizes.update(remote)
         unsafe = sorted(r for r in remote if not _safe_key(r))
         if unsafe:
@@ -334,21 +367,63 @@ class StagedDir:
                 with self.fs.open_input_stream(f"{self.root}/{rel}") as fh:
                     merge_ledger(dest, fh.read())
                 continue
-            if not (dest.exists() and dest.stat().st_size == size):
-                dest.parent.mkdir(parents=True, exist_ok=True)
-                tmp = dest.with_name(f".{dest.name}.pull")
-                pafs.copy_files(
-                    f"{self.root}/{rel}",
-                    str(tmp),
-                    source_filesystem=self.fs,
-                    destination_filesystem=pafs.LocalFileSystem(),
-                )
-                os.replace(tmp, dest)  # the pulled ledger says whether it is the tool's (by its CRC-32)
+            held = dest.exists() and dest.stat().st_size == size
+            if lazy and _data(rel):
+                if held:  # this machine's copy from an earlier run: used as it is, as below
+                    st = dest.stat()
+                    self._have[rel] = (listed[rel], (st.st_size, st.st_mtime_ns))
+                    self._sent[rel] = (st.st_size, st.st_mtime_ns)
+                else:
+                    self._later.add(rel)
+                continue
+            if not held:
+                self._download(rel)
                 fetched += 1
             st = dest.stat()
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
         if remote:
-            log.info("%s: %d file(s) there, %d fetched into %s", self.url, len(remote), fetched, self.local)
+            later = f", {len(self._later)} data file(s) fetched when read" if self._later else ""
+            log.info("%s: %d file(s) there, %d fetched into %s%s", self.url, len(remote), fetched, self.local, later)
+
+    def _download(self, rel: str) -> None:
+        dest = self.local / rel
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        tmp = dest.with_name(f".{dest.name}.pull")
+        pafs.copy_files(
+            f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
+        )
+        os.replace(tmp, dest)  # the pulled ledger says whether it is the tool's (by its CRC-32)
+
+    def pull_rest(self) -> None:
+        """Fetch the data files a lazy :meth:`pull` left on the remote (still there, and not
+        fetched since): the workers read this folder itself."""
+        later, self._later = sorted(self._later), set()
+        for rel in later:
+            if (self.local / rel).exists() or self._stamp(rel) is None:
+                continue
+            self._download(rel)
+            st = (self.local / rel).stat()
+            self._sent[rel] = (st.st_size, st.st_mtime_ns)
+        if later:
+            log.info("%s: %d data file(s) fetched into %s", self.url, len(later), self.local)
+
+    def drop_below(self, rel: str, keep: str | None) -> None:
+        """Remove the remote files below folder ``rel`` (``""``: all) that no local copy stands for,
+        under the tool's names, except folder ``keep`` (a name directly below ``rel``) and the logs:
+        ``--overwrite`` with data files left on the remote by a lazy :meth:`pull`."""
+        prefix = f"{rel}/" if rel else ""
+        skip = tuple(f"{prefix}{n}/" for n in (keep, LOG_DIR) if n)
+        for r in sorted(self._remote()):
+            if not r.startswith(prefix) or r.startswith(skip) or (self.local / r).exists() or _skipped(r):
+                continue
+            if r.rsplit("/", 1)[-1] == LEDGER_NAME or not _ours(r):
+                continue
+            self.fs.delete_file(f"{self.root}/{r}")
+            with self._lock_sent:
+                for table in (self._sent, self._have):
+                    table.pop(r, None)
+                self._sizes.pop(r, None)
+                self._later.discard(r)
 
     def _local(self) -> dict[str, tuple[int, int]]:
         out = {}
@@ -399,7 +474,11 @@ class StagedDir:
                         self.fs.delete_file(f"{self.root}/{rel}")
                         self._sent.pop(rel, None)
             for rel in finals:
-                if rel in snapshot and self._sent.get(rel) != snapshot[rel][0]:
+                with self._finals:
+                    if rel not in snapshot or self._sent.get(rel) == snapshot[rel][0]:
+                        continue
+                    if self._sent.get(rel, (0, -1))[1] > snapshot[rel][0][1]:
+                        continue  # a newer one went up since the snapshot (staged per node: as it was saved)
                     with self.fs.open_output_stream(f"{self.root}/{rel}") as out:
                         out.write(snapshot[rel][1])
                     self._sent[rel] = snapshot[rel][0]
@@ -408,6 +487,12 @@ class StagedDir:
 
 
 _STAGED: list[StagedDir] = []  # the directories this process has staged, while their jobs run
+
+
+def _unstage(d: StagedDir) -> None:
+    _STAGED.remove(d)
+    if nodes.active():
+        nodes.activate(_STAGED)
 
 
 def staged_dirs() -> list[StagedDir]:
@@ -425,12 +510,13 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
     if lease:
         d.take_lease()
     try:
-        d.pull()
+        d.pull(lazy=True)
     except BaseException:
         d.release_lease()
         raise
     show_as(d.local, d.url)
     _STAGED.append(d)
+    nodes.activate(_STAGED)  # data files are fetched when read, until the workers' view is known
     stop = threading.Event()
 
     def keep_pushing() -> None:
@@ -446,7 +532,7 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
     try:
         yield d.local
     except BaseException:
-        _STAGED.remove(d)
+        _unstage(d)
         stop.set()
         pusher.join()
         try:  # keep what finished; the job's own error is the one to report
@@ -456,7 +542,7 @@ def staged(url: str, scratch_dir: str | None, interval: float = PUSH_INTERVAL, l
         finally:
             d.release_lease()
         raise
-    _STAGED.remove(d)
+    _unstage(d)
     stop.set()
     pusher.join()
     try:

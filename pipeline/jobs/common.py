@@ -93,17 +93,19 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
     those folders are staged from object storage; then every machine keeps its own copy, and the
     object store is the only place they meet (:mod:`pipeline.io.nodes`)."""
     unseen = unseen_folders(client, folders)
+    dirs = staged_dirs()
     if not unseen:
+        for d in dirs:  # the workers read this machine's folders: every data file is wanted here
+            d.pull_rest()
+        nodes.deactivate()
         yield
         return
-    dirs = staged_dirs()
     for u in unseen:
         if not any(u.folder == d.local or d.local in u.folder.parents for d in dirs):
             raise refuse_unseen(u)
     roots = [(str(f), (f / LOCK_NAME).read_bytes()) for f in folders]
     plugin = NodeStaging([(d.url, str(d.local)) for d in dirs], roots, dict(config.storage_options or {}))
     client.register_plugin(plugin, name=NODES_PLUGIN)
-    nodes.activate(dirs)
     workers = sorted({u.worker for u in unseen})
     log.info(
         "Dask worker%s %s do%s not see this machine's folders: each machine keeps its own copy of %s, "
@@ -116,7 +118,6 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
     try:
         yield
     finally:
-        nodes.deactivate()
         with contextlib.suppress(Exception):  # the cluster may be gone already
             client.unregister_worker_plugin(NODES_PLUGIN)
 
