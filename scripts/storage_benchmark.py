@@ -9,12 +9,13 @@ S3 here is moto's server on loopback (what the tests use), so the figure measure
 from __future__ import annotations
 
 import argparse
-import os
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from job_runs import moto_s3, sample_on_s3
 
 
 def main() -> None:
@@ -25,57 +26,10 @@ def main() -> None:
     parser.add_argument("--command", choices=("run", "dedup"), default="run")
     args = parser.parse_args()
 
-    import logging
-
-    import boto3
-    import pyarrow.fs as pafs
-    from moto.server import ThreadedMotoServer
-
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
-
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "bench",
-        "AWS_SECRET_ACCESS_KEY": "bench",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": f"http://{host}:{port}",
-    }
-    boto3.client(
-        "s3",
-        endpoint_url=env["AWS_ENDPOINT_URL"],
-        aws_access_key_id="bench",
-        aws_secret_access_key="bench",
-        region_name="us-east-1",
-    ).create_bucket(Bucket="bench")
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}", scheme="http", access_key="bench", secret_key="bench", region="us-east-1"
-    )
-    with tempfile.TemporaryDirectory() as tmp:
+    with moto_s3() as (fs, env), tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         data = root / "data"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pipeline",
-                "sample-data",
-                str(data),
-                "--rows",
-                str(args.rows),
-                "--dim",
-                str(args.dim),
-                "--shards",
-                str(args.shards),
-            ],
-            check=True,
-            env=env,
-            capture_output=True,
-        )
-        for f in sorted(data.glob("*.parquet")):
-            pafs.copy_files(str(f), f"bench/data/{f.name}", destination_filesystem=fs)
+        sample_on_s3(fs, data, "bench/data", rows=args.rows, dim=args.dim, shards=args.shards)
         extra = ["--k", "10", "--exclude-self"] if args.command == "run" else ["--threshold", "0.95"]
         rows = []
         for where, src, out in (
@@ -103,7 +57,6 @@ def main() -> None:
             if proc.returncode:
                 raise SystemExit(proc.stderr[-2000:])
             rows.append((where, wall))
-    server.stop()
     print(f"{args.command}, {args.rows:,} x {args.dim}, {args.shards} shards")
     print(f"{'where':<22} {'wall s':>8} {'rows/s':>10} {'vs local':>9}")
     for where, wall in rows:

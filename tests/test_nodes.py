@@ -299,3 +299,86 @@ def test_dedup_and_graph_on_workers_that_share_nothing_equal_local_runs(nodes, t
             for name in ("indptr", "indices"):
                 assert np.array_equal(got_csr[name], want_csr[name])
             np.testing.assert_allclose(got_csr["data"], want_csr["data"], atol=1e-5)
+
+
+class _FolderRemote:
+    """A :class:`pipeline.io.nodes.Remote` over a local folder standing for the object store:
+    what a machine of its own fetches, whole or by range, is counted."""
+
+    def __init__(self, local: Path, remote: Path) -> None:
+        self.local, self.remote = local, remote
+        self.whole: list[str] = []
+        self.ranged = 0
+
+    def fetch(self, rel: str) -> bool:
+        if not (self.remote / rel).exists():
+            return False
+        if not (self.local / rel).exists():
+            (self.local / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(self.remote / rel, self.local / rel)
+            self.whole.append(rel)
+        return True
+
+    def size(self, rel: str) -> int | None:
+        return (self.remote / rel).stat().st_size if (self.remote / rel).is_file() else None
+
+    def open(self, rel: str) -> Any:
+        remote = self
+
+        class Counted:
+            def read_at(self, n: int, offset: int) -> bytes:
+                remote.ranged += n
+                with open(remote.remote / rel, "rb") as fh:
+                    fh.seek(offset)
+                    return fh.read(n)
+
+        return Counted()
+
+    def send(self, rel: str) -> None: ...
+    def drop(self, rel: str) -> None: ...
+    def drop_below(self, rel: str, keep: str | None) -> None: ...
+    def knows(self, rel: str, size: int) -> None: ...
+    def names(self, rel: str) -> list[str]:
+        return []
+
+    def exists(self, rel: str) -> bool:
+        return (self.remote / rel).exists()
+
+    def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
+        return []
+
+
+def test_a_list_group_task_fetches_only_its_lists(make_config, dataset_dir, tmp_path):
+    """A routed score task on a machine without the index's list file reads its group's lists by
+    one ranged read into a sparse stand-in: its lists (codes and ids) equal the whole index's, and
+    the list file is never fetched whole."""
+    import faiss
+
+    from pipeline import build
+    from pipeline.index.fill import load_index, load_lists
+    from pipeline.io import nodes as staged
+
+    remote = tmp_path / "remote"
+    build(make_config(input=str(dataset_dir), index_dir=str(remote), index_key="IVF16,Flat", output=None))
+    assert (remote / "index.ivfdata").exists()
+    whole_index = load_index(remote, private=True)  # held: the IVF views below point into them
+    whole = faiss.extract_index_ivf(whole_index)
+    here = tmp_path / "machine" / "index"
+    here.mkdir(parents=True)
+    folder = _FolderRemote(here, remote)
+    staged.activate([folder])
+    try:
+        part_index = load_lists(here, 5, 9)
+        part = faiss.extract_index_ivf(part_index)
+    finally:
+        staged.deactivate()
+    assert folder.whole == ["index.faiss"] and not (here / "index.ivfdata").exists()
+    entry = whole.code_size + 8
+    group = sum(whole.invlists.list_size(i) for i in range(5, 9)) * entry
+    assert 0 < folder.ranged and group <= folder.ranged <= 2 * group + 8 * entry * 4  # capacities round up
+    for i in range(5, 9):
+        n = whole.invlists.list_size(i)
+        assert part.invlists.list_size(i) == n
+        ids = [faiss.rev_swig_ptr(x.invlists.get_ids(i), n).copy() for x in (whole, part)]
+        codes = [faiss.rev_swig_ptr(x.invlists.get_codes(i), n * whole.code_size).copy() for x in (whole, part)]
+        assert np.array_equal(*ids) and np.array_equal(*codes)

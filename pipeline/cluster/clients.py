@@ -491,14 +491,15 @@ def check_workers_see(client: Any, folders: list[Path]) -> None:
 
 
 class NodeStaging(WorkerPlugin):
-    """On every worker of a job whose staged folders some workers do not see: a worker that does
-    not see the driver's lock files keeps its own copy of each staged directory, fetching what its
-    tasks read and uploading what they write (:mod:`pipeline.io.nodes`). A worker that sees them
-    (on the driver's machine, or on its shared filesystem) works in them as usual."""
+    """On every worker of a job whose staged folders some workers do not see: each keeps its own
+    copy of each staged directory, fetching what its tasks read and uploading what they write
+    (:mod:`pipeline.io.nodes`). A worker that does see the driver's folders (on its machine, or on
+    a filesystem they share) does the same in them: the driver's copy holds only what it read, so
+    the other machines' files must be fetched there too."""
 
-    def __init__(self, dirs: list[tuple[str, str]], roots: list[tuple[str, bytes]], options: dict[str, Any]) -> None:
+    def __init__(self, dirs: list[tuple[str, str]], roots: list[str], options: dict[str, Any]) -> None:
         self.dirs = dirs  # (url, local folder)
-        self.roots = roots  # (run directory, the driver's lock file content)
+        self.roots = roots  # the run directories (a ledger in each: the tool's own files there)
         self.options = dict(options)
 
     def setup(self, worker: Any) -> None:
@@ -507,11 +508,8 @@ class NodeStaging(WorkerPlugin):
         from pipeline.io.staging import StagedDir
         from pipeline.io.storage import set_storage_options
 
-        if all(_read_or_none(str(Path(root) / LOCK_NAME)) == lock for root, lock in self.roots):
-            nodes.deactivate()
-            return
         set_storage_options(self.options)
-        for root, _ in self.roots:  # the run directories, with a ledger of this machine's copies
+        for root in self.roots:
             Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(Path(root) / LEDGER_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
         nodes.activate(StagedDir(url, Path(local)) for url, local in self.dirs)

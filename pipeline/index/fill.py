@@ -19,7 +19,9 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import sys
+import uuid
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,6 +126,44 @@ def load_index(index_dir: str | os.PathLike[str], *, private: bool = False) -> f
         with _faiss_quiet():
             return faiss.read_index(str(fetched(d / "index.faiss")), faiss.IO_FLAG_ONDISK_SAME_DIR)
     return read_cached(d / "index.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
+
+
+def load_lists(index_dir: str | os.PathLike[str], first: int, last: int) -> faiss.Index:
+    """The finished index of ``index_dir`` for a task that reads only its lists ``[first, last)``
+    (a routed join's list group), as a private copy (see :func:`load_index`).
+
+    Where the list file is on the object store and not on this machine (staged per node,
+    :mod:`pipeline.io.nodes`), only those lists' bytes are fetched, with one ranged read, into a
+    sparse file of the list file's size that stands in for it in a folder of this task's own; the
+    other lists read as empty there and must not be read."""
+    d = Path(index_dir)
+    lists_file = d / "index.ivfdata"
+    size = None if os.path.exists(lists_file) else nodes.remote_size(lists_file)
+    if size is None:
+        return load_index(d, private=True)
+    own = d / "_lists" / f"{first:07d}-{last:07d}-{uuid.uuid4().hex[:8]}"  # this machine's, never uploaded
+    own.mkdir(parents=True)
+    try:
+        shutil.copyfile(fetched(d / "index.faiss"), own / "index.faiss")
+        with open(own / "index.ivfdata", "wb") as fh:
+            fh.truncate(size)  # sparse: no disk for the lists not read
+        with _faiss_quiet():
+            index = faiss.read_index(str(own / "index.faiss"), faiss.IO_FLAG_ONDISK_SAME_DIR)
+        ivf: Any = faiss.extract_index_ivf(index)
+        ondisk: Any = faiss.downcast_InvertedLists(ivf.invlists)
+        entry = ivf.code_size + 8  # a list's codes, then its ids (int64), each for its capacity
+        spans = [(int(ondisk.lists.at(i).offset), int(ondisk.lists.at(i).capacity) * entry) for i in range(first, last)]
+        spans = [(o, n) for o, n in spans if n]
+        if spans:
+            lo, hi = min(o for o, _ in spans), max(o + n for o, n in spans)
+            remote = nodes.source(lists_file)
+            with open(own / "index.ivfdata", "r+b") as fh:  # the map sees these pages (one page cache)
+                fh.seek(lo)
+                fh.write(remote.read_at(hi - lo, lo))
+            nodes.count("ranged", hi - lo)
+        return index
+    finally:
+        shutil.rmtree(own, ignore_errors=True)  # the map holds the file until the index is dropped
 
 
 def _write(index: faiss.Index, path: Path) -> None:

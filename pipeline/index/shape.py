@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import is_ivf_flat
-from pipeline.index.fill import load_index
+from pipeline.index.fill import load_lists
 from pipeline.runtime.runner import result_of, submit
 
 __all__ = ["IndexShape", "ShapeTask", "index_shape"]
@@ -57,9 +57,9 @@ class ShapeTask:
     index_dir: str
 
     def run(self) -> IndexShape:
-        return IndexShape.of(load_index(self.index_dir, private=True))
+        return IndexShape.of(load_lists(self.index_dir, 0, 0))  # the lists' sizes, none of their bytes
 
 
-def index_shape(client: Any, index_dir: str) -> IndexShape:
-    """The shape of the finished index in ``index_dir``, read on a worker."""
-    return result_of(submit(client, ShapeTask(index_dir=str(index_dir)), "index"))
+def index_shape(client: Any, index_dir: str, label: str) -> IndexShape:
+    """The shape of the finished index in ``index_dir``, read on a worker by a task of phase ``label``."""
+    return result_of(submit(client, ShapeTask(index_dir=str(index_dir)), label))

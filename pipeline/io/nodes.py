@@ -51,6 +51,8 @@ __all__ = [
     "dropped_below",
     "known",
     "task_writes",
+    "count",
+    "traffic",
 ]
 
 P = TypeVar("P", bound=str | os.PathLike[str])
@@ -112,6 +114,7 @@ class NodeResult:
     lines: tuple[tuple[str, str], ...]
 
 
+TRAFFIC: dict[str, int] = {"fetched": 0, "ranged": 0, "sent": 0}  # bytes this process moved, staged per node
 _REMOTES: list[Remote] = []  # this process's staged directories, deepest first, while staging per node
 _TASK = threading.local()  # .lines: the running task's written files (a list), on a worker
 
@@ -119,6 +122,16 @@ _TASK = threading.local()  # .lines: the running task's written files (a list), 
 def activate(remotes: Iterable[Remote]) -> None:
     """Stage per node in this process: ``remotes`` are the job's staged directories."""
     _REMOTES[:] = sorted(remotes, key=lambda r: len(os.fspath(r.local)), reverse=True)
+
+
+def count(kind: str, nbytes: int) -> None:
+    """Add ``nbytes`` to this process's traffic of ``kind`` ("fetched", "ranged" or "sent")."""
+    TRAFFIC[kind] = TRAFFIC.get(kind, 0) + int(nbytes)
+
+
+def traffic() -> dict[str, int]:
+    """The bytes this process has fetched whole, read by range and sent, staged per node."""
+    return dict(TRAFFIC)
 
 
 def deactivate() -> None:

@@ -234,6 +234,7 @@ class StagedDir:
             if os.path.lexists(tmp):
                 os.unlink(tmp)
         st = os.lstat(dest)
+        nodes.count("fetched", st.st_size)
         with self._lock_sent:
             self._have[rel] = (remote, (st.st_size, st.st_mtime_ns))
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
@@ -264,6 +265,7 @@ class StagedDir:
             self._upload(rel)
             after = self._stamp(rel)
         st = os.lstat(self.local / rel)
+        nodes.count("sent", st.st_size)
         with self._lock_sent:
             self._sent[rel] = (st.st_size, st.st_mtime_ns)
             if after is not None:

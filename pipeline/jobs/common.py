@@ -30,7 +30,7 @@ from pipeline.io.owned import check_writable
 from pipeline.io.parquet import resolve_paths
 from pipeline.io.staging import staged, staged_dirs
 from pipeline.io.storage import is_remote, set_storage_options
-from pipeline.io.workdir import LOCK_NAME, TIMINGS_NAME, check_locations, locked, shown
+from pipeline.io.workdir import TIMINGS_NAME, check_locations, locked, shown
 from pipeline.jobs.stages import Timings
 from pipeline.report import write_report
 from pipeline.results import (
@@ -103,7 +103,7 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
     for u in unseen:
         if not any(u.folder == d.local or d.local in u.folder.parents for d in dirs):
             raise refuse_unseen(u)
-    roots = [(str(f), (f / LOCK_NAME).read_bytes()) for f in folders]
+    roots = [str(f) for f in folders]
     plugin = NodeStaging([(d.url, str(d.local)) for d in dirs], roots, dict(config.storage_options or {}))
     client.register_plugin(plugin, name=NODES_PLUGIN)
     workers = sorted({u.worker for u in unseen})
@@ -115,14 +115,32 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
         "" if len(workers) > 1 else "es",
         ", ".join(d.url for d in dirs),
     )
+    before = client.run(nodes.traffic)
     try:
         yield
+        _log_traffic(client, before)
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone already
             client.unregister_worker_plugin(NODES_PLUGIN)
 
 
 NODES_PLUGIN = "knn-nodes"
+
+
+def _log_traffic(client: Any, before: dict[str, dict[str, int]]) -> None:
+    """One line: the bytes each machine fetched whole, read by range and uploaded in this job."""
+    names = {a: w.get("name", a) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
+    moved = {names.get(a, a): t for a, t in client.run(nodes.traffic).items()}
+    moved["driver"] = nodes.traffic()
+    start = {names.get(a, a): t for a, t in before.items()}
+
+    def gib(who: str, kind: str) -> str:
+        return f"{(moved[who].get(kind, 0) - start.get(who, {}).get(kind, 0)) / 2**30:.3f}"
+
+    log.info(
+        "staged per node, GiB fetched/read by range/uploaded: %s",
+        "; ".join(f"{w} {gib(w, 'fetched')}/{gib(w, 'ranged')}/{gib(w, 'sent')}" for w in sorted(moved)),
+    )
 
 
 def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:

@@ -247,7 +247,9 @@ def build_index(
     timings.add("fill", time.monotonic() - t0)
     if spec.retrain:
         manifest.finish_stage("retrained", identity["input"])
-    balance = index_shape(client, str(index_dir)).imbalance if nodes.present(index_dir / "index.faiss") else None
+    balance = (
+        index_shape(client, str(index_dir), "fill").imbalance if nodes.present(index_dir / "index.faiss") else None
+    )
     _check_drift(client, manifest, store, index_dir, balance, seed=spec.seed, limit=spec.drift_limit)
     if not nodes.present(index_dir / "config.yaml"):
         with atomic_path(index_dir / "config.yaml") as tmp:

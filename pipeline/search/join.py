@@ -375,7 +375,9 @@ def join_pieces(
     todo = [p for p in pieces if p.index not in done]
     reads = ReadTally()
     routes = None
-    shape = index_shape(client, plan.index_dir) if routed and layout is None and plan.strategy == "index" else None
+    shape = (
+        index_shape(client, plan.index_dir, "join") if routed and layout is None and plan.strategy == "index" else None
+    )
     if shape is not None and shape.ivf_flat and not plan.rerank and plan.nprobe and todo:
         routes = RoutedLayout(
             folder=str(out_dir.parent / ROUTED_DIR),

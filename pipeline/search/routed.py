@@ -146,9 +146,10 @@ class ScoreTask:
     layout: RoutedLayout
 
     def run(self) -> Scored:
-        from pipeline.index.fill import load_index
+        from pipeline.index.fill import load_lists
 
-        index = load_index(self.index_dir, private=True)  # its mapped pages leave with the task
+        g = self.group
+        index = load_lists(self.index_dir, g.first, g.last)  # its mapped pages leave with the task
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
         g, layout = self.group, self.layout
         progress = PieceProgress("routed score", g.index)

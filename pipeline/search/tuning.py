@@ -517,7 +517,7 @@ def sweep(
 
     ``computed``: where the plan is IVF-Flat without re-ranking, each recall is computed from list
     ranks instead of searched (the routed join's check: the worker never reads the index's vectors)."""
-    flat = computed and plan.strategy == "index" and index_shape(client, plan.index_dir).ivf_flat
+    flat = computed and plan.strategy == "index" and index_shape(client, plan.index_dir, "recall").ivf_flat
     exact_codes = flat and sample.truth_rows is not None
     if exact_codes and all(n is not None and r == 0 for n, r in settings):
         nprobes = tuple(int(n) for n, _ in settings if n is not None)
