@@ -116,9 +116,10 @@ class RouteTask:
     out: str
 
     def run(self) -> None:
-        from pipeline.index.fill import load_index
+        from pipeline.index.fill import load_lists
 
-        ivf = faiss.extract_index_ivf(load_index(self.index_dir))
+        index = load_lists(self.index_dir, 0, 0)  # the coarse quantizer: no list's bytes are read
+        ivf = faiss.extract_index_ivf(index)
         q = np.ascontiguousarray(self.query_store.vectors(self.piece.index))
         with worker_device():  # the quantizer's search on the worker's threads
             assign = coarse_assign(ivf.quantizer, q, self.nprobe)
