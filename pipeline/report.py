@@ -414,15 +414,23 @@ def _worker_lines(report: JobReport) -> list[str]:
     if not report.workers:
         return []
     phases = sorted({p for w in report.workers for p in w.phases})
+    staged = any(w.moved for w in report.workers)
+    moved = ["fetched", "ranged", "sent"] if staged else []
     lines = [
         "## Workers",
         "",
         "Seconds each worker spent computing tasks of each phase in this run (Dask's task "
         "stream), by the phases of the timing chart; busy is their sum as a share of what the "
-        "worker could have run: the job's wall time times its task slots (Dask threads).",
+        "worker could have run: the job's wall time times its task slots (Dask threads)."
+        + (
+            " Staged per node (machines that share no filesystem): the MiB each worker fetched "
+            "whole, read by range (list groups) and uploaded."
+            if staged
+            else ""
+        ),
         "",
-        "| worker | host | device | " + " | ".join(phases) + " | busy |",
-        "|---|---|---|" + "---|" * len(phases) + "---|",
+        "| worker | host | device | " + " | ".join(phases) + " | busy |" + "".join(f" {m} MiB |" for m in moved),
+        "|---|---|---|" + "---|" * len(phases) + "---|" + "---|" * len(moved),
     ]
     for w in report.workers:
         share = (
@@ -434,6 +442,7 @@ def _worker_lines(report: JobReport) -> list[str]:
             f"| {_esc(w.worker)} | {_esc(w.host)} | {w.backend} | "
             + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases)
             + f" | {share} |"
+            + "".join(f" {(w.moved or {}).get(m, 0) / 2**20:.1f} |" for m in moved)
         )
     return [*lines, ""]
 

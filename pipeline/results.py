@@ -187,6 +187,7 @@ class WorkerBusy:
     backend: str
     phases: dict[str, float]
     slots: int = 1  # tasks the worker runs at once (its Dask threads): busy time is shared out over them
+    moved: dict[str, int] | None = None  # staged per node: bytes fetched whole, read by range, uploaded
 
     @property
     def total(self) -> float:

@@ -199,6 +199,12 @@ def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path,
     got = _lists(pq.read_table(f"{BUCKET}/{name}/neighbors", filesystem=nodes["fs"]))
     assert got == _local_run(nodes, "data", tmp_path / "local", *plan)
     assert len(got) == 6000
+    report = json.loads(nodes["fs"].open_input_stream(f"{BUCKET}/{name}/report.json").read())
+    moved = {w["worker"]: w["moved"] for w in report["workers"]}
+    assert set(moved) == {"w1", "w2"} and all(m["sent"] > 0 for m in moved.values())  # each wrote its tasks' files
+    assert sum(m["fetched"] for m in moved.values()) > 0  # and read the other's
+    with nodes["fs"].open_input_stream(f"{BUCKET}/{name}/report.md") as fh:
+        assert "fetched MiB" in fh.read().decode()
     driver = next(nodes["scratch"].glob(f"{name}-*"))
     held = {p.relative_to(driver).as_posix() for p in driver.rglob("*") if p.is_file()}
     assert not [h for h in held if not _metadata(h)], sorted(held)  # the driver holds no rows, lists or tables

@@ -60,6 +60,7 @@ class ClusterInfo:
     dashboard: str | None
     devices: tuple[WorkerDevice, ...] = ()  # what each worker runs on, decided on the worker
     busy_since: float = 0.0  # when the task stream (busy time per worker) started recording
+    moved_since: dict[str, dict[str, int]] | None = None  # staged per node: each worker's traffic at the start
 
     @property
     def backend(self) -> str:

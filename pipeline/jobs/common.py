@@ -81,24 +81,26 @@ def job_cluster(config: Config) -> Iterator[tuple[Any, Any]]:
     """The job's Dask cluster (batch worker logs in OUTPUT/logs); each worker chooses its device,
     and gets the job's ``storage_options`` for reading remote input."""
     with dask_client(config.cluster, logs_dir(config)) as (client, cluster):
-        with _staged_per_node(client, [Path(d) for d in (config.output, config.index_dir) if d], config):
+        folders = [Path(d) for d in (config.output, config.index_dir) if d]
+        with _staged_per_node(client, folders, config) as moved_since:
             if config.storage_options:
                 client.register_plugin(StorageOptions(config.storage_options), name="knn-storage")
-            yield client, replace(cluster, busy_since=record_busy(client))
+            yield client, replace(cluster, busy_since=record_busy(client), moved_since=moved_since)
 
 
 @contextlib.contextmanager
-def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterator[None]:
+def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterator[dict[str, dict[str, int]] | None]:
     """Where workers do not see the job's folders as this machine does: refused in one line, unless
     those folders are staged from object storage; then every machine keeps its own copy, and the
-    object store is the only place they meet (:mod:`pipeline.io.nodes`)."""
+    object store is the only place they meet (:mod:`pipeline.io.nodes`). Yields each worker's
+    traffic so far where it stages per node (None otherwise)."""
     unseen = unseen_folders(client, folders)
     dirs = staged_dirs()
     if not unseen:
         for d in dirs:  # the workers read this machine's folders: every data file is wanted here
             d.pull_rest()
         nodes.deactivate()
-        yield
+        yield None
         return
     for u in unseen:
         if not any(u.folder == d.local or d.local in u.folder.parents for d in dirs):
@@ -117,7 +119,7 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
     )
     before = client.run(nodes.traffic)
     try:
-        yield
+        yield before
         _log_traffic(client, before)
     finally:
         with contextlib.suppress(Exception):  # the cluster may be gone already
@@ -125,6 +127,13 @@ def _staged_per_node(client: Any, folders: list[Path], config: Config) -> Iterat
 
 
 NODES_PLUGIN = "knn-nodes"
+
+
+def _moved(now: dict[str, int] | None, since: dict[str, int] | None) -> dict[str, int] | None:
+    """A worker's bytes fetched, read by range and uploaded in this job (None: not staged per node)."""
+    if now is None:
+        return None
+    return {kind: int(n) - int((since or {}).get(kind, 0)) for kind, n in sorted(now.items())}
 
 
 def _log_traffic(client: Any, before: dict[str, dict[str, int]]) -> None:
@@ -152,6 +161,7 @@ def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
         return ()
     info = client.scheduler_info(n_workers=-1).get("workers", {})
     devices = {d.worker: d for d in cluster.devices}  # by worker name
+    moved_now = client.run(nodes.traffic) if cluster.moved_since is not None else {}
     out = []
     for addr, by_label in sorted(busy.items()):
         name = str(info.get(addr, {}).get("name", addr))
@@ -167,6 +177,7 @@ def worker_busy(client: Any, cluster: ClusterInfo) -> tuple[WorkerBusy, ...]:
                 device.backend if device else "unknown",
                 {k: round(v, 3) for k, v in sorted(phases.items())},
                 slots=max(1, int(info.get(addr, {}).get("nthreads", 1) or 1)),
+                moved=_moved(moved_now.get(addr), (cluster.moved_since or {}).get(addr)),
             )
         )
     return tuple(out)
