@@ -10,6 +10,7 @@ import re
 import shlex
 import signal
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -506,10 +507,13 @@ class NodeStaging(WorkerPlugin):
     def setup(self, worker: Any) -> None:
         from pipeline.io import nodes
         from pipeline.io.owned import LEDGER_NAME
-        from pipeline.io.staging import StagedDir
+        from pipeline.io.staging import StagedDir, private_root
         from pipeline.io.storage import set_storage_options
 
         set_storage_options(self.options)
+        for _, local in self.dirs:  # the default staging root: private to this user, as on the driver
+            if Path(local).parent == Path(tempfile.gettempdir()) / f"knn-pipeline-{os.getuid()}":
+                private_root()
         for root in self.roots:
             Path(root).mkdir(parents=True, exist_ok=True, mode=0o700)
             os.close(os.open(Path(root) / LEDGER_NAME, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o644))
