@@ -19,7 +19,9 @@ copy of the directory holding only what it has read or written.
 * **Removal follows.** Where the tool removes its own file or folder, the remote copy goes too.
 
 Every machine registers the directories' remotes here (:func:`activate`); nothing happens in a
-process where none is active, which is every job whose workers share the driver's folders.
+process where none is active. The driver is active from the moment it stages a directory (it
+pulls data files only when read), until its cluster shows that the workers share its folders:
+then it fetches the rest and works as on one machine.
 """
 
 from __future__ import annotations

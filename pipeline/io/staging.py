@@ -3,8 +3,10 @@
 A job whose ``--output`` or ``--index-dir`` is a URL works in a local folder (``--scratch-dir``;
 one per URL, so a rerun on the same machine finds its work) exactly as it does on a local disk:
 memory-mapped index, atomic parts, manifest, locks. The folder is filled from the remote first
-(only what is missing or differs), and the remote is brought up to date while the job runs (every
-``interval`` seconds) and when it ends, in an order that never shows a partial state as finished:
+(only what is missing or differs: the bookkeeping at once, data files when read, or all of them
+once the cluster shows its workers share this folder), and the remote is brought up to date while
+the job runs (every ``interval`` seconds) and when it ends, in an order that never shows a partial
+state as finished:
 
 1. ``_SUCCESS`` is deleted remotely as soon as it is gone locally (the job is no longer finished);
 2. new and changed files are uploaded, each as one object (an object store shows an object only
