@@ -36,7 +36,7 @@ __all__ = [
     "worker_memory",
     "jobqueue_options",
     "check_memory_floor",
-    "check_workers_see",
+    "worker_names",
     "unseen_folders",
     "refuse_unseen",
     "NodeStaging",
@@ -446,6 +446,11 @@ def _seen(paths: list[str]) -> dict[str, bytes | None]:
     return {p: _read_or_none(p) for p in paths}
 
 
+def worker_names(client: Any) -> dict[str, str]:
+    """Each worker's name (its address where it has none), by address."""
+    return {a: str(w.get("name", a)) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
+
+
 @dataclass(frozen=True)
 class Unseen:
     """A worker that does not see one of the job's folders as the driver does."""
@@ -465,13 +470,13 @@ def unseen_folders(client: Any, folders: list[Path]) -> list[Unseen]:
     if not wanted:
         return []
     seen = client.run(_seen, list(wanted))
-    names = {a: w.get("name", a) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
+    names = worker_names(client)
     out = []
     for address, found in sorted(seen.items()):
         for path, content in wanted.items():
             if found.get(path) != content:
                 there = "no lock file" if found.get(path) is None else "another job's lock file"
-                out.append(Unseen(str(names.get(address, address)), address, Path(path).parent, there))
+                out.append(Unseen(names.get(address, address), address, Path(path).parent, there))
     return out
 
 
@@ -483,13 +488,6 @@ def refuse_unseen(unseen: Unseen) -> ConfigError:
         "mounts at the same path; give --output and --index-dir there, or as object-storage URLs "
         "(each machine then keeps its own copy, staged through the object store)"
     )
-
-
-def check_workers_see(client: Any, folders: list[Path]) -> None:
-    """Refuse, in one line and before any work, a cluster whose workers do not see the job's
-    folders as the driver does (:func:`unseen_folders`)."""
-    for unseen in unseen_folders(client, folders):
-        raise refuse_unseen(unseen)
 
 
 class NodeStaging(WorkerPlugin):

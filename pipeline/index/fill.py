@@ -244,7 +244,7 @@ class MergeTask:
                 lists.filename = str(ivfdata)
         else:
             for part in parts:
-                index.merge_from(faiss.read_index(fetched(part)), 0)
+                index.merge_from(faiss.read_index(part), 0)
             if mode == "fastscan":
                 index = faiss.IndexIVFPQFastScan(index)
         _write(index, d / "index.faiss")

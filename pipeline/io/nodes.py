@@ -144,14 +144,16 @@ def active() -> bool:
     return bool(_REMOTES)
 
 
-def _find(path: str | os.PathLike[str]) -> tuple[Remote, str] | None:
-    if not _REMOTES:
-        return None
+def _find(path: str | os.PathLike[str], *, folder: bool = False) -> tuple[Remote, str] | None:
+    """The staged directory holding ``path`` and the path relative to it; ``folder``: ``path`` may
+    be the directory itself (relative path ``""``)."""
     p = os.path.abspath(path)
     for remote in _REMOTES:
-        root = os.fspath(remote.local)
+        root = os.path.abspath(remote.local)
         if p.startswith(root + os.sep):
             return remote, Path(p).relative_to(root).as_posix()
+        if folder and p == root:
+            return remote, ""
     return None
 
 
@@ -204,9 +206,9 @@ def children(directory: str | os.PathLike[str]) -> list[Path]:
     """The entries of ``directory`` here and, staged per node, on the object store, sorted."""
     d = Path(directory)
     found = {p.name for p in d.iterdir()} if d.is_dir() else set()
-    hit = _find(d / "x")
+    hit = _find(d, folder=True)
     if hit is not None:
-        found |= set(hit[0].names(hit[1].rsplit("/", 1)[0] if "/" in hit[1] else ""))
+        found |= set(hit[0].names(hit[1]))
     return [d / n for n in sorted(found)]
 
 
@@ -224,10 +226,9 @@ def listed(directory: str | os.PathLike[str], pattern: str) -> list[Path]:
     """The files in ``directory`` whose names match ``pattern`` (a glob), sorted: those here and,
     staged per node, those on the object store (written by other machines)."""
     found = {p.name: p for p in Path(directory).glob(pattern)}
-    hit = _find(Path(directory) / "x")
+    hit = _find(directory, folder=True)
     if hit is not None:
-        folder = hit[1].rsplit("/", 1)[0] if "/" in hit[1] else ""
-        for name in hit[0].names(folder):
+        for name in hit[0].names(hit[1]):
             if fnmatch.fnmatchcase(name, pattern):
                 found.setdefault(name, Path(directory) / name)
     return [found[n] for n in sorted(found)]
@@ -236,12 +237,9 @@ def listed(directory: str | os.PathLike[str], pattern: str) -> list[Path]:
 def dropped_below(root: str | os.PathLike[str], keep: str | None) -> None:
     """The tool removed its files below run directory ``root`` (but folder ``keep``): remove the
     remote files no local copy stood for too (data files never fetched here)."""
-    for remote in _REMOTES:
-        local = os.path.abspath(remote.local)
-        r = os.path.abspath(root)
-        if r == local or r.startswith(local + os.sep):
-            remote.drop_below(Path(r).relative_to(local).as_posix() if r != local else "", keep)
-            return
+    hit = _find(root, folder=True)
+    if hit is not None:
+        hit[0].drop_below(hit[1], keep)
 
 
 def remote_size(path: str | os.PathLike[str]) -> int | None:

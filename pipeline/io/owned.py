@@ -275,6 +275,10 @@ class Ledger:
         size = nodes.remote_size(self.root / rel)
         if size is None or os.path.lexists(self.root / rel):
             return None
+        return self.crc_at(rel, size)
+
+    def crc_at(self, rel: str, size: int) -> int | None:
+        """The CRC-32 the latest ledger line for ``rel`` at ``size`` bytes gives (None: no such line)."""
         crcs = [s.crc for s in self.entries.get(rel, ()) if s.size == size]
         return crcs[-1] if crcs else None
 
@@ -416,9 +420,9 @@ def rename(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> None:
     ledger = Ledger.of(root)
     moved = []
     for was, now, size in nodes.moved(s, d):  # staged per node: the copies other machines wrote
-        crcs = [e.crc for e in ledger.entries.get(was.relative_to(root).as_posix(), ()) if e.size == size]
-        if crcs and not os.path.lexists(was):
-            moved.append(json.dumps([now.relative_to(root).as_posix(), size, 0, crcs[-1]]) + "\n")
+        crc = ledger.crc_at(was.relative_to(root).as_posix(), size)
+        if crc is not None and not os.path.lexists(was):
+            moved.append(json.dumps([now.relative_to(root).as_posix(), size, 0, crc]) + "\n")
             nodes.known(now, size)
     for path, _ in _walk(root, s, None) if s.is_dir() else [(s, root)]:
         rel = path.relative_to(root).as_posix()

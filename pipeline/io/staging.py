@@ -224,17 +224,7 @@ class StagedDir:
             here = None
         if here is not None and self._have.get(rel) == (remote, here):
             return True
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.pull-{uuid.uuid4().hex[:8]}")
-        try:
-            pafs.copy_files(
-                f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
-            )
-            adopt_file(dest, tmp)
-            os.replace(tmp, dest)
-        finally:
-            if os.path.lexists(tmp):
-                os.unlink(tmp)
+        self._download(rel, claim=True)
         st = os.lstat(dest)
         nodes.count("fetched", st.st_size)
         with self._lock_sent:
@@ -276,20 +266,29 @@ class StagedDir:
 
     def drop(self, rel: str) -> None:
         """Remove the remote file ``rel``, or every file below folder ``rel``, under the tool's names."""
+        for r, _ in self._under(rel):
+            if _ours(r) and _safe_key(r):
+                self.fs.delete_file(f"{self.root}/{r}")
+            self._forget(r)
+
+    def _under(self, rel: str) -> list[tuple[str, int]]:
+        """The remote file ``rel``, or every file below folder ``rel``, with their sizes."""
         path = f"{self.root}/{rel}"
         info = self.fs.get_file_info(path)
         if info.type == pafs.FileType.Directory:
             found = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            doomed = [f.path[len(self.root) :].lstrip("/") for f in found if f.type == pafs.FileType.File]
-        else:
-            doomed = [rel] if info.type == pafs.FileType.File else []
-        for r in doomed:
-            if _ours(r) and _safe_key(r):
-                self.fs.delete_file(f"{self.root}/{r}")
-            with self._lock_sent:
-                self._sent.pop(r, None)
-                self._have.pop(r, None)
-                self._sizes.pop(r, None)
+            return [
+                (f.path[len(self.root) :].lstrip("/"), int(f.size or 0)) for f in found if f.type == pafs.FileType.File
+            ]
+        return [(rel, int(info.size or 0))] if info.type == pafs.FileType.File else []
+
+    def _forget(self, rel: str) -> None:
+        """What this process knew of the remote ``rel``, which is gone."""
+        with self._lock_sent:
+            self._sent.pop(rel, None)
+            self._have.pop(rel, None)
+            self._sizes.pop(rel, None)
+            self._later.discard(rel)
 
     def size(self, rel: str) -> int | None:
         if rel not in self._sizes:
@@ -313,26 +312,14 @@ class StagedDir:
     def move(self, src: str, dst: str) -> list[tuple[str, str, int]]:
         """Rename remote file or folder ``src`` to ``dst``, object by object (an object store has no
         rename: each is copied, then deleted)."""
-        path = f"{self.root}/{src}"
-        info = self.fs.get_file_info(path)
-        if info.type == pafs.FileType.Directory:
-            found = self.fs.get_file_info(pafs.FileSelector(path, recursive=True))
-            files = [
-                (f.path[len(self.root) :].lstrip("/"), int(f.size or 0)) for f in found if f.type == pafs.FileType.File
-            ]
-        else:
-            files = [(src, int(info.size or 0))] if info.type == pafs.FileType.File else []
         out = []
-        for rel, size in files:
+        for rel, size in self._under(src):
             new = dst + rel[len(src) :]
             self.fs.create_dir(f"{self.root}/{new}".rsplit("/", 1)[0], recursive=True)
             self.fs.copy_file(f"{self.root}/{rel}", f"{self.root}/{new}")
             self.fs.delete_file(f"{self.root}/{rel}")
-            with self._lock_sent:
-                for table in (self._sent, self._have):
-                    table.pop(rel, None)
-                self._sizes.pop(rel, None)
-                self._sizes[new] = size
+            self._forget(rel)
+            self._sizes[new] = size
             out.append((rel, new, size))
         return out
 
@@ -389,14 +376,23 @@ class StagedDir:
             later = f", {len(self._later)} data file(s) fetched when read" if self._later else ""
             log.info("%s: %d file(s) there, %d fetched into %s%s", self.url, len(remote), fetched, self.local, later)
 
-    def _download(self, rel: str) -> None:
+    def _download(self, rel: str, *, claim: bool = False) -> None:
+        """Copy the remote ``rel`` into the local folder, whole, under a temporary name first.
+        ``claim``: record it in the ledger as :func:`pipeline.io.atomic.atomic_path` records what it
+        writes (a fetch); a pull leaves that to the pulled ledger (it vouches by CRC-32)."""
         dest = self.local / rel
         dest.parent.mkdir(parents=True, exist_ok=True)
-        tmp = dest.with_name(f".{dest.name}.pull")
-        pafs.copy_files(
-            f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
-        )
-        os.replace(tmp, dest)  # the pulled ledger says whether it is the tool's (by its CRC-32)
+        tmp = dest.with_name(f".{dest.name}.pull-{uuid.uuid4().hex[:8]}")  # tasks may fetch at once
+        try:
+            pafs.copy_files(
+                f"{self.root}/{rel}", str(tmp), source_filesystem=self.fs, destination_filesystem=pafs.LocalFileSystem()
+            )
+            if claim:
+                adopt_file(dest, tmp)
+            os.replace(tmp, dest)
+        finally:
+            if os.path.lexists(tmp):
+                os.unlink(tmp)
 
     def pull_rest(self) -> None:
         """Fetch the data files a lazy :meth:`pull` left on the remote (still there, and not
@@ -423,11 +419,7 @@ class StagedDir:
             if r.rsplit("/", 1)[-1] == LEDGER_NAME or not _ours(r):
                 continue
             self.fs.delete_file(f"{self.root}/{r}")
-            with self._lock_sent:
-                for table in (self._sent, self._have):
-                    table.pop(r, None)
-                self._sizes.pop(r, None)
-                self._later.discard(r)
+            self._forget(r)
 
     def _local(self) -> dict[str, tuple[int, int]]:
         out = {}

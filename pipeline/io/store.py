@@ -76,9 +76,6 @@ class RowStore:
             with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as writer:
                 writer.write_table(table)
 
-    def has_piece(self, piece: int) -> bool:
-        return all(fetched(p).exists() for p in (self.vectors_path(piece), self.ids_path(piece)))
-
     # reading -----------------------------------------------------------------------------
     def vectors(self, piece: int) -> np.ndarray:
         """One piece's vectors, read into memory (a plain read: nothing stays mapped)."""

@@ -21,6 +21,7 @@ from pipeline.cluster.clients import (
     dask_client,
     refuse_unseen,
     unseen_folders,
+    worker_names,
 )
 from pipeline.config import Config
 from pipeline.errors import ConfigError
@@ -138,13 +139,12 @@ def _moved(now: dict[str, int] | None, since: dict[str, int] | None) -> dict[str
 
 def _log_traffic(client: Any, before: dict[str, dict[str, int]]) -> None:
     """One line: the bytes each machine fetched whole, read by range and uploaded in this job."""
-    names = {a: w.get("name", a) for a, w in client.scheduler_info(n_workers=-1).get("workers", {}).items()}
-    moved = {names.get(a, a): t for a, t in client.run(nodes.traffic).items()}
+    names = worker_names(client)
+    moved = {names.get(a, a): _moved(t, before.get(a)) or {} for a, t in client.run(nodes.traffic).items()}
     moved["driver"] = nodes.traffic()
-    start = {names.get(a, a): t for a, t in before.items()}
 
     def gib(who: str, kind: str) -> str:
-        return f"{(moved[who].get(kind, 0) - start.get(who, {}).get(kind, 0)) / 2**30:.3f}"
+        return f"{moved[who].get(kind, 0) / 2**30:.3f}"
 
     log.info(
         "staged per node, GiB fetched/read by range/uploaded: %s",

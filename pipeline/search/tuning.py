@@ -142,8 +142,8 @@ def draw_sample(
     vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=rows), "recall"))
     extra = 1 if exclude_self else 0
     scores, nbr = exact_knn(client, index_store, len(index_store.starts), queries=vectors, k=k + extra, metric=metric)
-    nbr_ids = result_of(submit(client, GatherRows(store=index_store, rows=nbr.ravel(), vectors=False), "recall"))
-    nbr_ids = nbr_ids[1].to_pylist()
+    _, neighbours = result_of(submit(client, GatherRows(store=index_store, rows=nbr.ravel(), vectors=False), "recall"))
+    nbr_ids = neighbours.to_pylist()
     own = ids.to_pylist()
     truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
     truth_rows = np.full((n, k), -1, dtype=np.int64)
