@@ -2,8 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +35,48 @@ def write_store(root: Path, x: np.ndarray, pieces: int = 3) -> Any:
     for p in range(pieces):
         store.write_piece(p, pa.array(np.arange(bounds[p], bounds[p + 1])), x[bounds[p] : bounds[p + 1]])
     return store
+
+
+@contextlib.contextmanager
+def private_workers(folder: Path, names: Sequence[str], env: dict[str, str] | None = None) -> Iterator[str]:
+    """A Dask scheduler on loopback and one-thread workers ``names``, each in a mount namespace of
+    its own with an empty tmpfs over ``folder`` (a machine that sees none of this one's files
+    there); yields the scheduler's address once every worker has joined. Skips the test where
+    root, unshare(1) or such a mount is missing."""
+    if os.geteuid() != 0 or not shutil.which("unshare"):
+        pytest.skip("needs root and unshare(1) to give a worker a filesystem view of its own")
+    private = ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
+    if subprocess.run([*private, f"mount -t tmpfs none {folder}"], capture_output=True).returncode:
+        pytest.skip("this machine does not let a mount namespace mount a tmpfs")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    address = f"tcp://127.0.0.1:{port}"
+    quiet: dict[str, Any] = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "env": env}
+    scheduler = [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port)]
+    procs = [subprocess.Popen([*scheduler, "--dashboard-address", "127.0.0.1:0"], **quiet)]
+    for name in names:
+        worker = f"{sys.executable} -m distributed.cli.dask_worker {address} --nthreads 1 --no-nanny --name {name}"
+        procs.append(subprocess.Popen([*private, f"mount -t tmpfs none {folder} && exec {worker}"], **quiet))
+    try:
+        from distributed import Client
+
+        deadline = time.monotonic() + 90
+        while True:  # the scheduler is up, and every worker has joined it
+            try:
+                with Client(address, timeout=5) as client:
+                    client.wait_for_workers(len(names), timeout=30)
+                break
+            except (OSError, TimeoutError):
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        yield address
+    finally:
+        for p in procs:
+            p.kill()
+        for p in procs:
+            p.wait()
 
 
 # a test using these runs whole jobs on a Dask cluster: it belongs to the slow tier

@@ -13,6 +13,8 @@ import pytest
 from pipeline import ConfigError, parse_config
 from pipeline.cluster.submit import prepare
 
+from .conftest import private_workers
+
 SLURM = {
     "kind": "slurm",
     "queue": "gpu",
@@ -350,58 +352,10 @@ def test_a_worker_that_does_not_see_the_output_folder_is_refused_in_one_line(tmp
     """Workers read and write the job's folders by path. A worker on a machine of its own (here: a
     mount namespace where the output's parent is an empty tmpfs) would fail mid-job with a
     traceback; the job refuses it at the start, in one line naming the worker and the folder."""
-    import shutil
-    import socket
-    import time
-
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        pytest.skip("needs root and unshare(1) to give a worker a filesystem view of its own")
     hidden = tmp_path / "jobs"
     hidden.mkdir()
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {hidden}"],
-        capture_output=True,
-    )
-    if probe.returncode:
-        pytest.skip("this machine does not let a mount namespace mount a tmpfs")
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    address = f"tcp://127.0.0.1:{port}"
-    scheduler = subprocess.Popen(
-        [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(port)]
-        + ["--dashboard-address", "127.0.0.1:0"],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    worker_cmd = f"{sys.executable} -m distributed.cli.dask_worker {address} --nthreads 1 --no-nanny --name alone"
-    worker = subprocess.Popen(
-        [
-            "unshare",
-            "--mount",
-            "--propagation",
-            "private",
-            "sh",
-            "-c",
-            f"mount -t tmpfs none {hidden} && exec {worker_cmd}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        from distributed import Client
-
-        deadline = time.monotonic() + 60
-        while True:  # the scheduler is up, and the worker has joined it
-            try:
-                with Client(address, timeout=5) as client:
-                    client.wait_for_workers(1, timeout=30)
-                break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        out = hidden / "out"
+    out = hidden / "out"
+    with private_workers(hidden, ["alone"]) as address:
         proc = subprocess.run(
             [sys.executable, "-m", "pipeline", "run", "--input", str(dataset_dir), "--output", str(out)]
             + ["--scheduler-address", address, "--k", "5", "-q"],
@@ -409,11 +363,6 @@ def test_a_worker_that_does_not_see_the_output_folder_is_refused_in_one_line(tmp
             text=True,
             timeout=120,
         )
-    finally:
-        worker.kill()
-        scheduler.kill()
-        worker.wait()
-        scheduler.wait()
     assert proc.returncode != 0
     assert "Traceback" not in proc.stderr
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -7,15 +7,11 @@ from __future__ import annotations
 
 import io
 import json
-import logging
-import os
 import re
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
@@ -25,31 +21,14 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.sample_data import clustered_vectors, write_shards
-from tests.test_resume import kill_when
+from tests.conftest import private_workers
+from tests.test_resume import kill_when, run_command
+from tests.test_storage import moto_s3, upload_shards
 
 pytestmark = pytest.mark.slow  # a scheduler, two workers and whole jobs in subprocesses
 
-moto_server = pytest.importorskip("moto.server", reason="moto[server] is a test dependency: pip install '.[test]'")
-boto3 = pytest.importorskip("boto3")
-
 BUCKET = "nodes"
 ROWS, PIECE = 24_000, 500  # the kill test's data: 48 one-row-group pieces
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _private_tmpfs_works(folder: Path) -> bool:
-    if os.geteuid() != 0 or not shutil.which("unshare"):
-        return False
-    probe = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f"mount -t tmpfs none {folder}"],
-        capture_output=True,
-    )
-    return probe.returncode == 0
 
 
 @pytest.fixture(scope="module")
@@ -60,104 +39,19 @@ def nodes(tmp_path_factory: pytest.TempPathFactory) -> Any:
     root = tmp_path_factory.mktemp("nodes")
     scratch = root / "scratch"
     scratch.mkdir()
-    if not _private_tmpfs_works(scratch):
-        pytest.skip("needs root, unshare(1) and a mount namespace that may mount a tmpfs (a worker of its own)")
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
-    server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    endpoint = f"http://{host}:{port}"
-    boto3.client(
-        "s3",
-        endpoint_url=endpoint,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-        region_name="us-east-1",
-    ).create_bucket(Bucket=BUCKET)
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}",
-        scheme="http",
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-    )
     local = root / "data"
     write_shards(local / "data", clustered_vectors(6000, 16, clusters=20, seed=3), shards=4, row_group_rows=750)
     write_shards(local / "many", clustered_vectors(ROWS, 32, clusters=30, seed=7), shards=4, row_group_rows=PIECE)
-    for name in ("data", "many"):
-        for f in sorted((local / name).glob("*.parquet")):
-            pafs.copy_files(str(f), f"{BUCKET}/{name}/{f.name}", destination_filesystem=fs)
-    env = {
-        **os.environ,
-        "AWS_ACCESS_KEY_ID": "testing",
-        "AWS_SECRET_ACCESS_KEY": "testing",
-        "AWS_DEFAULT_REGION": "us-east-1",
-        "AWS_ENDPOINT_URL": endpoint,
-    }
-    sport = _free_port()
-    address = f"tcp://127.0.0.1:{sport}"
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-m", "distributed.cli.dask_scheduler", "--host", "127.0.0.1", "--port", str(sport)]
-            + ["--dashboard-address", "127.0.0.1:0"],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            env=env,
-        )
-    ]
-    for name in ("w1", "w2"):
-        worker = f"{sys.executable} -m distributed.cli.dask_worker {address} --nthreads 1 --no-nanny --name {name}"
-        procs.append(
-            subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "sh", "-c"]
-                + [f"mount -t tmpfs none {scratch} && exec {worker}"],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-                env=env,
-            )
-        )
-    try:
-        from distributed import Client
-
-        deadline = time.monotonic() + 90
-        while True:
-            try:
-                with Client(address, timeout=5) as client:
-                    client.wait_for_workers(2, timeout=30)
-                break
-            except (OSError, TimeoutError):
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.5)
-        yield {"fs": fs, "local": local, "env": env, "address": address, "scratch": scratch}
-    finally:
-        for p in procs:
-            p.kill()
-        for p in procs:
-            p.wait()
-        server.stop()
-
-
-def _job(nodes: Any, data: str, output: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "run",
-        "--input",
-        data,
-        "--output",
-        output,
-        "--k",
-        "5",
-        "--exclude-self",
-        *extra,
-    ]
+    with moto_s3(BUCKET) as server:
+        for name in ("data", "many"):
+            upload_shards(server["fs"], local / name, f"{BUCKET}/{name}")
+        with private_workers(scratch, ["w1", "w2"], server["env"]) as address:
+            yield {"fs": server["fs"], "local": local, "env": server["env"], "address": address, "scratch": scratch}
 
 
 def _on_nodes(nodes: Any, data: str, output: str, *extra: str) -> list[str]:
-    return _job(
-        nodes, data, output, "--scheduler-address", nodes["address"], "--scratch-dir", str(nodes["scratch"]), *extra
+    return run_command(
+        data, output, "--scheduler-address", nodes["address"], "--scratch-dir", str(nodes["scratch"]), *extra
     )
 
 
@@ -171,9 +65,7 @@ def _objects(fs: pafs.FileSystem, prefix: str) -> list[str]:
 
 
 def _local_run(nodes: Any, name: str, out: Path, *extra: str) -> dict[int, list[int]]:
-    proc = subprocess.run(
-        _job(nodes, str(nodes["local"] / name), str(out), *extra), capture_output=True, text=True, timeout=300
-    )
+    proc = subprocess.run(run_command(nodes["local"] / name, out, *extra), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
     return _lists(pq.read_table(out / "neighbors"))
 

@@ -29,19 +29,16 @@ def many_pieces(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return d
 
 
+def run_command(data: str | Path, out: str | Path, *extra: str) -> list[str]:
+    """``run --k 5 --exclude-self`` of ``data`` into ``out`` in a process of its own, ``extra`` appended."""
+    job = [sys.executable, "-m", "pipeline", "run", "--input", str(data), "--output", str(out)]
+    return [*job, "--k", "5", "--exclude-self", *extra]
+
+
 def command(data: Path, out: Path, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "pipeline",
-        "run",
-        "--input",
-        str(data),
-        "--output",
-        str(out),
-        "--k",
-        "5",
-        "--exclude-self",
+    return run_command(
+        data,
+        out,
         "--partition-size",
         str(GROUP * DIM * 4),
         "--workers",
@@ -49,7 +46,7 @@ def command(data: Path, out: Path, *extra: str) -> list[str]:
         "--threads-per-worker",
         "1",
         *extra,
-    ]
+    )
 
 
 def kill_when(cmd: list[str], ready, timeout: float = 120.0, env: dict[str, str] | None = None) -> None:

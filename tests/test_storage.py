@@ -4,12 +4,14 @@ resumes, on another machine's empty scratch folder, to the same output."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -20,7 +22,7 @@ import pytest
 
 from pipeline import ConfigError, ResumeError, dedup, graph, run
 from pipeline.io.sample_data import clustered_vectors, write_shards
-from tests.test_resume import kill_when
+from tests.test_resume import kill_when, run_command
 
 pytestmark = pytest.mark.slow  # whole jobs (in subprocesses, on S3 or under Slurm)
 
@@ -32,37 +34,22 @@ MANY, GROUP = 60_000, 500
 KEYS = {"AWS_ACCESS_KEY_ID": "testing", "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
-    """A loopback S3 server with ``s3://knn/data`` (4,000 x 16 clustered vectors, 4 shards) and,
-    for the kill test, ``s3://knn/many`` (60,000 x 64 in 120 one-row-group pieces: an exact join
-    of several seconds, so the remote shows it part done)."""
+@contextlib.contextmanager
+def moto_s3(bucket: str) -> Iterator[dict[str, Any]]:
+    """moto's S3 server on loopback with an empty ``bucket``: its pyarrow filesystem (``fs``), its
+    ``storage_options`` (``options``) and the environment a job needs to reach it (``env``)."""
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the server's line per request
     server = moto_server.ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
     endpoint = f"http://{host}:{port}"
-    client = boto3.client(
+    boto3.client(
         "s3",
         endpoint_url=endpoint,
         aws_access_key_id="testing",
         aws_secret_access_key="testing",
         region_name="us-east-1",
-    )
-    client.create_bucket(Bucket=BUCKET)
-    fs = pafs.S3FileSystem(
-        endpoint_override=f"{host}:{port}",
-        scheme="http",
-        access_key="testing",
-        secret_key="testing",
-        region="us-east-1",
-    )
-    local = tmp_path_factory.mktemp("s3data")
-    write_shards(local / "data", clustered_vectors(4000, 16, clusters=20, seed=3), shards=4, row_group_rows=500)
-    write_shards(local / "many", clustered_vectors(MANY, 64, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
-    for name in ("data", "many"):
-        for f in sorted((local / name).glob("*.parquet")):
-            pafs.copy_files(str(f), f"{BUCKET}/{name}/{f.name}", destination_filesystem=fs)
+    ).create_bucket(Bucket=bucket)
     options = {
         "endpoint_override": f"{host}:{port}",
         "scheme": "http",
@@ -70,9 +57,34 @@ def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
         "secret_key": "testing",
         "region": "us-east-1",
     }
-    env = {**os.environ, **KEYS, "AWS_ENDPOINT_URL": endpoint}
-    yield {"fs": fs, "local": local, "options": options, "env": env}
-    server.stop()
+    try:
+        yield {
+            "fs": pafs.S3FileSystem(**options),
+            "options": options,
+            "env": {**os.environ, **KEYS, "AWS_ENDPOINT_URL": endpoint},
+        }
+    finally:
+        server.stop()
+
+
+def upload_shards(fs: pafs.FileSystem, local: Path, prefix: str) -> None:
+    """Copy the Parquet shards of folder ``local`` to ``prefix`` (``bucket/path``)."""
+    for f in sorted(local.glob("*.parquet")):
+        pafs.copy_files(str(f), f"{prefix}/{f.name}", destination_filesystem=fs)
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    """A loopback S3 server with ``s3://knn/data`` (4,000 x 16 clustered vectors, 4 shards) and,
+    for the kill test, ``s3://knn/many`` (60,000 x 64 in 120 one-row-group pieces: an exact join
+    of several seconds, so the remote shows it part done)."""
+    with moto_s3(BUCKET) as server:
+        local = tmp_path_factory.mktemp("s3data")
+        write_shards(local / "data", clustered_vectors(4000, 16, clusters=20, seed=3), shards=4, row_group_rows=500)
+        write_shards(local / "many", clustered_vectors(MANY, 64, clusters=30, seed=7), shards=4, row_group_rows=GROUP)
+        for name in ("data", "many"):
+            upload_shards(server["fs"], local / name, f"{BUCKET}/{name}")
+        yield {**server, "local": local}
 
 
 def objects(fs: pafs.FileSystem, prefix: str) -> dict[str, int]:
@@ -176,33 +188,9 @@ def test_kill_mid_join_on_s3_resumes_elsewhere_to_identical_output(s3, tmp_path)
     env = {**s3["env"], "KNN_PIPELINE_PUSH_SECONDS": "0.2"}
 
     def command(data: str, output: str, scratch: Path) -> list[str]:
-        return [
-            sys.executable,
-            "-m",
-            "pipeline",
-            "run",
-            "--input",
-            data,
-            "--output",
-            output,
-            "--k",
-            "5",
-            "--exclude-self",
-            "--index-key",
-            "IVF64,Flat",
-            "--nprobe",
-            "64",
-            "--rerank",
-            "0",
-            "--partition-size",
-            str(GROUP * 64 * 4),
-            "--workers",
-            "1",
-            "--threads-per-worker",
-            "1",
-            "--scratch-dir",
-            str(scratch),
-        ]
+        plan = ["--index-key", "IVF64,Flat", "--nprobe", "64", "--rerank", "0", "--partition-size", str(GROUP * 64 * 4)]
+        cluster = ["--workers", "1", "--threads-per-worker", "1", "--scratch-dir", str(scratch)]
+        return run_command(data, output, *plan, *cluster)
 
     kill_when(
         command(f"s3://{BUCKET}/many", f"s3://{BUCKET}/killed", tmp_path / "machine-a"),
