@@ -13,7 +13,8 @@ fraction of an H100's dense float32 rate and PCIe bandwidth, and says so.
 from __future__ import annotations
 
 import argparse
-import math
+
+from pipeline.index.choice import FIRST_LEVEL_PROBE_BIAS, QUANTIZER_NPROBE, first_level_lists
 
 CPU_GFLOPS_PER_CORE = 20.0  # the routed score stage's measured rate (see the docstring)
 CPU_CORES_PER_NODE = 64
@@ -21,11 +22,12 @@ NODE_DISK_GBPS = 2.0  # reading list groups from local NVMe or object storage, p
 NODE_NET_GBPS = 2.5  # 25 GbE: routes and partial lists between nodes
 GPU_TFLOPS = 25.0  # assumed: half of an H100's ~51 TFLOP/s dense float32 (no TF32), list-major products
 GPU_PCIE_GBPS = 25.0  # assumed: a list group copied to the device once
-QUANTIZER_NPROBE = 8  # first-level lists the two-level quantizer probes (pipeline/index/choice.py)
 GROUP_BYTES = 256 << 20  # a list group's vectors (pipeline/search/routed.py)
-# measured: a two-level assignment over 4,096 centroids (576 scored a query, d=128) ran 200,000 queries in
-# 1.07 s on 2 cores, 14 GFLOP/s a core against the score stage's 20 (docs/benchmarks.md, 2026-12-06)
-ROUTE_EFFICIENCY = 0.7
+# measured: a two-level assignment over 4,096 centroids (IVF128 first level, 4 probed: 427 scored a
+# query, d=128) assigned 420,000 queries a second to their 6 lists on 2 cores: 46 GFLOP/s, 23 a core
+# against the score stage's 20 (scripts/quantizer_benchmark.py, 2026-12-06); taken as the score stage's
+# rate. QUANTIZER_NPROBE (8) is assumed for the probes: training counts them on the data
+ROUTE_EFFICIENCY = 1.0
 
 
 def model(
@@ -35,10 +37,12 @@ def model(
     nlist = max(1, round(rows / list_rows))
     lists_bytes = rows * dim * 4
     flop_rate = (GPU_TFLOPS * 1e12) if gpu else (CPU_GFLOPS_PER_CORE * 1e9 * CPU_CORES_PER_NODE)
-    # route: the two-level coarse quantizer (pipeline/index/choice.py): n1 = sqrt(8 nlist) first-level
-    # centroids, then 8 of its lists of nlist / n1: 2 sqrt(8 nlist) centroids scored a query, at the
-    # measured ROUTE_EFFICIENCY of the score stage's rate (its lists of ~64 centroids are short products)
-    route_flops = 2 * dim * rows * 2 * math.sqrt(QUANTIZER_NPROBE * nlist)
+    # route: the two-level coarse quantizer (pipeline/index/choice.py): n1 first-level centroids
+    # (first_level_lists), then QUANTIZER_NPROBE of its lists of nlist / n1, those probed larger than
+    # the average by FIRST_LEVEL_PROBE_BIAS, at the measured ROUTE_EFFICIENCY of the score stage's rate
+    # (its lists of tens of centroids are short products)
+    n1 = first_level_lists(nlist)
+    route_flops = 2 * dim * rows * (n1 + QUANTIZER_NPROBE * FIRST_LEVEL_PROBE_BIAS * nlist / n1)
     score_flops = 2 * dim * rows * nprobe * list_rows
     route_bytes = rows * nprobe * 8
     groups = max(1, lists_bytes / GROUP_BYTES)

@@ -280,3 +280,77 @@ def test_a_list_group_task_fetches_only_its_lists(make_config, dataset_dir, tmp_
         ids = [faiss.rev_swig_ptr(x.invlists.get_ids(i), n).copy() for x in (whole, part)]
         codes = [faiss.rev_swig_ptr(x.invlists.get_codes(i), n * whole.code_size).copy() for x in (whole, part)]
         assert np.array_equal(*ids) and np.array_equal(*codes)
+
+
+def test_a_recall_computed_without_the_list_file_reads_the_row_map(make_config, dataset_dir, tmp_path):
+    """The fill saves beside the index the list each stored row went into (what a pass over every
+    list's ids finds). A recall computed from list ranks on a machine without the list file reads
+    that map and the quantizer only, never the list file, and computes what the whole index gives."""
+    import faiss
+
+    from pipeline import build
+    from pipeline.index.fill import ROW_LISTS, load_index
+    from pipeline.io import nodes as staged
+    from pipeline.search.join import SearchPlan
+    from pipeline.search.probes import neighbour_lists
+    from pipeline.search.tuning import ComputedSweep, RecallSample, _computed_points
+
+    remote = tmp_path / "remote"
+    build(make_config(input=str(dataset_dir), index_dir=str(remote), index_key="IVF16,Flat", output=None))
+    whole_index = load_index(remote, private=True)
+    whole = faiss.extract_index_ivf(whole_index)
+    stored = np.load(remote / ROW_LISTS)
+    assert len(stored) == whole.ntotal == 6000
+    assert np.array_equal(neighbour_lists(whole, np.arange(6000)), stored)
+    vectors = np.vstack([np.load(f) for f in sorted((remote / "store" / "vectors").glob("*.npy"))])
+    queries = vectors[::97]
+    scores, rows = faiss.knn(queries, vectors, 5, metric=whole.metric_type)
+    sample = RecallSample(queries, None, None, [list(r) for r in rows], scores, rows)
+    plan = SearchPlan(
+        index_dir=str(tmp_path / "machine" / "index"),
+        metric="cosine",
+        k=5,
+        nprobe=None,
+        rerank=0,
+        exclude_self=False,
+        self_join=False,
+    )
+    Path(plan.index_dir).mkdir(parents=True)
+    folder = _FolderRemote(Path(plan.index_dir), remote)
+    staged.activate([folder])
+    try:
+        points = ComputedSweep(plan=plan, sample=sample, nprobes=(1, 2, 4, 16)).run()
+    finally:
+        staged.deactivate()
+    assert sorted(folder.whole) == ["index.faiss", ROW_LISTS] and folder.ranged == 0
+    scanned = _computed_points(whole, sample)  # the lists' ids read, no map
+    assert [p.recall for p in points] == [scanned(n).recall for n in (1, 2, 4, 16)]
+    assert points[-1].recall == 1.0 and points[0].recall < 1.0
+
+
+@pytest.mark.parametrize("version", [(1, 0), (2, 0)])
+def test_a_slice_of_another_machines_array_is_read_by_range(tmp_path, version):
+    """A reduce task's partition of a map output (a structured .npy another machine wrote) is read
+    by range: the header, then its rows' bytes; the file is never fetched whole. Where the file is
+    here, the same rows come from the memory map."""
+    from pipeline.io import nodes as staged
+
+    rows = np.zeros(1000, dtype=[("a", np.int64), ("b", np.float32), ("c", np.int32)])
+    rows["a"], rows["b"], rows["c"] = np.arange(1000) * 7, np.linspace(0, 1, 1000), -np.arange(1000)
+    remote, here = tmp_path / "remote", tmp_path / "machine"
+    remote.mkdir()
+    here.mkdir()
+    with open(remote / "data.npy", "wb") as fh:
+        np.lib.format.write_array(fh, rows, version=version)
+    folder = _FolderRemote(here, remote)
+    staged.activate([folder])
+    try:
+        got = staged.npy_rows(here / "data.npy", 120, 345)
+        past = staged.npy_rows(here / "data.npy", 990, 2000)
+    finally:
+        staged.deactivate()
+    assert np.array_equal(got, rows[120:345]) and np.array_equal(past, rows[990:])
+    assert folder.whole == [] and not (here / "data.npy").exists()
+    header = (remote / "data.npy").stat().st_size - rows.nbytes
+    assert folder.ranged == 12 * 2 + 2 * header + (225 + 10) * rows.itemsize
+    assert np.array_equal(staged.npy_rows(remote / "data.npy", 120, 345), rows[120:345])  # a file here

@@ -33,6 +33,8 @@ __all__ = [
     "is_ivf_flat",
     "list_bytes_read",
     "LIST_MAJOR_MIN_QUERIES",
+    "first_level_probes",
+    "row_list_map",
 ]
 
 _reads = threading.local()  # bytes of inverted lists this thread's searches walked
@@ -142,6 +144,34 @@ def coarse_assign(quantizer: faiss.Index, x: np.ndarray, nprobe: int) -> np.ndar
     return lists
 
 
+# a two-level quantizer probes the fewest first-level lists with which rows find this share of
+# their CHECKED_LISTS nearest lists (those one product against every centroid finds)
+FIRST_LEVEL_TARGET = 0.995
+CHECKED_LISTS = 32
+
+
+def first_level_probes(nested: faiss.IndexIVFFlat, centroids: np.ndarray, x: np.ndarray) -> int:
+    """The first-level lists a two-level quantizer (``nested``: the ``centroids`` in an IVF-Flat
+    index of their own) must probe for rows ``x`` to find :data:`FIRST_LEVEL_TARGET` of their
+    :data:`CHECKED_LISTS` nearest lists: 1, 2, 3, 4, 6, 8, ... until they do (all of them at
+    worst). How many it takes depends on the data: where the first-level lists span several
+    clusters their centroids fall between them, and a row's nearest list can sit in its 9th
+    nearest first-level list; elsewhere 2 or 4 do. The same rows give the same count."""
+    depth = min(CHECKED_LISTS, len(centroids))
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    truth = faiss.knn(x, np.ascontiguousarray(centroids, dtype=np.float32), depth, metric=nested.metric_type)[1]
+    n1 = int(nested.nlist)
+    probes = 1
+    while probes < n1:
+        before = list_bytes_read()
+        _, found = list_major_search(nested, x, depth, probes)
+        _reads.bytes = before  # centroids, not an index's lists
+        if (found[:, :, None] == truth[:, None, :]).any(axis=2).mean() >= FIRST_LEVEL_TARGET:
+            return probes
+        probes = max(probes + 1, probes * 3 // 2)
+    return n1
+
+
 def add_with_assignments(
     index: faiss.Index, x: np.ndarray, ids: np.ndarray | None, assign: Any, rows_per_batch: int
 ) -> None:
@@ -226,6 +256,25 @@ def walk_lists(
                 )
     heap.finalize()
     return heap.D, heap.I
+
+
+def row_list_map(ivf: faiss.IndexIVF) -> np.ndarray:
+    """``int32`` by id: the list each id stored in ``ivf`` was filled into, ``-1`` for ids it does
+    not hold (up to its largest id). One pass over the lists' ids, a list at a time (views of the
+    memory map), never the codes: the index keeps no map from id to list of its own."""
+    invlists = ivf.invlists
+    assert invlists is not None
+    sizes = [int(invlists.list_size(i)) for i in range(int(ivf.nlist))]
+
+    def ids(number: int) -> np.ndarray:
+        return faiss.rev_swig_ptr(invlists.get_ids(number), sizes[number])
+
+    top = max((int(ids(i).max()) for i, size in enumerate(sizes) if size), default=-1)
+    out = np.full(top + 1, -1, dtype=np.int32)
+    for number, size in enumerate(sizes):
+        if size:
+            out[ids(number)] = number
+    return out
 
 
 def is_ivf_flat(index: faiss.Index) -> bool:

@@ -13,11 +13,11 @@ the measurements behind each rule are in docs/benchmarks.md):
   power of two nearest ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``) until ``n / LIST_ROWS`` reaches
   ``TWO_LEVEL_MIN_LISTS`` (about 3M rows); from there the power of two nearest ``n / LIST_ROWS``,
   so lists stop growing and a query's scan keeps its size as ``n`` grows, behind a two-level
-  coarse quantizer, ``IVF{nlist}(IVF{n1},Flat),Flat`` with ``n1`` about ``sqrt(8 * nlist)``: the
-  centroids in an IVF-Flat index of their own, trained by two-level k-means and probed at
-  ``QUANTIZER_NPROBE`` of its lists, so assigning a row scores ``n1 + 8 * nlist / n1`` centroids,
-  not ``nlist``. Below that a flat quantizer over ``sqrt(n)`` lists is cheaper (2M x 128:
-  ``IVF1024`` 71 s, ``IVF2048`` with either quantizer 84-86 s).
+  coarse quantizer, ``IVF{nlist}(IVF{n1},Flat),Flat`` with ``n1`` about ``sqrt(16 * nlist)``
+  (:func:`first_level_lists`): the centroids in an IVF-Flat index of their own, trained by two-level
+  k-means and probing as many of its lists as training finds its rows need, so assigning a row
+  scores hundreds of centroids, not ``nlist``. Below that a flat quantizer over ``sqrt(n)``
+  lists is cheaper (2M x 128: ``IVF1024`` 71 s, ``IVF2048`` with either quantizer 84-86 s).
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
@@ -90,7 +90,16 @@ LIST_ROWS = 1024
 # with BLAS by pipeline.backends.lists.coarse_assign, trained by two-level k-means) from this many lists;
 # below, sqrt(n) lists behind a flat quantizer cost less (2M x 128: 71 s against 84-86 s)
 TWO_LEVEL_MIN_LISTS = 4096
-QUANTIZER_NPROBE = 8  # first-level lists a two-level quantizer probes
+# first-level lists a two-level quantizer probes until its training counts what its rows need
+# (pipeline.backends.lists.first_level_probes); the plan's estimates assume it
+QUANTIZER_NPROBE = 8
+# a two-level quantizer's first-level lists hold at least this many centroids (a few probed put
+# hundreds of lists within a query's reach)
+FIRST_LEVEL_MIN_CENTROIDS = 32
+# how much larger than the average first-level list the ones a row probes are: rows fall more often
+# near the dense regions, whose lists hold more centroids (4M x 128 of sample-data, IVF4096: the lists
+# probed held 1.3x to 2.5x the average, with 256 to 64 first-level lists; scripts/quantizer_benchmark.py)
+FIRST_LEVEL_PROBE_BIAS = 2
 MIN_POINTS_PER_LIST = 10  # below this k-means is noise: refuse
 GOOD_POINTS_PER_LIST = 39  # faiss's own advice: warn below
 GPU_INDEX_SHARE = 0.4  # of a GPU's free memory an IVF-Flat/float16 index may take (search batches need the rest)
@@ -165,10 +174,15 @@ def _flat_key(n: int) -> str:
 
 def first_level_lists(nlist: int) -> int:
     """First-level lists of a two-level quantizer over ``nlist`` centroids: the power of two nearest
-    ``sqrt(QUANTIZER_NPROBE * nlist)``, which minimises the centroids scored a row
-    (``n1 + QUANTIZER_NPROBE * nlist / n1``), halved until each holds 64 centroids to train on."""
-    n1 = _pow2(math.sqrt(QUANTIZER_NPROBE * nlist))
-    while n1 > 1 and nlist / n1 < SAMPLE_POINTS_PER_LIST:
+    ``sqrt(FIRST_LEVEL_PROBE_BIAS * QUANTIZER_NPROBE * nlist)``, which minimises the centroids scored
+    a row (``n1 + QUANTIZER_NPROBE * FIRST_LEVEL_PROBE_BIAS * nlist / n1``: the lists probed are larger
+    than the average), halved until each holds ``FIRST_LEVEL_MIN_CENTROIDS``.
+
+    At 4M x 128 (4,096 lists), training probes 4 of 128 first-level lists: 427 centroids scored a
+    row, where 8 of 64 scored 1,357, both finding the 6 nearest lists of 20,000 rows as all 4,096
+    centroids do (``scripts/quantizer_benchmark.py``)."""
+    n1 = _pow2(math.sqrt(FIRST_LEVEL_PROBE_BIAS * QUANTIZER_NPROBE * nlist))
+    while n1 > 1 and nlist / n1 < FIRST_LEVEL_MIN_CENTROIDS:
         n1 //= 2
     return n1
 
@@ -342,8 +356,9 @@ def make_index(key: str, d: int, metric: Metric) -> faiss.Index:
 
 
 def _set_quantizer_nprobe(index: faiss.Index) -> None:
-    """A two-level quantizer probes ``QUANTIZER_NPROBE`` of its first-level lists (FAISS's default
-    is 1, too few to find a row's nearest centroid reliably); saved with the index."""
+    """A two-level quantizer probes ``QUANTIZER_NPROBE`` of its first-level lists until training
+    counts what its rows need (FAISS's default is 1, too few to find a row's nearest centroid
+    reliably); saved with the index."""
     ivf = ivf_of(index)
     nested = faiss.downcast_index(ivf.quantizer) if ivf is not None else None
     if isinstance(nested, faiss.IndexIVF):

@@ -34,6 +34,7 @@ import numpy as np
 from faiss.contrib.ondisk import merge_ondisk
 
 from pipeline.backends.kernels import ivf_of
+from pipeline.backends.lists import row_list_map
 from pipeline.backends.worker import worker_device
 from pipeline.errors import ResumeError
 from pipeline.index.choice import encoding_key
@@ -49,7 +50,7 @@ from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.runner import result_of, run_tasks, submit
 
-__all__ = ["fill_mode", "fill_index", "load_index", "read_cached", "FillRecord"]
+__all__ = ["fill_mode", "fill_index", "load_index", "load_lists", "read_cached", "row_lists", "FillRecord", "ROW_LISTS"]
 
 log = logging.getLogger(__name__)
 
@@ -126,6 +127,20 @@ def load_index(index_dir: str | os.PathLike[str], *, private: bool = False) -> f
         with _faiss_quiet():
             return faiss.read_index(str(fetched(d / "index.faiss")), faiss.IO_FLAG_ONDISK_SAME_DIR)
     return read_cached(d / "index.faiss", faiss.IO_FLAG_ONDISK_SAME_DIR if ondisk else 0)
+
+
+ROW_LISTS = "row_lists.npy"  # beside an index with on-disk lists: the list of each stored row (by id)
+
+
+def row_lists(index_dir: str | os.PathLike[str]) -> np.ndarray | None:
+    """The list each stored row of ``index_dir``'s index was filled into (memory-mapped, by id;
+    :func:`pipeline.backends.lists.row_list_map`), where the fill wrote one (on-disk lists, since
+    this map was added); None otherwise. 4 bytes a row: a recall computed from list ranks reads it
+    instead of every list's ids, so a machine staging per node fetches it, not the list file."""
+    path = Path(index_dir) / ROW_LISTS
+    if not nodes.present(path):
+        return None
+    return np.load(fetched(path), mmap_mode="r")
 
 
 def load_lists(index_dir: str | os.PathLike[str], first: int, last: int) -> faiss.Index:
@@ -242,6 +257,8 @@ class MergeTask:
                 # the index names its list file: the final name (readers find it beside index.faiss)
                 lists: Any = faiss.downcast_InvertedLists(faiss.extract_index_ivf(index).invlists)  # type: ignore[arg-type]
                 lists.filename = str(ivfdata)
+            with atomic_path(d / ROW_LISTS) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, row_list_map(faiss.extract_index_ivf(index)))
         else:
             for part in parts:
                 index.merge_from(faiss.read_index(part), 0)
@@ -291,7 +308,9 @@ def fill_index(
         )
         fut = submit(client, merge, "fill")
         ntotal = int(result_of(fut))
-    written = [index_dir / "index.faiss"] + ([index_dir / "index.ivfdata"] if mode == "ondisk" else [])
+    written = [index_dir / "index.faiss"] + (
+        [index_dir / "index.ivfdata", index_dir / ROW_LISTS] if mode == "ondisk" else []
+    )
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new
     # pieces and merges again; they hold the codes once more, small beside the row store

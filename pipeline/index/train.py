@@ -13,7 +13,7 @@ import numpy as np
 from faiss.contrib.clustering import two_level_clustering
 
 from pipeline.backends.kernels import ivf_of
-from pipeline.backends.lists import two_level
+from pipeline.backends.lists import first_level_probes, two_level
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import make_encoder
 from pipeline.index.sampling import load_sample, sample_rows
@@ -82,12 +82,17 @@ def _transformed(index: faiss.Index) -> bool:
     return isinstance(faiss.downcast_index(index), faiss.IndexPreTransform)
 
 
+FIRST_LEVEL_CHECK_ROWS = 4096  # training rows on which a two-level quantizer's probes are counted
+
+
 def train_two_level(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
     """Train an IVF index's two-level quantizer on ``x``: FAISS's two-level k-means (``sqrt(nlist)``
     clusters, then each split into lists in proportion to its rows), whose cost grows with
     ``sqrt(nlist)`` where one k-means into ``nlist`` grows with ``nlist``; the centroids then fill
-    the quantizer's own IVF-Flat index. Inner-product indexes cluster on the sphere, as FAISS's
-    own IVF training does."""
+    the quantizer's own IVF-Flat index, which then probes as many of its lists as
+    :func:`pipeline.backends.lists.first_level_probes` finds it takes, on up to
+    ``FIRST_LEVEL_CHECK_ROWS`` of ``x`` drawn with ``seed``. Inner-product indexes cluster on the
+    sphere, as FAISS's own IVF training does."""
     nested = two_level(ivf.quantizer)
     assert nested is not None
     spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
@@ -95,8 +100,11 @@ def train_two_level(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
         np.ascontiguousarray(x, dtype=np.float32), int(nested.nlist), int(ivf.nlist), seed=seed, spherical=spherical
     )
     nested.cp.seed = seed
+    nested.cp.min_points_per_centroid = 1  # ~32 centroids a first-level list (choice.first_level_lists): by design
     nested.train(centroids)
     nested.add(centroids)
+    check = np.random.default_rng(seed).choice(len(x), min(len(x), FIRST_LEVEL_CHECK_ROWS), replace=False)
+    nested.nprobe = first_level_probes(nested, centroids, x[np.sort(check)])
 
 
 def train_index(

@@ -27,6 +27,7 @@ then it fetches the rest and works as on one machine.
 from __future__ import annotations
 
 import fnmatch
+import io
 import os
 import threading
 from collections.abc import Iterable, Iterator
@@ -34,6 +35,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
+
+import numpy as np
 
 __all__ = [
     "Remote",
@@ -49,6 +52,7 @@ __all__ = [
     "listed",
     "children",
     "source",
+    "npy_rows",
     "moved",
     "dropped_below",
     "known",
@@ -200,6 +204,31 @@ def source(path: str | os.PathLike[str]) -> Any:
         return str(path)
     hit = _find(path)
     return str(path) if hit is None else hit[0].open(hit[1])
+
+
+def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
+    """Rows ``[lo, hi)`` of the 1-d array saved at ``.npy`` ``path``: read from the memory map
+    where the file is here (or is not staged per node); staged per node and not here, by ranged
+    reads of the remote object (its header, then those rows' bytes), so a task that wants its
+    slice of another machine's file moves that slice, not the file."""
+    hit = None if os.path.exists(path) else _find(path)
+    if hit is None:
+        return np.array(np.load(fetched(path), mmap_mode="r")[lo:hi])
+    remote = hit[0].open(hit[1])
+    start = remote.read_at(12, 0)
+    version = np.lib.format.read_magic(io.BytesIO(start))
+    length = int.from_bytes(start[8:10] if version == (1, 0) else start[8:12], "little")
+    head = io.BytesIO(remote.read_at(length + (10 if version == (1, 0) else 12), 0))
+    np.lib.format.read_magic(head)
+    shape, fortran, dtype = (
+        np.lib.format.read_array_header_1_0(head) if version == (1, 0) else np.lib.format.read_array_header_2_0(head)
+    )
+    if len(shape) != 1 or fortran or dtype.hasobject:
+        raise ValueError(f"{path}: not a 1-d array of plain values")
+    lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))
+    data = remote.read_at((hi - lo) * dtype.itemsize, head.tell() + lo * dtype.itemsize) if hi > lo else b""
+    count("ranged", len(start) + head.tell() + len(data))
+    return np.frombuffer(data, dtype=dtype).copy()
 
 
 def children(directory: str | os.PathLike[str]) -> list[Path]:

@@ -76,7 +76,7 @@ OUTPUT_NAMES = frozenset(
 )
 # everything build writes in an index directory
 INDEX_NAMES = frozenset(
-    {"manifest.json", "index.faiss", "index.ivfdata", "trained.faiss", "store", "parts", "config.yaml"}
+    {"manifest.json", "index.faiss", "index.ivfdata", "row_lists.npy", "trained.faiss", "store", "parts", "config.yaml"}
 )
 
 

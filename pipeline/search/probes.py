@@ -15,7 +15,7 @@ from __future__ import annotations
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import coarse_assign, two_level
+from pipeline.backends.lists import coarse_assign, row_list_map, two_level
 
 __all__ = ["neighbour_lists", "list_ranks", "hits_at"]
 
@@ -23,27 +23,18 @@ RANK_BLOCK_BYTES = 32 << 20  # working memory for one block of queries' probe or
 RANK_DEPTH = 2048  # lists ranked per query through a two-level quantizer: past any nprobe tuned (probe_steps)
 
 
-def neighbour_lists(ivf: faiss.IndexIVF, rows: np.ndarray) -> np.ndarray:
+def neighbour_lists(ivf: faiss.IndexIVF, rows: np.ndarray, row_lists: np.ndarray | None = None) -> np.ndarray:
     """The list each of ``rows`` (ids stored in the index) was filled into; -1 where absent.
 
-    One pass over the lists' ids (views of the memory map, a list at a time): the index keeps no
-    map from id to list, and assigning the rows again could place a near-tie elsewhere."""
+    ``row_lists``: the fill's map from id to list (saved beside the index), read at ``rows`` only;
+    else made from the lists' ids (:func:`pipeline.backends.lists.row_list_map`). Assigning the
+    rows again instead could place a near-tie elsewhere."""
+    lists = row_list_map(ivf) if row_lists is None else row_lists
     flat = np.asarray(rows, dtype=np.int64).ravel()
-    wanted = np.unique(flat[flat >= 0])
-    found = np.full(len(wanted), -1, dtype=np.int64)
-    invlists = ivf.invlists
-    assert invlists is not None
-    if len(wanted):
-        for number in range(int(ivf.nlist)):
-            size = invlists.list_size(number)
-            if size == 0:
-                continue
-            ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
-            at = np.minimum(np.searchsorted(wanted, ids), len(wanted) - 1)
-            found[at[wanted[at] == ids]] = number
+    inside = (flat >= 0) & (flat < len(lists))
     out = np.full(flat.shape, -1, dtype=np.int64)
-    valid = flat >= 0
-    out[valid] = found[np.searchsorted(wanted, flat[valid])]
+    wanted = np.unique(flat[inside])  # sorted: a memory-mapped map is read in order, once a row
+    out[inside] = np.asarray(lists[wanted], dtype=np.int64)[np.searchsorted(wanted, flat[inside])]
     return out.reshape(np.shape(rows))
 
 

@@ -21,6 +21,7 @@ from pipeline.backends.lists import coarse_centroids, is_ivf_flat
 from pipeline.backends.worker import worker_device
 from pipeline.errors import PipelineError
 from pipeline.index.choice import has_exact_codes
+from pipeline.index.fill import load_lists, row_lists
 from pipeline.index.shape import index_shape
 from pipeline.io.store import GatherRows, RowStore
 from pipeline.kinds import Metric
@@ -375,13 +376,19 @@ def _refine(
     return high
 
 
-def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[int], target: float) -> list[TunePoint]:
+def _computed_walk(
+    ivf: faiss.IndexIVF,
+    sample: RecallSample,
+    probes: Sequence[int],
+    target: float,
+    lists_of_rows: np.ndarray | None = None,
+) -> list[TunePoint]:
     """The walk of :func:`_walk` for IVF-Flat, each setting's recall computed from the true
     neighbours' list ranks (:mod:`pipeline.search.probes`) rather than searched: powers of two
     until one passes, then bisection down to the smallest passing nprobe (not three steps: each
     point costs microseconds). The points carry no search time (``computed``)."""
     points: list[TunePoint] = []
-    compute = _computed_points(ivf, sample)
+    compute = _computed_points(ivf, sample, lists_of_rows)
 
     def measure(nprobe: int) -> TunePoint:
         points.append(compute(nprobe))
@@ -398,13 +405,16 @@ def _computed_walk(ivf: faiss.IndexIVF, sample: RecallSample, probes: Sequence[i
     return points
 
 
-def _computed_points(ivf: faiss.IndexIVF, sample: RecallSample) -> Callable[[int], TunePoint]:
+def _computed_points(
+    ivf: faiss.IndexIVF, sample: RecallSample, lists_of_rows: np.ndarray | None = None
+) -> Callable[[int], TunePoint]:
     """A function of nprobe giving the recall an IVF-Flat search at that nprobe would have on
     ``sample``, computed from the true neighbours' list ranks: a true neighbour is found exactly
     when its list is among the nprobe probed (exact codes rank it above every other candidate).
-    It reads the lists' ids and the centroids, never the stored vectors."""
+    It reads the centroids and where each true neighbour was filled (``lists_of_rows``, else the
+    lists' ids), never the stored vectors."""
     assert sample.truth_rows is not None
-    ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows))
+    ranks = list_ranks(ivf, sample.vectors, neighbour_lists(ivf, sample.truth_rows, lists_of_rows))
     n_valid = (~np.isnan(sample.truth_scores)).sum(axis=1)
     k = sample.truth_scores.shape[1]
 
@@ -427,11 +437,21 @@ class ComputedSweep:
     nprobes: tuple[int, ...]
 
     def run(self) -> list[TunePoint]:
-        index = shared_index(self.plan)
-        assert index is not None
+        index, lists_of_rows = _ranked_index(self.plan)
         with worker_device():  # the quantizer's search on the worker's threads
-            point = _computed_points(faiss.extract_index_ivf(index), self.sample)
+            point = _computed_points(faiss.extract_index_ivf(index), self.sample, lists_of_rows)
             return [point(n) for n in self.nprobes]
+
+
+def _ranked_index(plan: SearchPlan) -> tuple[faiss.Index, np.ndarray | None]:
+    """The plan's index for a recall computed from list ranks, with the fill's map from row to list
+    where it wrote one: then without the lists' contents (:func:`pipeline.index.fill.load_lists`
+    of no list: a machine staging per node fetches the quantizer and the map, not the list file);
+    else whole, its lists' ids read to find the rows."""
+    lists_of_rows = row_lists(plan.index_dir)
+    index = load_lists(plan.index_dir, 0, 0) if lists_of_rows is not None else shared_index(plan)
+    assert index is not None
+    return index, lists_of_rows
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -448,17 +468,12 @@ class TuneTask:
 
     def run(self) -> list[TunePoint]:
         plan, sample, factors, target = self.plan, self.sample, self.factors, self.target
-        index = shared_index(plan)
         steps = [p for p in self.probes if p is not None]
-        if (
-            index is not None
-            and is_ivf_flat(index)
-            and tuple(factors) == (0,)
-            and len(steps) > 1
-            and sample.truth_rows is not None
-        ):
-            with worker_device():  # the quantizer's search on the worker's threads
-                return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target)
+        if plan.strategy != "exact" and tuple(factors) == (0,) and len(steps) > 1 and sample.truth_rows is not None:
+            index, lists_of_rows = _ranked_index(plan)
+            if is_ivf_flat(index):
+                with worker_device():  # the quantizer's search on the worker's threads
+                    return _computed_walk(faiss.extract_index_ivf(index), sample, steps, target, lists_of_rows)
 
         def point(nprobe: int | None, rerank: int) -> TunePoint:
             return _point(plan, self.index_store, sample, nprobe, rerank)

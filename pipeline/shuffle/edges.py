@@ -25,7 +25,7 @@ import pyarrow.parquet as pq
 
 from pipeline.io.atomic import atomic_path, write_npz
 from pipeline.io.layout import in_holes
-from pipeline.io.nodes import fetched
+from pipeline.io.nodes import fetched, npy_rows
 from pipeline.kinds import Metric
 
 __all__ = [
@@ -189,8 +189,8 @@ def read_partition(sources: Sequence[str | os.PathLike[str]], part: int, names: 
         if part + 1 >= len(bounds):  # written before the input grew: nothing for the new partitions
             continue
         lo, hi = int(bounds[part]), int(bounds[part + 1])
-        if hi > lo:
-            block = np.load(fetched(d / "data.npy"), mmap_mode="r")[lo:hi]
+        if hi > lo:  # this partition's rows only: staged per node, a ranged read of another machine's file
+            block = npy_rows(d / "data.npy", lo, hi)
             for n in names:
                 out[n].append(np.array(block[n]))
     return {n: np.concatenate(v) if v else np.zeros(0) for n, v in out.items()}
