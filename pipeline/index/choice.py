@@ -289,7 +289,8 @@ def explain_index_key(
         nested = two_level(ivf.quantizer)
         coarse = (
             f"; its {nlist:,} centroids are found through a two-level quantizer (IVF{nested.nlist} over them, "
-            f"{nested.nprobe} probed: about {coarse_centroids(ivf):,.0f} scored a row instead of all)"
+            f"probing as many of them as training finds its rows need: about {coarse_centroids(ivf):,.0f} "
+            f"centroids scored a row at {nested.nprobe} probed, instead of all)"
             if nested is not None
             else ""
         )

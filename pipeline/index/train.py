@@ -13,7 +13,7 @@ import numpy as np
 from faiss.contrib.clustering import two_level_clustering
 
 from pipeline.backends.kernels import ivf_of
-from pipeline.backends.lists import first_level_probes, two_level
+from pipeline.backends.lists import coarse_centroids, first_level_probes, two_level
 from pipeline.backends.worker import worker_device
 from pipeline.index.choice import make_encoder
 from pipeline.index.sampling import load_sample, sample_rows
@@ -71,6 +71,12 @@ class TrainTask:
                 if ivf is not None and two_level(ivf.quantizer) is not None and not _transformed(index):
                     progress.note(f"two-level k-means into {ivf.nlist:,} lists on {n:,} rows")
                     train_two_level(ivf, sample, self.seed)
+                    nested = two_level(ivf.quantizer)
+                    assert nested is not None
+                    progress.note(
+                        f"the two-level quantizer probes {nested.nprobe} of its {nested.nlist} first-level lists "
+                        f"(about {coarse_centroids(ivf):,.0f} centroids scored a row)"
+                    )
                 be.train(index, sample)  # the codes (the coarse quantizer, trained above, is kept)
             progress.note("writing the trained index")
         with atomic_path(self.out) as tmp:
