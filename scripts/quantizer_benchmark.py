@@ -20,8 +20,8 @@ import faiss
 import numpy as np
 import pyarrow.parquet as pq
 
-from pipeline.backends.lists import coarse_assign, first_level_probes
-from pipeline.index.train import FIRST_LEVEL_CHECK_ROWS, train_two_level
+from pipeline.backends.lists import coarse_assign
+from pipeline.index.train import fill_first_level, train_two_level
 
 
 def _rows(files: list[Path], count: int, skip: int) -> np.ndarray:
@@ -82,14 +82,9 @@ def main() -> None:
     )
     for n1 in args.first_level:
         first = faiss.IndexIVFFlat(faiss.IndexFlat(d, ivf.metric_type), d, n1, ivf.metric_type)
-        first.cp.seed = 1234
-        first.cp.min_points_per_centroid = 1
-        first.train(centroids)
-        first.add(centroids)
+        fill_first_level(first, centroids, sample, seed=1234)  # as training does, its probes counted
         sizes = np.array([first.invlists.list_size(i) for i in range(n1)])
-        check = np.random.default_rng(1234).choice(len(sample), FIRST_LEVEL_CHECK_ROWS, replace=False)
-        chosen = first_level_probes(first, centroids, sample[np.sort(check)])
-        print(f"{n1} first-level lists: training would probe {chosen}")
+        print(f"{n1} first-level lists: training would probe {first.nprobe}")
         for probes in args.probes:
             first.nprobe = probes
             scored = n1 + sizes[first.quantizer.search(x[:20_000], probes)[1]].sum(axis=1).mean()

@@ -105,6 +105,13 @@ def train_two_level(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
     centroids, _ = two_level_clustering(
         np.ascontiguousarray(x, dtype=np.float32), int(nested.nlist), int(ivf.nlist), seed=seed, spherical=spherical
     )
+    fill_first_level(nested, centroids, x, seed)
+
+
+def fill_first_level(nested: faiss.IndexIVFFlat, centroids: np.ndarray, x: np.ndarray, seed: int) -> None:
+    """Train the first level of a two-level quantizer (``nested``) on the ``centroids`` with
+    ``seed``, add them, and set its ``nprobe`` to what :func:`first_level_probes` counts on up to
+    ``FIRST_LEVEL_CHECK_ROWS`` of the rows ``x``, drawn with ``seed``."""
     nested.cp.seed = seed
     nested.cp.min_points_per_centroid = 1  # ~32 centroids a first-level list (choice.first_level_lists): by design
     nested.train(centroids)

@@ -207,13 +207,14 @@ def source(path: str | os.PathLike[str]) -> Any:
 
 
 def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
-    """Rows ``[lo, hi)`` of the 1-d array saved at ``.npy`` ``path``: read from the memory map
-    where the file is here (or is not staged per node); staged per node and not here, by ranged
-    reads of the remote object (its header, then those rows' bytes), so a task that wants its
-    slice of another machine's file moves that slice, not the file."""
+    """Rows ``[lo, hi)`` of the 1-d array saved at ``.npy`` ``path``, read-only (callers copy what
+    they keep): a view of the memory map where the file is here (or is not staged per node);
+    staged per node and not here, read by range from the remote object (its header, then those
+    rows' bytes), so a task that wants its slice of another machine's file moves that slice, not
+    the file."""
     hit = None if os.path.exists(path) else _find(path)
     if hit is None:
-        return np.array(np.load(fetched(path), mmap_mode="r")[lo:hi])
+        return np.load(fetched(path), mmap_mode="r")[lo:hi]
     remote = hit[0].open(hit[1])
     start = remote.read_at(12, 0)
     version = np.lib.format.read_magic(io.BytesIO(start))
@@ -228,7 +229,7 @@ def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
     lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))
     data = remote.read_at((hi - lo) * dtype.itemsize, head.tell() + lo * dtype.itemsize) if hi > lo else b""
     count("ranged", len(start) + head.tell() + len(data))
-    return np.frombuffer(data, dtype=dtype).copy()
+    return np.frombuffer(data, dtype=dtype)
 
 
 def children(directory: str | os.PathLike[str]) -> list[Path]:
