@@ -12,9 +12,15 @@ import pytest
 
 from pipeline import run
 from pipeline.backends.cpu import CpuBackend
-from pipeline.backends.lists import coarse_assign, list_major_search, row_list_map, two_level
-from pipeline.index.choice import make_index
-from pipeline.index.train import train_two_level
+from pipeline.backends.lists import coarse_assign, list_major_search, row_list_map, scored_centroids, two_level
+from pipeline.index.choice import first_level_choices, first_level_lists, make_index
+from pipeline.index.train import (
+    cheapest,
+    fill_first_level,
+    train_two_level,
+    two_level_centroids,
+    weigh_first_levels,
+)
 from pipeline.io.sample_data import clustered_vectors
 from pipeline.search.probes import hits_at, list_ranks, neighbour_lists
 from pipeline.search.recall import tie_aware_hits
@@ -85,6 +91,73 @@ def test_the_quantizer_probes_few_first_level_lists_where_few_find_them():
     ivf = _two_level_index(x, 256, 8, faiss.METRIC_L2)
     nested = two_level(ivf.quantizer)
     assert nested is not None and nested.nprobe < 8
+
+
+def test_training_weighs_first_level_sizes_and_keeps_the_one_scoring_fewest_centroids():
+    """An auto plan's training weighs first levels of several sizes over the same centroids: each
+    with the probes its rows need, counted; it keeps the one that scores the fewest centroids a
+    row, which on held-out rows scores about the fewest too and finds their nearest lists. On 8
+    clusters that is not the rule's size (the set where 8 probed were too many)."""
+    x, q = np.split(clustered_vectors(45_000, 24, clusters=8, seed=5), [40_000])  # q: held out
+    owner = make_index("IVF512(IVF16,Flat),Flat", 24, "l2")
+    ivf = faiss.downcast_index(owner)
+    centroids = two_level_centroids(ivf, x, 0)
+    choices = first_level_choices(512)
+    assert choices[0] == first_level_lists(512) and len(choices) == 4 and 512 // choices[0] >= 16
+    weighed = weigh_first_levels(centroids, x, 0, faiss.METRIC_L2, choices)
+    assert [w.lists for w in weighed] == list(choices)
+    assert weighed == weigh_first_levels(centroids, x, 0, faiss.METRIC_L2, choices)  # counted: the same again
+    kept = cheapest(weighed)
+    assert kept.scored == min(w.scored for w in weighed) and kept.lists != choices[0]
+    distances, exact = faiss.knn(q, centroids, 2)
+    clear = distances[:, 1] - distances[:, 0] > 1e-4  # no near-tie for the nearest centroid
+    held_out = {}
+    for w in weighed:
+        first = faiss.IndexIVFFlat(faiss.IndexFlat(24), 24, w.lists)
+        fill_first_level(first, centroids, x, 0)
+        assert first.nprobe == w.probes
+        _, found = list_major_search(first, q, 1, int(first.nprobe))
+        held_out[w.lists] = (scored_centroids(first, q), (found[clear, 0] == exact[clear, 0]).mean())
+        assert held_out[w.lists][0] < 512  # every first level scores fewer centroids than all of them
+    assert held_out[kept.lists][0] <= 1.2 * min(cost for cost, _ in held_out.values())
+    assert held_out[kept.lists][1] > 0.99
+
+
+def test_scored_centroids_counts_the_first_level_and_the_lists_probed():
+    x = clustered_vectors(8_000, 16, seed=2)
+    centroids = x[:256].copy()
+    first = faiss.IndexIVFFlat(faiss.IndexFlat(16), 16, 8)
+    fill_first_level(first, centroids, x, 0)
+    first.nprobe = 8
+    assert scored_centroids(first, x[:100]) == 8 + 256  # all probed: every centroid scored
+    first.nprobe = 1
+    sizes = np.array([first.invlists.list_size(i) for i in range(8)])
+    nearest = first.quantizer.search(x[:100], 1)[1][:, 0]
+    assert scored_centroids(first, x[:100]) == pytest.approx(8 + sizes[nearest].mean())
+
+
+def test_an_auto_two_level_plan_keeps_the_first_level_training_chose(make_config, tmp_path, monkeypatch):
+    """The auto plan's key says the first level training kept, in the report, the index file and
+    the manifest; a rerun resumes with it; a key the user gives is trained as given."""
+    from pipeline.index import choice
+    from pipeline.io.sample_data import write_shards
+
+    monkeypatch.setattr(choice, "LIST_ROWS", 64)  # 40,000 rows -> 512 lists of ~78 rows, behind two levels
+    monkeypatch.setattr(choice, "TWO_LEVEL_MIN_LISTS", 512)
+    data = tmp_path / "data"
+    write_shards(data, clustered_vectors(40_000, 24, clusters=8, seed=5), shards=2, row_group_rows=5000)
+    common = dict(input=str(data), k=10, exclude_self=True, metric="l2", recall_queries=300)
+    report = run(make_config(output=str(tmp_path / "auto"), **common))
+    key = report.index.key
+    n1 = int(key.split("(IVF")[1].split(",")[0])
+    assert key.startswith("IVF512(IVF") and n1 in first_level_choices(512)
+    assert report.recall is not None and report.recall.met
+    stored = faiss.read_index(str(tmp_path / "auto" / "index" / "index.faiss"), faiss.IO_FLAG_MMAP)
+    assert faiss.downcast_index(faiss.extract_index_ivf(stored).quantizer).nlist == n1
+    again = run(make_config(output=str(tmp_path / "auto"), **common))
+    assert again.index.key == key
+    given = run(make_config(output=str(tmp_path / "given"), index_key="IVF512(IVF32,Flat),Flat", **common))
+    assert given.index.key == "IVF512(IVF32,Flat),Flat"
 
 
 def test_two_level_training_is_seeded_and_fills_the_quantizer():

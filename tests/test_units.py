@@ -114,8 +114,8 @@ def test_default_index_rule(n, d, key):
     [
         (1_000_000, 128, "IVF1024,Flat"),
         (2_000_000, 128, "IVF1024,Flat"),  # below 4,096 bounded lists: sqrt(n) lists, flat quantizer
-        (3_000_000, 128, "IVF4096(IVF128,Flat),Flat"),
-        (4_000_000, 128, "IVF4096(IVF128,Flat),Flat"),
+        (3_000_000, 128, "IVF4096(IVF256,Flat),Flat"),  # before training weighs 256 to 32 first-level lists
+        (4_000_000, 128, "IVF4096(IVF256,Flat),Flat"),
         (16_000_000, 64, "IVF16384(IVF512,Flat),Flat"),
         (256_000_000, 64, "IVF32768,SQ8"),  # 64 GiB of float32 lists: past the 32 GiB of memory
     ],

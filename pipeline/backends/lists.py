@@ -34,6 +34,7 @@ __all__ = [
     "list_bytes_read",
     "LIST_MAJOR_MIN_QUERIES",
     "first_level_probes",
+    "scored_centroids",
     "row_list_map",
 ]
 
@@ -170,6 +171,17 @@ def first_level_probes(nested: faiss.IndexIVFFlat, centroids: np.ndarray, x: np.
             return probes
         probes = max(probes + 1, probes * 3 // 2)
     return n1
+
+
+def scored_centroids(nested: faiss.IndexIVFFlat, x: np.ndarray) -> float:
+    """Centroids a two-level quantizer (``nested``, at its ``nprobe``) scores a row of ``x`` on
+    average: its first-level centroids, then those in the lists each row probes. Counted: the lists
+    rows probe are larger than the average (rows fall where centroids are dense)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    invlists: Any = nested.invlists
+    sizes = np.array([invlists.list_size(i) for i in range(int(nested.nlist))], dtype=np.int64)
+    probed = nested.quantizer.search(x, int(nested.nprobe))[1]
+    return float(nested.nlist + sizes[probed[probed >= 0]].sum() / max(1, len(x)))
 
 
 def add_with_assignments(

@@ -13,11 +13,13 @@ the measurements behind each rule are in docs/benchmarks.md):
   power of two nearest ``sqrt(n)`` (``LIST_MAJOR_LISTS_PER_ROOT``) until ``n / LIST_ROWS`` reaches
   ``TWO_LEVEL_MIN_LISTS`` (about 3M rows); from there the power of two nearest ``n / LIST_ROWS``,
   so lists stop growing and a query's scan keeps its size as ``n`` grows, behind a two-level
-  coarse quantizer, ``IVF{nlist}(IVF{n1},Flat),Flat`` with ``n1`` about ``sqrt(16 * nlist)``
-  (:func:`first_level_lists`): the centroids in an IVF-Flat index of their own, trained by two-level
-  k-means and probing as many of its lists as training finds its rows need, so assigning a row
-  scores hundreds of centroids, not ``nlist``. Below that a flat quantizer over ``sqrt(n)``
-  lists is cheaper (2M x 128: ``IVF1024`` 71 s, ``IVF2048`` with either quantizer 84-86 s).
+  coarse quantizer, ``IVF{nlist}(IVF{n1},Flat),Flat``: the centroids, trained by two-level
+  k-means, in an IVF-Flat index of their own that probes as many of its lists as training finds
+  its rows need, so assigning a row scores hundreds of centroids, not ``nlist``. The key names
+  ``n1`` about ``sqrt(16 * nlist)`` (:func:`first_level_lists`); training weighs that and three
+  halvings (:func:`first_level_choices`) and keeps the one that scores the fewest centroids.
+  Below 4,096 lists a flat quantizer over ``sqrt(n)`` lists is cheaper (2M x 128: ``IVF1024``
+  71 s, ``IVF2048`` with either quantizer 84-86 s).
 * otherwise ``IVF{nlist},PQ{d/2}x4fs``: ``nlist`` is the power of two nearest ``2*sqrt(n)``
   (at most ``n / 39`` so every list gets enough training points); codes are 4-bit fast-scan
   PQ with two dimensions per sub-quantizer (``d/4`` bytes a vector). Odd ``d``, and ``d <= 64``,
@@ -93,9 +95,9 @@ TWO_LEVEL_MIN_LISTS = 4096
 # first-level lists a two-level quantizer probes until its training counts what its rows need
 # (pipeline.backends.lists.first_level_probes); the plan's estimates assume it
 QUANTIZER_NPROBE = 8
-# a two-level quantizer's first-level lists hold at least this many centroids (a few probed put
-# hundreds of lists within a query's reach)
-FIRST_LEVEL_MIN_CENTROIDS = 32
+# a two-level quantizer's first-level lists hold at least this many centroids in the rule's size (a few
+# probed put hundreds of lists within a query's reach; training counts the probes that find them)
+FIRST_LEVEL_MIN_CENTROIDS = 16
 # how much larger than the average first-level list the ones a row probes are: rows fall more often
 # near the dense regions, whose lists hold more centroids (4M x 128 of sample-data, IVF4096: the lists
 # probed held 1.3x to 2.5x the average, with 256 to 64 first-level lists; scripts/quantizer_benchmark.py)
@@ -178,13 +180,41 @@ def first_level_lists(nlist: int) -> int:
     a row (``n1 + QUANTIZER_NPROBE * FIRST_LEVEL_PROBE_BIAS * nlist / n1``: the lists probed are larger
     than the average), halved until each holds ``FIRST_LEVEL_MIN_CENTROIDS``.
 
-    At 4M x 128 (4,096 lists), training probes 4 of 128 first-level lists: 427 centroids scored a
-    row, where 8 of 64 scored 1,357, both finding the 6 nearest lists of 20,000 rows as all 4,096
-    centroids do (``scripts/quantizer_benchmark.py``)."""
+    An auto plan's training weighs this size and smaller ones (:func:`first_level_choices`): the
+    rule assumes ``QUANTIZER_NPROBE`` probes, and the data decides how many it needs. At 4M x 128
+    (4,096 lists) 4 of 128 first-level lists scored 427 centroids a row where 8 of 64 scored 1,357,
+    both finding the 6 nearest lists of 20,000 rows as all 4,096 centroids do
+    (``scripts/quantizer_benchmark.py``)."""
     n1 = _pow2(math.sqrt(FIRST_LEVEL_PROBE_BIAS * QUANTIZER_NPROBE * nlist))
     while n1 > 1 and nlist / n1 < FIRST_LEVEL_MIN_CENTROIDS:
         n1 //= 2
     return n1
+
+
+# first-level sizes an auto plan's training weighs: the rule's, then halved (more lists than the rule's
+# would hold fewer than FIRST_LEVEL_MIN_CENTROIDS each)
+FIRST_LEVEL_CHOICES = 4
+
+
+def first_level_choices(nlist: int) -> tuple[int, ...]:
+    """The first-level sizes training weighs for an auto plan's two-level quantizer over ``nlist``
+    centroids: :func:`first_level_lists`, then halved, ``FIRST_LEVEL_CHOICES`` in all (fewer where
+    it reaches 1). The rule assumes ``QUANTIZER_NPROBE`` probes; where the data needs more (rows
+    between clusters whose nearest lists sit in several first-level lists), fewer, larger
+    first-level lists need fewer probes: at 16M x 64 (16,384 lists) training counted 9 probes of
+    512 (781 centroids scored a row) against 4 of 256 (542)."""
+    rule = first_level_lists(nlist)
+    return tuple(sorted({max(1, rule >> i) for i in range(FIRST_LEVEL_CHOICES)}, reverse=True))
+
+
+_FIRST_LEVEL = re.compile(r"^(IVF\d+)\(IVF(\d+),Flat\)")
+
+
+def with_first_level(key: str, n1: int) -> str:
+    """``key`` (a two-level key, ``IVF{nlist}(IVF{n},Flat),...``) with ``n1`` first-level lists."""
+    if not _FIRST_LEVEL.match(key):
+        raise ValueError(f"{key!r} has no two-level quantizer")
+    return _FIRST_LEVEL.sub(lambda m: f"{m.group(1)}(IVF{n1},Flat)", key, count=1)
 
 
 def gpu_index_bytes(n: int, d: int, nlist: int, bytes_per_value: int) -> int:
@@ -249,6 +279,12 @@ def make_encoder(key: str, d: int, metric: Metric) -> faiss.Index:
     return encoder
 
 
+def _or(values: tuple[int, ...]) -> str:
+    """``(512, 256, 128)`` as ``512, 256 or 128``."""
+    words = [f"{v:,}" for v in values]
+    return words[0] if len(words) == 1 else f"{', '.join(words[:-1])} or {words[-1]}"
+
+
 def explain_index_key(
     n: int, d: int, memory_budget: int | None = None, gpu: bool = False, gpu_free: int = 0, *, workers: int = 1
 ) -> str:
@@ -288,9 +324,11 @@ def explain_index_key(
         ivf = faiss.extract_index_ivf(index)
         nested = two_level(ivf.quantizer)
         coarse = (
-            f"; its {nlist:,} centroids are found through a two-level quantizer (IVF{nested.nlist} over them, "
-            f"probing as many of them as training finds its rows need: about {coarse_centroids(ivf):,.0f} "
-            f"centroids scored a row at {nested.nprobe} probed, instead of all)"
+            f"; its {nlist:,} centroids are found through a two-level quantizer (the centroids in an IVF index "
+            f"of their own of {_or(first_level_choices(nlist))} lists, whichever scores the fewest centroids a "
+            "row once training has counted the lists each must probe for its rows to find their nearest "
+            f"centroids; estimated {coarse_centroids(ivf):,.0f} at {nested.nlist} lists and {nested.nprobe} "
+            f"probed, instead of all {nlist:,})"
             if nested is not None
             else ""
         )

@@ -4,6 +4,7 @@ on a worker and its device, written as the trained (empty) index the fill copies
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -13,9 +14,9 @@ import numpy as np
 from faiss.contrib.clustering import two_level_clustering
 
 from pipeline.backends.kernels import ivf_of
-from pipeline.backends.lists import coarse_centroids, first_level_probes, two_level
+from pipeline.backends.lists import coarse_centroids, first_level_probes, scored_centroids, two_level
 from pipeline.backends.worker import worker_device
-from pipeline.index.choice import make_encoder
+from pipeline.index.choice import first_level_choices, make_encoder, with_first_level
 from pipeline.index.sampling import load_sample, sample_rows
 from pipeline.io.atomic import atomic_path
 from pipeline.io.store import RowStore
@@ -42,7 +43,10 @@ class TrainRecord:
 @dataclass(frozen=True, kw_only=True)
 class TrainTask:
     """Train an empty ``key`` index of ``dim``-d vectors on the stored ``rows`` (none: an index
-    that needs no training), seeding its k-means with ``seed``; write it to ``out``."""
+    that needs no training), seeding its k-means with ``seed``; write it to ``out``; return the key
+    trained. ``choose_first_level`` (an auto plan's two-level key): the first level's size is the
+    one of :func:`pipeline.index.choice.first_level_choices` that scores the fewest centroids a
+    row (:func:`weigh_first_levels`, :func:`cheapest`), and the key returned says which."""
 
     key: str
     dim: int
@@ -51,9 +55,11 @@ class TrainTask:
     rows: np.ndarray
     seed: int
     out: str
+    choose_first_level: bool = False
 
-    def run(self) -> None:
-        index = make_encoder(self.key, self.dim, self.metric)
+    def run(self) -> str:
+        key = self.key
+        index = make_encoder(key, self.dim, self.metric)
         ivf = ivf_of(index)
         if ivf is not None:
             ivf.cp.seed = self.seed
@@ -70,9 +76,26 @@ class TrainTask:
             with worker_device() as be:
                 if ivf is not None and two_level(ivf.quantizer) is not None and not _transformed(index):
                     progress.note(f"two-level k-means into {ivf.nlist:,} lists on {n:,} rows")
-                    train_two_level(ivf, sample, self.seed)
                     nested = two_level(ivf.quantizer)
                     assert nested is not None
+                    centroids = two_level_centroids(ivf, sample, self.seed)
+                    if self.choose_first_level:
+                        weighed = weigh_first_levels(
+                            centroids, sample, self.seed, ivf.metric_type, first_level_choices(int(ivf.nlist))
+                        )
+                        progress.note(
+                            "first levels weighed: "
+                            + "; ".join(f"{w.lists}: {w.probes} probed, {w.scored:,.0f} scored" for w in weighed)
+                        )
+                        n1 = cheapest(weighed).lists
+                        if n1 != nested.nlist:  # the same key but for the first level's size
+                            key = with_first_level(key, n1)
+                            index = make_encoder(key, self.dim, self.metric)
+                            ivf = ivf_of(index)
+                            assert ivf is not None
+                            nested = two_level(ivf.quantizer)
+                            assert nested is not None
+                    fill_first_level(nested, centroids, sample, self.seed)
                     progress.note(
                         f"the two-level quantizer probes {nested.nprobe} of its {nested.nlist} first-level lists "
                         f"(about {coarse_centroids(ivf):,.0f} centroids scored a row)"
@@ -81,6 +104,7 @@ class TrainTask:
             progress.note("writing the trained index")
         with atomic_path(self.out) as tmp:
             faiss.write_index(index, str(tmp))
+        return key
 
 
 def _transformed(index: faiss.Index) -> bool:
@@ -92,20 +116,33 @@ FIRST_LEVEL_CHECK_ROWS = 4096  # training rows on which a two-level quantizer's 
 
 
 def train_two_level(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> None:
-    """Train an IVF index's two-level quantizer on ``x``: FAISS's two-level k-means (``sqrt(nlist)``
-    clusters, then each split into lists in proportion to its rows), whose cost grows with
-    ``sqrt(nlist)`` where one k-means into ``nlist`` grows with ``nlist``; the centroids then fill
-    the quantizer's own IVF-Flat index, which then probes as many of its lists as
-    :func:`pipeline.backends.lists.first_level_probes` finds it takes, on up to
-    ``FIRST_LEVEL_CHECK_ROWS`` of ``x`` drawn with ``seed``. Inner-product indexes cluster on the
-    sphere, as FAISS's own IVF training does."""
+    """Train an IVF index's two-level quantizer on ``x`` (:func:`two_level_centroids`, then
+    :func:`fill_first_level`), its first level the size its key says."""
     nested = two_level(ivf.quantizer)
     assert nested is not None
+    fill_first_level(nested, two_level_centroids(ivf, x, seed), x, seed)
+
+
+def two_level_centroids(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> np.ndarray:
+    """The ``nlist`` centroids of an IVF index, by FAISS's two-level k-means on ``x`` (the power
+    of two nearest ``sqrt(nlist)`` clusters, as FAISS's own two-level IVF training, then each split
+    into lists in proportion to its rows), whose cost grows with ``sqrt(nlist)`` where one k-means
+    into ``nlist`` grows with ``nlist``. The split is not the quantizer's first level, whose size
+    training may choose (:func:`weigh_first_levels`, :func:`cheapest`) after the centroids. Inner-product indexes
+    cluster on the sphere, as FAISS's own IVF training does."""
+    nlist = int(ivf.nlist)
+    split = 1 << max(0, round(math.log2(math.sqrt(nlist))))
     spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
     centroids, _ = two_level_clustering(
-        np.ascontiguousarray(x, dtype=np.float32), int(nested.nlist), int(ivf.nlist), seed=seed, spherical=spherical
+        np.ascontiguousarray(x, dtype=np.float32), split, nlist, seed=seed, spherical=spherical
     )
-    fill_first_level(nested, centroids, x, seed)
+    return np.ascontiguousarray(centroids, dtype=np.float32)
+
+
+def _check_rows(x: np.ndarray, seed: int) -> np.ndarray:
+    """Up to ``FIRST_LEVEL_CHECK_ROWS`` of ``x`` drawn with ``seed``, in order."""
+    check = np.random.default_rng(seed).choice(len(x), min(len(x), FIRST_LEVEL_CHECK_ROWS), replace=False)
+    return x[np.sort(check)]
 
 
 def fill_first_level(nested: faiss.IndexIVFFlat, centroids: np.ndarray, x: np.ndarray, seed: int) -> None:
@@ -116,8 +153,39 @@ def fill_first_level(nested: faiss.IndexIVFFlat, centroids: np.ndarray, x: np.nd
     nested.cp.min_points_per_centroid = 1  # ~32 centroids a first-level list (choice.first_level_lists): by design
     nested.train(centroids)
     nested.add(centroids)
-    check = np.random.default_rng(seed).choice(len(x), min(len(x), FIRST_LEVEL_CHECK_ROWS), replace=False)
-    nested.nprobe = first_level_probes(nested, centroids, x[np.sort(check)])
+    nested.nprobe = first_level_probes(nested, centroids, _check_rows(x, seed))
+
+
+@dataclass(frozen=True)
+class FirstLevel:
+    """A first-level size weighed by training: its lists, the probes counted for them, and the
+    centroids it then scores a row on the check rows."""
+
+    lists: int
+    probes: int
+    scored: float
+
+
+def weigh_first_levels(
+    centroids: np.ndarray, x: np.ndarray, seed: int, metric: int, choices: tuple[int, ...]
+) -> list[FirstLevel]:
+    """Each first-level size of ``choices`` for a two-level quantizer over ``centroids``, trained
+    and its probes counted as :func:`fill_first_level` does, with the centroids it scores a row on
+    the check rows of ``x`` (:func:`pipeline.backends.lists.scored_centroids`)."""
+    d = centroids.shape[1]
+    check = _check_rows(x, seed)
+    weighed = []
+    for n1 in choices:
+        first = faiss.IndexIVFFlat(faiss.IndexFlat(d, metric), d, n1, metric)
+        fill_first_level(first, centroids, x, seed)
+        weighed.append(FirstLevel(n1, int(first.nprobe), scored_centroids(first, check)))
+    return weighed
+
+
+def cheapest(weighed: list[FirstLevel]) -> FirstLevel:
+    """The first level that scores the fewest centroids a row: counted, not timed, so the same
+    sample chooses the same; the first of equals."""
+    return min(weighed, key=lambda level: level.scored)
 
 
 def train_index(
@@ -131,8 +199,11 @@ def train_index(
     n_train: int,
     seed: int,
     path: Path,
-) -> None:
-    """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage."""
+    choose_first_level: bool = False,
+) -> str:
+    """Train ``key`` on ``n_train`` seeded rows on a worker; write ``path``; record the stage with
+    the key trained (``choose_first_level``: its two-level quantizer's first level, if any, sized
+    by training, :class:`TrainTask`); return that key."""
     if n_train:
         log.info("training %s (%s) on %d sampled rows", key, metric, n_train)
     task = TrainTask(
@@ -143,6 +214,10 @@ def train_index(
         rows=store.live_rows(sample_rows(store.rows, n_train, seed)),
         seed=seed,
         out=str(path),
+        choose_first_level=choose_first_level,
     )
-    unwrap(watch(client, submit(client, task, "train"), "train"))
-    manifest.finish_stage("train", TrainRecord(key, n_train, manifest.record([path])))
+    trained: str = unwrap(watch(client, submit(client, task, "train"), "train"))
+    if trained != key:
+        log.info("trained %s (its first level sized by training)", trained)
+    manifest.finish_stage("train", TrainRecord(trained, n_train, manifest.record([path])))
+    return trained

@@ -221,7 +221,7 @@ def build_index(
     trained_path = index_dir / "trained.faiss"
     if trained is None:
         t0 = time.monotonic()
-        train_index(
+        key = train_index(
             client,
             manifest,
             store=store,
@@ -231,7 +231,9 @@ def build_index(
             n_train=n_train,
             seed=spec.seed,
             path=trained_path,
+            choose_first_level=spec.key == "auto",
         )
+        empty = make_index(key, dim, metric)
         timings.add("train", time.monotonic() - t0)
 
     t0 = time.monotonic()
