@@ -24,6 +24,7 @@ from pipeline.io.layout import in_holes, layout_of, relayout
 from pipeline.io.parquet import Dataset, FileInfo, Piece
 from pipeline.io.sample_data import clustered_vectors
 from pipeline.io.store import RowStore
+from pipeline.search.truth import merge_truth
 from pipeline.search.update import _merge
 from pipeline.shuffle.edges import make_parts
 
@@ -129,6 +130,58 @@ def test_merging_new_rows_keeps_the_best_k_once_each():
 
 # whole updates ---------------------------------------------------------------------------------
 SHARD_ROWS, DIM = 600, 24
+
+
+def _top(x: np.ndarray, q: np.ndarray, rows: np.ndarray, depth: int, higher: bool) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-``depth`` of queries ``q`` among the global ``rows`` of ``x`` (-1/NaN padded)."""
+    s = q @ x[rows].T if higher else ((q[:, None, :] - x[rows][None, :, :]) ** 2).sum(-1)
+    order = np.argsort(-s if higher else s, axis=1, kind="stable")[:, :depth]
+    out_rows = np.full((len(q), depth), -1, np.int64)
+    out_scores = np.full((len(q), depth), np.nan, np.float32)
+    out_rows[:, : order.shape[1]] = rows[order]
+    out_scores[:, : order.shape[1]] = np.take_along_axis(s, order, axis=1)
+    return out_rows, out_scores
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n_old=st.integers(5, 80),
+    n_new=st.integers(0, 40),
+    removed=st.floats(0.0, 0.9),
+    depth=st.integers(2, 12),
+    higher=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_kept_truth_merged_with_the_new_rows_is_exact_as_far_as_it_says(n_old, n_new, removed, depth, higher, seed):
+    """The truth before an update, less the rows that left, merged with an exact search of the
+    new rows alone, gives the exact top of the updated rows for as many entries as ``known`` says,
+    and ``known`` falls only by the known entries that left."""
+    rng = np.random.default_rng(seed)
+    x = rng.integers(-3, 4, size=(n_old + n_new, 3)).astype(np.float32)  # small integers: many ties
+    q = rng.integers(-3, 4, size=(6, 3)).astype(np.float32)
+    old = np.arange(n_old)
+    old_rows, old_scores = _top(x, q, old, depth, higher)
+    old_known = np.where((old_rows >= 0).sum(1) >= depth, float(depth), np.inf)
+    holes = [(int(r), 1) for r in old[rng.random(n_old) < removed]]
+    new = np.arange(n_old, n_old + n_new)
+    if n_new:
+        new_rows, new_scores = _top(x, q, new, depth, higher)
+        new_known = np.where((new_rows >= 0).sum(1) >= depth, float(depth), np.inf)
+    else:
+        new_rows, new_scores, new_known = np.zeros((6, 0), np.int64), np.zeros((6, 0), np.float32), np.full(6, np.inf)
+    rows, scores, known = merge_truth(
+        old_rows, old_scores, old_known,
+        holes=holes, new_rows=new_rows, new_scores=new_scores, new_known=new_known, higher_better=higher, depth=depth,
+    )  # fmt: skip
+    now = np.concatenate([old[~in_holes(old, holes)], new])
+    _, exact = _top(x, q, now, depth, higher)
+    for i in range(len(q)):
+        m = int(min(known[i], depth, len(now)))
+        assert np.allclose(scores[i, :m], exact[i, :m])  # ties may swap rows, never scores
+        assert set(rows[i, :m].tolist()) <= set(now.tolist())
+        assert (rows[i, m:] == -1).all()
+        lost = int(in_holes(old_rows[i, : int(min(old_known[i], depth))], holes).sum())
+        assert known[i] >= min(old_known[i] - lost, new_known[i], depth)
 
 
 def _write(path: Path, ids: np.ndarray, x: np.ndarray) -> None:
@@ -301,10 +354,11 @@ def test_graph_after_an_update_matches_a_fresh_graph(make_config, pool, tmp_path
     assert umap["knn_indices"].shape[0] == csr.shape[0]
 
 
-def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index(make_config, pool, tmp_path):
+def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index(make_config, pool, tmp_path, caplog):
     """30 rounds of random adds, removes and rewrites; after each the lists equal those of every
-    query searched against the updated index (ties aside), every input row is a query once, and
-    the recall target is met."""
+    query searched against the updated index (ties aside), every input row is a query once, the
+    recall target is met, and the recall sample's truth, brought up to date rather than searched
+    again, is exact."""
     from pipeline import join
 
     rng = np.random.default_rng(2026)
@@ -328,7 +382,8 @@ def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index
             target = int(rng.choice(live))
             keep = np.sort(rng.choice(SHARD_ROWS, size=int(rng.integers(SHARD_ROWS // 3, SHARD_ROWS)), replace=False))
             _shard(pool, data, target, keep)
-        report = run(make_config(input=str(data), output=str(out), **settings))
+        with caplog.at_level("INFO", logger="pipeline"):
+            report = run(make_config(input=str(data), output=str(out), **settings))
         assert report.join.recall.met, f"day {day}: recall target missed"
         ids = _input_ids(data)
         updated = _tables(out)
@@ -339,6 +394,33 @@ def test_a_month_of_nightly_updates_stays_equal_to_a_search_of_the_updated_index
         join(make_config(index_dir=str(out / "index"), input=str(data), output=str(searched), **settings))
         assert _overlap(updated, _tables(searched)) >= 0.98, f"day {day}: lists differ from a search"
         shutil.rmtree(searched)
+        _assert_kept_truth_exact(out, pool, ids, k=10, day=day)
+    renewed = caplog.text.count("kept queries brought up to date")
+    assert renewed >= 20, f"the kept truth was brought up to date on {renewed} of 30 days"
+
+
+def _assert_kept_truth_exact(out: Path, pool: np.ndarray, ids: np.ndarray, *, k: int, day: int) -> None:
+    """The recall sample's truth kept in ``out`` (brought up to date by each update, not searched
+    again) is the exact top ``k`` of its queries over the input's rows, its queries input rows."""
+    from pipeline.index.built import IndexRecord
+    from pipeline.runtime.manifest import Manifest
+    from pipeline.search.truth import TRUTH_FILE
+
+    record = Manifest(out / "index").stage_record("index", IndexRecord)
+    assert record is not None
+    store = record.store(out / "index")
+    with np.load(out / TRUTH_FILE) as z:
+        queries, rows, scores, known = z["queries"], z["rows"], z["scores"], z["known"]
+    assert len(queries) >= 100 and (known >= k).all(), f"day {day}: a kept query short of its k"
+    query_ids = store.gather_ids(queries).to_numpy()
+    assert set(query_ids.tolist()) <= set(ids.tolist()), f"day {day}: a kept query that left"
+    listed = store.gather_ids(rows[:, :k].ravel()).to_numpy().reshape(len(rows), k)
+    assert set(listed.ravel().tolist()) <= set(ids.tolist()), f"day {day}: a kept neighbour that left"
+    x = pool / np.linalg.norm(pool, axis=1, keepdims=True)
+    exact = x[query_ids] @ x[ids].T
+    exact[ids[None, :] == query_ids[:, None]] = -np.inf  # its own row excluded
+    best = -np.sort(-exact, axis=1)[:, :k]
+    assert np.allclose(scores[:, :k], best, atol=1e-5), f"day {day}: the kept truth is not exact"
 
 
 DRIFT = {"index_key": "IVF16,Flat", "k": 10, "exclude_self": True}

@@ -9,12 +9,17 @@ import time
 from dataclasses import replace
 from typing import Any
 
+import numpy as np
+
 from pipeline.config import Config
 from pipeline.index.built import BuiltIndex
-from pipeline.io.store import RowStore
+from pipeline.io.layout import in_holes
+from pipeline.io.store import GatherRows, RowStore
 from pipeline.results import RecallResult
 from pipeline.runtime.manifest import Manifest
+from pipeline.runtime.runner import result_of, submit
 from pipeline.search.join import SearchPlan
+from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
 from pipeline.search.tuning import (
     CONFIDENCE,
     RERANK_FACTORS,
@@ -22,7 +27,10 @@ from pipeline.search.tuning import (
     TunePoint,
     choose,
     draw_sample,
+    exact_truth,
+    joined,
     query_cost,
+    sample_of,
     sweep,
     walk,
 )
@@ -69,6 +77,7 @@ def measure_recall(
             plan=replace(plan, nprobe=keep.nprobe, rerank=keep.rerank, strategy=keep.strategy),
             keep=keep,
             new_pieces=new_pieces,
+            manifest=manifest,
         )
         if kept is not None:
             manifest.finish_stage("recall", kept)
@@ -86,7 +95,9 @@ def measure_recall(
         exclude_self=plan.exclude_self,
         self_join=plan.self_join,
         seed=config.index.seed,
+        spare=TRUTH_SPARE_PER_K * plan.k if plan.self_join else 0,
     )
+    keep_truth(manifest, sample, k=plan.k, metric=built.metric, exclude_self=plan.exclude_self, live=built.store.live)
     curve: list[TunePoint] = []
     why = "exact search (Flat)" if plan.strategy == "exact" else "settings given"
     t0 = time.monotonic()
@@ -186,6 +197,8 @@ def measure_recall(
     return result
 
 
+# an update measures recall on the kept sample while at least this share of its queries are still rows
+KEPT_SHARE = 0.8
 STEP_UPS = 4  # settings tried, held out, above a tuned one that fell short there, before exact search
 
 
@@ -297,6 +310,7 @@ def _keep_plan(
     plan: SearchPlan,
     keep: RecallResult,
     new_pieces: tuple[int, ...],
+    manifest: Manifest,
 ) -> RecallResult | None:
     """The last run's plan measured on queries sampled from the updated input, and on queries
     sampled from its new rows alone: its result when both meet the target (or there is none),
@@ -308,24 +322,9 @@ def _keep_plan(
     live = set(query_store.live)
     new = tuple(p for p in new_pieces if p in live)
     only_new = RowStore(query_store.root, query_store.starts, query_store.total_rows, new) if new else None
-    # one exact pass for two samples: the updated input, and its new rows alone (those the index
-    # was not trained on)
-    sample = draw_sample(
-        client,
-        built.store,
-        query_store,
-        n=s.recall_queries,
-        k=plan.k,
-        metric=built.metric,
-        exclude_self=plan.exclude_self,
-        self_join=plan.self_join,
-        seed=config.index.seed,
-        also=(only_new, max(100, s.recall_queries // 2)) if only_new is not None else None,
-    )
-    first = min(s.recall_queries, query_store.rows)
-    views = [("the updated input", sample.take(slice(0, first)))]
-    if only_new is not None:
-        views.append(("its new rows", sample.take(slice(first, None))))
+    views = _kept_views(client, config, built, query_store, plan=plan, only_new=only_new, manifest=manifest)
+    if views is None:
+        views = _drawn_views(client, config, built, query_store, plan=plan, only_new=only_new, manifest=manifest)
     results = []
     for what, part in views:
         measured = sweep(client, plan, built.store, part, [(plan.nprobe, plan.rerank)], computed=s.routed_join)[0]
@@ -361,3 +360,127 @@ def _keep_plan(
         why=f"{keep.why.split('; kept')[0]}; kept after the input update (still meets the target)",
         step_ups=(),
     )
+
+
+def _drawn_views(
+    client: Any,
+    config: Config,
+    built: BuiltIndex,
+    query_store: RowStore,
+    *,
+    plan: SearchPlan,
+    only_new: RowStore | None,
+    manifest: Manifest,
+) -> list[tuple[str, RecallSample]]:
+    """The updated input and its new rows, sampled afresh: one exact pass over every row for both
+    (the first kept for the next update, in a self-join)."""
+    s = config.search
+    sample = draw_sample(
+        client,
+        built.store,
+        query_store,
+        n=s.recall_queries,
+        k=plan.k,
+        metric=built.metric,
+        exclude_self=plan.exclude_self,
+        self_join=plan.self_join,
+        seed=config.index.seed,
+        also=(only_new, max(100, s.recall_queries // 2)) if only_new is not None else None,
+        spare=TRUTH_SPARE_PER_K * plan.k if plan.self_join else 0,
+    )
+    first = min(s.recall_queries, query_store.rows)
+    views = [("the updated input", sample.take(slice(0, first)))]
+    if only_new is not None:
+        views.append(("its new rows", sample.take(slice(first, None))))
+    keep_truth(
+        manifest, views[0][1], k=plan.k, metric=built.metric, exclude_self=plan.exclude_self, live=built.store.live
+    )
+    return views
+
+
+def _kept_views(
+    client: Any,
+    config: Config,
+    built: BuiltIndex,
+    query_store: RowStore,
+    *,
+    plan: SearchPlan,
+    only_new: RowStore | None,
+    manifest: Manifest,
+) -> list[tuple[str, RecallSample]] | None:
+    """The updated input and its new rows, from the truth an earlier run kept
+    (:mod:`pipeline.search.truth`): its queries still rows, their truth brought up to date over the
+    rows new since then alone, with queries drawn from the new rows (in their share of the input,
+    for the first view) and the kept queries that lost more than the spare searched over every
+    row. None where no truth was kept, or too few of its queries are left (a fresh sample then)."""
+    s = config.search
+    if not plan.self_join:
+        return None
+    kept = kept_truth(manifest, k=plan.k, metric=built.metric, exclude_self=plan.exclude_self)
+    if kept is None:
+        return None
+    store = built.store
+    live = set(store.live)
+    gone = [(p.start, p.rows) for p in built.dataset.retired if p.index in kept.live]
+    came = tuple(sorted(live - kept.live))
+    since = RowStore(store.root, store.starts, store.total_rows, came) if came else None
+    old, short = refresh(
+        client,
+        kept,
+        store,
+        holes=gone,
+        new_store=since,
+        k=plan.k,
+        metric=built.metric,
+        exclude_self=plan.exclude_self,
+    )
+    if len(old.truth) < KEPT_SHARE * min(s.recall_queries, query_store.rows):
+        log.info("%d of the kept sampled queries are still rows: sampling afresh", len(old.truth))
+        return None
+    fresh_rows = np.zeros(0, dtype=np.int64)
+    if only_new is not None:
+        rng = np.random.default_rng(config.index.seed + 7919)
+        fresh_rows = only_new.sample_rows(rng, max(100, s.recall_queries // 2))
+    assert old.rows is not None
+    searched = np.concatenate([fresh_rows, old.rows[short]])
+    full: RecallSample | None = None
+    if searched.size:  # one exact pass over every row: the new rows' queries and the short ones
+        vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=searched), "recall"))
+        deep_rows, deep_scores, known = exact_truth(
+            client,
+            store,
+            vectors,
+            ids,
+            depth=plan.k + TRUTH_SPARE_PER_K * plan.k,
+            metric=built.metric,
+            exclude_self=plan.exclude_self,
+        )
+        full = sample_of(
+            client, store, vectors, ids, searched, deep_rows=deep_rows, deep_scores=deep_scores, known=known, k=plan.k
+        )
+    renewed = old.take(~short)
+    if full is not None and short.any():
+        renewed = joined([renewed, full.take(slice(len(fresh_rows), None))])
+    from_new = full.take(slice(0, len(fresh_rows))) if full is not None and len(fresh_rows) else None
+    if from_new is not None and came:
+        # rows new since the kept truth, in their share of the input, drawn uniformly from the new
+        # rows: with the kept queries (uniform over the rest) a sample of the updated input
+        assert from_new.rows is not None
+        spans = [(p.start, p.rows) for p in built.dataset.pieces if p.index in came]
+        arrived = from_new.take(in_holes(from_new.rows, spans))
+        share = sum(store.piece_rows(p) for p in came) / max(1, store.rows)
+        many = min(len(arrived.truth), round(len(renewed.truth) * share / max(1e-9, 1.0 - share)))
+        renewed = joined([renewed, arrived.take(slice(0, many))])
+    log.info(
+        "recall sample: %d kept queries brought up to date over %d new piece(s) (%d searched again over every "
+        "row), %d drawn from the new rows",
+        len(old.truth),
+        len(came),
+        int(short.sum()),
+        len(fresh_rows),
+    )
+    keep_truth(manifest, renewed, k=plan.k, metric=built.metric, exclude_self=plan.exclude_self, live=store.live)
+    views = [("the updated input", renewed)]
+    if from_new is not None:
+        views.append(("its new rows", from_new))
+    return views

@@ -16,6 +16,7 @@ from typing import Any
 
 import faiss
 import numpy as np
+import pyarrow as pa
 
 from pipeline.backends.lists import coarse_centroids, is_ivf_flat
 from pipeline.backends.worker import worker_device
@@ -37,6 +38,9 @@ __all__ = [
     "TunePoint",
     "RecallSample",
     "draw_sample",
+    "exact_truth",
+    "joined",
+    "sample_of",
     "sweep",
     "walk",
     "search_sample",
@@ -89,7 +93,11 @@ class TunePoint:
 
 @dataclass(frozen=True)
 class RecallSample:
-    """Queries (vectors, ids, global rows in a self-join) and their exact neighbours' ids."""
+    """Queries (vectors, ids, global rows in a self-join) and their exact neighbours' ids.
+
+    ``deep_rows``/``deep_scores``: where drawn with a spare, the exact neighbours past ``k`` too
+    (the truth an input update keeps, :mod:`pipeline.search.truth`), and ``known`` how many of
+    each query's are exact (``inf``: every row is listed)."""
 
     vectors: np.ndarray
     ids: Any  # pyarrow Array
@@ -97,24 +105,123 @@ class RecallSample:
     truth: list[list[Any]]  # exact neighbour ids per query, best first, own id excluded
     truth_scores: np.ndarray  # (queries, k) their exact scores (NaN-padded when fewer than k)
     truth_rows: np.ndarray | None = None  # (queries, k) the neighbours' global rows in the index (-1 padded)
+    deep_rows: np.ndarray | None = None  # (queries, depth) as truth_rows, past k
+    deep_scores: np.ndarray | None = None  # (queries, depth)
+    known: np.ndarray | None = None  # (queries,) float: exact entries of deep_rows per query
 
     def split(self) -> tuple[RecallSample, RecallSample]:
         half = len(self.truth) // 2
         return self.take(slice(0, half)), self.take(slice(half, None))
 
-    def take(self, sel: slice) -> RecallSample:
+    def take(self, sel: slice | np.ndarray) -> RecallSample:
+        def part(a: np.ndarray | None) -> np.ndarray | None:
+            return None if a is None else a[sel]
+
+        picked = np.arange(len(self.truth))[sel]
         return RecallSample(
             self.vectors[sel],
-            self.ids[sel],
-            None if self.rows is None else self.rows[sel],
-            self.truth[sel],
+            self.ids.take(pa.array(picked, type=pa.int64())),
+            part(self.rows),
+            [self.truth[i] for i in picked.tolist()],
             self.truth_scores[sel],
-            None if self.truth_rows is None else self.truth_rows[sel],
+            part(self.truth_rows),
+            part(self.deep_rows),
+            part(self.deep_scores),
+            part(self.known),
         )
 
     def valid_groups(self) -> np.ndarray:
         """:func:`query_groups` of the queries with any true neighbour (those recall is averaged over)."""
         return query_groups(self.vectors)[(~np.isnan(self.truth_scores)).sum(axis=1) > 0]
+
+
+def joined(samples: Sequence[RecallSample]) -> RecallSample:
+    """The queries of ``samples`` one after another (each drawn alike: rows, deep truth or not)."""
+
+    def stack(name: str) -> np.ndarray | None:
+        parts = [getattr(s, name) for s in samples]
+        return None if any(p is None for p in parts) else np.concatenate(parts)
+
+    vectors = stack("vectors")
+    truth_scores = stack("truth_scores")
+    assert vectors is not None and truth_scores is not None
+    return RecallSample(
+        vectors,
+        pa.concat_arrays([s.ids for s in samples]),
+        stack("rows"),
+        [t for s in samples for t in s.truth],
+        truth_scores,
+        stack("truth_rows"),
+        stack("deep_rows"),
+        stack("deep_scores"),
+        stack("known"),
+    )
+
+
+def exact_truth(
+    client: Any,
+    index_store: RowStore,
+    vectors: np.ndarray,
+    ids: Any,
+    *,
+    depth: int,
+    metric: Metric,
+    exclude_self: bool,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(rows, scores, known)``: each query's exact top-``depth`` global rows (-1 padded) and
+    scores (the metric's convention, NaN padded) over ``index_store``'s live pieces, its own id
+    excluded; ``known`` is ``depth``, or ``inf`` where fewer were found (every row is listed)."""
+    n = len(vectors)
+    extra = 1 if exclude_self else 0
+    scores, nbr = exact_knn(
+        client, index_store, len(index_store.starts), queries=vectors, k=depth + extra, metric=metric
+    )
+    found = nbr >= 0
+    own = np.zeros(nbr.shape, dtype=bool)
+    if exclude_self and found.any():
+        _, listed = result_of(submit(client, GatherRows(store=index_store, rows=nbr[found], vectors=False), "recall"))
+        ids_of = np.empty(nbr.shape, dtype=object)
+        ids_of[found] = listed.to_pylist()
+        own_ids = np.array(ids.to_pylist(), dtype=object)
+        own[found] = ids_of[found] == np.broadcast_to(own_ids[:, None], nbr.shape)[found]
+    keep = found & ~own
+    order = np.argsort(~keep, axis=1, kind="stable")[:, :depth]  # kept entries first, in rank order
+    rows = np.where(np.take_along_axis(keep, order, axis=1), np.take_along_axis(nbr, order, axis=1), -1)
+    out_scores = np.where(rows >= 0, np.take_along_axis(scores, order, axis=1), np.nan).astype(np.float32)
+    count = (rows >= 0).sum(axis=1)
+    known = np.where(count >= depth, float(depth), np.inf) if n else np.zeros(0)
+    return rows.astype(np.int64), out_scores, known
+
+
+def sample_of(
+    client: Any,
+    index_store: RowStore,
+    vectors: np.ndarray,
+    ids: Any,
+    rows: np.ndarray | None,
+    *,
+    deep_rows: np.ndarray,
+    deep_scores: np.ndarray,
+    known: np.ndarray,
+    k: int,
+) -> RecallSample:
+    """A recall sample of queries whose exact neighbours (``deep_rows``, best first) are known:
+    the first ``k`` are its truth, their ids read from ``index_store``."""
+    top = deep_rows[:, :k]
+    if top.shape[1] < k:
+        top = np.hstack([top, np.full((len(top), k - top.shape[1]), -1, dtype=np.int64)])
+    valid = top >= 0
+    names: list[Any] = []
+    if valid.any():
+        _, listed = result_of(submit(client, GatherRows(store=index_store, rows=top[valid], vectors=False), "recall"))
+        names = listed.to_pylist()
+    counts = valid.sum(axis=1)
+    bounds = np.concatenate([[0], np.cumsum(counts)])
+    truth = [names[bounds[i] : bounds[i + 1]] for i in range(len(top))]
+    scores = np.full((len(top), k), np.nan, dtype=np.float32)
+    width = min(k, deep_scores.shape[1])
+    scores[:, :width] = deep_scores[:, :width]
+    return RecallSample(vectors, ids, rows, truth, scores, top, deep_rows, deep_scores, known)
 
 
 def draw_sample(
@@ -129,32 +236,33 @@ def draw_sample(
     self_join: bool,
     seed: int,
     also: tuple[RowStore, int] | None = None,
+    spare: int = 0,
 ) -> RecallSample:
     """``n`` seeded queries and their exact top-``k`` over the whole index (never loaded whole).
 
     ``also``: a view of ``query_store`` (some of its pieces) and how many more queries to draw
-    from it, appended after the first ``n``: two samples for one exact pass over the index."""
+    from it, appended after the first ``n``: two samples for one exact pass over the index.
+    ``spare``: exact neighbours past ``k`` kept too (``deep_rows``), for updates."""
     rng = np.random.default_rng(seed + 7919)
     rows = query_store.sample_rows(rng, n)
     rng.shuffle(rows)  # tuning / held-out halves drawn alike
     if also is not None:
         rows = np.concatenate([rows, also[0].sample_rows(rng, also[1])])
-    n = len(rows)
     vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=rows), "recall"))
-    extra = 1 if exclude_self else 0
-    scores, nbr = exact_knn(client, index_store, len(index_store.starts), queries=vectors, k=k + extra, metric=metric)
-    _, neighbours = result_of(submit(client, GatherRows(store=index_store, rows=nbr.ravel(), vectors=False), "recall"))
-    nbr_ids = neighbours.to_pylist()
-    own = ids.to_pylist()
-    truth, truth_scores = [], np.full((n, k), np.nan, dtype=np.float32)
-    truth_rows = np.full((n, k), -1, dtype=np.int64)
-    for i in range(n):
-        row_ids = nbr_ids[i * (k + extra) : (i + 1) * (k + extra)]
-        keep = [j for j, v in enumerate(row_ids) if not (exclude_self and v == own[i])][:k]
-        truth.append([row_ids[j] for j in keep])
-        truth_scores[i, : len(keep)] = scores[i, keep]
-        truth_rows[i, : len(keep)] = nbr[i, keep]
-    return RecallSample(vectors, ids, rows if self_join else None, truth, truth_scores, truth_rows)
+    deep_rows, deep_scores, known = exact_truth(
+        client, index_store, vectors, ids, depth=k + spare, metric=metric, exclude_self=exclude_self
+    )
+    return sample_of(
+        client,
+        index_store,
+        vectors,
+        ids,
+        rows if self_join else None,
+        deep_rows=deep_rows,
+        deep_scores=deep_scores,
+        known=known,
+        k=k,
+    )
 
 
 RERANK_WEIGHT = 4.0  # a re-ranked candidate is a row gathered at random from the store: ~4x a streamed one
