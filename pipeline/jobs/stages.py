@@ -690,6 +690,8 @@ def _start_update(
     recall = pending.get("recall") or (to_dict(earlier) if earlier is not None else None)
     manifest.clear_stage("recall")
     manifest.clear_stage("patch")
+    manifest.clear_stage("patch_reverse")  # partitioned for the pieces of the update before
+    discard(output / PATCH_WORK)
     manifest.finish_stage(
         "update",
         {
@@ -734,6 +736,7 @@ def _finish_update(
             holes=built.dataset.holes,
             out_dir=output / "neighbors",
             manifest=manifest,
+            work_dir=output / PATCH_WORK,
         )
     log.info(
         "update: %d queries lost neighbours (%d of them searched again, past their spare candidates), %d took in "
@@ -754,9 +757,12 @@ def _finish_update(
         },
     )
     manifest.clear_stage("patch")
+    manifest.clear_stage("patch_reverse")
+    discard(output / PATCH_WORK)
     manifest.clear_stage("update")
 
 
+PATCH_WORK = "_patch"  # an update's partitioned reverse neighbours, removed when it is done
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
 
 

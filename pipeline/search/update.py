@@ -34,7 +34,7 @@ from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import Stage, run_stage
 from pipeline.search.join import ROW_GROUP_ROWS, SearchPlan, knn_path, search_batch, shared_index, to_padded
-from pipeline.shuffle.edges import read_knn_spare, write_knn
+from pipeline.shuffle.edges import read_knn_spare, read_partition, write_knn, write_partitioned
 
 __all__ = ["Patched", "PatchTask", "patch_pieces", "neighbour_table", "spare_for"]
 
@@ -131,6 +131,39 @@ def _merge(
     return touched[changed]
 
 
+REVERSE_FIELDS = ("q", "r", "s")  # the query's global row, the new row listing it, its score
+
+
+@dataclass(frozen=True, kw_only=True)
+class ReverseTask:
+    """Read one new piece's lists (rows from ``first``) once and write their entries partitioned
+    by the piece to patch whose query they list (``starts``/``ends``: those pieces' global rows,
+    in partition order), under ``out_dir``: each patch task then reads its own partition by range
+    instead of every new piece's lists."""
+
+    knn: str
+    first: int
+    starts: np.ndarray
+    ends: np.ndarray
+    out_dir: str
+
+    def run(self) -> int:
+        rows, scores, _ = read_knn_spare(self.knn)
+        line, col = np.nonzero(rows >= 0)
+        q = rows[line, col]
+        order = np.argsort(self.starts, kind="stable")
+        at = np.searchsorted(self.starts[order], q, side="right") - 1
+        part = order[np.maximum(at, 0)]
+        inside = (at >= 0) & (q < self.ends[part])  # rows of new pieces are nobody's to patch
+        write_partitioned(
+            self.out_dir,
+            part[inside],
+            len(self.starts),
+            {"q": q[inside], "r": self.first + line[inside], "s": scores[line, col][inside].astype(np.float32)},
+        )
+        return int(inside.sum())
+
+
 @dataclass(frozen=True, kw_only=True)
 class PatchTask:
     """Bring one query piece's lists up to date with an updated index (see the module doc)."""
@@ -139,7 +172,8 @@ class PatchTask:
     store: RowStore
     piece: Piece
     holes: tuple[tuple[int, int], ...]  # global rows that left: (start, rows) of retired pieces
-    new_lists: tuple[tuple[str, int], ...]  # (knn file, first row) of each piece joined in full
+    reverse: tuple[str, ...]  # the ReverseTask outputs of the pieces joined in full
+    part: int  # this piece's partition in them
     out: str  # the neighbour table
     knn: str
 
@@ -159,16 +193,10 @@ class PatchTask:
         if searched.size:
             self._search_again(rows, scores, searched)
         # reverse neighbours: new rows whose lists (spare included) hold this piece's queries
-        lo, hi = piece.start, piece.start + piece.rows
-        q, r, s = [np.zeros(0, np.int64)], [np.zeros(0, np.int64)], [np.zeros(0, np.float32)]
-        for path, first in self.new_lists:
-            new_rows, new_scores, _ = read_knn_spare(path)
-            hit = (new_rows >= lo) & (new_rows < hi)
-            line, _ = np.nonzero(hit)
-            q.append(new_rows[hit] - lo)
-            r.append(first + line)
-            s.append(new_scores[hit])
-        cq, cr, cs = np.concatenate(q), np.concatenate(r), np.concatenate(s)
+        found = read_partition(self.reverse, self.part, REVERSE_FIELDS)
+        cq = found["q"].astype(np.int64) - piece.start
+        cr = found["r"].astype(np.int64)
+        cs = found["s"].astype(np.float32)
         last = scores[:, -1]  # the list's last score (spare included): a new row beating it belongs in it
         full = rows[:, -1] >= 0
         better = (cs > last[cq]) if higher else (cs < last[cq])
@@ -216,13 +244,33 @@ def patch_pieces(
     holes: Sequence[tuple[int, int]],
     out_dir: Path,
     manifest: Manifest,
+    work_dir: Path,
 ) -> tuple[Patched, tuple[int, ...]]:
     """Patch every piece of ``pieces`` not patched yet (stage ``patch``) against the ``new``
     pieces' lists and the ``holes``; re-record the rewritten ones in the ``join`` stage. Returns
-    the totals and the pieces rewritten."""
+    the totals and the pieces rewritten.
+
+    The new pieces' lists are read once each (stage ``patch_reverse``, under ``work_dir``) and
+    their entries partitioned by the piece whose query they list."""
     assert plan.knn_dir is not None
     knn_dir = plan.knn_dir
-    new_lists = tuple((str(knn_path(knn_dir, p.index)), p.start) for p in new)
+    starts = np.array([p.start for p in pieces], dtype=np.int64)
+    ends = starts + np.array([p.rows for p in pieces], dtype=np.int64)
+    reverse = {p.index: str(work_dir / f"from-{p.index:05d}") for p in new}
+    run_stage(
+        client,
+        manifest,
+        Stage(
+            name="patch_reverse",
+            items=new,
+            task=lambda p: ReverseTask(
+                knn=str(knn_path(knn_dir, p.index)), first=p.start, starts=starts, ends=ends, out_dir=reverse[p.index]
+            ),
+            files=lambda p: [Path(reverse[p.index]) / "bounds.npy"],
+        ),
+    )
+    sources = tuple(reverse[p.index] for p in new)
+    part_of = {p.index: i for i, p in enumerate(pieces)}
 
     def files(p: Piece) -> list[Path]:
         return [out_dir / f"part-{p.index:05d}.parquet", knn_path(knn_dir, p.index)]
@@ -239,7 +287,8 @@ def patch_pieces(
                 store=store,
                 piece=p,
                 holes=tuple(holes),
-                new_lists=new_lists,
+                reverse=sources,
+                part=part_of[p.index],
                 out=str(files(p)[0]),
                 knn=str(files(p)[1]),
             ),
