@@ -132,6 +132,21 @@ def _merge(
 
 
 REVERSE_FIELDS = ("q", "r", "s")  # the query's global row, the new row listing it, its score
+REVERSE_ROWS = 16_384  # rows of a new piece's lists one reverse task reads
+
+
+@dataclass(frozen=True)
+class _Slice:
+    """Rows ``[lo, hi)`` of a new piece's lists: one reverse task (``index``: its number)."""
+
+    index: int
+    piece: Piece
+    lo: int
+    hi: int
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -143,14 +158,18 @@ class ReverseTask:
 
     knn: str
     first: int
+    lo: int  # the rows of the piece's lists this task reads: [lo, hi)
+    hi: int
     starts: np.ndarray
     ends: np.ndarray
     out_dir: str
 
     def run(self) -> int:
         rows, scores, _ = read_knn_spare(self.knn)
-        line, col = np.nonzero(rows >= 0)
-        q = rows[line, col]
+        rows, scores = rows[self.lo : self.hi], scores[self.lo : self.hi]
+        valid = rows >= 0
+        q, s = rows[valid], scores[valid]
+        line = np.repeat(np.arange(self.lo, self.lo + len(rows), dtype=np.int64), valid.sum(axis=1))
         order = np.argsort(self.starts, kind="stable")
         at = np.searchsorted(self.starts[order], q, side="right") - 1
         part = order[np.maximum(at, 0)]
@@ -159,7 +178,7 @@ class ReverseTask:
             self.out_dir,
             part[inside],
             len(self.starts),
-            {"q": q[inside], "r": self.first + line[inside], "s": scores[line, col][inside].astype(np.float32)},
+            {"q": q[inside], "r": self.first + line[inside], "s": s[inside].astype(np.float32)},
         )
         return int(inside.sum())
 
@@ -256,20 +275,31 @@ def patch_pieces(
     knn_dir = plan.knn_dir
     starts = np.array([p.start for p in pieces], dtype=np.int64)
     ends = starts + np.array([p.rows for p in pieces], dtype=np.int64)
-    reverse = {p.index: str(work_dir / f"from-{p.index:05d}") for p in new}
+    # each new piece's lists in slices of REVERSE_ROWS rows: tasks that share the cores
+    slices: list[_Slice] = []
+    for p in new:
+        for lo in range(0, p.rows, REVERSE_ROWS):
+            slices.append(_Slice(len(slices), p, lo, min(lo + REVERSE_ROWS, p.rows)))
+    reverse = [str(work_dir / f"from-{c.piece.index:05d}-{c.lo:09d}") for c in slices]
     run_stage(
         client,
         manifest,
         Stage(
             name="patch_reverse",
-            items=new,
-            task=lambda p: ReverseTask(
-                knn=str(knn_path(knn_dir, p.index)), first=p.start, starts=starts, ends=ends, out_dir=reverse[p.index]
+            items=slices,
+            task=lambda c: ReverseTask(
+                knn=str(knn_path(knn_dir, c.piece.index)),
+                first=c.piece.start,
+                lo=c.lo,
+                hi=c.hi,
+                starts=starts,
+                ends=ends,
+                out_dir=reverse[c.index],
             ),
-            files=lambda p: [Path(reverse[p.index]) / "bounds.npy"],
+            files=lambda c: [Path(reverse[c.index]) / "bounds.npy"],
         ),
     )
-    sources = tuple(reverse[p.index] for p in new)
+    sources = tuple(reverse)
     part_of = {p.index: i for i, p in enumerate(pieces)}
 
     def files(p: Piece) -> list[Path]:

@@ -169,7 +169,8 @@ def write_partitioned(
     The bounds file is written last: a directory without one is an unfinished map output.
     """
     d = Path(directory)
-    order = np.argsort(part, kind="stable")
+    # numpy's stable sort is a radix sort on 16-bit keys: partition numbers mostly fit
+    order = np.argsort(part.astype(np.uint16) if n_parts <= 1 << 16 else part, kind="stable")
     bounds = np.searchsorted(part[order], np.arange(n_parts + 1), side="left").astype(np.int64)
     rows = np.empty(order.size, dtype=[(name, np.asarray(v).dtype) for name, v in columns.items()])
     for name, values in columns.items():
