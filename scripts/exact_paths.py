@@ -3,28 +3,35 @@ and BLAS blocks, for the query counts a recall sample brings (20 to 2,000) again
 
     python scripts/exact_paths.py [--rows 50000] [--dims 64 128 384]
 
-FAISS chooses the path by ``faiss.cvar.distance_compute_blas_threshold``; the CPU backend sets it to
-``pipeline.backends.cpu.BLAS_MIN_QUERIES``. Milliseconds per call, best of three, k = 22.
+FAISS chooses the path by ``faiss.cvar.distance_compute_blas_threshold`` against queries x d (here
+set to 20 for the second pair of columns, so every call takes BLAS). An update's recall check
+draws at least ``pipeline.search.exact.blas_queries(d)`` queries for its pass over every row.
+Milliseconds per call, best of three, k = 22.
 """
 
 from __future__ import annotations
 
 import argparse
 import time
+from collections.abc import Callable
 
 import faiss
 import numpy as np
 
 
-def _best(q: np.ndarray, x: np.ndarray, metric: int, threshold: int) -> float:
-    faiss.cvar.distance_compute_blas_threshold = threshold
-    faiss.knn(q, x, 22, metric=metric)  # warm
+def _best(search: Callable[[], object]) -> float:
+    search()  # warm
     times = []
     for _ in range(3):
         start = time.perf_counter()
-        faiss.knn(q, x, 22, metric=metric)
+        search()
         times.append(time.perf_counter() - start)
     return 1000 * min(times)
+
+
+def _faiss(q: np.ndarray, x: np.ndarray, metric: int, threshold: int) -> float:
+    faiss.cvar.distance_compute_blas_threshold = threshold
+    return _best(lambda: faiss.knn(q, x, 22, metric=metric))
 
 
 def main() -> None:
@@ -43,7 +50,7 @@ def main() -> None:
         for nq in args.queries:
             q = np.ascontiguousarray(x[:nq])
             cells = [
-                _best(q, x, metric, threshold)
+                _faiss(q, x, metric, threshold)
                 for threshold in (default, 20)
                 for metric in (faiss.METRIC_INNER_PRODUCT, faiss.METRIC_L2)
             ]

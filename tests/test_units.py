@@ -476,22 +476,3 @@ def _fake_pool(release):
     import types
 
     return types.SimpleNamespace(release_unused=release)
-
-
-@pytest.mark.parametrize("metric", ["l2", "ip"])
-def test_the_cpu_backend_searches_a_few_hundred_queries_exactly_by_blas(metric):
-    """FAISS 1.15 sends fewer than 128,000 / d queries down its one-query-at-a-time path, 2 to 5x
-    slower for a recall sample's few hundred (scripts/exact_paths.py): the CPU backend lowers the
-    threshold, and the BLAS path still finds the exact neighbours (ties aside)."""
-    from pipeline.backends.cpu import BLAS_MIN_QUERIES, CpuBackend
-
-    backend = CpuBackend()
-    assert faiss.cvar.distance_compute_blas_threshold == BLAS_MIN_QUERIES <= 100
-    rng = np.random.default_rng(3)
-    x = rng.standard_normal((5_000, 32)).astype(np.float32)
-    q = rng.standard_normal((300, 32)).astype(np.float32)
-    scores, rows = backend.knn(q, x, 10, metric)
-    exact = ((q[:, None, :] - x[None, :, :]) ** 2).sum(-1) if metric == "l2" else -(q @ x.T)
-    best = np.sort(exact, axis=1)[:, :10]
-    assert np.allclose(scores if metric == "l2" else -scores, best, atol=1e-3)
-    assert np.allclose(np.take_along_axis(exact, rows, axis=1), best, atol=1e-3)

@@ -23,11 +23,6 @@ from pipeline.kinds import Metric
 __all__ = ["CpuBackend"]
 
 ADD_ROWS = 65_536  # rows assigned to their lists at once when adding through a two-level quantizer
-# queries from which FAISS's exact search (faiss.knn, flat indexes) takes its BLAS path. FAISS 1.15
-# sets 128,000, which sends a few hundred queries down its one-query-at-a-time path, 2 to 5x slower
-# on this project's 2-core machine (per 50,000 stored rows, 500 queries: 264 against 56 ms at d=128,
-# 99 against 36 ms at d=64; docs/benchmarks.md). 20 was FAISS's default for years.
-BLAS_MIN_QUERIES = 20
 
 
 class CpuBackend:
@@ -35,9 +30,6 @@ class CpuBackend:
     search_rows = 1024  # queries per FAISS call: measured fastest (cache-friendly) on fast-scan and IVF-PQ
 
     threads: int | None = None  # the worker's cores for FAISS and BLAS (None: the libraries' defaults)
-
-    def __init__(self) -> None:
-        faiss.cvar.distance_compute_blas_threshold = BLAS_MIN_QUERIES  # process-wide (see the constant)
 
     def set_threads(self, n: int) -> None:
         """Use ``n`` threads in this thread's FAISS calls (OpenMP's count is per calling thread, so

@@ -18,6 +18,7 @@ from pipeline.io.store import GatherRows, RowStore
 from pipeline.results import RecallResult
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import result_of, submit
+from pipeline.search.exact import blas_queries
 from pipeline.search.join import SearchPlan
 from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
 from pipeline.search.tuning import (
@@ -424,6 +425,10 @@ def _kept_views(
     gone = [(p.start, p.rows) for p in built.dataset.retired if p.index in kept.live]
     came = tuple(sorted(live - kept.live))
     since = RowStore(store.root, store.starts, store.total_rows, came) if came else None
+    left = int((~in_holes(kept.queries, gone)).sum())
+    if left < KEPT_SHARE * min(s.recall_queries, query_store.rows):
+        log.info("%d of the kept sampled queries are still rows: sampling afresh", left)
+        return None
     old, short = refresh(
         client,
         kept,
@@ -434,13 +439,11 @@ def _kept_views(
         metric=built.metric,
         exclude_self=plan.exclude_self,
     )
-    if len(old.truth) < KEPT_SHARE * min(s.recall_queries, query_store.rows):
-        log.info("%d of the kept sampled queries are still rows: sampling afresh", len(old.truth))
-        return None
     fresh_rows = np.zeros(0, dtype=np.int64)
-    if only_new is not None:
+    if only_new is not None:  # enough for FAISS to score them by BLAS (cheaper than fewer, one at a time)
         rng = np.random.default_rng(config.index.seed + 7919)
-        fresh_rows = only_new.sample_rows(rng, max(100, s.recall_queries // 2))
+        many_new = max(100, s.recall_queries // 2, blas_queries(built.dim) - int(short.sum()))
+        fresh_rows = only_new.sample_rows(rng, many_new)
     assert old.rows is not None
     searched = np.concatenate([fresh_rows, old.rows[short]])
     full: RecallSample | None = None

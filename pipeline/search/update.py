@@ -277,7 +277,7 @@ def patch_pieces(
     ends = starts + np.array([p.rows for p in pieces], dtype=np.int64)
     # each new piece's lists in slices of REVERSE_ROWS rows: tasks that share the cores
     slices: list[_Slice] = []
-    for p in new:
+    for p in new if pieces else ():  # nothing to patch: nothing to partition for
         for lo in range(0, p.rows, REVERSE_ROWS):
             slices.append(_Slice(len(slices), p, lo, min(lo + REVERSE_ROWS, p.rows)))
     reverse = [str(work_dir / f"from-{c.piece.index:05d}-{c.lo:09d}") for c in slices]
