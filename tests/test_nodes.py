@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.io.sample_data import clustered_vectors, write_shards
+from pipeline.io.workdir import TRUTH_NAME
 from tests.conftest import private_workers
 from tests.test_resume import kill_when, run_command
 from tests.test_storage import moto_s3, upload_shards
@@ -103,11 +104,12 @@ def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path,
 
 
 def _metadata(rel: str) -> bool:
-    """The files a driver keeps: manifests, ledgers, locks, the report and its charts."""
+    """The files a driver keeps: manifests, ledgers, locks, the report and its charts, and the
+    recall sample's truth (its size is the sample's, never the data's)."""
     name = rel.rsplit("/", 1)[-1]
     return (
         name.startswith(".knn-pipeline.")
-        or name in ("manifest.json", "config.yaml", "_SUCCESS", ".timings.json")
+        or name in ("manifest.json", "config.yaml", "_SUCCESS", ".timings.json", TRUTH_NAME)
         or ("/" not in rel and name.startswith("report.") or name.endswith(".svg"))
     )
 

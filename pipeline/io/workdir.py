@@ -27,11 +27,24 @@ from typing import Any
 
 from pipeline.errors import ConfigError, ResumeError
 
-__all__ = ["OUTPUT_NAMES", "INDEX_NAMES", "LOCK_NAME", "LOG_DIR", "TIMINGS_NAME", "check_locations", "locked", "shown"]
+__all__ = [
+    "OUTPUT_NAMES",
+    "INDEX_NAMES",
+    "LOCK_NAME",
+    "LOG_DIR",
+    "PATCH_NAME",
+    "TIMINGS_NAME",
+    "TRUTH_NAME",
+    "check_locations",
+    "locked",
+    "shown",
+]
 
 LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite
 LOCK_NAME = ".knn-pipeline.lock"
 TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its runs (written before the manifest)
+TRUTH_NAME = "_recall_truth.npz"  # a self-join's recall sample and its exact neighbours, kept for updates
+PATCH_NAME = "_patch"  # an update's partitioned reverse neighbours, removed when it is done
 
 # everything run, join, dedup and graph write in an output directory
 OUTPUT_NAMES = frozenset(
@@ -60,6 +73,8 @@ OUTPUT_NAMES = frozenset(
         "umap_knn.npz",
         "_exact",
         "_routed",
+        PATCH_NAME,
+        TRUTH_NAME,
         "recall_curve.svg",
         "kth_score.svg",
         "timings.svg",

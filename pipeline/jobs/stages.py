@@ -45,7 +45,7 @@ from pipeline.io.layout import InputDiff, Layout, layout_of, relayout
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, plan_dataset
 from pipeline.io.store import RowStore
-from pipeline.io.workdir import shown
+from pipeline.io.workdir import PATCH_NAME, shown
 from pipeline.jobs.recall import measure_recall
 from pipeline.results import (
     IndexSummary,
@@ -762,7 +762,7 @@ def _finish_update(
     manifest.clear_stage("update")
 
 
-PATCH_WORK = "_patch"  # an update's partitioned reverse neighbours, removed when it is done
+PATCH_WORK = PATCH_NAME  # an update's partitioned reverse neighbours, removed when it is done
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
 
 

@@ -29,6 +29,7 @@ from pipeline.io.atomic import atomic_path
 from pipeline.io.layout import in_holes
 from pipeline.io.nodes import fetched
 from pipeline.io.store import GatherRows, RowStore
+from pipeline.io.workdir import TRUTH_NAME
 from pipeline.kinds import Metric
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import result_of, submit
@@ -38,7 +39,7 @@ __all__ = ["TRUTH_FILE", "TRUTH_SPARE_PER_K", "KeptTruth", "keep_truth", "kept_t
 
 log = logging.getLogger(__name__)
 
-TRUTH_FILE = "_recall_truth.npz"
+TRUTH_FILE = TRUTH_NAME
 STAGE = "recall_truth"
 # exact neighbours a kept sample holds past k, per k: a query keeps an exact top-k through an update
 # that removes up to this many of its neighbours (more: it is searched again over every row)
