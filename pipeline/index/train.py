@@ -80,14 +80,7 @@ class TrainTask:
                     assert nested is not None
                     centroids = two_level_centroids(ivf, sample, self.seed)
                     if self.choose_first_level:
-                        weighed = weigh_first_levels(
-                            centroids, sample, self.seed, ivf.metric_type, first_level_choices(int(ivf.nlist))
-                        )
-                        progress.note(
-                            "first levels weighed: "
-                            + "; ".join(f"{w.lists}: {w.probes} probed, {w.scored:,.0f} scored" for w in weighed)
-                        )
-                        n1 = cheapest(weighed).lists
+                        n1 = self._cheapest_first_level(ivf, centroids, sample, progress)
                         if n1 != nested.nlist:  # the same key but for the first level's size
                             key = with_first_level(key, n1)
                             index = make_encoder(key, self.dim, self.metric)
@@ -105,6 +98,17 @@ class TrainTask:
         with atomic_path(self.out) as tmp:
             faiss.write_index(index, str(tmp))
         return key
+
+    def _cheapest_first_level(
+        self, ivf: faiss.IndexIVF, centroids: np.ndarray, sample: np.ndarray, progress: PieceProgress
+    ) -> int:
+        """The first-level size :func:`cheapest` keeps of those weighed for ``ivf``'s centroids."""
+        weighed = weigh_first_levels(centroids, sample, self.seed, ivf.metric_type, first_level_choices(int(ivf.nlist)))
+        progress.note(
+            "first levels weighed: "
+            + "; ".join(f"{w.lists}: {w.probes} probed, {w.scored:,.0f} scored" for w in weighed)
+        )
+        return cheapest(weighed).lists
 
 
 def _transformed(index: faiss.Index) -> bool:

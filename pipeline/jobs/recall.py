@@ -14,10 +14,9 @@ import numpy as np
 from pipeline.config import Config
 from pipeline.index.built import BuiltIndex
 from pipeline.io.layout import in_holes
-from pipeline.io.store import GatherRows, RowStore
+from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
 from pipeline.runtime.manifest import Manifest
-from pipeline.runtime.runner import result_of, submit
 from pipeline.search.exact import blas_queries
 from pipeline.search.join import SearchPlan
 from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
@@ -28,10 +27,9 @@ from pipeline.search.tuning import (
     TunePoint,
     choose,
     draw_sample,
-    exact_truth,
     joined,
     query_cost,
-    sample_of,
+    searched_sample,
     sweep,
     walk,
 )
@@ -448,18 +446,16 @@ def _kept_views(
     searched = np.concatenate([fresh_rows, old.rows[short]])
     full: RecallSample | None = None
     if searched.size:  # one exact pass over every row: the new rows' queries and the short ones
-        vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=searched), "recall"))
-        deep_rows, deep_scores, known = exact_truth(
+        full = searched_sample(
             client,
             store,
-            vectors,
-            ids,
+            query_store,
+            searched,
+            k=plan.k,
             depth=plan.k + TRUTH_SPARE_PER_K * plan.k,
             metric=built.metric,
             exclude_self=plan.exclude_self,
-        )
-        full = sample_of(
-            client, store, vectors, ids, searched, deep_rows=deep_rows, deep_scores=deep_scores, known=known, k=plan.k
+            self_join=True,
         )
     renewed = old.take(~short)
     if full is not None and short.any():

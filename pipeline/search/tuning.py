@@ -41,6 +41,7 @@ __all__ = [
     "exact_truth",
     "joined",
     "sample_of",
+    "searched_sample",
     "sweep",
     "walk",
     "search_sample",
@@ -248,9 +249,36 @@ def draw_sample(
     rng.shuffle(rows)  # tuning / held-out halves drawn alike
     if also is not None:
         rows = np.concatenate([rows, also[0].sample_rows(rng, also[1])])
+    return searched_sample(
+        client,
+        index_store,
+        query_store,
+        rows,
+        k=k,
+        depth=k + spare,
+        metric=metric,
+        exclude_self=exclude_self,
+        self_join=self_join,
+    )
+
+
+def searched_sample(
+    client: Any,
+    index_store: RowStore,
+    query_store: RowStore,
+    rows: np.ndarray,
+    *,
+    k: int,
+    depth: int,
+    metric: Metric,
+    exclude_self: bool,
+    self_join: bool,
+) -> RecallSample:
+    """The queries at global ``rows`` of ``query_store``, their exact top-``depth`` searched over
+    every row of ``index_store`` (:func:`exact_truth`), as a recall sample of ``k``."""
     vectors, ids = result_of(submit(client, GatherRows(store=query_store, rows=rows), "recall"))
     deep_rows, deep_scores, known = exact_truth(
-        client, index_store, vectors, ids, depth=k + spare, metric=metric, exclude_self=exclude_self
+        client, index_store, vectors, ids, depth=depth, metric=metric, exclude_self=exclude_self
     )
     return sample_of(
         client,
