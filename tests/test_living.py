@@ -128,6 +128,45 @@ def test_merging_new_rows_keeps_the_best_k_once_each():
     assert low.tolist() == [[3, 9]]  # l2: smaller is closer
 
 
+@settings(max_examples=80, deadline=None)
+@given(seed=st.integers(0, 2**32 - 1), higher=st.booleans(), width=st.integers(1, 6))
+def test_merged_lists_are_the_best_of_list_and_offers(seed: int, higher: bool, width: int) -> None:
+    """Against brute force: each list becomes the best ``width`` of its rows and the rows offered
+    (scores drawn from a few values, so ties abound), each row once, a listed row at the list's
+    score; only the queries whose lists moved are returned."""
+    rng = np.random.default_rng(seed)
+    n = 6
+    full = rng.integers(0, width + 1, n)
+    rows = np.full((n, width), -1, dtype=np.int64)
+    scores = np.full((n, width), np.nan, dtype=np.float32)
+    for i, m in enumerate(full):
+        picked = rng.choice(20, size=m, replace=False)
+        s = rng.integers(0, 4, m).astype(np.float32)
+        order = np.lexsort((picked, -s if higher else s))
+        rows[i, :m], scores[i, :m] = picked[order], s[order]
+    m = int(rng.integers(0, 15))
+    q, r = rng.integers(0, n, m), rng.integers(0, 26, m)  # rows 0-19 may be listed already, and repeat
+    s = rng.integers(0, 4, m).astype(np.float32)
+    before, before_scores = rows.copy(), scores.copy()
+    want = []
+    for i in range(n):
+        best = {int(a): float(b) for a, b in zip(rows[i], scores[i], strict=True) if a >= 0}
+        listed = set(best)
+        for a, b in zip(r[q == i].tolist(), s[q == i].tolist(), strict=True):
+            if a not in listed:
+                best[a] = max(best.get(a, -np.inf), b) if higher else min(best.get(a, np.inf), b)
+        want.append(sorted(best.values(), reverse=higher)[:width])
+    changed = _merge(rows, scores, q=q, r=r, s=s, higher_better=higher)
+    for i in range(n):
+        got = rows[i][rows[i] >= 0]
+        assert len(set(got.tolist())) == got.size  # each row once
+        assert scores[i][: got.size].tolist() == want[i]
+        for a, b in zip(before[i].tolist(), before_scores[i].tolist(), strict=True):
+            if a >= 0 and a not in got:  # a listed row leaves only when the full list is at least as good
+                assert got.size == width and (b <= scores[i][-1] if higher else b >= scores[i][-1])
+    assert sorted(changed.tolist()) == [i for i in range(n) if (rows[i] != before[i]).any()]
+
+
 # whole updates ---------------------------------------------------------------------------------
 SHARD_ROWS, DIM = 600, 24
 

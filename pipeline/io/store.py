@@ -122,19 +122,29 @@ class RowStore:
         return vecs[inverse].reshape(*shape, vecs.shape[1])
 
     def gather_ids(self, rows: np.ndarray) -> pa.Array:
-        """Ids of the given global rows (flattened, in the given order)."""
+        """Ids of the given global rows (flattened, in the given order).
+
+        Rows are sorted by piece once (a radix sort of the piece numbers) and each piece's ids
+        are taken for its run of them. Integer ids go through NumPy straight into their places;
+        other ids (strings) are taken by Arrow and put back in order with one more take."""
         flat, piece_of = self._group(rows)
-        order = np.argsort(piece_of, kind="stable")
-        chunks = []
-        for p in np.unique(piece_of):
-            local = flat[order][piece_of[order] == p] - self.starts[p]
-            chunks.append(self.ids(int(p)).take(pa.array(local)))
-        if not chunks:
+        keys = piece_of.astype(np.uint16) if len(self.starts) <= 1 << 16 else piece_of
+        order = np.argsort(keys, kind="stable")
+        pieces, first = np.unique(piece_of[order], return_index=True)
+        bounds = [*first.tolist(), order.size]
+        if not pieces.size:
             return self.ids(self.live[0]).slice(0, 0)
-        grouped = pa.concat_arrays(chunks)
+        runs = [(int(p), order[bounds[i] : bounds[i + 1]]) for i, p in enumerate(pieces.tolist())]
+        kind = self.ids(runs[0][0]).type
+        if pa.types.is_integer(kind):
+            out = np.empty(order.size, dtype=kind.to_pandas_dtype())
+            for p, at in runs:
+                out[at] = self.ids(p).to_numpy(zero_copy_only=False)[flat[at] - self.starts[p]]
+            return pa.array(out, type=kind)
+        chunks = [self.ids(p).take(pa.array(flat[at] - self.starts[p])) for p, at in runs]
         inverse = np.empty_like(order)
         inverse[order] = np.arange(order.size)
-        return grouped.take(pa.array(inverse))
+        return pa.concat_arrays(chunks).take(pa.array(inverse))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -33,7 +33,15 @@ from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import Stage, run_stage
-from pipeline.search.join import ROW_GROUP_ROWS, SearchPlan, knn_path, search_batch, shared_index, to_padded
+from pipeline.search.join import (
+    ROW_GROUP_ROWS,
+    TABLE_OPTIONS,
+    SearchPlan,
+    knn_path,
+    search_batch,
+    shared_index,
+    to_padded,
+)
 from pipeline.shuffle.edges import read_knn_spare, read_partition, write_knn, write_partitioned
 
 __all__ = ["Patched", "PatchTask", "patch_pieces", "neighbour_table", "spare_for"]
@@ -90,16 +98,24 @@ def _merge(
     rows: np.ndarray, scores: np.ndarray, *, q: np.ndarray, r: np.ndarray, s: np.ndarray, higher_better: bool
 ) -> np.ndarray:
     """Merge candidates ``(q, r, s)`` (local query, global row, score) into the padded lists in
-    place, keeping each query's best (a row listed twice counts once, at its better score; equal
-    scores keep the list's order, the list's entries first); return the queries whose lists changed.
+    place, keeping each query's best; return the queries whose lists changed.
 
-    Row-wise on a small matrix per touched query (its list, then its best candidates), so the
-    cost is a few sorts of ``width`` entries per query."""
+    A row a list holds already keeps its place (only a patch done again offers one), a row offered
+    twice enters once at its better score, and equal scores keep the list's order, the list's
+    entries first. Each touched query's list and its best candidates are sorted together once
+    (a small matrix, row by row)."""
+    q, r, s = np.asarray(q, dtype=np.int64), np.asarray(r, dtype=np.int64), np.asarray(s, dtype=np.float32)
+    fresh = ~(rows[q] == r[:, None]).any(axis=1)
+    q, r, s = q[fresh], r[fresh], s[fresh]
+    rank = -s if higher_better else s  # lower ranks first
+    order = np.lexsort((rank, r, q))  # each (query, row) offer once, its best
+    once = np.r_[True, (np.diff(q[order]) != 0) | (np.diff(r[order]) != 0)] if order.size else order.astype(bool)
+    q, r, s, rank = q[order][once], r[order][once], s[order][once], rank[order][once]
     touched, line, counts = np.unique(q, return_inverse=True, return_counts=True)
     if not touched.size:
         return touched
     width = rows.shape[1]
-    order = np.lexsort((r, -s if higher_better else s, line))  # by query, best first
+    order = np.lexsort((r, rank, line))  # by query, best first
     line, r, s = line[order], r[order], s[order]
     slot = np.arange(line.size) - (np.cumsum(counts) - counts)[line]
     keep = slot < width  # more than a list's width of candidates cannot all enter
@@ -113,19 +129,9 @@ def _merge(
     all_scores = np.hstack([old_scores, cand_scores]).astype(np.float32)
     worst = -np.inf if higher_better else np.inf
     key = np.where(all_rows >= 0, all_scores, worst)
-    best = np.argsort(-key if higher_better else key, axis=1, kind="stable")
-    all_rows, all_scores = np.take_along_axis(all_rows, best, axis=1), np.take_along_axis(all_scores, best, axis=1)
-    by_row = np.argsort(all_rows, axis=1, kind="stable")  # a row's repeats after its best place
-    sorted_rows = np.take_along_axis(all_rows, by_row, axis=1)
-    repeat_sorted = np.zeros(sorted_rows.shape, dtype=bool)
-    repeat_sorted[:, 1:] = (sorted_rows[:, 1:] == sorted_rows[:, :-1]) & (sorted_rows[:, 1:] >= 0)
-    repeat = np.empty_like(repeat_sorted)
-    np.put_along_axis(repeat, by_row, repeat_sorted, axis=1)
-    all_rows = np.where(repeat, -1, all_rows)
-    all_scores = np.where(repeat, np.nan, all_scores).astype(np.float32)
-    first = np.argsort(all_rows < 0, axis=1, kind="stable")[:, :width]
-    new_rows = np.take_along_axis(all_rows, first, axis=1)
-    new_scores = np.take_along_axis(all_scores, first, axis=1)
+    best = np.argsort(-key if higher_better else key, axis=1, kind="stable")[:, :width]
+    new_rows = np.take_along_axis(all_rows, best, axis=1)
+    new_scores = np.take_along_axis(all_scores, best, axis=1)
     changed = (new_rows != old_rows).any(axis=1)
     rows[touched], scores[touched] = new_rows, new_scores
     return touched[changed]
@@ -226,7 +232,7 @@ class PatchTask:
             return Patched()
         table = neighbour_table(store, piece.index, rows[:, :k], scores[:, :k])
         with atomic_path(self.out) as tmp:
-            pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS)
+            pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS, **TABLE_OPTIONS)
         write_knn(self.knn, rows, scores, k=k)
         return Patched(searched=int(searched.size), merged=int(merged.size), dropped=int(left.sum()), rewritten=True)
 
