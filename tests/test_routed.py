@@ -1,5 +1,6 @@
 """The routed join of an IVF-Flat index: list groups each read once, the same lists as the
-batched join (up to ties), resumable, and its partial lists removed at the end."""
+batched join (up to ties), resumable, and its partial lists removed at the end; and the batched
+join's runs of small pieces."""
 
 from __future__ import annotations
 
@@ -9,10 +10,13 @@ from pathlib import Path
 import faiss
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from pipeline import run
 from pipeline.index.shape import IndexShape
-from pipeline.search import routed
+from pipeline.io.parquet import Piece
+from pipeline.search import join, routed
 from tests.test_pairs import _same_up_to_ties, _tables
 
 
@@ -165,3 +169,54 @@ def test_a_score_task_gathers_only_its_routed_queries(make_config, dataset_dir, 
     run(make_config(output=str(tmp_path / "batched"), **common))
     assert report.join.lists_read is not None and report.join.lists_read.by_phase["routed score"] > 0
     _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))
+
+
+# runs of pieces in the batched join -------------------------------------------------------------
+@settings(max_examples=80, deadline=None)
+@given(sizes=st.lists(st.integers(1, 40), min_size=0, max_size=12), run_rows=st.integers(0, 120))
+def test_piece_runs_cover_the_pieces_in_order_within_the_rows(sizes: list[int], run_rows: int) -> None:
+    """Runs are consecutive pieces, every piece once; a run of several holds at most ``run_rows``
+    rows and no piece under the floor; and a run ends only where the next piece would not fit."""
+    pieces = [Piece(i, "f", (0,), 0, 10 * sum(sizes[:i]), 10 * n) for i, n in enumerate(sizes)]
+    floor = 100
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(join, "MIN_RUN_PIECE_ROWS", floor)
+        runs = join.piece_runs(pieces, 10 * run_rows)
+    assert [p for r in runs for p in r.pieces] == pieces
+    for r in runs:
+        assert r.index == r.pieces[0].index and r.rows == sum(p.rows for p in r.pieces)
+        if len(r.pieces) > 1:
+            assert r.rows <= 10 * run_rows and min(p.rows for p in r.pieces) >= floor
+    for a, b in zip(runs, runs[1:]):
+        nxt = b.pieces[0]
+        assert a.rows + nxt.rows > 10 * run_rows or min(p.rows for p in (*a.pieces, nxt)) < floor
+
+
+def test_small_pieces_are_joined_in_one_run_with_tables_of_their_own(make_config, dataset_dir, tmp_path, monkeypatch):
+    """Three pieces of 2,000 rows, each smaller than the batch IVF-Flat wants: one join task takes
+    all three in its batches, writes each piece's table and lists and records each piece; the
+    tables equal those of a task a piece (up to ties)."""
+    ran: list[tuple[int, ...]] = []
+    task_run = join.JoinTask.run
+
+    def counted(task: join.JoinTask) -> join.Joined:
+        ran.append(tuple(p.index for p in task.pieces))
+        return task_run(task)
+
+    monkeypatch.setattr(join.JoinTask, "run", counted)
+    plan = dict(index_key="IVF16,Flat", nprobe=4, k=5, exclude_self=True)
+    common = dict(input=str(dataset_dir), scheduler_address=None, workers=1, **plan)
+    monkeypatch.setattr(join, "MIN_RUN_PIECE_ROWS", 10**9)
+    run(make_config(output=str(tmp_path / "apart"), **common))
+    assert sorted(ran) == [(0,), (1,), (2,)]
+    ran.clear()
+    monkeypatch.setattr(join, "MIN_RUN_PIECE_ROWS", 1)
+    report = run(make_config(output=str(tmp_path / "together"), **common))
+    assert ran == [(0, 1, 2)]
+    _same_up_to_ties(_tables(tmp_path / "together"), _tables(tmp_path / "apart"))
+    assert sorted(p.name for p in (tmp_path / "together" / "neighbors").iterdir()) == [
+        f"part-{i:05d}.parquet" for i in range(3)
+    ]
+    recorded = json.loads((tmp_path / "together" / "manifest.json").read_text())["stages"]["join"]["pieces"]
+    assert sorted(recorded) == ["0", "1", "2"]
+    assert report.recall is not None and report.recall.met

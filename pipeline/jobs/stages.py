@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import pyarrow as pa
 
+from pipeline.backends.lists import list_major_rows
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
 from pipeline.errors import ConfigError, InputError, PipelineError
@@ -619,6 +620,7 @@ def join_index(
         routed=config.search.routed_join,
         workers=max(1, len(cluster.devices)),
         group_bytes=_group_bytes(client),
+        run_rows=list_major_rows(built.nlist or 1, plan.nprobe) if _list_major(built, plan) else 0,
     )
     if update is not None:
         t0 = time.monotonic()
@@ -764,6 +766,12 @@ def _finish_update(
 
 PATCH_WORK = PATCH_NAME  # an update's partitioned reverse neighbours, removed when it is done
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
+
+
+def _list_major(built: BuiltIndex, plan: SearchPlan) -> bool:
+    """Whether the join searches list-major (a plain IVF-Flat index, no re-ranking), so that its
+    batches want :func:`list_major_rows` queries."""
+    return plan.strategy == "index" and bool(built.nlist) and built.key.endswith(",Flat") and not plan.rerank
 
 
 def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:

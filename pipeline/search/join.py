@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -54,6 +55,8 @@ __all__ = [
     "knn_path",
     "to_padded",
     "BATCH_BYTES",
+    "piece_runs",
+    "PieceRun",
     "shared_index",
     "search_params",
 ]
@@ -207,31 +210,25 @@ class ReadTally:
 
 @dataclass(frozen=True, kw_only=True)
 class JoinTask:
-    """Search one query piece in batches that fit ``budget_rows`` (and the worker's backend), and
-    write its neighbour table to ``out`` (and, with ``plan.knn_dir``, its lists as global rows).
-    With ``pairs``, the piece's exact lists come from the join by pairs. Returns how many queries
-    got fewer than ``k`` neighbours."""
+    """Search a run of query pieces (one, or consecutive ones too small alone for the batch the
+    plan wants) in batches that fit ``budget_rows`` (and the worker's backend), and write each
+    piece's neighbour table to its ``outs`` entry (and, with ``plan.knn_dir``, its lists as global
+    rows). With ``pairs`` or ``routed``, the single piece's lists come from the join by pairs or the
+    routed join. Returns how many queries got fewer than ``k`` neighbours."""
 
     plan: SearchPlan
     index_store: RowStore
     query_store: RowStore
-    piece: Piece
-    out: str
+    pieces: tuple[Piece, ...]
+    outs: tuple[str, ...]
     budget_rows: int
     pairs: PairLayout | None = None
     routed: RoutedLayout | None = None  # the piece's lists come from the routed join (IVF-Flat)
 
     def run(self) -> Joined:
         read_before = list_bytes_read()
-        plan, index_store, query_store, piece, out, budget_rows, pairs = (
-            self.plan,
-            self.index_store,
-            self.query_store,
-            self.piece,
-            self.out,
-            self.budget_rows,
-            self.pairs,
-        )
+        plan, index_store, budget_rows = self.plan, self.index_store, self.budget_rows
+        assert len(self.pieces) == len(self.outs) and (len(self.pieces) == 1 or self.pairs is self.routed is None)
         with worker_device() as be:
             # the exact plan scores whole query blocks against each stored piece: larger blocks keep
             # the GEMM tiles full and read the store fewer times
@@ -240,59 +237,171 @@ class JoinTask:
         if index is not None and is_ivf_flat(index):  # list-major search: the more queries per list, the better
             rows = max(rows, list_major_rows(faiss.extract_index_ivf(index).nlist, plan.nprobe))
         batch_rows = max(1, min(rows, budget_rows))
-        log.debug("join piece %d: %d queries in batches of %d (%s)", piece.index, piece.rows, batch_rows, plan.strategy)
-        q_all = query_store.vectors(piece.index)
-        q_ids_all = query_store.ids(piece.index)
-        if pairs is not None:
-            lists = piece_lists(pairs, piece, candidates_per_query(plan, index_store.rows), plan.metric)
+        lists = None
+        if self.pairs is not None:
+            lists = piece_lists(self.pairs, self.pieces[0], candidates_per_query(plan, index_store.rows), plan.metric)
         elif self.routed is not None:
-            lists = routed_lists(self.routed, piece)
+            lists = routed_lists(self.routed, self.pieces[0])
             batch_rows = max(1, min(budget_rows, be.search_rows))  # nothing left to search: writing batches
-        else:
-            lists = None
-        short = 0
-        buffered: list[pa.Table] = []
-        width = plan.k + plan.spare
-        knn_rows = np.full((piece.rows, width), -1, dtype=np.int64) if plan.knn_dir else None
-        knn_scores = np.full((piece.rows, width), np.nan, dtype=np.float32) if plan.knn_dir else None
-        progress = PieceProgress("join", piece.index)
-        with atomic_path(out) as tmp:
-            writer: pq.ParquetWriter | None = None
-            for lo in range(0, piece.rows, batch_rows):
-                hi = min(piece.rows, lo + batch_rows)
-                q = np.ascontiguousarray(q_all[lo:hi])
-                q_ids = q_ids_all.slice(lo, hi - lo)
-                q_rows = np.arange(piece.start + lo, piece.start + hi, dtype=np.int64) if plan.self_join else None
+        log.debug(
+            "join pieces %s: %d queries in batches of %d (%s)",
+            [p.index for p in self.pieces],
+            sum(p.rows for p in self.pieces),
+            batch_rows,
+            plan.strategy,
+        )
+        vectors = {p.index: self.query_store.vectors(p.index) for p in self.pieces}  # plain reads: nothing mapped
+        progress = PieceProgress("join", self.pieces[0].index)  # the run's rows, as run_tasks counts them
+        with ExitStack() as stack:
+            sinks = [
+                _TableSink(plan, index_store, p, stack.enter_context(atomic_path(out)))
+                for p, out in zip(self.pieces, self.outs, strict=True)
+            ]
+            at = {p.index: i for i, p in enumerate(self.pieces)}
+            for batch in _batches(self.pieces, batch_rows):
+                q = np.concatenate([vectors[p.index][lo:hi] for p, lo, hi in batch])
+                q_ids = pa.concat_arrays([self.query_store.ids(p.index).slice(lo, hi - lo) for p, lo, hi in batch])
+                q_rows = (
+                    np.concatenate([np.arange(p.start + lo, p.start + hi, dtype=np.int64) for p, lo, hi in batch])
+                    if plan.self_join
+                    else None
+                )
+                _, lo, hi = batch[0]
                 found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
                 offsets, scores, nbr_rows = search_batch(
-                    index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found
+                    index,
+                    plan,
+                    np.ascontiguousarray(q),
+                    q_rows=q_rows,
+                    q_ids=q_ids,
+                    index_store=index_store,
+                    found=found,
                 )
-                progress.advance(hi - lo)
-                if knn_rows is not None and knn_scores is not None:
-                    to_padded(knn_rows, knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
-                if plan.spare:  # the table lists the first k; the spare are kept in knn/ only
-                    offsets, scores, nbr_rows = first_k(offsets, scores, nbr_rows, plan.k)
-                nbr_ids = index_store.gather_ids(nbr_rows)
-                short += int((np.diff(offsets) < plan.k).sum())
-                table = pa.table(
-                    {
-                        "query_id": q_ids,
-                        "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
-                        "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
-                    }
-                )
-                if writer is None:
-                    writer = pq.ParquetWriter(str(tmp), table.schema, **TABLE_OPTIONS)
-                buffered.append(table)
-                if sum(len(t) for t in buffered) >= ROW_GROUP_ROWS or hi == piece.rows:
-                    writer.write_table(pa.concat_tables(buffered))
-                    buffered = []
-            if writer is None:
-                raise ValueError(f"empty query piece {piece.index}")
-            writer.close()
-        if knn_rows is not None and knn_scores is not None:
-            write_knn(knn_path(plan.knn_dir, piece.index), knn_rows, knn_scores, k=plan.k)
+                first = 0
+                for p, lo, hi in batch:  # each piece's share of the batch, in list layout
+                    a, b = int(offsets[first]), int(offsets[first + hi - lo])
+                    share = offsets[first : first + hi - lo + 1] - a
+                    ids = q_ids.slice(first, hi - lo)
+                    sinks[at[p.index]].add(lo, hi, offsets=share, scores=scores[a:b], nbr_rows=nbr_rows[a:b], q_ids=ids)
+                    first += hi - lo
+                progress.advance(first)
+            for sink in sinks:
+                sink.close()
+        for sink in sinks:
+            sink.finish()
+        short = sum(sink.short for sink in sinks)
         return Joined(short=short, list_bytes=list_bytes_read() - read_before, worker=worker_name())
+
+
+def _batches(pieces: Sequence[Piece], batch_rows: int) -> list[list[tuple[Piece, int, int]]]:
+    """Consecutive batches of at most ``batch_rows`` queries over a run of pieces, each a list of
+    ``(piece, lo, hi)``: rows ``[lo, hi)`` of a piece, in piece and row order."""
+    batches: list[list[tuple[Piece, int, int]]] = [[]]
+    room = batch_rows
+    for p in pieces:
+        lo = 0
+        while lo < p.rows:
+            if room == 0:
+                batches.append([])
+                room = batch_rows
+            hi = min(p.rows, lo + room)
+            batches[-1].append((p, lo, hi))
+            room -= hi - lo
+            lo = hi
+    return [b for b in batches if b]
+
+
+class _TableSink:
+    """One piece's outputs as its batches arrive: its neighbour table, written to ``tmp`` (an
+    :func:`atomic_path`) in row groups of ``ROW_GROUP_ROWS``, and with ``plan.knn_dir`` its lists as
+    global rows, spare included (:meth:`finish` writes them once the table is in place)."""
+
+    def __init__(self, plan: SearchPlan, index_store: RowStore, piece: Piece, tmp: Path) -> None:
+        self.plan, self.index_store, self.piece, self.tmp = plan, index_store, piece, tmp
+        self.short = 0
+        self.writer: pq.ParquetWriter | None = None
+        self.buffered: list[pa.Table] = []
+        width = plan.k + plan.spare
+        self.knn_rows = np.full((piece.rows, width), -1, dtype=np.int64) if plan.knn_dir else None
+        self.knn_scores = np.full((piece.rows, width), np.nan, dtype=np.float32) if plan.knn_dir else None
+
+    def add(
+        self, lo: int, hi: int, *, offsets: np.ndarray, scores: np.ndarray, nbr_rows: np.ndarray, q_ids: pa.Array
+    ) -> None:
+        """Rows ``[lo, hi)`` of the piece, their lists in list layout (``offsets`` from 0)."""
+        plan = self.plan
+        if self.knn_rows is not None and self.knn_scores is not None:
+            to_padded(self.knn_rows, self.knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
+        if plan.spare:  # the table lists the first k; the spare are kept in knn/ only
+            offsets, scores, nbr_rows = first_k(offsets, scores, nbr_rows, plan.k)
+        nbr_ids = self.index_store.gather_ids(nbr_rows)
+        self.short += int((np.diff(offsets) < plan.k).sum())
+        table = pa.table(
+            {
+                "query_id": q_ids,
+                "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
+                "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
+            }
+        )
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(str(self.tmp), table.schema, **TABLE_OPTIONS)
+        self.buffered.append(table)
+        if sum(len(t) for t in self.buffered) >= ROW_GROUP_ROWS or hi == self.piece.rows:
+            self.writer.write_table(pa.concat_tables(self.buffered))
+            self.buffered = []
+
+    def close(self) -> None:
+        """Close the table (before its temporary file is renamed into place)."""
+        if self.writer is None:
+            raise ValueError(f"empty query piece {self.piece.index}")
+        self.writer.close()
+
+    def finish(self) -> None:
+        """Write the lists as global rows, after the table is in place."""
+        if self.knn_rows is not None and self.knn_scores is not None:
+            write_knn(knn_path(self.plan.knn_dir, self.piece.index), self.knn_rows, self.knn_scores, k=self.plan.k)
+
+
+MIN_RUN_PIECE_ROWS = 16_384  # smaller pieces are joined a task each (small inputs: a killed join keeps fine steps)
+
+
+@dataclass(frozen=True)
+class PieceRun:
+    """Consecutive query pieces joined by one task (a work item: numbered by its first piece)."""
+
+    pieces: tuple[Piece, ...]
+
+    @property
+    def index(self) -> int:
+        return self.pieces[0].index
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.pieces)
+
+    def where(self) -> str:
+        return ", ".join(p.where() for p in self.pieces)
+
+
+def piece_runs(pieces: Sequence[Piece], run_rows: int) -> list[PieceRun]:
+    """Consecutive pieces joined by one task: as many as fit ``run_rows`` rows in all, so that a
+    batch brings each list as many queries as the plan wants even where the input's files are
+    smaller than that batch (at 16M x 64, 250,000-row files gave each list 107 queries a batch where
+    the plan wants 256; ``scripts/walk_benchmark.py``: 1.2x to 1.3x the time a query). Each piece
+    keeps its own table and manifest record. Pieces under ``MIN_RUN_PIECE_ROWS`` rows, and every
+    piece where ``run_rows`` is 0, are a run each."""
+    runs: list[list[Piece]] = []
+    for p in pieces:
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and min(q.rows for q in (*last, p)) >= MIN_RUN_PIECE_ROWS
+            and sum(q.rows for q in last) + p.rows <= run_rows
+        ):
+            last.append(p)
+        else:
+            runs.append([p])
+    return [PieceRun(tuple(r)) for r in runs]
 
 
 def first_k(
@@ -343,13 +452,16 @@ def join_pieces(
     routed: bool = False,
     workers: int = 1,
     group_bytes: int | None = None,
+    run_rows: int = 0,
 ) -> float:
     """Search every query piece not yet done; write ``out_dir/part-NNNNN.parquet``; return wall time.
 
     ``by_pairs``: an exact self-join computes every piece's lists first, each pair of pieces
     scored once for both (:mod:`pipeline.search.pairs`), unless pieces were joined another way
     already (an appended join goes on piece by piece). ``routed``: an IVF-Flat index without
-    re-ranking is joined by list groups, each read once (:mod:`pipeline.search.routed`)."""
+    re-ranking is joined by list groups, each read once (:mod:`pipeline.search.routed`).
+    ``run_rows``: the batch the plan wants (list-major search: enough queries for each list); a
+    join task then takes consecutive pieces up to that many rows in all (:func:`piece_runs`)."""
     width = plan.k * max(plan.rerank, 1) + 1
     per_query = width * 16 + 4 * dim  # ids, scores and order per candidate, plus the query
     budget_rows = int(max(1, BATCH_BYTES // per_query))  # each worker caps it at its backend's batch size
@@ -402,24 +514,26 @@ def join_pieces(
             reads.add("routed score", scored.worker, scored.list_bytes)
         paired += time.monotonic() - started
 
-    def finished(p: Piece, joined: Joined) -> None:
+    def finished(run: PieceRun, joined: Joined) -> None:
         short[0] += joined.short
         reads.add("join", joined.worker, joined.list_bytes)
-        files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
-        manifest.mark_piece("join", p.index, files)
+        for p in run.pieces:
+            files = [out[p.index]] + ([knn_path(plan.knn_dir, p.index)] if plan.knn_dir else [])
+            manifest.mark_piece("join", p.index, files)
 
     say_resuming("join", pieces, todo)
+    runs = piece_runs(todo, min(run_rows, budget_rows) if layout is None and routes is None else 0)
     seconds = (
         run_tasks(
             client,
             label="join",
-            items=todo,
-            task=lambda p: JoinTask(
+            items=runs,
+            task=lambda run: JoinTask(
                 plan=plan,
                 index_store=index_store,
                 query_store=query_store,
-                piece=p,
-                out=out[p.index],
+                pieces=run.pieces,
+                outs=tuple(out[p.index] for p in run.pieces),
                 budget_rows=budget_rows,
                 pairs=layout,
                 routed=routes,
