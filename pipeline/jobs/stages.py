@@ -693,7 +693,7 @@ def _start_update(
     manifest.clear_stage("recall")
     manifest.clear_stage("patch")
     manifest.clear_stage("patch_reverse")  # partitioned for the pieces of the update before
-    discard(output / PATCH_WORK)
+    discard(output / PATCH_NAME)
     manifest.finish_stage(
         "update",
         {
@@ -738,7 +738,7 @@ def _finish_update(
             holes=built.dataset.holes,
             out_dir=output / "neighbors",
             manifest=manifest,
-            work_dir=output / PATCH_WORK,
+            work_dir=output / PATCH_NAME,
         )
     log.info(
         "update: %d queries lost neighbours (%d of them searched again, past their spare candidates), %d took in "
@@ -760,11 +760,10 @@ def _finish_update(
     )
     manifest.clear_stage("patch")
     manifest.clear_stage("patch_reverse")
-    discard(output / PATCH_WORK)
+    discard(output / PATCH_NAME)
     manifest.clear_stage("update")
 
 
-PATCH_WORK = PATCH_NAME  # an update's partitioned reverse neighbours, removed when it is done
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory
 
 

@@ -55,6 +55,7 @@ __all__ = [
     "knn_path",
     "to_padded",
     "BATCH_BYTES",
+    "listed_table",
     "piece_runs",
     "PieceRun",
     "shared_index",
@@ -293,6 +294,17 @@ class JoinTask:
         return Joined(short=short, list_bytes=list_bytes_read() - read_before, worker=worker_name())
 
 
+def listed_table(q_ids: pa.Array, offsets: np.ndarray, nbr_ids: pa.Array, scores: np.ndarray) -> pa.Table:
+    """A neighbour table (``query_id``, ``neighbor_id``, ``score``) from lists in list layout."""
+    return pa.table(
+        {
+            "query_id": q_ids,
+            "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
+            "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
+        }
+    )
+
+
 def _batches(pieces: Sequence[Piece], batch_rows: int) -> list[list[tuple[Piece, int, int]]]:
     """Consecutive batches of at most ``batch_rows`` queries over a run of pieces, each a list of
     ``(piece, lo, hi)``: rows ``[lo, hi)`` of a piece, in piece and row order."""
@@ -334,15 +346,8 @@ class _TableSink:
             to_padded(self.knn_rows, self.knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
         if plan.spare:  # the table lists the first k; the spare are kept in knn/ only
             offsets, scores, nbr_rows = first_k(offsets, scores, nbr_rows, plan.k)
-        nbr_ids = self.index_store.gather_ids(nbr_rows)
         self.short += int((np.diff(offsets) < plan.k).sum())
-        table = pa.table(
-            {
-                "query_id": q_ids,
-                "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), nbr_ids),
-                "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores, type=pa.float32())),
-            }
-        )
+        table = listed_table(q_ids, offsets, self.index_store.gather_ids(nbr_rows), scores)
         if self.writer is None:
             self.writer = pq.ParquetWriter(str(self.tmp), table.schema, **TABLE_OPTIONS)
         self.buffered.append(table)

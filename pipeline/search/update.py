@@ -38,6 +38,7 @@ from pipeline.search.join import (
     TABLE_OPTIONS,
     SearchPlan,
     knn_path,
+    listed_table,
     search_batch,
     shared_index,
     to_padded,
@@ -85,13 +86,7 @@ def neighbour_table(store: RowStore, piece: int, rows: np.ndarray, scores: np.nd
     valid = rows >= 0
     offsets = np.zeros(len(rows) + 1, dtype=np.int32)
     np.cumsum(valid.sum(axis=1), out=offsets[1:])
-    return pa.table(
-        {
-            "query_id": store.ids(piece),
-            "neighbor_id": pa.ListArray.from_arrays(pa.array(offsets), store.gather_ids(rows[valid])),
-            "score": pa.ListArray.from_arrays(pa.array(offsets), pa.array(scores[valid], type=pa.float32())),
-        }
-    )
+    return listed_table(store.ids(piece), offsets, store.gather_ids(rows[valid]), scores[valid])
 
 
 def _merge(
