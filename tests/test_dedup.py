@@ -9,6 +9,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import ConfigError, InputError, dedup
 from pipeline.io.sample_data import clustered_vectors, write_shards
@@ -216,17 +218,51 @@ def test_components_follow_long_chains(dask_address, tmp_path):
     a, b = path[:-1], path[1:]
     src = np.concatenate([a, b, [2000, 2001]])
     dst = np.concatenate([b, a, [2001, 2000]])
-    ends = np.r_[starts[1:], n]
-    paths = []
-    for p in range(4):
-        sel = (src >= starts[p]) & (src < ends[p])
-        order = np.lexsort((dst[sel], src[sel]))
-        paths.append(str(tmp_path / f"e{p}.parquet"))
-        write_edges(paths[-1], src[sel][order], dst[sel][order], np.ones(sel.sum(), np.float32))
+    paths = _write_partitioned_edges(tmp_path, src, dst, starts, n)
     with Client(dask_address) as client:
         labels_dir = connected_components(client, paths, starts=starts, total=n, work_dir=tmp_path / "cc")
     labels = np.concatenate([np.load(labels_dir / f"part-{p:05d}.npy") for p in range(4)])
     assert (labels[:2000] == 0).all() and list(labels[2000:]) == [2000, 2000, 2002]
+
+
+def _write_partitioned_edges(tmp: Path, src: np.ndarray, dst: np.ndarray, starts: np.ndarray, n: int) -> list[str]:
+    """Edge files by source partition (sorted), as the graph's reduce writes them."""
+    ends = np.r_[starts[1:], n]
+    paths = []
+    for p in range(len(starts)):
+        sel = (src >= starts[p]) & (src < ends[p])
+        order = np.lexsort((dst[sel], src[sel]))
+        paths.append(str(tmp / f"e{p}.parquet"))
+        write_edges(paths[-1], src[sel][order], dst[sel][order], np.ones(sel.sum(), np.float32))
+    return paths
+
+
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    n=st.integers(1, 80),
+    cuts=st.lists(st.integers(1, 79), max_size=5),
+    pairs=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 79)), max_size=120),
+    one_way=st.booleans(),
+)
+def test_components_equal_scipy_on_any_graph_and_partitioning(dask_address, tmp_path_factory, n, cuts, pairs, one_way):
+    """Labels are each component's smallest row, whatever the edges (one direction or both, loops,
+    repeats) and however the rows are cut into partitions, some of them without edges."""
+    from distributed import Client
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components as scipy_components
+
+    starts = np.unique(np.r_[0, [c for c in cuts if c < n]]).astype(np.int64)
+    e = np.array([(a, b) for a, b in pairs if a < n and b < n], dtype=np.int64).reshape(-1, 2)
+    src, dst = (e[:, 0], e[:, 1]) if one_way else (np.r_[e[:, 0], e[:, 1]], np.r_[e[:, 1], e[:, 0]])
+    tmp = tmp_path_factory.mktemp("cc")
+    paths = _write_partitioned_edges(tmp, src, dst, starts, n)
+    with Client(dask_address) as client:
+        labels_dir = connected_components(client, paths, starts=starts, total=n, work_dir=tmp / "cc")
+    got = np.concatenate([np.load(labels_dir / f"part-{p:05d}.npy") for p in range(len(starts))])
+    _, comp = scipy_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)), directed=False)
+    smallest = np.full(comp.max() + 1, n)
+    np.minimum.at(smallest, comp, np.arange(n))
+    assert np.array_equal(got, smallest[comp])
 
 
 def test_report_json_is_valid(make_config, planted, tmp_path):

@@ -356,3 +356,115 @@ def test_a_slice_of_another_machines_array_is_read_by_range(tmp_path, version):
     header = (remote / "data.npy").stat().st_size - rows.nbytes
     assert folder.ranged == 12 * 2 + 2 * header + (225 + 10) * rows.itemsize
     assert np.array_equal(staged.npy_rows(remote / "data.npy", 120, 345), rows[120:345])  # a file here
+
+
+def test_component_tasks_fetch_only_their_own_partitions_labels(tmp_path):
+    """On a machine of its own, each step of a components round fetches whole only its own
+    partition's edges and labels (and map outputs' small bounds); the labels of other
+    partitions' rows come as answers, read by range. What it writes equals the same task's output
+    on a machine that holds everything."""
+    from pipeline.io import nodes as staged
+    from pipeline.shuffle.components import ApplyHooks, AskEnds, HooksTask, JumpTask, label_path
+    from pipeline.shuffle.edges import write_edges
+    from pipeline.shuffle.lookup import AnswerTask
+
+    n, starts = 30, np.array([0, 10, 20])
+    chain = np.random.default_rng(1).permutation(n)  # one component through all three partitions
+    src, dst = np.r_[chain[:-1], chain[1:]], np.r_[chain[1:], chain[:-1]]
+    remote, machine = tmp_path / "remote", tmp_path / "machine"
+    for p in range(3):
+        sel = (src >= starts[p]) & (src < starts[p] + 10)
+        write_edges(remote / f"edges/e{p}.parquet", src[sel], dst[sel], np.ones(sel.sum(), np.float32))
+        (remote / "labels").mkdir(exist_ok=True)
+        np.save(label_path(remote / "labels", p), np.arange(starts[p], starts[p] + 10))
+
+    def every(root: Path, name: str) -> tuple[str, ...]:
+        return tuple(str(root / name / f"part-{q:05d}") for q in range(3))
+
+    steps: list[tuple[str, Any]] = [
+        (
+            "ask-ends",
+            lambda r, p: AskEnds(
+                edge_path=str(r / f"edges/e{p}.parquet"),
+                starts=starts,
+                piece=p,
+                out=str(r / "ask-ends" / f"part-{p:05d}"),
+            ),
+        ),
+        (
+            "ends",
+            lambda r, p: AnswerTask(
+                ask_dirs=every(r, "ask-ends"),
+                values=str(label_path(r / "labels", p)),
+                first_row=int(starts[p]),
+                part=p,
+                out=str(r / "ends" / f"part-{p:05d}"),
+            ),
+        ),
+        (
+            "hooks",
+            lambda r, p: HooksTask(
+                edge_path=str(r / f"edges/e{p}.parquet"),
+                labels_dir=str(r / "labels"),
+                asked=str(r / "ask-ends" / f"part-{p:05d}"),
+                answer_dirs=every(r, "ends"),
+                starts=starts,
+                piece=p,
+                out=str(r / "hooks" / f"part-{p:05d}"),
+            ),
+        ),
+        (
+            "hooked",
+            lambda r, p: ApplyHooks(
+                hook_dirs=every(r, "hooks"),
+                labels_dir=str(r / "labels"),
+                starts=starts,
+                piece=p,
+                out=str(r / "hooked"),
+                asks=str(r / "asks" / f"part-{p:05d}"),
+            ),
+        ),
+        (
+            "answers",
+            lambda r, p: AnswerTask(
+                ask_dirs=every(r, "asks"),
+                values=str(label_path(r / "hooked", p)),
+                first_row=int(starts[p]),
+                part=p,
+                out=str(r / "answers" / f"part-{p:05d}"),
+            ),
+        ),
+        (
+            "jumped",
+            lambda r, p: JumpTask(
+                labels_dir=str(r / "hooked"),
+                answer_dirs=every(r, "answers"),
+                starts=starts,
+                piece=p,
+                out=str(r / "jumped"),
+                asks=str(r / "asks-2" / f"part-{p:05d}"),
+            ),
+        ),
+    ]
+    done: dict[str, int] = {}
+    for name, make in steps:
+        values = [make(remote, p).run() for p in range(3)]
+        done[name] = sum(values)
+        shutil.rmtree(machine, ignore_errors=True)
+        machine.mkdir()
+        folder = _FolderRemote(machine, remote)
+        staged.activate([folder])
+        try:
+            assert make(machine, 1).run() == values[1]
+        finally:
+            staged.deactivate()
+        own = {"edges/e1.parquet", "labels/part-00001.npy", "hooked/part-00001.npy", "ask-ends/part-00001/where.npy"}
+        assert all(f in own or f.endswith("bounds.npy") for f in folder.whole), (name, folder.whole)
+        for written in machine.rglob("*.npy"):
+            rel = written.relative_to(machine).as_posix()
+            if rel not in folder.whole:  # the step's own output: equal to the same step's on the store
+                assert np.array_equal(np.load(written), np.load(remote / rel)), rel
+    # far ends asked and answered, edges crossing trees, hooked labels pointing across partitions
+    assert min(done["ask-ends"], done["ends"], done["hooks"], done["hooked"], done["answers"]) > 0, done
+    jumped = np.concatenate([np.load(label_path(remote / "jumped", p)) for p in range(3)])
+    assert jumped.min() == 0 and (jumped <= np.arange(n)).all()

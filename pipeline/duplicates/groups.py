@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 from pipeline.backends.worker import worker_device
 from pipeline.duplicates.columns import read_keep_column
 from pipeline.duplicates.explore import map_task
-from pipeline.duplicates.keep import ChooseTask
+from pipeline.duplicates.keep import ChooseTask, member_keys
 from pipeline.duplicates.plan import DedupPlan, bands
 from pipeline.duplicates.widen import WIDEN_MAX, Widened, WidenTask
 from pipeline.io import nodes
@@ -128,7 +128,8 @@ class PairsTask:
 # groups --------------------------------------------------------------------------------------------
 @dataclass(frozen=True, kw_only=True)
 class MembersTask:
-    """Send each linked row of partition ``part`` (to ``members``), and each of its pairs (to
+    """Send each linked row of partition ``part`` (to ``members``), with what ranks it (its id and
+    keep value, :func:`~pipeline.duplicates.keep.member_keys`), and each of its pairs (to
     ``pair_dir``), to the partition of its component's label."""
 
     adj: str
@@ -137,6 +138,9 @@ class MembersTask:
     part: int
     members: str
     pair_dir: str
+    store: RowStore
+    keys_dir: str | None
+    piece_starts: np.ndarray
 
     def run(self) -> None:
         starts = self.starts
@@ -146,7 +150,10 @@ class MembersTask:
         rows = np.unique(src)
         lab = labels[rows - lo]
         n = len(starts)
-        write_partitioned(self.members, np.searchsorted(starts, lab, side="right") - 1, n, {"label": lab, "row": rows})
+        ranks = member_keys(rows, self.store, keys_dir=self.keys_dir, starts=self.piece_starts)
+        write_partitioned(
+            self.members, np.searchsorted(starts, lab, side="right") - 1, n, {"label": lab, "row": rows, **ranks}
+        )
         one = src < dst
         plab = labels[src[one] - lo]
         write_partitioned(
@@ -521,6 +528,9 @@ def _group_stages(
                 part=p.index,
                 members=members[p.index],
                 pair_dir=linked[p.index],
+                store=store,
+                keys_dir=str(keys_dir) if keys_dir else None,
+                piece_starts=dataset.starts,
             ),
             files=lambda p: [Path(members[p.index]) / "bounds.npy", Path(linked[p.index]) / "bounds.npy"],
         ),
@@ -537,11 +547,9 @@ def _group_stages(
                 pair_dirs=tuple(linked),
                 part=p.index,
                 plan=plan,
-                store=store,
-                keys_dir=str(keys_dir) if keys_dir else None,
-                piece_starts=dataset.starts,
                 starts=starts,
                 assign=assign[p.index],
+                keep_by=keys_dir is not None,
             ),
             files=lambda p: [Path(assign[p.index]) / "bounds.npy"],
         ),

@@ -20,17 +20,33 @@ from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.shuffle.edges import gather_1d, read_partition, write_partitioned
 
-__all__ = ["ChooseTask", "greedy"]
+__all__ = ["ChooseTask", "greedy", "member_keys"]
 
 
-def _ranking(
-    rows: np.ndarray, labels: np.ndarray, store: RowStore, *, keys_dir: str | None, starts: np.ndarray, keep_order: str
-) -> np.ndarray:
-    """Order of ``rows``: by component, then keep priority (keep_by value, then the smallest id)."""
-    cols: dict[str, Any] = {"label": pa.array(labels), "id": store.gather_ids(rows), "row": pa.array(rows)}
-    sort = [("label", "ascending")]
+def member_keys(
+    rows: np.ndarray, store: RowStore, *, keys_dir: str | None, starts: np.ndarray
+) -> dict[str, np.ndarray]:
+    """What ranks the given rows of one partition, read where they live and sent along with them
+    to their component's partition: their ids (integers as they are, strings as UTF-8 bytes, whose
+    order is Arrow's) and, with ``--keep-by``, their keep values. The choosing task then reads no
+    other partition's files."""
+    ids = store.gather_ids(rows)
+    if pa.types.is_integer(ids.type):
+        out = {"id": ids.to_numpy(zero_copy_only=False)}
+    else:
+        raw = ids.cast(pa.large_binary()).to_numpy(zero_copy_only=False)
+        out = {"id": raw.astype(np.bytes_) if raw.size else np.zeros(0, "S1")}
     if keys_dir is not None:
-        cols["key"] = pa.array(gather_1d(keys_dir, starts, rows))
+        out["key"] = gather_1d(keys_dir, starts, rows)
+    return out
+
+
+def _ranking(rows: np.ndarray, labels: np.ndarray, m: dict[str, np.ndarray], keep_order: str) -> np.ndarray:
+    """Order of ``rows``: by component, then keep priority (keep_by value, then the smallest id)."""
+    cols: dict[str, Any] = {"label": pa.array(labels), "id": pa.array(m["id"]), "row": pa.array(rows)}
+    sort = [("label", "ascending")]
+    if "key" in m:
+        cols["key"] = pa.array(m["key"])
         sort.append(("key", "descending" if keep_order == "max" else "ascending"))
     sort += [("id", "ascending"), ("row", "ascending")]
     return pc.sort_indices(pa.table(cols), sort_keys=sort).to_numpy()
@@ -72,24 +88,20 @@ class ChooseTask:
     pair_dirs: tuple[str, ...]
     part: int
     plan: DedupPlan
-    store: RowStore
-    keys_dir: str | None
-    piece_starts: np.ndarray
     starts: np.ndarray
     assign: str
+    keep_by: bool  # the members carry keep values (``--keep-by``)
 
     def run(self) -> dict[int, int]:
         plan, starts, assign = self.plan, self.starts, self.assign
-        m = read_partition(self.member_dirs, self.part, ("label", "row"))
+        m = read_partition(self.member_dirs, self.part, ("label", "row", "id", *(("key",) if self.keep_by else ())))
         rows, labels = m["row"].astype(np.int64), m["label"].astype(np.int64)
         if rows.size == 0:
             write_partitioned(
                 assign, np.zeros(0, np.int64), len(starts), {"row": rows, "rep": rows, "kept": np.zeros(0, bool)}
             )
             return {}
-        order = _ranking(
-            rows, labels, self.store, keys_dir=self.keys_dir, starts=self.piece_starts, keep_order=plan.keep_order
-        )
+        order = _ranking(rows, labels, m, plan.keep_order)
         rows, labels = rows[order], labels[order]
         if plan.mode == "components":
             first = np.r_[True, labels[1:] != labels[:-1]]

@@ -3,9 +3,10 @@
 Every row points at a row of its component no larger than itself (at first, itself); the rows
 pointing at themselves are the roots of trees. Rounds of hooking (roots onto smaller roots they
 share an edge with, offers shuffled to the root's partition) and shortcutting (every row straight
-to its root, through memory-mapped per-piece label files) end when no edge joins two trees: each
-component is then one tree, labelled by its smallest row. A task holds one partition's edges and
-labels, never the whole graph.
+to its root, by pointer jumps) end when no edge joins two trees: each component is then one tree,
+labelled by its smallest row. A task holds one partition's edges and labels, never the whole
+graph, and learns other partitions' labels by request and answer (:mod:`pipeline.shuffle.lookup`),
+so on machines that share no filesystem nobody fetches another partition's label file.
 """
 
 from __future__ import annotations
@@ -17,13 +18,16 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
 
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard, rename
 from pipeline.runtime.runner import Task, gather, submit
-from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
+from pipeline.shuffle.edges import merge_histograms, read_edges, read_partition, write_partitioned
+from pipeline.shuffle.lookup import AnswerTask, ask, read_answers
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
 
@@ -67,69 +71,163 @@ class InitLabels:
 
 
 @dataclass(frozen=True, kw_only=True)
-class HooksTask:
-    """For each edge joining two trees, ask the larger root to hook onto the smaller one."""
+class AskEnds:
+    """Ask for the labels of the far ends of partition ``piece``'s edges: the same rows every
+    round, so they are asked once and answered each round. Beside the asks, ``where.npy`` keeps
+    each far end's place among the answers, so a round looks them up by position."""
 
     edge_path: str
-    labels_dir: str
     starts: np.ndarray
     piece: int
     out: str
 
     def run(self) -> int:
-        edge_path, labels_dir, starts, piece, out = self.edge_path, self.labels_dir, self.starts, self.piece, self.out
-        src, dst, _ = read_edges(edge_path)
-        labels = np.load(fetched(label_path(labels_dir, piece)))
-        ru = labels[src - int(starts[piece])]
-        rv = gather_1d(labels_dir, starts, dst) if dst.size else dst
+        _, dst, _ = read_edges(self.edge_path)
+        asked = ask(self.out, dst, starts=self.starts, own=self.piece)
+        far = dst[_far_rows(dst, self.starts, self.piece)]
+        where = pc.index_in(pa.array(far), value_set=pa.array(asked)).to_numpy()
+        _save(Path(self.out) / ENDS_WHERE, where.astype(np.int32 if asked.size < 2**31 else np.int64))
+        return int(asked.size)
+
+
+ENDS_WHERE = "where.npy"
+
+
+def _far_rows(rows: np.ndarray, starts: np.ndarray, piece: int) -> np.ndarray:
+    """Which of ``rows`` lie outside partition ``piece`` (first rows ``starts``)."""
+    lo = int(starts[piece])
+    hi = int(starts[piece + 1]) if piece + 1 < len(starts) else np.iinfo(np.int64).max
+    return (rows < lo) | (rows >= hi)
+
+
+def _jump_inside(labels: np.ndarray, first_row: int) -> np.ndarray:
+    """Point every row whose label lies in this partition at the end of its chain here (pointer
+    jumping: each pass halves the chains)."""
+    while True:
+        inside = np.flatnonzero((labels >= first_row) & (labels < first_row + labels.size))
+        nxt = labels[labels[inside] - first_row]
+        if np.array_equal(nxt, labels[inside]):
+            return labels
+        labels[inside] = nxt
+
+
+def _far(labels: np.ndarray, first_row: int) -> np.ndarray:
+    return (labels < first_row) | (labels >= first_row + labels.size)
+
+
+@dataclass(frozen=True, kw_only=True)
+class HooksTask:
+    """For each edge joining two trees, ask the larger root to hook onto the smaller one. The far
+    ends' labels come as answers (``answer_dirs``) to the asks in ``asked``, not from other
+    partitions' files."""
+
+    edge_path: str
+    labels_dir: str
+    asked: str
+    answer_dirs: tuple[str, ...]
+    starts: np.ndarray
+    piece: int
+    out: str
+
+    def run(self) -> int:
+        starts, piece = self.starts, self.piece
+        src, dst, _ = read_edges(self.edge_path)
+        labels = np.load(fetched(label_path(self.labels_dir, piece)))
+        first = int(starts[piece])
+        ru = labels[src - first]
+        far = _far_rows(dst, starts, piece)
+        rv = np.empty_like(ru)
+        rv[~far] = labels[dst[~far] - first]
+        if far.any():
+            where = np.load(fetched(Path(self.asked) / ENDS_WHERE))
+            rv[far] = read_answers(self.answer_dirs, piece).values[where]
         cross = ru != rv
         hi, lo = np.maximum(ru[cross], rv[cross]), np.minimum(ru[cross], rv[cross])
-        write_partitioned(out, np.searchsorted(starts, hi, side="right") - 1, len(starts), {"hi": hi, "lo": lo})
+        # a root takes only its smallest offer: send that one (hashed, no sort of every edge)
+        offers = pa.table({"hi": hi, "lo": lo}).group_by("hi", use_threads=False).aggregate([("lo", "min")])
+        hi, lo = offers.column("hi").to_numpy(), offers.column("lo_min").to_numpy()
+        write_partitioned(self.out, np.searchsorted(starts, hi, side="right") - 1, len(starts), {"hi": hi, "lo": lo})
         return int(cross.sum())
 
 
 @dataclass(frozen=True, kw_only=True)
 class ApplyHooks:
-    """Each root of this partition hooks onto the smallest root that asked."""
+    """Each root of this partition hooks onto the smallest root that asked; then every row points
+    as far along its chain as this partition knows, and asks for the rest (``asks``)."""
 
     hook_dirs: tuple[str, ...]
     labels_dir: str
     starts: np.ndarray
     piece: int
     out: str
+    asks: str
 
-    def run(self) -> None:
-        hook_dirs, labels_dir, starts, piece, out = self.hook_dirs, self.labels_dir, self.starts, self.piece, self.out
-        labels = np.load(fetched(label_path(labels_dir, piece)))
-        h = read_partition(hook_dirs, piece, ("hi", "lo"))
+    def run(self) -> int:
+        starts, piece = self.starts, self.piece
+        first = int(starts[piece])
+        labels = np.load(fetched(label_path(self.labels_dir, piece)))
+        h = read_partition(self.hook_dirs, piece, ("hi", "lo"))
         if h["hi"].size:
             hi, lo = h["hi"].astype(np.int64), h["lo"].astype(np.int64)
             order = np.argsort(hi, kind="stable")
             hi, lo = hi[order], lo[order]
-            first = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
-            local = hi[first] - int(starts[piece])
-            labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, first))
-        _save(label_path(out, piece), labels)
+            head = np.flatnonzero(np.r_[True, hi[1:] != hi[:-1]])
+            local = hi[head] - first
+            labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, head))
+        labels = _jump_inside(labels, first)
+        _save(label_path(self.out, piece), labels)
+        return int(ask(self.asks, labels[_far(labels, first)], starts=starts, own=piece).size)
 
 
 @dataclass(frozen=True, kw_only=True)
-class Shortcut:
-    """Point every row straight at its tree's root (pointers only decrease, so this ends)."""
+class JumpTask:
+    """One pointer jump across partitions: every row whose label was asked about takes the answer
+    (its label's label), then jumps inside the partition again. Rows whose label is now a root
+    known to be settled are done; the rest ask again (``asks``). Pointers only decrease, so this ends."""
 
-    hooked_dir: str
+    labels_dir: str
+    answer_dirs: tuple[str, ...]
     starts: np.ndarray
     piece: int
     out: str
+    asks: str
 
-    def run(self) -> None:
-        hooked_dir, starts, piece, out = self.hooked_dir, self.starts, self.piece, self.out
-        labels = np.load(fetched(label_path(hooked_dir, piece)))
-        while True:
-            nxt = gather_1d(hooked_dir, starts, labels)
-            if np.array_equal(nxt, labels):
-                break
-            labels = nxt
-        _save(label_path(out, piece), labels)
+    def run(self) -> int:
+        starts, piece = self.starts, self.piece
+        first = int(starts[piece])
+        labels = np.load(fetched(label_path(self.labels_dir, piece)))
+        got = read_answers(self.answer_dirs, piece)
+        far = np.flatnonzero(_far(labels, first))
+        targets = labels[far]
+        asked = np.isin(targets, got.rows)
+        settled = np.union1d(targets[~asked], got.values[got.settled])  # not asked: settled before
+        labels[far[asked]] = got.at(targets[asked])[0]
+        labels = _jump_inside(labels, first)
+        _save(label_path(self.out, piece), labels)
+        again = np.setdiff1d(labels[_far(labels, first)], settled)
+        return int(ask(self.asks, again, starts=starts, own=piece).size)
+
+
+def _answer(client: Any, ask_dirs: Sequence[str], labels: Path, starts: np.ndarray, out: Path) -> tuple[str, ...]:
+    """Answer the asks in ``ask_dirs`` with the labels in ``labels``: a task per partition."""
+    outs = tuple(str(out / f"to-{p:05d}") for p in range(len(starts)))
+    gather(
+        client,
+        [
+            _submit(
+                client,
+                AnswerTask(
+                    ask_dirs=tuple(ask_dirs),
+                    values=str(label_path(labels, p)),
+                    first_row=int(starts[p]),
+                    part=p,
+                    out=outs[p],
+                ),
+            )
+            for p in range(len(starts))
+        ],
+    )
+    return outs
 
 
 def connected_components(
@@ -142,11 +240,13 @@ def connected_components(
     earlier edges, before the input grew); they are valid starting trees, so only components the
     new edges touch do any work.
 
-    Each round (Shiloach-Vishkin style, with every step a task per partition): every edge whose
-    ends lie in different trees asks the larger root to hook onto the smaller; each root takes
-    the smallest offer; then every row is pointed straight at its new root. Every tree that
-    touches another merges each round, so rounds grow with the log of the component size, not
-    with its diameter.
+    Each round (Shiloach-Vishkin style, with every step a task per partition): the labels at the
+    edges' far ends are answered (asked once, :class:`AskEnds`); every edge whose ends lie in
+    different trees asks the larger root to hook onto the smaller; each root takes the smallest
+    offer; then every row is pointed at its new root by pointer jumps, inside a partition in
+    memory and across partitions by request and answer, until every row's label is a root. Every
+    tree that touches another merges each round, so rounds grow with the log of the component
+    size, not with its diameter; the jumps of a round with the log of its longest chain of hooks.
     """
     for child in nodes.children(work_dir):  # rounds are cheap to redo; partial ones are not trusted
         if warm is None or child.resolve() != warm.resolve():
@@ -172,10 +272,20 @@ def connected_components(
     )
     if warm is not None:
         discard(warm)
+    ends_asked = [str(work_dir / "ends" / f"from-{p:05d}") for p in range(n_parts)]
+    gather(
+        client,
+        [
+            _submit(client, AskEnds(edge_path=edge_paths[p], starts=starts, piece=p, out=ends_asked[p]))
+            for p in range(n_parts)
+        ],
+    )
     r = 0
     while True:
         r += 1
-        hooks = [str(work_dir / f"hooks-{r:04d}" / f"from-{p:05d}") for p in range(n_parts)]
+        rnd = work_dir / f"r{r:04d}"
+        far_ends = _answer(client, ends_asked, labels, starts, rnd / "ends")
+        hooks = [str(rnd / "hooks" / f"from-{p:05d}") for p in range(n_parts)]
         crossing = sum(
             gather(
                 client,
@@ -183,7 +293,13 @@ def connected_components(
                     _submit(
                         client,
                         HooksTask(
-                            edge_path=edge_paths[p], labels_dir=str(labels), starts=starts, piece=p, out=hooks[p]
+                            edge_path=edge_paths[p],
+                            labels_dir=str(labels),
+                            asked=ends_asked[p],
+                            answer_dirs=far_ends,
+                            starts=starts,
+                            piece=p,
+                            out=hooks[p],
                         ),
                     )
                     for p in range(n_parts)
@@ -192,29 +308,57 @@ def connected_components(
         )
         log.debug("components round %d: %d edges join different trees", r, crossing)
         if crossing == 0:
-            discard(work_dir / f"hooks-{r:04d}")
+            discard(rnd)
             break
-        hooked = work_dir / f"hooked-{r:04d}"
-        gather(
-            client,
-            [
-                _submit(
+        jumped, asks = rnd / "hooked", [str(rnd / "asks-0000" / f"from-{p:05d}") for p in range(n_parts)]
+        asked = sum(
+            gather(
+                client,
+                [
+                    _submit(
+                        client,
+                        ApplyHooks(
+                            hook_dirs=tuple(hooks),
+                            labels_dir=str(labels),
+                            starts=starts,
+                            piece=p,
+                            out=str(jumped),
+                            asks=asks[p],
+                        ),
+                    )
+                    for p in range(n_parts)
+                ],
+            )
+        )
+        j = 0
+        while asked:  # pointer jumps across partitions until every row points at its root
+            j += 1
+            answers = _answer(client, asks, jumped, starts, rnd / f"answers-{j:04d}")
+            nxt, asks = rnd / f"jumped-{j:04d}", [str(rnd / f"asks-{j:04d}" / f"from-{p:05d}") for p in range(n_parts)]
+            asked = sum(
+                gather(
                     client,
-                    ApplyHooks(hook_dirs=tuple(hooks), labels_dir=str(labels), starts=starts, piece=p, out=str(hooked)),
+                    [
+                        _submit(
+                            client,
+                            JumpTask(
+                                labels_dir=str(jumped),
+                                answer_dirs=answers,
+                                starts=starts,
+                                piece=p,
+                                out=str(nxt),
+                                asks=asks[p],
+                            ),
+                        )
+                        for p in range(n_parts)
+                    ],
                 )
-                for p in range(n_parts)
-            ],
-        )
+            )
+            jumped = nxt
         nxt = work_dir / f"round-{r:04d}"
-        gather(
-            client,
-            [
-                _submit(client, Shortcut(hooked_dir=str(hooked), starts=starts, piece=p, out=str(nxt)))
-                for p in range(n_parts)
-            ],
-        )
-        for d in (labels, hooked, work_dir / f"hooks-{r:04d}"):
-            discard(d)
+        rename(jumped, nxt)
+        discard(labels)
+        discard(rnd)
         labels = nxt
     final = work_dir / "labels"
     rename(labels, final)
