@@ -129,7 +129,7 @@ def main() -> None:
             results[mode] = _output(fs, args.command, f"bench/{mode}")
             recall, index = report["recall"], report["index"]
             moved = [
-                f"{w['name']} " + " / ".join(f"{(w.get('moved') or {}).get(k, 0) / 2**20:.1f}" for k in MOVED)
+                f"{w['worker']} " + " / ".join(f"{(w.get('moved') or {}).get(k, 0) / 2**20:.1f}" for k in MOVED)
                 for w in report.get("workers", [])
             ]
             print(

@@ -237,16 +237,20 @@ def _write_partitioned_edges(tmp: Path, src: np.ndarray, dst: np.ndarray, starts
     return paths
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     n=st.integers(1, 80),
     cuts=st.lists(st.integers(1, 79), max_size=5),
     pairs=st.lists(st.tuples(st.integers(0, 79), st.integers(0, 79)), max_size=120),
     one_way=st.booleans(),
+    answers=st.booleans(),
 )
-def test_components_equal_scipy_on_any_graph_and_partitioning(dask_address, tmp_path_factory, n, cuts, pairs, one_way):
+def test_components_equal_scipy_on_any_graph_and_partitioning(
+    dask_address, tmp_path_factory, n, cuts, pairs, one_way, answers
+):
     """Labels are each component's smallest row, whatever the edges (one direction or both, loops,
-    repeats) and however the rows are cut into partitions, some of them without edges."""
+    repeats), however the rows are cut into partitions (some of them without edges), and whether
+    partitions learn each other's labels from their files or by request and answer."""
     from distributed import Client
     from scipy.sparse import coo_matrix
     from scipy.sparse.csgraph import connected_components as scipy_components
@@ -257,7 +261,7 @@ def test_components_equal_scipy_on_any_graph_and_partitioning(dask_address, tmp_
     tmp = tmp_path_factory.mktemp("cc")
     paths = _write_partitioned_edges(tmp, src, dst, starts, n)
     with Client(dask_address) as client:
-        labels_dir = connected_components(client, paths, starts=starts, total=n, work_dir=tmp / "cc")
+        labels_dir = connected_components(client, paths, starts=starts, total=n, work_dir=tmp / "cc", answers=answers)
     got = np.concatenate([np.load(labels_dir / f"part-{p:05d}.npy") for p in range(len(starts))])
     _, comp = scipy_components(coo_matrix((np.ones(len(e)), (e[:, 0], e[:, 1])), shape=(n, n)), directed=False)
     smallest = np.full(comp.max() + 1, n)

@@ -468,3 +468,33 @@ def test_component_tasks_fetch_only_their_own_partitions_labels(tmp_path):
     assert min(done["ask-ends"], done["ends"], done["hooks"], done["hooked"], done["answers"]) > 0, done
     jumped = np.concatenate([np.load(label_path(remote / "jumped", p)) for p in range(3)])
     assert jumped.min() == 0 and (jumped <= np.arange(n)).all()
+
+
+def test_components_choose_request_and_answer_only_where_it_moves_less(tmp_path):
+    """Staged per node, sparse edges (dedup's pairs) go by request and answer; dense ones (a k-NN
+    graph on a few machines) through the label files; with the driver's folders seen by every
+    worker, always the files, read in place."""
+    from pipeline.io import nodes as staged
+    from pipeline.shuffle.components import by_answers
+    from pipeline.shuffle.edges import write_edges
+
+    class Workers:
+        def __init__(self, n: int) -> None:
+            self.n = n
+
+        def scheduler_info(self, n_workers: int = 0) -> dict[str, Any]:
+            return {"workers": {f"w{i}": {} for i in range(self.n)}}
+
+    rows = 10_000
+    sparse, dense = tmp_path / "sparse.parquet", tmp_path / "dense.parquet"
+    few, many = np.arange(500), np.repeat(np.arange(rows), 10)
+    write_edges(sparse, few, few[::-1], np.ones(few.size, np.float32))
+    write_edges(dense, many, many[::-1], np.ones(many.size, np.float32))
+    assert not by_answers(Workers(2), [str(sparse)], rows)  # not staged: the files, in place
+    staged.activate([_FolderRemote(tmp_path / "here", tmp_path)])
+    try:
+        assert by_answers(Workers(2), [str(sparse)], rows)
+        assert not by_answers(Workers(2), [str(dense)], rows)
+        assert by_answers(Workers(64), [str(dense)], rows)  # many machines: each copy of the files costs
+    finally:
+        staged.deactivate()

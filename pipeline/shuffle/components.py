@@ -20,13 +20,14 @@ from typing import Any, TypeVar
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
+import pyarrow.parquet as pq
 
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.nodes import fetched
 from pipeline.io.owned import discard, rename
 from pipeline.runtime.runner import Task, gather, submit
-from pipeline.shuffle.edges import merge_histograms, read_edges, read_partition, write_partitioned
+from pipeline.shuffle.edges import gather_1d, merge_histograms, read_edges, read_partition, write_partitioned
 from pipeline.shuffle.lookup import AnswerTask, ask, read_answers
 
 __all__ = ["connected_components", "component_sizes", "label_path"]
@@ -118,12 +119,12 @@ def _far(labels: np.ndarray, first_row: int) -> np.ndarray:
 @dataclass(frozen=True, kw_only=True)
 class HooksTask:
     """For each edge joining two trees, ask the larger root to hook onto the smaller one. The far
-    ends' labels come as answers (``answer_dirs``) to the asks in ``asked``, not from other
-    partitions' files."""
+    ends' labels come as answers (``answer_dirs``) to the asks in ``asked``, or, where ``asked`` is
+    None, from the other partitions' label files (read in place)."""
 
     edge_path: str
     labels_dir: str
-    asked: str
+    asked: str | None
     answer_dirs: tuple[str, ...]
     starts: np.ndarray
     piece: int
@@ -138,9 +139,11 @@ class HooksTask:
         far = _far_rows(dst, starts, piece)
         rv = np.empty_like(ru)
         rv[~far] = labels[dst[~far] - first]
-        if far.any():
+        if far.any() and self.asked is not None:
             where = np.load(fetched(Path(self.asked) / ENDS_WHERE))
             rv[far] = read_answers(self.answer_dirs, piece).values[where]
+        elif far.any():
+            rv[far] = gather_1d(self.labels_dir, starts, dst[far])
         cross = ru != rv
         hi, lo = np.maximum(ru[cross], rv[cross]), np.minimum(ru[cross], rv[cross])
         # a root takes only its smallest offer: send that one (hashed, no sort of every edge)
@@ -153,14 +156,15 @@ class HooksTask:
 @dataclass(frozen=True, kw_only=True)
 class ApplyHooks:
     """Each root of this partition hooks onto the smallest root that asked; then every row points
-    as far along its chain as this partition knows, and asks for the rest (``asks``)."""
+    as far along its chain as this partition knows, and asks for the rest (``asks``; None: a
+    :class:`Shortcut` follows instead)."""
 
     hook_dirs: tuple[str, ...]
     labels_dir: str
     starts: np.ndarray
     piece: int
     out: str
-    asks: str
+    asks: str | None
 
     def run(self) -> int:
         starts, piece = self.starts, self.piece
@@ -176,6 +180,8 @@ class ApplyHooks:
             labels[local] = np.minimum(labels[local], np.minimum.reduceat(lo, head))
         labels = _jump_inside(labels, first)
         _save(label_path(self.out, piece), labels)
+        if self.asks is None:
+            return 0
         return int(ask(self.asks, labels[_far(labels, first)], starts=starts, own=piece).size)
 
 
@@ -208,6 +214,45 @@ class JumpTask:
         return int(ask(self.asks, again, starts=starts, own=piece).size)
 
 
+@dataclass(frozen=True, kw_only=True)
+class Shortcut:
+    """Point every row straight at its tree's root, following its label through the other
+    partitions' label files (read in place; pointers only decrease, so this ends)."""
+
+    hooked_dir: str
+    starts: np.ndarray
+    piece: int
+    out: str
+
+    def run(self) -> None:
+        labels = np.load(fetched(label_path(self.hooked_dir, self.piece)))
+        while True:
+            nxt = gather_1d(self.hooked_dir, self.starts, labels)
+            if np.array_equal(nxt, labels):
+                break
+            labels = nxt
+        _save(label_path(self.out, self.piece), labels)
+
+
+ANSWER_BYTES = 25  # a row asked (8 bytes) and its answer (row, label, settled: 17 bytes)
+
+
+def by_answers(client: Any, edge_paths: Sequence[str], total: int) -> bool:
+    """Whether components should learn other partitions' labels by request and answer rather than
+    from their label files. Where the workers see this machine's folders, the files are read in
+    place (memory-mapped pages, nothing copied): files. Staged per node, every machine would fetch
+    every label file it reads, twice a round (8 bytes a row each time); request and answer move
+    25 bytes for each distinct far end a partition asks about, at most one per edge. So: answers
+    when the edges' far ends are fewer than the machines' label copies (dedup's sparse pairs, or
+    many machines), files otherwise (a dense k-NN graph on a few machines). Counted from the edge
+    files' footers and the worker count, never timed."""
+    if not nodes.active():
+        return False
+    workers = max(1, len(client.scheduler_info(n_workers=-1).get("workers", {})))
+    edges = sum(pq.read_metadata(nodes.source(p)).num_rows for p in edge_paths)
+    return edges * ANSWER_BYTES < workers * total * 8 * 2
+
+
 def _answer(client: Any, ask_dirs: Sequence[str], labels: Path, starts: np.ndarray, out: Path) -> tuple[str, ...]:
     """Answer the asks in ``ask_dirs`` with the labels in ``labels``: a task per partition."""
     outs = tuple(str(out / f"to-{p:05d}") for p in range(len(starts)))
@@ -230,130 +275,113 @@ def _answer(client: Any, ask_dirs: Sequence[str], labels: Path, starts: np.ndarr
     return outs
 
 
+def _wave(client: Any, tasks: Sequence[Task[Any]]) -> list[Any]:
+    """Run one step of the rounds, a task per partition; their results in partition order."""
+    return gather(client, [_submit(client, t) for t in tasks])
+
+
 def connected_components(
-    client: Any, edge_paths: Sequence[str], *, starts: np.ndarray, total: int, work_dir: Path, warm: Path | None = None
+    client: Any,
+    edge_paths: Sequence[str],
+    *,
+    starts: np.ndarray,
+    total: int,
+    work_dir: Path,
+    warm: Path | None = None,
+    answers: bool | None = None,
 ) -> Path:
     """Label every row by the smallest row of its component; return the directory of labels.
 
     ``edge_paths[p]`` holds the edges whose source lies in piece ``p`` (both directions present,
     or either: hooking is symmetric). ``warm``: final labels of a subgraph (the same rows'
     earlier edges, before the input grew); they are valid starting trees, so only components the
-    new edges touch do any work.
+    new edges touch do any work. ``answers``: learn other partitions' labels by request and
+    answer, or from their label files (None: as :func:`by_answers` counts).
 
-    Each round (Shiloach-Vishkin style, with every step a task per partition): the labels at the
-    edges' far ends are answered (asked once, :class:`AskEnds`); every edge whose ends lie in
-    different trees asks the larger root to hook onto the smaller; each root takes the smallest
-    offer; then every row is pointed at its new root by pointer jumps, inside a partition in
-    memory and across partitions by request and answer, until every row's label is a root. Every
-    tree that touches another merges each round, so rounds grow with the log of the component
-    size, not with its diameter; the jumps of a round with the log of its longest chain of hooks.
+    Each round (Shiloach-Vishkin style, with every step a task per partition): every edge whose
+    ends lie in different trees asks the larger root to hook onto the smaller; each root takes the
+    smallest offer; then every row is pointed at its new root, by pointer jumps inside a partition
+    in memory and across partitions through the label files or by request and answer (the far
+    ends of the edges are asked once, :class:`AskEnds`, and answered each round). Every tree that
+    touches another merges each round, so rounds grow with the log of the component size, not
+    with its diameter; the jumps of a round with the log of its longest chain of hooks.
     """
     for child in nodes.children(work_dir):  # rounds are cheap to redo; partial ones are not trusted
         if warm is None or child.resolve() != warm.resolve():
             discard(child)
     ends = np.r_[starts[1:], total]
-    n_parts = len(starts)
+    parts = range(len(starts))
     labels = work_dir / "round-0000"
-    gather(
+    _wave(
         client,
         [
-            _submit(
-                client,
-                InitLabels(
-                    labels_dir=str(labels),
-                    piece=p,
-                    first_row=int(starts[p]),
-                    rows=int(ends[p] - starts[p]),
-                    warm=str(warm) if warm else None,
-                ),
+            InitLabels(
+                labels_dir=str(labels),
+                piece=p,
+                first_row=int(starts[p]),
+                rows=int(ends[p] - starts[p]),
+                warm=str(warm) if warm else None,
             )
-            for p in range(n_parts)
+            for p in parts
         ],
     )
     if warm is not None:
         discard(warm)
-    ends_asked = [str(work_dir / "ends" / f"from-{p:05d}") for p in range(n_parts)]
-    gather(
-        client,
-        [
-            _submit(client, AskEnds(edge_path=edge_paths[p], starts=starts, piece=p, out=ends_asked[p]))
-            for p in range(n_parts)
-        ],
-    )
+    if answers is None:
+        answers = by_answers(client, edge_paths, total)
+    asked_ends = [str(work_dir / "ends" / f"from-{p:05d}") for p in parts] if answers else None
+    if asked_ends is not None:
+        _wave(client, [AskEnds(edge_path=edge_paths[p], starts=starts, piece=p, out=asked_ends[p]) for p in parts])
     r = 0
     while True:
         r += 1
         rnd = work_dir / f"r{r:04d}"
-        far_ends = _answer(client, ends_asked, labels, starts, rnd / "ends")
-        hooks = [str(rnd / "hooks" / f"from-{p:05d}") for p in range(n_parts)]
-        crossing = sum(
-            gather(
-                client,
-                [
-                    _submit(
-                        client,
-                        HooksTask(
-                            edge_path=edge_paths[p],
-                            labels_dir=str(labels),
-                            asked=ends_asked[p],
-                            answer_dirs=far_ends,
-                            starts=starts,
-                            piece=p,
-                            out=hooks[p],
-                        ),
-                    )
-                    for p in range(n_parts)
-                ],
+        far_ends = _answer(client, asked_ends, labels, starts, rnd / "ends") if asked_ends else ()
+        hooks = [str(rnd / "hooks" / f"from-{p:05d}") for p in parts]
+        hooking = [
+            HooksTask(
+                edge_path=edge_paths[p],
+                labels_dir=str(labels),
+                asked=asked_ends[p] if asked_ends else None,
+                answer_dirs=far_ends,
+                starts=starts,
+                piece=p,
+                out=hooks[p],
             )
-        )
+            for p in parts
+        ]
+        crossing = sum(_wave(client, hooking))
         log.debug("components round %d: %d edges join different trees", r, crossing)
         if crossing == 0:
             discard(rnd)
             break
-        jumped, asks = rnd / "hooked", [str(rnd / "asks-0000" / f"from-{p:05d}") for p in range(n_parts)]
-        asked = sum(
-            gather(
-                client,
-                [
-                    _submit(
-                        client,
-                        ApplyHooks(
-                            hook_dirs=tuple(hooks),
-                            labels_dir=str(labels),
-                            starts=starts,
-                            piece=p,
-                            out=str(jumped),
-                            asks=asks[p],
-                        ),
-                    )
-                    for p in range(n_parts)
-                ],
+        jumped, asks = rnd / "hooked", [str(rnd / "asks-0000" / f"from-{p:05d}") for p in parts]
+        hooked = [
+            ApplyHooks(
+                hook_dirs=tuple(hooks),
+                labels_dir=str(labels),
+                starts=starts,
+                piece=p,
+                out=str(jumped),
+                asks=asks[p] if answers else None,
             )
-        )
+            for p in parts
+        ]
+        asked = sum(_wave(client, hooked))
+        if not answers:  # every row follows its label through the other partitions' files
+            nxt = rnd / "jumped"
+            _wave(client, [Shortcut(hooked_dir=str(jumped), starts=starts, piece=p, out=str(nxt)) for p in parts])
+            jumped = nxt
         j = 0
         while asked:  # pointer jumps across partitions until every row points at its root
             j += 1
-            answers = _answer(client, asks, jumped, starts, rnd / f"answers-{j:04d}")
-            nxt, asks = rnd / f"jumped-{j:04d}", [str(rnd / f"asks-{j:04d}" / f"from-{p:05d}") for p in range(n_parts)]
-            asked = sum(
-                gather(
-                    client,
-                    [
-                        _submit(
-                            client,
-                            JumpTask(
-                                labels_dir=str(jumped),
-                                answer_dirs=answers,
-                                starts=starts,
-                                piece=p,
-                                out=str(nxt),
-                                asks=asks[p],
-                            ),
-                        )
-                        for p in range(n_parts)
-                    ],
-                )
-            )
+            told = _answer(client, asks, jumped, starts, rnd / f"answers-{j:04d}")
+            nxt, asks = rnd / f"jumped-{j:04d}", [str(rnd / f"asks-{j:04d}" / f"from-{p:05d}") for p in parts]
+            jumps = [
+                JumpTask(labels_dir=str(jumped), answer_dirs=told, starts=starts, piece=p, out=str(nxt), asks=asks[p])
+                for p in parts
+            ]
+            asked = sum(_wave(client, jumps))
             jumped = nxt
         nxt = work_dir / f"round-{r:04d}"
         rename(jumped, nxt)
@@ -362,7 +390,7 @@ def connected_components(
         labels = nxt
     final = work_dir / "labels"
     rename(labels, final)
-    log.info("connected components: %d round(s)", r)
+    log.info("connected components: %d round(s)%s", r, " (labels by request and answer)" if answers else "")
     return final
 
 
