@@ -8,6 +8,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from pipeline import ConfigError, graph
 
@@ -156,3 +158,41 @@ def test_graph_command_line(dask_address, line_dir, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert set(edges_of(out)) == {("p0", "p1"), ("p1", "p0"), ("p5", "p6"), ("p6", "p5")}
     assert "graph (mutual): 7 nodes, 4 edges" in proc.stderr
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    edges=st.lists(
+        st.tuples(
+            st.integers(0, 20),
+            st.integers(0, 40),
+            st.floats(-2, 2, width=32),
+            st.sampled_from([1, 2]),
+        ),
+        max_size=150,
+    ),
+    metric=st.sampled_from(["l2", "cosine"]),
+    split=st.integers(0, 150),
+)
+def test_reduce_keeps_one_edge_a_pair_with_its_closest_score_and_every_flag(tmp_path_factory, edges, metric, split):
+    """Whatever the repeats and their order over map outputs: one edge per (src, dst), sorted, with
+    the closest score of its repeats and the union of their direction flags."""
+    from pipeline.shuffle.edges import reduce_edges, write_partitioned
+
+    tmp = tmp_path_factory.mktemp("reduce")
+    maps = []
+    for i, chunk in enumerate((edges[:split], edges[split:])):
+        a = np.array(chunk, dtype=np.float64).reshape(-1, 4)
+        maps.append(tmp / f"from-{i}")
+        columns = {"src": a[:, 0].astype(np.int64), "dst": a[:, 1].astype(np.int64)}
+        columns |= {"score": a[:, 2].astype(np.float32), "flag": a[:, 3].astype(np.int8)}
+        write_partitioned(maps[-1], np.zeros(len(chunk), np.int64), 1, columns)
+    src, dst, score, flags = reduce_edges(maps, 0, metric, "symmetric")
+    want: dict[tuple[int, int], tuple[np.float32, int]] = {}
+    for s, d, sc, f in edges:
+        sc = np.float32(sc)
+        best, seen = want.get((s, d), (sc, 0))
+        want[(s, d)] = (min(best, sc) if metric == "l2" else max(best, sc), seen | f)
+    assert list(zip(src.tolist(), dst.tolist(), strict=True)) == sorted(want)
+    assert score.tolist() == [want[e][0] for e in sorted(want)]
+    assert flags.tolist() == [want[e][1] for e in sorted(want)]
