@@ -51,7 +51,6 @@ from pipeline.shuffle.edges import (
     merge_histograms,
     part_starts,
     pieces_per_part,
-    read_edges,
     read_knn,
     reduce_edges,
     write_edges,
@@ -392,11 +391,13 @@ def graph_recall(sample: Any, store: RowStore, output: Path, k: int, starts: np.
     rows = np.asarray(sample.rows)
     piece_of = np.searchsorted(starts, rows, side="right") - 1
     found: dict[int, list[int]] = {int(r): [] for r in rows}
-    for p in np.unique(piece_of):
-        src, dst, _ = read_edges(output / "edges" / f"part-{int(p):05d}.parquet")
-        sel = np.isin(src, rows)
-        for s, d in zip(src[sel].tolist(), dst[sel].tolist()):
-            found[s].append(d)
+    for p in np.unique(piece_of):  # edges are sorted by source: each sampled row's are one run of them
+        edges = pq.read_table(fetched(output / "edges" / f"part-{int(p):05d}.parquet"), columns=["src", "dst"])
+        src, dst = edges.column("src").to_numpy(), edges.column("dst").to_numpy()
+        want = rows[piece_of == p]
+        lo, hi = np.searchsorted(src, want, side="left"), np.searchsorted(src, want, side="right")
+        for r, a, b in zip(want.tolist(), lo.tolist(), hi.tolist(), strict=True):
+            found[r] = dst[a:b].tolist()
     flat = np.array([d for r in rows.tolist() for d in found[r]], dtype=np.int64)
     ids = store.gather_ids(flat).to_pylist() if flat.size else []
     hits, pos = [], 0
