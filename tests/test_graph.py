@@ -196,3 +196,31 @@ def test_reduce_keeps_one_edge_a_pair_with_its_closest_score_and_every_flag(tmp_
     assert list(zip(src.tolist(), dst.tolist(), strict=True)) == sorted(want)
     assert score.tolist() == [want[e][0] for e in sorted(want)]
     assert flags.tolist() == [want[e][1] for e in sorted(want)]
+
+
+def test_graph_recall_reuses_the_joins_exact_truth(make_config, dataset_dir, vectors, tmp_path, monkeypatch):
+    """The graph is scored on the self-join's kept recall sample (exact over today's rows), not on
+    a second exact pass; the share found equals a brute-force count over those rows' out-edges."""
+    import pipeline.jobs.graph as graph_job
+    from pipeline.runtime.manifest import Manifest
+    from pipeline.search.truth import kept_truth
+
+    def no_second_pass(*args, **kwargs):
+        raise AssertionError("the graph's recall drew a new sample")
+
+    monkeypatch.setattr(graph_job, "draw_sample", no_second_pass)
+    report = graph(make_config(input=str(dataset_dir), k=8, index_key="IVF32,Flat", nprobe=4, recall_queries=300))
+    out = tmp_path / "out"
+    kept = kept_truth(Manifest(out), k=8, metric="cosine", exclude_self=True)
+    assert kept is not None and report.graph.recall.queries == len(kept.queries) == 300
+    e = pq.read_table(out / "edges")
+    src, dst = e.column("src").to_numpy(), e.column("dst").to_numpy()
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    nodes = pq.read_table(out / "nodes").column("id").to_numpy()
+    hits = []
+    for r in kept.queries.tolist():
+        s = x[nodes] @ x[nodes[r]]
+        s[r] = -np.inf
+        exact = set(np.argsort(-s, kind="stable")[:8].tolist())
+        hits.append(len(exact & set(dst[src == r].tolist())) / 8)
+    assert report.graph.recall.graph_recall == pytest.approx(float(np.mean(hits)), abs=0.01)
