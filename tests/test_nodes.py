@@ -381,6 +381,15 @@ def test_component_tasks_fetch_only_their_own_partitions_labels(tmp_path):
     def every(root: Path, name: str) -> tuple[str, ...]:
         return tuple(str(root / name / f"part-{q:05d}") for q in range(3))
 
+    def answer(root: Path, p: int, *, asks: str, labels: str, out: str) -> AnswerTask:
+        values = str(label_path(root / labels, p))
+        return AnswerTask(
+            ask_dirs=every(root, asks), values=values, first_row=int(starts[p]), part=p, out=out_of(root, out, p)
+        )
+
+    def out_of(root: Path, name: str, p: int) -> str:
+        return str(root / name / f"part-{p:05d}")
+
     steps: list[tuple[str, Any]] = [
         (
             "ask-ends",
@@ -391,16 +400,7 @@ def test_component_tasks_fetch_only_their_own_partitions_labels(tmp_path):
                 out=str(r / "ask-ends" / f"part-{p:05d}"),
             ),
         ),
-        (
-            "ends",
-            lambda r, p: AnswerTask(
-                ask_dirs=every(r, "ask-ends"),
-                values=str(label_path(r / "labels", p)),
-                first_row=int(starts[p]),
-                part=p,
-                out=str(r / "ends" / f"part-{p:05d}"),
-            ),
-        ),
+        ("ends", lambda r, p: answer(r, p, asks="ask-ends", labels="labels", out="ends")),
         (
             "hooks",
             lambda r, p: HooksTask(
@@ -424,16 +424,7 @@ def test_component_tasks_fetch_only_their_own_partitions_labels(tmp_path):
                 asks=str(r / "asks" / f"part-{p:05d}"),
             ),
         ),
-        (
-            "answers",
-            lambda r, p: AnswerTask(
-                ask_dirs=every(r, "asks"),
-                values=str(label_path(r / "hooked", p)),
-                first_row=int(starts[p]),
-                part=p,
-                out=str(r / "answers" / f"part-{p:05d}"),
-            ),
-        ),
+        ("answers", lambda r, p: answer(r, p, asks="asks", labels="hooked", out="answers")),
         (
             "jumped",
             lambda r, p: JumpTask(
