@@ -4,8 +4,8 @@ A task that needs a value (a component label, say) at rows that other partitions
 writes the distinct rows, partitioned by the partition that owns each (:func:`ask`). One
 :class:`AnswerTask` per partition reads the asks addressed to it, looks the rows up in its own
 values, and writes the answers back, partitioned by asker. The asker then reads its answers
-(:func:`answered`). What crosses between machines is the distinct rows asked and their values,
-twice 16 bytes a row, instead of every asker fetching every file its rows touch (on nodes that
+(:func:`read_answers`). What crosses between machines is the distinct rows asked (8 bytes) and
+their answers (17 bytes), instead of every asker fetching every file its rows touch (on nodes that
 share no filesystem, each node would fetch every partition's file once per round).
 
 Each answer also says whether the value is *settled*: the answered row's value is a row of the
@@ -18,21 +18,15 @@ from __future__ import annotations
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.io.nodes import fetched, npy_rows
-from pipeline.shuffle.edges import write_partitioned
+from pipeline.io.nodes import fetched
+from pipeline.shuffle.edges import read_partition, write_partitioned
 
-__all__ = ["ask", "AnswerTask", "Answers", "read_answers", "values_path"]
-
-
-def values_path(directory: str | os.PathLike[str], part: int) -> Path:
-    """A partition's values: a 1-d ``.npy`` array over its rows (``part-NNNNN.npy``)."""
-    return Path(directory) / f"part-{part:05d}.npy"
+__all__ = ["ask", "AnswerTask", "Answers", "read_answers"]
 
 
 def ask(out_dir: str | os.PathLike[str], rows: np.ndarray, *, starts: np.ndarray, own: int) -> np.ndarray:
@@ -49,11 +43,7 @@ def ask(out_dir: str | os.PathLike[str], rows: np.ndarray, *, starts: np.ndarray
 
 def _asked(ask_dir: str | os.PathLike[str], part: int) -> np.ndarray:
     """The rows one asker asked of partition ``part`` (a ranged read of its map output)."""
-    d = Path(ask_dir)
-    bounds = np.load(fetched(d / "bounds.npy"))
-    if part + 1 >= len(bounds) or bounds[part + 1] == bounds[part]:
-        return np.zeros(0, dtype=np.int64)
-    return np.asarray(npy_rows(d / "data.npy", int(bounds[part]), int(bounds[part + 1]))["row"], dtype=np.int64)
+    return read_partition([ask_dir], part, ("row",))["row"].astype(np.int64)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -100,15 +90,5 @@ class Answers:
 def read_answers(answer_dirs: Sequence[str | os.PathLike[str]], part: int) -> Answers:
     """Every answer to partition ``part``'s asks, from the answer tasks' outputs ``answer_dirs``
     (one per partition, in partition order), in the order the rows were asked."""
-    rows, values, settled = [], [], []
-    for d in answer_dirs:
-        bounds = np.load(fetched(Path(d) / "bounds.npy"))
-        lo, hi = int(bounds[part]), int(bounds[part + 1])
-        if hi > lo:
-            block = npy_rows(Path(d) / "data.npy", lo, hi)
-            rows.append(np.asarray(block["row"], dtype=np.int64))
-            values.append(np.asarray(block["value"]))
-            settled.append(np.asarray(block["settled"], dtype=bool))
-    if not rows:
-        return Answers(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, bool))
-    return Answers(np.concatenate(rows), np.concatenate(values), np.concatenate(settled))
+    got = read_partition(answer_dirs, part, ("row", "value", "settled"))
+    return Answers(got["row"].astype(np.int64), got["value"].astype(np.int64), got["settled"].astype(bool))
