@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -370,3 +371,26 @@ def test_a_worker_that_does_not_see_the_output_folder_is_refused_in_one_line(tmp
     assert str(out) in lines[0] and "no lock file there" in lines[0]
     left = {p.name for p in out.rglob("*") if p.is_file()}
     assert left <= {".knn-pipeline.lock", ".knn-pipeline.owned"}  # refused before any work: locks only
+
+
+def test_the_embedded_workers_drop_only_a_heartbeat_that_meets_the_scheduler_closed():
+    """At the end of a job the in-process worker may heartbeat once more after the scheduler beside
+    it closed: Dask logs that at ERROR with a traceback, after the job's last line."""
+    from pipeline.cluster.clients import _QuietFailures
+
+    logger = logging.getLogger("distributed.worker")
+    before = list(logger.filters)
+
+    def record(msg: str) -> logging.LogRecord:
+        return logging.LogRecord("distributed.worker", logging.ERROR, __file__, 1, msg, (), None)
+
+    try:
+        logger.filters[:] = []
+        _QuietFailures().setup(object())
+        _QuietFailures().setup(object())  # a worker set up again gains no second filter
+        assert len(logger.filters) == 2
+        assert not logger.filter(record("Failed to communicate with scheduler during heartbeat."))
+        assert logger.filter(record("Unexpected exception during heartbeat. Closing worker."))
+        assert logger.filter(record("Failed to communicate with scheduler"))
+    finally:
+        logger.filters[:] = before

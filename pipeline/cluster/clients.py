@@ -424,13 +424,24 @@ class PrivateMemory(WorkerPlugin):
             monitor.get_process_memory = lambda: private_bytes(proc)
 
 
+class _DropClosingHeartbeat(logging.Filter):
+    """The embedded cluster's scheduler lives in the driver: a worker's heartbeat that fails finds
+    it closed at the end of the job (seen with the one in-process worker), and Dask logs that at
+    ERROR with a traceback, after the job's own last line. Nothing is lost: drop it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Failed to communicate with scheduler during heartbeat")
+
+
 class _QuietFailures(WorkerPlugin):
-    """On the embedded cluster's workers: no "Compute Failed" dump for errors the CLI reports in one line."""
+    """On the embedded cluster's workers: no "Compute Failed" dump for errors the CLI reports in one
+    line, and no traceback for a heartbeat that meets the scheduler closed (:class:`_DropClosingHeartbeat`)."""
 
     def setup(self, worker: Any) -> None:
         logger = logging.getLogger("distributed.worker")
-        if not any(isinstance(f, _DropReported) for f in logger.filters):
-            logger.addFilter(_DropReported())
+        for kind in (_DropReported, _DropClosingHeartbeat):
+            if not any(isinstance(f, kind) for f in logger.filters):
+                logger.addFilter(kind())
 
 
 def _read_or_none(path: str) -> bytes | None:
