@@ -132,9 +132,11 @@ def main() -> None:
                 f"{w['worker']} " + " / ".join(f"{(w.get('moved') or {}).get(k, 0) / 2**20:.1f}" for k in MOVED)
                 for w in report.get("workers", [])
             ]
+            found = report.get("dedup") or {}
+            pairs = f", {found['pairs']:,} pairs, {found['rows_dropped']:,} rows dropped" if found else ""
             print(
                 f"{mode:>15}: wall {wall:6.1f} s, {args.rows / wall:,.0f} rows/s, recall {recall['recall']} "
-                f"({index.get('key')}, nprobe {recall.get('nprobe')}), driver's folder {held / 2**20:.1f} MiB"
+                f"({index.get('key')}, nprobe {recall.get('nprobe')}){pairs}, driver's folder {held / 2**20:.1f} MiB"
                 + (f"\n{'':>17}MiB fetched / read by range / uploaded: {'; '.join(moved)}" if mode != "shared" else "")
             )
         same = results["shared"] == results["shared-nothing"]

@@ -394,3 +394,17 @@ def test_the_embedded_workers_drop_only_a_heartbeat_that_meets_the_scheduler_clo
         assert logger.filter(record("Failed to communicate with scheduler"))
     finally:
         logger.filters[:] = before
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_embedded_workers_run_without_dasks_statistical_profiler(workers):
+    """Dask's profiler takes the GIL every 10 ms for a dashboard page the tool never reads; off on
+    the in-process worker and on worker processes alike."""
+    from pipeline.cluster.clients import dask_client
+    from pipeline.config import ClusterSpec
+
+    def profiled(dask_worker):
+        return "profile" in dask_worker.periodic_callbacks
+
+    with dask_client(ClusterSpec(workers=workers, threads_per_worker=1, device="cpu")) as (client, _):
+        assert set(client.run(profiled).values()) == {False}

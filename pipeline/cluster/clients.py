@@ -331,7 +331,15 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
     # (worker_device), so the second thread reads, decodes and writes beside it (the scan's
     # Parquet decoding, the join's output; measured in docs/benchmarks.md)
     with (
-        dask.config.set({"distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status"}),
+        dask.config.set(
+            {
+                "distributed.dashboard.link": f"{{scheme}}://{LOOPBACK}:{{port}}/status",
+                # Dask's statistical profiler takes the GIL every 10 ms to walk each thread's stack,
+                # for a dashboard page the tool never reads: 1.9% of a 1M x 128 run's CPU samples,
+                # and a GIL the join's walking threads wait for
+                "distributed.worker.profile.enabled": False,
+            }
+        ),
         LocalCluster(
             n_workers=workers,
             threads_per_worker=2 if threads >= 2 else 1,
