@@ -237,7 +237,8 @@ def list_views(index: faiss.IndexIVFFlat, numbers: np.ndarray, similarity: bool)
     """Views of the non-empty lists ``numbers`` of ``index``, made once per batch by the thread
     that walks it out, for every walking thread: each FAISS call from Python lets go of the GIL and
     takes it back, and made per list per thread (five calls a list) the walking threads queued for
-    the GIL between their products (a quarter of a two-thread walk's time at 1M x 128)."""
+    the GIL between their products (at 1M x 128 two processes walked 1.2x to 1.3x as fast as two
+    threads). The norms held for the batch are a ``d``-th of its lists' vectors."""
     invlists: Any = index.invlists
     out: dict[int, ListView] = {}
     for number in numbers.tolist():
