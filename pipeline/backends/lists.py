@@ -89,7 +89,7 @@ def list_major_search(
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
     if assign is None:  # given: the lists each query walks (-1: none), e.g. only a routed join's group
         assign = coarse_assign(index.quantizer, x, nprobe)
-    views = list_views(index, np.unique(assign[assign >= 0]), similarity)
+    views = list_views(index, np.unique(assign[assign >= 0]))
     _reads.bytes = list_bytes_read() + sum(len(v.ids) for v in views.values()) * int(index.code_size)
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
@@ -222,23 +222,31 @@ HEAP_CHUNK = 100_000  # scores a heap call takes at once: FAISS runs larger call
 CHUNK_SCORES = 1 << 20
 
 
-@dataclass(frozen=True)
+@dataclass
 class ListView:
     """One inverted list where it lies (memory map or RAM, not copied): its ids, its stored
-    vectors, their squared norms (L2; None for inner product) and the ids' pointer for the heap."""
+    vectors and the ids' pointer for the heap."""
 
     ids: np.ndarray
     stored: np.ndarray
-    norms: np.ndarray | None
     ids_ptr: Any
+    _norms: np.ndarray | None = None
+
+    def norms(self) -> np.ndarray:
+        """``(1, size)`` squared norms of the stored vectors, computed by the first thread that walks
+        the list, while its pages are in cache for the walk (the same values if two threads race),
+        and kept for the batch: a ``d``-th of the list's bytes."""
+        if self._norms is None:
+            self._norms = np.einsum("ij,ij->i", self.stored, self.stored)[None, :]
+        return self._norms
 
 
-def list_views(index: faiss.IndexIVFFlat, numbers: np.ndarray, similarity: bool) -> dict[int, ListView]:
-    """Views of the non-empty lists ``numbers`` of ``index``, made once per batch by the thread
-    that walks it out, for every walking thread: each FAISS call from Python lets go of the GIL and
-    takes it back, and made per list per thread (five calls a list) the walking threads queued for
-    the GIL between their products (at 1M x 128 two processes walked 1.2x to 1.3x as fast as two
-    threads). The norms held for the batch are a ``d``-th of its lists' vectors."""
+def list_views(index: faiss.IndexIVFFlat, numbers: np.ndarray) -> dict[int, ListView]:
+    """Views of the non-empty lists ``numbers`` of ``index`` (no page of them is read here), made
+    once per batch by the thread that hands it out, for every walking thread: each FAISS call from
+    Python lets go of the GIL and takes it back, and made per list per thread (five calls a list)
+    the walking threads queued for the GIL between their products (at 1M x 128 two processes walked
+    1.2x to 1.3x as fast as two threads)."""
     invlists: Any = index.invlists
     out: dict[int, ListView] = {}
     for number in numbers.tolist():
@@ -248,9 +256,7 @@ def list_views(index: faiss.IndexIVFFlat, numbers: np.ndarray, similarity: bool)
         # plain and on-disk lists hand out their own storage and release nothing
         ids = faiss.rev_swig_ptr(invlists.get_ids(number), size)
         stored = faiss.rev_swig_ptr(invlists.get_codes(number), size * index.code_size).view(np.float32)
-        stored = stored.reshape(size, index.d)
-        norms = None if similarity else np.einsum("ij,ij->i", stored, stored)[None, :]
-        out[number] = ListView(ids, stored, norms, faiss.swig_ptr(ids))
+        out[number] = ListView(ids, stored.reshape(size, index.d), faiss.swig_ptr(ids))
     return out
 
 
@@ -273,7 +279,7 @@ def walk_lists(
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
     ends = np.r_[starts[1:], len(lists)]
     if views is None:
-        views = list_views(index, lists[starts], similarity)
+        views = list_views(index, lists[starts])
     heap = faiss.ResultHeap(len(x), k, keep_max=similarity)
     add = heap.heaps.addn_query_subset_with_ids
     scaled = x if similarity else x * np.float32(-2.0)
@@ -282,13 +288,14 @@ def walk_lists(
         if view is None:  # an empty list, or -1: no list
             continue
         size = len(view.ids)
+        norms = None if similarity else view.norms()
         step = max(1, CHUNK_SCORES // size)
         heap_rows = max(1, HEAP_CHUNK // size)
         for a in range(lo, hi, step):  # a chunk at a time: its rows and products stay in cache
             rows = queries[a : min(hi, a + step)]
             part = scaled[rows] @ view.stored.T
-            if view.norms is not None:
-                part += view.norms
+            if norms is not None:
+                part += norms
             for b in range(0, len(rows), heap_rows):  # one id line for every row (stride 0)
                 some = rows[b : b + heap_rows]
                 add(len(some), faiss.swig_ptr(some), size, faiss.swig_ptr(part[b : b + heap_rows]), view.ids_ptr, 0)
