@@ -27,34 +27,30 @@ import faiss
 import numpy as np
 from threadpoolctl import threadpool_limits
 
-from pipeline.backends.lists import CHUNK_SCORES, list_major_search, walk_lists
+from pipeline.backends.lists import CHUNK_SCORES, list_major_search, list_views, walk_lists
 from pipeline.index.choice import LIST_ROWS
 from pipeline.io.sample_data import clustered_vectors
 
 
 def products_only(index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray) -> float:
-    """Seconds for the walk's products alone: per list, its queries (chunked as the walk does)
-    times its vectors, squared norms added; no heap."""
+    """Seconds for the walk's products alone: the lists' views made and each list's queries (chunked
+    as the walk does) times its vectors, squared norms added, as ``walk_lists`` does them; no heap."""
     flat = assign.ravel()
     order = np.argsort(flat, kind="stable")
     lists, queries = flat[order], order // assign.shape[1]
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
     ends = np.r_[starts[1:], len(lists)]
-    invlists = index.invlists
     scaled = x * np.float32(-2.0)
     start = time.perf_counter()
-    for lo, hi in zip(starts.tolist(), ends.tolist(), strict=True):
-        number = int(lists[lo])
-        size = invlists.list_size(number)
-        if number < 0 or size == 0:
+    views = list_views(index, lists[starts])
+    for lo, hi, number in zip(starts.tolist(), ends.tolist(), lists[starts].tolist(), strict=True):
+        view = views.get(number)
+        if view is None:
             continue
-        stored = faiss.rev_swig_ptr(invlists.get_codes(number), size * index.code_size).view(np.float32)
-        stored = stored.reshape(size, index.d)
-        norms = np.einsum("ij,ij->i", stored, stored)[None, :]
-        subset = queries[lo:hi]
-        step = max(1, CHUNK_SCORES // size)
-        for a in range(0, len(subset), step):
-            part = scaled[subset[a : a + step]] @ stored.T
+        norms = view.norms()
+        step = max(1, CHUNK_SCORES // len(view.ids))
+        for a in range(lo, hi, step):
+            part = scaled[queries[a : min(hi, a + step)]] @ view.stored.T
             part += norms
     return time.perf_counter() - start
 
