@@ -130,20 +130,26 @@ def test_a_routed_query_join_equals_the_batched_one(make_config, dataset_dir, tm
     _same_up_to_ties(_tables(tmp_path / "routed"), _tables(tmp_path / "batched"))
 
 
-def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch):
-    """The batched join maps every list in every worker: past half a worker's memory, routed."""
+def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch, tmp_path):
+    """The batched join maps every list in every worker: past half a worker's memory, routed; so
+    are lossy codes whose vectors the fill wrote in list order (re-ranked inside each group)."""
     from types import SimpleNamespace
 
     from pipeline.jobs import stages
 
-    built = SimpleNamespace(ntotal=2_000_000, dim=128, key="IVF1024,Flat", nlist=1024)  # 0.95 GiB of lists
+    built = SimpleNamespace(ntotal=2_000_000, dim=128, key="IVF1024,Flat", nlist=1024, dir=tmp_path)  # 0.95 GiB
     monkeypatch.setattr(stages, "worker_memory", lambda client: 800 << 20)
     assert stages._lists_outgrow_workers(None, built)
     assert stages._group_bytes(None) == 100 << 20  # an eighth of a worker
     monkeypatch.setattr(stages, "worker_memory", lambda client: 4 << 30)
     assert not stages._lists_outgrow_workers(None, built)
     monkeypatch.setattr(stages, "worker_memory", lambda client: 800 << 20)
-    assert not stages._lists_outgrow_workers(None, SimpleNamespace(**{**built.__dict__, "key": "IVF1024,SQ8"}))
+    sq8 = SimpleNamespace(**{**built.__dict__, "key": "IVF1024,SQ8"})
+    assert not stages._lists_outgrow_workers(None, sq8)  # re-ranking would gather from the row store
+    (tmp_path / "ordered").mkdir()
+    for name in ("vectors", "rows", "offsets"):
+        np.save(tmp_path / "ordered" / f"{name}.npy", np.zeros(1))
+    assert stages._lists_outgrow_workers(None, sq8)
 
 
 def test_a_score_task_gathers_only_its_routed_queries(make_config, dataset_dir, tmp_path, monkeypatch):
@@ -220,3 +226,143 @@ def test_small_pieces_are_joined_in_one_run_with_tables_of_their_own(make_config
     recorded = json.loads((tmp_path / "together" / "manifest.json").read_text())["stages"]["join"]["pieces"]
     assert sorted(recorded) == ["0", "1", "2"]
     assert report.recall is not None and report.recall.met
+
+
+# lossy codes, re-ranked inside each list group ---------------------------------------------------
+def _partial(x: np.ndarray, start: int, quantizer: faiss.Index, nlist: int) -> faiss.Index:
+    index = faiss.IndexIVFFlat(quantizer, x.shape[1], nlist)
+    index.add_with_ids(x, np.arange(start, start + len(x), dtype=np.int64))
+    return index
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5),
+    nlist=st.integers(1, 24),
+    merge_bytes=st.sampled_from([64, 1_000, 1 << 20]),
+    seed=st.integers(0, 1_000),
+)
+def test_vectors_in_list_order_follow_the_merged_lists(
+    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], nlist: int, merge_bytes: int, seed: int
+) -> None:
+    """Pieces of any size (empty ones too) merged a range of lists at a time, the range as small
+    as one list or as large as all: each list holds its rows, piece after piece, with their own
+    vectors, and a group of lists reads back exactly its rows."""
+    from pipeline.index import ordered
+
+    d = 8
+    folder = tmp_path_factory.mktemp("ordered")
+    rng = np.random.default_rng(seed)
+    quantizer = faiss.IndexFlatL2(d)
+    quantizer.add(rng.standard_normal((nlist, d)).astype(np.float32))
+    parts, xs, start = [], [], 0
+    merged = faiss.IndexIVFFlat(quantizer, d, nlist)
+    for i, size in enumerate(sizes):
+        x = rng.standard_normal((size, d)).astype(np.float32)
+        partial = _partial(x, start, quantizer, nlist)
+        part = folder / f"part-{i:05d}.faiss"
+        ordered.write_piece_order(partial, x, start, part)
+        merged.merge_from(partial, 0)  # the lists' own merge: pieces appended in order
+        parts.append(str(part))
+        xs.append(x)
+        start += size
+    every = np.concatenate(xs) if xs else np.zeros((0, d), np.float32)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(ordered, "MERGE_BYTES", merge_bytes)
+        ordered.merge_ordered(parts, folder, d)
+    assert ordered.has_ordered(folder)
+    offsets = np.load(folder / "ordered" / "offsets.npy")
+    rows = np.load(folder / "ordered" / "rows.npy")
+    vectors = np.load(folder / "ordered" / "vectors.npy").reshape(-1, d)
+    for number in range(nlist):
+        ids = faiss.rev_swig_ptr(merged.invlists.get_ids(number), merged.invlists.list_size(number))
+        assert rows[offsets[number] : offsets[number + 1]].tolist() == ids.tolist()
+    np.testing.assert_array_equal(vectors, every[rows])
+    first, last = nlist // 3, max(nlist // 3 + 1, nlist - 1)
+    group = ordered.read_group(folder, first, last, d)
+    assert group.rows.tolist() == rows[offsets[first] : offsets[last]].tolist()
+    asked = np.array([[-1, *group.rows[:2].tolist(), start + 5]]) if len(group.rows) else np.array([[-1, start + 5]])
+    at = group.place(asked)
+    assert at[0, 0] == -1 and at[0, -1] == -1  # none, and a row of no list here
+    assert (group.rows[at[0, 1:-1]] == asked[0, 1:-1]).all()
+
+
+def test_the_fill_orders_vectors_only_for_routed_lossy_codes() -> None:
+    from pipeline.jobs import stages
+
+    def key(k: str) -> faiss.Index:
+        return faiss.index_factory(32, k)
+
+    assert not stages._orders_vectors(key("IVF16,Flat"), 1 << 40, 1 << 20, routed=True)  # exact codes: its lists
+    assert not stages._orders_vectors(key("OPQ16,IVF16,PQ16"), 1 << 40, 1 << 20, routed=True)  # a transform
+    assert stages._orders_vectors(key("IVF16,PQ16x4fs"), 1 << 20, 1 << 30, routed=True)  # asked for
+    assert stages._orders_vectors(key("IVF16,SQ8"), 3 << 30, 4 << 30, routed=False)  # over half a worker
+    assert not stages._orders_vectors(key("IVF16,SQ8"), 1 << 30, 4 << 30, routed=False)
+    assert not stages._orders_vectors(key("IVF16,SQ8"), 1 << 40, None, routed=False)  # memory unknown
+
+
+@pytest.mark.parametrize(("key", "metric"), [("IVF16,PQ16x4fs", "l2"), ("IVF16,SQ8", "cosine")])
+def test_lossy_codes_are_routed_and_re_ranked_inside_each_group(
+    make_config, dataset_dir, vectors, tmp_path, monkeypatch, key, metric
+):
+    """PQ (fast-scan, merged in memory) and SQ8 (lists on disk): the routed join reads each
+    group's codes and vectors in list order once, gathers nothing from the row store, writes
+    exact scores, and finds for every query a k-th neighbour at least as near as the batched
+    join's (each group's candidates include the batched search's from its lists)."""
+    from pipeline.io.store import RowStore
+    from pipeline.search.join import JoinTask
+
+    def config(out: str, **extra: object) -> object:
+        return make_config(
+            input=str(dataset_dir),
+            output=str(tmp_path / out),
+            index_key=key,
+            nprobe=4,
+            rerank=2,
+            k=7,
+            exclude_self=True,
+            metric=metric,
+            scheduler_address=None,
+            workers=1,
+            allow_below_target=True,  # settings held low, so that the codes miss neighbours to re-rank
+            **extra,
+        )
+
+    run(config("batched"))
+    assert not (tmp_path / "batched" / "index" / "ordered").exists()  # in memory: no copy written
+
+    def no_gathers(method):  # type: ignore[no-untyped-def]
+        def wrapped(task):  # type: ignore[no-untyped-def]
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(RowStore, "gather_vectors", lambda *a, **k: pytest.fail("gathered from the row store"))
+                return method(task)
+
+        return wrapped
+
+    monkeypatch.setattr(routed.ScoreTask, "run", no_gathers(routed.ScoreTask.run))
+    monkeypatch.setattr(JoinTask, "run", no_gathers(JoinTask.run))
+    monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * (32 * 4 + 40) // 4)  # several groups
+    report = run(config("routed", routed_join=True))
+    assert (tmp_path / "routed" / "index" / "ordered" / "vectors.npy").stat().st_size >= 6_000 * 32 * 4
+    reads = report.join.lists_read
+    assert reads is not None and reads.by_phase.get("join", 0) == 0
+    assert reads.by_phase["routed score"] >= 6_000 * 32 * 4  # every group's vectors, once
+
+    x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if metric == "cosine" else vectors
+    ids = {int(i): n for n, i in enumerate(_ids(dataset_dir))}
+    both = _tables(tmp_path / "routed"), _tables(tmp_path / "batched")
+    nearer = []
+    for q, (nbrs, scores) in both[0].items():
+        exact = x[[ids[n] for n in nbrs]] @ x[ids[q]] if metric == "cosine" else None
+        if exact is None:
+            exact = ((x[[ids[n] for n in nbrs]] - x[ids[q]]) ** 2).sum(1)
+        np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-4)  # exact scores, from the group's vectors
+        kth, kth_batched = scores[-1], both[1][q][1][-1]
+        nearer.append(kth >= kth_batched - 1e-5 if metric == "cosine" else kth <= kth_batched + 1e-5)
+    assert np.mean(nearer) >= 0.995  # ties among equal codes aside
+
+
+def _ids(dataset: Path) -> np.ndarray:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(dataset, columns=["id"]).column("id").to_numpy()

@@ -38,9 +38,10 @@ from pipeline.backends.lists import row_list_map
 from pipeline.backends.worker import worker_device
 from pipeline.errors import ResumeError
 from pipeline.index.choice import encoding_key
+from pipeline.index.ordered import ORDERED_DIR, merge_ordered, ordered_files, piece_order_files, write_piece_order
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path, storage_error
-from pipeline.io.nodes import fetched
+from pipeline.io.nodes import fetched, present
 from pipeline.io.owned import discard
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
@@ -194,6 +195,7 @@ class FillPieceTask:
     store: RowStore
     piece: Piece
     out: str
+    ordered: bool = False  # also write the piece's vectors in list order (:mod:`pipeline.index.ordered`)
 
     def run(self) -> int:
         trained, store, piece, out = self.trained, self.store, self.piece, self.out
@@ -201,6 +203,8 @@ class FillPieceTask:
         x = np.ascontiguousarray(store.vectors(piece.index))
         with worker_device() as be:
             be.add(index, x, np.arange(piece.start, piece.start + piece.rows, dtype=np.int64))
+        if self.ordered:
+            write_piece_order(index, x, piece.start, out)
         _write(index, Path(out))
         return piece.rows
 
@@ -238,6 +242,7 @@ class MergeTask:
     parts: tuple[str, ...]
     index_dir: str
     mode: str
+    ordered: bool = False  # also merge the pieces' vectors in list order
 
     def run(self) -> int:
         trained, parts, index_dir, mode = self.trained, self.parts, self.index_dir, self.mode
@@ -264,6 +269,10 @@ class MergeTask:
                 index.merge_from(faiss.read_index(part), 0)
             if mode == "fastscan":
                 index = faiss.IndexIVFPQFastScan(index)
+        if self.ordered:
+            merge_ordered(list(parts), d, int(index.d))
+        else:  # vectors in list order from an earlier fill would not match these lists
+            discard(d / ORDERED_DIR)
         _write(index, d / "index.faiss")
         return int(index.ntotal)
 
@@ -277,8 +286,11 @@ def fill_index(
     index_dir: Path,
     manifest: Manifest,
     mode: str,
+    ordered: bool = False,
 ) -> int:
-    """Add every piece to the trained index and write ``index.faiss``; return its size."""
+    """Add every piece to the trained index and write ``index.faiss``; return its size.
+    ``ordered``: also write the vectors in list order (:mod:`pipeline.index.ordered`; IVF indexes
+    with lists of codes, for a routed join that re-ranks inside each list group)."""
     info = manifest.stage_record("fill", FillRecord)
     if info is not None:
         return info.ntotal
@@ -294,22 +306,36 @@ def fill_index(
     else:
         parts_dir = index_dir / "parts"
         part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
-        done = manifest.done_pieces("fill")
+        ordered = ordered and mode in ("ondisk", "fastscan")
+
+        def files(p: Piece) -> list[Path]:
+            return [Path(part[p.index])] + (piece_order_files(part[p.index]) if ordered else [])
+
+        # a piece encoded before without its ordered vectors is encoded again
+        done = {p.index for p in pieces if p.index in manifest.done_pieces("fill") and all(map(present, files(p)))}
         run_tasks(
             client,
             label="fill",
             items=[p for p in pieces if p.index not in done],
-            task=lambda p: FillPieceTask(trained=str(trained), store=store, piece=p, out=part[p.index]),
-            on_done=lambda p, _: manifest.mark_piece("fill", p.index, [part[p.index]]),
+            task=lambda p: FillPieceTask(
+                trained=str(trained), store=store, piece=p, out=part[p.index], ordered=ordered
+            ),
+            on_done=lambda p, _: manifest.mark_piece("fill", p.index, files(p)),
         )
         log.info("merging %d partial indexes (%s)", len(part), "on disk" if mode == "ondisk" else "in memory")
         merge = MergeTask(
-            trained=str(trained), parts=tuple(part[p.index] for p in pieces), index_dir=str(index_dir), mode=mode
+            trained=str(trained),
+            parts=tuple(part[p.index] for p in pieces),
+            index_dir=str(index_dir),
+            mode=mode,
+            ordered=ordered,
         )
         fut = submit(client, merge, "fill")
         ntotal = int(result_of(fut))
-    written = [index_dir / "index.faiss"] + (
-        [index_dir / "index.ivfdata", index_dir / ROW_LISTS] if mode == "ondisk" else []
+    written = (
+        [index_dir / "index.faiss"]
+        + ([index_dir / "index.ivfdata", index_dir / ROW_LISTS] if mode == "ondisk" else [])
+        + (ordered_files(index_dir) if ordered and mode in ("ondisk", "fastscan") else [])
     )
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new

@@ -30,6 +30,7 @@ from pipeline.index.choice import (
     default_nprobe,
     default_rerank,
     explain_index_key,
+    has_exact_codes,
     make_encoder,
     make_index,
     nlist_of,
@@ -37,6 +38,7 @@ from pipeline.index.choice import (
 )
 from pipeline.index.drift import measure_drift
 from pipeline.index.fill import FillRecord, fill_index, fill_mode
+from pipeline.index.ordered import has_ordered
 from pipeline.index.scan import scan_dataset
 from pipeline.index.shape import index_shape
 from pipeline.index.train import TrainRecord, train_index
@@ -244,8 +246,16 @@ def build_index(
             f"{shown(index_dir)}: index {key!r} keeps no row ids, so input files removed or rewritten "
             "cannot leave it in place; pass --overwrite to rebuild it, or use an IVF index (--index-key auto)"
         )
+    ordered = _orders_vectors(empty, store.rows * dim * 4, budget, routed=search is not None and search.routed_join)
     ntotal = fill_index(
-        client, trained_path, store, pieces=dataset.pieces, index_dir=index_dir, manifest=manifest, mode=mode
+        client,
+        trained_path,
+        store,
+        pieces=dataset.pieces,
+        index_dir=index_dir,
+        manifest=manifest,
+        mode=mode,
+        ordered=ordered,
     )
     timings.add("fill", time.monotonic() - t0)
     if spec.retrain:
@@ -773,16 +783,29 @@ def _list_major(built: BuiltIndex, plan: SearchPlan) -> bool:
     return plan.strategy == "index" and bool(built.nlist) and built.key.endswith(",Flat") and not plan.rerank
 
 
+def _orders_vectors(empty: faiss.Index, vector_bytes: int, memory: int | None, *, routed: bool) -> bool:
+    """Whether the fill writes the vectors in list order (:mod:`pipeline.index.ordered`): for an
+    IVF index of lossy codes (re-ranked) whose join will be routed, asked for or because the
+    vectors are over ``ROUTED_WHEN_LISTS_OVER`` of a worker's memory, where re-ranking from the row
+    store would read a vector from disk for each candidate."""
+    if not isinstance(faiss.downcast_index(empty), faiss.IndexIVF) or has_exact_codes(empty):
+        return False  # no lists, a transform in front (the queries' codes differ), or exact codes
+    return routed or bool(memory and vector_bytes > ROUTED_WHEN_LISTS_OVER * memory)
+
+
 def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:
-    """Whether an IVF-Flat index's lists are more than half of the smallest worker's memory: the
-    batched join (and its recall check) map every list in every worker, so such a join is routed
-    instead, each list group read by one worker at a time (:mod:`pipeline.search.routed`)."""
+    """Whether an index's vectors are more than half of the smallest worker's memory, for an
+    IVF-Flat index (its lists) or one of lossy codes whose fill wrote its vectors in list order:
+    the batched join (and its recall check) map every list in every worker, and re-ranking gathers
+    vectors at random, so such a join is routed instead, each list group read by one worker at a
+    time (:mod:`pipeline.search.routed`)."""
     memory = worker_memory(client)
     lists = built.ntotal * built.dim * 4
-    if not memory or not built.key.endswith(",Flat") or not built.nlist or lists <= ROUTED_WHEN_LISTS_OVER * memory:
+    routable = built.key.endswith(",Flat") or has_ordered(built.dir)
+    if not memory or not routable or not built.nlist or lists <= ROUTED_WHEN_LISTS_OVER * memory:
         return False
     log.info(
-        "routed join: the index's lists (%.2f GiB) are over %.0f%% of a worker's memory (%.2f GiB), so each "
+        "routed join: the index's vectors (%.2f GiB) are over %.0f%% of a worker's memory (%.2f GiB), so each "
         "list group is read by one worker at a time",
         lists / 2**30,
         100 * ROUTED_WHEN_LISTS_OVER,

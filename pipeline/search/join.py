@@ -26,6 +26,7 @@ from pipeline.backends import Backend
 from pipeline.backends.lists import is_ivf_flat, list_bytes_read, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
+from pipeline.index.ordered import has_ordered
 from pipeline.index.shape import index_shape
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
@@ -159,7 +160,7 @@ def _search_batch(
         scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
     higher_better = plan.metric != "l2"
     valid = rows >= 0
-    if plan.rerank and index is not None:
+    if plan.rerank and index is not None and found is None:  # found lists are exact already
         exact = be.rerank(q, rows, index_store, plan.metric)  # the device's own way: host gathers or resident rows
         order = np.argsort(-exact if higher_better else exact, axis=1, kind="stable")
         rows = np.take_along_axis(rows, order, axis=1)
@@ -224,7 +225,7 @@ class JoinTask:
     outs: tuple[str, ...]
     budget_rows: int
     pairs: PairLayout | None = None
-    routed: RoutedLayout | None = None  # the piece's lists come from the routed join (IVF-Flat)
+    routed: RoutedLayout | None = None  # the piece's lists come from the routed join (exact scores)
 
     def run(self) -> Joined:
         read_before = list_bytes_read()
@@ -498,13 +499,19 @@ def join_pieces(
     shape = (
         index_shape(client, plan.index_dir, "join") if routed and layout is None and plan.strategy == "index" else None
     )
-    if shape is not None and shape.ivf_flat and not plan.rerank and plan.nprobe and todo:
+    # lossy codes are routed where the fill wrote their vectors in list order, to re-rank in the group
+    rerank = bool(plan.rerank) and shape is not None and has_ordered(plan.index_dir)
+    if shape is not None and (shape.ivf_flat and not plan.rerank or rerank) and plan.nprobe and todo:
         routes = RoutedLayout(
             folder=str(out_dir.parent / ROUTED_DIR),
-            groups=plan_list_groups(shape, group_bytes, min_groups=workers),
+            groups=plan_list_groups(
+                shape, group_bytes, min_groups=workers, row_bytes=shape.code_size + 4 * dim + 8 if rerank else None
+            ),
             nprobe=int(plan.nprobe),
             width=candidates_per_query(plan, shape.ntotal),
             similarity=plan.metric != "l2",
+            rerank=rerank,
+            dim=dim,
         )
         started = time.monotonic()
         for scored in route_and_score(

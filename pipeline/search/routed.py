@@ -29,8 +29,9 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import coarse_assign, list_major_search
+from pipeline.backends.lists import coarse_assign, list_major_search, list_views, two_level
 from pipeline.backends.worker import worker_device
+from pipeline.index.ordered import OrderedGroup, read_group
 from pipeline.index.shape import IndexShape
 from pipeline.io.atomic import write_npz
 from pipeline.io.nodes import fetched
@@ -76,6 +77,8 @@ class RoutedLayout:
     nprobe: int
     width: int  # candidates kept per query: k, plus one where a query's own row is dropped later
     similarity: bool  # inner product (higher is better) or squared L2 (kept negated)
+    rerank: bool = False  # lossy codes: each group's candidates re-ranked from its vectors in list order
+    dim: int = 0
 
     def route_path(self, piece: int) -> Path:
         return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
@@ -85,13 +88,16 @@ class RoutedLayout:
 
 
 def plan_list_groups(
-    shape: IndexShape, group_bytes: int | None = None, min_groups: int = MIN_GROUPS
+    shape: IndexShape, group_bytes: int | None = None, min_groups: int = MIN_GROUPS, *, row_bytes: int | None = None
 ) -> tuple[ListGroup, ...]:
     """Consecutive lists grouped up to ``group_bytes`` of vectors, and into at least
     ``min_groups`` groups (one per worker, say) where the lists allow (a list is never split).
     Every group a query's lists fall in scores it apart, so more groups than the workers need
-    cost time: each query's heap is made, filled and sorted once per group it meets."""
-    sizes, code_size, nlist = shape.list_sizes, shape.code_size, shape.nlist
+    cost time: each query's heap is made, filled and sorted once per group it meets.
+    ``row_bytes``: what a group holds in memory per row (default the codes: the vectors of
+    IVF-Flat; codes and vectors in list order where lossy codes are re-ranked)."""
+    sizes, nlist = shape.list_sizes, shape.nlist
+    code_size = row_bytes or shape.code_size
     total = int(sizes.sum()) * code_size
     per_group = max(1, min(group_bytes or GROUP_BYTES, GROUP_BYTES, -(-total // max(1, min_groups))))
     groups: list[ListGroup] = []
@@ -153,6 +159,8 @@ class ScoreTask:
         index = load_lists(self.index_dir, g.first, g.last)  # its mapped pages leave with the task
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
         g, layout = self.group, self.layout
+        if layout.rerank:
+            return self._rerank_group(ivf)
         progress = PieceProgress("routed score", g.index)
         scored = 0
         for piece in self.pieces:
@@ -180,6 +188,112 @@ class ScoreTask:
         result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker_name())
         del ivf, index  # unmaps the lists read
         return result
+
+    def _routed(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
+        """The queries of ``piece`` routed to this group, and their lists here (``-1``: elsewhere)."""
+        g = self.group
+        with np.load(fetched(self.layout.route_path(piece.index))) as z:
+            assign = z["assign"]
+        inside = (assign >= g.first) & (assign < g.last)
+        picked = np.flatnonzero(inside.any(axis=1))
+        return picked, np.where(inside[picked], assign[picked], -1)
+
+    def _rerank_group(self, ivf: Any) -> Scored:
+        """Lossy codes: the group's lists searched by their codes for each routed query's
+        ``width`` best candidates here (FAISS's ``search_preassigned``, the coarse distances
+        recomputed from the centroids), re-ranked exactly from the group's vectors in list order,
+        read once (:mod:`pipeline.index.ordered`). Each group's candidates include every one the
+        batched search would have kept from its lists, so the recall is at least the batched plan's."""
+        g, layout = self.group, self.layout
+        vectors = read_group(self.index_dir, g.first, g.last, layout.dim)
+        centroids = list_centroids(ivf.quantizer, g.first, g.last, layout.dim)
+        progress = PieceProgress("routed score", g.index)
+        w, metric = layout.width, "ip" if layout.similarity else "l2"
+        step = max(1, RERANK_BYTES // (w * layout.dim * 4))
+        scored = 0
+        for piece in self.pieces:
+            picked, lists = self._routed(piece)
+            scores = np.zeros((len(picked), w), np.float32)
+            rows = np.full((len(picked), w), -1, np.int64)
+            if picked.size:
+                q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked], dtype=np.float32)
+                with worker_device() as be:
+                    for lo in range(0, len(q), step):
+                        hi = min(len(q), lo + step)
+                        keys = np.ascontiguousarray(lists[lo:hi])
+                        dis = coarse_distances(q[lo:hi], centroids, keys - g.first, layout.similarity)
+                        found = search_assigned(ivf, q[lo:hi], w, keys, dis)
+                        scores[lo:hi], rows[lo:hi] = rerank_in_group(be, q[lo:hi], found, vectors, metric)
+                if not layout.similarity:  # squared distances, kept negated (higher is better)
+                    scores = -scores
+                scored += int(picked.size)
+            write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+            progress.advance(piece.rows)
+        codes = g.rows * int(ivf.code_size)
+        return Scored(queries=scored, list_bytes=codes + vectors.nbytes, worker=worker_name())
+
+
+RERANK_BYTES = 64 << 20  # candidates' vectors gathered at once: routed queries are searched and re-ranked in chunks
+
+
+def list_centroids(quantizer: faiss.Index, first: int, last: int, dim: int) -> np.ndarray:
+    """The centroids of lists ``[first, last)``: a flat quantizer's rows, or a two-level
+    quantizer's, found in its own lists by their ids (the centroid numbers)."""
+    nested = two_level(quantizer)
+    if nested is None:
+        return np.asarray(quantizer.reconstruct_n(first, last - first), dtype=np.float32).reshape(-1, dim)
+    out = np.zeros((last - first, dim), dtype=np.float32)
+    for view in list_views(nested, np.arange(nested.nlist)).values():
+        inside = (view.ids >= first) & (view.ids < last)
+        out[view.ids[inside] - first] = view.stored[inside]
+    return out
+
+
+def coarse_distances(q: np.ndarray, centroids: np.ndarray, at: np.ndarray, similarity: bool) -> np.ndarray:
+    """Each query's score to each of its lists (``at``: the list's place in ``centroids``,
+    negative for none): what the coarse quantizer would have reported."""
+    c = centroids[np.maximum(at, 0)]
+    if similarity:
+        return np.ascontiguousarray(np.einsum("nd,npd->np", q, c), dtype=np.float32)
+    diff = q[:, None, :] - c
+    return np.ascontiguousarray(np.einsum("npd,npd->np", diff, diff), dtype=np.float32)
+
+
+def search_assigned(ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.ndarray) -> np.ndarray:
+    """The ``k`` best stored rows by their codes among each query's lists ``keys`` (``-1``
+    skipped), as global rows (``-1`` where fewer)."""
+    n = len(q)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = int(keys.shape[1])
+    distances = np.empty((n, k), dtype=np.float32)
+    labels = np.empty((n, k), dtype=np.int64)
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    ivf.search_preassigned_c(
+        n,
+        faiss.swig_ptr(q),
+        k,
+        faiss.swig_ptr(keys),
+        faiss.swig_ptr(dis),
+        faiss.swig_ptr(distances),
+        faiss.swig_ptr(labels),
+        False,
+        params,
+    )
+    return labels
+
+
+def rerank_in_group(
+    be: Any, q: np.ndarray, found: np.ndarray, group: OrderedGroup, metric: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """``found``'s exact scores against the group's vectors, best first (missing rows last)."""
+    at = group.place(found)
+    exact = be.exact_scores(q, group.vectors[np.maximum(at, 0)], metric)
+    similarity = metric != "l2"
+    exact = np.where(at >= 0, exact, -np.inf if similarity else np.inf).astype(np.float32)
+    order = np.argsort(-exact if similarity else exact, axis=1, kind="stable")
+    rows = np.take_along_axis(np.where(at >= 0, found, -1), order, axis=1)
+    scores = np.take_along_axis(exact, order, axis=1)
+    return np.where(rows >= 0, scores, 0).astype(np.float32), rows
 
 
 def route_and_score(
