@@ -20,10 +20,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline import dedup, graph, run
+from pipeline.index.built import IndexRecord
 from pipeline.io.layout import in_holes, layout_of, relayout
 from pipeline.io.parquet import Dataset, FileInfo, Piece
 from pipeline.io.sample_data import clustered_vectors
 from pipeline.io.store import RowStore
+from pipeline.runtime.manifest import Manifest
 from pipeline.search.truth import merge_truth
 from pipeline.search.update import _merge
 from pipeline.shuffle.edges import make_parts
@@ -322,6 +324,35 @@ def test_run_after_a_shard_removed_and_one_rewritten_equals_a_search_of_the_upda
     fresh = run(make_config(input=str(data), output=str(tmp_path / "fresh"), **FIXED))
     assert fresh.join.recall.met
     assert abs(_recall(updated, pool, ids, 10) - _recall(_tables(tmp_path / "fresh"), pool, ids, 10)) <= 0.01
+
+
+def test_a_routed_lossy_index_keeps_its_vectors_in_list_order_through_an_update(make_config, pool, tmp_path):
+    """IVF-SQ8 joined routed, re-ranked from the vectors in list order: after a shard removed, one
+    halved and one added, the ordered vectors hold exactly the live rows, each its own vector, and
+    the updated tables list no row that left, as a search of the updated index does."""
+    from pipeline import join
+
+    lossy = {**FIXED, "index_key": "IVF32,SQ8", "rerank": 2, "routed_join": True}
+    data = _shards(pool, tmp_path / "data", 8)
+    out = tmp_path / "out"
+    run(make_config(input=str(data), output=str(out), **lossy))
+    os.remove(data / "part-00003.parquet")
+    _shard(pool, data, 5, slice(0, SHARD_ROWS // 2))
+    _shard(pool, data, 8)
+    run(make_config(input=str(data), output=str(out), **lossy))
+    index = out / "index"
+    rows = np.load(index / "ordered" / "rows.npy")
+    store = Manifest(index).stage_record("index", IndexRecord).store(index)
+    assert sorted(rows.tolist()) == sorted(store.live_rows(np.arange(store.rows)).tolist())
+    vectors = np.load(index / "ordered" / "vectors.npy").reshape(len(rows), DIM)
+    np.testing.assert_array_equal(vectors, store.gather_vectors(rows))
+    updated = _tables(out)
+    ids = _input_ids(data)
+    assert sorted(updated) == ids.tolist()
+    gone = set(range(3 * SHARD_ROWS, 4 * SHARD_ROWS)) | set(range(5 * SHARD_ROWS + SHARD_ROWS // 2, 6 * SHARD_ROWS))
+    assert not gone & {n for ns, _ in updated.values() for n in ns}
+    join(make_config(index_dir=str(index), input=str(data), output=str(tmp_path / "searched"), **lossy))
+    assert _overlap(updated, _tables(tmp_path / "searched")) >= 0.99
 
 
 def _pairs(out: Path) -> set[tuple[int, int]]:

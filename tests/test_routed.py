@@ -147,7 +147,7 @@ def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch, tmp_path
     sq8 = SimpleNamespace(**{**built.__dict__, "key": "IVF1024,SQ8"})
     assert not stages._lists_outgrow_workers(None, sq8)  # re-ranking would gather from the row store
     (tmp_path / "ordered").mkdir()
-    for name in ("vectors", "rows", "offsets"):
+    for name in ("vectors", "rows", "offsets", "row_lists"):
         np.save(tmp_path / "ordered" / f"{name}.npy", np.zeros(1))
     assert stages._lists_outgrow_workers(None, sq8)
 
@@ -358,7 +358,8 @@ def test_lossy_codes_are_routed_and_re_ranked_inside_each_group(
             exact = ((x[[ids[n] for n in nbrs]] - x[ids[q]]) ** 2).sum(1)
         np.testing.assert_allclose(scores, exact, rtol=1e-4, atol=1e-4)  # exact scores, from the group's vectors
         kth, kth_batched = scores[-1], both[1][q][1][-1]
-        nearer.append(kth >= kth_batched - 1e-5 if metric == "cosine" else kth <= kth_batched + 1e-5)
+        slack = 1e-4 * max(1.0, abs(kth_batched))  # the same score summed another way
+        nearer.append(kth >= kth_batched - slack if metric == "cosine" else kth <= kth_batched + slack)
     assert np.mean(nearer) >= 0.995  # ties among equal codes aside
 
 

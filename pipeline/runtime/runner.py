@@ -29,6 +29,7 @@ Example::
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import logging
 import os
@@ -115,6 +116,26 @@ def run_task(task: Task[R]) -> R | NodeResult:
         return NodeResult(value, tuple(lines))
     finally:
         pa.default_memory_pool().release_unused()
+        _trim()
+
+
+def _trim() -> None:
+    """Hand the C heap's free pages back to the system (glibc's ``malloc_trim``): NumPy and FAISS
+    allocate through malloc, whose arenas keep what a task freed, and Dask counts it against the
+    worker (a routed score task of 4M x 128 IVF-PQ in a 2 GiB container paused its worker)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _glibc() -> Any:
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        return libc if hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (macOS, musl): nothing to trim
+        return None
+
+
+_LIBC = _glibc()
 
 
 def unwrap(result: Any) -> Any:

@@ -96,6 +96,12 @@ def candidates_per_query(plan: SearchPlan, ntotal: int) -> int:
     return min(want, ntotal)
 
 
+def kept_per_query(plan: SearchPlan, ntotal: int) -> int:
+    """How many exactly scored candidates a query's lists need: ``k`` and the spare, and one more
+    where the query's own row is dropped."""
+    return min(plan.k + plan.spare + (1 if plan.exclude_self else 0), ntotal)
+
+
 def shared_index(plan: SearchPlan) -> faiss.Index | None:
     """The plan's index, loaded once per process and shared by its tasks: never modified (the
     search settings travel with each call, see :func:`search_params`). None for the exact plan,
@@ -172,7 +178,7 @@ def _search_batch(
             valid &= rows != q_rows[:, None]
         else:
             cand_ids = index_store.gather_ids(np.where(valid, rows, 0))
-            own = q_ids.take(pa.array(np.repeat(np.arange(len(q_ids)), width)))
+            own = q_ids.take(pa.array(np.repeat(np.arange(len(q_ids)), rows.shape[1])))
             valid &= ~pc.equal(cand_ids, own).to_numpy(zero_copy_only=False).reshape(rows.shape)
     # keep the first k (and the spare) valid entries of each row, in order
     keep_order = np.argsort(~valid, axis=1, kind="stable")[:, : plan.k + plan.spare]
@@ -508,9 +514,10 @@ def join_pieces(
                 shape, group_bytes, min_groups=workers, row_bytes=shape.code_size + 4 * dim + 8 if rerank else None
             ),
             nprobe=int(plan.nprobe),
-            width=candidates_per_query(plan, shape.ntotal),
+            # a group's re-ranked candidates have their exact scores: it keeps what the tables take
+            width=kept_per_query(plan, shape.ntotal) if rerank else candidates_per_query(plan, shape.ntotal),
             similarity=plan.metric != "l2",
-            rerank=rerank,
+            candidates=candidates_per_query(plan, shape.ntotal) if rerank else 0,
             dim=dim,
         )
         started = time.monotonic()

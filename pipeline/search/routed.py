@@ -31,10 +31,11 @@ import numpy as np
 
 from pipeline.backends.lists import coarse_assign, list_major_search, list_views, two_level
 from pipeline.backends.worker import worker_device
-from pipeline.index.ordered import OrderedGroup, read_group
+from pipeline.index.ordered import OrderedGroup, ordered_files, read_group
 from pipeline.index.shape import IndexShape
-from pipeline.io.atomic import write_npz
-from pipeline.io.nodes import fetched
+from pipeline.io import nodes
+from pipeline.io.atomic import atomic_path, write_npz
+from pipeline.io.nodes import fetched, npy_rows
 from pipeline.io.parquet import Piece
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
@@ -77,11 +78,19 @@ class RoutedLayout:
     nprobe: int
     width: int  # candidates kept per query: k, plus one where a query's own row is dropped later
     similarity: bool  # inner product (higher is better) or squared L2 (kept negated)
-    rerank: bool = False  # lossy codes: each group's candidates re-ranked from its vectors in list order
+    candidates: int = 0  # lossy codes: each group's candidates (by codes) re-ranked from its vectors in list order
     dim: int = 0
+
+    @property
+    def rerank(self) -> bool:
+        return self.candidates > 0
 
     def route_path(self, piece: int) -> Path:
         return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
+
+    def candidates_path(self, piece: int, kind: str) -> Path:
+        """A piece's candidates for re-ranking, grouped by list group (``rows`` or ``queries``)."""
+        return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
 
     def partial_path(self, group: int, piece: int) -> Path:
         return Path(self.folder) / "partial" / f"group-{group:05d}" / f"piece-{piece:05d}.npz"
@@ -113,23 +122,66 @@ def plan_list_groups(
 
 @dataclass(frozen=True, kw_only=True)
 class RouteTask:
-    """Assign one query piece's queries to their ``nprobe`` nearest lists (the coarse quantizer)."""
+    """Assign one query piece's queries to their ``nprobe`` nearest lists (the coarse quantizer).
+
+    With ``layout.candidates`` (lossy codes held in memory, their vectors in list order), the
+    piece is also searched by its codes, as the batched join searches it, and each candidate is
+    sent to the list group holding its vector (:meth:`candidates`)."""
 
     index_dir: str
     query_store: RowStore
     piece: Piece
-    nprobe: int
-    out: str
+    layout: RoutedLayout
+    searched: bool = False  # the codes are in memory: search them here
 
     def run(self) -> None:
         from pipeline.index.fill import load_lists
 
         index = load_lists(self.index_dir, 0, 0)  # the coarse quantizer: no list's bytes are read
-        ivf = faiss.extract_index_ivf(index)
+        ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
         q = np.ascontiguousarray(self.query_store.vectors(self.piece.index))
         with worker_device():  # the quantizer's search on the worker's threads
-            assign = coarse_assign(ivf.quantizer, q, self.nprobe)
-        write_npz(self.out, assign=assign.astype(np.int64))
+            dis = None
+            if self.searched and two_level(ivf.quantizer) is None:  # its distances, as FAISS's own search has them
+                dis, assign = ivf.quantizer.search(q, self.layout.nprobe)
+            else:
+                assign = coarse_assign(ivf.quantizer, q, self.layout.nprobe)
+            starts = self.candidates(ivf, q, assign, dis) if self.searched else None
+        extra = {} if starts is None else {"starts": starts}
+        write_npz(self.layout.route_path(self.piece.index), assign=assign.astype(np.int64), **extra)
+
+    def candidates(self, ivf: Any, q: np.ndarray, assign: np.ndarray, dis: np.ndarray | None) -> np.ndarray:
+        """Search the piece by its codes for each query's ``layout.candidates`` best, as the
+        batched join does, and write them as (query, row) pairs ordered by the list group that
+        holds each row's vector (``ordered/row_lists.npy``); return where each group's pairs start.
+        A group then re-ranks exactly the batched search's candidates in its lists: the join's
+        lists are the batched join's, and no query's candidates are re-ranked more than once."""
+        layout = self.layout
+        centroids = None if dis is not None else list_centroids(ivf.quantizer, 0, int(ivf.nlist), int(ivf.d))
+        lists_of = np.load(fetched(ordered_files(self.index_dir)[3]), mmap_mode="r")
+        firsts = np.array([g.first for g in layout.groups], dtype=np.int64)
+        found = np.empty((len(q), layout.candidates), dtype=np.int64)
+        for lo in range(0, len(q), BOUND_QUERIES):
+            keys = np.ascontiguousarray(assign[lo : lo + BOUND_QUERIES])
+            if centroids is None:
+                assert dis is not None
+                near = np.ascontiguousarray(dis[lo : lo + BOUND_QUERIES])
+            else:
+                near = coarse_distances(q[lo : lo + BOUND_QUERIES], centroids, keys, layout.similarity)
+            part = search_assigned(ivf, q[lo : lo + BOUND_QUERIES], layout.candidates, keys, near)
+            found[lo : lo + len(keys)] = part[1]
+        at = np.flatnonzero(found.ravel() >= 0)
+        rows = found.ravel()[at]
+        group = np.searchsorted(firsts, np.asarray(lists_of[rows], dtype=np.int64), side="right") - 1
+        order = np.argsort(group, kind="stable")  # by group, then by query
+        starts = np.searchsorted(group[order], np.arange(len(firsts) + 1))
+        for kind, values in (("rows", rows[order]), ("queries", (at[order] // layout.candidates).astype(np.int32))):
+            with atomic_path(layout.candidates_path(self.piece.index, kind)) as tmp, open(tmp, "wb") as fh:
+                np.save(fh, values)
+        return starts
+
+
+BOUND_QUERIES = 16_384  # queries a route searches by their codes at once
 
 
 @dataclass(frozen=True)
@@ -199,41 +251,97 @@ class ScoreTask:
         return picked, np.where(inside[picked], assign[picked], -1)
 
     def _rerank_group(self, ivf: Any) -> Scored:
-        """Lossy codes: the group's lists searched by their codes for each routed query's
-        ``width`` best candidates here (FAISS's ``search_preassigned``, the coarse distances
-        recomputed from the centroids), re-ranked exactly from the group's vectors in list order,
-        read once (:mod:`pipeline.index.ordered`). Each group's candidates include every one the
-        batched search would have kept from its lists, so the recall is at least the batched plan's."""
+        """Lossy codes: each piece's candidates in this group's lists re-ranked exactly from the
+        group's vectors in list order, read once (:mod:`pipeline.index.ordered`); each query keeps
+        its ``width`` best here. The candidates are those the route found by searching the codes
+        (:meth:`RouteTask.candidates`); where the codes are in a list file instead, the group's
+        lists are searched here, for each routed query's ``candidates`` best among them (FAISS's
+        ``search_preassigned``, the coarse distances recomputed from the centroids): a superset of
+        what the batched search keeps from these lists, so the recall is at least the batched plan's."""
         g, layout = self.group, self.layout
         vectors = read_group(self.index_dir, g.first, g.last, layout.dim)
-        centroids = list_centroids(ivf.quantizer, g.first, g.last, layout.dim)
         progress = PieceProgress("routed score", g.index)
-        w, metric = layout.width, "ip" if layout.similarity else "l2"
-        step = max(1, RERANK_BYTES // (w * layout.dim * 4))
         scored = 0
         for piece in self.pieces:
-            picked, lists = self._routed(piece)
-            scores = np.zeros((len(picked), w), np.float32)
-            rows = np.full((len(picked), w), -1, np.int64)
-            if picked.size:
-                q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked], dtype=np.float32)
-                with worker_device() as be:
-                    for lo in range(0, len(q), step):
-                        hi = min(len(q), lo + step)
-                        keys = np.ascontiguousarray(lists[lo:hi])
-                        dis = coarse_distances(q[lo:hi], centroids, keys - g.first, layout.similarity)
-                        found = search_assigned(ivf, q[lo:hi], w, keys, dis)
-                        scores[lo:hi], rows[lo:hi] = rerank_in_group(be, q[lo:hi], found, vectors, metric)
-                if not layout.similarity:  # squared distances, kept negated (higher is better)
-                    scores = -scores
-                scored += int(picked.size)
+            with np.load(fetched(layout.route_path(piece.index))) as z:
+                starts = z["starts"] if "starts" in z.files else None
+            if starts is not None:
+                picked, scores, rows = self._rerank_found(
+                    piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
+                )
+            else:
+                picked, scores, rows = self._search_and_rerank(ivf, piece, vectors)
+            if not layout.similarity:  # squared distances, kept negated (higher is better)
+                scores = -scores
+            scored += int(picked.size)
             write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
             progress.advance(piece.rows)
-        codes = g.rows * int(ivf.code_size)
-        return Scored(queries=scored, list_bytes=codes + vectors.nbytes, worker=worker_name())
+        return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
+
+    def _rerank_found(
+        self, piece: Piece, vectors: OrderedGroup, lo: int, hi: int
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The route's (query, row) pairs ``[lo, hi)`` of ``piece`` (this group's), scored exactly
+        a chunk of pairs at a time; each query's ``width`` best."""
+        layout = self.layout
+        rows = np.array(npy_rows(layout.candidates_path(piece.index, "rows"), lo, hi), dtype=np.int64)
+        queries = np.array(npy_rows(layout.candidates_path(piece.index, "queries"), lo, hi), dtype=np.int64)
+        pos = vectors.place(rows)
+        if (pos < 0).any():
+            raise RuntimeError(f"{layout.candidates_path(piece.index, 'rows')}: a candidate outside its list group")
+        picked, inverse = np.unique(queries, return_inverse=True)
+        mapped = self.query_store.mapped_vectors(piece.index)
+        exact = np.empty(len(rows), dtype=np.float32)
+        for a in range(0, len(rows), RERANK_PAIRS):  # the pairs' vectors gathered a chunk at a time
+            b = min(len(rows), a + RERANK_PAIRS)
+            q = np.asarray(mapped[queries[a:b]], dtype=np.float32)
+            exact[a:b] = pair_scores(q, vectors.vectors[pos[a:b]], layout.similarity)
+        scores, best = best_per_query(inverse, exact, rows, len(picked), layout.width, layout.similarity)
+        return picked, scores, best
+
+    def _search_and_rerank(
+        self, ivf: Any, piece: Piece, vectors: OrderedGroup
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """The routed queries of ``piece`` searched by their codes among this group's lists, their
+        ``candidates`` best re-ranked; each query's ``width`` best."""
+        g, layout = self.group, self.layout
+        picked, lists = self._routed(piece)
+        scores = np.zeros((len(picked), layout.width), np.float32)
+        rows = np.full((len(picked), layout.width), -1, np.int64)
+        if not picked.size:
+            return picked, scores, rows
+        centroids = list_centroids(ivf.quantizer, g.first, g.last, layout.dim)
+        mapped = self.query_store.mapped_vectors(piece.index)
+        with worker_device():  # FAISS on the worker's threads
+            for lo in range(0, len(picked), RERANK_QUERIES):  # a chunk's queries gathered at a time
+                hi = min(len(picked), lo + RERANK_QUERIES)
+                q = np.ascontiguousarray(mapped[picked[lo:hi]], dtype=np.float32)
+                keys = packed(lists[lo:hi])
+                dis = coarse_distances(q, centroids, keys - g.first, layout.similarity)
+                found = search_assigned(ivf, q, layout.candidates, keys, dis)[1]
+                at = np.flatnonzero(found.ravel() >= 0)
+                cand = found.ravel()[at]
+                pos = vectors.place(cand)
+                keep = pos >= 0
+                at, cand, pos = at[keep], cand[keep], pos[keep]
+                which = at // found.shape[1]
+                exact = pair_scores(q[which], vectors.vectors[pos], layout.similarity)
+                scores[lo:hi], rows[lo:hi] = best_per_query(
+                    which, exact, cand, hi - lo, layout.width, layout.similarity
+                )
+        return picked, scores, rows
 
 
-RERANK_BYTES = 64 << 20  # candidates' vectors gathered at once: routed queries are searched and re-ranked in chunks
+RERANK_QUERIES = 8192  # routed queries searched and re-ranked at once (fast-scan wants many)
+RERANK_PAIRS = 65_536  # (query, candidate) vectors gathered at once: 32 MiB at d = 128
+
+
+def packed(keys: np.ndarray) -> np.ndarray:
+    """Each row's lists in this group first (in their order), ``-1`` after, as few columns as the
+    row with the most needs: FAISS computes a query's code tables for every column it is given."""
+    order = np.argsort(keys < 0, axis=1, kind="stable")
+    width = max(1, int((keys >= 0).sum(axis=1).max(initial=0)))
+    return np.ascontiguousarray(np.take_along_axis(keys, order, axis=1)[:, :width])
 
 
 def list_centroids(quantizer: faiss.Index, first: int, last: int, dim: int) -> np.ndarray:
@@ -259,9 +367,11 @@ def coarse_distances(q: np.ndarray, centroids: np.ndarray, at: np.ndarray, simil
     return np.ascontiguousarray(np.einsum("npd,npd->np", diff, diff), dtype=np.float32)
 
 
-def search_assigned(ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.ndarray) -> np.ndarray:
+def search_assigned(
+    ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     """The ``k`` best stored rows by their codes among each query's lists ``keys`` (``-1``
-    skipped), as global rows (``-1`` where fewer)."""
+    skipped): (code scores, global rows; ``-1`` where fewer)."""
     n = len(q)
     params = faiss.SearchParametersIVF()
     params.nprobe = int(keys.shape[1])
@@ -279,21 +389,34 @@ def search_assigned(ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.n
         False,
         params,
     )
-    return labels
+    return distances, labels
 
 
-def rerank_in_group(
-    be: Any, q: np.ndarray, found: np.ndarray, group: OrderedGroup, metric: str
+def pair_scores(q: np.ndarray, v: np.ndarray, similarity: bool) -> np.ndarray:
+    """Exact scores of row ``i`` of ``q`` against row ``i`` of ``v``: inner products, or squared
+    L2 as FAISS reports it (``|v|^2 - 2 q.v + |q|^2``)."""
+    dots = np.einsum("md,md->m", q, v)
+    if similarity:
+        return dots.astype(np.float32, copy=False)
+    return (np.einsum("md,md->m", v, v) - 2 * dots + np.einsum("md,md->m", q, q)).astype(np.float32)
+
+
+def best_per_query(
+    query: np.ndarray, exact: np.ndarray, rows: np.ndarray, n: int, width: int, similarity: bool
 ) -> tuple[np.ndarray, np.ndarray]:
-    """``found``'s exact scores against the group's vectors, best first (missing rows last)."""
-    at = group.place(found)
-    exact = be.exact_scores(q, group.vectors[np.maximum(at, 0)], metric)
-    similarity = metric != "l2"
-    exact = np.where(at >= 0, exact, -np.inf if similarity else np.inf).astype(np.float32)
-    order = np.argsort(-exact if similarity else exact, axis=1, kind="stable")
-    rows = np.take_along_axis(np.where(at >= 0, found, -1), order, axis=1)
-    scores = np.take_along_axis(exact, order, axis=1)
-    return np.where(rows >= 0, scores, 0).astype(np.float32), rows
+    """``(n, width)`` best exact scores and their rows per query, from (``query``, score, row)
+    triples; score 0 and row ``-1`` past a query's triples."""
+    key = -exact if similarity else exact
+    order = np.lexsort((rows, key, query))  # by query, best first, ties by row
+    query, exact, rows = query[order], exact[order], rows[order]
+    first = np.searchsorted(query, np.arange(n))
+    rank = np.arange(len(query)) - first[query]
+    keep = rank < width
+    scores = np.zeros((n, width), np.float32)
+    best = np.full((n, width), -1, np.int64)
+    scores[query[keep], rank[keep]] = exact[keep]
+    best[query[keep], rank[keep]] = rows[keep]
+    return scores, best
 
 
 def route_and_score(
@@ -307,7 +430,9 @@ def route_and_score(
     manifest: Manifest,
 ) -> dict[int, Scored]:
     """The route and score stages (``routed_route``, ``routed_score``), resumable; returns each
-    group's :class:`Scored`."""
+    group's :class:`Scored`. Lossy codes held in memory (not in a list file) are searched whole by
+    the route, as the batched join searches them (:meth:`RouteTask.candidates`)."""
+    searched = layout.rerank and not nodes.present(Path(index_dir) / "index.ivfdata")
     run_stage(
         client,
         manifest,
@@ -315,13 +440,12 @@ def route_and_score(
             name="routed_route",
             items=pieces,
             task=lambda p: RouteTask(
-                index_dir=index_dir,
-                query_store=query_store,
-                piece=p,
-                nprobe=layout.nprobe,
-                out=str(layout.route_path(p.index)),
+                index_dir=index_dir, query_store=query_store, piece=p, layout=layout, searched=searched
             ),
-            files=lambda p: [layout.route_path(p.index)],
+            files=lambda p: (
+                [layout.route_path(p.index)]
+                + ([layout.candidates_path(p.index, kind) for kind in ("rows", "queries")] if searched else [])
+            ),
         ),
     )
     log.info(
