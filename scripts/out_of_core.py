@@ -37,6 +37,7 @@ def _report(report: dict[str, Any], wall: float) -> dict[str, object]:
         "recall": report["recall"]["recall"],
         "met": report["recall"]["met"],
         "join": report["search"].get("strategy"),
+        "lists_read": report.get("lists_read"),
         "wall_s": round(wall, 1),
         "phases_s": report["timings_s"],
     }
@@ -77,9 +78,11 @@ def main() -> None:
             except OSError:
                 time.sleep(0.2)
     print(json.dumps({"unconstrained": first, "constrained": second}, indent=1))
+    boxed_bytes = _size(boxed / "index")  # a routed lossy plan writes its vectors in list order too
     print(
         f"index directory {index_bytes / 2**30:.2f} GiB; cgroup limit {limit / 2**30:.2f} GiB "
-        f"({args.share:.2f} of it), peak charged {peak / 2**30:.2f} GiB"
+        f"({args.share:.2f} of it; {limit / boxed_bytes:.2f} of the constrained run's own, "
+        f"{boxed_bytes / 2**30:.2f} GiB), peak charged {peak / 2**30:.2f} GiB"
     )
     print(
         f"unconstrained {first['wall_s']} s ({first['plan']}); constrained {second['wall_s']} s ({second['plan']}): "

@@ -1,4 +1,4 @@
-"""The routed join of an IVF-Flat index: each group of inverted lists is read once per join.
+"""The routed join of an IVF index: each group of inverted lists is read once per join.
 
 The batched join (:func:`pipeline.backends.lists.list_major_search` per query batch) reads every
 list its batch probes, once per batch: a join of ``n`` queries in batches of ``b`` reads the
@@ -13,6 +13,12 @@ FAISS's ``contrib.big_batch_search`` does on one machine, over Dask:
    piece's queries and their heaps); each (group, piece) writes its partial top lists;
 3. **merge**: the join's own piece tasks merge each piece's partials into its lists (exact
    scores, self-exclusion, ids, the tables), as the exact join by pairs does.
+
+**Lossy codes** (PQ, SQ: re-ranked) are routed where the fill wrote their vectors in list order
+(:mod:`pipeline.index.ordered`): a score task reads its group's vectors once and re-ranks from them.
+Fast-scan PQ codes are in memory, so the route searches each piece by its codes as the batched
+join does and sends each candidate to the group holding its vector; codes in a list file are
+searched group by group (:meth:`ScoreTask._rerank_group`).
 
 The result equals the batched join's at the same ``nprobe`` up to ties. Each stage is recorded
 in the output manifest, so a killed join resumes where it stopped; the partial lists are removed
