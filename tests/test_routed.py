@@ -20,6 +20,14 @@ from pipeline.search import join, routed
 from tests.test_pairs import _same_up_to_ties, _tables
 
 
+def _in_process(make_config, dataset_dir: Path, output: Path, **settings: object) -> object:  # type: ignore[no-untyped-def]
+    """A self-join of ``dataset_dir``, each query's own row left out, on the embedded in-process cluster: the
+    tests' patches reach its tasks."""
+    return make_config(
+        input=str(dataset_dir), output=str(output), exclude_self=True, scheduler_address=None, workers=1, **settings
+    )
+
+
 def test_list_groups_cover_every_list_once_within_their_bytes():
     rng = np.random.default_rng(0)
     x = rng.standard_normal((5_000, 16)).astype(np.float32)
@@ -45,18 +53,9 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
     that fails stops the job, and the rerun scores only the groups not recorded, then removes the
     routes and partial lists."""
 
-    def config(out: str, **extra: object) -> object:  # the embedded in-process cluster: patches reach the tasks
-        return make_config(
-            input=str(dataset_dir),
-            output=str(tmp_path / out),
-            index_key="IVF16,Flat",
-            nprobe=4,
-            k=7,
-            exclude_self=True,
-            metric=metric,
-            scheduler_address=None,
-            workers=1,
-            **extra,
+    def config(out: str, **extra: object) -> object:
+        return _in_process(
+            make_config, dataset_dir, tmp_path / out, index_key="IVF16,Flat", nprobe=4, k=7, metric=metric, **extra
         )
 
     run(config("batched"))
@@ -312,19 +311,17 @@ def test_lossy_codes_are_routed_and_re_ranked_inside_each_group(
     from pipeline.io.store import RowStore
     from pipeline.search.join import JoinTask
 
-    def config(out: str, **extra: object) -> object:
-        return make_config(
-            input=str(dataset_dir),
-            output=str(tmp_path / out),
+    def config(out: str, **extra: object) -> object:  # settings held low: the codes miss neighbours to re-rank
+        return _in_process(
+            make_config,
+            dataset_dir,
+            tmp_path / out,
             index_key=key,
             nprobe=4,
             rerank=2,
             k=7,
-            exclude_self=True,
             metric=metric,
-            scheduler_address=None,
-            workers=1,
-            allow_below_target=True,  # settings held low, so that the codes miss neighbours to re-rank
+            allow_below_target=True,
             **extra,
         )
 
