@@ -69,7 +69,7 @@ class SearchSpec:
     nprobe: int | None = None
     rerank: int | None = None
     exclude_self: bool = False
-    routed_join: bool = False  # IVF-Flat: join by list groups, each read once (pipeline.search.routed)
+    routed_join: bool = False  # join by list groups, each read once (pipeline.search.routed)
     target_recall: float | None = 0.95  # tie-aware recall@k every job must reach on held-out queries; None: off
     allow_below_target: bool = False  # finish with exit 0 (and a warning) when the target is missed
     recall_queries: int = 1000  # sample size for measuring (and tuning) recall; 0 = off
@@ -370,7 +370,8 @@ KEYS: dict[str, tuple[str, str, Callable[[str, Any], Any], str]] = {
         "search",
         "routed_join",
         _bool,
-        "join an IVF-Flat index by groups of lists, each read once per join (routed queries)",
+        "join an IVF index by groups of lists, each read once per join (routed queries); lossy codes are "
+        "re-ranked from the group's vectors in list order, which the fill then writes",
     ),
     "target_recall": ("search", "target_recall", _fraction, "tie-aware recall@k to reach on held-out queries, or off"),
     "allow_below_target": (
