@@ -302,7 +302,8 @@ class ScoreTask:
             b = min(len(rows), a + RERANK_PAIRS)
             q = np.asarray(mapped[queries[a:b]], dtype=np.float32)
             exact[a:b] = pair_scores(q, vectors.vectors[pos[a:b]], layout.similarity)
-        scores, best = best_per_query(inverse, exact, rows, len(picked), layout.width, layout.similarity)
+        width, similarity = layout.width, layout.similarity
+        scores, best = best_per_query(inverse, exact, rows, len(picked), width=width, similarity=similarity)
         return picked, scores, best
 
     def _search_and_rerank(
@@ -333,7 +334,7 @@ class ScoreTask:
                 which = at // found.shape[1]
                 exact = pair_scores(q[which], vectors.vectors[pos], layout.similarity)
                 scores[lo:hi], rows[lo:hi] = best_per_query(
-                    which, exact, cand, hi - lo, layout.width, layout.similarity
+                    which, exact, cand, hi - lo, width=layout.width, similarity=layout.similarity
                 )
         return picked, scores, rows
 
@@ -408,7 +409,7 @@ def pair_scores(q: np.ndarray, v: np.ndarray, similarity: bool) -> np.ndarray:
 
 
 def best_per_query(
-    query: np.ndarray, exact: np.ndarray, rows: np.ndarray, n: int, width: int, similarity: bool
+    query: np.ndarray, exact: np.ndarray, rows: np.ndarray, n: int, *, width: int, similarity: bool
 ) -> tuple[np.ndarray, np.ndarray]:
     """``(n, width)`` best exact scores and their rows per query, from (``query``, score, row)
     triples; score 0 and row ``-1`` past a query's triples."""
