@@ -294,6 +294,7 @@ def fill_index(
     info = manifest.stage_record("fill", FillRecord)
     if info is not None:
         return info.ntotal
+    ordered = ordered and mode in ("ondisk", "fastscan")  # lists of codes merged from pieces
     if mode == "none":  # exact search reads the row store itself: no copy of the vectors to build
         manifest.finish_stage("fill", FillRecord(store.rows, mode))
         return store.rows
@@ -306,7 +307,6 @@ def fill_index(
     else:
         parts_dir = index_dir / "parts"
         part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
-        ordered = ordered and mode in ("ondisk", "fastscan")
 
         def files(p: Piece) -> list[Path]:
             return [Path(part[p.index])] + (piece_order_files(part[p.index]) if ordered else [])
@@ -335,7 +335,7 @@ def fill_index(
     written = (
         [index_dir / "index.faiss"]
         + ([index_dir / "index.ivfdata", index_dir / ROW_LISTS] if mode == "ondisk" else [])
-        + (ordered_files(index_dir) if ordered and mode in ("ondisk", "fastscan") else [])
+        + (ordered_files(index_dir) if ordered else [])
     )
     manifest.finish_stage("fill", FillRecord(ntotal, mode, manifest.record(written)))
     # the partial indexes are kept: an input that grows (incremental dedup) encodes only its new

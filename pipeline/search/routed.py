@@ -213,26 +213,21 @@ class ScoreTask:
     def run(self) -> Scored:
         from pipeline.index.fill import load_lists
 
-        g = self.group
+        g, layout = self.group, self.layout
         index = load_lists(self.index_dir, g.first, g.last)  # its mapped pages leave with the task
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-        g, layout = self.group, self.layout
         if layout.rerank:
             return self._rerank_group(ivf)
         progress = PieceProgress("routed score", g.index)
         scored = 0
         for piece in self.pieces:
-            with np.load(fetched(layout.route_path(piece.index))) as z:
-                assign = z["assign"]
-            inside = (assign >= g.first) & (assign < g.last)
-            picked = np.flatnonzero(inside.any(axis=1))
+            picked, lists = self._routed(piece)
             if picked.size:
                 # only the routed rows, gathered from the memory map: a group meets a share of each
                 # piece's queries (about nprobe / groups of them at scale), so reading whole pieces would
                 # read the query store once per group; this reads each query about once per list group
                 # it is routed to (at most nprobe times), as faiss's big_batch_search does
                 q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked])
-                lists = np.where(inside[picked], assign[picked], -1)
                 with worker_device():  # every core walks the group's lists for its share of the queries
                     scores, rows = list_major_search(ivf, q, layout.width, layout.nprobe, assign=lists)
                 if not layout.similarity:  # squared distances, kept negated (higher is better)
