@@ -27,7 +27,7 @@ from pipeline.io.sample_data import clustered_vectors
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.search.truth import merge_truth
-from pipeline.search.update import _merge
+from pipeline.search.update import _best_offers, _merge, _ordered_keys
 from pipeline.shuffle.edges import make_parts
 
 
@@ -167,6 +167,26 @@ def test_merged_lists_are_the_best_of_list_and_offers(seed: int, higher: bool, w
             if a >= 0 and a not in got:  # a listed row leaves only when the full list is at least as good
                 assert got.size == width and (b <= scores[i][-1] if higher else b >= scores[i][-1])
     assert sorted(changed.tolist()) == [i for i in range(n) if (rows[i] != before[i]).any()]
+
+
+@settings(max_examples=60, deadline=None)
+@given(values=st.lists(st.floats(width=32, allow_nan=False), min_size=1, max_size=40))
+def test_ordered_keys_sort_as_the_floats(values: list[float]) -> None:
+    """The packed merge sorts float32 ranks by integer keys: the same order, -0 equal to +0."""
+    rank = np.array(values, dtype=np.float32)
+    keys = _ordered_keys(rank)
+    assert np.array_equal(np.greater.outer(keys, keys), np.greater.outer(rank, rank))
+    assert np.array_equal(np.equal.outer(keys, keys), np.equal.outer(rank, rank))
+
+
+def test_best_offers_orders_by_query_then_rank_then_row_each_pair_once() -> None:
+    q = np.array([2, 0, 2, 0, 2, 0])
+    r = np.array([7, 5, 6, 5, 9, 4])
+    rank = np.array([0.5, 0.3, 0.5, 0.1, -0.0, 0.3], dtype=np.float32)
+    order = _best_offers(q, r, rank)
+    # query 0: row 5 at 0.1 (its better offer; 0.3 dropped), then row 4 at 0.3; query 2: 9 (-0), 6, 7
+    assert list(zip(q[order].tolist(), r[order].tolist(), strict=True)) == [(0, 5), (0, 4), (2, 9), (2, 6), (2, 7)]
+    assert rank[order].tolist()[:2] == [np.float32(0.1), np.float32(0.3)]
 
 
 # whole updates ---------------------------------------------------------------------------------

@@ -89,6 +89,26 @@ def neighbour_table(store: RowStore, piece: int, rows: np.ndarray, scores: np.nd
     return listed_table(store.ids(piece), offsets, store.gather_ids(rows[valid]), scores[valid])
 
 
+def _ordered_keys(rank: np.ndarray) -> np.ndarray:
+    """``uint32`` keys sorting as the float32 ``rank`` does (finite values; ``-0`` as ``+0``)."""
+    bits = (rank.astype(np.float32) + np.float32(0)).view(np.uint32)
+    return np.where(bits >> np.uint32(31), ~bits, bits | np.uint32(1 << 31))
+
+
+def _best_offers(q: np.ndarray, r: np.ndarray, rank: np.ndarray) -> np.ndarray:
+    """The order of offers ``(q, r, rank)`` by query, best rank first, then row, each ``(q, r)``
+    once (its best offer). Two sorts of one key each (rows, then query and rank packed in 64
+    bits); the pairs are hashed to find repeats, which only a patch done again makes."""
+    by_row = np.argsort(r)  # rows offered twice to one query are repeats: their order is moot
+    packed = (q[by_row].astype(np.uint64) << np.uint64(32)) | _ordered_keys(rank[by_row])
+    order = by_row[np.argsort(packed, kind="stable")]
+    pairs = np.sort(q.astype(np.uint64) * np.uint64(0x9E3779B97F4A7C15) + r.astype(np.uint64))  # wraps: a hash
+    if not (pairs[1:] == pairs[:-1]).any():  # distinct hashes: no pair offered twice
+        return order
+    _, first = np.unique(np.stack([q[order], r[order]], axis=1), axis=0, return_index=True)  # first: best
+    return order[np.sort(first)]
+
+
 def _merge(
     rows: np.ndarray, scores: np.ndarray, *, q: np.ndarray, r: np.ndarray, s: np.ndarray, higher_better: bool
 ) -> np.ndarray:
@@ -102,17 +122,15 @@ def _merge(
     q, r, s = np.asarray(q, dtype=np.int64), np.asarray(r, dtype=np.int64), np.asarray(s, dtype=np.float32)
     fresh = ~(rows[q] == r[:, None]).any(axis=1)
     q, r, s = q[fresh], r[fresh], s[fresh]
-    rank = -s if higher_better else s  # lower ranks first
-    order = np.lexsort((rank, r, q))  # each (query, row) offer once, its best
-    once = np.r_[True, (np.diff(q[order]) != 0) | (np.diff(r[order]) != 0)] if order.size else order.astype(bool)
-    q, r, s, rank = q[order][once], r[order][once], s[order][once], rank[order][once]
-    touched, line, counts = np.unique(q, return_inverse=True, return_counts=True)
-    if not touched.size:
-        return touched
+    if not q.size:
+        return q
+    order = _best_offers(q, r, -s if higher_better else s)  # by query, best first, each row once
+    q, r, s = q[order], r[order], s[order]
+    starts = np.flatnonzero(np.r_[True, q[1:] != q[:-1]])
+    touched, counts = q[starts], np.diff(np.r_[starts, q.size])
+    line = np.repeat(np.arange(touched.size), counts)
     width = rows.shape[1]
-    order = np.lexsort((r, rank, line))  # by query, best first
-    line, r, s = line[order], r[order], s[order]
-    slot = np.arange(line.size) - (np.cumsum(counts) - counts)[line]
+    slot = np.arange(q.size) - starts[line]
     keep = slot < width  # more than a list's width of candidates cannot all enter
     extra = int(min(width, counts.max()))
     cand_rows = np.full((touched.size, extra), -1, dtype=np.int64)
