@@ -271,6 +271,46 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
         assert np.array_equal(want_i[row][distinct], got_i[row][distinct])
 
 
+@settings(max_examples=60, deadline=None, derandomize=CI)
+@given(
+    n=st.integers(1, 300),
+    dim=st.integers(1, 40),
+    k=st.integers(1, 40),
+    queries=st.integers(1, 150),
+    metric=st.sampled_from(["l2", "ip"]),
+    threads=st.integers(1, 3),
+    seed=st.integers(0, 10_000),
+)
+def test_blas_knn_equals_faiss_knn_whatever_the_threads(n, dim, k, queries, metric, threads, seed):
+    """Exact search by products (for the batches FAISS scores one query at a time) gives what
+    ``faiss.knn`` gives: the same scores, the same ids where scores do not tie, -1 past the rows
+    there are; and the same bits on any number of threads."""
+    import faiss
+
+    from pipeline.backends import lists
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    m = faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    want_d, want_i = faiss.knn(q, x, k, metric=m)
+    lists.TILE_ROWS, before = 64, lists.TILE_ROWS  # several blocks of stored rows even when small
+    try:
+        got_d, got_i = lists.blas_knn(q, x, k, m, threads)
+        again_d, again_i = lists.blas_knn(q, x, k, m, 1)
+    finally:
+        lists.TILE_ROWS = before
+    assert np.array_equal(got_d, again_d) and np.array_equal(got_i, again_i)
+    assert np.array_equal(want_i < 0, got_i < 0)
+    np.testing.assert_allclose(np.where(got_i < 0, 0, got_d), np.where(want_i < 0, 0, want_d), rtol=1e-4, atol=1e-4)
+    full_d = faiss.knn(q, x, min(k + 1, n), metric=m)[0]  # the first score not returned: the k-th may tie it
+    listed = min(k, n)
+    for row in range(queries):  # ids agree where the scores are distinct
+        gaps = np.abs(np.diff(full_d[row])) > 1e-4
+        distinct = (np.r_[True, gaps] & np.r_[gaps, True])[:listed]
+        assert np.array_equal(want_i[row][:listed][distinct], got_i[row][:listed][distinct])
+
+
 @settings(max_examples=200, deadline=None)
 @given(nlist=st.integers(1, 4096), needed=st.integers(1, 4096), target=st.sampled_from([0.9, 0.95, 0.99]))
 def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe(nlist, needed, target):

@@ -71,6 +71,29 @@ def test_exact_knn_matches_brute_force(dask_address, dataset_dir, vectors, tmp_p
     np.testing.assert_allclose(scores[:, 0], ((vectors[rows[:, 0]] - queries) ** 2).sum(1), rtol=1e-4, atol=1e-3)
 
 
+def test_cpu_knn_scores_whole_batches_by_products_and_keeps_rows_batch_free_otherwise(monkeypatch):
+    """A batch FAISS would score one query at a time goes through products only when the caller
+    says it is scored whole (a recall sample); otherwise each row's scores are the same alone as
+    in any batch, so a part redone alone writes the same bytes."""
+    from pipeline.backends import cpu, lists
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((3000, 32)).astype(np.float32)
+    q = rng.standard_normal((200, 32)).astype(np.float32)
+    be = cpu.CpuBackend()
+    be.set_threads(2)
+    calls = []
+    real = lists.blas_knn
+    monkeypatch.setattr(cpu, "blas_knn", lambda *a: calls.append(len(a[0])) or real(*a))
+    d_batch, _ = be.knn(q, x, 5, "l2")
+    d_alone, _ = be.knn(q[7:8], x, 5, "l2")
+    assert not calls and np.array_equal(d_batch[7:8], d_alone)
+    be.knn(q, x, 5, "l2", whole=True)
+    be.knn(q[:10], x, 5, "l2", whole=True)  # too few to gain: FAISS
+    be.knn(np.tile(q, (40, 1)), x, 5, "l2", whole=True)  # FAISS's own products
+    assert calls == [200]
+
+
 def test_merge_topk_is_exact():
     rng = np.random.default_rng(0)
     scores = rng.random((5, 30))

@@ -58,8 +58,13 @@ class Backend(Protocol):
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """``(n, c)`` exact scores of each query ``q[i]`` against its ``candidates[i]`` (``(n, c, d)``)."""
 
-    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of ``q`` among the rows of ``x``: (scores, local rows of ``x``)."""
+    def knn(
+        self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric, *, whole: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``q`` among the rows of ``x``: (scores, local rows of ``x``).
+        ``whole``: the caller always scores these queries together (a seeded recall sample), so
+        their scores may hang on the batch; otherwise a row's scores are the same in any batch
+        (a part redone alone gives the same bytes)."""
 
     def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` of ``q`` over the whole row store, piece by piece: (scores, global rows)."""

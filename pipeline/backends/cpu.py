@@ -12,6 +12,7 @@ from pipeline.backends.kernels import FAISS_METRICS, host_rerank, ivf_of, pair_t
 from pipeline.backends.lists import (
     LIST_MAJOR_MIN_QUERIES,
     add_with_assignments,
+    blas_knn,
     coarse_assign,
     is_ivf_flat,
     list_major_search,
@@ -23,6 +24,12 @@ from pipeline.kinds import Metric
 __all__ = ["CpuBackend"]
 
 ADD_ROWS = 65_536  # rows assigned to their lists at once when adding through a two-level quantizer
+
+
+# from this many queries a whole batch FAISS would score one query at a time is scored by products
+# (per 50,000 rows on 2 cores, d = 64 to 384: 100 queries 15-54 ms against 41-262 ms; at 10 to 30
+# queries the two are close; scripts/exact_paths.py)
+BLAS_MIN_QUERIES = 32
 
 
 class CpuBackend:
@@ -86,8 +93,17 @@ class CpuBackend:
             )
         return dots.astype(np.float32, copy=False)
 
-    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
-        """Exact top-``k`` of ``q`` among the rows of ``x`` (FAISS's blocked GEMM and k-selection)."""
+    def knn(
+        self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric, *, whole: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Exact top-``k`` of ``q`` among the rows of ``x`` (FAISS's blocked GEMM and k-selection).
+        A ``whole`` batch that FAISS would score one query at a time (under
+        ``distance_compute_blas_threshold / d`` queries) is scored by products instead
+        (:func:`pipeline.backends.lists.blas_knn`; per 50,000 rows of d = 128 on 2 cores, 500
+        queries 75 ms against 329 ms), whose bits hang on the batch."""
+        if whole and BLAS_MIN_QUERIES <= len(q) and len(q) * q.shape[1] < faiss.cvar.distance_compute_blas_threshold:
+            x32 = np.ascontiguousarray(x, dtype=np.float32)
+            return blas_knn(np.ascontiguousarray(q, dtype=np.float32), x32, k, FAISS_METRICS[metric], self.threads or 1)
         return faiss.knn(q, x, k, metric=FAISS_METRICS[metric])
 
     def exact_search(self, q: np.ndarray, store: RowStore, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:

@@ -405,11 +405,13 @@ class GpuBackend:
                 dots = (cd * cd).sum(axis=2) - 2 * dots + (qd * qd).sum(axis=1)[:, None]
             return cupy.asnumpy(dots.astype(cupy.float32))
 
-    def knn(self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric) -> tuple[np.ndarray, np.ndarray]:
+    def knn(
+        self, q: np.ndarray, x: np.ndarray, k: int, metric: Metric, *, whole: bool = False
+    ) -> tuple[np.ndarray, np.ndarray]:
         """Exact top-``k`` with faiss's brute-force GPU search (cuBLAS GEMM tiles, on-device k-selection)."""
         if k > GPU_MAX_K:
             self._warn_once(f"exact search on the CPU: k={k} (the GPU kernels take at most {GPU_MAX_K})")
-            return self._cpu.knn(q, x, k, metric)
+            return self._cpu.knn(q, x, k, metric, whole=whole)
         with self.context.search_lock:
             return faiss.knn_gpu(self.resources(), q, x, k, metric=FAISS_METRICS[metric], device=self.device)
 

@@ -29,6 +29,7 @@ __all__ = [
     "two_level",
     "add_with_assignments",
     "list_major_search",
+    "blas_knn",
     "list_major_rows",
     "walk_lists",
     "list_views",
@@ -93,19 +94,75 @@ def list_major_search(
     _reads.bytes = list_bytes_read() + sum(len(v.ids) for v in views.values()) * int(index.code_size)
     scores = np.empty((nq, k), dtype=np.float32)
     ids = np.empty((nq, k), dtype=np.int64)
-    shares = [np.arange(t, nq, threads) for t in range(threads)]  # strided: every share meets every list alike
 
     def walk(share: np.ndarray) -> None:
         scores[share], ids[share] = walk_lists(index, x[share], assign[share], k, similarity, views=views)
 
-    if threads == 1:
-        walk(shares[0])
-    else:
-        with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
-            list(pool.map(walk, shares))
+    _in_shares(nq, threads, walk)
     if not similarity:  # the walk ranked by |y|^2 - 2 x.y: add |x|^2 for squared distances
         scores += np.einsum("ij,ij->i", x, x)[:, None]
     return scores, ids
+
+
+def _in_shares(nq: int, threads: int, work: Any) -> None:
+    """``work(share)`` for ``threads`` strided shares of ``nq`` queries (every share meets every
+    list alike), each thread with one-threaded BLAS and heaps of its own."""
+    shares = [np.arange(t, nq, threads) for t in range(threads)]
+    if threads == 1:
+        work(shares[0])
+        return
+    with threadpool_limits(1, user_api="blas"), ThreadPoolExecutor(threads) as pool:
+        list(pool.map(work, shares))
+
+
+TILE_QUERIES = 64  # queries one product of :func:`blas_knn` scores: a fixed tile, so results do not hang on threads
+TILE_ROWS = 4096  # stored rows one product scores
+
+
+def blas_knn(x: np.ndarray, y: np.ndarray, k: int, metric: int, threads: int) -> tuple[np.ndarray, np.ndarray]:
+    """``faiss.knn(x, y, k, metric)`` by matrix products for any number of queries: FAISS scores
+    fewer than ``distance_compute_blas_threshold / d`` queries (1,000 at d = 128) one at a time,
+    several times slower per query (``scripts/exact_paths.py``). Tiles of ``TILE_QUERIES``
+    consecutive queries are scored against ``TILE_ROWS`` stored rows at a time, each tile on one
+    thread with its own heap, as the list walk does; squared L2 is ranked without the query's
+    norm, then clamped at 0 as FAISS does.
+
+    A product's bits depend on the rows scored with it, so a query's scores hang on the batch it
+    came in (not on ``threads``): for batches always scored whole, such as a seeded recall
+    sample, never for lists that a part redone alone must reproduce."""
+    nq, n = len(x), len(y)
+    similarity = metric == faiss.METRIC_INNER_PRODUCT
+    out_scores = np.empty((nq, k), dtype=np.float32)
+    out_ids = np.empty((nq, k), dtype=np.int64)
+    numbers = np.arange(n, dtype=np.int64)
+    scaled = x if similarity else x * np.float32(-2.0)
+    norms = [np.einsum("ij,ij->i", y[lo : lo + TILE_ROWS], y[lo : lo + TILE_ROWS]) for lo in range(0, n, TILE_ROWS)]
+    rows_per_add = max(1, HEAP_CHUNK // TILE_ROWS)  # heap calls under FAISS's OpenMP threshold
+    tiles = np.arange(0, nq, TILE_QUERIES)
+
+    def scan(mine: np.ndarray) -> None:
+        for start in tiles[mine].tolist():
+            q = scaled[start : start + TILE_QUERIES]
+            heap = faiss.ResultHeap(len(q), k, keep_max=similarity)
+            for b, lo in enumerate(range(0, n, TILE_ROWS)):
+                block = y[lo : lo + TILE_ROWS]
+                part = q @ block.T
+                if not similarity:
+                    part += norms[b][None, :]
+                for a in range(0, len(q), rows_per_add):
+                    chunk = part[a : a + rows_per_add]
+                    heap.heaps.addn_with_ids(
+                        len(block), faiss.swig_ptr(chunk), faiss.swig_ptr(numbers[lo:]), 0, a, len(chunk)
+                    )
+            heap.finalize()
+            out_scores[start : start + len(q)], out_ids[start : start + len(q)] = heap.D, heap.I
+
+    with threadpool_limits(1, user_api="blas"):  # one thread a product: bits that do not hang on threads
+        _in_shares(len(tiles), max(1, min(int(threads), len(tiles))), scan)
+    if not similarity:
+        out_scores += np.einsum("ij,ij->i", x, x)[:, None]
+        np.maximum(out_scores, 0, out=out_scores, where=out_ids >= 0)
+    return out_scores, out_ids
 
 
 def two_level(quantizer: faiss.Index) -> faiss.IndexIVFFlat | None:

@@ -17,7 +17,6 @@ from pipeline.io.layout import in_holes
 from pipeline.io.store import RowStore
 from pipeline.results import RecallResult
 from pipeline.runtime.manifest import Manifest
-from pipeline.search.exact import blas_queries
 from pipeline.search.join import SearchPlan
 from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
 from pipeline.search.tuning import (
@@ -438,9 +437,9 @@ def _kept_views(
         exclude_self=plan.exclude_self,
     )
     fresh_rows = np.zeros(0, dtype=np.int64)
-    if only_new is not None:  # enough for FAISS to score them by BLAS (cheaper than fewer, one at a time)
+    if only_new is not None:
         rng = np.random.default_rng(config.index.seed + 7919)
-        many_new = max(100, s.recall_queries // 2, blas_queries(built.dim) - int(short.sum()))
+        many_new = max(100, s.recall_queries // 2)
         fresh_rows = only_new.sample_rows(rng, many_new)
     assert old.rows is not None
     searched = np.concatenate([fresh_rows, old.rows[short]])

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
-import faiss
 import numpy as np
 
 from pipeline.backends.kernels import merge_topk, piece_topk
@@ -21,7 +21,7 @@ from pipeline.kinds import Metric
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.runner import result_of, submit
 
-__all__ = ["blas_queries", "exact_knn", "merge_topk", "pair_scores"]
+__all__ = ["exact_knn", "merge_topk", "pair_scores"]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -36,7 +36,9 @@ class ExactPieceTask:
 
     def run(self) -> tuple[np.ndarray, np.ndarray]:
         with worker_device() as be:
-            return piece_topk(be.knn, self.store, self.piece, self.queries, k=self.k, metric=self.metric)
+            # a sample's queries are always scored together: products where FAISS would go one by one
+            knn = partial(be.knn, whole=True)
+            return piece_topk(knn, self.store, self.piece, self.queries, k=self.k, metric=self.metric)
 
 
 def exact_knn(
@@ -60,15 +62,6 @@ def exact_knn(
     scores, rows = merge_topk(parts(), k)
     progress.close()
     return (-scores if metric == "l2" else scores), rows
-
-
-def blas_queries(dim: int) -> int:
-    """Queries from which ``faiss.knn`` scores them with BLAS products instead of one at a time:
-    FAISS compares queries x d with ``distance_compute_blas_threshold`` (128,000 in FAISS 1.15).
-    Below it a few hundred queries cost more than this many: per 50,000 rows of d = 128 on 2
-    cores, 500 queries 217 ms, 1,000 queries 85 ms (``scripts/exact_paths.py``). The one-query
-    path gives the same bits whatever the batch, so the threshold itself is left alone."""
-    return -(-int(faiss.cvar.distance_compute_blas_threshold) // max(1, int(dim)))
 
 
 def pair_scores(queries: np.ndarray, vectors: np.ndarray, metric: Metric) -> np.ndarray:
