@@ -180,15 +180,12 @@ def _search_batch(
             cand_ids = index_store.gather_ids(np.where(valid, rows, 0))
             own = q_ids.take(pa.array(np.repeat(np.arange(len(q_ids)), rows.shape[1])))
             valid &= ~pc.equal(cand_ids, own).to_numpy(zero_copy_only=False).reshape(rows.shape)
-    # keep the first k (and the spare) valid entries of each row, in order
-    keep_order = np.argsort(~valid, axis=1, kind="stable")[:, : plan.k + plan.spare]
-    rows = np.take_along_axis(rows, keep_order, axis=1)
-    scores = np.take_along_axis(scores, keep_order, axis=1).astype(np.float32)
-    kept = np.take_along_axis(valid, keep_order, axis=1)
-    counts = kept.sum(axis=1)
+    # keep the first k (and the spare) valid entries of each row, in order (row-major selection
+    # keeps each row's order: no sort)
+    kept = valid & (np.cumsum(valid, axis=1, dtype=np.int32) <= plan.k + plan.spare)
     offsets = np.zeros(len(q) + 1, dtype=np.int32)
-    np.cumsum(counts, out=offsets[1:])
-    return offsets, scores[kept], rows[kept]
+    np.cumsum(kept.sum(axis=1), out=offsets[1:])
+    return offsets, scores[kept].astype(np.float32), rows[kept]
 
 
 @dataclass(frozen=True)
