@@ -11,7 +11,6 @@ from typing import Any
 
 import faiss
 import numpy as np
-from faiss.contrib.clustering import two_level_clustering
 
 from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import coarse_centroids, first_level_probes, scored_centroids, two_level
@@ -134,6 +133,8 @@ def two_level_centroids(ivf: faiss.IndexIVF, x: np.ndarray, seed: int) -> np.nda
     into ``nlist`` grows with ``nlist``. The split is not the quantizer's first level, whose size
     training may choose (:func:`weigh_first_levels`, :func:`cheapest`) after the centroids. Inner-product indexes
     cluster on the sphere, as FAISS's own IVF training does."""
+    from faiss.contrib.clustering import two_level_clustering  # here: it imports SciPy (0.1-0.2 s a start)
+
     nlist = int(ivf.nlist)
     split = 1 << max(0, round(math.log2(math.sqrt(nlist))))
     spherical = ivf.metric_type == faiss.METRIC_INNER_PRODUCT
