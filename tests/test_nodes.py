@@ -71,12 +71,16 @@ def _local_run(nodes: Any, name: str, out: Path, *extra: str) -> dict[int, list[
     return _lists(pq.read_table(out / "neighbors"))
 
 
-@pytest.mark.parametrize("plan", [("--index-key", "IVF32,Flat", "--routed-join"), ()], ids=["ivf-routed", "default"])
+@pytest.mark.parametrize(
+    "plan",
+    [("--index-key", "IVF32,Flat", "--routed-join"), ("--index-key", "IVF32,PQ8x4fs", "--routed-join"), ()],
+    ids=["ivf-routed", "pq-routed", "default"],
+)
 def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path, plan):
     """Workers that see no file of the driver's: the job says so, every machine works in its own
     copy, and the output on S3 equals a local run's. The driver keeps metadata only: no stored
     row, list or table ever reaches it."""
-    name = f"out-{len(plan)}"
+    name = "out-" + (re.sub(r"[^a-z0-9]+", "-", " ".join(plan).lower()).strip("-") or "default")
     proc = subprocess.run(
         _on_nodes(nodes, f"s3://{BUCKET}/data", f"s3://{BUCKET}/{name}", *plan),
         env=nodes["env"],
@@ -93,6 +97,8 @@ def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path,
     assert got == _local_run(nodes, "data", tmp_path / "local", *plan)
     assert len(got) == 6000
     report = json.loads(nodes["fs"].open_input_stream(f"{BUCKET}/{name}/report.json").read())
+    if "--routed-join" in plan:  # list groups scored on the workers, lossy codes from the vectors in list order
+        assert report["lists_read"]["by_phase"]["routed score"] > 0
     moved = {w["worker"]: w["moved"] for w in report["workers"]}
     assert set(moved) == {"w1", "w2"} and all(m["sent"] > 0 for m in moved.values())  # each wrote its tasks' files
     assert sum(m["fetched"] for m in moved.values()) > 0  # and read the other's
