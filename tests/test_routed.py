@@ -239,14 +239,21 @@ def _partial(x: np.ndarray, start: int, quantizer: faiss.Index, nlist: int) -> f
     sizes=st.lists(st.integers(0, 300), min_size=1, max_size=5),
     nlist=st.integers(1, 24),
     merge_bytes=st.sampled_from([64, 1_000, 1 << 20]),
+    half=st.lists(st.booleans(), min_size=5, max_size=5),
     seed=st.integers(0, 1_000),
 )
 def test_vectors_in_list_order_follow_the_merged_lists(
-    tmp_path_factory: pytest.TempPathFactory, sizes: list[int], nlist: int, merge_bytes: int, seed: int
+    tmp_path_factory: pytest.TempPathFactory,
+    sizes: list[int],
+    nlist: int,
+    merge_bytes: int,
+    half: list[bool],
+    seed: int,
 ) -> None:
     """Pieces of any size (empty ones too) merged a range of lists at a time, the range as small
     as one list or as large as all: each list holds its rows, piece after piece, with their own
-    vectors, and a group of lists reads back exactly its rows."""
+    vectors, and a group of lists reads back exactly its rows. Pieces of float16 values are kept
+    as float16, and the merge too where every piece is; a float32 piece keeps the merge float32."""
     from pipeline.index import ordered
 
     d = 8
@@ -257,7 +264,7 @@ def test_vectors_in_list_order_follow_the_merged_lists(
     parts, xs, start = [], [], 0
     merged = faiss.IndexIVFFlat(quantizer, d, nlist)
     for i, size in enumerate(sizes):
-        x = rng.standard_normal((size, d)).astype(np.float32)
+        x = rng.standard_normal((size, d)).astype(np.float16 if half[i] else np.float32).astype(np.float32)
         partial = _partial(x, start, quantizer, nlist)
         part = folder / f"part-{i:05d}.faiss"
         ordered.write_piece_order(partial, x, start, part)
@@ -272,7 +279,9 @@ def test_vectors_in_list_order_follow_the_merged_lists(
     assert ordered.has_ordered(folder)
     offsets = np.load(folder / "ordered" / "offsets.npy")
     rows = np.load(folder / "ordered" / "rows.npy")
-    vectors = np.load(folder / "ordered" / "vectors.npy").reshape(-1, d)
+    stored = np.load(folder / "ordered" / "vectors.npy")
+    assert stored.dtype == (np.float16 if all(h or not s for h, s in zip(half, sizes)) else np.float32)
+    vectors = stored.astype(np.float32).reshape(-1, d)
     for number in range(nlist):
         ids = faiss.rev_swig_ptr(merged.invlists.get_ids(number), merged.invlists.list_size(number))
         assert rows[offsets[number] : offsets[number + 1]].tolist() == ids.tolist()
@@ -280,6 +289,8 @@ def test_vectors_in_list_order_follow_the_merged_lists(
     first, last = nlist // 3, max(nlist // 3 + 1, nlist - 1)
     group = ordered.read_group(folder, first, last, d)
     assert group.rows.tolist() == rows[offsets[first] : offsets[last]].tolist()
+    np.testing.assert_array_equal(group.vectors, every[group.rows])
+    assert group.vectors.dtype == np.float32 and group.nbytes == len(group.rows) * (d * stored.itemsize + 8)
     asked = np.array([[-1, *group.rows[:2].tolist(), start + 5]]) if len(group.rows) else np.array([[-1, start + 5]])
     at = group.place(asked)
     assert at[0, 0] == -1 and at[0, -1] == -1  # none, and a row of no list here

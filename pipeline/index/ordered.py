@@ -10,8 +10,9 @@ and re-ranks every candidate found in the group from memory: nothing is gathered
 
 Files under the index directory's ``ordered/`` folder:
 
-* ``vectors.npy``: float32, ``ntotal * d`` values, flat, so a group is one range of it (read by
-  range from the object store, :func:`pipeline.io.nodes.npy_rows`);
+* ``vectors.npy``: ``ntotal * d`` values, flat, so a group is one range of it (read by range from
+  the object store, :func:`pipeline.io.nodes.npy_rows`); float16 where every vector is exactly a
+  float16 one (embeddings stored as float16, l2 or ip: half the bytes, nothing lost), else float32;
 * ``rows.npy``: the global row of each vector;
 * ``offsets.npy``: ``nlist + 1`` starts, list ``i`` at ``[offsets[i], offsets[i + 1])``;
 * ``row_lists.npy``: by global row, the list holding it (``-1``: none), so a candidate found
@@ -84,9 +85,15 @@ def write_piece_order(partial: faiss.Index, x: np.ndarray, start: int, part: str
         rows[at : at + size] = faiss.rev_swig_ptr(invlists.get_ids(number), size)
         at += size
     vectors, rows_path, counts_path = piece_order_files(part)
-    _save(vectors, np.ascontiguousarray(x[rows - start], dtype=np.float32).ravel())
+    _save(vectors, _narrowest(np.ascontiguousarray(x[rows - start], dtype=np.float32).ravel()))
     _save(rows_path, rows)
     _save(counts_path, counts)
+
+
+def _narrowest(v: np.ndarray) -> np.ndarray:
+    """``v`` as float16 where that loses nothing (float16 input, not normalised), else as is."""
+    half = v.astype(np.float16)
+    return half if np.array_equal(half.astype(np.float32), v) else v
 
 
 def merge_ordered(parts: list[str], index_dir: str | Path, dim: int) -> None:
@@ -105,16 +112,18 @@ def merge_ordered(parts: list[str], index_dir: str | Path, dim: int) -> None:
     total = int(offsets[-1])
     top = max((int(r.max()) for _, r, _ in shares if len(r)), default=-1)
     row_lists = np.full(top + 1, -1, dtype=np.int32)
+    # float16 only where every piece's share is (an update's new file may hold float32)
+    kind = np.float16 if shares and all(v.dtype == np.float16 for v, _, _ in shares) else np.float32
     with atomic_path(vectors_path) as vtmp, atomic_path(rows_path) as rtmp:
-        out_v = np.lib.format.open_memmap(vtmp, mode="w+", dtype=np.float32, shape=(total * dim,))
+        out_v = np.lib.format.open_memmap(vtmp, mode="w+", dtype=kind, shape=(total * dim,))
         out_r = np.lib.format.open_memmap(rtmp, mode="w+", dtype=np.int64, shape=(total,))
         a = 0
-        step = max(1, MERGE_BYTES // (4 * dim))
+        step = max(1, MERGE_BYTES // (np.dtype(kind).itemsize * dim))
         while a < nlist:
             b = int(np.searchsorted(offsets, offsets[a] + step, side="right"))
             b = min(nlist, max(a + 1, b - 1))
             lo, hi = int(offsets[a]), int(offsets[b])
-            buf_v = np.empty((hi - lo, dim), dtype=np.float32)
+            buf_v = np.empty((hi - lo, dim), dtype=kind)
             buf_r = np.empty(hi - lo, dtype=np.int64)
             for (vec, rows, _), first, earlier, count in zip(shares, starts, before, counts, strict=True):
                 s, e = int(first[a]), int(first[b])
@@ -143,9 +152,10 @@ class OrderedGroup:
     :meth:`place` finds a row's vector among them."""
 
     rows: np.ndarray
-    vectors: np.ndarray
+    vectors: np.ndarray  # float32, whatever the file stores
     _order: np.ndarray  # positions of the rows in row order
     _sorted: np.ndarray  # the rows in row order
+    stored: int = 0  # bytes the group took in its files (vectors as stored, rows)
 
     def place(self, rows: np.ndarray) -> np.ndarray:
         """Positions in :attr:`vectors` of global ``rows``; ``-1`` where the group lacks the row.
@@ -163,7 +173,8 @@ class OrderedGroup:
 
     @property
     def nbytes(self) -> int:
-        return int(self.vectors.nbytes + self.rows.nbytes)
+        """Bytes read for the group: its vectors as the file stores them, and its rows."""
+        return int(self.stored or self.vectors.nbytes + self.rows.nbytes)
 
 
 def read_group(index_dir: str | Path, first: int, last: int, dim: int) -> OrderedGroup:
@@ -173,6 +184,7 @@ def read_group(index_dir: str | Path, first: int, last: int, dim: int) -> Ordere
     ends = npy_rows(offsets_path, first, last + 1)
     lo, hi = int(ends[0]), int(ends[-1])
     rows = np.array(npy_rows(rows_path, lo, hi), dtype=np.int64)
-    vectors = np.array(npy_rows(vectors_path, lo * dim, hi * dim), dtype=np.float32).reshape(-1, dim)
+    stored = npy_rows(vectors_path, lo * dim, hi * dim)
+    vectors = np.array(stored, dtype=np.float32).reshape(-1, dim)
     order = np.argsort(rows, kind="stable")
-    return OrderedGroup(rows, vectors, order, rows[order])
+    return OrderedGroup(rows, vectors, order, rows[order], stored=int(stored.nbytes + rows.nbytes))
