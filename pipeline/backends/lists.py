@@ -106,7 +106,8 @@ def list_major_search(
 
 def _in_shares(nq: int, threads: int, work: Any) -> None:
     """``work(share)`` for ``threads`` strided shares of ``nq`` queries (every share meets every
-    list alike), each thread with one-threaded BLAS and heaps of its own."""
+    list alike); several threads each get one-threaded BLAS (and keep heaps of their own), one
+    thread keeps the caller's BLAS."""
     shares = [np.arange(t, nq, threads) for t in range(threads)]
     if threads == 1:
         work(shares[0])
