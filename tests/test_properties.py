@@ -312,6 +312,31 @@ def test_blas_knn_equals_faiss_knn_whatever_the_threads(n, dim, k, queries, metr
     _same_up_to_ties(want, got, faiss.knn(q, x, min(k + 1, n), metric=m)[0])
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(0, 60),
+    width=st.integers(1, 5),
+    lo=st.integers(-3, 70),
+    span=st.integers(-3, 70),
+    dtype=st.sampled_from(["int64", "float32", "float16", "int32"]),
+)
+def test_rows_of_an_npz_are_read_from_their_places(tmp_path_factory, rows, width, lo, span, dtype):
+    """A slice of every array of an ``.npz`` the tool wrote, read from the file by range, is the
+    slice of the array (a 1-d one too; ranges past either end clipped as Python clips them)."""
+    from pipeline.io.atomic import npz_rows, write_npz
+
+    path = tmp_path_factory.mktemp("npz") / "lists.npz"
+    arrays = {
+        "rows": np.arange(rows * width, dtype=dtype).reshape(rows, width),
+        "flat": np.arange(rows, dtype=dtype)[::-1].copy(),
+    }
+    write_npz(path, **arrays)
+    got = npz_rows(path, lo, lo + span)
+    for name, array in arrays.items():
+        want = array[max(lo, 0) : max(lo + span, 0)]
+        assert got[name].dtype == array.dtype and np.array_equal(got[name], want)
+
+
 @settings(max_examples=200, deadline=None)
 @given(nlist=st.integers(1, 4096), needed=st.integers(1, 4096), target=st.sampled_from([0.9, 0.95, 0.99]))
 def test_the_tuning_walk_lands_within_a_few_lists_of_the_smallest_passing_nprobe(nlist, needed, target):

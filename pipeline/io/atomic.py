@@ -12,7 +12,9 @@ import contextlib
 import errno
 import json
 import os
+import struct
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -99,6 +101,33 @@ def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
     with atomic_path(path) as tmp:
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
+
+
+def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.ndarray]:
+    """Rows ``[lo, hi)`` of every array in an ``.npz`` that :func:`write_npz` wrote, each read from
+    its place in the file (the members are stored, not compressed): a task that wants a slice of a
+    large file holds the slice, not the file."""
+    out: dict[str, np.ndarray] = {}
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        for info in zf.infolist():
+            name = info.filename.removesuffix(".npy")
+            if info.compress_type != zipfile.ZIP_STORED:  # not ours: read it whole
+                out[name] = np.load(zf.open(info))[lo:hi]
+                continue
+            fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
+            name_len, extra_len = struct.unpack("<HH", fh.read(4))
+            fh.seek(info.header_offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+            shape, fortran, dtype = header(fh)
+            if fortran or not shape or dtype.hasobject:
+                raise ValueError(f"{path}: {name} is not a C-ordered array of plain values")
+            per_row = int(np.prod(shape[1:], dtype=np.int64))
+            a, b = min(max(lo, 0), shape[0]), min(max(hi, 0), shape[0])
+            fh.seek(fh.tell() + a * per_row * dtype.itemsize)
+            data = fh.read(max(0, b - a) * per_row * dtype.itemsize)
+            out[name] = np.frombuffer(data, dtype=dtype).reshape((max(0, b - a), *shape[1:]))
+    return out
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:

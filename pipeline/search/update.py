@@ -184,8 +184,7 @@ class ReverseTask:
     out_dir: str
 
     def run(self) -> int:
-        rows, scores, _ = read_knn_spare(self.knn)
-        rows, scores = rows[self.lo : self.hi], scores[self.lo : self.hi]
+        rows, scores, _ = read_knn_spare(self.knn, rows=(self.lo, self.hi))
         valid = rows >= 0
         q, s = rows[valid], scores[valid]
         line = np.repeat(np.arange(self.lo, self.lo + len(rows), dtype=np.int64), valid.sum(axis=1))

@@ -13,6 +13,7 @@ lists as joined.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.io.atomic import atomic_path, write_npz
+from pipeline.io.atomic import atomic_path, npz_rows, write_npz
 from pipeline.io.layout import in_holes
 from pipeline.io.nodes import fetched, npy_rows
 from pipeline.kinds import Metric
@@ -89,14 +90,16 @@ def read_knn(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray]:
         return z["rows"], z["scores"]
 
 
-def read_knn_spare(path: str | os.PathLike[str]) -> tuple[np.ndarray, np.ndarray, int]:
-    """The lists with their spare candidates (``rows``, ``scores`` as wide as both) and ``k``."""
-    with np.load(fetched(path)) as z:
-        rows, scores = z["rows"], z["scores"]
-        k = rows.shape[1]
-        if "spare_rows" in z.files:
-            rows, scores = np.hstack([rows, z["spare_rows"]]), np.hstack([scores, z["spare_scores"]])
-        return rows, scores, k
+def read_knn_spare(
+    path: str | os.PathLike[str], rows: tuple[int, int] | None = None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The lists with their spare candidates (``rows``, ``scores`` as wide as both) and ``k``;
+    ``rows``: only the lists of queries ``[lo, hi)``, read from their places in the file."""
+    with np.load(fetched(path)) if rows is None else contextlib.nullcontext(npz_rows(fetched(path), *rows)) as z:
+        k = z["rows"].shape[1]
+        if "spare_rows" in z:
+            return np.hstack([z["rows"], z["spare_rows"]]), np.hstack([z["scores"], z["spare_scores"]]), k
+        return np.array(z["rows"]), np.array(z["scores"]), k  # copies a slice's read-only buffers
 
 
 def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
