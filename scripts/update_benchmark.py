@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Benchmark: a scheduled job rerun over changed input (an update) against a fresh run.
 
-Makes ``--rows`` generated rows (``python -m pipeline sample-data``) in ``--shards`` files, runs the
+Makes ``--rows`` generated rows (``python -m pipeline sample-data``) in the scenario's shards, runs the
 command once ("yesterday"), changes the input by ``--scenario``, then times, side by side, the same
 command rerun in that output (the update, no ``--overwrite``) and the command into a new output (a
 fresh run over the new input). Whole processes; the default plan (``--k 10 --exclude-self``).
