@@ -335,6 +335,7 @@ def test_rows_of_an_npz_are_read_from_their_places(tmp_path_factory, rows, width
     for name, array in arrays.items():
         want = array[max(lo, 0) : max(lo + span, 0)]
         assert got[name].dtype == array.dtype and np.array_equal(got[name], want)
+        assert got[name].flags.writeable  # the caller's own, as np.load gives them
 
 
 @settings(max_examples=200, deadline=None)

@@ -106,7 +106,7 @@ def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
 def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.ndarray]:
     """Rows ``[lo, hi)`` of every array in an ``.npz`` that :func:`write_npz` wrote, each read from
     its place in the file (the members are stored, not compressed): a task that wants a slice of a
-    large file holds the slice, not the file."""
+    large file holds the slice, not the file. The arrays are the caller's (writable)."""
     out: dict[str, np.ndarray] = {}
     with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
         for info in zf.infolist():
@@ -117,16 +117,16 @@ def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.nda
             fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
             name_len, extra_len = struct.unpack("<HH", fh.read(4))
             fh.seek(info.header_offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-            shape, fortran, dtype = header(fh)
+            shape, fortran, dtype = nodes.npy_header(fh)
             if fortran or not shape or dtype.hasobject:
                 raise ValueError(f"{path}: {name} is not a C-ordered array of plain values")
-            per_row = int(np.prod(shape[1:], dtype=np.int64))
             a, b = min(max(lo, 0), shape[0]), min(max(hi, 0), shape[0])
-            fh.seek(fh.tell() + a * per_row * dtype.itemsize)
-            data = fh.read(max(0, b - a) * per_row * dtype.itemsize)
-            out[name] = np.frombuffer(data, dtype=dtype).reshape((max(0, b - a), *shape[1:]))
+            row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+            part = np.empty((max(0, b - a), *shape[1:]), dtype=dtype)
+            fh.seek(fh.tell() + a * row_bytes)
+            if part.size:
+                fh.readinto(part.data.cast("B"))
+            out[name] = part
     return out
 
 

@@ -206,6 +206,14 @@ def source(path: str | os.PathLike[str]) -> Any:
     return str(path) if hit is None else hit[0].open(hit[1])
 
 
+def npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
+    """``(shape, fortran_order, dtype)`` of the ``.npy`` array whose magic string ``fh`` is at; ``fh``
+    is left at the array's first byte."""
+    version = np.lib.format.read_magic(fh)
+    read = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+    return read(fh)
+
+
 def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` of the 1-d array saved at ``.npy`` ``path``, read-only (callers copy what
     they keep): a view of the memory map where the file is here (or is not staged per node);
@@ -220,10 +228,7 @@ def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
     version = np.lib.format.read_magic(io.BytesIO(start))
     length = int.from_bytes(start[8:10] if version == (1, 0) else start[8:12], "little")
     head = io.BytesIO(remote.read_at(length + (10 if version == (1, 0) else 12), 0))
-    np.lib.format.read_magic(head)
-    shape, fortran, dtype = (
-        np.lib.format.read_array_header_1_0(head) if version == (1, 0) else np.lib.format.read_array_header_2_0(head)
-    )
+    shape, fortran, dtype = npy_header(head)
     if len(shape) != 1 or fortran or dtype.hasobject:
         raise ValueError(f"{path}: not a 1-d array of plain values")
     lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))

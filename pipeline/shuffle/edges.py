@@ -99,7 +99,7 @@ def read_knn_spare(
         k = z["rows"].shape[1]
         if "spare_rows" in z:
             return np.hstack([z["rows"], z["spare_rows"]]), np.hstack([z["scores"], z["spare_scores"]]), k
-        return np.array(z["rows"]), np.array(z["scores"]), k  # copies a slice's read-only buffers
+        return z["rows"], z["scores"], k
 
 
 def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
