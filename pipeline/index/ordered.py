@@ -155,7 +155,7 @@ class OrderedGroup:
     vectors: np.ndarray  # float32, whatever the file stores
     _order: np.ndarray  # positions of the rows in row order
     _sorted: np.ndarray  # the rows in row order
-    stored: int = 0  # bytes the group took in its files (vectors as stored, rows)
+    stored: int  # bytes the group took in its files (vectors as stored, rows)
 
     def place(self, rows: np.ndarray) -> np.ndarray:
         """Positions in :attr:`vectors` of global ``rows``; ``-1`` where the group lacks the row.
@@ -174,7 +174,7 @@ class OrderedGroup:
     @property
     def nbytes(self) -> int:
         """Bytes read for the group: its vectors as the file stores them, and its rows."""
-        return int(self.stored or self.vectors.nbytes + self.rows.nbytes)
+        return self.stored
 
 
 def read_group(index_dir: str | Path, first: int, last: int, dim: int) -> OrderedGroup:
