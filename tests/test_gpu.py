@@ -192,3 +192,64 @@ def test_self_join_blocks_and_pairs_match_the_cpu(vectors, metric):
     np.testing.assert_allclose(ga, ca, rtol=1e-4, atol=1e-3)
     kept = gb >= floor[:, None]  # the CPU's second side is exact down to the floor
     np.testing.assert_allclose(np.where(kept, cb, 0), np.where(kept, gb, 0), rtol=1e-4, atol=1e-3)
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_a_list_group_is_searched_on_the_gpu_as_on_the_host(vectors, metric):
+    """GpuBackend.group_search (a routed join's score task on a GPU worker): the group's lists
+    alone go to the GPU (a GpuIndexIVFFlat, not a host fallback) and give the host's lists."""
+    from pipeline.backends.lists import coarse_assign
+
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlat(DIM, metric), DIM, 32, metric)
+    ivf.train(vectors)
+    ivf.add(vectors)
+    first, last = 5, 21
+    q = vectors[:700]
+    assign = coarse_assign(ivf.quantizer, q, 8)
+    assign = np.where((assign >= first) & (assign < last), assign, -1)
+    copies = []
+    real = faiss.index_cpu_to_gpu
+
+    def to_gpu(*args):
+        copies.append(real(*args))
+        return copies[-1]
+
+    faiss.index_cpu_to_gpu = to_gpu
+    try:
+        with GpuBackend(device=0).group_search(ivf, first, last) as on_gpu:
+            got = on_gpu(q, 10, assign)
+    finally:
+        faiss.index_cpu_to_gpu = real
+    assert len(copies) == 1 and "GpuIndexIVFFlat" in type(copies[0]).__name__ and copies[0].nlist == last - first
+    with CpuBackend().group_search(ivf, first, last) as on_host:
+        want = on_host(q, 10, assign)
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-3)
+    assert (got[1] == want[1]).mean() >= 0.99
+
+
+def test_a_routed_join_on_the_gpu_gives_the_cpu_tables(make_config, dataset_dir, tmp_path):
+    """The routed join end to end on a GPU worker (its list groups scored on the GPU) writes the
+    lists a CPU worker writes, ties aside."""
+
+    def job(device: str):
+        return run(
+            make_config(
+                input=str(dataset_dir),
+                output=str(tmp_path / device),
+                device=device,
+                k=10,
+                index_key="IVF16,Flat",
+                nprobe=4,
+                routed_join=True,
+                exclude_self=True,
+            )
+        )
+
+    on_gpu, on_cpu = job("gpu"), job("cpu")
+    assert on_gpu.search.backend == "gpu"
+
+    def lists(report) -> np.ndarray:
+        t = pq.read_table(Path(report.neighbors).parent / "neighbors").sort_by("query_id")
+        return np.array(t.column("neighbor_id").to_pylist())
+
+    assert _overlap(lists(on_gpu), lists(on_cpu)) >= 0.99

@@ -24,7 +24,7 @@ from pipeline.backends.gpu import (
     gpu_search_limits,
     train_with_assigner,
 )
-from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank
+from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of
 from pipeline.index.choice import default_index_key, default_rerank, explain_index_key, gpu_index_bytes, make_index
 from pipeline.io.sample_data import clustered_vectors
 
@@ -240,6 +240,19 @@ def test_device_choice_without_a_gpu():
     assert choose("cpu") == ("cpu", "--device cpu")
 
 
+def _copied_lists(index: faiss.IndexIVFFlat) -> faiss.IndexIVFFlat:
+    """An IVF-Flat copy of ``index`` with its lists copied one by one (FAISS's cloner refuses
+    sliced lists, which ``copyInvertedListsFrom`` on a GPU reads list by list)."""
+    quantizer = faiss.clone_index(index.quantizer)
+    out = faiss.IndexIVFFlat(quantizer, index.d, index.nlist, index.metric_type)
+    for i in range(index.nlist):
+        size = index.invlists.list_size(i)
+        if size:
+            out.invlists.add_entries(i, size, index.invlists.get_ids(i), index.invlists.get_codes(i))
+    out.ntotal = index.ntotal
+    return out
+
+
 class _CpuAsGpu:
     """faiss's GPU entry points replaced by CPU copies, so the GPU backend's own plumbing around
     them (fill through a twin and merge back, the resident exact index) runs here."""
@@ -249,6 +262,9 @@ class _CpuAsGpu:
 
         def to_gpu(_res, _device, index, _co=None):
             self.copies += 1
+            ivf = ivf_of(index)
+            if ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.SliceInvertedLists):
+                return _copied_lists(index)  # a list group: a GPU copies its lists one by one, as here
             return faiss.clone_index(index)
 
         class Options:  # faiss's GpuClonerOptions fields: setting any other name fails, as SWIG's would not
@@ -263,6 +279,51 @@ class _CpuAsGpu:
         monkeypatch.setattr(faiss, "INDICES_64_BIT", 0, raising=False)
         monkeypatch.setattr(GpuBackend, "resources", lambda self: None)
         monkeypatch.setattr(GpuBackend, "free_memory", lambda self: 1 << 34)
+
+
+@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
+def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypatch, caplog, metric):
+    """GpuBackend.group_search (a routed join's score task on a GPU worker) copies only the group's
+    lists, once for the block, and its searches give the host's; k above the GPU's limit goes to
+    the host; a group over the free memory is searched on the host, said once."""
+    from pipeline.backends.lists import coarse_assign
+
+    fake = _CpuAsGpu(monkeypatch)
+    x = _data(6000, 32)
+    ivf = faiss.IndexIVFFlat(faiss.IndexFlat(32, metric), 32, 40, metric)
+    ivf.train(x)
+    ivf.add(x)
+    first, last = 10, 25
+    groups = [
+        np.where((a >= first) & (a < last), a, -1)
+        for a in (coarse_assign(ivf.quantizer, q, 6) for q in (x[:300], x[300:700]))
+    ]
+    seen, real_to_gpu = [], faiss.index_cpu_to_gpu
+
+    def to_gpu(res, device, index, co=None):  # what the GPU is given
+        seen.append(index)
+        return real_to_gpu(res, device, index, co)
+
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    with (
+        GpuBackend(device=0).group_search(ivf, first, last) as on_gpu,
+        CpuBackend().group_search(ivf, first, last) as on_host,
+    ):
+        for q, assign in zip((x[:300], x[300:700]), groups, strict=True):
+            got, want = on_gpu(q, 10, assign), on_host(q, 10, assign)
+            np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
+            assert (got[1] == want[1]).mean() > 0.99
+        wide = on_gpu(x[:50], GPU_MAX_K + 1, groups[0][:50])  # past the GPU's k: the host's walk
+        assert wide[1].shape == (50, GPU_MAX_K + 1)
+    assert fake.copies == 1 and seen[0].nlist == last - first  # the group's lists only, once
+    assert seen[0].ntotal == sum(ivf.invlists.list_size(i) for i in range(first, last))
+
+    monkeypatch.setattr(GpuBackend, "free_memory", lambda self: 1 << 10)
+    with caplog.at_level(logging.WARNING), GpuBackend(device=0).group_search(ivf, first, last) as small:
+        got = small(x[:300], 10, groups[0])
+    assert fake.copies == 1 and "list groups searched on the CPU" in caplog.text
+    with CpuBackend().group_search(ivf, first, last) as on_host:
+        np.testing.assert_array_equal(got[1], on_host(x[:300], 10, groups[0])[1])
 
 
 @pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])

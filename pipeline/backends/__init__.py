@@ -10,6 +10,7 @@ for it.
 from __future__ import annotations
 
 import logging
+from contextlib import AbstractContextManager
 from typing import Protocol
 
 import faiss
@@ -17,6 +18,7 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.gpu import GpuBackend
+from pipeline.backends.lists import GroupSearch
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 
@@ -54,6 +56,11 @@ class Backend(Protocol):
         self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search`` of ``x``: (scores, ids), each ``(len(x), k)``, ``-1`` ids past what was found."""
+
+    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> AbstractContextManager[GroupSearch]:
+        """Hold ``ivf``'s lists ``[first, last)`` (a routed join's list group) for the block and
+        give their search (:data:`pipeline.backends.lists.GroupSearch`): each query's ``k`` best
+        among its given lists, as ``index.search`` would find them there."""
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """``(n, c)`` exact scores of each query ``q[i]`` against its ``candidates[i]`` (``(n, c, d)``)."""

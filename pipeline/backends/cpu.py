@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import cast
 
 import faiss
@@ -11,6 +13,7 @@ from threadpoolctl import threadpool_limits
 from pipeline.backends.kernels import FAISS_METRICS, host_rerank, ivf_of, pair_topk, self_topk, streamed_exact
 from pipeline.backends.lists import (
     LIST_MAJOR_MIN_QUERIES,
+    GroupSearch,
     add_with_assignments,
     blas_knn,
     coarse_assign,
@@ -79,6 +82,16 @@ class CpuBackend:
         if nprobe and len(x) >= LIST_MAJOR_MIN_QUERIES and is_ivf_flat(index):
             return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe, self.threads)
         return index.search(x, k, params=params)
+
+    @contextlib.contextmanager
+    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> Iterator[GroupSearch]:
+        """A search of ``ivf``'s lists ``[first, last)`` for the block: on the host, the lists read
+        where they lie (:func:`list_major_search` over each query's given lists)."""
+
+        def search(x: np.ndarray, k: int, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            return list_major_search(ivf, x, k, int(assign.shape[1]), self.threads, assign=assign)
+
+        yield search
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """Scores of each query against its own candidates: ``q`` (n, d), ``candidates`` (n, c, d).

@@ -15,6 +15,9 @@ The only module that touches GPU faiss symbols or CuPy, and only inside function
   What the GPU kernels cannot do (fast-scan codes, PQ sizes outside their set, k or nprobe above
   2048, an index larger than the GPU's free memory) is searched on the CPU instead, logged once
   with the reason.
+* **a routed join's list group** (:meth:`GpuBackend.group_search`): only the group's lists are
+  copied to the GPU, once per score task, and each routed piece is searched among its preassigned
+  lists there (``search_preassigned``), so an index of any size is joined a group at a time.
 * **the row store on the device**: when the join's stored vectors fit in ``RESIDENT_SHARE`` of
   the GPU's free memory they are copied there once per worker; re-ranking then gathers
   candidates and scores them on the device (:class:`~pipeline.backends.kernels.ResidentRows`), and
@@ -27,11 +30,13 @@ Unverified on a real GPU in this repository so far: see docs/gpus.md.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -40,7 +45,7 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of, knn_topk, streamed_exact
-from pipeline.backends.lists import add_with_assignments
+from pipeline.backends.lists import GroupSearch, add_with_assignments, group_lists, packed, search_assigned
 from pipeline.errors import DeviceError
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
@@ -389,6 +394,45 @@ class GpuBackend:
             if ivf is not None:
                 faiss.GpuParameterSpace().set_index_parameter(clone, "nprobe", nprobe)
             return clone.search(x, k)
+
+    @contextlib.contextmanager
+    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> Iterator[GroupSearch]:
+        """A search of ``ivf``'s lists ``[first, last)`` on this GPU for the block: those lists
+        alone (:func:`~pipeline.backends.lists.group_lists`) are copied to the device once, and
+        each batch is searched among its preassigned lists there (``search_preassigned``: the same
+        result as the host's up to ties); the copy is freed when the block ends. On the host
+        instead, logged once with the reason, where the group needs over ``INDEX_SHARE`` of the
+        free GPU memory or faiss cannot copy it, and for a batch whose ``k`` or lists per query
+        pass ``GPU_MAX_K``."""
+        group = group_lists(ivf, first, last)
+        need, free = _index_bytes(group), self.free_memory()
+        clone = None
+        if free is not None and need > INDEX_SHARE * free:
+            self._warn_once(
+                f"list groups searched on the CPU: a group needs {need / 2**30:.1f} GiB, over "
+                f"{INDEX_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free"
+            )
+        else:
+            co: Any = faiss.GpuClonerOptions()
+            co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
+            try:
+                clone = faiss.index_cpu_to_gpu(self.resources(), self.device, group, co)
+            except RuntimeError as exc:  # faiss refused the copy; its message says why
+                self._warn_once(f"list groups searched on the CPU: faiss could not copy one to the GPU ({exc})")
+        with self._cpu.group_search(ivf, first, last) as on_host:
+
+            def search(x: np.ndarray, k: int, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+                if clone is None or k > GPU_MAX_K or assign.shape[1] > GPU_MAX_K:
+                    return on_host(x, k, assign)
+                local = packed(np.where(assign >= 0, assign - first, -1))  # FAISS takes at most nlist columns
+                zeros = np.zeros(local.shape, dtype=np.float32)  # coarse distances: IVF-Flat does not use them
+                with self.context.search_lock:
+                    return search_assigned(clone, np.ascontiguousarray(x, dtype=np.float32), k, local, zeros)
+
+            try:
+                yield search
+            finally:
+                clone = None  # the group's device memory goes back before the next group comes
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:
         """As :meth:`CpuBackend.exact_scores`, as one batched matrix product on the GPU (CuPy)."""

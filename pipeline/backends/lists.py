@@ -13,6 +13,7 @@ Results equal ``index.search`` at the same ``nprobe`` up to ties.
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, cast
@@ -27,6 +28,11 @@ __all__ = [
     "coarse_assign",
     "coarse_centroids",
     "two_level",
+    "list_centroids",
+    "group_lists",
+    "search_assigned",
+    "packed",
+    "GroupSearch",
     "add_with_assignments",
     "list_major_search",
     "blas_knn",
@@ -41,6 +47,11 @@ __all__ = [
     "scored_centroids",
     "row_list_map",
 ]
+
+# a list group's search, held by a backend for a routed join's score task: ``search(x, k, assign)``
+# gives ``(scores, ids)`` of each query's ``k`` best among its lists ``assign`` (global list
+# numbers, ``-1``: none), squared L2 or inner products as FAISS reports them
+GroupSearch = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
 
 _reads = threading.local()  # bytes of inverted lists this thread's searches walked
 
@@ -171,6 +182,69 @@ def two_level(quantizer: faiss.Index) -> faiss.IndexIVFFlat | None:
     ``IVF{nlist}(IVF{n1},Flat),...``), else None (a flat one)."""
     inner = faiss.downcast_index(quantizer)
     return inner if isinstance(inner, faiss.IndexIVFFlat) else None
+
+
+def list_centroids(quantizer: faiss.Index, first: int, last: int, dim: int) -> np.ndarray:
+    """The centroids of lists ``[first, last)``: a flat quantizer's rows, or a two-level
+    quantizer's, found in its own lists by their ids (the centroid numbers)."""
+    nested = two_level(quantizer)
+    if nested is None:
+        return np.asarray(quantizer.reconstruct_n(first, last - first), dtype=np.float32).reshape(-1, dim)
+    out = np.zeros((last - first, dim), dtype=np.float32)
+    for view in list_views(nested, np.arange(nested.nlist)).values():
+        inside = (view.ids >= first) & (view.ids < last)
+        out[view.ids[inside] - first] = view.stored[inside]
+    return out
+
+
+def group_lists(ivf: faiss.IndexIVFFlat, first: int, last: int) -> faiss.IndexIVFFlat:
+    """Lists ``[first, last)`` of ``ivf`` as an IVF-Flat index of their own, numbered from 0: the
+    same storage (FAISS's ``SliceInvertedLists``, nothing copied) behind a flat quantizer of their
+    centroids. What a device copies to hold one list group of a routed join, instead of all of
+    ``ivf``'s lists; it lives no longer than ``ivf``, whose lists it reads."""
+    d, metric = int(ivf.d), int(ivf.metric_type)
+    quantizer = faiss.IndexFlat(d, metric)
+    quantizer.add(list_centroids(ivf.quantizer, first, last, d))
+    out = faiss.IndexIVFFlat(quantizer, d, last - first, metric)  # keeps a reference to its quantizer
+    sliced = faiss.SliceInvertedLists(ivf.invlists, first, last)  # type: ignore[attr-defined]  # not in the stubs
+    out.replace_invlists(sliced, False)  # not owned: the slice and ivf are kept referenced below
+    out.ntotal = sum(int(sliced.list_size(i)) for i in range(last - first))
+    cast(Any, out).referenced_objects += [sliced, ivf]
+    return out
+
+
+def packed(keys: np.ndarray) -> np.ndarray:
+    """Each row's lists in this group first (in their order), ``-1`` after, as few columns as the
+    row with the most needs: FAISS computes a query's code tables for every column it is given,
+    and an index of the group's lists alone reads no more columns than it has lists."""
+    order = np.argsort(keys < 0, axis=1, kind="stable")
+    width = max(1, int((keys >= 0).sum(axis=1).max(initial=0)))
+    return np.ascontiguousarray(np.take_along_axis(keys, order, axis=1)[:, :width])
+
+
+def search_assigned(
+    ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """The ``k`` best stored rows by their codes among each query's lists ``keys`` (``-1``
+    skipped): (code scores, global rows; ``-1`` where fewer)."""
+    n = len(q)
+    params = faiss.SearchParametersIVF()
+    params.nprobe = int(keys.shape[1])
+    distances = np.empty((n, k), dtype=np.float32)
+    labels = np.empty((n, k), dtype=np.int64)
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    ivf.search_preassigned_c(
+        n,
+        faiss.swig_ptr(q),
+        k,
+        faiss.swig_ptr(keys),
+        faiss.swig_ptr(dis),
+        faiss.swig_ptr(distances),
+        faiss.swig_ptr(labels),
+        False,
+        params,
+    )
+    return distances, labels
 
 
 def coarse_centroids(ivf: faiss.IndexIVF) -> float:

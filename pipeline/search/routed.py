@@ -35,7 +35,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import coarse_assign, list_major_search, list_views, two_level
+from pipeline.backends.lists import coarse_assign, list_centroids, packed, search_assigned, two_level
 from pipeline.backends.worker import worker_device
 from pipeline.index.ordered import OrderedGroup, ordered_files, read_group
 from pipeline.index.shape import IndexShape
@@ -220,24 +220,26 @@ class ScoreTask:
             return self._rerank_group(ivf)
         progress = PieceProgress("routed score", g.index)
         scored = 0
-        for piece in self.pieces:
-            picked, lists = self._routed(piece)
-            if picked.size:
-                # only the routed rows, gathered from the memory map: a group meets a share of each
-                # piece's queries (about nprobe / groups of them at scale), so reading whole pieces would
-                # read the query store once per group; this reads each query about once per list group
-                # it is routed to (at most nprobe times), as faiss's big_batch_search does
-                q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked])
-                with worker_device():  # every core walks the group's lists for its share of the queries
-                    scores, rows = list_major_search(ivf, q, layout.width, layout.nprobe, assign=lists)
-                if not layout.similarity:  # squared distances, kept negated (higher is better)
-                    scores = -scores
-                scored += int(picked.size)
-            else:
-                scores = np.zeros((0, layout.width), np.float32)
-                rows = np.zeros((0, layout.width), np.int64)
-            write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
-            progress.advance(piece.rows)
+        # the worker's device holds the group for the task: on the host every core walks its lists
+        # for a share of the queries; a GPU worker copies them to its GPU once
+        with worker_device() as device, device.group_search(ivf, g.first, g.last) as search:
+            for piece in self.pieces:
+                picked, lists = self._routed(piece)
+                if picked.size:
+                    # only the routed rows, gathered from the memory map: a group meets a share of each
+                    # piece's queries (about nprobe / groups of them at scale), so reading whole pieces
+                    # would read the query store once per group; this reads each query about once per
+                    # list group it is routed to (at most nprobe times), as faiss's big_batch_search does
+                    q = np.ascontiguousarray(self.query_store.mapped_vectors(piece.index)[picked])
+                    scores, rows = search(q, layout.width, lists)
+                    if not layout.similarity:  # squared distances, kept negated (higher is better)
+                        scores = -scores
+                    scored += int(picked.size)
+                else:
+                    scores = np.zeros((0, layout.width), np.float32)
+                    rows = np.zeros((0, layout.width), np.int64)
+                write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+                progress.advance(piece.rows)
         result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker_name())
         del ivf, index  # unmaps the lists read
         return result
@@ -338,27 +340,6 @@ RERANK_QUERIES = 8192  # routed queries searched and re-ranked at once (fast-sca
 RERANK_PAIRS = 65_536  # (query, candidate) vectors gathered at once: 32 MiB at d = 128
 
 
-def packed(keys: np.ndarray) -> np.ndarray:
-    """Each row's lists in this group first (in their order), ``-1`` after, as few columns as the
-    row with the most needs: FAISS computes a query's code tables for every column it is given."""
-    order = np.argsort(keys < 0, axis=1, kind="stable")
-    width = max(1, int((keys >= 0).sum(axis=1).max(initial=0)))
-    return np.ascontiguousarray(np.take_along_axis(keys, order, axis=1)[:, :width])
-
-
-def list_centroids(quantizer: faiss.Index, first: int, last: int, dim: int) -> np.ndarray:
-    """The centroids of lists ``[first, last)``: a flat quantizer's rows, or a two-level
-    quantizer's, found in its own lists by their ids (the centroid numbers)."""
-    nested = two_level(quantizer)
-    if nested is None:
-        return np.asarray(quantizer.reconstruct_n(first, last - first), dtype=np.float32).reshape(-1, dim)
-    out = np.zeros((last - first, dim), dtype=np.float32)
-    for view in list_views(nested, np.arange(nested.nlist)).values():
-        inside = (view.ids >= first) & (view.ids < last)
-        out[view.ids[inside] - first] = view.stored[inside]
-    return out
-
-
 def coarse_distances(q: np.ndarray, centroids: np.ndarray, at: np.ndarray, similarity: bool) -> np.ndarray:
     """Each query's score to each of its lists (``at``: the list's place in ``centroids``,
     negative for none): what the coarse quantizer would have reported."""
@@ -367,31 +348,6 @@ def coarse_distances(q: np.ndarray, centroids: np.ndarray, at: np.ndarray, simil
         return np.ascontiguousarray(np.einsum("nd,npd->np", q, c), dtype=np.float32)
     diff = q[:, None, :] - c
     return np.ascontiguousarray(np.einsum("npd,npd->np", diff, diff), dtype=np.float32)
-
-
-def search_assigned(
-    ivf: Any, q: np.ndarray, k: int, keys: np.ndarray, dis: np.ndarray
-) -> tuple[np.ndarray, np.ndarray]:
-    """The ``k`` best stored rows by their codes among each query's lists ``keys`` (``-1``
-    skipped): (code scores, global rows; ``-1`` where fewer)."""
-    n = len(q)
-    params = faiss.SearchParametersIVF()
-    params.nprobe = int(keys.shape[1])
-    distances = np.empty((n, k), dtype=np.float32)
-    labels = np.empty((n, k), dtype=np.int64)
-    keys = np.ascontiguousarray(keys, dtype=np.int64)
-    ivf.search_preassigned_c(
-        n,
-        faiss.swig_ptr(q),
-        k,
-        faiss.swig_ptr(keys),
-        faiss.swig_ptr(dis),
-        faiss.swig_ptr(distances),
-        faiss.swig_ptr(labels),
-        False,
-        params,
-    )
-    return distances, labels
 
 
 def pair_scores(q: np.ndarray, v: np.ndarray, similarity: bool) -> np.ndarray:
