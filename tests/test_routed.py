@@ -151,6 +151,32 @@ def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch, tmp_path
     assert stages._lists_outgrow_workers(None, sq8)
 
 
+def test_an_ivf_flat_index_larger_than_the_gpus_is_joined_routed():
+    """On GPU workers, an IVF-Flat index over the clone a GPU takes whole is routed (each group
+    copied to a GPU in turn) instead of searched on the CPU; one that fits, a CPU worker among
+    them, or lossy codes keep the batched join."""
+    from types import SimpleNamespace
+
+    from pipeline.cluster.clients import ClusterInfo
+    from pipeline.jobs import stages
+    from pipeline.results import WorkerDevice
+
+    def cluster(free_gib: float, *backends: str) -> ClusterInfo:
+        devices = tuple(
+            WorkerDevice(f"w{i}", "h", b, "", 1, int(b == "gpu"), gpu_free_bytes=int(free_gib * 2**30) * (b == "gpu"))
+            for i, b in enumerate(backends)
+        )
+        return ClusterInfo(workers=len(devices), faiss_threads=1, dashboard=None, devices=devices)
+
+    built = SimpleNamespace(ntotal=20_000_000, dim=128, key="IVF4096,Flat", nlist=4096)  # 10.1 GiB on a GPU
+    assert stages._lists_outgrow_gpus(cluster(10, "gpu", "gpu"), built)
+    assert not stages._lists_outgrow_gpus(cluster(40, "gpu", "gpu"), built)
+    assert not stages._lists_outgrow_gpus(cluster(10, "gpu", "cpu"), built)  # not all on GPUs: CPU rules
+    assert not stages._lists_outgrow_gpus(
+        cluster(10, "gpu"), SimpleNamespace(**{**built.__dict__, "key": "IVF4096,PQ32"})
+    )
+
+
 def test_a_score_task_gathers_only_its_routed_queries(make_config, dataset_dir, tmp_path, monkeypatch):
     """A list group meets a share of each piece's queries: its score task gathers those rows from
     the store's memory map, and never reads a whole piece (which would read the query store once

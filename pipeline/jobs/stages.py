@@ -18,6 +18,7 @@ from typing import Any
 import faiss
 import pyarrow as pa
 
+from pipeline.backends.gpu import INDEX_SHARE
 from pipeline.backends.lists import list_major_rows
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
@@ -30,6 +31,7 @@ from pipeline.index.choice import (
     default_nprobe,
     default_rerank,
     explain_index_key,
+    gpu_index_bytes,
     has_exact_codes,
     make_encoder,
     make_index,
@@ -571,7 +573,7 @@ def join_index(
         query_store = _scan_queries(client, config, built, queries=queries, output=output, manifest=manifest)
         timings.add("scan_queries", time.monotonic() - t0)
         pieces, n_queries = queries.pieces, queries.total_rows
-    if not s.routed_join and _lists_outgrow_workers(client, built):
+    if not s.routed_join and (_lists_outgrow_workers(client, built) or _lists_outgrow_gpus(cluster, built)):
         config = replace(config, search=replace(s, routed_join=True))
         s = config.search
     recall: RecallResult | None = None
@@ -810,6 +812,27 @@ def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:
         lists / 2**30,
         100 * ROUTED_WHEN_LISTS_OVER,
         memory / 2**30,
+    )
+    return True
+
+
+def _lists_outgrow_gpus(cluster: ClusterInfo, built: BuiltIndex) -> bool:
+    """Whether an IVF-Flat index on GPU workers is larger than the clone a GPU takes whole
+    (``INDEX_SHARE`` of the smallest free GPU memory, as :meth:`GpuBackend.search` counts it): the
+    batched join would then search on the CPU, so it is routed instead, and each list group is
+    copied to a GPU in turn (:meth:`GpuBackend.group_search`). An index of any size then needs
+    nothing special on the GPU."""
+    if cluster.backend != "gpu" or not cluster.gpu_free or not built.nlist or not built.key.endswith(",Flat"):
+        return False
+    need = gpu_index_bytes(built.ntotal, built.dim, built.nlist, 4)
+    if need <= INDEX_SHARE * cluster.gpu_free:
+        return False
+    log.info(
+        "routed join: the index's lists (%.2f GiB on a GPU) are over %.0f%% of the smallest GPU's free memory "
+        "(%.2f GiB), so each list group is copied to a GPU in turn",
+        need / 2**30,
+        100 * INDEX_SHARE,
+        cluster.gpu_free / 2**30,
     )
     return True
 
