@@ -194,19 +194,31 @@ def test_self_join_blocks_and_pairs_match_the_cpu(vectors, metric):
     np.testing.assert_allclose(np.where(kept, cb, 0), np.where(kept, gb, 0), rtol=1e-4, atol=1e-3)
 
 
-@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
-def test_a_list_group_is_searched_on_the_gpu_as_on_the_host(vectors, metric):
+@pytest.mark.parametrize(
+    ("codes", "metric", "gpu_type"),
+    [
+        ("Flat", faiss.METRIC_L2, "GpuIndexIVFFlat"),
+        ("Flat", faiss.METRIC_INNER_PRODUCT, "GpuIndexIVFFlat"),
+        ("SQ8", faiss.METRIC_L2, "GpuIndexIVFScalarQuantizer"),
+        ("PQ8np", faiss.METRIC_L2, "GpuIndexIVFPQ"),
+    ],
+)
+def test_a_list_group_is_searched_on_the_gpu_as_on_the_host(vectors, monkeypatch, codes, metric, gpu_type):
     """GpuBackend.group_search (a routed join's score task on a GPU worker): the group's lists
-    alone go to the GPU (a GpuIndexIVFFlat, not a host fallback) and give the host's lists."""
+    alone go to the GPU (a GPU index, not a host fallback) and give the host's lists: the same
+    vectors for IVF-Flat, the same codes' candidates for SQ and PQ (with their coarse scores)."""
     from pipeline.backends.lists import coarse_assign
+    from pipeline.search.routed import coarse_distances
 
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlat(DIM, metric), DIM, 32, metric)
+    owner = faiss.index_factory(DIM, f"IVF32,{codes}", metric)
+    ivf = faiss.downcast_index(owner)  # a proxy that does not own it: owner stays referenced here
     ivf.train(vectors)
     ivf.add(vectors)
     first, last = 5, 21
     q = vectors[:700]
     assign = coarse_assign(ivf.quantizer, q, 8)
     assign = np.where((assign >= first) & (assign < last), assign, -1)
+    coarse = coarse_distances(q, ivf.quantizer.reconstruct_n(0, 32), assign, metric == faiss.METRIC_INNER_PRODUCT)
     copies = []
     real = faiss.index_cpu_to_gpu
 
@@ -214,17 +226,15 @@ def test_a_list_group_is_searched_on_the_gpu_as_on_the_host(vectors, metric):
         copies.append(real(*args))
         return copies[-1]
 
-    faiss.index_cpu_to_gpu = to_gpu
-    try:
-        with GpuBackend(device=0).group_search(ivf, first, last) as on_gpu:
-            got = on_gpu(q, 10, assign)
-    finally:
-        faiss.index_cpu_to_gpu = real
-    assert len(copies) == 1 and "GpuIndexIVFFlat" in type(copies[0]).__name__ and copies[0].nlist == last - first
+    monkeypatch.setattr(faiss, "index_cpu_to_gpu", to_gpu)
+    with GpuBackend(device=0).group_search(ivf, first, last) as on_gpu:
+        got = on_gpu(q, 10, assign, coarse)
+    assert len(copies) == 1 and gpu_type in type(copies[0]).__name__ and copies[0].nlist == last - first
     with CpuBackend().group_search(ivf, first, last) as on_host:
-        want = on_host(q, 10, assign)
-    np.testing.assert_allclose(got[0], want[0], rtol=1e-3, atol=1e-3)
-    assert (got[1] == want[1]).mean() >= 0.99
+        want = on_host(q, 10, assign, coarse)
+    found = want[1] >= 0
+    np.testing.assert_allclose(got[0][found], want[0][found], rtol=1e-3, atol=1e-3)
+    assert (got[1] == want[1]).mean() >= (0.99 if codes == "Flat" else 0.95)
 
 
 def test_a_routed_join_on_the_gpu_gives_the_cpu_tables(make_config, dataset_dir, tmp_path):

@@ -240,17 +240,21 @@ def test_device_choice_without_a_gpu():
     assert choose("cpu") == ("cpu", "--device cpu")
 
 
-def _copied_lists(index: faiss.IndexIVFFlat) -> faiss.IndexIVFFlat:
-    """An IVF-Flat copy of ``index`` with its lists copied one by one (FAISS's cloner refuses
-    sliced lists, which ``copyInvertedListsFrom`` on a GPU reads list by list)."""
-    quantizer = faiss.clone_index(index.quantizer)
-    out = faiss.IndexIVFFlat(quantizer, index.d, index.nlist, index.metric_type)
-    for i in range(index.nlist):
-        size = index.invlists.list_size(i)
+def _copied_lists(index: faiss.IndexIVF) -> faiss.IndexIVF:
+    """A copy of ``index`` with its lists copied one by one (FAISS's cloner refuses sliced lists,
+    which ``copyInvertedListsFrom`` on a GPU reads list by list)."""
+    inner = faiss.downcast_index(index)
+    sliced = inner.invlists
+    copied = faiss.ArrayInvertedLists(inner.nlist, inner.code_size)
+    for i in range(inner.nlist):
+        size = sliced.list_size(i)
         if size:
-            out.invlists.add_entries(i, size, index.invlists.get_ids(i), index.invlists.get_codes(i))
-    out.ntotal = index.ntotal
-    return out
+            copied.add_entries(i, size, sliced.get_ids(i), sliced.get_codes(i))
+    inner.replace_invlists(copied, False)
+    try:
+        return faiss.clone_index(inner)
+    finally:
+        inner.replace_invlists(sliced, False)
 
 
 class _CpuAsGpu:
@@ -281,16 +285,27 @@ class _CpuAsGpu:
         monkeypatch.setattr(GpuBackend, "free_memory", lambda self: 1 << 34)
 
 
-@pytest.mark.parametrize("metric", [faiss.METRIC_L2, faiss.METRIC_INNER_PRODUCT])
-def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypatch, caplog, metric):
+@pytest.mark.parametrize(
+    ("codes", "metric"),
+    [
+        ("Flat", faiss.METRIC_L2),
+        ("Flat", faiss.METRIC_INNER_PRODUCT),
+        ("SQ8", faiss.METRIC_L2),
+        ("PQ8np", faiss.METRIC_L2),
+    ],
+)
+def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypatch, caplog, codes, metric):
     """GpuBackend.group_search (a routed join's score task on a GPU worker) copies only the group's
-    lists, once for the block, and its searches give the host's; k above the GPU's limit goes to
-    the host; a group over the free memory is searched on the host, said once."""
+    lists (vectors, or codes with their codec), once for the block, and its searches give the
+    host's; k above the GPU's limit goes to the host; a group over the free memory is searched on
+    the host, said once."""
     from pipeline.backends.lists import coarse_assign
+    from pipeline.search.routed import coarse_distances
 
     fake = _CpuAsGpu(monkeypatch)
     x = _data(6000, 32)
-    ivf = faiss.IndexIVFFlat(faiss.IndexFlat(32, metric), 32, 40, metric)
+    owner = faiss.index_factory(32, f"IVF40,{codes}", metric)
+    ivf = faiss.downcast_index(owner)  # a proxy that does not own it: owner stays referenced here
     ivf.train(x)
     ivf.add(x)
     first, last = 10, 25
@@ -298,6 +313,9 @@ def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypa
         np.where((a >= first) & (a < last), a, -1)
         for a in (coarse_assign(ivf.quantizer, q, 6) for q in (x[:300], x[300:700]))
     ]
+    centroids = ivf.quantizer.reconstruct_n(0, 40)
+    similarity = metric == faiss.METRIC_INNER_PRODUCT
+    coarse = [coarse_distances(q, centroids, a, similarity) for q, a in zip((x[:300], x[300:700]), groups, strict=True)]
     seen, real_to_gpu = [], faiss.index_cpu_to_gpu
 
     def to_gpu(res, device, index, co=None):  # what the GPU is given
@@ -309,21 +327,21 @@ def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypa
         GpuBackend(device=0).group_search(ivf, first, last) as on_gpu,
         CpuBackend().group_search(ivf, first, last) as on_host,
     ):
-        for q, assign in zip((x[:300], x[300:700]), groups, strict=True):
-            got, want = on_gpu(q, 10, assign), on_host(q, 10, assign)
+        for q, assign, near in zip((x[:300], x[300:700]), groups, coarse, strict=True):
+            got, want = on_gpu(q, 10, assign, near), on_host(q, 10, assign, near)
             np.testing.assert_allclose(got[0], want[0], rtol=1e-4, atol=1e-4)
             assert (got[1] == want[1]).mean() > 0.99
-        wide = on_gpu(x[:50], GPU_MAX_K + 1, groups[0][:50])  # past the GPU's k: the host's walk
+        wide = on_gpu(x[:50], GPU_MAX_K + 1, groups[0][:50], coarse[0][:50])  # past the GPU's k: the host's
         assert wide[1].shape == (50, GPU_MAX_K + 1)
     assert fake.copies == 1 and seen[0].nlist == last - first  # the group's lists only, once
     assert seen[0].ntotal == sum(ivf.invlists.list_size(i) for i in range(first, last))
 
     monkeypatch.setattr(GpuBackend, "free_memory", lambda self: 1 << 10)
     with caplog.at_level(logging.WARNING), GpuBackend(device=0).group_search(ivf, first, last) as small:
-        got = small(x[:300], 10, groups[0])
+        got = small(x[:300], 10, groups[0], coarse[0])
     assert fake.copies == 1 and "list groups searched on the CPU" in caplog.text
     with CpuBackend().group_search(ivf, first, last) as on_host:
-        np.testing.assert_array_equal(got[1], on_host(x[:300], 10, groups[0])[1])
+        np.testing.assert_array_equal(got[1], on_host(x[:300], 10, groups[0], coarse[0])[1])
 
 
 @pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])

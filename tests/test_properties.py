@@ -264,7 +264,7 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
     _same_up_to_ties(want, list_major_search(index, q, k, nprobe), beyond)
 
 
-@settings(max_examples=25, deadline=None, derandomize=CI)
+@settings(max_examples=30, deadline=None, derandomize=CI)
 @given(
     n=st.integers(50, 1200),
     dim=st.integers(2, 20),
@@ -273,23 +273,29 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
     k=st.integers(1, 20),
     queries=st.integers(1, 300),
     span=st.tuples(st.floats(0, 1), st.floats(0, 1)),
+    codes=st.sampled_from(["Flat", "SQ8", "SQfp16", "PQ1x4", "PQ1x4np"]),
     metric=st.sampled_from(["l2", "ip"]),
     seed=st.integers(0, 10_000),
 )
-def test_a_list_group_alone_is_searched_as_in_the_whole_index(n, dim, nlist, nprobe, k, queries, span, metric, seed):
+def test_a_list_group_alone_is_searched_as_in_the_whole_index(
+    n, dim, nlist, nprobe, k, queries, span, codes, metric, seed
+):
     """A routed join's list group as an index of its own (:func:`group_lists`: what a GPU worker
     copies), searched among each query's preassigned lists renumbered from the group's first, gives
-    what the host's walk of those lists in the whole index gives (lists outside the group: -1)."""
+    what the whole index gives for those lists (lists outside the group: -1): IVF-Flat as the
+    host's walk finds them, lossy codes (with their coarse scores) as FAISS scores them there."""
     import faiss
 
     from pipeline.backends.lists import coarse_assign, group_lists, list_major_search, packed, search_assigned
+    from pipeline.search.routed import coarse_distances
 
     rng = np.random.default_rng(seed)
     x = rng.standard_normal((n, dim)).astype(np.float32)
     q = rng.standard_normal((queries, dim)).astype(np.float32)
     nlist = min(nlist, n)
+    similarity = metric == "ip"
     index = faiss.index_factory(
-        dim, f"IVF{nlist},Flat", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+        dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT if similarity else faiss.METRIC_L2
     )
     index.train(x)
     index.add(x)
@@ -298,13 +304,19 @@ def test_a_list_group_alone_is_searched_as_in_the_whole_index(n, dim, nlist, npr
     last = max(last, first + 1) if first < nlist else nlist
     first = min(first, last - 1)
     assign = coarse_assign(ivf.quantizer, q, min(nprobe, nlist))
-    assign = np.where((assign >= first) & (assign < last), assign, -1)
+    keys = packed(np.where((assign >= first) & (assign < last), assign, -1))  # FAISS reads at most nlist columns
     group = group_lists(ivf, first, last)
     assert group.nlist == last - first and group.ntotal == sum(ivf.invlists.list_size(i) for i in range(first, last))
-    local = packed(np.where(assign >= 0, assign - first, -1))  # FAISS takes at most nlist columns
-    got = search_assigned(group, q, k, local, np.zeros(local.shape, np.float32))
-    want = list_major_search(ivf, q, k, assign.shape[1], assign=assign)
-    deeper, _ = list_major_search(ivf, q, k + 1, assign.shape[1], assign=assign)
+    local = np.where(keys >= 0, keys - first, -1)
+    centroids = ivf.quantizer.reconstruct_n(0, nlist)
+    coarse = coarse_distances(q, centroids, keys, similarity)
+    got = search_assigned(group, q, k, local, coarse)
+    if codes == "Flat":
+        want = list_major_search(ivf, q, k, keys.shape[1], assign=keys)
+        deeper, _ = list_major_search(ivf, q, k + 1, keys.shape[1], assign=keys)
+    else:
+        want = search_assigned(ivf, q, k, keys, coarse)
+        deeper, _ = search_assigned(ivf, q, k + 1, keys, coarse)
     _same_up_to_ties(want, got, deeper)
 
 

@@ -57,9 +57,9 @@ class Backend(Protocol):
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search`` of ``x``: (scores, ids), each ``(len(x), k)``, ``-1`` ids past what was found."""
 
-    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> AbstractContextManager[GroupSearch]:
+    def group_search(self, ivf: faiss.IndexIVF, first: int, last: int) -> AbstractContextManager[GroupSearch]:
         """Hold ``ivf``'s lists ``[first, last)`` (a routed join's list group) for the block and
-        give their search (:data:`pipeline.backends.lists.GroupSearch`): each query's ``k`` best
+        give their search (:class:`pipeline.backends.lists.GroupSearch`): each query's ``k`` best
         among its given lists, as ``index.search`` would find them there."""
 
     def exact_scores(self, q: np.ndarray, candidates: np.ndarray, metric: Metric) -> np.ndarray:

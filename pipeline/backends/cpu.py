@@ -19,6 +19,9 @@ from pipeline.backends.lists import (
     coarse_assign,
     is_ivf_flat,
     list_major_search,
+    pack_like,
+    packed,
+    search_assigned,
     two_level,
 )
 from pipeline.io.store import RowStore
@@ -84,12 +87,22 @@ class CpuBackend:
         return index.search(x, k, params=params)
 
     @contextlib.contextmanager
-    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> Iterator[GroupSearch]:
+    def group_search(self, ivf: faiss.IndexIVF, first: int, last: int) -> Iterator[GroupSearch]:
         """A search of ``ivf``'s lists ``[first, last)`` for the block: on the host, the lists read
-        where they lie (:func:`list_major_search` over each query's given lists)."""
+        where they lie: IVF-Flat by products over each query's given lists
+        (:func:`list_major_search`), lossy codes by FAISS's ``search_preassigned``."""
+        flat = is_ivf_flat(ivf)
 
-        def search(x: np.ndarray, k: int, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-            return list_major_search(ivf, x, k, int(assign.shape[1]), self.threads, assign=assign)
+        def search(
+            x: np.ndarray, k: int, assign: np.ndarray, coarse: np.ndarray | None = None
+        ) -> tuple[np.ndarray, np.ndarray]:
+            if flat:
+                return list_major_search(
+                    cast(faiss.IndexIVFFlat, ivf), x, k, int(assign.shape[1]), self.threads, assign=assign
+                )
+            keys = packed(assign)  # FAISS reads at most nlist columns
+            near = np.zeros(keys.shape, np.float32) if coarse is None else pack_like(assign, coarse)
+            return search_assigned(ivf, np.ascontiguousarray(x, dtype=np.float32), k, keys, near)
 
         yield search
 

@@ -45,7 +45,14 @@ import numpy as np
 
 from pipeline.backends.cpu import CpuBackend
 from pipeline.backends.kernels import FAISS_METRICS, ResidentRows, host_rerank, ivf_of, knn_topk, streamed_exact
-from pipeline.backends.lists import GroupSearch, add_with_assignments, group_lists, packed, search_assigned
+from pipeline.backends.lists import (
+    GroupSearch,
+    add_with_assignments,
+    group_lists,
+    pack_like,
+    packed,
+    search_assigned,
+)
 from pipeline.errors import DeviceError
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
@@ -396,38 +403,50 @@ class GpuBackend:
             return clone.search(x, k)
 
     @contextlib.contextmanager
-    def group_search(self, ivf: faiss.IndexIVFFlat, first: int, last: int) -> Iterator[GroupSearch]:
+    def group_search(self, ivf: faiss.IndexIVF, first: int, last: int) -> Iterator[GroupSearch]:
         """A search of ``ivf``'s lists ``[first, last)`` on this GPU for the block: those lists
-        alone (:func:`~pipeline.backends.lists.group_lists`) are copied to the device once, and
-        each batch is searched among its preassigned lists there (``search_preassigned``: the same
-        result as the host's up to ties); the copy is freed when the block ends. On the host
-        instead, logged once with the reason, where the group needs over ``INDEX_SHARE`` of the
-        free GPU memory or faiss cannot copy it, and for a batch whose ``k`` or lists per query
-        pass ``GPU_MAX_K``."""
-        group = group_lists(ivf, first, last)
-        need, free = _index_bytes(group), self.free_memory()
+        alone (:func:`~pipeline.backends.lists.group_lists`: the vectors, or the PQ or SQ codes with
+        their codec) are copied to the device once, and each batch is searched among its
+        preassigned lists there (``search_preassigned``: the same result as the host's up to ties);
+        the copy is freed when the block ends. On the host instead, logged once with the reason,
+        where the GPU kernels cannot search the codes (:func:`gpu_search_limits`), the group needs
+        over ``INDEX_SHARE`` of the free GPU memory, or faiss cannot copy it; and for a batch whose
+        ``k`` or lists per query pass ``GPU_MAX_K``."""
         clone = None
-        if free is not None and need > INDEX_SHARE * free:
-            self._warn_once(
-                f"list groups searched on the CPU: a group needs {need / 2**30:.1f} GiB, over "
-                f"{INDEX_SHARE:.0%} of the GPU's {free / 2**30:.1f} GiB free"
-            )
-        else:
+        try:
+            group = group_lists(ivf, first, last)
+            why, float16 = gpu_search_limits(group)
+        except TypeError as exc:  # no group index of this type (fast-scan codes)
+            why, float16 = str(exc), False
+        if why is None:
+            need, free = _index_bytes(group), self.free_memory()
+            if free is not None and need > INDEX_SHARE * free:
+                why = (
+                    f"a group needs {need / 2**30:.1f} GiB, over {INDEX_SHARE:.0%} of the GPU's "
+                    f"{free / 2**30:.1f} GiB free"
+                )
+        if why is None:
             co: Any = faiss.GpuClonerOptions()
+            co.useFloat16 = float16  # float16 lookup tables (IVF-PQ from 56 sub-quantizers)
             co.indicesOptions = faiss.INDICES_64_BIT  # type: ignore[attr-defined]  # GPU builds only
             try:
                 clone = faiss.index_cpu_to_gpu(self.resources(), self.device, group, co)
             except RuntimeError as exc:  # faiss refused the copy; its message says why
-                self._warn_once(f"list groups searched on the CPU: faiss could not copy one to the GPU ({exc})")
+                why = f"faiss could not copy one to the GPU ({exc})"
+        if why is not None:
+            self._warn_once(f"list groups searched on the CPU: {why}")
         with self._cpu.group_search(ivf, first, last) as on_host:
 
-            def search(x: np.ndarray, k: int, assign: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+            def search(
+                x: np.ndarray, k: int, assign: np.ndarray, coarse: np.ndarray | None = None
+            ) -> tuple[np.ndarray, np.ndarray]:
                 if clone is None or k > GPU_MAX_K or assign.shape[1] > GPU_MAX_K:
-                    return on_host(x, k, assign)
-                local = packed(np.where(assign >= 0, assign - first, -1))  # FAISS takes at most nlist columns
-                zeros = np.zeros(local.shape, dtype=np.float32)  # coarse distances: IVF-Flat does not use them
+                    return on_host(x, k, assign, coarse)
+                local = np.where(assign >= 0, assign - first, -1)
+                keys = packed(local)  # FAISS reads at most nlist columns
+                near = np.zeros(keys.shape, np.float32) if coarse is None else pack_like(local, coarse)
                 with self.context.search_lock:
-                    return search_assigned(clone, np.ascontiguousarray(x, dtype=np.float32), k, local, zeros)
+                    return search_assigned(clone, np.ascontiguousarray(x, dtype=np.float32), k, keys, near)
 
             try:
                 yield search

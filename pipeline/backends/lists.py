@@ -13,10 +13,9 @@ Results equal ``index.search`` at the same ``nprobe`` up to ties.
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 import faiss
 import numpy as np
@@ -32,6 +31,7 @@ __all__ = [
     "group_lists",
     "search_assigned",
     "packed",
+    "pack_like",
     "GroupSearch",
     "add_with_assignments",
     "list_major_search",
@@ -48,10 +48,19 @@ __all__ = [
     "row_list_map",
 ]
 
-# a list group's search, held by a backend for a routed join's score task: ``search(x, k, assign)``
-# gives ``(scores, ids)`` of each query's ``k`` best among its lists ``assign`` (global list
-# numbers, ``-1``: none), squared L2 or inner products as FAISS reports them
-GroupSearch = Callable[[np.ndarray, int, np.ndarray], tuple[np.ndarray, np.ndarray]]
+
+class GroupSearch(Protocol):
+    """A list group's search, held by a backend for a routed join's score task."""
+
+    def __call__(
+        self, x: np.ndarray, k: int, assign: np.ndarray, coarse: np.ndarray | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """``(scores, ids)`` of each query's ``k`` best among its lists ``assign`` (global list
+        numbers, ``-1``: none), squared L2 or inner products as FAISS reports them: exact for
+        IVF-Flat, by the codes for lossy codes, whose searches need ``coarse``, the queries'
+        scores to those lists (residual PQ adds them to its tables)."""
+        ...
+
 
 _reads = threading.local()  # bytes of inverted lists this thread's searches walked
 
@@ -197,19 +206,37 @@ def list_centroids(quantizer: faiss.Index, first: int, last: int, dim: int) -> n
     return out
 
 
-def group_lists(ivf: faiss.IndexIVFFlat, first: int, last: int) -> faiss.IndexIVFFlat:
-    """Lists ``[first, last)`` of ``ivf`` as an IVF-Flat index of their own, numbered from 0: the
-    same storage (FAISS's ``SliceInvertedLists``, nothing copied) behind a flat quantizer of their
-    centroids. What a device copies to hold one list group of a routed join, instead of all of
-    ``ivf``'s lists; it lives no longer than ``ivf``, whose lists it reads."""
-    d, metric = int(ivf.d), int(ivf.metric_type)
+def group_lists(ivf: faiss.IndexIVF, first: int, last: int) -> faiss.IndexIVF:
+    """Lists ``[first, last)`` of ``ivf`` as an IVF index of their own, numbered from 0: the same
+    storage (FAISS's ``SliceInvertedLists``, nothing copied) behind a flat quantizer of their
+    centroids, with ``ivf``'s codec (the vectors, or its trained PQ or SQ). What a device copies to
+    hold one list group of a routed join instead of all of ``ivf``'s lists; it lives no longer than
+    ``ivf``, whose lists it reads. Raises ``TypeError`` for other IVF types (fast-scan codes)."""
+    inner: Any = faiss.downcast_index(ivf)
+    d, metric, n = int(inner.d), int(inner.metric_type), last - first
     quantizer = faiss.IndexFlat(d, metric)
-    quantizer.add(list_centroids(ivf.quantizer, first, last, d))
-    out = faiss.IndexIVFFlat(quantizer, d, last - first, metric)  # keeps a reference to its quantizer
-    sliced = faiss.SliceInvertedLists(ivf.invlists, first, last)  # type: ignore[attr-defined]  # not in the stubs
+    quantizer.add(list_centroids(inner.quantizer, first, last, d))
+    out: Any
+    if isinstance(inner, faiss.IndexIVFFlat):
+        out = faiss.IndexIVFFlat(quantizer, d, n, metric)
+    elif isinstance(inner, faiss.IndexIVFPQ) and not isinstance(inner, faiss.IndexIVFPQR):
+        out = faiss.IndexIVFPQ(quantizer, d, n, int(inner.pq.M), int(inner.pq.nbits), metric)
+        out.pq = inner.pq  # a copy of the trained codebooks
+        out.by_residual = inner.by_residual
+        if out.by_residual and metric == faiss.METRIC_L2:
+            out.precompute_table()  # term tables of the group's centroids, as the whole index has them
+    elif isinstance(inner, faiss.IndexIVFScalarQuantizer):
+        out = faiss.IndexIVFScalarQuantizer(quantizer, d, n, inner.sq.qtype, metric, bool(inner.by_residual))
+        out.sq = inner.sq  # a copy of the trained ranges
+    else:
+        raise TypeError(f"no list group of a {type(inner).__name__}")
+    # the codes are the whole index's: the same code size, and trained as it is
+    assert int(out.code_size) == int(inner.code_size), (out.code_size, inner.code_size)
+    out.is_trained = True
+    sliced = faiss.SliceInvertedLists(inner.invlists, first, last)  # type: ignore[attr-defined]  # not in the stubs
     out.replace_invlists(sliced, False)  # not owned: the slice and ivf are kept referenced below
-    out.ntotal = sum(int(sliced.list_size(i)) for i in range(last - first))
-    cast(Any, out).referenced_objects += [sliced, ivf]
+    out.ntotal = sum(int(sliced.list_size(i)) for i in range(n))
+    out.referenced_objects += [sliced, ivf, inner]
     return out
 
 
@@ -217,9 +244,15 @@ def packed(keys: np.ndarray) -> np.ndarray:
     """Each row's lists in this group first (in their order), ``-1`` after, as few columns as the
     row with the most needs: FAISS computes a query's code tables for every column it is given,
     and an index of the group's lists alone reads no more columns than it has lists."""
+    return pack_like(keys, keys)
+
+
+def pack_like(keys: np.ndarray, values: np.ndarray) -> np.ndarray:
+    """``values`` (one per entry of ``keys``, e.g. the coarse scores) in the columns
+    :func:`packed` gives ``keys``."""
     order = np.argsort(keys < 0, axis=1, kind="stable")
     width = max(1, int((keys >= 0).sum(axis=1).max(initial=0)))
-    return np.ascontiguousarray(np.take_along_axis(keys, order, axis=1)[:, :width])
+    return np.ascontiguousarray(np.take_along_axis(values, order, axis=1)[:, :width])
 
 
 def search_assigned(

@@ -20,6 +20,10 @@ Fast-scan PQ codes are in memory, so the route searches each piece by its codes 
 join does and sends each candidate to the group holding its vector; codes in a list file are
 searched group by group (:meth:`ScoreTask._rerank_group`).
 
+A score task asks its worker's device for the group's search (``group_search``): the host walks
+the lists where they lie; a GPU worker copies the group's lists (vectors, or codes with their
+codec) to its GPU once and searches each piece there (:meth:`GpuBackend.group_search`).
+
 The result equals the batched join's at the same ``nprobe`` up to ties. Each stage is recorded
 in the output manifest, so a killed join resumes where it stopped; the partial lists are removed
 once every piece's table is written.
@@ -27,6 +31,7 @@ once every piece's table is written.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +40,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from pipeline.backends.lists import coarse_assign, list_centroids, packed, search_assigned, two_level
+from pipeline.backends.lists import GroupSearch, coarse_assign, list_centroids, packed, search_assigned, two_level
 from pipeline.backends.worker import worker_device
 from pipeline.index.ordered import OrderedGroup, ordered_files, read_group
 from pipeline.index.shape import IndexShape
@@ -265,20 +270,25 @@ class ScoreTask:
         vectors = read_group(self.index_dir, g.first, g.last, layout.dim)
         progress = PieceProgress("routed score", g.index)
         scored = 0
-        for piece in self.pieces:
-            with np.load(fetched(layout.route_path(piece.index))) as z:
-                starts = z["starts"] if "starts" in z.files else None
-            if starts is not None:
-                picked, scores, rows = self._rerank_found(
-                    piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
-                )
-            else:
-                picked, scores, rows = self._search_and_rerank(ivf, piece, vectors)
-            if not layout.similarity:  # squared distances, kept negated (higher is better)
-                scores = -scores
-            scored += int(picked.size)
-            write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
-            progress.advance(piece.rows)
+        with contextlib.ExitStack() as held:
+            search: GroupSearch | None = None  # the device's hold on the group's codes, taken once if needed
+            for piece in self.pieces:
+                with np.load(fetched(layout.route_path(piece.index))) as z:
+                    starts = z["starts"] if "starts" in z.files else None
+                if starts is not None:
+                    picked, scores, rows = self._rerank_found(
+                        piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
+                    )
+                else:
+                    if search is None:  # FAISS on the worker's threads, or the group's codes on its GPU
+                        device = held.enter_context(worker_device())
+                        search = held.enter_context(device.group_search(ivf, g.first, g.last))
+                    picked, scores, rows = self._search_and_rerank(search, ivf, piece, vectors)
+                if not layout.similarity:  # squared distances, kept negated (higher is better)
+                    scores = -scores
+                scored += int(picked.size)
+                write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+                progress.advance(piece.rows)
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
 
     def _rerank_found(
@@ -304,10 +314,10 @@ class ScoreTask:
         return picked, scores, best
 
     def _search_and_rerank(
-        self, ivf: Any, piece: Piece, vectors: OrderedGroup
+        self, search: GroupSearch, ivf: Any, piece: Piece, vectors: OrderedGroup
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The routed queries of ``piece`` searched by their codes among this group's lists, their
-        ``candidates`` best re-ranked; each query's ``width`` best."""
+        """The routed queries of ``piece`` searched by their codes among this group's lists (by
+        the device's ``search``), their ``candidates`` best re-ranked; each query's ``width`` best."""
         g, layout = self.group, self.layout
         picked, lists = self._routed(piece)
         scores = np.zeros((len(picked), layout.width), np.float32)
@@ -316,23 +326,22 @@ class ScoreTask:
             return picked, scores, rows
         centroids = list_centroids(ivf.quantizer, g.first, g.last, layout.dim)
         mapped = self.query_store.mapped_vectors(piece.index)
-        with worker_device():  # FAISS on the worker's threads
-            for lo in range(0, len(picked), RERANK_QUERIES):  # a chunk's queries gathered at a time
-                hi = min(len(picked), lo + RERANK_QUERIES)
-                q = np.ascontiguousarray(mapped[picked[lo:hi]], dtype=np.float32)
-                keys = packed(lists[lo:hi])
-                dis = coarse_distances(q, centroids, keys - g.first, layout.similarity)
-                found = search_assigned(ivf, q, layout.candidates, keys, dis)[1]
-                at = np.flatnonzero(found.ravel() >= 0)
-                cand = found.ravel()[at]
-                pos = vectors.place(cand)
-                keep = pos >= 0
-                at, cand, pos = at[keep], cand[keep], pos[keep]
-                which = at // found.shape[1]
-                exact = pair_scores(q[which], vectors.vectors[pos], layout.similarity)
-                scores[lo:hi], rows[lo:hi] = best_per_query(
-                    which, exact, cand, hi - lo, width=layout.width, similarity=layout.similarity
-                )
+        for lo in range(0, len(picked), RERANK_QUERIES):  # a chunk's queries gathered at a time
+            hi = min(len(picked), lo + RERANK_QUERIES)
+            q = np.ascontiguousarray(mapped[picked[lo:hi]], dtype=np.float32)
+            keys = packed(lists[lo:hi])
+            dis = coarse_distances(q, centroids, keys - g.first, layout.similarity)
+            found = search(q, layout.candidates, keys, dis)[1]
+            at = np.flatnonzero(found.ravel() >= 0)
+            cand = found.ravel()[at]
+            pos = vectors.place(cand)
+            keep = pos >= 0
+            at, cand, pos = at[keep], cand[keep], pos[keep]
+            which = at // found.shape[1]
+            exact = pair_scores(q[which], vectors.vectors[pos], layout.similarity)
+            scores[lo:hi], rows[lo:hi] = best_per_query(
+                which, exact, cand, hi - lo, width=layout.width, similarity=layout.similarity
+            )
         return picked, scores, rows
 
 
