@@ -151,13 +151,15 @@ def test_lists_larger_than_half_a_worker_are_joined_routed(monkeypatch, tmp_path
     assert stages._lists_outgrow_workers(None, sq8)
 
 
-def test_an_ivf_flat_index_larger_than_the_gpus_is_joined_routed():
-    """On GPU workers, an IVF-Flat index over the clone a GPU takes whole is routed (each group
-    copied to a GPU in turn) instead of searched on the CPU; one that fits, a CPU worker among
-    them, or lossy codes keep the batched join."""
+def test_an_index_larger_than_the_gpus_is_joined_routed(tmp_path):
+    """On GPU workers, an index over the clone a GPU takes whole is routed (each group copied to a
+    GPU in turn) instead of searched on the CPU: IVF-Flat, and lossy codes, whose fill then writes
+    their vectors in list order for it; one that fits, or a CPU worker among them, keeps the
+    batched join."""
     from types import SimpleNamespace
 
     from pipeline.cluster.clients import ClusterInfo
+    from pipeline.index.choice import make_index
     from pipeline.jobs import stages
     from pipeline.results import WorkerDevice
 
@@ -168,13 +170,22 @@ def test_an_ivf_flat_index_larger_than_the_gpus_is_joined_routed():
         )
         return ClusterInfo(workers=len(devices), faiss_threads=1, dashboard=None, devices=devices)
 
-    built = SimpleNamespace(ntotal=20_000_000, dim=128, key="IVF4096,Flat", nlist=4096)  # 10.1 GiB on a GPU
-    assert stages._lists_outgrow_gpus(cluster(10, "gpu", "gpu"), built)
-    assert not stages._lists_outgrow_gpus(cluster(40, "gpu", "gpu"), built)
-    assert not stages._lists_outgrow_gpus(cluster(10, "gpu", "cpu"), built)  # not all on GPUs: CPU rules
-    assert not stages._lists_outgrow_gpus(
-        cluster(10, "gpu"), SimpleNamespace(**{**built.__dict__, "key": "IVF4096,PQ32"})
-    )
+    flat = SimpleNamespace(ntotal=20_000_000, dim=128, metric="l2", key="IVF4096,Flat", nlist=4096, dir=tmp_path)
+    assert stages._lists_outgrow_gpus(cluster(10, "gpu", "gpu"), flat)  # 10.1 GiB on a GPU
+    assert not stages._lists_outgrow_gpus(cluster(40, "gpu", "gpu"), flat)
+    assert not stages._lists_outgrow_gpus(cluster(10, "gpu", "cpu"), flat)  # not all on GPUs: CPU rules
+    pq = SimpleNamespace(**{**flat.__dict__, "key": "IVF4096,PQ32", "ntotal": 400_000_000})  # 17 GiB of codes and ids
+    assert not stages._lists_outgrow_gpus(cluster(10, "gpu"), pq)  # no vectors in list order: not routable
+    (tmp_path / "ordered").mkdir()
+    for name in ("vectors", "rows", "offsets", "row_lists"):
+        np.save(tmp_path / "ordered" / f"{name}.npy", np.zeros(1))
+    assert stages._lists_outgrow_gpus(cluster(10, "gpu"), pq)
+    assert not stages._lists_outgrow_gpus(cluster(40, "gpu"), pq)
+    # the fill's side: lossy codes over the GPUs have their vectors written in list order
+    empty = make_index("IVF4096,PQ32", 128, "l2")
+    assert stages._outgrows_gpus(cluster(10, "gpu"), empty, 400_000_000)
+    assert stages._orders_vectors(empty, 400_000_000 * 128 * 4, None, routed=True)
+    assert not stages._outgrows_gpus(cluster(10, "cpu"), empty, 400_000_000)
 
 
 def test_a_score_task_gathers_only_its_routed_queries(make_config, dataset_dir, tmp_path, monkeypatch):

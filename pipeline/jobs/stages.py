@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import time
 from collections.abc import Sequence
@@ -18,7 +19,8 @@ from typing import Any
 import faiss
 import pyarrow as pa
 
-from pipeline.backends.gpu import INDEX_SHARE
+from pipeline.backends.gpu import INDEX_SHARE, device_vector_bytes
+from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import list_major_rows
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
 from pipeline.config import Config, IndexSpec, SearchSpec, dump_config
@@ -31,7 +33,6 @@ from pipeline.index.choice import (
     default_nprobe,
     default_rerank,
     explain_index_key,
-    gpu_index_bytes,
     has_exact_codes,
     make_encoder,
     make_index,
@@ -248,7 +249,8 @@ def build_index(
             f"{shown(index_dir)}: index {key!r} keeps no row ids, so input files removed or rewritten "
             "cannot leave it in place; pass --overwrite to rebuild it, or use an IVF index (--index-key auto)"
         )
-    ordered = _orders_vectors(empty, store.rows * dim * 4, budget, routed=search is not None and search.routed_join)
+    routed = (search is not None and search.routed_join) or _outgrows_gpus(cluster, empty, store.rows)
+    ordered = _orders_vectors(empty, store.rows * dim * 4, budget, routed=routed)
     ntotal = fill_index(
         client,
         trained_path,
@@ -817,23 +819,37 @@ def _lists_outgrow_workers(client: Any, built: BuiltIndex) -> bool:
 
 
 def _lists_outgrow_gpus(cluster: ClusterInfo, built: BuiltIndex) -> bool:
-    """Whether an IVF-Flat index on GPU workers is larger than the clone a GPU takes whole
-    (``INDEX_SHARE`` of the smallest free GPU memory, as :meth:`GpuBackend.search` counts it): the
+    """Whether an IVF index that can be routed (IVF-Flat, or lossy codes whose fill wrote their
+    vectors in list order) is, on GPU workers, larger than the clone a GPU takes whole: the
     batched join would then search on the CPU, so it is routed instead, and each list group is
     copied to a GPU in turn (:meth:`GpuBackend.group_search`). An index of any size then needs
     nothing special on the GPU."""
-    if cluster.backend != "gpu" or not cluster.gpu_free or not built.nlist or not built.key.endswith(",Flat"):
+    routable = built.key.endswith(",Flat") or has_ordered(built.dir)
+    if not built.nlist or not routable:
         return False
-    need = gpu_index_bytes(built.ntotal, built.dim, built.nlist, 4)
+    return _outgrows_gpus(cluster, make_index(built.key, built.dim, built.metric), built.ntotal, log_it=True)
+
+
+def _outgrows_gpus(cluster: ClusterInfo, empty: faiss.Index, rows: int, *, log_it: bool = False) -> bool:
+    """Whether the IVF index ``empty`` filled with ``rows`` needs more than ``INDEX_SHARE`` of the
+    smallest free GPU memory (as :meth:`GpuBackend.search` counts a clone) on all-GPU workers: such
+    a join is routed, and a lossy one's fill writes its vectors in list order for it."""
+    ivf = ivf_of(empty)
+    if cluster.backend != "gpu" or not cluster.gpu_free or ivf is None:
+        return False
+    nlist, code = int(ivf.nlist), int(ivf.code_size)
+    per_list = math.ceil(rows / max(1, nlist))
+    need = nlist * (device_vector_bytes(per_list * code) + device_vector_bytes(per_list * 8)) + nlist * int(ivf.d) * 4
     if need <= INDEX_SHARE * cluster.gpu_free:
         return False
-    log.info(
-        "routed join: the index's lists (%.2f GiB on a GPU) are over %.0f%% of the smallest GPU's free memory "
-        "(%.2f GiB), so each list group is copied to a GPU in turn",
-        need / 2**30,
-        100 * INDEX_SHARE,
-        cluster.gpu_free / 2**30,
-    )
+    if log_it:
+        log.info(
+            "routed join: the index's lists (%.2f GiB on a GPU) are over %.0f%% of the smallest GPU's free memory "
+            "(%.2f GiB), so each list group is copied to a GPU in turn",
+            need / 2**30,
+            100 * INDEX_SHARE,
+            cluster.gpu_free / 2**30,
+        )
     return True
 
 
