@@ -824,8 +824,9 @@ def _lists_outgrow_gpus(cluster: ClusterInfo, built: BuiltIndex) -> bool:
     batched join would then search on the CPU, so it is routed instead, and each list group is
     copied to a GPU in turn (:meth:`GpuBackend.group_search`). An index of any size then needs
     nothing special on the GPU."""
-    routable = built.key.endswith(",Flat") or has_ordered(built.dir)
-    if not built.nlist or not routable:
+    if cluster.backend != "gpu" or not built.nlist:
+        return False
+    if not (built.key.endswith(",Flat") or has_ordered(built.dir)):
         return False
     return _outgrows_gpus(cluster, make_index(built.key, built.dim, built.metric), built.ntotal, log_it=True)
 
