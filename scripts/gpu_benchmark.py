@@ -15,6 +15,7 @@ comparable figure.
     python scripts/gpu_benchmark.py --generate 10000000x128 --devices gpu,cpu --cpu-rows 1000000
     python scripts/gpu_benchmark.py --generate 1000000x768 --devices gpu
     python scripts/gpu_benchmark.py --generate 50000x32 --devices cpu      # the harness itself, anywhere
+    python scripts/gpu_benchmark.py --generate 2000000x128 --devices gpu --routed   # the routed join
 """
 
 from __future__ import annotations
@@ -117,7 +118,7 @@ def device_bandwidth() -> float:
     return 2 * a.nbytes / best
 
 
-def job(data: Path, out: Path, device: str, args: argparse.Namespace) -> dict:
+def job(data: Path, out: Path, device: str, args: argparse.Namespace, *, routed: bool = False) -> dict:
     cmd = [
         sys.executable,
         "-m",
@@ -136,6 +137,8 @@ def job(data: Path, out: Path, device: str, args: argparse.Namespace) -> dict:
         "--exclude-self",
         "--overwrite",
     ]
+    if routed:  # each list group read once, on the GPU one group at a time (pipeline.search.routed)
+        cmd.append("--routed-join")
     for flag, value in (
         ("--index-key", args.index_key),
         ("--nprobe", args.nprobe),
@@ -154,7 +157,7 @@ def job(data: Path, out: Path, device: str, args: argparse.Namespace) -> dict:
     phases = report["timings_s"]
     rows = report["index"]["ntotal"]
     result = {
-        "device": device,
+        "device": device + (" routed" if routed else ""),
         "rows": rows,
         "dim": report["index"]["dim"],
         "key": report["index"]["key"],
@@ -197,14 +200,16 @@ def main() -> None:
     ap.add_argument("--nprobe", type=int, default=None)
     ap.add_argument("--target-recall", type=float, default=0.9)
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--routed", action="store_true", help="each job with --routed-join (list groups, each read once)")
     args = ap.parse_args()
     rows, dim = (int(v) for v in args.generate.lower().split("x"))
     work = Path(args.workdir).resolve()
     results = []
     for device in args.devices.split(","):
         n = min(rows, args.cpu_rows) if device == "cpu" and args.cpu_rows else rows
-        data = generate(work / f"data-{n}x{dim}", n, dim)
-        results.append(job(data, work / f"out-{device}-{n}", device, args))
+        data = generate(work / f"data-{n}x{dim}", n, dim)  # made once per work folder
+        name = f"out-{device}{'-routed' if args.routed else ''}-{n}"
+        results.append(job(data, work / name, device, args, routed=args.routed))
         if args.json:  # after every device: a timeout during the next one keeps this one's numbers
             Path(args.json).write_text(json.dumps(results, indent=2))
     print(

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # One command for a GPU node (CUDA 13 driver, no network): install the offline faiss-gpu bundle,
 # run the `gpu` tests, run the GPU benchmark (generated data, Parquet in -> Parquet out, k=10,
-# target recall 0.95) and the same jobs on the node's CPUs for the ratio, and print one table,
-# all within a time budget (9 minutes by default).
+# target recall 0.95) and the same jobs on the node's CPUs for the ratio, then the larger job
+# routed (--routed-join: its list groups one at a time on the device), and print one table, all
+# within a time budget (9 minutes by default).
 #
 #   scripts/gpu_check.sh --bundle DIR                  # on a GPU node: DIR holds faiss-gpu-*.tar.xz (gpu_bundle.py build)
 #   scripts/gpu_check.sh --devices cpu                 # anywhere: the harness itself, on small data
@@ -64,6 +65,8 @@ bench() {  # bench NAME ROWSxDIM EXTRA...
 }
 bench big "$big" --cpu-rows "$cpu_rows"
 bench wide "$wide" --cpu-rows "$(( cpu_rows / 4 ))"
+# last: the routed join (its list groups one at a time on the device) on the first device, the big data again
+bench routed "$big" --devices "${devices%%,*}" --workdir "$out/big" --routed
 
 echo "== summary ($(( $(date +%s) - start )) s)"
 $python - "$out" <<'EOF'
@@ -72,7 +75,7 @@ from pathlib import Path
 out = Path(sys.argv[1])
 print("| data | device | rows | wall s | join rows/s | recall@10 | peak GPU GiB |")
 print("|---|---|---|---|---|---|---|")
-for name in ("big", "wide"):
+for name in ("big", "wide", "routed"):
     f = out / f"{name}.json"
     if not f.exists():
         print(f"| {name} | - | - | not run | - | - | - |")

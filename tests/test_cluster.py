@@ -342,10 +342,11 @@ def test_the_gpu_node_check_rehearses_on_the_cpu(tmp_path):
         env={**env, "PYTHON": sys.executable},
     )
     assert "== summary" in proc.stdout, proc.stdout[-2000:] + proc.stderr[-2000:]
-    for name, rows in (("big", 20_000), ("wide", 4_000)):
+    for name, rows, device in (("big", 20_000, "cpu"), ("wide", 4_000, "cpu"), ("routed", 20_000, "cpu routed")):
         results = json.loads((out / f"{name}.json").read_text())
-        assert [r["device"] for r in results] == ["cpu"] and results[0]["rows"] == rows
+        assert [r["device"] for r in results] == [device] and results[0]["rows"] == rows
         assert results[0]["recall"] >= 0.95
+    assert not (out / "routed" / "data-20000x32").exists()  # the routed run reads the big run's data
 
 
 @pytest.mark.slow

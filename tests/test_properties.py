@@ -228,6 +228,21 @@ def test_a_job_report_survives_its_json(tmp_path):
     assert again == report and again.to_json() == json.loads(text)
 
 
+def _random_ivf(n: int, dim: int, nlist: int, codes: str, metric: str, queries: int, seed: int):  # type: ignore[no-untyped-def]
+    """An ``IVF{nlist},{codes}`` index filled with ``n`` Gaussian rows, and ``queries`` others."""
+    import faiss
+
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((n, dim)).astype(np.float32)
+    q = rng.standard_normal((queries, dim)).astype(np.float32)
+    index = faiss.index_factory(
+        dim, f"IVF{nlist},{codes}", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
+    )
+    index.train(x)
+    index.add(x)
+    return index, q
+
+
 @settings(max_examples=25, deadline=None, derandomize=CI)
 @given(
     n=st.integers(50, 1500),
@@ -248,15 +263,7 @@ def test_list_major_search_equals_index_search(n, dim, nlist, nprobe, k, queries
 
     from pipeline.backends.lists import list_major_search
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    q = rng.standard_normal((queries, dim)).astype(np.float32)
-    nlist = min(nlist, n)
-    index = faiss.index_factory(
-        dim, f"IVF{nlist},Flat", faiss.METRIC_L2 if metric == "l2" else faiss.METRIC_INNER_PRODUCT
-    )
-    index.train(x)
-    index.add(x)
+    index, q = _random_ivf(n, dim, min(nlist, n), "Flat", metric, queries, seed)
     params = faiss.SearchParametersIVF()
     params.nprobe = nprobe
     want = index.search(q, k, params=params)
@@ -289,16 +296,8 @@ def test_a_list_group_alone_is_searched_as_in_the_whole_index(
     from pipeline.backends.lists import coarse_assign, group_lists, list_major_search, packed, search_assigned
     from pipeline.search.routed import coarse_distances
 
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal((n, dim)).astype(np.float32)
-    q = rng.standard_normal((queries, dim)).astype(np.float32)
     nlist = min(nlist, n)
-    similarity = metric == "ip"
-    index = faiss.index_factory(
-        dim, f"IVF{nlist},{codes}", faiss.METRIC_INNER_PRODUCT if similarity else faiss.METRIC_L2
-    )
-    index.train(x)
-    index.add(x)
+    index, q = _random_ivf(n, dim, nlist, codes, metric, queries, seed)
     ivf = faiss.downcast_index(index)
     first, last = sorted(int(round(f * nlist)) for f in span)
     last = max(last, first + 1) if first < nlist else nlist
@@ -309,7 +308,7 @@ def test_a_list_group_alone_is_searched_as_in_the_whole_index(
     assert group.nlist == last - first and group.ntotal == sum(ivf.invlists.list_size(i) for i in range(first, last))
     local = np.where(keys >= 0, keys - first, -1)
     centroids = ivf.quantizer.reconstruct_n(0, nlist)
-    coarse = coarse_distances(q, centroids, keys, similarity)
+    coarse = coarse_distances(q, centroids, keys, metric == "ip")
     got = search_assigned(group, q, k, local, coarse)
     if codes == "Flat":
         want = list_major_search(ivf, q, k, keys.shape[1], assign=keys)
