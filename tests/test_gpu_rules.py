@@ -11,6 +11,7 @@ import logging
 
 import faiss
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 
 from pipeline.backends import CpuBackend, GpuBackend
@@ -240,21 +241,22 @@ def test_device_choice_without_a_gpu():
     assert choose("cpu") == ("cpu", "--device cpu")
 
 
-def _copied_lists(index: faiss.IndexIVF) -> faiss.IndexIVF:
-    """A copy of ``index`` with its lists copied one by one (FAISS's cloner refuses sliced lists,
-    which ``copyInvertedListsFrom`` on a GPU reads list by list)."""
-    inner = faiss.downcast_index(index)
-    sliced = inner.invlists
+def _copied_lists(index: faiss.Index) -> faiss.Index:
+    """A copy of ``index`` with its IVF lists copied one by one: FAISS's cloner refuses sliced and
+    on-disk lists, which ``copyInvertedListsFrom`` on a GPU reads list by list."""
+    inner = faiss.downcast_index(ivf_of(index))
+    held, own = inner.invlists, inner.own_invlists
     copied = faiss.ArrayInvertedLists(inner.nlist, inner.code_size)
     for i in range(inner.nlist):
-        size = sliced.list_size(i)
+        size = held.list_size(i)
         if size:
-            copied.add_entries(i, size, sliced.get_ids(i), sliced.get_codes(i))
+            copied.add_entries(i, size, held.get_ids(i), held.get_codes(i))
+    inner.own_invlists = False  # the index keeps its own lists: swapped out for the clone only
     inner.replace_invlists(copied, False)
     try:
-        return faiss.clone_index(inner)
+        return faiss.clone_index(index)
     finally:
-        inner.replace_invlists(sliced, False)
+        inner.replace_invlists(held, own)
 
 
 class _CpuAsGpu:
@@ -264,12 +266,17 @@ class _CpuAsGpu:
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.copies = 0
 
+        self.groups = 0  # of the copies: list groups (an index over a slice of another's lists)
+
         def to_gpu(_res, _device, index, _co=None):
             self.copies += 1
             ivf = ivf_of(index)
-            if ivf is not None and isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.SliceInvertedLists):
-                return _copied_lists(index)  # a list group: a GPU copies its lists one by one, as here
-            return faiss.clone_index(index)
+            self.groups += ivf is not None and isinstance(
+                faiss.downcast_InvertedLists(ivf.invlists), faiss.SliceInvertedLists
+            )
+            if ivf is None or isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+                return faiss.clone_index(index)
+            return _copied_lists(index)  # sliced or on-disk lists: a GPU copies them list by list, as here
 
         class Options:  # faiss's GpuClonerOptions fields: setting any other name fails, as SWIG's would not
             __slots__ = ("useFloat16", "indicesOptions")
@@ -342,6 +349,48 @@ def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypa
     assert fake.copies == 1 and "list groups searched on the CPU" in caplog.text
     with CpuBackend().group_search(ivf, first, last) as on_host:
         np.testing.assert_array_equal(got[1], on_host(x[:300], 10, groups[0], coarse[0])[1])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,SQ8"])
+def test_a_routed_join_through_the_gpu_backend_writes_the_cpu_tables(
+    make_config, dataset_dir, tmp_path, monkeypatch, key
+):
+    """A whole routed job on a worker that chose the GPU backend, faiss's GPU calls replaced by CPU
+    stand-ins (the plumbing a GPU node runs: the worker's choice, training, the fill's twin, the
+    recall check, each list group copied alone): the tables a CPU worker writes, ties aside."""
+    from pipeline import run
+    from pipeline.backends import worker
+
+    fake = _CpuAsGpu(monkeypatch)
+    choose = worker.choose
+    monkeypatch.setattr(worker, "choose", lambda device: ("gpu", "stand-in") if device == "gpu" else choose(device))
+    monkeypatch.setattr(worker, "claim_gpu", lambda lock_dir=None: (0, None))
+    monkeypatch.setattr(faiss, "GpuParameterSpace", faiss.ParameterSpace, raising=False)
+    monkeypatch.setattr(GpuBackend, "_resident", lambda self, store: None)  # no CuPy here: host gathers
+
+    def knn_gpu(_res, q, x, k, metric=faiss.METRIC_L2, device=0):
+        return faiss.knn(q, x, k, metric=metric)
+
+    monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+
+    def job(device: str):  # the embedded in-process cluster: the patches reach its tasks
+        settings = {"index_key": key, "nprobe": 4, "k": 10, "exclude_self": True, "routed_join": True}
+        out = str(tmp_path / device)
+        return run(
+            make_config(
+                input=str(dataset_dir), output=out, device=device, scheduler_address=None, workers=1, **settings
+            )
+        )
+
+    on_gpu = job("gpu")
+    assert on_gpu.search.backend == "gpu" and fake.groups >= 1  # the list groups went to the "GPU"
+    on_cpu = job("cpu")
+
+    def lists(report) -> np.ndarray:
+        return np.array(pq.read_table(report.neighbors).sort_by("query_id").column("neighbor_id").to_pylist())
+
+    assert (lists(on_gpu) == lists(on_cpu)).mean() > 0.999
 
 
 @pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])
