@@ -352,13 +352,17 @@ def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypa
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,SQ8"])
-def test_a_routed_join_through_the_gpu_backend_writes_the_cpu_tables(
-    make_config, dataset_dir, tmp_path, monkeypatch, key
+@pytest.mark.parametrize(
+    ("key", "routed"),
+    [("IVF16,Flat", True), ("IVF16,SQ8", True), ("IVF16,Flat", False), ("IVF16,PQ8", False), ("Flat", False)],
+)
+def test_a_job_through_the_gpu_backend_writes_the_cpu_tables(
+    make_config, dataset_dir, tmp_path, monkeypatch, key, routed
 ):
-    """A whole routed job on a worker that chose the GPU backend, faiss's GPU calls replaced by CPU
+    """A whole job on a worker that chose the GPU backend, faiss's GPU calls replaced by CPU
     stand-ins (the plumbing a GPU node runs: the worker's choice, training, the fill's twin, the
-    recall check, each list group copied alone): the tables a CPU worker writes, ties aside."""
+    recall check, the batched search's clone or each list group copied alone, the exact plan):
+    the tables a CPU worker writes, ties aside."""
     from pipeline import run
     from pipeline.backends import worker
 
@@ -375,7 +379,7 @@ def test_a_routed_join_through_the_gpu_backend_writes_the_cpu_tables(
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
 
     def job(device: str):  # the embedded in-process cluster: the patches reach its tasks
-        settings = {"index_key": key, "nprobe": 4, "k": 10, "exclude_self": True, "routed_join": True}
+        settings = {"index_key": key, "nprobe": 4, "k": 10, "exclude_self": True, "routed_join": routed}
         out = str(tmp_path / device)
         return run(
             make_config(
@@ -384,7 +388,7 @@ def test_a_routed_join_through_the_gpu_backend_writes_the_cpu_tables(
         )
 
     on_gpu = job("gpu")
-    assert on_gpu.search.backend == "gpu" and fake.groups >= 1  # the list groups went to the "GPU"
+    assert on_gpu.search.backend == "gpu" and (fake.groups >= 1) == routed  # routed: list groups on the "GPU"
     on_cpu = job("cpu")
 
     def lists(report) -> np.ndarray:
