@@ -351,19 +351,9 @@ def test_a_gpu_worker_copies_one_list_group_and_searches_it_as_the_host(monkeypa
         np.testing.assert_array_equal(got[1], on_host(x[:300], 10, groups[0], coarse[0])[1])
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize(
-    ("key", "routed"),
-    [("IVF16,Flat", True), ("IVF16,SQ8", True), ("IVF16,Flat", False), ("IVF16,PQ8", False), ("Flat", False)],
-)
-def test_a_job_through_the_gpu_backend_writes_the_cpu_tables(
-    make_config, dataset_dir, tmp_path, monkeypatch, key, routed
-):
-    """A whole job on a worker that chose the GPU backend, faiss's GPU calls replaced by CPU
-    stand-ins (the plumbing a GPU node runs: the worker's choice, training, the fill's twin, the
-    recall check, the batched search's clone or each list group copied alone, the exact plan):
-    the tables a CPU worker writes, ties aside."""
-    from pipeline import run
+def _gpu_workers(monkeypatch: pytest.MonkeyPatch) -> _CpuAsGpu:
+    """Workers asked for ``--device gpu`` choose the GPU backend, with faiss's GPU calls replaced
+    by CPU stand-ins (the embedded in-process cluster: the patches reach its tasks)."""
     from pipeline.backends import worker
 
     fake = _CpuAsGpu(monkeypatch)
@@ -377,6 +367,24 @@ def test_a_job_through_the_gpu_backend_writes_the_cpu_tables(
         return faiss.knn(q, x, k, metric=metric)
 
     monkeypatch.setattr(faiss, "knn_gpu", knn_gpu, raising=False)
+    return fake
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    ("key", "routed"),
+    [("IVF16,Flat", True), ("IVF16,SQ8", True), ("IVF16,Flat", False), ("IVF16,PQ8", False), ("Flat", False)],
+)
+def test_a_job_through_the_gpu_backend_writes_the_cpu_tables(
+    make_config, dataset_dir, tmp_path, monkeypatch, key, routed
+):
+    """A whole job on a worker that chose the GPU backend, faiss's GPU calls replaced by CPU
+    stand-ins (the plumbing a GPU node runs: the worker's choice, training, the fill's twin, the
+    recall check, the batched search's clone or each list group copied alone, the exact plan):
+    the tables a CPU worker writes, ties aside."""
+    from pipeline import run
+
+    fake = _gpu_workers(monkeypatch)
 
     def job(device: str):  # the embedded in-process cluster: the patches reach its tasks
         settings = {"index_key": key, "nprobe": 4, "k": 10, "exclude_self": True, "routed_join": routed}
@@ -395,6 +403,29 @@ def test_a_job_through_the_gpu_backend_writes_the_cpu_tables(
         return np.array(pq.read_table(report.neighbors).sort_by("query_id").column("neighbor_id").to_pylist())
 
     assert (lists(on_gpu) == lists(on_cpu)).mean() > 0.999
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("routed", [False, True])
+def test_dedup_and_graph_through_the_gpu_backend_give_the_cpu_results(
+    make_config, dataset_dir, tmp_path, monkeypatch, routed
+):
+    """dedup and graph on a worker that chose the GPU backend (CPU stand-ins for faiss's GPU calls)
+    report what a CPU worker reports: pairs, groups, rows kept and dropped, edges."""
+    from pipeline import dedup, graph
+
+    _gpu_workers(monkeypatch)
+    common = {"scheduler_address": None, "workers": 1, "index_key": "IVF16,Flat", "nprobe": 4, "k": 10}
+    for command, extra in ((dedup, {"threshold": 0.9}), (graph, {"graph_mode": "symmetric"})):
+        counts = []
+        for device in ("gpu", "cpu"):
+            out = str(tmp_path / f"{command.__name__}-{device}")
+            config = make_config(
+                input=str(dataset_dir), output=out, device=device, routed_join=routed, **common, **extra
+            )
+            summary = command(config).to_json()[command.__name__]
+            counts.append({k: v for k, v in summary.items() if isinstance(v, int | float) and "seconds" not in k})
+        assert counts[0] == counts[1] and counts[0], command.__name__
 
 
 @pytest.mark.parametrize("key", ["IVF16,Flat", "IVF16,PQ8", "IVF16,SQ8"])
