@@ -346,6 +346,33 @@ def test_run_after_a_shard_removed_and_one_rewritten_equals_a_search_of_the_upda
     assert abs(_recall(updated, pool, ids, 10) - _recall(_tables(tmp_path / "fresh"), pool, ids, 10)) <= 0.01
 
 
+@pytest.mark.parametrize("routed", [False, True])
+def test_an_update_on_gpu_workers_gives_the_cpu_workers_lists(make_config, pool, tmp_path, monkeypatch, routed):
+    """The same update (a shard removed, one rewritten with half its rows, one added) on a worker
+    that chose the GPU backend, faiss's GPU calls replaced by CPU stand-ins (the new rows' fill
+    through the GPU twin, the recall samples by knn_gpu, the list groups copied alone when routed):
+    the lists a CPU worker's update writes."""
+    from tests.test_gpu_rules import _gpu_workers
+
+    _gpu_workers(monkeypatch)
+    tables = []
+    for device in ("gpu", "cpu"):
+        data = _shards(pool, tmp_path / f"data-{device}", 8)
+        out = tmp_path / f"out-{device}"
+        settings = {**FIXED, "device": device, "scheduler_address": None, "workers": 1, "routed_join": routed}
+        run(make_config(input=str(data), output=str(out), **settings))
+        stored = {p: p.stat().st_mtime_ns for p in (out / "index" / "store" / "vectors").glob("*.npy")}
+        os.remove(data / "part-00003.parquet")
+        _shard(pool, data, 5, slice(0, SHARD_ROWS // 2))
+        _shard(pool, data, 8)
+        report = run(make_config(input=str(data), output=str(out), **settings))
+        assert report.search.backend == device and report.join.recall.met
+        kept = sum(p.exists() and p.stat().st_mtime_ns == t for p, t in stored.items())
+        assert kept == 6  # updated in place: the unchanged shards' rows were not stored again
+        tables.append(_tables(out))
+    assert sorted(tables[0]) == sorted(tables[1]) and _overlap(tables[0], tables[1]) >= 0.999
+
+
 def test_a_routed_lossy_index_keeps_its_vectors_in_list_order_through_an_update(make_config, pool, tmp_path):
     """IVF-SQ8 joined routed, re-ranked from the vectors in list order: after a shard removed, one
     halved and one added, the ordered vectors hold exactly the live rows, each its own vector, and
