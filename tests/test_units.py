@@ -399,6 +399,39 @@ def _gpu_bundle():
     return gpu_bundle
 
 
+def test_shape_data_writes_seeded_inputs_the_tool_reads(tmp_path, monkeypatch):
+    """``scripts/shape_data.py`` (the benchmarks' other shapes): each kind is seeded, lands in
+    ``ceil(rows / 50,000)`` files the input planner accepts, and has the shape it is named for."""
+    import pyarrow.parquet as pq
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent.parent / "scripts"))
+    import shape_data
+
+    def written(kind: str, seed: int, name: str, rows: int = 1_200, dim: int = 8) -> np.ndarray:
+        out = tmp_path / name
+        args = [kind, str(out), "--rows", str(rows), "--dim", str(dim), "--seed", str(seed)]
+        monkeypatch.setattr(sys, "argv", ["shape_data.py", *args])
+        shape_data.main()
+        plan = plan_dataset([str(out)], "id", "embedding", 1 << 20)
+        assert (plan.total_rows, plan.dim, len(plan.files)) == (rows, dim, -(-rows // 50_000))
+        table = pq.read_table(out, columns=["embedding"])
+        return np.asarray(table.column(0).combine_chunks().flatten(), dtype=np.float32).reshape(rows, dim)
+
+    for kind in ("anisotropic", "uniform", "powerlaw"):
+        first, again = written(kind, 0, f"{kind}-a"), written(kind, 0, f"{kind}-b")
+        assert np.array_equal(first, again) and not np.array_equal(first, written(kind, 1, f"{kind}-c"))
+    written("uniform", 0, "two-files", rows=50_001, dim=2)
+    norms = np.linalg.norm(written("powerlaw", 0, "norms", dim=32), axis=1)
+    assert norms.max() > 3 * norms.min()  # log-normal norms: inner product and cosine disagree
+
+    def spread(x: np.ndarray) -> float:  # largest over smallest singular value of the centred rows
+        values = np.linalg.svd(x - x.mean(axis=0), compute_uv=False)
+        return float(values[0] / values[-1])
+
+    stretched = spread(written("anisotropic", 0, "axes", rows=4_000, dim=32))
+    assert stretched > 2 * spread(written("uniform", 0, "noise", rows=4_000, dim=32))  # noise: about 1.2
+
+
 def test_the_gpu_probe_names_an_abort_instead_of_dying_silently(monkeypatch, capsys):
     """faiss abort()s when cuBLAS is unusable: the probe runs in a child process and says so."""
     gpu_bundle = _gpu_bundle()
