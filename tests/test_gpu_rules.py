@@ -162,7 +162,7 @@ def test_gpu_default_plan_follows_free_gpu_memory(n, d, free, storage):
     assert default_rerank(index) == (4 if storage.startswith(("PQ", "SQ8")) else 0)
     nlist = int(key.split(",")[0][3:])
     if storage == "Flat":
-        assert gpu_index_bytes(n, d, nlist, 4) <= 0.4 * free
+        assert gpu_index_bytes(n, d, nlist, 4 * d) <= 0.4 * free
     why = explain_index_key(n, d, gpu=True, gpu_free=free)
     assert f"({free / GIB:.1f} GiB)" in why and ("no re-rank" in why) == (storage in ("Flat", "SQfp16"))
 
@@ -271,10 +271,9 @@ class _CpuAsGpu:
         def to_gpu(_res, _device, index, _co=None):
             self.copies += 1
             ivf = ivf_of(index)
-            self.groups += ivf is not None and isinstance(
-                faiss.downcast_InvertedLists(ivf.invlists), faiss.SliceInvertedLists
-            )
-            if ivf is None or isinstance(faiss.downcast_InvertedLists(ivf.invlists), faiss.ArrayInvertedLists):
+            lists = None if ivf is None else faiss.downcast_InvertedLists(ivf.invlists)
+            self.groups += isinstance(lists, faiss.SliceInvertedLists)
+            if lists is None or isinstance(lists, faiss.ArrayInvertedLists):
                 return faiss.clone_index(index)
             return _copied_lists(index)  # sliced or on-disk lists: a GPU copies them list by list, as here
 
@@ -493,7 +492,7 @@ def test_gpu_memory_is_counted_as_faiss_allocates_it():
     want = sum(device_vector_bytes(s * 128) + device_vector_bytes(s * 8) for s in sizes) + 8 * 32 * 4
     plain = 12_000 * (128 + 8) + 8 * 32 * 4
     assert _index_bytes(index) == want and 1.0 < want / plain <= 2.0
-    assert gpu_index_bytes(12_000, 32, 8, 4) >= plain  # the plan's estimate rounds the same way
+    assert gpu_index_bytes(12_000, 32, 8, 4 * 32) >= plain  # the plan's estimate rounds the same way
 
 
 def test_gpu_free_memory_hands_cupys_cached_blocks_back_first(monkeypatch):

@@ -217,20 +217,21 @@ def with_first_level(key: str, n1: int) -> str:
     return _FIRST_LEVEL.sub(lambda m: f"{m.group(1)}(IVF{n1},Flat)", key, count=1)
 
 
-def gpu_index_bytes(n: int, d: int, nlist: int, bytes_per_value: int) -> int:
-    """GPU memory of an IVF index storing ``n`` vectors at ``bytes_per_value`` in ``nlist`` lists of
-    equal size: each list's codes and 64-bit ids as faiss's GPU allocates them (rounded up,
-    :func:`pipeline.backends.gpu.device_vector_bytes`), and the centroids."""
+def gpu_index_bytes(n: int, d: int, nlist: int, code_size: int) -> int:
+    """GPU memory of an IVF index storing ``n`` vectors of ``code_size`` bytes each (``4 * d`` for
+    float32 vectors) in ``nlist`` lists of equal size: each list's codes and 64-bit ids as faiss's
+    GPU allocates them (rounded up, :func:`pipeline.backends.gpu.device_vector_bytes`), and the
+    centroids."""
     rows = math.ceil(n / max(1, nlist))
-    per_list = device_vector_bytes(rows * d * bytes_per_value) + device_vector_bytes(rows * 8)
+    per_list = device_vector_bytes(rows * code_size) + device_vector_bytes(rows * 8)
     return nlist * per_list + nlist * d * 4
 
 
 def _gpu_storage(n: int, d: int, nlist: int, gpu_free: int) -> str:
     """What an IVF index on the GPU stores per vector: the vectors when they fit, else codes."""
-    if gpu_index_bytes(n, d, nlist, 4) <= GPU_INDEX_SHARE * gpu_free:
+    if gpu_index_bytes(n, d, nlist, 4 * d) <= GPU_INDEX_SHARE * gpu_free:
         return "Flat"
-    if gpu_index_bytes(n, d, nlist, 2) <= GPU_INDEX_SHARE * gpu_free:
+    if gpu_index_bytes(n, d, nlist, 2 * d) <= GPU_INDEX_SHARE * gpu_free:
         return "SQfp16"
     return _gpu_codes(d)
 
@@ -300,14 +301,14 @@ def explain_index_key(
         if storage == "Flat":
             return (
                 f"auto (GPU): {n:,} rows -> nlist {nlist}; the float32 vectors "
-                f"({gpu_index_bytes(n, d, nlist, 4) / 2**30:.2f} GiB) fit {GPU_INDEX_SHARE:.0%} of the smallest "
+                f"({gpu_index_bytes(n, d, nlist, 4 * d) / 2**30:.2f} GiB) fit {GPU_INDEX_SHARE:.0%} of the smallest "
                 f"free GPU memory ({free}): IVF-Flat on the GPU, exact scores, no re-rank"
             )
         if storage == "SQfp16":
             return (
                 f"auto (GPU): {n:,} rows -> nlist {nlist}; float32 vectors would not fit "
                 f"{GPU_INDEX_SHARE:.0%} of the smallest free GPU memory ({free}), float16 "
-                f"({gpu_index_bytes(n, d, nlist, 2) / 2**30:.2f} GiB) does: IVF with float16 storage, no re-rank"
+                f"({gpu_index_bytes(n, d, nlist, 2 * d) / 2**30:.2f} GiB) does: IVF with float16 storage, no re-rank"
             )
         return (
             f"auto (GPU): {n:,} rows -> nlist {nlist}; the vectors do not fit {GPU_INDEX_SHARE:.0%} of the "

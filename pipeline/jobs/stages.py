@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import time
 from collections.abc import Sequence
@@ -19,7 +18,7 @@ from typing import Any
 import faiss
 import pyarrow as pa
 
-from pipeline.backends.gpu import INDEX_SHARE, device_vector_bytes
+from pipeline.backends.gpu import INDEX_SHARE
 from pipeline.backends.kernels import ivf_of
 from pipeline.backends.lists import list_major_rows
 from pipeline.cluster.clients import ClusterInfo, check_memory_floor, worker_memory
@@ -33,6 +32,7 @@ from pipeline.index.choice import (
     default_nprobe,
     default_rerank,
     explain_index_key,
+    gpu_index_bytes,
     has_exact_codes,
     make_encoder,
     make_index,
@@ -838,9 +838,7 @@ def _outgrows_gpus(cluster: ClusterInfo, empty: faiss.Index, rows: int, *, log_i
     ivf = ivf_of(empty)
     if cluster.backend != "gpu" or not cluster.gpu_free or ivf is None:
         return False
-    nlist, code = int(ivf.nlist), int(ivf.code_size)
-    per_list = math.ceil(rows / max(1, nlist))
-    need = nlist * (device_vector_bytes(per_list * code) + device_vector_bytes(per_list * 8)) + nlist * int(ivf.d) * 4
+    need = gpu_index_bytes(rows, int(ivf.d), int(ivf.nlist), int(ivf.code_size))
     if need <= INDEX_SHARE * cluster.gpu_free:
         return False
     if log_it:
