@@ -346,6 +346,69 @@ def test_run_after_a_shard_removed_and_one_rewritten_equals_a_search_of_the_upda
     assert abs(_recall(updated, pool, ids, 10) - _recall(_tables(tmp_path / "fresh"), pool, ids, 10)) <= 0.01
 
 
+def test_an_update_over_rows_of_unequal_norms_equals_a_search_of_the_updated_index(make_config, tmp_path, caplog):
+    """Inner product over rows whose norms differ: neighbourhoods are far from mutual (a long row
+    is in many lists, while its own list holds other long rows), so a new row's own list says
+    little about the lists it enters. The patch must still give what a search gives."""
+    rng = np.random.default_rng(5)
+    pool = clustered_vectors(40 * SHARD_ROWS, DIM, clusters=30, seed=12)
+    pool = pool / np.linalg.norm(pool, axis=1, keepdims=True) * rng.lognormal(0.0, 0.5, (len(pool), 1))
+    data = _shards(pool, tmp_path / "data", 8)
+    out = tmp_path / "out"
+    settings = {**FIXED, "metric": "ip", "nprobe": 8}
+    run(make_config(input=str(data), output=str(out), **settings))
+    os.remove(data / "part-00003.parquet")
+    _shard(pool, data, 5, slice(0, SHARD_ROWS // 2))
+    _shard(pool, data, 8)
+    with caplog.at_level("INFO", logger="pipeline"):
+        report = run(make_config(input=str(data), output=str(out), **settings))
+    assert "1 file rewritten (300 rows)" in caplog.text
+    updated = _tables(out)
+    assert sorted(updated) == _input_ids(data).tolist()
+    from pipeline import join
+
+    searched = tmp_path / "searched"
+    join(make_config(index_dir=str(out / "index"), input=str(data), output=str(searched), **settings))
+    direct = _tables(searched)
+    assert _overlap(updated, direct) >= 0.99
+    ids = _input_ids(data)
+    s = pool[ids] @ pool[ids].T
+    np.fill_diagonal(s, -np.inf)
+    kth = np.sort(s, axis=1)[:, -10]
+    at = {q: i for i, q in enumerate(ids.tolist())}
+
+    def recall(tables: dict) -> float:
+        return float(np.mean([(s[at[q], [at[n] for n in tables[q][0]]] >= kth[at[q]] - 1e-5).sum() / 10 for q in at]))
+
+    assert abs(recall(updated) - recall(direct)) <= 0.002
+    assert report.join.recall.met
+
+
+def test_an_update_reports_the_recall_of_the_lists_it_wrote(make_config, pool, tmp_path, monkeypatch):
+    """An update's recall is measured on the lists it wrote, not on a search at its plan: a patch
+    that took in no new rows (a stand-in for one that misses what a search finds) is reported at
+    the recall its lists have, with a warning, and fails its target loudly."""
+    from pipeline.search import update
+    from pipeline.search.tuning import BelowTarget
+
+    settings = {**FIXED, "scheduler_address": None, "workers": 1}  # in process: the stand-in reaches the worker
+    data = _shards(pool, tmp_path / "data", 4)
+    out = tmp_path / "out"
+    run(make_config(input=str(data), output=str(out), **settings))
+    _shard(pool, data, 4)  # a fifth of the rows new: about two of an old query's ten neighbours come from the patch
+
+    def nothing_offered(self, floor, probes):
+        none = np.zeros(0, np.int64)
+        return update._Offers(none, none, np.zeros(0, np.float32), np.full(len(floor), -np.inf, np.float32), probes)
+
+    monkeypatch.setattr(update.PatchTask, "_offered", nothing_offered)
+    with pytest.raises(BelowTarget, match="MISSED") as missed:
+        run(make_config(input=str(data), output=str(out), **settings))
+    said = float(str(missed.value).split("recall@10 ")[1].split()[0])
+    written = _recall(_tables(out), pool, _input_ids(data), 10)
+    assert said < 0.95 and abs(said - written) <= 0.05, (said, written)
+
+
 @pytest.mark.parametrize("routed", [False, True])
 def test_an_update_on_gpu_workers_gives_the_cpu_workers_lists(make_config, pool, tmp_path, monkeypatch, routed):
     """The same update (a shard removed, one rewritten with half its rows, one added) on a worker

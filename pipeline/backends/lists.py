@@ -38,6 +38,8 @@ __all__ = [
     "blas_knn",
     "list_major_rows",
     "walk_lists",
+    "walk_above",
+    "search_above",
     "list_views",
     "ListView",
     "is_ivf_flat",
@@ -466,6 +468,63 @@ def walk_lists(
                 add(len(some), faiss.swig_ptr(some), size, faiss.swig_ptr(part[b : b + heap_rows]), view.ids_ptr, 0)
     heap.finalize()
     return heap.D, heap.I
+
+
+def search_above(
+    index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, floor: np.ndarray, threads: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(query, id, score)`` of every stored vector in each query's lists ``assign`` that scores
+    at or above the query's ``floor`` (at or below, for squared L2): a threshold join, list by
+    list, one matrix product per list, no heap; ``threads`` walk a share of the queries each
+    (:func:`walk_above`). Scores are what :func:`list_major_search` gives."""
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    threads = max(1, min(int(threads), len(x)))
+
+    def walk(share: np.ndarray) -> None:
+        q, ids, scores = walk_above(index, x[share], assign[share], floor[share])
+        found.append((share[q], ids, scores))  # list.append is atomic
+
+    _in_shares(len(x), threads, walk)
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    return tuple(np.concatenate([f[i] for f in found]) for i in range(3))  # type: ignore[return-value]
+
+
+def walk_above(
+    index: faiss.IndexIVFFlat, x: np.ndarray, assign: np.ndarray, floor: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """One thread's :func:`search_above`: the queries ``x``, each with its lists ``assign``."""
+    similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
+    flat = assign.ravel()
+    order = np.argsort(flat, kind="stable")
+    lists = flat[order]
+    queries = (order // max(1, assign.shape[1])).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if lists.size else np.zeros(0, np.int64)
+    ends = np.r_[starts[1:], len(lists)]
+    views = list_views(index, lists[starts])
+    scaled = x if similarity else x * np.float32(-2.0)
+    # squared L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2
+    bound = floor if similarity else floor - np.einsum("ij,ij->i", x, x)
+    found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for lo, hi, number in zip(starts.tolist(), ends.tolist(), lists[starts].tolist(), strict=True):
+        view = views.get(number)
+        if view is None:
+            continue
+        rows = queries[lo:hi]
+        part = scaled[rows] @ view.stored.T
+        if not similarity:
+            part += view.norms()
+        hit = part >= bound[rows, None] if similarity else part <= bound[rows, None]
+        at, col = np.nonzero(hit)
+        if at.size:
+            found.append((rows[at], view.ids[col].astype(np.int64), part[at, col]))
+    if not found:
+        return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
+    q = np.concatenate([f[0] for f in found])
+    scores = np.concatenate([f[2] for f in found]).astype(np.float32)
+    if not similarity:
+        scores += np.einsum("ij,ij->i", x, x)[q]
+    return q, np.concatenate([f[1] for f in found]), scores
 
 
 def row_list_map(ivf: faiss.IndexIVF) -> np.ndarray:

@@ -51,7 +51,18 @@ from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import Progress
 from pipeline.runtime.runner import result_of, run_tasks, submit
 
-__all__ = ["fill_mode", "fill_index", "load_index", "load_lists", "read_cached", "row_lists", "FillRecord", "ROW_LISTS"]
+__all__ = [
+    "fill_mode",
+    "fill_index",
+    "load_index",
+    "load_lists",
+    "read_cached",
+    "row_lists",
+    "part_path",
+    "pieces_index",
+    "FillRecord",
+    "ROW_LISTS",
+]
 
 log = logging.getLogger(__name__)
 
@@ -182,6 +193,40 @@ def load_lists(index_dir: str | os.PathLike[str], first: int, last: int) -> fais
         shutil.rmtree(own, ignore_errors=True)  # the map holds the file until the index is dropped
 
 
+def part_path(index_dir: str | os.PathLike[str], piece: int) -> Path:
+    """The partial index one piece was encoded into (``ondisk``, ``fastscan`` and ``memory`` fills)."""
+    return Path(index_dir) / "parts" / f"part-{piece:05d}.faiss"
+
+
+def pieces_index(index_dir: str | os.PathLike[str], pieces: Sequence[int]) -> faiss.Index | None:
+    """An index like ``index_dir``'s holding only the rows of ``pieces`` (their global rows as ids),
+    merged in memory from their partial indexes, once per process: searching it at a plan's
+    ``nprobe`` finds among those rows what a search of the whole index finds among them (an
+    input update's new rows, :mod:`pipeline.search.update`). None where the fill keeps no partial
+    indexes (exact plans, ``serial`` fills)."""
+    d = Path(index_dir)
+    paths = [part_path(d, p) for p in sorted(pieces)]
+    if not paths or not all(present(p) for p in paths):
+        return None
+    fastscan = isinstance(faiss.extract_index_ivf(load_index(d)), faiss.IndexIVFPQFastScan)
+    local = [fetched(p) for p in (d / "trained.faiss", *paths)]
+    return _merged_parts(tuple((str(p), p.stat().st_mtime_ns) for p in local), fastscan)
+
+
+@lru_cache(maxsize=2)
+def _merged_parts(files: tuple[tuple[str, int], ...], fastscan: bool) -> faiss.Index:
+    """The trained index (``files[0]``) with the partial indexes after it merged in, as the
+    fill's in-memory merge does (fast-scan pieces are encoded by their plain twin, converted once)."""
+    (trained, _), *parts = files
+    index = faiss.read_index(trained)
+    ivf = faiss.extract_index_ivf(index)
+    for path, _ in parts:
+        part = faiss.read_index(path)  # held: the IVF extracted below lives inside it
+        ivf.merge_from(faiss.extract_index_ivf(part), 0)
+    index.ntotal = ivf.ntotal  # a wrapper (a transform in front) counts its own
+    return faiss.IndexIVFPQFastScan(index) if fastscan else index
+
+
 def _write(index: faiss.Index, path: Path) -> None:
     with atomic_path(path) as tmp:
         faiss.write_index(index, str(tmp))
@@ -305,8 +350,7 @@ def fill_index(
         fut = submit(client, serial, "fill")
         ntotal = int(result_of(fut))
     else:
-        parts_dir = index_dir / "parts"
-        part = {p.index: str(parts_dir / f"part-{p.index:05d}.faiss") for p in pieces}
+        part = {p.index: str(part_path(index_dir, p.index)) for p in pieces}
 
         def files(p: Piece) -> list[Path]:
             return [Path(part[p.index])] + (piece_order_files(part[p.index]) if ordered else [])

@@ -44,7 +44,7 @@ LOG_DIR = "logs"  # batch jobs' logs: kept through --overwrite
 LOCK_NAME = ".knn-pipeline.lock"
 TIMINGS_NAME = ".timings.json"  # the phases of an unfinished job, across its runs (written before the manifest)
 TRUTH_NAME = "_recall_truth.npz"  # a self-join's recall sample and its exact neighbours, kept for updates
-PATCH_NAME = "_patch"  # an update's partitioned reverse neighbours, removed when it is done
+PATCH_NAME = "_patch"  # where earlier versions partitioned an update's reverse neighbours: removed when seen
 
 # everything run, join, dedup and graph write in an output directory
 OUTPUT_NAMES = frozenset(

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
@@ -15,9 +15,13 @@ from pipeline.config import Config
 from pipeline.index.built import BuiltIndex
 from pipeline.io.layout import in_holes
 from pipeline.io.store import RowStore
+from pipeline.kinds import Metric
 from pipeline.results import RecallResult
 from pipeline.runtime.manifest import Manifest
-from pipeline.search.join import SearchPlan
+from pipeline.runtime.runner import result_of, submit
+from pipeline.search.exact import pair_scores
+from pipeline.search.join import SearchPlan, knn_path
+from pipeline.search.recall import tie_aware_hits
 from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
 from pipeline.search.tuning import (
     CONFIDENCE,
@@ -32,8 +36,9 @@ from pipeline.search.tuning import (
     sweep,
     walk,
 )
+from pipeline.shuffle.edges import read_knn_spare
 
-__all__ = ["measure_recall"]
+__all__ = ["measure_recall", "check_lists"]
 
 log = logging.getLogger(__name__)
 
@@ -482,3 +487,77 @@ def _kept_views(
     if from_new is not None:
         views.append(("its new rows", from_new))
     return views
+
+
+# an update's lists may fall this far below a search's recall on the same queries before it is said
+LISTS_TOLERANCE = 0.002
+
+
+@dataclass(frozen=True, kw_only=True)
+class ListedTask:
+    """The first ``k`` entries of some queries' kept lists (``knn/``, by global row) and each
+    entry's exact score, computed from the stored vectors (``-1`` rows and NaN scores pad)."""
+
+    knn_dir: str
+    store: RowStore
+    queries: np.ndarray
+    k: int
+    metric: Metric
+
+    def run(self) -> tuple[np.ndarray, np.ndarray]:
+        store, k = self.store, self.k
+        piece_of = np.searchsorted(store.starts, self.queries, side="right") - 1
+        listed = np.full((len(self.queries), k), -1, dtype=np.int64)
+        for i, (q, p) in enumerate(zip(self.queries.tolist(), piece_of.tolist(), strict=True)):
+            local = q - int(store.starts[p])
+            rows, _, _ = read_knn_spare(knn_path(self.knn_dir, p), rows=(local, local + 1))
+            listed[i, : min(k, rows.shape[1])] = rows[0, :k]
+        valid = listed >= 0
+        scores = np.full(listed.shape, np.nan, dtype=np.float32)
+        if valid.any():
+            mine = store.gather_vectors(np.repeat(self.queries, valid.sum(axis=1)))
+            scores[valid] = pair_scores(mine, store.gather_vectors(listed[valid]), self.metric)
+        return listed, scores
+
+
+def check_lists(
+    client: Any, built: BuiltIndex, plan: SearchPlan, manifest: Manifest, recall: RecallResult
+) -> RecallResult:
+    """The recall of the lists an input update wrote (patched, not searched), on the sampled
+    queries whose exact neighbours the recall stage kept: what the output holds, in place of what a
+    search at the plan reached on the same queries. Said loudly where they differ by more than
+    :data:`LISTS_TOLERANCE` (a patch that missed what a search finds)."""
+    assert plan.knn_dir is not None
+    kept = kept_truth(manifest, k=plan.k, metric=built.metric, exclude_self=plan.exclude_self)
+    if kept is None or not len(kept.queries):
+        return recall
+    task = ListedTask(knn_dir=plan.knn_dir, store=built.store, queries=kept.queries, k=plan.k, metric=built.metric)
+    listed, scores = result_of(submit(client, task, "recall"))
+    truth = kept.scores[:, : plan.k]
+    hits = tie_aware_hits(list(scores), truth, plan.k, built.metric)
+    tie = float(hits.mean()) if hits.size else float("nan")
+    true_rows = kept.rows[:, : plan.k]
+    strict = float(
+        np.mean(
+            [
+                len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) / max(1, int((b >= 0).sum()))
+                for a, b in zip(listed, true_rows, strict=True)
+            ]
+        )
+    )
+    said = (
+        f"recall@{plan.k} {tie:.3f} (tie-aware; strict {strict:.3f}) of the updated lists on {hits.size} sampled "
+        f"queries; a search at the plan: {recall.recall:.3f}"
+    )
+    if tie < recall.recall - LISTS_TOLERANCE:
+        log.warning("%s: the patch missed neighbours a search finds; --overwrite joins every piece again", said)
+    else:
+        log.info("%s", said)
+    return replace(
+        recall,
+        recall=round(tie, 4),
+        recall_strict=round(strict, 4),
+        queries=int(hits.size),
+        met=recall.target is None or tie >= recall.target,
+        why=f"{recall.why}; measured on the lists the update wrote",
+    )

@@ -52,7 +52,7 @@ from pipeline.io.owned import discard
 from pipeline.io.parquet import Dataset, Piece, plan_dataset
 from pipeline.io.store import RowStore
 from pipeline.io.workdir import PATCH_NAME, shown
-from pipeline.jobs.recall import measure_recall
+from pipeline.jobs.recall import check_lists, measure_recall
 from pipeline.results import (
     IndexSummary,
     JoinResult,
@@ -613,7 +613,7 @@ def join_index(
         plan.exclude_self,
     )
     if plan.knn_dir and plan.self_join:  # kept lists hold spare candidates for later updates
-        plan = replace(plan, spare=spare_for(plan.k, update=update is not None))
+        plan = replace(plan, spare=spare_for(plan.k))
     # the exact self-join scores each pair of pieces once for both on CPUs; a GPU searches the
     # whole store resident in its memory instead
     by_pairs = all(d.backend == "cpu" for d in cluster.devices)
@@ -638,9 +638,9 @@ def join_index(
     )
     if update is not None:
         t0 = time.monotonic()
-        patch_plan = replace(plan, spare=spare_for(plan.k))
-        _finish_update(
-            client, patch_plan, built, manifest, output=output, new=update["new"], patch=update.get("patch", True)
+        patch = bool(update.get("patch", True))
+        recall = _finish_update(
+            client, plan, built, manifest, output=output, new=update["new"], patch=patch, recall=recall
         )
         seconds += time.monotonic() - t0
     timings.add("join", seconds)
@@ -706,7 +706,7 @@ def _start_update(
     recall = pending.get("recall") or (to_dict(earlier) if earlier is not None else None)
     manifest.clear_stage("recall")
     manifest.clear_stage("patch")
-    manifest.clear_stage("patch_reverse")  # partitioned for the pieces of the update before
+    manifest.clear_stage("patch_reverse")  # an earlier version's reverse neighbours, partitioned on disk
     discard(output / PATCH_NAME)
     manifest.finish_stage(
         "update",
@@ -736,9 +736,11 @@ def _finish_update(
     output: Path,
     new: Sequence[int],
     patch: bool,
-) -> None:
+    recall: RecallResult | None,
+) -> RecallResult | None:
     """Patch a self-join's pieces joined before the update (:func:`pipeline.search.update.patch_pieces`)
-    and record what changed (stage ``changed``, for dedup and graph) before the update is done."""
+    and record what changed (stage ``changed``, for dedup and graph) before the update is done.
+    Returns ``recall`` measured again on the lists the patch wrote (:func:`check_lists`)."""
     fresh = set(new)
     rewritten: tuple[int, ...] = ()
     patched = Patched()
@@ -752,7 +754,6 @@ def _finish_update(
             holes=built.dataset.holes,
             out_dir=output / "neighbors",
             manifest=manifest,
-            work_dir=output / PATCH_NAME,
         )
     log.info(
         "update: %d queries lost neighbours (%d of them searched again, past their spare candidates), %d took in "
@@ -772,10 +773,12 @@ def _finish_update(
             "left": bool(before.get("left")) or bool(update.get("left")),
         },
     )
+    if patch and recall is not None:
+        recall = check_lists(client, built, plan, manifest, recall)
+        manifest.finish_stage("recall", recall)
     manifest.clear_stage("patch")
-    manifest.clear_stage("patch_reverse")
-    discard(output / PATCH_NAME)
     manifest.clear_stage("update")
+    return recall
 
 
 ROUTED_GROUP_SHARE = 8  # a routed join's list group takes at most this share of a worker's memory

@@ -5,10 +5,14 @@ a fresh join with the same index and settings would write. The pieces of new and
 are joined in full (the usual join, :mod:`pipeline.search.join`); then every other piece is
 *patched* from its lists as global rows (``knn/``):
 
-- a query one of whose neighbours left (a row of a removed or rewritten file) is searched again;
-- a new row enters a query's list when it beats the query's k-th score. Those are found from the
-  new rows' own lists (reverse neighbours: new row ``r`` listing query ``q`` at score ``s``), so
-  the list takes them in without a search (scores are symmetric).
+- a query one of whose neighbours left (a row of a removed or rewritten file) loses it, and its
+  spare candidates move up; it is searched again only when fewer than ``k`` are left;
+- a new row enters a query's list when it beats the query's last candidate. The piece's queries
+  are searched against the new rows alone (an index of just them, merged from their partial
+  indexes, at the plan's ``nprobe`` and re-rank; exact search over them for other plans), so each
+  query meets exactly the new rows a search of the whole index would show it. A new row's own
+  list says little about the lists it enters: with inner products over rows of unequal norms a
+  long row belongs in many lists while its own holds other long rows.
 
 A piece none of whose queries changed is left alone; a changed one has its lists and neighbour
 table rewritten whole, atomically. Patching twice gives the same lists (repeats are dropped), so a
@@ -19,14 +23,18 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
+import faiss
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.backends.lists import coarse_assign, is_ivf_flat, search_above
+from pipeline.backends.worker import worker_device
+from pipeline.index.fill import pieces_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.layout import in_holes
 from pipeline.io.parquet import Piece
@@ -43,31 +51,25 @@ from pipeline.search.join import (
     shared_index,
     to_padded,
 )
-from pipeline.shuffle.edges import read_knn_spare, read_partition, write_knn, write_partitioned
+from pipeline.shuffle.edges import read_kept_lists, write_knn
 
 __all__ = ["Patched", "PatchTask", "patch_pieces", "neighbour_table", "spare_for"]
 
 log = logging.getLogger(__name__)
 
 SEARCH_ROWS = 16_384  # queries searched again per batch
+NEW_ROWS_BATCH = 65_536  # queries searched against the new rows at once (one pass over their small lists)
 SPARE_PER_K = 1  # spare candidates a self-join keeps per neighbour: a list survives losing half of itself
 
 
-REVERSE_PER_K = 8  # an update's new rows keep lists 8k deep: the queries they enter are found from them
-
-
-def spare_for(k: int, *, update: bool = False) -> int:
+def spare_for(k: int) -> int:
     """Candidates past ``k`` that a self-join keeps in ``knn/``: with ``k`` spare, a query is searched
     again only when more than half of its ``2k`` candidates left (under 0.1% of queries for k=10
     when a fifth of the rows leave at random), for 10 to 25% more join time (1M x 128 on 2 cores:
     19.9 to 21.4 s against 16.4 to 19.7 s without). ``k / 2`` spare cost about 10%, but an update
     removing a fifth of the rows then searched 5% of the queries again and took 0.53 to 0.55x a
-    fresh run instead of 0.47x.
-
-    ``update``: the spare of the new rows of an update, whose lists are read backwards (a query
-    takes in a new row that lists it): ``8k`` deep, since the new row may rank a query far below
-    where the query ranks it."""
-    return (REVERSE_PER_K - 1) * k if update else SPARE_PER_K * k
+    fresh run instead of 0.47x."""
+    return SPARE_PER_K * k
 
 
 @dataclass(frozen=True)
@@ -150,55 +152,46 @@ def _merge(
     return touched[changed]
 
 
-REVERSE_FIELDS = ("q", "r", "s")  # the query's global row, the new row listing it, its score
-REVERSE_ROWS = 16_384  # rows of a new piece's lists one reverse task reads
+def _drop(rows: np.ndarray, scores: np.ndarray, out: np.ndarray) -> np.ndarray:
+    """Drop the entries at ``out`` from the padded lists in place, the rest moved up in order;
+    return the lists that lost any."""
+    lost = np.asarray(out.any(axis=1))
+    if lost.any():
+        kept_rows, kept_scores = np.where(out, -1, rows), np.where(out, np.nan, scores).astype(np.float32)
+        order = np.argsort(kept_rows < 0, axis=1, kind="stable")
+        rows[:] = np.take_along_axis(kept_rows, order, axis=1)
+        scores[:] = np.take_along_axis(kept_scores, order, axis=1)
+    return lost
+
+
+def _raised(floor: np.ndarray, other: np.ndarray, higher_better: bool) -> np.ndarray:
+    """The higher of two floors (the lower, for l2): the claim both sides can make."""
+    return np.maximum(floor, other) if higher_better else np.minimum(floor, other)
+
+
+def _offers_floor(q: np.ndarray, s: np.ndarray, queries: int, width: int, higher_better: bool) -> np.ndarray:
+    """Per query, the score every new row it was not offered is at or below (above, for l2): the
+    last of its offers where it got a full list of ``width``, else the worst (it met every one)."""
+    worst = -np.inf if higher_better else np.inf
+    out = np.full(queries, worst, dtype=np.float32)
+    if q.size:
+        full = np.bincount(q, minlength=queries) >= width
+        last = np.full(queries, np.inf if higher_better else -np.inf, dtype=np.float32)
+        (np.minimum if higher_better else np.maximum).at(last, q, s)
+        out[full] = last[full]
+    return out
 
 
 @dataclass(frozen=True)
-class _Slice:
-    """Rows ``[lo, hi)`` of a new piece's lists: one reverse task (``index``: its number)."""
+class _Offers:
+    """New rows offered to a piece's lists: ``(queries, rows, scores)`` as local query, global
+    row, score; the floor they leave per query; the queries' probes where they were used."""
 
-    index: int
-    piece: Piece
-    lo: int
-    hi: int
-
-    @property
-    def rows(self) -> int:
-        return self.hi - self.lo
-
-
-@dataclass(frozen=True, kw_only=True)
-class ReverseTask:
-    """Read one new piece's lists (rows from ``first``) once and write their entries partitioned
-    by the piece to patch whose query they list (``starts``/``ends``: those pieces' global rows,
-    in partition order), under ``out_dir``: each patch task then reads its own partition by range
-    instead of every new piece's lists."""
-
-    knn: str
-    first: int
-    lo: int  # the rows of the piece's lists this task reads: [lo, hi)
-    hi: int
-    starts: np.ndarray
-    ends: np.ndarray
-    out_dir: str
-
-    def run(self) -> int:
-        rows, scores, _ = read_knn_spare(self.knn, rows=(self.lo, self.hi))
-        valid = rows >= 0
-        q, s = rows[valid], scores[valid]
-        line = np.repeat(np.arange(self.lo, self.lo + len(rows), dtype=np.int64), valid.sum(axis=1))
-        order = np.argsort(self.starts, kind="stable")
-        at = np.searchsorted(self.starts[order], q, side="right") - 1
-        part = order[np.maximum(at, 0)]
-        inside = (at >= 0) & (q < self.ends[part])  # rows of new pieces are nobody's to patch
-        write_partitioned(
-            self.out_dir,
-            part[inside],
-            len(self.starts),
-            {"q": q[inside], "r": self.first + line[inside], "s": s[inside].astype(np.float32)},
-        )
-        return int(inside.sum())
+    queries: np.ndarray
+    rows: np.ndarray
+    scores: np.ndarray
+    floor: np.ndarray
+    probes: np.ndarray | None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -209,44 +202,98 @@ class PatchTask:
     store: RowStore
     piece: Piece
     holes: tuple[tuple[int, int], ...]  # global rows that left: (start, rows) of retired pieces
-    reverse: tuple[str, ...]  # the ReverseTask outputs of the pieces joined in full
-    part: int  # this piece's partition in them
+    new: tuple[int, ...]  # the pieces joined in full: their rows are offered to this piece's lists
     out: str  # the neighbour table
     knn: str
 
     def run(self) -> Patched:
         plan, store, piece = self.plan, self.store, self.piece
-        rows, scores, k = read_knn_spare(self.knn)
         higher = plan.metric != "l2"
-        # neighbours that left are dropped: the spare candidates behind them move up
-        gone = in_holes(rows, self.holes) & (rows >= 0)
-        left = np.asarray(gone.any(axis=1))
-        if left.any():
-            rows, scores = np.where(gone, -1, rows), np.where(gone, np.nan, scores).astype(np.float32)
-            order = np.argsort(rows < 0, axis=1, kind="stable")
-            rows, scores = np.take_along_axis(rows, order, axis=1), np.take_along_axis(scores, order, axis=1)
-        lost = left & ((rows >= 0).sum(axis=1) < k)  # fewer than k left: searched again
-        searched = np.flatnonzero(lost)
+        kept = read_kept_lists(self.knn, higher_better=higher)
+        rows, scores, k, floor = kept.rows, kept.scores, kept.k, kept.floor
+        # neighbours that left are dropped: the spare candidates behind them move up (the floor
+        # stays: the rows nobody listed are still at or below it)
+        left = _drop(rows, scores, in_holes(rows, self.holes) & (rows >= 0))
+        # new rows a search would show each query, above its floor (see _offered)
+        offered = self._offered(floor, kept.probes)
+        floor = _raised(floor, offered.floor, higher)
+        under = (scores < floor[:, None]) if higher else (scores > floor[:, None])
+        trimmed = _drop(rows, scores, (rows >= 0) & under)
+        q, r, s = offered.queries, offered.rows, offered.scores
+        above = (s >= floor[q]) if higher else (s <= floor[q])
+        merged = _merge(rows, scores, q=q[above], r=r[above], s=s[above], higher_better=higher)
+        # fewer than k left above the floor: searched again
+        searched = np.flatnonzero((left | trimmed) & ((rows >= 0).sum(axis=1) < k))
         if searched.size:
             self._search_again(rows, scores, searched)
-        # reverse neighbours: new rows whose lists (spare included) hold this piece's queries
-        found = read_partition(self.reverse, self.part, REVERSE_FIELDS)
-        cq = found["q"].astype(np.int64) - piece.start
-        cr = found["r"].astype(np.int64)
-        cs = found["s"].astype(np.float32)
-        last = scores[:, -1]  # the list's last score (spare included): a new row beating it belongs in it
-        full = rows[:, -1] >= 0
-        better = (cs > last[cq]) if higher else (cs < last[cq])
-        # every list takes them in, those just searched again too: a second patch changes nothing
-        enters = better | ~full[cq]
-        merged = _merge(rows, scores, q=cq[enters], r=cr[enters], s=cs[enters], higher_better=higher)
-        if not left.any() and not merged.size:
+            worst = -np.inf if higher else np.inf
+            floor[searched] = np.where(rows[searched, -1] >= 0, scores[searched, -1], worst)
+        full = rows[:, -1] >= 0  # a full list dropped what came after it: its last score bounds the rest
+        floor = np.where(full, _raised(floor, scores[:, -1], higher), floor).astype(np.float32)
+        changed = bool(left.any() or trimmed.any() or merged.size)
+        if changed:
+            table = neighbour_table(store, piece.index, rows[:, :k], scores[:, :k])
+            with atomic_path(self.out) as tmp:
+                pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS, **TABLE_OPTIONS)
+        if changed or (offered.probes is not None and kept.probes is None):  # probes kept for the next update
+            write_knn(self.knn, rows, scores, k=k, floor=floor, probes=offered.probes)
+        if not changed:
             return Patched()
-        table = neighbour_table(store, piece.index, rows[:, :k], scores[:, :k])
-        with atomic_path(self.out) as tmp:
-            pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS, **TABLE_OPTIONS)
-        write_knn(self.knn, rows, scores, k=k)
         return Patched(searched=int(searched.size), merged=int(merged.size), dropped=int(left.sum()), rewritten=True)
+
+    def _offered(self, floor: np.ndarray, probes: np.ndarray | None) -> _Offers:
+        """The new rows a search would show each of the piece's queries at or above its
+        ``floor``, and the floor that leaves (the new rows it was not shown are at or below it).
+
+        IVF-Flat plans (no re-rank) score each query against the new rows of the lists it probes
+        (``probes``, stored by an earlier patch, else assigned now and returned to be stored),
+        keeping every one above the floor: the floor stays. Other plans search the new rows alone
+        ``k`` and the spare deep, through an index of just them where the fill kept their partial
+        indexes, else exactly over their stored vectors; a query shown a full list of them gets its
+        last score as the new side's floor."""
+        plan, store, piece = self.plan, self.store, self.piece
+        worst = np.full(piece.rows, -np.inf if plan.metric != "l2" else np.inf, dtype=np.float32)
+        if not self.new:
+            return _Offers(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), worst, probes)
+        index = None if plan.strategy == "exact" else pieces_index(plan.index_dir, self.new)
+        vectors = store.mapped_vectors(piece.index)
+        batches = [(lo, min(piece.rows, lo + NEW_ROWS_BATCH)) for lo in range(0, piece.rows, NEW_ROWS_BATCH)]
+        parts = []
+        if index is not None and not plan.rerank and plan.nprobe and is_ivf_flat(index):
+            ivf = cast(faiss.IndexIVFFlat, faiss.downcast_index(index))
+            nprobe = min(int(plan.nprobe), int(ivf.nlist))
+            with worker_device():  # the worker's cores, one heavy task at a time
+                threads = faiss.omp_get_max_threads()
+                if probes is None or probes.shape != (piece.rows, nprobe):
+                    probes = np.empty((piece.rows, nprobe), dtype=np.int32)
+                    for lo, hi in batches:
+                        x = np.ascontiguousarray(vectors[lo:hi], dtype=np.float32)
+                        probes[lo:hi] = coarse_assign(ivf.quantizer, x, nprobe)
+                for lo, hi in batches:
+                    x = np.ascontiguousarray(vectors[lo:hi], dtype=np.float32)
+                    q, r, s = search_above(ivf, x, probes[lo:hi], floor[lo:hi], threads)
+                    parts.append((lo + q, r, s))
+            q, r, s = (np.concatenate([p[i] for p in parts]) for i in range(3))
+            return _Offers(q, r, s, worst, probes)
+        new_store = store
+        if index is None:  # exact plans, and indexes filled without partial indexes: every new row is scored
+            new_store = RowStore(store.root, store.starts, store.total_rows, self.new)
+            plan = replace(plan, strategy="exact")
+        ids = store.ids(piece.index)
+        for lo, hi in batches:
+            offsets, found_scores, found_rows = search_batch(
+                index,
+                plan,
+                np.ascontiguousarray(vectors[lo:hi], dtype=np.float32),
+                q_rows=piece.start + np.arange(lo, hi, dtype=np.int64),
+                q_ids=ids.slice(lo, hi - lo),
+                index_store=new_store,
+            )
+            q = lo + np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(offsets))
+            parts.append((q, found_rows.astype(np.int64), found_scores.astype(np.float32)))
+        q, r, s = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        width = plan.k + plan.spare
+        return _Offers(q, r, s, _offers_floor(q, s, piece.rows, width, plan.metric != "l2"), None)
 
     def _search_again(self, rows: np.ndarray, scores: np.ndarray, local: np.ndarray) -> None:
         """Search the queries at ``local`` rows of the piece again, their lists replaced in place."""
@@ -281,44 +328,13 @@ def patch_pieces(
     holes: Sequence[tuple[int, int]],
     out_dir: Path,
     manifest: Manifest,
-    work_dir: Path,
 ) -> tuple[Patched, tuple[int, ...]]:
     """Patch every piece of ``pieces`` not patched yet (stage ``patch``) against the ``new``
-    pieces' lists and the ``holes``; re-record the rewritten ones in the ``join`` stage. Returns
-    the totals and the pieces rewritten.
-
-    The new pieces' lists are read once each (stage ``patch_reverse``, under ``work_dir``) and
-    their entries partitioned by the piece whose query they list."""
+    pieces' rows and the ``holes``; re-record the rewritten ones in the ``join`` stage. Returns
+    the totals and the pieces rewritten."""
     assert plan.knn_dir is not None
     knn_dir = plan.knn_dir
-    starts = np.array([p.start for p in pieces], dtype=np.int64)
-    ends = starts + np.array([p.rows for p in pieces], dtype=np.int64)
-    # each new piece's lists in slices of REVERSE_ROWS rows: tasks that share the cores
-    slices: list[_Slice] = []
-    for p in new if pieces else ():  # nothing to patch: nothing to partition for
-        for lo in range(0, p.rows, REVERSE_ROWS):
-            slices.append(_Slice(len(slices), p, lo, min(lo + REVERSE_ROWS, p.rows)))
-    reverse = [str(work_dir / f"from-{c.piece.index:05d}-{c.lo:09d}") for c in slices]
-    run_stage(
-        client,
-        manifest,
-        Stage(
-            name="patch_reverse",
-            items=slices,
-            task=lambda c: ReverseTask(
-                knn=str(knn_path(knn_dir, c.piece.index)),
-                first=c.piece.start,
-                lo=c.lo,
-                hi=c.hi,
-                starts=starts,
-                ends=ends,
-                out_dir=reverse[c.index],
-            ),
-            files=lambda c: [Path(reverse[c.index]) / "bounds.npy"],
-        ),
-    )
-    sources = tuple(reverse)
-    part_of = {p.index: i for i, p in enumerate(pieces)}
+    new_pieces = tuple(sorted(p.index for p in new))
 
     def files(p: Piece) -> list[Path]:
         return [out_dir / f"part-{p.index:05d}.parquet", knn_path(knn_dir, p.index)]
@@ -335,8 +351,7 @@ def patch_pieces(
                 store=store,
                 piece=p,
                 holes=tuple(holes),
-                reverse=sources,
-                part=part_of[p.index],
+                new=new_pieces,
                 out=str(files(p)[0]),
                 knn=str(files(p)[1]),
             ),

@@ -39,6 +39,8 @@ __all__ = [
     "read_knn_src",
     "write_knn_blocks",
     "write_partitioned",
+    "read_kept_lists",
+    "KeptLists",
     "read_partition",
     "MapEdgesTask",
     "EdgesMapped",
@@ -74,14 +76,21 @@ def write_knn(
     src: np.ndarray | None = None,
     *,
     k: int | None = None,
+    floor: np.ndarray | None = None,
+    probes: np.ndarray | None = None,
 ) -> None:
     """Neighbour lists as global rows (``-1`` padded); ``src``: the query rows, when not a whole
     piece. ``k``: lists wider than ``k`` keep the entries past it apart, as spare candidates
-    (:func:`read_knn` gives the first ``k``, :func:`read_knn_spare` all of them)."""
+    (:func:`read_knn` gives the first ``k``, :func:`read_knn_spare` all of them). ``floor`` and
+    ``probes``: what an input update's patch keeps with the lists (:class:`KeptLists`)."""
     extra: dict[str, Any] = {} if src is None else {"src": np.asarray(src, dtype=np.int64)}
     if k is not None and rows.shape[1] > k:
         extra |= {"spare_rows": rows[:, k:].astype(np.int64), "spare_scores": scores[:, k:].astype(np.float32)}
         rows, scores = rows[:, :k], scores[:, :k]
+    if floor is not None:
+        extra["floor"] = np.asarray(floor, dtype=np.float32)
+    if probes is not None:
+        extra["probes"] = np.asarray(probes, dtype=np.int32)
     write_npz(path, rows=rows.astype(np.int64), scores=scores.astype(np.float32), **extra)
 
 
@@ -100,6 +109,39 @@ def read_knn_spare(
         if "spare_rows" in z:
             return np.hstack([z["rows"], z["spare_rows"]]), np.hstack([z["scores"], z["spare_scores"]]), k
         return z["rows"], z["scores"], k
+
+
+@dataclass
+class KeptLists:
+    """A piece's kept lists as an input update's patch reads and writes them (``knn/``).
+
+    ``floor``: per list, a score every row a search would show the query, and the list does not
+    hold, is at or below (at or above, for l2). A searched list's floor is its last score when
+    it is full, else the worst (the search listed every row it met); a patch keeps it as rows
+    leave the list, so a list that lost rows still says how far it is complete. ``probes``: the
+    lists each query searches (``-1`` past a two-level quantizer's candidates), where a patch
+    stored them: they hold while the quantizer and ``nprobe`` do."""
+
+    rows: np.ndarray
+    scores: np.ndarray
+    k: int
+    floor: np.ndarray
+    probes: np.ndarray | None
+
+
+def read_kept_lists(path: str | os.PathLike[str], *, higher_better: bool) -> KeptLists:
+    """:class:`KeptLists` of one piece; the floor worked out as a search leaves it where no patch
+    stored one."""
+    with np.load(fetched(path)) as z:
+        rows, scores, k = z["rows"], z["scores"], z["rows"].shape[1]
+        if "spare_rows" in z:
+            rows, scores = np.hstack([rows, z["spare_rows"]]), np.hstack([scores, z["spare_scores"]])
+        floor = z["floor"] if "floor" in z else None
+        probes = z["probes"] if "probes" in z else None
+    if floor is None:  # as the join wrote it (lists are at least k >= 1 wide)
+        worst = -np.inf if higher_better else np.inf
+        floor = np.where(rows[:, -1] >= 0, scores[:, -1], worst).astype(np.float32)
+    return KeptLists(rows, scores, k, floor, probes)
 
 
 def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
