@@ -502,29 +502,29 @@ def walk_above(
     starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if lists.size else np.zeros(0, np.int64)
     ends = np.r_[starts[1:], len(lists)]
     views = list_views(index, lists[starts])
-    scaled = x if similarity else x * np.float32(-2.0)
-    # squared L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2
-    bound = floor if similarity else floor - np.einsum("ij,ij->i", x, x)
+    # the queries in list order, gathered once (each list then takes a slice, not a gather); squared
+    # L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2
+    norms = np.einsum("ij,ij->i", x, x)
+    walked = (x if similarity else x * np.float32(-2.0))[queries]
+    bound = (floor if similarity else floor - norms)[queries][:, None]
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for lo, hi, number in zip(starts.tolist(), ends.tolist(), lists[starts].tolist(), strict=True):
         view = views.get(number)
         if view is None:
             continue
-        rows = queries[lo:hi]
-        part = scaled[rows] @ view.stored.T
+        part = walked[lo:hi] @ view.stored.T
         if not similarity:
             part += view.norms()
-        hit = part >= bound[rows, None] if similarity else part <= bound[rows, None]
-        at, col = np.nonzero(hit)
+        at, col = np.nonzero(part >= bound[lo:hi] if similarity else part <= bound[lo:hi])
         if at.size:
-            found.append((rows[at], view.ids[col].astype(np.int64), part[at, col]))
+            found.append((lo + at, view.ids[col], part[at, col]))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    q = np.concatenate([f[0] for f in found])
+    q = queries[np.concatenate([f[0] for f in found])]
     scores = np.concatenate([f[2] for f in found]).astype(np.float32)
     if not similarity:
-        scores += np.einsum("ij,ij->i", x, x)[q]
-    return q, np.concatenate([f[1] for f in found]), scores
+        scores += norms[q]
+    return q, np.concatenate([f[1] for f in found]).astype(np.int64), scores
 
 
 def row_list_map(ivf: faiss.IndexIVF) -> np.ndarray:

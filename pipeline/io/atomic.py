@@ -28,7 +28,7 @@ from pipeline.io.workdir import shown
 
 TMP_MARK = ".tmp-"
 
-__all__ = ["atomic_path", "write_json", "write_npz", "remove_stale_temps", "TMP_MARK"]
+__all__ = ["atomic_path", "write_json", "write_npz", "npz_rows", "npz_take", "remove_stale_temps", "TMP_MARK"]
 
 
 @contextlib.contextmanager
@@ -128,6 +128,29 @@ def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.nda
                 fh.readinto(part.data.cast("B"))
             out[name] = part
     return out
+
+
+def npz_take(path: str | os.PathLike[str], name: str, rows: np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (in that order) of the array ``name`` in an ``.npz`` that :func:`write_npz`
+    wrote, each read from its place in the file: a few rows of a large file without the file."""
+    wanted = np.asarray(rows, dtype=np.int64)
+    with zipfile.ZipFile(path) as zf, open(path, "rb") as fh:
+        info = zf.getinfo(f"{name}.npy")
+        if info.compress_type != zipfile.ZIP_STORED:  # not ours: read it whole
+            return np.load(zf.open(info))[wanted]
+        fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
+        name_len, extra_len = struct.unpack("<HH", fh.read(4))
+        fh.seek(info.header_offset + 30 + name_len + extra_len)
+        shape, fortran, dtype = nodes.npy_header(fh)
+        if fortran or not shape or dtype.hasobject:
+            raise ValueError(f"{path}: {name} is not a C-ordered array of plain values")
+        data = fh.tell()
+        row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+        out = np.empty((len(wanted), *shape[1:]), dtype=dtype)
+        for i, row in enumerate(wanted.tolist()):
+            fh.seek(data + row * row_bytes)
+            fh.readinto(out[i : i + 1].data.cast("B"))
+        return out
 
 
 def remove_stale_temps(directory: str | os.PathLike[str]) -> int:

@@ -13,7 +13,9 @@ import numpy as np
 
 from pipeline.config import Config
 from pipeline.index.built import BuiltIndex
+from pipeline.io.atomic import npz_take
 from pipeline.io.layout import in_holes
+from pipeline.io.nodes import fetched
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric
 from pipeline.results import RecallResult
@@ -36,7 +38,6 @@ from pipeline.search.tuning import (
     sweep,
     walk,
 )
-from pipeline.shuffle.edges import read_knn_spare
 
 __all__ = ["measure_recall", "check_lists"]
 
@@ -508,10 +509,10 @@ class ListedTask:
         store, k = self.store, self.k
         piece_of = np.searchsorted(store.starts, self.queries, side="right") - 1
         listed = np.full((len(self.queries), k), -1, dtype=np.int64)
-        for i, (q, p) in enumerate(zip(self.queries.tolist(), piece_of.tolist(), strict=True)):
-            local = q - int(store.starts[p])
-            rows, _, _ = read_knn_spare(knn_path(self.knn_dir, p), rows=(local, local + 1))
-            listed[i, : min(k, rows.shape[1])] = rows[0, :k]
+        for p in np.unique(piece_of).tolist():  # each file opened once, its sampled rows read in place
+            at = np.flatnonzero(piece_of == p)
+            rows = npz_take(fetched(knn_path(self.knn_dir, p)), "rows", self.queries[at] - store.starts[p])
+            listed[at, : min(k, rows.shape[1])] = rows[:, :k]
         valid = listed >= 0
         scores = np.full(listed.shape, np.nan, dtype=np.float32)
         if valid.any():
