@@ -53,9 +53,17 @@ class Backend(Protocol):
         """Encode ``x`` into the trained ``index`` under ``ids`` (None: positions in adding order)."""
 
     def search(
-        self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+        self,
+        index: faiss.Index,
+        x: np.ndarray,
+        k: int,
+        params: faiss.SearchParameters | None = None,
+        *,
+        assign: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
-        """``index.search`` of ``x``: (scores, ids), each ``(len(x), k)``, ``-1`` ids past what was found."""
+        """``index.search`` of ``x``: (scores, ids), each ``(len(x), k)``, ``-1`` ids past what was found.
+        ``assign``: each query's ``nprobe`` lists where the caller assigned them already (a self-join
+        keeps them with its lists for input updates); a backend may search by them or assign again."""
 
     def group_search(self, ivf: faiss.IndexIVF, first: int, last: int) -> AbstractContextManager[GroupSearch]:
         """Hold ``ivf``'s lists ``[first, last)`` (a routed join's list group) for the block and

@@ -77,13 +77,20 @@ class CpuBackend:
             index.add_with_ids(x, ids)
 
     def search(
-        self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+        self,
+        index: faiss.Index,
+        x: np.ndarray,
+        k: int,
+        params: faiss.SearchParameters | None = None,
+        *,
+        assign: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
         """``index.search``; a large batch on an IVF-Flat index is searched list by list instead
-        (:mod:`pipeline.backends.lists`: the same result, BLAS speed)."""
+        (:mod:`pipeline.backends.lists`: the same result, BLAS speed), by ``assign`` where given."""
         nprobe = getattr(params, "nprobe", None)
         if nprobe and len(x) >= LIST_MAJOR_MIN_QUERIES and is_ivf_flat(index):
-            return list_major_search(cast(faiss.IndexIVFFlat, faiss.downcast_index(index)), x, k, nprobe, self.threads)
+            ivf = cast(faiss.IndexIVFFlat, faiss.downcast_index(index))
+            return list_major_search(ivf, x, k, nprobe, self.threads, assign=assign)
         return index.search(x, k, params=params)
 
     @contextlib.contextmanager

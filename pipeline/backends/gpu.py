@@ -384,8 +384,16 @@ class GpuBackend:
         return clone
 
     def search(
-        self, index: faiss.Index, x: np.ndarray, k: int, params: faiss.SearchParameters | None = None
+        self,
+        index: faiss.Index,
+        x: np.ndarray,
+        k: int,
+        params: faiss.SearchParameters | None = None,
+        *,
+        assign: np.ndarray | None = None,
     ) -> tuple[np.ndarray, np.ndarray]:
+        """On the GPU (the clone assigns the queries itself: ``assign`` is not used), or on the
+        host where the kernels cannot."""
         ivf = ivf_of(index)
         given = getattr(params, "nprobe", None)
         nprobe = 0

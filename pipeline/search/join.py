@@ -23,7 +23,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from pipeline.backends import Backend
-from pipeline.backends.lists import is_ivf_flat, list_bytes_read, list_major_rows
+from pipeline.backends.lists import coarse_assign, is_ivf_flat, list_bytes_read, list_major_rows
 from pipeline.backends.worker import worker_device
 from pipeline.index.fill import load_index
 from pipeline.index.ordered import has_ordered
@@ -126,6 +126,23 @@ def search_params(index: faiss.Index, nprobe: int | None) -> faiss.SearchParamet
     return ivf
 
 
+KEPT_PROBES_MAX = 64  # probes a query keeps with its lists at most (256 bytes, about a k=10 list's own size)
+
+
+def kept_probes(plan: SearchPlan, index: faiss.Index | None, backend: str) -> faiss.IndexIVFFlat | None:
+    """The IVF-Flat index whose queries' lists a self-join assigns itself and keeps with its lists
+    (``knn/``), for an input update's patch to score each query against the new rows of the
+    lists it probes without assigning it again: a CPU list-major join assigns them anyway. None
+    where the lists are not kept or the search is another kind."""
+    if not (plan.knn_dir and plan.self_join and plan.strategy == "index" and plan.nprobe and not plan.rerank):
+        return None
+    if plan.nprobe > KEPT_PROBES_MAX:  # 4 bytes a probe: past this the lists' file would mostly hold probes
+        return None
+    if backend != "cpu" or index is None or not is_ivf_flat(index):
+        return None
+    return cast(faiss.IndexIVFFlat, faiss.downcast_index(index))
+
+
 def search_batch(
     index: faiss.Index | None,
     plan: SearchPlan,
@@ -135,15 +152,19 @@ def search_batch(
     q_ids: pa.Array,
     index_store: RowStore,
     found: tuple[np.ndarray, np.ndarray] | None = None,
+    assign: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Search one batch; return (row offsets, scores, neighbour global rows) in list layout.
 
     ``q_rows`` are the queries' global rows when the queries are the indexed rows (self-join);
     otherwise self-exclusion compares ids. ``found``: the batch's exact lists, computed already
     (the exact self-join by pairs, :mod:`pipeline.search.pairs`): only the rest is done here.
+    ``assign``: the queries' lists, assigned already (:func:`kept_probes`).
     """
     with worker_device() as be:  # the worker's device, one batch at a time
-        return _search_batch(be, index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found)
+        return _search_batch(
+            be, index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found, assign=assign
+        )
 
 
 def _search_batch(
@@ -156,6 +177,7 @@ def _search_batch(
     q_ids: pa.Array,
     index_store: RowStore,
     found: tuple[np.ndarray, np.ndarray] | None = None,
+    assign: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     width = candidates_per_query(plan, index_store.rows if index is None else int(index.ntotal))
     if found is not None:
@@ -163,7 +185,7 @@ def _search_batch(
     elif index is None:  # the exact plan: scores are exact already
         scores, rows = be.exact_search(q, index_store, width, plan.metric)
     else:
-        scores, rows = be.search(index, q, width, search_params(index, plan.nprobe))
+        scores, rows = be.search(index, q, width, search_params(index, plan.nprobe), assign=assign)
     higher_better = plan.metric != "l2"
     valid = rows >= 0
     if plan.rerank and index is not None and found is None:  # found lists are exact already
@@ -238,7 +260,9 @@ class JoinTask:
             # the exact plan scores whole query blocks against each stored piece: larger blocks keep
             # the GEMM tiles full and read the store fewer times
             rows = be.search_rows if plan.strategy == "index" else max(be.search_rows, EXACT_QUERY_ROWS)
+            backend = be.name
         index = shared_index(plan)
+        probed = kept_probes(plan, index, backend) if self.pairs is None and self.routed is None else None
         if index is not None and is_ivf_flat(index):  # list-major search: the more queries per list, the better
             rows = max(rows, list_major_rows(faiss.extract_index_ivf(index).nlist, plan.nprobe))
         batch_rows = max(1, min(rows, budget_rows))
@@ -273,21 +297,23 @@ class JoinTask:
                 )
                 _, lo, hi = batch[0]
                 found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
+                q = np.ascontiguousarray(q)
+                assign = None
+                if probed is not None:  # assigned here, kept with the lists (the search takes them)
+                    with worker_device():
+                        assign = coarse_assign(probed.quantizer, q, min(int(plan.nprobe or 1), int(probed.nlist)))
                 offsets, scores, nbr_rows = search_batch(
-                    index,
-                    plan,
-                    np.ascontiguousarray(q),
-                    q_rows=q_rows,
-                    q_ids=q_ids,
-                    index_store=index_store,
-                    found=found,
+                    index, plan, q, q_rows=q_rows, q_ids=q_ids, index_store=index_store, found=found, assign=assign
                 )
                 first = 0
                 for p, lo, hi in batch:  # each piece's share of the batch, in list layout
                     a, b = int(offsets[first]), int(offsets[first + hi - lo])
                     share = offsets[first : first + hi - lo + 1] - a
                     ids = q_ids.slice(first, hi - lo)
-                    sinks[at[p.index]].add(lo, hi, offsets=share, scores=scores[a:b], nbr_rows=nbr_rows[a:b], q_ids=ids)
+                    probes = None if assign is None else assign[first : first + hi - lo]
+                    sinks[at[p.index]].add(
+                        lo, hi, offsets=share, scores=scores[a:b], nbr_rows=nbr_rows[a:b], q_ids=ids, probes=probes
+                    )
                     first += hi - lo
                 progress.advance(first)
             for sink in sinks:
@@ -340,14 +366,30 @@ class _TableSink:
         width = plan.k + plan.spare
         self.knn_rows = np.full((piece.rows, width), -1, dtype=np.int64) if plan.knn_dir else None
         self.knn_scores = np.full((piece.rows, width), np.nan, dtype=np.float32) if plan.knn_dir else None
+        self.knn_probes: np.ndarray | None = None  # the queries' lists, where the join assigned them itself
+        self.probed = 0
 
     def add(
-        self, lo: int, hi: int, *, offsets: np.ndarray, scores: np.ndarray, nbr_rows: np.ndarray, q_ids: pa.Array
+        self,
+        lo: int,
+        hi: int,
+        *,
+        offsets: np.ndarray,
+        scores: np.ndarray,
+        nbr_rows: np.ndarray,
+        q_ids: pa.Array,
+        probes: np.ndarray | None = None,
     ) -> None:
-        """Rows ``[lo, hi)`` of the piece, their lists in list layout (``offsets`` from 0)."""
+        """Rows ``[lo, hi)`` of the piece, their lists in list layout (``offsets`` from 0), and
+        where given the lists each query probed."""
         plan = self.plan
         if self.knn_rows is not None and self.knn_scores is not None:
             to_padded(self.knn_rows, self.knn_scores, lo, offsets=offsets, rows=nbr_rows, scores=scores)
+            if probes is not None:
+                if self.knn_probes is None:
+                    self.knn_probes = np.full((self.piece.rows, probes.shape[1]), -1, dtype=np.int32)
+                self.knn_probes[lo:hi] = probes
+                self.probed += hi - lo
         if plan.spare:  # the table lists the first k; the spare are kept in knn/ only
             offsets, scores, nbr_rows = first_k(offsets, scores, nbr_rows, plan.k)
         self.short += int((np.diff(offsets) < plan.k).sum())
@@ -368,7 +410,9 @@ class _TableSink:
     def finish(self) -> None:
         """Write the lists as global rows, after the table is in place."""
         if self.knn_rows is not None and self.knn_scores is not None:
-            write_knn(knn_path(self.plan.knn_dir, self.piece.index), self.knn_rows, self.knn_scores, k=self.plan.k)
+            probes = self.knn_probes if self.probed == self.piece.rows else None  # every query's, or none
+            path = knn_path(self.plan.knn_dir, self.piece.index)
+            write_knn(path, self.knn_rows, self.knn_scores, k=self.plan.k, probes=probes)
 
 
 MIN_RUN_PIECE_ROWS = 16_384  # smaller pieces are joined a task each (small inputs: a killed join keeps fine steps)
