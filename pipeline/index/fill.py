@@ -59,7 +59,7 @@ __all__ = [
     "read_cached",
     "row_lists",
     "part_path",
-    "pieces_index",
+    "part_index",
     "FillRecord",
     "ROW_LISTS",
 ]
@@ -198,32 +198,25 @@ def part_path(index_dir: str | os.PathLike[str], piece: int) -> Path:
     return Path(index_dir) / "parts" / f"part-{piece:05d}.faiss"
 
 
-def pieces_index(index_dir: str | os.PathLike[str], pieces: Sequence[int]) -> faiss.Index | None:
-    """An index like ``index_dir``'s holding only the rows of ``pieces`` (their global rows as ids),
-    merged in memory from their partial indexes, once per process: searching it at a plan's
-    ``nprobe`` finds among those rows what a search of the whole index finds among them (an
-    input update's new rows, :mod:`pipeline.search.update`). None where the fill keeps no partial
-    indexes (exact plans, ``serial`` fills)."""
+def part_index(index_dir: str | os.PathLike[str], piece: int) -> faiss.Index | None:
+    """The partial index of one piece (its rows under their global rows as ids), as the finished
+    index searches it, once per process: a fast-scan index's pieces are encoded by the plain twin
+    and converted here as the merge converts them. Searching it at a plan's ``nprobe`` finds among
+    the piece's rows what a search of the whole index finds among them (an input update's new
+    rows, :mod:`pipeline.search.update`). None where the fill keeps no partial indexes (exact
+    plans, ``serial`` fills)."""
     d = Path(index_dir)
-    paths = [part_path(d, p) for p in sorted(pieces)]
-    if not paths or not all(present(p) for p in paths):
+    path = part_path(d, piece)
+    if not present(path):
         return None
     fastscan = isinstance(faiss.extract_index_ivf(load_index(d)), faiss.IndexIVFPQFastScan)
-    local = [fetched(p) for p in (d / "trained.faiss", *paths)]
-    return _merged_parts(tuple((str(p), p.stat().st_mtime_ns) for p in local), fastscan)
+    local = fetched(path)
+    return _part(str(local), local.stat().st_mtime_ns, fastscan)
 
 
 @lru_cache(maxsize=2)
-def _merged_parts(files: tuple[tuple[str, int], ...], fastscan: bool) -> faiss.Index:
-    """The trained index (``files[0]``) with the partial indexes after it merged in, as the
-    fill's in-memory merge does (fast-scan pieces are encoded by their plain twin, converted once)."""
-    (trained, _), *parts = files
-    index = faiss.read_index(trained)
-    ivf = faiss.extract_index_ivf(index)
-    for path, _ in parts:
-        part = faiss.read_index(path)  # held: the IVF extracted below lives inside it
-        ivf.merge_from(faiss.extract_index_ivf(part), 0)
-    index.ntotal = ivf.ntotal  # a wrapper (a transform in front) counts its own
+def _part(path: str, mtime_ns: int, fastscan: bool) -> faiss.Index:
+    index = faiss.read_index(path)
     return faiss.IndexIVFPQFastScan(index) if fastscan else index
 
 

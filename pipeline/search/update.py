@@ -34,7 +34,7 @@ import pyarrow.parquet as pq
 
 from pipeline.backends.lists import coarse_assign, is_ivf_flat, search_above
 from pipeline.backends.worker import worker_device
-from pipeline.index.fill import pieces_index
+from pipeline.index.fill import part_index
 from pipeline.io.atomic import atomic_path
 from pipeline.io.layout import in_holes
 from pipeline.io.parquet import Piece
@@ -245,41 +245,66 @@ class PatchTask:
         """The new rows a search would show each of the piece's queries at or above its
         ``floor``, and the floor that leaves (the new rows it was not shown are at or below it).
 
-        IVF-Flat plans (no re-rank) score each query against the new rows of the lists it probes
-        (``probes``, stored by an earlier patch, else assigned now and returned to be stored),
-        keeping every one above the floor: the floor stays. Other plans search the new rows alone
-        ``k`` and the spare deep, through an index of just them where the fill kept their partial
-        indexes, else exactly over their stored vectors; a query shown a full list of them gets its
-        last score as the new side's floor."""
+        The new pieces are taken one at a time, each through its partial index (one piece's rows
+        in memory at once). IVF-Flat plans (no re-rank) score each query against the new rows of
+        the lists it probes (``probes``, kept with its lists, else assigned now and returned to be
+        kept) and keep every one above the floor: the floor stays. Other plans search each new
+        piece ``k`` and the spare deep (exactly over its stored vectors where the fill kept no
+        partial index); a query shown a full list of a piece gets its last score as a floor."""
         plan, store, piece = self.plan, self.store, self.piece
-        worst = np.full(piece.rows, -np.inf if plan.metric != "l2" else np.inf, dtype=np.float32)
-        if not self.new:
-            return _Offers(np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32), worst, probes)
-        index = None if plan.strategy == "exact" else pieces_index(plan.index_dir, self.new)
+        higher = plan.metric != "l2"
+        floor_after = np.full(piece.rows, -np.inf if higher else np.inf, dtype=np.float32)
+        found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
         vectors = store.mapped_vectors(piece.index)
         batches = [(lo, min(piece.rows, lo + NEW_ROWS_BATCH)) for lo in range(0, piece.rows, NEW_ROWS_BATCH)]
-        parts = []
-        if index is not None and not plan.rerank and plan.nprobe and is_ivf_flat(index):
-            ivf = cast(faiss.IndexIVFFlat, faiss.downcast_index(index))
-            nprobe = min(int(plan.nprobe), int(ivf.nlist))
-            with worker_device():  # the worker's cores, one heavy task at a time
-                threads = faiss.omp_get_max_threads()
-                if probes is None or probes.shape != (piece.rows, nprobe):
-                    probes = np.empty((piece.rows, nprobe), dtype=np.int32)
+        for new in self.new:
+            index = None if plan.strategy == "exact" else part_index(plan.index_dir, new)
+            if index is not None and not plan.rerank and plan.nprobe and is_ivf_flat(index):
+                ivf = cast(faiss.IndexIVFFlat, faiss.downcast_index(index))
+                probes = self._probes(ivf, vectors, batches, probes)
+                with worker_device():  # the worker's cores, one heavy task at a time
                     for lo, hi in batches:
                         x = np.ascontiguousarray(vectors[lo:hi], dtype=np.float32)
-                        probes[lo:hi] = coarse_assign(ivf.quantizer, x, nprobe)
-                for lo, hi in batches:
-                    x = np.ascontiguousarray(vectors[lo:hi], dtype=np.float32)
-                    q, r, s = search_above(ivf, x, probes[lo:hi], floor[lo:hi], threads)
-                    parts.append((lo + q, r, s))
-            q, r, s = (np.concatenate([p[i] for p in parts]) for i in range(3))
-            return _Offers(q, r, s, worst, probes)
+                        q, r, s = search_above(ivf, x, probes[lo:hi], floor[lo:hi], faiss.omp_get_max_threads())
+                        found.append((lo + q, r, s))
+                continue
+            q, s, r = self._search_new(index, new, vectors, batches)
+            shown = _offers_floor(q, s, piece.rows, plan.k + plan.spare, higher)  # per new piece: the worst it left
+            floor_after = _raised(floor_after, shown, higher)
+            found.append((q, r, s))
+        if not found:
+            none = np.zeros(0, np.int64)
+            return _Offers(none, none, np.zeros(0, np.float32), floor_after, probes)
+        q, r, s = (np.concatenate([f[i] for f in found]) for i in range(3))
+        return _Offers(q, r.astype(np.int64), s.astype(np.float32), floor_after, probes)
+
+    def _probes(
+        self, ivf: faiss.IndexIVFFlat, vectors: np.ndarray, batches: list[tuple[int, int]], kept: np.ndarray | None
+    ) -> np.ndarray:
+        """The lists each of the piece's queries probes: ``kept`` with its lists, else assigned."""
+        nprobe = min(int(self.plan.nprobe or 1), int(ivf.nlist))
+        if kept is not None and kept.shape == (self.piece.rows, nprobe):
+            return kept
+        probes = np.empty((self.piece.rows, nprobe), dtype=np.int32)
+        with worker_device():
+            for lo, hi in batches:
+                probes[lo:hi] = coarse_assign(
+                    ivf.quantizer, np.ascontiguousarray(vectors[lo:hi], dtype=np.float32), nprobe
+                )
+        return probes
+
+    def _search_new(
+        self, index: faiss.Index | None, new: int, vectors: np.ndarray, batches: list[tuple[int, int]]
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``(query, score, new row)``: the piece's queries searched against new piece ``new``
+        alone, ``k`` and the spare deep: through its partial index, else exactly."""
+        plan, store, piece = self.plan, self.store, self.piece
         new_store = store
-        if index is None:  # exact plans, and indexes filled without partial indexes: every new row is scored
-            new_store = RowStore(store.root, store.starts, store.total_rows, self.new)
+        if index is None:
+            new_store = RowStore(store.root, store.starts, store.total_rows, (new,))
             plan = replace(plan, strategy="exact")
         ids = store.ids(piece.index)
+        parts = []
         for lo, hi in batches:
             offsets, found_scores, found_rows = search_batch(
                 index,
@@ -290,10 +315,9 @@ class PatchTask:
                 index_store=new_store,
             )
             q = lo + np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(offsets))
-            parts.append((q, found_rows.astype(np.int64), found_scores.astype(np.float32)))
-        q, r, s = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        width = plan.k + plan.spare
-        return _Offers(q, r, s, _offers_floor(q, s, piece.rows, width, plan.metric != "l2"), None)
+            parts.append((q, found_scores.astype(np.float32), found_rows.astype(np.int64)))
+        q, s, r = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        return q, s, r
 
     def _search_again(self, rows: np.ndarray, scores: np.ndarray, local: np.ndarray) -> None:
         """Search the queries at ``local`` rows of the piece again, their lists replaced in place."""
