@@ -42,6 +42,7 @@ from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import Stage, run_stage
 from pipeline.search.join import (
+    KEPT_PROBES_MAX,
     ROW_GROUP_ROWS,
     TABLE_OPTIONS,
     SearchPlan,
@@ -235,8 +236,9 @@ class PatchTask:
             table = neighbour_table(store, piece.index, rows[:, :k], scores[:, :k])
             with atomic_path(self.out) as tmp:
                 pq.write_table(table, str(tmp), row_group_size=ROW_GROUP_ROWS, **TABLE_OPTIONS)
-        if changed or (offered.probes is not None and kept.probes is None):  # probes kept for the next update
-            write_knn(self.knn, rows, scores, k=k, floor=floor, probes=offered.probes)
+        probes = offered.probes if offered.probes is not None and offered.probes.shape[1] <= KEPT_PROBES_MAX else None
+        if changed or (probes is not None and kept.probes is None):  # probes kept for the next update
+            write_knn(self.knn, rows, scores, k=k, floor=floor, probes=probes)
         if not changed:
             return Patched()
         return Patched(searched=int(searched.size), merged=int(merged.size), dropped=int(left.sum()), rewritten=True)
