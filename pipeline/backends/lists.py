@@ -427,6 +427,18 @@ def list_views(index: faiss.IndexIVFFlat, numbers: np.ndarray) -> dict[int, List
     return out
 
 
+def _list_runs(assign: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The ``(query, list)`` pairs of ``assign`` (each row's lists) grouped by list: ``(queries,
+    lists, starts, ends)``, the pairs' queries and lists in list order (queries in order within a
+    list) and each list's run ``[start, end)`` of them."""
+    flat = assign.ravel()
+    order = np.argsort(flat, kind="stable")
+    lists = flat[order]
+    queries = (order // max(1, assign.shape[1])).astype(np.int64)
+    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if lists.size else np.zeros(0, np.int64)
+    return queries, lists, starts, np.r_[starts[1:], len(lists)].astype(np.int64)
+
+
 def walk_lists(
     index: faiss.IndexIVFFlat,
     x: np.ndarray,
@@ -439,12 +451,7 @@ def walk_lists(
     """One thread's list-major walk: the queries ``x``, each with its ``nprobe`` lists ``assign``,
     over the lists' ``views`` (made here when not given). Squared L2 is ranked without each
     query's own norm (added by the caller)."""
-    flat = assign.ravel()
-    order = np.argsort(flat, kind="stable")
-    lists = flat[order]
-    queries = (order // assign.shape[1]).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]])
-    ends = np.r_[starts[1:], len(lists)]
+    queries, lists, starts, ends = _list_runs(assign)
     if views is None:
         views = list_views(index, lists[starts])
     heap = faiss.ResultHeap(len(x), k, keep_max=similarity)
@@ -487,7 +494,11 @@ def search_above(
     _in_shares(len(x), threads, walk)
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
-    return tuple(np.concatenate([f[i] for f in found]) for i in range(3))  # type: ignore[return-value]
+    return (
+        np.concatenate([f[0] for f in found]),
+        np.concatenate([f[1] for f in found]),
+        np.concatenate([f[2] for f in found]),
+    )
 
 
 def walk_above(
@@ -495,12 +506,7 @@ def walk_above(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """One thread's :func:`search_above`: the queries ``x``, each with its lists ``assign``."""
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
-    flat = assign.ravel()
-    order = np.argsort(flat, kind="stable")
-    lists = flat[order]
-    queries = (order // max(1, assign.shape[1])).astype(np.int64)
-    starts = np.flatnonzero(np.r_[True, lists[1:] != lists[:-1]]) if lists.size else np.zeros(0, np.int64)
-    ends = np.r_[starts[1:], len(lists)]
+    queries, lists, starts, ends = _list_runs(assign)
     views = list_views(index, lists[starts])
     # the queries in list order, gathered once (each list then takes a slice, not a gather); squared
     # L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2

@@ -103,6 +103,18 @@ def write_npz(path: str | os.PathLike[str], **arrays: Any) -> None:
             np.savez(fh, **arrays)
 
 
+def _stored_member(path: str | os.PathLike[str], fh: Any, info: zipfile.ZipInfo) -> tuple[tuple[int, ...], np.dtype]:
+    """Seek ``fh`` to the first value of a stored (uncompressed) ``.npy`` member of an ``.npz``;
+    return its shape and dtype."""
+    fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
+    name_len, extra_len = struct.unpack("<HH", fh.read(4))
+    fh.seek(info.header_offset + 30 + name_len + extra_len)
+    shape, fortran, dtype = nodes.npy_header(fh)
+    if fortran or not shape or dtype.hasobject:
+        raise ValueError(f"{path}: {info.filename.removesuffix('.npy')} is not a C-ordered array of plain values")
+    return shape, dtype
+
+
 def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.ndarray]:
     """Rows ``[lo, hi)`` of every array in an ``.npz`` that :func:`write_npz` wrote, each read from
     its place in the file (the members are stored, not compressed): a task that wants a slice of a
@@ -114,12 +126,7 @@ def npz_rows(path: str | os.PathLike[str], lo: int, hi: int) -> dict[str, np.nda
             if info.compress_type != zipfile.ZIP_STORED:  # not ours: read it whole
                 out[name] = np.load(zf.open(info))[lo:hi]
                 continue
-            fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
-            name_len, extra_len = struct.unpack("<HH", fh.read(4))
-            fh.seek(info.header_offset + 30 + name_len + extra_len)
-            shape, fortran, dtype = nodes.npy_header(fh)
-            if fortran or not shape or dtype.hasobject:
-                raise ValueError(f"{path}: {name} is not a C-ordered array of plain values")
+            shape, dtype = _stored_member(path, fh, info)
             a, b = min(max(lo, 0), shape[0]), min(max(hi, 0), shape[0])
             row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
             part = np.empty((max(0, b - a), *shape[1:]), dtype=dtype)
@@ -138,12 +145,7 @@ def npz_take(path: str | os.PathLike[str], name: str, rows: np.ndarray) -> np.nd
         info = zf.getinfo(f"{name}.npy")
         if info.compress_type != zipfile.ZIP_STORED:  # not ours: read it whole
             return np.load(zf.open(info))[wanted]
-        fh.seek(info.header_offset + 26)  # the local header's name and extra lengths
-        name_len, extra_len = struct.unpack("<HH", fh.read(4))
-        fh.seek(info.header_offset + 30 + name_len + extra_len)
-        shape, fortran, dtype = nodes.npy_header(fh)
-        if fortran or not shape or dtype.hasobject:
-            raise ValueError(f"{path}: {name} is not a C-ordered array of plain values")
+        shape, dtype = _stored_member(path, fh, info)
         data = fh.tell()
         row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
         out = np.empty((len(wanted), *shape[1:]), dtype=dtype)

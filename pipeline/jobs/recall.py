@@ -23,7 +23,7 @@ from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.runner import result_of, submit
 from pipeline.search.exact import pair_scores
 from pipeline.search.join import SearchPlan, knn_path
-from pipeline.search.recall import tie_aware_hits
+from pipeline.search.recall import recall_at_k, tie_aware_hits
 from pipeline.search.truth import TRUTH_SPARE_PER_K, keep_truth, kept_truth, refresh
 from pipeline.search.tuning import (
     CONFIDENCE,
@@ -538,14 +538,7 @@ def check_lists(
     hits = tie_aware_hits(list(scores), truth, plan.k, built.metric)
     tie = float(hits.mean()) if hits.size else float("nan")
     true_rows = kept.rows[:, : plan.k]
-    strict = float(
-        np.mean(
-            [
-                len(set(a[a >= 0].tolist()) & set(b[b >= 0].tolist())) / max(1, int((b >= 0).sum()))
-                for a, b in zip(listed, true_rows, strict=True)
-            ]
-        )
-    )
+    strict = recall_at_k([a[a >= 0].tolist() for a in listed], [b[b >= 0].tolist() for b in true_rows], plan.k)
     said = (
         f"recall@{plan.k} {tie:.3f} (tie-aware; strict {strict:.3f}) of the updated lists on {hits.size} sampled "
         f"queries; a search at the plan: {recall.recall:.3f}"

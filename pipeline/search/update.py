@@ -7,12 +7,14 @@ are joined in full (the usual join, :mod:`pipeline.search.join`); then every oth
 
 - a query one of whose neighbours left (a row of a removed or rewritten file) loses it, and its
   spare candidates move up; it is searched again only when fewer than ``k`` are left;
-- a new row enters a query's list when it beats the query's last candidate. The piece's queries
-  are searched against the new rows alone (an index of just them, merged from their partial
-  indexes, at the plan's ``nprobe`` and re-rank; exact search over them for other plans), so each
-  query meets exactly the new rows a search of the whole index would show it. A new row's own
-  list says little about the lists it enters: with inner products over rows of unequal norms a
-  long row belongs in many lists while its own holds other long rows.
+- a new row enters a query's list when it scores at or above the list's *floor* (the score every
+  row the list does not hold is at or below; :class:`pipeline.shuffle.edges.KeptLists`). The
+  piece's queries meet the new rows one new piece's partial index at a time: on IVF-Flat plans
+  each query is scored against the new rows of the lists it probes (its probes kept with its
+  lists), elsewhere it searches the piece ``k`` and the spare deep. So each query meets exactly
+  the new rows a search of the whole index would show it. A new row's own list says little about
+  the lists it enters: with inner products over rows of unequal norms a long row belongs in many
+  lists while its own holds other long rows.
 
 A piece none of whose queries changed is left alone; a changed one has its lists and neighbour
 table rewritten whole, atomically. Patching twice gives the same lists (repeats are dropped), so a
@@ -52,7 +54,7 @@ from pipeline.search.join import (
     shared_index,
     to_padded,
 )
-from pipeline.shuffle.edges import read_kept_lists, write_knn
+from pipeline.shuffle.edges import read_kept_lists, searched_floor, write_knn
 
 __all__ = ["Patched", "PatchTask", "patch_pieces", "neighbour_table", "spare_for"]
 
@@ -227,8 +229,7 @@ class PatchTask:
         searched = np.flatnonzero((left | trimmed) & ((rows >= 0).sum(axis=1) < k))
         if searched.size:
             self._search_again(rows, scores, searched)
-            worst = -np.inf if higher else np.inf
-            floor[searched] = np.where(rows[searched, -1] >= 0, scores[searched, -1], worst)
+            floor[searched] = searched_floor(rows[searched], scores[searched], higher_better=higher)
         full = rows[:, -1] >= 0  # a full list dropped what came after it: its last score bounds the rest
         floor = np.where(full, _raised(floor, scores[:, -1], higher), floor).astype(np.float32)
         changed = bool(left.any() or trimmed.any() or merged.size)
@@ -270,7 +271,7 @@ class PatchTask:
                         q, r, s = search_above(ivf, x, probes[lo:hi], floor[lo:hi], faiss.omp_get_max_threads())
                         found.append((lo + q, r, s))
                 continue
-            q, s, r = self._search_new(index, new, vectors, batches)
+            q, r, s = self._search_new(index, new, vectors, batches)
             shown = _offers_floor(q, s, piece.rows, plan.k + plan.spare, higher)  # per new piece: the worst it left
             floor_after = _raised(floor_after, shown, higher)
             found.append((q, r, s))
@@ -298,7 +299,7 @@ class PatchTask:
     def _search_new(
         self, index: faiss.Index | None, new: int, vectors: np.ndarray, batches: list[tuple[int, int]]
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """``(query, score, new row)``: the piece's queries searched against new piece ``new``
+        """``(query, new row, score)``: the piece's queries searched against new piece ``new``
         alone, ``k`` and the spare deep: through its partial index, else exactly."""
         plan, store, piece = self.plan, self.store, self.piece
         new_store = store
@@ -317,9 +318,9 @@ class PatchTask:
                 index_store=new_store,
             )
             q = lo + np.repeat(np.arange(hi - lo, dtype=np.int64), np.diff(offsets))
-            parts.append((q, found_scores.astype(np.float32), found_rows.astype(np.int64)))
-        q, s, r = (np.concatenate([p[i] for p in parts]) for i in range(3))
-        return q, s, r
+            parts.append((q, found_rows.astype(np.int64), found_scores.astype(np.float32)))
+        q, r, s = (np.concatenate([p[i] for p in parts]) for i in range(3))
+        return q, r, s
 
     def _search_again(self, rows: np.ndarray, scores: np.ndarray, local: np.ndarray) -> None:
         """Search the queries at ``local`` rows of the piece again, their lists replaced in place."""

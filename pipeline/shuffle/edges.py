@@ -40,6 +40,7 @@ __all__ = [
     "write_knn_blocks",
     "write_partitioned",
     "read_kept_lists",
+    "searched_floor",
     "KeptLists",
     "read_partition",
     "MapEdgesTask",
@@ -138,10 +139,17 @@ def read_kept_lists(path: str | os.PathLike[str], *, higher_better: bool) -> Kep
             rows, scores = np.hstack([rows, z["spare_rows"]]), np.hstack([scores, z["spare_scores"]])
         floor = z["floor"] if "floor" in z else None
         probes = z["probes"] if "probes" in z else None
-    if floor is None:  # as the join wrote it (lists are at least k >= 1 wide)
-        worst = -np.inf if higher_better else np.inf
-        floor = np.where(rows[:, -1] >= 0, scores[:, -1], worst).astype(np.float32)
+    if floor is None:  # as the join wrote it
+        floor = searched_floor(rows, scores, higher_better=higher_better)
     return KeptLists(rows, scores, k, floor, probes)
+
+
+def searched_floor(rows: np.ndarray, scores: np.ndarray, *, higher_better: bool) -> np.ndarray:
+    """The floor of lists a search filled (:class:`KeptLists`): each full list's last score, the
+    worst score where the list is not full (the search listed every row it met). Lists are at
+    least ``k >= 1`` wide."""
+    worst = -np.inf if higher_better else np.inf
+    return np.where(rows[:, -1] >= 0, scores[:, -1], worst).astype(np.float32)
 
 
 def write_knn_blocks(path: str | os.PathLike[str], blocks: Sequence[tuple[np.ndarray, np.ndarray, np.ndarray]]) -> None:
