@@ -508,22 +508,29 @@ def walk_above(
     similarity = index.metric_type == faiss.METRIC_INNER_PRODUCT
     queries, lists, starts, ends = _list_runs(assign)
     views = list_views(index, lists[starts])
-    # the queries in list order, gathered once (each list then takes a slice, not a gather); squared
-    # L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2
+    # squared L2 is compared without the query's norm: |y|^2 - 2 x.y <= floor - |x|^2
     norms = np.einsum("ij,ij->i", x, x)
-    walked = (x if similarity else x * np.float32(-2.0))[queries]
-    bound = (floor if similarity else floor - norms)[queries][:, None]
+    bound = floor if similarity else floor - norms
     found: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for lo, hi, number in zip(starts.tolist(), ends.tolist(), lists[starts].tolist(), strict=True):
         view = views.get(number)
         if view is None:
             continue
-        part = walked[lo:hi] @ view.stored.T
+        # each list gathers its own queries, a few hundred rows that stay in cache: all of them
+        # gathered at once took 100 MB for a piece of 50k queries (nprobe 4), mapped afresh and
+        # faulted in each time (0.16 to 0.71 s a piece against 0.11 to 0.14 s, one thread)
+        rows = queries[lo:hi]
+        walked = x[rows]
+        if not similarity:
+            walked *= np.float32(-2.0)
+        part = walked @ view.stored.T
         if not similarity:
             part += view.norms()
-        at, col = np.nonzero(part >= bound[lo:hi] if similarity else part <= bound[lo:hi])
-        if at.size:
-            found.append((lo + at, view.ids[col], part[at, col]))
+        limit = bound[rows][:, None]
+        hit = np.flatnonzero(part >= limit if similarity else part <= limit)
+        if hit.size:
+            at, col = np.divmod(hit, part.shape[1])
+            found.append((lo + at, view.ids[col], part.ravel()[hit]))
     if not found:
         return np.zeros(0, np.int64), np.zeros(0, np.int64), np.zeros(0, np.float32)
     q = queries[np.concatenate([f[0] for f in found])]
