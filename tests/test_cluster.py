@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import pytest
 
 from pipeline import ConfigError, parse_config
@@ -409,3 +413,118 @@ def test_the_embedded_workers_run_without_dasks_statistical_profiler(workers):
 
     with dask_client(ClusterSpec(workers=workers, threads_per_worker=1, device="cpu")) as (client, _):
         assert set(client.run(profiled).values()) == {False}
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Weighted:
+    """A task record holding a large input many records share, and a small one of its own."""
+
+    queries: np.ndarray
+    weights: np.ndarray
+
+    def run(self) -> float:
+        return float((self.queries @ self.weights).sum())
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Doubles:
+    queries: np.ndarray
+
+    def run(self) -> None:
+        np.multiply(self.queries, 2, out=self.queries)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Pieces:
+    store: Any
+
+    def run(self) -> tuple[int, int]:
+        return len(self.store.starts), self.store.rows
+
+
+def _records_bytes(calls: list[tuple[Any, tuple[Any, ...]]]) -> int:
+    """The array bytes the submitted calls carried: the records' fields and shared inputs alike."""
+    total = 0
+    for _, args in calls:
+        for arg in args:
+            values = [getattr(arg, f.name) for f in dataclasses.fields(arg)] if dataclasses.is_dataclass(arg) else [arg]
+            total += sum(v.nbytes for v in values if isinstance(v, np.ndarray))
+    return total
+
+
+def test_a_large_task_input_goes_to_the_cluster_once_for_every_record_that_holds_it(dask_address, monkeypatch):
+    """Records holding one large array (a recall sample, say, in a task per stored piece) send it
+    once, not once per record; each record gets it back, read-only (every task of a worker holds
+    the same one), and a record that would change it fails loudly instead of changing the others'."""
+    from distributed import Client
+
+    from pipeline.runtime import runner
+
+    rng = np.random.default_rng(0)
+    queries = rng.standard_normal((512, 256)).astype(np.float32)  # 512 KiB
+    weights = [rng.standard_normal(256).astype(np.float32) for _ in range(20)]
+    calls: list[tuple[Any, tuple[Any, ...]]] = []
+    with Client(dask_address) as client:
+        real = client.submit
+        monkeypatch.setattr(client, "submit", lambda fn, *a, **kw: calls.append((fn, a)) or real(fn, *a, **kw))
+        records = [_Weighted(queries=queries, weights=w) for w in weights]
+        got = runner.gather(client, [runner.submit(client, r, "t") for r in records])
+        assert got == pytest.approx([float((queries @ w).sum()) for w in weights], rel=1e-4)
+        assert queries.nbytes <= _records_bytes(calls) < queries.nbytes + 21 * weights[0].nbytes + 1024
+        with pytest.raises(ValueError, match="read-only"):
+            runner.result_of(runner.submit(client, _Doubles(queries=queries), "t"))
+        small = np.ones(8, dtype=np.float32)
+        runner.result_of(runner.submit(client, _Doubles(queries=small), "t"))  # sent in the record: its own copy
+    assert np.array_equal(small, np.ones(8, dtype=np.float32))
+
+
+def test_a_store_of_many_pieces_goes_to_the_cluster_once(dask_address, monkeypatch, tmp_path):
+    """A row store's tables grow with its pieces (23,000 pieces of 128 MiB at 10^9 x 768): one
+    of thousands of pieces is sent once for all the records that hold it; one of a few pieces
+    travels in each record as before."""
+    from distributed import Client
+
+    from pipeline.io.store import RowStore
+    from pipeline.runtime import runner
+
+    many = RowStore(tmp_path, np.arange(4000, dtype=np.int64) * 10, 40_000, live=tuple(range(0, 4000, 2)))
+    few = RowStore(tmp_path, np.arange(4, dtype=np.int64) * 10, 40)
+    sent: list[Any] = []
+    with Client(dask_address) as client:
+        real = client.submit
+        monkeypatch.setattr(client, "submit", lambda fn, *a, **kw: sent.append(a[0]) or real(fn, *a, **kw))
+        assert (
+            runner.gather(client, [runner.submit(client, _Pieces(store=many), "t") for _ in range(5)])
+            == [(4000, 20_000)] * 5
+        )
+        assert sum(isinstance(a, RowStore) for a in sent) == 1  # once, in a task of its own
+        sent.clear()
+        assert runner.result_of(runner.submit(client, _Pieces(store=few), "t")) == (4, 40)
+        assert isinstance(sent[0], _Pieces) and sent[0].store is few
+
+
+@pytest.mark.slow
+def test_a_shared_input_lost_with_its_worker_is_made_again(tmp_path):
+    """The worker holding a shared input dies (killed, or restarted by its nanny for memory):
+    the records still to run get it again, from its own task, instead of failing."""
+    from distributed import Client, LocalCluster
+
+    from pipeline.runtime import runner
+
+    queries = np.random.default_rng(1).standard_normal((256, 256)).astype(np.float32)
+    w = np.ones(256, dtype=np.float32)
+    with (
+        LocalCluster(n_workers=2, threads_per_worker=1, processes=True, host="127.0.0.1", dashboard_address=None,
+                     silence_logs=logging.ERROR) as cluster,
+        Client(cluster) as client,
+    ):  # fmt: skip
+        want = float((queries @ w).sum())
+        first = runner.submit(client, _Weighted(queries=queries, weights=w), "t")
+        assert runner.result_of(first) == pytest.approx(want)
+        holders = {addr for addrs in client.who_has().values() for addr in addrs}
+        assert holders
+        with contextlib.suppress(Exception):
+            client.run(os._exit, 1, workers=list(holders))
+        futures = [runner.submit(client, _Weighted(queries=queries, weights=w * i), "t") for i in range(1, 5)]
+        got = runner.gather(client, futures)
+    assert got == pytest.approx([want * i for i in range(1, 5)], rel=1e-4)

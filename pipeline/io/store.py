@@ -40,6 +40,12 @@ class RowStore:
         self._live_sizes = sizes[list(self.live)]
         self.rows = int(self._live_sizes.sum())  # the live rows (total_rows less the holes)
 
+    def task_bytes(self) -> int:
+        """About what the store weighs in a task record: its tables of pieces, four numbers a piece
+        (:func:`pipeline.runtime.runner.submit` sends a store of thousands of pieces to the
+        cluster once instead of inside every task)."""
+        return 4 * 8 * len(self.starts)
+
     def piece_rows(self, piece: int) -> int:
         end = self.starts[piece + 1] if piece + 1 < len(self.starts) else self.total_rows
         return int(end - self.starts[piece])
