@@ -412,3 +412,43 @@ def _ids(dataset: Path) -> np.ndarray:
     import pyarrow.parquet as pq
 
     return pq.read_table(dataset, columns=["id"]).column("id").to_numpy()
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    rows=st.integers(0, 60),
+    width=st.integers(1, 6),
+    nlist=st.integers(1, 40),
+    cuts=st.lists(st.integers(1, 39), max_size=6),
+    other=st.lists(st.integers(1, 39), max_size=6),
+    seed=st.integers(0, 1000),
+)
+def test_a_group_reads_its_own_run_of_each_route(tmp_path_factory, rows, width, nlist, cuts, other, seed):
+    """A route written as pairs by list group gives each group the queries routed to it, with
+    their lists in their ranks and ``-1`` elsewhere (as filtering the whole route would), and
+    reads only that group's run by range; routes grouped for other groups (a resumed join planned
+    with another worker count) give the same, read whole."""
+    rng = np.random.default_rng(seed)
+    assign = rng.integers(-1, nlist, size=(rows, width))
+
+    def layout_of(bounds: list[int]) -> routed.RoutedLayout:
+        edges = sorted({0, *(b for b in bounds if b < nlist), nlist})
+        groups = tuple(routed.ListGroup(i, a, b, 0) for i, (a, b) in enumerate(zip(edges, edges[1:])))
+        return routed.RoutedLayout(str(folder), groups, width, 5, True)
+
+    folder = tmp_path_factory.mktemp("routes")
+    written, reading = layout_of(cuts), layout_of(other)
+    routed.write_routes(written, 7, assign)
+    read: list[int] = []
+    rows_of = routed.npy_rows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routed, "npy_rows", lambda path, lo, hi: read.append(hi - lo) or rows_of(path, lo, hi))
+        for layout in (written, reading):
+            for g in layout.groups:
+                inside = (assign >= g.first) & (assign < g.last)
+                want = np.flatnonzero(inside.any(axis=1))
+                picked, lists = routed.routed_to(layout, g, 7)
+                assert np.array_equal(picked, want)
+                assert np.array_equal(lists, np.where(inside[want], assign[want], -1))
+            if layout is written:  # each pair read once, by its group (slots and lists)
+                assert sum(read) == 2 * int((assign >= 0).sum())

@@ -6,7 +6,9 @@ index ``n / b`` times, and every worker maps all of it. Here the join is turned 
 FAISS's ``contrib.big_batch_search`` does on one machine, over Dask:
 
 1. **route** (a task per query piece): the piece's queries are assigned to their ``nprobe``
-   nearest lists (the coarse quantizer only), written as ``route/piece-NNNNN.npy``;
+   nearest lists (the coarse quantizer only), written as (query, list) pairs ordered by list
+   group with where each group's pairs start (``route/piece-NNNNN.*``), so a score task reads
+   its own pairs of each piece, not the piece's whole route;
 2. **score** (a task per *list group*: consecutive lists of at most ``GROUP_BYTES`` of vectors):
    the group's lists are read once, and every query piece's routed queries are scored against
    them, list by list with one matrix product each, piece after piece (memory: the group, one
@@ -99,6 +101,11 @@ class RoutedLayout:
     def route_path(self, piece: int) -> Path:
         return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
 
+    def pairs_path(self, piece: int, kind: str) -> Path:
+        """A piece's routed (query, list) pairs by list group: ``slots`` (query x the route's
+        width, ``nprobe``, + the list's rank among the query's) or ``lists``."""
+        return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
+
     def candidates_path(self, piece: int, kind: str) -> Path:
         """A piece's candidates for re-ranking, grouped by list group (``rows`` or ``queries``)."""
         return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
@@ -159,7 +166,7 @@ class RouteTask:
                 assign = coarse_assign(ivf.quantizer, q, self.layout.nprobe)
             starts = self.candidates(ivf, q, assign, dis) if self.searched else None
         extra = {} if starts is None else {"starts": starts}
-        write_npz(self.layout.route_path(self.piece.index), assign=assign.astype(np.int64), **extra)
+        write_routes(self.layout, self.piece.index, assign, **extra)
 
     def candidates(self, ivf: Any, q: np.ndarray, assign: np.ndarray, dis: np.ndarray | None) -> np.ndarray:
         """Search the piece by its codes for each query's ``layout.candidates`` best, as the
@@ -187,9 +194,13 @@ class RouteTask:
         order = np.argsort(group, kind="stable")  # by group, then by query
         starts = np.searchsorted(group[order], np.arange(len(firsts) + 1))
         for kind, values in (("rows", rows[order]), ("queries", (at[order] // layout.candidates).astype(np.int32))):
-            with atomic_path(layout.candidates_path(self.piece.index, kind)) as tmp, open(tmp, "wb") as fh:
-                np.save(fh, values)
+            _save_npy(layout.candidates_path(self.piece.index, kind), values)
         return starts
+
+
+def _save_npy(path: Path, values: np.ndarray) -> None:
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        np.save(fh, values)
 
 
 BOUND_QUERIES = 16_384  # queries a route searches by their codes at once
@@ -250,13 +261,7 @@ class ScoreTask:
         return result
 
     def _routed(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        """The queries of ``piece`` routed to this group, and their lists here (``-1``: elsewhere)."""
-        g = self.group
-        with np.load(fetched(self.layout.route_path(piece.index))) as z:
-            assign = z["assign"]
-        inside = (assign >= g.first) & (assign < g.last)
-        picked = np.flatnonzero(inside.any(axis=1))
-        return picked, np.where(inside[picked], assign[picked], -1)
+        return routed_to(self.layout, self.group, piece.index)
 
     def _rerank_group(self, ivf: Any) -> Scored:
         """Lossy codes: each piece's candidates in this group's lists re-ranked exactly from the
@@ -345,6 +350,44 @@ class ScoreTask:
         return picked, scores, rows
 
 
+def write_routes(layout: RoutedLayout, piece: int, assign: np.ndarray, **extra: np.ndarray) -> None:
+    """One piece's route: its queries' lists ``assign`` (``-1`` for none) as (query, list) pairs
+    ordered by list group (then query, then the list's rank), with where each group's run starts."""
+    firsts = np.array([g.first for g in layout.groups], dtype=np.int64)
+    slots = np.flatnonzero(assign.ravel() >= 0)  # query x width + rank, in query order
+    lists = assign.ravel()[slots].astype(np.int64)
+    group = np.searchsorted(firsts, lists, side="right") - 1
+    order = np.argsort(group, kind="stable")
+    for kind, values in (("slots", slots[order]), ("lists", lists[order])):
+        _save_npy(layout.pairs_path(piece, kind), values)
+    starts = np.searchsorted(group[order], np.arange(len(firsts) + 1))
+    width = np.int64(assign.shape[1])
+    write_npz(layout.route_path(piece), group_starts=starts, group_firsts=firsts, width=width, **extra)
+
+
+def routed_to(layout: RoutedLayout, g: ListGroup, piece: int) -> tuple[np.ndarray, np.ndarray]:
+    """The queries of ``piece`` routed to group ``g``, and their lists there (``-1``: elsewhere),
+    from the group's own run of the piece's pairs: read by range, so the score stage reads each
+    route once in all, not once per group (at 10^8 x 128, 200 groups each reading all 381 pieces'
+    routes would read 640 GB of routes for 51 GB of lists). Routes grouped for other list groups
+    (a resumed join planned with another worker count) are read whole and filtered."""
+    with np.load(fetched(layout.route_path(piece))) as z:
+        firsts, starts, width = z["group_firsts"], z["group_starts"], int(z["width"])
+    if np.array_equal(firsts, [x.first for x in layout.groups]):
+        lo, hi = int(starts[g.index]), int(starts[g.index + 1])
+        slots = np.array(npy_rows(layout.pairs_path(piece, "slots"), lo, hi), dtype=np.int64)
+        lists = np.array(npy_rows(layout.pairs_path(piece, "lists"), lo, hi), dtype=np.int64)
+    else:
+        slots = np.load(fetched(layout.pairs_path(piece, "slots")))
+        lists = np.load(fetched(layout.pairs_path(piece, "lists")))
+        inside = (lists >= g.first) & (lists < g.last)
+        slots, lists = slots[inside], lists[inside]
+    picked, at = np.unique(slots // width, return_inverse=True)
+    routed = np.full((len(picked), width), -1, dtype=np.int64)
+    routed[at, slots % width] = lists
+    return picked, routed
+
+
 RERANK_QUERIES = 8192  # routed queries searched and re-ranked at once (fast-scan wants many)
 RERANK_PAIRS = 65_536  # (query, candidate) vectors gathered at once: 32 MiB at d = 128
 
@@ -411,6 +454,7 @@ def route_and_score(
             ),
             files=lambda p: (
                 [layout.route_path(p.index)]
+                + [layout.pairs_path(p.index, kind) for kind in ("slots", "lists")]
                 + ([layout.candidates_path(p.index, kind) for kind in ("rows", "queries")] if searched else [])
             ),
         ),
