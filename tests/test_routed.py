@@ -452,3 +452,35 @@ def test_a_group_reads_its_own_run_of_each_route(tmp_path_factory, rows, width, 
                 assert np.array_equal(lists, np.where(inside[want], assign[want], -1))
             if layout is written:  # each pair read once, by its group (slots and lists)
                 assert sum(read) == 2 * int((assign >= 0).sum())
+
+
+@settings(max_examples=40, deadline=None)
+@given(counts=st.lists(st.integers(0, 30), min_size=0, max_size=8), width=st.integers(1, 5), seed=st.integers(0, 99))
+def test_a_groups_partial_lists_are_four_files_and_each_piece_reads_its_own_run(tmp_path_factory, counts, width, seed):
+    """A score task writes every piece's partial lists into four files of its group (not a file a
+    piece: groups x pieces files at scale); each piece reads back what it was given, by range,
+    and a piece the group never met reads nothing. A task that fails publishes none of them."""
+    rng = np.random.default_rng(seed)
+    folder = tmp_path_factory.mktemp("partial")
+    layout = routed.RoutedLayout(str(folder), (routed.ListGroup(0, 0, 4, 0),), 3, width, True)
+    numbers = sorted(rng.choice(20, size=len(counts), replace=False).tolist()) if counts else []
+    given_ = {}
+    with routed.PartialLists(layout, 0, dict(zip(numbers, counts))) as out:
+        for piece, n in zip(numbers, counts):
+            picked = np.sort(rng.choice(1000, size=n, replace=False))
+            scores = rng.standard_normal((n, width)).astype(np.float32)
+            rows = rng.integers(-1, 10**9, size=(n, width))
+            out.add(piece, picked, scores, rows)
+            given_[piece] = (picked, scores, rows)
+    assert sorted(p.name for p in (folder / "partial").iterdir()) == sorted(
+        f"group-00000.{kind}.npy" for kind in routed.PARTIAL_KINDS
+    )
+    for piece in range(22):
+        got = routed.partial_run(layout, 0, piece)
+        want = given_.get(piece, (np.zeros(0, np.int64), np.zeros((0, width)), np.zeros((0, width))))
+        assert all(np.array_equal(a, b) for a, b in zip(got, want))
+    failed = routed.RoutedLayout(str(folder / "failed"), layout.groups, 3, width, True)
+    with pytest.raises(ValueError), routed.PartialLists(failed, 0, {0: 2}) as out:
+        out.add(0, np.arange(2), np.zeros((2, width)), np.zeros((2, width), np.int64))
+        raise ValueError("the device failed")
+    assert not any(p.is_file() for p in (folder / "failed").rglob("*"))

@@ -12,7 +12,8 @@ FAISS's ``contrib.big_batch_search`` does on one machine, over Dask:
 2. **score** (a task per *list group*: consecutive lists of at most ``GROUP_BYTES`` of vectors):
    the group's lists are read once, and every query piece's routed queries are scored against
    them, list by list with one matrix product each, piece after piece (memory: the group, one
-   piece's queries and their heaps); each (group, piece) writes its partial top lists;
+   piece's queries and their heaps), into the group's partial top lists: four files a group, each
+   piece's run in them read by range (:class:`PartialLists`);
 3. **merge**: the join's own piece tasks merge each piece's partials into its lists (exact
    scores, self-exclusion, ids, the tables), as the exact join by pairs does.
 
@@ -110,8 +111,11 @@ class RoutedLayout:
         """A piece's candidates for re-ranking, grouped by list group (``rows`` or ``queries``)."""
         return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
 
-    def partial_path(self, group: int, piece: int) -> Path:
-        return Path(self.folder) / "partial" / f"group-{group:05d}" / f"piece-{piece:05d}.npz"
+    def partial_path(self, group: int, kind: str) -> Path:
+        """One group's partial lists of every piece, as 1-d arrays (:data:`PARTIAL_KINDS`):
+        ``starts`` (where each piece number's run of queries begins), ``queries`` (the run's local
+        query numbers), ``scores`` and ``rows`` (``width`` a query)."""
+        return Path(self.folder) / "partial" / f"group-{group:05d}.{kind}.npy"
 
 
 def plan_list_groups(
@@ -238,8 +242,14 @@ class ScoreTask:
         scored = 0
         # the worker's device holds the group for the task: on the host every core walks its lists
         # for a share of the queries; a GPU worker copies them to its GPU once
-        with worker_device() as device, device.group_search(ivf, g.first, g.last) as search:
-            for piece in self.pieces:
+        pieces = sorted(self.pieces, key=lambda p: p.index)
+        counts = {p.index: len(self._routed(p)[0]) for p in pieces}  # a first pass over the routes: sizes
+        with (
+            worker_device() as device,
+            device.group_search(ivf, g.first, g.last) as search,
+            PartialLists(layout, g.index, counts) as out,
+        ):
+            for piece in pieces:
                 picked, lists = self._routed(piece)
                 if picked.size:
                     # only the routed rows, gathered from the memory map: a group meets a share of each
@@ -254,7 +264,7 @@ class ScoreTask:
                 else:
                     scores = np.zeros((0, layout.width), np.float32)
                     rows = np.zeros((0, layout.width), np.int64)
-                write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+                out.add(piece.index, picked, scores, rows)
                 progress.advance(piece.rows)
         result = Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size), worker=worker_name())
         del ivf, index  # unmaps the lists read
@@ -275,11 +285,12 @@ class ScoreTask:
         vectors = read_group(self.index_dir, g.first, g.last, layout.dim)
         progress = PieceProgress("routed score", g.index)
         scored = 0
-        with contextlib.ExitStack() as held:
+        pieces = sorted(self.pieces, key=lambda p: p.index)
+        counts = {p.index: self._rerank_count(p) for p in pieces}  # a first pass over the routes: sizes
+        with contextlib.ExitStack() as held, PartialLists(layout, g.index, counts) as out:
             search: GroupSearch | None = None  # the device's hold on the group's codes, taken once if needed
-            for piece in self.pieces:
-                with np.load(fetched(layout.route_path(piece.index))) as z:
-                    starts = z["starts"] if "starts" in z.files else None
+            for piece in pieces:
+                starts = self._candidate_starts(piece)
                 if starts is not None:
                     picked, scores, rows = self._rerank_found(
                         piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
@@ -292,9 +303,22 @@ class ScoreTask:
                 if not layout.similarity:  # squared distances, kept negated (higher is better)
                     scores = -scores
                 scored += int(picked.size)
-                write_npz(layout.partial_path(g.index, piece.index), queries=picked, scores=scores, rows=rows)
+                out.add(piece.index, picked, scores, rows)
                 progress.advance(piece.rows)
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
+
+    def _candidate_starts(self, piece: Piece) -> np.ndarray | None:
+        """Where each group's candidates of ``piece`` start, where the route searched its codes."""
+        with np.load(fetched(self.layout.route_path(piece.index))) as z:
+            return z["starts"] if "starts" in z.files else None
+
+    def _rerank_count(self, piece: Piece) -> int:
+        """How many of ``piece``'s queries :meth:`_rerank_group` scores here."""
+        starts, g = self._candidate_starts(piece), self.group
+        if starts is None:
+            return len(self._routed(piece)[0])
+        queries = npy_rows(self.layout.candidates_path(piece.index, "queries"), starts[g.index], starts[g.index + 1])
+        return len(np.unique(queries))
 
     def _rerank_found(
         self, piece: Piece, vectors: OrderedGroup, lo: int, hi: int
@@ -348,6 +372,75 @@ class ScoreTask:
                 which, exact, cand, hi - lo, width=layout.width, similarity=layout.similarity
             )
         return picked, scores, rows
+
+
+PARTIAL_KINDS = ("starts", "queries", "scores", "rows")
+
+
+class PartialLists:
+    """One list group's partial lists of every piece, written as the score task finds them into
+    four files of the group (:meth:`RoutedLayout.partial_path`), each published whole when the
+    task ends. A file a (group, piece) made groups x pieces files: 76,000 at 10^8 x 128 (200
+    groups, 381 pieces), and 10^8 at 10^9; now four a group, each piece's run read by range.
+    ``counts``: how many queries each piece number adds (the files are sized for them first)."""
+
+    def __init__(self, layout: RoutedLayout, group: int, counts: dict[int, int]) -> None:
+        self.layout, self.group, self.width = layout, group, layout.width
+        top = max(counts, default=-1)
+        sizes = np.zeros(top + 2, dtype=np.int64)
+        for piece, n in counts.items():
+            sizes[piece + 1] = n
+        self.starts = np.cumsum(sizes)
+        self.total = int(self.starts[-1])
+        self._held = contextlib.ExitStack()
+        self._arrays: dict[str, np.ndarray] = {}
+        self._paths: dict[str, Path] = {}
+
+    def __enter__(self) -> PartialLists:
+        sizes = {"queries": (self.total, np.int64), "scores": (self.total * self.width, np.float32)}
+        sizes["rows"] = (self.total * self.width, np.int64)
+        with contextlib.ExitStack() as opening:
+            for kind, (n, dtype) in sizes.items():
+                tmp = opening.enter_context(atomic_path(self.layout.partial_path(self.group, kind)))
+                self._paths[kind] = tmp
+                # filled in place; an empty file cannot be mapped, so no queries are saved at the end
+                self._arrays[kind] = np.lib.format.open_memmap(tmp, "w+", dtype, (n,)) if n else np.zeros(0, dtype)
+            self._held = opening.pop_all()
+        return self
+
+    def add(self, piece: int, picked: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> None:
+        """``piece``'s routed queries here and their partial lists (``width`` wide)."""
+        lo, hi, w = int(self.starts[piece]), int(self.starts[piece + 1]), self.width
+        if hi - lo != len(picked):
+            raise RuntimeError(f"group {self.group}: piece {piece} scored {len(picked)} queries, not {hi - lo}")
+        self._arrays["queries"][lo:hi] = picked
+        self._arrays["scores"][lo * w : hi * w] = np.asarray(scores, dtype=np.float32).ravel()
+        self._arrays["rows"][lo * w : hi * w] = np.asarray(rows, dtype=np.int64).ravel()
+
+    def __exit__(self, kind: Any, value: Any, tb: Any) -> bool | None:
+        if kind is None:
+            for name, array in self._arrays.items():
+                if isinstance(array, np.memmap):
+                    array.flush()
+                else:
+                    with open(self._paths[name], "wb") as fh:
+                        np.save(fh, array)
+        self._arrays.clear()
+        published = self._held.__exit__(kind, value, tb)  # renamed into place, or removed on an error
+        if kind is None:
+            _save_npy(self.layout.partial_path(self.group, "starts"), self.starts)
+        return published
+
+
+def partial_run(layout: RoutedLayout, group: int, piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(queries, scores, rows)`` of ``piece`` in ``group``'s partial lists, read by range."""
+    w = layout.width
+    bounds = npy_rows(layout.partial_path(group, "starts"), piece, piece + 2)
+    lo, hi = (int(bounds[0]), int(bounds[1])) if len(bounds) == 2 else (0, 0)
+    queries = np.array(npy_rows(layout.partial_path(group, "queries"), lo, hi), dtype=np.int64)
+    scores = np.array(npy_rows(layout.partial_path(group, "scores"), lo * w, hi * w), dtype=np.float32)
+    rows = np.array(npy_rows(layout.partial_path(group, "rows"), lo * w, hi * w), dtype=np.int64)
+    return queries, scores.reshape(-1, w), rows.reshape(-1, w)
 
 
 def write_routes(layout: RoutedLayout, piece: int, assign: np.ndarray, **extra: np.ndarray) -> None:
@@ -475,7 +568,7 @@ def route_and_score(
             task=lambda g: ScoreTask(
                 index_dir=index_dir, query_store=query_store, pieces=pieces, group=g, layout=layout
             ),
-            files=lambda g: [layout.partial_path(g.index, p.index) for p in pieces],
+            files=lambda g: [layout.partial_path(g.index, kind) for kind in PARTIAL_KINDS],
         ),
     )
 
@@ -488,10 +581,7 @@ def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.nda
     n, w = piece.rows, layout.width
     heap = faiss.ResultHeap(n, w, keep_max=True)  # scores are kept higher-better (l2 negated)
     for g in layout.groups:
-        with np.load(fetched(layout.partial_path(g.index, piece.index))) as z:
-            picked = np.ascontiguousarray(z["queries"], dtype=np.int64)
-            scores = np.ascontiguousarray(z["scores"], dtype=np.float32)
-            rows = np.ascontiguousarray(z["rows"], dtype=np.int64)
+        picked, scores, rows = partial_run(layout, g.index, piece.index)
         scores[rows < 0] = -np.inf  # empty slots never displace a found row
         if picked.size:
             heap.heaps.addn_query_subset_with_ids(
