@@ -382,51 +382,49 @@ class PartialLists:
     four files of the group (:meth:`RoutedLayout.partial_path`), each published whole when the
     task ends. A file a (group, piece) made groups x pieces files: 76,000 at 10^8 x 128 (200
     groups, 381 pieces), and 10^8 at 10^9; now four a group, each piece's run read by range.
-    ``counts``: how many queries each piece number adds (the files are sized for them first)."""
+    ``counts``: how many queries each piece number adds; pieces are added in number order, each
+    run appended to its file (written, not mapped: mapped pages would count against the worker's
+    memory until the task ended)."""
 
     def __init__(self, layout: RoutedLayout, group: int, counts: dict[int, int]) -> None:
         self.layout, self.group, self.width = layout, group, layout.width
-        top = max(counts, default=-1)
-        sizes = np.zeros(top + 2, dtype=np.int64)
+        sizes = np.zeros(max(counts, default=-1) + 2, dtype=np.int64)
         for piece, n in counts.items():
             sizes[piece + 1] = n
         self.starts = np.cumsum(sizes)
-        self.total = int(self.starts[-1])
         self._held = contextlib.ExitStack()
-        self._arrays: dict[str, np.ndarray] = {}
-        self._paths: dict[str, Path] = {}
+        self._files: dict[str, Any] = {}
+        self._next = 0
 
     def __enter__(self) -> PartialLists:
-        sizes = {"queries": (self.total, np.int64), "scores": (self.total * self.width, np.float32)}
-        sizes["rows"] = (self.total * self.width, np.int64)
+        total, w = int(self.starts[-1]), self.width
+        kinds = (("queries", total, np.int64), ("scores", total * w, np.float32), ("rows", total * w, np.int64))
         with contextlib.ExitStack() as opening:
-            for kind, (n, dtype) in sizes.items():
+            for kind, n, dtype in kinds:
                 tmp = opening.enter_context(atomic_path(self.layout.partial_path(self.group, kind)))
-                self._paths[kind] = tmp
-                # filled in place; an empty file cannot be mapped, so no queries are saved at the end
-                self._arrays[kind] = np.lib.format.open_memmap(tmp, "w+", dtype, (n,)) if n else np.zeros(0, dtype)
+                fh = opening.enter_context(open(tmp, "wb"))
+                descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
+                np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": (n,)})
+                self._files[kind] = fh
             self._held = opening.pop_all()
         return self
 
     def add(self, piece: int, picked: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> None:
-        """``piece``'s routed queries here and their partial lists (``width`` wide)."""
-        lo, hi, w = int(self.starts[piece]), int(self.starts[piece + 1]), self.width
-        if hi - lo != len(picked):
-            raise RuntimeError(f"group {self.group}: piece {piece} scored {len(picked)} queries, not {hi - lo}")
-        self._arrays["queries"][lo:hi] = picked
-        self._arrays["scores"][lo * w : hi * w] = np.asarray(scores, dtype=np.float32).ravel()
-        self._arrays["rows"][lo * w : hi * w] = np.asarray(rows, dtype=np.int64).ravel()
+        """``piece``'s routed queries here and their partial lists (``width`` wide), in piece order."""
+        lo, hi = int(self.starts[piece]), int(self.starts[piece + 1])
+        if lo != self._next or hi - lo != len(picked):
+            raise RuntimeError(f"group {self.group}: piece {piece} gave {len(picked)} queries at {self._next}")
+        self._files["queries"].write(np.ascontiguousarray(picked, dtype=np.int64).tobytes())
+        self._files["scores"].write(np.ascontiguousarray(scores, dtype=np.float32).tobytes())
+        self._files["rows"].write(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
+        self._next = hi
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> bool | None:
-        if kind is None:
-            for name, array in self._arrays.items():
-                if isinstance(array, np.memmap):
-                    array.flush()
-                else:
-                    with open(self._paths[name], "wb") as fh:
-                        np.save(fh, array)
-        self._arrays.clear()
-        published = self._held.__exit__(kind, value, tb)  # renamed into place, or removed on an error
+        if kind is None and self._next != int(self.starts[-1]):
+            short = RuntimeError(f"group {self.group}: {self._next} of {self.starts[-1]} queries written")
+            self._held.__exit__(RuntimeError, short, None)  # the temporaries removed
+            raise short
+        published = self._held.__exit__(kind, value, tb)  # closed and renamed into place, or removed on an error
         if kind is None:
             _save_npy(self.layout.partial_path(self.group, "starts"), self.starts)
         return published
