@@ -442,6 +442,14 @@ class _Pieces:
         return len(self.store.starts), self.store.rows
 
 
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class _Items:
+    items: tuple[int, ...]
+
+    def run(self) -> tuple[int, int]:
+        return len(self.items), sum(self.items)
+
+
 def _records_bytes(calls: list[tuple[Any, tuple[Any, ...]]]) -> int:
     """The array bytes the submitted calls carried: the records' fields and shared inputs alike."""
     total = 0
@@ -481,7 +489,7 @@ def test_a_large_task_input_goes_to_the_cluster_once_for_every_record_that_holds
 def test_a_store_of_many_pieces_goes_to_the_cluster_once(dask_address, monkeypatch, tmp_path):
     """A row store's tables grow with its pieces (23,000 pieces of 128 MiB at 10^9 x 768): one
     of thousands of pieces is sent once for all the records that hold it; one of a few pieces
-    travels in each record as before."""
+    travels in each record as before. So does a tuple of thousands of items."""
     from distributed import Client
 
     from pipeline.io.store import RowStore
@@ -501,6 +509,13 @@ def test_a_store_of_many_pieces_goes_to_the_cluster_once(dask_address, monkeypat
         sent.clear()
         assert runner.result_of(runner.submit(client, _Pieces(store=few), "t")) == (4, 40)
         assert isinstance(sent[0], _Pieces) and sent[0].store is few
+        sent.clear()
+        pieces = tuple(range(3000))  # a routed score task's query pieces, one task a list group
+        assert (
+            runner.gather(client, [runner.submit(client, _Items(items=pieces), "t") for _ in range(4)])
+            == [(3000, sum(pieces))] * 4
+        )
+        assert sum(a is pieces for a in sent) == 1 and all(a.items == () for a in sent if isinstance(a, _Items))
 
 
 @pytest.mark.slow

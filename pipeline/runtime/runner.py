@@ -167,8 +167,10 @@ def gather(client: Any, futures: Sequence[Any]) -> list[Any]:
 
 
 SHARE_BYTES = 64 << 10  # a task input at least this large goes to the cluster once, not in every task
+SHARE_ITEMS = 1024  # so does a tuple of this many items (a routed score task's query pieces)
 
-_sent: weakref.WeakKeyDictionary[Any, dict[int, Any]] = weakref.WeakKeyDictionary()  # client -> id(input) -> future
+# client -> id(input) -> (the input where it takes no weak reference, its future)
+_sent: weakref.WeakKeyDictionary[Any, dict[int, tuple[Any, Any]]] = weakref.WeakKeyDictionary()
 _sent_lock = threading.Lock()
 
 
@@ -177,11 +179,12 @@ def submit(client: Any, task: Task[R], label: str) -> Any:
     returns the future of its result.
 
     An input of ``SHARE_BYTES`` or more (an array, or an object whose ``task_bytes()`` says so, such
-    as a store of many pieces) goes to the cluster once, as a task of its own that every record
-    holding that same object depends on; the record travels with an empty stand-in. Sent inside
-    each record, a recall sample of 2,000 x 768 float32 queries went to the scheduler once per
-    stored piece: 6 MiB a task, 140 GB for the 23,000 pieces of 10^9 rows, all held at once. The
-    shared input's task is made again from its graph if the worker holding it dies."""
+    as a store of many pieces), or a tuple of ``SHARE_ITEMS`` items or more, goes to the cluster
+    once, as a task of its own that every record holding that same object depends on; the record
+    travels with an empty stand-in. Sent inside each record, a recall sample of 2,000 x 768
+    float32 queries went to the scheduler once per stored piece: 6 MiB a task, 140 GB for the
+    23,000 pieces of 10^9 rows, all held at once; and a routed score task's query pieces once per
+    list group. The shared input's task is made again from its graph if its worker dies."""
     record: Any = task
     fields = dataclasses.fields(record) if dataclasses.is_dataclass(record) else ()
     shared = {f.name: _share(client, value) for f in fields if f.init and _large(value := getattr(record, f.name))}
@@ -193,13 +196,15 @@ def submit(client: Any, task: Task[R], label: str) -> Any:
 def _large(value: Any) -> bool:
     if isinstance(value, np.ndarray):
         return value.nbytes >= SHARE_BYTES
+    if isinstance(value, tuple):
+        return len(value) >= SHARE_ITEMS
     size = getattr(value, "task_bytes", None)
     return callable(size) and int(size()) >= SHARE_BYTES
 
 
 def _stand_in(value: Any) -> Any:
-    """What a record holds in transit in place of a shared input: an empty array, else nothing."""
-    return value[:0] if isinstance(value, np.ndarray) else None
+    """What a record holds in transit in place of a shared input: an empty array or tuple, else nothing."""
+    return value[:0] if isinstance(value, (np.ndarray, tuple)) else None
 
 
 def _read_only(value: Any) -> Any:
@@ -216,17 +221,22 @@ def _same(value: Any) -> Any:
 
 def _share(client: Any, value: Any) -> Any:
     """The future of ``value`` on ``client``'s cluster, submitted the first time it is shared and
-    released when ``value`` is garbage-collected here."""
+    released when ``value`` is garbage-collected here (a value without weak references, a tuple,
+    is held until the client closes, so its id names no other value meanwhile)."""
     with _sent_lock:
         sent = _sent.setdefault(client, {})
-        future = sent.get(id(value))
-        if future is None:
+        entry = sent.get(id(value))
+        if entry is None:
             with warnings.catch_warnings():  # Dask's advice for data embedded in many tasks; this one task is the cure
                 warnings.filterwarnings("ignore", message="Sending large graph", category=UserWarning)
                 future = client.submit(_same, value, key=f"shared-{uuid.uuid4().hex}", pure=False)
-            sent[id(value)] = future
-            weakref.finalize(value, _forget, weakref.ref(client), id(value))
-    return future
+            try:
+                weakref.finalize(value, _forget, weakref.ref(client), id(value))
+                entry = (None, future)
+            except TypeError:
+                entry = (value, future)
+            sent[id(value)] = entry
+    return entry[1]
 
 
 def _forget(client: weakref.ref[Any], key: int) -> None:
