@@ -484,3 +484,32 @@ def test_a_groups_partial_lists_are_four_files_and_each_piece_reads_its_own_run(
         out.add(0, np.arange(2), np.zeros((2, width)), np.zeros((2, width), np.int64))
         raise ValueError("the device failed")
     assert not any(p.is_file() for p in (folder / "failed").rglob("*"))
+
+
+def test_a_join_routed_by_an_earlier_layout_is_routed_and_scored_again(tmp_path):
+    """Routes and groups an interrupted join recorded done in an earlier version's files (a route
+    without its pairs; a partial file a (group, piece)) are done again; those in this layout's
+    files stay done."""
+    from pipeline.runtime.manifest import Manifest
+
+    layout = routed.RoutedLayout(
+        str(tmp_path / "_routed"), (routed.ListGroup(0, 0, 2, 0), routed.ListGroup(1, 2, 4, 0)), 2, 3, True
+    )
+    pieces = (Piece(0, "a", (0,), 0, 0, 5), Piece(1, "a", (1,), 5, 5, 5))
+    routed.write_routes(layout, 1, np.array([[0, 3], [1, 2], [3, -1], [0, 1], [2, 2]]))
+    old_route = layout.route_path(0)
+    np.savez(old_route, assign=np.zeros((5, 2), np.int64))
+    old_partial = tmp_path / "_routed" / "partial" / "group-00000" / "piece-00000.npz"
+    old_partial.parent.mkdir(parents=True)
+    np.savez(old_partial, queries=np.zeros(0, np.int64))
+    with routed.PartialLists(layout, 1, {0: 0, 1: 0}):
+        pass
+    manifest = Manifest(tmp_path)
+    manifest.mark_piece("routed_route", 0, [old_route])
+    manifest.mark_piece(
+        "routed_route", 1, [layout.route_path(1), *(layout.pairs_path(1, k) for k in ("slots", "lists"))]
+    )
+    manifest.mark_piece("routed_score", 0, [old_partial])
+    manifest.mark_piece("routed_score", 1, [layout.partial_path(1, k) for k in routed.PARTIAL_KINDS])
+    routed.forget_other_layouts(manifest, layout, pieces)
+    assert manifest.done_pieces("routed_route") == {1} and manifest.done_pieces("routed_score") == {1}

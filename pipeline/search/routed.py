@@ -534,6 +534,7 @@ def route_and_score(
     group's :class:`Scored`. Lossy codes held in memory (not in a list file) are searched whole by
     the route, as the batched join searches them (:meth:`RouteTask.candidates`)."""
     searched = layout.rerank and not nodes.present(Path(index_dir) / "index.ivfdata")
+    forget_other_layouts(manifest, layout, pieces)
     run_stage(
         client,
         manifest,
@@ -569,6 +570,19 @@ def route_and_score(
             files=lambda g: [layout.partial_path(g.index, kind) for kind in PARTIAL_KINDS],
         ),
     )
+
+
+def forget_other_layouts(manifest: Manifest, layout: RoutedLayout, pieces: tuple[Piece, ...]) -> None:
+    """Routes and list groups an interrupted join recorded done without this layout's files (an
+    earlier version's: a route without its pairs, a partial file a (group, piece)) are done again."""
+    routed = manifest.done_pieces("routed_route")
+    for p in pieces:
+        if p.index in routed and not all(nodes.present(layout.pairs_path(p.index, k)) for k in ("slots", "lists")):
+            manifest.forget_piece("routed_route", p.index)
+    scored = manifest.done_pieces("routed_score")
+    for g in layout.groups:
+        if g.index in scored and not nodes.present(layout.partial_path(g.index, "starts")):
+            manifest.forget_piece("routed_score", g.index)
 
 
 def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
