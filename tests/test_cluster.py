@@ -439,6 +439,8 @@ class _Pieces:
     store: Any
 
     def run(self) -> tuple[int, int]:
+        if hasattr(self.store, "groups"):  # a routed join's layout
+            return len(self.store.groups), self.store.groups[-1].index + 1
         return len(self.store.starts), self.store.rows
 
 
@@ -494,6 +496,7 @@ def test_a_store_of_many_pieces_goes_to_the_cluster_once(dask_address, monkeypat
 
     from pipeline.io.store import RowStore
     from pipeline.runtime import runner
+    from pipeline.search import routed
 
     many = RowStore(tmp_path, np.arange(4000, dtype=np.int64) * 10, 40_000, live=tuple(range(0, 4000, 2)))
     few = RowStore(tmp_path, np.arange(4, dtype=np.int64) * 10, 40)
@@ -516,6 +519,14 @@ def test_a_store_of_many_pieces_goes_to_the_cluster_once(dask_address, monkeypat
             == [(3000, sum(pieces))] * 4
         )
         assert sum(a is pieces for a in sent) == 1 and all(a.items == () for a in sent if isinstance(a, _Items))
+        sent.clear()
+        groups = tuple(routed.ListGroup(i, 10 * i, 10 * i + 10, 100) for i in range(3000))
+        layout = routed.RoutedLayout(str(tmp_path), groups, 8, 11, True)  # every route, score and join task holds it
+        assert (
+            runner.gather(client, [runner.submit(client, _Pieces(store=layout), "t") for _ in range(3)])
+            == [(3000, 3000)] * 3
+        )
+        assert sum(a is layout for a in sent) == 1
 
 
 @pytest.mark.slow

@@ -99,6 +99,12 @@ class RoutedLayout:
     def rerank(self) -> bool:
         return self.candidates > 0
 
+    def task_bytes(self) -> int:
+        """About what the layout weighs in a task record: its list groups (every route, score and
+        join task holds it; :func:`pipeline.runtime.runner.submit` sends one of thousands of
+        groups to the cluster once)."""
+        return 32 * len(self.groups)
+
     def route_path(self, piece: int) -> Path:
         return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
 
