@@ -465,7 +465,7 @@ def test_a_groups_partial_lists_are_four_files_and_each_piece_reads_its_own_run(
     layout = routed.RoutedLayout(str(folder), (routed.ListGroup(0, 0, 4, 0),), 3, width, True)
     numbers = sorted(rng.choice(20, size=len(counts), replace=False).tolist()) if counts else []
     given_ = {}
-    with routed.PartialLists(layout, 0, dict(zip(numbers, counts))) as out:
+    with routed.PartialLists(layout, 0) as out:
         for piece, n in zip(numbers, counts):
             picked = np.sort(rng.choice(1000, size=n, replace=False))
             scores = rng.standard_normal((n, width)).astype(np.float32)
@@ -480,7 +480,7 @@ def test_a_groups_partial_lists_are_four_files_and_each_piece_reads_its_own_run(
         want = given_.get(piece, (np.zeros(0, np.int64), np.zeros((0, width)), np.zeros((0, width))))
         assert all(np.array_equal(a, b) for a, b in zip(got, want))
     failed = routed.RoutedLayout(str(folder / "failed"), layout.groups, 3, width, True)
-    with pytest.raises(ValueError), routed.PartialLists(failed, 0, {0: 2}) as out:
+    with pytest.raises(ValueError), routed.PartialLists(failed, 0) as out:
         out.add(0, np.arange(2), np.zeros((2, width)), np.zeros((2, width), np.int64))
         raise ValueError("the device failed")
     assert not any(p.is_file() for p in (folder / "failed").rglob("*"))
@@ -502,7 +502,7 @@ def test_a_join_routed_by_an_earlier_layout_is_routed_and_scored_again(tmp_path)
     old_partial = tmp_path / "_routed" / "partial" / "group-00000" / "piece-00000.npz"
     old_partial.parent.mkdir(parents=True)
     np.savez(old_partial, queries=np.zeros(0, np.int64))
-    with routed.PartialLists(layout, 1, {0: 0, 1: 0}):
+    with routed.PartialLists(layout, 1):
         pass
     manifest = Manifest(tmp_path)
     manifest.mark_piece("routed_route", 0, [old_route])

@@ -248,14 +248,12 @@ class ScoreTask:
         scored = 0
         # the worker's device holds the group for the task: on the host every core walks its lists
         # for a share of the queries; a GPU worker copies them to its GPU once
-        pieces = sorted(self.pieces, key=lambda p: p.index)
-        counts = {p.index: len(self._routed(p)[0]) for p in pieces}  # a first pass over the routes: sizes
         with (
             worker_device() as device,
             device.group_search(ivf, g.first, g.last) as search,
-            PartialLists(layout, g.index, counts) as out,
+            PartialLists(layout, g.index) as out,
         ):
-            for piece in pieces:
+            for piece in sorted(self.pieces, key=lambda p: p.index):
                 picked, lists = self._routed(piece)
                 if picked.size:
                     # only the routed rows, gathered from the memory map: a group meets a share of each
@@ -291,12 +289,11 @@ class ScoreTask:
         vectors = read_group(self.index_dir, g.first, g.last, layout.dim)
         progress = PieceProgress("routed score", g.index)
         scored = 0
-        pieces = sorted(self.pieces, key=lambda p: p.index)
-        counts = {p.index: self._rerank_count(p) for p in pieces}  # a first pass over the routes: sizes
-        with contextlib.ExitStack() as held, PartialLists(layout, g.index, counts) as out:
+        with contextlib.ExitStack() as held, PartialLists(layout, g.index) as out:
             search: GroupSearch | None = None  # the device's hold on the group's codes, taken once if needed
-            for piece in pieces:
-                starts = self._candidate_starts(piece)
+            for piece in sorted(self.pieces, key=lambda p: p.index):
+                with np.load(fetched(layout.route_path(piece.index))) as z:
+                    starts = z["starts"] if "starts" in z.files else None
                 if starts is not None:
                     picked, scores, rows = self._rerank_found(
                         piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
@@ -312,19 +309,6 @@ class ScoreTask:
                 out.add(piece.index, picked, scores, rows)
                 progress.advance(piece.rows)
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
-
-    def _candidate_starts(self, piece: Piece) -> np.ndarray | None:
-        """Where each group's candidates of ``piece`` start, where the route searched its codes."""
-        with np.load(fetched(self.layout.route_path(piece.index))) as z:
-            return z["starts"] if "starts" in z.files else None
-
-    def _rerank_count(self, piece: Piece) -> int:
-        """How many of ``piece``'s queries :meth:`_rerank_group` scores here."""
-        starts, g = self._candidate_starts(piece), self.group
-        if starts is None:
-            return len(self._routed(piece)[0])
-        queries = npy_rows(self.layout.candidates_path(piece.index, "queries"), starts[g.index], starts[g.index + 1])
-        return len(np.unique(queries))
 
     def _rerank_found(
         self, piece: Piece, vectors: OrderedGroup, lo: int, hi: int
@@ -388,52 +372,64 @@ class PartialLists:
     four files of the group (:meth:`RoutedLayout.partial_path`), each published whole when the
     task ends. A file a (group, piece) made groups x pieces files: 76,000 at 10^8 x 128 (200
     groups, 381 pieces), and 10^8 at 10^9; now four a group, each piece's run read by range.
-    ``counts``: how many queries each piece number adds; pieces are added in number order, each
-    run appended to its file (written, not mapped: mapped pages would count against the worker's
-    memory until the task ended)."""
+    Pieces are added in number order, each run appended to its file (written, not mapped: mapped
+    pages would count against the worker's memory until the task ended); each ``.npy`` header,
+    whose length does not hang on the array's length, is written again at the end with it."""
 
-    def __init__(self, layout: RoutedLayout, group: int, counts: dict[int, int]) -> None:
-        self.layout, self.group, self.width = layout, group, layout.width
-        sizes = np.zeros(max(counts, default=-1) + 2, dtype=np.int64)
-        for piece, n in counts.items():
-            sizes[piece + 1] = n
-        self.starts = np.cumsum(sizes)
+    KINDS = (("queries", np.int64, 1), ("scores", np.float32, 0), ("rows", np.int64, 0))  # (kind, dtype, 1: a query)
+
+    def __init__(self, layout: RoutedLayout, group: int) -> None:
+        self.layout, self.group = layout, group
         self._held = contextlib.ExitStack()
         self._files: dict[str, Any] = {}
-        self._next = 0
+        self._runs: dict[int, int] = {}  # piece number -> its queries here
 
     def __enter__(self) -> PartialLists:
-        total, w = int(self.starts[-1]), self.width
-        kinds = (("queries", total, np.int64), ("scores", total * w, np.float32), ("rows", total * w, np.int64))
         with contextlib.ExitStack() as opening:
-            for kind, n, dtype in kinds:
+            for kind, dtype, _ in self.KINDS:
                 tmp = opening.enter_context(atomic_path(self.layout.partial_path(self.group, kind)))
-                fh = opening.enter_context(open(tmp, "wb"))
-                descr = np.lib.format.dtype_to_descr(np.dtype(dtype))
-                np.lib.format.write_array_header_1_0(fh, {"descr": descr, "fortran_order": False, "shape": (n,)})
-                self._files[kind] = fh
+                self._files[kind] = opening.enter_context(open(tmp, "wb"))
+                _npy_header(self._files[kind], dtype, 0)  # a stand-in of the same length
             self._held = opening.pop_all()
         return self
 
     def add(self, piece: int, picked: np.ndarray, scores: np.ndarray, rows: np.ndarray) -> None:
         """``piece``'s routed queries here and their partial lists (``width`` wide), in piece order."""
-        lo, hi = int(self.starts[piece]), int(self.starts[piece + 1])
-        if lo != self._next or hi - lo != len(picked):
-            raise RuntimeError(f"group {self.group}: piece {piece} gave {len(picked)} queries at {self._next}")
+        if self._runs and piece <= max(self._runs):
+            raise RuntimeError(f"group {self.group}: piece {piece} added after piece {max(self._runs)}")
+        self._runs[piece] = len(picked)
         self._files["queries"].write(np.ascontiguousarray(picked, dtype=np.int64).tobytes())
         self._files["scores"].write(np.ascontiguousarray(scores, dtype=np.float32).tobytes())
         self._files["rows"].write(np.ascontiguousarray(rows, dtype=np.int64).tobytes())
-        self._next = hi
 
     def __exit__(self, kind: Any, value: Any, tb: Any) -> bool | None:
-        if kind is None and self._next != int(self.starts[-1]):
-            short = RuntimeError(f"group {self.group}: {self._next} of {self.starts[-1]} queries written")
-            self._held.__exit__(RuntimeError, short, None)  # the temporaries removed
-            raise short
+        sizes = np.zeros(max(self._runs, default=-1) + 2, dtype=np.int64)
+        for piece, n in self._runs.items():
+            sizes[piece + 1] = n
+        starts = np.cumsum(sizes)
+        if kind is None:
+            for name, dtype, per_query in self.KINDS:
+                fh = self._files[name]
+                fh.seek(0)
+                _npy_header(fh, dtype, int(starts[-1]) * (1 if per_query else self.layout.width))
         published = self._held.__exit__(kind, value, tb)  # closed and renamed into place, or removed on an error
         if kind is None:
-            _save_npy(self.layout.partial_path(self.group, "starts"), self.starts)
+            _save_npy(self.layout.partial_path(self.group, "starts"), starts)
         return published
+
+
+def _npy_header(fh: Any, dtype: Any, n: int) -> None:
+    """A ``.npy`` header of a 1-d array of ``n`` values at ``fh``'s place: 128 bytes for any ``n``
+    below 10^18 (NumPy pads it to a multiple of 64), checked, since :class:`PartialLists` writes
+    a stand-in first and the real one over it."""
+    at = fh.tell()
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": (n,)}
+    np.lib.format.write_array_header_1_0(fh, header)
+    if fh.tell() - at != NPY_HEADER_BYTES:
+        raise RuntimeError(f"{fh.name}: a .npy header of {fh.tell() - at} bytes, not {NPY_HEADER_BYTES}")
+
+
+NPY_HEADER_BYTES = 128
 
 
 def partial_run(layout: RoutedLayout, group: int, piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
