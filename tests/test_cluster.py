@@ -415,6 +415,46 @@ def test_the_embedded_workers_run_without_dasks_statistical_profiler(workers):
         assert set(client.run(profiled).values()) == {False}
 
 
+def _pauses_by_private_memory(dask_worker) -> bool:
+    return "get_process_memory" in vars(dask_worker.monitor)
+
+
+def _restarts_by_private_memory(dask_worker) -> bool:
+    check = dask_worker.periodic_callbacks["memory_monitor"].callback
+    return "PrivateMemoryNanny" in getattr(check, "__qualname__", "")
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_the_embedded_workers_and_nannies_judge_private_memory(workers):
+    """Mapped lists and row store pages do not pause or restart the embedded cluster's workers."""
+    from pipeline.cluster.clients import dask_client
+    from pipeline.config import ClusterSpec
+
+    with dask_client(ClusterSpec(workers=workers, threads_per_worker=1, device="cpu")) as (client, _):
+        assert set(client.run(_pauses_by_private_memory).values()) == {True}
+        if workers > 1:  # one worker runs in the driver's process, without a nanny
+            assert set(client.run(_restarts_by_private_memory, nanny=True).values()) == {True}
+
+
+def test_a_joined_cluster_judges_private_memory_for_the_job_only(dask_address):
+    """A joined scheduler's workers, like worker jobs on Slurm, hold limits below the index as
+    readily as the embedded ones: its workers and nannies judge private memory while the job runs,
+    and Dask's own checks are back once it ends."""
+    from distributed import Client
+
+    from pipeline.cluster.clients import dask_client
+    from pipeline.config import ClusterSpec
+
+    spec = ClusterSpec(scheduler_address=dask_address, kind="address", threads_per_worker=1, device="cpu")
+    with dask_client(spec) as (client, _):
+        assert set(client.run(_pauses_by_private_memory).values()) == {True}
+        assert set(client.run(_restarts_by_private_memory, nanny=True).values()) == {True}
+    with Client(dask_address) as client:
+        assert set(client.run(_pauses_by_private_memory).values()) == {False}
+        assert set(client.run(_restarts_by_private_memory, nanny=True).values()) == {False}
+        assert client.submit(sum, [1, 2], pure=False).result() == 3  # Dask's checks run again
+
+
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class _Weighted:
     """A task record holding a large input many records share, and a small one of its own."""

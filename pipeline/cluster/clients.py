@@ -143,30 +143,44 @@ def dask_client(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple
     A worker whose memory limit cannot even hold its imports is refused up front with the
     minimum that works (the stages check again once they know their piece size). A worker that Dask pauses for memory
     (it would wait forever: this job's tasks keep their memory) or that dies repeatedly (a nanny
-    restarts a worker over 95% of its limit) ends the job with one line saying so.
+    restarts a worker over 95% of its limit) ends the job with one line saying so. Workers and
+    nannies judge a worker's private memory, not its mapped pages (:func:`judge_private_memory`);
+    on a joined cluster only for the job's length.
     """
     with _start(spec, log_dir) as (client, info):
-        check_memory_floor(client, 0)
-        info = replace(info, devices=tuple(install_device(client, spec.device, info.faiss_threads)))
-        # the embedded cluster's nannies restart dead workers: none for a minute means they gave up
-        watchdog = _PauseWatchdog(client, alone=NO_WORKERS_GRACE_S if spec.kind == "local" else None)
-        watchdog.start()
+        judge_private_memory(client)
         try:
-            yield client, info
-        except KilledWorker as exc:
-            key = str(exc.args[0]) if exc.args else "a task"
-            raise PipelineError(
-                f"Dask workers died running task {key.split('-')[0]!r} "
-                f"({dask.config.get('distributed.scheduler.allowed-failures') + 1} attempt(s)), usually for memory: a "
-                "worker over 95% of --memory-limit is restarted; raise --memory-limit or lower --partition-size, then "
-                "run the same command again to resume"
-            ) from None
-        except BaseException:
-            if watchdog.reason:  # the watchdog cancelled the job's tasks: say why, in one line
-                raise PipelineError(watchdog.reason) from None
-            raise
+            with _watched(spec, client, info) as watched:
+                yield watched
         finally:
-            watchdog.stop()
+            if spec.scheduler_address:  # a cluster of the user's: its workers and nannies as they were
+                forget_private_memory(client)
+
+
+@contextlib.contextmanager
+def _watched(spec: ClusterSpec, client: Client, info: ClusterInfo) -> Iterator[tuple[Client, ClusterInfo]]:
+    """:func:`dask_client`'s checks and watchdog on a started or joined cluster."""
+    check_memory_floor(client, 0)
+    info = replace(info, devices=tuple(install_device(client, spec.device, info.faiss_threads)))
+    # the embedded cluster's nannies restart dead workers: none for a minute means they gave up
+    watchdog = _PauseWatchdog(client, alone=NO_WORKERS_GRACE_S if spec.kind == "local" else None)
+    watchdog.start()
+    try:
+        yield client, info
+    except KilledWorker as exc:
+        key = str(exc.args[0]) if exc.args else "a task"
+        raise PipelineError(
+            f"Dask workers died running task {key.split('-')[0]!r} "
+            f"({dask.config.get('distributed.scheduler.allowed-failures') + 1} attempt(s)), usually for memory: a "
+            "worker over 95% of --memory-limit is restarted; raise --memory-limit or lower --partition-size, then "
+            "run the same command again to resume"
+        ) from None
+    except BaseException:
+        if watchdog.reason:  # the watchdog cancelled the job's tasks: say why, in one line
+            raise PipelineError(watchdog.reason) from None
+        raise
+    finally:
+        watchdog.stop()
 
 
 def _baseline_rss() -> int:
@@ -353,9 +367,6 @@ def _start(spec: ClusterSpec, log_dir: str | None = None) -> Iterator[tuple[Clie
         Client(cluster) as client,
     ):
         client.register_plugin(_QuietFailures(), name="knn-quiet-failures")
-        client.register_plugin(PrivateMemory(), name="knn-private-memory")
-        if workers > 1:  # worker processes, each under a nanny
-            client.register_plugin(PrivateMemoryNanny(), name="knn-private-memory-nanny")
         log.info(
             "local Dask cluster: %d worker(s) x %d FAISS thread(s); dashboard %s",
             workers,
@@ -422,10 +433,11 @@ def private_bytes(proc: Any) -> int:
 
 
 class PrivateMemory(WorkerPlugin):
-    """On the embedded cluster's workers: Dask pauses a worker by the memory its monitor samples;
-    sample the private memory (:func:`private_bytes`), not ``rss``. Mapped pages made a worker in a
-    2 GiB container pause for good (4M x 128: 1.7 GiB resident, most of it mapped store pages the
-    kernel would have dropped only at the container's limit, above Dask's 80% pause)."""
+    """On the job's workers: Dask pauses a worker by the memory its monitor samples; sample the
+    private memory (:func:`private_bytes`), not ``rss``. Mapped pages made a worker in a 2 GiB
+    container pause for good (4M x 128: 1.7 GiB resident, most of it mapped store pages the
+    kernel would have dropped only at the container's limit, above Dask's 80% pause). Removing
+    the plugin puts Dask's own sampling back."""
 
     def setup(self, worker: Any) -> None:
         monitor = getattr(worker, "monitor", None)
@@ -433,19 +445,54 @@ class PrivateMemory(WorkerPlugin):
         if monitor is not None and proc is not None:
             monitor.get_process_memory = lambda: private_bytes(proc)
 
+    def teardown(self, worker: Any) -> None:
+        monitor = getattr(worker, "monitor", None)
+        if monitor is not None and "get_process_memory" in vars(monitor):
+            del monitor.get_process_memory  # the class's own method again
+
+
+WORKER_MEMORY_PLUGIN = "knn-private-memory"
+NANNY_MEMORY_PLUGIN = "knn-private-memory-nanny"
+
+
+def judge_private_memory(client: Any) -> None:
+    """Have every worker (pauses, :class:`PrivateMemory`) and every nanny (restarts,
+    :class:`PrivateMemoryNanny`) of ``client``'s cluster judge a worker by its private memory,
+    workers and nannies that join later included: on the embedded cluster, on worker jobs
+    (Slurm, PBS: the same nanny check runs there) and on a joined scheduler's, whose workers'
+    limits are as likely to sit below the index."""
+    client.register_plugin(PrivateMemory(), name=WORKER_MEMORY_PLUGIN)
+    client.register_plugin(PrivateMemoryNanny(), name=NANNY_MEMORY_PLUGIN)
+
+
+def forget_private_memory(client: Any) -> None:
+    """Undo :func:`judge_private_memory` (a joined cluster at the job's end); a cluster already
+    gone needs nothing."""
+    for name, nanny in ((WORKER_MEMORY_PLUGIN, False), (NANNY_MEMORY_PLUGIN, True)):
+        with contextlib.suppress(Exception):
+            client.unregister_worker_plugin(name, nanny=nanny)
+
 
 class PrivateMemoryNanny(NannyPlugin):
-    """On the embedded cluster's nannies: Dask restarts a worker past 95% of its limit by the
-    worker's ``rss``; judge it by its private memory instead, as :class:`PrivateMemory` has the
-    worker judge its pauses. By ``rss``, 4 workers of 800 MiB joining a 0.95 GiB index were
-    restarted within 0.1 s of the recall stage, four times each, and the job failed: mapped pages
-    of the index and the store, which the kernel drops by itself, counted as the worker's."""
+    """On the job's nannies: Dask restarts a worker past 95% of its limit by the worker's ``rss``;
+    judge it by its private memory instead, as :class:`PrivateMemory` has the worker judge its
+    pauses. By ``rss``, 4 workers of 800 MiB joining a 0.95 GiB index were restarted within 0.1 s
+    of the recall stage, four times each, and the job failed: mapped pages of the index and the
+    store, which the kernel drops by itself, counted as the worker's. Removing the plugin puts
+    Dask's own check back."""
 
     def setup(self, nanny: Any) -> None:
         manager = getattr(nanny, "memory_manager", None)
         callback = getattr(nanny, "periodic_callbacks", {}).get("memory_monitor")
         if manager is not None and callback is not None and getattr(manager, "memory_limit", None):
+            self._dask_check = callback.callback
             callback.callback = lambda: _restart_past_limit(manager, nanny)
+
+    def teardown(self, nanny: Any) -> None:
+        callback = getattr(nanny, "periodic_callbacks", {}).get("memory_monitor")
+        original = getattr(self, "_dask_check", None)
+        if callback is not None and original is not None:
+            callback.callback = original
 
 
 def _restart_past_limit(manager: Any, nanny: Any) -> None:
