@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 
 from pipeline import run
 from pipeline.index.shape import IndexShape
-from pipeline.io.parquet import Piece
+from pipeline.io.parquet import Piece, PieceRun, piece_runs
 from pipeline.search import join, routed
 from tests.test_pairs import _same_up_to_ties, _tables
 
@@ -60,6 +60,7 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
 
     run(config("batched"))
     monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * 32 * 4 // 4)  # four or five list groups
+    monkeypatch.setattr(routed, "RUNS_PER_WORKER", 1)  # the three pieces routed and merged in one run
     score = routed.ScoreTask.run
 
     def failing(task: routed.ScoreTask) -> routed.Scored:
@@ -72,7 +73,8 @@ def test_the_routed_join_equals_the_batched_one_and_resumes(make_config, dataset
         run(config("routed", routed_join=True))
     folder = tmp_path / "routed" / routed.ROUTED_DIR
     stages = json.loads((tmp_path / "routed" / "manifest.json").read_text())["stages"]
-    assert len(stages["routed_route"]["pieces"]) == 3  # every piece (one per shard) routed before scoring
+    routes = stages["routed_route"]["pieces"]  # the three pieces (one per shard) routed in one run, before scoring
+    assert list(routes) == ["0"] and "run-00000-00002.npz" in routes["0"][0][0]
     recorded = set(stages.get("routed_score", {}).get("pieces", {}))
     assert "2" not in recorded
     ran = tmp_path / "ran.txt"
@@ -221,9 +223,7 @@ def test_piece_runs_cover_the_pieces_in_order_within_the_rows(sizes: list[int], 
     rows and no piece under the floor; and a run ends only where the next piece would not fit."""
     pieces = [Piece(i, "f", (0,), 0, 10 * sum(sizes[:i]), 10 * n) for i, n in enumerate(sizes)]
     floor = 100
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(join, "MIN_RUN_PIECE_ROWS", floor)
-        runs = join.piece_runs(pieces, 10 * run_rows)
+    runs = piece_runs(pieces, 10 * run_rows, min_piece_rows=floor)
     assert [p for r in runs for p in r.pieces] == pieces
     for r in runs:
         assert r.index == r.pieces[0].index and r.rows == sum(p.rows for p in r.pieces)
@@ -424,12 +424,16 @@ def _ids(dataset: Path) -> np.ndarray:
     seed=st.integers(0, 1000),
 )
 def test_a_group_reads_its_own_run_of_each_route(tmp_path_factory, rows, width, nlist, cuts, other, seed):
-    """A route written as pairs by list group gives each group the queries routed to it, with
-    their lists in their ranks and ``-1`` elsewhere (as filtering the whole route would), and
-    reads only that group's run by range; routes grouped for other groups (a resumed join planned
-    with another worker count) give the same, read whole."""
+    """A route of a run of pieces, written as pairs by list group, gives each group each piece's
+    queries routed to it (numbered in the piece), with their lists in their ranks and ``-1``
+    elsewhere (as filtering the whole route would), and reads only that group's run by range;
+    routes grouped for other groups (a resumed join planned with another worker count) give the
+    same, read whole."""
     rng = np.random.default_rng(seed)
     assign = rng.integers(-1, nlist, size=(rows, width))
+    bounds = np.sort(rng.integers(0, rows + 1, size=int(rng.integers(0, 3))))
+    sizes = np.diff(np.r_[0, bounds, rows]).tolist()
+    run_ = PieceRun(tuple(Piece(7 + i, "a", (i,), 0, 0, n) for i, n in enumerate(sizes)))
 
     def layout_of(bounds: list[int]) -> routed.RoutedLayout:
         edges = sorted({0, *(b for b in bounds if b < nlist), nlist})
@@ -438,18 +442,23 @@ def test_a_group_reads_its_own_run_of_each_route(tmp_path_factory, rows, width, 
 
     folder = tmp_path_factory.mktemp("routes")
     written, reading = layout_of(cuts), layout_of(other)
-    routed.write_routes(written, 7, assign)
+    routed.write_routes(written, run_, assign)
     read: list[int] = []
     rows_of = routed.npy_rows
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(routed, "npy_rows", lambda path, lo, hi: read.append(hi - lo) or rows_of(path, lo, hi))
         for layout in (written, reading):
             for g in layout.groups:
-                inside = (assign >= g.first) & (assign < g.last)
-                want = np.flatnonzero(inside.any(axis=1))
-                picked, lists = routed.routed_to(layout, g, 7)
-                assert np.array_equal(picked, want)
-                assert np.array_equal(lists, np.where(inside[want], assign[want], -1))
+                got = list(routed.routed_pieces(layout, g, run_))
+                assert [piece for piece, _, _ in got] == list(run_.pieces)
+                base = 0
+                for piece, picked, lists in got:
+                    share = assign[base : base + piece.rows]
+                    inside = (share >= g.first) & (share < g.last)
+                    want = np.flatnonzero(inside.any(axis=1))
+                    assert np.array_equal(picked, want)
+                    assert np.array_equal(lists, np.where(inside[want], share[want], -1))
+                    base += piece.rows
             if layout is written:  # each pair read once, by its group (slots and lists)
                 assert sum(read) == 2 * int((assign >= 0).sum())
 
@@ -486,6 +495,93 @@ def test_a_groups_partial_lists_are_four_files_and_each_piece_reads_its_own_run(
     assert not any(p.is_file() for p in (folder / "failed").rglob("*"))
 
 
+@settings(max_examples=30, deadline=None)
+@given(
+    rows=st.lists(st.integers(0, 40), min_size=1, max_size=6),
+    groups=st.integers(1, 4),
+    width=st.integers(1, 4),
+    similarity=st.booleans(),
+    seed=st.integers(0, 99),
+)
+def test_a_merge_reads_each_group_once_for_a_run_of_pieces(tmp_path_factory, rows, groups, width, similarity, seed):
+    """A merge task of several pieces reads each group's four files once for them all (groups x
+    runs ranged reads, not groups x pieces), and gives each piece the lists a merge of that piece
+    alone gives, bit for bit; pieces between the run's (done already) are skipped."""
+    rng = np.random.default_rng(seed)
+    folder = tmp_path_factory.mktemp("merge")
+    layout = routed.RoutedLayout(
+        str(folder), tuple(routed.ListGroup(g, g, g + 1, 0) for g in range(groups)), 2, width, similarity
+    )
+    pieces = [Piece(i, "a", (i,), 0, 0, n) for i, n in enumerate(rows)]
+    for g in range(groups):
+        with routed.PartialLists(layout, g) as out:
+            for p in pieces:
+                picked = np.sort(rng.choice(p.rows, size=int(rng.integers(0, p.rows + 1)), replace=False))
+                scores = np.round(rng.standard_normal((len(picked), width)), 1).astype(np.float32)  # ties
+                found = rng.integers(-1, 10**6, size=(len(picked), width))
+                out.add(p.index, picked, -np.sort(-scores, axis=1), np.where(found < 0, -1, found))
+    run_ = [p for p in pieces if rng.random() < 0.7] or pieces[:1]
+    read: list[str] = []
+    rows_of = routed.npy_rows
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(routed, "npy_rows", lambda path, lo, hi: read.append(str(path)) or rows_of(path, lo, hi))
+        scores, found = routed.routed_lists(layout, run_)
+    assert len(read) == 4 * groups  # starts, queries, scores, rows: once per group
+    alone = [routed.routed_lists(layout, [p]) for p in run_]
+    assert np.array_equal(scores, np.concatenate([a[0] for a in alone]))
+    assert np.array_equal(found, np.concatenate([a[1] for a in alone]))
+    with pytest.raises(ValueError, match="number order"):
+        routed.routed_lists(layout, run_[::-1] if len(run_) > 1 else run_ * 2)
+
+
+def test_routed_route_and_merge_tasks_take_runs_of_pieces_with_tables_of_their_own(
+    make_config, dataset_dir, tmp_path, monkeypatch
+):
+    """The routed join's route and merge tasks each take as many pieces as their memory allows
+    (one route a run; each group's files read once a run, not once a piece); every piece still
+    gets its own table and record, and the tables equal those of a task a piece, bit for bit."""
+    ran: list[tuple[int, ...]] = []
+    task_run = join.JoinTask.run
+
+    def counted(task: join.JoinTask) -> join.Joined:
+        ran.append(tuple(p.index for p in task.pieces))
+        return task_run(task)
+
+    monkeypatch.setattr(join.JoinTask, "run", counted)
+    monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * 32 * 4 // 3)  # three or four list groups
+    monkeypatch.setattr(routed, "RUNS_PER_WORKER", 1)  # one worker may take every piece in one run
+    settings_ = dict(index_key="IVF16,Flat", nprobe=4, k=5, routed_join=True)
+    tables = {}
+    for out, rows, runs in (
+        ("apart", 1, [(0,), (1,), (2,)]),
+        ("two", 4_500, [(0, 1), (2,)]),
+        ("together", 10**9, [(0, 1, 2)]),
+    ):
+        ran.clear()
+        monkeypatch.setattr(join, "merge_run_rows", lambda width, rows=rows: rows)
+        monkeypatch.setattr(routed, "route_run_rows", lambda nprobe, rows=rows: rows)
+        report = run(_in_process(make_config, dataset_dir, tmp_path / out, **settings_))
+        assert sorted(ran) == runs
+        stages = json.loads((tmp_path / out / "manifest.json").read_text())["stages"]
+        assert sorted(stages["join"]["pieces"]) == ["0", "1", "2"]
+        assert sorted(int(i) for i in stages["routed_route"]["pieces"]) == [r[0] for r in runs]
+        tables[out] = _tables(tmp_path / out)
+        assert tables[out] == tables["apart"]  # the same merge, bit for bit
+        assert report.recall is not None and report.recall.met
+
+
+def test_routed_runs_leave_every_worker_tasks_of_its_own():
+    """Runs save reads, but they are the stage's tasks: never fewer than four a worker where the
+    pieces allow, and never more rows than memory allows."""
+    assert routed.spread(10**9, 6_000, 1) == 1_500
+    assert routed.spread(10**9, 10**6, 2) == 125_000
+    assert routed.spread(1_000, 10**9, 100) == 1_000
+    assert routed.spread(5, 0, 3) == 1
+    pieces = [Piece(i, "a", (i,), 0, 15_625 * i, 15_625) for i in range(64)]  # 1M rows in 64 files
+    runs = piece_runs(pieces, routed.spread(routed.merge_run_rows(11), 10**6, 2))
+    assert len(runs) == 8 and all(len(r.pieces) == 8 for r in runs)
+
+
 def test_a_join_routed_by_an_earlier_layout_is_routed_and_scored_again(tmp_path):
     """Routes and groups an interrupted join recorded done in an earlier version's files (a route
     without its pairs; a partial file a (group, piece)) are done again; those in this layout's
@@ -511,5 +607,12 @@ def test_a_join_routed_by_an_earlier_layout_is_routed_and_scored_again(tmp_path)
     )
     manifest.mark_piece("routed_score", 0, [old_partial])
     manifest.mark_piece("routed_score", 1, [layout.partial_path(1, k) for k in routed.PARTIAL_KINDS])
-    routed.forget_other_layouts(manifest, layout, pieces)
+    routed.forget_other_layouts(manifest, layout, [PieceRun((p,)) for p in pieces])
     assert manifest.done_pieces("routed_route") == {1} and manifest.done_pieces("routed_score") == {1}
+    # a route a piece, where this join routes both pieces in one run: routed again
+    routed.write_routes(layout, 0, np.array([[0, 3], [1, 2], [3, -1], [0, 1], [2, 2]]))
+    manifest.mark_piece(
+        "routed_route", 0, [layout.route_path(0), *(layout.pairs_path(0, k) for k in ("slots", "lists"))]
+    )
+    routed.forget_other_layouts(manifest, layout, [PieceRun(pieces)])
+    assert manifest.done_pieces("routed_route") == {1}

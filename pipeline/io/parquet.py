@@ -28,7 +28,17 @@ from pipeline.errors import InputError
 from pipeline.io.storage import filesystem, is_remote, list_parquet, open_parquet, remote_info
 from pipeline.io.workdir import shown
 
-__all__ = ["FileInfo", "Piece", "Dataset", "resolve_paths", "plan_dataset", "read_piece", "unify_id_types"]
+__all__ = [
+    "FileInfo",
+    "Piece",
+    "PieceRun",
+    "piece_runs",
+    "Dataset",
+    "resolve_paths",
+    "plan_dataset",
+    "read_piece",
+    "unify_id_types",
+]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +70,46 @@ class Piece:
         if local_row is None:
             return f"{shown(self.path)} (rows {self.file_row}-{self.file_row + self.rows - 1})"
         return f"{shown(self.path)} (row {self.file_row + local_row})"
+
+
+@dataclass(frozen=True)
+class PieceRun:
+    """Consecutive query pieces taken by one task (a work item: numbered by its first piece)."""
+
+    pieces: tuple[Piece, ...]
+
+    @property
+    def index(self) -> int:
+        return self.pieces[0].index
+
+    @property
+    def rows(self) -> int:
+        return sum(p.rows for p in self.pieces)
+
+    def where(self) -> str:
+        return ", ".join(p.where() for p in self.pieces)
+
+
+def piece_runs(pieces: Sequence[Piece], run_rows: int, *, min_piece_rows: int = 1) -> list[PieceRun]:
+    """Consecutive pieces taken by one task: as many as fit ``run_rows`` rows in all. The batched
+    join takes runs so that a batch brings each list as many queries as the plan wants even where
+    the input's files are smaller than that batch (at 16M x 64, 250,000-row files gave each list
+    107 queries a batch where the plan wants 256; ``scripts/walk_benchmark.py``: 1.2x to 1.3x the
+    time a query); the routed join's route and merge tasks, so that each reads a list group's files
+    once for the run. Each piece keeps its own table and manifest record. Pieces under
+    ``min_piece_rows`` rows, and every piece where ``run_rows`` is 0, are a run each."""
+    runs: list[list[Piece]] = []
+    for p in pieces:
+        last = runs[-1] if runs else None
+        if (
+            last is not None
+            and min(q.rows for q in (*last, p)) >= min_piece_rows
+            and sum(q.rows for q in last) + p.rows <= run_rows
+        ):
+            last.append(p)
+        else:
+            runs.append([p])
+    return [PieceRun(tuple(r)) for r in runs]
 
 
 @dataclass(frozen=True)

@@ -31,7 +31,7 @@ from pipeline.index.shape import index_shape
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path
 from pipeline.io.owned import discard
-from pipeline.io.parquet import Piece
+from pipeline.io.parquet import Piece, PieceRun, piece_runs
 from pipeline.io.store import RowStore
 from pipeline.kinds import Metric, Strategy
 from pipeline.results import ListReads, to_dict
@@ -42,9 +42,11 @@ from pipeline.search.pairs import PAIRS_DIR, PairLayout, drop_pairs, exact_pairs
 from pipeline.search.routed import (
     ROUTED_DIR,
     RoutedLayout,
+    merge_run_rows,
     plan_list_groups,
     route_and_score,
     routed_lists,
+    spread,
 )
 from pipeline.shuffle.edges import write_knn
 
@@ -57,8 +59,6 @@ __all__ = [
     "to_padded",
     "BATCH_BYTES",
     "listed_table",
-    "piece_runs",
-    "PieceRun",
     "shared_index",
     "search_params",
 ]
@@ -240,8 +240,10 @@ class JoinTask:
     """Search a run of query pieces (one, or consecutive ones too small alone for the batch the
     plan wants) in batches that fit ``budget_rows`` (and the worker's backend), and write each
     piece's neighbour table to its ``outs`` entry (and, with ``plan.knn_dir``, its lists as global
-    rows). With ``pairs`` or ``routed``, the single piece's lists come from the join by pairs or the
-    routed join. Returns how many queries got fewer than ``k`` neighbours."""
+    rows). With ``pairs``, the single piece's lists come from the join by pairs; with ``routed``,
+    the run's lists come from the routed join, merged for the whole run at once (nothing is
+    searched, so no query vector is read). Returns how many queries got fewer than ``k``
+    neighbours."""
 
     plan: SearchPlan
     index_store: RowStore
@@ -255,7 +257,7 @@ class JoinTask:
     def run(self) -> Joined:
         read_before = list_bytes_read()
         plan, index_store, budget_rows = self.plan, self.index_store, self.budget_rows
-        assert len(self.pieces) == len(self.outs) and (len(self.pieces) == 1 or self.pairs is self.routed is None)
+        assert len(self.pieces) == len(self.outs) and (len(self.pieces) == 1 or self.pairs is None)
         with worker_device() as be:
             # the exact plan scores whole query blocks against each stored piece: larger blocks keep
             # the GEMM tiles full and read the store fewer times
@@ -270,7 +272,7 @@ class JoinTask:
         if self.pairs is not None:
             lists = piece_lists(self.pairs, self.pieces[0], candidates_per_query(plan, index_store.rows), plan.metric)
         elif self.routed is not None:
-            lists = routed_lists(self.routed, self.pieces[0])
+            lists = routed_lists(self.routed, self.pieces)
             batch_rows = max(1, min(budget_rows, be.search_rows))  # nothing left to search: writing batches
         log.debug(
             "join pieces %s: %d queries in batches of %d (%s)",
@@ -279,7 +281,9 @@ class JoinTask:
             batch_rows,
             plan.strategy,
         )
-        vectors = {p.index: self.query_store.vectors(p.index) for p in self.pieces}  # plain reads: nothing mapped
+        # plain reads, nothing mapped; lists found already need no query vector
+        vectors = {p.index: self.query_store.vectors(p.index) for p in self.pieces} if lists is None else {}
+        base = dict(zip((p.index for p in self.pieces), np.cumsum([0] + [p.rows for p in self.pieces]).tolist()))
         progress = PieceProgress("join", self.pieces[0].index)  # the run's rows, as run_tasks counts them
         with ExitStack() as stack:
             sinks = [
@@ -288,15 +292,19 @@ class JoinTask:
             ]
             at = {p.index: i for i, p in enumerate(self.pieces)}
             for batch in _batches(self.pieces, batch_rows):
-                q = np.concatenate([vectors[p.index][lo:hi] for p, lo, hi in batch])
+                q = (
+                    np.concatenate([vectors[p.index][lo:hi] for p, lo, hi in batch])
+                    if lists is None
+                    else np.zeros((sum(hi - lo for _, lo, hi in batch), 0), np.float32)
+                )
                 q_ids = pa.concat_arrays([self.query_store.ids(p.index).slice(lo, hi - lo) for p, lo, hi in batch])
                 q_rows = (
                     np.concatenate([np.arange(p.start + lo, p.start + hi, dtype=np.int64) for p, lo, hi in batch])
                     if plan.self_join
                     else None
                 )
-                _, lo, hi = batch[0]
-                found = None if lists is None else (lists[0][lo:hi], lists[1][lo:hi])
+                lo = base[batch[0][0].index] + batch[0][1]  # the batch's rows of the run (consecutive)
+                found = None if lists is None else (lists[0][lo : lo + len(q)], lists[1][lo : lo + len(q)])
                 q = np.ascontiguousarray(q)
                 assign = None
                 if probed is not None:  # assigned here, kept with the lists (the search takes them)
@@ -415,46 +423,9 @@ class _TableSink:
             write_knn(path, self.knn_rows, self.knn_scores, k=self.plan.k, probes=probes)
 
 
-MIN_RUN_PIECE_ROWS = 16_384  # smaller pieces are joined a task each (small inputs: a killed join keeps fine steps)
-
-
-@dataclass(frozen=True)
-class PieceRun:
-    """Consecutive query pieces joined by one task (a work item: numbered by its first piece)."""
-
-    pieces: tuple[Piece, ...]
-
-    @property
-    def index(self) -> int:
-        return self.pieces[0].index
-
-    @property
-    def rows(self) -> int:
-        return sum(p.rows for p in self.pieces)
-
-    def where(self) -> str:
-        return ", ".join(p.where() for p in self.pieces)
-
-
-def piece_runs(pieces: Sequence[Piece], run_rows: int) -> list[PieceRun]:
-    """Consecutive pieces joined by one task: as many as fit ``run_rows`` rows in all, so that a
-    batch brings each list as many queries as the plan wants even where the input's files are
-    smaller than that batch (at 16M x 64, 250,000-row files gave each list 107 queries a batch where
-    the plan wants 256; ``scripts/walk_benchmark.py``: 1.2x to 1.3x the time a query). Each piece
-    keeps its own table and manifest record. Pieces under ``MIN_RUN_PIECE_ROWS`` rows, and every
-    piece where ``run_rows`` is 0, are a run each."""
-    runs: list[list[Piece]] = []
-    for p in pieces:
-        last = runs[-1] if runs else None
-        if (
-            last is not None
-            and min(q.rows for q in (*last, p)) >= MIN_RUN_PIECE_ROWS
-            and sum(q.rows for q in last) + p.rows <= run_rows
-        ):
-            last.append(p)
-        else:
-            runs.append([p])
-    return [PieceRun(tuple(r)) for r in runs]
+# smaller pieces are joined a task each (small inputs: a killed join keeps fine steps), but for a routed join's
+# merge, whose reads a run saves (each group's files once a run)
+MIN_RUN_PIECE_ROWS = 16_384
 
 
 def first_k(
@@ -570,6 +541,7 @@ def join_pieces(
             pieces=tuple(todo),
             layout=routes,
             manifest=manifest,
+            workers=workers,
         ).values():
             reads.add("routed score", scored.worker, scored.list_bytes)
         paired += time.monotonic() - started
@@ -582,7 +554,11 @@ def join_pieces(
             manifest.mark_piece("join", p.index, files)
 
     say_resuming("join", pieces, todo)
-    runs = piece_runs(todo, min(run_rows, budget_rows) if layout is None and routes is None else 0)
+    if routes is not None:  # a task merges as many pieces as its memory allows: each group read once for them all
+        run_rows = spread(merge_run_rows(routes.width), sum(p.rows for p in todo), workers)
+    elif layout is None:
+        run_rows = min(run_rows, budget_rows)
+    runs = piece_runs(todo, run_rows if layout is None else 0, min_piece_rows=1 if routes else MIN_RUN_PIECE_ROWS)
     seconds = (
         run_tasks(
             client,

@@ -5,17 +5,21 @@ list its batch probes, once per batch: a join of ``n`` queries in batches of ``b
 index ``n / b`` times, and every worker maps all of it. Here the join is turned inside out, as
 FAISS's ``contrib.big_batch_search`` does on one machine, over Dask:
 
-1. **route** (a task per query piece): the piece's queries are assigned to their ``nprobe``
-   nearest lists (the coarse quantizer only), written as (query, list) pairs ordered by list
-   group with where each group's pairs start (``route/piece-NNNNN.*``), so a score task reads
-   its own pairs of each piece, not the piece's whole route;
+1. **route** (a task per run of consecutive query pieces, :func:`route_run_rows`): the run's
+   queries are assigned to their ``nprobe`` nearest lists (the coarse quantizer only), written as
+   (query, list) pairs ordered by list group with where each group's pairs start
+   (``route/run-FIRST-LAST.*``, ``piece-NNNNN.*`` for a run of one), so a score task reads its own
+   pairs of each run by range, not the whole route, and once a run, not once a piece;
 2. **score** (a task per *list group*: consecutive lists of at most ``GROUP_BYTES`` of vectors):
    the group's lists are read once, and every query piece's routed queries are scored against
    them, list by list with one matrix product each, piece after piece (memory: the group, one
    piece's queries and their heaps), into the group's partial top lists: four files a group, each
    piece's run in them read by range (:class:`PartialLists`);
-3. **merge**: the join's own piece tasks merge each piece's partials into its lists (exact
-   scores, self-exclusion, ids, the tables), as the exact join by pairs does.
+3. **merge**: the join's own tasks, each taking a run of pieces (:func:`merge_run_rows`), read
+   each group's partials of the run by one range and merge them into the pieces' lists (exact
+   scores, self-exclusion, ids, a table a piece), as the exact join by pairs does. So the ranged
+   reads of routes and partials are groups x runs, not groups x pieces (:func:`spread` keeps four
+   runs a worker at least).
 
 **Lossy codes** (PQ, SQ: re-ranked) are routed where the fill wrote their vectors in list order
 (:mod:`pipeline.index.ordered`): a score task reads its group's vectors once and re-ranks from them.
@@ -36,6 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -50,7 +55,7 @@ from pipeline.index.shape import IndexShape
 from pipeline.io import nodes
 from pipeline.io.atomic import atomic_path, write_npz
 from pipeline.io.nodes import fetched, npy_rows
-from pipeline.io.parquet import Piece
+from pipeline.io.parquet import Piece, PieceRun, piece_runs
 from pipeline.io.store import RowStore
 from pipeline.runtime.manifest import Manifest
 from pipeline.runtime.progress import PieceProgress
@@ -62,6 +67,8 @@ __all__ = [
     "ListGroup",
     "RoutedLayout",
     "plan_list_groups",
+    "merge_run_rows",
+    "spread",
     "route_and_score",
     "routed_lists",
 ]
@@ -71,6 +78,23 @@ log = logging.getLogger(__name__)
 ROUTED_DIR = "_routed"
 GROUP_BYTES = 256 << 20  # vectors a list group holds at most (one score task holds one group)
 MIN_GROUPS = 4  # by default at least this many groups (as lists allow), so several workers share the scoring
+MERGE_BYTES = 256 << 20  # a merge task's lists and one group's partial lists of its run, at most
+
+
+RUNS_PER_WORKER = 4  # route and merge tasks (runs of pieces) per worker at least, as the pieces allow
+
+
+def merge_run_rows(width: int) -> int:
+    """Queries one merge task takes at most (a run of pieces, :func:`routed_lists`): its heaps (a
+    score and a row, ``width`` a query) and one group's partial lists of them fit ``MERGE_BYTES``."""
+    return max(1, MERGE_BYTES // (24 * max(1, int(width))))
+
+
+def spread(run_rows: int, rows: int, workers: int) -> int:
+    """``run_rows`` lowered so that ``rows`` make ``RUNS_PER_WORKER`` runs a worker: a run saves
+    reads, but the runs are the stage's tasks, and one run of everything would leave all but one
+    worker idle (at 1M rows one merge task could hold every piece)."""
+    return max(1, min(int(run_rows), -(-int(rows) // (RUNS_PER_WORKER * max(1, int(workers))))))
 
 
 @dataclass(frozen=True)
@@ -105,23 +129,42 @@ class RoutedLayout:
         groups to the cluster once)."""
         return 32 * len(self.groups)
 
-    def route_path(self, piece: int) -> Path:
-        return Path(self.folder) / "route" / f"piece-{piece:05d}.npz"
+    def route_path(self, run: PieceRun | int) -> Path:
+        """A route (a run of query pieces, or a piece number): where each group's pairs start."""
+        return Path(self.folder) / "route" / f"{_route_stem(run)}.npz"
 
-    def pairs_path(self, piece: int, kind: str) -> Path:
-        """A piece's routed (query, list) pairs by list group: ``slots`` (query x the route's
+    def pairs_path(self, run: PieceRun | int, kind: str) -> Path:
+        """A route's (query, list) pairs by list group: ``slots`` (query of the run x the route's
         width, ``nprobe``, + the list's rank among the query's) or ``lists``."""
-        return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
+        return Path(self.folder) / "route" / f"{_route_stem(run)}.{kind}.npy"
 
-    def candidates_path(self, piece: int, kind: str) -> Path:
+    def candidates_path(self, run: PieceRun | int, kind: str) -> Path:
         """A piece's candidates for re-ranking, grouped by list group (``rows`` or ``queries``)."""
-        return Path(self.folder) / "route" / f"piece-{piece:05d}.{kind}.npy"
+        return Path(self.folder) / "route" / f"{_route_stem(run)}.{kind}.npy"
 
     def partial_path(self, group: int, kind: str) -> Path:
         """One group's partial lists of every piece, as 1-d arrays (:data:`PARTIAL_KINDS`):
         ``starts`` (where each piece number's run of queries begins), ``queries`` (the run's local
         query numbers), ``scores`` and ``rows`` (``width`` a query)."""
         return Path(self.folder) / "partial" / f"group-{group:05d}.{kind}.npy"
+
+
+def _route_stem(run: PieceRun | int) -> str:
+    """A route's file name: ``piece-NNNNN`` for one piece (as routes were before runs, so a join
+    resumed from then reads them), ``run-FIRST-LAST`` for a run of several."""
+    if isinstance(run, int):
+        return f"piece-{run:05d}"
+    first, last = run.pieces[0].index, run.pieces[-1].index
+    return f"piece-{first:05d}" if len(run.pieces) == 1 else f"run-{first:05d}-{last:05d}"
+
+
+ROUTE_BYTES = 256 << 20  # a route task's (query, list) pairs of its run, sorted by list group, at most
+
+
+def route_run_rows(nprobe: int) -> int:
+    """Queries one route task takes (a run of pieces): its pairs (a slot and a list, 8 bytes
+    each, ``nprobe`` a query) and their sort fit ``ROUTE_BYTES``; one piece's vectors at a time."""
+    return max(1, ROUTE_BYTES // (48 * max(1, int(nprobe))))
 
 
 def plan_list_groups(
@@ -150,33 +193,42 @@ def plan_list_groups(
 
 @dataclass(frozen=True, kw_only=True)
 class RouteTask:
-    """Assign one query piece's queries to their ``nprobe`` nearest lists (the coarse quantizer).
+    """Assign a run of query pieces' queries to their ``nprobe`` nearest lists (the coarse
+    quantizer), one piece's vectors at a time, into one route for the run: a score task then
+    reads each group's pairs once a run, not once a piece (groups x pieces ranged reads).
 
     With ``layout.candidates`` (lossy codes held in memory, their vectors in list order), the
-    piece is also searched by its codes, as the batched join searches it, and each candidate is
-    sent to the list group holding its vector (:meth:`candidates`)."""
+    run's one piece is also searched by its codes, as the batched join searches it, and each
+    candidate is sent to the list group holding its vector (:meth:`candidates`)."""
 
     index_dir: str
     query_store: RowStore
-    piece: Piece
+    queries: PieceRun
     layout: RoutedLayout
     searched: bool = False  # the codes are in memory: search them here
 
     def run(self) -> None:
         from pipeline.index.fill import load_lists
 
+        if self.searched and len(self.queries.pieces) != 1:
+            raise ValueError(f"routes searched by their codes take one piece, not {self.queries.where()}")
         index = load_lists(self.index_dir, 0, 0)  # the coarse quantizer: no list's bytes are read
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-        q = np.ascontiguousarray(self.query_store.vectors(self.piece.index))
+        assigned, starts = [], None
         with worker_device():  # the quantizer's search on the worker's threads
-            dis = None
-            if self.searched and two_level(ivf.quantizer) is None:  # its distances, as FAISS's own search has them
-                dis, assign = ivf.quantizer.search(q, self.layout.nprobe)
-            else:
-                assign = coarse_assign(ivf.quantizer, q, self.layout.nprobe)
-            starts = self.candidates(ivf, q, assign, dis) if self.searched else None
+            for piece in self.queries.pieces:
+                q = np.ascontiguousarray(self.query_store.vectors(piece.index))
+                dis = None
+                if self.searched and two_level(ivf.quantizer) is None:  # its distances, as FAISS's own search has them
+                    dis, assign = ivf.quantizer.search(q, self.layout.nprobe)
+                else:
+                    assign = coarse_assign(ivf.quantizer, q, self.layout.nprobe)
+                if self.searched:
+                    starts = self.candidates(ivf, q, assign, dis)
+                assigned.append(assign)
+                del q
         extra = {} if starts is None else {"starts": starts}
-        write_routes(self.layout, self.piece.index, assign, **extra)
+        write_routes(self.layout, self.queries, np.concatenate(assigned), **extra)
 
     def candidates(self, ivf: Any, q: np.ndarray, assign: np.ndarray, dis: np.ndarray | None) -> np.ndarray:
         """Search the piece by its codes for each query's ``layout.candidates`` best, as the
@@ -204,7 +256,7 @@ class RouteTask:
         order = np.argsort(group, kind="stable")  # by group, then by query
         starts = np.searchsorted(group[order], np.arange(len(firsts) + 1))
         for kind, values in (("rows", rows[order]), ("queries", (at[order] // layout.candidates).astype(np.int32))):
-            _save_npy(layout.candidates_path(self.piece.index, kind), values)
+            _save_npy(layout.candidates_path(self.queries, kind), values)
         return starts
 
 
@@ -228,11 +280,12 @@ class Scored:
 
 @dataclass(frozen=True, kw_only=True)
 class ScoreTask:
-    """Read one list group once and score every piece's queries routed to it (see the module)."""
+    """Read one list group once and score every piece's queries routed to it (see the module),
+    reading each route's pairs for the group once (a route: a run of pieces)."""
 
     index_dir: str
     query_store: RowStore
-    pieces: tuple[Piece, ...]
+    runs: tuple[PieceRun, ...]
     group: ListGroup
     layout: RoutedLayout
 
@@ -253,8 +306,7 @@ class ScoreTask:
             device.group_search(ivf, g.first, g.last) as search,
             PartialLists(layout, g.index) as out,
         ):
-            for piece in sorted(self.pieces, key=lambda p: p.index):
-                picked, lists = self._routed(piece)
+            for piece, picked, lists in self._routed():
                 if picked.size:
                     # only the routed rows, gathered from the memory map: a group meets a share of each
                     # piece's queries (about nprobe / groups of them at scale), so reading whole pieces
@@ -274,8 +326,10 @@ class ScoreTask:
         del ivf, index  # unmaps the lists read
         return result
 
-    def _routed(self, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-        return routed_to(self.layout, self.group, piece.index)
+    def _routed(self) -> Iterator[tuple[Piece, np.ndarray, np.ndarray]]:
+        """Each piece in number order with its queries routed here and their lists."""
+        for run in sorted(self.runs, key=lambda r: r.index):
+            yield from routed_pieces(self.layout, self.group, run)
 
     def _rerank_group(self, ivf: Any) -> Scored:
         """Lossy codes: each piece's candidates in this group's lists re-ranked exactly from the
@@ -291,23 +345,32 @@ class ScoreTask:
         scored = 0
         with contextlib.ExitStack() as held, PartialLists(layout, g.index) as out:
             search: GroupSearch | None = None  # the device's hold on the group's codes, taken once if needed
-            for piece in sorted(self.pieces, key=lambda p: p.index):
-                with np.load(fetched(layout.route_path(piece.index))) as z:
+            for run in sorted(self.runs, key=lambda r: r.index):
+                with np.load(fetched(layout.route_path(run))) as z:
                     starts = z["starts"] if "starts" in z.files else None
-                if starts is not None:
-                    picked, scores, rows = self._rerank_found(
-                        piece, vectors, int(starts[g.index]), int(starts[g.index + 1])
-                    )
+                found: list[tuple[Piece, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
+                if starts is not None:  # searched by its codes at the route: a run of one piece
+                    lo, hi = int(starts[g.index]), int(starts[g.index + 1])
+                    found.append((run.pieces[0], self._rerank_found(run.pieces[0], vectors, lo, hi)))
                 else:
                     if search is None:  # FAISS on the worker's threads, or the group's codes on its GPU
                         device = held.enter_context(worker_device())
                         search = held.enter_context(device.group_search(ivf, g.first, g.last))
-                    picked, scores, rows = self._search_and_rerank(search, ivf, piece, vectors)
-                if not layout.similarity:  # squared distances, kept negated (higher is better)
-                    scores = -scores
-                scored += int(picked.size)
-                out.add(piece.index, picked, scores, rows)
-                progress.advance(piece.rows)
+                    for piece, picked, lists in routed_pieces(layout, g, run):
+                        found.append(
+                            (
+                                piece,
+                                self._search_and_rerank(
+                                    search, ivf, piece, picked=picked, lists=lists, vectors=vectors
+                                ),
+                            )
+                        )
+                for piece, (picked, scores, rows) in found:
+                    if not layout.similarity:  # squared distances, kept negated (higher is better)
+                        scores = -scores
+                    scored += int(picked.size)
+                    out.add(piece.index, picked, scores, rows)
+                    progress.advance(piece.rows)
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
 
     def _rerank_found(
@@ -333,12 +396,19 @@ class ScoreTask:
         return picked, scores, best
 
     def _search_and_rerank(
-        self, search: GroupSearch, ivf: Any, piece: Piece, vectors: OrderedGroup
+        self,
+        search: GroupSearch,
+        ivf: Any,
+        piece: Piece,
+        *,
+        picked: np.ndarray,
+        lists: np.ndarray,
+        vectors: OrderedGroup,
     ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The routed queries of ``piece`` searched by their codes among this group's lists (by
-        the device's ``search``), their ``candidates`` best re-ranked; each query's ``width`` best."""
+        """The queries ``picked`` of ``piece`` routed here (to ``lists``) searched by their codes
+        among this group's lists (by the device's ``search``), their ``candidates`` best
+        re-ranked; each query's ``width`` best."""
         g, layout = self.group, self.layout
-        picked, lists = self._routed(piece)
         scores = np.zeros((len(picked), layout.width), np.float32)
         rows = np.full((len(picked), layout.width), -1, np.int64)
         if not picked.size:
@@ -432,53 +502,71 @@ def _npy_header(fh: Any, dtype: Any, n: int) -> None:
 NPY_HEADER_BYTES = 128
 
 
-def partial_run(layout: RoutedLayout, group: int, piece: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``(queries, scores, rows)`` of ``piece`` in ``group``'s partial lists, read by range."""
-    w = layout.width
-    bounds = npy_rows(layout.partial_path(group, "starts"), piece, piece + 2)
-    lo, hi = (int(bounds[0]), int(bounds[1])) if len(bounds) == 2 else (0, 0)
+def partial_run(
+    layout: RoutedLayout, group: int, first: int, last: int | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """``(queries, scores, rows, counts)`` of pieces ``first`` to ``last`` (inclusive; default
+    ``first`` alone) in ``group``'s partial lists: one ranged read of each file for the whole
+    run, since the pieces' runs lie in number order. ``counts``: each piece number's queries."""
+    w, last = layout.width, first if last is None else last
+    bounds = np.asarray(npy_rows(layout.partial_path(group, "starts"), first, last + 2), dtype=np.int64)
+    bounds = np.concatenate([bounds, np.full(last + 2 - first - len(bounds), bounds[-1] if len(bounds) else 0)])
+    lo, hi = int(bounds[0]), int(bounds[-1])
     queries = np.array(npy_rows(layout.partial_path(group, "queries"), lo, hi), dtype=np.int64)
     scores = np.array(npy_rows(layout.partial_path(group, "scores"), lo * w, hi * w), dtype=np.float32)
     rows = np.array(npy_rows(layout.partial_path(group, "rows"), lo * w, hi * w), dtype=np.int64)
-    return queries, scores.reshape(-1, w), rows.reshape(-1, w)
+    return queries, scores.reshape(-1, w), rows.reshape(-1, w), np.diff(bounds)
 
 
-def write_routes(layout: RoutedLayout, piece: int, assign: np.ndarray, **extra: np.ndarray) -> None:
-    """One piece's route: its queries' lists ``assign`` (``-1`` for none) as (query, list) pairs
-    ordered by list group (then query, then the list's rank), with where each group's run starts."""
+def write_routes(layout: RoutedLayout, run: PieceRun | int, assign: np.ndarray, **extra: np.ndarray) -> None:
+    """A run's route (or one piece's): its queries' lists ``assign`` (``-1`` for none; the run's
+    queries one piece after another) as (query, list) pairs ordered by list group (then query,
+    then the list's rank), with where each group's run starts."""
     firsts = np.array([g.first for g in layout.groups], dtype=np.int64)
     slots = np.flatnonzero(assign.ravel() >= 0)  # query x width + rank, in query order
     lists = assign.ravel()[slots].astype(np.int64)
     group = np.searchsorted(firsts, lists, side="right") - 1
     order = np.argsort(group, kind="stable")
     for kind, values in (("slots", slots[order]), ("lists", lists[order])):
-        _save_npy(layout.pairs_path(piece, kind), values)
+        _save_npy(layout.pairs_path(run, kind), values)
     starts = np.searchsorted(group[order], np.arange(len(firsts) + 1))
     width = np.int64(assign.shape[1])
-    write_npz(layout.route_path(piece), group_starts=starts, group_firsts=firsts, width=width, **extra)
+    write_npz(layout.route_path(run), group_starts=starts, group_firsts=firsts, width=width, **extra)
 
 
-def routed_to(layout: RoutedLayout, g: ListGroup, piece: int) -> tuple[np.ndarray, np.ndarray]:
-    """The queries of ``piece`` routed to group ``g``, and their lists there (``-1``: elsewhere),
-    from the group's own run of the piece's pairs: read by range, so the score stage reads each
-    route once in all, not once per group (at 10^8 x 128, 200 groups each reading all 381 pieces'
-    routes would read 640 GB of routes for 51 GB of lists). Routes grouped for other list groups
-    (a resumed join planned with another worker count) are read whole and filtered."""
-    with np.load(fetched(layout.route_path(piece))) as z:
+def routed_to(layout: RoutedLayout, g: ListGroup, run: PieceRun | int) -> tuple[np.ndarray, np.ndarray]:
+    """The queries of a run (or one piece) routed to group ``g`` (numbered in the run), and their
+    lists there (``-1``: elsewhere), from the group's own run of the route's pairs: read by range,
+    so the score stage reads each route once in all, not once per group (at 10^8 x 128, 200 groups
+    each reading all 381 pieces' routes would read 640 GB of routes for 51 GB of lists). Routes
+    grouped for other list groups (a resumed join planned with another worker count) are read
+    whole and filtered."""
+    with np.load(fetched(layout.route_path(run))) as z:
         firsts, starts, width = z["group_firsts"], z["group_starts"], int(z["width"])
     if np.array_equal(firsts, [x.first for x in layout.groups]):
         lo, hi = int(starts[g.index]), int(starts[g.index + 1])
-        slots = np.array(npy_rows(layout.pairs_path(piece, "slots"), lo, hi), dtype=np.int64)
-        lists = np.array(npy_rows(layout.pairs_path(piece, "lists"), lo, hi), dtype=np.int64)
+        slots = np.array(npy_rows(layout.pairs_path(run, "slots"), lo, hi), dtype=np.int64)
+        lists = np.array(npy_rows(layout.pairs_path(run, "lists"), lo, hi), dtype=np.int64)
     else:
-        slots = np.load(fetched(layout.pairs_path(piece, "slots")))
-        lists = np.load(fetched(layout.pairs_path(piece, "lists")))
+        slots = np.load(fetched(layout.pairs_path(run, "slots")))
+        lists = np.load(fetched(layout.pairs_path(run, "lists")))
         inside = (lists >= g.first) & (lists < g.last)
         slots, lists = slots[inside], lists[inside]
     picked, at = np.unique(slots // width, return_inverse=True)
     routed = np.full((len(picked), width), -1, dtype=np.int64)
     routed[at, slots % width] = lists
     return picked, routed
+
+
+def routed_pieces(layout: RoutedLayout, g: ListGroup, run: PieceRun) -> Iterator[tuple[Piece, np.ndarray, np.ndarray]]:
+    """Each piece of ``run`` with its queries routed to group ``g`` (numbered in the piece) and
+    their lists there: the run's route read once (:func:`routed_to`), then cut at the pieces."""
+    picked, lists = routed_to(layout, g, run)
+    base = 0
+    for piece in run.pieces:
+        lo, hi = np.searchsorted(picked, [base, base + piece.rows])
+        yield piece, picked[lo:hi] - base, lists[lo:hi]
+        base += piece.rows
 
 
 RERANK_QUERIES = 8192  # routed queries searched and re-ranked at once (fast-scan wants many)
@@ -531,33 +619,39 @@ def route_and_score(
     pieces: tuple[Piece, ...],
     layout: RoutedLayout,
     manifest: Manifest,
+    workers: int = 1,
 ) -> dict[int, Scored]:
     """The route and score stages (``routed_route``, ``routed_score``), resumable; returns each
     group's :class:`Scored`. Lossy codes held in memory (not in a list file) are searched whole by
     the route, as the batched join searches them (:meth:`RouteTask.candidates`)."""
     searched = layout.rerank and not nodes.present(Path(index_dir) / "index.ivfdata")
-    forget_other_layouts(manifest, layout, pieces)
-    run_stage(
-        client,
-        manifest,
-        Stage(
-            name="routed_route",
-            items=pieces,
-            task=lambda p: RouteTask(
-                index_dir=index_dir, query_store=query_store, piece=p, layout=layout, searched=searched
+    # a route task takes as many pieces as its pairs fit (one, where it searches their codes)
+    rows = spread(route_run_rows(layout.nprobe), sum(p.rows for p in pieces), workers)
+    runs = tuple(piece_runs(pieces, 0 if searched else rows))
+    forget_other_layouts(manifest, layout, runs)
+    if not {g.index for g in layout.groups} <= manifest.done_pieces("routed_score"):  # routes serve the scoring
+        run_stage(
+            client,
+            manifest,
+            Stage(
+                name="routed_route",
+                items=runs,
+                task=lambda r: RouteTask(
+                    index_dir=index_dir, query_store=query_store, queries=r, layout=layout, searched=searched
+                ),
+                files=lambda r: (
+                    [layout.route_path(r)]
+                    + [layout.pairs_path(r, kind) for kind in ("slots", "lists")]
+                    + ([layout.candidates_path(r, kind) for kind in ("rows", "queries")] if searched else [])
+                ),
             ),
-            files=lambda p: (
-                [layout.route_path(p.index)]
-                + [layout.pairs_path(p.index, kind) for kind in ("slots", "lists")]
-                + ([layout.candidates_path(p.index, kind) for kind in ("rows", "queries")] if searched else [])
-            ),
-        ),
-    )
+        )
     log.info(
-        "routed join: %d list group(s) of %d lists, each read once for %d query piece(s)",
+        "routed join: %d list group(s) of %d lists, each read once for %d query piece(s) in %d route(s)",
         len(layout.groups),
         nlist,
         len(pieces),
+        len(runs),
     )
     return run_stage(
         client,
@@ -566,36 +660,47 @@ def route_and_score(
             name="routed_score",
             items=layout.groups,
             result=Scored,
-            task=lambda g: ScoreTask(
-                index_dir=index_dir, query_store=query_store, pieces=pieces, group=g, layout=layout
-            ),
+            task=lambda g: ScoreTask(index_dir=index_dir, query_store=query_store, runs=runs, group=g, layout=layout),
             files=lambda g: [layout.partial_path(g.index, kind) for kind in PARTIAL_KINDS],
         ),
     )
 
 
-def forget_other_layouts(manifest: Manifest, layout: RoutedLayout, pieces: tuple[Piece, ...]) -> None:
+def forget_other_layouts(manifest: Manifest, layout: RoutedLayout, runs: Sequence[PieceRun]) -> None:
     """Routes and list groups an interrupted join recorded done without this layout's files (an
-    earlier version's: a route without its pairs, a partial file a (group, piece)) are done again."""
+    earlier version's: a route without its pairs, a route a piece where this join routes runs of
+    them, a partial file a (group, piece)) are done again."""
     routed = manifest.done_pieces("routed_route")
-    for p in pieces:
-        if p.index in routed and not all(nodes.present(layout.pairs_path(p.index, k)) for k in ("slots", "lists")):
-            manifest.forget_piece("routed_route", p.index)
+    for r in runs:
+        if r.index in routed and not all(nodes.present(layout.pairs_path(r, k)) for k in ("slots", "lists")):
+            manifest.forget_piece("routed_route", r.index)
     scored = manifest.done_pieces("routed_score")
     for g in layout.groups:
         if g.index in scored and not nodes.present(layout.partial_path(g.index, "starts")):
             manifest.forget_piece("routed_score", g.index)
 
 
-def routed_lists(layout: RoutedLayout, piece: Piece) -> tuple[np.ndarray, np.ndarray]:
-    """One piece's lists merged from every group's partial lists: (scores in the metric's
-    convention, global rows), best first, ``layout.width`` wide, ``-1`` where fewer were found.
-    Each group's partial lists go into one heap per query (only the queries that group saw), in
-    group order, so the merge is the same on every run."""
-    n, w = piece.rows, layout.width
-    heap = faiss.ResultHeap(n, w, keep_max=True)  # scores are kept higher-better (l2 negated)
+def routed_lists(layout: RoutedLayout, pieces: Sequence[Piece]) -> tuple[np.ndarray, np.ndarray]:
+    """The lists of a run of pieces (in number order; the join's rows, one after another) merged
+    from every group's partial lists: (scores in the metric's convention, global rows), best
+    first, ``layout.width`` wide, ``-1`` where fewer were found. Each group's files are read once
+    for the whole run (:func:`partial_run`), so the merge reads groups x runs ranges, not groups x
+    pieces (at 10^9 x 768, some 10^4 groups x 2 x 10^4 pieces). Each group's partial lists go into
+    one heap per query (only the queries that group saw), in group order, so the merge is the same
+    on every run, whatever pieces share a task."""
+    numbers = [p.index for p in pieces]
+    if numbers != sorted(set(numbers)):
+        raise ValueError(f"routed merge: pieces {numbers} are not in number order")
+    first, last, w = numbers[0], numbers[-1], layout.width
+    base = np.full(last - first + 1, -1, dtype=np.int64)  # each piece number's first row in the run (-1: not in it)
+    base[np.array(numbers) - first] = np.cumsum([0] + [p.rows for p in pieces[:-1]])
+    heap = faiss.ResultHeap(sum(p.rows for p in pieces), w, keep_max=True)  # scores kept higher-better (l2 negated)
     for g in layout.groups:
-        picked, scores, rows = partial_run(layout, g.index, piece.index)
+        picked, scores, rows, counts = partial_run(layout, g.index, first, last)
+        offset = np.repeat(base, counts)
+        ours = offset >= 0  # a piece between the run's (done already, on a resumed join) is skipped
+        picked = np.ascontiguousarray(picked[ours] + offset[ours])
+        scores, rows = np.ascontiguousarray(scores[ours]), np.ascontiguousarray(rows[ours])
         scores[rows < 0] = -np.inf  # empty slots never displace a found row
         if picked.size:
             heap.heaps.addn_query_subset_with_ids(
