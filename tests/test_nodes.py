@@ -215,6 +215,7 @@ class _FolderRemote:
         self.local, self.remote = local, remote
         self.whole: list[str] = []
         self.ranged = 0
+        self.reads = 0
 
     def fetch(self, rel: str) -> bool:
         if not (self.remote / rel).exists():
@@ -234,6 +235,7 @@ class _FolderRemote:
         class Counted:
             def read_at(self, n: int, offset: int) -> bytes:
                 remote.ranged += n
+                remote.reads += 1
                 with open(remote.remote / rel, "rb") as fh:
                     fh.seek(offset)
                     return fh.read(n)
@@ -336,12 +338,16 @@ def test_a_recall_computed_without_the_list_file_reads_the_row_map(make_config, 
     assert points[-1].recall == 1.0 and points[0].recall < 1.0
 
 
+@pytest.mark.parametrize("prefix", [512, 16])
 @pytest.mark.parametrize("version", [(1, 0), (2, 0)])
-def test_a_slice_of_another_machines_array_is_read_by_range(tmp_path, version):
+def test_a_slice_of_another_machines_array_is_read_by_range(tmp_path, monkeypatch, version, prefix):
     """A reduce task's partition of a map output (a structured .npy another machine wrote) is read
-    by range: the header, then its rows' bytes; the file is never fetched whole. Where the file is
-    here, the same rows come from the memory map."""
+    by range: a first read holding the header (or, where it is longer, the header again), then
+    its rows' bytes; the file is never fetched whole. Where the file is here, the same rows come
+    from the memory map."""
     from pipeline.io import nodes as staged
+
+    monkeypatch.setattr(staged, "NPY_PREFIX_BYTES", prefix)
 
     rows = np.zeros(1000, dtype=[("a", np.int64), ("b", np.float32), ("c", np.int32)])
     rows["a"], rows["b"], rows["c"] = np.arange(1000) * 7, np.linspace(0, 1, 1000), -np.arange(1000)
@@ -360,7 +366,9 @@ def test_a_slice_of_another_machines_array_is_read_by_range(tmp_path, version):
     assert np.array_equal(got, rows[120:345]) and np.array_equal(past, rows[990:])
     assert folder.whole == [] and not (here / "data.npy").exists()
     header = (remote / "data.npy").stat().st_size - rows.nbytes
-    assert folder.ranged == 12 * 2 + 2 * header + (225 + 10) * rows.itemsize
+    first = prefix if prefix >= header else prefix + header
+    assert folder.ranged == 2 * first + (225 + 10) * rows.itemsize
+    assert folder.reads == 2 * (2 if prefix >= header else 3)  # the header within the first read
     assert np.array_equal(staged.npy_rows(remote / "data.npy", 120, 345), rows[120:345])  # a file here
 
 

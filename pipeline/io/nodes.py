@@ -214,26 +214,31 @@ def npy_header(fh: Any) -> tuple[tuple[int, ...], bool, np.dtype[Any]]:
     return read(fh)
 
 
+NPY_PREFIX_BYTES = 512  # first read of a remote .npy: NumPy pads a 1-d array's header to 128 bytes
+
+
 def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
     """Rows ``[lo, hi)`` of the 1-d array saved at ``.npy`` ``path``, read-only (callers copy what
     they keep): a view of the memory map where the file is here (or is not staged per node);
     staged per node and not here, read by range from the remote object (its header, then those
-    rows' bytes), so a task that wants its slice of another machine's file moves that slice, not
-    the file."""
+    rows' bytes: two reads, the header within the first), so a task that wants its slice of
+    another machine's file moves that slice, not the file."""
     hit = None if os.path.exists(path) else _find(path)
     if hit is None:
         return np.load(fetched(path), mmap_mode="r")[lo:hi]
     remote = hit[0].open(hit[1])
-    start = remote.read_at(12, 0)
+    start = remote.read_at(NPY_PREFIX_BYTES, 0)  # the magic and, nearly always, the whole header
     version = np.lib.format.read_magic(io.BytesIO(start))
     length = int.from_bytes(start[8:10] if version == (1, 0) else start[8:12], "little")
-    head = io.BytesIO(remote.read_at(length + (10 if version == (1, 0) else 12), 0))
+    ends = length + (10 if version == (1, 0) else 12)
+    whole = start if ends <= len(start) else remote.read_at(ends, 0)
+    head = io.BytesIO(whole)
     shape, fortran, dtype = npy_header(head)
     if len(shape) != 1 or fortran or dtype.hasobject:
         raise ValueError(f"{path}: not a 1-d array of plain values")
     lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))
     data = remote.read_at((hi - lo) * dtype.itemsize, head.tell() + lo * dtype.itemsize) if hi > lo else b""
-    count("ranged", len(start) + head.tell() + len(data))
+    count("ranged", len(start) + (len(whole) if whole is not start else 0) + len(data))
     return np.frombuffer(data, dtype=dtype)
 
 
