@@ -693,3 +693,54 @@ def test_against_follows_a_removed_input_shard_and_a_changed_reference(make_conf
         return sorted(pq.read_table(o / "contamination").column("id").to_pylist())
 
     assert matched(out) == matched(tmp_path / "fresh") == sorted([*(2 * SHARD_ROWS + np.arange(5)), *extra])
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    holes=st.lists(st.tuples(st.integers(0, 200), st.integers(0, 30)), max_size=12),
+    seed=st.integers(0, 999),
+)
+def test_rows_in_holes_are_found_alike_for_few_holes_and_many(holes, seed):
+    """A row lies in a hole when ``start <= row < start + rows``: found by comparisons for a few
+    holes and by a binary search for many, with the same answer (holes that touch included)."""
+    import pipeline.io.layout as layout
+
+    rows = np.random.default_rng(seed).integers(-1, 240, size=(30, 7))
+    disjoint: list[tuple[int, int]] = []  # the binary search assumes holes that do not overlap, as retired pieces are
+    for start, n in sorted(holes):
+        if not disjoint or start >= disjoint[-1][0] + disjoint[-1][1]:
+            disjoint.append((start, n))
+    want = np.zeros(rows.shape, dtype=bool)
+    for start, n in disjoint:
+        want |= (rows >= start) & (rows < start + n)
+    assert np.array_equal(in_holes(rows, disjoint), want)
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(layout, "FEW_HOLES", -1)
+        assert np.array_equal(layout.in_holes(rows, disjoint), want)
+
+
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 20), width=st.integers(1, 6), seed=st.integers(0, 999))
+def test_dropped_entries_leave_the_rest_of_each_list_in_order(rows, width, seed):
+    """Entries dropped from the padded lists: each list keeps the rest in order, moved up, padded
+    with -1 and NaN; lists that lost nothing are untouched, and the lists that lost any are said."""
+    from pipeline.search.update import _drop
+
+    rng = np.random.default_rng(seed)
+    padded = np.arange(width)[None, :] >= rng.integers(0, width + 1, size=(rows, 1))  # lists end in padding
+    found = np.where(padded, -1, rng.integers(0, 50, size=(rows, width)))
+    scores = np.where(padded, np.nan, rng.standard_normal((rows, width))).astype(np.float32)
+    out = (rng.random((rows, width)) < 0.3) & (found >= 0)
+    want_rows, want_scores = found.copy(), scores.copy()
+    for i in range(rows):
+        keep = [j for j in range(width) if not out[i, j]]
+        kept_rows = [found[i, j] for j in keep if found[i, j] >= 0]
+        kept_scores = [scores[i, j] for j in keep if found[i, j] >= 0]
+        if out[i].any():
+            want_rows[i] = kept_rows + [-1] * (width - len(kept_rows))
+            want_scores[i] = kept_scores + [np.nan] * (width - len(kept_scores))
+    got_rows, got_scores = found.copy(), scores.copy()
+    lost = _drop(got_rows, got_scores, out)
+    assert np.array_equal(lost, out.any(axis=1))
+    assert np.array_equal(got_rows, want_rows)
+    assert np.array_equal(got_scores, want_scores, equal_nan=True)

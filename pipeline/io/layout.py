@@ -122,10 +122,19 @@ def relayout(fresh: Dataset, previous: Layout) -> tuple[Dataset, InputDiff]:
     return dataset, diff
 
 
+FEW_HOLES = 8  # up to this many holes, two comparisons a hole beat a binary search (1M rows: 4-8 vs 27 ms)
+
+
 def in_holes(rows: np.ndarray, holes: Sequence[tuple[int, int]]) -> np.ndarray:
     """Whether each global row lies in one of the ``(start, rows)`` holes."""
     if not holes:
         return np.zeros(np.shape(rows), dtype=bool)
+    if len(holes) <= FEW_HOLES:
+        rows = np.asarray(rows)
+        out = np.zeros(rows.shape, dtype=bool)
+        for start, n in holes:
+            out |= (rows >= start) & (rows < start + n)
+        return out
     starts = np.array([h[0] for h in holes], dtype=np.int64)
     order = np.argsort(starts)
     starts = starts[order]

@@ -136,7 +136,9 @@ class RowStore:
         flat, piece_of = self._group(rows)
         keys = piece_of.astype(np.uint16) if len(self.starts) <= 1 << 16 else piece_of
         order = np.argsort(keys, kind="stable")
-        pieces, first = np.unique(piece_of[order], return_index=True)
+        grouped = piece_of[order]  # sorted already: each piece's run starts where the number changes
+        first = np.flatnonzero(np.r_[True, grouped[1:] != grouped[:-1]]) if grouped.size else np.zeros(0, np.int64)
+        pieces = grouped[first]
         bounds = [*first.tolist(), order.size]
         if not pieces.size:
             return self.ids(self.live[0]).slice(0, 0)

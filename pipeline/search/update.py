@@ -159,11 +159,13 @@ def _drop(rows: np.ndarray, scores: np.ndarray, out: np.ndarray) -> np.ndarray:
     """Drop the entries at ``out`` from the padded lists in place, the rest moved up in order;
     return the lists that lost any."""
     lost = np.asarray(out.any(axis=1))
-    if lost.any():
-        kept_rows, kept_scores = np.where(out, -1, rows), np.where(out, np.nan, scores).astype(np.float32)
+    at = np.flatnonzero(lost)  # only the lists that lost any are moved up
+    if at.size:
+        gone = out[at]
+        kept_rows, kept_scores = np.where(gone, -1, rows[at]), np.where(gone, np.nan, scores[at]).astype(np.float32)
         order = np.argsort(kept_rows < 0, axis=1, kind="stable")
-        rows[:] = np.take_along_axis(kept_rows, order, axis=1)
-        scores[:] = np.take_along_axis(kept_scores, order, axis=1)
+        rows[at] = np.take_along_axis(kept_rows, order, axis=1)
+        scores[at] = np.take_along_axis(kept_scores, order, axis=1)
     return lost
 
 
