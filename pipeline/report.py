@@ -424,13 +424,18 @@ def _worker_lines(report: JobReport) -> list[str]:
         "worker could have run: the job's wall time times its task slots (Dask threads)."
         + (
             " Staged per node (machines that share no filesystem): the MiB each worker fetched "
-            "whole, read by range (list groups) and uploaded."
+            "whole, read by range (list groups, slices of routes and partial lists) and uploaded, "
+            "and its reads by range (requests)."
             if staged
             else ""
         ),
         "",
-        "| worker | host | device | " + " | ".join(phases) + " | busy |" + "".join(f" {m} MiB |" for m in moved),
-        "|---|---|---|" + "---|" * len(phases) + "---|" + "---|" * len(moved),
+        "| worker | host | device | "
+        + " | ".join(phases)
+        + " | busy |"
+        + "".join(f" {m} MiB |" for m in moved)
+        + (" reads by range |" if staged else ""),
+        "|---|---|---|" + "---|" * len(phases) + "---|" + "---|" * (len(moved) + staged),
     ]
     for w in report.workers:
         share = (
@@ -443,6 +448,7 @@ def _worker_lines(report: JobReport) -> list[str]:
             + " | ".join(f"{w.phases.get(p, 0.0):.1f}" for p in phases)
             + f" | {share} |"
             + "".join(f" {(w.moved or {}).get(m, 0) / 2**20:.1f} |" for m in moved)
+            + (f" {(w.moved or {}).get('reads', 0):,} |" if staged else "")
         )
     return [*lines, ""]
 

@@ -102,8 +102,10 @@ def test_a_run_on_workers_that_share_nothing_equals_a_local_run(nodes, tmp_path,
     moved = {w["worker"]: w["moved"] for w in report["workers"]}
     assert set(moved) == {"w1", "w2"} and all(m["sent"] > 0 for m in moved.values())  # each wrote its tasks' files
     assert sum(m["fetched"] for m in moved.values()) > 0  # and read the other's
+    if "--routed-join" in plan:  # each score task reads its routes' and each merge its partials' slices by range
+        assert sum(m["reads"] for m in moved.values()) > 0
     with nodes["fs"].open_input_stream(f"{BUCKET}/{name}/report.md") as fh:
-        assert "fetched MiB" in fh.read().decode()
+        assert "fetched MiB" in (text := fh.read().decode()) and "reads by range" in text
     driver = next(nodes["scratch"].glob(f"{name}-*"))
     held = {p.relative_to(driver).as_posix() for p in driver.rglob("*") if p.is_file()}
     assert not [h for h in held if not _metadata(h)], sorted(held)  # the driver holds no rows, lists or tables

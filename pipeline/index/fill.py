@@ -187,7 +187,7 @@ def load_lists(index_dir: str | os.PathLike[str], first: int, last: int) -> fais
             with open(own / "index.ivfdata", "r+b") as fh:  # the map sees these pages (one page cache)
                 fh.seek(lo)
                 fh.write(remote.read_at(hi - lo, lo))
-            nodes.count("ranged", hi - lo)
+            nodes.count("ranged", hi - lo, requests=1)
         return index
     finally:
         shutil.rmtree(own, ignore_errors=True)  # the map holds the file until the index is dropped

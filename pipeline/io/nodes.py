@@ -120,7 +120,8 @@ class NodeResult:
     lines: tuple[tuple[str, str], ...]
 
 
-TRAFFIC: dict[str, int] = {"fetched": 0, "ranged": 0, "sent": 0}  # bytes this process moved, staged per node
+# bytes this process moved, staged per node, and its requests for ranges ("reads")
+TRAFFIC: dict[str, int] = {"fetched": 0, "ranged": 0, "sent": 0, "reads": 0}
 _REMOTES: list[Remote] = []  # this process's staged directories, deepest first, while staging per node
 _TASK = threading.local()  # .lines: the running task's written files (a list), on a worker
 
@@ -130,13 +131,17 @@ def activate(remotes: Iterable[Remote]) -> None:
     _REMOTES[:] = sorted(remotes, key=lambda r: len(os.fspath(r.local)), reverse=True)
 
 
-def count(kind: str, nbytes: int) -> None:
-    """Add ``nbytes`` to this process's traffic of ``kind`` ("fetched", "ranged" or "sent")."""
+def count(kind: str, nbytes: int, requests: int = 0) -> None:
+    """Add ``nbytes`` to this process's traffic of ``kind`` ("fetched", "ranged" or "sent"), and
+    ``requests`` to its reads by range (a list group, a slice of an array: what grows with the
+    number of tasks x the number of files they read from)."""
     TRAFFIC[kind] = TRAFFIC.get(kind, 0) + int(nbytes)
+    TRAFFIC["reads"] = TRAFFIC.get("reads", 0) + int(requests)
 
 
 def traffic() -> dict[str, int]:
-    """The bytes this process has fetched whole, read by range and sent, staged per node."""
+    """The bytes this process has fetched whole, read by range and sent, staged per node, and its
+    reads by range."""
     return dict(TRAFFIC)
 
 
@@ -238,7 +243,8 @@ def npy_rows(path: str | os.PathLike[str], lo: int, hi: int) -> np.ndarray:
         raise ValueError(f"{path}: not a 1-d array of plain values")
     lo, hi = max(0, min(lo, shape[0])), max(0, min(hi, shape[0]))
     data = remote.read_at((hi - lo) * dtype.itemsize, head.tell() + lo * dtype.itemsize) if hi > lo else b""
-    count("ranged", len(start) + (len(whole) if whole is not start else 0) + len(data))
+    again = whole is not start
+    count("ranged", len(start) + (len(whole) if again else 0) + len(data), requests=1 + again + (hi > lo))
     return np.frombuffer(data, dtype=dtype)
 
 

@@ -147,8 +147,11 @@ def _log_traffic(client: Any, before: dict[str, dict[str, int]]) -> None:
         return f"{moved[who].get(kind, 0) / 2**30:.3f}"
 
     log.info(
-        "staged per node, GiB fetched/read by range/uploaded: %s",
-        "; ".join(f"{w} {gib(w, 'fetched')}/{gib(w, 'ranged')}/{gib(w, 'sent')}" for w in sorted(moved)),
+        "staged per node, GiB fetched/read by range/uploaded (reads by range): %s",
+        "; ".join(
+            f"{w} {gib(w, 'fetched')}/{gib(w, 'ranged')}/{gib(w, 'sent')} ({moved[w].get('reads', 0):,})"
+            for w in sorted(moved)
+        ),
     )
 
 
