@@ -234,10 +234,8 @@ def test_piece_runs_cover_the_pieces_in_order_within_the_rows(sizes: list[int], 
         assert a.rows + nxt.rows > 10 * run_rows or min(p.rows for p in (*a.pieces, nxt)) < floor
 
 
-def test_small_pieces_are_joined_in_one_run_with_tables_of_their_own(make_config, dataset_dir, tmp_path, monkeypatch):
-    """Three pieces of 2,000 rows, each smaller than the batch IVF-Flat wants: one join task takes
-    all three in its batches, writes each piece's table and lists and records each piece; the
-    tables equal those of a task a piece (up to ties)."""
+def _join_tasks(monkeypatch: pytest.MonkeyPatch) -> list[tuple[int, ...]]:
+    """The pieces of each join task run from now on, as the tasks run (the in-process cluster)."""
     ran: list[tuple[int, ...]] = []
     task_run = join.JoinTask.run
 
@@ -246,6 +244,14 @@ def test_small_pieces_are_joined_in_one_run_with_tables_of_their_own(make_config
         return task_run(task)
 
     monkeypatch.setattr(join.JoinTask, "run", counted)
+    return ran
+
+
+def test_small_pieces_are_joined_in_one_run_with_tables_of_their_own(make_config, dataset_dir, tmp_path, monkeypatch):
+    """Three pieces of 2,000 rows, each smaller than the batch IVF-Flat wants: one join task takes
+    all three in its batches, writes each piece's table and lists and records each piece; the
+    tables equal those of a task a piece (up to ties)."""
+    ran = _join_tasks(monkeypatch)
     plan = dict(index_key="IVF16,Flat", nprobe=4, k=5, exclude_self=True)
     common = dict(input=str(dataset_dir), scheduler_address=None, workers=1, **plan)
     monkeypatch.setattr(join, "MIN_RUN_PIECE_ROWS", 10**9)
@@ -392,6 +398,9 @@ def test_lossy_codes_are_routed_and_re_ranked_inside_each_group(
     reads = report.join.lists_read
     assert reads is not None and reads.by_phase.get("join", 0) == 0
     assert reads.by_phase["routed score"] >= 6_000 * 32 * 4  # every group's vectors, once
+    monkeypatch.setattr(routed, "RUNS_PER_WORKER", 1)  # the three pieces routed, searched and merged in one run
+    run(config("runs", routed_join=True))
+    assert _tables(tmp_path / "runs") == _tables(tmp_path / "routed")  # each piece's candidates re-ranked alike
 
     x = vectors / np.linalg.norm(vectors, axis=1, keepdims=True) if metric == "cosine" else vectors
     ids = {int(i): n for n, i in enumerate(_ids(dataset_dir))}
@@ -540,14 +549,7 @@ def test_routed_route_and_merge_tasks_take_runs_of_pieces_with_tables_of_their_o
     """The routed join's route and merge tasks each take as many pieces as their memory allows
     (one route a run; each group's files read once a run, not once a piece); every piece still
     gets its own table and record, and the tables equal those of a task a piece, bit for bit."""
-    ran: list[tuple[int, ...]] = []
-    task_run = join.JoinTask.run
-
-    def counted(task: join.JoinTask) -> join.Joined:
-        ran.append(tuple(p.index for p in task.pieces))
-        return task_run(task)
-
-    monkeypatch.setattr(join.JoinTask, "run", counted)
+    ran = _join_tasks(monkeypatch)
     monkeypatch.setattr(routed, "GROUP_BYTES", 6_000 * 32 * 4 // 3)  # three or four list groups
     monkeypatch.setattr(routed, "RUNS_PER_WORKER", 1)  # one worker may take every piece in one run
     settings_ = dict(index_key="IVF16,Flat", nprobe=4, k=5, routed_join=True)
@@ -559,7 +561,7 @@ def test_routed_route_and_merge_tasks_take_runs_of_pieces_with_tables_of_their_o
     ):
         ran.clear()
         monkeypatch.setattr(join, "merge_run_rows", lambda width, rows=rows: rows)
-        monkeypatch.setattr(routed, "route_run_rows", lambda nprobe, rows=rows: rows)
+        monkeypatch.setattr(routed, "route_run_rows", lambda nprobe, candidates=0, rows=rows: rows)
         report = run(_in_process(make_config, dataset_dir, tmp_path / out, **settings_))
         assert sorted(ran) == runs
         stages = json.loads((tmp_path / out / "manifest.json").read_text())["stages"]

@@ -161,10 +161,11 @@ def _route_stem(run: PieceRun | int) -> str:
 ROUTE_BYTES = 256 << 20  # a route task's (query, list) pairs of its run, sorted by list group, at most
 
 
-def route_run_rows(nprobe: int) -> int:
+def route_run_rows(nprobe: int, candidates: int = 0) -> int:
     """Queries one route task takes (a run of pieces): its pairs (a slot and a list, 8 bytes
-    each, ``nprobe`` a query) and their sort fit ``ROUTE_BYTES``; one piece's vectors at a time."""
-    return max(1, ROUTE_BYTES // (48 * max(1, int(nprobe))))
+    each, ``nprobe`` a query), the ``candidates`` a query it found by the codes (a row, a query,
+    a group) and their sorts fit ``ROUTE_BYTES``; one piece's vectors at a time."""
+    return max(1, ROUTE_BYTES // (48 * max(1, int(nprobe)) + 40 * max(0, int(candidates))))
 
 
 def plan_list_groups(
@@ -197,9 +198,9 @@ class RouteTask:
     quantizer), one piece's vectors at a time, into one route for the run: a score task then
     reads each group's pairs once a run, not once a piece (groups x pieces ranged reads).
 
-    With ``layout.candidates`` (lossy codes held in memory, their vectors in list order), the
-    run's one piece is also searched by its codes, as the batched join searches it, and each
-    candidate is sent to the list group holding its vector (:meth:`candidates`)."""
+    With ``layout.candidates`` (lossy codes held in memory, their vectors in list order), each
+    piece is also searched by its codes, as the batched join searches it, and each candidate is
+    sent to the list group holding its vector (:meth:`candidates`)."""
 
     index_dir: str
     query_store: RowStore
@@ -210,11 +211,9 @@ class RouteTask:
     def run(self) -> None:
         from pipeline.index.fill import load_lists
 
-        if self.searched and len(self.queries.pieces) != 1:
-            raise ValueError(f"routes searched by their codes take one piece, not {self.queries.where()}")
         index = load_lists(self.index_dir, 0, 0)  # the coarse quantizer: no list's bytes are read
         ivf: Any = faiss.downcast_index(faiss.extract_index_ivf(index))
-        assigned, starts = [], None
+        assigned, found = [], []
         with worker_device():  # the quantizer's search on the worker's threads
             for piece in self.queries.pieces:
                 q = np.ascontiguousarray(self.query_store.vectors(piece.index))
@@ -224,22 +223,19 @@ class RouteTask:
                 else:
                     assign = coarse_assign(ivf.quantizer, q, self.layout.nprobe)
                 if self.searched:
-                    starts = self.candidates(ivf, q, assign, dis)
+                    found.append(self.candidates(ivf, q, assign, dis))
                 assigned.append(assign)
                 del q
-        extra = {} if starts is None else {"starts": starts}
+        extra = {"starts": self.write_candidates(np.concatenate(found))} if found else {}
         write_routes(self.layout, self.queries, np.concatenate(assigned), **extra)
 
     def candidates(self, ivf: Any, q: np.ndarray, assign: np.ndarray, dis: np.ndarray | None) -> np.ndarray:
-        """Search the piece by its codes for each query's ``layout.candidates`` best, as the
-        batched join does, and write them as (query, row) pairs ordered by the list group that
-        holds each row's vector (``ordered/row_lists.npy``); return where each group's pairs start.
-        A group then re-ranks exactly the batched search's candidates in its lists: the join's
-        lists are the batched join's, and no query's candidates are re-ranked more than once."""
+        """Search a piece by its codes for each query's ``layout.candidates`` best (global rows,
+        ``-1`` padded), as the batched join does. A group then re-ranks exactly the batched
+        search's candidates in its lists: the join's lists are the batched join's, and no query's
+        candidates are re-ranked more than once."""
         layout = self.layout
         centroids = None if dis is not None else list_centroids(ivf.quantizer, 0, int(ivf.nlist), int(ivf.d))
-        lists_of = np.load(fetched(ordered_files(self.index_dir)[3]), mmap_mode="r")
-        firsts = np.array([g.first for g in layout.groups], dtype=np.int64)
         found = np.empty((len(q), layout.candidates), dtype=np.int64)
         for lo in range(0, len(q), BOUND_QUERIES):
             keys = np.ascontiguousarray(assign[lo : lo + BOUND_QUERIES])
@@ -250,6 +246,15 @@ class RouteTask:
                 near = coarse_distances(q[lo : lo + BOUND_QUERIES], centroids, keys, layout.similarity)
             part = search_assigned(ivf, q[lo : lo + BOUND_QUERIES], layout.candidates, keys, near)
             found[lo : lo + len(keys)] = part[1]
+        return found
+
+    def write_candidates(self, found: np.ndarray) -> np.ndarray:
+        """Write the run's candidates ``found`` (its queries one piece after another) as (query of
+        the run, row) pairs ordered by the list group that holds each row's vector
+        (``ordered/row_lists.npy``); return where each group's pairs start."""
+        layout = self.layout
+        lists_of = np.load(fetched(ordered_files(self.index_dir)[3]), mmap_mode="r")
+        firsts = np.array([g.first for g in layout.groups], dtype=np.int64)
         at = np.flatnonzero(found.ravel() >= 0)
         rows = found.ravel()[at]
         group = np.searchsorted(firsts, np.asarray(lists_of[rows], dtype=np.int64), side="right") - 1
@@ -349,9 +354,8 @@ class ScoreTask:
                 with np.load(fetched(layout.route_path(run))) as z:
                     starts = z["starts"] if "starts" in z.files else None
                 found: list[tuple[Piece, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
-                if starts is not None:  # searched by its codes at the route: a run of one piece
-                    lo, hi = int(starts[g.index]), int(starts[g.index + 1])
-                    found.append((run.pieces[0], self._rerank_found(run.pieces[0], vectors, lo, hi)))
+                if starts is not None:  # searched by their codes at the route
+                    found += self._rerank_found(run, vectors, int(starts[g.index]), int(starts[g.index + 1]))
                 else:
                     if search is None:  # FAISS on the worker's threads, or the group's codes on its GPU
                         device = held.enter_context(worker_device())
@@ -374,16 +378,29 @@ class ScoreTask:
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
 
     def _rerank_found(
-        self, piece: Piece, vectors: OrderedGroup, lo: int, hi: int
-    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The route's (query, row) pairs ``[lo, hi)`` of ``piece`` (this group's), scored exactly
-        a chunk of pairs at a time; each query's ``width`` best."""
+        self, run: PieceRun, vectors: OrderedGroup, lo: int, hi: int
+    ) -> list[tuple[Piece, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """The route's (query, row) pairs ``[lo, hi)`` of ``run`` (this group's, read once for
+        the run), scored exactly a chunk of pairs at a time; each piece's queries' ``width`` best."""
         layout = self.layout
-        rows = np.array(npy_rows(layout.candidates_path(piece.index, "rows"), lo, hi), dtype=np.int64)
-        queries = np.array(npy_rows(layout.candidates_path(piece.index, "queries"), lo, hi), dtype=np.int64)
+        rows = np.array(npy_rows(layout.candidates_path(run, "rows"), lo, hi), dtype=np.int64)
+        queries = np.array(npy_rows(layout.candidates_path(run, "queries"), lo, hi), dtype=np.int64)
         pos = vectors.place(rows)
         if (pos < 0).any():
-            raise RuntimeError(f"{layout.candidates_path(piece.index, 'rows')}: a candidate outside its list group")
+            raise RuntimeError(f"{layout.candidates_path(run, 'rows')}: a candidate outside its list group")
+        out, base = [], 0
+        for piece in run.pieces:  # the pairs are in query order within the group: cut at the pieces
+            a, b = np.searchsorted(queries, [base, base + piece.rows])
+            out.append((piece, self._rerank_pairs(piece, queries[a:b] - base, rows[a:b], pos[a:b], vectors)))
+            base += piece.rows
+        return out
+
+    def _rerank_pairs(
+        self, piece: Piece, queries: np.ndarray, rows: np.ndarray, pos: np.ndarray, vectors: OrderedGroup
+    ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """``piece``'s (query, row) pairs, the rows at ``pos`` of the group's vectors, scored
+        exactly; each query's ``width`` best."""
+        layout = self.layout
         picked, inverse = np.unique(queries, return_inverse=True)
         mapped = self.query_store.mapped_vectors(piece.index)
         exact = np.empty(len(rows), dtype=np.float32)
@@ -625,9 +642,9 @@ def route_and_score(
     group's :class:`Scored`. Lossy codes held in memory (not in a list file) are searched whole by
     the route, as the batched join searches them (:meth:`RouteTask.candidates`)."""
     searched = layout.rerank and not nodes.present(Path(index_dir) / "index.ivfdata")
-    # a route task takes as many pieces as its pairs fit (one, where it searches their codes)
-    rows = spread(route_run_rows(layout.nprobe), sum(p.rows for p in pieces), workers)
-    runs = tuple(piece_runs(pieces, 0 if searched else rows))
+    # a route task takes as many pieces as its pairs (and candidates, where it searches their codes) fit
+    bound = route_run_rows(layout.nprobe, layout.candidates if searched else 0)
+    runs = tuple(piece_runs(pieces, spread(bound, sum(p.rows for p in pieces), workers)))
     forget_other_layouts(manifest, layout, runs)
     if not {g.index for g in layout.groups} <= manifest.done_pieces("routed_score"):  # routes serve the scoring
         run_stage(
