@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -79,8 +79,6 @@ ROUTED_DIR = "_routed"
 GROUP_BYTES = 256 << 20  # vectors a list group holds at most (one score task holds one group)
 MIN_GROUPS = 4  # by default at least this many groups (as lists allow), so several workers share the scoring
 MERGE_BYTES = 256 << 20  # a merge task's lists and one group's partial lists of its run, at most
-
-
 RUNS_PER_WORKER = 4  # route and merge tasks (runs of pieces) per worker at least, as the pieces allow
 
 
@@ -349,33 +347,36 @@ class ScoreTask:
         progress = PieceProgress("routed score", g.index)
         scored = 0
         with contextlib.ExitStack() as held, PartialLists(layout, g.index) as out:
-            search: GroupSearch | None = None  # the device's hold on the group's codes, taken once if needed
+            searches: list[GroupSearch] = []  # the device's hold on the group's codes, taken once if needed
+
+            def search() -> GroupSearch:
+                if not searches:  # FAISS on the worker's threads, or the group's codes on its GPU
+                    device = held.enter_context(worker_device())
+                    searches.append(held.enter_context(device.group_search(ivf, g.first, g.last)))
+                return searches[0]
+
             for run in sorted(self.runs, key=lambda r: r.index):
-                with np.load(fetched(layout.route_path(run))) as z:
-                    starts = z["starts"] if "starts" in z.files else None
-                found: list[tuple[Piece, tuple[np.ndarray, np.ndarray, np.ndarray]]] = []
-                if starts is not None:  # searched by their codes at the route
-                    found += self._rerank_found(run, vectors, int(starts[g.index]), int(starts[g.index + 1]))
-                else:
-                    if search is None:  # FAISS on the worker's threads, or the group's codes on its GPU
-                        device = held.enter_context(worker_device())
-                        search = held.enter_context(device.group_search(ivf, g.first, g.last))
-                    for piece, picked, lists in routed_pieces(layout, g, run):
-                        found.append(
-                            (
-                                piece,
-                                self._search_and_rerank(
-                                    search, ivf, piece, picked=picked, lists=lists, vectors=vectors
-                                ),
-                            )
-                        )
-                for piece, (picked, scores, rows) in found:
+                for piece, (picked, scores, rows) in self._reranked(run, ivf, vectors, search):
                     if not layout.similarity:  # squared distances, kept negated (higher is better)
                         scores = -scores
                     scored += int(picked.size)
                     out.add(piece.index, picked, scores, rows)
                     progress.advance(piece.rows)
         return Scored(queries=scored, list_bytes=g.rows * int(ivf.code_size) + vectors.nbytes, worker=worker_name())
+
+    def _reranked(
+        self, run: PieceRun, ivf: Any, vectors: OrderedGroup, search: Callable[[], GroupSearch]
+    ) -> Iterator[tuple[Piece, tuple[np.ndarray, np.ndarray, np.ndarray]]]:
+        """Each piece of ``run`` with its queries' ``width`` best here: the candidates the route
+        found by the codes, or the group's lists searched by the codes (``search()``) first."""
+        g = self.group
+        with np.load(fetched(self.layout.route_path(run))) as z:
+            starts = z["starts"] if "starts" in z.files else None
+        if starts is not None:  # searched by their codes at the route
+            yield from self._rerank_found(run, vectors, int(starts[g.index]), int(starts[g.index + 1]))
+            return
+        for piece, picked, lists in routed_pieces(self.layout, g, run):
+            yield piece, self._search_and_rerank(search(), ivf, piece, picked=picked, lists=lists, vectors=vectors)
 
     def _rerank_found(
         self, run: PieceRun, vectors: OrderedGroup, lo: int, hi: int
